@@ -1,0 +1,265 @@
+//! Framing: a 4-byte big-endian payload length, then the payload; a whole
+//! frame is at most [`MAX_FRAME_LEN`] bytes.
+//!
+//! [`LotteryCodec`] is the `Decoder`/`Encoder` pair both ends use with
+//! `tokio_util::codec::Framed`. It decodes the frames of one direction into
+//! typed messages and encodes the other direction's messages into frames.
+
+use std::io;
+use std::marker::PhantomData;
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::protocol::{
+    MessageError, Reply, Request, WireMessage, HEADER_LEN, MAX_FRAME_LEN, MAX_PAYLOAD_LEN,
+};
+
+/// A frame-level failure. After one, the byte stream can no longer be trusted
+/// and the connection ends.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The header announces a frame larger than the limit. Raised from the
+    /// header alone, before any of the payload is buffered.
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_LEN}-byte limit")]
+    TooLarge(usize),
+    /// The peer closed the connection in the middle of a frame.
+    #[error("connection closed inside a frame ({0} bytes of it received)")]
+    Truncated(usize),
+    /// A message to send does not fit in one frame.
+    #[error("message of {0} bytes does not fit in one frame")]
+    MessageTooLarge(usize),
+    /// The socket failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// The central's codec: reads [`Request`]s, writes [`Reply`]s.
+pub type ServerCodec = LotteryCodec<Request, Reply>;
+/// The agency's codec: reads [`Reply`]s, writes [`Request`]s.
+pub type AgencyCodec = LotteryCodec<Reply, Request>;
+
+/// Length-prefixed frames carrying `KEY:VALUE|…\n` payloads.
+///
+/// Decoding yields `Result<In, MessageError>`: a well-framed payload that is
+/// not a valid message is an *item*, so the connection can answer it with an
+/// error reply and carry on; only [`FrameError`]s end the stream.
+pub struct LotteryCodec<In, Out> {
+    /// Payload length of the frame being read, once its header is consumed.
+    pending: Option<usize>,
+    _types: PhantomData<fn(Out) -> In>,
+}
+
+impl<In, Out> LotteryCodec<In, Out> {
+    /// A codec waiting for the first header.
+    pub fn new() -> Self {
+        Self {
+            pending: None,
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<In, Out> Default for LotteryCodec<In, Out> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<In, Out> std::fmt::Debug for LotteryCodec<In, Out> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LotteryCodec")
+            .field("pending", &self.pending)
+            .finish()
+    }
+}
+
+/// Reads one raw payload from `src`, shared by every codec instance.
+///
+/// Returns `Ok(None)` until a whole frame is buffered. Rejects an oversize
+/// header as soon as its 4 bytes arrive, so a hostile length never makes us
+/// reserve or wait for the bytes it claims.
+fn decode_payload(
+    pending: &mut Option<usize>,
+    src: &mut BytesMut,
+) -> Result<Option<BytesMut>, FrameError> {
+    let len = match *pending {
+        Some(len) => len,
+        None => {
+            if src.len() < HEADER_LEN {
+                return Ok(None);
+            }
+            let len = u32::from_be_bytes(src[..HEADER_LEN].try_into().expect("4 bytes")) as usize;
+            if len > MAX_PAYLOAD_LEN {
+                return Err(FrameError::TooLarge(len.saturating_add(HEADER_LEN)));
+            }
+            src.advance(HEADER_LEN);
+            *pending = Some(len);
+            len
+        }
+    };
+    if src.len() < len {
+        // Room for the rest of this frame and the next header.
+        src.reserve(len - src.len() + HEADER_LEN);
+        return Ok(None);
+    }
+    *pending = None;
+    let payload = src.split_to(len);
+    src.reserve(HEADER_LEN);
+    Ok(Some(payload))
+}
+
+impl<In: WireMessage, Out> Decoder for LotteryCodec<In, Out> {
+    type Item = Result<In, MessageError>;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, FrameError> {
+        Ok(decode_payload(&mut self.pending, src)?.map(|payload| In::parse(&payload)))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, FrameError> {
+        match self.decode(src)? {
+            Some(item) => Ok(Some(item)),
+            None if src.is_empty() && self.pending.is_none() => Ok(None),
+            None => Err(FrameError::Truncated(
+                src.len()
+                    + if self.pending.is_some() {
+                        HEADER_LEN
+                    } else {
+                        0
+                    },
+            )),
+        }
+    }
+}
+
+impl<In, Out: WireMessage> Encoder<&Out> for LotteryCodec<In, Out> {
+    type Error = FrameError;
+
+    /// Writes header and payload into `dst` together, so `Framed` sends the
+    /// frame in one write (no header-then-payload stall under Nagle).
+    fn encode(&mut self, msg: &Out, dst: &mut BytesMut) -> Result<(), FrameError> {
+        let start = dst.len();
+        dst.reserve(256);
+        dst.put_u32(0); // patched below, once the payload length is known
+        msg.write(dst);
+        let len = dst.len() - start - HEADER_LEN;
+        if len > MAX_PAYLOAD_LEN {
+            dst.truncate(start);
+            return Err(FrameError::MessageTooLarge(len + HEADER_LEN));
+        }
+        dst[start..start + HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(())
+    }
+}
+
+/// Frames `msg` into a fresh buffer: header and payload, ready to write.
+///
+/// # Errors
+/// [`FrameError::MessageTooLarge`] when it does not fit in one frame.
+pub fn frame<M: WireMessage>(msg: &M) -> Result<BytesMut, FrameError> {
+    let mut dst = BytesMut::new();
+    LotteryCodec::<(), M>::new().encode(msg, &mut dst)?;
+    Ok(dst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::to_payload;
+
+    fn finished(agency: u32) -> Request {
+        Request::Finished { agency }
+    }
+
+    #[test]
+    fn header_is_big_endian_payload_length() {
+        let bytes = frame(&finished(3)).unwrap();
+        let payload = b"ACTION:BETTING_FINISHED|AGENCY_ID:3\n";
+        assert_eq!(&bytes[..4], &(payload.len() as u32).to_be_bytes());
+        assert_eq!(&bytes[4..], payload);
+    }
+
+    #[test]
+    fn decodes_one_byte_at_a_time() {
+        let bytes = frame(&finished(7)).unwrap();
+        let mut codec = ServerCodec::new();
+        let mut buf = BytesMut::new();
+        for (i, b) in bytes.iter().enumerate() {
+            buf.put_u8(*b);
+            let got = codec.decode(&mut buf).unwrap();
+            if i + 1 < bytes.len() {
+                assert!(got.is_none(), "frame complete too early at byte {i}");
+            } else {
+                assert_eq!(got.unwrap().unwrap(), finished(7));
+            }
+        }
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn oversize_header_fails_before_payload() {
+        let mut codec = ServerCodec::new();
+        let mut buf = BytesMut::from(&(MAX_PAYLOAD_LEN as u32 + 1).to_be_bytes()[..]);
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(FrameError::TooLarge(8193))
+        ));
+        let mut buf = BytesMut::from(&u32::MAX.to_be_bytes()[..]);
+        assert!(matches!(
+            ServerCodec::new().decode(&mut buf),
+            Err(FrameError::TooLarge(_))
+        ));
+        // Exactly the limit is fine.
+        let mut buf = BytesMut::from(&(MAX_PAYLOAD_LEN as u32).to_be_bytes()[..]);
+        assert!(ServerCodec::new().decode(&mut buf).unwrap().is_none());
+    }
+
+    #[test]
+    fn eof_inside_a_frame_is_an_error() {
+        let bytes = frame(&finished(1)).unwrap();
+        for cut in 1..bytes.len() {
+            let mut codec = ServerCodec::new();
+            let mut buf = BytesMut::from(&bytes[..cut]);
+            assert!(codec.decode(&mut buf).unwrap().is_none());
+            assert!(
+                matches!(codec.decode_eof(&mut buf), Err(FrameError::Truncated(n)) if n == cut),
+                "cut at {cut}"
+            );
+        }
+        let mut empty = BytesMut::new();
+        assert!(ServerCodec::new().decode_eof(&mut empty).unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_payload_is_an_item_not_a_stream_error() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(3);
+        buf.put_slice(b"x:y");
+        buf.put_slice(&frame(&finished(2)).unwrap());
+        let mut codec = ServerCodec::new();
+        assert_eq!(
+            codec.decode(&mut buf).unwrap().unwrap(),
+            Err(MessageError::MissingNewline)
+        );
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap(), Ok(finished(2)));
+    }
+
+    #[test]
+    fn encoder_refuses_oversize_messages() {
+        let docs = vec!["1".repeat(9000)];
+        let msg = Reply::Winners {
+            documents: docs,
+            more: false,
+        };
+        let mut dst = BytesMut::from(&b"keep"[..]);
+        let err = ServerCodec::new().encode(&msg, &mut dst).unwrap_err();
+        assert!(matches!(err, FrameError::MessageTooLarge(_)));
+        assert_eq!(
+            &dst[..],
+            b"keep",
+            "a failed encode leaves the buffer as it was"
+        );
+        assert!(to_payload(&msg).len() > MAX_PAYLOAD_LEN);
+    }
+}

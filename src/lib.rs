@@ -1,0 +1,31 @@
+//! `lottery`: bet collection for a national lottery.
+//!
+//! Agencies upload their bets to the central in batches over a small framed
+//! text protocol; when every agency has finished, the central draws and tells
+//! each agency its own winners.
+//!
+//! - [`codec`]: length-prefixed frames, as a `tokio_util` `Decoder`/`Encoder`.
+//! - [`protocol`]: the `KEY:VALUE|…\n` payload and the typed messages.
+//! - [`model`]: the bet and its validation.
+//! - [`storage`]: the append-only bets file and its writer task.
+//! - [`lottery`]: shared state, the one-time draw, waiting for it.
+//! - [`server`]: the central (listener and per-connection handlers).
+//! - [`agency`]: an agency (streams its file, waits for its winners).
+//! - [`config`], [`logging`], [`shutdown`]: operating concerns.
+//! - [`gen_data`], [`demo`]: synthetic data and the one-machine demo.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod agency;
+pub mod codec;
+pub mod config;
+pub mod demo;
+pub mod gen_data;
+pub mod logging;
+pub mod lottery;
+pub mod model;
+pub mod protocol;
+pub mod server;
+pub mod shutdown;
+pub mod storage;

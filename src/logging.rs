@@ -1,0 +1,226 @@
+//! Log lines in the contract's shape:
+//!
+//! ```text
+//! 2026-11-26 21:14:32 INFO     action: apuesta_recibida | result: success | cantidad: 100
+//! ```
+//!
+//! Call sites pass structured fields (`info!(action = APUESTA_RECIBIDA,
+//! result = SUCCESS, cantidad = n)`); [`ContractFormat`] renders them as
+//! `key: value` pairs in the order written, joined by ` | `.
+
+use std::fmt::{self, Write as _};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::config::LogLevel;
+
+/// Values of the `result` field.
+pub mod result {
+    /// The action completed.
+    pub const SUCCESS: &str = "success";
+    /// The action failed.
+    pub const FAIL: &str = "fail";
+    /// The action is under way (for example, waiting for the server).
+    pub const IN_PROGRESS: &str = "in_progress";
+}
+
+/// Values of the `action` field. The Spanish names are the contract's.
+pub mod action {
+    /// The effective configuration, once at start.
+    pub const CONFIG: &str = "config";
+    /// The listener is bound; carries the real address.
+    pub const LISTEN: &str = "listen";
+    /// A batch was handled (stored or rejected).
+    pub const APUESTA_RECIBIDA: &str = "apuesta_recibida";
+    /// One stored bet (DEBUG).
+    pub const APUESTA_ALMACENADA: &str = "apuesta_almacenada";
+    /// One bet acknowledged to an agency (DEBUG).
+    pub const APUESTA_ENVIADA: &str = "apuesta_enviada";
+    /// The draw is done.
+    pub const SORTEO: &str = "sorteo";
+    /// An agency received its winners.
+    pub const CONSULTA_GANADORES: &str = "consulta_ganadores";
+    /// An agency announced it finished.
+    pub const AGENCIA_FINALIZADA: &str = "agencia_finalizada";
+    /// The agency connects to the central.
+    pub const CONNECT: &str = "connect";
+    /// A connection ended with an error.
+    pub const CONNECTION: &str = "connection";
+    /// The listening socket was closed.
+    pub const CLOSE_LISTENER: &str = "close_listener";
+    /// A connection was closed during shutdown.
+    pub const CLOSE_CONNECTION: &str = "close_connection";
+    /// The bets file was flushed and closed.
+    pub const CLOSE_BETS_FILE: &str = "close_bets_file";
+    /// The agency's data file was closed.
+    pub const CLOSE_DATA_FILE: &str = "close_data_file";
+    /// A shutdown signal arrived.
+    pub const SIGNAL: &str = "signal";
+    /// The process is done shutting down.
+    pub const SHUTDOWN: &str = "shutdown";
+}
+
+impl From<LogLevel> for Level {
+    fn from(l: LogLevel) -> Level {
+        match l {
+            LogLevel::Debug => Level::DEBUG,
+            LogLevel::Info => Level::INFO,
+            LogLevel::Warn => Level::WARN,
+            LogLevel::Error => Level::ERROR,
+        }
+    }
+}
+
+/// Installs the global subscriber: contract lines on stdout at `level`.
+///
+/// Calling it twice is harmless (the second call does nothing), which keeps
+/// in-process tests that start several components simple.
+pub fn init(level: LogLevel) {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(Level::from(level))
+        .event_format(ContractFormat)
+        .with_writer(std::io::stdout)
+        .try_init();
+}
+
+/// Renders events as contract lines (timestamp, padded level, fields).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ContractFormat;
+
+impl<S, N> FormatEvent<S, N> for ContractFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let now = chrono::Local::now().format("%Y-%m-%d %H:%M:%S");
+        let mut line = String::with_capacity(128);
+        write!(line, "{now} {:<8} ", event.metadata().level().as_str())?;
+        render_fields(event, &mut line);
+        writeln!(writer, "{line}")
+    }
+}
+
+/// Appends the event's fields as `k: v | k: v`.
+fn render_fields(event: &Event<'_>, out: &mut String) {
+    let mut v = FieldWriter { out, first: true };
+    event.record(&mut v);
+}
+
+struct FieldWriter<'a> {
+    out: &'a mut String,
+    first: bool,
+}
+
+impl FieldWriter<'_> {
+    fn push(&mut self, name: &str, value: &dyn fmt::Display) {
+        if !self.first {
+            self.out.push_str(" | ");
+        }
+        self.first = false;
+        self.out.push_str(name);
+        self.out.push_str(": ");
+        let start = self.out.len();
+        let _ = write!(self.out, "{value}");
+        // The contract promises values without `|`, and one event a line.
+        if self.out[start..].contains(['|', '\n', '\r']) {
+            let clean = self.out[start..]
+                .replace('|', "/")
+                .replace(['\n', '\r'], " ");
+            self.out.truncate(start);
+            self.out.push_str(&clean);
+        }
+    }
+}
+
+impl Visit for FieldWriter<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.push(field.name(), &value);
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        struct AsDisplay<'a>(&'a dyn fmt::Debug);
+        impl fmt::Display for AsDisplay<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+        self.push(field.name(), &AsDisplay(value));
+    }
+}
+
+/// Renders one event line without the timestamp, for tests of the format.
+#[cfg(test)]
+fn render_without_time<F: FnOnce()>(emit: F) -> String {
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::fmt::MakeWriter;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl<'a> MakeWriter<'a> for Buf {
+        type Writer = Buf;
+        fn make_writer(&'a self) -> Buf {
+            self.clone()
+        }
+    }
+    let buf = Buf::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(Level::DEBUG)
+        .event_format(ContractFormat)
+        .with_writer(buf.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, emit);
+    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    // Drop "YYYY-MM-DD HH:MM:SS ".
+    text[20..].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_shape() {
+        let line = render_without_time(|| {
+            tracing::info!(
+                action = action::APUESTA_RECIBIDA,
+                result = result::SUCCESS,
+                cantidad = 100
+            );
+        });
+        assert_eq!(
+            line,
+            "INFO     action: apuesta_recibida | result: success | cantidad: 100\n"
+        );
+    }
+
+    #[test]
+    fn display_values_and_pipes() {
+        let peer: std::net::SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let line = render_without_time(|| {
+            tracing::warn!(action = "x", result = result::FAIL, peer = %peer, reason = "a|b\nc");
+        });
+        assert_eq!(
+            line,
+            "WARN     action: x | result: fail | peer: 127.0.0.1:5000 | reason: a/b c\n"
+        );
+    }
+}

@@ -1,0 +1,328 @@
+//! The `lottery` binary: parses the command line, loads the configuration,
+//! starts logging, and runs one of the subcommands.
+//!
+//! Exit codes: 0 success (also after a graceful shutdown), 1 a runtime error,
+//! 2 a usage or configuration error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use lottery::config::{Config, ConfigError, LogLevel, Role};
+use lottery::gen_data::{self, GenOptions};
+use lottery::logging::{self, action, result};
+use lottery::{agency, demo, server, shutdown};
+
+/// Bet collection for a national lottery: a central server, betting agencies,
+/// and the draw.
+#[derive(Debug, Parser)]
+#[command(name = "lottery", version)]
+struct Cli {
+    /// Configuration file; a missing file means defaults.
+    #[arg(
+        long,
+        global = true,
+        env = "LOTTERY_CONFIG",
+        default_value = "config.toml"
+    )]
+    config: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the central: collect bets, draw once every agency finished.
+    Server(ServerArgs),
+    /// Run one agency: upload its data file, then report its winners.
+    Agency(AgencyArgs),
+    /// Run the central and N agencies on this machine and print the winners.
+    Demo(DemoArgs),
+    /// Write deterministic synthetic agency-{N}.csv files.
+    GenData(GenDataArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServerArgs {
+    /// TCP port to listen on [server.port].
+    #[arg(long)]
+    port: Option<u16>,
+    /// Backlog of the listening socket [server.listen_backlog].
+    #[arg(long)]
+    listen_backlog: Option<u32>,
+    /// Agencies that must finish before the draw [server.agencies].
+    #[arg(long)]
+    agencies: Option<u32>,
+    /// The bets file [server.storage].
+    #[arg(long)]
+    storage: Option<PathBuf>,
+    /// The winning number [server.winning_number].
+    #[arg(long)]
+    winning_number: Option<u16>,
+    /// DEBUG, INFO, WARN or ERROR [log.level].
+    #[arg(long)]
+    log_level: Option<LogLevel>,
+}
+
+#[derive(Debug, Args)]
+struct AgencyArgs {
+    /// This agency's number [agency.id].
+    #[arg(long)]
+    id: Option<u32>,
+    /// The central's host:port [agency.server_address].
+    #[arg(long)]
+    server_address: Option<String>,
+    /// The data file; {id} is replaced [agency.data_file].
+    #[arg(long)]
+    data_file: Option<String>,
+    /// Most bets per batch [agency.batch_max_amount].
+    #[arg(long)]
+    batch_max_amount: Option<usize>,
+    /// DEBUG, INFO, WARN or ERROR [log.level].
+    #[arg(long)]
+    log_level: Option<LogLevel>,
+    /// Also write the winners' documents to this file, one per line.
+    #[arg(long)]
+    winners_out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Number of agencies.
+    #[arg(long, default_value_t = 5)]
+    agencies: u32,
+    /// Bets per agency, for generated data.
+    #[arg(long, default_value_t = 20_000)]
+    bets_per_agency: u64,
+    /// Seed of the generated data.
+    #[arg(long, default_value_t = 7574)]
+    seed: u64,
+    /// Share of generated bets on the winning number.
+    #[arg(long, default_value_t = 0.0002)]
+    winner_share: f64,
+    /// Use the agency-{N}.csv files in this directory instead of generating.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Keep the bets file (and generated data) here instead of a temporary
+    /// directory.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Log level of the server and agencies (WARN keeps the table readable).
+    #[arg(long, default_value = "WARN")]
+    log_level: LogLevel,
+}
+
+#[derive(Debug, Args)]
+struct GenDataArgs {
+    /// Directory to write agency-{N}.csv into.
+    #[arg(long, default_value = ".data")]
+    out: PathBuf,
+    /// Number of agencies [server.agencies].
+    #[arg(long)]
+    agencies: Option<u32>,
+    /// Bets per agency.
+    #[arg(long, default_value_t = 10_000)]
+    bets_per_agency: u64,
+    /// Seed: the same seed gives the same files.
+    #[arg(long, default_value_t = 7574)]
+    seed: u64,
+    /// The winning number [server.winning_number].
+    #[arg(long)]
+    winning_number: Option<u16>,
+    /// Share of bets on the winning number.
+    #[arg(long, default_value_t = 0.0002)]
+    winner_share: f64,
+    /// Share of bets whose names hold | : \ , or ".
+    #[arg(long, default_value_t = 0.0)]
+    tricky_share: f64,
+    /// End lines with CRLF.
+    #[arg(long)]
+    crlf: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let role = match cli.command {
+        Command::Agency(_) => Role::Agency,
+        _ => Role::Server,
+    };
+    let config = match load_config(&cli, role) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lottery: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let level = match &cli.command {
+        Command::Demo(args) => args.log_level,
+        _ => config.log.level,
+    };
+    logging::init(level);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lottery: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(action = "exit", result = result::FAIL, error = %format!("{e:#}"));
+            eprintln!("lottery: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Defaults < file < environment < flags.
+fn load_config(cli: &Cli, role: Role) -> Result<Config, ConfigError> {
+    let mut config = Config::load(&cli.config, role, |k| std::env::var(k).ok())?;
+    match &cli.command {
+        Command::Server(a) => {
+            let s = &mut config.server;
+            overlay(&mut s.port, a.port);
+            overlay(&mut s.listen_backlog, a.listen_backlog);
+            overlay(&mut s.agencies, a.agencies);
+            overlay(&mut s.storage, a.storage.clone());
+            overlay(&mut s.winning_number, a.winning_number);
+            overlay(&mut config.log.level, a.log_level);
+        }
+        Command::Agency(a) => {
+            let c = &mut config.agency;
+            overlay(&mut c.id, a.id);
+            overlay(&mut c.server_address, a.server_address.clone());
+            overlay(&mut c.data_file, a.data_file.clone());
+            overlay(&mut c.batch_max_amount, a.batch_max_amount);
+            overlay(&mut config.log.level, a.log_level);
+        }
+        Command::GenData(a) => {
+            overlay(&mut config.server.agencies, a.agencies);
+            overlay(&mut config.server.winning_number, a.winning_number);
+        }
+        Command::Demo(_) => {}
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn overlay<T>(slot: &mut T, flag: Option<T>) {
+    if let Some(v) = flag {
+        *slot = v;
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    let token = CancellationToken::new();
+    shutdown::cancel_on_signal(token.clone()).context("installing signal handlers")?;
+    match command {
+        Command::Server(_) => run_server(config, token).await,
+        Command::Agency(args) => run_agency(config, args, token).await,
+        Command::Demo(args) => run_demo(config, args, token).await,
+        Command::GenData(args) => run_gen_data(config, args).await,
+    }
+}
+
+async fn run_server(config: Config, token: CancellationToken) -> anyhow::Result<()> {
+    let s = &config.server;
+    info!(
+        action = action::CONFIG,
+        result = result::SUCCESS,
+        port = s.port,
+        listen_backlog = s.listen_backlog,
+        logging_level = %config.log.level,
+        agencies = s.agencies,
+        storage = %s.storage.display(),
+        winning_number = s.winning_number
+    );
+    let listener = server::bind(s).with_context(|| format!("binding port {}", s.port))?;
+    server::run(listener, s, token).await?;
+    info!(action = action::SHUTDOWN, result = result::SUCCESS);
+    Ok(())
+}
+
+async fn run_agency(
+    config: Config,
+    args: AgencyArgs,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    let a = &config.agency;
+    info!(
+        action = action::CONFIG,
+        result = result::SUCCESS,
+        client_id = a.id,
+        server_address = a.server_address.as_str(),
+        batch_max_amount = a.batch_max_amount,
+        log_level = %config.log.level,
+        data_file = %a.data_path().display()
+    );
+    match agency::run(a, token).await? {
+        Some(report) => {
+            if let Some(path) = args.winners_out {
+                let mut text = report.winners.join("\n");
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+        None => info!(action = action::SHUTDOWN, result = result::SUCCESS),
+    }
+    Ok(())
+}
+
+async fn run_demo(config: Config, args: DemoArgs, token: CancellationToken) -> anyhow::Result<()> {
+    let opts = demo::DemoOptions {
+        agencies: args.agencies,
+        data_dir: args.data_dir,
+        work_dir: args.work_dir,
+        generate: GenOptions {
+            bets_per_agency: args.bets_per_agency,
+            seed: args.seed,
+            winner_share: args.winner_share,
+            ..GenOptions::default()
+        },
+        winning_number: config.server.winning_number,
+        batch_max_amount: config.agency.batch_max_amount,
+    };
+    match demo::run(opts, token).await? {
+        Some(outcome) => print!("{}", demo::render(&outcome)),
+        None => info!(action = action::SHUTDOWN, result = result::SUCCESS),
+    }
+    Ok(())
+}
+
+async fn run_gen_data(config: Config, args: GenDataArgs) -> anyhow::Result<()> {
+    let opts = GenOptions {
+        agencies: config.server.agencies,
+        bets_per_agency: args.bets_per_agency,
+        seed: args.seed,
+        winning_number: config.server.winning_number,
+        winner_share: args.winner_share,
+        tricky_share: args.tricky_share,
+        crlf: args.crlf,
+    };
+    let out = args.out.clone();
+    let generated = tokio::task::spawn_blocking(move || gen_data::generate(&out, &opts))
+        .await?
+        .with_context(|| format!("writing data into {}", args.out.display()))?;
+    for g in generated {
+        println!(
+            "{}: {} bets, {} on the winning number",
+            g.path.display(),
+            g.bets,
+            g.winners
+        );
+    }
+    Ok(())
+}

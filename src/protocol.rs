@@ -1,0 +1,889 @@
+//! The meaning of a frame's payload: `KEY:VALUE` pairs separated by `|` and
+//! ended by `\n`, with `\` escaping inside values, and the typed messages
+//! built on them ([`Request`] from agency to central, [`Reply`] back).
+//!
+//! Framing (the length header) lives in [`crate::codec`]; this module never
+//! sees it. Every wire key and action name is defined once, here.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use bytes::{BufMut, BytesMut};
+
+use crate::model::{AgencyId, Bet, BetError, BetField};
+
+/// Largest whole frame, header included, in bytes.
+pub const MAX_FRAME_LEN: usize = 8192;
+/// Size of the big-endian length header that precedes every payload.
+pub const HEADER_LEN: usize = 4;
+/// Largest payload a frame can carry: the frame limit less the header.
+pub const MAX_PAYLOAD_LEN: usize = MAX_FRAME_LEN - HEADER_LEN;
+
+/// Wire keys. Spanish appears only here and in log action names.
+pub mod key {
+    /// Number of bets in a batch.
+    pub const BATCH_SIZE: &str = "BATCH_SIZE";
+    /// Prefix of the i-th bet of a batch (`BET_1`, `BET_2`, …).
+    pub const BET_PREFIX: &str = "BET_";
+    /// The request kind of a non-batch message.
+    pub const ACTION: &str = "ACTION";
+    /// The agency a message speaks for.
+    pub const AGENCY_ID: &str = "AGENCY_ID";
+    /// `SUCCESS` or `ERROR` in every reply.
+    pub const STATUS: &str = "STATUS";
+    /// Human-readable text of a reply.
+    pub const MESSAGE: &str = "MESSAGE";
+    /// Machine-readable error code of an error reply.
+    pub const CODE: &str = "CODE";
+    /// Comma-separated winner documents.
+    pub const WINNERS: &str = "WINNERS";
+    /// `1` when the winners list continues in the next frame.
+    pub const MORE: &str = "MORE";
+    /// Bet field: first name.
+    pub const NOMBRE: &str = "NOMBRE";
+    /// Bet field: last name.
+    pub const APELLIDO: &str = "APELLIDO";
+    /// Bet field: document (DNI).
+    pub const DOCUMENTO: &str = "DOCUMENTO";
+    /// Bet field: birthdate, `YYYY-MM-DD`.
+    pub const NACIMIENTO: &str = "NACIMIENTO";
+    /// Bet field: the number bet on.
+    pub const NUMERO: &str = "NUMERO";
+}
+
+/// Action names carried in `ACTION:`.
+pub mod action {
+    /// "I have sent all my bets", as the design document names it.
+    pub const BETTING_FINISHED: &str = "BETTING_FINISHED";
+    /// The same, as the reference agency spells it.
+    pub const FINISH_BETTING: &str = "FINISH_BETTING";
+}
+
+/// Values of the `STATUS` key.
+pub mod status {
+    /// The request was carried out.
+    pub const SUCCESS: &str = "SUCCESS";
+    /// The request was refused; `CODE` and `MESSAGE` say why.
+    pub const ERROR: &str = "ERROR";
+}
+
+/// Why a well-framed payload does not make a valid message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    /// The payload bytes are not UTF-8.
+    #[error("payload is not valid UTF-8")]
+    NotUtf8,
+    /// The payload is empty.
+    #[error("empty payload")]
+    Empty,
+    /// The payload does not end with an unescaped `\n`.
+    #[error("payload does not end with '\\n'")]
+    MissingNewline,
+    /// A `\` is the last character of the payload or value.
+    #[error("dangling escape at the end of {0}")]
+    DanglingEscape(&'static str),
+    /// A pair has no `:` between key and value.
+    #[error("pair {0:?} has no ':'")]
+    MissingColon(String),
+    /// A key the message needs is absent.
+    #[error("missing key {0}")]
+    MissingKey(&'static str),
+    /// A key has a value that cannot be read.
+    #[error("bad value for {key}: {reason}")]
+    BadValue {
+        /// The key.
+        key: String,
+        /// What is wrong with its value.
+        reason: String,
+    },
+    /// `BATCH_SIZE` does not match the `BET_i` keys present, or they have gaps.
+    #[error("batch is inconsistent: {0}")]
+    BatchMismatch(String),
+    /// Neither a batch nor a known action.
+    #[error("unknown message: {0}")]
+    Unknown(String),
+    /// A bet inside a batch is invalid.
+    #[error("BET_{index}: {source}")]
+    Bet {
+        /// 1-based position of the bet in the batch (`BET_i`).
+        index: usize,
+        /// What is wrong with it.
+        source: BetError,
+    },
+}
+
+impl MessageError {
+    /// The error code sent back to the agency for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            MessageError::Bet { .. } => ErrorCode::InvalidBet,
+            MessageError::Unknown(_) => ErrorCode::UnknownMessage,
+            _ => ErrorCode::MalformedMessage,
+        }
+    }
+}
+
+/// Machine-readable reasons in `CODE:` of an error reply (see docs/PROTOCOL.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The payload is not a well-formed `KEY:VALUE|…\n` message.
+    MalformedMessage,
+    /// The frame header announces more than [`MAX_FRAME_LEN`].
+    FrameTooLarge,
+    /// A well-formed message of a kind the central does not know.
+    UnknownMessage,
+    /// A bet fails validation; the message names `BET_i` and the field.
+    InvalidBet,
+    /// The agency id is out of range or differs from the connection's.
+    WrongAgency,
+    /// Another open connection already speaks for this agency.
+    AgencyBusy,
+    /// The agency already announced it finished; no more bets are taken.
+    AgencyFinished,
+    /// The bets file could not be written; nothing of the batch was kept.
+    StorageFailed,
+}
+
+impl ErrorCode {
+    /// The code as it travels on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedMessage => "MALFORMED_MESSAGE",
+            ErrorCode::FrameTooLarge => "FRAME_TOO_LARGE",
+            ErrorCode::UnknownMessage => "UNKNOWN_MESSAGE",
+            ErrorCode::InvalidBet => "INVALID_BET",
+            ErrorCode::WrongAgency => "WRONG_AGENCY",
+            ErrorCode::AgencyBusy => "AGENCY_BUSY",
+            ErrorCode::AgencyFinished => "AGENCY_FINISHED",
+            ErrorCode::StorageFailed => "STORAGE_FAILED",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message from an agency to the central.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// A batch of bets, to be stored all or nothing.
+    Batch(Vec<Bet>),
+    /// The agency has sent all its bets and waits for its winners.
+    Finished {
+        /// The agency that finished.
+        agency: AgencyId,
+    },
+}
+
+/// A message from the central to an agency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// A batch was stored.
+    Stored {
+        /// How many bets it held.
+        count: usize,
+    },
+    /// A request was refused.
+    Error {
+        /// Why, for programs.
+        code: ErrorCode,
+        /// Why, for people.
+        message: String,
+    },
+    /// One frame of the agency's winners. When `more` is set the list
+    /// continues in the next frame.
+    Winners {
+        /// Winner documents (DNI) in this frame.
+        documents: Vec<String>,
+        /// Another `Winners` frame follows.
+        more: bool,
+    },
+}
+
+/// A message type that can be read from a payload and written into one.
+pub trait WireMessage: Sized {
+    /// Parses a whole payload (including its final `\n`).
+    ///
+    /// # Errors
+    /// A [`MessageError`] saying what is wrong and where.
+    fn parse(payload: &[u8]) -> Result<Self, MessageError>;
+
+    /// Appends the payload (including its final `\n`) to `dst`.
+    fn write(&self, dst: &mut BytesMut);
+}
+
+// ---------------------------------------------------------------------------
+// Escaping
+
+/// Whether `c` must be escaped inside a value. `\` and `|` must; `\n` is
+/// escaped too so that a payload's only raw newline is its last byte.
+fn needs_escape(c: u8) -> bool {
+    matches!(c, b'\\' | b'|' | b'\n')
+}
+
+/// Appends `value` to `dst` with `\`, `|` and `\n` escaped.
+pub fn escape_into(dst: &mut BytesMut, value: &str) {
+    let bytes = value.as_bytes();
+    let mut start = 0;
+    for (i, &c) in bytes.iter().enumerate() {
+        if needs_escape(c) {
+            dst.put_slice(&bytes[start..i]);
+            dst.put_u8(b'\\');
+            dst.put_u8(c);
+            start = i + 1;
+        }
+    }
+    dst.put_slice(&bytes[start..]);
+}
+
+/// Length of `value` once escaped by [`escape_into`].
+pub fn escaped_len(value: &str) -> usize {
+    value.len() + value.bytes().filter(|&c| needs_escape(c)).count()
+}
+
+/// Removes one level of escaping: `\x` becomes `x` for any character `x`.
+///
+/// # Errors
+/// [`MessageError::DanglingEscape`] when the value ends in a lone `\`.
+pub fn unescape<'a>(value: &'a str, what: &'static str) -> Result<Cow<'a, str>, MessageError> {
+    if !value.contains('\\') {
+        return Ok(Cow::Borrowed(value));
+    }
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some(next) => out.push(next),
+                None => return Err(MessageError::DanglingEscape(what)),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Ok(Cow::Owned(out))
+}
+
+/// Splits a payload body (without its final `\n`) into raw, still escaped,
+/// `(key, value)` pairs: at unescaped `|`, then each pair at its first
+/// unescaped `:`. Keys are returned unescaped.
+///
+/// # Errors
+/// A pair without `:`, or a dangling escape.
+pub fn split_pairs<'a>(
+    body: &'a str,
+    what: &'static str,
+) -> Result<Vec<(Cow<'a, str>, &'a str)>, MessageError> {
+    let mut pairs = Vec::new();
+    let bytes = body.as_bytes();
+    let mut start = 0;
+    let mut colon: Option<usize> = None;
+    let mut i = 0;
+    while i <= bytes.len() {
+        if i == bytes.len() || bytes[i] == b'|' {
+            let pair = &body[start..i];
+            let Some(c) = colon else {
+                return Err(MessageError::MissingColon(pair.to_string()));
+            };
+            let key = unescape(&body[start..c], what)?;
+            pairs.push((key, &body[c + 1..i]));
+            start = i + 1;
+            colon = None;
+            i += 1;
+            continue;
+        }
+        match bytes[i] {
+            b'\\' => {
+                if i + 1 >= bytes.len() {
+                    return Err(MessageError::DanglingEscape(what));
+                }
+                // Skip the escaped byte. ASCII `\` is never part of a
+                // multi-byte UTF-8 sequence, and the escaped character's
+                // continuation bytes are not special, so stepping over one
+                // byte is enough.
+                i += 2;
+                continue;
+            }
+            b':' if colon.is_none() => colon = Some(i),
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(pairs)
+}
+
+/// Checks the payload is UTF-8 and ends with an unescaped `\n`; returns the
+/// body without it.
+fn body_of(payload: &[u8]) -> Result<&str, MessageError> {
+    if payload.is_empty() {
+        return Err(MessageError::Empty);
+    }
+    let text = std::str::from_utf8(payload).map_err(|_| MessageError::NotUtf8)?;
+    let body = text
+        .strip_suffix('\n')
+        .ok_or(MessageError::MissingNewline)?;
+    // A final "\\\n" would be an escaped newline, not the terminator.
+    let trailing_backslashes = body.bytes().rev().take_while(|&b| b == b'\\').count();
+    if trailing_backslashes % 2 == 1 {
+        return Err(MessageError::MissingNewline);
+    }
+    Ok(body)
+}
+
+fn find<'p, 'a>(pairs: &'p [(Cow<'a, str>, &'a str)], key: &str) -> Option<&'a str> {
+    pairs.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+}
+
+fn bad_value(key: &str, reason: impl Into<String>) -> MessageError {
+    MessageError::BadValue {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Requests
+
+impl WireMessage for Request {
+    fn parse(payload: &[u8]) -> Result<Self, MessageError> {
+        let body = body_of(payload)?;
+        let pairs = split_pairs(body, "payload")?;
+        if let Some(size) = find(&pairs, key::BATCH_SIZE) {
+            return parse_batch(size, &pairs).map(Request::Batch);
+        }
+        match find(&pairs, key::ACTION) {
+            Some(a) => {
+                let a = unescape(a, "ACTION")?;
+                if a == action::BETTING_FINISHED || a == action::FINISH_BETTING {
+                    let id = find(&pairs, key::AGENCY_ID)
+                        .ok_or(MessageError::MissingKey(key::AGENCY_ID))?;
+                    let id = unescape(id, "AGENCY_ID")?;
+                    let agency = id.parse::<AgencyId>().map_err(|_| {
+                        bad_value(key::AGENCY_ID, format!("{id:?} is not an agency id"))
+                    })?;
+                    Ok(Request::Finished { agency })
+                } else {
+                    Err(MessageError::Unknown(format!("ACTION:{a}")))
+                }
+            }
+            None => Err(MessageError::Unknown(
+                "neither BATCH_SIZE nor ACTION is present".to_string(),
+            )),
+        }
+    }
+
+    fn write(&self, dst: &mut BytesMut) {
+        match self {
+            Request::Batch(bets) => write_batch(dst, bets),
+            Request::Finished { agency } => {
+                dst.put_slice(key::ACTION.as_bytes());
+                dst.put_u8(b':');
+                dst.put_slice(action::BETTING_FINISHED.as_bytes());
+                dst.put_u8(b'|');
+                dst.put_slice(key::AGENCY_ID.as_bytes());
+                dst.put_u8(b':');
+                dst.put_slice(itoa::Buffer::new().format(*agency).as_bytes());
+                dst.put_u8(b'\n');
+            }
+        }
+    }
+}
+
+fn parse_batch(size: &str, pairs: &[(Cow<'_, str>, &str)]) -> Result<Vec<Bet>, MessageError> {
+    let size: usize = unescape(size, "BATCH_SIZE")?
+        .parse()
+        .map_err(|_| bad_value(key::BATCH_SIZE, "not a whole number"))?;
+    if size == 0 {
+        return Err(bad_value(key::BATCH_SIZE, "a batch holds at least one bet"));
+    }
+    // Each BET_i value is itself an escaped payload. Collect them by index so
+    // gaps and repeats are caught whatever order they come in.
+    let mut slots: Vec<Option<&str>> = vec![None; size];
+    let mut seen = 0usize;
+    for (k, v) in pairs {
+        let Some(index) = k.strip_prefix(key::BET_PREFIX) else {
+            continue;
+        };
+        let i: usize = index
+            .parse()
+            .map_err(|_| MessageError::BatchMismatch(format!("{k} is not BET_<number>")))?;
+        if i == 0 || i > size {
+            return Err(MessageError::BatchMismatch(format!(
+                "{k} is outside BATCH_SIZE {size}"
+            )));
+        }
+        if slots[i - 1].replace(v).is_some() {
+            return Err(MessageError::BatchMismatch(format!("{k} appears twice")));
+        }
+        seen += 1;
+    }
+    if seen != size {
+        let missing = slots.iter().position(Option::is_none).map_or(0, |p| p + 1);
+        return Err(MessageError::BatchMismatch(format!(
+            "BATCH_SIZE is {size} but {seen} bets are present (BET_{missing} is missing)"
+        )));
+    }
+    slots
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let v = v.expect("invariant: every slot was filled, seen == size");
+            parse_bet(v).map_err(|source| MessageError::Bet {
+                index: i + 1,
+                source,
+            })
+        })
+        .collect()
+}
+
+/// Parses one escaped `BET_i` value into a validated [`Bet`].
+fn parse_bet(escaped: &str) -> Result<Bet, BetError> {
+    let inner =
+        unescape(escaped, "bet").map_err(|_| BetError::Malformed("dangling escape".into()))?;
+    let inner = inner.strip_suffix('\n').unwrap_or(&inner);
+    let pairs = split_pairs(inner, "bet").map_err(|e| BetError::Malformed(e.to_string()))?;
+    let field = |f: BetField| -> Result<Cow<'_, str>, BetError> {
+        let raw = find(&pairs, f.wire_key()).ok_or(BetError::Missing(f))?;
+        unescape(raw, f.wire_key())
+            .map_err(|_| BetError::Malformed(format!("dangling escape in {}", f.wire_key())))
+    };
+    Bet::from_fields(
+        &field(BetField::AgencyId)?,
+        &field(BetField::FirstName)?,
+        &field(BetField::LastName)?,
+        &field(BetField::Document)?,
+        &field(BetField::Birthdate)?,
+        &field(BetField::Number)?,
+    )
+}
+
+/// Fixed bytes a batch payload of `count` bets adds around the bets themselves:
+/// `BATCH_SIZE:n`, the final `\n`, and `|BET_i:` before each bet.
+fn batch_overhead(count: usize) -> usize {
+    let digits = |n: usize| n.to_string().len();
+    key::BATCH_SIZE.len()
+        + 1
+        + digits(count)
+        + 1
+        + (1..=count)
+            .map(|i| 1 + key::BET_PREFIX.len() + digits(i) + 1)
+            .sum::<usize>()
+}
+
+/// Bytes a bet takes inside a batch payload, once escaped twice (its own
+/// fields, then the whole bet as one value), not counting `|BET_i:`.
+pub fn encoded_bet_len(bet: &Bet) -> usize {
+    // An escaped byte of a field travels as 4 bytes (`\\\|`), a plain one as 1.
+    let field = |v: &str| v.len() + 3 * (escaped_len(v) - v.len());
+    let mut n = 0;
+    let mut digits = itoa::Buffer::new();
+    for (k, v) in bet_fields(bet, &mut digits) {
+        n += k.len() + 1 + field(v);
+    }
+    n + 2 * 5 // five `\|` separators between six fields
+}
+
+/// Tracks the size of a batch being filled so it can be cut before it
+/// outgrows a frame. Used by the agency.
+#[derive(Debug, Default, Clone)]
+pub struct BatchSizer {
+    count: usize,
+    bets_len: usize,
+}
+
+impl BatchSizer {
+    /// Payload size of the batch if a bet of `bet_len` bytes were added.
+    pub fn len_with(&self, bet_len: usize) -> usize {
+        self.bets_len + bet_len + batch_overhead(self.count + 1)
+    }
+
+    /// Whether a bet of `bet_len` encoded bytes still fits in one frame.
+    pub fn fits(&self, bet_len: usize) -> bool {
+        self.len_with(bet_len) <= MAX_PAYLOAD_LEN
+    }
+
+    /// Records a bet of `bet_len` bytes as added.
+    pub fn add(&mut self, bet_len: usize) {
+        self.count += 1;
+        self.bets_len += bet_len;
+    }
+
+    /// Bets added so far.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Starts a new, empty batch.
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
+
+fn bet_fields<'a>(bet: &'a Bet, digits: &'a mut itoa::Buffer) -> [(&'static str, &'a str); 6] {
+    let number = digits.format(bet.number);
+    [
+        (key::NOMBRE, bet.first_name.as_str()),
+        (key::APELLIDO, bet.last_name.as_str()),
+        (key::DOCUMENTO, bet.document.as_str()),
+        (key::NACIMIENTO, bet.birthdate.as_str()),
+        (key::NUMERO, number),
+        (key::AGENCY_ID, agency_str(bet.agency)),
+    ]
+}
+
+/// The agency id as text. Ids are small, so the common ones are static and
+/// writing a bet needs no allocation.
+fn agency_str(id: AgencyId) -> &'static str {
+    const SMALL: [&str; 21] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+        "17", "18", "19", "20",
+    ];
+    match SMALL.get(id as usize) {
+        Some(s) => s,
+        // Rare: ids above 20 are leaked once per distinct id and kept for the
+        // life of the process, which bounds the leak by the agency count.
+        None => agency_str_slow(id),
+    }
+}
+
+fn agency_str_slow(id: AgencyId) -> &'static str {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<AgencyId, &'static str>>> = OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    cache
+        .entry(id)
+        .or_insert_with(|| Box::leak(id.to_string().into_boxed_str()))
+}
+
+fn write_batch(dst: &mut BytesMut, bets: &[Bet]) {
+    let mut n = itoa::Buffer::new();
+    dst.put_slice(key::BATCH_SIZE.as_bytes());
+    dst.put_u8(b':');
+    dst.put_slice(n.format(bets.len()).as_bytes());
+    let mut digits = itoa::Buffer::new();
+    for (i, bet) in bets.iter().enumerate() {
+        dst.put_u8(b'|');
+        dst.put_slice(key::BET_PREFIX.as_bytes());
+        dst.put_slice(n.format(i + 1).as_bytes());
+        dst.put_u8(b':');
+        for (j, (k, v)) in bet_fields(bet, &mut digits).into_iter().enumerate() {
+            if j > 0 {
+                // The bet's own separator, escaped once for the outer level.
+                dst.put_slice(b"\\|");
+            }
+            dst.put_slice(k.as_bytes());
+            dst.put_u8(b':');
+            // Escape twice in one pass: a special byte `c` becomes `\c` in
+            // the bet, and that becomes `\\\c` in the batch.
+            let bytes = v.as_bytes();
+            let mut start = 0;
+            for (p, &c) in bytes.iter().enumerate() {
+                if needs_escape(c) {
+                    dst.put_slice(&bytes[start..p]);
+                    dst.put_slice(b"\\\\\\");
+                    dst.put_u8(c);
+                    start = p + 1;
+                }
+            }
+            dst.put_slice(&bytes[start..]);
+        }
+    }
+    dst.put_u8(b'\n');
+}
+
+// ---------------------------------------------------------------------------
+// Replies
+
+impl WireMessage for Reply {
+    fn parse(payload: &[u8]) -> Result<Self, MessageError> {
+        let body = body_of(payload)?;
+        let pairs = split_pairs(body, "payload")?;
+        let status = find(&pairs, key::STATUS).ok_or(MessageError::MissingKey(key::STATUS))?;
+        let text = |k: &'static str| -> Result<String, MessageError> {
+            Ok(find(&pairs, k)
+                .map(|v| unescape(v, k))
+                .transpose()?
+                .map(Cow::into_owned)
+                .unwrap_or_default())
+        };
+        match status {
+            status::SUCCESS => {
+                if let Some(list) = find(&pairs, key::WINNERS) {
+                    let list = unescape(list, "WINNERS")?;
+                    let documents = list
+                        .split(',')
+                        .filter(|d| !d.is_empty())
+                        .map(str::to_string)
+                        .collect();
+                    let more = find(&pairs, key::MORE) == Some("1");
+                    Ok(Reply::Winners { documents, more })
+                } else {
+                    let message = text(key::MESSAGE)?;
+                    // The count is informative; a peer that omits it still
+                    // means "stored".
+                    let count = message
+                        .split_whitespace()
+                        .find_map(|w| w.parse().ok())
+                        .unwrap_or(0);
+                    Ok(Reply::Stored { count })
+                }
+            }
+            status::ERROR => {
+                let code = text(key::CODE)?;
+                let code = ErrorCode::from_wire(&code).unwrap_or(ErrorCode::MalformedMessage);
+                Ok(Reply::Error {
+                    code,
+                    message: text(key::MESSAGE)?,
+                })
+            }
+            other => Err(bad_value(key::STATUS, format!("unknown status {other:?}"))),
+        }
+    }
+
+    fn write(&self, dst: &mut BytesMut) {
+        let put_pair = |dst: &mut BytesMut, k: &str, v: &str, first: bool| {
+            if !first {
+                dst.put_u8(b'|');
+            }
+            dst.put_slice(k.as_bytes());
+            dst.put_u8(b':');
+            escape_into(dst, v);
+        };
+        match self {
+            Reply::Stored { count } => {
+                put_pair(dst, key::STATUS, status::SUCCESS, true);
+                put_pair(dst, key::MESSAGE, &format!("stored {count} bets"), false);
+            }
+            Reply::Error { code, message } => {
+                put_pair(dst, key::STATUS, status::ERROR, true);
+                put_pair(dst, key::CODE, code.as_str(), false);
+                put_pair(dst, key::MESSAGE, message, false);
+            }
+            Reply::Winners { documents, more } => {
+                put_pair(dst, key::STATUS, status::SUCCESS, true);
+                dst.put_u8(b'|');
+                dst.put_slice(key::WINNERS.as_bytes());
+                dst.put_u8(b':');
+                for (i, d) in documents.iter().enumerate() {
+                    if i > 0 {
+                        dst.put_u8(b',');
+                    }
+                    escape_into(dst, d);
+                }
+                if *more {
+                    put_pair(dst, key::MORE, "1", false);
+                }
+            }
+        }
+        dst.put_u8(b'\n');
+    }
+}
+
+impl ErrorCode {
+    /// Reads a code from its wire form.
+    pub fn from_wire(s: &str) -> Option<Self> {
+        use ErrorCode::*;
+        [
+            MalformedMessage,
+            FrameTooLarge,
+            UnknownMessage,
+            InvalidBet,
+            WrongAgency,
+            AgencyBusy,
+            AgencyFinished,
+            StorageFailed,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
+}
+
+/// Splits a winners list into `Winners` replies that each fit in one frame.
+/// An empty list is one reply with an empty value.
+pub fn winners_replies(documents: &[String]) -> Vec<Reply> {
+    // "STATUS:SUCCESS|WINNERS:" + "|MORE:1" + "\n"
+    let overhead = key::STATUS.len()
+        + 1
+        + status::SUCCESS.len()
+        + 1
+        + key::WINNERS.len()
+        + 1
+        + 1
+        + key::MORE.len()
+        + 2
+        + 1;
+    let budget = MAX_PAYLOAD_LEN - overhead;
+    let mut replies = Vec::new();
+    let mut current: Vec<String> = Vec::new();
+    let mut used = 0;
+    for d in documents {
+        let len = escaped_len(d) + usize::from(!current.is_empty());
+        if !current.is_empty() && used + len > budget {
+            replies.push(Reply::Winners {
+                documents: std::mem::take(&mut current),
+                more: true,
+            });
+            used = 0;
+        }
+        used += escaped_len(d) + usize::from(!current.is_empty());
+        current.push(d.clone());
+    }
+    replies.push(Reply::Winners {
+        documents: current,
+        more: false,
+    });
+    replies
+}
+
+/// Encodes `msg` to its payload bytes (a convenience for tests and tools).
+pub fn to_payload<M: WireMessage>(msg: &M) -> Vec<u8> {
+    let mut dst = BytesMut::new();
+    msg.write(&mut dst);
+    dst.to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bet(first: &str, last: &str) -> Bet {
+        Bet::from_fields("3", first, last, "30904465", "1999-03-17", "7574").unwrap()
+    }
+
+    #[test]
+    fn reference_batch_bytes_parse() {
+        let payload = b"BATCH_SIZE:1|BET_1:NOMBRE:Ana\\|APELLIDO:Perez\\|DOCUMENTO:30904465\\|NACIMIENTO:1999-03-17\\|NUMERO:7574\\|AGENCY_ID:3\n";
+        let req = Request::parse(payload).unwrap();
+        assert_eq!(req, Request::Batch(vec![bet("Ana", "Perez")]));
+    }
+
+    #[test]
+    fn pipe_in_name_travels_as_triple_backslash() {
+        let b = bet("Ana|María", "Pe\\rez:ñ");
+        let payload = to_payload(&Request::Batch(vec![b.clone()]));
+        let text = String::from_utf8(payload.clone()).unwrap();
+        assert!(text.contains("NOMBRE:Ana\\\\\\|María"), "{text}");
+        assert_eq!(Request::parse(&payload).unwrap(), Request::Batch(vec![b]));
+    }
+
+    #[test]
+    fn encoded_bet_len_matches_writer() {
+        for (f, l) in [("Ana", "Perez"), ("A|B\\C", "ñ:ü\n"), ("Jo\"sé", "O,Neil")] {
+            let b = bet(f, l);
+            let payload = to_payload(&Request::Batch(vec![b.clone()]));
+            let sizer = BatchSizer::default();
+            assert_eq!(sizer.len_with(encoded_bet_len(&b)), payload.len());
+        }
+    }
+
+    #[test]
+    fn both_finished_spellings() {
+        for a in ["BETTING_FINISHED", "FINISH_BETTING"] {
+            let p = format!("ACTION:{a}|AGENCY_ID:3\n");
+            assert_eq!(
+                Request::parse(p.as_bytes()).unwrap(),
+                Request::Finished { agency: 3 }
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_ignored() {
+        let p = b"ACTION:FINISH_BETTING|VERSION:9|AGENCY_ID:2\n";
+        assert_eq!(Request::parse(p).unwrap(), Request::Finished { agency: 2 });
+    }
+
+    #[test]
+    fn malformed_payloads() {
+        assert_eq!(Request::parse(b""), Err(MessageError::Empty));
+        assert_eq!(
+            Request::parse(b"ACTION:X"),
+            Err(MessageError::MissingNewline)
+        );
+        assert_eq!(Request::parse(b"\xff\n"), Err(MessageError::NotUtf8));
+        assert_eq!(
+            Request::parse(b"ACTION:X\\\n"),
+            Err(MessageError::MissingNewline)
+        );
+        assert!(matches!(
+            Request::parse(b"NOCOLON\n"),
+            Err(MessageError::MissingColon(_))
+        ));
+        assert!(matches!(
+            Request::parse(b"ACTION:DANCE\n"),
+            Err(MessageError::Unknown(_))
+        ));
+        assert!(matches!(
+            Request::parse(b"BATCH_SIZE:2|BET_1:x\n"),
+            Err(MessageError::BatchMismatch(_))
+        ));
+    }
+
+    #[test]
+    fn bet_errors_name_index_and_field() {
+        let good =
+            "NOMBRE:A\\|APELLIDO:B\\|DOCUMENTO:1\\|NACIMIENTO:1999-03-17\\|NUMERO:1\\|AGENCY_ID:1";
+        let bad =
+            "NOMBRE:A\\|APELLIDO:B\\|DOCUMENTO:1\\|NACIMIENTO:2023-02-30\\|NUMERO:1\\|AGENCY_ID:1";
+        let p = format!("BATCH_SIZE:2|BET_1:{good}|BET_2:{bad}\n");
+        let err = Request::parse(p.as_bytes()).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidBet);
+        let text = err.to_string();
+        assert!(text.starts_with("BET_2: NACIMIENTO"), "{text}");
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let replies = [
+            Reply::Stored { count: 70 },
+            Reply::Error {
+                code: ErrorCode::InvalidBet,
+                message: "BET_2: bad | thing".into(),
+            },
+            Reply::Winners {
+                documents: vec!["1".into(), "22".into()],
+                more: true,
+            },
+            Reply::Winners {
+                documents: vec![],
+                more: false,
+            },
+        ];
+        for r in replies {
+            assert_eq!(Reply::parse(&to_payload(&r)).unwrap(), r);
+        }
+        assert_eq!(
+            to_payload(&Reply::Winners {
+                documents: vec!["30904465".into(), "1".into()],
+                more: false
+            }),
+            b"STATUS:SUCCESS|WINNERS:30904465,1\n"
+        );
+    }
+
+    #[test]
+    fn long_winner_lists_are_split_to_fit() {
+        let docs: Vec<String> = (0..5000)
+            .map(|i| format!("{:08}", 10_000_000 + i))
+            .collect();
+        let replies = winners_replies(&docs);
+        assert!(replies.len() > 1);
+        let mut back = Vec::new();
+        for (i, r) in replies.iter().enumerate() {
+            assert!(to_payload(r).len() <= MAX_PAYLOAD_LEN);
+            let Reply::Winners { documents, more } = r else {
+                panic!()
+            };
+            assert_eq!(*more, i + 1 < replies.len());
+            back.extend(documents.iter().cloned());
+        }
+        assert_eq!(back, docs);
+    }
+}

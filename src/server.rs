@@ -1,0 +1,384 @@
+//! The central: a [`Listener`] accepts agencies and spawns one [`Handler`]
+//! task per connection; handlers store batches through the
+//! [`BetStore`](crate::storage::BetStore) and meet at the
+//! [`Lottery`](crate::lottery::Lottery) for the draw.
+//!
+//! Shutdown: the caller cancels the token. The accept loop stops and the
+//! listener closes; each handler, cancelled through its child token, finishes
+//! the batch it is handling (so whatever was acknowledged is in the file) and
+//! closes; then the writer flushes and closes the bets file.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::codec::{FrameError, ServerCodec};
+use crate::config::ServerConfig;
+use crate::logging::{action, result};
+use crate::lottery::{Lottery, LotteryError};
+use crate::model::{AgencyId, Bet};
+use crate::protocol::{winners_replies, ErrorCode, Reply, Request};
+use crate::storage::{encode_rows, BetStore, StorageError};
+
+/// How long shutdown waits for connections to finish what they started.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Binds the listening socket on all interfaces with the configured backlog.
+///
+/// # Errors
+/// The port cannot be bound.
+pub fn bind(config: &ServerConfig) -> std::io::Result<TcpListener> {
+    bind_addr(
+        SocketAddr::from(([0, 0, 0, 0], config.port)),
+        config.listen_backlog,
+    )
+}
+
+/// Binds `addr` with `backlog` (tests bind `127.0.0.1:0`).
+///
+/// # Errors
+/// The address cannot be bound.
+pub fn bind_addr(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // A restarted server must not wait for the old socket's TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// Serves agencies on `listener` until `shutdown` is cancelled, then closes
+/// everything in order.
+///
+/// # Errors
+/// The bets file cannot be opened.
+pub async fn run(
+    listener: TcpListener,
+    config: &ServerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), StorageError> {
+    let (store, writer) = BetStore::open(&config.storage)?;
+    let lottery = Lottery::new(
+        config.agencies,
+        config.winning_number,
+        config.storage.clone(),
+    );
+    let tracker = TaskTracker::new();
+    let local = listener.local_addr().ok();
+    info!(
+        action = action::LISTEN,
+        result = result::SUCCESS,
+        address = %local.map_or_else(|| "?".to_string(), |a| a.to_string())
+    );
+
+    Listener {
+        listener,
+        store,
+        lottery,
+        tracker: tracker.clone(),
+        shutdown: shutdown.clone(),
+    }
+    .run()
+    .await;
+    info!(action = action::CLOSE_LISTENER, result = result::SUCCESS);
+
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            action = action::SHUTDOWN,
+            result = result::IN_PROGRESS,
+            reason = "connections still busy after the grace period",
+            tasks = tracker.len()
+        );
+    }
+    // Every handler's store clone is gone, so the writer drains, flushes and
+    // closes the file, then ends.
+    if let Err(e) = writer.await {
+        error!(action = action::CLOSE_BETS_FILE, result = result::FAIL, error = %e);
+    }
+    Ok(())
+}
+
+/// The accept loop.
+struct Listener {
+    /// The bound socket; dropped (closed) when the loop ends.
+    listener: TcpListener,
+    /// Cloned into every handler; the writer closes the file after the last.
+    store: BetStore,
+    /// Shared lottery state.
+    lottery: Lottery,
+    /// Tracks every handler so shutdown can wait for them.
+    tracker: TaskTracker,
+    /// Cancelled on shutdown; handlers get child tokens.
+    shutdown: CancellationToken,
+}
+
+impl Listener {
+    async fn run(self) {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                // `accept` is cancel-safe: losing the race loses no connection.
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((socket, peer)) => {
+                    backoff = Duration::from_millis(10);
+                    // Replies are small and latency-bound: never wait for Nagle.
+                    if let Err(e) = socket.set_nodelay(true) {
+                        warn!(action = action::CONNECTION, result = result::FAIL, peer = %peer, error = %e);
+                    }
+                    let handler = Handler {
+                        framed: Framed::new(socket, ServerCodec::new()),
+                        peer,
+                        agency: None,
+                        store: self.store.clone(),
+                        lottery: self.lottery.clone(),
+                        shutdown: self.shutdown.child_token(),
+                    };
+                    self.tracker
+                        .spawn(handler.run().instrument(tracing::info_span!("conn", %peer)));
+                }
+                Err(e) => {
+                    // Usually out of file descriptors: wait for some to free
+                    // up instead of spinning.
+                    error!(action = action::CONNECTION, result = result::FAIL, error = %e);
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+/// Serves one agency connection.
+struct Handler {
+    /// The socket with our codec: requests in, replies out.
+    framed: Framed<TcpStream, ServerCodec>,
+    /// The agency's address, for logs.
+    peer: SocketAddr,
+    /// The agency this connection speaks for, fixed by its first message.
+    agency: Option<AgencyId>,
+    /// Where batches go.
+    store: BetStore,
+    /// Shared state and the draw.
+    lottery: Lottery,
+    /// This connection's token, a child of the server's.
+    shutdown: CancellationToken,
+}
+
+/// What the connection does after a message.
+enum Next {
+    Continue,
+    Close,
+}
+
+impl Handler {
+    async fn run(mut self) {
+        let outcome = self.serve().await;
+        if let Some(agency) = self.agency {
+            self.lottery.release(agency).await;
+        }
+        if let Err(e) = outcome {
+            warn!(action = action::CONNECTION, result = result::FAIL, peer = %self.peer, error = %e);
+        }
+        if self.shutdown.is_cancelled() {
+            info!(
+                action = action::CLOSE_CONNECTION,
+                result = result::SUCCESS,
+                peer = %self.peer,
+                agency = self.agency.unwrap_or(0)
+            );
+        }
+        // Dropping `self` closes the socket.
+    }
+
+    async fn serve(&mut self) -> Result<(), FrameError> {
+        loop {
+            // Race the read against shutdown only while idle. `Framed::next`
+            // is cancel-safe: a half-read frame stays buffered and is simply
+            // dropped with the connection, unacknowledged.
+            let frame = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Ok(()),
+                frame = self.framed.next() => frame,
+            };
+            let next = match frame {
+                None => return Ok(()),
+                Some(Err(e)) => {
+                    if let FrameError::TooLarge(_) = e {
+                        // The stream is unusable, but the peer can still be
+                        // told why before we hang up.
+                        let _ = self
+                            .reply_error(ErrorCode::FrameTooLarge, e.to_string())
+                            .await;
+                    }
+                    return Err(e);
+                }
+                Some(Ok(Err(e))) => {
+                    warn!(
+                        action = action::APUESTA_RECIBIDA,
+                        result = result::FAIL,
+                        cantidad = 0,
+                        peer = %self.peer,
+                        code = %e.code(),
+                        reason = %e
+                    );
+                    self.reply_error(e.code(), e.to_string()).await?;
+                    Next::Continue
+                }
+                Some(Ok(Ok(Request::Batch(bets)))) => self.handle_batch(bets).await?,
+                Some(Ok(Ok(Request::Finished { agency }))) => self.handle_finished(agency).await?,
+            };
+            if let Next::Close = next {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Binds the connection to `agency` on its first message and checks that
+    /// later messages speak for the same one.
+    async fn bind_agency(&mut self, agency: AgencyId) -> Result<(), LotteryError> {
+        match self.agency {
+            Some(a) if a == agency => Ok(()),
+            Some(bound) => Err(LotteryError::OtherAgency {
+                bound,
+                claimed: agency,
+            }),
+            None => {
+                self.lottery.claim(agency).await?;
+                self.agency = Some(agency);
+                Ok(())
+            }
+        }
+    }
+
+    async fn handle_batch(&mut self, bets: Vec<Bet>) -> Result<Next, FrameError> {
+        let count = bets.len();
+        // Every bet of the batch must speak for one agency: the connection's.
+        let agency = bets[0].agency;
+        if let Some(i) = bets.iter().position(|b| b.agency != agency) {
+            let reason = format!(
+                "BET_{}: AGENCY_ID {} differs from BET_1's {agency}",
+                i + 1,
+                bets[i].agency
+            );
+            return self.reject(count, ErrorCode::WrongAgency, reason).await;
+        }
+        if let Err(e) = self.bind_agency(agency).await {
+            return self.reject(count, e.code(), e.to_string()).await;
+        }
+        if let Err(e) = self.lottery.check_open(agency).await {
+            return self.reject(count, e.code(), e.to_string()).await;
+        }
+
+        let mut rows = Vec::with_capacity(count * 64);
+        encode_rows(&bets, &mut rows);
+        // Not raced against shutdown: once read, a batch is stored and
+        // answered, so nothing the agency saw acknowledged is lost.
+        if let Err(e) = self.store.append(rows).await {
+            return self
+                .reject(count, ErrorCode::StorageFailed, e.to_string())
+                .await;
+        }
+        info!(
+            action = action::APUESTA_RECIBIDA,
+            result = result::SUCCESS,
+            cantidad = count
+        );
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            for b in &bets {
+                debug!(
+                    action = action::APUESTA_ALMACENADA,
+                    result = result::SUCCESS,
+                    dni = b.document.as_str(),
+                    numero = b.number
+                );
+            }
+        }
+        self.framed.send(&Reply::Stored { count }).await?;
+        Ok(Next::Continue)
+    }
+
+    async fn reject(
+        &mut self,
+        count: usize,
+        code: ErrorCode,
+        reason: String,
+    ) -> Result<Next, FrameError> {
+        warn!(
+            action = action::APUESTA_RECIBIDA,
+            result = result::FAIL,
+            cantidad = count,
+            peer = %self.peer,
+            code = %code,
+            reason = reason.as_str()
+        );
+        self.reply_error(code, reason).await?;
+        Ok(Next::Continue)
+    }
+
+    async fn handle_finished(&mut self, agency: AgencyId) -> Result<Next, FrameError> {
+        if let Err(e) = self.bind_agency(agency).await {
+            return self.refuse_finish(agency, e.code(), e.to_string()).await;
+        }
+        if let Err(e) = self.lottery.finish(agency).await {
+            return self.refuse_finish(agency, e.code(), e.to_string()).await;
+        }
+        // Hold the agency here until the draw, or until shutdown.
+        let Some(draw) = self.lottery.wait_for_draw(&self.shutdown).await else {
+            return Ok(Next::Close);
+        };
+        let winners = draw.winners_of(agency);
+        for reply in winners_replies(winners) {
+            self.framed.feed(&reply).await?;
+        }
+        self.framed.flush().await?;
+        info!(
+            action = action::CONSULTA_GANADORES,
+            result = result::SUCCESS,
+            agency,
+            cant_ganadores = winners.len()
+        );
+        Ok(Next::Continue)
+    }
+
+    async fn refuse_finish(
+        &mut self,
+        agency: AgencyId,
+        code: ErrorCode,
+        reason: String,
+    ) -> Result<Next, FrameError> {
+        warn!(
+            action = action::AGENCIA_FINALIZADA,
+            result = result::FAIL,
+            agency,
+            peer = %self.peer,
+            code = %code,
+            reason = reason.as_str()
+        );
+        self.reply_error(code, reason).await?;
+        Ok(Next::Continue)
+    }
+
+    async fn reply_error(&mut self, code: ErrorCode, message: String) -> Result<(), FrameError> {
+        self.framed.send(&Reply::Error { code, message }).await
+    }
+}
