@@ -312,6 +312,15 @@ async fn connect(
     }
 }
 
+/// Sends the bets read before a bad line (they are good, and an agency that
+/// resumes later need not send them again), then the error.
+fn fail(tx: &mpsc::Sender<Result<Batch, AgencyError>>, batch: Batch, error: AgencyError) {
+    if !batch.bets.is_empty() && tx.blocking_send(Ok(batch)).is_err() {
+        return;
+    }
+    let _ = tx.blocking_send(Err(error));
+}
+
 /// Reads the data file into batches on a blocking thread. Stops at the
 /// first bad line (sending its error) or when the receiver is gone.
 fn read_batches(
@@ -352,8 +361,7 @@ fn read_batches(
                     csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".to_string(),
                     _ => e.to_string(),
                 };
-                let _ = tx.blocking_send(Err(data_error(line, reason)));
-                return;
+                return fail(tx, batch, data_error(line, reason));
             }
         }
         let line = record.position().map_or(line, |p| p.line());
@@ -368,8 +376,7 @@ fn read_batches(
                 "expected 5 fields (first_name,last_name,document,birthdate,number), found {}",
                 record.len()
             );
-            let _ = tx.blocking_send(Err(data_error(line, reason)));
-            return;
+            return fail(tx, batch, data_error(line, reason));
         }
         let bet = match Bet::from_fields(
             &agency_text,
@@ -381,15 +388,13 @@ fn read_batches(
         ) {
             Ok(bet) => bet,
             Err(e) => {
-                let _ = tx.blocking_send(Err(data_error(line, e.to_string())));
-                return;
+                return fail(tx, batch, data_error(line, e.to_string()));
             }
         };
         let len = encoded_bet_len(&bet);
         if !BatchSizer::default().fits(len) {
             let reason = "the bet is too large to fit in one frame".to_string();
-            let _ = tx.blocking_send(Err(data_error(line, reason)));
-            return;
+            return fail(tx, batch, data_error(line, reason));
         }
         if sizer.count() == max || !sizer.fits(len) {
             let full = std::mem::replace(

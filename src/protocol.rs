@@ -333,7 +333,7 @@ fn body_of(payload: &[u8]) -> Result<&str, MessageError> {
     Ok(body)
 }
 
-fn find<'p, 'a>(pairs: &'p [(Cow<'a, str>, &'a str)], key: &str) -> Option<&'a str> {
+fn find<'a>(pairs: &[(Cow<'a, str>, &'a str)], key: &str) -> Option<&'a str> {
     pairs.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
 }
 

@@ -73,6 +73,12 @@ pub async fn run(
         config.storage.clone(),
     );
     let tracker = TaskTracker::new();
+    // Connections hang off their own token, cancelled only once the
+    // listener is closed: no connection is told to stop while new ones could
+    // still arrive, and the log shows the listener closing first.
+    let connections = CancellationToken::new();
+    // Cancelled only if connections outlive the grace period.
+    let hard_stop = CancellationToken::new();
     let local = listener.local_addr().ok();
     info!(
         action = action::LISTEN,
@@ -86,22 +92,30 @@ pub async fn run(
         lottery,
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
+        connections: connections.clone(),
+        hard_stop: hard_stop.clone(),
     }
     .run()
     .await;
     info!(action = action::CLOSE_LISTENER, result = result::SUCCESS);
+    connections.cancel();
 
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
         .await
         .is_err()
     {
+        // A peer that stopped reading can hold a reply write forever. Drop
+        // such handlers: what they had not acknowledged yet is not lost to
+        // anyone, and the process must still exit in time.
         warn!(
             action = action::SHUTDOWN,
             result = result::IN_PROGRESS,
-            reason = "connections still busy after the grace period",
+            reason = "abandoning connections still busy after the grace period",
             tasks = tracker.len()
         );
+        hard_stop.cancel();
+        tracker.wait().await;
     }
     // Every handler's store clone is gone, so the writer drains, flushes and
     // closes the file, then ends.
@@ -121,11 +135,16 @@ struct Listener {
     lottery: Lottery,
     /// Tracks every handler so shutdown can wait for them.
     tracker: TaskTracker,
-    /// Cancelled on shutdown; handlers get child tokens.
+    /// Cancelled on shutdown: stops the accept loop.
     shutdown: CancellationToken,
+    /// Parent of every handler's token; cancelled after the listener closes.
+    connections: CancellationToken,
+    /// Drops handlers outright once the grace period is over.
+    hard_stop: CancellationToken,
 }
 
 impl Listener {
+    /// Accepts until shutdown; returning drops (closes) the listening socket.
     async fn run(self) {
         let mut backoff = Duration::from_millis(10);
         loop {
@@ -148,10 +167,18 @@ impl Listener {
                         agency: None,
                         store: self.store.clone(),
                         lottery: self.lottery.clone(),
-                        shutdown: self.shutdown.child_token(),
+                        shutdown: self.connections.child_token(),
                     };
-                    self.tracker
-                        .spawn(handler.run().instrument(tracing::info_span!("conn", %peer)));
+                    let hard_stop = self.hard_stop.clone();
+                    self.tracker.spawn(
+                        async move {
+                            tokio::select! {
+                                _ = hard_stop.cancelled() => {}
+                                _ = handler.run() => {}
+                            }
+                        }
+                        .instrument(tracing::info_span!("conn", %peer)),
+                    );
                 }
                 Err(e) => {
                     // Usually out of file descriptors: wait for some to free

@@ -289,7 +289,7 @@ mod tests {
     async fn rows_round_trip_through_csv() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bets.csv");
-        let bets = vec![
+        let bets = [
             bet(1, "Santiago Lionel", "Lorca", "30904465", "7574"),
             bet(2, "Pérez, Ana", "O\"Neil", "1", "0"),
             bet(3, "a|b:c\\d", "Ñandú", "0012", "9999"),

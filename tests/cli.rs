@@ -1,0 +1,178 @@
+//! The command line as operators meet it: configuration errors, bad data,
+//! exit codes, and the demo.
+
+mod common;
+
+use std::process::Output;
+
+use common::*;
+
+fn run(cmd: &mut std::process::Command) -> Output {
+    cmd.output().expect("run lottery")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn invalid_config_file_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "[server]\nport = \"twelve\"\n").unwrap();
+    let out = run(lottery().arg("server").arg("--config").arg(&path));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("port"), "{}", text(&out));
+
+    std::fs::write(&path, "[server]\nagencies = 0\n").unwrap();
+    let out = run(lottery().arg("server").env("LOTTERY_CONFIG", &path));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("server.agencies"), "{}", text(&out));
+
+    std::fs::write(&path, "[agency]\nbatch_size = 3\n").unwrap();
+    let out = run(lottery().arg("agency").arg("--config").arg(&path));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("batch_size"), "{}", text(&out));
+}
+
+#[test]
+fn unreadable_config_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory where the file should be cannot be read as one.
+    let out = run(lottery().arg("server").arg("--config").arg(dir.path()));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot read config file"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn bad_environment_value_exits_2_naming_the_variable() {
+    let out = run(lottery().arg("server").env("SERVER_PORT", "99999"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("SERVER_PORT"), "{}", text(&out));
+    let out = run(lottery().arg("agency").env("CLI_LOG_LEVEL", "LOUD"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("CLI_LOG_LEVEL"), "{}", text(&out));
+}
+
+#[test]
+fn flags_beat_environment_which_beats_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        "[agency]\nid = 4\nbatch_max_amount = 10\nserver_address = \"127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    // No data file: the agency stops at once, after logging its config.
+    let out = run(lottery()
+        .arg("agency")
+        .arg("--config")
+        .arg(&path)
+        .env("CLI_BATCH_MAXAMOUNT", "20")
+        .env("CLI_DATA_FILE", dir.path().join("missing-{id}.csv"))
+        .args(["--id", "6"]));
+    let t = text(&out);
+    assert!(
+        t.contains("action: config | result: success | client_id: 6 | server_address: 127.0.0.1:1 | batch_max_amount: 20 | log_level: INFO"),
+        "{t}"
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(t.contains("missing-6.csv"), "{t}");
+}
+
+#[test]
+fn malformed_data_line_stops_the_agency_naming_file_and_line() {
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("bets.csv");
+    let server = Server::start(&storage, 1, 7574);
+    let data = work.path().join("agency-1.csv");
+    let mut text_in = String::new();
+    for i in 0..100 {
+        text_in.push_str(&format!(
+            "Ana,Pérez,{},1999-03-17,{}\r\n",
+            10_000_000 + i,
+            i
+        ));
+    }
+    text_in.push_str("Bob,Lee,12345,1999-02-30,6\r\n");
+    std::fs::write(&data, text_in).unwrap();
+    let agency = start_agency(1, &server.address(), &data, &work.path().join("w.txt"));
+    let status = agency.wait_exit(PATIENCE);
+    assert_eq!(status.code(), Some(1));
+    let err = agency.stderr();
+    assert!(
+        err.contains("agency-1.csv, line 101: NACIMIENTO \"1999-02-30\": not a real calendar date"),
+        "{err}"
+    );
+    // The batches before the bad line were stored and acknowledged; nothing
+    // after it was sent.
+    let stored = stored(&storage);
+    assert_eq!(stored[&1].len(), 100);
+}
+
+#[test]
+fn demo_runs_on_generated_data_and_prints_the_table() {
+    let work = tempfile::tempdir().unwrap();
+    let out = run(lottery()
+        .arg("demo")
+        .args([
+            "--agencies",
+            "3",
+            "--bets-per-agency",
+            "3000",
+            "--winner-share",
+            "0.01",
+        ])
+        .arg("--work-dir")
+        .arg(work.path()));
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("agency        bets  winners  winning documents"),
+        "{t}"
+    );
+    assert!(t.contains("3 agencies stored 9000 bets in"), "{t}");
+    assert!(t.contains("bets/s"), "{t}");
+    // The table agrees with the data and the bets file.
+    let expected = expected(&work.path().join("data"), 3, 7574);
+    for (agency, winners) in &expected.winners {
+        let row = format!("{agency:>6}  {:>10}  {:>7}", 3000, winners.len());
+        assert!(t.contains(&row), "missing {row:?} in\n{t}");
+    }
+    assert_eq!(stored(&work.path().join("bets.csv")), expected.rows);
+    assert!(!t.contains("result: fail"), "{t}");
+}
+
+#[test]
+fn gen_data_writes_the_requested_files() {
+    let work = tempfile::tempdir().unwrap();
+    let out = run(lottery()
+        .arg("gen-data")
+        .arg("--out")
+        .arg(work.path())
+        .args(["--agencies", "2", "--bets-per-agency", "50", "--crlf"]));
+    assert!(out.status.success(), "{}", text(&out));
+    for i in 1..=2 {
+        let body = std::fs::read_to_string(data_file(work.path(), i)).unwrap();
+        assert_eq!(body.matches("\r\n").count(), 50);
+    }
+    let out = run(lottery()
+        .arg("gen-data")
+        .arg("--out")
+        .arg(work.path())
+        .args(["--winner-share", "2"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("winner share 2 is not within 0..=1"),
+        "{}",
+        text(&out)
+    );
+}

@@ -1,0 +1,275 @@
+//! Helpers shared by the integration tests: running the real binary and
+//! waiting on its log lines, and an independent oracle for the expected
+//! stored rows and winners.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Generous limit for anything a test waits on; reached only by a bug.
+pub const PATIENCE: Duration = Duration::from_secs(120);
+
+/// A running `lottery` process whose stdout lines are collected.
+pub struct Proc {
+    pub pid: u32,
+    lines: mpsc::Receiver<String>,
+    pub log: Arc<Mutex<Vec<String>>>,
+    exit: mpsc::Receiver<ExitStatus>,
+    stderr: Arc<Mutex<String>>,
+}
+
+pub fn lottery() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lottery"));
+    // Never pick up a config.toml from the working tree.
+    cmd.env("LOTTERY_CONFIG", "/nonexistent/lottery-test-config.toml");
+    for var in [
+        "SERVER_PORT",
+        "SERVER_LISTEN_BACKLOG",
+        "SERVER_AGENCIES",
+        "SERVER_STORAGE",
+        "SERVER_WINNING_NUMBER",
+        "CLI_ID",
+        "CLI_SERVER_ADDRESS",
+        "CLI_DATA_FILE",
+        "CLI_BATCH_MAXAMOUNT",
+        "LOGGING_LEVEL",
+        "CLI_LOG_LEVEL",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command) -> Proc {
+        let mut child: Child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn lottery");
+        let pid = child.id();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                log2.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let err = Arc::new(Mutex::new(String::new()));
+        let err2 = err.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut e = err2.lock().unwrap();
+                e.push_str(&line);
+                e.push('\n');
+            }
+        });
+        let (etx, exit) = mpsc::channel();
+        std::thread::spawn(move || {
+            let status = child.wait().expect("wait for lottery");
+            let _ = etx.send(status);
+        });
+        Proc {
+            pid,
+            lines,
+            log,
+            exit,
+            stderr: err,
+        }
+    }
+
+    /// Waits for a stdout line containing `needle` and returns it.
+    pub fn wait_for(&self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "no line containing {needle:?}; output so far:\n{}\nstderr:\n{}",
+                    self.output(),
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), signal).expect("kill");
+    }
+
+    /// Waits for the process to exit, within `limit`.
+    pub fn wait_exit(&self, limit: Duration) -> ExitStatus {
+        match self.exit.recv_timeout(limit) {
+            Ok(status) => status,
+            Err(_) => {
+                self.signal(nix::sys::signal::Signal::SIGKILL);
+                panic!(
+                    "process did not exit within {limit:?}; output:\n{}\nstderr:\n{}",
+                    self.output(),
+                    self.stderr()
+                )
+            }
+        }
+    }
+
+    /// All stdout so far.
+    pub fn output(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// All stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Stdout lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Never leave a server behind when a test fails half-way.
+        if self.exit.try_recv().is_err() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// A `lottery server` on a free port, storing into `storage`.
+pub struct Server {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Server {
+    pub fn start(storage: &Path, agencies: u32, winning_number: u16) -> Server {
+        let mut cmd = lottery();
+        cmd.arg("server")
+            .env("SERVER_PORT", "0")
+            .env("SERVER_AGENCIES", agencies.to_string())
+            .env("SERVER_STORAGE", storage)
+            .env("SERVER_WINNING_NUMBER", winning_number.to_string());
+        let proc = Proc::spawn(cmd);
+        let line = proc.wait_for("action: listen | result: success");
+        let port = line
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        Server { proc, port }
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// Starts `lottery agency` number `id` against `address`.
+pub fn start_agency(id: u32, address: &str, data_file: &Path, winners_out: &Path) -> Proc {
+    let mut cmd = lottery();
+    cmd.arg("agency")
+        .env("CLI_ID", id.to_string())
+        .env("CLI_SERVER_ADDRESS", address)
+        .env("CLI_DATA_FILE", data_file)
+        .arg("--winners-out")
+        .arg(winners_out);
+    Proc::spawn(cmd)
+}
+
+/// One bet as stored: agency, first, last, document, birthdate, number.
+pub type Row = [String; 6];
+
+/// What the data files say should happen, computed independently of the
+/// project's own parsing.
+pub struct Expected {
+    /// Per agency, its rows in file order.
+    pub rows: BTreeMap<u32, Vec<Row>>,
+    /// Per agency, winner documents in file order.
+    pub winners: BTreeMap<u32, Vec<String>>,
+}
+
+pub fn data_file(dir: &Path, agency: u32) -> PathBuf {
+    dir.join(format!("agency-{agency}.csv"))
+}
+
+pub fn expected(dir: &Path, agencies: u32, winning_number: u16) -> Expected {
+    let mut rows = BTreeMap::new();
+    let mut winners = BTreeMap::new();
+    for agency in 1..=agencies {
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_path(data_file(dir, agency))
+            .unwrap();
+        let mut list = Vec::new();
+        let mut won = Vec::new();
+        for r in reader.records() {
+            let r = r.unwrap();
+            let number: u16 = r[4].parse().unwrap();
+            if number == winning_number {
+                won.push(r[2].to_string());
+            }
+            list.push([
+                agency.to_string(),
+                r[0].to_string(),
+                r[1].to_string(),
+                r[2].to_string(),
+                r[3].to_string(),
+                number.to_string(),
+            ]);
+        }
+        rows.insert(agency, list);
+        winners.insert(agency, won);
+    }
+    Expected { rows, winners }
+}
+
+/// The bets file, read with a standard CSV reader, grouped by agency in
+/// file order.
+pub fn stored(path: &Path) -> BTreeMap<u32, Vec<Row>> {
+    let mut out: BTreeMap<u32, Vec<Row>> = BTreeMap::new();
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_path(path)
+        .unwrap();
+    for r in reader.records() {
+        let r = r.unwrap();
+        assert_eq!(r.len(), 6, "stored row {r:?}");
+        let row: Row = std::array::from_fn(|i| r[i].to_string());
+        out.entry(row[0].parse().unwrap()).or_default().push(row);
+    }
+    out
+}
+
+pub fn read_winners(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Where the real agency files are, if this checkout has them beside it.
+pub fn real_data() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    (1..=5).all(|i| data_file(&dir, i).is_file()).then_some(dir)
+}

@@ -1,0 +1,147 @@
+//! The real binary, end to end: a server and N agency processes over
+//! loopback, checking each agency's winners, the exact stored rows, the log
+//! lines, and a clean shutdown.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use lottery::gen_data::{generate, GenOptions};
+use nix::sys::signal::Signal;
+
+/// Runs a whole lottery over the files in `data` and checks everything a
+/// user depends on. Returns the winners count per agency.
+fn run_lottery(data: &Path, agencies: u32, winning_number: u16) -> Vec<usize> {
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("bets.csv");
+    let server = Server::start(&storage, agencies, winning_number);
+    assert!(server.proc.output().contains(&format!(
+        "action: config | result: success | port: 0 | listen_backlog: 5 | logging_level: INFO | agencies: {agencies}"
+    )));
+
+    let running: Vec<_> = (1..=agencies)
+        .map(|id| {
+            let out = work.path().join(format!("winners-{id}.txt"));
+            (
+                id,
+                out.clone(),
+                start_agency(id, &server.address(), &data_file(data, id), &out),
+            )
+        })
+        .collect();
+    let expected = expected(data, agencies, winning_number);
+
+    let mut counts = Vec::new();
+    for (id, out, agency) in &running {
+        let status = agency.wait_exit(PATIENCE);
+        assert!(
+            status.success(),
+            "agency {id} failed: {status}\n{}\n{}",
+            agency.output(),
+            agency.stderr()
+        );
+        let want = &expected.winners[id];
+        assert_eq!(&read_winners(out), want, "agency {id} winners");
+        let log = agency.output();
+        assert!(
+            log.contains(&format!(
+                "action: consulta_ganadores | result: success | cant_ganadores: {}",
+                want.len()
+            )),
+            "{log}"
+        );
+        assert!(log.contains(&format!(
+            "action: config | result: success | client_id: {id} |"
+        )));
+        assert!(
+            !log.contains("result: fail"),
+            "agency {id} logged a failure:\n{log}"
+        );
+        counts.push(want.len());
+    }
+
+    // Exactly the input rows, each agency's in its file order.
+    assert_eq!(
+        stored(&storage),
+        expected.rows,
+        "stored rows differ from the input"
+    );
+
+    server.proc.signal(Signal::SIGTERM);
+    let status = server.proc.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "server exit: {status}");
+    let log = server.proc.output();
+    assert_eq!(
+        log.matches("action: sorteo | result: success").count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        !log.contains("result: fail"),
+        "server logged a failure:\n{log}"
+    );
+    assert!(log.contains("action: close_bets_file | result: success"));
+    assert!(
+        log.trim_end()
+            .ends_with("action: shutdown | result: success"),
+        "{log}"
+    );
+    counts
+}
+
+fn generated(agencies: u32, bets_per_agency: u64, crlf: bool) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    generate(
+        dir.path(),
+        &GenOptions {
+            agencies,
+            bets_per_agency,
+            seed: 42 + u64::from(agencies),
+            winning_number: 7574,
+            winner_share: 0.01,
+            tricky_share: 0.02,
+            crlf,
+        },
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn one_agency() {
+    let data = generated(1, 3_000, false);
+    let counts = run_lottery(data.path(), 1, 7574);
+    assert!(counts[0] > 0);
+}
+
+#[test]
+fn three_agencies_crlf() {
+    let data = generated(3, 2_000, true);
+    run_lottery(data.path(), 3, 7574);
+}
+
+#[test]
+fn five_agencies() {
+    let data = generated(5, 2_000, false);
+    run_lottery(data.path(), 5, 7574);
+}
+
+#[test]
+fn twenty_agencies() {
+    let data = generated(20, 500, false);
+    run_lottery(data.path(), 20, 7574);
+}
+
+#[test]
+fn real_dataset_when_present() {
+    let Some(dir) = real_data() else {
+        eprintln!("../shared/data is not here; skipping the real dataset");
+        return;
+    };
+    let counts = run_lottery(&dir, 5, 7574);
+    assert_eq!(counts, [2, 3, 3, 2, 0]);
+    let total: usize = expected(&dir, 5, 7574).rows.values().map(Vec::len).sum();
+    assert_eq!(total, 78_697);
+}

@@ -1,0 +1,174 @@
+//! SIGTERM in the middle of work: both programs close every resource, log
+//! each, and exit 0, and nothing acknowledged is lost.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+
+const BET: &str = r"NOMBRE:Ana\|APELLIDO:Perez\|DOCUMENTO:30904465\|NACIMIENTO:1999-03-17\|NUMERO:7574\|AGENCY_ID:1";
+
+fn send(stream: &mut TcpStream, payload: &str) {
+    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(payload.as_bytes());
+    stream.write_all(&frame).unwrap();
+}
+
+fn recv(stream: &mut TcpStream) -> Option<String> {
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).ok()?;
+    let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
+    stream.read_exact(&mut payload).ok()?;
+    Some(String::from_utf8(payload).unwrap())
+}
+
+fn index_of(lines: &[String], needle: &str) -> usize {
+    lines
+        .iter()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no {needle:?} in:\n{}", lines.join("\n")))
+}
+
+#[test]
+fn server_sigterm_mid_upload_keeps_acknowledged_bets_and_exits_0() {
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("bets.csv");
+    let server = Server::start(&storage, 2, 7574);
+
+    // Agency 1 is mid-upload: one batch acknowledged, connection open.
+    let mut uploading = TcpStream::connect(server.address()).unwrap();
+    uploading.set_read_timeout(Some(PATIENCE)).unwrap();
+    send(&mut uploading, &format!("BATCH_SIZE:1|BET_1:{BET}\n"));
+    assert_eq!(
+        recv(&mut uploading).unwrap(),
+        "STATUS:SUCCESS|MESSAGE:stored 1 bets\n"
+    );
+    // Agency 2 finished and waits for a draw that will not come.
+    let mut waiting = TcpStream::connect(server.address()).unwrap();
+    waiting.set_read_timeout(Some(PATIENCE)).unwrap();
+    send(&mut waiting, "ACTION:BETTING_FINISHED|AGENCY_ID:2\n");
+    server
+        .proc
+        .wait_for("action: agencia_finalizada | result: success | agency: 2");
+
+    server.proc.signal(Signal::SIGTERM);
+    let status = server.proc.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+
+    // Both connections were closed, without winners for the waiting one.
+    assert_eq!(recv(&mut uploading), None);
+    assert_eq!(recv(&mut waiting), None);
+
+    let lines = server.proc.lines();
+    let signal = index_of(&lines, "action: signal | result: success | signal: SIGTERM");
+    let listener = index_of(&lines, "action: close_listener | result: success");
+    let conn1 = index_of(
+        &lines,
+        "action: close_connection | result: success | peer: 127.0.0.1:",
+    );
+    let file = index_of(&lines, "action: close_bets_file | result: success");
+    let done = index_of(&lines, "action: shutdown | result: success");
+    assert!(signal < listener && listener < conn1 && conn1 < file && file < done);
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("action: close_connection"))
+            .count(),
+        2
+    );
+    assert_eq!(done, lines.len() - 1);
+    assert!(!server.proc.output().contains("action: sorteo"));
+
+    assert_eq!(
+        std::fs::read_to_string(&storage).unwrap(),
+        "1,Ana,Perez,30904465,1999-03-17,7574\n"
+    );
+}
+
+#[test]
+fn server_sigint_when_idle_exits_0() {
+    let work = tempfile::tempdir().unwrap();
+    let server = Server::start(&work.path().join("bets.csv"), 5, 7574);
+    server.proc.signal(Signal::SIGINT);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+    let out = server.proc.output();
+    assert!(out.contains("action: signal | result: success | signal: SIGINT"));
+    assert!(out
+        .trim_end()
+        .ends_with("action: shutdown | result: success"));
+}
+
+#[test]
+fn agency_sigterm_mid_upload_exits_0() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("agency-1.csv");
+    let mut text = String::new();
+    for i in 0..1_000 {
+        text.push_str(&format!(
+            "Ana,Pérez,{},1999-03-17,{}\n",
+            10_000_000 + i,
+            i % 10_000
+        ));
+    }
+    std::fs::write(&data, text).unwrap();
+
+    // A stand-in central that acknowledges the first batch and then goes
+    // quiet, holding the agency mid-upload.
+    let central = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = central.local_addr().unwrap().to_string();
+    let agency = start_agency(1, &address, &data, &work.path().join("winners.txt"));
+    let (mut conn, _) = central.accept().unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    let first = recv(&mut conn).unwrap();
+    assert!(
+        first.starts_with("BATCH_SIZE:70|BET_1:NOMBRE:Ana\\|APELLIDO:Pérez\\|"),
+        "{first}"
+    );
+    send(&mut conn, "STATUS:SUCCESS|MESSAGE:stored 70 bets\n");
+    let second = recv(&mut conn).unwrap();
+    assert!(second.starts_with("BATCH_SIZE:70|"));
+
+    agency.signal(Signal::SIGTERM);
+    let status = agency.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(recv(&mut conn), None, "the agency closed its socket");
+    let lines = agency.lines();
+    let signal = index_of(&lines, "action: signal | result: success | signal: SIGTERM");
+    let socket = index_of(&lines, "action: close_connection | result: success");
+    let file = index_of(&lines, "action: close_data_file | result: success");
+    let done = index_of(&lines, "action: shutdown | result: success");
+    assert!(signal < socket && socket < file && file < done);
+    assert!(!agency.output().contains("consulta_ganadores"));
+}
+
+#[test]
+fn agency_waits_in_progress_for_a_late_server() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("agency-1.csv");
+    std::fs::write(&data, "Ana,Pérez,30904465,1999-03-17,7574\n").unwrap();
+    // Reserve a free port, then free it so nothing listens there yet.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let winners = work.path().join("winners.txt");
+    let agency = start_agency(1, &format!("127.0.0.1:{port}"), &data, &winners);
+    agency.wait_for("action: connect | result: in_progress");
+
+    let mut cmd = lottery();
+    cmd.arg("server")
+        .args(["--port", &port.to_string(), "--agencies", "1"])
+        .arg("--storage")
+        .arg(work.path().join("bets.csv"));
+    let server = Proc::spawn(cmd);
+    assert!(agency.wait_exit(PATIENCE).success(), "{}", agency.output());
+    assert_eq!(read_winners(&winners), ["30904465"]);
+    assert!(!agency.output().contains("result: fail"));
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+}

@@ -1,0 +1,307 @@
+//! The central spoken to in raw bytes, as the design's reference agency
+//! speaks: the exact frames the contract fixes, and what comes back.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use lottery::config::ServerConfig;
+use lottery::server;
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+struct TestServer {
+    addr: SocketAddr,
+    storage: PathBuf,
+    token: CancellationToken,
+    task: JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    async fn start(agencies: u32) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = dir.path().join("bets.csv");
+        let config = ServerConfig {
+            port: 0,
+            listen_backlog: 16,
+            agencies,
+            storage: storage.clone(),
+            winning_number: 7574,
+        };
+        let listener = server::bind_addr("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = CancellationToken::new();
+        let task = tokio::spawn({
+            let token = token.clone();
+            async move { server::run(listener, &config, token).await.unwrap() }
+        });
+        TestServer {
+            addr,
+            storage,
+            token,
+            task,
+            _dir: dir,
+        }
+    }
+
+    async fn connect(&self) -> TcpStream {
+        TcpStream::connect(self.addr).await.unwrap()
+    }
+
+    async fn stop(self) -> String {
+        self.token.cancel();
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .unwrap()
+            .unwrap();
+        std::fs::read_to_string(&self.storage).unwrap_or_default()
+    }
+}
+
+/// Writes one frame the way the reference agency builds it: header, payload.
+async fn send(stream: &mut TcpStream, payload: &[u8]) {
+    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(payload);
+    stream.write_all(&frame).await.unwrap();
+}
+
+async fn recv(stream: &mut TcpStream) -> String {
+    tokio::time::timeout(PATIENCE, async {
+        let mut header = [0u8; 4];
+        stream.read_exact(&mut header).await.unwrap();
+        let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
+        stream.read_exact(&mut payload).await.unwrap();
+        String::from_utf8(payload).unwrap()
+    })
+    .await
+    .expect("a reply")
+}
+
+const ANA: &str = r"NOMBRE:Ana\|APELLIDO:Perez\|DOCUMENTO:30904465\|NACIMIENTO:1999-03-17\|NUMERO:7574\|AGENCY_ID:3";
+/// A name holding the protocol's own `|`, `:` and `\`, and a comma.
+const TRICKY: &str = r"NOMBRE:Jo\\\|sé:\\\\x\|APELLIDO:Núñez, h\|DOCUMENTO:12\|NACIMIENTO:2000-02-29\|NUMERO:1\|AGENCY_ID:3";
+
+#[tokio::test]
+async fn reference_agency_bytes() {
+    let server = TestServer::start(3).await;
+    let mut agency = server.connect().await;
+
+    send(
+        &mut agency,
+        format!("BATCH_SIZE:2|BET_1:{ANA}|BET_2:{TRICKY}\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut agency).await,
+        "STATUS:SUCCESS|MESSAGE:stored 2 bets\n"
+    );
+
+    // The reference agency's spelling of "finished".
+    send(&mut agency, b"ACTION:FINISH_BETTING|AGENCY_ID:3\n").await;
+    // Agencies 1 and 2 finish (the design's spelling) with no bets.
+    // Nobody hears anything until all three have finished.
+    let mut others = Vec::new();
+    for id in [1, 2] {
+        let mut other = server.connect().await;
+        send(
+            &mut other,
+            format!("ACTION:BETTING_FINISHED|AGENCY_ID:{id}\n").as_bytes(),
+        )
+        .await;
+        others.push(other);
+    }
+    for other in &mut others {
+        assert_eq!(recv(other).await, "STATUS:SUCCESS|WINNERS:\n");
+    }
+    assert_eq!(recv(&mut agency).await, "STATUS:SUCCESS|WINNERS:30904465\n");
+
+    let stored = server.stop().await;
+    assert_eq!(
+        stored,
+        "3,Ana,Perez,30904465,1999-03-17,7574\n3,Jo|sé:\\x,\"Núñez, h\",12,2000-02-29,1\n"
+    );
+}
+
+#[tokio::test]
+async fn rejected_batch_stores_nothing_and_says_which_bet() {
+    let server = TestServer::start(3).await;
+    let mut agency = server.connect().await;
+    let bad = ANA.replace("1999-03-17", "2023-02-30");
+    send(
+        &mut agency,
+        format!("BATCH_SIZE:2|BET_1:{ANA}|BET_2:{bad}\n").as_bytes(),
+    )
+    .await;
+    let reply = recv(&mut agency).await;
+    assert!(
+        reply.starts_with("STATUS:ERROR|CODE:INVALID_BET|MESSAGE:BET_2: NACIMIENTO \"2023-02-30\""),
+        "{reply}"
+    );
+    // The connection still works.
+    send(
+        &mut agency,
+        format!("BATCH_SIZE:1|BET_1:{ANA}\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut agency).await,
+        "STATUS:SUCCESS|MESSAGE:stored 1 bets\n"
+    );
+    assert_eq!(
+        server.stop().await,
+        "3,Ana,Perez,30904465,1999-03-17,7574\n"
+    );
+}
+
+#[tokio::test]
+async fn agency_id_is_fixed_per_connection_and_exclusive() {
+    let server = TestServer::start(3).await;
+    let mut first = server.connect().await;
+    send(&mut first, format!("BATCH_SIZE:1|BET_1:{ANA}\n").as_bytes()).await;
+    assert!(recv(&mut first).await.starts_with("STATUS:SUCCESS"));
+
+    let other = ANA.replace("AGENCY_ID:3", "AGENCY_ID:2");
+    send(
+        &mut first,
+        format!("BATCH_SIZE:1|BET_1:{other}\n").as_bytes(),
+    )
+    .await;
+    let reply = recv(&mut first).await;
+    assert!(
+        reply.starts_with("STATUS:ERROR|CODE:WRONG_AGENCY|"),
+        "{reply}"
+    );
+
+    let mut second = server.connect().await;
+    send(
+        &mut second,
+        format!("BATCH_SIZE:1|BET_1:{ANA}\n").as_bytes(),
+    )
+    .await;
+    let reply = recv(&mut second).await;
+    assert!(
+        reply.starts_with("STATUS:ERROR|CODE:AGENCY_BUSY|"),
+        "{reply}"
+    );
+
+    let unknown = ANA.replace("AGENCY_ID:3", "AGENCY_ID:9");
+    send(
+        &mut second,
+        format!("BATCH_SIZE:1|BET_1:{unknown}\n").as_bytes(),
+    )
+    .await;
+    let reply = recv(&mut second).await;
+    assert!(
+        reply.starts_with("STATUS:ERROR|CODE:WRONG_AGENCY|"),
+        "{reply}"
+    );
+
+    assert_eq!(
+        server.stop().await,
+        "3,Ana,Perez,30904465,1999-03-17,7574\n"
+    );
+}
+
+#[tokio::test]
+async fn frames_split_byte_by_byte_and_many_in_one_write() {
+    let server = TestServer::start(1).await;
+    let mut agency = server.connect().await;
+    let one = ANA.replace("AGENCY_ID:3", "AGENCY_ID:1");
+    let payload = format!("BATCH_SIZE:1|BET_1:{one}\n");
+    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(payload.as_bytes());
+    for b in &frame {
+        agency.write_all(&[*b]).await.unwrap();
+        agency.flush().await.unwrap();
+    }
+    assert!(recv(&mut agency).await.starts_with("STATUS:SUCCESS"));
+
+    // Three batches in one write: three acknowledgements, in order.
+    let burst: Vec<u8> = frame.iter().chain(&frame).chain(&frame).copied().collect();
+    agency.write_all(&burst).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            recv(&mut agency).await,
+            "STATUS:SUCCESS|MESSAGE:stored 1 bets\n"
+        );
+    }
+    send(&mut agency, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    assert_eq!(
+        recv(&mut agency).await,
+        "STATUS:SUCCESS|WINNERS:30904465,30904465,30904465,30904465\n"
+    );
+    // After the draw, bets are closed.
+    send(&mut agency, payload.as_bytes()).await;
+    assert!(recv(&mut agency)
+        .await
+        .starts_with("STATUS:ERROR|CODE:AGENCY_FINISHED|"));
+    assert_eq!(server.stop().await.lines().count(), 4);
+}
+
+#[tokio::test]
+async fn oversize_header_is_refused_before_the_payload() {
+    let server = TestServer::start(1).await;
+    let mut agency = server.connect().await;
+    agency.write_all(&8189u32.to_be_bytes()).await.unwrap();
+    let reply = recv(&mut agency).await;
+    assert!(
+        reply.starts_with("STATUS:ERROR|CODE:FRAME_TOO_LARGE|"),
+        "{reply}"
+    );
+    // Then the central hangs up.
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(PATIENCE, agency.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 0);
+    assert_eq!(server.stop().await, "");
+}
+
+#[tokio::test]
+async fn long_winner_lists_continue_over_frames() {
+    let server = TestServer::start(1).await;
+    let mut agency = server.connect().await;
+    // 1,500 winners of 8 digits do not fit in one 8 KiB frame.
+    let mut sent = Vec::new();
+    for chunk in 0..25 {
+        let mut payload = String::from("BATCH_SIZE:60");
+        for i in 1..=60 {
+            let doc = 10_000_000 + chunk * 60 + i;
+            sent.push(doc.to_string());
+            payload.push_str(&format!(
+                "|BET_{i}:NOMBRE:A\\|APELLIDO:B\\|DOCUMENTO:{doc}\\|NACIMIENTO:1999-03-17\\|NUMERO:7574\\|AGENCY_ID:1"
+            ));
+        }
+        payload.push('\n');
+        send(&mut agency, payload.as_bytes()).await;
+        assert!(recv(&mut agency).await.starts_with("STATUS:SUCCESS"));
+    }
+    send(&mut agency, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    let mut got = Vec::new();
+    let mut frames = 0;
+    loop {
+        let reply = recv(&mut agency).await;
+        frames += 1;
+        let list = reply
+            .strip_prefix("STATUS:SUCCESS|WINNERS:")
+            .unwrap_or_else(|| panic!("{reply}"));
+        let (list, more) = match list.strip_suffix("|MORE:1\n") {
+            Some(l) => (l, true),
+            None => (list.strip_suffix('\n').unwrap(), false),
+        };
+        got.extend(list.split(',').map(str::to_string));
+        if !more {
+            break;
+        }
+    }
+    assert!(frames > 1);
+    assert_eq!(got, sent);
+    server.stop().await;
+}
