@@ -1,1 +1,97 @@
-fn main() {}
+//! Codec throughput: encoding and decoding realistic full batches.
+//!
+//! `cargo bench --bench codec`; criterion reports bytes/s (MB/s) and, in the
+//! `bets` group, bets/s.
+
+use bytes::BytesMut;
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use tokio_util::codec::{Decoder, Encoder};
+
+use lottery::codec::{AgencyCodec, ServerCodec};
+use lottery::model::Bet;
+use lottery::protocol::{encoded_bet_len, BatchSizer, Request};
+
+/// Batches as an agency cuts them: up to 70 bets, each frame under 8 KiB.
+fn realistic_batches(total: usize) -> Vec<Request> {
+    let first = [
+        "Santiago Lionel",
+        "Agustín",
+        "María José",
+        "Tomás",
+        "Lucía",
+        "Iñaki",
+    ];
+    let last = ["Lorca", "Núñez", "Fernández", "Peña", "Ibáñez", "Zúñiga"];
+    let mut batches = Vec::new();
+    let mut current = Vec::new();
+    let mut sizer = BatchSizer::default();
+    for i in 0..total {
+        let bet = Bet::from_fields(
+            "3",
+            first[i % first.len()],
+            last[(i / 7) % last.len()],
+            &(20_000_000 + i * 37).to_string(),
+            &format!("19{:02}-{:02}-{:02}", 40 + i % 60, 1 + i % 12, 1 + i % 28),
+            &((i * 7919) % 10_000).to_string(),
+        )
+        .unwrap();
+        let len = encoded_bet_len(&bet);
+        if sizer.count() == 70 || !sizer.fits(len) {
+            batches.push(Request::Batch(std::mem::take(&mut current)));
+            sizer.reset();
+        }
+        sizer.add(len);
+        current.push(bet);
+    }
+    if !current.is_empty() {
+        batches.push(Request::Batch(current));
+    }
+    batches
+}
+
+fn encode_all(batches: &[Request]) -> BytesMut {
+    let mut codec = AgencyCodec::new();
+    let mut wire = BytesMut::new();
+    for b in batches {
+        codec.encode(b, &mut wire).unwrap();
+    }
+    wire
+}
+
+fn bench(c: &mut Criterion) {
+    const BETS: usize = 7_000;
+    let batches = realistic_batches(BETS);
+    let wire = encode_all(&batches);
+
+    let mut g = c.benchmark_group("codec_bytes");
+    g.throughput(Throughput::Bytes(wire.len() as u64));
+    g.bench_function("decode", |b| {
+        b.iter(|| {
+            let mut codec = ServerCodec::new();
+            let mut buf = wire.clone();
+            let mut n = 0;
+            while let Some(item) = codec.decode(&mut buf).unwrap() {
+                n += usize::from(item.is_ok());
+            }
+            black_box(n)
+        })
+    });
+    g.bench_function("encode", |b| b.iter(|| black_box(encode_all(&batches))));
+    g.finish();
+
+    let mut g = c.benchmark_group("codec_bets");
+    g.throughput(Throughput::Elements(BETS as u64));
+    g.bench_function("decode", |b| {
+        b.iter(|| {
+            let mut codec = ServerCodec::new();
+            let mut buf = wire.clone();
+            while let Some(item) = codec.decode(&mut buf).unwrap() {
+                black_box(item.unwrap());
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

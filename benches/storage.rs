@@ -1,1 +1,89 @@
-fn main() {}
+//! The bets file: encoding rows, appending batches through the writer task,
+//! and the draw's streaming scan.
+//!
+//! `cargo bench --bench storage`.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+
+use lottery::model::Bet;
+use lottery::storage::{encode_rows, scan, BetStore};
+
+fn bets(n: usize) -> Vec<Bet> {
+    (0..n)
+        .map(|i| {
+            Bet::from_fields(
+                &(1 + i % 5).to_string(),
+                ["Santiago Lionel", "Agustín", "María José", "Iñaki"][i % 4],
+                ["Lorca", "Núñez", "Fernández", "Peña"][i % 4],
+                &(20_000_000 + i * 37).to_string(),
+                "1999-03-17",
+                &((i * 7919) % 10_000).to_string(),
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let batch = bets(70);
+    let mut g = c.benchmark_group("storage");
+    g.throughput(Throughput::Elements(70));
+    g.bench_function("encode_rows_70", |b| {
+        b.iter(|| {
+            let mut rows = Vec::with_capacity(70 * 64);
+            encode_rows(&batch, &mut rows);
+            black_box(rows)
+        })
+    });
+
+    // Appending through the writer task, 100 batches of 70 in flight at once.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rows = Vec::new();
+    encode_rows(&batch, &mut rows);
+    g.throughput(Throughput::Elements(70 * 100));
+    g.bench_function("append_100x70", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let (store, writer) = BetStore::open(&dir.path().join("bets.csv")).unwrap();
+                let mut tasks = Vec::new();
+                for _ in 0..100 {
+                    let (store, rows) = (store.clone(), rows.clone());
+                    tasks.push(tokio::spawn(
+                        async move { store.append(rows).await.unwrap() },
+                    ));
+                }
+                for t in tasks {
+                    t.await.unwrap();
+                }
+                drop(store);
+                writer.await.unwrap();
+            })
+        })
+    });
+
+    // The draw's scan over 1,000,000 stored bets.
+    const STORED: usize = 1_000_000;
+    let path = dir.path().join("scan.csv");
+    let all = bets(10_000);
+    let mut body = Vec::new();
+    encode_rows(&all, &mut body);
+    let mut file = Vec::with_capacity(body.len() * (STORED / all.len()));
+    for _ in 0..STORED / all.len() {
+        file.extend_from_slice(&body);
+    }
+    std::fs::write(&path, &file).unwrap();
+    g.throughput(Throughput::Elements(STORED as u64));
+    g.sample_size(10);
+    g.bench_function("draw_scan_1m", |b| {
+        b.iter(|| {
+            let mut winners = 0u64;
+            let n = scan(&path, |bet| winners += u64::from(bet.number == 7574)).unwrap();
+            black_box((n, winners))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -188,16 +188,39 @@ fn check_birthdate(v: &str) -> Result<(), BetError> {
             "not a date of the form YYYY-MM-DD",
         ));
     }
-    let date = NaiveDate::parse_from_str(v, "%Y-%m-%d")
-        .map_err(|_| invalid(BetField::Birthdate, v, "not a real calendar date"))?;
-    let today = chrono::Local::now().date_naive();
-    if date > today {
+    let digits =
+        |r: std::ops::Range<usize>| b[r].iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
+    let date = NaiveDate::from_ymd_opt(digits(0..4) as i32, digits(5..7), digits(8..10))
+        .ok_or_else(|| invalid(BetField::Birthdate, v, "not a real calendar date"))?;
+    if date > today() {
         return Err(invalid(BetField::Birthdate, v, "in the future"));
     }
     if date.year() < 1900 {
         return Err(invalid(BetField::Birthdate, v, "before 1900"));
     }
     Ok(())
+}
+
+/// Today's local date, looked up at most once a minute per thread: asking
+/// the time zone for every bet would dominate batch validation.
+fn today() -> NaiveDate {
+    use std::cell::Cell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHE: Cell<(u64, NaiveDate)> = const { Cell::new((0, NaiveDate::MIN)) };
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHE.with(|cache| {
+        let (expires, date) = cache.get();
+        if now < expires {
+            return date;
+        }
+        let date = chrono::Local::now().date_naive();
+        cache.set((now + 60, date));
+        date
+    })
 }
 
 fn parse_number(v: &str) -> Result<u16, BetError> {
