@@ -13,6 +13,18 @@
 //! - [`agency`]: an agency (streams its file, waits for its winners).
 //! - [`config`], [`logging`], [`shutdown`]: operating concerns.
 //! - [`gen_data`], [`demo`]: synthetic data and the one-machine demo.
+//!
+//! A message on the wire, as an agency frames its announcement that it has
+//! finished:
+//!
+//! ```
+//! use lottery::codec::frame;
+//! use lottery::protocol::Request;
+//!
+//! let bytes = frame(&Request::Finished { agency: 3 }).unwrap();
+//! assert_eq!(&bytes[..4], &[0, 0, 0, 0x24]); // payload length, big-endian
+//! assert_eq!(&bytes[4..], b"ACTION:BETTING_FINISHED|AGENCY_ID:3\n");
+//! ```
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

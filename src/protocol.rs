@@ -225,6 +225,16 @@ fn needs_escape(c: u8) -> bool {
 }
 
 /// Appends `value` to `dst` with `\`, `|` and `\n` escaped.
+///
+/// ```
+/// use bytes::BytesMut;
+/// use lottery::protocol::{escape_into, unescape};
+///
+/// let mut dst = BytesMut::new();
+/// escape_into(&mut dst, r"Ana|María\x");
+/// assert_eq!(&dst[..], r"Ana\|María\\x".as_bytes());
+/// assert_eq!(unescape(r"Ana\|María\\x", "name").unwrap(), r"Ana|María\x");
+/// ```
 pub fn escape_into(dst: &mut BytesMut, value: &str) {
     let bytes = value.as_bytes();
     let mut start = 0;
