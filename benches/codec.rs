@@ -25,6 +25,7 @@ fn realistic_batches(total: usize) -> Vec<Request> {
     let mut batches = Vec::new();
     let mut current = Vec::new();
     let mut sizer = BatchSizer::default();
+    sizer.reset(Some(0));
     for i in 0..total {
         let bet = Bet::from_fields(
             "3",
@@ -37,14 +38,21 @@ fn realistic_batches(total: usize) -> Vec<Request> {
         .unwrap();
         let len = encoded_bet_len(&bet);
         if sizer.count() == 70 || !sizer.fits(len) {
-            batches.push(Request::Batch(std::mem::take(&mut current)));
-            sizer.reset();
+            let bets = std::mem::take(&mut current);
+            batches.push(Request::Batch {
+                first: Some((i - bets.len()) as u64),
+                bets,
+            });
+            sizer.reset(Some(i as u64));
         }
         sizer.add(len);
         current.push(bet);
     }
     if !current.is_empty() {
-        batches.push(Request::Batch(current));
+        batches.push(Request::Batch {
+            first: Some((total - current.len()) as u64),
+            bets: current,
+        });
     }
     batches
 }

@@ -5,6 +5,13 @@
 //! file); the async side sends each batch, waits for its acknowledgement,
 //! then sends the next. Batches hold at most `batch_max_amount` bets and are
 //! cut early so each fits in one frame.
+//!
+//! The upload survives the central: each connection opens with `HELLO`, the
+//! central answers how many of this agency's bets it holds, and the agency
+//! continues from the next bet of its file. Every batch says where it starts
+//! (`FIRST`), so a batch resent after a lost acknowledgement is not stored
+//! twice. When the connection breaks the agency reconnects with backoff, and
+//! gives up only after `reconnect_timeout` seconds without progress.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -24,20 +31,24 @@ use crate::logging::{action, result};
 use crate::model::{AgencyId, Bet};
 use crate::protocol::{encoded_bet_len, BatchSizer, ErrorCode, MessageError, Reply, Request};
 
-/// How long the agency keeps retrying while the central is not reachable.
-pub const CONNECT_PATIENCE: Duration = Duration::from_secs(60);
 /// Batches read ahead of the one being sent.
 const READ_AHEAD: usize = 4;
+/// First wait before reconnecting; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest wait between two connection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// What a completed agency run learned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgencyReport {
     /// The agency.
     pub agency: AgencyId,
-    /// Bets sent and acknowledged.
+    /// Bets the central holds for this agency at the end (all of its file).
     pub bets: u64,
-    /// Batches sent.
+    /// Batches sent by this run.
     pub batches: u64,
+    /// Connections this run needed beyond the first.
+    pub reconnects: u64,
     /// This agency's winner documents, as the central sent them.
     pub winners: Vec<String>,
 }
@@ -63,13 +74,21 @@ pub enum AgencyError {
         /// What is wrong.
         reason: String,
     },
-    /// The central never became reachable.
-    #[error("could not connect to {address} within {}s: {source}", CONNECT_PATIENCE.as_secs())]
+    /// The central cannot be reached (retried).
+    #[error("cannot connect to {address}: {source}")]
     Connect {
         /// The configured address.
         address: String,
         /// The last error.
         source: std::io::Error,
+    },
+    /// No progress for the configured time: the last retryable error.
+    #[error("gave up after {}s without progress; last error: {last}", .after.as_secs())]
+    GaveUp {
+        /// How long it tried.
+        after: Duration,
+        /// The last error seen.
+        last: String,
     },
     /// The central refused a batch.
     #[error("the central rejected the batch starting at {path} line {line}: {code}: {message}")]
@@ -83,9 +102,9 @@ pub enum AgencyError {
         /// The central's reason.
         message: String,
     },
-    /// The central refused the announcement that betting finished.
-    #[error("the central refused the end of betting: {code}: {message}")]
-    FinishRefused {
+    /// The central refused to open a session or take the announcement.
+    #[error("the central refused: {code}: {message}")]
+    Refused {
         /// The central's code.
         code: ErrorCode,
         /// The central's reason.
@@ -102,12 +121,39 @@ pub enum AgencyError {
     Frame(#[from] FrameError),
 }
 
+impl AgencyError {
+    /// Whether a new connection may fix it: the central was down or went
+    /// away, the agency is still held by a connection the central has not
+    /// seen close yet, or storage failed for a moment.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            AgencyError::Connect { .. } | AgencyError::Closed(_) => true,
+            AgencyError::Frame(FrameError::Io(_) | FrameError::Truncated(_)) => true,
+            AgencyError::Rejected { code, .. } | AgencyError::Refused { code, .. } => matches!(
+                code,
+                ErrorCode::StorageFailed | ErrorCode::OutOfOrder | ErrorCode::AgencyBusy
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// A batch read from the data file.
 #[derive(Debug)]
 struct Batch {
     bets: Vec<Bet>,
+    /// Position of the first bet among the file's bets (0-based).
+    first: u64,
     /// Line of the first bet in the data file.
     first_line: u64,
+}
+
+/// How a session ended without an error.
+enum SessionEnd {
+    /// The winners arrived.
+    Done,
+    /// Shutdown was requested.
+    Cancelled,
 }
 
 /// Runs one agency to completion. Returns `Ok(None)` when `shutdown` fired
@@ -115,74 +161,166 @@ struct Batch {
 /// winners.
 ///
 /// # Errors
-/// See [`AgencyError`]: bad data, an unreachable or refusing central.
+/// See [`AgencyError`]: bad data, a refusing central, or no progress for
+/// `reconnect_timeout` seconds.
 pub async fn run(
     config: &AgencyConfig,
     shutdown: CancellationToken,
 ) -> Result<Option<AgencyReport>, AgencyError> {
     let path = config.data_path();
-    let file = File::open(&path).map_err(|source| AgencyError::OpenData {
+    // Fail at once on a missing file, before bothering the central.
+    File::open(&path).map_err(|source| AgencyError::OpenData {
         path: path.clone(),
         source,
     })?;
-    let (tx, mut batches) = mpsc::channel(READ_AHEAD);
-    let reader = {
-        let (id, max, path) = (config.id, config.batch_max_amount, path.clone());
-        tokio::task::spawn_blocking(move || read_batches(file, &path, id, max, &tx))
-    };
-
-    let outcome = upload(config, &path, &mut batches, &shutdown).await;
-    // Closing the receiver stops the reader at its next batch.
-    drop(batches);
-    let _ = reader.await;
-    if outcome.as_ref().is_ok_and(Option::is_none) {
-        info!(action = action::CLOSE_DATA_FILE, result = result::SUCCESS, path = %path.display());
-    }
-    outcome
-}
-
-async fn upload(
-    config: &AgencyConfig,
-    path: &Path,
-    batches: &mut mpsc::Receiver<Result<Batch, AgencyError>>,
-    shutdown: &CancellationToken,
-) -> Result<Option<AgencyReport>, AgencyError> {
-    let Some(stream) = connect(&config.server_address, shutdown).await? else {
-        return Ok(None);
-    };
-    let mut framed = Framed::new(stream, AgencyCodec::new());
     let mut report = AgencyReport {
         agency: config.id,
         bets: 0,
         batches: 0,
+        reconnects: 0,
         winners: Vec::new(),
     };
+    let mut backoff = FIRST_BACKOFF;
+    let mut last_progress = Instant::now();
+    let mut sessions = 0u64;
+    loop {
+        let mut progressed = false;
+        let outcome = session(config, &path, &shutdown, &mut report, &mut progressed).await;
+        sessions += 1;
+        match outcome {
+            Ok(SessionEnd::Done) => {
+                report.reconnects = sessions - 1;
+                info!(
+                    action = action::CONSULTA_GANADORES,
+                    result = result::SUCCESS,
+                    cant_ganadores = report.winners.len()
+                );
+                return Ok(Some(report));
+            }
+            Ok(SessionEnd::Cancelled) => {
+                info!(action = action::CLOSE_DATA_FILE, result = result::SUCCESS, path = %path.display());
+                return Ok(None);
+            }
+            Err(e) if e.is_retryable() => {
+                if progressed {
+                    last_progress = Instant::now();
+                    backoff = FIRST_BACKOFF;
+                }
+                let patience = config.reconnect_patience();
+                if last_progress.elapsed() >= patience {
+                    return Err(AgencyError::GaveUp {
+                        after: patience,
+                        last: e.to_string(),
+                    });
+                }
+                let what = if sessions == 1 && !progressed {
+                    action::CONNECT
+                } else {
+                    action::RECONNECT
+                };
+                info!(
+                    action = what,
+                    result = result::IN_PROGRESS,
+                    server_address = config.server_address.as_str(),
+                    attempt = sessions,
+                    reason = %e
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        info!(action = action::CLOSE_DATA_FILE, result = result::SUCCESS, path = %path.display());
+                        return Ok(None);
+                    }
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
 
+/// One connection: open a session, upload from where the central stands,
+/// announce the end, collect the winners.
+async fn session(
+    config: &AgencyConfig,
+    path: &Path,
+    shutdown: &CancellationToken,
+    report: &mut AgencyReport,
+    progressed: &mut bool,
+) -> Result<SessionEnd, AgencyError> {
+    let address = config.server_address.as_str();
+    let stream = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => return Ok(SessionEnd::Cancelled),
+        stream = TcpStream::connect(address) => stream.map_err(|source| AgencyError::Connect {
+            address: address.to_string(),
+            source,
+        })?,
+    };
+    // Each frame leaves in one write; never hold it back for Nagle.
+    stream.set_nodelay(true).map_err(FrameError::Io)?;
+    info!(
+        action = action::CONNECT,
+        result = result::SUCCESS,
+        server_address = address
+    );
+    let mut conn = Connection {
+        framed: Framed::new(stream, AgencyCodec::new()),
+        shutdown,
+        address,
+    };
+
+    conn.framed
+        .send(&Request::Hello { agency: config.id })
+        .await?;
+    let Some(reply) = conn.reply("opening the session").await? else {
+        return Ok(SessionEnd::Cancelled);
+    };
+    let stored = match reply {
+        Reply::Success { stored, .. } => stored.unwrap_or(0),
+        Reply::Error { code, message } => return Err(AgencyError::Refused { code, message }),
+        other => return Err(AgencyError::UnexpectedReply(format!("{other:?}"))),
+    };
+    *progressed = true;
+    report.bets = stored;
+
+    // The reader starts from the first bet the central does not hold. It
+    // stops when `batches` is dropped, whichever way this function ends.
+    let (tx, mut batches) = mpsc::channel(READ_AHEAD);
+    {
+        let (id, max, path) = (config.id, config.batch_max_amount, path.to_path_buf());
+        tokio::task::spawn_blocking(move || read_batches(&path, id, max, stored, &tx));
+    }
     loop {
         let next = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return Ok(closed_by_shutdown(framed, config)),
+            _ = shutdown.cancelled() => return Ok(conn.close()),
             next = batches.recv() => next,
         };
         let Some(batch) = next else { break };
-        let batch = batch?;
-        let first_line = batch.first_line;
-        let request = Request::Batch(batch.bets);
+        let Batch {
+            bets,
+            first,
+            first_line,
+        } = batch?;
+        let request = Request::Batch {
+            first: Some(first),
+            bets,
+        };
         // A send is not cancel-safe, so it is never raced against shutdown;
         // it is short, as the socket is writable or the peer is gone.
-        framed.send(&request).await?;
-        let reply = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Ok(closed_by_shutdown(framed, config)),
-            reply = framed.next() => reply,
+        conn.framed.send(&request).await?;
+        let Some(reply) = conn.reply("waiting for a batch acknowledgement").await? else {
+            return Ok(SessionEnd::Cancelled);
         };
-        let Request::Batch(bets) = request else {
+        let Request::Batch { bets, .. } = request else {
             unreachable!("built as a batch above")
         };
-        match read_reply(reply, "waiting for a batch acknowledgement")? {
-            Reply::Stored { .. } => {
-                report.bets += bets.len() as u64;
+        match reply {
+            Reply::Success { stored, .. } => {
+                *progressed = true;
                 report.batches += 1;
+                report.bets = stored.unwrap_or(first + bets.len() as u64);
                 if tracing::enabled!(tracing::Level::DEBUG) {
                     for b in &bets {
                         debug!(
@@ -206,47 +344,63 @@ async fn upload(
         }
     }
 
-    framed
+    conn.framed
         .send(&Request::Finished { agency: config.id })
         .await?;
+    let mut winners = Vec::new();
     loop {
-        let reply = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Ok(closed_by_shutdown(framed, config)),
-            reply = framed.next() => reply,
+        let Some(reply) = conn.reply("waiting for the draw").await? else {
+            return Ok(SessionEnd::Cancelled);
         };
-        match read_reply(reply, "waiting for the draw")? {
+        match reply {
             Reply::Winners { documents, more } => {
-                report.winners.extend(documents);
+                winners.extend(documents);
                 if !more {
                     break;
                 }
             }
-            Reply::Error { code, message } => {
-                return Err(AgencyError::FinishRefused { code, message })
-            }
+            Reply::Error { code, message } => return Err(AgencyError::Refused { code, message }),
             other => return Err(AgencyError::UnexpectedReply(format!("{other:?}"))),
         }
     }
-    info!(
-        action = action::CONSULTA_GANADORES,
-        result = result::SUCCESS,
-        cant_ganadores = report.winners.len()
-    );
-    Ok(Some(report))
+    report.winners = winners;
+    Ok(SessionEnd::Done)
 }
 
-fn closed_by_shutdown(
+/// The framed socket of one session, with shutdown-aware reads.
+struct Connection<'a> {
     framed: Framed<TcpStream, AgencyCodec>,
-    config: &AgencyConfig,
-) -> Option<AgencyReport> {
-    drop(framed);
-    info!(
-        action = action::CLOSE_CONNECTION,
-        result = result::SUCCESS,
-        server_address = config.server_address.as_str()
-    );
-    None
+    shutdown: &'a CancellationToken,
+    address: &'a str,
+}
+
+impl Connection<'_> {
+    /// The next reply, or `None` when shutdown came first (the connection
+    /// is then closed and logged). `Framed::next` is cancel-safe.
+    async fn reply(&mut self, during: &'static str) -> Result<Option<Reply>, AgencyError> {
+        let reply = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => {
+                self.log_close();
+                return Ok(None);
+            }
+            reply = self.framed.next() => reply,
+        };
+        read_reply(reply, during).map(Some)
+    }
+
+    fn close(self) -> SessionEnd {
+        self.log_close();
+        SessionEnd::Cancelled
+    }
+
+    fn log_close(&self) {
+        info!(
+            action = action::CLOSE_CONNECTION,
+            result = result::SUCCESS,
+            server_address = self.address
+        );
+    }
 }
 
 fn read_reply(
@@ -261,59 +415,8 @@ fn read_reply(
     }
 }
 
-/// Connects to the central, retrying with backoff while it is not up yet.
-/// Returns `Ok(None)` if `shutdown` fires first.
-async fn connect(
-    address: &str,
-    shutdown: &CancellationToken,
-) -> Result<Option<TcpStream>, AgencyError> {
-    let started = Instant::now();
-    let mut backoff = Duration::from_millis(50);
-    let mut attempt = 1u32;
-    loop {
-        let attempt_result = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Ok(None),
-            r = TcpStream::connect(address) => r,
-        };
-        match attempt_result {
-            Ok(stream) => {
-                // Each frame leaves in one write; never hold it back for Nagle.
-                stream.set_nodelay(true).map_err(FrameError::Io)?;
-                info!(
-                    action = action::CONNECT,
-                    result = result::SUCCESS,
-                    server_address = address
-                );
-                return Ok(Some(stream));
-            }
-            Err(source) if started.elapsed() >= CONNECT_PATIENCE => {
-                return Err(AgencyError::Connect {
-                    address: address.to_string(),
-                    source,
-                })
-            }
-            Err(e) => {
-                info!(
-                    action = action::CONNECT,
-                    result = result::IN_PROGRESS,
-                    server_address = address,
-                    attempt,
-                    reason = %e
-                );
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                attempt += 1;
-            }
-        }
-    }
-}
-
-/// Sends the bets read before a bad line (they are good, and an agency that
-/// resumes later need not send them again), then the error.
+/// Sends the bets read before a bad line (they are good, and a later run
+/// resumes after them), then the error.
 fn fail(tx: &mpsc::Sender<Result<Batch, AgencyError>>, batch: Batch, error: AgencyError) {
     if !batch.bets.is_empty() && tx.blocking_send(Ok(batch)).is_err() {
         return;
@@ -321,15 +424,26 @@ fn fail(tx: &mpsc::Sender<Result<Batch, AgencyError>>, batch: Batch, error: Agen
     let _ = tx.blocking_send(Err(error));
 }
 
-/// Reads the data file into batches on a blocking thread. Stops at the
-/// first bad line (sending its error) or when the receiver is gone.
+/// Reads the data file into batches on a blocking thread, skipping the
+/// first `skip` bets (the central holds them). Stops at the first bad line
+/// (sending its error) or when the receiver is gone.
 fn read_batches(
-    file: File,
     path: &Path,
     agency: AgencyId,
     max: usize,
+    skip: u64,
     tx: &mpsc::Sender<Result<Batch, AgencyError>>,
 ) {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(source) => {
+            let _ = tx.blocking_send(Err(AgencyError::OpenData {
+                path: path.to_path_buf(),
+                source,
+            }));
+            return;
+        }
+    };
     // Records end at `\n`, and a `\r` before it is dropped by hand below: the
     // csv crate's own CRLF handling reports line numbers one short after
     // every CRLF, and errors must name the right line.
@@ -341,10 +455,14 @@ fn read_batches(
     let agency_text = agency.to_string();
     let mut record = csv::StringRecord::new();
     let mut sizer = BatchSizer::default();
-    let mut batch = Batch {
+    let new_batch = |first: u64| Batch {
         bets: Vec::with_capacity(max.min(1024)),
+        first,
         first_line: 0,
     };
+    let mut batch = new_batch(skip);
+    sizer.reset(Some(skip));
+    let mut position = 0u64;
     let data_error = |line: u64, reason: String| AgencyError::Data {
         path: path.to_path_buf(),
         line,
@@ -371,6 +489,10 @@ fn read_batches(
         if record.len() == 1 && last_field.is_empty() {
             continue; // a blank CRLF line
         }
+        position += 1;
+        if position <= skip {
+            continue; // the central already holds this bet
+        }
         if record.len() != 5 {
             let reason = format!(
                 "expected 5 fields (first_name,last_name,document,birthdate,number), found {}",
@@ -387,27 +509,21 @@ fn read_batches(
             last_field,
         ) {
             Ok(bet) => bet,
-            Err(e) => {
-                return fail(tx, batch, data_error(line, e.to_string()));
-            }
+            Err(e) => return fail(tx, batch, data_error(line, e.to_string())),
         };
         let len = encoded_bet_len(&bet);
-        if !BatchSizer::default().fits(len) {
+        let mut alone = BatchSizer::default();
+        alone.reset(Some(position - 1));
+        if !alone.fits(len) {
             let reason = "the bet is too large to fit in one frame".to_string();
             return fail(tx, batch, data_error(line, reason));
         }
         if sizer.count() == max || !sizer.fits(len) {
-            let full = std::mem::replace(
-                &mut batch,
-                Batch {
-                    bets: Vec::with_capacity(max.min(1024)),
-                    first_line: line,
-                },
-            );
+            let full = std::mem::replace(&mut batch, new_batch(position - 1));
             if tx.blocking_send(Ok(full)).is_err() {
                 return;
             }
-            sizer.reset();
+            sizer.reset(Some(position - 1));
         }
         if sizer.count() == 0 {
             batch.first_line = line;
@@ -430,7 +546,7 @@ mod tests {
         let path = dir.path().join("agency-1.csv");
         std::fs::write(&path, text).unwrap();
         let (tx, mut rx) = mpsc::channel(1024);
-        read_batches(File::open(&path).unwrap(), &path, 1, max, &tx);
+        read_batches(&path, 1, max, 0, &tx);
         drop(tx);
         let mut out = Vec::new();
         while let Ok(b) = rx.try_recv() {
@@ -458,7 +574,11 @@ mod tests {
             let b = b.as_ref().unwrap();
             assert!(b.bets.len() <= 70);
             assert_eq!(b.first_line, line);
-            let payload = to_payload(&Request::Batch(b.bets.clone()));
+            assert_eq!(b.first, line - 1);
+            let payload = to_payload(&Request::Batch {
+                first: Some(b.first),
+                bets: b.bets.clone(),
+            });
             assert!(payload.len() <= MAX_PAYLOAD_LEN);
             line += b.bets.len() as u64;
             total += b.bets.len();

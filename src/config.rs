@@ -38,6 +38,23 @@ pub struct ServerConfig {
     pub storage: PathBuf,
     /// The number that wins the draw.
     pub winning_number: u16,
+    /// Sync the bets file before acknowledging a batch (`fdatasync`, shared
+    /// by every batch waiting at the time). Off only for measurements.
+    pub sync: bool,
+    /// Where the draw's outcome is recorded; empty means beside the bets
+    /// file, with the extension `.draw.toml`.
+    pub draw_record: PathBuf,
+}
+
+impl ServerConfig {
+    /// The draw record's path, defaulted from the bets file's.
+    pub fn draw_record_path(&self) -> PathBuf {
+        if self.draw_record.as_os_str().is_empty() {
+            self.storage.with_extension("draw.toml")
+        } else {
+            self.draw_record.clone()
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -48,6 +65,8 @@ impl Default for ServerConfig {
             agencies: 5,
             storage: PathBuf::from("bets.csv"),
             winning_number: 7574,
+            sync: true,
+            draw_record: PathBuf::new(),
         }
     }
 }
@@ -64,6 +83,15 @@ pub struct AgencyConfig {
     pub data_file: String,
     /// Most bets in one batch (a batch is also cut to fit a frame).
     pub batch_max_amount: usize,
+    /// Seconds to keep reconnecting without progress before giving up.
+    pub reconnect_timeout: u64,
+}
+
+impl AgencyConfig {
+    /// [`AgencyConfig::reconnect_timeout`] as a duration.
+    pub fn reconnect_patience(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.reconnect_timeout)
+    }
 }
 
 impl Default for AgencyConfig {
@@ -73,6 +101,7 @@ impl Default for AgencyConfig {
             server_address: "127.0.0.1:12345".to_string(),
             data_file: ".data/agency-{id}.csv".to_string(),
             batch_max_amount: 70,
+            reconnect_timeout: 60,
         }
     }
 }
@@ -234,11 +263,14 @@ impl Config {
         set(&env, "SERVER_AGENCIES", &mut s.agencies)?;
         set(&env, "SERVER_STORAGE", &mut s.storage)?;
         set(&env, "SERVER_WINNING_NUMBER", &mut s.winning_number)?;
+        set(&env, "SERVER_SYNC", &mut s.sync)?;
+        set(&env, "SERVER_DRAW_RECORD", &mut s.draw_record)?;
         let a = &mut self.agency;
         set(&env, "CLI_ID", &mut a.id)?;
         set(&env, "CLI_SERVER_ADDRESS", &mut a.server_address)?;
         set(&env, "CLI_DATA_FILE", &mut a.data_file)?;
         set(&env, "CLI_BATCH_MAXAMOUNT", &mut a.batch_max_amount)?;
+        set(&env, "CLI_RECONNECT_TIMEOUT", &mut a.reconnect_timeout)?;
         let level_var = match role {
             Role::Server => "LOGGING_LEVEL",
             Role::Agency => "CLI_LOG_LEVEL",

@@ -34,6 +34,8 @@ pub struct DemoOptions {
     pub winning_number: u16,
     /// Most bets per batch.
     pub batch_max_amount: usize,
+    /// Sync the bets file before each acknowledgement.
+    pub sync: bool,
 }
 
 /// What the demo measured.
@@ -117,7 +119,18 @@ pub async fn run(
         agencies: opts.agencies,
         storage: storage.clone(),
         winning_number: opts.winning_number,
+        sync: opts.sync,
+        draw_record: work_dir.join("bets.draw.toml"),
     };
+    // Nor a previous demo's draw.
+    match std::fs::remove_file(&server_config.draw_record) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| {
+                format!("removing the old {}", server_config.draw_record.display())
+            })
+        }
+        _ => {}
+    }
     let listener = server::bind_addr(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         server_config.listen_backlog,
@@ -145,6 +158,7 @@ pub async fn run(
                 .to_string_lossy()
                 .into_owned(),
             batch_max_amount: opts.batch_max_amount,
+            ..AgencyConfig::default()
         };
         let token = root.child_token();
         agencies.spawn(async move { (id, agency::run(&config, token).await) });

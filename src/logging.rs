@@ -54,6 +54,14 @@ pub mod action {
     pub const CLOSE_LISTENER: &str = "close_listener";
     /// A connection was closed during shutdown.
     pub const CLOSE_CONNECTION: &str = "close_connection";
+    /// Writing to the bets file failed.
+    pub const STORE: &str = "store";
+    /// The bets file was checked (and repaired) on start.
+    pub const RECOVER: &str = "recover";
+    /// The draw record was written or read back.
+    pub const DRAW_RECORD: &str = "draw_record";
+    /// The agency lost its connection and is reconnecting.
+    pub const RECONNECT: &str = "reconnect";
     /// The bets file was flushed and closed.
     pub const CLOSE_BETS_FILE: &str = "close_bets_file";
     /// The agency's data file was closed.

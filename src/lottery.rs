@@ -5,8 +5,8 @@
 //! [`Lottery`] is a cheap handle (like mini-redis's `Db`); its methods own the
 //! locking, so no guard ever leaves this module.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,18 +17,23 @@ use tracing::info;
 use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::protocol::ErrorCode;
-use crate::storage::{self, StorageError};
+use crate::storage;
 
 /// The outcome of the draw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Draw {
     /// The winning number.
     pub winning_number: u16,
+    /// When the draw ran (RFC 3339, UTC).
+    pub drawn_at: String,
     /// Winner documents per agency, in the order they were stored.
     pub winners: HashMap<AgencyId, Vec<String>>,
+    /// Bets per agency taken into account.
+    pub bets_per_agency: BTreeMap<AgencyId, u64>,
     /// Bets taken into account.
     pub bets: u64,
-    /// How long reading the bets file took.
+    /// How long reading the bets file took (zero for a draw read back from
+    /// its record).
     pub elapsed: Duration,
 }
 
@@ -37,6 +42,95 @@ impl Draw {
     pub fn winners_of(&self, agency: AgencyId) -> &[String] {
         self.winners.get(&agency).map_or(&[], Vec::as_slice)
     }
+
+    /// Writes the draw record atomically: a temporary file beside `path`,
+    /// synced, renamed over `path`, then the directory synced, so a crash
+    /// leaves either no record or the whole record.
+    ///
+    /// # Errors
+    /// Any step of the write failed.
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let record = DrawRecord {
+            winning_number: self.winning_number,
+            drawn_at: self.drawn_at.clone(),
+            bets: self.bets,
+            agencies: self
+                .bets_per_agency
+                .keys()
+                .chain(self.winners.keys())
+                .map(|&a| {
+                    let entry = AgencyRecord {
+                        bets: self.bets_per_agency.get(&a).copied().unwrap_or(0),
+                        winners: self.winners_of(a).to_vec(),
+                    };
+                    (a.to_string(), entry)
+                })
+                .collect(),
+        };
+        let text = toml::to_string(&record).map_err(std::io::Error::other)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
+        tmp.write_all(text.as_bytes())?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        std::fs::File::open(&dir)?.sync_all()
+    }
+
+    /// Reads a draw record written by [`Draw::save`]; `Ok(None)` when there
+    /// is none.
+    ///
+    /// # Errors
+    /// The record exists but cannot be read or parsed.
+    pub fn load(path: &Path) -> std::io::Result<Option<Draw>> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let record: DrawRecord = toml::from_str(&text)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+        let mut winners = HashMap::new();
+        let mut bets_per_agency = BTreeMap::new();
+        for (agency, entry) in record.agencies {
+            let agency: AgencyId = agency.parse().map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("agency key {agency:?} is not a number"),
+                )
+            })?;
+            bets_per_agency.insert(agency, entry.bets);
+            if !entry.winners.is_empty() {
+                winners.insert(agency, entry.winners);
+            }
+        }
+        Ok(Some(Draw {
+            winning_number: record.winning_number,
+            drawn_at: record.drawn_at,
+            winners,
+            bets_per_agency,
+            bets: record.bets,
+            elapsed: Duration::ZERO,
+        }))
+    }
+}
+
+/// The draw record's file format (TOML).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct DrawRecord {
+    winning_number: u16,
+    drawn_at: String,
+    bets: u64,
+    agencies: BTreeMap<String, AgencyRecord>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct AgencyRecord {
+    bets: u64,
+    winners: Vec<String>,
 }
 
 /// What the lottery refuses, with the code sent back to the agency.
@@ -59,9 +153,21 @@ pub enum LotteryError {
     /// The agency already finished (or the draw is done): no more bets.
     #[error("agency {0} already finished betting")]
     Finished(AgencyId),
-    /// The draw could not read the bets file.
+    /// The draw could not read the bets file or write its record.
     #[error("the draw failed: {0}")]
     Draw(String),
+    /// A batch starts past the agency's stored bets: some would be missing.
+    #[error(
+        "batch starts at bet {first} but agency {agency} has {stored} stored; resume from {stored}"
+    )]
+    OutOfOrder {
+        /// The agency.
+        agency: AgencyId,
+        /// Where the batch starts.
+        first: u64,
+        /// Bets stored for the agency.
+        stored: u64,
+    },
 }
 
 impl LotteryError {
@@ -74,6 +180,7 @@ impl LotteryError {
             LotteryError::Busy(_) => ErrorCode::AgencyBusy,
             LotteryError::Finished(_) => ErrorCode::AgencyFinished,
             LotteryError::Draw(_) => ErrorCode::StorageFailed,
+            LotteryError::OutOfOrder { .. } => ErrorCode::OutOfOrder,
         }
     }
 }
@@ -85,7 +192,10 @@ struct LotteryState {
     connected: HashSet<AgencyId>,
     /// Agencies that announced they finished.
     finished: BTreeSet<AgencyId>,
-    /// Set once, by the agency whose announcement completes the set.
+    /// Bets stored per agency: where each agency's upload resumes.
+    stored: HashMap<AgencyId, u64>,
+    /// Set once, by the agency whose announcement completes the set, or read
+    /// back from the draw record on start.
     draw: Option<Arc<Draw>>,
 }
 
@@ -99,6 +209,7 @@ struct Shared {
     agencies: u32,
     winning_number: u16,
     bets_file: PathBuf,
+    draw_record: PathBuf,
 }
 
 /// Handle to the lottery state, shared by every connection.
@@ -109,17 +220,52 @@ pub struct Lottery {
 
 impl Lottery {
     /// A lottery for agencies `1..=agencies`, drawing `winning_number` over
-    /// the bets in `bets_file`.
-    pub fn new(agencies: u32, winning_number: u16, bets_file: PathBuf) -> Lottery {
+    /// the bets in `bets_file` and recording the outcome in `draw_record`.
+    /// `stored` holds the bets already in the file per agency; `draw` a draw
+    /// read back from its record.
+    pub fn new(
+        agencies: u32,
+        winning_number: u16,
+        bets_file: PathBuf,
+        draw_record: PathBuf,
+        stored: BTreeMap<AgencyId, u64>,
+        draw: Option<Draw>,
+    ) -> Lottery {
+        let state = LotteryState {
+            stored: stored.into_iter().collect(),
+            draw: draw.map(Arc::new),
+            ..LotteryState::default()
+        };
         Lottery {
             shared: Arc::new(Shared {
-                state: Mutex::new(LotteryState::default()),
+                state: Mutex::new(state),
                 drawn: Notify::new(),
                 agencies,
                 winning_number,
                 bets_file,
+                draw_record,
             }),
         }
+    }
+
+    /// Bets stored for `agency`: the position its upload resumes from.
+    pub async fn stored(&self, agency: AgencyId) -> u64 {
+        self.shared
+            .state
+            .lock()
+            .await
+            .stored
+            .get(&agency)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Records `count` more bets stored for `agency`; returns the new total.
+    pub async fn add_stored(&self, agency: AgencyId, count: u64) -> u64 {
+        let mut state = self.shared.state.lock().await;
+        let total = state.stored.entry(agency).or_default();
+        *total += count;
+        *total
     }
 
     /// Makes `agency` this connection's. Call [`Lottery::release`] when the
@@ -161,29 +307,35 @@ impl Lottery {
     }
 
     /// Records that `agency` finished. When it is the last one, runs the
-    /// draw (once), publishes it and wakes every waiting agency.
+    /// draw (once), records it, publishes it and wakes every waiting agency.
+    ///
+    /// Announcing again (after a reconnection) is harmless: the agency just
+    /// waits for the draw again. Connections refuse a second announcement of
+    /// their own before it gets here.
     ///
     /// # Errors
-    /// [`LotteryError::Finished`] for a second announcement; a draw that
-    /// could not read the bets file.
+    /// A draw that could not read the bets file or write its record; the
+    /// announcement is then forgotten, so that announcing again retries.
     pub async fn finish(&self, agency: AgencyId) -> Result<(), LotteryError> {
         let mut state = self.shared.state.lock().await;
-        if !state.finished.insert(agency) {
-            return Err(LotteryError::Finished(agency));
+        let first_time = state.finished.insert(agency);
+        if first_time {
+            info!(
+                action = action::AGENCIA_FINALIZADA,
+                result = result::SUCCESS,
+                agency,
+                finished = state.finished.len(),
+                agencies = self.shared.agencies
+            );
         }
-        info!(
-            action = action::AGENCIA_FINALIZADA,
-            result = result::SUCCESS,
-            agency,
-            finished = state.finished.len(),
-            agencies = self.shared.agencies
-        );
         if state.draw.is_none() && state.finished.len() as u32 == self.shared.agencies {
-            let draw = self.run_draw().await.map_err(|e| {
-                // Let a later announcement try again.
-                state.finished.remove(&agency);
-                LotteryError::Draw(e.to_string())
-            })?;
+            let draw = match self.run_draw().await {
+                Ok(draw) => draw,
+                Err(e) => {
+                    state.finished.remove(&agency);
+                    return Err(LotteryError::Draw(e));
+                }
+            };
             info!(
                 action = action::SORTEO,
                 result = result::SUCCESS,
@@ -199,31 +351,40 @@ impl Lottery {
         Ok(())
     }
 
-    /// Reads the bets file back as a stream and collects each agency's
-    /// winners. Every batch was written before it was acknowledged, and every
-    /// agency announced it finished after its last acknowledgement, so the
-    /// file holds every bet by now.
-    async fn run_draw(&self) -> Result<Draw, StorageError> {
+    /// Reads the bets file back as a stream, collects each agency's winners,
+    /// and writes the draw record. Every batch was written before it was
+    /// acknowledged, and every agency announced it finished after its last
+    /// acknowledgement, so the file holds every bet by now.
+    async fn run_draw(&self) -> Result<Draw, String> {
         let path = self.shared.bets_file.clone();
-        let winning = u32::from(self.shared.winning_number);
+        let record = self.shared.draw_record.clone();
         let winning_number = self.shared.winning_number;
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
+            let winning = u32::from(winning_number);
             let mut winners: HashMap<AgencyId, Vec<String>> = HashMap::new();
+            let mut bets_per_agency: BTreeMap<AgencyId, u64> = BTreeMap::new();
             let bets = storage::scan(&path, |bet| {
+                *bets_per_agency.entry(bet.agency).or_default() += 1;
                 if bet.number == winning {
                     winners
                         .entry(bet.agency)
                         .or_default()
                         .push(bet.document.to_string());
                 }
-            })?;
-            Ok(Draw {
+            })
+            .map_err(|e| e.to_string())?;
+            let draw = Draw {
                 winning_number,
+                drawn_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                 winners,
+                bets_per_agency,
                 bets,
                 elapsed: started.elapsed(),
-            })
+            };
+            draw.save(&record)
+                .map_err(|e| format!("writing the draw record {}: {e}", record.display()))?;
+            Ok(draw)
         })
         .await
         .expect("the draw does not panic")
@@ -298,7 +459,8 @@ mod tests {
                 (3, "33", 1),
             ],
         );
-        let lottery = Lottery::new(3, 5, path);
+        let record = dir.path().join("draw.toml");
+        let lottery = Lottery::new(3, 5, path, record.clone(), BTreeMap::new(), None);
         let cancel = CancellationToken::new();
 
         let waiter = {
@@ -312,7 +474,8 @@ mod tests {
             lottery.draw().await.is_none(),
             "no draw before every agency finished"
         );
-        assert_eq!(lottery.finish(2).await, Err(LotteryError::Finished(2)));
+        // Announcing again (a reconnected agency) is harmless.
+        lottery.finish(2).await.unwrap();
         lottery.finish(3).await.unwrap();
 
         let draw = waiter.await.unwrap().expect("woken by the draw");
@@ -326,12 +489,29 @@ mod tests {
             &lottery.wait_for_draw(&cancel).await.unwrap()
         ));
         assert_eq!(lottery.check_open(1).await, Err(LotteryError::Finished(1)));
+
+        // The record reads back as the same draw.
+        let back = Draw::load(&record).unwrap().unwrap();
+        assert_eq!(back.winners, draw.winners);
+        assert_eq!(
+            back.bets_per_agency,
+            BTreeMap::from([(1, 2), (2, 2), (3, 1)])
+        );
+        assert_eq!(back.bets, 5);
+        assert_eq!(back.drawn_at, draw.drawn_at);
     }
 
     #[tokio::test]
     async fn claims_are_exclusive_and_ranged() {
         let dir = tempfile::tempdir().unwrap();
-        let lottery = Lottery::new(2, 5, dir.path().join("bets.csv"));
+        let lottery = Lottery::new(
+            2,
+            5,
+            dir.path().join("bets.csv"),
+            dir.path().join("draw.toml"),
+            BTreeMap::new(),
+            None,
+        );
         lottery.claim(1).await.unwrap();
         assert_eq!(lottery.claim(1).await, Err(LotteryError::Busy(1)));
         assert_eq!(
@@ -345,7 +525,14 @@ mod tests {
     #[tokio::test]
     async fn waiting_is_cancellable() {
         let dir = tempfile::tempdir().unwrap();
-        let lottery = Lottery::new(2, 5, dir.path().join("bets.csv"));
+        let lottery = Lottery::new(
+            2,
+            5,
+            dir.path().join("bets.csv"),
+            dir.path().join("draw.toml"),
+            BTreeMap::new(),
+            None,
+        );
         let cancel = CancellationToken::new();
         cancel.cancel();
         assert!(lottery.wait_for_draw(&cancel).await.is_none());

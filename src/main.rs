@@ -64,6 +64,13 @@ struct ServerArgs {
     /// The winning number [server.winning_number].
     #[arg(long)]
     winning_number: Option<u16>,
+    /// Acknowledge batches without syncing the bets file (measurements only)
+    /// [server.sync = false].
+    #[arg(long)]
+    no_sync: bool,
+    /// Where the draw's outcome is recorded [server.draw_record].
+    #[arg(long)]
+    draw_record: Option<PathBuf>,
     /// DEBUG, INFO, WARN or ERROR [log.level].
     #[arg(long)]
     log_level: Option<LogLevel>,
@@ -83,6 +90,9 @@ struct AgencyArgs {
     /// Most bets per batch [agency.batch_max_amount].
     #[arg(long)]
     batch_max_amount: Option<usize>,
+    /// Seconds without progress before giving up [agency.reconnect_timeout].
+    #[arg(long)]
+    reconnect_timeout: Option<u64>,
     /// DEBUG, INFO, WARN or ERROR [log.level].
     #[arg(long)]
     log_level: Option<LogLevel>,
@@ -115,6 +125,9 @@ struct DemoArgs {
     /// Log level of the server and agencies (WARN keeps the table readable).
     #[arg(long, default_value = "WARN")]
     log_level: LogLevel,
+    /// Acknowledge batches without syncing the bets file.
+    #[arg(long)]
+    no_sync: bool,
 }
 
 #[derive(Debug, Args)]
@@ -195,6 +208,10 @@ fn load_config(cli: &Cli, role: Role) -> Result<Config, ConfigError> {
             overlay(&mut s.agencies, a.agencies);
             overlay(&mut s.storage, a.storage.clone());
             overlay(&mut s.winning_number, a.winning_number);
+            overlay(&mut s.draw_record, a.draw_record.clone());
+            if a.no_sync {
+                s.sync = false;
+            }
             overlay(&mut config.log.level, a.log_level);
         }
         Command::Agency(a) => {
@@ -203,6 +220,7 @@ fn load_config(cli: &Cli, role: Role) -> Result<Config, ConfigError> {
             overlay(&mut c.server_address, a.server_address.clone());
             overlay(&mut c.data_file, a.data_file.clone());
             overlay(&mut c.batch_max_amount, a.batch_max_amount);
+            overlay(&mut c.reconnect_timeout, a.reconnect_timeout);
             overlay(&mut config.log.level, a.log_level);
         }
         Command::GenData(a) => {
@@ -242,7 +260,9 @@ async fn run_server(config: Config, token: CancellationToken) -> anyhow::Result<
         logging_level = %config.log.level,
         agencies = s.agencies,
         storage = %s.storage.display(),
-        winning_number = s.winning_number
+        winning_number = s.winning_number,
+        sync = s.sync,
+        draw_record = %s.draw_record_path().display()
     );
     let listener = server::bind(s).with_context(|| format!("binding port {}", s.port))?;
     server::run(listener, s, token).await?;
@@ -294,6 +314,7 @@ async fn run_demo(config: Config, args: DemoArgs, token: CancellationToken) -> a
         },
         winning_number: config.server.winning_number,
         batch_max_amount: config.agency.batch_max_amount,
+        sync: config.server.sync && !args.no_sync,
     };
     match demo::run(opts, token).await? {
         Some(outcome) => print!("{}", demo::render(&outcome)),

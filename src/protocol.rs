@@ -39,6 +39,11 @@ pub mod key {
     pub const WINNERS: &str = "WINNERS";
     /// `1` when the winners list continues in the next frame.
     pub const MORE: &str = "MORE";
+    /// Position, in the agency's data file, of a batch's first bet (0-based,
+    /// counting bets, not lines).
+    pub const FIRST: &str = "FIRST";
+    /// Bets the central holds for the agency.
+    pub const STORED: &str = "STORED";
     /// Bet field: first name.
     pub const NOMBRE: &str = "NOMBRE";
     /// Bet field: last name.
@@ -57,6 +62,8 @@ pub mod action {
     pub const BETTING_FINISHED: &str = "BETTING_FINISHED";
     /// The same, as the reference agency spells it.
     pub const FINISH_BETTING: &str = "FINISH_BETTING";
+    /// Opens a resumable session: the central answers with `STORED`.
+    pub const HELLO: &str = "HELLO";
 }
 
 /// Values of the `STATUS` key.
@@ -142,6 +149,8 @@ pub enum ErrorCode {
     AgencyFinished,
     /// The bets file could not be written; nothing of the batch was kept.
     StorageFailed,
+    /// The batch starts past the bets stored for the agency (a gap).
+    OutOfOrder,
 }
 
 impl ErrorCode {
@@ -156,6 +165,7 @@ impl ErrorCode {
             ErrorCode::AgencyBusy => "AGENCY_BUSY",
             ErrorCode::AgencyFinished => "AGENCY_FINISHED",
             ErrorCode::StorageFailed => "STORAGE_FAILED",
+            ErrorCode::OutOfOrder => "OUT_OF_ORDER",
         }
     }
 }
@@ -170,7 +180,18 @@ impl fmt::Display for ErrorCode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// A batch of bets, to be stored all or nothing.
-    Batch(Vec<Bet>),
+    Batch {
+        /// Position of the first bet in the agency's file, when the agency
+        /// resumes uploads; lets the central recognise a resent batch.
+        first: Option<u64>,
+        /// The bets, in file order.
+        bets: Vec<Bet>,
+    },
+    /// Opens a resumable session for an agency.
+    Hello {
+        /// The agency.
+        agency: AgencyId,
+    },
     /// The agency has sent all its bets and waits for its winners.
     Finished {
         /// The agency that finished.
@@ -181,10 +202,12 @@ pub enum Request {
 /// A message from the central to an agency.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    /// A batch was stored.
-    Stored {
-        /// How many bets it held.
-        count: usize,
+    /// A request was carried out: a batch stored, or a session opened.
+    Success {
+        /// Human-readable text.
+        message: String,
+        /// Bets the central now holds for the agency, when it says.
+        stored: Option<u64>,
     },
     /// A request was refused.
     Error {
@@ -362,19 +385,31 @@ impl WireMessage for Request {
         let body = body_of(payload)?;
         let pairs = split_pairs(body, "payload")?;
         if let Some(size) = find(&pairs, key::BATCH_SIZE) {
-            return parse_batch(size, &pairs).map(Request::Batch);
+            let first = find(&pairs, key::FIRST)
+                .map(|v| {
+                    v.parse::<u64>()
+                        .map_err(|_| bad_value(key::FIRST, format!("{v:?} is not a position")))
+                })
+                .transpose()?;
+            let bets = parse_batch(size, &pairs)?;
+            return Ok(Request::Batch { first, bets });
         }
         match find(&pairs, key::ACTION) {
             Some(a) => {
                 let a = unescape(a, "ACTION")?;
-                if a == action::BETTING_FINISHED || a == action::FINISH_BETTING {
+                let finished = a == action::BETTING_FINISHED || a == action::FINISH_BETTING;
+                if finished || a == action::HELLO {
                     let id = find(&pairs, key::AGENCY_ID)
                         .ok_or(MessageError::MissingKey(key::AGENCY_ID))?;
                     let id = unescape(id, "AGENCY_ID")?;
                     let agency = id.parse::<AgencyId>().map_err(|_| {
                         bad_value(key::AGENCY_ID, format!("{id:?} is not an agency id"))
                     })?;
-                    Ok(Request::Finished { agency })
+                    Ok(if finished {
+                        Request::Finished { agency }
+                    } else {
+                        Request::Hello { agency }
+                    })
                 } else {
                     Err(MessageError::Unknown(format!("ACTION:{a}")))
                 }
@@ -387,11 +422,15 @@ impl WireMessage for Request {
 
     fn write(&self, dst: &mut BytesMut) {
         match self {
-            Request::Batch(bets) => write_batch(dst, bets),
-            Request::Finished { agency } => {
+            Request::Batch { first, bets } => write_batch(dst, *first, bets),
+            Request::Finished { agency } | Request::Hello { agency } => {
+                let name = match self {
+                    Request::Hello { .. } => action::HELLO,
+                    _ => action::BETTING_FINISHED,
+                };
                 dst.put_slice(key::ACTION.as_bytes());
                 dst.put_u8(b':');
-                dst.put_slice(action::BETTING_FINISHED.as_bytes());
+                dst.put_slice(name.as_bytes());
                 dst.put_u8(b'|');
                 dst.put_slice(key::AGENCY_ID.as_bytes());
                 dst.put_u8(b':');
@@ -502,12 +541,14 @@ pub fn encoded_bet_len(bet: &Bet) -> usize {
 pub struct BatchSizer {
     count: usize,
     bets_len: usize,
+    /// `|FIRST:<n>` when the batch carries its position.
+    first_len: usize,
 }
 
 impl BatchSizer {
     /// Payload size of the batch if a bet of `bet_len` bytes were added.
     pub fn len_with(&self, bet_len: usize) -> usize {
-        self.bets_len + bet_len + batch_overhead(self.count + 1)
+        self.bets_len + bet_len + batch_overhead(self.count + 1) + self.first_len
     }
 
     /// Whether a bet of `bet_len` encoded bytes still fits in one frame.
@@ -526,9 +567,14 @@ impl BatchSizer {
         self.count
     }
 
-    /// Starts a new, empty batch.
-    pub fn reset(&mut self) {
-        *self = Self::default();
+    /// Starts a new, empty batch, which carries `FIRST` when `first` is set.
+    pub fn reset(&mut self, first: Option<u64>) {
+        *self = Self {
+            first_len: first.map_or(0, |n| {
+                1 + key::FIRST.len() + 1 + itoa::Buffer::new().format(n).len()
+            }),
+            ..Self::default()
+        };
     }
 }
 
@@ -572,11 +618,17 @@ fn agency_str_slow(id: AgencyId) -> &'static str {
         .or_insert_with(|| Box::leak(id.to_string().into_boxed_str()))
 }
 
-fn write_batch(dst: &mut BytesMut, bets: &[Bet]) {
+fn write_batch(dst: &mut BytesMut, first: Option<u64>, bets: &[Bet]) {
     let mut n = itoa::Buffer::new();
     dst.put_slice(key::BATCH_SIZE.as_bytes());
     dst.put_u8(b':');
     dst.put_slice(n.format(bets.len()).as_bytes());
+    if let Some(first) = first {
+        dst.put_u8(b'|');
+        dst.put_slice(key::FIRST.as_bytes());
+        dst.put_u8(b':');
+        dst.put_slice(n.format(first).as_bytes());
+    }
     let mut digits = itoa::Buffer::new();
     for (i, bet) in bets.iter().enumerate() {
         dst.put_u8(b'|');
@@ -635,14 +687,17 @@ impl WireMessage for Reply {
                     let more = find(&pairs, key::MORE) == Some("1");
                     Ok(Reply::Winners { documents, more })
                 } else {
-                    let message = text(key::MESSAGE)?;
-                    // The count is informative; a peer that omits it still
-                    // means "stored".
-                    let count = message
-                        .split_whitespace()
-                        .find_map(|w| w.parse().ok())
-                        .unwrap_or(0);
-                    Ok(Reply::Stored { count })
+                    let stored = find(&pairs, key::STORED)
+                        .map(|v| {
+                            v.parse::<u64>().map_err(|_| {
+                                bad_value(key::STORED, format!("{v:?} is not a count"))
+                            })
+                        })
+                        .transpose()?;
+                    Ok(Reply::Success {
+                        message: text(key::MESSAGE)?,
+                        stored,
+                    })
                 }
             }
             status::ERROR => {
@@ -667,9 +722,15 @@ impl WireMessage for Reply {
             escape_into(dst, v);
         };
         match self {
-            Reply::Stored { count } => {
+            Reply::Success { message, stored } => {
                 put_pair(dst, key::STATUS, status::SUCCESS, true);
-                put_pair(dst, key::MESSAGE, &format!("stored {count} bets"), false);
+                put_pair(dst, key::MESSAGE, message, false);
+                if let Some(n) = stored {
+                    dst.put_u8(b'|');
+                    dst.put_slice(key::STORED.as_bytes());
+                    dst.put_u8(b':');
+                    dst.put_slice(itoa::Buffer::new().format(*n).as_bytes());
+                }
             }
             Reply::Error { code, message } => {
                 put_pair(dst, key::STATUS, status::ERROR, true);
@@ -709,6 +770,7 @@ impl ErrorCode {
             AgencyBusy,
             AgencyFinished,
             StorageFailed,
+            OutOfOrder,
         ]
         .into_iter()
         .find(|c| c.as_str() == s)
@@ -771,23 +833,41 @@ mod tests {
     fn reference_batch_bytes_parse() {
         let payload = b"BATCH_SIZE:1|BET_1:NOMBRE:Ana\\|APELLIDO:Perez\\|DOCUMENTO:30904465\\|NACIMIENTO:1999-03-17\\|NUMERO:7574\\|AGENCY_ID:3\n";
         let req = Request::parse(payload).unwrap();
-        assert_eq!(req, Request::Batch(vec![bet("Ana", "Perez")]));
+        assert_eq!(
+            req,
+            Request::Batch {
+                first: None,
+                bets: vec![bet("Ana", "Perez")]
+            }
+        );
     }
 
     #[test]
     fn pipe_in_name_travels_as_triple_backslash() {
         let b = bet("Ana|María", "Pe\\rez:ñ");
-        let payload = to_payload(&Request::Batch(vec![b.clone()]));
+        let payload = to_payload(&Request::Batch {
+            first: None,
+            bets: vec![b.clone()],
+        });
         let text = String::from_utf8(payload.clone()).unwrap();
         assert!(text.contains("NOMBRE:Ana\\\\\\|María"), "{text}");
-        assert_eq!(Request::parse(&payload).unwrap(), Request::Batch(vec![b]));
+        assert_eq!(
+            Request::parse(&payload).unwrap(),
+            Request::Batch {
+                first: None,
+                bets: vec![b]
+            }
+        );
     }
 
     #[test]
     fn encoded_bet_len_matches_writer() {
         for (f, l) in [("Ana", "Perez"), ("A|B\\C", "ñ:ü\n"), ("Jo\"sé", "O,Neil")] {
             let b = bet(f, l);
-            let payload = to_payload(&Request::Batch(vec![b.clone()]));
+            let payload = to_payload(&Request::Batch {
+                first: None,
+                bets: vec![b.clone()],
+            });
             let sizer = BatchSizer::default();
             assert_eq!(sizer.len_with(encoded_bet_len(&b)), payload.len());
         }
@@ -852,7 +932,14 @@ mod tests {
     #[test]
     fn replies_round_trip() {
         let replies = [
-            Reply::Stored { count: 70 },
+            Reply::Success {
+                message: "stored 70 bets".into(),
+                stored: Some(140),
+            },
+            Reply::Success {
+                message: String::new(),
+                stored: None,
+            },
             Reply::Error {
                 code: ErrorCode::InvalidBet,
                 message: "BET_2: bad | thing".into(),

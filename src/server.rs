@@ -21,10 +21,10 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::codec::{FrameError, ServerCodec};
 use crate::config::ServerConfig;
 use crate::logging::{action, result};
-use crate::lottery::{Lottery, LotteryError};
+use crate::lottery::{Draw, Lottery, LotteryError};
 use crate::model::{AgencyId, Bet};
 use crate::protocol::{winners_replies, ErrorCode, Reply, Request};
-use crate::storage::{encode_rows, BetStore, StorageError};
+use crate::storage::{self, encode_rows, BetStore, Durability, StorageError};
 
 /// How long shutdown waits for connections to finish what they started.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -56,21 +56,77 @@ pub fn bind_addr(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener>
     socket.listen(backlog)
 }
 
+/// Why the central could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The bets file cannot be read or repaired.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The draw record exists but cannot be read.
+    #[error("draw record {path}: {source}")]
+    DrawRecord {
+        /// The record.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
 /// Serves agencies on `listener` until `shutdown` is cancelled, then closes
 /// everything in order.
 ///
+/// On start it repairs the bets file if a crash left a torn row, rebuilds how
+/// many bets each agency has stored (where their uploads resume), and reads
+/// back the draw record if the draw already happened.
+///
 /// # Errors
-/// The bets file cannot be opened.
+/// The bets file or the draw record cannot be read.
 pub async fn run(
     listener: TcpListener,
     config: &ServerConfig,
     shutdown: CancellationToken,
-) -> Result<(), StorageError> {
-    let (store, writer) = BetStore::open(&config.storage)?;
+) -> Result<(), ServerError> {
+    let recovered = {
+        let path = config.storage.clone();
+        tokio::task::spawn_blocking(move || storage::recover(&path))
+            .await
+            .expect("recovery does not panic")?
+    };
+    info!(
+        action = action::RECOVER,
+        result = result::SUCCESS,
+        path = %config.storage.display(),
+        rows = recovered.rows,
+        agencies = recovered.per_agency.len(),
+        truncated_bytes = recovered.truncated_bytes
+    );
+    let record = config.draw_record_path();
+    let draw = Draw::load(&record).map_err(|source| ServerError::DrawRecord {
+        path: record.clone(),
+        source,
+    })?;
+    if let Some(draw) = &draw {
+        info!(
+            action = action::DRAW_RECORD,
+            result = result::SUCCESS,
+            path = %record.display(),
+            drawn_at = draw.drawn_at.as_str(),
+            bets = draw.bets
+        );
+    }
+    let durability = if config.sync {
+        Durability::Sync
+    } else {
+        Durability::NoSync
+    };
+    let (store, writer) = BetStore::open(&config.storage, durability);
     let lottery = Lottery::new(
         config.agencies,
         config.winning_number,
         config.storage.clone(),
+        record,
+        recovered.per_agency,
+        draw,
     );
     let tracker = TaskTracker::new();
     // Connections hang off their own token, cancelled only once the
@@ -165,6 +221,7 @@ impl Listener {
                         framed: Framed::new(socket, ServerCodec::new()),
                         peer,
                         agency: None,
+                        announced: false,
                         store: self.store.clone(),
                         lottery: self.lottery.clone(),
                         shutdown: self.connections.child_token(),
@@ -203,6 +260,8 @@ struct Handler {
     peer: SocketAddr,
     /// The agency this connection speaks for, fixed by its first message.
     agency: Option<AgencyId>,
+    /// This connection already announced that its agency finished.
+    announced: bool,
     /// Where batches go.
     store: BetStore,
     /// Shared state and the draw.
@@ -271,7 +330,10 @@ impl Handler {
                     self.reply_error(e.code(), e.to_string()).await?;
                     Next::Continue
                 }
-                Some(Ok(Ok(Request::Batch(bets)))) => self.handle_batch(bets).await?,
+                Some(Ok(Ok(Request::Batch { first, bets }))) => {
+                    self.handle_batch(first, bets).await?
+                }
+                Some(Ok(Ok(Request::Hello { agency }))) => self.handle_hello(agency).await?,
                 Some(Ok(Ok(Request::Finished { agency }))) => self.handle_finished(agency).await?,
             };
             if let Next::Close = next {
@@ -297,7 +359,33 @@ impl Handler {
         }
     }
 
-    async fn handle_batch(&mut self, bets: Vec<Bet>) -> Result<Next, FrameError> {
+    async fn handle_hello(&mut self, agency: AgencyId) -> Result<Next, FrameError> {
+        if let Err(e) = self.bind_agency(agency).await {
+            warn!(
+                action = action::CONNECTION,
+                result = result::FAIL,
+                agency,
+                peer = %self.peer,
+                code = %e.code(),
+                reason = %e
+            );
+            self.reply_error(e.code(), e.to_string()).await?;
+            return Ok(Next::Continue);
+        }
+        let stored = self.lottery.stored(agency).await;
+        let reply = Reply::Success {
+            message: format!("agency {agency}: resume from bet {stored}"),
+            stored: Some(stored),
+        };
+        self.framed.send(&reply).await?;
+        Ok(Next::Continue)
+    }
+
+    async fn handle_batch(
+        &mut self,
+        first: Option<u64>,
+        bets: Vec<Bet>,
+    ) -> Result<Next, FrameError> {
         let count = bets.len();
         // Every bet of the batch must speak for one agency: the connection's.
         let agency = bets[0].agency;
@@ -312,12 +400,48 @@ impl Handler {
         if let Err(e) = self.bind_agency(agency).await {
             return self.reject(count, e.code(), e.to_string()).await;
         }
+
+        // A batch that says where it starts is stored only from the first bet
+        // the central does not hold yet: a batch resent after a lost
+        // acknowledgement is acknowledged again, never stored twice. This
+        // connection is the only one for the agency, so the count cannot
+        // move under us.
+        let stored = self.lottery.stored(agency).await;
+        let skip = match first {
+            None => 0,
+            Some(first) if first > stored => {
+                let e = LotteryError::OutOfOrder {
+                    agency,
+                    first,
+                    stored,
+                };
+                return self.reject(count, e.code(), e.to_string()).await;
+            }
+            Some(first) => usize::try_from(stored - first)
+                .unwrap_or(usize::MAX)
+                .min(count),
+        };
+        if skip == count {
+            info!(
+                action = action::APUESTA_RECIBIDA,
+                result = result::SUCCESS,
+                cantidad = count,
+                already_stored = count
+            );
+            let reply = Reply::Success {
+                message: format!("already stored {count} bets"),
+                stored: Some(stored),
+            };
+            self.framed.send(&reply).await?;
+            return Ok(Next::Continue);
+        }
         if let Err(e) = self.lottery.check_open(agency).await {
             return self.reject(count, e.code(), e.to_string()).await;
         }
 
-        let mut rows = Vec::with_capacity(count * 64);
-        encode_rows(&bets, &mut rows);
+        let new = &bets[skip..];
+        let mut rows = Vec::with_capacity(new.len() * 64);
+        encode_rows(new, &mut rows);
         // Not raced against shutdown: once read, a batch is stored and
         // answered, so nothing the agency saw acknowledged is lost.
         if let Err(e) = self.store.append(rows).await {
@@ -325,13 +449,14 @@ impl Handler {
                 .reject(count, ErrorCode::StorageFailed, e.to_string())
                 .await;
         }
+        let total = self.lottery.add_stored(agency, new.len() as u64).await;
         info!(
             action = action::APUESTA_RECIBIDA,
             result = result::SUCCESS,
             cantidad = count
         );
         if tracing::enabled!(tracing::Level::DEBUG) {
-            for b in &bets {
+            for b in new {
                 debug!(
                     action = action::APUESTA_ALMACENADA,
                     result = result::SUCCESS,
@@ -340,7 +465,11 @@ impl Handler {
                 );
             }
         }
-        self.framed.send(&Reply::Stored { count }).await?;
+        let reply = Reply::Success {
+            message: format!("stored {count} bets"),
+            stored: Some(total),
+        };
+        self.framed.send(&reply).await?;
         Ok(Next::Continue)
     }
 
@@ -366,9 +495,17 @@ impl Handler {
         if let Err(e) = self.bind_agency(agency).await {
             return self.refuse_finish(agency, e.code(), e.to_string()).await;
         }
+        if self.announced {
+            let reason =
+                format!("agency {agency} already announced it finished on this connection");
+            return self
+                .refuse_finish(agency, ErrorCode::AgencyFinished, reason)
+                .await;
+        }
         if let Err(e) = self.lottery.finish(agency).await {
             return self.refuse_finish(agency, e.code(), e.to_string()).await;
         }
+        self.announced = true;
         // Hold the agency here until the draw, or until shutdown.
         let Some(draw) = self.lottery.wait_for_draw(&self.shutdown).await else {
             return Ok(Next::Close);

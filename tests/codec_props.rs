@@ -52,10 +52,11 @@ fn bet() -> impl Strategy<Value = Bet> {
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
         3 => proptest::collection::vec(bet(), 1..30).prop_filter_map("fits one frame", |bets| {
-            let r = Request::Batch(bets);
+            let r = Request::Batch { first: None, bets };
             (to_payload(&r).len() <= MAX_PAYLOAD_LEN).then_some(r)
         }),
         1 => (1u32..=1000).prop_map(|agency| Request::Finished { agency }),
+        1 => (1u32..=1000).prop_map(|agency| Request::Hello { agency }),
     ]
 }
 
@@ -150,8 +151,14 @@ fn every_frame_split_at_every_byte_boundary() {
         })
         .collect();
     let requests = vec![
-        Request::Batch(bets[..20].to_vec()),
-        Request::Batch(bets[20..].to_vec()),
+        Request::Batch {
+            first: Some(0),
+            bets: bets[..20].to_vec(),
+        },
+        Request::Batch {
+            first: Some(20),
+            bets: bets[20..].to_vec(),
+        },
         Request::Finished { agency: 2 },
     ];
     let wire = encode_all(&requests);

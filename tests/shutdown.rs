@@ -45,7 +45,7 @@ fn server_sigterm_mid_upload_keeps_acknowledged_bets_and_exits_0() {
     send(&mut uploading, &format!("BATCH_SIZE:1|BET_1:{BET}\n"));
     assert_eq!(
         recv(&mut uploading).unwrap(),
-        "STATUS:SUCCESS|MESSAGE:stored 1 bets\n"
+        "STATUS:SUCCESS|MESSAGE:stored 1 bets|STORED:1\n"
     );
     // Agency 2 finished and waits for a draw that will not come.
     let mut waiting = TcpStream::connect(server.address()).unwrap();
@@ -123,14 +123,16 @@ fn agency_sigterm_mid_upload_exits_0() {
     let agency = start_agency(1, &address, &data, &work.path().join("winners.txt"));
     let (mut conn, _) = central.accept().unwrap();
     conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    assert_eq!(recv(&mut conn).unwrap(), "ACTION:HELLO|AGENCY_ID:1\n");
+    send(&mut conn, "STATUS:SUCCESS|MESSAGE:welcome|STORED:0\n");
     let first = recv(&mut conn).unwrap();
     assert!(
-        first.starts_with("BATCH_SIZE:70|BET_1:NOMBRE:Ana\\|APELLIDO:Pérez\\|"),
+        first.starts_with("BATCH_SIZE:70|FIRST:0|BET_1:NOMBRE:Ana\\|APELLIDO:Pérez\\|"),
         "{first}"
     );
-    send(&mut conn, "STATUS:SUCCESS|MESSAGE:stored 70 bets\n");
+    send(&mut conn, "STATUS:SUCCESS|MESSAGE:stored 70 bets|STORED:70\n");
     let second = recv(&mut conn).unwrap();
-    assert!(second.starts_with("BATCH_SIZE:70|"));
+    assert!(second.starts_with("BATCH_SIZE:70|FIRST:70|"), "{second}");
 
     agency.signal(Signal::SIGTERM);
     let status = agency.wait_exit(Duration::from_secs(10));

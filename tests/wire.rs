@@ -33,6 +33,7 @@ impl TestServer {
             agencies,
             storage: storage.clone(),
             winning_number: 7574,
+            ..ServerConfig::default()
         };
         let listener = server::bind_addr("127.0.0.1:0".parse().unwrap(), 16).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -99,7 +100,7 @@ async fn reference_agency_bytes() {
     .await;
     assert_eq!(
         recv(&mut agency).await,
-        "STATUS:SUCCESS|MESSAGE:stored 2 bets\n"
+        "STATUS:SUCCESS|MESSAGE:stored 2 bets|STORED:2\n"
     );
 
     // The reference agency's spelling of "finished".
@@ -151,7 +152,7 @@ async fn rejected_batch_stores_nothing_and_says_which_bet() {
     .await;
     assert_eq!(
         recv(&mut agency).await,
-        "STATUS:SUCCESS|MESSAGE:stored 1 bets\n"
+        "STATUS:SUCCESS|MESSAGE:stored 1 bets|STORED:1\n"
     );
     assert_eq!(
         server.stop().await,
@@ -225,10 +226,10 @@ async fn frames_split_byte_by_byte_and_many_in_one_write() {
     // Three batches in one write: three acknowledgements, in order.
     let burst: Vec<u8> = frame.iter().chain(&frame).chain(&frame).copied().collect();
     agency.write_all(&burst).await.unwrap();
-    for _ in 0..3 {
+    for stored in 2..=4 {
         assert_eq!(
             recv(&mut agency).await,
-            "STATUS:SUCCESS|MESSAGE:stored 1 bets\n"
+            format!("STATUS:SUCCESS|MESSAGE:stored 1 bets|STORED:{stored}\n")
         );
     }
     send(&mut agency, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
