@@ -6,7 +6,7 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 
 use lottery::model::Bet;
-use lottery::storage::{encode_rows, scan, BetStore};
+use lottery::storage::{encode_rows, scan, BetStore, Durability};
 
 fn bets(n: usize) -> Vec<Bet> {
     (0..n)
@@ -41,25 +41,40 @@ fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let mut rows = Vec::new();
     encode_rows(&batch, &mut rows);
+    // 100 batches of 70 in flight at once, as from many agencies: group
+    // commit lets them share syncs.
     g.throughput(Throughput::Elements(70 * 100));
-    g.bench_function("append_100x70", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                let (store, writer) = BetStore::open(&dir.path().join("bets.csv")).unwrap();
-                let mut tasks = Vec::new();
-                for _ in 0..100 {
-                    let (store, rows) = (store.clone(), rows.clone());
-                    tasks.push(tokio::spawn(
-                        async move { store.append(rows).await.unwrap() },
-                    ));
-                }
-                for t in tasks {
-                    t.await.unwrap();
-                }
-                drop(store);
-                writer.await.unwrap();
+    for (name, durability) in [
+        ("append_100x70_sync", Durability::Sync),
+        ("append_100x70_nosync", Durability::NoSync),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let (store, writer) = BetStore::open(&dir.path().join("bets.csv"), durability);
+                    let mut tasks = Vec::new();
+                    for _ in 0..100 {
+                        let (store, rows) = (store.clone(), rows.clone());
+                        tasks.push(tokio::spawn(
+                            async move { store.append(rows).await.unwrap() },
+                        ));
+                    }
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                    drop(store);
+                    writer.await.unwrap();
+                })
             })
-        })
+        });
+    }
+    // One batch at a time, each waiting for its own sync: the cost a lone
+    // agency sees per acknowledgement.
+    g.throughput(Throughput::Elements(70));
+    g.bench_function("append_1x70_sync", |b| {
+        let (store, _writer) =
+            rt.block_on(async { BetStore::open(&dir.path().join("one.csv"), Durability::Sync) });
+        b.iter(|| rt.block_on(store.append(rows.clone())).unwrap())
     });
 
     // The draw's scan over 1,000,000 stored bets.

@@ -130,7 +130,10 @@ fn agency_sigterm_mid_upload_exits_0() {
         first.starts_with("BATCH_SIZE:70|FIRST:0|BET_1:NOMBRE:Ana\\|APELLIDO:Pérez\\|"),
         "{first}"
     );
-    send(&mut conn, "STATUS:SUCCESS|MESSAGE:stored 70 bets|STORED:70\n");
+    send(
+        &mut conn,
+        "STATUS:SUCCESS|MESSAGE:stored 70 bets|STORED:70\n",
+    );
     let second = recv(&mut conn).unwrap();
     assert!(second.starts_with("BATCH_SIZE:70|FIRST:70|"), "{second}");
 
