@@ -583,4 +583,94 @@ mod tests {
         let err = scan(&path, |_| {}).unwrap_err();
         assert!(err.to_string().contains("row 2"), "{err}");
     }
+
+    const GOOD: &str = "1,Ana,Pérez,1,1999-03-17,5\n2,\"B, b\",C,2,1999-03-17,7574\n";
+
+    fn recovered(body: &[u8]) -> (Result<Recovered, StorageError>, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bets.csv");
+        std::fs::write(&path, body).unwrap();
+        let r = recover(&path);
+        (r, std::fs::read(&path).unwrap())
+    }
+
+    #[test]
+    fn recover_keeps_complete_rows_and_counts_agencies() {
+        let (r, after) = recovered(GOOD.as_bytes());
+        let r = r.unwrap();
+        assert_eq!(after, GOOD.as_bytes());
+        assert_eq!(r.rows, 2);
+        assert_eq!(r.per_agency, BTreeMap::from([(1, 1), (2, 1)]));
+        assert_eq!(r.truncated_bytes, 0);
+    }
+
+    #[test]
+    fn recover_cuts_a_torn_row_at_every_length() {
+        // A third row torn at every byte: whatever is left of it goes, the
+        // first two rows stay.
+        let third = "3,\"Juan\nCarlos\",Núñez,30904465,1999-03-17,7574\n";
+        for cut in 1..third.len() {
+            let mut body = GOOD.as_bytes().to_vec();
+            body.extend_from_slice(&third.as_bytes()[..cut]);
+            let (r, after) = recovered(&body);
+            let r = r.unwrap_or_else(|e| panic!("cut {cut}: {e}"));
+            assert_eq!(after, GOOD.as_bytes(), "cut at {cut}");
+            assert_eq!(r.rows, 2);
+            assert_eq!(r.truncated_bytes, cut as u64);
+            assert_eq!(r.per_agency.get(&3), None);
+        }
+    }
+
+    #[test]
+    fn recover_refuses_damage_before_the_tail() {
+        let mut body = b"1,A,B,1,1999-03-17,5\ngarbage\n".to_vec();
+        for _ in 0..2_000 {
+            body.extend_from_slice(GOOD.as_bytes());
+        }
+        let (r, after) = recovered(&body);
+        let err = r.unwrap_err();
+        assert!(err.to_string().contains("row 2"), "{err}");
+        assert_eq!(after, body, "nothing is cut when refusing");
+    }
+
+    #[tokio::test]
+    async fn a_replaced_file_fails_batches_until_it_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bets.csv");
+        let aside = dir.path().join("aside.csv");
+        let (store, writer) = BetStore::open(&path, Durability::Sync);
+        let mut rows = Vec::new();
+        encode_rows(&[bet(1, "Ana", "Pérez", "1", "5")], &mut rows);
+        store.append(rows.clone()).await.unwrap();
+
+        std::fs::rename(&path, &aside).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let err = store.append(rows.clone()).await.unwrap_err();
+        assert!(err.to_string().contains("no longer the file"), "{err}");
+
+        std::fs::remove_dir(&path).unwrap();
+        std::fs::rename(&aside, &path).unwrap();
+        store.append(rows.clone()).await.unwrap();
+        drop(store);
+        writer.await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+    }
+
+    #[tokio::test]
+    async fn an_unopenable_path_fails_batches_without_stopping_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        // A regular file where a directory should be: ENOTDIR, even for root.
+        std::fs::write(dir.path().join("plain"), "").unwrap();
+        let path = dir.path().join("plain").join("bets.csv");
+        let (store, writer) = BetStore::open(&path, Durability::Sync);
+        let mut rows = Vec::new();
+        encode_rows(&[bet(1, "Ana", "Pérez", "1", "5")], &mut rows);
+        for _ in 0..2 {
+            let err = store.append(rows.clone()).await.unwrap_err();
+            assert!(err.to_string().contains("cannot open"), "{err}");
+        }
+        drop(store);
+        writer.await.unwrap();
+    }
 }

@@ -18,14 +18,19 @@ const PATIENCE: Duration = Duration::from_secs(30);
 struct TestServer {
     addr: SocketAddr,
     storage: PathBuf,
+    agencies: u32,
     token: CancellationToken,
     task: JoinHandle<()>,
-    _dir: tempfile::TempDir,
+    dir: std::sync::Arc<tempfile::TempDir>,
 }
 
 impl TestServer {
     async fn start(agencies: u32) -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(std::sync::Arc::new(tempfile::tempdir().unwrap()), agencies).await
+    }
+
+    /// A server over the bets file and draw record in `dir`.
+    async fn start_in(dir: std::sync::Arc<tempfile::TempDir>, agencies: u32) -> TestServer {
         let storage = dir.path().join("bets.csv");
         let config = ServerConfig {
             port: 0,
@@ -45,14 +50,22 @@ impl TestServer {
         TestServer {
             addr,
             storage,
+            agencies,
             token,
             task,
-            _dir: dir,
+            dir,
         }
     }
 
     async fn connect(&self) -> TcpStream {
         TcpStream::connect(self.addr).await.unwrap()
+    }
+
+    /// Stops this server and starts another over the same files.
+    async fn restart(self) -> TestServer {
+        let (dir, agencies) = (self.dir.clone(), self.agencies);
+        self.stop().await;
+        Self::start_in(dir, agencies).await
     }
 
     async fn stop(self) -> String {
@@ -305,4 +318,122 @@ async fn long_winner_lists_continue_over_frames() {
     assert!(frames > 1);
     assert_eq!(got, sent);
     server.stop().await;
+}
+
+fn bet(doc: u32, number: u16) -> String {
+    format!(
+        r"NOMBRE:Ana\|APELLIDO:Perez\|DOCUMENTO:{doc}\|NACIMIENTO:1999-03-17\|NUMERO:{number}\|AGENCY_ID:1"
+    )
+}
+
+/// A batch of the bets `docs` (winning when the document is even), starting
+/// at position `first` of the agency's file.
+fn batch(first: u64, docs: std::ops::Range<u32>) -> String {
+    let mut p = format!("BATCH_SIZE:{}|FIRST:{first}", docs.len());
+    for (i, d) in docs.enumerate() {
+        let number = if d % 2 == 0 { 7574 } else { 1 };
+        p.push_str(&format!("|BET_{}:{}", i + 1, bet(d, number)));
+    }
+    p.push('\n');
+    p
+}
+
+#[tokio::test]
+async fn hello_reports_stored_bets_and_resent_batches_are_not_stored_twice() {
+    let server = TestServer::start(1).await;
+    let mut agency = server.connect().await;
+    send(&mut agency, b"ACTION:HELLO|AGENCY_ID:1\n").await;
+    assert_eq!(
+        recv(&mut agency).await,
+        "STATUS:SUCCESS|MESSAGE:agency 1: resume from bet 0|STORED:0\n"
+    );
+    send(&mut agency, batch(0, 10..13).as_bytes()).await;
+    assert_eq!(
+        recv(&mut agency).await,
+        "STATUS:SUCCESS|MESSAGE:stored 3 bets|STORED:3\n"
+    );
+    // The same batch again (its acknowledgement was lost): acknowledged, not stored.
+    send(&mut agency, batch(0, 10..13).as_bytes()).await;
+    assert_eq!(
+        recv(&mut agency).await,
+        "STATUS:SUCCESS|MESSAGE:already stored 3 bets|STORED:3\n"
+    );
+    // Overlapping the stored bets: only the new tail is stored.
+    send(&mut agency, batch(1, 11..15).as_bytes()).await;
+    assert_eq!(
+        recv(&mut agency).await,
+        "STATUS:SUCCESS|MESSAGE:stored 4 bets|STORED:5\n"
+    );
+    // A gap: refused, nothing stored.
+    send(&mut agency, batch(7, 17..18).as_bytes()).await;
+    let reply = recv(&mut agency).await;
+    assert!(reply.starts_with("STATUS:ERROR|CODE:OUT_OF_ORDER|MESSAGE:batch starts at bet 7 but agency 1 has 5 stored"), "{reply}");
+    drop(agency);
+
+    // A new connection (after a restart too) learns where to resume.
+    let server = server.restart().await;
+    let mut agency = server.connect().await;
+    send(&mut agency, b"ACTION:HELLO|AGENCY_ID:1\n").await;
+    assert!(recv(&mut agency).await.ends_with("|STORED:5\n"));
+    let stored = server.stop().await;
+    let docs: Vec<&str> = stored
+        .lines()
+        .map(|l| l.split(',').nth(3).unwrap())
+        .collect();
+    assert_eq!(docs, ["10", "11", "12", "13", "14"]);
+}
+
+#[tokio::test]
+async fn a_restarted_server_answers_winners_from_the_draw_record() {
+    let server = TestServer::start(2).await;
+    let mut one = server.connect().await;
+    send(&mut one, batch(0, 10..14).as_bytes()).await;
+    assert!(recv(&mut one).await.starts_with("STATUS:SUCCESS"));
+    send(&mut one, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    // A second announcement on the same connection is refused.
+    send(&mut one, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    let mut two = server.connect().await;
+    send(&mut two, b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n").await;
+    assert_eq!(recv(&mut two).await, "STATUS:SUCCESS|WINNERS:\n");
+    let first = recv(&mut one).await;
+    let second = recv(&mut one).await;
+    let mut replies = [first, second];
+    replies.sort();
+    assert!(
+        replies[0].starts_with("STATUS:ERROR|CODE:AGENCY_FINISHED|"),
+        "{replies:?}"
+    );
+    assert_eq!(replies[1], "STATUS:SUCCESS|WINNERS:10,12\n");
+    drop((one, two));
+
+    let record = std::fs::read_to_string(server.dir.path().join("bets.draw.toml")).unwrap();
+    assert!(record.contains("winning_number = 7574"), "{record}");
+
+    // After a restart: no agency needs to announce again for the draw to
+    // stand, and it never runs twice.
+    let server = server.restart().await;
+    let mut again = server.connect().await;
+    send(&mut again, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    assert_eq!(recv(&mut again).await, "STATUS:SUCCESS|WINNERS:10,12\n");
+    // Bets after the draw are refused; a resent batch that is already stored
+    // is still acknowledged.
+    let mut late = server.connect().await;
+    let late_bet = bet(99, 7574).replace("AGENCY_ID:1", "AGENCY_ID:2");
+    send(
+        &mut late,
+        format!("BATCH_SIZE:1|BET_1:{late_bet}\n").as_bytes(),
+    )
+    .await;
+    assert!(recv(&mut late)
+        .await
+        .starts_with("STATUS:ERROR|CODE:AGENCY_FINISHED|"));
+    send(&mut again, batch(0, 10..14).as_bytes()).await;
+    assert!(recv(&mut again)
+        .await
+        .starts_with("STATUS:SUCCESS|MESSAGE:already stored 4 bets"));
+    assert_eq!(
+        std::fs::read_to_string(server.dir.path().join("bets.draw.toml")).unwrap(),
+        record
+    );
+    assert_eq!(server.stop().await.lines().count(), 4);
 }
