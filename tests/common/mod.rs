@@ -107,6 +107,11 @@ impl Proc {
         }
     }
 
+    /// Sends `signal` to the process; false if it has already exited.
+    pub fn try_signal(&self, signal: nix::sys::signal::Signal) -> bool {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), signal).is_ok()
+    }
+
     /// Sends `signal` to the process.
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), signal).expect("kill");
@@ -163,9 +168,15 @@ pub struct Server {
 
 impl Server {
     pub fn start(storage: &Path, agencies: u32, winning_number: u16) -> Server {
+        Self::start_on(storage, agencies, winning_number, 0)
+    }
+
+    /// On a given port (0 for any), to restart a server where agencies
+    /// expect it.
+    pub fn start_on(storage: &Path, agencies: u32, winning_number: u16, port: u16) -> Server {
         let mut cmd = lottery();
         cmd.arg("server")
-            .env("SERVER_PORT", "0")
+            .env("SERVER_PORT", port.to_string())
             .env("SERVER_AGENCIES", agencies.to_string())
             .env("SERVER_STORAGE", storage)
             .env("SERVER_WINNING_NUMBER", winning_number.to_string());
@@ -186,6 +197,11 @@ impl Server {
 
 /// Starts `lottery agency` number `id` against `address`.
 pub fn start_agency(id: u32, address: &str, data_file: &Path, winners_out: &Path) -> Proc {
+    Proc::spawn(agency_command(id, address, data_file, winners_out))
+}
+
+/// The command line of `lottery agency` number `id`.
+pub fn agency_command(id: u32, address: &str, data_file: &Path, winners_out: &Path) -> Command {
     let mut cmd = lottery();
     cmd.arg("agency")
         .env("CLI_ID", id.to_string())
@@ -193,7 +209,7 @@ pub fn start_agency(id: u32, address: &str, data_file: &Path, winners_out: &Path
         .env("CLI_DATA_FILE", data_file)
         .arg("--winners-out")
         .arg(winners_out);
-    Proc::spawn(cmd)
+    cmd
 }
 
 /// One bet as stored: agency, first, last, document, birthdate, number.

@@ -1,0 +1,311 @@
+//! Nothing acknowledged is lost and nothing is stored twice, whatever
+//! crashes: the server or the agencies SIGKILLed at seeded random moments,
+//! connections cut between an acknowledgement and its reading, and a bets
+//! file that stops being writable.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use lottery::gen_data::{generate, GenOptions};
+use nix::sys::signal::Signal;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const WINNING: u16 = 7574;
+
+fn data(agencies: u32, bets_per_agency: u64, seed: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    generate(
+        dir.path(),
+        &GenOptions {
+            agencies,
+            bets_per_agency,
+            seed,
+            winning_number: WINNING,
+            winner_share: 0.005,
+            tricky_share: 0.01,
+            crlf: false,
+        },
+    )
+    .unwrap();
+    dir
+}
+
+/// Waits for every agency to finish, then checks the bets file against the
+/// input exactly and each agency's winners against the input's.
+fn check_outcome(data: &Path, work: &Path, storage: &Path, agencies: &[Proc]) {
+    for (i, agency) in agencies.iter().enumerate() {
+        let status = agency.wait_exit(PATIENCE);
+        assert!(
+            status.success(),
+            "agency {} failed: {status}\n{}\n{}",
+            i + 1,
+            agency.output(),
+            agency.stderr()
+        );
+        assert!(
+            !agency.output().contains("result: fail"),
+            "agency {} logged a failure:\n{}",
+            i + 1,
+            agency.output()
+        );
+    }
+    let expected = expected(data, agencies.len() as u32, WINNING);
+    let stored = stored(storage);
+    for (agency, rows) in &expected.rows {
+        let got = stored.get(agency).map_or(0, Vec::len);
+        assert_eq!(
+            got,
+            rows.len(),
+            "agency {agency}: stored {got} of {} bets",
+            rows.len()
+        );
+    }
+    assert_eq!(stored, expected.rows, "stored rows differ from the input");
+    for (agency, winners) in &expected.winners {
+        let got = read_winners(&work.join(format!("winners-{agency}.txt")));
+        assert_eq!(&got, winners, "agency {agency} winners");
+    }
+}
+
+fn winners_file(work: &Path, id: u32) -> std::path::PathBuf {
+    work.join(format!("winners-{id}.txt"))
+}
+
+#[test]
+fn server_sigkilled_twenty_times_loses_and_duplicates_nothing() {
+    const AGENCIES: u32 = 4;
+    let data = data(AGENCIES, 25_000, 11);
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("bets.csv");
+    let mut rng = ChaCha8Rng::seed_from_u64(20261126);
+
+    let mut server = Server::start(&storage, AGENCIES, WINNING);
+    let port = server.port;
+    let agencies: Vec<Proc> = (1..=AGENCIES)
+        .map(|id| {
+            start_agency(
+                id,
+                &server.address(),
+                &data_file(data.path(), id),
+                &winners_file(work.path(), id),
+            )
+        })
+        .collect();
+
+    let mut truncations = 0;
+    for _cycle in 0..20 {
+        // A seeded moment: after some number of batches this run.
+        for _ in 0..rng.random_range(5..40) {
+            server
+                .proc
+                .wait_for("action: apuesta_recibida | result: success");
+        }
+        server.proc.signal(Signal::SIGKILL);
+        assert!(!server.proc.wait_exit(PATIENCE).success());
+        server = Server::start_on(&storage, AGENCIES, WINNING, port);
+        // Start-up logs the recovery before it listens, and `start_on` has
+        // waited for the listening line.
+        let log = server.proc.output();
+        let recover = log
+            .lines()
+            .find(|l| l.contains("action: recover | result: success"))
+            .unwrap_or_else(|| panic!("no recovery line in:\n{log}"));
+        truncations += usize::from(!recover.contains("truncated_bytes: 0"));
+    }
+    check_outcome(data.path(), work.path(), &storage, &agencies);
+    eprintln!("20 kills, {truncations} torn rows repaired");
+
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+    let reconnects: usize = agencies
+        .iter()
+        .map(|a| {
+            a.output()
+                .matches("action: reconnect | result: in_progress")
+                .count()
+        })
+        .sum();
+    assert!(
+        reconnects >= 20,
+        "the agencies reconnected only {reconnects} times"
+    );
+}
+
+#[test]
+fn agencies_sigkilled_and_restarted_resume_exactly() {
+    const AGENCIES: u32 = 5;
+    let data = data(AGENCIES, 20_000, 12);
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("bets.csv");
+    let mut rng = ChaCha8Rng::seed_from_u64(7574);
+    let server = Server::start(&storage, AGENCIES, WINNING);
+    let command = |id: u32| {
+        agency_command(
+            id,
+            &server.address(),
+            &data_file(data.path(), id),
+            &winners_file(work.path(), id),
+        )
+    };
+    let mut agencies: Vec<Proc> = (1..=AGENCIES).map(|id| Proc::spawn(command(id))).collect();
+
+    let mut kills = 0;
+    while kills < 20 {
+        for _ in 0..rng.random_range(5..30) {
+            server
+                .proc
+                .wait_for("action: apuesta_recibida | result: success");
+        }
+        let victim = rng.random_range(0..AGENCIES as usize);
+        if agencies[victim].try_signal(Signal::SIGKILL) {
+            agencies[victim].wait_exit(PATIENCE);
+            agencies[victim] = Proc::spawn(command(victim as u32 + 1));
+            kills += 1;
+        }
+    }
+    check_outcome(data.path(), work.path(), &storage, &agencies);
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// Forwards agency connections to the central, and now and then swallows a
+/// reply and cuts both sides: the central has done the work, the agency
+/// never hears of it.
+struct CuttingProxy {
+    address: String,
+    cuts: Arc<AtomicUsize>,
+}
+
+impl CuttingProxy {
+    fn start(upstream: String, seed: u64, one_in: u32) -> CuttingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let rng = Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed)));
+        let counter = cuts.clone();
+        std::thread::spawn(move || {
+            for agency in listener.incoming() {
+                let Ok(agency) = agency else { return };
+                let Ok(central) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (rng, counter) = (rng.clone(), counter.clone());
+                let (mut a_in, mut c_out) =
+                    (agency.try_clone().unwrap(), central.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut a_in, &mut c_out);
+                    let _ = c_out.shutdown(Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    forward_replies(central, agency, &rng, &counter, one_in)
+                });
+            }
+        });
+        CuttingProxy { address, cuts }
+    }
+}
+
+fn forward_replies(
+    mut central: TcpStream,
+    mut agency: TcpStream,
+    rng: &Mutex<ChaCha8Rng>,
+    cuts: &AtomicUsize,
+    one_in: u32,
+) {
+    loop {
+        let mut header = [0u8; 4];
+        if central.read_exact(&mut header).is_err() {
+            break;
+        }
+        let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
+        if central.read_exact(&mut payload).is_err() {
+            break;
+        }
+        if rng.lock().unwrap().random_range(0..one_in) == 0 {
+            cuts.fetch_add(1, Ordering::SeqCst);
+            break;
+        }
+        if agency
+            .write_all(&header)
+            .and_then(|()| agency.write_all(&payload))
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = agency.shutdown(Shutdown::Both);
+    let _ = central.shutdown(Shutdown::Both);
+}
+
+#[test]
+fn acknowledgements_lost_on_the_way_are_not_stored_twice() {
+    const AGENCIES: u32 = 3;
+    let data = data(AGENCIES, 10_000, 13);
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("bets.csv");
+    let server = Server::start(&storage, AGENCIES, WINNING);
+    let proxy = CuttingProxy::start(server.address(), 99, 25);
+    let agencies: Vec<Proc> = (1..=AGENCIES)
+        .map(|id| {
+            start_agency(
+                id,
+                &proxy.address,
+                &data_file(data.path(), id),
+                &winners_file(work.path(), id),
+            )
+        })
+        .collect();
+    check_outcome(data.path(), work.path(), &storage, &agencies);
+    let cuts = proxy.cuts.load(Ordering::SeqCst);
+    assert!(cuts >= 10, "only {cuts} replies were cut");
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn a_bets_file_replaced_by_a_directory_fails_batches_until_it_is_back() {
+    let data = data(1, 20_000, 14);
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("bets.csv");
+    let aside = work.path().join("aside.csv");
+    let server = Server::start(&storage, 1, WINNING);
+    let agency = start_agency(
+        1,
+        &server.address(),
+        &data_file(data.path(), 1),
+        &winners_file(work.path(), 1),
+    );
+    server
+        .proc
+        .wait_for("action: apuesta_recibida | result: success");
+    std::fs::rename(&storage, &aside).unwrap();
+    std::fs::create_dir(&storage).unwrap();
+
+    let failed = server
+        .proc
+        .wait_for("action: apuesta_recibida | result: fail");
+    assert!(failed.contains("code: STORAGE_FAILED"), "{failed}");
+    assert!(failed.contains("no longer the file"), "{failed}");
+    server.proc.wait_for("action: store | result: fail");
+    // The agency is told, keeps its bets, and tries again.
+    agency.wait_for("action: reconnect | result: in_progress");
+    std::fs::remove_dir(&storage).unwrap();
+    std::fs::rename(&aside, &storage).unwrap();
+
+    check_outcome(
+        data.path(),
+        work.path(),
+        &storage,
+        std::slice::from_ref(&agency),
+    );
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+}
