@@ -30,6 +30,7 @@ use crate::config::AgencyConfig;
 use crate::logging::{action, result};
 use crate::model::{AgencyId, Bet};
 use crate::protocol::{encoded_bet_len, BatchSizer, ErrorCode, MessageError, Reply, Request};
+use crate::tls::{self, BoxedIo, TlsError};
 
 /// Batches read ahead of the one being sent.
 const READ_AHEAD: usize = 4;
@@ -119,6 +120,21 @@ pub enum AgencyError {
     /// The socket or framing failed.
     #[error(transparent)]
     Frame(#[from] FrameError),
+    /// The secret file cannot be read.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// TLS could not be set up (a bad CA file or server name).
+    #[error(transparent)]
+    TlsSetup(#[from] TlsError),
+    /// The TLS handshake failed: the central's certificate is not trusted,
+    /// or does not name it.
+    #[error("TLS handshake with {address} failed: {source}")]
+    Handshake {
+        /// The central's address.
+        address: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 impl AgencyError {
@@ -131,7 +147,11 @@ impl AgencyError {
             AgencyError::Frame(FrameError::Io(_) | FrameError::Truncated(_)) => true,
             AgencyError::Rejected { code, .. } | AgencyError::Refused { code, .. } => matches!(
                 code,
-                ErrorCode::StorageFailed | ErrorCode::OutOfOrder | ErrorCode::AgencyBusy
+                ErrorCode::StorageFailed
+                    | ErrorCode::OutOfOrder
+                    | ErrorCode::AgencyBusy
+                    | ErrorCode::ServerBusy
+                    | ErrorCode::Timeout
             ),
             _ => false,
         }
@@ -173,6 +193,17 @@ pub async fn run(
         path: path.clone(),
         source,
     })?;
+    let secret = config.load_secret()?;
+    let tls = if config.tls_ca.as_os_str().is_empty() {
+        None
+    } else {
+        Some(tls::connector(&config.tls_ca, &config.tls_name())?)
+    };
+    let link = Link {
+        address: &config.server_address,
+        secret: secret.as_deref(),
+        tls: tls.as_ref(),
+    };
     let mut report = AgencyReport {
         agency: config.id,
         bets: 0,
@@ -185,7 +216,15 @@ pub async fn run(
     let mut sessions = 0u64;
     loop {
         let mut progressed = false;
-        let outcome = session(config, &path, &shutdown, &mut report, &mut progressed).await;
+        let outcome = session(
+            config,
+            &link,
+            &path,
+            &shutdown,
+            &mut report,
+            &mut progressed,
+        )
+        .await;
         sessions += 1;
         match outcome {
             Ok(SessionEnd::Done) => {
@@ -239,26 +278,60 @@ pub async fn run(
     }
 }
 
+/// How to reach the central: where, with which secret, over TLS or not.
+struct Link<'a> {
+    address: &'a str,
+    secret: Option<&'a str>,
+    tls: Option<&'a (
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+}
+
+impl Link<'_> {
+    /// Connects (and completes the TLS handshake when on).
+    async fn connect(&self) -> Result<BoxedIo, AgencyError> {
+        let stream =
+            TcpStream::connect(self.address)
+                .await
+                .map_err(|source| AgencyError::Connect {
+                    address: self.address.to_string(),
+                    source,
+                })?;
+        // Each frame leaves in one write; never hold it back for Nagle.
+        stream.set_nodelay(true).map_err(FrameError::Io)?;
+        match self.tls {
+            None => Ok(Box::new(stream)),
+            Some((connector, name)) => {
+                let stream = connector
+                    .connect(name.clone(), stream)
+                    .await
+                    .map_err(|source| AgencyError::Handshake {
+                        address: self.address.to_string(),
+                        source,
+                    })?;
+                Ok(Box::new(stream))
+            }
+        }
+    }
+}
+
 /// One connection: open a session, upload from where the central stands,
 /// announce the end, collect the winners.
 async fn session(
     config: &AgencyConfig,
+    link: &Link<'_>,
     path: &Path,
     shutdown: &CancellationToken,
     report: &mut AgencyReport,
     progressed: &mut bool,
 ) -> Result<SessionEnd, AgencyError> {
-    let address = config.server_address.as_str();
+    let address = link.address;
     let stream = tokio::select! {
         biased;
         _ = shutdown.cancelled() => return Ok(SessionEnd::Cancelled),
-        stream = TcpStream::connect(address) => stream.map_err(|source| AgencyError::Connect {
-            address: address.to_string(),
-            source,
-        })?,
+        stream = link.connect() => stream?,
     };
-    // Each frame leaves in one write; never hold it back for Nagle.
-    stream.set_nodelay(true).map_err(FrameError::Io)?;
     info!(
         action = action::CONNECT,
         result = result::SUCCESS,
@@ -271,7 +344,10 @@ async fn session(
     };
 
     conn.framed
-        .send(&Request::Hello { agency: config.id })
+        .send(&Request::Hello {
+            agency: config.id,
+            secret: link.secret.map(str::to_string),
+        })
         .await?;
     let Some(reply) = conn.reply("opening the session").await? else {
         return Ok(SessionEnd::Cancelled);
@@ -369,7 +445,7 @@ async fn session(
 
 /// The framed socket of one session, with shutdown-aware reads.
 struct Connection<'a> {
-    framed: Framed<TcpStream, AgencyCodec>,
+    framed: Framed<BoxedIo, AgencyCodec>,
     shutdown: &'a CancellationToken,
     address: &'a str,
 }

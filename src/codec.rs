@@ -47,14 +47,23 @@ pub type AgencyCodec = LotteryCodec<Reply, Request>;
 pub struct LotteryCodec<In, Out> {
     /// Payload length of the frame being read, once its header is consumed.
     pending: Option<usize>,
+    /// When the first byte of the frame being read arrived: the start of its
+    /// deadline (a slow sender must not hold a connection forever).
+    started: Option<std::time::Instant>,
     _types: PhantomData<fn(Out) -> In>,
 }
 
 impl<In, Out> LotteryCodec<In, Out> {
+    /// When the frame now being read began to arrive; `None` between frames.
+    pub fn partial_since(&self) -> Option<std::time::Instant> {
+        self.started
+    }
+
     /// A codec waiting for the first header.
     pub fn new() -> Self {
         Self {
             pending: None,
+            started: None,
             _types: PhantomData,
         }
     }
@@ -114,7 +123,18 @@ impl<In: WireMessage, Out> Decoder for LotteryCodec<In, Out> {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, FrameError> {
-        Ok(decode_payload(&mut self.pending, src)?.map(|payload| In::parse(&payload)))
+        match decode_payload(&mut self.pending, src)? {
+            Some(payload) => {
+                self.started = None;
+                Ok(Some(In::parse(&payload)))
+            }
+            None => {
+                if self.started.is_none() && (!src.is_empty() || self.pending.is_some()) {
+                    self.started = Some(std::time::Instant::now());
+                }
+                Ok(None)
+            }
+        }
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, FrameError> {

@@ -4,6 +4,7 @@
 //! Every error names the key (or variable) at fault, so an operator can fix
 //! it without reading code; `main` turns any [`ConfigError`] into exit code 2.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -44,9 +45,79 @@ pub struct ServerConfig {
     /// Where the draw's outcome is recorded; empty means beside the bets
     /// file, with the extension `.draw.toml`.
     pub draw_record: PathBuf,
+    /// Most connections served at once; more are refused with `SERVER_BUSY`.
+    pub max_connections: usize,
+    /// Seconds a peer has to complete a frame once it has started one (and
+    /// to complete the TLS handshake).
+    pub frame_timeout: u64,
+    /// Seconds a connection may sit with no request before it is closed.
+    /// Waiting for the draw does not count: then the central is the one
+    /// who owes an answer.
+    pub idle_timeout: u64,
+    /// Per-agency secrets, agency id to secret. When any are set (here or
+    /// in `secrets_file`), every connection must open with `HELLO` and its
+    /// agency's secret.
+    pub secrets: BTreeMap<String, String>,
+    /// A TOML file of the same `id = "secret"` pairs, kept out of the main
+    /// configuration; empty for none.
+    pub secrets_file: PathBuf,
+    /// PEM certificate chain; with `tls_key`, the central speaks only TLS.
+    pub tls_cert: PathBuf,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: PathBuf,
 }
 
 impl ServerConfig {
+    /// Every configured secret, inline and from `secrets_file`, by agency.
+    ///
+    /// # Errors
+    /// The file cannot be read, or a key is not an agency id.
+    pub fn load_secrets(&self) -> Result<BTreeMap<AgencyId, String>, ConfigError> {
+        let mut all = self.secrets.clone();
+        if !self.secrets_file.as_os_str().is_empty() {
+            let text = std::fs::read_to_string(&self.secrets_file).map_err(|source| {
+                ConfigError::Read {
+                    path: self.secrets_file.clone(),
+                    source,
+                }
+            })?;
+            let from_file: BTreeMap<String, String> =
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: self.secrets_file.clone(),
+                    message: e.to_string().trim().replace('\n', " "),
+                })?;
+            all.extend(from_file);
+        }
+        all.into_iter()
+            .map(|(id, secret)| {
+                let agency: AgencyId = parse_value("server.secrets", &id)?;
+                if secret.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        key: format!("server.secrets.{id}"),
+                        value: String::new(),
+                        reason: "a secret cannot be empty".into(),
+                    });
+                }
+                Ok((agency, secret))
+            })
+            .collect()
+    }
+
+    /// Whether the central speaks TLS.
+    pub fn tls_enabled(&self) -> bool {
+        !self.tls_cert.as_os_str().is_empty()
+    }
+
+    /// [`ServerConfig::frame_timeout`] as a duration.
+    pub fn frame_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.frame_timeout)
+    }
+
+    /// [`ServerConfig::idle_timeout`] as a duration.
+    pub fn idle_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.idle_timeout)
+    }
+
     /// The draw record's path, defaulted from the bets file's.
     pub fn draw_record_path(&self) -> PathBuf {
         if self.draw_record.as_os_str().is_empty() {
@@ -67,6 +138,13 @@ impl Default for ServerConfig {
             winning_number: 7574,
             sync: true,
             draw_record: PathBuf::new(),
+            max_connections: 1024,
+            frame_timeout: 10,
+            idle_timeout: 120,
+            secrets: BTreeMap::new(),
+            secrets_file: PathBuf::new(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
         }
     }
 }
@@ -85,9 +163,50 @@ pub struct AgencyConfig {
     pub batch_max_amount: usize,
     /// Seconds to keep reconnecting without progress before giving up.
     pub reconnect_timeout: u64,
+    /// This agency's secret, when the central requires one.
+    pub secret: String,
+    /// A file holding the secret (surrounding white space ignored); empty
+    /// for none.
+    pub secret_file: PathBuf,
+    /// PEM certificate(s) of the authority that signed the central's
+    /// certificate; set to speak TLS.
+    pub tls_ca: PathBuf,
+    /// Name to verify in the central's certificate; empty means the host
+    /// part of `server_address`.
+    pub tls_server_name: String,
 }
 
 impl AgencyConfig {
+    /// The secret to present, from `secret` or `secret_file`.
+    ///
+    /// # Errors
+    /// The secret file cannot be read.
+    pub fn load_secret(&self) -> Result<Option<String>, ConfigError> {
+        if !self.secret_file.as_os_str().is_empty() {
+            let text =
+                std::fs::read_to_string(&self.secret_file).map_err(|source| ConfigError::Read {
+                    path: self.secret_file.clone(),
+                    source,
+                })?;
+            return Ok(Some(text.trim().to_string()));
+        }
+        Ok((!self.secret.is_empty()).then(|| self.secret.clone()))
+    }
+
+    /// The name the central's certificate must carry.
+    pub fn tls_name(&self) -> String {
+        if !self.tls_server_name.is_empty() {
+            return self.tls_server_name.clone();
+        }
+        let host = self
+            .server_address
+            .rsplit_once(':')
+            .map_or(self.server_address.as_str(), |(h, _)| h);
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string()
+    }
+
     /// [`AgencyConfig::reconnect_timeout`] as a duration.
     pub fn reconnect_patience(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.reconnect_timeout)
@@ -102,6 +221,10 @@ impl Default for AgencyConfig {
             data_file: ".data/agency-{id}.csv".to_string(),
             batch_max_amount: 70,
             reconnect_timeout: 60,
+            secret: String::new(),
+            secret_file: PathBuf::new(),
+            tls_ca: PathBuf::new(),
+            tls_server_name: String::new(),
         }
     }
 }
@@ -265,12 +388,22 @@ impl Config {
         set(&env, "SERVER_WINNING_NUMBER", &mut s.winning_number)?;
         set(&env, "SERVER_SYNC", &mut s.sync)?;
         set(&env, "SERVER_DRAW_RECORD", &mut s.draw_record)?;
+        set(&env, "SERVER_MAX_CONNECTIONS", &mut s.max_connections)?;
+        set(&env, "SERVER_FRAME_TIMEOUT", &mut s.frame_timeout)?;
+        set(&env, "SERVER_IDLE_TIMEOUT", &mut s.idle_timeout)?;
+        set(&env, "SERVER_SECRETS_FILE", &mut s.secrets_file)?;
+        set(&env, "SERVER_TLS_CERT", &mut s.tls_cert)?;
+        set(&env, "SERVER_TLS_KEY", &mut s.tls_key)?;
         let a = &mut self.agency;
         set(&env, "CLI_ID", &mut a.id)?;
         set(&env, "CLI_SERVER_ADDRESS", &mut a.server_address)?;
         set(&env, "CLI_DATA_FILE", &mut a.data_file)?;
         set(&env, "CLI_BATCH_MAXAMOUNT", &mut a.batch_max_amount)?;
         set(&env, "CLI_RECONNECT_TIMEOUT", &mut a.reconnect_timeout)?;
+        set(&env, "CLI_SECRET", &mut a.secret)?;
+        set(&env, "CLI_SECRET_FILE", &mut a.secret_file)?;
+        set(&env, "CLI_TLS_CA", &mut a.tls_ca)?;
+        set(&env, "CLI_TLS_SERVER_NAME", &mut a.tls_server_name)?;
         let level_var = match role {
             Role::Server => "LOGGING_LEVEL",
             Role::Agency => "CLI_LOG_LEVEL",
@@ -310,6 +443,36 @@ impl Config {
         }
         if self.server.storage.as_os_str().is_empty() {
             return bad("server.storage", String::new(), "must name a file");
+        }
+        if self.server.max_connections == 0 {
+            return bad("server.max_connections", "0".into(), "must be at least 1");
+        }
+        if self.server.frame_timeout == 0 {
+            return bad(
+                "server.frame_timeout",
+                "0".into(),
+                "must be at least 1 second",
+            );
+        }
+        if self.server.idle_timeout == 0 {
+            return bad(
+                "server.idle_timeout",
+                "0".into(),
+                "must be at least 1 second",
+            );
+        }
+        if self.server.tls_cert.as_os_str().is_empty() != self.server.tls_key.as_os_str().is_empty()
+        {
+            return bad(
+                "server.tls_key",
+                self.server.tls_key.display().to_string(),
+                "tls_cert and tls_key go together",
+            );
+        }
+        for id in self.server.secrets.keys() {
+            if id.parse::<AgencyId>().map_or(true, |a| a == 0) {
+                return bad("server.secrets", id.clone(), "keys are agency ids");
+            }
         }
         if self.agency.id == 0 {
             return bad("agency.id", "0".into(), "agency ids start at 1");

@@ -121,6 +121,7 @@ pub async fn run(
         winning_number: opts.winning_number,
         sync: opts.sync,
         draw_record: work_dir.join("bets.draw.toml"),
+        ..ServerConfig::default()
     };
     // Nor a previous demo's draw.
     match std::fs::remove_file(&server_config.draw_record) {

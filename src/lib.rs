@@ -11,7 +11,7 @@
 //! - [`lottery`]: shared state, the one-time draw, waiting for it.
 //! - [`server`]: the central (listener and per-connection handlers).
 //! - [`agency`]: an agency (streams its file, waits for its winners).
-//! - [`config`], [`logging`], [`shutdown`]: operating concerns.
+//! - [`config`], [`logging`], [`shutdown`], [`tls`]: operating concerns.
 //! - [`gen_data`], [`demo`]: synthetic data and the one-machine demo.
 //!
 //! A message on the wire, as an agency frames its announcement that it has
@@ -41,3 +41,4 @@ pub mod protocol;
 pub mod server;
 pub mod shutdown;
 pub mod storage;
+pub mod tls;

@@ -52,6 +52,8 @@ pub mod action {
     pub const CONNECTION: &str = "connection";
     /// The listening socket was closed.
     pub const CLOSE_LISTENER: &str = "close_listener";
+    /// A connection sat idle past the idle timeout and was closed.
+    pub const IDLE_TIMEOUT: &str = "idle_timeout";
     /// A connection was closed during shutdown.
     pub const CLOSE_CONNECTION: &str = "close_connection";
     /// Writing to the bets file failed.

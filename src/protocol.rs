@@ -44,6 +44,8 @@ pub mod key {
     pub const FIRST: &str = "FIRST";
     /// Bets the central holds for the agency.
     pub const STORED: &str = "STORED";
+    /// The agency's shared secret, in `HELLO`, when the central requires one.
+    pub const SECRET: &str = "SECRET";
     /// Bet field: first name.
     pub const NOMBRE: &str = "NOMBRE";
     /// Bet field: last name.
@@ -89,6 +91,9 @@ pub enum MessageError {
     /// A `\` is the last character of the payload or value.
     #[error("dangling escape at the end of {0}")]
     DanglingEscape(&'static str),
+    /// A `\` escapes a character no writer escapes.
+    #[error("unknown escape \\{0:?} in {1}")]
+    UnknownEscape(char, &'static str),
     /// A pair has no `:` between key and value.
     #[error("pair {0:?} has no ':'")]
     MissingColon(String),
@@ -151,6 +156,13 @@ pub enum ErrorCode {
     StorageFailed,
     /// The batch starts past the bets stored for the agency (a gap).
     OutOfOrder,
+    /// Secrets are configured and this connection has not presented its
+    /// agency's.
+    Unauthenticated,
+    /// A frame was not completed in time, or the connection sat idle.
+    Timeout,
+    /// The central is at its connection limit; try again later.
+    ServerBusy,
 }
 
 impl ErrorCode {
@@ -166,6 +178,9 @@ impl ErrorCode {
             ErrorCode::AgencyFinished => "AGENCY_FINISHED",
             ErrorCode::StorageFailed => "STORAGE_FAILED",
             ErrorCode::OutOfOrder => "OUT_OF_ORDER",
+            ErrorCode::Unauthenticated => "UNAUTHENTICATED",
+            ErrorCode::Timeout => "TIMEOUT",
+            ErrorCode::ServerBusy => "SERVER_BUSY",
         }
     }
 }
@@ -191,6 +206,8 @@ pub enum Request {
     Hello {
         /// The agency.
         agency: AgencyId,
+        /// The agency's secret, when the central requires one.
+        secret: Option<String>,
     },
     /// The agency has sent all its bets and waits for its winners.
     Finished {
@@ -277,10 +294,20 @@ pub fn escaped_len(value: &str) -> usize {
     value.len() + value.bytes().filter(|&c| needs_escape(c)).count()
 }
 
-/// Removes one level of escaping: `\x` becomes `x` for any character `x`.
+/// The characters a writer may escape: `\`, `|`, `:` and a newline.
+fn is_escapable(c: char) -> bool {
+    matches!(c, '\\' | '|' | ':' | '\n')
+}
+
+/// Removes one level of escaping: `\x` becomes `x`.
+///
+/// Only the characters a writer escapes (`\`, `|`, `:`, newline) may follow
+/// a `\`; anything else is a writer's bug or an attack, and is refused
+/// rather than guessed at.
 ///
 /// # Errors
-/// [`MessageError::DanglingEscape`] when the value ends in a lone `\`.
+/// [`MessageError::DanglingEscape`] when the value ends in a lone `\`;
+/// [`MessageError::UnknownEscape`] for `\` before any other character.
 pub fn unescape<'a>(value: &'a str, what: &'static str) -> Result<Cow<'a, str>, MessageError> {
     if !value.contains('\\') {
         return Ok(Cow::Borrowed(value));
@@ -290,7 +317,8 @@ pub fn unescape<'a>(value: &'a str, what: &'static str) -> Result<Cow<'a, str>, 
     while let Some(c) = chars.next() {
         if c == '\\' {
             match chars.next() {
-                Some(next) => out.push(next),
+                Some(next) if is_escapable(next) => out.push(next),
+                Some(next) => return Err(MessageError::UnknownEscape(next, what)),
                 None => return Err(MessageError::DanglingEscape(what)),
             }
         } else {
@@ -408,7 +436,10 @@ impl WireMessage for Request {
                     Ok(if finished {
                         Request::Finished { agency }
                     } else {
-                        Request::Hello { agency }
+                        let secret = find(&pairs, key::SECRET)
+                            .map(|v| unescape(v, "SECRET").map(Cow::into_owned))
+                            .transpose()?;
+                        Request::Hello { agency, secret }
                     })
                 } else {
                     Err(MessageError::Unknown(format!("ACTION:{a}")))
@@ -423,7 +454,7 @@ impl WireMessage for Request {
     fn write(&self, dst: &mut BytesMut) {
         match self {
             Request::Batch { first, bets } => write_batch(dst, *first, bets),
-            Request::Finished { agency } | Request::Hello { agency } => {
+            Request::Finished { agency } | Request::Hello { agency, .. } => {
                 let name = match self {
                     Request::Hello { .. } => action::HELLO,
                     _ => action::BETTING_FINISHED,
@@ -435,6 +466,16 @@ impl WireMessage for Request {
                 dst.put_slice(key::AGENCY_ID.as_bytes());
                 dst.put_u8(b':');
                 dst.put_slice(itoa::Buffer::new().format(*agency).as_bytes());
+                if let Request::Hello {
+                    secret: Some(secret),
+                    ..
+                } = self
+                {
+                    dst.put_u8(b'|');
+                    dst.put_slice(key::SECRET.as_bytes());
+                    dst.put_u8(b':');
+                    escape_into(dst, secret);
+                }
                 dst.put_u8(b'\n');
             }
         }
@@ -771,6 +812,9 @@ impl ErrorCode {
             AgencyFinished,
             StorageFailed,
             OutOfOrder,
+            Unauthenticated,
+            Timeout,
+            ServerBusy,
         ]
         .into_iter()
         .find(|c| c.as_str() == s)

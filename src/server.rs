@@ -8,23 +8,28 @@
 //! the batch it is handling (so whatever was acknowledged is in the file) and
 //! closes; then the writer flushes and closes the bets file.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::codec::{FrameError, ServerCodec};
-use crate::config::ServerConfig;
+use crate::config::{ConfigError, ServerConfig};
 use crate::logging::{action, result};
 use crate::lottery::{Draw, Lottery, LotteryError};
 use crate::model::{AgencyId, Bet};
 use crate::protocol::{winners_replies, ErrorCode, Reply, Request};
 use crate::storage::{self, encode_rows, BetStore, Durability, StorageError};
+use crate::tls::{self, BoxedIo, TlsError};
 
 /// How long shutdown waits for connections to finish what they started.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -62,6 +67,12 @@ pub enum ServerError {
     /// The bets file cannot be read or repaired.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The secrets cannot be loaded.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The draw record exists but cannot be read.
     #[error("draw record {path}: {source}")]
     DrawRecord {
@@ -80,12 +91,23 @@ pub enum ServerError {
 /// back the draw record if the draw already happened.
 ///
 /// # Errors
-/// The bets file or the draw record cannot be read.
+/// The bets file, the draw record, the secrets or the TLS material cannot be
+/// read.
 pub async fn run(
     listener: TcpListener,
     config: &ServerConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
+    let settings = Arc::new(Settings {
+        frame_timeout: config.frame_deadline(),
+        idle_timeout: config.idle_deadline(),
+        secrets: config.load_secrets()?,
+        tls: if config.tls_enabled() {
+            Some(tls::acceptor(&config.tls_cert, &config.tls_key)?)
+        } else {
+            None
+        },
+    });
     let recovered = {
         let path = config.storage.clone();
         tokio::task::spawn_blocking(move || storage::recover(&path))
@@ -139,7 +161,10 @@ pub async fn run(
     info!(
         action = action::LISTEN,
         result = result::SUCCESS,
-        address = %local.map_or_else(|| "?".to_string(), |a| a.to_string())
+        address = %local.map_or_else(|| "?".to_string(), |a| a.to_string()),
+        tls = settings.tls.is_some(),
+        secrets = settings.secrets.len(),
+        max_connections = config.max_connections
     );
 
     Listener {
@@ -150,6 +175,8 @@ pub async fn run(
         shutdown: shutdown.clone(),
         connections: connections.clone(),
         hard_stop: hard_stop.clone(),
+        limit: Arc::new(Semaphore::new(config.max_connections)),
+        settings,
     }
     .run()
     .await;
@@ -197,6 +224,22 @@ struct Listener {
     connections: CancellationToken,
     /// Drops handlers outright once the grace period is over.
     hard_stop: CancellationToken,
+    /// One permit per connection served: the connection limit.
+    limit: Arc<Semaphore>,
+    /// Timeouts, secrets and TLS, shared by every connection.
+    settings: Arc<Settings>,
+}
+
+/// What every connection needs to know about the central's policy.
+struct Settings {
+    /// Time to complete a frame once started, and the TLS handshake.
+    frame_timeout: Duration,
+    /// Time a connection may wait with no request.
+    idle_timeout: Duration,
+    /// Agency secrets; empty when authentication is off.
+    secrets: BTreeMap<AgencyId, String>,
+    /// TLS, when on.
+    tls: Option<TlsAcceptor>,
 }
 
 impl Listener {
@@ -217,22 +260,36 @@ impl Listener {
                     if let Err(e) = socket.set_nodelay(true) {
                         warn!(action = action::CONNECTION, result = result::FAIL, peer = %peer, error = %e);
                     }
-                    let handler = Handler {
-                        framed: Framed::new(socket, ServerCodec::new()),
+                    let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+                        // At the limit: say so and hang up, without holding
+                        // a handler for it.
+                        warn!(
+                            action = action::CONNECTION,
+                            result = result::FAIL,
+                            peer = %peer,
+                            code = %ErrorCode::ServerBusy,
+                            reason = "connection limit reached"
+                        );
+                        self.tracker
+                            .spawn(refuse_busy(socket, self.settings.frame_timeout));
+                        continue;
+                    };
+                    let conn = Accepted {
+                        socket,
                         peer,
-                        agency: None,
-                        announced: false,
                         store: self.store.clone(),
                         lottery: self.lottery.clone(),
                         shutdown: self.connections.child_token(),
+                        settings: self.settings.clone(),
                     };
                     let hard_stop = self.hard_stop.clone();
                     self.tracker.spawn(
                         async move {
                             tokio::select! {
                                 _ = hard_stop.cancelled() => {}
-                                _ = handler.run() => {}
+                                _ = conn.serve() => {}
                             }
+                            drop(permit);
                         }
                         .instrument(tracing::info_span!("conn", %peer)),
                     );
@@ -252,14 +309,90 @@ impl Listener {
     }
 }
 
+/// Tells a connection over the limit that the central is busy, then closes
+/// it. Bounded in time, so a peer that does not read cannot keep it.
+async fn refuse_busy(socket: TcpStream, limit: Duration) {
+    let mut framed = Framed::new(socket, ServerCodec::new());
+    let reply = Reply::Error {
+        code: ErrorCode::ServerBusy,
+        message: "the central is at its connection limit; try again later".into(),
+    };
+    let _ = tokio::time::timeout(limit, framed.send(&reply)).await;
+}
+
+/// A connection accepted, before its TLS handshake.
+struct Accepted {
+    socket: TcpStream,
+    peer: SocketAddr,
+    store: BetStore,
+    lottery: Lottery,
+    shutdown: CancellationToken,
+    settings: Arc<Settings>,
+}
+
+impl Accepted {
+    /// Completes the TLS handshake (when on, within the frame timeout) and
+    /// serves the connection.
+    async fn serve(self) {
+        let io: BoxedIo = match &self.settings.tls {
+            None => Box::new(self.socket),
+            Some(acceptor) => {
+                let handshake =
+                    tokio::time::timeout(self.settings.frame_timeout, acceptor.accept(self.socket));
+                let outcome = tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    outcome = handshake => outcome,
+                };
+                match outcome {
+                    Ok(Ok(stream)) => Box::new(stream),
+                    Ok(Err(e)) => {
+                        warn!(
+                            action = action::CONNECTION,
+                            result = result::FAIL,
+                            peer = %self.peer,
+                            reason = %format!("TLS handshake failed: {e}")
+                        );
+                        return;
+                    }
+                    Err(_) => {
+                        warn!(
+                            action = action::CONNECTION,
+                            result = result::FAIL,
+                            peer = %self.peer,
+                            code = %ErrorCode::Timeout,
+                            reason = "TLS handshake not completed in time"
+                        );
+                        return;
+                    }
+                }
+            }
+        };
+        Handler {
+            framed: Framed::new(io, ServerCodec::new()),
+            peer: self.peer,
+            agency: None,
+            authenticated: self.settings.secrets.is_empty(),
+            announced: false,
+            store: self.store,
+            lottery: self.lottery,
+            shutdown: self.shutdown,
+            settings: self.settings,
+        }
+        .run()
+        .await;
+    }
+}
+
 /// Serves one agency connection.
 struct Handler {
-    /// The socket with our codec: requests in, replies out.
-    framed: Framed<TcpStream, ServerCodec>,
+    /// The connection with our codec: requests in, replies out.
+    framed: Framed<BoxedIo, ServerCodec>,
     /// The agency's address, for logs.
     peer: SocketAddr,
     /// The agency this connection speaks for, fixed by its first message.
     agency: Option<AgencyId>,
+    /// The connection presented its agency's secret (or none is needed).
+    authenticated: bool,
     /// This connection already announced that its agency finished.
     announced: bool,
     /// Where batches go.
@@ -268,6 +401,8 @@ struct Handler {
     lottery: Lottery,
     /// This connection's token, a child of the server's.
     shutdown: CancellationToken,
+    /// Timeouts and secrets.
+    settings: Arc<Settings>,
 }
 
 /// What the connection does after a message.
@@ -297,14 +432,32 @@ impl Handler {
     }
 
     async fn serve(&mut self) -> Result<(), FrameError> {
+        let (frame_timeout, idle_timeout) =
+            (self.settings.frame_timeout, self.settings.idle_timeout);
+        let mut last_request = Instant::now();
         loop {
-            // Race the read against shutdown only while idle. `Framed::next`
-            // is cancel-safe: a half-read frame stays buffered and is simply
-            // dropped with the connection, unacknowledged.
+            // A frame under way must be completed within the frame timeout;
+            // between frames the idle timeout runs. Look again at least
+            // every frame timeout, as a frame may start while we wait.
+            let partial = self.framed.codec().partial_since();
+            let deadline = match partial {
+                Some(started) => started + frame_timeout,
+                None => last_request + idle_timeout,
+            };
+            let look_again = deadline.min(Instant::now() + frame_timeout);
+            // Race the read against shutdown and the clock only between
+            // requests. `Framed::next` is cancel-safe: a half-read frame stays
+            // buffered, and is dropped unacknowledged if we hang up.
             let frame = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(()),
                 frame = self.framed.next() => frame,
+                _ = tokio::time::sleep_until(look_again.into()) => {
+                    if Instant::now() < deadline {
+                        continue;
+                    }
+                    return self.time_out(partial.is_some()).await;
+                }
             };
             let next = match frame {
                 None => return Ok(()),
@@ -330,16 +483,66 @@ impl Handler {
                     self.reply_error(e.code(), e.to_string()).await?;
                     Next::Continue
                 }
+                Some(Ok(Ok(Request::Hello { agency, secret }))) => {
+                    self.handle_hello(agency, secret).await?
+                }
+                Some(Ok(Ok(_))) if !self.authenticated => self.unauthenticated().await?,
                 Some(Ok(Ok(Request::Batch { first, bets }))) => {
                     self.handle_batch(first, bets).await?
                 }
-                Some(Ok(Ok(Request::Hello { agency }))) => self.handle_hello(agency).await?,
                 Some(Ok(Ok(Request::Finished { agency }))) => self.handle_finished(agency).await?,
             };
             if let Next::Close = next {
                 return Ok(());
             }
+            last_request = Instant::now();
         }
+    }
+
+    /// Ends a connection that sat idle, or that started a frame and did not
+    /// finish it in time (a slow or stalled sender).
+    async fn time_out(&mut self, mid_frame: bool) -> Result<(), FrameError> {
+        let (reason, limit) = if mid_frame {
+            ("frame not completed in time", self.settings.frame_timeout)
+        } else {
+            ("idle for too long", self.settings.idle_timeout)
+        };
+        let reason = format!("{reason} ({}s)", limit.as_secs());
+        if mid_frame {
+            warn!(
+                action = action::CONNECTION,
+                result = result::FAIL,
+                peer = %self.peer,
+                code = %ErrorCode::Timeout,
+                reason = reason.as_str()
+            );
+        } else {
+            info!(
+                action = action::IDLE_TIMEOUT,
+                result = result::SUCCESS,
+                peer = %self.peer,
+                reason = reason.as_str()
+            );
+        }
+        // Best effort, and bounded: the peer may not be reading either.
+        let limit = self.settings.frame_timeout;
+        let _ = tokio::time::timeout(limit, self.reply_error(ErrorCode::Timeout, reason)).await;
+        Ok(())
+    }
+
+    /// Refuses a request from a connection that has not authenticated, and
+    /// hangs up.
+    async fn unauthenticated(&mut self) -> Result<Next, FrameError> {
+        let reason = "this central requires HELLO with the agency's SECRET first".to_string();
+        warn!(
+            action = action::CONNECTION,
+            result = result::FAIL,
+            peer = %self.peer,
+            code = %ErrorCode::Unauthenticated,
+            reason = reason.as_str()
+        );
+        self.reply_error(ErrorCode::Unauthenticated, reason).await?;
+        Ok(Next::Close)
     }
 
     /// Binds the connection to `agency` on its first message and checks that
@@ -359,7 +562,40 @@ impl Handler {
         }
     }
 
-    async fn handle_hello(&mut self, agency: AgencyId) -> Result<Next, FrameError> {
+    async fn handle_hello(
+        &mut self,
+        agency: AgencyId,
+        secret: Option<String>,
+    ) -> Result<Next, FrameError> {
+        if let Some(expected) = self.settings.secrets.get(&agency) {
+            let presented = secret.as_deref().unwrap_or("");
+            if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+                let reason = format!("wrong or missing SECRET for agency {agency}");
+                warn!(
+                    action = action::CONNECTION,
+                    result = result::FAIL,
+                    agency,
+                    peer = %self.peer,
+                    code = %ErrorCode::Unauthenticated,
+                    reason = reason.as_str()
+                );
+                self.reply_error(ErrorCode::Unauthenticated, reason).await?;
+                return Ok(Next::Close);
+            }
+        } else if !self.settings.secrets.is_empty() {
+            // Secrets are on, and this agency has none: it cannot get in.
+            let reason = format!("no secret is configured for agency {agency}");
+            warn!(
+                action = action::CONNECTION,
+                result = result::FAIL,
+                agency,
+                peer = %self.peer,
+                code = %ErrorCode::Unauthenticated,
+                reason = reason.as_str()
+            );
+            self.reply_error(ErrorCode::Unauthenticated, reason).await?;
+            return Ok(Next::Close);
+        }
         if let Err(e) = self.bind_agency(agency).await {
             warn!(
                 action = action::CONNECTION,
@@ -372,6 +608,7 @@ impl Handler {
             self.reply_error(e.code(), e.to_string()).await?;
             return Ok(Next::Continue);
         }
+        self.authenticated = true;
         let stored = self.lottery.stored(agency).await;
         let reply = Reply::Success {
             message: format!("agency {agency}: resume from bet {stored}"),
@@ -545,4 +782,10 @@ impl Handler {
     async fn reply_error(&mut self, code: ErrorCode, message: String) -> Result<(), FrameError> {
         self.framed.send(&Reply::Error { code, message }).await
     }
+}
+
+/// Compares secrets in time that depends only on their lengths, so timing
+/// does not tell an attacker how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -56,7 +56,7 @@ fn request() -> impl Strategy<Value = Request> {
             (to_payload(&r).len() <= MAX_PAYLOAD_LEN).then_some(r)
         }),
         1 => (1u32..=1000).prop_map(|agency| Request::Finished { agency }),
-        1 => (1u32..=1000).prop_map(|agency| Request::Hello { agency }),
+        1 => (1u32..=1000).prop_map(|agency| Request::Hello { agency, secret: None }),
     ]
 }
 

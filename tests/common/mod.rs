@@ -183,8 +183,9 @@ impl Server {
         let proc = Proc::spawn(cmd);
         let line = proc.wait_for("action: listen | result: success");
         let port = line
-            .rsplit(':')
-            .next()
+            .split(" | ")
+            .find_map(|field| field.strip_prefix("address: "))
+            .and_then(|addr| addr.rsplit(':').next())
             .and_then(|p| p.trim().parse().ok())
             .unwrap_or_else(|| panic!("no port in {line:?}"));
         Server { proc, port }
