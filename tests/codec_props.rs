@@ -91,6 +91,51 @@ fn decode_chunked(wire: &[u8], cuts: &[usize]) -> Vec<Request> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
+    /// Hostile bytes: whatever arrives, cut however, the decoder never
+    /// panics, never holds more than one frame's worth of an unfinished
+    /// frame, and stops for good at the first framing error.
+    #[test]
+    fn arbitrary_bytes_never_panic_nor_overbuffer(
+        bytes in proptest::collection::vec(any::<u8>(), 0..40_000),
+        cuts in proptest::collection::vec(1usize..9_000, 1..8),
+        small_headers in any::<bool>(),
+    ) {
+        let mut bytes = bytes;
+        if small_headers {
+            // Make plausible headers common, so frames actually complete.
+            for chunk in bytes.chunks_mut(97) {
+                if chunk.len() >= 4 {
+                    chunk[0] = 0;
+                    chunk[1] = 0;
+                    chunk[2] &= 0x1f;
+                }
+            }
+        }
+        let mut codec = ServerCodec::new();
+        let mut buf = BytesMut::new();
+        let mut rest = &bytes[..];
+        let mut cuts = cuts.iter().cycle();
+        'feed: while !rest.is_empty() {
+            let n = (*cuts.next().unwrap()).min(rest.len());
+            buf.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            loop {
+                match codec.decode(&mut buf) {
+                    Ok(Some(_message_or_error)) => {}
+                    Ok(None) => {
+                        // Whatever is buffered is one unfinished frame, whose
+                        // payload the header already vouched for.
+                        prop_assert!(buf.len() <= MAX_PAYLOAD_LEN + 4, "buffered {}", buf.len());
+                        prop_assert!(buf.capacity() <= 4 * 8192 + 9_000, "capacity {}", buf.capacity());
+                        break;
+                    }
+                    Err(_) => break 'feed,
+                }
+            }
+        }
+        let _ = codec.decode_eof(&mut buf);
+    }
+
     #[test]
     fn any_split_gives_the_same_messages(
         requests in proptest::collection::vec(request(), 1..6),

@@ -1,0 +1,916 @@
+//! Hostile and broken input against the real server, one test per case.
+//!
+//! Each test runs a server for two agencies. Agency 1 is honest (the real
+//! `lottery agency` binary, uploading generated data); agency 2's connection
+//! is driven by hand and misbehaves. Every case checks the error code sent
+//! back, the server's `result: fail` line naming the peer, that nothing of the
+//! bad input reached the bets file, and that the honest agency, running at
+//! the same time, still gets exactly its winners.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use lottery::gen_data::{generate, GenOptions};
+use nix::sys::signal::Signal;
+
+const WINNING: u16 = 7574;
+
+/// A bet of agency 2, in the wire's escaped form, with a document that
+/// marks it as coming from this file.
+fn bet2(doc: &str, date: &str, number: &str) -> String {
+    format!(
+        r"NOMBRE:Eva\|APELLIDO:Ruiz\|DOCUMENTO:{doc}\|NACIMIENTO:{date}\|NUMERO:{number}\|AGENCY_ID:2"
+    )
+}
+
+fn good2(doc: &str) -> String {
+    bet2(doc, "1990-01-01", "7574")
+}
+
+/// A hand-driven connection.
+struct Raw {
+    stream: TcpStream,
+}
+
+impl Raw {
+    fn connect(address: &str) -> Raw {
+        let stream = TcpStream::connect(address).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        Raw { stream }
+    }
+
+    /// The local address, as the server's log lines name this peer.
+    fn peer(&self) -> String {
+        format!("peer: {}", self.stream.local_addr().unwrap())
+    }
+
+    fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    fn send(&mut self, payload: &[u8]) {
+        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(payload);
+        self.send_bytes(&frame);
+    }
+
+    fn recv(&mut self) -> Option<String> {
+        let mut header = [0u8; 4];
+        self.stream.read_exact(&mut header).ok()?;
+        let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
+        self.stream.read_exact(&mut payload).ok()?;
+        Some(String::from_utf8(payload).unwrap())
+    }
+
+    /// Sends and expects an error reply with `code`; returns the reply.
+    fn expect_error(&mut self, payload: &[u8], code: &str) -> String {
+        self.send(payload);
+        let reply = self.recv().expect("a reply");
+        assert!(
+            reply.starts_with(&format!("STATUS:ERROR|CODE:{code}|MESSAGE:")),
+            "expected {code}, got {reply:?}"
+        );
+        reply
+    }
+
+    /// The server has hung up on us.
+    fn expect_closed(&mut self) {
+        assert_eq!(self.recv(), None, "the connection should be closed");
+    }
+
+    /// Still served: a good batch of agency 2 is stored.
+    fn expect_open(&mut self, doc: &str) {
+        self.send(format!("BATCH_SIZE:1|BET_1:{}\n", good2(doc)).as_bytes());
+        let reply = self.recv().expect("a reply");
+        assert!(
+            reply.starts_with("STATUS:SUCCESS|MESSAGE:stored 1 bets"),
+            "{reply}"
+        );
+    }
+}
+
+/// A server for two agencies with the honest agency 1 uploading.
+struct Scenario {
+    server: Server,
+    honest: Proc,
+    work: tempfile::TempDir,
+    data: tempfile::TempDir,
+}
+
+impl Scenario {
+    fn start() -> Scenario {
+        Self::start_with(&[], &[])
+    }
+
+    /// With extra environment for the server and for the honest agency.
+    fn start_with(server_env: &[(&str, String)], agency_env: &[(&str, String)]) -> Scenario {
+        let data = tempfile::tempdir().unwrap();
+        generate(
+            data.path(),
+            &GenOptions {
+                agencies: 1,
+                bets_per_agency: 3_000,
+                seed: 5,
+                winning_number: WINNING,
+                winner_share: 0.01,
+                tricky_share: 0.02,
+                crlf: false,
+            },
+        )
+        .unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let server = start_server(work.path(), server_env);
+        let mut cmd = agency_command(
+            1,
+            &server.address(),
+            &data_file(data.path(), 1),
+            &work.path().join("winners-1.txt"),
+        );
+        for (k, v) in agency_env {
+            cmd.env(k, v);
+        }
+        let honest = Proc::spawn(cmd);
+        Scenario {
+            server,
+            honest,
+            work,
+            data,
+        }
+    }
+
+    fn address(&self) -> String {
+        self.server.address()
+    }
+
+    fn connect(&self) -> Raw {
+        Raw::connect(&self.address())
+    }
+
+    /// Waits for a server line that has every one of `needles`.
+    fn log_line(&self, needles: &[&str]) -> String {
+        loop {
+            let line = self.server.proc.wait_for(needles[0]);
+            if needles.iter().all(|n| line.contains(n)) {
+                return line;
+            }
+        }
+    }
+
+    /// The `result: fail` line for `raw`'s peer, with `code` (when given).
+    fn fail_line(&self, raw: &Raw, code: Option<&str>) -> String {
+        let peer = raw.peer();
+        let code = code.map(|c| format!("code: {c}"));
+        let mut needles = vec![peer.as_str(), "result: fail"];
+        if let Some(c) = &code {
+            needles.push(c);
+        }
+        self.log_line(&needles)
+    }
+
+    /// Agency 2 finishes on `raw`, everyone gets their winners, and the bets
+    /// file holds exactly the honest agency's rows plus agency 2's `good`
+    /// documents.
+    fn finish(self, raw: &mut Raw, good: &[&str]) {
+        raw.send(b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n");
+        let winners = raw.recv().expect("agency 2's winners");
+        assert_eq!(
+            winners,
+            format!("STATUS:SUCCESS|WINNERS:{}\n", good.join(","))
+        );
+        self.check(good);
+    }
+
+    fn check(self, good: &[&str]) {
+        let status = self.honest.wait_exit(PATIENCE);
+        assert!(
+            status.success(),
+            "honest agency: {status}\n{}\n{}",
+            self.honest.output(),
+            self.honest.stderr()
+        );
+        let expected = expected(self.data.path(), 1, WINNING);
+        assert_eq!(
+            read_winners(&self.work.path().join("winners-1.txt")),
+            expected.winners[&1],
+            "the honest agency's winners"
+        );
+        let stored = stored(&self.work.path().join("bets.csv"));
+        assert_eq!(
+            stored.get(&1),
+            expected.rows.get(&1),
+            "the honest agency's rows"
+        );
+        let docs: Vec<&str> = stored
+            .get(&2)
+            .map(|rows| rows.iter().map(|r| r[3].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(docs, good, "agency 2's stored bets");
+        assert_eq!(
+            stored.len(),
+            if good.is_empty() { 1 } else { 2 },
+            "no other agency"
+        );
+        self.server.proc.signal(Signal::SIGTERM);
+        assert!(self
+            .server
+            .proc
+            .wait_exit(Duration::from_secs(10))
+            .success());
+    }
+}
+
+fn start_server(dir: &std::path::Path, env: &[(&str, String)]) -> Server {
+    start_server_for(dir, 2, env)
+}
+
+fn start_server_for(dir: &std::path::Path, agencies: u32, env: &[(&str, String)]) -> Server {
+    let mut cmd = lottery();
+    cmd.arg("server")
+        .env("SERVER_PORT", "0")
+        .env("SERVER_AGENCIES", agencies.to_string())
+        .env("SERVER_STORAGE", dir.join("bets.csv"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let proc = Proc::spawn(cmd);
+    let line = proc.wait_for("action: listen | result: success");
+    let port = line
+        .split(" | ")
+        .find_map(|f| f.strip_prefix("address: "))
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    Server { proc, port }
+}
+
+/// One case of a bad message that is answered and leaves the connection open.
+fn answered_and_kept(payload: &[u8], code: &str, reason: &str) {
+    let sc = Scenario::start();
+    let mut raw = sc.connect();
+    let reply = raw.expect_error(payload, code);
+    assert!(reply.contains(reason), "{reply:?} should say {reason:?}");
+    let line = sc.fail_line(&raw, Some(code));
+    assert!(line.contains(reason), "{line}");
+    raw.expect_open("20000001");
+    sc.finish(&mut raw, &["20000001"]);
+}
+
+// --- Frames ------------------------------------------------------------------
+
+#[test]
+fn oversize_header_is_refused_and_closed() {
+    let sc = Scenario::start();
+    let mut raw = sc.connect();
+    raw.send_bytes(&9_000u32.to_be_bytes());
+    let reply = raw.recv().unwrap();
+    assert!(
+        reply.starts_with("STATUS:ERROR|CODE:FRAME_TOO_LARGE|"),
+        "{reply}"
+    );
+    raw.expect_closed();
+    let line = sc.fail_line(&raw, None);
+    assert!(line.contains("exceeds the 8192-byte limit"), "{line}");
+    let mut next = sc.connect();
+    sc.finish(&mut next, &[]);
+}
+
+#[test]
+fn eof_inside_a_frame_is_logged() {
+    let sc = Scenario::start();
+    let mut raw = sc.connect();
+    let payload = format!("BATCH_SIZE:1|BET_1:{}\n", good2("20000009"));
+    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(payload.as_bytes());
+    raw.send_bytes(&frame[..frame.len() / 2]);
+    raw.stream.shutdown(Shutdown::Write).unwrap();
+    raw.expect_closed();
+    let line = sc.fail_line(&raw, None);
+    assert!(line.contains("connection closed inside a frame"), "{line}");
+    let mut next = sc.connect();
+    sc.finish(&mut next, &[]);
+}
+
+#[test]
+fn payload_not_utf8() {
+    answered_and_kept(
+        b"BATCH_SIZE:1|BET_1:\xff\xfe\n",
+        "MALFORMED_MESSAGE",
+        "not valid UTF-8",
+    );
+}
+
+#[test]
+fn empty_payload() {
+    answered_and_kept(b"", "MALFORMED_MESSAGE", "empty payload");
+}
+
+#[test]
+fn missing_final_newline() {
+    answered_and_kept(
+        b"ACTION:BETTING_FINISHED|AGENCY_ID:2",
+        "MALFORMED_MESSAGE",
+        "does not end with",
+    );
+}
+
+#[test]
+fn dangling_escape() {
+    let p = format!("BATCH_SIZE:1|BET_1:{}\\\n", good2("20000009"));
+    // The final `\` escapes the newline: there is no terminator left.
+    answered_and_kept(p.as_bytes(), "MALFORMED_MESSAGE", "does not end with");
+    answered_and_kept(
+        b"BATCH_SIZE:1|BET_1:NOMBRE:A\\\\\\|X:\\\n",
+        "MALFORMED_MESSAGE",
+        "",
+    );
+}
+
+#[test]
+fn unknown_escape() {
+    let p = format!(
+        "BATCH_SIZE:1|BET_1:{}\n",
+        good2("20000009").replace("Eva", "E\\\\\\qva")
+    );
+    answered_and_kept(p.as_bytes(), "INVALID_BET", "BET_1: malformed bet");
+    answered_and_kept(
+        b"ACTION:BETTING\\_FINISHED|AGENCY_ID:2\n",
+        "MALFORMED_MESSAGE",
+        "unknown escape",
+    );
+}
+
+#[test]
+fn unknown_action_and_unknown_message() {
+    answered_and_kept(
+        b"ACTION:DANCE|AGENCY_ID:2\n",
+        "UNKNOWN_MESSAGE",
+        "ACTION:DANCE",
+    );
+    answered_and_kept(
+        b"HELLO:WORLD\n",
+        "UNKNOWN_MESSAGE",
+        "neither BATCH_SIZE nor ACTION",
+    );
+}
+
+#[test]
+fn batch_size_disagrees_with_the_bets() {
+    let p = format!(
+        "BATCH_SIZE:3|BET_1:{}|BET_2:{}\n",
+        good2("20000008"),
+        good2("20000009")
+    );
+    answered_and_kept(
+        p.as_bytes(),
+        "MALFORMED_MESSAGE",
+        "BATCH_SIZE is 3 but 2 bets are present",
+    );
+}
+
+#[test]
+fn bet_numbers_with_gaps_or_repeats() {
+    let p = format!(
+        "BATCH_SIZE:2|BET_1:{}|BET_3:{}\n",
+        good2("20000008"),
+        good2("20000009")
+    );
+    answered_and_kept(
+        p.as_bytes(),
+        "MALFORMED_MESSAGE",
+        "BET_3 is outside BATCH_SIZE 2",
+    );
+    let p = format!(
+        "BATCH_SIZE:2|BET_1:{}|BET_1:{}\n",
+        good2("20000008"),
+        good2("20000009")
+    );
+    answered_and_kept(p.as_bytes(), "MALFORMED_MESSAGE", "BET_1 appears twice");
+}
+
+// --- Fields ------------------------------------------------------------------
+
+/// A batch whose second bet is bad in one field: refused whole, naming the
+/// bet and the field; the good first bet is not stored either.
+fn bad_field(bet: String, reason: &str) {
+    let p = format!("BATCH_SIZE:2|BET_1:{}|BET_2:{bet}\n", good2("20000007"));
+    answered_and_kept(p.as_bytes(), "INVALID_BET", reason);
+}
+
+#[test]
+fn impossible_dates() {
+    bad_field(
+        bet2("20000009", "2023-02-30", "1"),
+        r#"BET_2: NACIMIENTO "2023-02-30": not a real calendar date"#,
+    );
+    bad_field(
+        bet2("20000009", "1999-13-01", "1"),
+        r#"BET_2: NACIMIENTO "1999-13-01": not a real calendar date"#,
+    );
+    bad_field(bet2("20000009", "17/03/1999", "1"), "BET_2: NACIMIENTO");
+}
+
+#[test]
+fn birthdate_in_the_future() {
+    bad_field(
+        bet2("20000009", "2999-01-01", "1"),
+        r#"BET_2: NACIMIENTO "2999-01-01": in the future"#,
+    );
+}
+
+#[test]
+fn numbers_out_of_range_or_not_numeric() {
+    bad_field(
+        bet2("20000009", "1990-01-01", "10000"),
+        r#"BET_2: NUMERO "10000": outside 0..=9999"#,
+    );
+    bad_field(
+        bet2("20000009", "1990-01-01", "12a"),
+        r#"BET_2: NUMERO "12a": not a whole number"#,
+    );
+    bad_field(bet2("20000009", "1990-01-01", "-1"), "BET_2: NUMERO");
+}
+
+#[test]
+fn bad_documents() {
+    bad_field(bet2("", "1990-01-01", "1"), r#"BET_2: DOCUMENTO "": empty"#);
+    bad_field(
+        bet2("12a45", "1990-01-01", "1"),
+        "BET_2: DOCUMENTO \"12a45\": not all digits",
+    );
+    bad_field(
+        bet2("12345678901", "1990-01-01", "1"),
+        "longer than 10 digits",
+    );
+}
+
+#[test]
+fn empty_or_over_long_names() {
+    bad_field(
+        good2("20000009").replace("NOMBRE:Eva", "NOMBRE:"),
+        "BET_2: NOMBRE \"\": empty",
+    );
+    let long = "x".repeat(101);
+    bad_field(
+        good2("20000009").replace("APELLIDO:Ruiz", &format!("APELLIDO:{long}")),
+        "BET_2: APELLIDO",
+    );
+}
+
+#[test]
+fn missing_field() {
+    bad_field(
+        good2("20000009").replace(r"\|NUMERO:7574", ""),
+        "BET_2: NUMERO is missing",
+    );
+}
+
+#[test]
+fn unknown_agency_id() {
+    let sc = Scenario::start();
+    let mut raw = sc.connect();
+    let bet = good2("20000009").replace("AGENCY_ID:2", "AGENCY_ID:9");
+    let reply = raw.expect_error(
+        format!("BATCH_SIZE:1|BET_1:{bet}\n").as_bytes(),
+        "WRONG_AGENCY",
+    );
+    assert!(
+        reply.contains("agency 9 is not one of the configured agencies 1..=2"),
+        "{reply}"
+    );
+    sc.fail_line(&raw, Some("WRONG_AGENCY"));
+    raw.expect_open("20000001");
+    sc.finish(&mut raw, &["20000001"]);
+}
+
+#[test]
+fn agency_id_differing_from_the_connection() {
+    let sc = Scenario::start();
+    let mut raw = sc.connect();
+    raw.expect_open("20000001");
+    // Agency 1's bet on agency 2's connection.
+    let bet = good2("20000009").replace("AGENCY_ID:2", "AGENCY_ID:1");
+    let reply = raw.expect_error(
+        format!("BATCH_SIZE:1|BET_1:{bet}\n").as_bytes(),
+        "WRONG_AGENCY",
+    );
+    assert!(
+        reply.contains("this connection speaks for agency 2, not 1"),
+        "{reply}"
+    );
+    sc.fail_line(&raw, Some("WRONG_AGENCY"));
+    // Mixed agencies inside one batch.
+    let p = format!("BATCH_SIZE:2|BET_1:{}|BET_2:{bet}\n", good2("20000008"));
+    let reply = raw.expect_error(p.as_bytes(), "WRONG_AGENCY");
+    assert!(
+        reply.contains("BET_2: AGENCY_ID 1 differs from BET_1's 2"),
+        "{reply}"
+    );
+    sc.finish(&mut raw, &["20000001"]);
+}
+
+// --- Order -------------------------------------------------------------------
+
+#[test]
+fn bets_after_finishing_and_a_second_announcement() {
+    let sc = Scenario::start();
+    let mut raw = sc.connect();
+    raw.expect_open("20000001");
+    raw.send(b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n");
+    assert_eq!(raw.recv().unwrap(), "STATUS:SUCCESS|WINNERS:20000001\n");
+    let reply = raw.expect_error(
+        format!("BATCH_SIZE:1|BET_1:{}\n", good2("20000002")).as_bytes(),
+        "AGENCY_FINISHED",
+    );
+    assert!(
+        reply.contains("agency 2 already finished betting"),
+        "{reply}"
+    );
+    sc.fail_line(&raw, Some("AGENCY_FINISHED"));
+    let reply = raw.expect_error(b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n", "AGENCY_FINISHED");
+    assert!(reply.contains("already announced"), "{reply}");
+    sc.check(&["20000001"]);
+}
+
+#[test]
+fn a_second_connection_for_a_connected_agency() {
+    let sc = Scenario::start();
+    let mut first = sc.connect();
+    first.expect_open("20000001");
+    let mut second = sc.connect();
+    let reply = second.expect_error(b"ACTION:HELLO|AGENCY_ID:2\n", "AGENCY_BUSY");
+    assert!(reply.contains("agency 2 is already connected"), "{reply}");
+    sc.fail_line(&second, Some("AGENCY_BUSY"));
+    second.expect_error(
+        format!("BATCH_SIZE:1|BET_1:{}\n", good2("20000002")).as_bytes(),
+        "AGENCY_BUSY",
+    );
+    // The first keeps working.
+    first.expect_open("20000003");
+    sc.finish(&mut first, &["20000001", "20000003"]);
+}
+
+#[test]
+fn winners_asked_before_the_draw_wait_for_the_whole_draw() {
+    let sc = Scenario::start();
+    let mut raw = sc.connect();
+    raw.expect_open("20000001");
+    // Announce at once, while the honest agency is still uploading: the
+    // answer comes only after its last bet, with nothing partial.
+    raw.send(b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n");
+    assert_eq!(raw.recv().unwrap(), "STATUS:SUCCESS|WINNERS:20000001\n");
+    let draw = sc.log_line(&["action: sorteo | result: success"]);
+    assert!(
+        draw.contains("bets: 3001"),
+        "the draw saw every bet: {draw}"
+    );
+    sc.check(&["20000001"]);
+}
+
+// --- Limits ------------------------------------------------------------------
+
+#[test]
+fn connection_limit() {
+    let sc = Scenario::start_with(&[("SERVER_MAX_CONNECTIONS", "2".into())], &[]);
+    // Let the honest agency in first, so the two slots are it and us.
+    sc.log_line(&["action: apuesta_recibida | result: success"]);
+    let mut raw = sc.connect();
+    raw.expect_open("20000001");
+    let mut over = sc.connect();
+    let reply = over.recv().expect("a refusal");
+    assert!(
+        reply.starts_with("STATUS:ERROR|CODE:SERVER_BUSY|"),
+        "{reply}"
+    );
+    over.expect_closed();
+    sc.fail_line(&over, Some("SERVER_BUSY"));
+    sc.finish(&mut raw, &["20000001"]);
+}
+
+#[test]
+fn slow_sender_is_cut_after_the_frame_timeout() {
+    let sc = Scenario::start_with(&[("SERVER_FRAME_TIMEOUT", "1".into())], &[]);
+    let mut raw = sc.connect();
+    raw.send_bytes(&[0, 0]); // half a header, then nothing
+    let reply = raw.recv().expect("a timeout reply");
+    assert!(
+        reply.starts_with("STATUS:ERROR|CODE:TIMEOUT|MESSAGE:frame not completed in time (1s)"),
+        "{reply}"
+    );
+    raw.expect_closed();
+    sc.fail_line(&raw, Some("TIMEOUT"));
+    let mut next = sc.connect();
+    sc.finish(&mut next, &[]);
+}
+
+#[test]
+fn idle_connection_is_closed_but_waiting_for_the_draw_is_not_idle() {
+    let sc = Scenario::start_with(&[("SERVER_IDLE_TIMEOUT", "1".into())], &[]);
+    let mut idle = sc.connect();
+    idle.expect_open("20000001");
+    let reply = idle.recv().expect("a timeout reply");
+    assert!(
+        reply.starts_with("STATUS:ERROR|CODE:TIMEOUT|MESSAGE:idle for too long (1s)"),
+        "{reply}"
+    );
+    idle.expect_closed();
+    sc.log_line(&["action: idle_timeout | result: success", &idle.peer()]);
+    // The honest agency has been waiting for the draw for over a second by
+    // now, or is still uploading; either way it was not cut off.
+    let mut next = sc.connect();
+    sc.finish(&mut next, &["20000001"]);
+}
+
+#[test]
+fn ten_thousand_junk_connections_during_an_honest_run() {
+    const AGENCIES: u32 = 5;
+    let data = tempfile::tempdir().unwrap();
+    generate(
+        data.path(),
+        &GenOptions {
+            agencies: AGENCIES,
+            bets_per_agency: 20_000,
+            seed: 6,
+            winning_number: WINNING,
+            winner_share: 0.005,
+            tricky_share: 0.01,
+            crlf: false,
+        },
+    )
+    .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("bets.csv");
+    // A central facing floods gets a deep accept queue (the default of 5
+    // makes a fast connector wait out SYN retransmissions).
+    let server = start_server_for(
+        work.path(),
+        AGENCIES,
+        &[("SERVER_LISTEN_BACKLOG", "4096".into())],
+    );
+    let address = server.address();
+    let junk = std::thread::spawn({
+        let address = address.clone();
+        move || {
+            for i in 0..10_000u32 {
+                let Ok(mut s) = TcpStream::connect(&address) else {
+                    continue;
+                };
+                let _ = match i % 5 {
+                    0 => s.write_all(&[0xff; 64]),               // an oversize header
+                    1 => s.write_all(&[0, 0, 0x10, 0, b'B']),    // a frame cut short
+                    2 => s.write_all(b"\0\0\0\x05hello"),        // no newline
+                    3 => s.write_all(b"GET / HTTP/1.1\r\n\r\n"), // the wrong protocol
+                    _ => Ok(()),                                 // nothing at all
+                };
+            }
+        }
+    });
+    let agencies: Vec<Proc> = (1..=AGENCIES)
+        .map(|id| {
+            start_agency(
+                id,
+                &address,
+                &data_file(data.path(), id),
+                &work.path().join(format!("winners-{id}.txt")),
+            )
+        })
+        .collect();
+    junk.join().unwrap();
+    let expected = expected(data.path(), AGENCIES, WINNING);
+    for (i, agency) in agencies.iter().enumerate() {
+        let id = i as u32 + 1;
+        assert!(
+            agency.wait_exit(PATIENCE).success(),
+            "agency {id}: {}",
+            agency.stderr()
+        );
+        assert_eq!(
+            read_winners(&work.path().join(format!("winners-{id}.txt"))),
+            expected.winners[&id]
+        );
+    }
+    assert_eq!(stored(&storage), expected.rows);
+    let peak_kib = peak_rss_kib(server.proc.pid);
+    assert!(peak_kib < 128 * 1024, "server peak RSS {peak_kib} KiB");
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+// --- Authentication and TLS ---------------------------------------------------
+
+fn secrets_file(dir: &std::path::Path) -> PathBuf {
+    let path = dir.join("secrets.toml");
+    std::fs::write(&path, "1 = \"uno-secreto\"\n2 = \"dos-secreto\"\n").unwrap();
+    path
+}
+
+#[test]
+fn secrets_keep_out_whoever_lacks_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = secrets_file(dir.path());
+    let sc = Scenario::start_with(
+        &[("SERVER_SECRETS_FILE", secrets.display().to_string())],
+        &[("CLI_SECRET", "uno-secreto".into())],
+    );
+    // No HELLO: neither bets nor the winners.
+    let mut raw = sc.connect();
+    let reply = raw.expect_error(
+        format!("BATCH_SIZE:1|BET_1:{}\n", good2("20000009")).as_bytes(),
+        "UNAUTHENTICATED",
+    );
+    assert!(
+        reply.contains("requires HELLO with the agency's SECRET"),
+        "{reply}"
+    );
+    raw.expect_closed();
+    sc.fail_line(&raw, Some("UNAUTHENTICATED"));
+    let mut raw = sc.connect();
+    raw.expect_error(b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n", "UNAUTHENTICATED");
+    raw.expect_closed();
+    // A wrong secret, and another agency's secret.
+    for secret in ["adivina", "uno-secreto"] {
+        let mut raw = sc.connect();
+        let reply = raw.expect_error(
+            format!("ACTION:HELLO|AGENCY_ID:2|SECRET:{secret}\n").as_bytes(),
+            "UNAUTHENTICATED",
+        );
+        assert!(
+            reply.contains("wrong or missing SECRET for agency 2"),
+            "{reply}"
+        );
+        raw.expect_closed();
+        sc.fail_line(&raw, Some("UNAUTHENTICATED"));
+    }
+    // The right one.
+    let mut raw = sc.connect();
+    raw.send(b"ACTION:HELLO|AGENCY_ID:2|SECRET:dos-secreto\n");
+    assert!(raw.recv().unwrap().starts_with("STATUS:SUCCESS|"));
+    raw.expect_open("20000001");
+    sc.finish(&mut raw, &["20000001"]);
+}
+
+#[test]
+fn an_agency_with_a_wrong_secret_stops_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = secrets_file(dir.path());
+    let work = tempfile::tempdir().unwrap();
+    let server = start_server(
+        work.path(),
+        &[("SERVER_SECRETS_FILE", secrets.display().to_string())],
+    );
+    let data = work.path().join("agency-1.csv");
+    std::fs::write(&data, "Ana,Pérez,1,1999-03-17,5\n").unwrap();
+    let mut cmd = agency_command(1, &server.address(), &data, &work.path().join("w.txt"));
+    cmd.env("CLI_SECRET", "adivina");
+    let agency = Proc::spawn(cmd);
+    assert_eq!(agency.wait_exit(PATIENCE).code(), Some(1));
+    assert!(
+        agency
+            .stderr()
+            .contains("the central refused: UNAUTHENTICATED: wrong or missing SECRET for agency 1"),
+        "{}",
+        agency.stderr()
+    );
+    assert!(
+        !work.path().join("bets.csv").exists() || stored(&work.path().join("bets.csv")).is_empty()
+    );
+}
+
+/// A CA, and a certificate for `localhost` signed by it, as PEM files.
+fn certificates(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    (paths.0, paths.1, paths.2)
+}
+
+#[test]
+fn tls_carries_the_run_and_nothing_crosses_in_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path());
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("bets.csv");
+    let mut cmd = lottery();
+    cmd.arg("server")
+        .env("SERVER_PORT", "0")
+        .env("SERVER_AGENCIES", "1")
+        .env("SERVER_STORAGE", &storage)
+        .env("SERVER_TLS_CERT", &cert)
+        .env("SERVER_TLS_KEY", &key);
+    let proc = Proc::spawn(cmd);
+    let listen = proc.wait_for("action: listen | result: success");
+    assert!(listen.contains("tls: true"), "{listen}");
+    let port: u16 = listen
+        .split(" | ")
+        .find_map(|f| f.strip_prefix("address: "))
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+
+    // The agency goes through a recording relay, to see what crosses.
+    let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_addr = relay.local_addr().unwrap().to_string();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    std::thread::spawn({
+        let seen = seen.clone();
+        move || {
+            for client in relay.incoming() {
+                let Ok(client) = client else { return };
+                let upstream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                    (upstream, client),
+                ] {
+                    let seen = seen.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            seen.lock().unwrap().extend_from_slice(&buf[..n]);
+                        }
+                        let _ = to.shutdown(Shutdown::Write);
+                    });
+                }
+            }
+        }
+    });
+
+    let data = work.path().join("agency-1.csv");
+    std::fs::write(&data, "Secreta,Personaja,30904465,1999-03-17,7574\n").unwrap();
+    let mut cmd = agency_command(1, &relay_addr, &data, &work.path().join("w.txt"));
+    cmd.env("CLI_TLS_CA", &ca)
+        .env("CLI_TLS_SERVER_NAME", "localhost");
+    let agency = Proc::spawn(cmd);
+    assert!(agency.wait_exit(PATIENCE).success(), "{}", agency.stderr());
+    assert_eq!(read_winners(&work.path().join("w.txt")), ["30904465"]);
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.is_empty());
+    for secret in ["Secreta", "Personaja", "30904465", "BATCH_SIZE"] {
+        assert!(
+            !seen.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{secret} crossed in clear"
+        );
+    }
+
+    // A plain-text client gets nowhere, and the server says why.
+    let mut plain = Raw::connect(&format!("127.0.0.1:{port}"));
+    plain.send(b"ACTION:HELLO|AGENCY_ID:1\n");
+    assert_eq!(plain.recv(), None);
+    let line = proc.wait_for(&plain.peer());
+    assert!(
+        line.contains("result: fail") && line.contains("TLS handshake failed"),
+        "{line}"
+    );
+
+    // An agency that does not trust the server's certificate stops.
+    let other = tempfile::tempdir().unwrap();
+    let (other_ca, _, _) = certificates(other.path());
+    let mut cmd = agency_command(
+        1,
+        &format!("127.0.0.1:{port}"),
+        &data,
+        &work.path().join("w2.txt"),
+    );
+    cmd.env("CLI_TLS_CA", &other_ca)
+        .env("CLI_TLS_SERVER_NAME", "localhost");
+    let distrustful = Proc::spawn(cmd);
+    assert_eq!(distrustful.wait_exit(PATIENCE).code(), Some(1));
+    assert!(
+        distrustful.stderr().contains("TLS handshake with"),
+        "{}",
+        distrustful.stderr()
+    );
+
+    proc.signal(Signal::SIGTERM);
+    assert!(proc.wait_exit(Duration::from_secs(10)).success());
+}
