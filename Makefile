@@ -4,7 +4,7 @@
 AGENCIES ?= 5
 CARGO ?= cargo
 
-.PHONY: build test lint fmt bench demo demo-real data server image up down logs
+.PHONY: build test lint fmt bench demo demo-real data server compose console image up down logs
 
 build:
 	$(CARGO) build --release
@@ -34,6 +34,14 @@ data:
 
 server:
 	$(CARGO) run --release -- server
+
+# Regenerate compose.yaml for AGENCIES agencies (containers client1 … clientN).
+compose:
+	$(CARGO) run --release -- compose --agencies $(AGENCIES) --out compose.yaml
+
+# The server with tokio-console support; connect with `tokio-console` (port 6669).
+console:
+	RUSTFLAGS="--cfg tokio_unstable" $(CARGO) run --release --features console -- server
 
 image:
 	docker build -t lottery:latest .

@@ -242,6 +242,8 @@ impl AgencyConfig {
 pub struct LogConfig {
     /// Least severe level printed.
     pub level: LogLevel,
+    /// `text` (the contract's lines) or `json`.
+    pub format: crate::logging::LogFormat,
 }
 
 /// A log level as operators write it: DEBUG, INFO, WARN or ERROR.
@@ -409,6 +411,7 @@ impl Config {
             Role::Agency => "CLI_LOG_LEVEL",
         };
         set(&env, level_var, &mut self.log.level)?;
+        set(&env, "LOG_FORMAT", &mut self.log.format)?;
         Ok(())
     }
 

@@ -13,6 +13,8 @@
 //! - [`agency`]: an agency (streams its file, waits for its winners).
 //! - [`config`], [`logging`], [`shutdown`], [`tls`]: operating concerns.
 //! - [`gen_data`], [`demo`]: synthetic data and the one-machine demo.
+//! - [`ops`]: the health probe, the status view and the winners table.
+//! - [`compose`]: the compose file for the central and N agencies.
 //!
 //! A message on the wire, as an agency frames its announcement that it has
 //! finished:
@@ -31,12 +33,14 @@
 
 pub mod agency;
 pub mod codec;
+pub mod compose;
 pub mod config;
 pub mod demo;
 pub mod gen_data;
 pub mod logging;
 pub mod lottery;
 pub mod model;
+pub mod ops;
 pub mod protocol;
 pub mod server;
 pub mod shutdown;

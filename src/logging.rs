@@ -85,16 +85,125 @@ impl From<LogLevel> for Level {
     }
 }
 
-/// Installs the global subscriber: contract lines on stdout at `level`.
+/// How log events are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// The contract's `action: … | result: …` lines (the default).
+    #[default]
+    Text,
+    /// One JSON object a line, same events and fields, for log shippers.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("{s:?} is not text or json")),
+        }
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for LogFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Installs the global subscriber: events on stdout at `level`, in `format`.
+/// With the `console` feature, also serves tokio-console; the stdout layer
+/// keeps its own level filter, so the console's trace-level runtime events
+/// never reach stdout.
 ///
 /// Calling it twice is harmless (the second call does nothing), which keeps
 /// in-process tests that start several components simple.
-pub fn init(level: LogLevel) {
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(Level::from(level))
-        .event_format(ContractFormat)
-        .with_writer(std::io::stdout)
-        .try_init();
+pub fn init(level: LogLevel, format: LogFormat) {
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    let filter = LevelFilter::from_level(Level::from(level));
+    let stdout = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .event_format(ContractFormat)
+            .with_writer(std::io::stdout)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .event_format(JsonFormat)
+            .with_writer(std::io::stdout)
+            .with_filter(filter)
+            .boxed(),
+    };
+    let registry = tracing_subscriber::registry().with(stdout);
+    #[cfg(feature = "console")]
+    let registry = registry.with(console_subscriber::spawn());
+    let _ = registry.try_init();
+}
+
+/// Renders events as JSON lines: `timestamp`, `level`, then the event's
+/// fields in the order written (`action`, `result`, …).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JsonFormat;
+
+impl<S, N> FormatEvent<S, N> for JsonFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut object = serde_json::Map::new();
+        object.insert(
+            "timestamp".into(),
+            chrono::Local::now()
+                .format("%Y-%m-%dT%H:%M:%S%.3f%:z")
+                .to_string()
+                .into(),
+        );
+        object.insert("level".into(), event.metadata().level().as_str().into());
+        event.record(&mut JsonFields(&mut object));
+        let line = serde_json::Value::Object(object).to_string();
+        writeln!(writer, "{line}")
+    }
+}
+
+struct JsonFields<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
+
+impl Visit for JsonFields<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
 }
 
 /// Renders events as contract lines (timestamp, padded level, fields).
@@ -220,6 +329,44 @@ mod tests {
             line,
             "INFO     action: apuesta_recibida | result: success | cantidad: 100\n"
         );
+    }
+
+    #[test]
+    fn json_lines_carry_the_same_fields() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buf {
+            type Writer = Buf;
+            fn make_writer(&'a self) -> Buf {
+                self.clone()
+            }
+        }
+        let buf = Buf::default();
+        let subscriber = tracing_subscriber::fmt()
+            .event_format(JsonFormat)
+            .with_writer(buf.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(action = action::APUESTA_RECIBIDA, result = result::SUCCESS, cantidad = 70, peer = %"a|b");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["action"], "apuesta_recibida");
+        assert_eq!(v["result"], "success");
+        assert_eq!(v["cantidad"], 70);
+        assert_eq!(v["peer"], "a|b");
+        assert!(v["timestamp"].as_str().unwrap().starts_with("20"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tracing::info;
 
 use crate::logging::{action, result};
 use crate::model::AgencyId;
-use crate::protocol::ErrorCode;
+use crate::protocol::{AgencyState, ErrorCode};
 use crate::storage;
 
 /// The outcome of the draw.
@@ -412,6 +412,23 @@ impl Lottery {
                 _ = &mut notified => {}
             }
         }
+    }
+
+    /// The configured agency count, whether the draw is done, and each
+    /// agency that holds bets or has finished, in agency order.
+    pub async fn status(&self) -> (u32, bool, Vec<AgencyState>) {
+        let state = self.shared.state.lock().await;
+        let mut ids: BTreeSet<AgencyId> = state.stored.keys().copied().collect();
+        ids.extend(state.finished.iter().copied());
+        let states = ids
+            .into_iter()
+            .map(|agency| AgencyState {
+                agency,
+                held: state.stored.get(&agency).copied().unwrap_or(0),
+                finished: state.finished.contains(&agency),
+            })
+            .collect();
+        (self.shared.agencies, state.draw.is_some(), states)
     }
 
     /// Agencies that have announced they finished.

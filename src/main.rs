@@ -14,7 +14,7 @@ use tracing::{error, info};
 
 use lottery::config::{Config, ConfigError, LogLevel, Role};
 use lottery::gen_data::{self, GenOptions};
-use lottery::logging::{self, action, result};
+use lottery::logging::{self, action, result, LogFormat};
 use lottery::{agency, demo, server, shutdown};
 
 /// Bet collection for a national lottery: a central server, betting agencies,
@@ -31,6 +31,10 @@ struct Cli {
     )]
     config: PathBuf,
 
+    /// text (the contract's lines) or json [log.format].
+    #[arg(long, global = true)]
+    log_format: Option<LogFormat>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -45,6 +49,41 @@ enum Command {
     Demo(DemoArgs),
     /// Write deterministic synthetic agency-{N}.csv files.
     GenData(GenDataArgs),
+    /// Check that the central answers (exit 0) or not (exit 1).
+    Health(ProbeArgs),
+    /// Show bets held per agency, who finished, and whether the draw is done.
+    Status(ProbeArgs),
+    /// Print the per-agency winners table from the draw record.
+    Winners(WinnersArgs),
+    /// Write a compose file for the central and N agencies.
+    Compose(ComposeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ProbeArgs {
+    /// The central's host:port [agency.server_address].
+    #[arg(long)]
+    address: Option<String>,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 3)]
+    timeout: u64,
+}
+
+#[derive(Debug, Args)]
+struct WinnersArgs {
+    /// The draw record [server.draw_record, or beside server.storage].
+    #[arg(long)]
+    record: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ComposeArgs {
+    /// Number of agencies (containers client1 … clientN).
+    #[arg(long, default_value_t = 5)]
+    agencies: u32,
+    /// Where to write; `-` for standard output.
+    #[arg(long, default_value = "compose.yaml")]
+    out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -175,7 +214,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => args.log_level,
         _ => config.log.level,
     };
-    logging::init(level);
+    logging::init(level, config.log.format);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -227,8 +266,13 @@ fn load_config(cli: &Cli, role: Role) -> Result<Config, ConfigError> {
             overlay(&mut config.server.agencies, a.agencies);
             overlay(&mut config.server.winning_number, a.winning_number);
         }
-        Command::Demo(_) => {}
+        Command::Demo(_)
+        | Command::Health(_)
+        | Command::Status(_)
+        | Command::Winners(_)
+        | Command::Compose(_) => {}
     }
+    overlay(&mut config.log.format, cli.log_format);
     config.validate()?;
     Ok(config)
 }
@@ -247,6 +291,55 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Agency(args) => run_agency(config, args, token).await,
         Command::Demo(args) => run_demo(config, args, token).await,
         Command::GenData(args) => run_gen_data(config, args).await,
+        Command::Health(args) => {
+            lottery::ops::health(&probe_target(&config, &args)).await?;
+            println!("ok");
+            Ok(())
+        }
+        Command::Status(args) => {
+            let view = lottery::ops::status(&probe_target(&config, &args)).await?;
+            print!("{}", lottery::ops::render_status(&view));
+            Ok(())
+        }
+        Command::Winners(args) => {
+            let record = args
+                .record
+                .unwrap_or_else(|| config.server.draw_record_path());
+            print!("{}", lottery::ops::winners_table(&record)?);
+            Ok(())
+        }
+        Command::Compose(args) => {
+            anyhow::ensure!(args.agencies >= 1, "--agencies must be at least 1");
+            let text = lottery::compose::render(args.agencies);
+            if args.out.as_os_str() == "-" {
+                print!("{text}");
+            } else {
+                std::fs::write(&args.out, text)
+                    .with_context(|| format!("writing {}", args.out.display()))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Where the probes go: `--address`, else the agency's configured central,
+/// over TLS when the agency is configured for it.
+fn probe_target(config: &Config, args: &ProbeArgs) -> lottery::ops::Target {
+    let address = args
+        .address
+        .clone()
+        .unwrap_or_else(|| config.agency.server_address.clone());
+    let tls = (!config.agency.tls_ca.as_os_str().is_empty()).then(|| {
+        let agency = lottery::config::AgencyConfig {
+            server_address: address.clone(),
+            ..config.agency.clone()
+        };
+        (config.agency.tls_ca.clone(), agency.tls_name())
+    });
+    lottery::ops::Target {
+        address,
+        tls,
+        timeout: std::time::Duration::from_secs(args.timeout.max(1)),
     }
 }
 

@@ -46,6 +46,12 @@ pub mod key {
     pub const STORED: &str = "STORED";
     /// The agency's shared secret, in `HELLO`, when the central requires one.
     pub const SECRET: &str = "SECRET";
+    /// Configured agency count, in a status reply.
+    pub const AGENCIES: &str = "AGENCIES";
+    /// Per-agency `id=held/open|done` entries, comma separated, in a status reply.
+    pub const AGENCY_STATE: &str = "AGENCY_STATE";
+    /// `1` once the draw is done, in a status reply.
+    pub const DRAWN: &str = "DRAWN";
     /// Bet field: first name.
     pub const NOMBRE: &str = "NOMBRE";
     /// Bet field: last name.
@@ -66,6 +72,10 @@ pub mod action {
     pub const FINISH_BETTING: &str = "FINISH_BETTING";
     /// Opens a resumable session: the central answers with `STORED`.
     pub const HELLO: &str = "HELLO";
+    /// Liveness check: the central answers `MESSAGE:pong`.
+    pub const PING: &str = "PING";
+    /// Operator view: bets held per agency, who finished, whether drawn.
+    pub const STATUS: &str = "STATUS";
 }
 
 /// Values of the `STATUS` key.
@@ -202,6 +212,11 @@ pub enum Request {
         /// The bets, in file order.
         bets: Vec<Bet>,
     },
+    /// Liveness check (health probes); needs no agency and no secret.
+    Ping,
+    /// Operator view of the lottery; needs no agency and no secret, and
+    /// reveals no personal data.
+    Status,
     /// Opens a resumable session for an agency.
     Hello {
         /// The agency.
@@ -233,6 +248,18 @@ pub enum Reply {
         /// Why, for people.
         message: String,
     },
+    /// One frame of the lottery's status. When `more` is set the agency
+    /// list continues in the next frame.
+    Status {
+        /// Agencies configured.
+        agencies: u32,
+        /// Whether the draw is done.
+        drawn: bool,
+        /// Per agency with bets or an announcement: bets held, finished.
+        states: Vec<AgencyState>,
+        /// Another `Status` frame follows.
+        more: bool,
+    },
     /// One frame of the agency's winners. When `more` is set the list
     /// continues in the next frame.
     Winners {
@@ -241,6 +268,41 @@ pub enum Reply {
         /// Another `Winners` frame follows.
         more: bool,
     },
+}
+
+/// One agency's line in a status reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgencyState {
+    /// The agency.
+    pub agency: AgencyId,
+    /// Bets the central holds for it.
+    pub held: u64,
+    /// It announced that it finished.
+    pub finished: bool,
+}
+
+impl AgencyState {
+    fn write(&self, dst: &mut BytesMut) {
+        let mut n = itoa::Buffer::new();
+        dst.put_slice(n.format(self.agency).as_bytes());
+        dst.put_u8(b'=');
+        dst.put_slice(n.format(self.held).as_bytes());
+        dst.put_slice(if self.finished { b"/done" } else { b"/open" });
+    }
+
+    fn parse(s: &str) -> Option<AgencyState> {
+        let (agency, rest) = s.split_once('=')?;
+        let (held, state) = rest.split_once('/')?;
+        Some(AgencyState {
+            agency: agency.parse().ok()?,
+            held: held.parse().ok()?,
+            finished: match state {
+                "done" => true,
+                "open" => false,
+                _ => return None,
+            },
+        })
+    }
 }
 
 /// A message type that can be read from a payload and written into one.
@@ -425,6 +487,12 @@ impl WireMessage for Request {
         match find(&pairs, key::ACTION) {
             Some(a) => {
                 let a = unescape(a, "ACTION")?;
+                if a == action::PING {
+                    return Ok(Request::Ping);
+                }
+                if a == action::STATUS {
+                    return Ok(Request::Status);
+                }
                 let finished = a == action::BETTING_FINISHED || a == action::FINISH_BETTING;
                 if finished || a == action::HELLO {
                     let id = find(&pairs, key::AGENCY_ID)
@@ -454,6 +522,17 @@ impl WireMessage for Request {
     fn write(&self, dst: &mut BytesMut) {
         match self {
             Request::Batch { first, bets } => write_batch(dst, *first, bets),
+            Request::Ping | Request::Status => {
+                dst.put_slice(key::ACTION.as_bytes());
+                dst.put_u8(b':');
+                let name = if matches!(self, Request::Ping) {
+                    action::PING
+                } else {
+                    action::STATUS
+                };
+                dst.put_slice(name.as_bytes());
+                dst.put_u8(b'\n');
+            }
             Request::Finished { agency } | Request::Hello { agency, .. } => {
                 let name = match self {
                     Request::Hello { .. } => action::HELLO,
@@ -718,6 +797,30 @@ impl WireMessage for Reply {
         };
         match status {
             status::SUCCESS => {
+                if let Some(agencies) = find(&pairs, key::AGENCIES) {
+                    let agencies = agencies
+                        .parse()
+                        .map_err(|_| bad_value(key::AGENCIES, "not a number"))?;
+                    let states = find(&pairs, key::AGENCY_STATE)
+                        .unwrap_or("")
+                        .split(',')
+                        .filter(|e| !e.is_empty())
+                        .map(|e| {
+                            AgencyState::parse(e).ok_or_else(|| {
+                                bad_value(
+                                    key::AGENCY_STATE,
+                                    format!("{e:?} is not id=held/open|done"),
+                                )
+                            })
+                        })
+                        .collect::<Result<_, _>>()?;
+                    return Ok(Reply::Status {
+                        agencies,
+                        drawn: find(&pairs, key::DRAWN) == Some("1"),
+                        states,
+                        more: find(&pairs, key::MORE) == Some("1"),
+                    });
+                }
                 if let Some(list) = find(&pairs, key::WINNERS) {
                     let list = unescape(list, "WINNERS")?;
                     let documents = list
@@ -777,6 +880,33 @@ impl WireMessage for Reply {
                 put_pair(dst, key::STATUS, status::ERROR, true);
                 put_pair(dst, key::CODE, code.as_str(), false);
                 put_pair(dst, key::MESSAGE, message, false);
+            }
+            Reply::Status {
+                agencies,
+                drawn,
+                states,
+                more,
+            } => {
+                put_pair(dst, key::STATUS, status::SUCCESS, true);
+                put_pair(
+                    dst,
+                    key::AGENCIES,
+                    itoa::Buffer::new().format(*agencies),
+                    false,
+                );
+                put_pair(dst, key::DRAWN, if *drawn { "1" } else { "0" }, false);
+                dst.put_u8(b'|');
+                dst.put_slice(key::AGENCY_STATE.as_bytes());
+                dst.put_u8(b':');
+                for (i, state) in states.iter().enumerate() {
+                    if i > 0 {
+                        dst.put_u8(b',');
+                    }
+                    state.write(dst);
+                }
+                if *more {
+                    put_pair(dst, key::MORE, "1", false);
+                }
             }
             Reply::Winners { documents, more } => {
                 put_pair(dst, key::STATUS, status::SUCCESS, true);
@@ -856,6 +986,28 @@ pub fn winners_replies(documents: &[String]) -> Vec<Reply> {
         more: false,
     });
     replies
+}
+
+/// Splits a status into `Status` replies that each fit in one frame.
+pub fn status_replies(agencies: u32, drawn: bool, states: &[AgencyState]) -> Vec<Reply> {
+    // Each entry takes at most 10 + 1 + 20 + 5 + 1 bytes; leave room for the
+    // fixed keys.
+    const PER_FRAME: usize = (MAX_PAYLOAD_LEN - 128) / 37;
+    let mut chunks: Vec<&[AgencyState]> = states.chunks(PER_FRAME).collect();
+    if chunks.is_empty() {
+        chunks.push(&[]);
+    }
+    let last = chunks.len() - 1;
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunk)| Reply::Status {
+            agencies,
+            drawn,
+            states: chunk.to_vec(),
+            more: i < last,
+        })
+        .collect()
 }
 
 /// Encodes `msg` to its payload bytes (a convenience for tests and tools).
@@ -994,6 +1146,23 @@ mod tests {
             },
             Reply::Winners {
                 documents: vec![],
+                more: false,
+            },
+            Reply::Status {
+                agencies: 5,
+                drawn: true,
+                states: vec![
+                    AgencyState {
+                        agency: 1,
+                        held: 26936,
+                        finished: true,
+                    },
+                    AgencyState {
+                        agency: 4,
+                        held: 0,
+                        finished: false,
+                    },
+                ],
                 more: false,
             },
         ];

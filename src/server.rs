@@ -27,7 +27,7 @@ use crate::config::{ConfigError, ServerConfig};
 use crate::logging::{action, result};
 use crate::lottery::{Draw, Lottery, LotteryError};
 use crate::model::{AgencyId, Bet};
-use crate::protocol::{winners_replies, ErrorCode, Reply, Request};
+use crate::protocol::{status_replies, winners_replies, ErrorCode, Reply, Request};
 use crate::storage::{self, encode_rows, BetStore, Durability, StorageError};
 use crate::tls::{self, BoxedIo, TlsError};
 
@@ -485,6 +485,24 @@ impl Handler {
                 }
                 Some(Ok(Ok(Request::Hello { agency, secret }))) => {
                     self.handle_hello(agency, secret).await?
+                }
+                // Probes and operator views: no personal data, no agency,
+                // no secret needed.
+                Some(Ok(Ok(Request::Ping))) => {
+                    let pong = Reply::Success {
+                        message: "pong".into(),
+                        stored: None,
+                    };
+                    self.framed.send(&pong).await?;
+                    Next::Continue
+                }
+                Some(Ok(Ok(Request::Status))) => {
+                    let (agencies, drawn, states) = self.lottery.status().await;
+                    for reply in status_replies(agencies, drawn, &states) {
+                        self.framed.feed(&reply).await?;
+                    }
+                    self.framed.flush().await?;
+                    Next::Continue
                 }
                 Some(Ok(Ok(_))) if !self.authenticated => self.unauthenticated().await?,
                 Some(Ok(Ok(Request::Batch { first, bets }))) => {

@@ -1,0 +1,180 @@
+//! Operator tools: the health probe, the live status view, and the winners
+//! table read back from the draw record.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+use crate::codec::AgencyCodec;
+use crate::lottery::Draw;
+use crate::protocol::{AgencyState, Reply, Request};
+use crate::tls::{self, BoxedIo};
+
+/// Where the central is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `host:port`.
+    pub address: String,
+    /// CA and server name, when the central speaks TLS.
+    pub tls: Option<(std::path::PathBuf, String)>,
+    /// How long the whole exchange may take.
+    pub timeout: Duration,
+}
+
+async fn connect(target: &Target) -> anyhow::Result<Framed<BoxedIo, AgencyCodec>> {
+    let stream = TcpStream::connect(&target.address).await?;
+    stream.set_nodelay(true)?;
+    let io: BoxedIo = match &target.tls {
+        None => Box::new(stream),
+        Some((ca, name)) => {
+            let (connector, name) = tls::connector(ca, name)?;
+            Box::new(connector.connect(name, stream).await?)
+        }
+    };
+    Ok(Framed::new(io, AgencyCodec::new()))
+}
+
+async fn next_reply(framed: &mut Framed<BoxedIo, AgencyCodec>) -> anyhow::Result<Reply> {
+    match framed.next().await {
+        Some(Ok(Ok(reply))) => Ok(reply),
+        Some(Ok(Err(e))) => anyhow::bail!("unreadable reply: {e}"),
+        Some(Err(e)) => Err(e.into()),
+        None => anyhow::bail!("the central closed the connection"),
+    }
+}
+
+/// Sends `PING` and expects `pong`.
+///
+/// # Errors
+/// The central is unreachable, slow, or answers something else.
+pub async fn health(target: &Target) -> anyhow::Result<()> {
+    let exchange = async {
+        let mut framed = connect(target).await?;
+        framed.send(&Request::Ping).await?;
+        match next_reply(&mut framed).await? {
+            Reply::Success { message, .. } if message == "pong" => Ok(()),
+            other => anyhow::bail!("unexpected answer to PING: {other:?}"),
+        }
+    };
+    tokio::time::timeout(target.timeout, exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {:?}", target.timeout))?
+}
+
+/// The central's view: agencies configured, whether drawn, per-agency state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusView {
+    /// Agencies configured.
+    pub agencies: u32,
+    /// The draw is done.
+    pub drawn: bool,
+    /// Agencies that hold bets or have finished.
+    pub states: Vec<AgencyState>,
+}
+
+/// Asks the central for its status (all frames of it).
+///
+/// # Errors
+/// The central is unreachable, slow, or answers something else.
+pub async fn status(target: &Target) -> anyhow::Result<StatusView> {
+    let exchange = async {
+        let mut framed = connect(target).await?;
+        framed.send(&Request::Status).await?;
+        let mut view = StatusView {
+            agencies: 0,
+            drawn: false,
+            states: Vec::new(),
+        };
+        loop {
+            match next_reply(&mut framed).await? {
+                Reply::Status {
+                    agencies,
+                    drawn,
+                    states,
+                    more,
+                } => {
+                    view.agencies = agencies;
+                    view.drawn = drawn;
+                    view.states.extend(states);
+                    if !more {
+                        return Ok(view);
+                    }
+                }
+                other => anyhow::bail!("unexpected answer to STATUS: {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(target.timeout, exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {:?}", target.timeout))?
+}
+
+/// Renders a status view as a table, every configured agency listed.
+pub fn render_status(view: &StatusView) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{:>6}  {:>10}  state", "agency", "bets held");
+    let mut total = 0;
+    for agency in 1..=view.agencies {
+        let state = view.states.iter().find(|s| s.agency == agency);
+        let held = state.map_or(0, |s| s.held);
+        total += held;
+        let label = match state {
+            Some(s) if s.finished => "finished",
+            Some(s) if s.held > 0 => "uploading",
+            _ => "waiting",
+        };
+        let _ = writeln!(out, "{agency:>6}  {held:>10}  {label}");
+    }
+    let finished = view.states.iter().filter(|s| s.finished).count();
+    let _ = writeln!(out, "{:>6}  {total:>10}", "total");
+    let _ = writeln!(
+        out,
+        "{finished} of {} agencies finished; draw {}",
+        view.agencies,
+        if view.drawn { "done" } else { "pending" }
+    );
+    out
+}
+
+/// Renders the per-agency winners table from a draw record.
+///
+/// # Errors
+/// There is no record (no draw yet), or it cannot be read.
+pub fn winners_table(record: &Path) -> anyhow::Result<String> {
+    let Some(draw) = Draw::load(record)? else {
+        anyhow::bail!(
+            "no draw record at {}: the draw has not happened yet",
+            record.display()
+        );
+    };
+    let mut agencies: Vec<u32> = draw.bets_per_agency.keys().copied().collect();
+    agencies.extend(draw.winners.keys().copied());
+    agencies.sort_unstable();
+    agencies.dedup();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "draw of {} (winning number {}), {} bets",
+        draw.drawn_at, draw.winning_number, draw.bets
+    );
+    let _ = writeln!(
+        out,
+        "{:>6}  {:>10}  {:>7}  winning documents",
+        "agency", "bets", "winners"
+    );
+    for agency in agencies {
+        let winners = draw.winners_of(agency);
+        let bets = draw.bets_per_agency.get(&agency).copied().unwrap_or(0);
+        let docs = if winners.is_empty() {
+            "-".to_string()
+        } else {
+            winners.join(", ")
+        };
+        let _ = writeln!(out, "{agency:>6}  {bets:>10}  {:>7}  {docs}", winners.len());
+    }
+    Ok(out)
+}

@@ -1,0 +1,260 @@
+//! Operator tools against a real server: `lottery health`, `lottery status`,
+//! `lottery winners`, JSON logs, and the generated compose files.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use lottery::gen_data::{generate, GenOptions};
+use nix::sys::signal::Signal;
+
+fn run(args: &[&str]) -> std::process::Output {
+    lottery().args(args).output().unwrap()
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn health_status_and_winners_follow_the_lottery() {
+    let data = tempfile::tempdir().unwrap();
+    generate(
+        data.path(),
+        &GenOptions {
+            agencies: 2,
+            bets_per_agency: 1_500,
+            seed: 9,
+            winner_share: 0.01,
+            ..GenOptions::default()
+        },
+    )
+    .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("bets.csv");
+    let record = work.path().join("bets.draw.toml");
+    let server = Server::start(&storage, 2, 7574);
+    let address = server.address();
+
+    let health = run(&["health", "--address", &address]);
+    assert!(health.status.success(), "{health:?}");
+    assert_eq!(stdout(&health), "ok\n");
+
+    // Before anything: every agency waiting, no draw, no winners table.
+    let status = run(&["status", "--address", &address]);
+    assert!(status.status.success());
+    assert_eq!(
+        stdout(&status),
+        "agency   bets held  state\n     1           0  waiting\n     2           0  waiting\n total           0\n0 of 2 agencies finished; draw pending\n"
+    );
+    let none = run(&["winners", "--record", record.to_str().unwrap()]);
+    assert_eq!(none.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("the draw has not happened yet"));
+
+    // Agency 1 uploads everything and waits for the draw.
+    let one = start_agency(
+        1,
+        &address,
+        &data_file(data.path(), 1),
+        &work.path().join("w1.txt"),
+    );
+    server
+        .proc
+        .wait_for("action: agencia_finalizada | result: success | agency: 1");
+    let status = stdout(&run(&["status", "--address", &address]));
+    assert!(
+        status.contains("     1        1500  finished\n"),
+        "{status}"
+    );
+    assert!(status.contains("     2           0  waiting\n"), "{status}");
+    assert!(
+        status.contains("1 of 2 agencies finished; draw pending"),
+        "{status}"
+    );
+
+    let two = start_agency(
+        2,
+        &address,
+        &data_file(data.path(), 2),
+        &work.path().join("w2.txt"),
+    );
+    assert!(one.wait_exit(PATIENCE).success());
+    assert!(two.wait_exit(PATIENCE).success());
+    let status = stdout(&run(&["status", "--address", &address]));
+    assert!(
+        status.contains(" total        3000\n2 of 2 agencies finished; draw done"),
+        "{status}"
+    );
+
+    // The winners table, from the record, agrees with the input.
+    let expected = expected(data.path(), 2, 7574);
+    let table = run(&["winners", "--record", record.to_str().unwrap()]);
+    assert!(table.status.success());
+    let table = stdout(&table);
+    assert!(
+        table.contains("(winning number 7574), 3000 bets"),
+        "{table}"
+    );
+    for agency in [1u32, 2] {
+        let winners = &expected.winners[&agency];
+        let row = format!(
+            "{agency:>6}  {:>10}  {:>7}  {}",
+            1500,
+            winners.len(),
+            winners.join(", ")
+        );
+        assert!(table.contains(&row), "missing {row:?} in\n{table}");
+    }
+
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+    let down = run(&["health", "--address", &address, "--timeout", "1"]);
+    assert_eq!(down.status.code(), Some(1));
+}
+
+#[test]
+fn json_logs_carry_the_same_events() {
+    let work = tempfile::tempdir().unwrap();
+    let mut cmd = lottery();
+    cmd.args(["server", "--log-format", "json"])
+        .env("SERVER_PORT", "0")
+        .env("SERVER_AGENCIES", "1")
+        .env("SERVER_STORAGE", work.path().join("bets.csv"));
+    let server = Proc::spawn(cmd);
+    let listen = server.wait_for("\"action\":\"listen\"");
+    let listen: serde_json::Value = serde_json::from_str(&listen).unwrap();
+    assert_eq!(listen["result"], "success");
+    assert_eq!(listen["level"], "INFO");
+    let address = listen["address"]
+        .as_str()
+        .unwrap()
+        .replace("0.0.0.0", "127.0.0.1");
+
+    let data = work.path().join("agency-1.csv");
+    std::fs::write(
+        &data,
+        "Ana,Pérez,30904465,1999-03-17,7574\nBob,Lee,2,1999-03-17,1\n",
+    )
+    .unwrap();
+    let mut cmd = agency_command(1, &address, &data, &work.path().join("w.txt"));
+    cmd.env("LOG_FORMAT", "json");
+    let agency = Proc::spawn(cmd);
+    assert!(agency.wait_exit(PATIENCE).success());
+    let lines: Vec<serde_json::Value> = agency
+        .lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let config = lines.iter().find(|v| v["action"] == "config").unwrap();
+    assert_eq!(config["client_id"], 1);
+    let winners = lines
+        .iter()
+        .find(|v| v["action"] == "consulta_ganadores")
+        .unwrap();
+    assert_eq!(winners["result"], "success");
+    assert_eq!(winners["cant_ganadores"], 1);
+
+    let stored = server.wait_for("\"action\":\"apuesta_recibida\"");
+    let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    assert_eq!(stored["cantidad"], 2);
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+    for line in server.lines() {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_ne!(v["result"], "fail", "{line}");
+    }
+    assert!(server.output().contains("\"action\":\"shutdown\""));
+}
+
+#[test]
+fn the_committed_compose_file_is_the_generated_one() {
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/compose.yaml")).unwrap();
+    assert_eq!(
+        committed,
+        lottery::compose::render(5),
+        "run `make compose` and commit"
+    );
+}
+
+#[test]
+fn a_generated_compose_file_has_everything_for_n_agencies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("compose-7.yaml");
+    let out = run(&[
+        "compose",
+        "--agencies",
+        "7",
+        "--out",
+        path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let services = doc["services"].as_mapping().unwrap();
+    let mut names: Vec<String> = services
+        .keys()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = (1..=7).map(|i| format!("client{i}")).collect();
+    want.push("server".into());
+    want.sort();
+    assert_eq!(names, want);
+
+    let server = &doc["services"]["server"];
+    assert_eq!(server["container_name"], "server");
+    let env: Vec<&str> = server["environment"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(env.contains(&"SERVER_AGENCIES=7"), "{env:?}");
+    let test: Vec<&str> = server["healthcheck"]["test"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        test,
+        ["CMD", "lottery", "health", "--address", "127.0.0.1:12345"]
+    );
+    assert!(server["stop_grace_period"].as_str().is_some());
+    let volumes: Vec<&str> = server["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(volumes.contains(&"bets:/var/lib/lottery/data"));
+    assert!(volumes.iter().any(|v| v.starts_with("./config.toml:")));
+    assert!(doc["volumes"].as_mapping().unwrap().contains_key("bets"));
+
+    for i in 1..=7 {
+        let client = &doc["services"][format!("client{i}").as_str()];
+        assert_eq!(client["container_name"], format!("client{i}").as_str());
+        assert_eq!(
+            client["depends_on"]["server"]["condition"],
+            "service_healthy"
+        );
+        let env: Vec<&str> = client["environment"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(env.contains(&format!("CLI_ID={i}").as_str()), "{env:?}");
+        assert!(env.contains(&"CLI_SERVER_ADDRESS=server:12345"));
+        let volumes: Vec<&str> = client["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(volumes.contains(&"./.data:/data:ro"), "{volumes:?}");
+        assert!(client["stop_grace_period"].as_str().is_some());
+    }
+}
