@@ -187,6 +187,19 @@ pub async fn run(
     config: &AgencyConfig,
     shutdown: CancellationToken,
 ) -> Result<Option<AgencyReport>, AgencyError> {
+    run_with_progress(config, shutdown, None).await
+}
+
+/// [`run`], publishing on `progress` how many of this agency's bets the
+/// central holds, after every acknowledgement (for a progress bar).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_progress(
+    config: &AgencyConfig,
+    shutdown: CancellationToken,
+    progress: Option<tokio::sync::watch::Sender<u64>>,
+) -> Result<Option<AgencyReport>, AgencyError> {
     let path = config.data_path();
     // Fail at once on a missing file, before bothering the central.
     File::open(&path).map_err(|source| AgencyError::OpenData {
@@ -223,6 +236,7 @@ pub async fn run(
             &shutdown,
             &mut report,
             &mut progressed,
+            progress.as_ref(),
         )
         .await;
         sessions += 1;
@@ -325,7 +339,13 @@ async fn session(
     shutdown: &CancellationToken,
     report: &mut AgencyReport,
     progressed: &mut bool,
+    progress: Option<&tokio::sync::watch::Sender<u64>>,
 ) -> Result<SessionEnd, AgencyError> {
+    let publish = |held: u64| {
+        if let Some(p) = progress {
+            p.send_replace(held);
+        }
+    };
     let address = link.address;
     let stream = tokio::select! {
         biased;
@@ -359,6 +379,7 @@ async fn session(
     };
     *progressed = true;
     report.bets = stored;
+    publish(stored);
 
     // The reader starts from the first bet the central does not hold. It
     // stops when `batches` is dropped, whichever way this function ends.
@@ -397,6 +418,7 @@ async fn session(
                 *progressed = true;
                 report.batches += 1;
                 report.bets = stored.unwrap_or(first + bets.len() as u64);
+                publish(report.bets);
                 if tracing::enabled!(tracing::Level::DEBUG) {
                     for b in &bets {
                         debug!(

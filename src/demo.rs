@@ -162,7 +162,15 @@ pub async fn run(
             ..AgencyConfig::default()
         };
         let token = root.child_token();
-        agencies.spawn(async move { (id, agency::run(&config, token).await) });
+        let task = async move { (id, agency::run(&config, token).await) };
+        #[cfg(tokio_unstable)]
+        agencies
+            .build_task()
+            .name(&format!("agency {id}"))
+            .spawn(task)
+            .expect("the runtime accepts new tasks");
+        #[cfg(not(tokio_unstable))]
+        agencies.spawn(task);
     }
     let mut reports = Vec::new();
     let mut cancelled = false;

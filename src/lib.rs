@@ -45,4 +45,5 @@ pub mod protocol;
 pub mod server;
 pub mod shutdown;
 pub mod storage;
+pub mod task;
 pub mod tls;

@@ -359,7 +359,7 @@ impl Lottery {
         let path = self.shared.bets_file.clone();
         let record = self.shared.draw_record.clone();
         let winning_number = self.shared.winning_number;
-        tokio::task::spawn_blocking(move || {
+        crate::task::spawn_blocking_named("draw", move || {
             let started = Instant::now();
             let winning = u32::from(winning_number);
             let mut winners: HashMap<AgencyId, Vec<String>> = HashMap::new();

@@ -378,7 +378,21 @@ async fn run_agency(
         log_level = %config.log.level,
         data_file = %a.data_path().display()
     );
-    match agency::run(a, token).await? {
+    // A progress bar when a person is watching; plain log lines otherwise.
+    use std::io::IsTerminal;
+    let (progress, bar) = if std::io::stdout().is_terminal() && config.log.format == LogFormat::Text
+    {
+        let total = count_bets(&a.data_path());
+        let (tx, rx) = tokio::sync::watch::channel(0u64);
+        (Some(tx), Some(tokio::spawn(show_progress(total, rx))))
+    } else {
+        (None, None)
+    };
+    let outcome = agency::run_with_progress(a, token, progress).await;
+    if let Some(bar) = bar {
+        let _ = bar.await;
+    }
+    match outcome? {
         Some(report) => {
             if let Some(path) = args.winners_out {
                 let mut text = report.winners.join("\n");
@@ -392,6 +406,34 @@ async fn run_agency(
         None => info!(action = action::SHUTDOWN, result = result::SUCCESS),
     }
     Ok(())
+}
+
+/// Bets in a data file (its non-blank lines), for the progress bar's total.
+fn count_bets(path: &std::path::Path) -> u64 {
+    use std::io::BufRead;
+    std::fs::File::open(path)
+        .map(|f| {
+            std::io::BufReader::new(f)
+                .lines()
+                .map_while(Result::ok)
+                .filter(|l| !l.trim().is_empty())
+                .count() as u64
+        })
+        .unwrap_or(0)
+}
+
+/// Draws bets held of total, rate and ETA until the agency run ends (the
+/// sender is dropped).
+async fn show_progress(total: u64, mut held: tokio::sync::watch::Receiver<u64>) {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} bets  {per_sec}  ETA {eta}")
+            .expect("a valid template"),
+    );
+    while held.changed().await.is_ok() {
+        bar.set_position(*held.borrow());
+    }
+    bar.finish();
 }
 
 async fn run_demo(config: Config, args: DemoArgs, token: CancellationToken) -> anyhow::Result<()> {

@@ -167,7 +167,7 @@ pub async fn run(
         max_connections = config.max_connections
     );
 
-    Listener {
+    let accept_loop = Listener {
         listener,
         store,
         lottery,
@@ -178,8 +178,17 @@ pub async fn run(
         limit: Arc::new(Semaphore::new(config.max_connections)),
         settings,
     }
-    .run()
-    .await;
+    .run();
+    if crate::task::spawn_named("listener", accept_loop)
+        .await
+        .is_err()
+    {
+        error!(
+            action = action::CLOSE_LISTENER,
+            result = result::FAIL,
+            reason = "the accept loop panicked"
+        );
+    }
     info!(action = action::CLOSE_LISTENER, result = result::SUCCESS);
     connections.cancel();
 
@@ -283,7 +292,7 @@ impl Listener {
                         settings: self.settings.clone(),
                     };
                     let hard_stop = self.hard_stop.clone();
-                    self.tracker.spawn(
+                    let task = self.tracker.track_future(
                         async move {
                             tokio::select! {
                                 _ = hard_stop.cancelled() => {}
@@ -293,6 +302,7 @@ impl Listener {
                         }
                         .instrument(tracing::info_span!("conn", %peer)),
                     );
+                    crate::task::spawn_named(&format!("conn {peer}"), task);
                 }
                 Err(e) => {
                     // Usually out of file descriptors: wait for some to free

@@ -124,7 +124,7 @@ impl BetStore {
             durability,
             poisoned: None,
         };
-        let task = tokio::spawn(write_loop(writer, rx));
+        let task = crate::task::spawn_named("bets writer", write_loop(writer, rx));
         (
             BetStore {
                 tx,
@@ -176,7 +176,7 @@ async fn write_loop(writer: Writer, mut rx: mpsc::Receiver<Append>) {
             .map(|a| std::mem::take(&mut a.rows))
             .collect();
         // File I/O blocks; keep it off the runtime's worker threads.
-        let (w, outcomes) = tokio::task::spawn_blocking(move || {
+        let (w, outcomes) = crate::task::spawn_blocking_named("bets write", move || {
             let outcomes = w.write_group(&rows);
             (w, outcomes)
         })
