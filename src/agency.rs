@@ -13,6 +13,7 @@
 //! twice. When the connection breaks the agency reconnects with backoff, and
 //! gives up only after `reconnect_timeout` seconds without progress.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -388,30 +389,75 @@ async fn session(
         let (id, max, path) = (config.id, config.batch_max_amount, path.to_path_buf());
         tokio::task::spawn_blocking(move || read_batches(&path, id, max, stored, &tx));
     }
+    // Keep up to `window` batches in flight: the central answers them in
+    // order, so the oldest unanswered batch is always the next reply's. A
+    // refusal of one batch makes every later one in flight start past the
+    // central's count, so those are refused too (`OUT_OF_ORDER`), never
+    // stored out of order.
+    let window = config.window.max(1);
+    let mut in_flight: VecDeque<(u64, u64, Vec<Bet>)> = VecDeque::with_capacity(window);
+    let mut reader_done = false;
+    let mut data_error = None;
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Ok(conn.close()),
-            next = batches.recv() => next,
+        // Fill the window with whatever the reader has ready; wait for it
+        // only when nothing is in flight.
+        let mut sent = false;
+        while in_flight.len() < window && !reader_done {
+            let next = match batches.try_recv() {
+                Ok(batch) => Some(batch),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) if !in_flight.is_empty() || sent => break,
+                Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(conn.close()),
+                    next = batches.recv() => next,
+                },
+            };
+            let batch = match next {
+                Some(Ok(batch)) => batch,
+                // A bad line: what was read before it is still sent and
+                // answered, then the error ends the run.
+                Some(Err(e)) => {
+                    data_error = Some(e);
+                    reader_done = true;
+                    break;
+                }
+                None => {
+                    reader_done = true;
+                    break;
+                }
+            };
+            let Batch {
+                bets,
+                first,
+                first_line,
+            } = batch;
+            let request = Request::Batch {
+                first: Some(first),
+                bets,
+            };
+            // Queued, not yet written: the burst leaves in one flush below.
+            conn.framed.feed(&request).await?;
+            let Request::Batch { bets, .. } = request else {
+                unreachable!("built as a batch above")
+            };
+            in_flight.push_back((first, first_line, bets));
+            sent = true;
+        }
+        if sent {
+            // A write is not cancel-safe, so it is never raced against
+            // shutdown; it is short, as the socket is writable or gone.
+            conn.framed.flush().await?;
+        }
+        let Some((first, first_line, bets)) = in_flight.pop_front() else {
+            // The reader is done and every batch is answered.
+            if let Some(e) = data_error {
+                return Err(e);
+            }
+            break;
         };
-        let Some(batch) = next else { break };
-        let Batch {
-            bets,
-            first,
-            first_line,
-        } = batch?;
-        let request = Request::Batch {
-            first: Some(first),
-            bets,
-        };
-        // A send is not cancel-safe, so it is never raced against shutdown;
-        // it is short, as the socket is writable or the peer is gone.
-        conn.framed.send(&request).await?;
         let Some(reply) = conn.reply("waiting for a batch acknowledgement").await? else {
             return Ok(SessionEnd::Cancelled);
-        };
-        let Request::Batch { bets, .. } = request else {
-            unreachable!("built as a batch above")
         };
         match reply {
             Reply::Success { stored, .. } => {

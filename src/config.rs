@@ -163,6 +163,8 @@ pub struct AgencyConfig {
     pub batch_max_amount: usize,
     /// Seconds to keep reconnecting without progress before giving up.
     pub reconnect_timeout: u64,
+    /// Batches sent ahead of their acknowledgements (1: wait for each).
+    pub window: usize,
     /// This agency's secret, when the central requires one.
     pub secret: String,
     /// A file holding the secret (surrounding white space ignored); empty
@@ -221,6 +223,7 @@ impl Default for AgencyConfig {
             data_file: ".data/agency-{id}.csv".to_string(),
             batch_max_amount: 70,
             reconnect_timeout: 60,
+            window: 8,
             secret: String::new(),
             secret_file: PathBuf::new(),
             tls_ca: PathBuf::new(),
@@ -402,6 +405,7 @@ impl Config {
         set(&env, "CLI_DATA_FILE", &mut a.data_file)?;
         set(&env, "CLI_BATCH_MAXAMOUNT", &mut a.batch_max_amount)?;
         set(&env, "CLI_RECONNECT_TIMEOUT", &mut a.reconnect_timeout)?;
+        set(&env, "CLI_WINDOW", &mut a.window)?;
         set(&env, "CLI_SECRET", &mut a.secret)?;
         set(&env, "CLI_SECRET_FILE", &mut a.secret_file)?;
         set(&env, "CLI_TLS_CA", &mut a.tls_ca)?;
@@ -479,6 +483,9 @@ impl Config {
         }
         if self.agency.id == 0 {
             return bad("agency.id", "0".into(), "agency ids start at 1");
+        }
+        if self.agency.window == 0 {
+            return bad("agency.window", "0".into(), "must be at least 1");
         }
         if self.agency.batch_max_amount == 0 {
             return bad("agency.batch_max_amount", "0".into(), "must be at least 1");

@@ -36,6 +36,8 @@ pub struct DemoOptions {
     pub batch_max_amount: usize,
     /// Sync the bets file before each acknowledgement.
     pub sync: bool,
+    /// Batches each agency keeps in flight.
+    pub window: usize,
 }
 
 /// What the demo measured.
@@ -159,6 +161,7 @@ pub async fn run(
                 .to_string_lossy()
                 .into_owned(),
             batch_max_amount: opts.batch_max_amount,
+            window: opts.window,
             ..AgencyConfig::default()
         };
         let token = root.child_token();

@@ -132,6 +132,9 @@ struct AgencyArgs {
     /// Seconds without progress before giving up [agency.reconnect_timeout].
     #[arg(long)]
     reconnect_timeout: Option<u64>,
+    /// Batches kept in flight ahead of their acknowledgements [agency.window].
+    #[arg(long)]
+    window: Option<usize>,
     /// DEBUG, INFO, WARN or ERROR [log.level].
     #[arg(long)]
     log_level: Option<LogLevel>,
@@ -167,6 +170,9 @@ struct DemoArgs {
     /// Acknowledge batches without syncing the bets file.
     #[arg(long)]
     no_sync: bool,
+    /// Batches each agency keeps in flight [agency.window].
+    #[arg(long)]
+    window: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -260,6 +266,7 @@ fn load_config(cli: &Cli, role: Role) -> Result<Config, ConfigError> {
             overlay(&mut c.data_file, a.data_file.clone());
             overlay(&mut c.batch_max_amount, a.batch_max_amount);
             overlay(&mut c.reconnect_timeout, a.reconnect_timeout);
+            overlay(&mut c.window, a.window);
             overlay(&mut config.log.level, a.log_level);
         }
         Command::GenData(a) => {
@@ -450,6 +457,7 @@ async fn run_demo(config: Config, args: DemoArgs, token: CancellationToken) -> a
         winning_number: config.server.winning_number,
         batch_max_amount: config.agency.batch_max_amount,
         sync: config.server.sync && !args.no_sync,
+        window: args.window.unwrap_or(config.agency.window),
     };
     match demo::run(opts, token).await? {
         Some(outcome) => print!("{}", demo::render(&outcome)),
