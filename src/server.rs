@@ -595,46 +595,40 @@ impl Handler {
         agency: AgencyId,
         secret: Option<String>,
     ) -> Result<Next, FrameError> {
-        if let Some(expected) = self.settings.secrets.get(&agency) {
-            let presented = secret.as_deref().unwrap_or("");
-            if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
-                let reason = format!("wrong or missing SECRET for agency {agency}");
-                warn!(
-                    action = action::CONNECTION,
-                    result = result::FAIL,
-                    agency,
-                    peer = %self.peer,
-                    code = %ErrorCode::Unauthenticated,
-                    reason = reason.as_str()
-                );
-                self.reply_error(ErrorCode::Unauthenticated, reason).await?;
-                return Ok(Next::Close);
+        let refusal = match self.settings.secrets.get(&agency) {
+            Some(expected) => {
+                let presented = secret.as_deref().unwrap_or("");
+                (!constant_time_eq(presented.as_bytes(), expected.as_bytes())).then(|| {
+                    let reason = format!("wrong or missing SECRET for agency {agency}");
+                    (ErrorCode::Unauthenticated, reason, Next::Close)
+                })
             }
-        } else if !self.settings.secrets.is_empty() {
             // Secrets are on, and this agency has none: it cannot get in.
-            let reason = format!("no secret is configured for agency {agency}");
+            None if !self.settings.secrets.is_empty() => {
+                let reason = format!("no secret is configured for agency {agency}");
+                Some((ErrorCode::Unauthenticated, reason, Next::Close))
+            }
+            None => None,
+        };
+        let refusal = match refusal {
+            Some(r) => Some(r),
+            None => self
+                .bind_agency(agency)
+                .await
+                .err()
+                .map(|e| (e.code(), e.to_string(), Next::Continue)),
+        };
+        if let Some((code, reason, next)) = refusal {
             warn!(
                 action = action::CONNECTION,
                 result = result::FAIL,
                 agency,
                 peer = %self.peer,
-                code = %ErrorCode::Unauthenticated,
+                code = %code,
                 reason = reason.as_str()
             );
-            self.reply_error(ErrorCode::Unauthenticated, reason).await?;
-            return Ok(Next::Close);
-        }
-        if let Err(e) = self.bind_agency(agency).await {
-            warn!(
-                action = action::CONNECTION,
-                result = result::FAIL,
-                agency,
-                peer = %self.peer,
-                code = %e.code(),
-                reason = %e
-            );
-            self.reply_error(e.code(), e.to_string()).await?;
-            return Ok(Next::Continue);
+            self.reply_error(code, reason).await?;
+            return Ok(next);
         }
         self.authenticated = true;
         let stored = self.lottery.stored(agency).await;

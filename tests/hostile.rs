@@ -237,15 +237,7 @@ fn start_server_for(dir: &std::path::Path, agencies: u32, env: &[(&str, String)]
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let proc = Proc::spawn(cmd);
-    let line = proc.wait_for("action: listen | result: success");
-    let port = line
-        .split(" | ")
-        .find_map(|f| f.strip_prefix("address: "))
-        .and_then(|a| a.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap();
-    Server { proc, port }
+    Server::spawn(cmd)
 }
 
 /// One case of a bad message that is answered and leaves the connection open.

@@ -180,6 +180,11 @@ impl Server {
             .env("SERVER_AGENCIES", agencies.to_string())
             .env("SERVER_STORAGE", storage)
             .env("SERVER_WINNING_NUMBER", winning_number.to_string());
+        Self::spawn(cmd)
+    }
+
+    /// Runs a `lottery server` command and waits until it listens.
+    pub fn spawn(cmd: Command) -> Server {
         let proc = Proc::spawn(cmd);
         let line = proc.wait_for("action: listen | result: success");
         let port = line
