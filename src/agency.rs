@@ -53,6 +53,8 @@ pub struct AgencyReport {
     pub reconnects: u64,
     /// This agency's winner documents, as the central sent them.
     pub winners: Vec<String>,
+    /// Microseconds from sending each batch to its acknowledgement.
+    pub ack_latencies_us: Vec<u32>,
 }
 
 /// Why an agency run failed.
@@ -224,6 +226,7 @@ pub async fn run_with_progress(
         batches: 0,
         reconnects: 0,
         winners: Vec::new(),
+        ack_latencies_us: Vec::new(),
     };
     let mut backoff = FIRST_BACKOFF;
     let mut last_progress = Instant::now();
@@ -395,7 +398,7 @@ async fn session(
     // central's count, so those are refused too (`OUT_OF_ORDER`), never
     // stored out of order.
     let window = config.window.max(1);
-    let mut in_flight: VecDeque<(u64, u64, Vec<Bet>)> = VecDeque::with_capacity(window);
+    let mut in_flight: VecDeque<(u64, u64, Vec<Bet>, Instant)> = VecDeque::with_capacity(window);
     let mut reader_done = false;
     let mut data_error = None;
     loop {
@@ -441,7 +444,7 @@ async fn session(
             let Request::Batch { bets, .. } = request else {
                 unreachable!("built as a batch above")
             };
-            in_flight.push_back((first, first_line, bets));
+            in_flight.push_back((first, first_line, bets, Instant::now()));
             sent = true;
         }
         if sent {
@@ -449,7 +452,7 @@ async fn session(
             // shutdown; it is short, as the socket is writable or gone.
             conn.framed.flush().await?;
         }
-        let Some((first, first_line, bets)) = in_flight.pop_front() else {
+        let Some((first, first_line, bets, sent_at)) = in_flight.pop_front() else {
             // The reader is done and every batch is answered.
             if let Some(e) = data_error {
                 return Err(e);
@@ -461,6 +464,10 @@ async fn session(
         };
         match reply {
             Reply::Success { stored, .. } => {
+                let latency = sent_at.elapsed().as_micros();
+                report
+                    .ack_latencies_us
+                    .push(u32::try_from(latency).unwrap_or(u32::MAX));
                 *progressed = true;
                 report.batches += 1;
                 report.bets = stored.unwrap_or(first + bets.len() as u64);

@@ -12,7 +12,8 @@
 //! - [`server`]: the central (listener and per-connection handlers).
 //! - [`agency`]: an agency (streams its file, waits for its winners).
 //! - [`config`], [`logging`], [`shutdown`], [`tls`]: operating concerns.
-//! - [`gen_data`], [`demo`]: synthetic data and the one-machine demo.
+//! - [`gen_data`], [`demo`], [`bench`]: synthetic data, the one-machine demo,
+//!   and the load tool.
 //! - [`ops`]: the health probe, the status view and the winners table.
 //! - [`compose`]: the compose file for the central and N agencies.
 //!
@@ -32,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod agency;
+pub mod bench;
 pub mod codec;
 pub mod compose;
 pub mod config;

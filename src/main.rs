@@ -57,6 +57,27 @@ enum Command {
     Winners(WinnersArgs),
     /// Write a compose file for the central and N agencies.
     Compose(ComposeArgs),
+    /// Load test: K agencies x M bets against a real server process.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Agencies (K).
+    #[arg(long, default_value_t = 5)]
+    agencies: u32,
+    /// Bets per agency (M).
+    #[arg(long, default_value_t = 200_000)]
+    bets_per_agency: u64,
+    /// Acknowledge without syncing, for comparison (reported as such).
+    #[arg(long)]
+    no_sync: bool,
+    /// Batches each agency keeps in flight [agency.window].
+    #[arg(long)]
+    window: Option<usize>,
+    /// Keep the data and the bets file here.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -218,6 +239,8 @@ fn main() -> ExitCode {
     };
     let level = match &cli.command {
         Command::Demo(args) => args.log_level,
+        // The agencies' own lines would drown the report.
+        Command::Bench(_) => LogLevel::Warn,
         _ => config.log.level,
     };
     logging::init(level, config.log.format);
@@ -277,7 +300,8 @@ fn load_config(cli: &Cli, role: Role) -> Result<Config, ConfigError> {
         | Command::Health(_)
         | Command::Status(_)
         | Command::Winners(_)
-        | Command::Compose(_) => {}
+        | Command::Compose(_)
+        | Command::Bench(_) => {}
     }
     overlay(&mut config.log.format, cli.log_format);
     config.validate()?;
@@ -313,6 +337,19 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 .record
                 .unwrap_or_else(|| config.server.draw_record_path());
             print!("{}", lottery::ops::winners_table(&record)?);
+            Ok(())
+        }
+        Command::Bench(args) => {
+            let opts = lottery::bench::BenchOptions {
+                agencies: args.agencies,
+                bets_per_agency: args.bets_per_agency,
+                no_sync: args.no_sync,
+                window: args.window.unwrap_or(config.agency.window),
+                batch_max_amount: config.agency.batch_max_amount,
+                work_dir: args.work_dir,
+            };
+            let report = lottery::bench::run(opts, token).await?;
+            print!("{}", report.render());
             Ok(())
         }
         Command::Compose(args) => {

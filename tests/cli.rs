@@ -176,3 +176,32 @@ fn gen_data_writes_the_requested_files() {
         text(&out)
     );
 }
+
+#[test]
+fn bench_runs_the_load_and_reports_it() {
+    let work = tempfile::tempdir().unwrap();
+    let out = run(lottery()
+        .args([
+            "bench",
+            "--agencies",
+            "2",
+            "--bets-per-agency",
+            "2000",
+            "--window",
+            "4",
+        ])
+        .arg("--work-dir")
+        .arg(work.path()));
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("2 agencies x 2000 bets, window 4, durable acknowledgements (fdatasync)"),
+        "{t}"
+    );
+    assert!(t.contains("4000 bets in "), "{t}");
+    assert!(t.contains("batch acknowledgement latency: p50 "), "{t}");
+    assert!(t.contains("server peak RSS: "), "{t}");
+    // The load was real: the server stored every generated bet.
+    let expected = expected(&work.path().join("data"), 2, 7574);
+    assert_eq!(stored(&work.path().join("bets.csv")), expected.rows);
+}

@@ -1,0 +1,293 @@
+//! The load tool (`lottery bench`): K agencies × M bets over loopback against
+//! a real `lottery server` process, reporting throughput, acknowledgement
+//! latency, the draw's time and the server's peak memory.
+//!
+//! The server runs as a child process of this same binary, so its memory is
+//! measured alone; the agencies run in this process, one task each.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio_util::sync::CancellationToken;
+
+use crate::agency::{self, AgencyReport};
+use crate::config::AgencyConfig;
+use crate::gen_data::{self, GenOptions};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Agencies (K).
+    pub agencies: u32,
+    /// Bets per agency (M).
+    pub bets_per_agency: u64,
+    /// Acknowledge without syncing (reported as such).
+    pub no_sync: bool,
+    /// Batches each agency keeps in flight.
+    pub window: usize,
+    /// Most bets per batch.
+    pub batch_max_amount: usize,
+    /// Keep data and the bets file here; a temporary directory otherwise.
+    pub work_dir: Option<PathBuf>,
+}
+
+/// What was measured.
+#[derive(Debug, Clone)]
+pub struct BenchReport {
+    /// The options it ran with.
+    pub options: BenchOptions,
+    /// Bets acknowledged in all.
+    pub bets: u64,
+    /// From the first connection to the last agency's winners.
+    pub elapsed: Duration,
+    /// Median batch acknowledgement latency.
+    pub p50: Duration,
+    /// 99th percentile batch acknowledgement latency.
+    pub p99: Duration,
+    /// The draw's scan of the bets file, as the server logged it.
+    pub draw: Duration,
+    /// The server's peak resident memory, in KiB.
+    pub server_peak_rss_kib: u64,
+}
+
+impl BenchReport {
+    /// Renders the report.
+    pub fn render(&self) -> String {
+        let o = &self.options;
+        format!(
+            "{} agencies x {} bets, window {}, {}\n\
+             {} bets in {:.2} s: {:.0} bets/s\n\
+             batch acknowledgement latency: p50 {:.2} ms, p99 {:.2} ms\n\
+             draw: {} ms\n\
+             server peak RSS: {:.1} MiB\n",
+            o.agencies,
+            o.bets_per_agency,
+            o.window,
+            if o.no_sync {
+                "NO SYNC (acknowledged from the page cache; not durable)"
+            } else {
+                "durable acknowledgements (fdatasync)"
+            },
+            self.bets,
+            self.elapsed.as_secs_f64(),
+            self.bets as f64 / self.elapsed.as_secs_f64().max(1e-9),
+            self.p50.as_secs_f64() * 1e3,
+            self.p99.as_secs_f64() * 1e3,
+            self.draw.as_millis(),
+            self.server_peak_rss_kib as f64 / 1024.0,
+        )
+    }
+}
+
+/// The server child, killed if the bench ends early.
+struct ServerProcess {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(dir: &Path, opts: &BenchOptions) -> anyhow::Result<(ServerProcess, String)> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "server",
+        "--port",
+        "0",
+        "--agencies",
+        &opts.agencies.to_string(),
+    ])
+    .arg("--storage")
+    .arg(dir.join("bets.csv"))
+    .env("LOTTERY_CONFIG", dir.join("no-config.toml"))
+    .env("SERVER_LISTEN_BACKLOG", "4096")
+    .env(
+        "SERVER_MAX_CONNECTIONS",
+        (opts.agencies as usize + 64).to_string(),
+    )
+    .env("LOGGING_LEVEL", "INFO")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    if opts.no_sync {
+        cmd.arg("--no-sync");
+    }
+    let mut child = cmd.spawn().context("starting the server")?;
+    let stdout = child.stdout.take().expect("piped");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                // Keep only what the report needs; per-batch lines are many.
+                if line.contains("action: listen") {
+                    let _ = tx.send(line.clone());
+                }
+                if line.contains("action: sorteo") || line.contains("result: fail") {
+                    lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                }
+            }
+        });
+    }
+    let server = ServerProcess { child, lines };
+    let listen = rx
+        .recv_timeout(Duration::from_secs(30))
+        .context("the server did not start listening")?;
+    let port = listen
+        .split(" | ")
+        .find_map(|f| f.strip_prefix("address: "))
+        .and_then(|a| a.rsplit(':').next())
+        .context("no address in the listen line")?;
+    Ok((server, format!("127.0.0.1:{port}")))
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[u32], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    Duration::from_micros(u64::from(sorted[i]))
+}
+
+/// Runs the load and measures it. Progress goes to stderr once a second.
+///
+/// # Errors
+/// Data generation, the server, or an agency failed.
+pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Result<BenchReport> {
+    let temp;
+    let dir = match &opts.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            temp = tempfile::tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let data = dir.join("data");
+    eprintln!(
+        "bench: generating {} x {} bets in {}",
+        opts.agencies,
+        opts.bets_per_agency,
+        data.display()
+    );
+    let gen = GenOptions {
+        agencies: opts.agencies,
+        bets_per_agency: opts.bets_per_agency,
+        ..GenOptions::default()
+    };
+    {
+        let data = data.clone();
+        tokio::task::spawn_blocking(move || gen_data::generate(&data, &gen)).await??;
+    }
+    let _ = std::fs::remove_file(dir.join("bets.csv"));
+    let _ = std::fs::remove_file(dir.join("bets.draw.toml"));
+    let (server, address) = start_server(&dir, &opts)?;
+
+    let total = u64::from(opts.agencies) * opts.bets_per_agency;
+    let root = shutdown.child_token();
+    let _guard = root.clone().drop_guard();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut progress = Vec::new();
+    for id in 1..=opts.agencies {
+        let config = AgencyConfig {
+            id,
+            server_address: address.clone(),
+            data_file: data.join("agency-{id}.csv").to_string_lossy().into_owned(),
+            batch_max_amount: opts.batch_max_amount,
+            window: opts.window,
+            ..AgencyConfig::default()
+        };
+        let (tx, rx) = tokio::sync::watch::channel(0u64);
+        progress.push(rx);
+        let token = root.child_token();
+        tasks.spawn(async move {
+            (
+                id,
+                agency::run_with_progress(&config, token, Some(tx)).await,
+            )
+        });
+    }
+    let ticker = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        every.tick().await;
+        loop {
+            every.tick().await;
+            let held: u64 = progress.iter().map(|rx| *rx.borrow()).sum();
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "bench: {held}/{total} bets acknowledged ({:.0}%), {:.0} bets/s",
+                held as f64 * 100.0 / total.max(1) as f64,
+                held as f64 / secs
+            );
+        }
+    });
+    let mut reports: Vec<AgencyReport> = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (id, outcome) = joined.context("an agency task panicked")?;
+        match outcome.with_context(|| format!("agency {id}"))? {
+            Some(report) => reports.push(report),
+            None => bail!("interrupted"),
+        }
+    }
+    let elapsed = started.elapsed();
+    ticker.abort();
+
+    let peak = peak_rss_kib(server.child.id());
+    let lines = server
+        .lines
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(fail) = lines.iter().find(|l| l.contains("result: fail")) {
+        bail!("the server reported a failure: {fail}");
+    }
+    let draw = lines
+        .iter()
+        .find(|l| l.contains("action: sorteo"))
+        .and_then(|l| l.split(" | ").find_map(|f| f.strip_prefix("millis: ")))
+        .and_then(|m| m.trim().parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or_default();
+    let mut latencies: Vec<u32> = reports
+        .iter()
+        .flat_map(|r| r.ack_latencies_us.iter().copied())
+        .collect();
+    latencies.sort_unstable();
+    let bets = reports.iter().map(|r| r.bets).sum();
+    if bets != total {
+        bail!("{bets} bets acknowledged, {total} expected");
+    }
+    Ok(BenchReport {
+        options: opts,
+        bets,
+        elapsed,
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+        draw,
+        server_peak_rss_kib: peak,
+    })
+}
