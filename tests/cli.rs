@@ -205,3 +205,29 @@ fn bench_runs_the_load_and_reports_it() {
     let expected = expected(&work.path().join("data"), 2, 7574);
     assert_eq!(stored(&work.path().join("bets.csv")), expected.rows);
 }
+
+#[test]
+fn an_agency_gives_up_after_its_reconnect_timeout() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("agency-1.csv");
+    std::fs::write(&data, "Ana,Pérez,30904465,1999-03-17,7574\n").unwrap();
+    // A port with nothing behind it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = run(lottery()
+        .arg("agency")
+        .env("CLI_SERVER_ADDRESS", format!("127.0.0.1:{port}"))
+        .env("CLI_DATA_FILE", &data)
+        .env("CLI_RECONNECT_TIMEOUT", "1"));
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("action: connect | result: in_progress"), "{t}");
+    assert!(
+        t.contains("gave up after 1s without progress; last error: cannot connect to 127.0.0.1:"),
+        "{t}"
+    );
+    assert!(!t.contains("action: connect | result: fail"), "{t}");
+}
