@@ -117,12 +117,7 @@ impl Bet {
         birthdate: &str,
         number: &str,
     ) -> Result<Bet, BetError> {
-        let agency = parse_agency(agency)?;
-        check_name(BetField::FirstName, first_name)?;
-        check_name(BetField::LastName, last_name)?;
-        check_document(document)?;
-        check_birthdate(birthdate)?;
-        let number = parse_number(number)?;
+        let (agency, number) = check(agency, first_name, last_name, document, birthdate, number)?;
         Ok(Bet {
             agency,
             first_name: first_name.to_string(),
@@ -133,10 +128,58 @@ impl Bet {
         })
     }
 
+    /// [`Bet::from_fields`] for text already owned, which it keeps instead
+    /// of copying (the central's decoder builds the strings anyway).
+    ///
+    /// # Errors
+    /// As [`Bet::from_fields`].
+    pub fn from_owned(
+        agency: &str,
+        first_name: String,
+        last_name: String,
+        document: String,
+        birthdate: String,
+        number: &str,
+    ) -> Result<Bet, BetError> {
+        let (agency, number) = check(
+            agency,
+            &first_name,
+            &last_name,
+            &document,
+            &birthdate,
+            number,
+        )?;
+        Ok(Bet {
+            agency,
+            first_name,
+            last_name,
+            document,
+            birthdate,
+            number,
+        })
+    }
+
     /// Whether this bet wins a draw of `winning_number`.
     pub fn is_winner(&self, winning_number: u16) -> bool {
         self.number == winning_number
     }
+}
+
+/// Every rule, in field order; returns the parsed agency and number.
+fn check(
+    agency: &str,
+    first_name: &str,
+    last_name: &str,
+    document: &str,
+    birthdate: &str,
+    number: &str,
+) -> Result<(AgencyId, u16), BetError> {
+    let agency = parse_agency(agency)?;
+    check_name(BetField::FirstName, first_name)?;
+    check_name(BetField::LastName, last_name)?;
+    check_document(document)?;
+    check_birthdate(birthdate)?;
+    Ok((agency, parse_number(number)?))
 }
 
 fn parse_agency(v: &str) -> Result<AgencyId, BetError> {

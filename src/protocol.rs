@@ -610,23 +610,100 @@ fn parse_batch(size: &str, pairs: &[(Cow<'_, str>, &str)]) -> Result<Vec<Bet>, M
 
 /// Parses one escaped `BET_i` value into a validated [`Bet`].
 fn parse_bet(escaped: &str) -> Result<Bet, BetError> {
-    let inner =
-        unescape(escaped, "bet").map_err(|_| BetError::Malformed("dangling escape".into()))?;
-    let inner = inner.strip_suffix('\n').unwrap_or(&inner);
-    let pairs = split_pairs(inner, "bet").map_err(|e| BetError::Malformed(e.to_string()))?;
-    let field = |f: BetField| -> Result<Cow<'_, str>, BetError> {
-        let raw = find(&pairs, f.wire_key()).ok_or(BetError::Missing(f))?;
-        unescape(raw, f.wire_key())
-            .map_err(|_| BetError::Malformed(format!("dangling escape in {}", f.wire_key())))
+    // One pass over the doubly escaped text: undo the batch's escaping byte
+    // by byte, and feed the result straight into the bet's own pairs, each
+    // value into its field's buffer. No intermediate unescaped copy of the
+    // bet and no list of pairs: this is the central's hot path.
+    const FIELDS: [BetField; 6] = [
+        BetField::FirstName,
+        BetField::LastName,
+        BetField::Document,
+        BetField::Birthdate,
+        BetField::Number,
+        BetField::AgencyId,
+    ];
+    let malformed = |what: String| BetError::Malformed(what);
+    let mut values: [Option<Vec<u8>>; 6] = Default::default();
+    let mut key: Vec<u8> = Vec::with_capacity(16);
+    let mut value: Vec<u8> = Vec::with_capacity(32);
+    let mut in_value = false;
+    let mut inner_escape = false;
+    let mut finish_pair =
+        |key: &mut Vec<u8>, value: &mut Vec<u8>, in_value: bool| -> Result<(), BetError> {
+            if !in_value {
+                return Err(malformed(format!(
+                    "pair {:?} has no ':'",
+                    String::from_utf8_lossy(key)
+                )));
+            }
+            if let Some(i) = FIELDS
+                .iter()
+                .position(|f| f.wire_key().as_bytes() == key.as_slice())
+            {
+                // The first of repeated keys counts, as for any payload.
+                if values[i].is_none() {
+                    values[i] = Some(std::mem::take(value));
+                }
+            }
+            key.clear();
+            value.clear();
+            Ok(())
+        };
+    let bytes = escaped.as_bytes();
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let mut i = 0;
+    while i < bytes.len() {
+        // The batch level: `\x` stands for `x`.
+        let c = if bytes[i] == b'\\' {
+            match bytes.get(i + 1) {
+                Some(&next) if is_escapable(char::from(next)) => {
+                    i += 2;
+                    next
+                }
+                Some(&next) => {
+                    let shown = escaped[i + 1..].chars().next().unwrap_or(char::from(next));
+                    return Err(malformed(format!("unknown escape \\{shown:?}")));
+                }
+                None => return Err(malformed("dangling escape".into())),
+            }
+        } else {
+            i += 1;
+            bytes[i - 1]
+        };
+        // The bet level.
+        let target = if in_value { &mut value } else { &mut key };
+        if inner_escape {
+            if !is_escapable(char::from(c)) {
+                return Err(malformed(format!("unknown escape \\{:?}", char::from(c))));
+            }
+            target.push(c);
+            inner_escape = false;
+            continue;
+        }
+        match c {
+            b'\\' => inner_escape = true,
+            b'|' => {
+                finish_pair(&mut key, &mut value, in_value)?;
+                in_value = false;
+            }
+            b':' if !in_value => in_value = true,
+            _ => target.push(c),
+        }
+    }
+    if inner_escape {
+        return Err(malformed("dangling escape".into()));
+    }
+    if !key.is_empty() || in_value {
+        finish_pair(&mut key, &mut value, in_value)?;
+    }
+    // Only ASCII escapes were removed from valid UTF-8, so this holds.
+    let mut take = |f: usize| -> Result<String, BetError> {
+        let v = values[f].take().ok_or(BetError::Missing(FIELDS[f]))?;
+        String::from_utf8(v).map_err(|_| malformed(format!("{} is not UTF-8", FIELDS[f])))
     };
-    Bet::from_fields(
-        &field(BetField::AgencyId)?,
-        &field(BetField::FirstName)?,
-        &field(BetField::LastName)?,
-        &field(BetField::Document)?,
-        &field(BetField::Birthdate)?,
-        &field(BetField::Number)?,
-    )
+    let (first, last, document, birthdate, number, agency) =
+        (take(0)?, take(1)?, take(2)?, take(3)?, take(4)?, take(5)?);
+    Bet::from_owned(&agency, first, last, document, birthdate, &number)
 }
 
 /// Fixed bytes a batch payload of `count` bets adds around the bets themselves:
