@@ -21,6 +21,9 @@ pub struct Proc {
     pub log: Arc<Mutex<Vec<String>>>,
     exit: mpsc::Receiver<ExitStatus>,
     stderr: Arc<Mutex<String>>,
+    /// One message from each of the stdout and stderr readers at end of
+    /// stream: the process can exit before its last lines are read.
+    drained: mpsc::Receiver<()>,
 }
 
 pub fn lottery() -> Command {
@@ -57,14 +60,17 @@ impl Proc {
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
+        let (drained_tx, drained) = mpsc::channel();
         let log = Arc::new(Mutex::new(Vec::new()));
         let log2 = log.clone();
+        let drained_out = drained_tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 log2.lock().unwrap().push(line.clone());
                 let _ = tx.send(line);
             }
+            let _ = drained_out.send(());
         });
         let err = Arc::new(Mutex::new(String::new()));
         let err2 = err.clone();
@@ -75,6 +81,7 @@ impl Proc {
                 e.push_str(&line);
                 e.push('\n');
             }
+            let _ = drained_tx.send(());
         });
         let (etx, exit) = mpsc::channel();
         std::thread::spawn(move || {
@@ -87,6 +94,7 @@ impl Proc {
             log,
             exit,
             stderr: err,
+            drained,
         }
     }
 
@@ -117,10 +125,18 @@ impl Proc {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), signal).expect("kill");
     }
 
-    /// Waits for the process to exit, within `limit`.
+    /// Waits for the process to exit, within `limit`, and for its output to
+    /// be read to the end.
     pub fn wait_exit(&self, limit: Duration) -> ExitStatus {
         match self.exit.recv_timeout(limit) {
-            Ok(status) => status,
+            Ok(status) => {
+                for _ in 0..2 {
+                    // Ends when the pipes close, which exit does; the limit
+                    // only guards against a grandchild holding them open.
+                    let _ = self.drained.recv_timeout(PATIENCE);
+                }
+                status
+            }
             Err(_) => {
                 self.signal(nix::sys::signal::Signal::SIGKILL);
                 panic!(
