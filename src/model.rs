@@ -117,15 +117,14 @@ impl Bet {
         birthdate: &str,
         number: &str,
     ) -> Result<Bet, BetError> {
-        let (agency, number) = check(agency, first_name, last_name, document, birthdate, number)?;
-        Ok(Bet {
+        Self::from_owned(
             agency,
-            first_name: first_name.to_string(),
-            last_name: last_name.to_string(),
-            document: document.to_string(),
-            birthdate: birthdate.to_string(),
+            first_name.to_string(),
+            last_name.to_string(),
+            document.to_string(),
+            birthdate.to_string(),
             number,
-        })
+        )
     }
 
     /// [`Bet::from_fields`] for text already owned, which it keeps instead
