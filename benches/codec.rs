@@ -8,7 +8,7 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughpu
 use tokio_util::codec::{Decoder, Encoder};
 
 use lottery::codec::{AgencyCodec, ServerCodec};
-use lottery::model::Bet;
+use lottery::model::Bets;
 use lottery::protocol::{encoded_bet_len, BatchSizer, Request};
 
 /// Batches as an agency cuts them: up to 70 bets, each frame under 8 KiB.
@@ -23,22 +23,24 @@ fn realistic_batches(total: usize) -> Vec<Request> {
     ];
     let last = ["Lorca", "Núñez", "Fernández", "Peña", "Ibáñez", "Zúñiga"];
     let mut batches = Vec::new();
-    let mut current = Vec::new();
+    let mut current = Bets::new();
     let mut sizer = BatchSizer::default();
     sizer.reset(Some(0));
     for i in 0..total {
-        let bet = Bet::from_fields(
-            "3",
-            first[i % first.len()],
-            last[(i / 7) % last.len()],
-            &(20_000_000 + i * 37).to_string(),
-            &format!("19{:02}-{:02}-{:02}", 40 + i % 60, 1 + i % 12, 1 + i % 28),
-            &((i * 7919) % 10_000).to_string(),
-        )
-        .unwrap();
-        let len = encoded_bet_len(&bet);
+        current
+            .push_fields(
+                "3",
+                first[i % first.len()],
+                last[(i / 7) % last.len()],
+                &(20_000_000 + i * 37).to_string(),
+                &format!("19{:02}-{:02}-{:02}", 40 + i % 60, 1 + i % 12, 1 + i % 28),
+                &((i * 7919) % 10_000).to_string(),
+            )
+            .unwrap();
+        let len = encoded_bet_len(current.get(current.len() - 1).unwrap());
         if sizer.count() == 70 || !sizer.fits(len) {
-            let bets = std::mem::take(&mut current);
+            let bet = current.split_last();
+            let bets = std::mem::replace(&mut current, bet);
             batches.push(Request::Batch {
                 first: Some((i - bets.len()) as u64),
                 bets,
@@ -46,7 +48,6 @@ fn realistic_batches(total: usize) -> Vec<Request> {
             sizer.reset(Some(i as u64));
         }
         sizer.add(len);
-        current.push(bet);
     }
     if !current.is_empty() {
         batches.push(Request::Batch {

@@ -1,27 +1,27 @@
-//! The bets file: encoding rows, appending batches through the writer task,
+//! The bets file: encoding rows, appending batches through the writer,
 //! and the draw's streaming scan.
 //!
 //! `cargo bench --bench storage`.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 
-use lottery::model::Bet;
+use lottery::model::Bets;
 use lottery::storage::{encode_rows, scan, BetStore, Durability};
 
-fn bets(n: usize) -> Vec<Bet> {
-    (0..n)
-        .map(|i| {
-            Bet::from_fields(
-                &(1 + i % 5).to_string(),
-                ["Santiago Lionel", "Agustín", "María José", "Iñaki"][i % 4],
-                ["Lorca", "Núñez", "Fernández", "Peña"][i % 4],
-                &(20_000_000 + i * 37).to_string(),
-                "1999-03-17",
-                &((i * 7919) % 10_000).to_string(),
-            )
-            .unwrap()
-        })
-        .collect()
+fn bets(n: usize) -> Bets {
+    let mut bets = Bets::new();
+    for i in 0..n {
+        bets.push_fields(
+            &(1 + i % 5).to_string(),
+            ["Santiago Lionel", "Agustín", "María José", "Iñaki"][i % 4],
+            ["Lorca", "Núñez", "Fernández", "Peña"][i % 4],
+            &(20_000_000 + i * 37).to_string(),
+            "1999-03-17",
+            &((i * 7919) % 10_000).to_string(),
+        )
+        .unwrap();
+    }
+    bets
 }
 
 fn bench(c: &mut Criterion) {
@@ -31,16 +31,16 @@ fn bench(c: &mut Criterion) {
     g.bench_function("encode_rows_70", |b| {
         b.iter(|| {
             let mut rows = Vec::with_capacity(70 * 64);
-            encode_rows(&batch, &mut rows);
+            encode_rows(batch.iter(), &mut rows);
             black_box(rows)
         })
     });
 
-    // Appending through the writer task, 100 batches of 70 in flight at once.
+    // Appending through the writer, 100 batches of 70 in flight at once.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut rows = Vec::new();
-    encode_rows(&batch, &mut rows);
+    encode_rows(batch.iter(), &mut rows);
     // 100 batches of 70 in flight at once, as from many agencies: group
     // commit lets them share syncs.
     g.throughput(Throughput::Elements(70 * 100));
@@ -82,7 +82,7 @@ fn bench(c: &mut Criterion) {
     let path = dir.path().join("scan.csv");
     let all = bets(10_000);
     let mut body = Vec::new();
-    encode_rows(&all, &mut body);
+    encode_rows(all.iter(), &mut body);
     let mut file = Vec::with_capacity(body.len() * (STORED / all.len()));
     for _ in 0..STORED / all.len() {
         file.extend_from_slice(&body);

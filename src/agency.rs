@@ -29,7 +29,7 @@ use tracing::{debug, info};
 use crate::codec::{AgencyCodec, FrameError};
 use crate::config::AgencyConfig;
 use crate::logging::{action, result};
-use crate::model::{AgencyId, Bet};
+use crate::model::{AgencyId, Bets};
 use crate::protocol::{encoded_bet_len, BatchSizer, ErrorCode, MessageError, Reply, Request};
 use crate::tls::{self, BoxedIo, TlsError};
 
@@ -164,7 +164,7 @@ impl AgencyError {
 /// A batch read from the data file.
 #[derive(Debug)]
 struct Batch {
-    bets: Vec<Bet>,
+    bets: Bets,
     /// Position of the first bet among the file's bets (0-based).
     first: u64,
     /// Line of the first bet in the data file.
@@ -398,7 +398,7 @@ async fn session(
     // central's count, so those are refused too (`OUT_OF_ORDER`), never
     // stored out of order.
     let window = config.window.max(1);
-    let mut in_flight: VecDeque<(u64, u64, Vec<Bet>, Instant)> = VecDeque::with_capacity(window);
+    let mut in_flight: VecDeque<(u64, u64, Bets, Instant)> = VecDeque::with_capacity(window);
     let mut reader_done = false;
     let mut data_error = None;
     loop {
@@ -473,11 +473,11 @@ async fn session(
                 report.bets = stored.unwrap_or(first + bets.len() as u64);
                 publish(report.bets);
                 if tracing::enabled!(tracing::Level::DEBUG) {
-                    for b in &bets {
+                    for b in bets.iter() {
                         debug!(
                             action = action::APUESTA_ENVIADA,
                             result = result::SUCCESS,
-                            dni = b.document.as_str(),
+                            dni = b.document,
                             numero = b.number
                         );
                     }
@@ -603,11 +603,10 @@ fn read_batches(
         .flexible(true)
         .terminator(csv::Terminator::Any(b'\n'))
         .from_reader(BufReader::with_capacity(1 << 16, file));
-    let agency_text = agency.to_string();
     let mut record = csv::StringRecord::new();
     let mut sizer = BatchSizer::default();
     let new_batch = |first: u64| Batch {
-        bets: Vec::with_capacity(max.min(1024)),
+        bets: Bets::with_capacity(max.min(1024), max.min(1024) * 48),
         first,
         first_line: 0,
     };
@@ -651,36 +650,40 @@ fn read_batches(
             );
             return fail(tx, batch, data_error(line, reason));
         }
-        let bet = match Bet::from_fields(
-            &agency_text,
-            &record[0],
-            &record[1],
-            &record[2],
-            &record[3],
-            last_field,
-        ) {
-            Ok(bet) => bet,
-            Err(e) => return fail(tx, batch, data_error(line, e.to_string())),
-        };
-        let len = encoded_bet_len(&bet);
-        let mut alone = BatchSizer::default();
-        alone.reset(Some(position - 1));
-        if !alone.fits(len) {
-            let reason = "the bet is too large to fit in one frame".to_string();
-            return fail(tx, batch, data_error(line, reason));
-        }
-        if sizer.count() == max || !sizer.fits(len) {
+        if sizer.count() == max {
             let full = std::mem::replace(&mut batch, new_batch(position - 1));
             if tx.blocking_send(Ok(full)).is_err() {
                 return;
             }
             sizer.reset(Some(position - 1));
         }
+        // Checked and appended in place: no allocation per bet.
+        if let Err(e) = batch.bets.push_for(
+            agency, &record[0], &record[1], &record[2], &record[3], last_field,
+        ) {
+            return fail(tx, batch, data_error(line, e.to_string()));
+        }
+        let len = encoded_bet_len(batch.bets.get(batch.bets.len() - 1).expect("just pushed"));
+        if !sizer.fits(len) {
+            // The bet goes first in a batch of its own, if it fits in one.
+            let bet = batch.bets.split_last();
+            let mut alone = BatchSizer::default();
+            alone.reset(Some(position - 1));
+            if !alone.fits(len) {
+                let reason = "the bet is too large to fit in one frame".to_string();
+                return fail(tx, batch, data_error(line, reason));
+            }
+            let full = std::mem::replace(&mut batch, new_batch(position - 1));
+            if !full.bets.is_empty() && tx.blocking_send(Ok(full)).is_err() {
+                return;
+            }
+            batch.bets = bet;
+            sizer = alone;
+        }
         if sizer.count() == 0 {
             batch.first_line = line;
         }
         sizer.add(len);
-        batch.bets.push(bet);
     }
     if !batch.bets.is_empty() {
         let _ = tx.blocking_send(Ok(batch));

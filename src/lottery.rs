@@ -260,6 +260,24 @@ impl Lottery {
             .unwrap_or(0)
     }
 
+    /// Bets stored for `agency`, and whether it may still send more (not
+    /// once it announced it finished, nor after the draw), under one lock:
+    /// the central asks both for every batch.
+    ///
+    /// Only the connection holding the agency's claim sends its bets and its
+    /// announcement, one after the other, so the answer cannot change between
+    /// this check and the store.
+    pub async fn intake(&self, agency: AgencyId) -> (u64, Result<(), LotteryError>) {
+        let state = self.shared.state.lock().await;
+        let stored = state.stored.get(&agency).copied().unwrap_or(0);
+        let open = if state.finished.contains(&agency) || state.draw.is_some() {
+            Err(LotteryError::Finished(agency))
+        } else {
+            Ok(())
+        };
+        (stored, open)
+    }
+
     /// Records `count` more bets stored for `agency`; returns the new total.
     pub async fn add_stored(&self, agency: AgencyId, count: u64) -> u64 {
         let mut state = self.shared.state.lock().await;
@@ -287,23 +305,6 @@ impl Lottery {
     /// Frees `agency` for a later connection.
     pub async fn release(&self, agency: AgencyId) {
         self.shared.state.lock().await.connected.remove(&agency);
-    }
-
-    /// Checks that `agency` may still send bets.
-    ///
-    /// Only the connection holding the agency's claim sends its bets and its
-    /// announcement, one after the other, so the answer cannot change between
-    /// this check and the store.
-    ///
-    /// # Errors
-    /// [`LotteryError::Finished`] once it announced it finished or the draw
-    /// is done.
-    pub async fn check_open(&self, agency: AgencyId) -> Result<(), LotteryError> {
-        let state = self.shared.state.lock().await;
-        if state.finished.contains(&agency) || state.draw.is_some() {
-            return Err(LotteryError::Finished(agency));
-        }
-        Ok(())
     }
 
     /// Records that `agency` finished. When it is the last one, runs the
@@ -458,7 +459,7 @@ mod tests {
             })
             .collect();
         let mut rows = Vec::new();
-        encode_rows(&bets, &mut rows);
+        encode_rows(bets.iter().map(Bet::as_ref), &mut rows);
         std::fs::write(path, rows).unwrap();
     }
 
@@ -505,7 +506,7 @@ mod tests {
             &draw,
             &lottery.wait_for_draw(&cancel).await.unwrap()
         ));
-        assert_eq!(lottery.check_open(1).await, Err(LotteryError::Finished(1)));
+        assert_eq!(lottery.intake(1).await.1, Err(LotteryError::Finished(1)));
 
         // The record reads back as the same draw.
         let back = Draw::load(&record).unwrap().unwrap();

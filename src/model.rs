@@ -3,8 +3,6 @@
 
 use std::fmt;
 
-use chrono::{Datelike, NaiveDate};
-
 /// An agency's number, 1 up to the configured agency count.
 pub type AgencyId = u32;
 
@@ -117,43 +115,13 @@ impl Bet {
         birthdate: &str,
         number: &str,
     ) -> Result<Bet, BetError> {
-        Self::from_owned(
-            agency,
-            first_name.to_string(),
-            last_name.to_string(),
-            document.to_string(),
-            birthdate.to_string(),
-            number,
-        )
-    }
-
-    /// [`Bet::from_fields`] for text already owned, which it keeps instead
-    /// of copying (the central's decoder builds the strings anyway).
-    ///
-    /// # Errors
-    /// As [`Bet::from_fields`].
-    pub fn from_owned(
-        agency: &str,
-        first_name: String,
-        last_name: String,
-        document: String,
-        birthdate: String,
-        number: &str,
-    ) -> Result<Bet, BetError> {
-        let (agency, number) = check(
-            agency,
-            &first_name,
-            &last_name,
-            &document,
-            &birthdate,
-            number,
-        )?;
+        let (agency, number) = check(agency, first_name, last_name, document, birthdate, number)?;
         Ok(Bet {
             agency,
-            first_name,
-            last_name,
-            document,
-            birthdate,
+            first_name: first_name.to_string(),
+            last_name: last_name.to_string(),
+            document: document.to_string(),
+            birthdate: birthdate.to_string(),
             number,
         })
     }
@@ -161,6 +129,242 @@ impl Bet {
     /// Whether this bet wins a draw of `winning_number`.
     pub fn is_winner(&self, winning_number: u16) -> bool {
         self.number == winning_number
+    }
+
+    /// The bet as a borrowed view.
+    pub fn as_ref(&self) -> BetRef<'_> {
+        BetRef {
+            agency: self.agency,
+            first_name: &self.first_name,
+            last_name: &self.last_name,
+            document: &self.document,
+            birthdate: &self.birthdate,
+            number: self.number,
+        }
+    }
+}
+
+/// A validated bet whose text lives elsewhere: in a [`Bets`] buffer, or in
+/// a [`Bet`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BetRef<'a> {
+    /// The agency that took the bet.
+    pub agency: AgencyId,
+    /// First name(s).
+    pub first_name: &'a str,
+    /// Last name(s).
+    pub last_name: &'a str,
+    /// Document number (DNI).
+    pub document: &'a str,
+    /// Birthdate, `YYYY-MM-DD`.
+    pub birthdate: &'a str,
+    /// The number bet on.
+    pub number: u16,
+}
+
+impl BetRef<'_> {
+    /// An owned copy.
+    pub fn to_bet(&self) -> Bet {
+        Bet {
+            agency: self.agency,
+            first_name: self.first_name.to_string(),
+            last_name: self.last_name.to_string(),
+            document: self.document.to_string(),
+            birthdate: self.birthdate.to_string(),
+            number: self.number,
+        }
+    }
+}
+
+/// Where one bet's text lies in [`Bets::text`]: its four text fields are
+/// stored end to end from `start`, and end at `ends`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Slot {
+    start: u32,
+    ends: [u32; 4],
+    agency: AgencyId,
+    number: u16,
+}
+
+/// The validated bets of one batch, kept flat: every text field of every
+/// bet in one buffer, and a small fixed-size slot per bet.
+///
+/// This is how bets travel through both hot paths (the agency reading its
+/// file, the central decoding a batch): filling it costs two buffers per
+/// batch that can be reused, never an allocation per bet, and its bets are
+/// read back as [`BetRef`]s borrowing from it. [`Bet`] stays the owned,
+/// convenient form for everything else.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Bets {
+    text: String,
+    slots: Vec<Slot>,
+}
+
+impl Bets {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty batch with room for `bets` bets of `text` bytes of fields.
+    pub fn with_capacity(bets: usize, text: usize) -> Self {
+        Self {
+            text: String::with_capacity(text),
+            slots: Vec::with_capacity(bets),
+        }
+    }
+
+    /// Number of bets.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether there are no bets.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Removes every bet, keeping the buffers.
+    pub fn clear(&mut self) {
+        self.text.clear();
+        self.slots.clear();
+    }
+
+    /// The `i`-th bet (0-based).
+    pub fn get(&self, i: usize) -> Option<BetRef<'_>> {
+        self.slots.get(i).map(|s| self.view(s))
+    }
+
+    /// The bets in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = BetRef<'_>> + '_ {
+        self.slots.iter().map(|s| self.view(s))
+    }
+
+    fn view(&self, s: &Slot) -> BetRef<'_> {
+        let field = |from: u32, to: u32| &self.text[from as usize..to as usize];
+        BetRef {
+            agency: s.agency,
+            first_name: field(s.start, s.ends[0]),
+            last_name: field(s.ends[0], s.ends[1]),
+            document: field(s.ends[1], s.ends[2]),
+            birthdate: field(s.ends[2], s.ends[3]),
+            number: s.number,
+        }
+    }
+
+    /// Checks the six text fields of a bet (as [`Bet::from_fields`] does)
+    /// and appends it.
+    ///
+    /// # Errors
+    /// A [`BetError`] naming the first field that is wrong; nothing is
+    /// appended then.
+    pub fn push_fields(
+        &mut self,
+        agency: &str,
+        first_name: &str,
+        last_name: &str,
+        document: &str,
+        birthdate: &str,
+        number: &str,
+    ) -> Result<(), BetError> {
+        let (agency, number) = check(agency, first_name, last_name, document, birthdate, number)?;
+        self.push_unchecked(agency, [first_name, last_name, document, birthdate], number);
+        Ok(())
+    }
+
+    /// [`Bets::push_fields`] for an agency id already known to be valid
+    /// (the agency's own, from its configuration).
+    ///
+    /// # Errors
+    /// As [`Bets::push_fields`].
+    pub fn push_for(
+        &mut self,
+        agency: AgencyId,
+        first_name: &str,
+        last_name: &str,
+        document: &str,
+        birthdate: &str,
+        number: &str,
+    ) -> Result<(), BetError> {
+        check_text(first_name, last_name, document, birthdate)?;
+        let number = parse_number(number)?;
+        self.push_unchecked(agency, [first_name, last_name, document, birthdate], number);
+        Ok(())
+    }
+
+    /// Appends a bet that is already valid.
+    pub fn push(&mut self, bet: BetRef<'_>) {
+        self.push_unchecked(
+            bet.agency,
+            [bet.first_name, bet.last_name, bet.document, bet.birthdate],
+            bet.number,
+        );
+    }
+
+    fn push_unchecked(&mut self, agency: AgencyId, fields: [&str; 4], number: u16) {
+        let start = self.offset();
+        let mut ends = [0u32; 4];
+        for (end, field) in ends.iter_mut().zip(fields) {
+            self.text.push_str(field);
+            *end = self.offset();
+        }
+        self.slots.push(Slot {
+            start,
+            ends,
+            agency,
+            number,
+        });
+    }
+
+    fn offset(&self) -> u32 {
+        // A batch fits in one frame (8 KiB), and an agency's read-ahead in
+        // a few of them: offsets are far from 4 GiB.
+        u32::try_from(self.text.len()).expect("a batch's text is under 4 GiB")
+    }
+
+    /// Moves the last bet out into a batch of its own (the agency's reader
+    /// does this when a bet does not fit in the batch being filled).
+    pub fn split_last(&mut self) -> Bets {
+        let mut rest = Bets::new();
+        if let Some(last) = self.slots.pop() {
+            rest.push(self.view(&last));
+            self.text.truncate(last.start as usize);
+        }
+        rest
+    }
+}
+
+impl std::fmt::Debug for Bets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl<'a> Extend<BetRef<'a>> for Bets {
+    fn extend<I: IntoIterator<Item = BetRef<'a>>>(&mut self, iter: I) {
+        for bet in iter {
+            self.push(bet);
+        }
+    }
+}
+
+impl<'a> FromIterator<&'a Bet> for Bets {
+    fn from_iter<I: IntoIterator<Item = &'a Bet>>(iter: I) -> Self {
+        let mut bets = Bets::new();
+        bets.extend(iter.into_iter().map(Bet::as_ref));
+        bets
+    }
+}
+
+impl From<&[Bet]> for Bets {
+    fn from(bets: &[Bet]) -> Self {
+        bets.iter().collect()
+    }
+}
+
+impl From<Vec<Bet>> for Bets {
+    fn from(bets: Vec<Bet>) -> Self {
+        bets.iter().collect()
     }
 }
 
@@ -174,11 +378,20 @@ fn check(
     number: &str,
 ) -> Result<(AgencyId, u16), BetError> {
     let agency = parse_agency(agency)?;
+    check_text(first_name, last_name, document, birthdate)?;
+    Ok((agency, parse_number(number)?))
+}
+
+fn check_text(
+    first_name: &str,
+    last_name: &str,
+    document: &str,
+    birthdate: &str,
+) -> Result<(), BetError> {
     check_name(BetField::FirstName, first_name)?;
     check_name(BetField::LastName, last_name)?;
     check_document(document)?;
-    check_birthdate(birthdate)?;
-    Ok((agency, parse_number(number)?))
+    check_birthdate(birthdate)
 }
 
 fn parse_agency(v: &str) -> Result<AgencyId, BetError> {
@@ -196,7 +409,8 @@ fn check_name(field: BetField, v: &str) -> Result<(), BetError> {
     if v.trim().is_empty() {
         return Err(invalid(field, v, "empty"));
     }
-    if v.chars().count() > MAX_NAME_CHARS {
+    // A character is at least one byte: only a long text can have too many.
+    if v.len() > MAX_NAME_CHARS && v.chars().count() > MAX_NAME_CHARS {
         return Err(invalid(field, v, "longer than 100 characters"));
     }
     Ok(())
@@ -232,24 +446,36 @@ fn check_birthdate(v: &str) -> Result<(), BetError> {
     }
     let digits =
         |r: std::ops::Range<usize>| b[r].iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
-    let date = NaiveDate::from_ymd_opt(digits(0..4) as i32, digits(5..7), digits(8..10))
-        .ok_or_else(|| invalid(BetField::Birthdate, v, "not a real calendar date"))?;
-    if date > today() {
+    let (year, month, day) = (digits(0..4), digits(5..7), digits(8..10));
+    if !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
+        return Err(invalid(BetField::Birthdate, v, "not a real calendar date"));
+    }
+    // Same-shaped ISO dates compare as text in calendar order.
+    if b > &today()[..] {
         return Err(invalid(BetField::Birthdate, v, "in the future"));
     }
-    if date.year() < 1900 {
+    if year < 1900 {
         return Err(invalid(BetField::Birthdate, v, "before 1900"));
     }
     Ok(())
 }
 
-/// Today's local date, looked up at most once a minute per thread: asking
-/// the time zone for every bet would dominate batch validation.
-fn today() -> NaiveDate {
+fn days_in_month(year: u32, month: u32) -> u32 {
+    match month {
+        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Today's local date as `YYYY-MM-DD`, looked up at most once a minute per
+/// thread: asking the time zone for every bet would dominate validation.
+fn today() -> [u8; 10] {
     use std::cell::Cell;
     use std::time::{SystemTime, UNIX_EPOCH};
     thread_local! {
-        static CACHE: Cell<(u64, NaiveDate)> = const { Cell::new((0, NaiveDate::MIN)) };
+        static CACHE: Cell<(u64, [u8; 10])> = const { Cell::new((0, [0; 10])) };
     }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -259,7 +485,14 @@ fn today() -> NaiveDate {
         if now < expires {
             return date;
         }
-        let date = chrono::Local::now().date_naive();
+        let text = chrono::Local::now()
+            .date_naive()
+            .format("%Y-%m-%d")
+            .to_string();
+        let date: [u8; 10] = text
+            .as_bytes()
+            .try_into()
+            .expect("a four-digit year formats in 10 bytes");
         cache.set((now + 60, date));
         date
     })
@@ -350,5 +583,58 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn calendar_rules() {
+        for ok in ["2000-02-29", "2024-02-29", "1900-01-01", "1999-12-31", "1999-04-30"] {
+            assert!(bet("1", ok, "1").is_ok(), "{ok}");
+        }
+        for bad in ["1900-02-29", "2023-02-29", "1999-04-31", "1999-00-10", "1999-01-00"] {
+            assert!(bet("1", bad, "1").is_err(), "{bad}");
+        }
+        let today = String::from_utf8(today().to_vec()).unwrap();
+        assert!(bet("1", &today, "1").is_ok(), "born today is allowed");
+    }
+
+    #[test]
+    fn names_count_characters_not_bytes() {
+        let long_in_bytes = "ñ".repeat(100); // 200 bytes, 100 characters
+        assert!(Bet::from_fields("1", &long_in_bytes, "B", "1", "1999-03-17", "1").is_ok());
+        let too_long = "ñ".repeat(101);
+        assert!(Bet::from_fields("1", &too_long, "B", "1", "1999-03-17", "1").is_err());
+    }
+
+    #[test]
+    fn bets_keep_fields_apart_and_in_order() {
+        let owned = vec![
+            bet("30904465", "1999-03-17", "7574").unwrap(),
+            Bet::from_fields("2", "José|María", "Ñandú, Jr.", "0012", "2000-02-29", "0").unwrap(),
+        ];
+        let bets = Bets::from(owned.clone());
+        assert_eq!(bets.len(), 2);
+        assert_eq!(bets.iter().map(|b| b.to_bet()).collect::<Vec<_>>(), owned);
+        assert_eq!(bets.get(1).unwrap().last_name, "Ñandú, Jr.");
+        assert_eq!(bets.get(2), None);
+
+        let mut built = Bets::new();
+        built
+            .push_for(1, "Ana", "Pérez", "30904465", "1999-03-17", "7574")
+            .unwrap();
+        built
+            .push_fields("2", "José|María", "Ñandú, Jr.", "0012", "2000-02-29", "0")
+            .unwrap();
+        assert_eq!(built, bets);
+        // A refused bet leaves nothing behind.
+        assert!(built
+            .push_for(1, "Ana", "Pérez", "1", "1999-02-30", "1")
+            .is_err());
+        assert_eq!(built, bets);
+
+        let last = built.split_last();
+        assert_eq!(last.iter().map(|b| b.to_bet()).collect::<Vec<_>>(), owned[1..]);
+        assert_eq!(built, Bets::from(&owned[..1]));
+        built.clear();
+        assert!(built.is_empty());
     }
 }

@@ -10,7 +10,7 @@ use std::fmt;
 
 use bytes::{BufMut, BytesMut};
 
-use crate::model::{AgencyId, Bet, BetError, BetField};
+use crate::model::{AgencyId, BetError, BetField, BetRef, Bets};
 
 /// Largest whole frame, header included, in bytes.
 pub const MAX_FRAME_LEN: usize = 8192;
@@ -210,7 +210,7 @@ pub enum Request {
         /// resumes uploads; lets the central recognise a resent batch.
         first: Option<u64>,
         /// The bets, in file order.
-        bets: Vec<Bet>,
+        bets: Bets,
     },
     /// Liveness check (health probes); needs no agency and no secret.
     Ping,
@@ -403,37 +403,45 @@ pub fn split_pairs<'a>(
     let mut pairs = Vec::new();
     let bytes = body.as_bytes();
     let mut start = 0;
-    let mut colon: Option<usize> = None;
-    let mut i = 0;
-    while i <= bytes.len() {
-        if i == bytes.len() || bytes[i] == b'|' {
-            let pair = &body[start..i];
-            let Some(c) = colon else {
-                return Err(MessageError::MissingColon(pair.to_string()));
+    while start <= bytes.len() {
+        // The key ends at the first unescaped `:`; after it only `|` (the
+        // pair's end) and `\` (which hides the byte after it) matter, and
+        // `memchr` jumps over the plain runs between them.
+        let mut colon: Option<usize> = None;
+        let mut i = start;
+        let end = loop {
+            let found = if colon.is_none() {
+                memchr::memchr3(b':', b'|', b'\\', &bytes[i..])
+            } else {
+                memchr::memchr2(b'|', b'\\', &bytes[i..])
             };
-            let key = unescape(&body[start..c], what)?;
-            pairs.push((key, &body[c + 1..i]));
-            start = i + 1;
-            colon = None;
-            i += 1;
-            continue;
-        }
-        match bytes[i] {
-            b'\\' => {
-                if i + 1 >= bytes.len() {
-                    return Err(MessageError::DanglingEscape(what));
+            let Some(at) = found.map(|f| i + f) else {
+                break bytes.len();
+            };
+            match bytes[at] {
+                b'\\' => {
+                    if at + 1 >= bytes.len() {
+                        return Err(MessageError::DanglingEscape(what));
+                    }
+                    // Skip the escaped byte. ASCII `\` is never part of a
+                    // multi-byte UTF-8 sequence, and the escaped character's
+                    // continuation bytes are not special, so stepping over
+                    // one byte is enough.
+                    i = at + 2;
                 }
-                // Skip the escaped byte. ASCII `\` is never part of a
-                // multi-byte UTF-8 sequence, and the escaped character's
-                // continuation bytes are not special, so stepping over one
-                // byte is enough.
-                i += 2;
-                continue;
+                b':' => {
+                    colon = Some(at);
+                    i = at + 1;
+                }
+                _ => break at,
             }
-            b':' if colon.is_none() => colon = Some(i),
-            _ => {}
-        }
-        i += 1;
+        };
+        let Some(c) = colon else {
+            return Err(MessageError::MissingColon(body[start..end].to_string()));
+        };
+        let key = unescape(&body[start..c], what)?;
+        pairs.push((key, &body[c + 1..end]));
+        start = end + 1;
     }
     Ok(pairs)
 }
@@ -561,7 +569,7 @@ impl WireMessage for Request {
     }
 }
 
-fn parse_batch(size: &str, pairs: &[(Cow<'_, str>, &str)]) -> Result<Vec<Bet>, MessageError> {
+fn parse_batch(size: &str, pairs: &[(Cow<'_, str>, &str)]) -> Result<Bets, MessageError> {
     let size: usize = unescape(size, "BATCH_SIZE")?
         .parse()
         .map_err(|_| bad_value(key::BATCH_SIZE, "not a whole number"))?;
@@ -570,7 +578,7 @@ fn parse_batch(size: &str, pairs: &[(Cow<'_, str>, &str)]) -> Result<Vec<Bet>, M
     }
     // Each BET_i value is itself an escaped payload. Collect them by index so
     // gaps and repeats are caught whatever order they come in.
-    let mut slots: Vec<Option<&str>> = vec![None; size];
+    let mut slots: Vec<Option<&str>> = vec![None; size.min(pairs.len())];
     let mut seen = 0usize;
     for (k, v) in pairs {
         let Some(index) = k.strip_prefix(key::BET_PREFIX) else {
@@ -584,44 +592,103 @@ fn parse_batch(size: &str, pairs: &[(Cow<'_, str>, &str)]) -> Result<Vec<Bet>, M
                 "{k} is outside BATCH_SIZE {size}"
             )));
         }
-        if slots[i - 1].replace(v).is_some() {
+        // Fewer pairs than BATCH_SIZE: a bet is missing, reported below.
+        let Some(slot) = slots.get_mut(i - 1) else {
+            continue;
+        };
+        if slot.replace(v).is_some() {
             return Err(MessageError::BatchMismatch(format!("{k} appears twice")));
         }
         seen += 1;
     }
     if seen != size {
-        let missing = slots.iter().position(Option::is_none).map_or(0, |p| p + 1);
+        let missing = slots.iter().position(Option::is_none).map_or(seen, |p| p) + 1;
         return Err(MessageError::BatchMismatch(format!(
             "BATCH_SIZE is {size} but {seen} bets are present (BET_{missing} is missing)"
         )));
     }
-    slots
-        .into_iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let v = v.expect("invariant: every slot was filled, seen == size");
-            parse_bet(v).map_err(|source| MessageError::Bet {
-                index: i + 1,
-                source,
-            })
-        })
-        .collect()
+    let text: usize = slots.iter().map(|v| v.map_or(0, str::len)).sum();
+    let mut bets = Bets::with_capacity(size, text);
+    for (i, v) in slots.into_iter().enumerate() {
+        let v = v.expect("invariant: every slot was filled, seen == size");
+        parse_bet(v, &mut bets).map_err(|source| MessageError::Bet {
+            index: i + 1,
+            source,
+        })?;
+    }
+    Ok(bets)
 }
 
-/// Parses one escaped `BET_i` value into a validated [`Bet`].
-fn parse_bet(escaped: &str) -> Result<Bet, BetError> {
+/// The bet fields in the order [`plain_bet`] and [`parse_bet`] keep them.
+const BET_FIELDS: [BetField; 6] = [
+    BetField::FirstName,
+    BetField::LastName,
+    BetField::Document,
+    BetField::Birthdate,
+    BetField::Number,
+    BetField::AgencyId,
+];
+
+fn bet_field_index(key: &[u8]) -> Option<usize> {
+    BET_FIELDS
+        .iter()
+        .position(|f| f.wire_key().as_bytes() == key)
+}
+
+/// Parses one escaped `BET_i` value, validates it, and appends it to `out`.
+fn parse_bet(escaped: &str, out: &mut Bets) -> Result<(), BetError> {
+    match plain_bet(escaped) {
+        Some([first, last, document, birthdate, number, agency]) => {
+            out.push_fields(agency, first, last, document, birthdate, number)
+        }
+        None => {
+            let [first, last, document, birthdate, number, agency] = parse_bet_escaped(escaped)?;
+            out.push_fields(&agency, &first, &last, &document, &birthdate, &number)
+        }
+    }
+}
+
+/// The six fields of a bet whose only escapes are the `\|` between its
+/// pairs, as nearly every bet is (no `|`, `\` or newline in its names),
+/// borrowed straight from the payload: nothing to copy or undo.
+///
+/// `None` sends the bet down the general path, [`parse_bet_escaped`], which
+/// also gives the exact error for anything malformed, so the two agree on
+/// every input.
+fn plain_bet(escaped: &str) -> Option<[&str; 6]> {
+    let bytes = escaped.as_bytes();
+    if bytes.last() == Some(&b'\n') {
+        return None;
+    }
+    let mut values: [Option<&str>; 6] = [None; 6];
+    let mut start = 0;
+    loop {
+        let end = memchr::memchr(b'\\', &bytes[start..]).map(|e| start + e);
+        let pair = &bytes[start..end.unwrap_or(bytes.len())];
+        let colon = memchr::memchr(b':', pair)?;
+        let field = bet_field_index(&pair[..colon])?;
+        // Splitting at ASCII bytes keeps both sides valid UTF-8.
+        let value = &escaped[start + colon + 1..start + pair.len()];
+        if values[field].replace(value).is_some() {
+            return None;
+        }
+        match end {
+            None => break,
+            Some(e) if bytes.get(e + 1) == Some(&b'|') => start = e + 2,
+            Some(_) => return None,
+        }
+    }
+    let [Some(a), Some(b), Some(c), Some(d), Some(e), Some(f)] = values else {
+        return None;
+    };
+    Some([a, b, c, d, e, f])
+}
+
+/// The six fields of any escaped `BET_i` value, in [`BET_FIELDS`] order.
+fn parse_bet_escaped(escaped: &str) -> Result<[String; 6], BetError> {
     // One pass over the doubly escaped text: undo the batch's escaping byte
     // by byte, and feed the result straight into the bet's own pairs, each
-    // value into its field's buffer. No intermediate unescaped copy of the
-    // bet and no list of pairs: this is the central's hot path.
-    const FIELDS: [BetField; 6] = [
-        BetField::FirstName,
-        BetField::LastName,
-        BetField::Document,
-        BetField::Birthdate,
-        BetField::Number,
-        BetField::AgencyId,
-    ];
+    // value into its field's buffer.
     let malformed = |what: String| BetError::Malformed(what);
     let mut values: [Option<Vec<u8>>; 6] = Default::default();
     let mut key: Vec<u8> = Vec::with_capacity(16);
@@ -636,10 +703,7 @@ fn parse_bet(escaped: &str) -> Result<Bet, BetError> {
                     String::from_utf8_lossy(key)
                 )));
             }
-            if let Some(i) = FIELDS
-                .iter()
-                .position(|f| f.wire_key().as_bytes() == key.as_slice())
-            {
+            if let Some(i) = bet_field_index(key) {
                 // The first of repeated keys counts, as for any payload.
                 if values[i].is_none() {
                     values[i] = Some(std::mem::take(value));
@@ -698,30 +762,20 @@ fn parse_bet(escaped: &str) -> Result<Bet, BetError> {
     }
     // Only ASCII escapes were removed from valid UTF-8, so this holds.
     let mut take = |f: usize| -> Result<String, BetError> {
-        let v = values[f].take().ok_or(BetError::Missing(FIELDS[f]))?;
-        String::from_utf8(v).map_err(|_| malformed(format!("{} is not UTF-8", FIELDS[f])))
+        let v = values[f].take().ok_or(BetError::Missing(BET_FIELDS[f]))?;
+        String::from_utf8(v).map_err(|_| malformed(format!("{} is not UTF-8", BET_FIELDS[f])))
     };
-    let (first, last, document, birthdate, number, agency) =
-        (take(0)?, take(1)?, take(2)?, take(3)?, take(4)?, take(5)?);
-    Bet::from_owned(&agency, first, last, document, birthdate, &number)
+    Ok([take(0)?, take(1)?, take(2)?, take(3)?, take(4)?, take(5)?])
 }
 
-/// Fixed bytes a batch payload of `count` bets adds around the bets themselves:
-/// `BATCH_SIZE:n`, the final `\n`, and `|BET_i:` before each bet.
-fn batch_overhead(count: usize) -> usize {
-    let digits = |n: usize| n.to_string().len();
-    key::BATCH_SIZE.len()
-        + 1
-        + digits(count)
-        + 1
-        + (1..=count)
-            .map(|i| 1 + key::BET_PREFIX.len() + digits(i) + 1)
-            .sum::<usize>()
+/// Decimal digits of `n`.
+fn digits(n: usize) -> usize {
+    n.checked_ilog10().map_or(1, |d| d as usize + 1)
 }
 
 /// Bytes a bet takes inside a batch payload, once escaped twice (its own
 /// fields, then the whole bet as one value), not counting `|BET_i:`.
-pub fn encoded_bet_len(bet: &Bet) -> usize {
+pub fn encoded_bet_len(bet: BetRef<'_>) -> usize {
     // An escaped byte of a field travels as 4 bytes (`\\\|`), a plain one as 1.
     let field = |v: &str| v.len() + 3 * (escaped_len(v) - v.len());
     let mut n = 0;
@@ -737,6 +791,7 @@ pub fn encoded_bet_len(bet: &Bet) -> usize {
 #[derive(Debug, Default, Clone)]
 pub struct BatchSizer {
     count: usize,
+    /// The bets' own bytes, and a `|BET_i:` before each.
     bets_len: usize,
     /// `|FIRST:<n>` when the batch carries its position.
     first_len: usize,
@@ -745,7 +800,11 @@ pub struct BatchSizer {
 impl BatchSizer {
     /// Payload size of the batch if a bet of `bet_len` bytes were added.
     pub fn len_with(&self, bet_len: usize) -> usize {
-        self.bets_len + bet_len + batch_overhead(self.count + 1) + self.first_len
+        let count = self.count + 1;
+        // `BATCH_SIZE:n`, the final `\n`, and this bet's `|BET_i:`.
+        let fixed = key::BATCH_SIZE.len() + 1 + digits(count) + 1;
+        let pair = 1 + key::BET_PREFIX.len() + digits(count) + 1;
+        fixed + self.first_len + self.bets_len + pair + bet_len
     }
 
     /// Whether a bet of `bet_len` encoded bytes still fits in one frame.
@@ -756,7 +815,7 @@ impl BatchSizer {
     /// Records a bet of `bet_len` bytes as added.
     pub fn add(&mut self, bet_len: usize) {
         self.count += 1;
-        self.bets_len += bet_len;
+        self.bets_len += 1 + key::BET_PREFIX.len() + digits(self.count) + 1 + bet_len;
     }
 
     /// Bets added so far.
@@ -775,13 +834,13 @@ impl BatchSizer {
     }
 }
 
-fn bet_fields<'a>(bet: &'a Bet, digits: &'a mut itoa::Buffer) -> [(&'static str, &'a str); 6] {
+fn bet_fields<'a>(bet: BetRef<'a>, digits: &'a mut itoa::Buffer) -> [(&'static str, &'a str); 6] {
     let number = digits.format(bet.number);
     [
-        (key::NOMBRE, bet.first_name.as_str()),
-        (key::APELLIDO, bet.last_name.as_str()),
-        (key::DOCUMENTO, bet.document.as_str()),
-        (key::NACIMIENTO, bet.birthdate.as_str()),
+        (key::NOMBRE, bet.first_name),
+        (key::APELLIDO, bet.last_name),
+        (key::DOCUMENTO, bet.document),
+        (key::NACIMIENTO, bet.birthdate),
         (key::NUMERO, number),
         (key::AGENCY_ID, agency_str(bet.agency)),
     ]
@@ -815,7 +874,7 @@ fn agency_str_slow(id: AgencyId) -> &'static str {
         .or_insert_with(|| Box::leak(id.to_string().into_boxed_str()))
 }
 
-fn write_batch(dst: &mut BytesMut, first: Option<u64>, bets: &[Bet]) {
+fn write_batch(dst: &mut BytesMut, first: Option<u64>, bets: &Bets) {
     let mut n = itoa::Buffer::new();
     dst.put_slice(key::BATCH_SIZE.as_bytes());
     dst.put_u8(b':');
@@ -827,6 +886,8 @@ fn write_batch(dst: &mut BytesMut, first: Option<u64>, bets: &[Bet]) {
         dst.put_slice(n.format(first).as_bytes());
     }
     let mut digits = itoa::Buffer::new();
+    // Room for the whole payload up front: no growth while writing.
+    dst.reserve(MAX_PAYLOAD_LEN.min(64 + bets.len() * 128));
     for (i, bet) in bets.iter().enumerate() {
         dst.put_u8(b'|');
         dst.put_slice(key::BET_PREFIX.as_bytes());
@@ -1097,6 +1158,7 @@ pub fn to_payload<M: WireMessage>(msg: &M) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Bet;
 
     fn bet(first: &str, last: &str) -> Bet {
         Bet::from_fields("3", first, last, "30904465", "1999-03-17", "7574").unwrap()
@@ -1110,7 +1172,7 @@ mod tests {
             req,
             Request::Batch {
                 first: None,
-                bets: vec![bet("Ana", "Perez")]
+                bets: vec![bet("Ana", "Perez")].into()
             }
         );
     }
@@ -1120,7 +1182,7 @@ mod tests {
         let b = bet("Ana|María", "Pe\\rez:ñ");
         let payload = to_payload(&Request::Batch {
             first: None,
-            bets: vec![b.clone()],
+            bets: vec![b.clone()].into(),
         });
         let text = String::from_utf8(payload.clone()).unwrap();
         assert!(text.contains("NOMBRE:Ana\\\\\\|María"), "{text}");
@@ -1128,7 +1190,7 @@ mod tests {
             Request::parse(&payload).unwrap(),
             Request::Batch {
                 first: None,
-                bets: vec![b]
+                bets: vec![b].into()
             }
         );
     }
@@ -1139,10 +1201,10 @@ mod tests {
             let b = bet(f, l);
             let payload = to_payload(&Request::Batch {
                 first: None,
-                bets: vec![b.clone()],
+                bets: vec![b.clone()].into(),
             });
             let sizer = BatchSizer::default();
-            assert_eq!(sizer.len_with(encoded_bet_len(&b)), payload.len());
+            assert_eq!(sizer.len_with(encoded_bet_len(b.as_ref())), payload.len());
         }
     }
 
@@ -1200,6 +1262,73 @@ mod tests {
         assert_eq!(err.code(), ErrorCode::InvalidBet);
         let text = err.to_string();
         assert!(text.starts_with("BET_2: NACIMIENTO"), "{text}");
+    }
+
+    /// A bet value: the six pairs with values of awkward pieces, mostly
+    /// separated as a writer does, sometimes not, sometimes with a stray
+    /// pair (unknown, repeated, or without `:`) at the end.
+    fn bet_value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let piece = prop::sample::select(vec![
+            "Ana", "ñ", "7", "1999-03-17", ":", "|", "\\", "\\\\\\|", "\\\\\\:", "\n",
+        ]);
+        let sep = prop::sample::select(vec![
+            "\\|", "\\|", "\\|", "\\|", "\\|", "\\|", "\\|", "\\|", "|", "\\", "\\:",
+        ]);
+        let stray = prop::sample::select(vec!["", "\\|X:1", "\\|NUMERO:2", "\\|NOMBRE", "\\|"]);
+        (
+            prop::collection::vec((prop::collection::vec(piece, 0..3), sep), 6),
+            stray,
+        )
+            .prop_map(|(pairs, stray)| {
+                let mut v = String::new();
+                for (field, (pieces, sep)) in BET_FIELDS.iter().zip(pairs) {
+                    if !v.is_empty() {
+                        v.push_str(sep);
+                    }
+                    v.push_str(field.wire_key());
+                    v.push(':');
+                    v.push_str(&pieces.concat());
+                }
+                v + stray
+            })
+    }
+
+    proptest::proptest! {
+        /// The fast path for plain bets and the general one agree on every
+        /// bet value the fast one accepts; everything else goes to the
+        /// general one, which also names the errors.
+        #[test]
+        fn plain_and_escaped_bet_parsers_agree(value in bet_value()) {
+            if let Some(fields) = plain_bet(&value) {
+                let general = parse_bet_escaped(&value).expect("the general path accepts it");
+                proptest::prop_assert_eq!(fields.map(str::to_string), general);
+            }
+        }
+    }
+
+    #[test]
+    fn the_agreement_property_reaches_the_fast_path() {
+        use proptest::strategy::{Strategy, ValueTree};
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let hits = (0..2000)
+            .filter(|_| {
+                let v = bet_value().new_tree(&mut runner).unwrap().current();
+                plain_bet(&v).is_some()
+            })
+            .count();
+        assert!(hits > 20, "only {hits} of 2000 values were plain bets");
+    }
+
+    #[test]
+    fn plain_bets_take_the_fast_path() {
+        let v = "NOMBRE:Ana\\|APELLIDO:Pérez\\|DOCUMENTO:1\\|NACIMIENTO:1999-03-17\\|NUMERO:7\\|AGENCY_ID:3";
+        assert_eq!(
+            plain_bet(v),
+            Some(["Ana", "Pérez", "1", "1999-03-17", "7", "3"])
+        );
+        // An escaped `|` inside a name needs the general path.
+        assert_eq!(plain_bet(&v.replace("Ana", "A\\\\\\|na")), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! the batch it is handling (so whatever was acknowledged is in the file) and
 //! closes; then the writer flushes and closes the bets file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,9 +26,9 @@ use crate::codec::{FrameError, ServerCodec};
 use crate::config::{ConfigError, ServerConfig};
 use crate::logging::{action, result};
 use crate::lottery::{Draw, Lottery, LotteryError};
-use crate::model::{AgencyId, Bet};
+use crate::model::{AgencyId, Bets};
 use crate::protocol::{status_replies, winners_replies, ErrorCode, Reply, Request};
-use crate::storage::{self, encode_rows, BetStore, Durability, StorageError};
+use crate::storage::{self, encode_rows, BetStore, Durability, Pending, Sequence, StorageError};
 use crate::tls::{self, BoxedIo, TlsError};
 
 /// How long shutdown waits for connections to finish what they started.
@@ -384,6 +384,8 @@ impl Accepted {
             authenticated: self.settings.secrets.is_empty(),
             announced: false,
             store: self.store,
+            in_flight: VecDeque::new(),
+            sequence: Sequence::new(),
             lottery: self.lottery,
             shutdown: self.shutdown,
             settings: self.settings,
@@ -407,12 +409,50 @@ struct Handler {
     announced: bool,
     /// Where batches go.
     store: BetStore,
+    /// Batches handed to the writer and not yet answered, oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// Keeps this connection's batches in order in the bets file.
+    sequence: Sequence,
     /// Shared state and the draw.
     lottery: Lottery,
     /// This connection's token, a child of the server's.
     shutdown: CancellationToken,
     /// Timeouts and secrets.
     settings: Arc<Settings>,
+}
+
+/// Most batches one connection may have at the writer at once; the next
+/// frame is read only when one of them is answered.
+const MAX_IN_FLIGHT: usize = 64;
+
+/// A batch at the writer, waiting for its rows to be stored.
+struct InFlight {
+    agency: AgencyId,
+    /// Bets in the batch, as sent.
+    count: usize,
+    /// Bets it adds (a resent batch may overlap what is stored).
+    new: u64,
+    /// The new bets, kept for their DEBUG lines only when DEBUG is on.
+    logged: Option<Bets>,
+    stored: Pending,
+}
+
+/// What the central does with a batch, given what it holds.
+enum Intake {
+    /// Store it from its `skip`-th bet on.
+    Store { skip: usize },
+    /// Every bet of it is stored already: acknowledge it again.
+    AlreadyStored { stored: u64 },
+    /// Refuse it.
+    Refuse(LotteryError),
+}
+
+/// The oldest in-flight batch's outcome; never resolves when there is none.
+async fn oldest(in_flight: &mut VecDeque<InFlight>) -> Result<(), StorageError> {
+    match in_flight.front_mut() {
+        Some(batch) => (&mut batch.stored).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What the connection does after a message.
@@ -424,6 +464,10 @@ enum Next {
 impl Handler {
     async fn run(mut self) {
         let outcome = self.serve().await;
+        // Batches already at the writer are stored whatever happened to the
+        // connection: count them before the agency can connect again, or
+        // its next session would resume too early and store them twice.
+        self.settle().await;
         if let Some(agency) = self.agency {
             self.lottery.release(agency).await;
         }
@@ -460,15 +504,28 @@ impl Handler {
             // buffered, and is dropped unacknowledged if we hang up.
             let frame = tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => return Ok(()),
-                frame = self.framed.next() => frame,
+                _ = self.shutdown.cancelled() => {
+                    // Whatever was read is stored and answered.
+                    self.drain().await?;
+                    return Ok(());
+                }
+                outcome = oldest(&mut self.in_flight) => {
+                    self.acknowledge(outcome).await?;
+                    continue;
+                }
+                frame = self.framed.next(), if self.in_flight.len() < MAX_IN_FLIGHT => frame,
                 _ = tokio::time::sleep_until(look_again.into()) => {
-                    if Instant::now() < deadline {
+                    if Instant::now() < deadline || !self.in_flight.is_empty() {
                         continue;
                     }
                     return self.time_out(partial.is_some()).await;
                 }
             };
+            // Replies go out in request order: only batches are pipelined,
+            // so anything else waits for the batches before it.
+            if !matches!(frame, Some(Ok(Ok(Request::Batch { .. })))) {
+                self.drain().await?;
+            }
             let next = match frame {
                 None => return Ok(()),
                 Some(Err(e)) => {
@@ -640,96 +697,197 @@ impl Handler {
         Ok(Next::Continue)
     }
 
-    async fn handle_batch(
-        &mut self,
-        first: Option<u64>,
-        bets: Vec<Bet>,
-    ) -> Result<Next, FrameError> {
+    /// Checks a batch and hands it to the writer; its acknowledgement is
+    /// sent when the writer answers, while later frames are read.
+    async fn handle_batch(&mut self, first: Option<u64>, bets: Bets) -> Result<Next, FrameError> {
         let count = bets.len();
         // Every bet of the batch must speak for one agency: the connection's.
-        let agency = bets[0].agency;
-        if let Some(i) = bets.iter().position(|b| b.agency != agency) {
+        let agency = bets.get(0).expect("a batch holds at least one bet").agency;
+        if let Some((i, other)) = bets.iter().enumerate().find(|(_, b)| b.agency != agency) {
             let reason = format!(
                 "BET_{}: AGENCY_ID {} differs from BET_1's {agency}",
                 i + 1,
-                bets[i].agency
+                other.agency
             );
+            self.drain().await?;
             return self.reject(count, ErrorCode::WrongAgency, reason).await;
         }
         if let Err(e) = self.bind_agency(agency).await {
+            self.drain().await?;
             return self.reject(count, e.code(), e.to_string()).await;
         }
+        if self.in_flight.is_empty() && self.sequence.is_broken() {
+            // Every batch after the failed one has been answered: start over.
+            self.sequence = Sequence::new();
+        }
+        let mut intake = self.intake(agency, first, count).await;
+        if !matches!(intake, Intake::Store { .. }) {
+            // Refusals and repeats are answered in order, and against what
+            // is really stored: settle the batches in flight first.
+            self.drain().await?;
+            intake = self.intake(agency, first, count).await;
+        }
+        let skip = match intake {
+            Intake::Store { skip } => skip,
+            Intake::AlreadyStored { stored } => {
+                info!(
+                    action = action::APUESTA_RECIBIDA,
+                    result = result::SUCCESS,
+                    cantidad = count,
+                    already_stored = count
+                );
+                let reply = Reply::Success {
+                    message: format!("already stored {count} bets"),
+                    stored: Some(stored),
+                };
+                self.framed.send(&reply).await?;
+                return Ok(Next::Continue);
+            }
+            Intake::Refuse(e) => return self.reject(count, e.code(), e.to_string()).await,
+        };
 
-        // A batch that says where it starts is stored only from the first bet
-        // the central does not hold yet: a batch resent after a lost
-        // acknowledgement is acknowledged again, never stored twice. This
-        // connection is the only one for the agency, so the count cannot
-        // move under us.
-        let stored = self.lottery.stored(agency).await;
+        let mut rows = Vec::with_capacity((count - skip) * 64);
+        encode_rows(bets.iter().skip(skip), &mut rows);
+        let stored = match self.store.submit(rows, &self.sequence).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                self.drain().await?;
+                return self
+                    .reject(count, ErrorCode::StorageFailed, e.to_string())
+                    .await;
+            }
+        };
+        let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+            let mut new = Bets::new();
+            new.extend(bets.iter().skip(skip));
+            new
+        });
+        self.in_flight.push_back(InFlight {
+            agency,
+            count,
+            new: (count - skip) as u64,
+            logged,
+            stored,
+        });
+        Ok(Next::Continue)
+    }
+
+    /// Where a batch starting at `first` stands against the bets the central
+    /// holds for `agency`, counting those still at the writer.
+    ///
+    /// A batch that says where it starts is stored only from the first bet
+    /// the central does not hold yet: a batch resent after a lost
+    /// acknowledgement is acknowledged again, never stored twice. This
+    /// connection is the only one for the agency, so the count moves only
+    /// through it.
+    async fn intake(&mut self, agency: AgencyId, first: Option<u64>, count: usize) -> Intake {
+        let at_writer = self.in_flight.iter().map(|b| b.new).sum::<u64>();
+        let (held, open) = self.lottery.intake(agency).await;
+        let expected = held + at_writer;
         let skip = match first {
             None => 0,
-            Some(first) if first > stored => {
-                let e = LotteryError::OutOfOrder {
+            Some(first) if first > expected => {
+                return Intake::Refuse(LotteryError::OutOfOrder {
                     agency,
                     first,
-                    stored,
-                };
-                return self.reject(count, e.code(), e.to_string()).await;
+                    stored: expected,
+                })
             }
-            Some(first) => usize::try_from(stored - first)
+            Some(first) => usize::try_from(expected - first)
                 .unwrap_or(usize::MAX)
                 .min(count),
         };
         if skip == count {
-            info!(
-                action = action::APUESTA_RECIBIDA,
-                result = result::SUCCESS,
-                cantidad = count,
-                already_stored = count
-            );
-            let reply = Reply::Success {
-                message: format!("already stored {count} bets"),
-                stored: Some(stored),
-            };
-            self.framed.send(&reply).await?;
-            return Ok(Next::Continue);
+            return Intake::AlreadyStored { stored: expected };
         }
-        if let Err(e) = self.lottery.check_open(agency).await {
-            return self.reject(count, e.code(), e.to_string()).await;
+        match open {
+            Ok(()) => Intake::Store { skip },
+            Err(e) => Intake::Refuse(e),
         }
+    }
 
-        let new = &bets[skip..];
-        let mut rows = Vec::with_capacity(new.len() * 64);
-        encode_rows(new, &mut rows);
-        // Not raced against shutdown: once read, a batch is stored and
-        // answered, so nothing the agency saw acknowledged is lost.
-        if let Err(e) = self.store.append(rows).await {
-            return self
-                .reject(count, ErrorCode::StorageFailed, e.to_string())
-                .await;
+    /// Answers the oldest batch in flight, whose outcome is `outcome`, and
+    /// every later one already answered by the writer, in one write.
+    async fn acknowledge(&mut self, outcome: Result<(), StorageError>) -> Result<(), FrameError> {
+        use futures::FutureExt;
+        let mut outcome = Some(outcome);
+        while let Some(done) = outcome.take() {
+            self.acknowledge_one(done).await?;
+            outcome = match self.in_flight.front_mut() {
+                Some(next) => (&mut next.stored).now_or_never(),
+                None => None,
+            };
         }
-        let total = self.lottery.add_stored(agency, new.len() as u64).await;
+        self.framed.flush().await
+    }
+
+    /// Counts the oldest batch in flight as stored (or not), logs it, and
+    /// queues its reply.
+    async fn acknowledge_one(
+        &mut self,
+        outcome: Result<(), StorageError>,
+    ) -> Result<(), FrameError> {
+        let batch = self
+            .in_flight
+            .pop_front()
+            .expect("invariant: an outcome is for the oldest batch in flight");
+        let count = batch.count;
+        if let Err(e) = outcome {
+            warn!(
+                action = action::APUESTA_RECIBIDA,
+                result = result::FAIL,
+                cantidad = count,
+                peer = %self.peer,
+                code = %ErrorCode::StorageFailed,
+                reason = %e
+            );
+            let reply = Reply::Error {
+                code: ErrorCode::StorageFailed,
+                message: e.to_string(),
+            };
+            return self.framed.feed(&reply).await;
+        }
+        let total = self.lottery.add_stored(batch.agency, batch.new).await;
         info!(
             action = action::APUESTA_RECIBIDA,
             result = result::SUCCESS,
             cantidad = count
         );
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            for b in new {
-                debug!(
-                    action = action::APUESTA_ALMACENADA,
-                    result = result::SUCCESS,
-                    dni = b.document.as_str(),
-                    numero = b.number
-                );
-            }
+        for b in batch.logged.iter().flat_map(Bets::iter) {
+            debug!(
+                action = action::APUESTA_ALMACENADA,
+                result = result::SUCCESS,
+                dni = b.document,
+                numero = b.number
+            );
         }
         let reply = Reply::Success {
             message: format!("stored {count} bets"),
             stored: Some(total),
         };
-        self.framed.send(&reply).await?;
-        Ok(Next::Continue)
+        self.framed.feed(&reply).await
+    }
+
+    /// Waits for every batch in flight and answers each.
+    async fn drain(&mut self) -> Result<(), FrameError> {
+        if self.in_flight.is_empty() {
+            return Ok(());
+        }
+        while !self.in_flight.is_empty() {
+            let outcome = oldest(&mut self.in_flight).await;
+            self.acknowledge_one(outcome).await?;
+        }
+        self.framed.flush().await
+    }
+
+    /// Waits for every batch in flight and counts those stored, without
+    /// answering: the connection is gone or going.
+    async fn settle(&mut self) {
+        while let Some(batch) = self.in_flight.pop_front() {
+            if batch.stored.await.is_ok() {
+                self.lottery.add_stored(batch.agency, batch.new).await;
+            }
+        }
     }
 
     async fn reject(

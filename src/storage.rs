@@ -1,23 +1,26 @@
 //! The bets file: append-only CSV, one row per stored bet,
 //! `agency,first_name,last_name,document,birthdate,number`.
 //!
-//! One writer task owns the file. Connections hand it whole batches, already
-//! encoded as CSV rows, and wait for its answer; the writer appends every
-//! batch that is waiting with one `write` each and one `fdatasync` for the
-//! group, then answers them all. A batch is therefore written whole, never
-//! interleaved with another, and acknowledged only once its rows are on
-//! stable storage. [`recover`] repairs the file after a crash.
+//! One writer thread owns the file. Connections hand it whole batches,
+//! already encoded as CSV rows, and go on reading while it works; the
+//! writer appends every batch that is waiting with one `writev` and one
+//! `fdatasync` for the group, then answers them all. A batch is therefore
+//! written whole, never interleaved with another, and acknowledged only once
+//! its rows are on stable storage. [`recover`] repairs the file after a
+//! crash.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, Write};
+use std::io::{self, BufReader, IoSlice, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info};
 
 use crate::logging::{action, result};
-use crate::model::{AgencyId, Bet};
+use crate::model::{AgencyId, BetRef};
 
 /// How many batches may wait for the writer before senders wait too.
 const QUEUE_DEPTH: usize = 1024;
@@ -56,38 +59,78 @@ pub enum StorageError {
     Closed,
 }
 
-/// Encodes bets as CSV rows of the bets file, minimal quoting.
-pub fn encode_rows(bets: &[Bet], dst: &mut Vec<u8>) {
-    let mut w = csv::WriterBuilder::new()
-        .has_headers(false)
-        .from_writer(dst);
-    let mut agency = itoa::Buffer::new();
-    let mut number = itoa::Buffer::new();
+/// Encodes bets as CSV rows of the bets file, quoting only the fields that
+/// need it (those holding `,`, `"`, CR or LF; a `"` inside is doubled).
+///
+/// Written by hand rather than through the `csv` writer: this runs for every
+/// stored bet on the central's hot path, and nearly every field is plain
+/// text copied as is. The `csv` reader reads it back (see [`scan`]).
+pub fn encode_rows<'a>(bets: impl IntoIterator<Item = BetRef<'a>>, dst: &mut Vec<u8>) {
+    let mut digits = itoa::Buffer::new();
     for b in bets {
-        // Writing to a Vec cannot fail.
-        w.write_record([
-            agency.format(b.agency).as_bytes(),
-            b.first_name.as_bytes(),
-            b.last_name.as_bytes(),
-            b.document.as_bytes(),
-            b.birthdate.as_bytes(),
-            number.format(b.number).as_bytes(),
-        ])
-        .expect("writing CSV to memory");
+        dst.extend_from_slice(digits.format(b.agency).as_bytes());
+        for field in [b.first_name, b.last_name, b.document, b.birthdate] {
+            dst.push(b',');
+            push_field(dst, field.as_bytes());
+        }
+        dst.push(b',');
+        dst.extend_from_slice(digits.format(b.number).as_bytes());
+        dst.push(b'\n');
     }
-    w.flush().expect("writing CSV to memory");
+}
+
+fn push_field(dst: &mut Vec<u8>, field: &[u8]) {
+    if !field
+        .iter()
+        .any(|&c| matches!(c, b',' | b'"' | b'\r' | b'\n'))
+    {
+        dst.extend_from_slice(field);
+        return;
+    }
+    dst.push(b'"');
+    for part in field.split_inclusive(|&c| c == b'"') {
+        dst.extend_from_slice(part);
+        if part.last() == Some(&b'"') {
+            dst.push(b'"');
+        }
+    }
+    dst.push(b'"');
+}
+
+/// The batches of one connection. The writer stores them in the order they
+/// were submitted, and once one fails it fails every later one without
+/// writing it: a connection keeps several batches in flight, and a batch
+/// stored after a lost one would leave a gap in the agency's bets.
+#[derive(Debug, Clone, Default)]
+pub struct Sequence(Arc<AtomicBool>);
+
+impl Sequence {
+    /// A sequence with nothing failed yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether a batch of it failed (and every later one fails too).
+    pub fn is_broken(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn mark_broken(&self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 struct Append {
     rows: Vec<u8>,
+    sequence: Sequence,
     done: oneshot::Sender<Result<(), String>>,
 }
 
-/// A cheap, cloneable handle to the bets file's writer task.
+/// A cheap, cloneable handle to the bets file's writer.
 #[derive(Debug, Clone)]
 pub struct BetStore {
     tx: mpsc::Sender<Append>,
-    path: PathBuf,
+    path: Arc<Path>,
 }
 
 impl std::fmt::Debug for Append {
@@ -111,11 +154,13 @@ pub enum Durability {
 }
 
 impl BetStore {
-    /// Spawns the writer task for the bets file at `path`. The file is opened
-    /// (and created) by the writer when the first batch arrives, and again
-    /// after a failure, so a storage problem fails batches instead of the
-    /// server. The returned handle resolves once every [`BetStore`] clone is
-    /// dropped and the file is flushed and closed.
+    /// Starts the writer for the bets file at `path`, on a thread of its own
+    /// (file I/O blocks; it must not hold up the runtime's workers, and one
+    /// long-lived thread avoids a hand-off to the blocking pool per group).
+    /// The file is opened (and created) when the first batch arrives, and
+    /// again after a failure, so a storage problem fails batches instead of
+    /// the server. The returned handle resolves once every [`BetStore`]
+    /// clone is dropped and the file is flushed and closed.
     pub fn open(path: &Path, durability: Durability) -> (BetStore, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer = Writer {
@@ -124,11 +169,11 @@ impl BetStore {
             durability,
             poisoned: None,
         };
-        let task = crate::task::spawn_named("bets writer", write_loop(writer, rx));
+        let task = crate::task::spawn_blocking_named("bets writer", move || write_loop(writer, rx));
         (
             BetStore {
                 tx,
-                path: path.to_path_buf(),
+                path: Arc::from(path),
             },
             task,
         )
@@ -139,6 +184,34 @@ impl BetStore {
         &self.path
     }
 
+    /// Hands pre-encoded CSV rows to the writer as one unit, after the
+    /// earlier batches of `sequence`, and returns at once (or when the
+    /// writer's queue has room): await the returned [`Pending`] for the
+    /// outcome.
+    ///
+    /// # Errors
+    /// The writer has stopped.
+    pub async fn submit(
+        &self,
+        rows: Vec<u8>,
+        sequence: &Sequence,
+    ) -> Result<Pending, StorageError> {
+        let (done, answer) = oneshot::channel();
+        let append = Append {
+            rows,
+            sequence: sequence.clone(),
+            done,
+        };
+        self.tx
+            .send(append)
+            .await
+            .map_err(|_| StorageError::Closed)?;
+        Ok(Pending {
+            answer,
+            path: self.path.clone(),
+        })
+    }
+
     /// Appends pre-encoded CSV rows as one unit and waits until they are in
     /// the file (and on stable storage, with [`Durability::Sync`]).
     ///
@@ -146,77 +219,85 @@ impl BetStore {
     /// The write or sync failed (nothing of `rows` is acknowledged, and
     /// nothing of it stays in the file), or the writer has stopped.
     pub async fn append(&self, rows: Vec<u8>) -> Result<(), StorageError> {
-        let (done, answer) = oneshot::channel();
-        self.tx
-            .send(Append { rows, done })
-            .await
-            .map_err(|_| StorageError::Closed)?;
-        match answer.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(reason)) => Err(StorageError::Write {
-                path: self.path.clone(),
-                reason,
-            }),
-            Err(_) => Err(StorageError::Closed),
-        }
+        self.submit(rows, &Sequence::new()).await?.await
     }
 }
 
-async fn write_loop(writer: Writer, mut rx: mpsc::Receiver<Append>) {
-    let mut writer = Some(writer);
-    let mut group = Vec::new();
+/// A submitted batch: resolves once its rows are stored (or not).
+#[derive(Debug)]
+pub struct Pending {
+    answer: oneshot::Receiver<Result<(), String>>,
+    path: Arc<Path>,
+}
+
+impl std::future::Future for Pending {
+    type Output = Result<(), StorageError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.answer)
+            .poll(cx)
+            .map(|answer| match answer {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(reason)) => Err(StorageError::Write {
+                    path: self.path.to_path_buf(),
+                    reason,
+                }),
+                Err(_) => Err(StorageError::Closed),
+            })
+    }
+}
+
+/// Most batches written together: one `writev` takes at most 1024 buffers.
+const MAX_GROUP: usize = 512;
+
+fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Append>) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
     // Group commit: every batch waiting when the writer comes round shares
-    // one sync. Under load the groups grow by themselves.
-    while rx.recv_many(&mut group, QUEUE_DEPTH).await > 0 {
-        let mut w = writer
-            .take()
-            .expect("invariant: the writer is returned after every group");
-        let rows: Vec<Vec<u8>> = group
-            .iter_mut()
-            .map(|a| std::mem::take(&mut a.rows))
-            .collect();
-        // File I/O blocks; keep it off the runtime's worker threads.
-        let (w, outcomes) = crate::task::spawn_blocking_named("bets write", move || {
-            let outcomes = w.write_group(&rows);
-            (w, outcomes)
-        })
-        .await
-        .expect("the bets file writer does not panic");
+    // one write and one sync. Under load the groups grow by themselves.
+    while let Some(first) = rx.blocking_recv() {
+        group.push(first);
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(append) => group.push(append),
+                Err(_) => break,
+            }
+        }
+        let outcomes = writer.write_group(&group);
         for (append, outcome) in group.drain(..).zip(outcomes) {
             if let Err(reason) = &outcome {
-                error!(action = action::STORE, result = result::FAIL, path = %w.path.display(), reason = reason.as_str());
+                append.sequence.mark_broken();
+                error!(action = action::STORE, result = result::FAIL, path = %writer.path.display(), reason = reason.as_str());
             }
             // A connection that went away no longer needs its answer.
             let _ = append.done.send(outcome);
         }
-        writer = Some(w);
     }
-    let w = writer
-        .take()
-        .expect("invariant: the writer is back after the last group");
-    let path = w.path.clone();
-    match tokio::task::spawn_blocking(move || w.close()).await {
-        Ok(Ok(())) => info!(
+    let path = writer.path.clone();
+    match writer.close() {
+        Ok(()) => info!(
             action = action::CLOSE_BETS_FILE,
             result = result::SUCCESS,
             path = %path.display()
         ),
-        Ok(Err(e)) => error!(
+        Err(e) => error!(
             action = action::CLOSE_BETS_FILE,
             result = result::FAIL,
             path = %path.display(),
             error = %e
         ),
-        Err(e) => error!(action = action::CLOSE_BETS_FILE, result = result::FAIL, error = %e),
     }
 }
 
-/// The writer's side of the bets file. Lives on the writer task and moves
-/// to the blocking pool for each group.
+/// The writer's side of the bets file, owned by the writer thread.
 struct Writer {
     path: PathBuf,
-    /// The open file and the identity (device, inode) it had when opened.
-    file: Option<(File, (u64, u64))>,
+    /// The open file, the identity (device, inode) it had when opened, and
+    /// its length: where the next group starts, and where a failed group is
+    /// cut back to.
+    file: Option<(File, (u64, u64), u64)>,
     durability: Durability,
     /// Set when a failed sync could not be rolled back: the file's contents
     /// are then unknown, and only a restart (which recovers from the file)
@@ -225,33 +306,60 @@ struct Writer {
 }
 
 impl Writer {
-    /// Appends each batch with one `write_all`, then syncs once for the group.
-    fn write_group(&mut self, batches: &[Vec<u8>]) -> Vec<Result<(), String>> {
-        let all = |reason: String| batches.iter().map(|_| Err(reason.clone())).collect();
+    /// Appends the group's batches with one `writev`, then syncs once.
+    /// Batches of a broken [`Sequence`] are failed without being written.
+    fn write_group(&mut self, group: &[Append]) -> Vec<Result<(), String>> {
+        let all = |reason: &str| group.iter().map(|_| Err(reason.to_string())).collect();
         if let Some(reason) = &self.poisoned {
-            return all(reason.clone());
+            return all(reason);
         }
         let durability = self.durability;
-        let file = match self.file_checked() {
+        let (file, len) = match self.file_checked() {
             Ok(f) => f,
-            Err(reason) => return all(reason),
+            Err(reason) => return all(&reason),
         };
-        let (outcomes, poison) = append_group(file, batches, durability);
-        if poison.is_some() {
-            self.poisoned = poison;
+        let mut outcomes: Vec<Result<(), String>> = group
+            .iter()
+            .map(|a| {
+                if a.sequence.is_broken() {
+                    Err("an earlier batch of this connection was not stored".to_string())
+                } else {
+                    Ok(())
+                }
+            })
+            .collect();
+        let rows: Vec<&[u8]> = group
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| o.is_ok())
+            .map(|(a, _)| a.rows.as_slice())
+            .collect();
+        if rows.is_empty() {
+            return outcomes;
+        }
+        match append_group(file, *len, &rows, durability) {
+            Ok(written) => *len += written,
+            Err((reason, poison)) => {
+                for o in outcomes.iter_mut().filter(|o| o.is_ok()) {
+                    *o = Err(reason.clone());
+                }
+                if poison.is_some() {
+                    self.poisoned = poison;
+                }
+            }
         }
         outcomes
     }
 
-    /// The open file, opening it if needed, after checking that the path
-    /// still names it. A bets file that was replaced or removed under us is
-    /// refused rather than silently written to (its writes would be lost)
-    /// or recreated empty (the counts would be wrong).
-    fn file_checked(&mut self) -> Result<&mut File, String> {
+    /// The open file and its length, opening it if needed, after checking
+    /// that the path still names it. A bets file that was replaced or
+    /// removed under us is refused rather than silently written to (its
+    /// writes would be lost) or recreated empty (the counts would be wrong).
+    fn file_checked(&mut self) -> Result<(&mut File, &mut u64), String> {
         use std::os::unix::fs::MetadataExt;
         let on_disk = std::fs::metadata(&self.path).map(|m| (m.dev(), m.ino()));
         match (&self.file, on_disk) {
-            (Some((_, id)), Ok(now)) if *id == now => {}
+            (Some((_, id, _)), Ok(now)) if *id == now => {}
             (Some(_), Ok(_)) | (Some(_), Err(_)) => {
                 return Err(format!(
                     "{} is no longer the file this server opened (replaced or removed); \
@@ -271,15 +379,16 @@ impl Writer {
                 if !meta.is_file() {
                     return Err(format!("{} is not a regular file", self.path.display()));
                 }
-                self.file = Some((file, (meta.dev(), meta.ino())));
+                self.file = Some((file, (meta.dev(), meta.ino()), meta.len()));
             }
         }
-        Ok(&mut self.file.as_mut().expect("opened above").0)
+        let (file, _, len) = self.file.as_mut().expect("opened above");
+        Ok((file, len))
     }
 
     fn close(self) -> io::Result<()> {
         match self.file {
-            Some((mut f, _)) => {
+            Some((mut f, _, _)) => {
                 f.flush()?;
                 if self.durability == Durability::Sync {
                     f.sync_all()?;
@@ -291,50 +400,48 @@ impl Writer {
     }
 }
 
-/// Appends each batch with one `write_all`, then syncs once for the group.
-/// Returns each batch's outcome, and a reason to refuse all further writes
-/// when a failure could not be undone.
+/// Appends `rows` (the file is `len` bytes long) with one `writev` (more if
+/// the kernel takes part of it), then syncs. Returns the bytes written; on a
+/// failure, cuts the file back to `len` so no part of the group stays, and
+/// says why, with a reason to refuse all further writes when even that
+/// failed.
 fn append_group(
     file: &mut File,
-    batches: &[Vec<u8>],
+    len: u64,
+    rows: &[&[u8]],
     durability: Durability,
-) -> (Vec<Result<(), String>>, Option<String>) {
-    let all = |reason: String| batches.iter().map(|_| Err(reason.clone())).collect();
-    let group_start = match file.metadata() {
-        Ok(m) => m.len(),
-        Err(e) => return (all(format!("cannot read the file size: {e}")), None),
+) -> Result<u64, (String, Option<String>)> {
+    let undo = |file: &mut File, what: String| {
+        // After a failed write or fsync the kernel may have dropped dirty
+        // pages: nothing of the group is known to be durable. Take all of it
+        // back out so that a retry cannot duplicate it.
+        match file.set_len(len).and_then(|()| file.sync_data()) {
+            Ok(()) => (what, None),
+            Err(undo) => {
+                let poison = format!(
+                    "{what}, and could not be undone ({undo}); restart the server to recover"
+                );
+                (what, Some(poison))
+            }
+        }
     };
-    let mut poison = None;
-    let mut outcomes: Vec<Result<(), String>> = Vec::with_capacity(batches.len());
-    for rows in batches {
-        let before = file.metadata().map(|m| m.len());
-        match file.write_all(rows) {
-            Ok(()) => outcomes.push(Ok(())),
-            Err(e) => {
-                // Cut the partial batch off so no half row stays behind.
-                if let Err(cut) = before.and_then(|len| file.set_len(len)) {
-                    poison = Some(format!(
-                        "a failed write could not be undone ({cut}); restart the server to recover"
-                    ));
-                }
-                outcomes.push(Err(format!("write failed: {e}")));
-            }
+    let mut slices: Vec<IoSlice<'_>> = rows.iter().map(|r| IoSlice::new(r)).collect();
+    let total: usize = rows.iter().map(|r| r.len()).sum();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(undo(file, "write failed: the disk took no bytes".into())),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(undo(file, format!("write failed: {e}"))),
         }
     }
-    if durability == Durability::Sync && outcomes.iter().any(Result::is_ok) {
+    if durability == Durability::Sync {
         if let Err(e) = file.sync_data() {
-            // After a failed fsync the kernel may have dropped the dirty
-            // pages: nothing of the group is known to be durable. Take the
-            // whole group back out so that a retry cannot duplicate it.
-            if let Err(undo) = file.set_len(group_start).and_then(|()| file.sync_data()) {
-                poison = Some(format!(
-                    "sync failed ({e}) and could not be undone ({undo}); restart the server to recover"
-                ));
-            }
-            return (all(format!("sync failed: {e}")), poison);
+            return Err(undo(file, format!("sync failed: {e}")));
         }
     }
-    (outcomes, poison)
+    Ok(total as u64)
 }
 
 /// What [`recover`] found in the bets file.
@@ -522,6 +629,7 @@ pub struct StoredBet<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Bet;
 
     fn bet(agency: u32, first: &str, last: &str, doc: &str, n: &str) -> Bet {
         Bet::from_fields(&agency.to_string(), first, last, doc, "1999-03-17", n).unwrap()
@@ -538,10 +646,10 @@ mod tests {
         ];
         let (store, writer) = BetStore::open(&path, Durability::Sync);
         let mut rows = Vec::new();
-        encode_rows(&bets[..2], &mut rows);
+        encode_rows(bets[..2].iter().map(Bet::as_ref), &mut rows);
         store.append(rows).await.unwrap();
         let mut rows = Vec::new();
-        encode_rows(&bets[2..], &mut rows);
+        encode_rows(bets[2..].iter().map(Bet::as_ref), &mut rows);
         store.append(rows).await.unwrap();
         drop(store);
         writer.await.unwrap();
@@ -640,7 +748,7 @@ mod tests {
         let aside = dir.path().join("aside.csv");
         let (store, writer) = BetStore::open(&path, Durability::Sync);
         let mut rows = Vec::new();
-        encode_rows(&[bet(1, "Ana", "Pérez", "1", "5")], &mut rows);
+        encode_rows([bet(1, "Ana", "Pérez", "1", "5").as_ref()], &mut rows);
         store.append(rows.clone()).await.unwrap();
 
         std::fs::rename(&path, &aside).unwrap();
@@ -658,6 +766,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn after_a_failed_batch_the_rest_of_its_sequence_fails_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bets.csv");
+        let aside = dir.path().join("aside.csv");
+        let (store, writer) = BetStore::open(&path, Durability::Sync);
+        let row = |doc: &str| {
+            let mut rows = Vec::new();
+            encode_rows([bet(1, "Ana", "Pérez", doc, "5").as_ref()], &mut rows);
+            rows
+        };
+        let (pipelined, other) = (Sequence::new(), Sequence::new());
+        store.submit(row("1"), &pipelined).await.unwrap().await.unwrap();
+
+        // The second batch fails; the third, already in flight behind it,
+        // must not be stored after the gap even though the file is back.
+        std::fs::rename(&path, &aside).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let second = store.submit(row("2"), &pipelined).await.unwrap();
+        assert!(second.await.is_err());
+        std::fs::remove_dir(&path).unwrap();
+        std::fs::rename(&aside, &path).unwrap();
+        let third = store.submit(row("3"), &pipelined).await.unwrap();
+        let err = third.await.unwrap_err();
+        assert!(err.to_string().contains("earlier batch"), "{err}");
+        assert!(pipelined.is_broken());
+        // Other connections are not held back.
+        store.submit(row("4"), &other).await.unwrap().await.unwrap();
+        drop(store);
+        writer.await.unwrap();
+        let docs: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| l.split(',').nth(3).unwrap().to_string())
+            .collect();
+        assert_eq!(docs, ["1", "4"]);
+    }
+
+    #[test]
+    fn rows_quote_only_what_needs_it() {
+        let mut rows = Vec::new();
+        let b = bet(12, "say \"hi\"", "a,b\r\nc", "7", "42");
+        encode_rows([b.as_ref()], &mut rows);
+        assert_eq!(
+            String::from_utf8(rows.clone()).unwrap(),
+            "12,\"say \"\"hi\"\"\",\"a,b\r\nc\",7,1999-03-17,42\n"
+        );
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_reader(&rows[..]);
+        let record = reader.records().next().unwrap().unwrap();
+        assert_eq!(&record[1], "say \"hi\"");
+        assert_eq!(&record[2], "a,b\r\nc");
+    }
+
+    #[tokio::test]
     async fn an_unopenable_path_fails_batches_without_stopping_the_writer() {
         let dir = tempfile::tempdir().unwrap();
         // A regular file where a directory should be: ENOTDIR, even for root.
@@ -665,7 +828,7 @@ mod tests {
         let path = dir.path().join("plain").join("bets.csv");
         let (store, writer) = BetStore::open(&path, Durability::Sync);
         let mut rows = Vec::new();
-        encode_rows(&[bet(1, "Ana", "Pérez", "1", "5")], &mut rows);
+        encode_rows([bet(1, "Ana", "Pérez", "1", "5").as_ref()], &mut rows);
         for _ in 0..2 {
             let err = store.append(rows.clone()).await.unwrap_err();
             assert!(err.to_string().contains("cannot open"), "{err}");

@@ -52,7 +52,7 @@ fn bet() -> impl Strategy<Value = Bet> {
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
         3 => proptest::collection::vec(bet(), 1..30).prop_filter_map("fits one frame", |bets| {
-            let r = Request::Batch { first: None, bets };
+            let r = Request::Batch { first: None, bets: bets.into() };
             (to_payload(&r).len() <= MAX_PAYLOAD_LEN).then_some(r)
         }),
         1 => (1u32..=1000).prop_map(|agency| Request::Finished { agency }),
@@ -198,11 +198,11 @@ fn every_frame_split_at_every_byte_boundary() {
     let requests = vec![
         Request::Batch {
             first: Some(0),
-            bets: bets[..20].to_vec(),
+            bets: bets[..20].into(),
         },
         Request::Batch {
             first: Some(20),
-            bets: bets[20..].to_vec(),
+            bets: bets[20..].into(),
         },
         Request::Finished { agency: 2 },
     ];
