@@ -575,6 +575,38 @@ fn fail(tx: &mpsc::Sender<Result<Batch, AgencyError>>, batch: Batch, error: Agen
     let _ = tx.blocking_send(Err(error));
 }
 
+/// The fields of one data file record, without allocating for the usual
+/// five (more are an error, reported by their count).
+#[derive(Default)]
+struct Fields<'a> {
+    first: [&'a str; 5],
+    len: usize,
+}
+
+impl<'a> Fields<'a> {
+    /// Field `i`, or `""` past the end.
+    fn get(&self, i: usize) -> &'a str {
+        self.first
+            .get(i)
+            .filter(|_| i < self.len)
+            .copied()
+            .unwrap_or("")
+    }
+}
+
+impl<'a> FromIterator<&'a str> for Fields<'a> {
+    fn from_iter<I: IntoIterator<Item = &'a str>>(iter: I) -> Self {
+        let mut fields = Fields::default();
+        for f in iter {
+            if let Some(slot) = fields.first.get_mut(fields.len) {
+                *slot = f;
+            }
+            fields.len += 1;
+        }
+        fields
+    }
+}
+
 /// Reads the data file into batches on a blocking thread, skipping the
 /// first `skip` bets (the central holds them). Stops at the first bad line
 /// (sending its error) or when the receiver is gone.
@@ -603,7 +635,7 @@ fn read_batches(
         .flexible(true)
         .terminator(csv::Terminator::Any(b'\n'))
         .from_reader(BufReader::with_capacity(1 << 16, file));
-    let mut record = csv::StringRecord::new();
+    let mut record = csv::ByteRecord::new();
     let mut sizer = BatchSizer::default();
     let new_batch = |first: u64| Batch {
         bets: Bets::with_capacity(max.min(1024), max.min(1024) * 48),
@@ -620,21 +652,27 @@ fn read_batches(
     };
     loop {
         let line = reader.position().line();
-        match reader.read_record(&mut record) {
+        match reader.read_byte_record(&mut record) {
             Ok(false) => break,
             Ok(true) => {}
             Err(e) => {
                 let line = e.position().map_or(line, |p| p.line());
-                let reason = match e.kind() {
-                    csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".to_string(),
-                    _ => e.to_string(),
-                };
-                return fail(tx, batch, data_error(line, reason));
+                return fail(tx, batch, data_error(line, e.to_string()));
             }
         }
         let line = record.position().map_or(line, |p| p.line());
+        // The record's text is checked once, whole (with the SIMD checker),
+        // and each field is then a slice of it that must start and end on
+        // character boundaries.
+        let Ok(text) = simdutf8::basic::from_utf8(record.as_slice()) else {
+            return fail(tx, batch, data_error(line, "not valid UTF-8".to_string()));
+        };
+        let field = |i: usize| record.range(i).and_then(|r| text.get(r));
+        let Some(fields) = (0..record.len()).map(field).collect::<Option<Fields<'_>>>() else {
+            return fail(tx, batch, data_error(line, "not valid UTF-8".to_string()));
+        };
         let last = record.len().saturating_sub(1);
-        let last_field = record.get(last).unwrap_or("");
+        let last_field = fields.get(last);
         let last_field = last_field.strip_suffix('\r').unwrap_or(last_field);
         if record.len() == 1 && last_field.is_empty() {
             continue; // a blank CRLF line
@@ -659,7 +697,12 @@ fn read_batches(
         }
         // Checked and appended in place: no allocation per bet.
         if let Err(e) = batch.bets.push_for(
-            agency, &record[0], &record[1], &record[2], &record[3], last_field,
+            agency,
+            fields.get(0),
+            fields.get(1),
+            fields.get(2),
+            fields.get(3),
+            last_field,
         ) {
             return fail(tx, batch, data_error(line, e.to_string()));
         }

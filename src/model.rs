@@ -115,7 +115,15 @@ impl Bet {
         birthdate: &str,
         number: &str,
     ) -> Result<Bet, BetError> {
-        let (agency, number) = check(agency, first_name, last_name, document, birthdate, number)?;
+        let (agency, number) = check(
+            agency,
+            first_name,
+            last_name,
+            document,
+            birthdate,
+            number,
+            &today(),
+        )?;
         Ok(Bet {
             agency,
             first_name: first_name.to_string(),
@@ -194,11 +202,21 @@ struct Slot {
 /// batch that can be reused, never an allocation per bet, and its bets are
 /// read back as [`BetRef`]s borrowing from it. [`Bet`] stays the owned,
 /// convenient form for everything else.
-#[derive(Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Default)]
 pub struct Bets {
     text: String,
     slots: Vec<Slot>,
+    /// Today's date, looked up once for the batch rather than per bet.
+    today: Option<[u8; 10]>,
 }
+
+impl PartialEq for Bets {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text && self.slots == other.slots
+    }
+}
+
+impl Eq for Bets {}
 
 impl Bets {
     /// An empty batch.
@@ -211,6 +229,7 @@ impl Bets {
         Self {
             text: String::with_capacity(text),
             slots: Vec::with_capacity(bets),
+            today: None,
         }
     }
 
@@ -267,7 +286,10 @@ impl Bets {
         birthdate: &str,
         number: &str,
     ) -> Result<(), BetError> {
-        let (agency, number) = check(agency, first_name, last_name, document, birthdate, number)?;
+        let today = self.today();
+        let (agency, number) = check(
+            agency, first_name, last_name, document, birthdate, number, &today,
+        )?;
         self.push_unchecked(agency, [first_name, last_name, document, birthdate], number);
         Ok(())
     }
@@ -286,10 +308,15 @@ impl Bets {
         birthdate: &str,
         number: &str,
     ) -> Result<(), BetError> {
-        check_text(first_name, last_name, document, birthdate)?;
+        let today = self.today();
+        check_text(first_name, last_name, document, birthdate, &today)?;
         let number = parse_number(number)?;
         self.push_unchecked(agency, [first_name, last_name, document, birthdate], number);
         Ok(())
+    }
+
+    fn today(&mut self) -> [u8; 10] {
+        *self.today.get_or_insert_with(today)
     }
 
     /// Appends a bet that is already valid.
@@ -376,9 +403,10 @@ fn check(
     document: &str,
     birthdate: &str,
     number: &str,
+    today: &[u8; 10],
 ) -> Result<(AgencyId, u16), BetError> {
     let agency = parse_agency(agency)?;
-    check_text(first_name, last_name, document, birthdate)?;
+    check_text(first_name, last_name, document, birthdate, today)?;
     Ok((agency, parse_number(number)?))
 }
 
@@ -387,11 +415,12 @@ fn check_text(
     last_name: &str,
     document: &str,
     birthdate: &str,
+    today: &[u8; 10],
 ) -> Result<(), BetError> {
     check_name(BetField::FirstName, first_name)?;
     check_name(BetField::LastName, last_name)?;
     check_document(document)?;
-    check_birthdate(birthdate)
+    check_birthdate(birthdate, today)
 }
 
 fn parse_agency(v: &str) -> Result<AgencyId, BetError> {
@@ -429,7 +458,7 @@ fn check_document(v: &str) -> Result<(), BetError> {
     Ok(())
 }
 
-fn check_birthdate(v: &str) -> Result<(), BetError> {
+fn check_birthdate(v: &str, today: &[u8; 10]) -> Result<(), BetError> {
     let b = v.as_bytes();
     let shape_ok = b.len() == 10
         && b[4] == b'-'
@@ -451,7 +480,7 @@ fn check_birthdate(v: &str) -> Result<(), BetError> {
         return Err(invalid(BetField::Birthdate, v, "not a real calendar date"));
     }
     // Same-shaped ISO dates compare as text in calendar order.
-    if b > &today()[..] {
+    if b > &today[..] {
         return Err(invalid(BetField::Birthdate, v, "in the future"));
     }
     if year < 1900 {
@@ -587,10 +616,22 @@ mod tests {
 
     #[test]
     fn calendar_rules() {
-        for ok in ["2000-02-29", "2024-02-29", "1900-01-01", "1999-12-31", "1999-04-30"] {
+        for ok in [
+            "2000-02-29",
+            "2024-02-29",
+            "1900-01-01",
+            "1999-12-31",
+            "1999-04-30",
+        ] {
             assert!(bet("1", ok, "1").is_ok(), "{ok}");
         }
-        for bad in ["1900-02-29", "2023-02-29", "1999-04-31", "1999-00-10", "1999-01-00"] {
+        for bad in [
+            "1900-02-29",
+            "2023-02-29",
+            "1999-04-31",
+            "1999-00-10",
+            "1999-01-00",
+        ] {
             assert!(bet("1", bad, "1").is_err(), "{bad}");
         }
         let today = String::from_utf8(today().to_vec()).unwrap();
@@ -632,7 +673,10 @@ mod tests {
         assert_eq!(built, bets);
 
         let last = built.split_last();
-        assert_eq!(last.iter().map(|b| b.to_bet()).collect::<Vec<_>>(), owned[1..]);
+        assert_eq!(
+            last.iter().map(|b| b.to_bet()).collect::<Vec<_>>(),
+            owned[1..]
+        );
         assert_eq!(built, Bets::from(&owned[..1]));
         built.clear();
         assert!(built.is_empty());

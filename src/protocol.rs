@@ -320,11 +320,9 @@ pub trait WireMessage: Sized {
 // ---------------------------------------------------------------------------
 // Escaping
 
-/// Whether `c` must be escaped inside a value. `\` and `|` must; `\n` is
-/// escaped too so that a payload's only raw newline is its last byte.
-fn needs_escape(c: u8) -> bool {
-    matches!(c, b'\\' | b'|' | b'\n')
-}
+// A value's `\` and `|` must be escaped; `\n` is escaped too so that a
+// payload's only raw newline is its last byte. These three bytes are
+// searched for with `memchr3`.
 
 /// Appends `value` to `dst` with `\`, `|` and `\n` escaped.
 ///
@@ -338,22 +336,24 @@ fn needs_escape(c: u8) -> bool {
 /// assert_eq!(unescape(r"Ana\|María\\x", "name").unwrap(), r"Ana|María\x");
 /// ```
 pub fn escape_into(dst: &mut BytesMut, value: &str) {
-    let bytes = value.as_bytes();
+    escape_with(dst, value.as_bytes(), b"\\");
+}
+
+/// Appends `bytes` with `escape` before every byte that needs escaping,
+/// copying the plain runs between them whole.
+fn escape_with(dst: &mut BytesMut, bytes: &[u8], escape: &[u8]) {
     let mut start = 0;
-    for (i, &c) in bytes.iter().enumerate() {
-        if needs_escape(c) {
-            dst.put_slice(&bytes[start..i]);
-            dst.put_u8(b'\\');
-            dst.put_u8(c);
-            start = i + 1;
-        }
+    for i in memchr::memchr3_iter(b'\\', b'|', b'\n', bytes) {
+        dst.put_slice(&bytes[start..i]);
+        dst.put_slice(escape);
+        start = i;
     }
     dst.put_slice(&bytes[start..]);
 }
 
 /// Length of `value` once escaped by [`escape_into`].
 pub fn escaped_len(value: &str) -> usize {
-    value.len() + value.bytes().filter(|&c| needs_escape(c)).count()
+    value.len() + memchr::memchr3_iter(b'\\', b'|', b'\n', value.as_bytes()).count()
 }
 
 /// The characters a writer may escape: `\`, `|`, `:` and a newline.
@@ -452,7 +452,9 @@ fn body_of(payload: &[u8]) -> Result<&str, MessageError> {
     if payload.is_empty() {
         return Err(MessageError::Empty);
     }
-    let text = std::str::from_utf8(payload).map_err(|_| MessageError::NotUtf8)?;
+    // Every byte of every payload is checked here: the SIMD checker is
+    // several times faster than the standard one on names with accents.
+    let text = simdutf8::basic::from_utf8(payload).map_err(|_| MessageError::NotUtf8)?;
     let body = text
         .strip_suffix('\n')
         .ok_or(MessageError::MissingNewline)?;
@@ -663,7 +665,12 @@ fn plain_bet(escaped: &str) -> Option<[&str; 6]> {
     let mut values: [Option<&str>; 6] = [None; 6];
     let mut start = 0;
     loop {
-        let end = memchr::memchr(b'\\', &bytes[start..]).map(|e| start + e);
+        // A raw `|` cannot come from the batch's own splitting, but if it
+        // is there it separates pairs: the general path's business.
+        let end = memchr::memchr2(b'\\', b'|', &bytes[start..]).map(|e| start + e);
+        if end.is_some_and(|e| bytes[e] == b'|') {
+            return None;
+        }
         let pair = &bytes[start..end.unwrap_or(bytes.len())];
         let colon = memchr::memchr(b':', pair)?;
         let field = bet_field_index(&pair[..colon])?;
@@ -902,17 +909,7 @@ fn write_batch(dst: &mut BytesMut, first: Option<u64>, bets: &Bets) {
             dst.put_u8(b':');
             // Escape twice in one pass: a special byte `c` becomes `\c` in
             // the bet, and that becomes `\\\c` in the batch.
-            let bytes = v.as_bytes();
-            let mut start = 0;
-            for (p, &c) in bytes.iter().enumerate() {
-                if needs_escape(c) {
-                    dst.put_slice(&bytes[start..p]);
-                    dst.put_slice(b"\\\\\\");
-                    dst.put_u8(c);
-                    start = p + 1;
-                }
-            }
-            dst.put_slice(&bytes[start..]);
+            escape_with(dst, v.as_bytes(), b"\\\\\\");
         }
     }
     dst.put_u8(b'\n');
@@ -1270,12 +1267,32 @@ mod tests {
     fn bet_value() -> impl proptest::strategy::Strategy<Value = String> {
         use proptest::prelude::*;
         let piece = prop::sample::select(vec![
-            "Ana", "ñ", "7", "1999-03-17", ":", "|", "\\", "\\\\\\|", "\\\\\\:", "\n",
+            "Ana",
+            "ñ",
+            "7",
+            "1999-03-17",
+            ":",
+            "Pérez",
+            "0",
+            " ",
+            "\\",
+            "\\\\\\|",
+            "\\\\\\:",
+            "\n",
         ]);
         let sep = prop::sample::select(vec![
             "\\|", "\\|", "\\|", "\\|", "\\|", "\\|", "\\|", "\\|", "|", "\\", "\\:",
         ]);
-        let stray = prop::sample::select(vec!["", "\\|X:1", "\\|NUMERO:2", "\\|NOMBRE", "\\|"]);
+        let stray = prop::sample::select(vec![
+            "",
+            "",
+            "",
+            "",
+            "\\|X:1",
+            "\\|NUMERO:2",
+            "\\|NOMBRE",
+            "\\|",
+        ]);
         (
             prop::collection::vec((prop::collection::vec(piece, 0..3), sep), 6),
             stray,
@@ -1295,6 +1312,8 @@ mod tests {
     }
 
     proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(2000))]
+
         /// The fast path for plain bets and the general one agree on every
         /// bet value the fast one accepts; everything else goes to the
         /// general one, which also names the errors.
@@ -1317,7 +1336,7 @@ mod tests {
                 plain_bet(&v).is_some()
             })
             .count();
-        assert!(hits > 20, "only {hits} of 2000 values were plain bets");
+        assert!(hits > 30, "only {hits} of 2000 values were plain bets");
     }
 
     #[test]

@@ -410,8 +410,14 @@ async fn pipelined_requests_are_answered_in_order_against_what_is_stored() {
     for _ in &requests {
         replies.push(recv(&mut agency).await);
     }
-    assert_eq!(replies[0], "STATUS:SUCCESS|MESSAGE:stored 3 bets|STORED:3\n");
-    assert_eq!(replies[1], "STATUS:SUCCESS|MESSAGE:stored 2 bets|STORED:5\n");
+    assert_eq!(
+        replies[0],
+        "STATUS:SUCCESS|MESSAGE:stored 3 bets|STORED:3\n"
+    );
+    assert_eq!(
+        replies[1],
+        "STATUS:SUCCESS|MESSAGE:stored 2 bets|STORED:5\n"
+    );
     assert_eq!(
         replies[2],
         "STATUS:SUCCESS|MESSAGE:already stored 2 bets|STORED:5\n"
@@ -429,7 +435,10 @@ async fn pipelined_requests_are_answered_in_order_against_what_is_stored() {
         replies[4]
     );
     assert!(replies[5].contains("pong"), "{}", replies[5]);
-    assert_eq!(replies[6], "STATUS:SUCCESS|MESSAGE:stored 1 bets|STORED:6\n");
+    assert_eq!(
+        replies[6],
+        "STATUS:SUCCESS|MESSAGE:stored 1 bets|STORED:6\n"
+    );
     drop(agency);
     let stored = server.stop().await;
     let docs: Vec<&str> = stored
