@@ -599,9 +599,42 @@ pub fn scan(path: &Path, mut each: impl FnMut(StoredBet<'_>)) -> Result<u64, Sto
     let mut scratch = (Vec::new(), [0usize; 8]);
     loop {
         // A whole row from `start`, or (at the end) whatever is left.
-        let row_len = complete_row(&buf[start..filled]);
-        let row_len = match row_len {
-            Some(n) => n,
+        // Most rows: one pass finds the line's end and its commas.
+        let mut commas = [0usize; 5];
+        let plain = plain_row(&buf[start..filled], &mut commas);
+        let found = match plain {
+            Some(PlainRow { len, commas: 5 }) => {
+                let row = &buf[start..start + len];
+                start += len + 1;
+                let mut fields = [&b""[..]; 6];
+                let mut from = 0;
+                for (slot, &comma) in fields.iter_mut().zip(&commas) {
+                    *slot = &row[from..comma];
+                    from = comma + 1;
+                }
+                fields[5] = row[from..].strip_suffix(b"\r").unwrap_or(&row[from..]);
+                rows += 1;
+                let (Some(agency), Some(number)) =
+                    (small_number(fields[0]), small_number(fields[5]))
+                else {
+                    return Err(corrupt(rows, "agency or number is not a number".into()));
+                };
+                let document = std::str::from_utf8(fields[3])
+                    .map_err(|_| corrupt(rows, "document is not UTF-8".into()))?;
+                each(StoredBet {
+                    agency,
+                    document,
+                    number,
+                });
+                continue;
+            }
+            // Blank lines, rows with quotes or the wrong field count, and
+            // the last row: the general path below.
+            Some(_) => complete_row(&buf[start..filled]),
+            None => None,
+        };
+        let (row_len, has_quotes) = match found {
+            Some(found) => found,
             None if !eof => {
                 // Keep the partial row, make room after it, read on.
                 buf.copy_within(start..filled, 0);
@@ -616,7 +649,7 @@ pub fn scan(path: &Path, mut each: impl FnMut(StoredBet<'_>)) -> Result<u64, Sto
                 continue;
             }
             None if start == filled => break,
-            None => filled - start,
+            None => (filled - start, true),
         };
         let row = &buf[start..start + row_len];
         start += row_len;
@@ -627,12 +660,16 @@ pub fn scan(path: &Path, mut each: impl FnMut(StoredBet<'_>)) -> Result<u64, Sto
         }
         rows += 1;
         let mut fields = [&b""[..]; 6];
-        let count = split_row(row, &mut fields, &mut quoted, &mut scratch);
+        let count = if has_quotes {
+            split_quoted(row, &mut fields, &mut quoted, &mut scratch)
+        } else {
+            split_plain(row, &mut fields)
+        };
         if count != 6 {
             return Err(corrupt(rows, format!("{count} fields instead of 6")));
         }
-        let num = |f: &[u8]| -> Option<u32> { std::str::from_utf8(f).ok()?.parse().ok() };
-        let (Some(agency), Some(number)) = (num(fields[0]), num(fields[5])) else {
+        let (Some(agency), Some(number)) = (small_number(fields[0]), small_number(fields[5]))
+        else {
             return Err(corrupt(rows, "agency or number is not a number".into()));
         };
         let document = std::str::from_utf8(fields[3])
@@ -649,10 +686,15 @@ pub fn scan(path: &Path, mut each: impl FnMut(StoredBet<'_>)) -> Result<u64, Sto
 /// Bytes the draw's scan reads at a time.
 const SCAN_BLOCK: usize = 1 << 20;
 
-/// Length of the first complete row of `bytes`, its `\n` included: the first
-/// line when it holds an even number of `"`, else as many lines as it takes
-/// for the quotes to pair up (a quoted field holding a line break).
-fn complete_row(bytes: &[u8]) -> Option<usize> {
+/// Length of the first complete row of `bytes`, its `\n` included, and
+/// whether it holds a `"`: the first line when it holds none or an even
+/// number of them, else as many lines as it takes for the quotes to pair up
+/// (a quoted field holding a line break).
+fn complete_row(bytes: &[u8]) -> Option<(usize, bool)> {
+    let end = memchr::memchr(b'\n', bytes)?;
+    if memchr::memchr(b'"', &bytes[..end]).is_none() {
+        return Some((end + 1, false));
+    }
     let mut open = false;
     let mut from = 0;
     loop {
@@ -660,33 +702,83 @@ fn complete_row(bytes: &[u8]) -> Option<usize> {
         let quotes = memchr::memchr_iter(b'"', &bytes[from..end]).count();
         open ^= quotes % 2 == 1;
         if !open {
-            return Some(end + 1);
+            return Some((end + 1, true));
         }
         from = end + 1;
     }
 }
 
-/// Splits a row into at most six fields, returning how many it has.
-///
-/// A row without `"` is cut at its commas. A row with quoted fields goes
-/// through `quoted` (CSV's own parser, reused from row to row), unquoted
-/// into `scratch`.
-fn split_row<'a>(
+/// A line without quotes: its length (without the `\n`) and its commas.
+struct PlainRow {
+    len: usize,
+    commas: usize,
+}
+
+/// Scans the first line of `bytes` once, noting where its first five commas
+/// are. `None` without a whole line; `commas` is more than 5 (or the line
+/// is reported as having none) when the line is not a plain six-field row.
+fn plain_row(bytes: &[u8], commas: &mut [usize; 5]) -> Option<PlainRow> {
+    let mut found = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b',' => {
+                if let Some(slot) = commas.get_mut(found) {
+                    *slot = i;
+                }
+                found += 1;
+            }
+            b'\n' => {
+                return Some(PlainRow {
+                    len: i,
+                    commas: found,
+                })
+            }
+            b'"' => {
+                // Quoted fields: not plain; the general path takes the row.
+                return Some(PlainRow { len: i, commas: 0 });
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A decimal number of one to nine digits, as the agency and number fields
+/// of a stored row are.
+fn small_number(field: &[u8]) -> Option<u32> {
+    if field.is_empty() || field.len() > 9 || !field.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(field.iter().fold(0, |n, d| n * 10 + u32::from(d - b'0')))
+}
+
+/// Splits a row without quotes at its commas into at most six fields;
+/// returns how many it has.
+fn split_plain<'a>(row: &'a [u8], fields: &mut [&'a [u8]; 6]) -> usize {
+    let mut count = 0;
+    let mut from = 0;
+    for comma in memchr::memchr_iter(b',', row) {
+        if let Some(slot) = fields.get_mut(count) {
+            *slot = &row[from..comma];
+        }
+        count += 1;
+        from = comma + 1;
+    }
+    if let Some(slot) = fields.get_mut(count) {
+        *slot = &row[from..];
+    }
+    count + 1
+}
+
+/// Splits a row with quoted fields into at most six fields through `quoted`
+/// (CSV's own parser, reused from row to row), unquoted into `scratch`;
+/// returns how many it has.
+fn split_quoted<'a>(
     row: &'a [u8],
     fields: &mut [&'a [u8]; 6],
     quoted: &mut csv_core::Reader,
     scratch: &'a mut (Vec<u8>, [usize; 8]),
 ) -> usize {
-    if memchr::memchr(b'"', row).is_none() {
-        let mut count = 0;
-        for field in row.split(|&b| b == b',') {
-            if let Some(slot) = fields.get_mut(count) {
-                *slot = field;
-            }
-            count += 1;
-        }
-        return count;
-    }
     let (out, ends) = scratch;
     // Unquoting only shortens a field, and the parser stops at the row's
     // end: the row's length is room enough.
