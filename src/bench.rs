@@ -83,14 +83,31 @@ impl BenchReport {
     }
 }
 
-/// The server child, killed if the bench ends early.
+/// The server child. Stopped as an operator would (SIGTERM, so it closes
+/// the bets file and logs its shutdown), and killed only if it does not
+/// exit within [`STOP_PATIENCE`].
 struct ServerProcess {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
+/// How long a stopping server may take before it is killed.
+const STOP_PATIENCE: Duration = Duration::from_secs(10);
+
 impl Drop for ServerProcess {
     fn drop(&mut self) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX));
+        if kill(pid, Signal::SIGTERM).is_ok() {
+            let deadline = Instant::now() + STOP_PATIENCE;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -424,8 +424,8 @@ fn check_text(
 }
 
 fn parse_agency(v: &str) -> Result<AgencyId, BetError> {
-    match v.parse::<AgencyId>() {
-        Ok(id) if id >= 1 && v.bytes().all(|b| b.is_ascii_digit()) => Ok(id),
+    match digits_value(v) {
+        Some(id) if id >= 1 && id <= u64::from(AgencyId::MAX) => Ok(id as AgencyId),
         _ => Err(invalid(
             BetField::AgencyId,
             v,
@@ -434,8 +434,22 @@ fn parse_agency(v: &str) -> Result<AgencyId, BetError> {
     }
 }
 
+/// The value of a text of ASCII digits only (at least one), saturating at
+/// `u64::MAX`; `None` for anything else (a sign, a space, nothing).
+fn digits_value(v: &str) -> Option<u64> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(v.bytes().fold(0u64, |n, d| {
+        n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+    }))
+}
+
 fn check_name(field: BetField, v: &str) -> Result<(), BetError> {
-    if v.trim().is_empty() {
+    // A name that starts with a letter or digit is not blank; only the
+    // others need the (Unicode-aware) trim.
+    let starts_plain = v.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric);
+    if !starts_plain && v.trim().is_empty() {
         return Err(invalid(field, v, "empty"));
     }
     // A character is at least one byte: only a long text can have too many.
@@ -528,12 +542,10 @@ fn today() -> [u8; 10] {
 }
 
 fn parse_number(v: &str) -> Result<u16, BetError> {
-    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(invalid(BetField::Number, v, "not a whole number"));
-    }
-    match v.parse::<u16>() {
-        Ok(n) if n <= MAX_NUMBER => Ok(n),
-        _ => Err(invalid(BetField::Number, v, "outside 0..=9999")),
+    match digits_value(v) {
+        None => Err(invalid(BetField::Number, v, "not a whole number")),
+        Some(n) if n <= u64::from(MAX_NUMBER) => Ok(n as u16),
+        Some(_) => Err(invalid(BetField::Number, v, "outside 0..=9999")),
     }
 }
 

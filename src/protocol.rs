@@ -320,9 +320,11 @@ pub trait WireMessage: Sized {
 // ---------------------------------------------------------------------------
 // Escaping
 
-// A value's `\` and `|` must be escaped; `\n` is escaped too so that a
-// payload's only raw newline is its last byte. These three bytes are
-// searched for with `memchr3`.
+/// Whether `c` must be escaped inside a value. `\` and `|` must; `\n` is
+/// escaped too so that a payload's only raw newline is its last byte.
+fn needs_escape(c: u8) -> bool {
+    matches!(c, b'\\' | b'|' | b'\n')
+}
 
 /// Appends `value` to `dst` with `\`, `|` and `\n` escaped.
 ///
@@ -340,20 +342,23 @@ pub fn escape_into(dst: &mut BytesMut, value: &str) {
 }
 
 /// Appends `bytes` with `escape` before every byte that needs escaping,
-/// copying the plain runs between them whole.
+/// copying the plain runs between them whole. (Fields are short: a plain
+/// byte loop beats `memchr` here.)
 fn escape_with(dst: &mut BytesMut, bytes: &[u8], escape: &[u8]) {
     let mut start = 0;
-    for i in memchr::memchr3_iter(b'\\', b'|', b'\n', bytes) {
-        dst.put_slice(&bytes[start..i]);
-        dst.put_slice(escape);
-        start = i;
+    for (i, &c) in bytes.iter().enumerate() {
+        if needs_escape(c) {
+            dst.put_slice(&bytes[start..i]);
+            dst.put_slice(escape);
+            start = i;
+        }
     }
     dst.put_slice(&bytes[start..]);
 }
 
 /// Length of `value` once escaped by [`escape_into`].
 pub fn escaped_len(value: &str) -> usize {
-    value.len() + memchr::memchr3_iter(b'\\', b'|', b'\n', value.as_bytes()).count()
+    value.len() + value.bytes().filter(|&c| needs_escape(c)).count()
 }
 
 /// The characters a writer may escape: `\`, `|`, `:` and a newline.
@@ -390,9 +395,89 @@ pub fn unescape<'a>(value: &'a str, what: &'static str) -> Result<Cow<'a, str>, 
     Ok(Cow::Owned(out))
 }
 
+/// One `KEY:VALUE` pair of a payload: the key unescaped, the value still
+/// escaped.
+struct Pair<'a> {
+    key: Cow<'a, str>,
+    value: &'a str,
+    /// Where the value starts in the body.
+    at: usize,
+    /// The value's special bytes, as a range of [`Pairs::specials`].
+    specials: std::ops::Range<usize>,
+}
+
+/// A payload body split into its pairs.
+struct Pairs<'a> {
+    list: Vec<Pair<'a>>,
+    /// Positions in the body of every `\\`, `|` and `:`, in order.
+    specials: Vec<u32>,
+}
+
+impl<'a> Pairs<'a> {
+    /// The (escaped) value of the first pair with this key.
+    fn find(&self, key: &str) -> Option<&'a str> {
+        self.list.iter().find(|p| p.key == key).map(|p| p.value)
+    }
+
+    /// Positions, within `pair`'s value, of the value's special bytes.
+    fn specials_of(&self, pair: &Pair<'_>) -> impl Iterator<Item = usize> + '_ {
+        let at = pair.at;
+        self.specials[pair.specials.clone()]
+            .iter()
+            .map(move |&p| p as usize - at)
+    }
+}
+
+/// Positions of every `\\`, `|` and `:` in `bytes`, in order.
+///
+/// These are all the bytes that give a payload its structure, at both of a
+/// batch's levels (the batch's pairs, and each bet's own). Finding them all
+/// in one pass, eight bytes at a time, and then walking only them is much
+/// faster than looking at every byte while splitting: a bet's fields are a
+/// few bytes long, too short for per-call searches (`memchr`) to pay off.
+fn find_specials(bytes: &[u8]) -> Vec<u32> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    /// The high bit of each byte of `x` that is zero, and nothing else.
+    fn zero_bytes(x: u64) -> u64 {
+        !(((x & LOW7).wrapping_add(LOW7)) | x | LOW7)
+    }
+    let (escape, pipe, colon) = (
+        ONES * u64::from(b'\\'),
+        ONES * u64::from(b'|'),
+        ONES * u64::from(b':'),
+    );
+    let mut out = Vec::with_capacity(bytes.len() / 4);
+    let mut chunks = bytes.chunks_exact(8);
+    let mut base = 0u32;
+    for chunk in &mut chunks {
+        let w = u64::from_le_bytes(chunk.try_into().expect("chunks of 8"));
+        let mut found = zero_bytes(w ^ escape) | zero_bytes(w ^ pipe) | zero_bytes(w ^ colon);
+        while found != 0 {
+            out.push(base + found.trailing_zeros() / 8);
+            found &= found - 1;
+        }
+        base += 8;
+    }
+    for (i, &b) in chunks.remainder().iter().enumerate() {
+        if matches!(b, b'\\' | b'|' | b':') {
+            out.push(base + i as u32);
+        }
+    }
+    out
+}
+
 /// Splits a payload body (without its final `\n`) into raw, still escaped,
 /// `(key, value)` pairs: at unescaped `|`, then each pair at its first
 /// unescaped `:`. Keys are returned unescaped.
+///
+/// ```
+/// use lottery::protocol::split_pairs;
+///
+/// let pairs = split_pairs(r"A:1|B:x\|y:z", "payload").unwrap();
+/// assert_eq!(pairs[1].0, "B");
+/// assert_eq!(pairs[1].1, r"x\|y:z");
+/// ```
 ///
 /// # Errors
 /// A pair without `:`, or a dangling escape.
@@ -400,50 +485,60 @@ pub fn split_pairs<'a>(
     body: &'a str,
     what: &'static str,
 ) -> Result<Vec<(Cow<'a, str>, &'a str)>, MessageError> {
-    let mut pairs = Vec::new();
+    Ok(pairs_of(body, what)?
+        .list
+        .into_iter()
+        .map(|p| (p.key, p.value))
+        .collect())
+}
+
+/// [`split_pairs`], keeping where each value's special bytes are.
+fn pairs_of<'a>(body: &'a str, what: &'static str) -> Result<Pairs<'a>, MessageError> {
     let bytes = body.as_bytes();
-    let mut start = 0;
-    while start <= bytes.len() {
-        // The key ends at the first unescaped `:`; after it only `|` (the
-        // pair's end) and `\` (which hides the byte after it) matter, and
-        // `memchr` jumps over the plain runs between them.
-        let mut colon: Option<usize> = None;
-        let mut i = start;
-        let end = loop {
-            let found = if colon.is_none() {
-                memchr::memchr3(b':', b'|', b'\\', &bytes[i..])
-            } else {
-                memchr::memchr2(b'|', b'\\', &bytes[i..])
-            };
-            let Some(at) = found.map(|f| i + f) else {
-                break bytes.len();
-            };
-            match bytes[at] {
-                b'\\' => {
-                    if at + 1 >= bytes.len() {
-                        return Err(MessageError::DanglingEscape(what));
-                    }
-                    // Skip the escaped byte. ASCII `\` is never part of a
-                    // multi-byte UTF-8 sequence, and the escaped character's
-                    // continuation bytes are not special, so stepping over
-                    // one byte is enough.
-                    i = at + 2;
+    let specials = find_specials(bytes);
+    let mut list = Vec::with_capacity(specials.len() / 8 + 1);
+    let mut pair = |start: usize, colon: Option<(usize, usize)>, end: (usize, usize)| {
+        let Some((c, first_special)) = colon else {
+            return Err(MessageError::MissingColon(body[start..end.0].to_string()));
+        };
+        list.push(Pair {
+            key: unescape(&body[start..c], what)?,
+            value: &body[c + 1..end.0],
+            at: c + 1,
+            specials: first_special..end.1,
+        });
+        Ok(())
+    };
+    // The pair being read starts at `start`; `colon` is its first unescaped
+    // `:` and the index of the special byte after it.
+    let (mut start, mut colon) = (0, None);
+    let mut k = 0;
+    while k < specials.len() {
+        let at = specials[k] as usize;
+        match bytes[at] {
+            b'\\' => {
+                if at + 1 >= bytes.len() {
+                    return Err(MessageError::DanglingEscape(what));
                 }
-                b':' => {
-                    colon = Some(at);
-                    i = at + 1;
+                // The escaped byte is not special. ASCII `\` is never part
+                // of a multi-byte UTF-8 sequence, so stepping over one byte
+                // is enough.
+                if specials.get(k + 1) == Some(&(specials[k] + 1)) {
+                    k += 1;
                 }
-                _ => break at,
             }
-        };
-        let Some(c) = colon else {
-            return Err(MessageError::MissingColon(body[start..end].to_string()));
-        };
-        let key = unescape(&body[start..c], what)?;
-        pairs.push((key, &body[c + 1..end]));
-        start = end + 1;
+            b'|' => {
+                pair(start, colon, (at, k))?;
+                start = at + 1;
+                colon = None;
+            }
+            _ if colon.is_none() => colon = Some((at, k + 1)),
+            _ => {}
+        }
+        k += 1;
     }
-    Ok(pairs)
+    pair(start, colon, (bytes.len(), specials.len()))?;
+    Ok(Pairs { list, specials })
 }
 
 /// Checks the payload is UTF-8 and ends with an unescaped `\n`; returns the
@@ -466,10 +561,6 @@ fn body_of(payload: &[u8]) -> Result<&str, MessageError> {
     Ok(body)
 }
 
-fn find<'a>(pairs: &[(Cow<'a, str>, &'a str)], key: &str) -> Option<&'a str> {
-    pairs.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
-}
-
 fn bad_value(key: &str, reason: impl Into<String>) -> MessageError {
     MessageError::BadValue {
         key: key.to_string(),
@@ -483,9 +574,9 @@ fn bad_value(key: &str, reason: impl Into<String>) -> MessageError {
 impl WireMessage for Request {
     fn parse(payload: &[u8]) -> Result<Self, MessageError> {
         let body = body_of(payload)?;
-        let pairs = split_pairs(body, "payload")?;
-        if let Some(size) = find(&pairs, key::BATCH_SIZE) {
-            let first = find(&pairs, key::FIRST)
+        let pairs = pairs_of(body, "payload")?;
+        if let Some(size) = pairs.find(key::BATCH_SIZE) {
+            let first = pairs.find(key::FIRST)
                 .map(|v| {
                     v.parse::<u64>()
                         .map_err(|_| bad_value(key::FIRST, format!("{v:?} is not a position")))
@@ -494,7 +585,7 @@ impl WireMessage for Request {
             let bets = parse_batch(size, &pairs)?;
             return Ok(Request::Batch { first, bets });
         }
-        match find(&pairs, key::ACTION) {
+        match pairs.find(key::ACTION) {
             Some(a) => {
                 let a = unescape(a, "ACTION")?;
                 if a == action::PING {
@@ -505,7 +596,7 @@ impl WireMessage for Request {
                 }
                 let finished = a == action::BETTING_FINISHED || a == action::FINISH_BETTING;
                 if finished || a == action::HELLO {
-                    let id = find(&pairs, key::AGENCY_ID)
+                    let id = pairs.find(key::AGENCY_ID)
                         .ok_or(MessageError::MissingKey(key::AGENCY_ID))?;
                     let id = unescape(id, "AGENCY_ID")?;
                     let agency = id.parse::<AgencyId>().map_err(|_| {
@@ -514,7 +605,7 @@ impl WireMessage for Request {
                     Ok(if finished {
                         Request::Finished { agency }
                     } else {
-                        let secret = find(&pairs, key::SECRET)
+                        let secret = pairs.find(key::SECRET)
                             .map(|v| unescape(v, "SECRET").map(Cow::into_owned))
                             .transpose()?;
                         Request::Hello { agency, secret }
@@ -571,7 +662,7 @@ impl WireMessage for Request {
     }
 }
 
-fn parse_batch(size: &str, pairs: &[(Cow<'_, str>, &str)]) -> Result<Bets, MessageError> {
+fn parse_batch(size: &str, pairs: &Pairs<'_>) -> Result<Bets, MessageError> {
     let size: usize = unescape(size, "BATCH_SIZE")?
         .parse()
         .map_err(|_| bad_value(key::BATCH_SIZE, "not a whole number"))?;
@@ -580,9 +671,10 @@ fn parse_batch(size: &str, pairs: &[(Cow<'_, str>, &str)]) -> Result<Bets, Messa
     }
     // Each BET_i value is itself an escaped payload. Collect them by index so
     // gaps and repeats are caught whatever order they come in.
-    let mut slots: Vec<Option<&str>> = vec![None; size.min(pairs.len())];
+    let mut slots: Vec<Option<&Pair<'_>>> = vec![None; size.min(pairs.list.len())];
     let mut seen = 0usize;
-    for (k, v) in pairs {
+    for pair in &pairs.list {
+        let k = &pair.key;
         let Some(index) = k.strip_prefix(key::BET_PREFIX) else {
             continue;
         };
@@ -598,7 +690,7 @@ fn parse_batch(size: &str, pairs: &[(Cow<'_, str>, &str)]) -> Result<Bets, Messa
         let Some(slot) = slots.get_mut(i - 1) else {
             continue;
         };
-        if slot.replace(v).is_some() {
+        if slot.replace(pair).is_some() {
             return Err(MessageError::BatchMismatch(format!("{k} appears twice")));
         }
         seen += 1;
@@ -609,11 +701,11 @@ fn parse_batch(size: &str, pairs: &[(Cow<'_, str>, &str)]) -> Result<Bets, Messa
             "BATCH_SIZE is {size} but {seen} bets are present (BET_{missing} is missing)"
         )));
     }
-    let text: usize = slots.iter().map(|v| v.map_or(0, str::len)).sum();
+    let text: usize = slots.iter().map(|p| p.map_or(0, |p| p.value.len())).sum();
     let mut bets = Bets::with_capacity(size, text);
-    for (i, v) in slots.into_iter().enumerate() {
-        let v = v.expect("invariant: every slot was filled, seen == size");
-        parse_bet(v, &mut bets).map_err(|source| MessageError::Bet {
+    for (i, pair) in slots.into_iter().enumerate() {
+        let pair = pair.expect("invariant: every slot was filled, seen == size");
+        parse_bet(pair.value, pairs.specials_of(pair), &mut bets).map_err(|source| MessageError::Bet {
             index: i + 1,
             source,
         })?;
@@ -632,14 +724,27 @@ const BET_FIELDS: [BetField; 6] = [
 ];
 
 fn bet_field_index(key: &[u8]) -> Option<usize> {
-    BET_FIELDS
-        .iter()
-        .position(|f| f.wire_key().as_bytes() == key)
+    // In `BET_FIELDS` order; a match on the bytes compiles to length checks
+    // and short compares.
+    match key {
+        b"NOMBRE" => Some(0),
+        b"APELLIDO" => Some(1),
+        b"DOCUMENTO" => Some(2),
+        b"NACIMIENTO" => Some(3),
+        b"NUMERO" => Some(4),
+        b"AGENCY_ID" => Some(5),
+        _ => None,
+    }
 }
 
-/// Parses one escaped `BET_i` value, validates it, and appends it to `out`.
-fn parse_bet(escaped: &str, out: &mut Bets) -> Result<(), BetError> {
-    match plain_bet(escaped) {
+/// Parses one escaped `BET_i` value, whose special bytes are at `specials`,
+/// validates it, and appends it to `out`.
+fn parse_bet(
+    escaped: &str,
+    specials: impl Iterator<Item = usize>,
+    out: &mut Bets,
+) -> Result<(), BetError> {
+    match plain_bet(escaped, specials) {
         Some([first, last, document, birthdate, number, agency]) => {
             out.push_fields(agency, first, last, document, birthdate, number)
         }
@@ -657,34 +762,40 @@ fn parse_bet(escaped: &str, out: &mut Bets) -> Result<(), BetError> {
 /// `None` sends the bet down the general path, [`parse_bet_escaped`], which
 /// also gives the exact error for anything malformed, so the two agree on
 /// every input.
-fn plain_bet(escaped: &str) -> Option<[&str; 6]> {
+fn plain_bet(escaped: &str, specials: impl Iterator<Item = usize>) -> Option<[&str; 6]> {
     let bytes = escaped.as_bytes();
     if bytes.last() == Some(&b'\n') {
         return None;
     }
     let mut values: [Option<&str>; 6] = [None; 6];
-    let mut start = 0;
-    loop {
-        // A raw `|` cannot come from the batch's own splitting, but if it
-        // is there it separates pairs: the general path's business.
-        let end = memchr::memchr2(b'\\', b'|', &bytes[start..]).map(|e| start + e);
-        if end.is_some_and(|e| bytes[e] == b'|') {
-            return None;
-        }
-        let pair = &bytes[start..end.unwrap_or(bytes.len())];
-        let colon = memchr::memchr(b':', pair)?;
-        let field = bet_field_index(&pair[..colon])?;
+    let mut take = |start: usize, colon: Option<usize>, end: usize| -> Option<()> {
+        let c = colon?;
+        let field = bet_field_index(&bytes[start..c])?;
         // Splitting at ASCII bytes keeps both sides valid UTF-8.
-        let value = &escaped[start + colon + 1..start + pair.len()];
-        if values[field].replace(value).is_some() {
-            return None;
+        match values[field].replace(&escaped[c + 1..end]) {
+            Some(_) => None,
+            None => Some(()),
         }
-        match end {
-            None => break,
-            Some(e) if bytes.get(e + 1) == Some(&b'|') => start = e + 2,
-            Some(_) => return None,
+    };
+    let (mut start, mut colon) = (0, None);
+    let mut specials = specials.peekable();
+    while let Some(at) = specials.next() {
+        match bytes[at] {
+            // A pair ends at `\|` (whose `|` is the next special byte);
+            // any other escape, or a raw `|` (which the batch's own splitting
+            // never leaves), is for the general path.
+            b'\\' if bytes.get(at + 1) == Some(&b'|') => {
+                specials.next();
+                take(start, colon, at)?;
+                start = at + 2;
+                colon = None;
+            }
+            b'\\' | b'|' => return None,
+            _ if colon.is_none() => colon = Some(at),
+            _ => {}
         }
     }
+    take(start, colon, bytes.len())?;
     let [Some(a), Some(b), Some(c), Some(d), Some(e), Some(f)] = values else {
         return None;
     };
@@ -921,10 +1032,10 @@ fn write_batch(dst: &mut BytesMut, first: Option<u64>, bets: &Bets) {
 impl WireMessage for Reply {
     fn parse(payload: &[u8]) -> Result<Self, MessageError> {
         let body = body_of(payload)?;
-        let pairs = split_pairs(body, "payload")?;
-        let status = find(&pairs, key::STATUS).ok_or(MessageError::MissingKey(key::STATUS))?;
+        let pairs = pairs_of(body, "payload")?;
+        let status = pairs.find(key::STATUS).ok_or(MessageError::MissingKey(key::STATUS))?;
         let text = |k: &'static str| -> Result<String, MessageError> {
-            Ok(find(&pairs, k)
+            Ok(pairs.find(k)
                 .map(|v| unescape(v, k))
                 .transpose()?
                 .map(Cow::into_owned)
@@ -932,11 +1043,11 @@ impl WireMessage for Reply {
         };
         match status {
             status::SUCCESS => {
-                if let Some(agencies) = find(&pairs, key::AGENCIES) {
+                if let Some(agencies) = pairs.find(key::AGENCIES) {
                     let agencies = agencies
                         .parse()
                         .map_err(|_| bad_value(key::AGENCIES, "not a number"))?;
-                    let states = find(&pairs, key::AGENCY_STATE)
+                    let states = pairs.find(key::AGENCY_STATE)
                         .unwrap_or("")
                         .split(',')
                         .filter(|e| !e.is_empty())
@@ -951,22 +1062,22 @@ impl WireMessage for Reply {
                         .collect::<Result<_, _>>()?;
                     return Ok(Reply::Status {
                         agencies,
-                        drawn: find(&pairs, key::DRAWN) == Some("1"),
+                        drawn: pairs.find(key::DRAWN) == Some("1"),
                         states,
-                        more: find(&pairs, key::MORE) == Some("1"),
+                        more: pairs.find(key::MORE) == Some("1"),
                     });
                 }
-                if let Some(list) = find(&pairs, key::WINNERS) {
+                if let Some(list) = pairs.find(key::WINNERS) {
                     let list = unescape(list, "WINNERS")?;
                     let documents = list
                         .split(',')
                         .filter(|d| !d.is_empty())
                         .map(str::to_string)
                         .collect();
-                    let more = find(&pairs, key::MORE) == Some("1");
+                    let more = pairs.find(key::MORE) == Some("1");
                     Ok(Reply::Winners { documents, more })
                 } else {
-                    let stored = find(&pairs, key::STORED)
+                    let stored = pairs.find(key::STORED)
                         .map(|v| {
                             v.parse::<u64>().map_err(|_| {
                                 bad_value(key::STORED, format!("{v:?} is not a count"))
@@ -1319,7 +1430,7 @@ mod tests {
         /// general one, which also names the errors.
         #[test]
         fn plain_and_escaped_bet_parsers_agree(value in bet_value()) {
-            if let Some(fields) = plain_bet(&value) {
+            if let Some(fields) = plain(&value) {
                 let general = parse_bet_escaped(&value).expect("the general path accepts it");
                 proptest::prop_assert_eq!(fields.map(str::to_string), general);
             }
@@ -1333,21 +1444,46 @@ mod tests {
         let hits = (0..2000)
             .filter(|_| {
                 let v = bet_value().new_tree(&mut runner).unwrap().current();
-                plain_bet(&v).is_some()
+                plain(&v).is_some()
             })
             .count();
         assert!(hits > 30, "only {hits} of 2000 values were plain bets");
+    }
+
+    /// [`plain_bet`] on a bet value alone.
+    fn plain(value: &str) -> Option<[&str; 6]> {
+        plain_bet(value, find_specials(value.as_bytes()).into_iter().map(|p| p as usize))
+    }
+
+    #[test]
+    fn specials_are_found_exactly_at_every_alignment() {
+        let text = "a:b|c\\d::||\\\\é:xyzw|0123456789:";
+        for skip in 0..text.len() {
+            let bytes = &text.as_bytes()[skip..];
+            let expected: Vec<u32> = (0..bytes.len() as u32)
+                .filter(|&i| matches!(bytes[i as usize], b'\\' | b'|' | b':'))
+                .collect();
+            assert_eq!(find_specials(bytes), expected, "from byte {skip}");
+        }
+    }
+
+    #[test]
+    fn bet_field_index_knows_every_wire_key() {
+        for (i, f) in BET_FIELDS.iter().enumerate() {
+            assert_eq!(bet_field_index(f.wire_key().as_bytes()), Some(i), "{f}");
+        }
+        assert_eq!(bet_field_index(b"NOMBREX"), None);
     }
 
     #[test]
     fn plain_bets_take_the_fast_path() {
         let v = "NOMBRE:Ana\\|APELLIDO:Pérez\\|DOCUMENTO:1\\|NACIMIENTO:1999-03-17\\|NUMERO:7\\|AGENCY_ID:3";
         assert_eq!(
-            plain_bet(v),
+            plain(v),
             Some(["Ana", "Pérez", "1", "1999-03-17", "7", "3"])
         );
         // An escaped `|` inside a name needs the general path.
-        assert_eq!(plain_bet(&v.replace("Ana", "A\\\\\\|na")), None);
+        assert_eq!(plain(&v.replace("Ana", "A\\\\\\|na")), None);
     }
 
     #[test]

@@ -255,6 +255,7 @@ const MAX_GROUP: usize = 512;
 
 fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Append>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
+    let (mut ngroups, mut nbatches) = (0u64, 0u64);
     // Group commit: every batch waiting when the writer comes round shares
     // one write and one sync. Under load the groups grow by themselves.
     while let Some(first) = rx.blocking_recv() {
@@ -265,6 +266,7 @@ fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Append>) {
                 Err(_) => break,
             }
         }
+        ngroups += 1; nbatches += group.len() as u64;
         let outcomes = writer.write_group(&group);
         for (append, outcome) in group.drain(..).zip(outcomes) {
             if let Err(reason) = &outcome {
@@ -275,6 +277,7 @@ fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Append>) {
             let _ = append.done.send(outcome);
         }
     }
+    eprintln!("TEMP groups {ngroups} batches {nbatches}");
     let path = writer.path.clone();
     match writer.close() {
         Ok(()) => info!(
