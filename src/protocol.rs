@@ -447,23 +447,29 @@ fn find_specials(bytes: &[u8]) -> Vec<u32> {
         ONES * u64::from(b'|'),
         ONES * u64::from(b':'),
     );
-    let mut out = Vec::with_capacity(bytes.len() / 4);
+    // At most one position per byte: written by index into room made up
+    // front, with no capacity check per position.
+    let mut out = vec![0u32; bytes.len()];
+    let mut n = 0;
     let mut chunks = bytes.chunks_exact(8);
     let mut base = 0u32;
     for chunk in &mut chunks {
         let w = u64::from_le_bytes(chunk.try_into().expect("chunks of 8"));
         let mut found = zero_bytes(w ^ escape) | zero_bytes(w ^ pipe) | zero_bytes(w ^ colon);
         while found != 0 {
-            out.push(base + found.trailing_zeros() / 8);
+            out[n] = base + found.trailing_zeros() / 8;
+            n += 1;
             found &= found - 1;
         }
         base += 8;
     }
     for (i, &b) in chunks.remainder().iter().enumerate() {
         if matches!(b, b'\\' | b'|' | b':') {
-            out.push(base + i as u32);
+            out[n] = base + i as u32;
+            n += 1;
         }
     }
+    out.truncate(n);
     out
 }
 
@@ -497,12 +503,17 @@ fn pairs_of<'a>(body: &'a str, what: &'static str) -> Result<Pairs<'a>, MessageE
     let bytes = body.as_bytes();
     let specials = find_specials(bytes);
     let mut list = Vec::with_capacity(specials.len() / 8 + 1);
-    let mut pair = |start: usize, colon: Option<(usize, usize)>, end: (usize, usize)| {
+    let mut pair = |start: usize, colon: Option<(usize, usize)>, end: (usize, usize), escaped| {
         let Some((c, first_special)) = colon else {
             return Err(MessageError::MissingColon(body[start..end.0].to_string()));
         };
+        let key = &body[start..c];
         list.push(Pair {
-            key: unescape(&body[start..c], what)?,
+            key: if escaped {
+                unescape(key, what)?
+            } else {
+                Cow::Borrowed(key)
+            },
             value: &body[c + 1..end.0],
             at: c + 1,
             specials: first_special..end.1,
@@ -510,8 +521,9 @@ fn pairs_of<'a>(body: &'a str, what: &'static str) -> Result<Pairs<'a>, MessageE
         Ok(())
     };
     // The pair being read starts at `start`; `colon` is its first unescaped
-    // `:` and the index of the special byte after it.
-    let (mut start, mut colon) = (0, None);
+    // `:` and the index of the special byte after it; `escaped` says whether
+    // its key holds an escape.
+    let (mut start, mut colon, mut escaped) = (0, None, false);
     let mut k = 0;
     while k < specials.len() {
         let at = specials[k] as usize;
@@ -526,18 +538,20 @@ fn pairs_of<'a>(body: &'a str, what: &'static str) -> Result<Pairs<'a>, MessageE
                 if specials.get(k + 1) == Some(&(specials[k] + 1)) {
                     k += 1;
                 }
+                escaped |= colon.is_none();
             }
             b'|' => {
-                pair(start, colon, (at, k))?;
+                pair(start, colon, (at, k), escaped)?;
                 start = at + 1;
                 colon = None;
+                escaped = false;
             }
             _ if colon.is_none() => colon = Some((at, k + 1)),
             _ => {}
         }
         k += 1;
     }
-    pair(start, colon, (bytes.len(), specials.len()))?;
+    pair(start, colon, (bytes.len(), specials.len()), escaped)?;
     Ok(Pairs { list, specials })
 }
 
@@ -576,7 +590,8 @@ impl WireMessage for Request {
         let body = body_of(payload)?;
         let pairs = pairs_of(body, "payload")?;
         if let Some(size) = pairs.find(key::BATCH_SIZE) {
-            let first = pairs.find(key::FIRST)
+            let first = pairs
+                .find(key::FIRST)
                 .map(|v| {
                     v.parse::<u64>()
                         .map_err(|_| bad_value(key::FIRST, format!("{v:?} is not a position")))
@@ -596,7 +611,8 @@ impl WireMessage for Request {
                 }
                 let finished = a == action::BETTING_FINISHED || a == action::FINISH_BETTING;
                 if finished || a == action::HELLO {
-                    let id = pairs.find(key::AGENCY_ID)
+                    let id = pairs
+                        .find(key::AGENCY_ID)
                         .ok_or(MessageError::MissingKey(key::AGENCY_ID))?;
                     let id = unescape(id, "AGENCY_ID")?;
                     let agency = id.parse::<AgencyId>().map_err(|_| {
@@ -605,7 +621,8 @@ impl WireMessage for Request {
                     Ok(if finished {
                         Request::Finished { agency }
                     } else {
-                        let secret = pairs.find(key::SECRET)
+                        let secret = pairs
+                            .find(key::SECRET)
                             .map(|v| unescape(v, "SECRET").map(Cow::into_owned))
                             .transpose()?;
                         Request::Hello { agency, secret }
@@ -705,9 +722,11 @@ fn parse_batch(size: &str, pairs: &Pairs<'_>) -> Result<Bets, MessageError> {
     let mut bets = Bets::with_capacity(size, text);
     for (i, pair) in slots.into_iter().enumerate() {
         let pair = pair.expect("invariant: every slot was filled, seen == size");
-        parse_bet(pair.value, pairs.specials_of(pair), &mut bets).map_err(|source| MessageError::Bet {
-            index: i + 1,
-            source,
+        parse_bet(pair.value, pairs.specials_of(pair), &mut bets).map_err(|source| {
+            MessageError::Bet {
+                index: i + 1,
+                source,
+            }
         })?;
     }
     Ok(bets)
@@ -724,17 +743,20 @@ const BET_FIELDS: [BetField; 6] = [
 ];
 
 fn bet_field_index(key: &[u8]) -> Option<usize> {
-    // In `BET_FIELDS` order; a match on the bytes compiles to length checks
-    // and short compares.
-    match key {
-        b"NOMBRE" => Some(0),
-        b"APELLIDO" => Some(1),
-        b"DOCUMENTO" => Some(2),
-        b"NACIMIENTO" => Some(3),
-        b"NUMERO" => Some(4),
-        b"AGENCY_ID" => Some(5),
-        _ => None,
-    }
+    // In `BET_FIELDS` order. The length and a letter or two tell the
+    // candidate apart; one compare confirms it.
+    let candidate = match (key.len(), key.first(), key.get(1)) {
+        (6, Some(b'N'), Some(b'O')) => 0,
+        (8, Some(b'A'), _) => 1,
+        (9, Some(b'D'), _) => 2,
+        (10, Some(b'N'), _) => 3,
+        (6, Some(b'N'), Some(b'U')) => 4,
+        (9, Some(b'A'), _) => 5,
+        _ => return None,
+    };
+    // Keys are a few bytes: a plain loop beats a call to `memcmp`.
+    let wire = BET_FIELDS[candidate].wire_key().as_bytes();
+    (wire.len() == key.len() && wire.iter().zip(key).all(|(a, b)| a == b)).then_some(candidate)
 }
 
 /// Parses one escaped `BET_i` value, whose special bytes are at `specials`,
@@ -1033,9 +1055,12 @@ impl WireMessage for Reply {
     fn parse(payload: &[u8]) -> Result<Self, MessageError> {
         let body = body_of(payload)?;
         let pairs = pairs_of(body, "payload")?;
-        let status = pairs.find(key::STATUS).ok_or(MessageError::MissingKey(key::STATUS))?;
+        let status = pairs
+            .find(key::STATUS)
+            .ok_or(MessageError::MissingKey(key::STATUS))?;
         let text = |k: &'static str| -> Result<String, MessageError> {
-            Ok(pairs.find(k)
+            Ok(pairs
+                .find(k)
                 .map(|v| unescape(v, k))
                 .transpose()?
                 .map(Cow::into_owned)
@@ -1047,7 +1072,8 @@ impl WireMessage for Reply {
                     let agencies = agencies
                         .parse()
                         .map_err(|_| bad_value(key::AGENCIES, "not a number"))?;
-                    let states = pairs.find(key::AGENCY_STATE)
+                    let states = pairs
+                        .find(key::AGENCY_STATE)
                         .unwrap_or("")
                         .split(',')
                         .filter(|e| !e.is_empty())
@@ -1077,7 +1103,8 @@ impl WireMessage for Reply {
                     let more = pairs.find(key::MORE) == Some("1");
                     Ok(Reply::Winners { documents, more })
                 } else {
-                    let stored = pairs.find(key::STORED)
+                    let stored = pairs
+                        .find(key::STORED)
                         .map(|v| {
                             v.parse::<u64>().map_err(|_| {
                                 bad_value(key::STORED, format!("{v:?} is not a count"))
@@ -1452,7 +1479,12 @@ mod tests {
 
     /// [`plain_bet`] on a bet value alone.
     fn plain(value: &str) -> Option<[&str; 6]> {
-        plain_bet(value, find_specials(value.as_bytes()).into_iter().map(|p| p as usize))
+        plain_bet(
+            value,
+            find_specials(value.as_bytes())
+                .into_iter()
+                .map(|p| p as usize),
+        )
     }
 
     #[test]

@@ -266,7 +266,8 @@ fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Append>) {
                 Err(_) => break,
             }
         }
-        ngroups += 1; nbatches += group.len() as u64;
+        ngroups += 1;
+        nbatches += group.len() as u64;
         let outcomes = writer.write_group(&group);
         for (append, outcome) in group.drain(..).zip(outcomes) {
             if let Err(reason) = &outcome {
