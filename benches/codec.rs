@@ -9,7 +9,7 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use lottery::codec::{AgencyCodec, ServerCodec};
 use lottery::model::Bets;
-use lottery::protocol::{encoded_bet_len, BatchSizer, Request};
+use lottery::protocol::{BatchBuilder, Request};
 
 /// Batches as an agency cuts them: up to 70 bets, each frame under 8 KiB.
 fn realistic_batches(total: usize) -> Vec<Request> {
@@ -24,8 +24,7 @@ fn realistic_batches(total: usize) -> Vec<Request> {
     let last = ["Lorca", "Núñez", "Fernández", "Peña", "Ibáñez", "Zúñiga"];
     let mut batches = Vec::new();
     let mut current = Bets::new();
-    let mut sizer = BatchSizer::default();
-    sizer.reset(Some(0));
+    let mut builder = BatchBuilder::new(Some(0));
     for i in 0..total {
         current
             .push_fields(
@@ -37,17 +36,17 @@ fn realistic_batches(total: usize) -> Vec<Request> {
                 &((i * 7919) % 10_000).to_string(),
             )
             .unwrap();
-        let len = encoded_bet_len(current.get(current.len() - 1).unwrap());
-        if sizer.count() == 70 || !sizer.fits(len) {
+        let bet = current.get(current.len() - 1).unwrap();
+        if builder.count() == 70 || !builder.push(bet) {
             let bet = current.split_last();
             let bets = std::mem::replace(&mut current, bet);
             batches.push(Request::Batch {
                 first: Some((i - bets.len()) as u64),
                 bets,
             });
-            sizer.reset(Some(i as u64));
+            builder = BatchBuilder::new(Some(i as u64));
+            builder.push(current.get(0).unwrap());
         }
-        sizer.add(len);
     }
     if !current.is_empty() {
         batches.push(Request::Batch {

@@ -5,6 +5,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 
+use lottery::gen_data::{self, GenOptions};
 use lottery::model::Bets;
 use lottery::storage::{encode_rows, scan, BetStore, Durability};
 
@@ -77,15 +78,31 @@ fn bench(c: &mut Criterion) {
         b.iter(|| rt.block_on(store.append(rows.clone())).unwrap())
     });
 
-    // The draw's scan over 1,000,000 stored bets.
+    // The draw's scan over 1,000,000 stored bets, as the central stores
+    // them from generated agency files (varied names and lengths).
     const STORED: usize = 1_000_000;
     let path = dir.path().join("scan.csv");
-    let all = bets(10_000);
-    let mut body = Vec::new();
-    encode_rows(all.iter(), &mut body);
-    let mut file = Vec::with_capacity(body.len() * (STORED / all.len()));
-    for _ in 0..STORED / all.len() {
-        file.extend_from_slice(&body);
+    let data = dir.path().join("data");
+    let gen = GenOptions {
+        agencies: 5,
+        bets_per_agency: (STORED / 5) as u64,
+        ..GenOptions::default()
+    };
+    gen_data::generate(&data, &gen).unwrap();
+    let mut file = Vec::new();
+    for agency in 1..=5u32 {
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_path(data.join(format!("agency-{agency}.csv")))
+            .unwrap();
+        let mut stored = Bets::new();
+        for record in reader.records() {
+            let r = record.unwrap();
+            stored
+                .push_for(agency, &r[0], &r[1], &r[2], &r[3], &r[4])
+                .unwrap();
+        }
+        encode_rows(stored.iter(), &mut file);
     }
     std::fs::write(&path, &file).unwrap();
     g.throughput(Throughput::Elements(STORED as u64));

@@ -26,11 +26,11 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::codec::{AgencyCodec, FrameError};
+use crate::codec::{AgencyCodec, FrameError, RawFrame};
 use crate::config::AgencyConfig;
 use crate::logging::{action, result};
-use crate::model::{AgencyId, Bets};
-use crate::protocol::{encoded_bet_len, BatchSizer, ErrorCode, MessageError, Reply, Request};
+use crate::model::{AgencyId, BetRef, Today};
+use crate::protocol::{BatchBuilder, ErrorCode, MessageError, Reply, Request};
 use crate::tls::{self, BoxedIo, TlsError};
 
 /// Batches read ahead of the one being sent.
@@ -161,14 +161,20 @@ impl AgencyError {
     }
 }
 
-/// A batch read from the data file.
+/// A batch read from the data file, already encoded as its frame.
 #[derive(Debug)]
 struct Batch {
-    bets: Bets,
+    /// The whole frame, ready to send.
+    frame: bytes::Bytes,
+    /// Bets in it.
+    count: u64,
     /// Position of the first bet among the file's bets (0-based).
     first: u64,
     /// Line of the first bet in the data file.
     first_line: u64,
+    /// Each bet's document and number, kept only when DEBUG is on, for the
+    /// per-bet lines logged once the batch is acknowledged.
+    logged: Option<Vec<(String, u16)>>,
 }
 
 /// How a session ended without an error.
@@ -398,7 +404,7 @@ async fn session(
     // central's count, so those are refused too (`OUT_OF_ORDER`), never
     // stored out of order.
     let window = config.window.max(1);
-    let mut in_flight: VecDeque<(u64, u64, Bets, Instant)> = VecDeque::with_capacity(window);
+    let mut in_flight: VecDeque<(Batch, Instant)> = VecDeque::with_capacity(window);
     let mut reader_done = false;
     let mut data_error = None;
     loop {
@@ -430,29 +436,17 @@ async fn session(
                     break;
                 }
             };
-            let Batch {
-                bets,
-                first,
-                first_line,
-            } = batch;
-            let request = Request::Batch {
-                first: Some(first),
-                bets,
-            };
             // Queued, not yet written: the burst leaves in one flush below.
-            conn.framed.feed(&request).await?;
-            let Request::Batch { bets, .. } = request else {
-                unreachable!("built as a batch above")
-            };
-            in_flight.push_back((first, first_line, bets, Instant::now()));
+            conn.framed.feed(RawFrame(batch.frame.clone())).await?;
+            in_flight.push_back((batch, Instant::now()));
             sent = true;
         }
         if sent {
             // A write is not cancel-safe, so it is never raced against
             // shutdown; it is short, as the socket is writable or gone.
-            conn.framed.flush().await?;
+            SinkExt::<RawFrame>::flush(&mut conn.framed).await?;
         }
-        let Some((first, first_line, bets, sent_at)) = in_flight.pop_front() else {
+        let Some((batch, sent_at)) = in_flight.pop_front() else {
             // The reader is done and every batch is answered.
             if let Some(e) = data_error {
                 return Err(e);
@@ -470,23 +464,21 @@ async fn session(
                     .push(u32::try_from(latency).unwrap_or(u32::MAX));
                 *progressed = true;
                 report.batches += 1;
-                report.bets = stored.unwrap_or(first + bets.len() as u64);
+                report.bets = stored.unwrap_or(batch.first + batch.count);
                 publish(report.bets);
-                if tracing::enabled!(tracing::Level::DEBUG) {
-                    for b in bets.iter() {
-                        debug!(
-                            action = action::APUESTA_ENVIADA,
-                            result = result::SUCCESS,
-                            dni = b.document,
-                            numero = b.number
-                        );
-                    }
+                for (dni, numero) in batch.logged.iter().flatten() {
+                    debug!(
+                        action = action::APUESTA_ENVIADA,
+                        result = result::SUCCESS,
+                        dni = dni.as_str(),
+                        numero
+                    );
                 }
             }
             Reply::Error { code, message } => {
                 return Err(AgencyError::Rejected {
                     path: path.to_path_buf(),
-                    line: first_line,
+                    line: batch.first_line,
                     code,
                     message,
                 })
@@ -569,7 +561,7 @@ fn read_reply(
 /// Sends the bets read before a bad line (they are good, and a later run
 /// resumes after them), then the error.
 fn fail(tx: &mpsc::Sender<Result<Batch, AgencyError>>, batch: Batch, error: AgencyError) {
-    if !batch.bets.is_empty() && tx.blocking_send(Ok(batch)).is_err() {
+    if batch.count > 0 && tx.blocking_send(Ok(batch)).is_err() {
         return;
     }
     let _ = tx.blocking_send(Err(error));
@@ -636,14 +628,26 @@ fn read_batches(
         .terminator(csv::Terminator::Any(b'\n'))
         .from_reader(BufReader::with_capacity(1 << 16, file));
     let mut record = csv::ByteRecord::new();
-    let mut sizer = BatchSizer::default();
-    let new_batch = |first: u64| Batch {
-        bets: Bets::with_capacity(max.min(1024), max.min(1024) * 48),
-        first,
-        first_line: 0,
+    let log_bets = tracing::enabled!(tracing::Level::DEBUG);
+    let new_batch = |first: u64, first_line: u64| {
+        (
+            BatchBuilder::new(Some(first)),
+            Batch {
+                frame: bytes::Bytes::new(),
+                count: 0,
+                first,
+                first_line,
+                logged: log_bets.then(Vec::new),
+            },
+        )
     };
-    let mut batch = new_batch(skip);
-    sizer.reset(Some(skip));
+    let finish = |(builder, mut batch): (BatchBuilder, Batch)| {
+        batch.count = builder.count() as u64;
+        batch.frame = builder.finish();
+        batch
+    };
+    let mut current = new_batch(skip, 0);
+    let mut today = Today::now();
     let mut position = 0u64;
     let data_error = |line: u64, reason: String| AgencyError::Data {
         path: path.to_path_buf(),
@@ -657,7 +661,7 @@ fn read_batches(
             Ok(true) => {}
             Err(e) => {
                 let line = e.position().map_or(line, |p| p.line());
-                return fail(tx, batch, data_error(line, e.to_string()));
+                return fail(tx, finish(current), data_error(line, e.to_string()));
             }
         }
         let line = record.position().map_or(line, |p| p.line());
@@ -665,11 +669,13 @@ fn read_batches(
         // and each field is then a slice of it that must start and end on
         // character boundaries.
         let Ok(text) = simdutf8::basic::from_utf8(record.as_slice()) else {
-            return fail(tx, batch, data_error(line, "not valid UTF-8".to_string()));
+            let reason = "not valid UTF-8".to_string();
+            return fail(tx, finish(current), data_error(line, reason));
         };
         let field = |i: usize| record.range(i).and_then(|r| text.get(r));
         let Some(fields) = (0..record.len()).map(field).collect::<Option<Fields<'_>>>() else {
-            return fail(tx, batch, data_error(line, "not valid UTF-8".to_string()));
+            let reason = "not valid UTF-8".to_string();
+            return fail(tx, finish(current), data_error(line, reason));
         };
         let last = record.len().saturating_sub(1);
         let last_field = fields.get(last);
@@ -686,57 +692,52 @@ fn read_batches(
                 "expected 5 fields (first_name,last_name,document,birthdate,number), found {}",
                 record.len()
             );
-            return fail(tx, batch, data_error(line, reason));
+            return fail(tx, finish(current), data_error(line, reason));
         }
-        if sizer.count() == max {
-            let full = std::mem::replace(&mut batch, new_batch(position - 1));
-            if tx.blocking_send(Ok(full)).is_err() {
-                return;
-            }
-            sizer.reset(Some(position - 1));
-        }
-        // Checked and appended in place: no allocation per bet.
-        if let Err(e) = batch.bets.push_for(
+        let bet = match BetRef::check(
             agency,
             fields.get(0),
             fields.get(1),
             fields.get(2),
             fields.get(3),
             last_field,
+            today,
         ) {
-            return fail(tx, batch, data_error(line, e.to_string()));
-        }
-        let len = encoded_bet_len(batch.bets.get(batch.bets.len() - 1).expect("just pushed"));
-        if !sizer.fits(len) {
-            // The bet goes first in a batch of its own, if it fits in one.
-            let bet = batch.bets.split_last();
-            let mut alone = BatchSizer::default();
-            alone.reset(Some(position - 1));
-            if !alone.fits(len) {
-                let reason = "the bet is too large to fit in one frame".to_string();
-                return fail(tx, batch, data_error(line, reason));
-            }
-            let full = std::mem::replace(&mut batch, new_batch(position - 1));
-            if !full.bets.is_empty() && tx.blocking_send(Ok(full)).is_err() {
+            Ok(bet) => bet,
+            Err(e) => return fail(tx, finish(current), data_error(line, e.to_string())),
+        };
+        // Encoded straight into the frame: no copy of the bet in between.
+        let full = current.0.count() == max;
+        if full || !current.0.push(bet) {
+            let next = new_batch(position - 1, line);
+            let batch = finish(std::mem::replace(&mut current, next));
+            if batch.count > 0 && tx.blocking_send(Ok(batch)).is_err() {
                 return;
             }
-            batch.bets = bet;
-            sizer = alone;
+            today = Today::now();
+            if !current.0.push(bet) {
+                let reason = "the bet is too large to fit in one frame".to_string();
+                return fail(tx, finish(current), data_error(line, reason));
+            }
         }
-        if sizer.count() == 0 {
-            batch.first_line = line;
+        if current.0.count() == 1 {
+            current.1.first_line = line;
         }
-        sizer.add(len);
+        if let Some(logged) = &mut current.1.logged {
+            logged.push((bet.document.to_string(), bet.number));
+        }
     }
-    if !batch.bets.is_empty() {
-        let _ = tx.blocking_send(Ok(batch));
+    if current.0.count() > 0 {
+        let _ = tx.blocking_send(Ok(finish(current)));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{to_payload, MAX_PAYLOAD_LEN};
+    use crate::codec::ServerCodec;
+    use crate::protocol::MAX_FRAME_LEN;
+    use tokio_util::codec::Decoder;
 
     fn batches_of(text: &str, max: usize) -> Vec<Result<Batch, AgencyError>> {
         let dir = tempfile::tempdir().unwrap();
@@ -769,16 +770,24 @@ mod tests {
         let mut total = 0;
         for b in &batches {
             let b = b.as_ref().unwrap();
-            assert!(b.bets.len() <= 70);
+            assert!(b.count <= 70);
             assert_eq!(b.first_line, line);
             assert_eq!(b.first, line - 1);
-            let payload = to_payload(&Request::Batch {
-                first: Some(b.first),
-                bets: b.bets.clone(),
-            });
-            assert!(payload.len() <= MAX_PAYLOAD_LEN);
-            line += b.bets.len() as u64;
-            total += b.bets.len();
+            assert!(b.frame.len() <= MAX_FRAME_LEN);
+            // The frame is what the central reads: these very bets.
+            let mut wire = bytes::BytesMut::from(&b.frame[..]);
+            let decoded = ServerCodec::new().decode(&mut wire).unwrap().unwrap();
+            let Ok(Request::Batch { first, bets }) = decoded else {
+                panic!("not a batch: {decoded:?}");
+            };
+            assert_eq!(first, Some(b.first));
+            assert_eq!(bets.len() as u64, b.count);
+            for (k, bet) in bets.iter().enumerate() {
+                assert_eq!(bet.document, (10_000_000 + b.first + k as u64).to_string());
+                assert_eq!(bet.last_name, "Pérez|Núñez");
+            }
+            line += b.count;
+            total += b.count;
         }
         assert_eq!(total, 500);
         assert!(

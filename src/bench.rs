@@ -52,6 +52,10 @@ pub struct BenchReport {
     pub draw: Duration,
     /// The server's peak resident memory, in KiB.
     pub server_peak_rss_kib: u64,
+    /// CPU time (user and system) the server used during the run.
+    pub server_cpu: Duration,
+    /// CPU time the agencies (this process) used during the run.
+    pub agencies_cpu: Duration,
 }
 
 impl BenchReport {
@@ -63,7 +67,8 @@ impl BenchReport {
              {} bets in {:.2} s: {:.0} bets/s\n\
              batch acknowledgement latency: p50 {:.2} ms, p99 {:.2} ms\n\
              draw: {} ms\n\
-             server peak RSS: {:.1} MiB\n",
+             server peak RSS: {:.1} MiB\n\
+             CPU: central {:.2} s, agencies {:.2} s ({:.2} µs per bet in all)\n",
             o.agencies,
             o.bets_per_agency,
             o.window,
@@ -79,6 +84,9 @@ impl BenchReport {
             self.p99.as_secs_f64() * 1e3,
             self.draw.as_millis(),
             self.server_peak_rss_kib as f64 / 1024.0,
+            self.server_cpu.as_secs_f64(),
+            self.agencies_cpu.as_secs_f64(),
+            (self.server_cpu + self.agencies_cpu).as_secs_f64() * 1e6 / self.bets.max(1) as f64,
         )
     }
 }
@@ -179,6 +187,24 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user and system) process `pid` has used so far, from
+/// `/proc/<pid>/stat` (in the kernel's fixed 100 Hz user ticks).
+fn cpu_time(pid: &str) -> Duration {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses and
+            // may hold spaces: utime and stime are the 12th and 13th.
+            let rest = s.rsplit_once(") ")?.1;
+            let mut fields = rest.split(' ').skip(11);
+            let user: u64 = fields.next()?.parse().ok()?;
+            let system: u64 = fields.next()?.parse().ok()?;
+            Some(user + system)
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
 fn percentile(sorted: &[u32], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -226,6 +252,8 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
     let total = u64::from(opts.agencies) * opts.bets_per_agency;
     let root = shutdown.child_token();
     let _guard = root.clone().drop_guard();
+    let server_pid = server.child.id().to_string();
+    let (server_cpu_before, own_cpu_before) = (cpu_time(&server_pid), cpu_time("self"));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let mut progress = Vec::new();
@@ -274,6 +302,8 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
     ticker.abort();
 
     let peak = peak_rss_kib(server.child.id());
+    let server_cpu = cpu_time(&server_pid).saturating_sub(server_cpu_before);
+    let agencies_cpu = cpu_time("self").saturating_sub(own_cpu_before);
     let lines = server
         .lines
         .lock()
@@ -306,5 +336,7 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
         p99: percentile(&latencies, 0.99),
         draw,
         server_peak_rss_kib: peak,
+        server_cpu,
+        agencies_cpu,
     })
 }

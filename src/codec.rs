@@ -173,6 +173,23 @@ impl<In, Out: WireMessage> Encoder<&Out> for LotteryCodec<In, Out> {
     }
 }
 
+/// A request frame encoded whole beforehand (header and payload), as
+/// [`BatchBuilder`](crate::protocol::BatchBuilder) makes them: sent as is.
+#[derive(Debug, Clone)]
+pub struct RawFrame(pub bytes::Bytes);
+
+impl<In> Encoder<RawFrame> for LotteryCodec<In, Request> {
+    type Error = FrameError;
+
+    fn encode(&mut self, frame: RawFrame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        if frame.0.len() > MAX_FRAME_LEN {
+            return Err(FrameError::MessageTooLarge(frame.0.len()));
+        }
+        dst.extend_from_slice(&frame.0);
+        Ok(())
+    }
+}
+
 /// Frames `msg` into a fresh buffer: header and payload, ready to write.
 ///
 /// # Errors

@@ -34,6 +34,7 @@
 
 pub mod agency;
 pub mod bench;
+mod bytescan;
 pub mod codec;
 pub mod compose;
 pub mod config;

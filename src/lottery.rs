@@ -371,7 +371,7 @@ impl Lottery {
                     winners
                         .entry(bet.agency)
                         .or_default()
-                        .push(bet.document.to_string());
+                        .push(String::from_utf8_lossy(bet.document).into_owned());
                 }
             })
             .map_err(|e| e.to_string())?;

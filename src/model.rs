@@ -170,6 +170,46 @@ pub struct BetRef<'a> {
     pub number: u16,
 }
 
+/// Today's date, as validation compares birthdates with it: looked up once
+/// and reused for many bets (a batch, a few hundred lines), as asking the
+/// clock and the time zone per bet would dominate validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Today([u8; 10]);
+
+impl Today {
+    /// The local date now.
+    pub fn now() -> Self {
+        Today(today())
+    }
+}
+
+impl<'a> BetRef<'a> {
+    /// Checks a bet of `agency` (whose id is known to be valid: the
+    /// agency's own) from its text fields, as [`Bet::from_fields`] does.
+    ///
+    /// # Errors
+    /// A [`BetError`] naming the first field that is wrong.
+    pub fn check(
+        agency: AgencyId,
+        first_name: &'a str,
+        last_name: &'a str,
+        document: &'a str,
+        birthdate: &'a str,
+        number: &str,
+        today: Today,
+    ) -> Result<Self, BetError> {
+        check_text(first_name, last_name, document, birthdate, &today.0)?;
+        Ok(BetRef {
+            agency,
+            first_name,
+            last_name,
+            document,
+            birthdate,
+            number: parse_number(number)?,
+        })
+    }
+}
+
 impl BetRef<'_> {
     /// An owned copy.
     pub fn to_bet(&self) -> Bet {
@@ -207,7 +247,7 @@ pub struct Bets {
     text: String,
     slots: Vec<Slot>,
     /// Today's date, looked up once for the batch rather than per bet.
-    today: Option<[u8; 10]>,
+    today: Option<Today>,
 }
 
 impl PartialEq for Bets {
@@ -288,7 +328,7 @@ impl Bets {
     ) -> Result<(), BetError> {
         let today = self.today();
         let (agency, number) = check(
-            agency, first_name, last_name, document, birthdate, number, &today,
+            agency, first_name, last_name, document, birthdate, number, &today.0,
         )?;
         self.push_unchecked(agency, [first_name, last_name, document, birthdate], number);
         Ok(())
@@ -308,15 +348,21 @@ impl Bets {
         birthdate: &str,
         number: &str,
     ) -> Result<(), BetError> {
-        let today = self.today();
-        check_text(first_name, last_name, document, birthdate, &today)?;
-        let number = parse_number(number)?;
-        self.push_unchecked(agency, [first_name, last_name, document, birthdate], number);
+        let bet = BetRef::check(
+            agency,
+            first_name,
+            last_name,
+            document,
+            birthdate,
+            number,
+            self.today(),
+        )?;
+        self.push(bet);
         Ok(())
     }
 
-    fn today(&mut self) -> [u8; 10] {
-        *self.today.get_or_insert_with(today)
+    fn today(&mut self) -> Today {
+        *self.today.get_or_insert_with(Today::now)
     }
 
     /// Appends a bet that is already valid.

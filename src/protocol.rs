@@ -428,47 +428,12 @@ impl<'a> Pairs<'a> {
     }
 }
 
-/// Positions of every `\\`, `|` and `:` in `bytes`, in order.
-///
-/// These are all the bytes that give a payload its structure, at both of a
-/// batch's levels (the batch's pairs, and each bet's own). Finding them all
-/// in one pass, eight bytes at a time, and then walking only them is much
-/// faster than looking at every byte while splitting: a bet's fields are a
-/// few bytes long, too short for per-call searches (`memchr`) to pay off.
+/// Positions of every `\\`, `|` and `:` in `bytes`, in order: all the bytes
+/// that give a payload its structure, at both of a batch's levels (the
+/// batch's pairs, and each bet's own).
 fn find_specials(bytes: &[u8]) -> Vec<u32> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-    /// The high bit of each byte of `x` that is zero, and nothing else.
-    fn zero_bytes(x: u64) -> u64 {
-        !(((x & LOW7).wrapping_add(LOW7)) | x | LOW7)
-    }
-    let (escape, pipe, colon) = (
-        ONES * u64::from(b'\\'),
-        ONES * u64::from(b'|'),
-        ONES * u64::from(b':'),
-    );
-    // At most one position per byte: written by index into room made up
-    // front, with no capacity check per position.
-    let mut out = vec![0u32; bytes.len()];
-    let mut n = 0;
-    let mut chunks = bytes.chunks_exact(8);
-    let mut base = 0u32;
-    for chunk in &mut chunks {
-        let w = u64::from_le_bytes(chunk.try_into().expect("chunks of 8"));
-        let mut found = zero_bytes(w ^ escape) | zero_bytes(w ^ pipe) | zero_bytes(w ^ colon);
-        while found != 0 {
-            out[n] = base + found.trailing_zeros() / 8;
-            n += 1;
-            found &= found - 1;
-        }
-        base += 8;
-    }
-    for (i, &b) in chunks.remainder().iter().enumerate() {
-        if matches!(b, b'\\' | b'|' | b':') {
-            out[n] = base + i as u32;
-            n += 1;
-        }
-    }
+    let mut out = vec![0; bytes.len()];
+    let n = crate::bytescan::positions_of(bytes, *b"\\|:", 0, &mut out);
     out.truncate(n);
     out
 }
@@ -908,69 +873,103 @@ fn parse_bet_escaped(escaped: &str) -> Result<[String; 6], BetError> {
     Ok([take(0)?, take(1)?, take(2)?, take(3)?, take(4)?, take(5)?])
 }
 
-/// Decimal digits of `n`.
-fn digits(n: usize) -> usize {
-    n.checked_ilog10().map_or(1, |d| d as usize + 1)
-}
-
-/// Bytes a bet takes inside a batch payload, once escaped twice (its own
-/// fields, then the whole bet as one value), not counting `|BET_i:`.
-pub fn encoded_bet_len(bet: BetRef<'_>) -> usize {
-    // An escaped byte of a field travels as 4 bytes (`\\\|`), a plain one as 1.
-    let field = |v: &str| v.len() + 3 * (escaped_len(v) - v.len());
-    let mut n = 0;
-    let mut digits = itoa::Buffer::new();
-    for (k, v) in bet_fields(bet, &mut digits) {
-        n += k.len() + 1 + field(v);
-    }
-    n + 2 * 5 // five `\|` separators between six fields
-}
-
-/// Tracks the size of a batch being filled so it can be cut before it
-/// outgrows a frame. Used by the agency.
-#[derive(Debug, Default, Clone)]
-pub struct BatchSizer {
+/// Builds one batch frame bet by bet, straight into wire bytes: how the
+/// agency turns its data file into frames, cutting a batch when the next
+/// bet would not fit.
+///
+/// The batch header (`BATCH_SIZE:n|FIRST:k`) is only known at the end, so
+/// the bets are written after room left for it, and the header is written
+/// into that room, right before them, by [`BatchBuilder::finish`].
+#[derive(Debug)]
+pub struct BatchBuilder {
+    buf: BytesMut,
     count: usize,
-    /// The bets' own bytes, and a `|BET_i:` before each.
-    bets_len: usize,
-    /// `|FIRST:<n>` when the batch carries its position.
-    first_len: usize,
+    first: Option<u64>,
 }
 
-impl BatchSizer {
-    /// Payload size of the batch if a bet of `bet_len` bytes were added.
-    pub fn len_with(&self, bet_len: usize) -> usize {
-        let count = self.count + 1;
-        // `BATCH_SIZE:n`, the final `\n`, and this bet's `|BET_i:`.
-        let fixed = key::BATCH_SIZE.len() + 1 + digits(count) + 1;
-        let pair = 1 + key::BET_PREFIX.len() + digits(count) + 1;
-        fixed + self.first_len + self.bets_len + pair + bet_len
+/// Room before the bets for the frame header and the batch header:
+/// `BATCH_SIZE:` with 4 digits and `|FIRST:` with 20.
+const BATCH_HEADROOM: usize = HEADER_LEN + 11 + 4 + 7 + 20;
+
+impl BatchBuilder {
+    /// An empty batch, which says it starts at bet `first` when given.
+    pub fn new(first: Option<u64>) -> Self {
+        let mut buf = BytesMut::with_capacity(MAX_FRAME_LEN + BATCH_HEADROOM);
+        buf.put_bytes(0, BATCH_HEADROOM);
+        Self {
+            buf,
+            count: 0,
+            first,
+        }
     }
 
-    /// Whether a bet of `bet_len` encoded bytes still fits in one frame.
-    pub fn fits(&self, bet_len: usize) -> bool {
-        self.len_with(bet_len) <= MAX_PAYLOAD_LEN
-    }
-
-    /// Records a bet of `bet_len` bytes as added.
-    pub fn add(&mut self, bet_len: usize) {
-        self.count += 1;
-        self.bets_len += 1 + key::BET_PREFIX.len() + digits(self.count) + 1 + bet_len;
-    }
-
-    /// Bets added so far.
+    /// Bets in the batch.
     pub fn count(&self) -> usize {
         self.count
     }
 
-    /// Starts a new, empty batch, which carries `FIRST` when `first` is set.
-    pub fn reset(&mut self, first: Option<u64>) {
-        *self = Self {
-            first_len: first.map_or(0, |n| {
-                1 + key::FIRST.len() + 1 + itoa::Buffer::new().format(n).len()
-            }),
-            ..Self::default()
-        };
+    /// The payload's length with `count` bets and `bets_len` bytes of them.
+    fn payload_len(&self, count: usize, bets_len: usize) -> usize {
+        let digits = |n: u64| n.checked_ilog10().map_or(1, |d| d as usize + 1);
+        let first = self
+            .first
+            .map_or(0, |f| 1 + key::FIRST.len() + 1 + digits(f));
+        key::BATCH_SIZE.len() + 1 + digits(count as u64) + first + bets_len + 1
+    }
+
+    /// Appends `bet` if the batch still fits in one frame with it; returns
+    /// whether it did (the batch is unchanged when it did not).
+    pub fn push(&mut self, bet: BetRef<'_>) -> bool {
+        let mark = self.buf.len();
+        put_bet(&mut self.buf, self.count + 1, bet);
+        if self.payload_len(self.count + 1, self.buf.len() - BATCH_HEADROOM) > MAX_PAYLOAD_LEN {
+            self.buf.truncate(mark);
+            return false;
+        }
+        self.count += 1;
+        true
+    }
+
+    /// The whole frame, length header included.
+    pub fn finish(mut self) -> bytes::Bytes {
+        let payload_len = self.payload_len(self.count, self.buf.len() - BATCH_HEADROOM);
+        let mut head = BytesMut::with_capacity(BATCH_HEADROOM);
+        let mut n = itoa::Buffer::new();
+        head.put_u32(u32::try_from(payload_len).expect("a payload fits in a frame"));
+        head.put_slice(key::BATCH_SIZE.as_bytes());
+        head.put_u8(b':');
+        head.put_slice(n.format(self.count).as_bytes());
+        if let Some(first) = self.first {
+            head.put_u8(b'|');
+            head.put_slice(key::FIRST.as_bytes());
+            head.put_u8(b':');
+            head.put_slice(n.format(first).as_bytes());
+        }
+        self.buf.put_u8(b'\n');
+        let start = BATCH_HEADROOM - head.len();
+        self.buf[start..BATCH_HEADROOM].copy_from_slice(&head);
+        self.buf.split_off(start).freeze()
+    }
+}
+
+/// Writes `|BET_i:` and the bet, its fields escaped twice (once as the
+/// bet's own payload, once as a value of the batch).
+fn put_bet(dst: &mut BytesMut, i: usize, bet: BetRef<'_>) {
+    let mut digits = itoa::Buffer::new();
+    dst.put_u8(b'|');
+    dst.put_slice(key::BET_PREFIX.as_bytes());
+    dst.put_slice(digits.format(i).as_bytes());
+    dst.put_u8(b':');
+    for (j, (k, v)) in bet_fields(bet, &mut digits).into_iter().enumerate() {
+        if j > 0 {
+            // The bet's own separator, escaped once for the outer level.
+            dst.put_slice(b"\\|");
+        }
+        dst.put_slice(k.as_bytes());
+        dst.put_u8(b':');
+        // Escape twice in one pass: a special byte `c` becomes `\c` in
+        // the bet, and that becomes `\\\c` in the batch.
+        escape_with(dst, v.as_bytes(), b"\\\\\\");
     }
 }
 
@@ -1025,25 +1024,10 @@ fn write_batch(dst: &mut BytesMut, first: Option<u64>, bets: &Bets) {
         dst.put_u8(b':');
         dst.put_slice(n.format(first).as_bytes());
     }
-    let mut digits = itoa::Buffer::new();
     // Room for the whole payload up front: no growth while writing.
     dst.reserve(MAX_PAYLOAD_LEN.min(64 + bets.len() * 128));
     for (i, bet) in bets.iter().enumerate() {
-        dst.put_u8(b'|');
-        dst.put_slice(key::BET_PREFIX.as_bytes());
-        dst.put_slice(n.format(i + 1).as_bytes());
-        dst.put_u8(b':');
-        for (j, (k, v)) in bet_fields(bet, &mut digits).into_iter().enumerate() {
-            if j > 0 {
-                // The bet's own separator, escaped once for the outer level.
-                dst.put_slice(b"\\|");
-            }
-            dst.put_slice(k.as_bytes());
-            dst.put_u8(b':');
-            // Escape twice in one pass: a special byte `c` becomes `\c` in
-            // the bet, and that becomes `\\\c` in the batch.
-            escape_with(dst, v.as_bytes(), b"\\\\\\");
-        }
+        put_bet(dst, i + 1, bet);
     }
     dst.put_u8(b'\n');
 }
@@ -1331,16 +1315,41 @@ mod tests {
     }
 
     #[test]
-    fn encoded_bet_len_matches_writer() {
-        for (f, l) in [("Ana", "Perez"), ("A|B\\C", "ñ:ü\n"), ("Jo\"sé", "O,Neil")] {
-            let b = bet(f, l);
-            let payload = to_payload(&Request::Batch {
-                first: None,
-                bets: vec![b.clone()].into(),
-            });
-            let sizer = BatchSizer::default();
-            assert_eq!(sizer.len_with(encoded_bet_len(b.as_ref())), payload.len());
+    fn batch_builder_writes_what_the_encoder_writes_and_cuts_at_the_frame() {
+        let names = [("Ana", "Perez"), ("A|B\\C", "ñ:ü\n"), ("Jo\"sé", "O,Neil")];
+        for first in [None, Some(0), Some(9), Some(123_456_789_012)] {
+            let mut builder = BatchBuilder::new(first);
+            let mut bets = Vec::new();
+            for i in 0.. {
+                let (f, l) = names[i % names.len()];
+                let b = bet(&f.repeat(1 + i % 7), l);
+                if !builder.push(b.as_ref()) {
+                    break;
+                }
+                bets.push(b);
+            }
+            assert!(bets.len() > 10, "{}", bets.len());
+            let built = builder.finish();
+            let encoded = crate::codec::frame(&Request::Batch {
+                first,
+                bets: bets.into(),
+            })
+            .unwrap();
+            assert_eq!(&built[..], &encoded[..]);
+            assert!(built.len() <= MAX_FRAME_LEN);
+            // Full: the next bet would not have fit.
+            assert!(built.len() > MAX_FRAME_LEN - 300, "{}", built.len());
         }
+        // A bet too large for any frame is refused even by an empty batch
+        // (valid bets never are: their names are at most 100 characters).
+        let (long, small) = ("x".repeat(MAX_PAYLOAD_LEN), bet("A", "B"));
+        let huge = BetRef {
+            first_name: &long,
+            ..small.as_ref()
+        };
+        let mut empty = BatchBuilder::new(Some(0));
+        assert!(!empty.push(huge));
+        assert_eq!(empty.count(), 0);
     }
 
     #[test]
@@ -1485,18 +1494,6 @@ mod tests {
                 .into_iter()
                 .map(|p| p as usize),
         )
-    }
-
-    #[test]
-    fn specials_are_found_exactly_at_every_alignment() {
-        let text = "a:b|c\\d::||\\\\é:xyzw|0123456789:";
-        for skip in 0..text.len() {
-            let bytes = &text.as_bytes()[skip..];
-            let expected: Vec<u32> = (0..bytes.len() as u32)
-                .filter(|&i| matches!(bytes[i as usize], b'\\' | b'|' | b':'))
-                .collect();
-            assert_eq!(find_specials(bytes), expected, "from byte {skip}");
-        }
     }
 
     #[test]

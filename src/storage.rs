@@ -255,7 +255,6 @@ const MAX_GROUP: usize = 512;
 
 fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Append>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
-    let (mut ngroups, mut nbatches) = (0u64, 0u64);
     // Group commit: every batch waiting when the writer comes round shares
     // one write and one sync. Under load the groups grow by themselves.
     while let Some(first) = rx.blocking_recv() {
@@ -266,8 +265,6 @@ fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Append>) {
                 Err(_) => break,
             }
         }
-        ngroups += 1;
-        nbatches += group.len() as u64;
         let outcomes = writer.write_group(&group);
         for (append, outcome) in group.drain(..).zip(outcomes) {
             if let Err(reason) = &outcome {
@@ -278,7 +275,6 @@ fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Append>) {
             let _ = append.done.send(outcome);
         }
     }
-    eprintln!("TEMP groups {ngroups} batches {nbatches}");
     let path = writer.path.clone();
     match writer.close() {
         Ok(()) => info!(
@@ -601,11 +597,15 @@ pub fn scan(path: &Path, mut each: impl FnMut(StoredBet<'_>)) -> Result<u64, Sto
     let mut rows = 0u64;
     let mut quoted = csv_core::Reader::new();
     let mut scratch = (Vec::new(), [0usize; 8]);
+    // Where every `,`, `\n` and `"` of the buffer is, found once per read;
+    // `mark` is the first one at or after `start`.
+    let mut marks: Vec<u32> = Vec::new();
+    let (mut marked, mut mark) = (0, 0);
     loop {
         // A whole row from `start`, or (at the end) whatever is left.
         // Most rows: one pass finds the line's end and its commas.
         let mut commas = [0usize; 5];
-        let plain = plain_row(&buf[start..filled], &mut commas);
+        let plain = plain_row(&buf, &marks[..marked], &mut mark, start, &mut commas);
         let found = match plain {
             Some(PlainRow { len, commas: 5 }) => {
                 let row = &buf[start..start + len];
@@ -623,8 +623,10 @@ pub fn scan(path: &Path, mut each: impl FnMut(StoredBet<'_>)) -> Result<u64, Sto
                 else {
                     return Err(corrupt(rows, "agency or number is not a number".into()));
                 };
-                let document = std::str::from_utf8(fields[3])
-                    .map_err(|_| corrupt(rows, "document is not UTF-8".into()))?;
+                let document = fields[3];
+                if !is_document(document) {
+                    return Err(corrupt(rows, "document is not a number".into()));
+                }
                 each(StoredBet {
                     agency,
                     document,
@@ -637,6 +639,15 @@ pub fn scan(path: &Path, mut each: impl FnMut(StoredBet<'_>)) -> Result<u64, Sto
             Some(_) => complete_row(&buf[start..filled]),
             None => None,
         };
+        if let Some((len, _)) = found {
+            // The general path takes the row: skip its marks.
+            while marks[..marked]
+                .get(mark)
+                .is_some_and(|&m| (m as usize) < start + len)
+            {
+                mark += 1;
+            }
+        }
         let (row_len, has_quotes) = match found {
             Some(found) => found,
             None if !eof => {
@@ -650,6 +661,10 @@ pub fn scan(path: &Path, mut each: impl FnMut(StoredBet<'_>)) -> Result<u64, Sto
                 let n = file.read(&mut buf[filled..]).map_err(read_err)?;
                 filled += n;
                 eof = n == 0;
+                // Zeroed room grows with the buffer only, and is reused.
+                marks.resize(buf.len(), 0);
+                marked = crate::bytescan::positions_of(&buf[..filled], *b",\n\"", 0, &mut marks);
+                mark = 0;
                 continue;
             }
             None if start == filled => break,
@@ -676,8 +691,10 @@ pub fn scan(path: &Path, mut each: impl FnMut(StoredBet<'_>)) -> Result<u64, Sto
         else {
             return Err(corrupt(rows, "agency or number is not a number".into()));
         };
-        let document = std::str::from_utf8(fields[3])
-            .map_err(|_| corrupt(rows, "document is not UTF-8".into()))?;
+        let document = fields[3];
+        if !is_document(document) {
+            return Err(corrupt(rows, "document is not a number".into()));
+        }
         each(StoredBet {
             agency,
             document,
@@ -718,33 +735,55 @@ struct PlainRow {
     commas: usize,
 }
 
-/// Scans the first line of `bytes` once, noting where its first five commas
-/// are. `None` without a whole line; `commas` is more than 5 (or the line
-/// is reported as having none) when the line is not a plain six-field row.
-fn plain_row(bytes: &[u8], commas: &mut [usize; 5]) -> Option<PlainRow> {
+/// The row at `start`, read from the buffer's `marks` (the positions of
+/// its `,`, `\n` and `"`) from index `mark` on, noting where its first five
+/// commas are (relative to `start`). `None` without a whole line; `commas`
+/// is not 5 when the line is not a plain six-field row (reported as 0 when
+/// it holds a `"`). Advances `mark` past the line.
+fn plain_row(
+    buf: &[u8],
+    marks: &[u32],
+    mark: &mut usize,
+    start: usize,
+    commas: &mut [usize; 5],
+) -> Option<PlainRow> {
     let mut found = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        match b {
+    for (k, &m) in marks.iter().enumerate().skip(*mark) {
+        let at = m as usize;
+        if at < start {
+            continue; // behind a row the general path took
+        }
+        match buf[at] {
             b',' => {
                 if let Some(slot) = commas.get_mut(found) {
-                    *slot = i;
+                    *slot = at - start;
                 }
                 found += 1;
             }
             b'\n' => {
+                *mark = k + 1;
                 return Some(PlainRow {
-                    len: i,
+                    len: at - start,
                     commas: found,
+                });
+            }
+            // Quoted fields: not plain; the general path takes the row.
+            _ => {
+                return Some(PlainRow {
+                    len: at - start,
+                    commas: 0,
                 })
             }
-            b'"' => {
-                // Quoted fields: not plain; the general path takes the row.
-                return Some(PlainRow { len: i, commas: 0 });
-            }
-            _ => {}
         }
     }
     None
+}
+
+/// Whether a stored document is as the central stores them: 1 to 10 ASCII
+/// digits (checked here instead of as UTF-8, which costs a call per row).
+fn is_document(field: &[u8]) -> bool {
+    (1..=crate::model::MAX_DOCUMENT_LEN).contains(&field.len())
+        && field.iter().all(u8::is_ascii_digit)
 }
 
 /// A decimal number of one to nine digits, as the agency and number fields
@@ -822,8 +861,8 @@ fn split_quoted<'a>(
 pub struct StoredBet<'a> {
     /// The agency that took it.
     pub agency: AgencyId,
-    /// The document (DNI).
-    pub document: &'a str,
+    /// The document (DNI): 1 to 10 ASCII digits.
+    pub document: &'a [u8],
     /// The number bet on.
     pub number: u32,
 }
@@ -865,7 +904,11 @@ mod tests {
         );
         let mut seen = Vec::new();
         let n = scan(&path, |b| {
-            seen.push((b.agency, b.document.to_string(), b.number))
+            seen.push((
+                b.agency,
+                String::from_utf8(b.document.to_vec()).unwrap(),
+                b.number,
+            ))
         })
         .unwrap();
         assert_eq!(n, 3);
@@ -920,7 +963,11 @@ mod tests {
 
         let mut seen = Vec::new();
         let n = scan(&path, |b| {
-            seen.push((b.agency, b.document.to_string(), b.number))
+            seen.push((
+                b.agency,
+                String::from_utf8(b.document.to_vec()).unwrap(),
+                b.number,
+            ))
         })
         .unwrap();
         assert_eq!(n, 60_000);
@@ -954,7 +1001,11 @@ mod tests {
         .unwrap();
         let mut seen = Vec::new();
         let n = scan(&path, |b| {
-            seen.push((b.agency, b.document.to_string(), b.number))
+            seen.push((
+                b.agency,
+                String::from_utf8(b.document.to_vec()).unwrap(),
+                b.number,
+            ))
         })
         .unwrap();
         assert_eq!(n, 2);
