@@ -33,6 +33,8 @@ use crate::model::{AgencyId, BetRef, Today};
 use crate::protocol::{BatchBuilder, ErrorCode, MessageError, Reply, Request};
 use crate::tls::{self, BoxedIo, TlsError};
 
+/// Bytes of frames buffered before a write is forced.
+const WRITE_BUFFER: usize = 128 * 1024;
 /// Batches read ahead of the one being sent.
 const READ_AHEAD: usize = 4;
 /// First wait before reconnecting; it doubles up to [`MAX_BACKOFF`].
@@ -368,7 +370,13 @@ async fn session(
         server_address = address
     );
     let mut conn = Connection {
-        framed: Framed::new(stream, AgencyCodec::new()),
+        framed: {
+            let mut framed = Framed::new(stream, AgencyCodec::new());
+            // A window of frames is written with one syscall: the default
+            // boundary (8 KiB) would flush before every frame.
+            framed.set_backpressure_boundary(WRITE_BUFFER);
+            framed
+        },
         shutdown,
         address,
     };
