@@ -96,7 +96,10 @@ impl BenchReport {
 /// exit within [`STOP_PATIENCE`].
 struct ServerProcess {
     child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
+    /// Failure lines, kept as they are read.
+    fails: Arc<Mutex<Vec<String>>>,
+    /// The `listen` and `sorteo` lines, as they arrive.
+    milestones: std::sync::mpsc::Receiver<String>,
 }
 
 /// How long a stopping server may take before it is killed.
@@ -148,24 +151,29 @@ fn start_server(dir: &Path, opts: &BenchOptions) -> anyhow::Result<(ServerProces
     }
     let mut child = cmd.spawn().context("starting the server")?;
     let stdout = child.stdout.take().expect("piped");
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
+    let fails = Arc::new(Mutex::new(Vec::new()));
+    let (tx, milestones) = std::sync::mpsc::channel();
     {
-        let lines = lines.clone();
+        let fails = fails.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 // Keep only what the report needs; per-batch lines are many.
-                if line.contains("action: listen") {
+                if line.contains("action: listen") || line.contains("action: sorteo") {
                     let _ = tx.send(line.clone());
                 }
-                if line.contains("action: sorteo") || line.contains("result: fail") {
-                    lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                if line.contains("result: fail") {
+                    fails.lock().unwrap_or_else(|p| p.into_inner()).push(line);
                 }
             }
         });
     }
-    let server = ServerProcess { child, lines };
-    let listen = rx
+    let server = ServerProcess {
+        child,
+        fails,
+        milestones,
+    };
+    let listen = server
+        .milestones
         .recv_timeout(Duration::from_secs(30))
         .context("the server did not start listening")?;
     let port = listen
@@ -304,21 +312,25 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
     let peak = peak_rss_kib(server.child.id());
     let server_cpu = cpu_time(&server_pid).saturating_sub(server_cpu_before);
     let agencies_cpu = cpu_time("self").saturating_sub(own_cpu_before);
-    let lines = server
-        .lines
+    // The draw's line may still be on its way through the pipe.
+    let draw_line = server
+        .milestones
+        .recv_timeout(Duration::from_secs(30))
+        .context("the server did not log the draw")?;
+    let fails = server
+        .fails
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    if let Some(fail) = lines.iter().find(|l| l.contains("result: fail")) {
+    if let Some(fail) = fails.first() {
         bail!("the server reported a failure: {fail}");
     }
-    let draw = lines
-        .iter()
-        .find(|l| l.contains("action: sorteo"))
-        .and_then(|l| l.split(" | ").find_map(|f| f.strip_prefix("millis: ")))
+    let draw = draw_line
+        .split(" | ")
+        .find_map(|f| f.strip_prefix("millis: "))
         .and_then(|m| m.trim().parse().ok())
         .map(Duration::from_millis)
-        .unwrap_or_default();
+        .context("no millis in the draw's line")?;
     let mut latencies: Vec<u32> = reports
         .iter()
         .flat_map(|r| r.ack_latencies_us.iter().copied())

@@ -31,9 +31,11 @@ use crate::protocol::{status_replies, winners_replies, ErrorCode, Reply, Request
 use crate::storage::{self, encode_rows, BetStore, Durability, Pending, Sequence, StorageError};
 use crate::tls::{self, BoxedIo, TlsError};
 
-/// Read buffer of a connection: room for several full frames, so that an
-/// agency's window of batches is read with a few syscalls, not one each.
-const READ_BUFFER: usize = 64 * 1024;
+/// Read buffer of a connection: room for two full frames, so that an
+/// agency's window of batches is read with fewer syscalls than one each.
+/// Not more: with a thousand agencies connected, each KiB here is a MiB of
+/// the central's memory.
+const READ_BUFFER: usize = 16 * 1024;
 
 /// How long shutdown waits for connections to finish what they started.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
