@@ -345,6 +345,12 @@ pub fn escape_into(dst: &mut BytesMut, value: &str) {
 /// copying the plain runs between them whole. (Fields are short: a plain
 /// byte loop beats `memchr` here.)
 fn escape_with(dst: &mut BytesMut, bytes: &[u8], escape: &[u8]) {
+    // Nearly every field has nothing to escape: check eight bytes at a time
+    // and copy the field whole.
+    if !crate::bytescan::any_of(bytes, *b"\\|\n") {
+        dst.put_slice(bytes);
+        return;
+    }
     let mut start = 0;
     for (i, &c) in bytes.iter().enumerate() {
         if needs_escape(c) {
@@ -719,9 +725,12 @@ fn bet_field_index(key: &[u8]) -> Option<usize> {
         (9, Some(b'A'), _) => 5,
         _ => return None,
     };
-    // Keys are a few bytes: a plain loop beats a call to `memcmp`.
-    let wire = BET_FIELDS[candidate].wire_key().as_bytes();
-    (wire.len() == key.len() && wire.iter().zip(key).all(|(a, b)| a == b)).then_some(candidate)
+    same_bytes(BET_FIELDS[candidate].wire_key().as_bytes(), key).then_some(candidate)
+}
+
+/// `a == b` for a few bytes: a plain loop beats a call to `memcmp`.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
 }
 
 /// Parses one escaped `BET_i` value, whose special bytes are at `specials`,
@@ -755,9 +764,17 @@ fn plain_bet(escaped: &str, specials: impl Iterator<Item = usize>) -> Option<[&s
         return None;
     }
     let mut values: [Option<&str>; 6] = [None; 6];
+    let mut pair = 0;
     let mut take = |start: usize, colon: Option<usize>, end: usize| -> Option<()> {
         let c = colon?;
-        let field = bet_field_index(&bytes[start..c])?;
+        let key = &bytes[start..c];
+        // Writers send the fields in this order: check the expected key
+        // first, and look the key up only when it is another.
+        let field = match BET_FIELDS.get(pair) {
+            Some(expected) if same_bytes(expected.wire_key().as_bytes(), key) => pair,
+            _ => bet_field_index(key)?,
+        };
+        pair += 1;
         // Splitting at ASCII bytes keeps both sides valid UTF-8.
         match values[field].replace(&escaped[c + 1..end]) {
             Some(_) => None,
