@@ -201,6 +201,14 @@ fn bench_runs_the_load_and_reports_it() {
     assert!(t.contains("4000 bets in "), "{t}");
     assert!(t.contains("batch acknowledgement latency: p50 "), "{t}");
     assert!(t.contains("server peak RSS: "), "{t}");
+    assert!(t.contains("CPU: central "), "{t}");
+    assert!(t.contains(" µs per bet in all)"), "{t}");
+    // The draw's time comes from the server's own `sorteo` line.
+    let draw = t
+        .lines()
+        .find_map(|l| l.strip_prefix("draw: "))
+        .unwrap_or_else(|| panic!("no draw line: {t}"));
+    assert!(draw.ends_with(" ms"), "{t}");
     // The load was real: the server stored every generated bet.
     let expected = expected(&work.path().join("data"), 2, 7574);
     assert_eq!(stored(&work.path().join("bets.csv")), expected.rows);
