@@ -7,7 +7,7 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughpu
 
 use lottery::gen_data::{self, GenOptions};
 use lottery::model::Bets;
-use lottery::storage::{encode_rows, scan, BetStore, Durability};
+use lottery::storage::{encode_rows, scan, tally, BetStore, Durability};
 
 fn bets(n: usize) -> Bets {
     let mut bets = Bets::new();
@@ -113,6 +113,10 @@ fn bench(c: &mut Criterion) {
             let n = scan(&path, |bet| winners += u64::from(bet.number == 7574)).unwrap();
             black_box((n, winners))
         })
+    });
+    // What the draw runs: the same file, tallied by two threads.
+    g.bench_function("draw_tally_1m", |b| {
+        b.iter(|| black_box(tally(&path, 7574).unwrap()))
     });
     g.finish();
 }

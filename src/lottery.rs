@@ -362,25 +362,14 @@ impl Lottery {
         let winning_number = self.shared.winning_number;
         crate::task::spawn_blocking_named("draw", move || {
             let started = Instant::now();
-            let winning = u32::from(winning_number);
-            let mut winners: HashMap<AgencyId, Vec<String>> = HashMap::new();
-            let mut bets_per_agency: BTreeMap<AgencyId, u64> = BTreeMap::new();
-            let bets = storage::scan(&path, |bet| {
-                *bets_per_agency.entry(bet.agency).or_default() += 1;
-                if bet.number == winning {
-                    winners
-                        .entry(bet.agency)
-                        .or_default()
-                        .push(String::from_utf8_lossy(bet.document).into_owned());
-                }
-            })
-            .map_err(|e| e.to_string())?;
+            let tally =
+                storage::tally(&path, u32::from(winning_number)).map_err(|e| e.to_string())?;
             let draw = Draw {
                 winning_number,
                 drawn_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                winners,
-                bets_per_agency,
-                bets,
+                winners: tally.winners,
+                bets_per_agency: tally.per_agency,
+                bets: tally.rows,
                 elapsed: started.elapsed(),
             };
             draw.save(&record)

@@ -9,7 +9,7 @@
 //! its rows are on stable storage. [`recover`] repairs the file after a
 //! crash.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, IoSlice, Write};
 use std::path::{Path, PathBuf};
@@ -565,35 +565,182 @@ fn ends_with_newline(path: &Path, end: u64) -> io::Result<bool> {
 /// holding the file in memory.
 ///
 /// This is the draw's whole cost, so it reads the file in large blocks and
-/// finds rows with `memchr`: a row without a `"` (nearly all of them) is cut
-/// at its commas; a row with quoted fields (a name holding a comma, a quote
-/// or a line break, which may span lines) goes through CSV's own parser.
+/// finds rows with the byte scanner: a row without a `"` (nearly all of
+/// them) is cut at its commas; a row with quoted fields (a name holding a
+/// comma, a quote or a line break, which may span lines) goes through CSV's
+/// own parser.
 ///
 /// # Errors
 /// The file cannot be read, or a row is not a valid bet.
 pub fn scan(path: &Path, mut each: impl FnMut(StoredBet<'_>)) -> Result<u64, StorageError> {
-    use std::io::Read;
-    let mut file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(source) => {
-            return Err(StorageError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
+    let Some(mut file) = open_existing(path)? else {
+        return Ok(0);
     };
-    let read_err = |source| StorageError::Io {
+    match scan_part(&mut file, 0, None, &mut each) {
+        Ok(part) => Ok(part.rows),
+        Err(fail) => Err(fail.into_error(path, 0)),
+    }
+}
+
+/// What the draw needs from the bets file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Rows (bets) in the file.
+    pub rows: u64,
+    /// Bets per agency.
+    pub per_agency: BTreeMap<AgencyId, u64>,
+    /// Each agency's winning documents, in the order they were stored.
+    pub winners: HashMap<AgencyId, Vec<String>>,
+}
+
+impl Tally {
+    fn add(&mut self, bet: StoredBet<'_>, winning: u32) {
+        *self.per_agency.entry(bet.agency).or_default() += 1;
+        if bet.number == winning {
+            let document = String::from_utf8_lossy(bet.document).into_owned();
+            self.winners.entry(bet.agency).or_default().push(document);
+        }
+    }
+
+    /// Adds what a later part of the file holds.
+    fn extend(&mut self, later: Tally) {
+        self.rows += later.rows;
+        for (agency, n) in later.per_agency {
+            *self.per_agency.entry(agency).or_default() += n;
+        }
+        for (agency, documents) in later.winners {
+            self.winners.entry(agency).or_default().extend(documents);
+        }
+    }
+}
+
+/// Files smaller than this are tallied by one thread.
+const SPLIT_ABOVE: u64 = 8 << 20;
+
+/// Tallies the bets file for a draw of `winning`: bets per agency, and
+/// each agency's winners in file order.
+///
+/// A large file is read by two threads at once, one from each half: the
+/// draw runs while the agencies wait, and the central's other core would
+/// otherwise sit idle. The second half starts after the first line end past
+/// the middle; as a quoted name may hold a line break, that is only a guess
+/// at a row boundary, which the first thread confirms by ending exactly
+/// there. When it does not (the middle fell inside such a name), the second
+/// thread's work is dropped and the first reads on to the end alone.
+///
+/// # Errors
+/// As [`scan`].
+pub fn tally(path: &Path, winning: u32) -> Result<Tally, StorageError> {
+    let Some(mut file) = open_existing(path)? else {
+        return Ok(Tally::default());
+    };
+    let io_err = |source| StorageError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let corrupt = |row: u64, reason: String| StorageError::Corrupt {
-        path: path.to_path_buf(),
-        row,
-        reason,
+    let len = file.metadata().map_err(io_err)?.len();
+    let split = if len > SPLIT_ABOVE {
+        row_start_after(&file, len / 2).map_err(io_err)?
+    } else {
+        None
     };
+    let tally_part = |file: &mut File, from: u64, stop_at: Option<u64>| {
+        let mut tally = Tally::default();
+        let part = scan_part(file, from, stop_at, &mut |bet| tally.add(bet, winning))?;
+        tally.rows = part.rows;
+        Ok::<_, ScanFail>((tally, part.end))
+    };
+    let Some(split) = split else {
+        let (tally, _) = tally_part(&mut file, 0, None).map_err(|f| f.into_error(path, 0))?;
+        return Ok(tally);
+    };
+    std::thread::scope(|scope| {
+        let second = scope.spawn(|| {
+            let mut file = File::open(path).map_err(ScanFail::Io)?;
+            tally_part(&mut file, split, None)
+        });
+        let (mut tally, end) =
+            tally_part(&mut file, 0, Some(split)).map_err(|f| f.into_error(path, 0))?;
+        let second = second.join().expect("the draw's scan does not panic");
+        if end == split {
+            match second {
+                Ok((later, _)) => tally.extend(later),
+                Err(fail) => return Err(fail.into_error(path, tally.rows)),
+            }
+        } else {
+            // The guess fell inside a row: read on from where the first
+            // half really ended.
+            let (later, _) =
+                tally_part(&mut file, end, None).map_err(|f| f.into_error(path, tally.rows))?;
+            tally.extend(later);
+        }
+        Ok(tally)
+    })
+}
+
+/// Where the first line after byte `from` starts, if there is one.
+fn row_start_after(file: &File, from: u64) -> io::Result<Option<u64>> {
+    use std::os::unix::fs::FileExt;
+    let mut window = vec![0u8; 64 * 1024];
+    let n = file.read_at(&mut window, from)?;
+    Ok(memchr::memchr(b'\n', &window[..n]).map(|at| from + at as u64 + 1))
+}
+
+/// The bets file, or `None` when there is none yet.
+fn open_existing(path: &Path) -> Result<Option<File>, StorageError> {
+    match File::open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StorageError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Why a part of a scan failed; rows count from the part's start.
+enum ScanFail {
+    Io(io::Error),
+    Corrupt(u64, String),
+}
+
+impl ScanFail {
+    /// The error, for a part that starts after `rows_before` rows.
+    fn into_error(self, path: &Path, rows_before: u64) -> StorageError {
+        match self {
+            ScanFail::Io(source) => StorageError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+            ScanFail::Corrupt(row, reason) => StorageError::Corrupt {
+                path: path.to_path_buf(),
+                row: rows_before + row,
+                reason,
+            },
+        }
+    }
+}
+
+/// What a scanned part of the file held.
+struct Part {
+    rows: u64,
+    /// Where the part ended: the file offset after its last row.
+    end: u64,
+}
+
+/// Scans rows from file offset `from` (which must start a row) until the
+/// end of the file, or until a row would start at or past `stop_at`.
+fn scan_part(
+    file: &mut File,
+    from: u64,
+    stop_at: Option<u64>,
+    each: &mut dyn FnMut(StoredBet<'_>),
+) -> Result<Part, ScanFail> {
+    use std::io::{Read, Seek};
     let mut buf = vec![0u8; SCAN_BLOCK];
-    let (mut start, mut filled, mut eof) = (0usize, 0usize, false);
+    file.seek(io::SeekFrom::Start(from)).map_err(ScanFail::Io)?;
+    // `base` is the file offset of `buf[0]`.
+    let (mut start, mut filled, mut eof, mut base) = (0usize, 0usize, false, from);
     let mut rows = 0u64;
     let mut quoted = csv_core::Reader::new();
     let mut scratch = (Vec::new(), [0usize; 8]);
@@ -602,6 +749,9 @@ pub fn scan(path: &Path, mut each: impl FnMut(StoredBet<'_>)) -> Result<u64, Sto
     let mut marks: Vec<u32> = Vec::new();
     let (mut marked, mut mark) = (0, 0);
     loop {
+        if stop_at.is_some_and(|stop| base + start as u64 >= stop) {
+            break;
+        }
         // A whole row from `start`, or (at the end) whatever is left.
         // Most rows: one pass finds the line's end and its commas.
         let mut commas = [0usize; 5];
@@ -621,11 +771,14 @@ pub fn scan(path: &Path, mut each: impl FnMut(StoredBet<'_>)) -> Result<u64, Sto
                 let (Some(agency), Some(number)) =
                     (small_number(fields[0]), small_number(fields[5]))
                 else {
-                    return Err(corrupt(rows, "agency or number is not a number".into()));
+                    return Err(ScanFail::Corrupt(
+                        rows,
+                        "agency or number is not a number".into(),
+                    ));
                 };
                 let document = fields[3];
                 if !is_document(document) {
-                    return Err(corrupt(rows, "document is not a number".into()));
+                    return Err(ScanFail::Corrupt(rows, "document is not a number".into()));
                 }
                 each(StoredBet {
                     agency,
@@ -654,11 +807,12 @@ pub fn scan(path: &Path, mut each: impl FnMut(StoredBet<'_>)) -> Result<u64, Sto
                 // Keep the partial row, make room after it, read on.
                 buf.copy_within(start..filled, 0);
                 filled -= start;
+                base += start as u64;
                 start = 0;
                 if filled == buf.len() {
                     buf.resize(buf.len() * 2, 0); // a row longer than a block
                 }
-                let n = file.read(&mut buf[filled..]).map_err(read_err)?;
+                let n = file.read(&mut buf[filled..]).map_err(ScanFail::Io)?;
                 filled += n;
                 eof = n == 0;
                 // Zeroed room grows with the buffer only, and is reused.
@@ -685,15 +839,21 @@ pub fn scan(path: &Path, mut each: impl FnMut(StoredBet<'_>)) -> Result<u64, Sto
             split_plain(row, &mut fields)
         };
         if count != 6 {
-            return Err(corrupt(rows, format!("{count} fields instead of 6")));
+            return Err(ScanFail::Corrupt(
+                rows,
+                format!("{count} fields instead of 6"),
+            ));
         }
         let (Some(agency), Some(number)) = (small_number(fields[0]), small_number(fields[5]))
         else {
-            return Err(corrupt(rows, "agency or number is not a number".into()));
+            return Err(ScanFail::Corrupt(
+                rows,
+                "agency or number is not a number".into(),
+            ));
         };
         let document = fields[3];
         if !is_document(document) {
-            return Err(corrupt(rows, "document is not a number".into()));
+            return Err(ScanFail::Corrupt(rows, "document is not a number".into()));
         }
         each(StoredBet {
             agency,
@@ -701,11 +861,14 @@ pub fn scan(path: &Path, mut each: impl FnMut(StoredBet<'_>)) -> Result<u64, Sto
             number,
         });
     }
-    Ok(rows)
+    Ok(Part {
+        rows,
+        end: base + start as u64,
+    })
 }
 
 /// Bytes the draw's scan reads at a time.
-const SCAN_BLOCK: usize = 1 << 20;
+const SCAN_BLOCK: usize = 256 << 10;
 
 /// Length of the first complete row of `bytes`, its `\n` included, and
 /// whether it holds a `"`: the first line when it holds none or an even
@@ -1013,6 +1176,98 @@ mod tests {
         std::fs::write(&path, "1,A,B,7,1999-03-17,5\n1,\"A,B,7,1999-03-17,5\n").unwrap();
         let err = scan(&path, |_| {}).unwrap_err();
         assert!(err.to_string().contains("row 2"), "{err}");
+    }
+
+    /// A bets file over the split threshold: `rows` rows, with a row whose
+    /// quoted name holds many line breaks at row `tricky_at`.
+    fn big_file(path: &Path, rows: u32, tricky_at: Option<u32>) -> Tally {
+        let tricky = "x\n".repeat(3000);
+        let mut body = Vec::new();
+        let mut expected = Tally::default();
+        for i in 0..rows {
+            let doc = (10_000_000 + i).to_string();
+            let agency = 1 + i % 3;
+            let number = if i % 1000 == 7 {
+                7574
+            } else {
+                (i % 9999) as u16
+            };
+            let first = if Some(i) == tricky_at {
+                tricky.as_str()
+            } else {
+                "Ana"
+            };
+            let bet = BetRef {
+                agency,
+                first_name: first,
+                last_name: "Pérez, Núñez",
+                document: &doc,
+                birthdate: "1999-03-17",
+                number,
+            };
+            encode_rows([bet], &mut body);
+            expected.rows += 1;
+            expected.add(
+                StoredBet {
+                    agency,
+                    document: doc.as_bytes(),
+                    number: u32::from(number),
+                },
+                7574,
+            );
+        }
+        std::fs::write(path, &body).unwrap();
+        assert!(body.len() as u64 > SPLIT_ABOVE);
+        expected
+    }
+
+    #[test]
+    fn tally_in_two_halves_matches_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bets.csv");
+        // A tricky row far from the middle: the split is taken.
+        let expected = big_file(&path, 200_000, Some(10));
+        assert_eq!(tally(&path, 7574).unwrap(), expected);
+
+        // A tricky row right at the middle, its line breaks around the
+        // first line end past it: the guess is wrong and must be dropped.
+        big_file(&path, 200_000, None);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let middle_row = {
+            let body = std::fs::read(&path).unwrap();
+            body[..len as usize / 2]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count() as u32
+        };
+        let expected = big_file(&path, 200_000, Some(middle_row - 1));
+        let len = std::fs::metadata(&path).unwrap().len();
+        let split = row_start_after(&File::open(&path).unwrap(), len / 2)
+            .unwrap()
+            .unwrap();
+        let body = std::fs::read(&path).unwrap();
+        assert_eq!(
+            body[..split as usize]
+                .iter()
+                .filter(|&&b| b == b'"')
+                .count()
+                % 2,
+            1,
+            "the guessed split is inside the quoted name"
+        );
+        assert_eq!(tally(&path, 7574).unwrap(), expected);
+    }
+
+    #[test]
+    fn tally_names_a_corrupt_row_in_the_second_half_by_its_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bets.csv");
+        big_file(&path, 200_000, Some(10));
+        let mut body = std::fs::read(&path).unwrap();
+        body.extend_from_slice(b"1,A,B,notadocument,1999-03-17,5\n");
+        std::fs::write(&path, &body).unwrap();
+        let err = tally(&path, 7574).unwrap_err().to_string();
+        assert!(err.contains("row 200001"), "{err}");
     }
 
     #[test]
