@@ -768,23 +768,7 @@ fn scan_part(
                 }
                 fields[5] = row[from..].strip_suffix(b"\r").unwrap_or(&row[from..]);
                 rows += 1;
-                let (Some(agency), Some(number)) =
-                    (small_number(fields[0]), small_number(fields[5]))
-                else {
-                    return Err(ScanFail::Corrupt(
-                        rows,
-                        "agency or number is not a number".into(),
-                    ));
-                };
-                let document = fields[3];
-                if !is_document(document) {
-                    return Err(ScanFail::Corrupt(rows, "document is not a number".into()));
-                }
-                each(StoredBet {
-                    agency,
-                    document,
-                    number,
-                });
+                each(stored_bet(&fields).map_err(|reason| ScanFail::Corrupt(rows, reason))?);
                 continue;
             }
             // Blank lines, rows with quotes or the wrong field count, and
@@ -844,22 +828,7 @@ fn scan_part(
                 format!("{count} fields instead of 6"),
             ));
         }
-        let (Some(agency), Some(number)) = (small_number(fields[0]), small_number(fields[5]))
-        else {
-            return Err(ScanFail::Corrupt(
-                rows,
-                "agency or number is not a number".into(),
-            ));
-        };
-        let document = fields[3];
-        if !is_document(document) {
-            return Err(ScanFail::Corrupt(rows, "document is not a number".into()));
-        }
-        each(StoredBet {
-            agency,
-            document,
-            number,
-        });
+        each(stored_bet(&fields).map_err(|reason| ScanFail::Corrupt(rows, reason))?);
     }
     Ok(Part {
         rows,
@@ -940,6 +909,22 @@ fn plain_row(
         }
     }
     None
+}
+
+/// The bet a stored row's six fields hold, or why they hold none.
+fn stored_bet<'a>(fields: &[&'a [u8]; 6]) -> Result<StoredBet<'a>, String> {
+    let (Some(agency), Some(number)) = (small_number(fields[0]), small_number(fields[5])) else {
+        return Err("agency or number is not a number".into());
+    };
+    let document = fields[3];
+    if !is_document(document) {
+        return Err("document is not a number".into());
+    }
+    Ok(StoredBet {
+        agency,
+        document,
+        number,
+    })
 }
 
 /// Whether a stored document is as the central stores them: 1 to 10 ASCII
