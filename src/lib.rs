@@ -6,8 +6,9 @@
 //!
 //! - [`codec`]: length-prefixed frames, as a `tokio_util` `Decoder`/`Encoder`.
 //! - [`protocol`]: the `KEY:VALUE|…\n` payload and the typed messages.
-//! - [`model`]: the bet and its validation.
-//! - [`storage`]: the append-only bets file and its writer task.
+//! - [`model`]: the bet, the flat `Bets` of a batch, and their validation.
+//! - [`storage`]: the append-only bets file, its writer thread and the
+//!   draw's scan.
 //! - [`lottery`]: shared state, the one-time draw, waiting for it.
 //! - [`server`]: the central (listener and per-connection handlers).
 //! - [`agency`]: an agency (streams its file, waits for its winners).
