@@ -1020,6 +1020,17 @@ mod tests {
     use super::*;
     use crate::model::Bet;
 
+    /// Every bet [`scan`] reads back: (agency, document, number).
+    fn scanned(path: &Path) -> (u64, Vec<(u32, String, u32)>) {
+        let mut seen = Vec::new();
+        let n = scan(path, |b| {
+            let document = String::from_utf8(b.document.to_vec()).unwrap();
+            seen.push((b.agency, document, b.number));
+        })
+        .unwrap();
+        (n, seen)
+    }
+
     fn bet(agency: u32, first: &str, last: &str, doc: &str, n: &str) -> Bet {
         Bet::from_fields(&agency.to_string(), first, last, doc, "1999-03-17", n).unwrap()
     }
@@ -1050,15 +1061,7 @@ mod tests {
              2,\"Pérez, Ana\",\"O\"\"Neil\",1,1999-03-17,0\n\
              3,a|b:c\\d,Ñandú,0012,1999-03-17,9999\n"
         );
-        let mut seen = Vec::new();
-        let n = scan(&path, |b| {
-            seen.push((
-                b.agency,
-                String::from_utf8(b.document.to_vec()).unwrap(),
-                b.number,
-            ))
-        })
-        .unwrap();
+        let (n, seen) = scanned(&path);
         assert_eq!(n, 3);
         assert_eq!(
             seen,
@@ -1109,15 +1112,7 @@ mod tests {
         let path = dir.path().join("bets.csv");
         std::fs::write(&path, &body).unwrap();
 
-        let mut seen = Vec::new();
-        let n = scan(&path, |b| {
-            seen.push((
-                b.agency,
-                String::from_utf8(b.document.to_vec()).unwrap(),
-                b.number,
-            ))
-        })
-        .unwrap();
+        let (n, seen) = scanned(&path);
         assert_eq!(n, 60_000);
         assert_eq!(seen, expected);
         // And the csv crate reads the same rows.
@@ -1147,15 +1142,7 @@ mod tests {
             "1,A,B,7,1999-03-17,5\r\n\n2,\"x,\"\"y\",C,8,1999-03-17,6",
         )
         .unwrap();
-        let mut seen = Vec::new();
-        let n = scan(&path, |b| {
-            seen.push((
-                b.agency,
-                String::from_utf8(b.document.to_vec()).unwrap(),
-                b.number,
-            ))
-        })
-        .unwrap();
+        let (n, seen) = scanned(&path);
         assert_eq!(n, 2);
         assert_eq!(seen, [(1, "7".into(), 5), (2, "8".into(), 6)]);
         std::fs::write(&path, "1,A,B,7,1999-03-17,5\n1,\"A,B,7,1999-03-17,5\n").unwrap();
