@@ -7,9 +7,9 @@ use bytes::BytesMut;
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use tokio_util::codec::{Decoder, Encoder};
 
-use lottery::codec::{AgencyCodec, ServerCodec};
 use lottery::model::Bets;
-use lottery::protocol::{BatchBuilder, Request};
+use lottery::wire::codec::{AgencyCodec, ServerCodec};
+use lottery::wire::message::{BatchBuilder, Request};
 
 /// Batches as an agency cuts them: up to 70 bets, each frame under 8 KiB.
 fn realistic_batches(total: usize) -> Vec<Request> {

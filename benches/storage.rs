@@ -5,9 +5,9 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 
-use lottery::gen_data::{self, GenOptions};
 use lottery::model::Bets;
-use lottery::storage::{encode_rows, scan, tally, BetStore, Durability};
+use lottery::store::file::{encode_rows, scan, tally, BetStore, Durability};
+use lottery::tools::gen_data::{self, GenOptions};
 
 fn bets(n: usize) -> Bets {
     let mut bets = Bets::new();

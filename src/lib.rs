@@ -22,8 +22,8 @@
 //! finished:
 //!
 //! ```
-//! use lottery::codec::frame;
-//! use lottery::protocol::Request;
+//! use lottery::wire::codec::frame;
+//! use lottery::wire::message::Request;
 //!
 //! let bytes = frame(&Request::Finished { agency: 3 }).unwrap();
 //! assert_eq!(&bytes[..4], &[0, 0, 0, 0x24]); // payload length, big-endian
@@ -34,20 +34,14 @@
 #![warn(missing_docs)]
 
 pub mod agency;
-pub mod bench;
-mod bytescan;
-pub mod codec;
-pub mod compose;
 pub mod config;
-pub mod demo;
-pub mod gen_data;
 pub mod logging;
 pub mod lottery;
 pub mod model;
-pub mod ops;
-pub mod protocol;
+pub mod net;
 pub mod server;
 pub mod shutdown;
-pub mod storage;
+pub mod store;
 pub mod task;
-pub mod tls;
+pub mod tools;
+pub mod wire;

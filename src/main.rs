@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use lottery::config::{Config, ConfigError, LogLevel, Role};
-use lottery::gen_data::{self, GenOptions};
 use lottery::logging::{self, action, result, LogFormat};
-use lottery::{agency, demo, server, shutdown};
+use lottery::tools::gen_data::{self, GenOptions};
+use lottery::{agency, server, shutdown, tools::demo};
 
 /// Bet collection for a national lottery: a central server, betting agencies,
 /// and the draw.
@@ -323,24 +323,24 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Demo(args) => run_demo(config, args, token).await,
         Command::GenData(args) => run_gen_data(config, args).await,
         Command::Health(args) => {
-            lottery::ops::health(&probe_target(&config, &args)).await?;
+            lottery::tools::ops::health(&probe_target(&config, &args)).await?;
             println!("ok");
             Ok(())
         }
         Command::Status(args) => {
-            let view = lottery::ops::status(&probe_target(&config, &args)).await?;
-            print!("{}", lottery::ops::render_status(&view));
+            let view = lottery::tools::ops::status(&probe_target(&config, &args)).await?;
+            print!("{}", lottery::tools::ops::render_status(&view));
             Ok(())
         }
         Command::Winners(args) => {
             let record = args
                 .record
                 .unwrap_or_else(|| config.server.draw_record_path());
-            print!("{}", lottery::ops::winners_table(&record)?);
+            print!("{}", lottery::tools::ops::winners_table(&record)?);
             Ok(())
         }
         Command::Bench(args) => {
-            let opts = lottery::bench::BenchOptions {
+            let opts = lottery::tools::bench::BenchOptions {
                 agencies: args.agencies,
                 bets_per_agency: args.bets_per_agency,
                 no_sync: args.no_sync,
@@ -348,13 +348,13 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 batch_max_amount: config.agency.batch_max_amount,
                 work_dir: args.work_dir,
             };
-            let report = lottery::bench::run(opts, token).await?;
+            let report = lottery::tools::bench::run(opts, token).await?;
             print!("{}", report.render());
             Ok(())
         }
         Command::Compose(args) => {
             anyhow::ensure!(args.agencies >= 1, "--agencies must be at least 1");
-            let text = lottery::compose::render(args.agencies);
+            let text = lottery::tools::compose::render(args.agencies);
             if args.out.as_os_str() == "-" {
                 print!("{text}");
             } else {
@@ -368,7 +368,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
 
 /// Where the probes go: `--address`, else the agency's configured central,
 /// over TLS when the agency is configured for it.
-fn probe_target(config: &Config, args: &ProbeArgs) -> lottery::ops::Target {
+fn probe_target(config: &Config, args: &ProbeArgs) -> lottery::tools::ops::Target {
     let address = args
         .address
         .clone()
@@ -380,7 +380,7 @@ fn probe_target(config: &Config, args: &ProbeArgs) -> lottery::ops::Target {
         };
         (config.agency.tls_ca.clone(), agency.tls_name())
     });
-    lottery::ops::Target {
+    lottery::tools::ops::Target {
         address,
         tls,
         timeout: std::time::Duration::from_secs(args.timeout.max(1)),

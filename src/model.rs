@@ -50,7 +50,7 @@ pub enum BetField {
 impl BetField {
     /// The field's key on the wire.
     pub fn wire_key(self) -> &'static str {
-        use crate::protocol::key;
+        use crate::wire::message::key;
         match self {
             BetField::FirstName => key::NOMBRE,
             BetField::LastName => key::APELLIDO,

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use lottery::gen_data::{generate, GenOptions};
+use lottery::tools::gen_data::{generate, GenOptions};
 use nix::sys::signal::Signal;
 
 /// Runs a whole lottery over the files in `data` and checks everything a

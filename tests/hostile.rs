@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
-use lottery::gen_data::{generate, GenOptions};
+use lottery::tools::gen_data::{generate, GenOptions};
 use nix::sys::signal::Signal;
 
 const WINNING: u16 = 7574;

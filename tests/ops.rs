@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use lottery::gen_data::{generate, GenOptions};
+use lottery::tools::gen_data::{generate, GenOptions};
 use nix::sys::signal::Signal;
 
 fn run(args: &[&str]) -> std::process::Output {
@@ -173,7 +173,7 @@ fn the_committed_compose_file_is_the_generated_one() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/compose.yaml")).unwrap();
     assert_eq!(
         committed,
-        lottery::compose::render(5),
+        lottery::tools::compose::render(5),
         "run `make compose` and commit"
     );
 }

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agency::{self, AgencyReport};
 use crate::config::{AgencyConfig, ServerConfig};
-use crate::gen_data::{self, GenOptions};
 use crate::server;
+use crate::tools::gen_data::{self, GenOptions};
 
 /// What the demo runs.
 #[derive(Debug, Clone)]

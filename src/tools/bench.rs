@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agency::{self, AgencyReport};
 use crate::config::AgencyConfig;
-use crate::gen_data::{self, GenOptions};
+use crate::tools::gen_data::{self, GenOptions};
 
 /// What to run.
 #[derive(Debug, Clone)]

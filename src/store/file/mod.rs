@@ -801,7 +801,7 @@ fn scan_part(
                 eof = n == 0;
                 // Zeroed room grows with the buffer only, and is reused.
                 marks.resize(buf.len(), 0);
-                marked = crate::bytescan::positions_of(&buf[..filled], *b",\n\"", 0, &mut marks);
+                marked = crate::wire::scan::positions_of(&buf[..filled], *b",\n\"", 0, &mut marks);
                 mark = 0;
                 continue;
             }

@@ -9,10 +9,10 @@ use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
-use crate::codec::AgencyCodec;
 use crate::lottery::Draw;
-use crate::protocol::{AgencyState, Reply, Request};
-use crate::tls::{self, BoxedIo};
+use crate::net::{self as tls, BoxedIo};
+use crate::wire::codec::AgencyCodec;
+use crate::wire::message::{AgencyState, Reply, Request};
 
 /// Where the central is and how to reach it.
 #[derive(Debug, Clone)]

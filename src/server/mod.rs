@@ -1,6 +1,6 @@
 //! The central: a [`Listener`] accepts agencies and spawns one [`Handler`]
 //! task per connection; handlers store batches through the
-//! [`BetStore`](crate::storage::BetStore) and meet at the
+//! [`BetStore`](crate::store::file::BetStore) and meet at the
 //! [`Lottery`](crate::lottery::Lottery) for the draw.
 //!
 //! Shutdown: the caller cancels the token. The accept loop stops and the
@@ -22,14 +22,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::codec::{FrameError, ServerCodec};
 use crate::config::{ConfigError, ServerConfig};
 use crate::logging::{action, result};
 use crate::lottery::{Draw, Lottery, LotteryError};
 use crate::model::{AgencyId, Bets};
-use crate::protocol::{status_replies, winners_replies, ErrorCode, Reply, Request};
-use crate::storage::{self, encode_rows, BetStore, Durability, Pending, Sequence, StorageError};
-use crate::tls::{self, BoxedIo, TlsError};
+use crate::net::{self as tls, BoxedIo, TlsError};
+use crate::store::file::{
+    self as storage, encode_rows, BetStore, Durability, Pending, Sequence, StorageError,
+};
+use crate::wire::codec::{FrameError, ServerCodec};
+use crate::wire::message::{status_replies, winners_replies, ErrorCode, Reply, Request};
 
 /// Read buffer of a connection: room for two full frames, so that an
 /// agency's window of batches is read with fewer syscalls than one each.

@@ -26,12 +26,12 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::codec::{AgencyCodec, FrameError, RawFrame};
 use crate::config::AgencyConfig;
 use crate::logging::{action, result};
 use crate::model::{AgencyId, BetRef, Today};
-use crate::protocol::{BatchBuilder, ErrorCode, MessageError, Reply, Request};
-use crate::tls::{self, BoxedIo, TlsError};
+use crate::net::{self as tls, BoxedIo, TlsError};
+use crate::wire::codec::{AgencyCodec, FrameError, RawFrame};
+use crate::wire::message::{BatchBuilder, ErrorCode, MessageError, Reply, Request};
 
 /// Bytes of frames buffered before a write is forced.
 const WRITE_BUFFER: usize = 128 * 1024;
@@ -743,8 +743,8 @@ fn read_batches(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::ServerCodec;
-    use crate::protocol::MAX_FRAME_LEN;
+    use crate::wire::codec::ServerCodec;
+    use crate::wire::message::MAX_FRAME_LEN;
     use tokio_util::codec::Decoder;
 
     fn batches_of(text: &str, max: usize) -> Vec<Result<Batch, AgencyError>> {

@@ -16,8 +16,8 @@ use tracing::info;
 
 use crate::logging::{action, result};
 use crate::model::AgencyId;
-use crate::protocol::{AgencyState, ErrorCode};
-use crate::storage;
+use crate::store::file as storage;
+use crate::wire::message::{AgencyState, ErrorCode};
 
 /// The outcome of the draw.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -438,7 +438,7 @@ impl Lottery {
 mod tests {
     use super::*;
     use crate::model::Bet;
-    use crate::storage::encode_rows;
+    use crate::store::file::encode_rows;
 
     fn write_bets(path: &std::path::Path, bets: &[(u32, &str, u16)]) {
         let bets: Vec<Bet> = bets

@@ -2,7 +2,7 @@
 //! ended by `\n`, with `\` escaping inside values, and the typed messages
 //! built on them ([`Request`] from agency to central, [`Reply`] back).
 //!
-//! Framing (the length header) lives in [`crate::codec`]; this module never
+//! Framing (the length header) lives in [`crate::wire::codec`]; this module never
 //! sees it. Every wire key and action name is defined once, here.
 
 use std::borrow::Cow;
@@ -330,7 +330,7 @@ fn needs_escape(c: u8) -> bool {
 ///
 /// ```
 /// use bytes::BytesMut;
-/// use lottery::protocol::{escape_into, unescape};
+/// use lottery::wire::message::{escape_into, unescape};
 ///
 /// let mut dst = BytesMut::new();
 /// escape_into(&mut dst, r"Ana|María\x");
@@ -347,7 +347,7 @@ pub fn escape_into(dst: &mut BytesMut, value: &str) {
 fn escape_with(dst: &mut BytesMut, bytes: &[u8], escape: &[u8]) {
     // Nearly every field has nothing to escape: check eight bytes at a time
     // and copy the field whole.
-    if !crate::bytescan::any_of(bytes, *b"\\|\n") {
+    if !crate::wire::scan::any_of(bytes, *b"\\|\n") {
         dst.put_slice(bytes);
         return;
     }
@@ -439,7 +439,7 @@ impl<'a> Pairs<'a> {
 /// batch's pairs, and each bet's own).
 fn find_specials(bytes: &[u8]) -> Vec<u32> {
     let mut out = vec![0; bytes.len()];
-    let n = crate::bytescan::positions_of(bytes, *b"\\|:", 0, &mut out);
+    let n = crate::wire::scan::positions_of(bytes, *b"\\|:", 0, &mut out);
     out.truncate(n);
     out
 }
@@ -449,7 +449,7 @@ fn find_specials(bytes: &[u8]) -> Vec<u32> {
 /// unescaped `:`. Keys are returned unescaped.
 ///
 /// ```
-/// use lottery::protocol::split_pairs;
+/// use lottery::wire::message::split_pairs;
 ///
 /// let pairs = split_pairs(r"A:1|B:x\|y:z", "payload").unwrap();
 /// assert_eq!(pairs[1].0, "B");
@@ -1347,7 +1347,7 @@ mod tests {
             }
             assert!(bets.len() > 10, "{}", bets.len());
             let built = builder.finish();
-            let encoded = crate::codec::frame(&Request::Batch {
+            let encoded = crate::wire::codec::frame(&Request::Batch {
                 first,
                 bets: bets.into(),
             })

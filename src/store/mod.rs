@@ -1,0 +1,3 @@
+//! Where bets are kept.
+
+pub mod file;
