@@ -52,7 +52,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter(|| {
                 rt.block_on(async {
-                    let (store, writer) = BetStore::open(&dir.path().join("bets.csv"), durability);
+                    let (store, writer) = BetStore::start(&dir.path().join("bets.csv"), durability);
                     let mut tasks = Vec::new();
                     for _ in 0..100 {
                         let (store, rows) = (store.clone(), rows.clone());
@@ -74,7 +74,7 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(70));
     g.bench_function("append_1x70_sync", |b| {
         let (store, _writer) =
-            rt.block_on(async { BetStore::open(&dir.path().join("one.csv"), Durability::Sync) });
+            rt.block_on(async { BetStore::start(&dir.path().join("one.csv"), Durability::Sync) });
         b.iter(|| rt.block_on(store.append(rows.clone())).unwrap())
     });
 

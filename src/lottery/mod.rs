@@ -1,137 +1,27 @@
 //! The lottery's shared state: which agencies are connected and which have
-//! finished, and the draw, which runs exactly once when the last configured
-//! agency finishes.
+//! finished, the bets held for each, and the draw, which runs exactly once
+//! when the last configured agency finishes.
 //!
 //! [`Lottery`] is a cheap handle (like mini-redis's `Db`); its methods own the
-//! locking, so no guard ever leaves this module.
+//! locking, so no guard ever leaves this module. What only the connection
+//! speaking for an agency may do (count its stored bets, announce it
+//! finished) is done through that agency's [`Claim`], which frees the agency
+//! when dropped, however the connection ends.
+
+mod claim;
+mod draw;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
-use crate::logging::{action, result};
 use crate::model::AgencyId;
-use crate::store::file as storage;
-use crate::wire::message::{AgencyState, ErrorCode};
+use crate::store::{Draw, Store};
+use crate::wire::{AgencyState, ErrorCode};
 
-/// The outcome of the draw.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Draw {
-    /// The winning number.
-    pub winning_number: u16,
-    /// When the draw ran (RFC 3339, UTC).
-    pub drawn_at: String,
-    /// Winner documents per agency, in the order they were stored.
-    pub winners: HashMap<AgencyId, Vec<String>>,
-    /// Bets per agency taken into account.
-    pub bets_per_agency: BTreeMap<AgencyId, u64>,
-    /// Bets taken into account.
-    pub bets: u64,
-    /// How long reading the bets file took (zero for a draw read back from
-    /// its record).
-    pub elapsed: Duration,
-}
-
-impl Draw {
-    /// The winners of one agency (empty when it has none).
-    pub fn winners_of(&self, agency: AgencyId) -> &[String] {
-        self.winners.get(&agency).map_or(&[], Vec::as_slice)
-    }
-
-    /// Writes the draw record atomically: a temporary file beside `path`,
-    /// synced, renamed over `path`, then the directory synced, so a crash
-    /// leaves either no record or the whole record.
-    ///
-    /// # Errors
-    /// Any step of the write failed.
-    pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        use std::io::Write;
-        let record = DrawRecord {
-            winning_number: self.winning_number,
-            drawn_at: self.drawn_at.clone(),
-            bets: self.bets,
-            agencies: self
-                .bets_per_agency
-                .keys()
-                .chain(self.winners.keys())
-                .map(|&a| {
-                    let entry = AgencyRecord {
-                        bets: self.bets_per_agency.get(&a).copied().unwrap_or(0),
-                        winners: self.winners_of(a).to_vec(),
-                    };
-                    (a.to_string(), entry)
-                })
-                .collect(),
-        };
-        let text = toml::to_string(&record).map_err(std::io::Error::other)?;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
-        tmp.write_all(text.as_bytes())?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(path).map_err(|e| e.error)?;
-        std::fs::File::open(&dir)?.sync_all()
-    }
-
-    /// Reads a draw record written by [`Draw::save`]; `Ok(None)` when there
-    /// is none.
-    ///
-    /// # Errors
-    /// The record exists but cannot be read or parsed.
-    pub fn load(path: &Path) -> std::io::Result<Option<Draw>> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let record: DrawRecord = toml::from_str(&text)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-        let mut winners = HashMap::new();
-        let mut bets_per_agency = BTreeMap::new();
-        for (agency, entry) in record.agencies {
-            let agency: AgencyId = agency.parse().map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("agency key {agency:?} is not a number"),
-                )
-            })?;
-            bets_per_agency.insert(agency, entry.bets);
-            if !entry.winners.is_empty() {
-                winners.insert(agency, entry.winners);
-            }
-        }
-        Ok(Some(Draw {
-            winning_number: record.winning_number,
-            drawn_at: record.drawn_at,
-            winners,
-            bets_per_agency,
-            bets: record.bets,
-            elapsed: Duration::ZERO,
-        }))
-    }
-}
-
-/// The draw record's file format (TOML).
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct DrawRecord {
-    winning_number: u16,
-    drawn_at: String,
-    bets: u64,
-    agencies: BTreeMap<String, AgencyRecord>,
-}
-
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct AgencyRecord {
-    bets: u64,
-    winners: Vec<String>,
-}
+pub use claim::Claim;
 
 /// What the lottery refuses, with the code sent back to the agency.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -153,7 +43,7 @@ pub enum LotteryError {
     /// The agency already finished (or the draw is done): no more bets.
     #[error("agency {0} already finished betting")]
     Finished(AgencyId),
-    /// The draw could not read the bets file or write its record.
+    /// The draw could not read the bets back or write its record.
     #[error("the draw failed: {0}")]
     Draw(String),
     /// A batch starts past the agency's stored bets: some would be missing.
@@ -187,29 +77,29 @@ impl LotteryError {
 
 /// The mutable part, behind the mutex.
 #[derive(Debug, Default)]
-struct LotteryState {
-    /// Agencies with an open connection that has claimed them.
+struct State {
+    /// Agencies whose [`Claim`] is alive.
     connected: HashSet<AgencyId>,
     /// Agencies that announced they finished.
     finished: BTreeSet<AgencyId>,
     /// Bets stored per agency: where each agency's upload resumes.
     stored: HashMap<AgencyId, u64>,
-    /// Set once, by the agency whose announcement completes the set, or read
-    /// back from the draw record on start.
-    draw: Option<Arc<Draw>>,
+    /// A draw is being run; nobody starts another meanwhile.
+    drawing: bool,
 }
 
 #[derive(Debug)]
 struct Shared {
-    /// A `tokio` mutex because the draw reads the bets file while holding it:
-    /// the guard spans an `.await`, and no second draw can start meanwhile.
-    state: Mutex<LotteryState>,
-    /// Woken (all waiters at once) when the draw is published.
-    drawn: Notify,
+    /// A std mutex, not a Tokio one: nothing is awaited while it is held
+    /// (the draw runs outside it), and a [`Claim`] must be able to free its
+    /// agency from `Drop`, which cannot await.
+    state: Mutex<State>,
+    /// The draw once published; waiting agencies watch it, so a draw that
+    /// lands between a look and a wait is never missed.
+    drawn: watch::Sender<Option<Arc<Draw>>>,
     agencies: u32,
     winning_number: u16,
-    bets_file: PathBuf,
-    draw_record: PathBuf,
+    store: Arc<dyn Store>,
 }
 
 /// Handle to the lottery state, shared by every connection.
@@ -220,194 +110,75 @@ pub struct Lottery {
 
 impl Lottery {
     /// A lottery for agencies `1..=agencies`, drawing `winning_number` over
-    /// the bets in `bets_file` and recording the outcome in `draw_record`.
-    /// `stored` holds the bets already in the file per agency; `draw` a draw
-    /// read back from its record.
+    /// the bets in `store`. `stored` holds the bets the store already has per
+    /// agency; `draw` a draw read back from its record.
     pub fn new(
         agencies: u32,
         winning_number: u16,
-        bets_file: PathBuf,
-        draw_record: PathBuf,
+        store: Arc<dyn Store>,
         stored: BTreeMap<AgencyId, u64>,
         draw: Option<Draw>,
     ) -> Lottery {
-        let state = LotteryState {
+        let state = State {
             stored: stored.into_iter().collect(),
-            draw: draw.map(Arc::new),
-            ..LotteryState::default()
+            ..State::default()
         };
         Lottery {
             shared: Arc::new(Shared {
                 state: Mutex::new(state),
-                drawn: Notify::new(),
+                drawn: watch::Sender::new(draw.map(Arc::new)),
                 agencies,
                 winning_number,
-                bets_file,
-                draw_record,
+                store,
             }),
         }
     }
 
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No code panics while holding the lock; if one ever did, the
+        // counts it guards are still whole (each update is one statement).
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Bets stored for `agency`: the position its upload resumes from.
-    pub async fn stored(&self, agency: AgencyId) -> u64 {
-        self.shared
-            .state
-            .lock()
-            .await
-            .stored
-            .get(&agency)
-            .copied()
-            .unwrap_or(0)
+    pub fn stored(&self, agency: AgencyId) -> u64 {
+        self.lock().stored.get(&agency).copied().unwrap_or(0)
     }
 
-    /// Bets stored for `agency`, and whether it may still send more (not
-    /// once it announced it finished, nor after the draw), under one lock:
-    /// the central asks both for every batch.
-    ///
-    /// Only the connection holding the agency's claim sends its bets and its
-    /// announcement, one after the other, so the answer cannot change between
-    /// this check and the store.
-    pub async fn intake(&self, agency: AgencyId) -> (u64, Result<(), LotteryError>) {
-        let state = self.shared.state.lock().await;
-        let stored = state.stored.get(&agency).copied().unwrap_or(0);
-        let open = if state.finished.contains(&agency) || state.draw.is_some() {
-            Err(LotteryError::Finished(agency))
-        } else {
-            Ok(())
-        };
-        (stored, open)
-    }
-
-    /// Records `count` more bets stored for `agency`; returns the new total.
-    pub async fn add_stored(&self, agency: AgencyId, count: u64) -> u64 {
-        let mut state = self.shared.state.lock().await;
-        let total = state.stored.entry(agency).or_default();
-        *total += count;
-        *total
-    }
-
-    /// Makes `agency` this connection's. Call [`Lottery::release`] when the
-    /// connection ends.
+    /// Makes `agency` the caller's until the returned [`Claim`] is dropped.
     ///
     /// # Errors
     /// The id is out of range, or another connection holds it.
-    pub async fn claim(&self, agency: AgencyId) -> Result<(), LotteryError> {
+    pub fn claim(&self, agency: AgencyId) -> Result<Claim, LotteryError> {
         if agency == 0 || agency > self.shared.agencies {
             return Err(LotteryError::UnknownAgency(agency, self.shared.agencies));
         }
-        let mut state = self.shared.state.lock().await;
-        if !state.connected.insert(agency) {
+        if !self.lock().connected.insert(agency) {
             return Err(LotteryError::Busy(agency));
         }
-        Ok(())
-    }
-
-    /// Frees `agency` for a later connection.
-    pub async fn release(&self, agency: AgencyId) {
-        self.shared.state.lock().await.connected.remove(&agency);
-    }
-
-    /// Records that `agency` finished. When it is the last one, runs the
-    /// draw (once), records it, publishes it and wakes every waiting agency.
-    ///
-    /// Announcing again (after a reconnection) is harmless: the agency just
-    /// waits for the draw again. Connections refuse a second announcement of
-    /// their own before it gets here.
-    ///
-    /// # Errors
-    /// A draw that could not read the bets file or write its record; the
-    /// announcement is then forgotten, so that announcing again retries.
-    pub async fn finish(&self, agency: AgencyId) -> Result<(), LotteryError> {
-        let mut state = self.shared.state.lock().await;
-        let first_time = state.finished.insert(agency);
-        if first_time {
-            info!(
-                action = action::AGENCIA_FINALIZADA,
-                result = result::SUCCESS,
-                agency,
-                finished = state.finished.len(),
-                agencies = self.shared.agencies
-            );
-        }
-        if state.draw.is_none() && state.finished.len() as u32 == self.shared.agencies {
-            let draw = match self.run_draw().await {
-                Ok(draw) => draw,
-                Err(e) => {
-                    state.finished.remove(&agency);
-                    return Err(LotteryError::Draw(e));
-                }
-            };
-            info!(
-                action = action::SORTEO,
-                result = result::SUCCESS,
-                winning_number = draw.winning_number,
-                bets = draw.bets,
-                winners = draw.winners.values().map(Vec::len).sum::<usize>(),
-                millis = draw.elapsed.as_millis() as u64
-            );
-            state.draw = Some(Arc::new(draw));
-            drop(state);
-            self.shared.drawn.notify_waiters();
-        }
-        Ok(())
-    }
-
-    /// Reads the bets file back as a stream, collects each agency's winners,
-    /// and writes the draw record. Every batch was written before it was
-    /// acknowledged, and every agency announced it finished after its last
-    /// acknowledgement, so the file holds every bet by now.
-    async fn run_draw(&self) -> Result<Draw, String> {
-        let path = self.shared.bets_file.clone();
-        let record = self.shared.draw_record.clone();
-        let winning_number = self.shared.winning_number;
-        crate::task::spawn_blocking_named("draw", move || {
-            let started = Instant::now();
-            let tally =
-                storage::tally(&path, u32::from(winning_number)).map_err(|e| e.to_string())?;
-            let draw = Draw {
-                winning_number,
-                drawn_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                winners: tally.winners,
-                bets_per_agency: tally.per_agency,
-                bets: tally.rows,
-                elapsed: started.elapsed(),
-            };
-            draw.save(&record)
-                .map_err(|e| format!("writing the draw record {}: {e}", record.display()))?;
-            Ok(draw)
-        })
-        .await
-        .expect("the draw does not panic")
+        Ok(Claim::new(self.clone(), agency))
     }
 
     /// The draw, if it is done.
-    pub async fn draw(&self) -> Option<Arc<Draw>> {
-        self.shared.state.lock().await.draw.clone()
+    pub fn draw(&self) -> Option<Arc<Draw>> {
+        self.shared.drawn.borrow().clone()
     }
 
     /// Waits for the draw. Returns `None` if `cancel` fires first.
     pub async fn wait_for_draw(&self, cancel: &CancellationToken) -> Option<Arc<Draw>> {
-        loop {
-            // Register interest *before* looking, so a draw published between
-            // the look and the wait still wakes us (`notify_waiters` stores no
-            // permit for futures that do not exist yet).
-            let notified = self.shared.drawn.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(draw) = self.draw().await {
-                return Some(draw);
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return None,
-                _ = &mut notified => {}
-            }
+        let mut drawn = self.shared.drawn.subscribe();
+        tokio::select! {
+            _ = cancel.cancelled() => None,
+            // The sender lives as long as `self`, so this cannot fail.
+            draw = drawn.wait_for(Option::is_some) => draw.ok().and_then(|d| d.clone()),
         }
     }
 
     /// The configured agency count, whether the draw is done, and each
     /// agency that holds bets or has finished, in agency order.
-    pub async fn status(&self) -> (u32, bool, Vec<AgencyState>) {
-        let state = self.shared.state.lock().await;
+    pub fn status(&self) -> (u32, bool, Vec<AgencyState>) {
+        let drawn = self.draw().is_some();
+        let state = self.lock();
         let mut ids: BTreeSet<AgencyId> = state.stored.keys().copied().collect();
         ids.extend(state.finished.iter().copied());
         let states = ids
@@ -418,19 +189,12 @@ impl Lottery {
                 finished: state.finished.contains(&agency),
             })
             .collect();
-        (self.shared.agencies, state.draw.is_some(), states)
+        (self.shared.agencies, drawn, states)
     }
 
     /// Agencies that have announced they finished.
-    pub async fn finished(&self) -> Vec<AgencyId> {
-        self.shared
-            .state
-            .lock()
-            .await
-            .finished
-            .iter()
-            .copied()
-            .collect()
+    pub fn finished(&self) -> Vec<AgencyId> {
+        self.lock().finished.iter().copied().collect()
     }
 }
 
@@ -438,9 +202,13 @@ impl Lottery {
 mod tests {
     use super::*;
     use crate::model::Bet;
-    use crate::store::file::encode_rows;
+    use crate::store::file::{encode_rows, FileStore};
+    use crate::store::{Durability, Sequence, StorageError, Stored, Tally};
+    use futures::future::BoxFuture;
+    use futures::FutureExt;
+    use std::path::Path;
 
-    fn write_bets(path: &std::path::Path, bets: &[(u32, &str, u16)]) {
+    fn write_bets(path: &Path, bets: &[(u32, &str, u16)]) {
         let bets: Vec<Bet> = bets
             .iter()
             .map(|(a, d, n)| {
@@ -452,12 +220,22 @@ mod tests {
         std::fs::write(path, rows).unwrap();
     }
 
+    async fn file_store(dir: &Path) -> (Arc<dyn Store>, BTreeMap<AgencyId, u64>) {
+        let (store, stored) = FileStore::open(
+            &dir.join("bets.csv"),
+            &dir.join("draw.toml"),
+            Durability::Sync,
+        )
+        .await
+        .unwrap();
+        (Arc::new(store), stored)
+    }
+
     #[tokio::test]
     async fn draw_happens_once_after_the_last_agency_and_is_per_agency() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("bets.csv");
         write_bets(
-            &path,
+            &dir.path().join("bets.csv"),
             &[
                 (1, "11", 5),
                 (2, "22", 5),
@@ -466,8 +244,8 @@ mod tests {
                 (3, "33", 1),
             ],
         );
-        let record = dir.path().join("draw.toml");
-        let lottery = Lottery::new(3, 5, path, record.clone(), BTreeMap::new(), None);
+        let (store, stored) = file_store(dir.path()).await;
+        let lottery = Lottery::new(3, 5, store.clone(), stored, None);
         let cancel = CancellationToken::new();
 
         let waiter = {
@@ -475,15 +253,20 @@ mod tests {
             let c = cancel.clone();
             tokio::spawn(async move { l.wait_for_draw(&c).await })
         };
-        lottery.finish(1).await.unwrap();
-        lottery.finish(2).await.unwrap();
+        let (one, two, three) = (
+            lottery.claim(1).unwrap(),
+            lottery.claim(2).unwrap(),
+            lottery.claim(3).unwrap(),
+        );
+        one.finish().await.unwrap();
+        two.finish().await.unwrap();
         assert!(
-            lottery.draw().await.is_none(),
+            lottery.draw().is_none(),
             "no draw before every agency finished"
         );
         // Announcing again (a reconnected agency) is harmless.
-        lottery.finish(2).await.unwrap();
-        lottery.finish(3).await.unwrap();
+        two.finish().await.unwrap();
+        three.finish().await.unwrap();
 
         let draw = waiter.await.unwrap().expect("woken by the draw");
         assert_eq!(draw.winners_of(1), ["11", "12"]);
@@ -495,10 +278,10 @@ mod tests {
             &draw,
             &lottery.wait_for_draw(&cancel).await.unwrap()
         ));
-        assert_eq!(lottery.intake(1).await.1, Err(LotteryError::Finished(1)));
+        assert_eq!(one.intake().1, Err(LotteryError::Finished(1)));
 
         // The record reads back as the same draw.
-        let back = Draw::load(&record).unwrap().unwrap();
+        let back = store.load_draw().await.unwrap().unwrap();
         assert_eq!(back.winners, draw.winners);
         assert_eq!(
             back.bets_per_agency,
@@ -506,42 +289,109 @@ mod tests {
         );
         assert_eq!(back.bets, 5);
         assert_eq!(back.drawn_at, draw.drawn_at);
+        store.close().await;
     }
 
     #[tokio::test]
-    async fn claims_are_exclusive_and_ranged() {
+    async fn claims_are_exclusive_ranged_and_freed_when_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let lottery = Lottery::new(
-            2,
-            5,
-            dir.path().join("bets.csv"),
-            dir.path().join("draw.toml"),
-            BTreeMap::new(),
-            None,
-        );
-        lottery.claim(1).await.unwrap();
-        assert_eq!(lottery.claim(1).await, Err(LotteryError::Busy(1)));
+        let (store, stored) = file_store(dir.path()).await;
+        let lottery = Lottery::new(2, 5, store, stored, None);
+        let claim = lottery.claim(1).unwrap();
+        assert_eq!(lottery.claim(1).unwrap_err(), LotteryError::Busy(1));
         assert_eq!(
-            lottery.claim(3).await,
-            Err(LotteryError::UnknownAgency(3, 2))
+            lottery.claim(3).unwrap_err(),
+            LotteryError::UnknownAgency(3, 2)
         );
-        lottery.release(1).await;
-        lottery.claim(1).await.unwrap();
+        assert_eq!(claim.add_stored(7), 7);
+        drop(claim);
+        let again = lottery.claim(1).unwrap();
+        assert_eq!(again.intake(), (7, Ok(())));
+        // A claim held by a task that panics is freed all the same.
+        let l = lottery.clone();
+        let panicked = tokio::spawn(async move {
+            let _claim = l.claim(2).unwrap();
+            panic!("a connection's task fails");
+        })
+        .await;
+        assert!(panicked.is_err());
+        let _freed = lottery.claim(2).unwrap();
     }
 
     #[tokio::test]
     async fn waiting_is_cancellable() {
         let dir = tempfile::tempdir().unwrap();
-        let lottery = Lottery::new(
-            2,
-            5,
-            dir.path().join("bets.csv"),
-            dir.path().join("draw.toml"),
-            BTreeMap::new(),
-            None,
-        );
+        let (store, stored) = file_store(dir.path()).await;
+        let lottery = Lottery::new(2, 5, store, stored, None);
         let cancel = CancellationToken::new();
         cancel.cancel();
         assert!(lottery.wait_for_draw(&cancel).await.is_none());
+    }
+
+    /// A store whose tally waits until the test lets it go.
+    #[derive(Debug)]
+    struct Gated {
+        inner: Arc<dyn Store>,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl Store for Gated {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        fn submit<'a>(
+            &'a self,
+            bets: &crate::model::Bets,
+            skip: usize,
+            sequence: &Sequence,
+        ) -> BoxFuture<'a, Result<Stored, StorageError>> {
+            self.inner.submit(bets, skip, sequence)
+        }
+        fn tally(&self, winning_number: u16) -> BoxFuture<'_, Result<Tally, StorageError>> {
+            async move {
+                let _pass = self.gate.acquire().await.unwrap();
+                self.inner.tally(winning_number).await
+            }
+            .boxed()
+        }
+        fn load_draw(&self) -> BoxFuture<'_, Result<Option<Draw>, StorageError>> {
+            self.inner.load_draw()
+        }
+        fn save_draw<'a>(&'a self, draw: &'a Draw) -> BoxFuture<'a, Result<(), StorageError>> {
+            self.inner.save_draw(draw)
+        }
+        fn close(&self) -> BoxFuture<'_, ()> {
+            self.inner.close()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_draw_in_progress_blocks_neither_status_nor_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        write_bets(&dir.path().join("bets.csv"), &[(1, "11", 5)]);
+        let (inner, stored) = file_store(dir.path()).await;
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let store = Arc::new(Gated {
+            inner,
+            gate: gate.clone(),
+        });
+        let lottery = Lottery::new(1, 5, store, stored, None);
+        let claim = lottery.claim(1).unwrap();
+        let finishing = tokio::spawn(async move {
+            claim.finish().await.unwrap();
+            claim
+        });
+        // The draw has started and waits at the gate: the state answers.
+        while lottery.finished().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let (agencies, drawn, states) = lottery.status();
+        assert_eq!((agencies, drawn, states.len()), (1, false, 1));
+        assert_eq!(lottery.stored(1), 1);
+        assert!(lottery.draw().is_none());
+        gate.add_permits(1);
+        let claim = finishing.await.unwrap();
+        assert_eq!(lottery.draw().unwrap().winners_of(1), ["11"]);
+        drop(claim);
     }
 }

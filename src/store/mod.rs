@@ -1,3 +1,169 @@
-//! Where bets are kept.
+//! The storage seam: everything the central keeps goes through [`Store`]:
+//! batches appended durably, the bets counted per agency at start, the
+//! draw's tally, and the draw record.
+//!
+//! The server and the lottery hold an `Arc<dyn Store>` and never learn which
+//! backend is behind it; [`open`] picks one from `server.storage`. The bets
+//! file ([`file`]) is the one backend today: a second one is a module here
+//! and an arm in [`open`], with nothing to change in the server, the wire or
+//! the agency.
 
 pub mod file;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use crate::config::ServerConfig;
+use crate::model::{AgencyId, Bets};
+
+pub use file::{Durability, StorageError};
+
+/// The outcome of one submitted batch: resolves once its bets are stored
+/// (durably, unless the store was opened without syncing) or refused.
+pub type Stored = BoxFuture<'static, Result<(), StorageError>>;
+
+/// What the central keeps, whatever keeps it.
+///
+/// Every method that waits returns a boxed future so the trait can be used
+/// as `dyn Store`; a box per batch is noise beside the batch's own work.
+pub trait Store: Send + Sync + fmt::Debug {
+    /// Where the bets are, for log lines (a path, or a URL without its
+    /// password).
+    fn describe(&self) -> String;
+
+    /// Hands `bets` (from their `skip`-th on) to the store after the
+    /// earlier batches of `sequence`, and returns once they are queued (it
+    /// waits only while the store's queue is full). Await the returned
+    /// [`Stored`] for the outcome.
+    ///
+    /// Ordering: batches of one sequence are stored in the order they were
+    /// submitted, and once one fails every later one fails too without
+    /// being stored.
+    ///
+    /// # Errors
+    /// The store is closed.
+    fn submit<'a>(
+        &'a self,
+        bets: &Bets,
+        skip: usize,
+        sequence: &Sequence,
+    ) -> BoxFuture<'a, Result<Stored, StorageError>>;
+
+    /// Reads every stored bet back and tallies the draw of
+    /// `winning_number`: bets per agency and each agency's winners in the
+    /// order they were stored.
+    ///
+    /// # Errors
+    /// The bets cannot be read back, or one of them is damaged.
+    fn tally(&self, winning_number: u16) -> BoxFuture<'_, Result<Tally, StorageError>>;
+
+    /// The recorded draw, if the draw already happened.
+    ///
+    /// # Errors
+    /// A record exists but cannot be read.
+    fn load_draw(&self) -> BoxFuture<'_, Result<Option<Draw>, StorageError>>;
+
+    /// Records the draw for good (all or nothing) before any agency learns
+    /// of it.
+    ///
+    /// # Errors
+    /// The record could not be written durably.
+    fn save_draw<'a>(&'a self, draw: &'a Draw) -> BoxFuture<'a, Result<(), StorageError>>;
+
+    /// Stores what was submitted before, flushes and closes; later
+    /// submissions fail with [`StorageError::Closed`].
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+/// A store just opened, and what it already held.
+#[derive(Debug)]
+pub struct Opened {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Bets held per agency: where each agency's upload resumes.
+    pub stored: BTreeMap<AgencyId, u64>,
+}
+
+/// Opens the store `config.storage` names, after checking (and, for the
+/// file, repairing) what it holds.
+///
+/// # Errors
+/// The store cannot be opened, or what it holds is damaged.
+pub async fn open(config: &ServerConfig) -> Result<Opened, StorageError> {
+    let durability = if config.sync {
+        Durability::Sync
+    } else {
+        Durability::NoSync
+    };
+    let (store, stored) =
+        file::FileStore::open(&config.storage, &config.draw_record_path(), durability).await?;
+    Ok(Opened {
+        store: Arc::new(store),
+        stored,
+    })
+}
+
+/// The batches of one connection, kept in order by the store: once one of
+/// them fails, every later one fails too rather than being stored after a
+/// gap (a connection keeps several batches in flight).
+#[derive(Debug, Clone, Default)]
+pub struct Sequence(Arc<AtomicBool>);
+
+impl Sequence {
+    /// A sequence with nothing failed yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether a batch of it failed (and every later one fails too).
+    pub fn is_broken(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Fails every later batch of the sequence: the store calls this when
+    /// one of them could not be stored.
+    pub fn mark_broken(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// What the draw needs from the stored bets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Bets stored.
+    pub rows: u64,
+    /// Bets per agency.
+    pub per_agency: BTreeMap<AgencyId, u64>,
+    /// Each agency's winning documents, in the order they were stored.
+    pub winners: HashMap<AgencyId, Vec<String>>,
+}
+
+/// The outcome of the draw, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Draw {
+    /// The winning number.
+    pub winning_number: u16,
+    /// When the draw ran (RFC 3339, UTC).
+    pub drawn_at: String,
+    /// Winner documents per agency, in the order they were stored.
+    pub winners: HashMap<AgencyId, Vec<String>>,
+    /// Bets per agency taken into account.
+    pub bets_per_agency: BTreeMap<AgencyId, u64>,
+    /// Bets taken into account.
+    pub bets: u64,
+    /// How long reading the bets back took (zero for a draw read back from
+    /// its record).
+    pub elapsed: Duration,
+}
+
+impl Draw {
+    /// The winners of one agency (empty when it has none).
+    pub fn winners_of(&self, agency: AgencyId) -> &[String] {
+        self.winners.get(&agency).map_or(&[], Vec::as_slice)
+    }
+}

@@ -9,8 +9,8 @@ use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
-use crate::lottery::Draw;
 use crate::net::{self as tls, BoxedIo};
+use crate::store::file::load_record;
 use crate::wire::codec::AgencyCodec;
 use crate::wire::message::{AgencyState, Reply, Request};
 
@@ -145,7 +145,7 @@ pub fn render_status(view: &StatusView) -> String {
 /// # Errors
 /// There is no record (no draw yet), or it cannot be read.
 pub fn winners_table(record: &Path) -> anyhow::Result<String> {
-    let Some(draw) = Draw::load(record)? else {
+    let Some(draw) = load_record(record)? else {
         anyhow::bail!(
             "no draw record at {}: the draw has not happened yet",
             record.display()

@@ -9,11 +9,10 @@
 //! its rows are on stable storage. [`recover`] repairs the file after a
 //! crash.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, IoSlice, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -21,6 +20,14 @@ use tracing::{error, info};
 
 use crate::logging::{action, result};
 use crate::model::{AgencyId, BetRef};
+
+use super::{Sequence, Tally};
+
+mod record;
+mod store;
+
+pub use record::{load_record, save_record};
+pub use store::FileStore;
 
 /// How many batches may wait for the writer before senders wait too.
 const QUEUE_DEPTH: usize = 1024;
@@ -97,29 +104,6 @@ fn push_field(dst: &mut Vec<u8>, field: &[u8]) {
     dst.push(b'"');
 }
 
-/// The batches of one connection. The writer stores them in the order they
-/// were submitted, and once one fails it fails every later one without
-/// writing it: a connection keeps several batches in flight, and a batch
-/// stored after a lost one would leave a gap in the agency's bets.
-#[derive(Debug, Clone, Default)]
-pub struct Sequence(Arc<AtomicBool>);
-
-impl Sequence {
-    /// A sequence with nothing failed yet.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Whether a batch of it failed (and every later one fails too).
-    pub fn is_broken(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-
-    fn mark_broken(&self) {
-        self.0.store(true, Ordering::Release);
-    }
-}
-
 struct Append {
     rows: Vec<u8>,
     sequence: Sequence,
@@ -129,7 +113,8 @@ struct Append {
 /// A cheap, cloneable handle to the bets file's writer.
 #[derive(Debug, Clone)]
 pub struct BetStore {
-    tx: mpsc::Sender<Append>,
+    /// Batches to append; `None` asks the writer to close the file.
+    tx: mpsc::Sender<Option<Append>>,
     path: Arc<Path>,
 }
 
@@ -161,7 +146,7 @@ impl BetStore {
     /// again after a failure, so a storage problem fails batches instead of
     /// the server. The returned handle resolves once every [`BetStore`]
     /// clone is dropped and the file is flushed and closed.
-    pub fn open(path: &Path, durability: Durability) -> (BetStore, tokio::task::JoinHandle<()>) {
+    pub fn start(path: &Path, durability: Durability) -> (BetStore, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer = Writer {
             path: path.to_path_buf(),
@@ -203,7 +188,7 @@ impl BetStore {
             done,
         };
         self.tx
-            .send(append)
+            .send(Some(append))
             .await
             .map_err(|_| StorageError::Closed)?;
         Ok(Pending {
@@ -220,6 +205,14 @@ impl BetStore {
     /// nothing of it stays in the file), or the writer has stopped.
     pub async fn append(&self, rows: Vec<u8>) -> Result<(), StorageError> {
         self.submit(rows, &Sequence::new()).await?.await
+    }
+
+    /// Asks the writer to store every batch submitted before, then flush and
+    /// close the file and end; later batches fail with
+    /// [`StorageError::Closed`].
+    pub async fn close(&self) {
+        // Already closed is fine: the writer is gone either way.
+        let _ = self.tx.send(None).await;
     }
 }
 
@@ -253,15 +246,20 @@ impl std::future::Future for Pending {
 /// Most batches written together: one `writev` takes at most 1024 buffers.
 const MAX_GROUP: usize = 512;
 
-fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Append>) {
+fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Option<Append>>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
+    let mut closing = false;
     // Group commit: every batch waiting when the writer comes round shares
     // one write and one sync. Under load the groups grow by themselves.
-    while let Some(first) = rx.blocking_recv() {
+    while let Some(Some(first)) = rx.blocking_recv() {
         group.push(first);
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
-                Ok(append) => group.push(append),
+                Ok(Some(append)) => group.push(append),
+                Ok(None) => {
+                    closing = true;
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -274,7 +272,13 @@ fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Append>) {
             // A connection that went away no longer needs its answer.
             let _ = append.done.send(outcome);
         }
+        if closing {
+            break;
+        }
     }
+    // Whatever is still queued was submitted after the close: dropping it
+    // answers it `Closed`.
+    rx.close();
     let path = writer.path.clone();
     match writer.close() {
         Ok(()) => info!(
@@ -580,17 +584,6 @@ pub fn scan(path: &Path, mut each: impl FnMut(StoredBet<'_>)) -> Result<u64, Sto
         Ok(part) => Ok(part.rows),
         Err(fail) => Err(fail.into_error(path, 0)),
     }
-}
-
-/// What the draw needs from the bets file.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Tally {
-    /// Rows (bets) in the file.
-    pub rows: u64,
-    /// Bets per agency.
-    pub per_agency: BTreeMap<AgencyId, u64>,
-    /// Each agency's winning documents, in the order they were stored.
-    pub winners: HashMap<AgencyId, Vec<String>>,
 }
 
 impl Tally {
@@ -1044,7 +1037,7 @@ mod tests {
             bet(2, "Pérez, Ana", "O\"Neil", "1", "0"),
             bet(3, "a|b:c\\d", "Ñandú", "0012", "9999"),
         ];
-        let (store, writer) = BetStore::open(&path, Durability::Sync);
+        let (store, writer) = BetStore::start(&path, Durability::Sync);
         let mut rows = Vec::new();
         encode_rows(bets[..2].iter().map(Bet::as_ref), &mut rows);
         store.append(rows).await.unwrap();
@@ -1311,7 +1304,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bets.csv");
         let aside = dir.path().join("aside.csv");
-        let (store, writer) = BetStore::open(&path, Durability::Sync);
+        let (store, writer) = BetStore::start(&path, Durability::Sync);
         let mut rows = Vec::new();
         encode_rows([bet(1, "Ana", "Pérez", "1", "5").as_ref()], &mut rows);
         store.append(rows.clone()).await.unwrap();
@@ -1335,7 +1328,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bets.csv");
         let aside = dir.path().join("aside.csv");
-        let (store, writer) = BetStore::open(&path, Durability::Sync);
+        let (store, writer) = BetStore::start(&path, Durability::Sync);
         let row = |doc: &str| {
             let mut rows = Vec::new();
             encode_rows([bet(1, "Ana", "Pérez", doc, "5").as_ref()], &mut rows);
@@ -1396,7 +1389,7 @@ mod tests {
         // A regular file where a directory should be: ENOTDIR, even for root.
         std::fs::write(dir.path().join("plain"), "").unwrap();
         let path = dir.path().join("plain").join("bets.csv");
-        let (store, writer) = BetStore::open(&path, Durability::Sync);
+        let (store, writer) = BetStore::start(&path, Durability::Sync);
         let mut rows = Vec::new();
         encode_rows([bet(1, "Ana", "Pérez", "1", "5").as_ref()], &mut rows);
         for _ in 0..2 {

@@ -1,0 +1,101 @@
+//! [`Claim`]: one connection's hold on one agency, released when dropped.
+
+use tracing::info;
+
+use super::{Lottery, LotteryError};
+use crate::logging::{action, result};
+use crate::model::AgencyId;
+
+/// The right to speak for one agency: while it lives, no other connection
+/// can claim the agency, and only its holder counts the agency's stored
+/// bets or announces that the agency finished.
+///
+/// Dropping it frees the agency, whichever way the connection ended (a
+/// close, an error, a panic), so an agency is never locked out by a
+/// connection that is gone.
+#[derive(Debug)]
+#[must_use = "dropping a claim frees the agency at once"]
+pub struct Claim {
+    lottery: Lottery,
+    agency: AgencyId,
+}
+
+impl Claim {
+    pub(super) fn new(lottery: Lottery, agency: AgencyId) -> Claim {
+        Claim { lottery, agency }
+    }
+
+    /// The agency claimed.
+    pub fn agency(&self) -> AgencyId {
+        self.agency
+    }
+
+    /// The lottery the claim belongs to.
+    pub fn lottery(&self) -> &Lottery {
+        &self.lottery
+    }
+
+    /// Bets stored for the agency, and whether it may still send more (not
+    /// once it announced it finished, nor after the draw), read together:
+    /// the central asks both for every batch. Only this claim's holder
+    /// changes either, so the answer holds until it acts on it.
+    pub fn intake(&self) -> (u64, Result<(), LotteryError>) {
+        let drawn = self.lottery.draw().is_some();
+        let state = self.lottery.lock();
+        let stored = state.stored.get(&self.agency).copied().unwrap_or(0);
+        let open = if drawn || state.finished.contains(&self.agency) {
+            Err(LotteryError::Finished(self.agency))
+        } else {
+            Ok(())
+        };
+        (stored, open)
+    }
+
+    /// Records `count` more bets stored for the agency; returns the total.
+    pub fn add_stored(&self, count: u64) -> u64 {
+        let mut state = self.lottery.lock();
+        let total = state.stored.entry(self.agency).or_default();
+        *total += count;
+        *total
+    }
+
+    /// Announces that the agency finished. When it is the last one, runs
+    /// the draw (once, outside the lock), records it, and publishes it to
+    /// every waiting agency.
+    ///
+    /// Announcing again (after a reconnection) is harmless: the agency just
+    /// waits for the draw again.
+    ///
+    /// # Errors
+    /// A draw that could not read the bets or write its record; the
+    /// announcement is then forgotten, so that announcing again retries.
+    pub async fn finish(&self) -> Result<(), LotteryError> {
+        let agency = self.agency;
+        let run_draw = {
+            let mut state = self.lottery.lock();
+            if state.finished.insert(agency) {
+                info!(
+                    action = action::AGENCIA_FINALIZADA,
+                    result = result::SUCCESS,
+                    agency,
+                    finished = state.finished.len(),
+                    agencies = self.lottery.shared.agencies
+                );
+            }
+            let all = state.finished.len() as u32 == self.lottery.shared.agencies;
+            let start = all && !state.drawing && self.lottery.draw().is_none();
+            state.drawing |= start;
+            start
+        };
+        if !run_draw {
+            return Ok(());
+        }
+        self.lottery.run_draw(agency).await
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.lottery.lock().connected.remove(&self.agency);
+    }
+}

@@ -1,0 +1,78 @@
+//! The draw: tally the stored bets, record the outcome, publish it. It runs
+//! once, on a task of its own, outside the state lock, so the central keeps
+//! answering PING, STATUS and HELLO while it reads the bets back.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::{error, info};
+
+use super::{Lottery, LotteryError};
+use crate::logging::{action, result};
+use crate::model::AgencyId;
+use crate::store::Draw;
+
+impl Lottery {
+    /// Runs the draw started by `agency`'s announcement and waits for it.
+    ///
+    /// Every batch was stored before it was acknowledged, and every agency
+    /// announced it finished after its last acknowledgement, so the store
+    /// holds every bet by now.
+    pub(super) async fn run_draw(&self, agency: AgencyId) -> Result<(), LotteryError> {
+        // A task of its own: the draw completes and is published even if
+        // the connection that started it is dropped half way.
+        let lottery = self.clone();
+        let outcome = crate::task::spawn_named("draw", async move {
+            let outcome = lottery.draw_and_record().await;
+            match &outcome {
+                Ok(draw) => {
+                    info!(
+                        action = action::SORTEO,
+                        result = result::SUCCESS,
+                        winning_number = draw.winning_number,
+                        bets = draw.bets,
+                        winners = draw.winners.values().map(Vec::len).sum::<usize>(),
+                        millis = draw.elapsed.as_millis() as u64
+                    );
+                    lottery.shared.drawn.send_replace(Some(draw.clone()));
+                }
+                Err(e) => {
+                    error!(action = action::SORTEO, result = result::FAIL, reason = %e);
+                    // Forget the announcement that triggered it: announcing
+                    // again retries the draw.
+                    let mut state = lottery.lock();
+                    state.finished.remove(&agency);
+                }
+            }
+            lottery.lock().drawing = false;
+            outcome
+        })
+        .await
+        .expect("the draw does not panic");
+        outcome.map(|_| ())
+    }
+
+    async fn draw_and_record(&self) -> Result<Arc<Draw>, LotteryError> {
+        let shared = &self.shared;
+        let started = Instant::now();
+        let tally = shared
+            .store
+            .tally(shared.winning_number)
+            .await
+            .map_err(|e| LotteryError::Draw(e.to_string()))?;
+        let draw = Draw {
+            winning_number: shared.winning_number,
+            drawn_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            winners: tally.winners,
+            bets_per_agency: tally.per_agency,
+            bets: tally.rows,
+            elapsed: started.elapsed(),
+        };
+        shared
+            .store
+            .save_draw(&draw)
+            .await
+            .map_err(|e| LotteryError::Draw(format!("writing the draw record: {e}")))?;
+        Ok(Arc::new(draw))
+    }
+}

@@ -1,0 +1,551 @@
+//! [`Handler`]: serves one connection, reading requests in order, pipelining
+//! batches to the store through its [`Session`], and answering in request
+//! order.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{SinkExt, StreamExt};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::intake::{Placement, Session, Settled};
+use super::Settings;
+use crate::logging::{action, result};
+use crate::lottery::{Lottery, LotteryError};
+use crate::model::{AgencyId, Bets};
+use crate::net::BoxedIo;
+use crate::store::Store;
+use crate::wire::{
+    status_replies, winners_replies, ErrorCode, FrameError, Reply, Request, ServerCodec,
+};
+
+/// Read buffer of a connection: room for two full frames, so that an
+/// agency's window of batches is read with fewer syscalls than one each.
+/// Not more: with a thousand agencies connected, each KiB here is a MiB of
+/// the central's memory.
+const READ_BUFFER: usize = 16 * 1024;
+
+/// Most batches one connection may have at the store at once; the next
+/// frame is read only when one of them is answered.
+const MAX_IN_FLIGHT: usize = 64;
+
+/// What the connection does after a message.
+enum Next {
+    Continue,
+    Close,
+}
+
+/// Serves one agency connection.
+pub(super) struct Handler {
+    /// The connection with our codec: requests in, replies out.
+    framed: Framed<BoxedIo, ServerCodec>,
+    /// The agency's address, for logs.
+    peer: SocketAddr,
+    /// The agency this connection speaks for, with its batches in flight;
+    /// set by the first message that names an agency.
+    session: Option<Session>,
+    /// The connection presented its agency's secret (or none is needed).
+    authenticated: bool,
+    /// Shared state and the draw.
+    lottery: Lottery,
+    /// Where batches go.
+    store: Arc<dyn Store>,
+    /// This connection's token, a child of the server's.
+    shutdown: CancellationToken,
+    /// Timeouts and secrets.
+    settings: Arc<Settings>,
+}
+
+impl Handler {
+    pub fn new(
+        io: BoxedIo,
+        peer: SocketAddr,
+        lottery: Lottery,
+        store: Arc<dyn Store>,
+        shutdown: CancellationToken,
+        settings: Arc<Settings>,
+    ) -> Handler {
+        Handler {
+            framed: Framed::with_capacity(io, ServerCodec::new(), READ_BUFFER),
+            peer,
+            session: None,
+            authenticated: settings.secrets.is_empty(),
+            lottery,
+            store,
+            shutdown,
+            settings,
+        }
+    }
+
+    pub async fn run(mut self) {
+        let outcome = self.serve().await;
+        let agency = self.session.as_ref().map_or(0, Session::agency);
+        // Batches already at the store are stored whatever happened to the
+        // connection: count them before the agency can connect again, or
+        // its next session would resume too early and store them twice.
+        if let Some(session) = self.session.take() {
+            session.settle().await;
+        }
+        if let Err(e) = outcome {
+            warn!(action = action::CONNECTION, result = result::FAIL, peer = %self.peer, error = %e);
+        }
+        if self.shutdown.is_cancelled() {
+            info!(
+                action = action::CLOSE_CONNECTION,
+                result = result::SUCCESS,
+                peer = %self.peer,
+                agency
+            );
+        }
+        // Dropping `self` closes the socket.
+    }
+
+    /// In-flight batches, for the read loop's limit.
+    fn in_flight(&self) -> usize {
+        self.session.as_ref().map_or(0, Session::in_flight)
+    }
+
+    async fn serve(&mut self) -> Result<(), FrameError> {
+        let (frame_timeout, idle_timeout) =
+            (self.settings.frame_timeout, self.settings.idle_timeout);
+        let mut last_request = Instant::now();
+        loop {
+            // A frame under way must be completed within the frame timeout;
+            // between frames the idle timeout runs. Look again at least
+            // every frame timeout, as a frame may start while we wait.
+            let partial = self.framed.codec().partial_since();
+            let deadline = match partial {
+                Some(started) => started + frame_timeout,
+                None => last_request + idle_timeout,
+            };
+            let look_again = deadline.min(Instant::now() + frame_timeout);
+            let room = self.in_flight() < MAX_IN_FLIGHT;
+            // Race the read against shutdown, the store and the clock only
+            // between requests. `Framed::next` is cancel-safe: a half-read
+            // frame stays buffered, and is dropped unacknowledged if we hang
+            // up; so is settling a batch, which stays queued until taken.
+            let settled = async {
+                match self.session.as_mut() {
+                    Some(session) => session.next_settled().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let frame = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => None,
+                settled = settled => Some(Err(settled)),
+                frame = self.framed.next(), if room => Some(Ok(frame)),
+                _ = tokio::time::sleep_until(look_again.into()) => {
+                    if Instant::now() < deadline || self.in_flight() > 0 {
+                        continue;
+                    }
+                    return self.time_out(partial.is_some()).await;
+                }
+            };
+            let frame = match frame {
+                // Whatever was read is stored and answered.
+                None => return self.drain().await,
+                Some(Err(settled)) => {
+                    self.acknowledge(settled).await?;
+                    continue;
+                }
+                Some(Ok(frame)) => frame,
+            };
+            // Replies go out in request order: only batches are pipelined,
+            // so anything else waits for the batches before it.
+            if !matches!(frame, Some(Ok(Ok(Request::Batch { .. })))) {
+                self.drain().await?;
+            }
+            let next = match frame {
+                None => return Ok(()),
+                Some(Err(e)) => {
+                    if let FrameError::TooLarge(_) = e {
+                        // The stream is unusable, but the peer can still be
+                        // told why before we hang up.
+                        let _ = self
+                            .reply_error(ErrorCode::FrameTooLarge, e.to_string())
+                            .await;
+                    }
+                    return Err(e);
+                }
+                Some(Ok(Err(e))) => {
+                    warn!(
+                        action = action::APUESTA_RECIBIDA,
+                        result = result::FAIL,
+                        cantidad = 0,
+                        peer = %self.peer,
+                        code = %e.code(),
+                        reason = %e
+                    );
+                    self.reply_error(e.code(), e.to_string()).await?;
+                    Next::Continue
+                }
+                Some(Ok(Ok(Request::Hello { agency, secret }))) => {
+                    self.handle_hello(agency, secret).await?
+                }
+                // Probes and operator views: no personal data, no agency,
+                // no secret needed.
+                Some(Ok(Ok(Request::Ping))) => {
+                    let pong = Reply::Success {
+                        message: "pong".into(),
+                        stored: None,
+                    };
+                    self.framed.send(&pong).await?;
+                    Next::Continue
+                }
+                Some(Ok(Ok(Request::Status))) => {
+                    let (agencies, drawn, states) = self.lottery.status();
+                    for reply in status_replies(agencies, drawn, &states) {
+                        self.framed.feed(&reply).await?;
+                    }
+                    self.framed.flush().await?;
+                    Next::Continue
+                }
+                Some(Ok(Ok(_))) if !self.authenticated => self.unauthenticated().await?,
+                Some(Ok(Ok(Request::Batch { first, bets }))) => {
+                    self.handle_batch(first, bets).await?
+                }
+                Some(Ok(Ok(Request::Finished { agency }))) => self.handle_finished(agency).await?,
+            };
+            if let Next::Close = next {
+                return Ok(());
+            }
+            last_request = Instant::now();
+        }
+    }
+
+    /// Ends a connection that sat idle, or that started a frame and did not
+    /// finish it in time (a slow or stalled sender).
+    async fn time_out(&mut self, mid_frame: bool) -> Result<(), FrameError> {
+        let (reason, limit) = if mid_frame {
+            ("frame not completed in time", self.settings.frame_timeout)
+        } else {
+            ("idle for too long", self.settings.idle_timeout)
+        };
+        let reason = format!("{reason} ({}s)", limit.as_secs());
+        if mid_frame {
+            warn!(
+                action = action::CONNECTION,
+                result = result::FAIL,
+                peer = %self.peer,
+                code = %ErrorCode::Timeout,
+                reason = reason.as_str()
+            );
+        } else {
+            info!(
+                action = action::IDLE_TIMEOUT,
+                result = result::SUCCESS,
+                peer = %self.peer,
+                reason = reason.as_str()
+            );
+        }
+        // Best effort, and bounded: the peer may not be reading either.
+        let limit = self.settings.frame_timeout;
+        let _ = tokio::time::timeout(limit, self.reply_error(ErrorCode::Timeout, reason)).await;
+        Ok(())
+    }
+
+    /// Refuses a request from a connection that has not authenticated, and
+    /// hangs up.
+    async fn unauthenticated(&mut self) -> Result<Next, FrameError> {
+        let reason = "this central requires HELLO with the agency's SECRET first".to_string();
+        warn!(
+            action = action::CONNECTION,
+            result = result::FAIL,
+            peer = %self.peer,
+            code = %ErrorCode::Unauthenticated,
+            reason = reason.as_str()
+        );
+        self.reply_error(ErrorCode::Unauthenticated, reason).await?;
+        Ok(Next::Close)
+    }
+
+    /// The connection's session for `agency`: claimed on its first message
+    /// that names an agency; later messages must name the same one.
+    fn session_for(&mut self, agency: AgencyId) -> Result<&mut Session, LotteryError> {
+        match &self.session {
+            Some(s) if s.agency() != agency => {
+                return Err(LotteryError::OtherAgency {
+                    bound: s.agency(),
+                    claimed: agency,
+                })
+            }
+            Some(_) => {}
+            None => {
+                let claim = self.lottery.claim(agency)?;
+                self.session = Some(Session::new(claim, self.store.clone()));
+            }
+        }
+        Ok(self.session.as_mut().expect("set above"))
+    }
+
+    async fn handle_hello(
+        &mut self,
+        agency: AgencyId,
+        secret: Option<String>,
+    ) -> Result<Next, FrameError> {
+        let refusal = match self.settings.secrets.get(&agency) {
+            Some(expected) => {
+                let presented = secret.as_deref().unwrap_or("");
+                (!constant_time_eq(presented.as_bytes(), expected.as_bytes())).then(|| {
+                    let reason = format!("wrong or missing SECRET for agency {agency}");
+                    (ErrorCode::Unauthenticated, reason, Next::Close)
+                })
+            }
+            // Secrets are on, and this agency has none: it cannot get in.
+            None if !self.settings.secrets.is_empty() => {
+                let reason = format!("no secret is configured for agency {agency}");
+                Some((ErrorCode::Unauthenticated, reason, Next::Close))
+            }
+            None => None,
+        };
+        let refusal = refusal.or_else(|| {
+            self.session_for(agency)
+                .err()
+                .map(|e| (e.code(), e.to_string(), Next::Continue))
+        });
+        if let Some((code, reason, next)) = refusal {
+            warn!(
+                action = action::CONNECTION,
+                result = result::FAIL,
+                agency,
+                peer = %self.peer,
+                code = %code,
+                reason = reason.as_str()
+            );
+            self.reply_error(code, reason).await?;
+            return Ok(next);
+        }
+        self.authenticated = true;
+        let stored = self.lottery.stored(agency);
+        let reply = Reply::Success {
+            message: format!("agency {agency}: resume from bet {stored}"),
+            stored: Some(stored),
+        };
+        self.framed.send(&reply).await?;
+        Ok(Next::Continue)
+    }
+
+    /// Checks a batch and hands it to the store; its acknowledgement is
+    /// sent when the store answers, while later frames are read.
+    async fn handle_batch(&mut self, first: Option<u64>, bets: Bets) -> Result<Next, FrameError> {
+        let count = bets.len();
+        // Every bet of the batch must speak for one agency: the connection's.
+        let agency = bets.get(0).expect("a batch holds at least one bet").agency;
+        if let Some((i, other)) = bets.iter().enumerate().find(|(_, b)| b.agency != agency) {
+            let reason = format!(
+                "BET_{}: AGENCY_ID {} differs from BET_1's {agency}",
+                i + 1,
+                other.agency
+            );
+            self.drain().await?;
+            return self.reject(count, ErrorCode::WrongAgency, reason).await;
+        }
+        if let Err(e) = self.session_for(agency) {
+            self.drain().await?;
+            return self.reject(count, e.code(), e.to_string()).await;
+        }
+        let session = self.session.as_mut().expect("claimed above");
+        if session.is_broken() {
+            // A batch of this connection failed: every batch sent after it
+            // fails too, so none is stored after a gap. Once they are all
+            // answered, only a batch that says where it starts may begin a
+            // new order, placed against what is really stored.
+            self.drain().await?;
+            let session = self.session.as_mut().expect("claimed above");
+            if first.is_none() {
+                let reason = "an earlier batch of this connection was not stored; \
+                              reconnect and resume from the stored count"
+                    .to_string();
+                return self.reject(count, ErrorCode::StorageFailed, reason).await;
+            }
+            session.restart_sequence();
+        }
+        let session = self.session.as_mut().expect("claimed above");
+        let mut placement = session.place(first, count);
+        if !matches!(placement, Placement::Store { .. }) {
+            // Refusals and repeats are answered in order, and against what
+            // is really stored: settle the batches in flight first.
+            self.drain().await?;
+            placement = self
+                .session
+                .as_mut()
+                .expect("claimed above")
+                .place(first, count);
+        }
+        let skip = match placement {
+            Placement::Store { skip } => skip,
+            Placement::AlreadyStored { stored } => {
+                info!(
+                    action = action::APUESTA_RECIBIDA,
+                    result = result::SUCCESS,
+                    cantidad = count,
+                    already_stored = count
+                );
+                let reply = Reply::Success {
+                    message: format!("already stored {count} bets"),
+                    stored: Some(stored),
+                };
+                self.framed.send(&reply).await?;
+                return Ok(Next::Continue);
+            }
+            Placement::Refuse(e) => return self.reject(count, e.code(), e.to_string()).await,
+        };
+        let session = self.session.as_mut().expect("claimed above");
+        if let Err(e) = session.submit(&bets, skip).await {
+            self.drain().await?;
+            return self
+                .reject(count, ErrorCode::StorageFailed, e.to_string())
+                .await;
+        }
+        Ok(Next::Continue)
+    }
+
+    /// Answers `settled` and every later batch the store has already
+    /// answered, in one write.
+    async fn acknowledge(&mut self, settled: Settled) -> Result<(), FrameError> {
+        let mut next = Some(settled);
+        while let Some(settled) = next.take() {
+            self.answer(settled).await?;
+            next = self.session.as_mut().and_then(Session::try_settled);
+        }
+        self.framed.flush().await
+    }
+
+    /// Logs a settled batch and queues its reply.
+    async fn answer(&mut self, settled: Settled) -> Result<(), FrameError> {
+        let count = settled.count;
+        let total = match settled.outcome {
+            Ok(total) => total,
+            Err(e) => {
+                warn!(
+                    action = action::APUESTA_RECIBIDA,
+                    result = result::FAIL,
+                    cantidad = count,
+                    peer = %self.peer,
+                    code = %ErrorCode::StorageFailed,
+                    reason = %e
+                );
+                let reply = Reply::Error {
+                    code: ErrorCode::StorageFailed,
+                    message: e.to_string(),
+                };
+                return self.framed.feed(&reply).await;
+            }
+        };
+        info!(
+            action = action::APUESTA_RECIBIDA,
+            result = result::SUCCESS,
+            cantidad = count
+        );
+        for b in settled.logged.iter().flat_map(Bets::iter) {
+            debug!(
+                action = action::APUESTA_ALMACENADA,
+                result = result::SUCCESS,
+                dni = b.document,
+                numero = b.number
+            );
+        }
+        let reply = Reply::Success {
+            message: format!("stored {count} bets"),
+            stored: Some(total),
+        };
+        self.framed.feed(&reply).await
+    }
+
+    /// Waits for every batch in flight and answers each.
+    async fn drain(&mut self) -> Result<(), FrameError> {
+        if self.in_flight() == 0 {
+            return Ok(());
+        }
+        while self.in_flight() > 0 {
+            let session = self.session.as_mut().expect("batches in flight have one");
+            let settled = session.next_settled().await;
+            self.answer(settled).await?;
+        }
+        self.framed.flush().await
+    }
+
+    async fn reject(
+        &mut self,
+        count: usize,
+        code: ErrorCode,
+        reason: String,
+    ) -> Result<Next, FrameError> {
+        warn!(
+            action = action::APUESTA_RECIBIDA,
+            result = result::FAIL,
+            cantidad = count,
+            peer = %self.peer,
+            code = %code,
+            reason = reason.as_str()
+        );
+        self.reply_error(code, reason).await?;
+        Ok(Next::Continue)
+    }
+
+    async fn handle_finished(&mut self, agency: AgencyId) -> Result<Next, FrameError> {
+        let session = match self.session_for(agency) {
+            Ok(session) => session,
+            Err(e) => return self.refuse_finish(agency, e.code(), e.to_string()).await,
+        };
+        if session.announced {
+            let reason =
+                format!("agency {agency} already announced it finished on this connection");
+            return self
+                .refuse_finish(agency, ErrorCode::AgencyFinished, reason)
+                .await;
+        }
+        if let Err(e) = session.claim().finish().await {
+            return self.refuse_finish(agency, e.code(), e.to_string()).await;
+        }
+        self.session.as_mut().expect("claimed above").announced = true;
+        // Hold the agency here until the draw, or until shutdown.
+        let Some(draw) = self.lottery.wait_for_draw(&self.shutdown).await else {
+            return Ok(Next::Close);
+        };
+        let winners = draw.winners_of(agency);
+        for reply in winners_replies(winners) {
+            self.framed.feed(&reply).await?;
+        }
+        self.framed.flush().await?;
+        info!(
+            action = action::CONSULTA_GANADORES,
+            result = result::SUCCESS,
+            agency,
+            cant_ganadores = winners.len()
+        );
+        Ok(Next::Continue)
+    }
+
+    async fn refuse_finish(
+        &mut self,
+        agency: AgencyId,
+        code: ErrorCode,
+        reason: String,
+    ) -> Result<Next, FrameError> {
+        warn!(
+            action = action::AGENCIA_FINALIZADA,
+            result = result::FAIL,
+            agency,
+            peer = %self.peer,
+            code = %code,
+            reason = reason.as_str()
+        );
+        self.reply_error(code, reason).await?;
+        Ok(Next::Continue)
+    }
+
+    async fn reply_error(&mut self, code: ErrorCode, message: String) -> Result<(), FrameError> {
+        self.framed.send(&Reply::Error { code, message }).await
+    }
+}
+
+/// Compares secrets in time that depends only on their lengths, so timing
+/// does not tell an attacker how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

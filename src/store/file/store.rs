@@ -1,0 +1,134 @@
+//! [`FileStore`]: the bets file and its draw record behind the storage seam.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use tokio::task::JoinHandle;
+use tracing::{error, info};
+
+use super::{encode_rows, load_record, recover, save_record, tally, BetStore, Durability};
+use crate::logging::{action, result};
+use crate::model::{AgencyId, Bets};
+use crate::store::{Draw, Sequence, StorageError, Store, Stored, Tally};
+
+/// The bets file (written by one writer thread) and the draw record.
+#[derive(Debug)]
+pub struct FileStore {
+    writer: BetStore,
+    /// The writer thread; taken by [`Store::close`].
+    thread: Mutex<Option<JoinHandle<()>>>,
+    record: PathBuf,
+}
+
+impl FileStore {
+    /// Recovers the bets file at `bets` (cutting a torn last row), logs
+    /// what it found, and starts its writer. Returns the store and the bets
+    /// held per agency.
+    ///
+    /// # Errors
+    /// The file cannot be read or repaired.
+    pub async fn open(
+        bets: &Path,
+        record: &Path,
+        durability: Durability,
+    ) -> Result<(FileStore, BTreeMap<AgencyId, u64>), StorageError> {
+        let recovered = {
+            let path = bets.to_path_buf();
+            tokio::task::spawn_blocking(move || recover(&path))
+                .await
+                .expect("recovery does not panic")?
+        };
+        info!(
+            action = action::RECOVER,
+            result = result::SUCCESS,
+            path = %bets.display(),
+            rows = recovered.rows,
+            agencies = recovered.per_agency.len(),
+            truncated_bytes = recovered.truncated_bytes
+        );
+        let (writer, thread) = BetStore::start(bets, durability);
+        let store = FileStore {
+            writer,
+            thread: Mutex::new(Some(thread)),
+            record: record.to_path_buf(),
+        };
+        Ok((store, recovered.per_agency))
+    }
+}
+
+impl Store for FileStore {
+    fn describe(&self) -> String {
+        self.writer.path().display().to_string()
+    }
+
+    fn submit<'a>(
+        &'a self,
+        bets: &Bets,
+        skip: usize,
+        sequence: &Sequence,
+    ) -> BoxFuture<'a, Result<Stored, StorageError>> {
+        // Encoded here, on the connection's own task: the rows of many
+        // connections are built in parallel, and the writer thread only
+        // writes.
+        let mut rows = Vec::with_capacity(bets.len().saturating_sub(skip) * 64);
+        encode_rows(bets.iter().skip(skip), &mut rows);
+        let sequence = sequence.clone();
+        async move {
+            let pending = self.writer.submit(rows, &sequence).await?;
+            Ok(pending.boxed())
+        }
+        .boxed()
+    }
+
+    fn tally(&self, winning_number: u16) -> BoxFuture<'_, Result<Tally, StorageError>> {
+        let path = self.writer.path().to_path_buf();
+        async move {
+            crate::task::spawn_blocking_named("draw", move || {
+                tally(&path, u32::from(winning_number))
+            })
+            .await
+            .expect("the draw's scan does not panic")
+        }
+        .boxed()
+    }
+
+    fn load_draw(&self) -> BoxFuture<'_, Result<Option<Draw>, StorageError>> {
+        let path = self.record.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                load_record(&path).map_err(|source| StorageError::Io { path, source })
+            })
+            .await
+            .expect("reading the record does not panic")
+        }
+        .boxed()
+    }
+
+    fn save_draw<'a>(&'a self, draw: &'a Draw) -> BoxFuture<'a, Result<(), StorageError>> {
+        let (path, draw) = (self.record.clone(), draw.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                save_record(&draw, &path).map_err(|source| StorageError::Io { path, source })
+            })
+            .await
+            .expect("writing the record does not panic")
+        }
+        .boxed()
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        async move {
+            self.writer.close().await;
+            let thread = self.thread.lock().expect("not poisoned").take();
+            if let Some(thread) = thread {
+                if let Err(e) = thread.await {
+                    error!(action = action::CLOSE_BETS_FILE, result = result::FAIL, error = %e);
+                }
+            }
+        }
+        .boxed()
+    }
+}
