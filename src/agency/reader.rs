@@ -1,0 +1,284 @@
+//! The agency's data file, read on a blocking thread into whole batch
+//! frames: each line checked as a bet and encoded straight into its frame.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use tokio::sync::mpsc;
+
+use super::AgencyError;
+use crate::model::{AgencyId, BetRef, Today};
+use crate::wire::BatchBuilder;
+
+/// A batch read from the data file, already encoded as its frame.
+#[derive(Debug)]
+pub(super) struct Batch {
+    /// The whole frame, ready to send.
+    pub frame: bytes::Bytes,
+    /// Bets in it.
+    pub count: u64,
+    /// Position of the first bet among the file's bets (0-based).
+    pub first: u64,
+    /// Line of the first bet in the data file.
+    pub first_line: u64,
+    /// Each bet's document and number, kept only when DEBUG is on, for the
+    /// per-bet lines logged once the batch is acknowledged.
+    pub logged: Option<Vec<(String, u16)>>,
+}
+
+/// Sends the bets read before a bad line (they are good, and a later run
+/// resumes after them), then the error.
+fn fail(tx: &mpsc::Sender<Result<Batch, AgencyError>>, batch: Batch, error: AgencyError) {
+    if batch.count > 0 && tx.blocking_send(Ok(batch)).is_err() {
+        return;
+    }
+    let _ = tx.blocking_send(Err(error));
+}
+
+/// The fields of one data file record, without allocating for the usual
+/// five (more are an error, reported by their count).
+#[derive(Default)]
+struct Fields<'a> {
+    first: [&'a str; 5],
+    len: usize,
+}
+
+impl<'a> Fields<'a> {
+    /// Field `i`, or `""` past the end.
+    fn get(&self, i: usize) -> &'a str {
+        self.first
+            .get(i)
+            .filter(|_| i < self.len)
+            .copied()
+            .unwrap_or("")
+    }
+}
+
+impl<'a> FromIterator<&'a str> for Fields<'a> {
+    fn from_iter<I: IntoIterator<Item = &'a str>>(iter: I) -> Self {
+        let mut fields = Fields::default();
+        for f in iter {
+            if let Some(slot) = fields.first.get_mut(fields.len) {
+                *slot = f;
+            }
+            fields.len += 1;
+        }
+        fields
+    }
+}
+
+/// Reads the data file into batches on a blocking thread, skipping the
+/// first `skip` bets (the central holds them). Stops at the first bad line
+/// (sending its error) or when the receiver is gone.
+pub(super) fn read_batches(
+    path: &Path,
+    agency: AgencyId,
+    max: usize,
+    skip: u64,
+    tx: &mpsc::Sender<Result<Batch, AgencyError>>,
+) {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(source) => {
+            let _ = tx.blocking_send(Err(AgencyError::OpenData {
+                path: path.to_path_buf(),
+                source,
+            }));
+            return;
+        }
+    };
+    // Records end at `\n`, and a `\r` before it is dropped by hand below: the
+    // csv crate's own CRLF handling reports line numbers one short after
+    // every CRLF, and errors must name the right line.
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .terminator(csv::Terminator::Any(b'\n'))
+        .from_reader(BufReader::with_capacity(1 << 16, file));
+    let mut record = csv::ByteRecord::new();
+    let log_bets = tracing::enabled!(tracing::Level::DEBUG);
+    let new_batch = |first: u64, first_line: u64| {
+        (
+            BatchBuilder::new(Some(first)),
+            Batch {
+                frame: bytes::Bytes::new(),
+                count: 0,
+                first,
+                first_line,
+                logged: log_bets.then(Vec::new),
+            },
+        )
+    };
+    let finish = |(builder, mut batch): (BatchBuilder, Batch)| {
+        batch.count = builder.count() as u64;
+        batch.frame = builder.finish();
+        batch
+    };
+    let mut current = new_batch(skip, 0);
+    let mut today = Today::now();
+    let mut position = 0u64;
+    let data_error = |line: u64, reason: String| AgencyError::Data {
+        path: path.to_path_buf(),
+        line,
+        reason,
+    };
+    loop {
+        let line = reader.position().line();
+        match reader.read_byte_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => {
+                let line = e.position().map_or(line, |p| p.line());
+                return fail(tx, finish(current), data_error(line, e.to_string()));
+            }
+        }
+        let line = record.position().map_or(line, |p| p.line());
+        // The record's text is checked once, whole (with the SIMD checker),
+        // and each field is then a slice of it that must start and end on
+        // character boundaries.
+        let Ok(text) = simdutf8::basic::from_utf8(record.as_slice()) else {
+            let reason = "not valid UTF-8".to_string();
+            return fail(tx, finish(current), data_error(line, reason));
+        };
+        let field = |i: usize| record.range(i).and_then(|r| text.get(r));
+        let Some(fields) = (0..record.len()).map(field).collect::<Option<Fields<'_>>>() else {
+            let reason = "not valid UTF-8".to_string();
+            return fail(tx, finish(current), data_error(line, reason));
+        };
+        let last = record.len().saturating_sub(1);
+        let last_field = fields.get(last);
+        let last_field = last_field.strip_suffix('\r').unwrap_or(last_field);
+        if record.len() == 1 && last_field.is_empty() {
+            continue; // a blank CRLF line
+        }
+        position += 1;
+        if position <= skip {
+            continue; // the central already holds this bet
+        }
+        if record.len() != 5 {
+            let reason = format!(
+                "expected 5 fields (first_name,last_name,document,birthdate,number), found {}",
+                record.len()
+            );
+            return fail(tx, finish(current), data_error(line, reason));
+        }
+        let bet = match BetRef::check(
+            agency,
+            fields.get(0),
+            fields.get(1),
+            fields.get(2),
+            fields.get(3),
+            last_field,
+            today,
+        ) {
+            Ok(bet) => bet,
+            Err(e) => return fail(tx, finish(current), data_error(line, e.to_string())),
+        };
+        // Encoded straight into the frame: no copy of the bet in between.
+        let full = current.0.count() == max;
+        if full || !current.0.push(bet) {
+            let next = new_batch(position - 1, line);
+            let batch = finish(std::mem::replace(&mut current, next));
+            if batch.count > 0 && tx.blocking_send(Ok(batch)).is_err() {
+                return;
+            }
+            today = Today::now();
+            if !current.0.push(bet) {
+                let reason = "the bet is too large to fit in one frame".to_string();
+                return fail(tx, finish(current), data_error(line, reason));
+            }
+        }
+        if current.0.count() == 1 {
+            current.1.first_line = line;
+        }
+        if let Some(logged) = &mut current.1.logged {
+            logged.push((bet.document.to_string(), bet.number));
+        }
+    }
+    if current.0.count() > 0 {
+        let _ = tx.blocking_send(Ok(finish(current)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Request, ServerCodec, MAX_FRAME_LEN};
+    use tokio_util::codec::Decoder;
+
+    fn batches_of(text: &str, max: usize) -> Vec<Result<Batch, AgencyError>> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agency-1.csv");
+        std::fs::write(&path, text).unwrap();
+        let (tx, mut rx) = mpsc::channel(1024);
+        read_batches(&path, 1, max, 0, &tx);
+        drop(tx);
+        let mut out = Vec::new();
+        while let Ok(b) = rx.try_recv() {
+            out.push(b);
+        }
+        out
+    }
+
+    #[test]
+    fn batches_respect_count_and_frame_size() {
+        let mut text = String::new();
+        for i in 0..500 {
+            // Long names make the frame limit bite before the count does.
+            text.push_str(&format!(
+                "{},Pérez|Núñez,{},1999-03-17,{}\r\n",
+                "Ñ".repeat(40),
+                10_000_000 + i,
+                i
+            ));
+        }
+        let batches = batches_of(&text, 70);
+        let mut line = 1;
+        let mut total = 0;
+        for b in &batches {
+            let b = b.as_ref().unwrap();
+            assert!(b.count <= 70);
+            assert_eq!(b.first_line, line);
+            assert_eq!(b.first, line - 1);
+            assert!(b.frame.len() <= MAX_FRAME_LEN);
+            // The frame is what the central reads: these very bets.
+            let mut wire = bytes::BytesMut::from(&b.frame[..]);
+            let decoded = ServerCodec::new().decode(&mut wire).unwrap().unwrap();
+            let Ok(Request::Batch { first, bets }) = decoded else {
+                panic!("not a batch: {decoded:?}");
+            };
+            assert_eq!(first, Some(b.first));
+            assert_eq!(bets.len() as u64, b.count);
+            for (k, bet) in bets.iter().enumerate() {
+                assert_eq!(bet.document, (10_000_000 + b.first + k as u64).to_string());
+                assert_eq!(bet.last_name, "Pérez|Núñez");
+            }
+            line += b.count;
+            total += b.count;
+        }
+        assert_eq!(total, 500);
+        assert!(
+            batches.len() > 500 / 70 + 1,
+            "frame size cut some batches early"
+        );
+    }
+
+    #[test]
+    fn bad_line_names_file_and_line() {
+        let text = "Ana,Pérez,1,1999-03-17,5\nBob,Lee,2,1999-02-30,6\n";
+        let batches = batches_of(text, 70);
+        let err = batches.into_iter().find_map(Result::err).unwrap();
+        let msg = err.to_string();
+        assert!(msg.contains("agency-1.csv, line 2: NACIMIENTO"), "{msg}");
+
+        let err = batches_of("Ana,Pérez,1,1999-03-17\n", 70)
+            .pop()
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("line 1: expected 5 fields"),
+            "{err}"
+        );
+    }
+}
