@@ -79,6 +79,14 @@ fn winners_file(work: &Path, id: u32) -> std::path::PathBuf {
     work.join(format!("winners-{id}.txt"))
 }
 
+/// Starts agencies 1 to `n` against `address`, on the data files in `data`,
+/// writing their winners into `work`.
+fn start_agencies(n: u32, address: &str, data: &Path, work: &Path) -> Vec<Proc> {
+    (1..=n)
+        .map(|id| start_agency(id, address, &data_file(data, id), &winners_file(work, id)))
+        .collect()
+}
+
 #[test]
 fn server_sigkilled_twenty_times_loses_and_duplicates_nothing() {
     const AGENCIES: u32 = 4;
@@ -89,16 +97,7 @@ fn server_sigkilled_twenty_times_loses_and_duplicates_nothing() {
 
     let mut server = Server::start(&storage, AGENCIES, WINNING);
     let port = server.port;
-    let agencies: Vec<Proc> = (1..=AGENCIES)
-        .map(|id| {
-            start_agency(
-                id,
-                &server.address(),
-                &data_file(data.path(), id),
-                &winners_file(work.path(), id),
-            )
-        })
-        .collect();
+    let agencies = start_agencies(AGENCIES, &server.address(), data.path(), work.path());
 
     let mut truncations = 0;
     for _cycle in 0..20 {
@@ -253,16 +252,7 @@ fn acknowledgements_lost_on_the_way_are_not_stored_twice() {
     let storage = work.path().join("bets.csv");
     let server = Server::start(&storage, AGENCIES, WINNING);
     let proxy = CuttingProxy::start(server.address(), 99, 25);
-    let agencies: Vec<Proc> = (1..=AGENCIES)
-        .map(|id| {
-            start_agency(
-                id,
-                &proxy.address,
-                &data_file(data.path(), id),
-                &winners_file(work.path(), id),
-            )
-        })
-        .collect();
+    let agencies = start_agencies(AGENCIES, &proxy.address, data.path(), work.path());
     check_outcome(data.path(), work.path(), &storage, &agencies);
     let cuts = proxy.cuts.load(Ordering::SeqCst);
     assert!(cuts >= 10, "only {cuts} replies were cut");
@@ -368,16 +358,7 @@ fn torn_row_is_cut_and_the_upload_completes(torn: impl Fn(&Expected) -> Vec<u8>)
         "the bets file is not exactly its complete rows after recovery"
     );
 
-    let agencies: Vec<Proc> = (1..=AGENCIES)
-        .map(|id| {
-            start_agency(
-                id,
-                &server.address(),
-                &data_file(data.path(), id),
-                &winners_file(work.path(), id),
-            )
-        })
-        .collect();
+    let agencies = start_agencies(AGENCIES, &server.address(), data.path(), work.path());
     check_outcome(data.path(), work.path(), &storage, &agencies);
     server.proc.signal(Signal::SIGTERM);
     assert!(server.proc.wait_exit(Duration::from_secs(10)).success());

@@ -447,8 +447,7 @@ mod tests {
         let path = dir.path().join("bets.csv");
         let aside = dir.path().join("aside.csv");
         let (store, writer) = BetStore::start(&path, Durability::Sync);
-        let mut rows = Vec::new();
-        encode_rows([bet(1, "Ana", "Pérez", "1", "5").as_ref()], &mut rows);
+        let rows = one_row(1);
         store.append(rows.clone()).await.unwrap();
 
         std::fs::rename(&path, &aside).unwrap();
@@ -471,14 +470,9 @@ mod tests {
         let path = dir.path().join("bets.csv");
         let aside = dir.path().join("aside.csv");
         let (store, writer) = BetStore::start(&path, Durability::Sync);
-        let row = |doc: &str| {
-            let mut rows = Vec::new();
-            encode_rows([bet(1, "Ana", "Pérez", doc, "5").as_ref()], &mut rows);
-            rows
-        };
         let (pipelined, other) = (Sequence::new(), Sequence::new());
         store
-            .submit(row("1"), &pipelined)
+            .submit(one_row(1), &pipelined)
             .await
             .unwrap()
             .await
@@ -488,16 +482,21 @@ mod tests {
         // must not be stored after the gap even though the file is back.
         std::fs::rename(&path, &aside).unwrap();
         std::fs::create_dir(&path).unwrap();
-        let second = store.submit(row("2"), &pipelined).await.unwrap();
+        let second = store.submit(one_row(2), &pipelined).await.unwrap();
         assert!(second.await.is_err());
         std::fs::remove_dir(&path).unwrap();
         std::fs::rename(&aside, &path).unwrap();
-        let third = store.submit(row("3"), &pipelined).await.unwrap();
+        let third = store.submit(one_row(3), &pipelined).await.unwrap();
         let err = third.await.unwrap_err();
         assert!(err.to_string().contains("earlier batch"), "{err}");
         assert!(pipelined.is_broken());
         // Other connections are not held back.
-        store.submit(row("4"), &other).await.unwrap().await.unwrap();
+        store
+            .submit(one_row(4), &other)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
         drop(store);
         writer.await.unwrap();
         let docs: Vec<String> = std::fs::read_to_string(&path)
@@ -515,8 +514,7 @@ mod tests {
         std::fs::write(dir.path().join("plain"), "").unwrap();
         let path = dir.path().join("plain").join("bets.csv");
         let (store, writer) = BetStore::start(&path, Durability::Sync);
-        let mut rows = Vec::new();
-        encode_rows([bet(1, "Ana", "Pérez", "1", "5").as_ref()], &mut rows);
+        let rows = one_row(1);
         for _ in 0..2 {
             let err = store.append(rows.clone()).await.unwrap_err();
             assert!(err.to_string().contains("cannot open"), "{err}");
