@@ -6,7 +6,7 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 
 use lottery::model::Bets;
-use lottery::store::file::{encode_rows, scan, tally, BetStore, Durability};
+use lottery::store::file::{encode_rows, read_rows, tally, BetStore, Durability};
 use lottery::tools::gen_data::{self, GenOptions};
 
 fn bets(n: usize) -> Bets {
@@ -110,7 +110,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("draw_scan_1m", |b| {
         b.iter(|| {
             let mut winners = 0u64;
-            let n = scan(&path, |bet| winners += u64::from(bet.number == 7574)).unwrap();
+            let n = read_rows(&path, |bet| winners += u64::from(bet.number == 7574)).unwrap();
             black_box((n, winners))
         })
     });

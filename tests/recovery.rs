@@ -79,6 +79,14 @@ fn winners_file(work: &Path, id: u32) -> std::path::PathBuf {
     work.join(format!("winners-{id}.txt"))
 }
 
+/// Starts agencies 1 to `n` against `address`, on the data files in `data`,
+/// writing their winners into `work`.
+fn start_agencies(n: u32, address: &str, data: &Path, work: &Path) -> Vec<Proc> {
+    (1..=n)
+        .map(|id| start_agency(id, address, &data_file(data, id), &winners_file(work, id)))
+        .collect()
+}
+
 #[test]
 fn server_sigkilled_twenty_times_loses_and_duplicates_nothing() {
     const AGENCIES: u32 = 4;
@@ -89,16 +97,7 @@ fn server_sigkilled_twenty_times_loses_and_duplicates_nothing() {
 
     let mut server = Server::start(&storage, AGENCIES, WINNING);
     let port = server.port;
-    let agencies: Vec<Proc> = (1..=AGENCIES)
-        .map(|id| {
-            start_agency(
-                id,
-                &server.address(),
-                &data_file(data.path(), id),
-                &winners_file(work.path(), id),
-            )
-        })
-        .collect();
+    let agencies = start_agencies(AGENCIES, &server.address(), data.path(), work.path());
 
     let mut truncations = 0;
     for _cycle in 0..20 {
@@ -253,16 +252,7 @@ fn acknowledgements_lost_on_the_way_are_not_stored_twice() {
     let storage = work.path().join("bets.csv");
     let server = Server::start(&storage, AGENCIES, WINNING);
     let proxy = CuttingProxy::start(server.address(), 99, 25);
-    let agencies: Vec<Proc> = (1..=AGENCIES)
-        .map(|id| {
-            start_agency(
-                id,
-                &proxy.address,
-                &data_file(data.path(), id),
-                &winners_file(work.path(), id),
-            )
-        })
-        .collect();
+    let agencies = start_agencies(AGENCIES, &proxy.address, data.path(), work.path());
     check_outcome(data.path(), work.path(), &storage, &agencies);
     let cuts = proxy.cuts.load(Ordering::SeqCst);
     assert!(cuts >= 10, "only {cuts} replies were cut");
@@ -308,4 +298,81 @@ fn a_bets_file_replaced_by_a_directory_fails_batches_until_it_is_back() {
     );
     server.proc.signal(Signal::SIGTERM);
     assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// The stored rows of `rows`, encoded as the central stores them.
+fn encode(rows: &[Row]) -> Vec<u8> {
+    let mut bets = lottery::model::Bets::new();
+    for r in rows {
+        bets.push_for(r[0].parse().unwrap(), &r[1], &r[2], &r[3], &r[4], &r[5])
+            .unwrap();
+    }
+    let mut out = Vec::new();
+    lottery::store::file::encode_rows(bets.iter(), &mut out);
+    out
+}
+
+/// A bets file as a crash in the middle of a write leaves it: complete rows
+/// of agencies 1 and 2 (in batches, interleaved), agency 3 with none, then
+/// `torn` (the start of one more row). The real server must cut exactly
+/// `torn`, keep every complete row, and the agencies must then complete the
+/// upload exactly.
+fn torn_row_is_cut_and_the_upload_completes(torn: impl Fn(&Expected) -> Vec<u8>) {
+    const AGENCIES: u32 = 3;
+    let data = data(AGENCIES, 3_000, 15);
+    let expected = expected(data.path(), AGENCIES, WINNING);
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("bets.csv");
+    let mut complete = Vec::new();
+    for batch in 0..10 {
+        for (agency, kept) in [(1u32, 1_000), (2, 457)] {
+            let rows = &expected.rows[&agency][..kept];
+            let per_batch = kept.div_ceil(10);
+            let from = (batch * per_batch).min(kept);
+            complete.extend(encode(&rows[from..(from + per_batch).min(kept)]));
+        }
+    }
+    let torn = torn(&expected);
+    assert!(!torn.is_empty() && !torn.ends_with(b"\n"));
+    std::fs::write(&storage, [complete.as_slice(), &torn].concat()).unwrap();
+
+    let server = Server::start(&storage, AGENCIES, WINNING);
+    let recover = server
+        .proc
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("action: recover | result: success"))
+        .expect("a recovery line before listening");
+    let truncated: Vec<&str> = recover
+        .split(" | ")
+        .filter(|f| f.starts_with("truncated_bytes: "))
+        .collect();
+    assert_eq!(
+        truncated,
+        [format!("truncated_bytes: {}", torn.len())],
+        "{recover}"
+    );
+    assert!(recover.contains("rows: 1457"), "{recover}");
+    assert!(
+        std::fs::read(&storage).unwrap() == complete,
+        "the bets file is not exactly its complete rows after recovery"
+    );
+
+    let agencies = start_agencies(AGENCIES, &server.address(), data.path(), work.path());
+    check_outcome(data.path(), work.path(), &storage, &agencies);
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn a_half_written_last_row_is_cut_exactly_on_start() {
+    torn_row_is_cut_and_the_upload_completes(|expected| {
+        let next = encode(&expected.rows[&2][457..458]);
+        next[..next.len() / 2].to_vec()
+    });
+}
+
+#[test]
+fn a_last_row_torn_inside_a_quoted_multiline_name_is_cut_exactly_on_start() {
+    torn_row_is_cut_and_the_upload_completes(|_| b"3,\"Juan\nCar".to_vec());
 }

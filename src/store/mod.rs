@@ -4,7 +4,7 @@
 //!
 //! The server and the lottery hold an `Arc<dyn Store>` and never learn which
 //! backend is behind it; [`open`] picks one from `server.storage`. The bets
-//! file ([`file`]) is the one backend today: a second one is a module here
+//! file ([`file`](mod@file)) is the one backend today: a second one is a module here
 //! and an arm in [`open`], with nothing to change in the server, the wire or
 //! the agency.
 
