@@ -16,8 +16,6 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::config::LogLevel;
-
 /// Values of the `result` field.
 pub mod result {
     /// The action completed.
@@ -74,6 +72,44 @@ pub mod action {
     pub const SHUTDOWN: &str = "shutdown";
 }
 
+/// A log level as operators write it: DEBUG, INFO, WARN or ERROR.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    /// Every event, including one line per bet.
+    Debug,
+    /// Normal operation.
+    #[default]
+    Info,
+    /// Only problems.
+    Warn,
+    /// Only failures.
+    Error,
+}
+
+impl std::str::FromStr for LogLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_uppercase().as_str() {
+            "DEBUG" => Ok(LogLevel::Debug),
+            "INFO" => Ok(LogLevel::Info),
+            "WARN" | "WARNING" => Ok(LogLevel::Warn),
+            "ERROR" => Ok(LogLevel::Error),
+            _ => Err(format!("{s:?} is not one of DEBUG, INFO, WARN, ERROR")),
+        }
+    }
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogLevel::Debug => "DEBUG",
+            LogLevel::Info => "INFO",
+            LogLevel::Warn => "WARN",
+            LogLevel::Error => "ERROR",
+        })
+    }
+}
+
 impl From<LogLevel> for Level {
     fn from(l: LogLevel) -> Level {
         match l {
@@ -115,11 +151,27 @@ impl fmt::Display for LogFormat {
     }
 }
 
+// Both are read from the config file as the same words operators type in
+// the environment, so the file and a variable accept exactly the same text.
+impl<'de> serde::Deserialize<'de> for LogLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_words(d)
+    }
+}
+
 impl<'de> serde::Deserialize<'de> for LogFormat {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        from_words(d)
     }
+}
+
+fn from_words<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr<Err = String>,
+{
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
 }
 
 /// Installs the global subscriber: events on stdout at `level`, in `format`.
