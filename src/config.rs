@@ -1,7 +1,7 @@
 //! Configuration: defaults, overlaid by `config.toml`, then by environment
 //! variables, then by command-line flags.
 //!
-//! Every setting is declared once, in the [`settings!`] table below: its
+//! Every setting is declared once, in the `settings!` table below: its
 //! default, file key, variable, flag, bounds and help. The structs, their
 //! defaults, the environment and flag overlays, the clap flags and the range
 //! checks are all generated from it, so adding a setting is one edit. Every

@@ -86,29 +86,48 @@ pub enum LogLevel {
     Error,
 }
 
-impl std::str::FromStr for LogLevel {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_uppercase().as_str() {
-            "DEBUG" => Ok(LogLevel::Debug),
-            "INFO" => Ok(LogLevel::Info),
-            "WARN" | "WARNING" => Ok(LogLevel::Warn),
-            "ERROR" => Ok(LogLevel::Error),
-            _ => Err(format!("{s:?} is not one of DEBUG, INFO, WARN, ERROR")),
+/// Reads and writes an enum as the words operators type, the same in the
+/// config file, a variable and a flag (case does not matter).
+macro_rules! words {
+    ($name:ident, $expected:literal, { $($variant:ident => $word:literal $(| $alias:literal)*),* $(,)? }) => {
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                let word = s.trim();
+                $(
+                    if word.eq_ignore_ascii_case($word) $(|| word.eq_ignore_ascii_case($alias))* {
+                        return Ok($name::$variant);
+                    }
+                )*
+                Err(format!("{s:?} is not {}", $expected))
+            }
         }
-    }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(match self {
+                    $($name::$variant => $word,)*
+                })
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <String as serde::Deserialize>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
 }
 
-impl fmt::Display for LogLevel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            LogLevel::Debug => "DEBUG",
-            LogLevel::Info => "INFO",
-            LogLevel::Warn => "WARN",
-            LogLevel::Error => "ERROR",
-        })
-    }
-}
+words!(LogLevel, "one of DEBUG, INFO, WARN, ERROR", {
+    Debug => "DEBUG",
+    Info => "INFO",
+    Warn => "WARN" | "WARNING",
+    Error => "ERROR",
+});
+
+words!(LogFormat, "text or json", { Text => "text", Json => "json" });
 
 impl From<LogLevel> for Level {
     fn from(l: LogLevel) -> Level {
@@ -129,49 +148,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object a line, same events and fields, for log shippers.
     Json,
-}
-
-impl std::str::FromStr for LogFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "text" => Ok(LogFormat::Text),
-            "json" => Ok(LogFormat::Json),
-            _ => Err(format!("{s:?} is not text or json")),
-        }
-    }
-}
-
-impl fmt::Display for LogFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            LogFormat::Text => "text",
-            LogFormat::Json => "json",
-        })
-    }
-}
-
-// Both are read from the config file as the same words operators type in
-// the environment, so the file and a variable accept exactly the same text.
-impl<'de> serde::Deserialize<'de> for LogLevel {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        from_words(d)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for LogFormat {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        from_words(d)
-    }
-}
-
-fn from_words<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: std::str::FromStr<Err = String>,
-{
-    let s = <String as serde::Deserialize>::deserialize(d)?;
-    s.parse().map_err(serde::de::Error::custom)
 }
 
 /// Installs the global subscriber: events on stdout at `level`, in `format`.
@@ -371,6 +347,22 @@ fn render_without_time<F: FnOnce()>(emit: F) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn levels_and_formats_read_back_what_they_write() {
+        for level in [
+            LogLevel::Debug,
+            LogLevel::Info,
+            LogLevel::Warn,
+            LogLevel::Error,
+        ] {
+            assert_eq!(level.to_string().parse::<LogLevel>(), Ok(level));
+        }
+        assert_eq!(" warning ".parse::<LogLevel>(), Ok(LogLevel::Warn));
+        assert_eq!("JSON".parse::<LogFormat>(), Ok(LogFormat::Json));
+        let e = "LOUD".parse::<LogLevel>().unwrap_err();
+        assert_eq!(e, "\"LOUD\" is not one of DEBUG, INFO, WARN, ERROR");
+    }
 
     #[test]
     fn contract_shape() {
