@@ -1,8 +1,12 @@
 //! Configuration: defaults, overlaid by `config.toml`, then by environment
-//! variables, then by command-line flags (the last applied in `main`).
+//! variables, then by command-line flags.
 //!
-//! Every error names the key (or variable) at fault, so an operator can fix
-//! it without reading code; `main` turns any [`ConfigError`] into exit code 2.
+//! Every setting is declared once, in the `settings!` table below: its
+//! default, file key, variable, flag, bounds and help. The structs, their
+//! defaults, the environment and flag overlays, the clap flags and the range
+//! checks are all generated from it, so adding a setting is one edit. Every
+//! error names the key (and the variable or flag that set it); `main` turns
+//! any [`ConfigError`] into exit code 2.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -11,60 +15,586 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
+use crate::logging::{LogFormat, LogLevel};
 use crate::model::{AgencyId, MAX_NUMBER};
 
-/// The whole configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    /// The central.
-    pub server: ServerConfig,
-    /// One agency.
-    pub agency: AgencyConfig,
-    /// Logging.
-    pub log: LogConfig,
+/// Most batches an agency may keep in flight (`agency.window`): the central
+/// reads no further from a connection that has this many unanswered.
+pub const MAX_WINDOW: usize = 64;
+
+/// Subcommand name in a flag's `on` list that makes the flag global.
+const GLOBAL: &str = "*";
+
+/// Declares the settings. Each line reads
+/// `field: type = default, env VAR, flag "long" on [subcommands], min N,
+/// max N, check fn;` where everything after the default is optional, in
+/// that order. `env (A, B)` names the server's and the agency's variable;
+/// `flag ("long" = "value")` is a switch that sets `value`.
+macro_rules! settings {
+    (@env) => { Env::None };
+    (@env $var:literal) => { Env::Var($var) };
+    (@env ($server:literal, $agency:literal)) => {
+        Env::ByRole { server: $server, agency: $agency }
+    };
+    (@flag) => { None };
+    (@flag $long:literal on [$($on:literal),*]) => {
+        Some(Flag { long: $long, switch: None, on: &[$($on),*] })
+    };
+    (@flag ($long:literal = $value:literal) on [$($on:literal),*]) => {
+        Some(Flag { long: $long, switch: Some($value), on: &[$($on),*] })
+    };
+    (@opt) => { None };
+    (@opt $e:expr) => { Some($e) };
+    (
+        $(
+            $(#[doc = $sdoc:literal])*
+            $section:ident: $Section:ident {
+                $(
+                    $(#[doc = $doc:literal])*
+                    $field:ident: $ty:ty = $default:expr
+                    $(, env $env:tt)?
+                    $(, flag $flag:tt on [$($on:literal),*])?
+                    $(, min $min:expr)?
+                    $(, max $max:expr)?
+                    $(, check $check:expr)?;
+                )*
+            }
+        )*
+    ) => {
+        /// The whole configuration.
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct Config {
+            $( $(#[doc = $sdoc])* pub $section: $Section, )*
+        }
+
+        $(
+            $(#[doc = $sdoc])*
+            #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+            #[serde(default, deny_unknown_fields)]
+            pub struct $Section {
+                $( $(#[doc = $doc])* pub $field: $ty, )*
+            }
+
+            impl Default for $Section {
+                fn default() -> Self {
+                    Self { $( $field: $default, )* }
+                }
+            }
+        )*
+
+        /// Every setting, in declaration order (the order of `config.toml`).
+        pub static SETTINGS: &[Setting] = &[
+            $( $( Setting {
+                key: concat!(stringify!($section), ".", stringify!($field)),
+                help: concat!($($doc),*),
+                env: settings!(@env $($env)?),
+                flag: settings!(@flag $($flag on [$($on),*])?),
+                min: settings!(@opt $($min)?),
+                max: settings!(@opt $($max)?),
+                check: settings!(@opt $($check)?),
+                hint: <$ty as Value>::HINT,
+                get: {
+                    fn get(c: &Config) -> String {
+                        Value::show(&c.$section.$field)
+                    }
+                    get
+                },
+                set: {
+                    fn set(c: &mut Config, raw: &str) -> Result<(), String> {
+                        c.$section.$field = Value::parse(raw)?;
+                        Ok(())
+                    }
+                    set
+                },
+                #[cfg(test)]
+                samples: <$ty as Value>::SAMPLES,
+                #[cfg(test)]
+                quoted: <$ty as Value>::QUOTED,
+            }, )* )*
+        ];
+    };
 }
 
-/// `[server]`: the central.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ServerConfig {
-    /// TCP port to listen on (0 picks a free one).
-    pub port: u16,
-    /// Backlog of the listening socket.
-    pub listen_backlog: u32,
-    /// Agencies that must finish before the draw.
-    pub agencies: u32,
-    /// The bets file.
-    pub storage: PathBuf,
-    /// The number that wins the draw.
-    pub winning_number: u16,
-    /// Sync the bets file before acknowledging a batch (`fdatasync`, shared
-    /// by every batch waiting at the time). Off only for measurements.
-    pub sync: bool,
-    /// Where the draw's outcome is recorded; empty means beside the bets
-    /// file, with the extension `.draw.toml`.
-    pub draw_record: PathBuf,
-    /// Most connections served at once; more are refused with `SERVER_BUSY`.
-    pub max_connections: usize,
-    /// Seconds a peer has to complete a frame once it has started one (and
-    /// to complete the TLS handshake).
-    pub frame_timeout: u64,
-    /// Seconds a connection may sit with no request before it is closed.
-    /// Waiting for the draw does not count: then the central is the one
-    /// who owes an answer.
-    pub idle_timeout: u64,
-    /// Per-agency secrets, agency id to secret. When any are set (here or
-    /// in `secrets_file`), every connection must open with `HELLO` and its
-    /// agency's secret.
-    pub secrets: BTreeMap<String, String>,
-    /// A TOML file of the same `id = "secret"` pairs, kept out of the main
-    /// configuration; empty for none.
-    pub secrets_file: PathBuf,
-    /// PEM certificate chain; with `tls_key`, the central speaks only TLS.
-    pub tls_cert: PathBuf,
-    /// PEM private key for `tls_cert`.
-    pub tls_key: PathBuf,
+settings! {
+    /// `[server]`: the central.
+    server: ServerConfig {
+        /// TCP port to listen on (0 picks a free one).
+        port: u16 = 12345, env "SERVER_PORT", flag "port" on ["server"];
+        /// Backlog of the listening socket.
+        listen_backlog: u32 = 5, env "SERVER_LISTEN_BACKLOG",
+            flag "listen-backlog" on ["server"], min 1;
+        /// Agencies that must finish before the draw.
+        agencies: u32 = 5, env "SERVER_AGENCIES",
+            flag "agencies" on ["server", "gen-data"], min 1;
+        /// The bets file.
+        storage: PathBuf = "bets.csv".into(), env "SERVER_STORAGE",
+            flag "storage" on ["server"], check not_empty;
+        /// The number that wins the draw.
+        winning_number: u16 = 7574, env "SERVER_WINNING_NUMBER",
+            flag "winning-number" on ["server", "gen-data"], max MAX_NUMBER as u64;
+        /// Sync the bets file before acknowledging a batch (`fdatasync`, shared
+        /// by every batch waiting at the time). Off only for measurements.
+        sync: bool = true, env "SERVER_SYNC", flag ("no-sync" = "false") on ["server", "demo"];
+        /// Where the draw's outcome is recorded; empty means the bets file's
+        /// name with its extension replaced by `.draw.toml`.
+        draw_record: PathBuf = PathBuf::new(), env "SERVER_DRAW_RECORD",
+            flag "draw-record" on ["server"];
+        /// Most connections served at once; more are refused with `SERVER_BUSY`.
+        max_connections: usize = 1024, env "SERVER_MAX_CONNECTIONS", min 1;
+        /// Seconds a peer has to complete a frame once it has started one (and
+        /// to complete the TLS handshake).
+        frame_timeout: u64 = 10, env "SERVER_FRAME_TIMEOUT", min 1;
+        /// Seconds a connection may sit with no request before it is closed.
+        /// Waiting for the draw does not count: then the central is the one
+        /// who owes an answer.
+        idle_timeout: u64 = 120, env "SERVER_IDLE_TIMEOUT", min 1;
+        /// Per-agency secrets, agency id to secret. When any are set (here or
+        /// in `secrets_file`), every connection must open with `HELLO` and its
+        /// agency's secret.
+        secrets: BTreeMap<String, String> = BTreeMap::new();
+        /// A TOML file of the same `id = "secret"` pairs, kept out of the main
+        /// configuration; empty for none.
+        secrets_file: PathBuf = PathBuf::new(), env "SERVER_SECRETS_FILE";
+        /// PEM certificate chain; with `tls_key`, the central speaks only TLS.
+        tls_cert: PathBuf = PathBuf::new(), env "SERVER_TLS_CERT";
+        /// PEM private key for `tls_cert`.
+        tls_key: PathBuf = PathBuf::new(), env "SERVER_TLS_KEY";
+    }
+
+    /// `[agency]`: one agency.
+    agency: AgencyConfig {
+        /// This agency's number.
+        id: AgencyId = 1, env "CLI_ID", flag "id" on ["agency"], min 1;
+        /// Where the central listens, `host:port`; host names resolve.
+        server_address: String = "127.0.0.1:12345".into(), env "CLI_SERVER_ADDRESS",
+            flag "server-address" on ["agency"], check host_port;
+        /// The data file; `{id}` is replaced by the agency number.
+        data_file: String = ".data/agency-{id}.csv".into(), env "CLI_DATA_FILE",
+            flag "data-file" on ["agency"];
+        /// Most bets in one batch (a batch is also cut to fit a frame).
+        batch_max_amount: usize = 70, env "CLI_BATCH_MAXAMOUNT",
+            flag "batch-max-amount" on ["agency"], min 1;
+        /// Seconds to keep reconnecting without progress before giving up.
+        reconnect_timeout: u64 = 60, env "CLI_RECONNECT_TIMEOUT",
+            flag "reconnect-timeout" on ["agency"];
+        /// Batches sent ahead of their acknowledgements (1: wait for each).
+        window: usize = 8, env "CLI_WINDOW", flag "window" on ["agency", "demo", "bench"],
+            min 1, max MAX_WINDOW as u64;
+        /// This agency's secret, when the central requires one.
+        secret: String = String::new(), env "CLI_SECRET";
+        /// A file holding the secret (surrounding white space ignored); empty
+        /// for none.
+        secret_file: PathBuf = PathBuf::new(), env "CLI_SECRET_FILE";
+        /// PEM certificate(s) of the authority that signed the central's
+        /// certificate; set to speak TLS.
+        tls_ca: PathBuf = PathBuf::new(), env "CLI_TLS_CA";
+        /// Name to verify in the central's certificate; empty means the host
+        /// part of `server_address`.
+        tls_server_name: String = String::new(), env "CLI_TLS_SERVER_NAME";
+    }
+
+    /// `[log]`.
+    log: LogConfig {
+        /// Least severe level printed: DEBUG, INFO, WARN or ERROR.
+        level: LogLevel = LogLevel::Info, env ("LOGGING_LEVEL", "CLI_LOG_LEVEL"),
+            flag "log-level" on ["server", "agency"];
+        /// `text` (the contract's lines) or `json` (one object a line).
+        format: LogFormat = LogFormat::Text, env "LOG_FORMAT", flag "log-format" on ["*"];
+    }
+}
+
+fn not_empty(value: &str) -> Result<(), &'static str> {
+    if value.is_empty() {
+        return Err("must name a file");
+    }
+    Ok(())
+}
+
+fn host_port(value: &str) -> Result<(), &'static str> {
+    if !value.contains(':') {
+        return Err("must be host:port");
+    }
+    Ok(())
+}
+
+/// The environment variable(s) of a setting.
+#[derive(Debug, Clone, Copy)]
+enum Env {
+    /// Set in the file only.
+    None,
+    /// One variable for every program.
+    Var(&'static str),
+    /// The contract gives the server and the agency different names.
+    ByRole {
+        server: &'static str,
+        agency: &'static str,
+    },
+}
+
+/// A setting's command-line flag.
+#[derive(Debug, Clone, Copy)]
+struct Flag {
+    /// `--long`.
+    long: &'static str,
+    /// For a switch (no value), the value it sets.
+    switch: Option<&'static str>,
+    /// The subcommands that take it; `*` for all of them.
+    on: &'static [&'static str],
+}
+
+/// A format rule on a setting's text, beyond its bounds.
+type Check = fn(&str) -> Result<(), &'static str>;
+
+/// One setting as declared: what the generic overlays, clap and the checks
+/// need to know about it.
+#[derive(Debug)]
+pub struct Setting {
+    key: &'static str,
+    help: &'static str,
+    env: Env,
+    flag: Option<Flag>,
+    min: Option<u64>,
+    max: Option<u64>,
+    check: Option<Check>,
+    /// What a value looks like, for `--help`.
+    hint: &'static str,
+    get: fn(&Config) -> String,
+    set: fn(&mut Config, &str) -> Result<(), String>,
+    /// Two distinct valid values, for the table-driven tests.
+    #[cfg(test)]
+    samples: [&'static str; 2],
+    /// Whether a value is a TOML string.
+    #[cfg(test)]
+    quoted: bool,
+}
+
+impl Setting {
+    /// The file key, `section.field`.
+    pub fn key(&self) -> &'static str {
+        self.key
+    }
+
+    /// The help text (the declaration's doc comment).
+    pub fn help(&self) -> &'static str {
+        self.help.trim()
+    }
+
+    /// The variable that sets it for `role`, if any.
+    pub fn env_var(&self, role: Role) -> Option<&'static str> {
+        match (self.env, role) {
+            (Env::None, _) => None,
+            (Env::Var(var), _) => Some(var),
+            (Env::ByRole { server, .. }, Role::Server) => Some(server),
+            (Env::ByRole { agency, .. }, Role::Agency) => Some(agency),
+        }
+    }
+
+    /// Its flag, `--long`, if it has one.
+    pub fn flag(&self) -> Option<&'static str> {
+        self.flag.map(|f| f.long)
+    }
+
+    /// The subcommands that take its flag (`*`: every one).
+    pub fn flag_on(&self) -> &'static [&'static str] {
+        self.flag.map_or(&[], |f| f.on)
+    }
+
+    /// Its value in `config`, as written in the environment.
+    pub fn value(&self, config: &Config) -> String {
+        (self.get)(config)
+    }
+
+    /// Inclusive bounds of a numeric setting.
+    pub fn bounds(&self) -> (Option<u64>, Option<u64>) {
+        (self.min, self.max)
+    }
+
+    /// Sets it in `config` from text, as a variable or a flag would.
+    ///
+    /// # Errors
+    /// `raw` does not parse; the error names `source` (the variable or flag).
+    pub fn apply(&self, config: &mut Config, source: &str, raw: &str) -> Result<(), ConfigError> {
+        (self.set)(config, raw).map_err(|reason| ConfigError::Invalid {
+            key: source.to_string(),
+            value: raw.to_string(),
+            reason,
+        })
+    }
+
+    /// The clap argument of its flag.
+    fn arg(&self, flag: &Flag) -> clap::Arg {
+        let mut help = format!("{} [{}", self.help(), self.key);
+        if let Some(value) = flag.switch {
+            help.push_str(&format!(" = {value}"));
+        }
+        match self.env {
+            Env::None => {}
+            Env::Var(var) => help.push_str(&format!(", {var}")),
+            Env::ByRole { server, agency } => {
+                help.push_str(&format!(", {server} (server), {agency} (agency)"));
+            }
+        }
+        help.push(']');
+        let arg = clap::Arg::new(self.key).long(flag.long).help(help);
+        match flag.switch {
+            Some(_) => arg.action(clap::ArgAction::SetTrue),
+            None => arg.value_name(self.hint),
+        }
+    }
+
+    /// The flag's value in `matches`, as text, when it was given.
+    fn given(&self, flag: &Flag, matches: &clap::ArgMatches) -> Option<String> {
+        // `try_get_one` rather than `get_one`: a subcommand without this
+        // flag is not an error.
+        match flag.switch {
+            Some(value) => matches
+                .try_get_one::<bool>(self.key)
+                .ok()
+                .flatten()
+                .filter(|on| **on)
+                .map(|_| value.to_string()),
+            None => matches
+                .try_get_one::<String>(self.key)
+                .ok()
+                .flatten()
+                .cloned(),
+        }
+    }
+
+    /// Checks bounds and format; `origin` names where the value came from.
+    fn check(&self, config: &Config, origin: Option<&String>) -> Result<(), ConfigError> {
+        let value = (self.get)(config);
+        let number = value.parse::<u64>().ok();
+        let reason = match (number, self.min, self.max) {
+            (Some(n), lo, Some(hi)) if n < lo.unwrap_or(0) || n > hi => {
+                Some(format!("must be within {}..={hi}", lo.unwrap_or(0)))
+            }
+            (Some(n), Some(lo), None) if n < lo => Some(format!("must be at least {lo}")),
+            _ => self
+                .check
+                .and_then(|check| check(&value).err())
+                .map(str::to_string),
+        };
+        match reason {
+            None => Ok(()),
+            Some(reason) => Err(ConfigError::Invalid {
+                key: match origin {
+                    Some(source) => format!("{} (set by {source})", self.key),
+                    None => self.key.to_string(),
+                },
+                value,
+                reason,
+            }),
+        }
+    }
+}
+
+/// Adds every declared flag to the subcommands its declaration names (and
+/// the global ones to `cmd` itself).
+///
+/// # Panics
+/// A declaration names a subcommand `cmd` does not have.
+pub fn add_flags(mut cmd: clap::Command) -> clap::Command {
+    for setting in SETTINGS {
+        let Some(flag) = &setting.flag else { continue };
+        for &on in flag.on {
+            let arg = setting.arg(flag);
+            cmd = if on == GLOBAL {
+                cmd.arg(arg.global(true))
+            } else {
+                cmd.mut_subcommand(on, |sub| sub.arg(arg))
+            };
+        }
+    }
+    cmd
+}
+
+/// A value type a setting can have: parsed from a variable or flag, shown
+/// in messages.
+trait Value: Sized {
+    const HINT: &'static str;
+    fn parse(raw: &str) -> Result<Self, String>;
+    fn show(&self) -> String;
+    #[cfg(test)]
+    const SAMPLES: [&'static str; 2];
+    #[cfg(test)]
+    const QUOTED: bool;
+}
+
+macro_rules! value_by_text {
+    ($($ty:ty: $hint:literal, $quoted:literal, [$a:literal, $b:literal];)*) => {$(
+        impl Value for $ty {
+            const HINT: &'static str = $hint;
+            fn parse(raw: &str) -> Result<Self, String> {
+                raw.trim().parse().map_err(|e: <$ty as FromStr>::Err| e.to_string())
+            }
+            fn show(&self) -> String {
+                self.to_string()
+            }
+            #[cfg(test)]
+            const SAMPLES: [&'static str; 2] = [$a, $b];
+            #[cfg(test)]
+            const QUOTED: bool = $quoted;
+        }
+    )*};
+}
+
+value_by_text! {
+    u16: "N", false, ["3", "4"];
+    u32: "N", false, ["3", "4"];
+    u64: "N", false, ["3", "4"];
+    usize: "N", false, ["3", "4"];
+    bool: "BOOL", false, ["false", "true"];
+    String: "TEXT", true, ["h:1", "h:2"];
+    LogLevel: "LEVEL", true, ["DEBUG", "ERROR"];
+    LogFormat: "FORMAT", true, ["json", "text"];
+}
+
+impl Value for PathBuf {
+    const HINT: &'static str = "PATH";
+    fn parse(raw: &str) -> Result<Self, String> {
+        Ok(PathBuf::from(raw.trim()))
+    }
+    fn show(&self) -> String {
+        self.display().to_string()
+    }
+    #[cfg(test)]
+    const SAMPLES: [&'static str; 2] = ["a.csv", "b.csv"];
+    #[cfg(test)]
+    const QUOTED: bool = true;
+}
+
+impl Value for BTreeMap<String, String> {
+    const HINT: &'static str = "TABLE";
+    fn parse(_: &str) -> Result<Self, String> {
+        Err("a table is set in the config file only".into())
+    }
+    fn show(&self) -> String {
+        format!("{} entries", self.len())
+    }
+    #[cfg(test)]
+    const SAMPLES: [&'static str; 2] = ["", ""];
+    #[cfg(test)]
+    const QUOTED: bool = false;
+}
+
+/// Where each value that is not the file's came from (key to variable or
+/// flag), so a range error can name what the operator actually typed.
+type Origins = BTreeMap<&'static str, String>;
+
+impl Config {
+    /// Loads `path` (a missing file means defaults), overlays variables read
+    /// through `env`, and checks the result.
+    ///
+    /// `env` is a lookup function rather than the process environment so
+    /// tests can check precedence without touching global state.
+    ///
+    /// # Errors
+    /// An unreadable or invalid file, or a bad value, as a [`ConfigError`].
+    pub fn load(
+        path: &Path,
+        role: Role,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        Self::load_with_flags(path, role, env, None)
+    }
+
+    /// [`Config::load`], then the declared flags found in `flags` (the
+    /// subcommand's matches of a command built with [`add_flags`]), then the
+    /// one check of the result.
+    ///
+    /// # Errors
+    /// As [`Config::load`]; a flag's unreadable value names the flag.
+    pub fn load_with_flags(
+        path: &Path,
+        role: Role,
+        env: impl Fn(&str) -> Option<String>,
+        flags: Option<&clap::ArgMatches>,
+    ) -> Result<Config, ConfigError> {
+        let (config, origins) = Self::layer(path, role, env, flags)?;
+        config.check(&origins)?;
+        Ok(config)
+    }
+
+    /// Defaults < file < environment < flags, unchecked.
+    fn layer(
+        path: &Path,
+        role: Role,
+        env: impl Fn(&str) -> Option<String>,
+        flags: Option<&clap::ArgMatches>,
+    ) -> Result<(Config, Origins), ConfigError> {
+        let mut config = match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str::<Config>(&text).map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string().trim().replace('\n', " "),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let mut origins = Origins::new();
+        for setting in SETTINGS {
+            let Some(var) = setting.env_var(role) else {
+                continue;
+            };
+            if let Some(raw) = env(var) {
+                setting.apply(&mut config, var, &raw)?;
+                origins.insert(setting.key, var.to_string());
+            }
+        }
+        for setting in SETTINGS {
+            let (Some(flag), Some(matches)) = (&setting.flag, flags) else {
+                continue;
+            };
+            if let Some(raw) = setting.given(flag, matches) {
+                let source = format!("--{}", flag.long);
+                setting.apply(&mut config, &source, &raw)?;
+                origins.insert(setting.key, source);
+            }
+        }
+        Ok((config, origins))
+    }
+
+    /// Checks what the types alone do not: every declared bound and format,
+    /// then the rules that tie settings together.
+    ///
+    /// # Errors
+    /// The first bad value, named by its config key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check(&Origins::new())
+    }
+
+    fn check(&self, origins: &Origins) -> Result<(), ConfigError> {
+        for setting in SETTINGS {
+            setting.check(self, origins.get(setting.key))?;
+        }
+        let bad = |key: &str, value: String, reason: &str| {
+            Err(ConfigError::Invalid {
+                key: key.to_string(),
+                value,
+                reason: reason.to_string(),
+            })
+        };
+        if self.server.tls_cert.as_os_str().is_empty() != self.server.tls_key.as_os_str().is_empty()
+        {
+            return bad(
+                "server.tls_key",
+                self.server.tls_key.display().to_string(),
+                "tls_cert and tls_key go together",
+            );
+        }
+        for id in self.server.secrets.keys() {
+            if id.parse::<AgencyId>().map_or(true, |a| a == 0) {
+                return bad("server.secrets", id.clone(), "keys are agency ids");
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ServerConfig {
@@ -128,56 +658,6 @@ impl ServerConfig {
     }
 }
 
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            port: 12345,
-            listen_backlog: 5,
-            agencies: 5,
-            storage: PathBuf::from("bets.csv"),
-            winning_number: 7574,
-            sync: true,
-            draw_record: PathBuf::new(),
-            max_connections: 1024,
-            frame_timeout: 10,
-            idle_timeout: 120,
-            secrets: BTreeMap::new(),
-            secrets_file: PathBuf::new(),
-            tls_cert: PathBuf::new(),
-            tls_key: PathBuf::new(),
-        }
-    }
-}
-
-/// `[agency]`: one agency.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AgencyConfig {
-    /// This agency's number.
-    pub id: AgencyId,
-    /// Where the central listens, `host:port`; host names resolve.
-    pub server_address: String,
-    /// The data file; `{id}` is replaced by the agency number.
-    pub data_file: String,
-    /// Most bets in one batch (a batch is also cut to fit a frame).
-    pub batch_max_amount: usize,
-    /// Seconds to keep reconnecting without progress before giving up.
-    pub reconnect_timeout: u64,
-    /// Batches sent ahead of their acknowledgements (1: wait for each).
-    pub window: usize,
-    /// This agency's secret, when the central requires one.
-    pub secret: String,
-    /// A file holding the secret (surrounding white space ignored); empty
-    /// for none.
-    pub secret_file: PathBuf,
-    /// PEM certificate(s) of the authority that signed the central's
-    /// certificate; set to speak TLS.
-    pub tls_ca: PathBuf,
-    /// Name to verify in the central's certificate; empty means the host
-    /// part of `server_address`.
-    pub tls_server_name: String,
-}
-
 impl AgencyConfig {
     /// The secret to present, from `secret` or `secret_file`.
     ///
@@ -215,82 +695,10 @@ impl AgencyConfig {
     }
 }
 
-impl Default for AgencyConfig {
-    fn default() -> Self {
-        Self {
-            id: 1,
-            server_address: "127.0.0.1:12345".to_string(),
-            data_file: ".data/agency-{id}.csv".to_string(),
-            batch_max_amount: 70,
-            reconnect_timeout: 60,
-            window: 8,
-            secret: String::new(),
-            secret_file: PathBuf::new(),
-            tls_ca: PathBuf::new(),
-            tls_server_name: String::new(),
-        }
-    }
-}
-
 impl AgencyConfig {
     /// The data file path with `{id}` replaced.
     pub fn data_path(&self) -> PathBuf {
         PathBuf::from(self.data_file.replace("{id}", &self.id.to_string()))
-    }
-}
-
-/// `[log]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LogConfig {
-    /// Least severe level printed.
-    pub level: LogLevel,
-    /// `text` (the contract's lines) or `json`.
-    pub format: crate::logging::LogFormat,
-}
-
-/// A log level as operators write it: DEBUG, INFO, WARN or ERROR.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub enum LogLevel {
-    /// Every event, including one line per bet.
-    Debug,
-    /// Normal operation.
-    #[default]
-    Info,
-    /// Only problems.
-    Warn,
-    /// Only failures.
-    Error,
-}
-
-impl FromStr for LogLevel {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_uppercase().as_str() {
-            "DEBUG" => Ok(LogLevel::Debug),
-            "INFO" => Ok(LogLevel::Info),
-            "WARN" | "WARNING" => Ok(LogLevel::Warn),
-            "ERROR" => Ok(LogLevel::Error),
-            _ => Err(format!("{s:?} is not one of DEBUG, INFO, WARN, ERROR")),
-        }
-    }
-}
-
-impl fmt::Display for LogLevel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            LogLevel::Debug => "DEBUG",
-            LogLevel::Info => "INFO",
-            LogLevel::Warn => "WARN",
-            LogLevel::Error => "ERROR",
-        })
-    }
-}
-
-impl<'de> Deserialize<'de> for LogLevel {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -335,172 +743,6 @@ pub enum ConfigError {
     },
 }
 
-impl Config {
-    /// Loads `path` (a missing file means defaults) and overlays variables
-    /// read through `env`, then checks the ranges.
-    ///
-    /// `env` is a lookup function rather than the process environment so
-    /// tests can check precedence without touching global state.
-    ///
-    /// # Errors
-    /// An unreadable or invalid file, or a bad value, as a [`ConfigError`].
-    pub fn load(
-        path: &Path,
-        role: Role,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
-        let mut config = match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str::<Config>(&text).map_err(|e| ConfigError::Parse {
-                path: path.to_path_buf(),
-                message: e.to_string().trim().replace('\n', " "),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
-            Err(source) => {
-                return Err(ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
-        };
-        config.apply_env(role, env)?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    fn apply_env(
-        &mut self,
-        role: Role,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<(), ConfigError> {
-        fn set<T: FromStr>(
-            env: &impl Fn(&str) -> Option<String>,
-            var: &str,
-            slot: &mut T,
-        ) -> Result<(), ConfigError>
-        where
-            T::Err: fmt::Display,
-        {
-            if let Some(raw) = env(var) {
-                *slot = parse_value(var, &raw)?;
-            }
-            Ok(())
-        }
-        let s = &mut self.server;
-        set(&env, "SERVER_PORT", &mut s.port)?;
-        set(&env, "SERVER_LISTEN_BACKLOG", &mut s.listen_backlog)?;
-        set(&env, "SERVER_AGENCIES", &mut s.agencies)?;
-        set(&env, "SERVER_STORAGE", &mut s.storage)?;
-        set(&env, "SERVER_WINNING_NUMBER", &mut s.winning_number)?;
-        set(&env, "SERVER_SYNC", &mut s.sync)?;
-        set(&env, "SERVER_DRAW_RECORD", &mut s.draw_record)?;
-        set(&env, "SERVER_MAX_CONNECTIONS", &mut s.max_connections)?;
-        set(&env, "SERVER_FRAME_TIMEOUT", &mut s.frame_timeout)?;
-        set(&env, "SERVER_IDLE_TIMEOUT", &mut s.idle_timeout)?;
-        set(&env, "SERVER_SECRETS_FILE", &mut s.secrets_file)?;
-        set(&env, "SERVER_TLS_CERT", &mut s.tls_cert)?;
-        set(&env, "SERVER_TLS_KEY", &mut s.tls_key)?;
-        let a = &mut self.agency;
-        set(&env, "CLI_ID", &mut a.id)?;
-        set(&env, "CLI_SERVER_ADDRESS", &mut a.server_address)?;
-        set(&env, "CLI_DATA_FILE", &mut a.data_file)?;
-        set(&env, "CLI_BATCH_MAXAMOUNT", &mut a.batch_max_amount)?;
-        set(&env, "CLI_RECONNECT_TIMEOUT", &mut a.reconnect_timeout)?;
-        set(&env, "CLI_WINDOW", &mut a.window)?;
-        set(&env, "CLI_SECRET", &mut a.secret)?;
-        set(&env, "CLI_SECRET_FILE", &mut a.secret_file)?;
-        set(&env, "CLI_TLS_CA", &mut a.tls_ca)?;
-        set(&env, "CLI_TLS_SERVER_NAME", &mut a.tls_server_name)?;
-        let level_var = match role {
-            Role::Server => "LOGGING_LEVEL",
-            Role::Agency => "CLI_LOG_LEVEL",
-        };
-        set(&env, level_var, &mut self.log.level)?;
-        set(&env, "LOG_FORMAT", &mut self.log.format)?;
-        Ok(())
-    }
-
-    /// Checks ranges that the types alone do not.
-    ///
-    /// # Errors
-    /// The first out-of-range value, named by its config key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, value: String, reason: &str| {
-            Err(ConfigError::Invalid {
-                key: key.to_string(),
-                value,
-                reason: reason.to_string(),
-            })
-        };
-        if self.server.agencies == 0 {
-            return bad(
-                "server.agencies",
-                "0".into(),
-                "at least one agency is needed",
-            );
-        }
-        if self.server.listen_backlog == 0 {
-            return bad("server.listen_backlog", "0".into(), "must be at least 1");
-        }
-        if self.server.winning_number > MAX_NUMBER {
-            return bad(
-                "server.winning_number",
-                self.server.winning_number.to_string(),
-                "must be within 0..=9999",
-            );
-        }
-        if self.server.storage.as_os_str().is_empty() {
-            return bad("server.storage", String::new(), "must name a file");
-        }
-        if self.server.max_connections == 0 {
-            return bad("server.max_connections", "0".into(), "must be at least 1");
-        }
-        if self.server.frame_timeout == 0 {
-            return bad(
-                "server.frame_timeout",
-                "0".into(),
-                "must be at least 1 second",
-            );
-        }
-        if self.server.idle_timeout == 0 {
-            return bad(
-                "server.idle_timeout",
-                "0".into(),
-                "must be at least 1 second",
-            );
-        }
-        if self.server.tls_cert.as_os_str().is_empty() != self.server.tls_key.as_os_str().is_empty()
-        {
-            return bad(
-                "server.tls_key",
-                self.server.tls_key.display().to_string(),
-                "tls_cert and tls_key go together",
-            );
-        }
-        for id in self.server.secrets.keys() {
-            if id.parse::<AgencyId>().map_or(true, |a| a == 0) {
-                return bad("server.secrets", id.clone(), "keys are agency ids");
-            }
-        }
-        if self.agency.id == 0 {
-            return bad("agency.id", "0".into(), "agency ids start at 1");
-        }
-        if self.agency.window == 0 {
-            return bad("agency.window", "0".into(), "must be at least 1");
-        }
-        if self.agency.batch_max_amount == 0 {
-            return bad("agency.batch_max_amount", "0".into(), "must be at least 1");
-        }
-        if !self.agency.server_address.contains(':') {
-            return bad(
-                "agency.server_address",
-                self.agency.server_address.clone(),
-                "must be host:port",
-            );
-        }
-        Ok(())
-    }
-}
-
 /// Parses `raw` for `key`, with an error that names both.
 ///
 /// # Errors
@@ -521,7 +763,10 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use std::collections::{BTreeSet, HashMap};
+
+    const ROLES: [Role; 2] = [Role::Server, Role::Agency];
+    const NOWHERE: &str = "/nonexistent/config.toml";
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: HashMap<String, String> = pairs
@@ -537,14 +782,32 @@ mod tests {
         f
     }
 
+    /// A config file that sets only `setting`, to `value`.
+    fn file_setting(setting: &Setting, value: &str) -> tempfile::NamedTempFile {
+        let (section, field) = setting.key.split_once('.').unwrap();
+        let value = if setting.quoted {
+            format!("{value:?}")
+        } else {
+            value.to_string()
+        };
+        file(&format!("[{section}]\n{field} = {value}\n"))
+    }
+
+    /// A command with every subcommand the declarations name, and the flags.
+    fn command() -> clap::Command {
+        let names: BTreeSet<&str> = SETTINGS
+            .iter()
+            .flat_map(|s| s.flag_on().iter().copied())
+            .filter(|&on| on != GLOBAL)
+            .collect();
+        add_flags(
+            clap::Command::new("lottery").subcommands(names.into_iter().map(clap::Command::new)),
+        )
+    }
+
     #[test]
     fn missing_file_means_defaults() {
-        let c = Config::load(
-            Path::new("/nonexistent/config.toml"),
-            Role::Server,
-            env(&[]),
-        )
-        .unwrap();
+        let c = Config::load(Path::new(NOWHERE), Role::Server, env(&[])).unwrap();
         assert_eq!(c, Config::default());
         assert_eq!(c.server.port, 12345);
         assert_eq!(c.agency.batch_max_amount, 70);
@@ -560,9 +823,111 @@ mod tests {
     }
 
     #[test]
+    fn every_variable_beats_the_file_which_beats_the_default() {
+        for role in ROLES {
+            for s in SETTINGS {
+                let Some(var) = s.env_var(role) else { continue };
+                let [in_file, in_env] = s.samples;
+                let f = file_setting(s, in_file);
+                let (c, _) = Config::layer(f.path(), role, env(&[]), None).unwrap();
+                assert_eq!(s.value(&c), in_file, "{} from the file", s.key);
+                assert_ne!(s.value(&Config::default()), in_file, "{}", s.key);
+                let (c, _) = Config::layer(f.path(), role, env(&[(var, in_env)]), None).unwrap();
+                assert_eq!(s.value(&c), in_env, "{var} over the file");
+            }
+        }
+    }
+
+    #[test]
+    fn every_flag_beats_the_variable() {
+        for s in SETTINGS {
+            let Some(flag) = s.flag else { continue };
+            for &on in flag.on {
+                let sub = if on == GLOBAL { "server" } else { on };
+                let role = if sub == "agency" {
+                    Role::Agency
+                } else {
+                    Role::Server
+                };
+                let var = s.env_var(role).expect("a flag's setting has a variable");
+                let long = format!("--{}", flag.long);
+                let (in_env, given, args) = match flag.switch {
+                    Some(value) => {
+                        let other = s.samples.into_iter().find(|&v| v != value).unwrap();
+                        (other, value, vec!["lottery", sub, &long])
+                    }
+                    None => {
+                        let [a, b] = s.samples;
+                        (a, b, vec!["lottery", sub, &long, b])
+                    }
+                };
+                let matches = command().try_get_matches_from(args).unwrap();
+                let (_, sub_matches) = matches.subcommand().unwrap();
+                let (c, origins) = Config::layer(
+                    Path::new(NOWHERE),
+                    role,
+                    env(&[(var, in_env)]),
+                    Some(sub_matches),
+                )
+                .unwrap();
+                assert_eq!(s.value(&c), given, "{long} on {sub} over {var}");
+                assert_eq!(origins[s.key], long);
+            }
+        }
+    }
+
+    #[test]
+    fn every_bound_is_enforced_naming_key_and_variable() {
+        let load = |var: &str, n: u64| {
+            Config::load(
+                Path::new(NOWHERE),
+                Role::Server,
+                env(&[(var, &n.to_string())]),
+            )
+        };
+        for s in SETTINGS {
+            let (lo, hi) = s.bounds();
+            let Some(var) = s.env_var(Role::Server) else {
+                assert_eq!(
+                    (lo, hi),
+                    (None, None),
+                    "{}: a bound needs a variable",
+                    s.key
+                );
+                continue;
+            };
+            if (lo, hi) == (None, None) {
+                continue;
+            }
+            let lo = lo.unwrap_or(0);
+            load(var, lo).unwrap_or_else(|e| panic!("{var}={lo}: {e}"));
+            let mut outside = Vec::new();
+            if lo > 0 {
+                outside.push(lo - 1);
+            }
+            if let Some(hi) = hi {
+                load(var, hi).unwrap_or_else(|e| panic!("{var}={hi}: {e}"));
+                outside.push(hi + 1);
+            }
+            for n in outside {
+                let e = load(var, n).unwrap_err().to_string();
+                assert!(e.contains(s.key) && e.contains(var), "{var}={n}: {e}");
+            }
+        }
+        assert_eq!(
+            SETTINGS
+                .iter()
+                .find(|s| s.key == "agency.window")
+                .unwrap()
+                .bounds(),
+            (Some(1), Some(MAX_WINDOW as u64))
+        );
+    }
+
+    #[test]
     fn log_level_variable_depends_on_role() {
         let vars = env(&[("LOGGING_LEVEL", "ERROR"), ("CLI_LOG_LEVEL", "WARN")]);
-        let p = Path::new("/nonexistent");
+        let p = Path::new(NOWHERE);
         assert_eq!(
             Config::load(p, Role::Server, &vars).unwrap().log.level,
             LogLevel::Error
@@ -575,10 +940,11 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let p = Path::new("/nonexistent");
+        let p = Path::new(NOWHERE);
         let e = Config::load(p, Role::Server, env(&[("SERVER_PORT", "http")])).unwrap_err();
         assert!(e.to_string().contains("SERVER_PORT"), "{e}");
-        let e = Config::load(p, Role::Server, env(&[("SERVER_AGENCIES", "0")])).unwrap_err();
+        let f = file("[server]\nagencies = 0\n");
+        let e = Config::load(f.path(), Role::Server, env(&[])).unwrap_err();
         assert!(e.to_string().contains("server.agencies"), "{e}");
         let f = file("[server]\nprot = 1\n");
         let e = Config::load(f.path(), Role::Server, env(&[])).unwrap_err();
@@ -586,6 +952,36 @@ mod tests {
         let f = file("[server]\nport = \"x\"\n");
         let e = Config::load(f.path(), Role::Server, env(&[])).unwrap_err();
         assert!(e.to_string().contains("port"), "{e}");
+        let f = file("[server]\ntls_cert = \"c.pem\"\n");
+        let e = Config::load(f.path(), Role::Server, env(&[])).unwrap_err();
+        assert!(e.to_string().contains("server.tls_key"), "{e}");
+    }
+
+    #[test]
+    fn every_setting_has_help_and_a_line_in_config_toml_and_readme() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let toml_path = root.join("config.toml");
+        let c = Config::load(&toml_path, Role::Server, env(&[])).unwrap();
+        assert_eq!(c, Config::default(), "config.toml holds the defaults");
+        let toml_text = std::fs::read_to_string(toml_path).unwrap();
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        for s in SETTINGS {
+            assert!(!s.help().is_empty(), "{}", s.key);
+            assert!(
+                readme.contains(&format!("`{}`", s.key)),
+                "README: {}",
+                s.key
+            );
+            for role in ROLES {
+                if let Some(var) = s.env_var(role) {
+                    assert!(toml_text.contains(var), "config.toml: {var}");
+                    assert!(readme.contains(&format!("`{var}`")), "README: {var}");
+                }
+            }
+            if let Some(long) = s.flag() {
+                assert!(readme.contains(&format!("--{long}`")), "README: --{long}");
+            }
+        }
     }
 
     #[test]

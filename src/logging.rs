@@ -16,8 +16,6 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::config::LogLevel;
-
 /// Values of the `result` field.
 pub mod result {
     /// The action completed.
@@ -74,6 +72,63 @@ pub mod action {
     pub const SHUTDOWN: &str = "shutdown";
 }
 
+/// A log level as operators write it: DEBUG, INFO, WARN or ERROR.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    /// Every event, including one line per bet.
+    Debug,
+    /// Normal operation.
+    #[default]
+    Info,
+    /// Only problems.
+    Warn,
+    /// Only failures.
+    Error,
+}
+
+/// Reads and writes an enum as the words operators type, the same in the
+/// config file, a variable and a flag (case does not matter).
+macro_rules! words {
+    ($name:ident, $expected:literal, { $($variant:ident => $word:literal $(| $alias:literal)*),* $(,)? }) => {
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                let word = s.trim();
+                $(
+                    if word.eq_ignore_ascii_case($word) $(|| word.eq_ignore_ascii_case($alias))* {
+                        return Ok($name::$variant);
+                    }
+                )*
+                Err(format!("{s:?} is not {}", $expected))
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(match self {
+                    $($name::$variant => $word,)*
+                })
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <String as serde::Deserialize>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+words!(LogLevel, "one of DEBUG, INFO, WARN, ERROR", {
+    Debug => "DEBUG",
+    Info => "INFO",
+    Warn => "WARN" | "WARNING",
+    Error => "ERROR",
+});
+
+words!(LogFormat, "text or json", { Text => "text", Json => "json" });
+
 impl From<LogLevel> for Level {
     fn from(l: LogLevel) -> Level {
         match l {
@@ -93,33 +148,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object a line, same events and fields, for log shippers.
     Json,
-}
-
-impl std::str::FromStr for LogFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "text" => Ok(LogFormat::Text),
-            "json" => Ok(LogFormat::Json),
-            _ => Err(format!("{s:?} is not text or json")),
-        }
-    }
-}
-
-impl fmt::Display for LogFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            LogFormat::Text => "text",
-            LogFormat::Json => "json",
-        })
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for LogFormat {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
 }
 
 /// Installs the global subscriber: events on stdout at `level`, in `format`.
@@ -319,6 +347,22 @@ fn render_without_time<F: FnOnce()>(emit: F) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn levels_and_formats_read_back_what_they_write() {
+        for level in [
+            LogLevel::Debug,
+            LogLevel::Info,
+            LogLevel::Warn,
+            LogLevel::Error,
+        ] {
+            assert_eq!(level.to_string().parse::<LogLevel>(), Ok(level));
+        }
+        assert_eq!(" warning ".parse::<LogLevel>(), Ok(LogLevel::Warn));
+        assert_eq!("JSON".parse::<LogFormat>(), Ok(LogFormat::Json));
+        let e = "LOUD".parse::<LogLevel>().unwrap_err();
+        assert_eq!(e, "\"LOUD\" is not one of DEBUG, INFO, WARN, ERROR");
+    }
 
     #[test]
     fn contract_shape() {

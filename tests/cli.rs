@@ -63,6 +63,24 @@ fn bad_environment_value_exits_2_naming_the_variable() {
 }
 
 #[test]
+fn out_of_range_values_exit_2_naming_key_and_source() {
+    let out = run(lottery().args(["agency", "--window", "65"]));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("agency.window") && t.contains("--window"), "{t}");
+    assert!(t.contains("1..=64"), "{t}");
+    let out = run(lottery()
+        .arg("server")
+        .env("SERVER_WINNING_NUMBER", "10000"));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("server.winning_number") && t.contains("SERVER_WINNING_NUMBER"),
+        "{t}"
+    );
+}
+
+#[test]
 fn flags_beat_environment_which_beats_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");

@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use tokio_util::sync::CancellationToken;
 
-use crate::agency::{self, AgencyReport};
 use crate::config::AgencyConfig;
-use crate::tools::gen_data::{self, GenOptions};
+use crate::logging::{action, result};
+use crate::tools::gen_data::GenOptions;
+use crate::tools::launch::{self, Fleet, WorkDir};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -96,14 +97,18 @@ impl BenchReport {
 /// exit within [`STOP_PATIENCE`].
 struct ServerProcess {
     child: Child,
-    /// Failure lines, kept as they are read.
+    /// Failure events, kept as they are read.
     fails: Arc<Mutex<Vec<String>>>,
-    /// The `listen` and `sorteo` lines, as they arrive.
-    milestones: std::sync::mpsc::Receiver<String>,
+    /// The `listen` and `sorteo` events, as they arrive.
+    milestones: std::sync::mpsc::Receiver<serde_json::Value>,
 }
 
 /// How long a stopping server may take before it is killed.
 const STOP_PATIENCE: Duration = Duration::from_secs(10);
+
+/// How long the server may take to listen, and to log the draw once the
+/// last agency has its winners.
+const MILESTONE_PATIENCE: Duration = Duration::from_secs(30);
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
@@ -124,6 +129,24 @@ impl Drop for ServerProcess {
     }
 }
 
+impl ServerProcess {
+    /// Waits for the next milestone, which must be `action`.
+    fn milestone(&self, action: &str) -> anyhow::Result<serde_json::Value> {
+        let event = self
+            .milestones
+            .recv_timeout(MILESTONE_PATIENCE)
+            .with_context(|| format!("the server did not log {action}"))?;
+        anyhow::ensure!(
+            event["action"] == action,
+            "expected the server's {action} event, got {event}"
+        );
+        Ok(event)
+    }
+}
+
+/// Starts the server on a free port, logging JSON lines so its events are
+/// read as data rather than parsed out of text, and returns it with the
+/// loopback address it listens on.
 fn start_server(dir: &Path, opts: &BenchOptions) -> anyhow::Result<(ServerProcess, String)> {
     let exe = std::env::current_exe().context("locating this binary")?;
     let mut cmd = Command::new(exe);
@@ -133,6 +156,10 @@ fn start_server(dir: &Path, opts: &BenchOptions) -> anyhow::Result<(ServerProces
         "0",
         "--agencies",
         &opts.agencies.to_string(),
+        "--log-format",
+        "json",
+        "--log-level",
+        "INFO",
     ])
     .arg("--storage")
     .arg(dir.join("bets.csv"))
@@ -142,7 +169,6 @@ fn start_server(dir: &Path, opts: &BenchOptions) -> anyhow::Result<(ServerProces
         "SERVER_MAX_CONNECTIONS",
         (opts.agencies as usize + 64).to_string(),
     )
-    .env("LOGGING_LEVEL", "INFO")
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
@@ -157,12 +183,14 @@ fn start_server(dir: &Path, opts: &BenchOptions) -> anyhow::Result<(ServerProces
         let fails = fails.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                // Keep only what the report needs; per-batch lines are many.
-                if line.contains("action: listen") || line.contains("action: sorteo") {
-                    let _ = tx.send(line.clone());
-                }
-                if line.contains("result: fail") {
+                let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if event["result"] == result::FAIL {
                     fails.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                } else if event["action"] == action::LISTEN || event["action"] == action::SORTEO {
+                    // Keep only what the report needs; per-batch events are many.
+                    let _ = tx.send(event);
                 }
             }
         });
@@ -172,15 +200,12 @@ fn start_server(dir: &Path, opts: &BenchOptions) -> anyhow::Result<(ServerProces
         fails,
         milestones,
     };
-    let listen = server
-        .milestones
-        .recv_timeout(Duration::from_secs(30))
-        .context("the server did not start listening")?;
-    let port = listen
-        .split(" | ")
-        .find_map(|f| f.strip_prefix("address: "))
-        .and_then(|a| a.rsplit(':').next())
-        .context("no address in the listen line")?;
+    let listen = server.milestone(action::LISTEN)?;
+    let port = listen["address"]
+        .as_str()
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .context("no address in the listen event")?
+        .port();
     Ok((server, format!("127.0.0.1:{port}")))
 }
 
@@ -226,18 +251,8 @@ fn percentile(sorted: &[u32], p: f64) -> Duration {
 /// # Errors
 /// Data generation, the server, or an agency failed.
 pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Result<BenchReport> {
-    let temp;
-    let dir = match &opts.work_dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => {
-            temp = tempfile::tempdir()?;
-            temp.path().to_path_buf()
-        }
-    };
-    let data = dir.join("data");
+    let dir = WorkDir::new(opts.work_dir.as_deref())?;
+    let data = dir.path().join("data");
     eprintln!(
         "bench: generating {} x {} bets in {}",
         opts.agencies,
@@ -249,13 +264,9 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
         bets_per_agency: opts.bets_per_agency,
         ..GenOptions::default()
     };
-    {
-        let data = data.clone();
-        tokio::task::spawn_blocking(move || gen_data::generate(&data, &gen)).await??;
-    }
-    let _ = std::fs::remove_file(dir.join("bets.csv"));
-    let _ = std::fs::remove_file(dir.join("bets.draw.toml"));
-    let (server, address) = start_server(&dir, &opts)?;
+    launch::generate(&data, gen).await?;
+    dir.fresh_storage()?;
+    let (server, address) = start_server(dir.path(), &opts)?;
 
     let total = u64::from(opts.agencies) * opts.bets_per_agency;
     let root = shutdown.child_token();
@@ -263,27 +274,13 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
     let server_pid = server.child.id().to_string();
     let (server_cpu_before, own_cpu_before) = (cpu_time(&server_pid), cpu_time("self"));
     let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut progress = Vec::new();
-    for id in 1..=opts.agencies {
-        let config = AgencyConfig {
-            id,
-            server_address: address.clone(),
-            data_file: data.join("agency-{id}.csv").to_string_lossy().into_owned(),
-            batch_max_amount: opts.batch_max_amount,
-            window: opts.window,
-            ..AgencyConfig::default()
-        };
-        let (tx, rx) = tokio::sync::watch::channel(0u64);
-        progress.push(rx);
-        let token = root.child_token();
-        tasks.spawn(async move {
-            (
-                id,
-                agency::run_with_progress(&config, token, Some(tx)).await,
-            )
-        });
-    }
+    let template = AgencyConfig {
+        batch_max_amount: opts.batch_max_amount,
+        window: opts.window,
+        ..AgencyConfig::default()
+    };
+    let fleet = Fleet::start(opts.agencies, &template, &address, &data, &root);
+    let progress = fleet.progress();
     let ticker = tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(1));
         every.tick().await;
@@ -298,25 +295,18 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
             );
         }
     });
-    let mut reports: Vec<AgencyReport> = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        let (id, outcome) = joined.context("an agency task panicked")?;
-        match outcome.with_context(|| format!("agency {id}"))? {
-            Some(report) => reports.push(report),
-            None => bail!("interrupted"),
-        }
-    }
-    let elapsed = started.elapsed();
+    let joined = fleet.join().await;
     ticker.abort();
+    let Some(reports) = joined? else {
+        bail!("interrupted");
+    };
+    let elapsed = started.elapsed();
 
     let peak = peak_rss_kib(server.child.id());
     let server_cpu = cpu_time(&server_pid).saturating_sub(server_cpu_before);
     let agencies_cpu = cpu_time("self").saturating_sub(own_cpu_before);
-    // The draw's line may still be on its way through the pipe.
-    let draw_line = server
-        .milestones
-        .recv_timeout(Duration::from_secs(30))
-        .context("the server did not log the draw")?;
+    // The draw's event may still be on its way through the pipe.
+    let drawn = server.milestone(action::SORTEO)?;
     let fails = server
         .fails
         .lock()
@@ -325,12 +315,10 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
     if let Some(fail) = fails.first() {
         bail!("the server reported a failure: {fail}");
     }
-    let draw = draw_line
-        .split(" | ")
-        .find_map(|f| f.strip_prefix("millis: "))
-        .and_then(|m| m.trim().parse().ok())
+    let draw = drawn["millis"]
+        .as_u64()
         .map(Duration::from_millis)
-        .context("no millis in the draw's line")?;
+        .context("no millis in the draw's event")?;
     let mut latencies: Vec<u32> = reports
         .iter()
         .flat_map(|r| r.ack_latencies_us.iter().copied())

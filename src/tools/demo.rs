@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use tokio_util::sync::CancellationToken;
 
-use crate::agency::{self, AgencyReport};
+use crate::agency::AgencyReport;
 use crate::config::{AgencyConfig, ServerConfig};
 use crate::server;
-use crate::tools::gen_data::{self, GenOptions};
+use crate::tools::gen_data::GenOptions;
+use crate::tools::launch::{self, Fleet, WorkDir};
 
 /// What the demo runs.
 #[derive(Debug, Clone)]
@@ -77,44 +78,21 @@ pub async fn run(
     if opts.agencies == 0 {
         bail!("the demo needs at least one agency");
     }
-    let temp;
-    let work_dir = match &opts.work_dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            dir.clone()
-        }
-        None => {
-            temp = tempfile::tempdir().context("creating a temporary directory")?;
-            temp.path().to_path_buf()
-        }
-    };
+    let work_dir = WorkDir::new(opts.work_dir.as_deref())?;
     let data_dir = match &opts.data_dir {
         Some(dir) => dir.clone(),
         None => {
-            let dir = work_dir.join("data");
+            let dir = work_dir.path().join("data");
             let gen = GenOptions {
                 agencies: opts.agencies,
                 winning_number: opts.winning_number,
                 ..opts.generate.clone()
             };
-            tokio::task::spawn_blocking({
-                let dir = dir.clone();
-                move || gen_data::generate(&dir, &gen)
-            })
-            .await?
-            .with_context(|| format!("generating data in {}", dir.display()))?;
+            launch::generate(&dir, gen).await?;
             dir
         }
     };
-
-    let storage = work_dir.join("bets.csv");
-    // A previous demo's bets must not count in this draw.
-    match std::fs::remove_file(&storage) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing the old {}", storage.display()))
-        }
-        _ => {}
-    }
+    let (storage, draw_record) = work_dir.fresh_storage()?;
     let server_config = ServerConfig {
         port: 0,
         listen_backlog: opts.agencies.max(5),
@@ -122,18 +100,9 @@ pub async fn run(
         storage: storage.clone(),
         winning_number: opts.winning_number,
         sync: opts.sync,
-        draw_record: work_dir.join("bets.draw.toml"),
+        draw_record,
         ..ServerConfig::default()
     };
-    // Nor a previous demo's draw.
-    match std::fs::remove_file(&server_config.draw_record) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| {
-                format!("removing the old {}", server_config.draw_record.display())
-            })
-        }
-        _ => {}
-    }
     let listener = server::bind_addr(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         server_config.listen_backlog,
@@ -151,46 +120,20 @@ pub async fn run(
     });
 
     let started = Instant::now();
-    let mut agencies = tokio::task::JoinSet::new();
-    for id in 1..=opts.agencies {
-        let config = AgencyConfig {
-            id,
-            server_address: address.clone(),
-            data_file: data_dir
-                .join("agency-{id}.csv")
-                .to_string_lossy()
-                .into_owned(),
-            batch_max_amount: opts.batch_max_amount,
-            window: opts.window,
-            ..AgencyConfig::default()
-        };
-        let token = root.child_token();
-        let task = async move { (id, agency::run(&config, token).await) };
-        #[cfg(tokio_unstable)]
-        agencies
-            .build_task()
-            .name(&format!("agency {id}"))
-            .spawn(task)
-            .expect("the runtime accepts new tasks");
-        #[cfg(not(tokio_unstable))]
-        agencies.spawn(task);
-    }
-    let mut reports = Vec::new();
-    let mut cancelled = false;
-    while let Some(joined) = agencies.join_next().await {
-        let (id, outcome) = joined.context("an agency task panicked")?;
-        match outcome.with_context(|| format!("agency {id}"))? {
-            Some(report) => reports.push(report),
-            None => cancelled = true,
-        }
-    }
+    let template = AgencyConfig {
+        batch_max_amount: opts.batch_max_amount,
+        window: opts.window,
+        ..AgencyConfig::default()
+    };
+    let reports = Fleet::start(opts.agencies, &template, &address, &data_dir, &root)
+        .join()
+        .await?;
     let elapsed = started.elapsed();
     server_token.cancel();
     server_task.await.context("the server task panicked")??;
-    if cancelled {
+    let Some(reports) = reports else {
         return Ok(None);
-    }
-    reports.sort_by_key(|r| r.agency);
+    };
     Ok(Some(DemoOutcome {
         agencies: reports,
         elapsed,

@@ -9,6 +9,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
+use crate::config::AgencyConfig;
 use crate::net::{self as tls, BoxedIo};
 use crate::store::file::load_record;
 use crate::wire::codec::AgencyCodec;
@@ -23,6 +24,27 @@ pub struct Target {
     pub tls: Option<(std::path::PathBuf, String)>,
     /// How long the whole exchange may take.
     pub timeout: Duration,
+}
+
+impl Target {
+    /// `address`, else the agency's configured central, over TLS when the
+    /// agency is configured for it; `timeout` at least one second.
+    pub fn for_agency(agency: &AgencyConfig, address: Option<String>, timeout: Duration) -> Target {
+        let address = address.unwrap_or_else(|| agency.server_address.clone());
+        let tls = (!agency.tls_ca.as_os_str().is_empty()).then(|| {
+            // The certificate's name follows the address actually probed.
+            let probed = AgencyConfig {
+                server_address: address.clone(),
+                ..agency.clone()
+            };
+            (agency.tls_ca.clone(), probed.tls_name())
+        });
+        Target {
+            address,
+            tls,
+            timeout: timeout.max(Duration::from_secs(1)),
+        }
+    }
 }
 
 async fn connect(target: &Target) -> anyhow::Result<Framed<BoxedIo, AgencyCodec>> {

@@ -1,0 +1,48 @@
+//! The agency's progress bar: bets the central holds of the data file's
+//! total, with rate and ETA, drawn only when a person watches a terminal.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::Path;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::logging::LogFormat;
+
+/// Starts a bar for the agency reading `data`, when stdout is a terminal
+/// showing text logs (a bar would corrupt JSON lines or a log file).
+/// Returns the sender to pass to [`crate::agency::run_with_progress`] and
+/// the task that draws the bar; it ends when the sender is dropped.
+pub fn start(data: &Path, format: LogFormat) -> Option<(watch::Sender<u64>, JoinHandle<()>)> {
+    if !std::io::stdout().is_terminal() || format != LogFormat::Text {
+        return None;
+    }
+    let (tx, rx) = watch::channel(0u64);
+    Some((tx, tokio::spawn(show(count_bets(data), rx))))
+}
+
+/// Bets in a data file (its non-blank lines), for the bar's total.
+fn count_bets(path: &Path) -> u64 {
+    std::fs::File::open(path)
+        .map(|f| {
+            std::io::BufReader::new(f)
+                .lines()
+                .map_while(Result::ok)
+                .filter(|l| !l.trim().is_empty())
+                .count() as u64
+        })
+        .unwrap_or(0)
+}
+
+/// Draws bets held of total until the sender is dropped.
+async fn show(total: u64, mut held: watch::Receiver<u64>) {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} bets  {per_sec}  ETA {eta}")
+            .expect("a valid template"),
+    );
+    while held.changed().await.is_ok() {
+        bar.set_position(*held.borrow());
+    }
+    bar.finish();
+}
