@@ -30,8 +30,9 @@ use crate::config::AgencyConfig;
 use crate::logging::{action, result};
 use crate::model::{AgencyId, BetRef, Today};
 use crate::net::{self as tls, BoxedIo, TlsError};
-use crate::wire::codec::{AgencyCodec, FrameError, RawFrame};
-use crate::wire::message::{BatchBuilder, ErrorCode, MessageError, Reply, Request};
+use crate::wire::{
+    AgencyCodec, BatchBuilder, ErrorCode, FrameError, MessageError, RawFrame, Reply, Request,
+};
 
 /// Bytes of frames buffered before a write is forced.
 const WRITE_BUFFER: usize = 128 * 1024;
@@ -743,8 +744,7 @@ fn read_batches(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::codec::ServerCodec;
-    use crate::wire::message::MAX_FRAME_LEN;
+    use crate::wire::{ServerCodec, MAX_FRAME_LEN};
     use tokio_util::codec::Decoder;
 
     fn batches_of(text: &str, max: usize) -> Vec<Result<Batch, AgencyError>> {

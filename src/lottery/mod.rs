@@ -17,7 +17,7 @@ use tracing::info;
 use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::store::file as storage;
-use crate::wire::message::{AgencyState, ErrorCode};
+use crate::wire::{AgencyState, ErrorCode};
 
 /// The outcome of the draw.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -30,8 +30,9 @@ use crate::net::{self as tls, BoxedIo, TlsError};
 use crate::store::file::{
     self as storage, encode_rows, BetStore, Durability, Pending, Sequence, StorageError,
 };
-use crate::wire::codec::{FrameError, ServerCodec};
-use crate::wire::message::{status_replies, winners_replies, ErrorCode, Reply, Request};
+use crate::wire::{
+    status_replies, winners_replies, ErrorCode, FrameError, Reply, Request, ServerCodec,
+};
 
 /// Read buffer of a connection: room for two full frames, so that an
 /// agency's window of batches is read with fewer syscalls than one each.

@@ -11,8 +11,7 @@ use tokio_util::codec::Framed;
 
 use crate::lottery::Draw;
 use crate::net::{self as tls, BoxedIo};
-use crate::wire::codec::AgencyCodec;
-use crate::wire::message::{AgencyState, Reply, Request};
+use crate::wire::{AgencyCodec, AgencyState, Reply, Request};
 
 /// Where the central is and how to reach it.
 #[derive(Debug, Clone)]

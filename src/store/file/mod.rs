@@ -801,7 +801,11 @@ fn scan_part(
                 eof = n == 0;
                 // Zeroed room grows with the buffer only, and is reused.
                 marks.resize(buf.len(), 0);
-                marked = crate::wire::scan::positions_of(&buf[..filled], *b",\n\"", 0, &mut marks);
+                marked = marks
+                    .iter_mut()
+                    .zip(memchr::memchr3_iter(b',', b'\n', b'"', &buf[..filled]))
+                    .map(|(mark, at)| *mark = at as u32)
+                    .count();
                 mark = 0;
                 continue;
             }
