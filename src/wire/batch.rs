@@ -2,8 +2,6 @@
 //! and the one batch writer, both driven by the field table
 //! [`BetField::ALL`].
 
-use std::borrow::Cow;
-
 use bytes::{BufMut, BytesMut};
 
 use super::escape::{escape_with, is_escapable, Pair, Pairs};
@@ -53,10 +51,11 @@ pub(super) fn parse_batch(size: &str, pairs: &Pairs<'_>) -> Result<Bets, Message
     }
     let text: usize = slots.iter().map(|p| p.map_or(0, |p| p.value.len())).sum();
     let mut bets = Bets::with_capacity(size, text);
+    let mut scratch = String::new();
     for (i, pair) in slots.into_iter().enumerate() {
         let pair = pair.expect("invariant: every slot was filled, seen == size");
-        bet_texts(pair.value, pairs.specials_of(pair))
-            .and_then(|texts| bets.push_texts(&texts.each_ref().map(|t| &**t)))
+        bet_texts(pair.value, pairs.specials_of(pair), &mut scratch)
+            .and_then(|texts| bets.push_texts(&texts))
             .map_err(|source| MessageError::Bet {
                 index: i + 1,
                 source,
@@ -72,15 +71,25 @@ pub(super) fn parse_batch(size: &str, pairs: &Pairs<'_>) -> Result<Bets, Message
 /// a value of the batch. One walk over its special bytes undoes both
 /// levels. The plain runs between them are borrowed whole, so a bet with
 /// nothing to unescape in its fields (nearly every bet) is read without a
-/// copy; a field holding an escape is built in its own string.
-fn bet_texts<'a>(
-    value: &'a str,
+/// copy; a field holding an escape is built in `scratch`.
+fn bet_texts<'s>(
+    value: &'s str,
     specials: impl Iterator<Item = usize>,
-) -> Result<[Cow<'a, str>; BetField::COUNT], BetError> {
+    scratch: &'s mut String,
+) -> Result<[&'s str; BetField::COUNT], BetError> {
     // A raw newline at the end is the bet payload's own terminator.
     let value = value.strip_suffix('\n').unwrap_or(value);
     let bytes = value.as_bytes();
-    let mut reader = BetReader::default();
+    scratch.clear();
+    let mut reader = BetReader {
+        value,
+        scratch,
+        fields: [None; BetField::COUNT],
+        key: None,
+        piece: Text::default(),
+        escape: false,
+        pairs: 0,
+    };
     // `run` is where the plain text after the last special byte starts.
     let mut run = 0;
     for at in specials {
@@ -88,7 +97,7 @@ fn bet_texts<'a>(
             continue; // the byte a `\` escaped: not special
         }
         if run < at {
-            reader.plain(&value[run..at])?;
+            reader.plain(run, at)?;
         }
         let c = bytes[at];
         if c == b'\\' {
@@ -107,20 +116,51 @@ fn bet_texts<'a>(
         }
     }
     if run < bytes.len() {
-        reader.plain(&value[run..])?;
+        reader.plain(run, bytes.len())?;
     }
-    reader.finish()
+    let fields = reader.finish()?;
+    let scratch: &'s String = reader.scratch;
+    Ok(fields.map(|t| t.of(value, scratch)))
+}
+
+/// Where a piece of a bet's text is: a range of the value itself, or, when
+/// it held an escape, of the scratch string it was unescaped into.
+#[derive(Debug, Clone, Copy, Default)]
+struct Text {
+    copied: bool,
+    start: u32,
+    end: u32,
+}
+
+impl Text {
+    fn is_empty(self) -> bool {
+        self.start == self.end
+    }
+
+    fn of<'s>(self, value: &'s str, scratch: &'s str) -> &'s str {
+        let from = if self.copied { scratch } else { value };
+        &from[self.start as usize..self.end as usize]
+    }
+
+    /// [`Text::of`] as bytes: no check of where characters start, for the
+    /// hot comparison of keys.
+    fn bytes_of<'s>(self, value: &'s str, scratch: &'s str) -> &'s [u8] {
+        let from = if self.copied { scratch } else { value };
+        &from.as_bytes()[self.start as usize..self.end as usize]
+    }
 }
 
 /// The bet's own level of [`bet_texts`], fed the text with the batch's
 /// escaping already undone.
-struct BetReader<'a> {
+struct BetReader<'s> {
+    value: &'s str,
+    scratch: &'s mut String,
     /// Each field's value, by [`BetField::ALL`] index.
-    fields: [Option<Cow<'a, str>>; BetField::COUNT],
+    fields: [Option<Text>; BetField::COUNT],
     /// The key of the pair being read, once its `:` is passed.
-    key: Option<Cow<'a, str>>,
+    key: Option<Text>,
     /// The key or value being read, unescaped.
-    piece: Cow<'a, str>,
+    piece: Text,
     /// The last byte was an unescaped `\`.
     escape: bool,
     /// Pairs read so far: writers send the fields in table order, so pair
@@ -128,79 +168,99 @@ struct BetReader<'a> {
     pairs: usize,
 }
 
-impl Default for BetReader<'_> {
-    fn default() -> Self {
-        Self {
-            fields: Default::default(),
-            key: None,
-            piece: Cow::Borrowed(""),
-            escape: false,
-            pairs: 0,
-        }
-    }
-}
-
-impl<'a> BetReader<'a> {
-    /// Text without special bytes (a raw newline is not one).
-    fn plain(&mut self, mut text: &'a str) -> Result<(), BetError> {
+impl BetReader<'_> {
+    /// The value's bytes `start..end`, which hold no special byte (a raw
+    /// newline is not one).
+    #[inline]
+    fn plain(&mut self, mut start: usize, end: usize) -> Result<(), BetError> {
         if self.escape {
             self.escape = false;
-            match text.strip_prefix('\n') {
-                Some(rest) => {
-                    self.piece.to_mut().push('\n');
-                    text = rest;
-                }
-                None => return Err(unknown_escape(text)),
+            if self.value.as_bytes()[start] != b'\n' {
+                return Err(unknown_escape(&self.value[start..end]));
             }
+            self.push_char(b'\n');
+            start += 1;
         }
         if self.piece.is_empty() {
-            self.piece = Cow::Borrowed(text);
+            // Offsets fit: a value is part of one frame.
+            self.piece = Text {
+                copied: false,
+                start: start as u32,
+                end: end as u32,
+            };
         } else {
-            self.piece.to_mut().push_str(text);
+            let run = &self.value[start..end];
+            self.piece_in_scratch().push_str(run);
+            self.piece.end = self.scratch.len() as u32;
         }
         Ok(())
     }
 
+    /// The piece being read, moved to the end of the scratch string (where
+    /// it can grow), and that string.
+    #[cold]
+    fn piece_in_scratch(&mut self) -> &mut String {
+        if !self.piece.copied {
+            let start = self.scratch.len() as u32;
+            self.scratch.push_str(self.piece.of(self.value, ""));
+            self.piece = Text {
+                copied: true,
+                start,
+                end: self.scratch.len() as u32,
+            };
+        }
+        self.scratch
+    }
+
+    fn push_char(&mut self, c: u8) {
+        self.piece_in_scratch().push(char::from(c));
+        self.piece.end += 1;
+    }
+
     /// One of the bytes a batch value may escape.
+    #[inline]
     fn special(&mut self, c: u8) -> Result<(), BetError> {
         if std::mem::take(&mut self.escape) {
-            self.piece.to_mut().push(char::from(c));
+            self.push_char(c);
             return Ok(());
         }
         match c {
             b'\\' => self.escape = true,
             b'|' => self.end_pair()?,
-            b':' if self.key.is_none() => self.key = Some(self.take_piece()),
-            _ => self.piece.to_mut().push(char::from(c)),
+            b':' if self.key.is_none() => self.key = Some(std::mem::take(&mut self.piece)),
+            _ => self.push_char(c),
         }
         Ok(())
     }
 
-    fn take_piece(&mut self) -> Cow<'a, str> {
-        std::mem::replace(&mut self.piece, Cow::Borrowed(""))
-    }
-
+    #[inline]
     fn end_pair(&mut self) -> Result<(), BetError> {
+        let piece = std::mem::take(&mut self.piece);
         let Some(key) = self.key.take() else {
-            return Err(malformed(format!("pair {:?} has no ':'", self.piece)));
+            let shown = piece.of(self.value, self.scratch);
+            return Err(malformed(format!("pair {shown:?} has no ':'")));
         };
-        let value = self.take_piece();
         let field = match BetField::ALL.get(self.pairs) {
-            Some(&expected) if same_bytes(expected.wire_key().as_bytes(), key.as_bytes()) => {
+            Some(&expected)
+                if same_bytes(
+                    expected.wire_key().as_bytes(),
+                    key.bytes_of(self.value, self.scratch),
+                ) =>
+            {
                 Some(expected)
             }
-            _ => BetField::from_wire(&key),
+            _ => BetField::from_wire(key.of(self.value, self.scratch)),
         };
         self.pairs += 1;
         // Unknown keys are ignored, and the first of repeated keys counts,
         // as in any payload.
         if let Some(field) = field {
-            self.fields[field as usize].get_or_insert(value);
+            self.fields[field as usize].get_or_insert(piece);
         }
         Ok(())
     }
 
-    fn finish(mut self) -> Result<[Cow<'a, str>; BetField::COUNT], BetError> {
+    fn finish(&mut self) -> Result<[Text; BetField::COUNT], BetError> {
         if self.escape {
             return Err(malformed("dangling escape".into()));
         }
@@ -208,10 +268,11 @@ impl<'a> BetReader<'a> {
         if self.key.is_some() || !self.piece.is_empty() {
             self.end_pair()?;
         }
-        if let Some(i) = self.fields.iter().position(Option::is_none) {
-            return Err(BetError::Missing(BetField::ALL[i]));
+        let mut texts = [Text::default(); BetField::COUNT];
+        for ((text, field), name) in texts.iter_mut().zip(self.fields).zip(BetField::ALL) {
+            *text = field.ok_or(BetError::Missing(name))?;
         }
-        Ok(self.fields.map(|f| f.expect("invariant: none is missing")))
+        Ok(texts)
     }
 }
 
@@ -359,15 +420,27 @@ mod tests {
     use super::*;
     use crate::model::Bet;
     use crate::wire::{frame, to_payload, ErrorCode, Request, WireMessage};
+    use std::borrow::Cow;
 
     fn bet(first: &str, last: &str) -> Bet {
         Bet::from_fields("3", first, last, "30904465", "1999-03-17", "7574").unwrap()
     }
 
-    /// [`bet_texts`] on a bet value alone.
-    fn texts(value: &str) -> Result<[Cow<'_, str>; BetField::COUNT], BetError> {
+    /// [`bet_texts`] on a bet value alone, and what it had to copy.
+    fn texts_copied(value: &str) -> Result<(Vec<String>, String), BetError> {
         let specials = super::super::escape::find_specials(value.as_bytes());
-        bet_texts(value, specials.into_iter().map(|p| p as usize))
+        let mut scratch = String::new();
+        let texts = bet_texts(
+            value,
+            specials.into_iter().map(|p| p as usize),
+            &mut scratch,
+        )?;
+        let texts = texts.map(str::to_string).to_vec();
+        Ok((texts, scratch))
+    }
+
+    fn texts(value: &str) -> Result<Vec<String>, BetError> {
+        texts_copied(value).map(|(texts, _)| texts)
     }
 
     #[test]
@@ -455,15 +528,14 @@ mod tests {
     #[test]
     fn plain_bets_are_borrowed_and_escaped_fields_unescaped() {
         let v = "NOMBRE:Ana\\|APELLIDO:Pérez\\|DOCUMENTO:1\\|NACIMIENTO:1999-03-17\\|NUMERO:7\\|AGENCY_ID:3";
-        let plain = texts(v).unwrap();
+        let (plain, copied) = texts_copied(v).unwrap();
         assert_eq!(plain, ["Ana", "Pérez", "1", "1999-03-17", "7", "3"]);
-        assert!(plain.iter().all(|t| matches!(t, Cow::Borrowed(_))));
+        assert_eq!(copied, "");
         // An escaped `|` inside a name is undone, and only that field copied.
         let with_pipe = v.replace("Ana", "A\\\\\\|na");
-        let escaped = texts(&with_pipe).unwrap();
+        let (escaped, copied) = texts_copied(&with_pipe).unwrap();
         assert_eq!(escaped[0], "A|na");
-        assert!(matches!(escaped[0], Cow::Owned(_)));
-        assert!(matches!(escaped[1], Cow::Borrowed(_)));
+        assert_eq!(copied, "A|na");
         // Fields in another order, an unknown key and a repeat.
         let shuffled = "AGENCY_ID:3\\|X:1\\|NUMERO:7\\|NACIMIENTO:1999-03-17\\|DOCUMENTO:1\\|APELLIDO:Pérez\\|NOMBRE:Ana\\|NUMERO:8";
         assert_eq!(texts(shuffled).unwrap(), plain);
@@ -595,7 +667,7 @@ mod tests {
         fn bet_values_read_as_the_payload_rules_say(value in bet_value()) {
             match (texts(&value), meaning(&value)) {
                 (Ok(got), Some(expected)) => {
-                    proptest::prop_assert_eq!(got.map(Cow::into_owned).to_vec(), expected);
+                    proptest::prop_assert_eq!(got, expected);
                 }
                 (Err(BetError::Malformed(why)), None) => proptest::prop_assert!(
                     ["unknown escape", "dangling escape", "pair "].iter().any(|w| why.starts_with(w)),
