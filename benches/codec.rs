@@ -8,8 +8,7 @@ use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion
 use tokio_util::codec::{Decoder, Encoder};
 
 use lottery::model::Bets;
-use lottery::wire::codec::{AgencyCodec, ServerCodec};
-use lottery::wire::message::{BatchBuilder, Request};
+use lottery::wire::{AgencyCodec, BatchBuilder, Request, ServerCodec};
 
 /// Batches as an agency cuts them: up to 70 bets, each frame under 8 KiB.
 fn realistic_batches(total: usize) -> Vec<Request> {

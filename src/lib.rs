@@ -22,8 +22,7 @@
 //! finished:
 //!
 //! ```
-//! use lottery::wire::codec::frame;
-//! use lottery::wire::message::Request;
+//! use lottery::wire::{frame, Request};
 //!
 //! let bytes = frame(&Request::Finished { agency: 3 }).unwrap();
 //! assert_eq!(&bytes[..4], &[0, 0, 0, 0x24]); // payload length, big-endian

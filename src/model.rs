@@ -30,36 +30,72 @@ pub struct Bet {
     pub number: u16,
 }
 
-/// The fields of a bet, for error messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BetField {
-    /// `NOMBRE`
-    FirstName,
-    /// `APELLIDO`
-    LastName,
-    /// `DOCUMENTO`
-    Document,
-    /// `NACIMIENTO`
-    Birthdate,
-    /// `NUMERO`
-    Number,
-    /// `AGENCY_ID`
-    AgencyId,
+/// Declares an enum whose every variant travels as one fixed text, so each
+/// variant, its text and its doc are written once. Generates the enum,
+/// `COUNT`, `ALL` (in declaration order), the text accessor named after
+/// `text`, and `from_wire`.
+macro_rules! keyed_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident, text $text:ident {
+            $( $(#[$vmeta:meta])* $variant:ident = $wire:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        $vis enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        impl $name {
+            /// How many there are.
+            pub const COUNT: usize = [$($wire),+].len();
+            /// Every one, in declaration order.
+            pub const ALL: [$name; $name::COUNT] = [$($name::$variant),+];
+
+            /// The text it travels as.
+            pub const fn $text(self) -> &'static str {
+                match self {
+                    $($name::$variant => $wire,)+
+                }
+            }
+
+            /// The one that travels as `s`, if any.
+            pub fn from_wire(s: &str) -> Option<Self> {
+                match s {
+                    $($wire => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+pub(crate) use keyed_enum;
+
+keyed_enum! {
+    /// The fields of a bet with their wire keys, in the order a bet's payload
+    /// carries them. The wire's parser and writer are driven by this table,
+    /// so a new field starts here.
+    pub enum BetField, text wire_key {
+        /// First name(s).
+        FirstName = "NOMBRE",
+        /// Last name(s).
+        LastName = "APELLIDO",
+        /// Document (DNI).
+        Document = "DOCUMENTO",
+        /// Birthdate, `YYYY-MM-DD`.
+        Birthdate = "NACIMIENTO",
+        /// The number bet on.
+        Number = "NUMERO",
+        /// The agency that took the bet.
+        AgencyId = "AGENCY_ID",
+    }
 }
 
 impl BetField {
-    /// The field's key on the wire.
-    pub fn wire_key(self) -> &'static str {
-        use crate::wire::message::key;
-        match self {
-            BetField::FirstName => key::NOMBRE,
-            BetField::LastName => key::APELLIDO,
-            BetField::Document => key::DOCUMENTO,
-            BetField::Birthdate => key::NACIMIENTO,
-            BetField::Number => key::NUMERO,
-            BetField::AgencyId => key::AGENCY_ID,
-        }
-    }
+    /// How many fields, the first of [`BetField::ALL`], a bet keeps as text
+    /// (in [`Bets`]); the others are numbers.
+    pub const TEXT_FIELDS: usize = 4;
 }
 
 impl fmt::Display for BetField {
@@ -115,15 +151,8 @@ impl Bet {
         birthdate: &str,
         number: &str,
     ) -> Result<Bet, BetError> {
-        let (agency, number) = check(
-            agency,
-            first_name,
-            last_name,
-            document,
-            birthdate,
-            number,
-            &today(),
-        )?;
+        let texts = [first_name, last_name, document, birthdate, number, agency];
+        let (agency, number) = check(&texts, &today())?;
         Ok(Bet {
             agency,
             first_name: first_name.to_string(),
@@ -210,7 +239,24 @@ impl<'a> BetRef<'a> {
     }
 }
 
-impl BetRef<'_> {
+impl<'a> BetRef<'a> {
+    /// The fields as they travel, in [`BetField::ALL`] order; the numbers
+    /// are written into `digits`, so this needs no allocation.
+    pub(crate) fn texts<'s>(&self, digits: &'s mut [itoa::Buffer; 2]) -> [&'s str; BetField::COUNT]
+    where
+        'a: 's,
+    {
+        let [number, agency] = digits;
+        [
+            self.first_name,
+            self.last_name,
+            self.document,
+            self.birthdate,
+            number.format(self.number),
+            agency.format(self.agency),
+        ]
+    }
+
     /// An owned copy.
     pub fn to_bet(&self) -> Bet {
         Bet {
@@ -229,7 +275,7 @@ impl BetRef<'_> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Slot {
     start: u32,
-    ends: [u32; 4],
+    ends: [u32; BetField::TEXT_FIELDS],
     agency: AgencyId,
     number: u16,
 }
@@ -326,11 +372,18 @@ impl Bets {
         birthdate: &str,
         number: &str,
     ) -> Result<(), BetError> {
+        self.push_texts(&[first_name, last_name, document, birthdate, number, agency])
+    }
+
+    /// [`Bets::push_fields`] with the fields as they travel, in
+    /// [`BetField::ALL`] order.
+    ///
+    /// # Errors
+    /// As [`Bets::push_fields`].
+    pub fn push_texts(&mut self, texts: &[&str; BetField::COUNT]) -> Result<(), BetError> {
         let today = self.today();
-        let (agency, number) = check(
-            agency, first_name, last_name, document, birthdate, number, &today.0,
-        )?;
-        self.push_unchecked(agency, [first_name, last_name, document, birthdate], number);
+        let (agency, number) = check(texts, &today.0)?;
+        self.push_unchecked(agency, std::array::from_fn(|i| texts[i]), number);
         Ok(())
     }
 
@@ -374,9 +427,14 @@ impl Bets {
         );
     }
 
-    fn push_unchecked(&mut self, agency: AgencyId, fields: [&str; 4], number: u16) {
+    fn push_unchecked(
+        &mut self,
+        agency: AgencyId,
+        fields: [&str; BetField::TEXT_FIELDS],
+        number: u16,
+    ) {
         let start = self.offset();
-        let mut ends = [0u32; 4];
+        let mut ends = [0u32; BetField::TEXT_FIELDS];
         for (end, field) in ends.iter_mut().zip(fields) {
             self.text.push_str(field);
             *end = self.offset();
@@ -441,16 +499,10 @@ impl From<Vec<Bet>> for Bets {
     }
 }
 
-/// Every rule, in field order; returns the parsed agency and number.
-fn check(
-    agency: &str,
-    first_name: &str,
-    last_name: &str,
-    document: &str,
-    birthdate: &str,
-    number: &str,
-    today: &[u8; 10],
-) -> Result<(AgencyId, u16), BetError> {
+/// Every rule, the agency's first, then in field order; returns the parsed
+/// agency and number.
+fn check(texts: &[&str; BetField::COUNT], today: &[u8; 10]) -> Result<(AgencyId, u16), BetError> {
+    let [first_name, last_name, document, birthdate, number, agency] = *texts;
     let agency = parse_agency(agency)?;
     check_text(first_name, last_name, document, birthdate, today)?;
     Ok((agency, parse_number(number)?))

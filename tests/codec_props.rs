@@ -6,9 +6,9 @@ use proptest::prelude::*;
 use tokio_util::codec::{Decoder, Encoder};
 
 use lottery::model::Bet;
-use lottery::wire::codec::{AgencyCodec, ServerCodec};
-use lottery::wire::message::{
-    escape_into, split_pairs, to_payload, unescape, Reply, Request, WireMessage, MAX_PAYLOAD_LEN,
+use lottery::wire::{
+    escape_into, split_pairs, to_payload, unescape, AgencyCodec, ErrorCode, Reply, Request,
+    ServerCodec, WireMessage, MAX_PAYLOAD_LEN,
 };
 
 /// Names drawn from plain letters, Spanish accents, and every character the
@@ -165,7 +165,7 @@ proptest! {
     fn replies_round_trip(code in 0usize..8, message in ".*", docs in proptest::collection::vec("[0-9]{1,10}", 0..50)) {
         let codes = ["MALFORMED_MESSAGE", "FRAME_TOO_LARGE", "UNKNOWN_MESSAGE", "INVALID_BET",
                      "WRONG_AGENCY", "AGENCY_BUSY", "AGENCY_FINISHED", "STORAGE_FAILED"];
-        let code = lottery::wire::message::ErrorCode::from_wire(codes[code]).unwrap();
+        let code = ErrorCode::from_wire(codes[code]).unwrap();
         for reply in [Reply::Error { code, message: message.clone() }, Reply::Winners { documents: docs.clone(), more: false }] {
             prop_assert_eq!(Reply::parse(&to_payload(&reply)).unwrap(), reply);
         }

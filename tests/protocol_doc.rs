@@ -1,7 +1,7 @@
 //! docs/PROTOCOL.md stays true: every byte-level example's header matches
 //! its payload, and every complete example parses as the message it shows.
 
-use lottery::wire::message::{Reply, Request, WireMessage};
+use lottery::wire::{Reply, Request, WireMessage};
 
 /// (header bytes, payload) for each example in the document.
 fn examples() -> Vec<(u32, String)> {

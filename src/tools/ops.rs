@@ -12,8 +12,8 @@ use tokio_util::codec::Framed;
 use crate::config::AgencyConfig;
 use crate::net::{self as tls, BoxedIo};
 use crate::store::file::load_record;
-use crate::wire::codec::AgencyCodec;
-use crate::wire::message::{AgencyState, Reply, Request};
+use crate::wire::AgencyCodec;
+use crate::wire::{AgencyState, Reply, Request};
 
 /// Where the central is and how to reach it.
 #[derive(Debug, Clone)]

@@ -11,7 +11,7 @@ use std::marker::PhantomData;
 use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::wire::message::{
+use super::{
     MessageError, Reply, Request, WireMessage, HEADER_LEN, MAX_FRAME_LEN, MAX_PAYLOAD_LEN,
 };
 
@@ -174,7 +174,7 @@ impl<In, Out: WireMessage> Encoder<&Out> for LotteryCodec<In, Out> {
 }
 
 /// A request frame encoded whole beforehand (header and payload), as
-/// [`BatchBuilder`](crate::wire::message::BatchBuilder) makes them: sent as is.
+/// [`BatchBuilder`](super::BatchBuilder) makes them: sent as is.
 #[derive(Debug, Clone)]
 pub struct RawFrame(pub bytes::Bytes);
 
@@ -203,7 +203,7 @@ pub fn frame<M: WireMessage>(msg: &M) -> Result<BytesMut, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::message::to_payload;
+    use crate::wire::to_payload;
 
     fn finished(agency: u32) -> Request {
         Request::Finished { agency }

@@ -1,13 +1,87 @@
-//! The wire: length-prefixed frames ([`codec`]) carrying `KEY:VALUE|…\n`
-//! payloads ([`message`]).
+//! The wire: length-prefixed frames carrying `KEY:VALUE|…\n` payloads, as
+//! docs/PROTOCOL.md describes them. One job per file: `codec.rs` frames,
+//! `escape.rs` the payload's text, `message.rs` typed messages,
+//! `error_code.rs` error codes, `batch.rs` the batch's bets. Every wire
+//! constant and key is defined once, here (bet field keys in `BetField`).
 
-pub mod codec;
-pub mod message;
-pub(crate) mod scan;
+mod batch;
+mod codec;
+mod error_code;
+mod escape;
+mod message;
 
+pub use batch::BatchBuilder;
 pub use codec::{frame, AgencyCodec, FrameError, LotteryCodec, RawFrame, ServerCodec};
+pub use error_code::ErrorCode;
+pub use escape::{escape_into, split_pairs, unescape};
 pub use message::{
-    action, escape_into, key, status, status_replies, to_payload, unescape, winners_replies,
-    AgencyState, BatchBuilder, ErrorCode, MessageError, Reply, Request, WireMessage, HEADER_LEN,
-    MAX_FRAME_LEN, MAX_PAYLOAD_LEN,
+    status_replies, to_payload, winners_replies, AgencyState, MessageError, Reply, Request,
+    WireMessage,
 };
+
+/// Largest whole frame, header included, in bytes.
+pub const MAX_FRAME_LEN: usize = 8192;
+/// Size of the big-endian length header that precedes every payload.
+pub const HEADER_LEN: usize = 4;
+/// Largest payload a frame can carry: the frame limit less the header.
+pub const MAX_PAYLOAD_LEN: usize = MAX_FRAME_LEN - HEADER_LEN;
+
+/// Wire keys. Spanish appears only here, in [`BetField`](crate::model::BetField)
+/// and in log action names.
+pub mod key {
+    use crate::model::BetField;
+
+    /// Number of bets in a batch.
+    pub const BATCH_SIZE: &str = "BATCH_SIZE";
+    /// Prefix of the i-th bet of a batch (`BET_1`, `BET_2`, …).
+    pub const BET_PREFIX: &str = "BET_";
+    /// The request kind of a non-batch message.
+    pub const ACTION: &str = "ACTION";
+    /// The agency a message speaks for: the same key as a bet's field.
+    pub const AGENCY_ID: &str = BetField::AgencyId.wire_key();
+    /// `SUCCESS` or `ERROR` in every reply.
+    pub const STATUS: &str = "STATUS";
+    /// Human-readable text of a reply.
+    pub const MESSAGE: &str = "MESSAGE";
+    /// Machine-readable error code of an error reply.
+    pub const CODE: &str = "CODE";
+    /// Comma-separated winner documents.
+    pub const WINNERS: &str = "WINNERS";
+    /// `1` when the winners list continues in the next frame.
+    pub const MORE: &str = "MORE";
+    /// Position, in the agency's data file, of a batch's first bet (0-based,
+    /// counting bets, not lines).
+    pub const FIRST: &str = "FIRST";
+    /// Bets the central holds for the agency.
+    pub const STORED: &str = "STORED";
+    /// The agency's shared secret, in `HELLO`, when the central requires one.
+    pub const SECRET: &str = "SECRET";
+    /// Configured agency count, in a status reply.
+    pub const AGENCIES: &str = "AGENCIES";
+    /// Per-agency `id=held/open|done` entries, comma separated, in a status reply.
+    pub const AGENCY_STATE: &str = "AGENCY_STATE";
+    /// `1` once the draw is done, in a status reply.
+    pub const DRAWN: &str = "DRAWN";
+}
+
+/// Action names carried in `ACTION:`.
+pub mod action {
+    /// "I have sent all my bets", as the design document names it.
+    pub const BETTING_FINISHED: &str = "BETTING_FINISHED";
+    /// The same, as the reference agency spells it.
+    pub const FINISH_BETTING: &str = "FINISH_BETTING";
+    /// Opens a resumable session: the central answers with `STORED`.
+    pub const HELLO: &str = "HELLO";
+    /// Liveness check: the central answers `MESSAGE:pong`.
+    pub const PING: &str = "PING";
+    /// Operator view: bets held per agency, who finished, whether drawn.
+    pub const STATUS: &str = "STATUS";
+}
+
+/// Values of the `STATUS` key.
+pub mod status {
+    /// The request was carried out.
+    pub const SUCCESS: &str = "SUCCESS";
+    /// The request was refused; `CODE` and `MESSAGE` say why.
+    pub const ERROR: &str = "ERROR";
+}

@@ -1,0 +1,714 @@
+//! A batch's bets on the wire: the one bet parser (the central's hot path)
+//! and the one batch writer, both driven by the field table
+//! [`BetField::ALL`].
+
+use bytes::{BufMut, BytesMut};
+
+use super::escape::{escape_with, is_escapable, Pair, Pairs};
+use super::message::{bad_value, MessageError};
+use super::{key, HEADER_LEN, MAX_FRAME_LEN, MAX_PAYLOAD_LEN};
+use crate::model::{BetError, BetField, BetRef, Bets};
+
+/// Reads the bets of a batch whose `BATCH_SIZE` value is `size`.
+pub(super) fn parse_batch(size: &str, pairs: &Pairs<'_>) -> Result<Bets, MessageError> {
+    let size: usize = super::unescape(size, "BATCH_SIZE")?
+        .parse()
+        .map_err(|_| bad_value(key::BATCH_SIZE, "not a whole number"))?;
+    if size == 0 {
+        return Err(bad_value(key::BATCH_SIZE, "a batch holds at least one bet"));
+    }
+    // Each BET_i value is itself an escaped payload. Collect them by index so
+    // gaps and repeats are caught whatever order they come in.
+    let mut slots: Vec<Option<&Pair<'_>>> = vec![None; size.min(pairs.list.len())];
+    let mut seen = 0usize;
+    for pair in &pairs.list {
+        let k = &pair.key;
+        let Some(index) = k.strip_prefix(key::BET_PREFIX) else {
+            continue;
+        };
+        let i: usize = index
+            .parse()
+            .map_err(|_| MessageError::BatchMismatch(format!("{k} is not BET_<number>")))?;
+        if i == 0 || i > size {
+            return Err(MessageError::BatchMismatch(format!(
+                "{k} is outside BATCH_SIZE {size}"
+            )));
+        }
+        // Fewer pairs than BATCH_SIZE: a bet is missing, reported below.
+        let Some(slot) = slots.get_mut(i - 1) else {
+            continue;
+        };
+        if slot.replace(pair).is_some() {
+            return Err(MessageError::BatchMismatch(format!("{k} appears twice")));
+        }
+        seen += 1;
+    }
+    if seen != size {
+        let missing = slots.iter().position(Option::is_none).map_or(seen, |p| p) + 1;
+        return Err(MessageError::BatchMismatch(format!(
+            "BATCH_SIZE is {size} but {seen} bets are present (BET_{missing} is missing)"
+        )));
+    }
+    let text: usize = slots.iter().map(|p| p.map_or(0, |p| p.value.len())).sum();
+    let mut bets = Bets::with_capacity(size, text);
+    let mut scratch = String::new();
+    for (i, pair) in slots.into_iter().enumerate() {
+        let pair = pair.expect("invariant: every slot was filled, seen == size");
+        bet_texts(pair.value, pairs.specials_of(pair), &mut scratch)
+            .and_then(|texts| bets.push_texts(&texts))
+            .map_err(|source| MessageError::Bet {
+                index: i + 1,
+                source,
+            })?;
+    }
+    Ok(bets)
+}
+
+/// Reads one `BET_i` value, whose special bytes (`\`, `|`, `:`) are at
+/// `specials`, into its fields in [`BetField::ALL`] order.
+///
+/// The value is escaped twice: once as the bet's own payload, once more as
+/// a value of the batch. One walk over its special bytes undoes both
+/// levels. The plain runs between them are borrowed whole, so a bet with
+/// nothing to unescape in its fields (nearly every bet) is read without a
+/// copy; a field holding an escape is built in `scratch`.
+fn bet_texts<'s>(
+    value: &'s str,
+    specials: impl Iterator<Item = usize>,
+    scratch: &'s mut String,
+) -> Result<[&'s str; BetField::COUNT], BetError> {
+    // A raw newline at the end is the bet payload's own terminator.
+    let value = value.strip_suffix('\n').unwrap_or(value);
+    let bytes = value.as_bytes();
+    scratch.clear();
+    let mut reader = BetReader {
+        value,
+        scratch,
+        fields: [None; BetField::COUNT],
+        key: None,
+        piece: Text::default(),
+        escape: false,
+        pairs: 0,
+    };
+    // `run` is where the plain text after the last special byte starts.
+    let mut run = 0;
+    for at in specials {
+        if at < run {
+            continue; // the byte a `\` escaped: not special
+        }
+        if run < at {
+            reader.plain(run, at)?;
+        }
+        let c = bytes[at];
+        if c == b'\\' {
+            // The batch's level: `\x` stands for `x`.
+            let Some(&next) = bytes.get(at + 1) else {
+                return Err(malformed("dangling escape".into()));
+            };
+            if !is_escapable(next) {
+                return Err(unknown_escape(&value[at + 1..]));
+            }
+            reader.special(next)?;
+            run = at + 2;
+        } else {
+            reader.special(c)?;
+            run = at + 1;
+        }
+    }
+    if run < bytes.len() {
+        reader.plain(run, bytes.len())?;
+    }
+    let fields = reader.finish()?;
+    let scratch: &'s String = reader.scratch;
+    Ok(fields.map(|t| t.of(value, scratch)))
+}
+
+/// Where a piece of a bet's text is: a range of the value itself, or, when
+/// it held an escape, of the scratch string it was unescaped into.
+#[derive(Debug, Clone, Copy, Default)]
+struct Text {
+    copied: bool,
+    start: u32,
+    end: u32,
+}
+
+impl Text {
+    fn is_empty(self) -> bool {
+        self.start == self.end
+    }
+
+    fn of<'s>(self, value: &'s str, scratch: &'s str) -> &'s str {
+        let from = if self.copied { scratch } else { value };
+        &from[self.start as usize..self.end as usize]
+    }
+
+    /// [`Text::of`] as bytes: no check of where characters start, for the
+    /// hot comparison of keys.
+    fn bytes_of<'s>(self, value: &'s str, scratch: &'s str) -> &'s [u8] {
+        let from = if self.copied { scratch } else { value };
+        &from.as_bytes()[self.start as usize..self.end as usize]
+    }
+}
+
+/// The bet's own level of [`bet_texts`], fed the text with the batch's
+/// escaping already undone.
+struct BetReader<'s> {
+    value: &'s str,
+    scratch: &'s mut String,
+    /// Each field's value, by [`BetField::ALL`] index.
+    fields: [Option<Text>; BetField::COUNT],
+    /// The key of the pair being read, once its `:` is passed.
+    key: Option<Text>,
+    /// The key or value being read, unescaped.
+    piece: Text,
+    /// The last byte was an unescaped `\`.
+    escape: bool,
+    /// Pairs read so far: writers send the fields in table order, so pair
+    /// `n` is checked against field `n` first.
+    pairs: usize,
+}
+
+impl BetReader<'_> {
+    /// The value's bytes `start..end`, which hold no special byte (a raw
+    /// newline is not one).
+    #[inline]
+    fn plain(&mut self, mut start: usize, end: usize) -> Result<(), BetError> {
+        if self.escape {
+            self.escape = false;
+            if self.value.as_bytes()[start] != b'\n' {
+                return Err(unknown_escape(&self.value[start..end]));
+            }
+            self.push_char(b'\n');
+            start += 1;
+        }
+        if self.piece.is_empty() {
+            // Offsets fit: a value is part of one frame.
+            self.piece = Text {
+                copied: false,
+                start: start as u32,
+                end: end as u32,
+            };
+        } else {
+            let run = &self.value[start..end];
+            self.piece_in_scratch().push_str(run);
+            self.piece.end = self.scratch.len() as u32;
+        }
+        Ok(())
+    }
+
+    /// The piece being read, moved to the end of the scratch string (where
+    /// it can grow), and that string.
+    #[cold]
+    fn piece_in_scratch(&mut self) -> &mut String {
+        if !self.piece.copied {
+            let start = self.scratch.len() as u32;
+            self.scratch.push_str(self.piece.of(self.value, ""));
+            self.piece = Text {
+                copied: true,
+                start,
+                end: self.scratch.len() as u32,
+            };
+        }
+        self.scratch
+    }
+
+    fn push_char(&mut self, c: u8) {
+        self.piece_in_scratch().push(char::from(c));
+        self.piece.end += 1;
+    }
+
+    /// One of the bytes a batch value may escape.
+    #[inline]
+    fn special(&mut self, c: u8) -> Result<(), BetError> {
+        if std::mem::take(&mut self.escape) {
+            self.push_char(c);
+            return Ok(());
+        }
+        match c {
+            b'\\' => self.escape = true,
+            b'|' => self.end_pair()?,
+            b':' if self.key.is_none() => self.key = Some(std::mem::take(&mut self.piece)),
+            _ => self.push_char(c),
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn end_pair(&mut self) -> Result<(), BetError> {
+        let piece = std::mem::take(&mut self.piece);
+        let Some(key) = self.key.take() else {
+            let shown = piece.of(self.value, self.scratch);
+            return Err(malformed(format!("pair {shown:?} has no ':'")));
+        };
+        let field = match BetField::ALL.get(self.pairs) {
+            Some(&expected)
+                if same_bytes(
+                    expected.wire_key().as_bytes(),
+                    key.bytes_of(self.value, self.scratch),
+                ) =>
+            {
+                Some(expected)
+            }
+            _ => BetField::from_wire(key.of(self.value, self.scratch)),
+        };
+        self.pairs += 1;
+        // Unknown keys are ignored, and the first of repeated keys counts,
+        // as in any payload.
+        if let Some(field) = field {
+            self.fields[field as usize].get_or_insert(piece);
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<[Text; BetField::COUNT], BetError> {
+        if self.escape {
+            return Err(malformed("dangling escape".into()));
+        }
+        // A trailing separator leaves an empty pair, which is not one.
+        if self.key.is_some() || !self.piece.is_empty() {
+            self.end_pair()?;
+        }
+        let mut texts = [Text::default(); BetField::COUNT];
+        for ((text, field), name) in texts.iter_mut().zip(self.fields).zip(BetField::ALL) {
+            *text = field.ok_or(BetError::Missing(name))?;
+        }
+        Ok(texts)
+    }
+}
+
+fn malformed(what: String) -> BetError {
+    BetError::Malformed(what)
+}
+
+/// The error for a `\` followed by `rest`, which starts with a character no
+/// writer escapes.
+fn unknown_escape(rest: &str) -> BetError {
+    let shown = rest.chars().next().unwrap_or('\\');
+    malformed(format!("unknown escape \\{shown:?}"))
+}
+
+/// `a == b` for a few bytes: a plain loop beats a call to `memcmp`.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
+}
+
+/// Builds one batch frame bet by bet, straight into wire bytes: how the
+/// agency turns its data file into frames, cutting a batch when the next
+/// bet would not fit.
+///
+/// The batch header (`BATCH_SIZE:n|FIRST:k`) is only known at the end, so
+/// the bets are written after room left for it, and the header is written
+/// into that room, right before them, by [`BatchBuilder::finish`].
+#[derive(Debug)]
+pub struct BatchBuilder {
+    buf: BytesMut,
+    count: usize,
+    first: Option<u64>,
+}
+
+/// Room before the bets for the frame header and the batch header:
+/// `BATCH_SIZE:` with 4 digits and `|FIRST:` with 20 (a u64).
+const BATCH_HEADROOM: usize = HEADER_LEN + key::BATCH_SIZE.len() + 5 + key::FIRST.len() + 22;
+
+impl BatchBuilder {
+    /// An empty batch, which says it starts at bet `first` when given.
+    pub fn new(first: Option<u64>) -> Self {
+        let mut buf = BytesMut::with_capacity(MAX_FRAME_LEN + BATCH_HEADROOM);
+        buf.put_bytes(0, BATCH_HEADROOM);
+        Self {
+            buf,
+            count: 0,
+            first,
+        }
+    }
+
+    /// Bets in the batch.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The batch header of `count` bets, in a buffer of its own.
+    fn head(&self, count: usize) -> ([u8; BATCH_HEADROOM], usize) {
+        let mut head = [0; BATCH_HEADROOM];
+        let mut room = &mut head[..];
+        put_head(&mut room, count, self.first);
+        let len = BATCH_HEADROOM - room.len();
+        (head, len)
+    }
+
+    /// The payload's length with `count` bets, the bets written so far.
+    fn payload_len(&self, count: usize) -> usize {
+        self.head(count).1 + (self.buf.len() - BATCH_HEADROOM) + 1
+    }
+
+    /// Appends `bet` if the batch still fits in one frame with it; returns
+    /// whether it did (the batch is unchanged when it did not).
+    pub fn push(&mut self, bet: BetRef<'_>) -> bool {
+        let mark = self.buf.len();
+        put_bet(&mut self.buf, self.count + 1, bet);
+        if self.payload_len(self.count + 1) > MAX_PAYLOAD_LEN {
+            self.buf.truncate(mark);
+            return false;
+        }
+        self.count += 1;
+        true
+    }
+
+    /// The whole frame, length header included.
+    pub fn finish(mut self) -> bytes::Bytes {
+        let payload_len = self.payload_len(self.count);
+        let (head, head_len) = self.head(self.count);
+        self.buf.put_u8(b'\n');
+        let start = BATCH_HEADROOM - head_len - HEADER_LEN;
+        let len = u32::try_from(payload_len).expect("a payload fits in a frame");
+        self.buf[start..start + HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+        self.buf[start + HEADER_LEN..BATCH_HEADROOM].copy_from_slice(&head[..head_len]);
+        self.buf.split_off(start).freeze()
+    }
+}
+
+/// Writes a batch payload: the header, every bet, the final `\n`.
+pub(super) fn write_batch(dst: &mut BytesMut, first: Option<u64>, bets: &Bets) {
+    put_head(dst, bets.len(), first);
+    // Room for the whole payload up front: no growth while writing.
+    dst.reserve(MAX_PAYLOAD_LEN.min(64 + bets.len() * 128));
+    for (i, bet) in bets.iter().enumerate() {
+        put_bet(dst, i + 1, bet);
+    }
+    dst.put_u8(b'\n');
+}
+
+/// Writes `BATCH_SIZE:n` and, when given, `|FIRST:k`: the batch header of
+/// both writers.
+fn put_head(dst: &mut impl BufMut, count: usize, first: Option<u64>) {
+    let mut n = itoa::Buffer::new();
+    dst.put_slice(key::BATCH_SIZE.as_bytes());
+    dst.put_u8(b':');
+    dst.put_slice(n.format(count).as_bytes());
+    if let Some(first) = first {
+        dst.put_u8(b'|');
+        dst.put_slice(key::FIRST.as_bytes());
+        dst.put_u8(b':');
+        dst.put_slice(n.format(first).as_bytes());
+    }
+}
+
+/// Writes `|BET_i:` and the bet, its fields escaped twice (once as the
+/// bet's own payload, once as a value of the batch).
+fn put_bet(dst: &mut BytesMut, i: usize, bet: BetRef<'_>) {
+    let mut digits = [itoa::Buffer::new(), itoa::Buffer::new()];
+    dst.put_u8(b'|');
+    dst.put_slice(key::BET_PREFIX.as_bytes());
+    dst.put_slice(digits[0].format(i).as_bytes());
+    dst.put_u8(b':');
+    let texts = bet.texts(&mut digits);
+    for (j, (field, text)) in BetField::ALL.iter().zip(texts).enumerate() {
+        if j > 0 {
+            // The bet's own separator, escaped once for the outer level.
+            dst.put_slice(b"\\|");
+        }
+        dst.put_slice(field.wire_key().as_bytes());
+        dst.put_u8(b':');
+        // Escape twice in one pass: a special byte `c` becomes `\c` in
+        // the bet, and that becomes `\\\c` in the batch.
+        escape_with(dst, text.as_bytes(), b"\\\\\\");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Bet;
+    use crate::wire::{frame, to_payload, ErrorCode, Request, WireMessage};
+    use std::borrow::Cow;
+
+    fn bet(first: &str, last: &str) -> Bet {
+        Bet::from_fields("3", first, last, "30904465", "1999-03-17", "7574").unwrap()
+    }
+
+    /// [`bet_texts`] on a bet value alone, and what it had to copy.
+    fn texts_copied(value: &str) -> Result<(Vec<String>, String), BetError> {
+        let specials = super::super::escape::find_specials(value.as_bytes());
+        let mut scratch = String::new();
+        let texts = bet_texts(
+            value,
+            specials.into_iter().map(|p| p as usize),
+            &mut scratch,
+        )?;
+        let texts = texts.map(str::to_string).to_vec();
+        Ok((texts, scratch))
+    }
+
+    fn texts(value: &str) -> Result<Vec<String>, BetError> {
+        texts_copied(value).map(|(texts, _)| texts)
+    }
+
+    #[test]
+    fn reference_batch_bytes_parse() {
+        let payload = b"BATCH_SIZE:1|BET_1:NOMBRE:Ana\\|APELLIDO:Perez\\|DOCUMENTO:30904465\\|NACIMIENTO:1999-03-17\\|NUMERO:7574\\|AGENCY_ID:3\n";
+        let req = Request::parse(payload).unwrap();
+        assert_eq!(
+            req,
+            Request::Batch {
+                first: None,
+                bets: vec![bet("Ana", "Perez")].into()
+            }
+        );
+    }
+
+    #[test]
+    fn pipe_in_name_travels_as_triple_backslash() {
+        let b = bet("Ana|María", "Pe\\rez:ñ");
+        let payload = to_payload(&Request::Batch {
+            first: None,
+            bets: vec![b.clone()].into(),
+        });
+        let text = String::from_utf8(payload.clone()).unwrap();
+        assert!(text.contains("NOMBRE:Ana\\\\\\|María"), "{text}");
+        assert_eq!(
+            Request::parse(&payload).unwrap(),
+            Request::Batch {
+                first: None,
+                bets: vec![b].into()
+            }
+        );
+    }
+
+    #[test]
+    fn batch_builder_writes_what_the_encoder_writes_and_cuts_at_the_frame() {
+        let names = [("Ana", "Perez"), ("A|B\\C", "ñ:ü\n"), ("Jo\"sé", "O,Neil")];
+        for first in [None, Some(0), Some(9), Some(123_456_789_012)] {
+            let mut builder = BatchBuilder::new(first);
+            let mut bets = Vec::new();
+            for i in 0.. {
+                let (f, l) = names[i % names.len()];
+                let b = bet(&f.repeat(1 + i % 7), l);
+                if !builder.push(b.as_ref()) {
+                    break;
+                }
+                bets.push(b);
+            }
+            assert!(bets.len() > 10, "{}", bets.len());
+            let built = builder.finish();
+            let encoded = frame(&Request::Batch {
+                first,
+                bets: bets.into(),
+            })
+            .unwrap();
+            assert_eq!(&built[..], &encoded[..]);
+            assert!(built.len() <= MAX_FRAME_LEN);
+            // Full: the next bet would not have fit.
+            assert!(built.len() > MAX_FRAME_LEN - 300, "{}", built.len());
+        }
+        // A bet too large for any frame is refused even by an empty batch
+        // (valid bets never are: their names are at most 100 characters).
+        let (long, small) = ("x".repeat(MAX_PAYLOAD_LEN), bet("A", "B"));
+        let huge = BetRef {
+            first_name: &long,
+            ..small.as_ref()
+        };
+        let mut empty = BatchBuilder::new(Some(0));
+        assert!(!empty.push(huge));
+        assert_eq!(empty.count(), 0);
+    }
+
+    #[test]
+    fn bet_errors_name_index_and_field() {
+        let good =
+            "NOMBRE:A\\|APELLIDO:B\\|DOCUMENTO:1\\|NACIMIENTO:1999-03-17\\|NUMERO:1\\|AGENCY_ID:1";
+        let bad =
+            "NOMBRE:A\\|APELLIDO:B\\|DOCUMENTO:1\\|NACIMIENTO:2023-02-30\\|NUMERO:1\\|AGENCY_ID:1";
+        let p = format!("BATCH_SIZE:2|BET_1:{good}|BET_2:{bad}\n");
+        let err = Request::parse(p.as_bytes()).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidBet);
+        let text = err.to_string();
+        assert!(text.starts_with("BET_2: NACIMIENTO"), "{text}");
+    }
+
+    #[test]
+    fn plain_bets_are_borrowed_and_escaped_fields_unescaped() {
+        let v = "NOMBRE:Ana\\|APELLIDO:Pérez\\|DOCUMENTO:1\\|NACIMIENTO:1999-03-17\\|NUMERO:7\\|AGENCY_ID:3";
+        let (plain, copied) = texts_copied(v).unwrap();
+        assert_eq!(plain, ["Ana", "Pérez", "1", "1999-03-17", "7", "3"]);
+        assert_eq!(copied, "");
+        // An escaped `|` inside a name is undone, and only that field copied.
+        let with_pipe = v.replace("Ana", "A\\\\\\|na");
+        let (escaped, copied) = texts_copied(&with_pipe).unwrap();
+        assert_eq!(escaped[0], "A|na");
+        assert_eq!(copied, "A|na");
+        // Fields in another order, an unknown key and a repeat.
+        let shuffled = "AGENCY_ID:3\\|X:1\\|NUMERO:7\\|NACIMIENTO:1999-03-17\\|DOCUMENTO:1\\|APELLIDO:Pérez\\|NOMBRE:Ana\\|NUMERO:8";
+        assert_eq!(texts(shuffled).unwrap(), plain);
+    }
+
+    #[test]
+    fn malformed_bets_name_what_is_wrong() {
+        let cases = [
+            ("NOMBRE:A\\x", "malformed bet: unknown escape \\'x'"),
+            ("NOMBRE:A\\\\ñ", "malformed bet: unknown escape \\'ñ'"),
+            ("NOMBRE:A\\", "malformed bet: dangling escape"),
+            ("NOMBRE:A\\\\", "malformed bet: dangling escape"),
+            (
+                "NOMBRE:A\\|APELLIDO",
+                "malformed bet: pair \"APELLIDO\" has no ':'",
+            ),
+            ("NOMBRE:A", "APELLIDO is missing"),
+        ];
+        for (value, error) in cases {
+            assert_eq!(texts(value).unwrap_err().to_string(), error, "{value}");
+        }
+    }
+
+    /// A bet value: the six pairs with values of awkward pieces, mostly
+    /// separated as a writer does, sometimes not, sometimes with a stray
+    /// pair (unknown, repeated, or without `:`) at the end.
+    fn bet_value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let piece = prop::sample::select(vec![
+            "Ana",
+            "ñ",
+            "7",
+            "1999-03-17",
+            ":",
+            "Pérez",
+            "0",
+            " ",
+            "\\",
+            "\\\\\\|",
+            "\\\\\\:",
+            "\\\\\\\n",
+            "\n",
+        ]);
+        let sep = prop::sample::select(vec![
+            "\\|", "\\|", "\\|", "\\|", "\\|", "\\|", "\\|", "\\|", "|", "\\", "\\:",
+        ]);
+        let stray = prop::sample::select(vec![
+            "",
+            "",
+            "",
+            "",
+            "\\|X:1",
+            "\\|NUMERO:2",
+            "\\|NOMBRE",
+            "\\|",
+        ]);
+        (
+            prop::collection::vec((prop::collection::vec(piece, 0..3), sep), 6),
+            stray,
+        )
+            .prop_map(|(pairs, stray)| {
+                let mut v = String::new();
+                for (field, (pieces, sep)) in BetField::ALL.iter().zip(pairs) {
+                    if !v.is_empty() {
+                        v.push_str(sep);
+                    }
+                    v.push_str(field.wire_key());
+                    v.push(':');
+                    v.push_str(&pieces.concat());
+                }
+                v + stray
+            })
+    }
+
+    /// What a bet value means, read the slow way with the payload-level
+    /// functions (unescape the batch's level, split the bet's pairs,
+    /// unescape each value): `None` when any step refuses it.
+    fn meaning(value: &str) -> Option<Vec<String>> {
+        let value = value.strip_suffix('\n').unwrap_or(value);
+        let inner = crate::wire::unescape(value, "BET_1").ok()?;
+        // A separator at the very end ends the last pair; it opens none.
+        let odd_escapes = |s: &str| s.bytes().rev().take_while(|&b| b == b'\\').count() % 2 == 1;
+        let inner = match inner.strip_suffix('|') {
+            Some(rest) if !odd_escapes(rest) => rest,
+            _ => &inner,
+        };
+        let pairs = crate::wire::split_pairs(inner, "bet").ok()?;
+        BetField::ALL
+            .iter()
+            .map(|f| {
+                let (_, v) = pairs.iter().find(|(k, _)| k == f.wire_key())?;
+                crate::wire::unescape(v, "field").ok().map(Cow::into_owned)
+            })
+            .collect()
+    }
+
+    /// Arbitrary bets travel: what is written reads back the same.
+    fn any_bet() -> impl proptest::strategy::Strategy<Value = Bet> {
+        use proptest::prelude::*;
+        let name = prop::collection::vec(
+            prop::sample::select(vec![
+                "a", "Ana", "ñ", "ü", " ", "|", ":", "\\", "\n", ",", "\"", "\\|", "😀",
+            ]),
+            1..8,
+        )
+        .prop_map(|p| p.concat())
+        .prop_filter("not blank", |s| !s.trim().is_empty());
+        (1u32..=1000, name.clone(), name, "[0-9]{1,10}", 0u16..=9999).prop_map(
+            |(agency, first, last, doc, n)| {
+                Bet::from_fields(
+                    &agency.to_string(),
+                    &first,
+                    &last,
+                    &doc,
+                    "1999-03-17",
+                    &n.to_string(),
+                )
+                .expect("generated bets are valid")
+            },
+        )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(2000))]
+
+        /// The parser means by a bet value what the payload rules mean,
+        /// and refuses exactly what they refuse, with a named error.
+        #[test]
+        fn bet_values_read_as_the_payload_rules_say(value in bet_value()) {
+            match (texts(&value), meaning(&value)) {
+                (Ok(got), Some(expected)) => {
+                    proptest::prop_assert_eq!(got, expected);
+                }
+                (Err(BetError::Malformed(why)), None) => proptest::prop_assert!(
+                    ["unknown escape", "dangling escape", "pair "].iter().any(|w| why.starts_with(w)),
+                    "{why}"
+                ),
+                (Err(BetError::Missing(_)), None) => {}
+                (got, expected) => proptest::prop_assert!(false, "{got:?} but {expected:?}"),
+            }
+        }
+
+        /// Any text as a bet value: read or refused with a named error,
+        /// never a panic.
+        #[test]
+        fn any_bet_value_reads_or_is_refused(value in "[\\\\|:\nNOMBRE_ñA7 -]{0,40}") {
+            let payload = format!("BATCH_SIZE:1|BET_1:{value}\n");
+            match Request::parse(payload.as_bytes()) {
+                Ok(_) | Err(MessageError::Bet { index: 1, .. }) => {}
+                Err(e) => proptest::prop_assert!(e.code() == ErrorCode::MalformedMessage, "{e}"),
+            }
+        }
+
+        /// Encode any bets, decode them: the same bets.
+        #[test]
+        fn any_bets_round_trip(bets in proptest::collection::vec(any_bet(), 1..12), first in proptest::option::of(0u64..1_000_000)) {
+            let request = Request::Batch { first, bets: bets.into() };
+            proptest::prop_assert_eq!(Request::parse(&to_payload(&request)).unwrap(), request);
+        }
+    }
+
+    #[test]
+    fn the_meaning_property_reaches_both_outcomes() {
+        use proptest::strategy::{Strategy, ValueTree};
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let (mut read, mut refused) = (0, 0);
+        for _ in 0..2000 {
+            let v = bet_value().new_tree(&mut runner).unwrap().current();
+            match meaning(&v) {
+                Some(_) => read += 1,
+                None => refused += 1,
+            }
+        }
+        assert!(read > 30 && refused > 30, "{read} read, {refused} refused");
+    }
+}
