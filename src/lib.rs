@@ -4,19 +4,24 @@
 //! text protocol; when every agency has finished, the central draws and tells
 //! each agency its own winners.
 //!
-//! - [`codec`]: length-prefixed frames, as a `tokio_util` `Decoder`/`Encoder`.
-//! - [`protocol`]: the `KEY:VALUE|…\n` payload and the typed messages.
-//! - [`model`]: the bet, the flat `Bets` of a batch, and their validation.
-//! - [`storage`]: the append-only bets file, its writer thread and the
-//!   draw's scan.
-//! - [`lottery`]: shared state, the one-time draw, waiting for it.
-//! - [`server`]: the central (listener and per-connection handlers).
-//! - [`agency`]: an agency (streams its file, waits for its winners).
-//! - [`config`], [`logging`], [`shutdown`], [`tls`]: operating concerns.
-//! - [`gen_data`], [`demo`], [`bench`]: synthetic data, the one-machine demo,
-//!   and the load tool.
-//! - [`ops`]: the health probe, the status view and the winners table.
-//! - [`compose`]: the compose file for the central and N agencies.
+//! The library is what the `lottery` binary runs, and what tests, benches
+//! and other programs build on:
+//!
+//! - [`wire`]: the protocol: length-prefixed frames (a `tokio_util`
+//!   `Decoder`/`Encoder`), the `KEY:VALUE|…\n` messages, escaping, and the
+//!   one bet parser and batch writer.
+//! - [`model`]: the bet, the flat `Bets` of a batch, and the rules a bet
+//!   must meet (shared by agency and central).
+//! - [`store`]: the storage seam (append durably, counts, the draw's tally,
+//!   the draw record) and its bets-file backend.
+//! - [`server`]: the central: the accept loop and one handler per
+//!   connection, meeting at the lottery's shared state for the one-time draw
+//!   (internal: agencies' claims and the draw live in `lottery`).
+//! - [`agency`]: an agency: streams its data file, waits for its winners.
+//! - [`config`], [`logging`], [`shutdown`]: every setting declared once, the
+//!   contract's log lines, signals to cancellation.
+//! - [`tools`]: the programs over all this: the demo, the load tool,
+//!   synthetic data, the operator views, the compose file.
 //!
 //! A message on the wire, as an agency frames its announcement that it has
 //! finished:
@@ -35,12 +40,12 @@
 pub mod agency;
 pub mod config;
 pub mod logging;
-pub mod lottery;
+mod lottery;
 pub mod model;
-pub mod net;
+mod net;
 pub mod server;
 pub mod shutdown;
 pub mod store;
-pub mod task;
+mod task;
 pub mod tools;
 pub mod wire;

@@ -30,11 +30,6 @@ impl Claim {
         self.agency
     }
 
-    /// The lottery the claim belongs to.
-    pub fn lottery(&self) -> &Lottery {
-        &self.lottery
-    }
-
     /// Bets stored for the agency, and whether it may still send more (not
     /// once it announced it finished, nor after the draw), read together:
     /// the central asks both for every batch. Only this claim's holder

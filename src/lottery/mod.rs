@@ -193,6 +193,7 @@ impl Lottery {
     }
 
     /// Agencies that have announced they finished.
+    #[cfg(test)]
     pub fn finished(&self) -> Vec<AgencyId> {
         self.lock().finished.iter().copied().collect()
     }

@@ -30,7 +30,7 @@ const READ_BUFFER: usize = 16 * 1024;
 
 /// Most batches one connection may have at the store at once; the next
 /// frame is read only when one of them is answered.
-const MAX_IN_FLIGHT: usize = 64;
+const MAX_IN_FLIGHT: usize = crate::config::MAX_WINDOW;
 
 /// What the connection does after a message.
 enum Next {

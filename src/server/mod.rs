@@ -1,7 +1,8 @@
-//! The central: a [`listener`] accepts agencies and spawns one
-//! [`handler`] task per connection; handlers hand batches to the
-//! [`Store`](crate::store::Store) through their connection's
-//! [`intake`] session and meet at the [`Lottery`] for the draw.
+//! The central: `listener.rs` accepts agencies and spawns one task per
+//! connection (`handler.rs`); handlers hand batches to the
+//! [`Store`](crate::store::Store) through their connection's session
+//! (`intake.rs`, which owns the agency's claim and the batches in flight)
+//! and meet at the lottery's shared state for the draw.
 //!
 //! Shutdown: the caller cancels the token. The accept loop stops and the
 //! listener closes; each handler, cancelled through its child token, answers

@@ -4,8 +4,8 @@
 
 use bytes::{BufMut, BytesMut};
 
+use super::error::{bad_value, MessageError};
 use super::escape::{escape_with, is_escapable, Pair, Pairs};
-use super::message::{bad_value, MessageError};
 use super::{key, HEADER_LEN, MAX_FRAME_LEN, MAX_PAYLOAD_LEN};
 use crate::model::{BetError, BetField, BetRef, Bets};
 

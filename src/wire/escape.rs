@@ -8,7 +8,7 @@ use std::ops::Range;
 use bytes::{BufMut, BytesMut};
 use memchr::memchr3_iter;
 
-use super::message::MessageError;
+use super::error::MessageError;
 
 /// Appends `value` to `dst` with `\`, `|` and `\n` escaped.
 ///

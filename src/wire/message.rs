@@ -7,68 +7,10 @@ use std::borrow::Cow;
 use bytes::{BufMut, BytesMut};
 
 use super::batch::{parse_batch, write_batch};
+use super::error::{bad_value, MessageError};
 use super::escape::{body_of, escape_into, escaped_len, pairs_of, unescape};
 use super::{action, key, status, ErrorCode, MAX_PAYLOAD_LEN};
-use crate::model::{AgencyId, BetError, Bets};
-
-/// Why a well-framed payload does not make a valid message.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum MessageError {
-    /// The payload bytes are not UTF-8.
-    #[error("payload is not valid UTF-8")]
-    NotUtf8,
-    /// The payload is empty.
-    #[error("empty payload")]
-    Empty,
-    /// The payload does not end with an unescaped `\n`.
-    #[error("payload does not end with '\\n'")]
-    MissingNewline,
-    /// A `\` is the last character of the payload or value.
-    #[error("dangling escape at the end of {0}")]
-    DanglingEscape(&'static str),
-    /// A `\` escapes a character no writer escapes.
-    #[error("unknown escape \\{0:?} in {1}")]
-    UnknownEscape(char, &'static str),
-    /// A pair has no `:` between key and value.
-    #[error("pair {0:?} has no ':'")]
-    MissingColon(String),
-    /// A key the message needs is absent.
-    #[error("missing key {0}")]
-    MissingKey(&'static str),
-    /// A key has a value that cannot be read.
-    #[error("bad value for {key}: {reason}")]
-    BadValue {
-        /// The key.
-        key: String,
-        /// What is wrong with its value.
-        reason: String,
-    },
-    /// `BATCH_SIZE` does not match the `BET_i` keys present, or they have gaps.
-    #[error("batch is inconsistent: {0}")]
-    BatchMismatch(String),
-    /// Neither a batch nor a known action.
-    #[error("unknown message: {0}")]
-    Unknown(String),
-    /// A bet inside a batch is invalid.
-    #[error("BET_{index}: {source}")]
-    Bet {
-        /// 1-based position of the bet in the batch (`BET_i`).
-        index: usize,
-        /// What is wrong with it.
-        source: BetError,
-    },
-}
-
-impl MessageError {
-    /// The error code sent back to the agency for this error.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            MessageError::Bet { .. } => ErrorCode::InvalidBet,
-            MessageError::Unknown(_) => ErrorCode::UnknownMessage,
-            _ => ErrorCode::MalformedMessage,
-        }
-    }
-}
+use crate::model::{AgencyId, Bets};
 
 /// A message from an agency to the central.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,13 +126,6 @@ pub trait WireMessage: Sized {
 
     /// Appends the payload (including its final `\n`) to `dst`.
     fn write(&self, dst: &mut BytesMut);
-}
-
-pub(super) fn bad_value(key: &str, reason: impl Into<String>) -> MessageError {
-    MessageError::BadValue {
-        key: key.to_string(),
-        reason: reason.into(),
-    }
 }
 
 impl WireMessage for Request {

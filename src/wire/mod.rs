@@ -6,17 +6,16 @@
 
 mod batch;
 mod codec;
-mod error_code;
+mod error;
 mod escape;
 mod message;
 
 pub use batch::BatchBuilder;
 pub use codec::{frame, AgencyCodec, FrameError, LotteryCodec, RawFrame, ServerCodec};
-pub use error_code::ErrorCode;
+pub use error::{ErrorCode, MessageError};
 pub use escape::{escape_into, split_pairs, unescape};
 pub use message::{
-    status_replies, to_payload, winners_replies, AgencyState, MessageError, Reply, Request,
-    WireMessage,
+    status_replies, to_payload, winners_replies, AgencyState, Reply, Request, WireMessage,
 };
 
 /// Largest whole frame, header included, in bytes.
