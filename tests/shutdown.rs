@@ -76,7 +76,7 @@ fn server_sigterm_mid_upload_keeps_acknowledged_bets_and_exits_0() {
     assert_eq!(
         lines
             .iter()
-            .filter(|l| l.contains("action: close_connection"))
+            .filter(|l| l.contains("action: close_connection") && l.contains("reason: shutdown"))
             .count(),
         2
     );

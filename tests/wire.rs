@@ -31,8 +31,17 @@ impl TestServer {
 
     /// A server over the bets file and draw record in `dir`.
     async fn start_in(dir: std::sync::Arc<tempfile::TempDir>, agencies: u32) -> TestServer {
+        Self::start_with(dir, agencies, |_| {}).await
+    }
+
+    /// A server whose configuration `adjust` changes first.
+    async fn start_with(
+        dir: std::sync::Arc<tempfile::TempDir>,
+        agencies: u32,
+        adjust: impl FnOnce(&mut ServerConfig),
+    ) -> TestServer {
         let storage = dir.path().join("bets.csv");
-        let config = ServerConfig {
+        let mut config = ServerConfig {
             port: 0,
             listen_backlog: 16,
             agencies,
@@ -40,6 +49,7 @@ impl TestServer {
             winning_number: 7574,
             ..ServerConfig::default()
         };
+        adjust(&mut config);
         let listener = server::bind_addr("127.0.0.1:0".parse().unwrap(), 16).unwrap();
         let addr = listener.local_addr().unwrap();
         let token = CancellationToken::new();
@@ -536,4 +546,200 @@ async fn a_restarted_server_answers_winners_from_the_draw_record() {
         record
     );
     assert_eq!(server.stop().await.lines().count(), 4);
+}
+
+/// HELLO for agency 1 on `stream`; returns the reply.
+async fn hello(stream: &mut TcpStream) -> String {
+    send(stream, b"ACTION:HELLO|AGENCY_ID:1\n").await;
+    recv(stream).await
+}
+
+/// Reads until the central closes the connection; panics if it does not.
+async fn closed(stream: &mut TcpStream) {
+    tokio::time::timeout(PATIENCE, async {
+        let mut sink = vec![0u8; 1 << 16];
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the central closes the connection");
+}
+
+#[tokio::test]
+async fn a_restarted_agency_takes_over_from_its_old_connection() {
+    let server = TestServer::start(2).await;
+    // The old session: stored a batch, announced it finished, waits.
+    let mut old = server.connect().await;
+    assert!(hello(&mut old).await.ends_with("|STORED:0\n"));
+    send(&mut old, batch(0, 10..13).as_bytes()).await;
+    assert!(recv(&mut old).await.ends_with("|STORED:3\n"));
+    send(&mut old, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    // The agency restarts while the old connection still looks alive: the
+    // new session wins, learns the final count, and the old one is closed.
+    let mut new = server.connect().await;
+    let reply = hello(&mut new).await;
+    assert_eq!(
+        reply,
+        "STATUS:SUCCESS|MESSAGE:agency 1: resume from bet 3|STORED:3\n"
+    );
+    closed(&mut old).await;
+    // The new session speaks for the agency: a batch resent from the old
+    // session is recognised, nothing is stored twice.
+    send(&mut new, batch(0, 10..13).as_bytes()).await;
+    assert_eq!(
+        recv(&mut new).await,
+        "STATUS:SUCCESS|MESSAGE:already stored 3 bets|STORED:3\n"
+    );
+    let stored = server.stop().await;
+    assert_eq!(stored.lines().count(), 3, "{stored}");
+}
+
+#[tokio::test]
+async fn a_waiting_agency_that_hangs_up_frees_its_agency_at_once() {
+    let server = TestServer::start(2).await;
+    let mut waiting = server.connect().await;
+    send(&mut waiting, batch(0, 10..11).as_bytes()).await;
+    assert!(recv(&mut waiting).await.ends_with("|STORED:1\n"));
+    send(&mut waiting, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    drop(waiting);
+    // A client without HELLO (the reference agency) cannot take over; it
+    // gets in as soon as the central sees the old socket close, long
+    // before any idle timeout (120 s by default; the wait below is 30 s).
+    let reply = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let mut again = server.connect().await;
+            send(&mut again, batch(1, 11..12).as_bytes()).await;
+            let reply = recv(&mut again).await;
+            if !reply.contains("AGENCY_BUSY") {
+                return reply;
+            }
+        }
+    })
+    .await
+    .expect("the agency is freed when its waiting connection closes");
+    // Held by nobody, the agency is answered for itself: it finished.
+    assert_eq!(
+        reply,
+        "STATUS:ERROR|CODE:AGENCY_FINISHED|MESSAGE:agency 1 already finished betting\n"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_loses_its_slot() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let server = TestServer::start_with(dir, 1, |c| {
+        c.max_connections = 1;
+        c.frame_timeout = 1;
+    })
+    .await;
+    // Pipelined PINGs, their pongs never read: the central's writes stall.
+    let hog = server.connect().await;
+    let (mut hog_read, mut hog_write) = hog.into_split();
+    let pings = tokio::spawn(async move {
+        let ping = b"\0\0\0\x0cACTION:PING\n".repeat(20_000);
+        for _ in 0..50 {
+            if hog_write.write_all(&ping).await.is_err() {
+                break;
+            }
+        }
+    });
+    // Within the write deadline the central drops it (the unread pongs
+    // drain, then the connection ends)...
+    tokio::time::timeout(PATIENCE, async {
+        let mut sink = vec![0u8; 1 << 16];
+        while let Ok(n) = hog_read.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the central drops a peer that does not read");
+    pings.abort();
+    // ...and its slot is free for an honest client.
+    let mut honest = server.connect().await;
+    send(&mut honest, b"ACTION:PING\n").await;
+    assert_eq!(recv(&mut honest).await, "STATUS:SUCCESS|MESSAGE:pong\n");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn after_a_storage_failure_a_connection_stores_nothing_without_first() {
+    let server = TestServer::start(1).await;
+    let mut agency = server.connect().await;
+    // The reference agency's batches: no FIRST.
+    let plain = |docs: std::ops::Range<u32>| batch(0, docs).replacen("|FIRST:0", "", 1);
+    send(&mut agency, plain(10..11).as_bytes()).await;
+    assert!(recv(&mut agency).await.ends_with("|STORED:1\n"));
+    // Storage fails under three batches in flight...
+    let aside = server.storage.with_extension("aside");
+    std::fs::rename(&server.storage, &aside).unwrap();
+    std::fs::create_dir(&server.storage).unwrap();
+    let mut burst = Vec::new();
+    for docs in [11..12, 12..13, 13..14] {
+        let p = plain(docs);
+        burst.extend_from_slice(&(p.len() as u32).to_be_bytes());
+        burst.extend_from_slice(p.as_bytes());
+    }
+    agency.write_all(&burst).await.unwrap();
+    for _ in 0..3 {
+        let reply = recv(&mut agency).await;
+        assert!(
+            reply.starts_with("STATUS:ERROR|CODE:STORAGE_FAILED"),
+            "{reply}"
+        );
+    }
+    // ...and comes back: a later batch without FIRST on this connection
+    // would land after the gap, so it is refused too.
+    std::fs::remove_dir(&server.storage).unwrap();
+    std::fs::rename(&aside, &server.storage).unwrap();
+    send(&mut agency, plain(14..15).as_bytes()).await;
+    let reply = recv(&mut agency).await;
+    assert!(reply.starts_with("STATUS:ERROR|CODE:STORAGE_FAILED|MESSAGE:an earlier batch of this connection was not stored"), "{reply}");
+    // A batch that says where it starts is placed against what is stored.
+    send(&mut agency, batch(1, 11..12).as_bytes()).await;
+    assert!(recv(&mut agency).await.ends_with("|STORED:2\n"));
+    let stored = server.stop().await;
+    let docs: Vec<&str> = stored
+        .lines()
+        .map(|l| l.split(',').nth(3).unwrap())
+        .collect();
+    assert_eq!(docs, ["10", "11"]);
+}
+
+#[tokio::test]
+async fn a_draw_over_a_store_missing_acknowledged_bets_is_refused_and_retried() {
+    let server = TestServer::start(2).await;
+    let agency_two = |s: String| s.replace("AGENCY_ID:1", "AGENCY_ID:2");
+    let (mut one, mut two) = (server.connect().await, server.connect().await);
+    send(&mut one, batch(0, 10..12).as_bytes()).await;
+    assert!(recv(&mut one).await.ends_with("|STORED:2\n"));
+    send(&mut two, agency_two(batch(0, 20..21)).as_bytes()).await;
+    assert!(recv(&mut two).await.ends_with("|STORED:1\n"));
+    // The bets file is removed under the running central.
+    let aside = server.storage.with_extension("aside");
+    std::fs::rename(&server.storage, &aside).unwrap();
+    send(&mut one, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    send(&mut two, b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n").await;
+    // Both are told to try again later; nothing is recorded.
+    for conn in [&mut one, &mut two] {
+        let reply = recv(conn).await;
+        assert!(
+            reply.starts_with("STATUS:ERROR|CODE:STORAGE_FAILED|MESSAGE:the draw failed: the stored bets differ from what was acknowledged (agency 1: 0 in the store, 2 acknowledged, agency 2: 0 in the store, 1 acknowledged)"),
+            "{reply}"
+        );
+    }
+    assert!(!server.storage.with_extension("draw.toml").exists());
+    // The operator puts the file back; the agencies announce again.
+    std::fs::rename(&aside, &server.storage).unwrap();
+    send(&mut one, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    send(&mut two, b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n").await;
+    assert_eq!(recv(&mut one).await, "STATUS:SUCCESS|WINNERS:10\n");
+    assert_eq!(recv(&mut two).await, "STATUS:SUCCESS|WINNERS:20\n");
+    server.stop().await;
 }

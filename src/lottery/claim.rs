@@ -1,5 +1,8 @@
 //! [`Claim`]: one connection's hold on one agency, released when dropped.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use tracing::info;
 
 use super::{Lottery, LotteryError};
@@ -18,11 +21,23 @@ use crate::model::AgencyId;
 pub struct Claim {
     lottery: Lottery,
     agency: AgencyId,
+    /// Set when a newer session of the agency took over.
+    superseded: Arc<AtomicBool>,
 }
 
 impl Claim {
-    pub(super) fn new(lottery: Lottery, agency: AgencyId) -> Claim {
-        Claim { lottery, agency }
+    pub(super) fn new(lottery: Lottery, agency: AgencyId, superseded: Arc<AtomicBool>) -> Claim {
+        Claim {
+            lottery,
+            agency,
+            superseded,
+        }
+    }
+
+    /// Whether a newer session of the agency took over (and closed this
+    /// connection).
+    pub fn superseded(&self) -> bool {
+        self.superseded.load(Ordering::Acquire)
     }
 
     /// The agency claimed.
@@ -92,5 +107,6 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         self.lottery.lock().connected.remove(&self.agency);
+        self.lottery.shared.released.notify_waiters();
     }
 }

@@ -2,12 +2,13 @@
 //! once, on a task of its own, outside the state lock, so the central keeps
 //! answering PING, STATUS and HELLO while it reads the bets back.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::{error, info};
 
-use super::{Lottery, LotteryError};
+use super::{Drawn, Lottery, LotteryError};
 use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::store::Draw;
@@ -34,10 +35,16 @@ impl Lottery {
                         winners = draw.winners.values().map(Vec::len).sum::<usize>(),
                         millis = draw.elapsed.as_millis() as u64
                     );
-                    lottery.shared.drawn.send_replace(Some(draw.clone()));
+                    lottery.shared.drawn.send_replace(Drawn::Done(draw.clone()));
                 }
                 Err(e) => {
                     error!(action = action::SORTEO, result = result::FAIL, reason = %e);
+                    // Agencies waiting for it are told to try again later.
+                    let reason = match e {
+                        LotteryError::Draw(reason) => reason.clone(),
+                        other => other.to_string(),
+                    };
+                    lottery.shared.drawn.send_replace(Drawn::Failed(reason));
                     // Forget the announcement that triggered it: announcing
                     // again retries the draw.
                     let mut state = lottery.lock();
@@ -52,6 +59,34 @@ impl Lottery {
         outcome.map(|_| ())
     }
 
+    /// Refuses a tally that does not hold exactly the bets acknowledged to
+    /// each agency (a bets file deleted, replaced or cut under the running
+    /// central): drawing over it would record and announce a wrong outcome
+    /// for good.
+    fn check_acknowledged(&self, tallied: &BTreeMap<AgencyId, u64>) -> Result<(), LotteryError> {
+        let state = self.lock();
+        let mut agencies: BTreeSet<AgencyId> = tallied.keys().copied().collect();
+        agencies.extend(state.stored.keys().copied());
+        let differences: Vec<String> = agencies
+            .into_iter()
+            .filter_map(|agency| {
+                let stored = tallied.get(&agency).copied().unwrap_or(0);
+                let acknowledged = state.stored.get(&agency).copied().unwrap_or(0);
+                (stored != acknowledged).then(|| {
+                    format!("agency {agency}: {stored} in the store, {acknowledged} acknowledged")
+                })
+            })
+            .collect();
+        if differences.is_empty() {
+            return Ok(());
+        }
+        Err(LotteryError::Draw(format!(
+            "the stored bets differ from what was acknowledged ({}); nothing was recorded: \
+             put the bets back and the agencies' retries will draw again",
+            differences.join(", ")
+        )))
+    }
+
     async fn draw_and_record(&self) -> Result<Arc<Draw>, LotteryError> {
         let shared = &self.shared;
         let started = Instant::now();
@@ -60,6 +95,7 @@ impl Lottery {
             .tally(shared.winning_number)
             .await
             .map_err(|e| LotteryError::Draw(e.to_string()))?;
+        self.check_acknowledged(&tally.per_agency)?;
         let draw = Draw {
             winning_number: shared.winning_number,
             drawn_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),

@@ -11,10 +11,12 @@
 mod claim;
 mod draw;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::model::AgencyId;
@@ -78,14 +80,36 @@ impl LotteryError {
 /// The mutable part, behind the mutex.
 #[derive(Debug, Default)]
 struct State {
-    /// Agencies whose [`Claim`] is alive.
-    connected: HashSet<AgencyId>,
+    /// Agencies whose [`Claim`] is alive, with what ends the holding
+    /// connection when a newer session takes over.
+    connected: HashMap<AgencyId, Holder>,
     /// Agencies that announced they finished.
     finished: BTreeSet<AgencyId>,
     /// Bets stored per agency: where each agency's upload resumes.
     stored: HashMap<AgencyId, u64>,
     /// A draw is being run; nobody starts another meanwhile.
     drawing: bool,
+}
+
+/// Where the draw stands, as the agencies waiting for it watch it.
+#[derive(Debug, Clone)]
+enum Drawn {
+    /// Not every agency has finished, or the draw is running.
+    NotYet,
+    /// The last attempt failed (the reason); the next announcement retries.
+    Failed(String),
+    /// Done and recorded.
+    Done(Arc<Draw>),
+}
+
+/// The connection holding a claim, as a newer session sees it.
+#[derive(Debug)]
+struct Holder {
+    /// The holding connection's token: cancelling it closes that connection.
+    connection: CancellationToken,
+    /// Set before that token is cancelled, so the old connection can tell a
+    /// takeover from a shutdown.
+    superseded: Arc<AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -96,7 +120,9 @@ struct Shared {
     state: Mutex<State>,
     /// The draw once published; waiting agencies watch it, so a draw that
     /// lands between a look and a wait is never missed.
-    drawn: watch::Sender<Option<Arc<Draw>>>,
+    drawn: watch::Sender<Drawn>,
+    /// Woken whenever a claim is dropped, for a session taking over.
+    released: Notify,
     agencies: u32,
     winning_number: u16,
     store: Arc<dyn Store>,
@@ -126,7 +152,8 @@ impl Lottery {
         Lottery {
             shared: Arc::new(Shared {
                 state: Mutex::new(state),
-                drawn: watch::Sender::new(draw.map(Arc::new)),
+                drawn: watch::Sender::new(draw.map_or(Drawn::NotYet, |d| Drawn::Done(Arc::new(d)))),
+                released: Notify::new(),
                 agencies,
                 winning_number,
                 store,
@@ -146,31 +173,108 @@ impl Lottery {
     }
 
     /// Makes `agency` the caller's until the returned [`Claim`] is dropped.
+    /// `connection` is the caller's token: a newer session of the agency
+    /// cancels it to take over (see [`Lottery::take_over`]).
     ///
     /// # Errors
     /// The id is out of range, or another connection holds it.
-    pub fn claim(&self, agency: AgencyId) -> Result<Claim, LotteryError> {
+    pub fn claim(
+        &self,
+        agency: AgencyId,
+        connection: &CancellationToken,
+    ) -> Result<Claim, LotteryError> {
+        self.check_range(agency)?;
+        let superseded = Arc::new(AtomicBool::new(false));
+        let mut state = self.lock();
+        if state.connected.contains_key(&agency) {
+            return Err(LotteryError::Busy(agency));
+        }
+        let holder = Holder {
+            connection: connection.clone(),
+            superseded: superseded.clone(),
+        };
+        state.connected.insert(agency, holder);
+        Ok(Claim::new(self.clone(), agency, superseded))
+    }
+
+    /// Claims `agency` for a new session, closing the older connection that
+    /// holds it if any: the newer session wins (an agency restarted while
+    /// its old connection looks alive must not be locked out). The old
+    /// connection settles its batches in flight before it lets go, so the
+    /// count the new session is told afterwards is final and nothing is
+    /// stored twice. Waits at most `patience` for it.
+    ///
+    /// # Errors
+    /// The id is out of range, or the old connection did not let go in time.
+    pub async fn take_over(
+        &self,
+        agency: AgencyId,
+        connection: &CancellationToken,
+        patience: Duration,
+    ) -> Result<Claim, LotteryError> {
+        self.check_range(agency)?;
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            // Registered before looking, so a release between the look and
+            // the wait still wakes us.
+            let released = self.shared.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            match self.claim(agency, connection) {
+                Err(LotteryError::Busy(_)) => {
+                    if let Some(old) = self.lock().connected.get(&agency) {
+                        old.superseded
+                            .store(true, std::sync::atomic::Ordering::Release);
+                        old.connection.cancel();
+                    }
+                }
+                claimed => return claimed,
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return Err(LotteryError::Busy(agency));
+            }
+        }
+    }
+
+    fn check_range(&self, agency: AgencyId) -> Result<(), LotteryError> {
         if agency == 0 || agency > self.shared.agencies {
             return Err(LotteryError::UnknownAgency(agency, self.shared.agencies));
         }
-        if !self.lock().connected.insert(agency) {
-            return Err(LotteryError::Busy(agency));
-        }
-        Ok(Claim::new(self.clone(), agency))
+        Ok(())
     }
 
     /// The draw, if it is done.
     pub fn draw(&self) -> Option<Arc<Draw>> {
-        self.shared.drawn.borrow().clone()
+        match &*self.shared.drawn.borrow() {
+            Drawn::Done(draw) => Some(draw.clone()),
+            _ => None,
+        }
     }
 
-    /// Waits for the draw. Returns `None` if `cancel` fires first.
-    pub async fn wait_for_draw(&self, cancel: &CancellationToken) -> Option<Arc<Draw>> {
+    /// Waits for the draw: `Some(Ok)` once it is done, `Some(Err)` when an
+    /// attempt fails while waiting (the agency should try again later),
+    /// `None` if `cancel` fires first.
+    pub async fn wait_for_draw(
+        &self,
+        cancel: &CancellationToken,
+    ) -> Option<Result<Arc<Draw>, LotteryError>> {
+        // Subscribed before looking: a draw published in between is seen
+        // as a change. A failure from before this wait is not this wait's.
         let mut drawn = self.shared.drawn.subscribe();
-        tokio::select! {
-            _ = cancel.cancelled() => None,
-            // The sender lives as long as `self`, so this cannot fail.
-            draw = drawn.wait_for(Option::is_some) => draw.ok().and_then(|d| d.clone()),
+        if let Drawn::Done(draw) = &*drawn.borrow_and_update() {
+            return Some(Ok(draw.clone()));
+        }
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                // The sender lives as long as `self`: this cannot fail.
+                changed = drawn.changed() => changed.ok()?,
+            }
+            match &*drawn.borrow_and_update() {
+                Drawn::Done(draw) => return Some(Ok(draw.clone())),
+                Drawn::Failed(reason) => return Some(Err(LotteryError::Draw(reason.clone()))),
+                Drawn::NotYet => {}
+            }
         }
     }
 
@@ -255,9 +359,9 @@ mod tests {
             tokio::spawn(async move { l.wait_for_draw(&c).await })
         };
         let (one, two, three) = (
-            lottery.claim(1).unwrap(),
-            lottery.claim(2).unwrap(),
-            lottery.claim(3).unwrap(),
+            lottery.claim(1, &CancellationToken::new()).unwrap(),
+            lottery.claim(2, &CancellationToken::new()).unwrap(),
+            lottery.claim(3, &CancellationToken::new()).unwrap(),
         );
         one.finish().await.unwrap();
         two.finish().await.unwrap();
@@ -269,7 +373,7 @@ mod tests {
         two.finish().await.unwrap();
         three.finish().await.unwrap();
 
-        let draw = waiter.await.unwrap().expect("woken by the draw");
+        let draw = waiter.await.unwrap().expect("woken by the draw").unwrap();
         assert_eq!(draw.winners_of(1), ["11", "12"]);
         assert_eq!(draw.winners_of(2), ["22"]);
         assert!(draw.winners_of(3).is_empty());
@@ -277,7 +381,7 @@ mod tests {
         // Later callers get the same draw at once.
         assert!(Arc::ptr_eq(
             &draw,
-            &lottery.wait_for_draw(&cancel).await.unwrap()
+            &lottery.wait_for_draw(&cancel).await.unwrap().unwrap()
         ));
         assert_eq!(one.intake().1, Err(LotteryError::Finished(1)));
 
@@ -298,25 +402,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, stored) = file_store(dir.path()).await;
         let lottery = Lottery::new(2, 5, store, stored, None);
-        let claim = lottery.claim(1).unwrap();
-        assert_eq!(lottery.claim(1).unwrap_err(), LotteryError::Busy(1));
+        let claim = lottery.claim(1, &CancellationToken::new()).unwrap();
         assert_eq!(
-            lottery.claim(3).unwrap_err(),
+            lottery.claim(1, &CancellationToken::new()).unwrap_err(),
+            LotteryError::Busy(1)
+        );
+        assert_eq!(
+            lottery.claim(3, &CancellationToken::new()).unwrap_err(),
             LotteryError::UnknownAgency(3, 2)
         );
         assert_eq!(claim.add_stored(7), 7);
         drop(claim);
-        let again = lottery.claim(1).unwrap();
+        let again = lottery.claim(1, &CancellationToken::new()).unwrap();
         assert_eq!(again.intake(), (7, Ok(())));
         // A claim held by a task that panics is freed all the same.
         let l = lottery.clone();
         let panicked = tokio::spawn(async move {
-            let _claim = l.claim(2).unwrap();
+            let _claim = l.claim(2, &CancellationToken::new()).unwrap();
             panic!("a connection's task fails");
         })
         .await;
         assert!(panicked.is_err());
-        let _freed = lottery.claim(2).unwrap();
+        let _freed = lottery.claim(2, &CancellationToken::new()).unwrap();
     }
 
     #[tokio::test]
@@ -377,7 +484,7 @@ mod tests {
             gate: gate.clone(),
         });
         let lottery = Lottery::new(1, 5, store, stored, None);
-        let claim = lottery.claim(1).unwrap();
+        let claim = lottery.claim(1, &CancellationToken::new()).unwrap();
         let finishing = tokio::spawn(async move {
             claim.finish().await.unwrap();
             claim
@@ -394,5 +501,90 @@ mod tests {
         let claim = finishing.await.unwrap();
         assert_eq!(lottery.draw().unwrap().winners_of(1), ["11"]);
         drop(claim);
+    }
+
+    #[tokio::test]
+    async fn a_new_session_takes_over_from_the_connection_holding_the_agency() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, stored) = file_store(dir.path()).await;
+        let lottery = Lottery::new(2, 5, store, stored, None);
+        let old_connection = CancellationToken::new();
+        let old = lottery.claim(1, &old_connection).unwrap();
+        // The old connection lets go once told to, after its own work.
+        let holder = tokio::spawn({
+            let token = old_connection.clone();
+            async move {
+                token.cancelled().await;
+                assert!(old.superseded());
+                old.add_stored(3);
+                drop(old);
+            }
+        });
+        let new_connection = CancellationToken::new();
+        let new = lottery
+            .take_over(1, &new_connection, Duration::from_secs(10))
+            .await
+            .unwrap();
+        holder.await.unwrap();
+        assert!(old_connection.is_cancelled());
+        assert!(!new.superseded());
+        // What the old session stored before letting go is counted.
+        assert_eq!(new.intake(), (3, Ok(())));
+        // A plain claim (a batch without HELLO) does not take over.
+        assert_eq!(
+            lottery.claim(1, &CancellationToken::new()).unwrap_err(),
+            LotteryError::Busy(1)
+        );
+        // An old connection that never lets go: the newcomer gives up.
+        let stuck = lottery.claim(2, &CancellationToken::new()).unwrap();
+        let err = lottery
+            .take_over(2, &CancellationToken::new(), Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(err, LotteryError::Busy(2));
+        drop(stuck);
+    }
+
+    #[tokio::test]
+    async fn the_draw_refuses_a_store_that_lost_acknowledged_bets() {
+        let dir = tempfile::tempdir().unwrap();
+        let bets = dir.path().join("bets.csv");
+        write_bets(&bets, &[(1, "11", 5), (1, "12", 6), (2, "21", 5)]);
+        let (store, stored) = file_store(dir.path()).await;
+        let lottery = Lottery::new(2, 5, store.clone(), stored, None);
+        let (one, two) = (
+            lottery.claim(1, &CancellationToken::new()).unwrap(),
+            lottery.claim(2, &CancellationToken::new()).unwrap(),
+        );
+        // The bets file goes missing under the running central.
+        let aside = dir.path().join("aside.csv");
+        std::fs::rename(&bets, &aside).unwrap();
+        one.finish().await.unwrap();
+        let waiter = {
+            let l = lottery.clone();
+            tokio::spawn(async move { l.wait_for_draw(&CancellationToken::new()).await })
+        };
+        let err = two.finish().await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::StorageFailed);
+        let text = err.to_string();
+        assert!(
+            text.contains("agency 1: 0 in the store, 2 acknowledged")
+                && text.contains("agency 2: 0 in the store, 1 acknowledged"),
+            "{text}"
+        );
+        // The agency waiting is told too, and nothing is recorded.
+        let told = waiter.await.unwrap().unwrap().unwrap_err();
+        assert_eq!(told, err);
+        assert!(lottery.draw().is_none());
+        assert!(store.load_draw().await.unwrap().is_none());
+        // Once the operator puts the file back, announcing again draws.
+        std::fs::rename(&aside, &bets).unwrap();
+        two.finish().await.unwrap();
+        let draw = lottery.draw().unwrap();
+        assert_eq!(
+            (draw.winners_of(1), draw.winners_of(2)),
+            (&["11".to_string()][..], &["21".to_string()][..])
+        );
+        assert_eq!(draw.bets, 3);
     }
 }

@@ -19,7 +19,8 @@ use crate::model::{AgencyId, Bets};
 use crate::net::BoxedIo;
 use crate::store::Store;
 use crate::wire::{
-    status_replies, winners_replies, ErrorCode, FrameError, Reply, Request, ServerCodec,
+    status_replies, winners_replies, ErrorCode, FrameError, MessageError, Reply, Request,
+    ServerCodec,
 };
 
 /// Read buffer of a connection: room for two full frames, so that an
@@ -57,7 +58,16 @@ pub(super) struct Handler {
     shutdown: CancellationToken,
     /// Timeouts and secrets.
     settings: Arc<Settings>,
+    /// A frame read while the connection waited for the draw, handled
+    /// once the winners are sent (replies keep request order).
+    stashed: Option<Frame>,
+    /// When the connection was accepted, for its closing line.
+    opened: Instant,
 }
+
+/// What the codec yields for one read: a request, a message error, or the
+/// end of the stream.
+type Frame = Option<Result<Result<Request, MessageError>, FrameError>>;
 
 impl Handler {
     pub fn new(
@@ -77,29 +87,42 @@ impl Handler {
             store,
             shutdown,
             settings,
+            stashed: None,
+            opened: Instant::now(),
         }
     }
 
     pub async fn run(mut self) {
         let outcome = self.serve().await;
-        let agency = self.session.as_ref().map_or(0, Session::agency);
+        let (agency, superseded) = self
+            .session
+            .as_ref()
+            .map_or((0, false), |s| (s.agency(), s.claim().superseded()));
         // Batches already at the store are stored whatever happened to the
         // connection: count them before the agency can connect again, or
         // its next session would resume too early and store them twice.
-        if let Some(session) = self.session.take() {
-            session.settle().await;
-        }
-        if let Err(e) = outcome {
-            warn!(action = action::CONNECTION, result = result::FAIL, peer = %self.peer, error = %e);
-        }
-        if self.shutdown.is_cancelled() {
-            info!(
-                action = action::CLOSE_CONNECTION,
-                result = result::SUCCESS,
-                peer = %self.peer,
-                agency
-            );
-        }
+        let stored = match self.session.take() {
+            Some(session) => session.settle().await,
+            None => 0,
+        };
+        let reason = match &outcome {
+            Err(e) => {
+                warn!(action = action::CONNECTION, result = result::FAIL, peer = %self.peer, agency, error = %e);
+                "error"
+            }
+            Ok(()) if superseded => "superseded by a newer session of the agency",
+            Ok(()) if self.shutdown.is_cancelled() => "shutdown",
+            Ok(()) => "closed",
+        };
+        info!(
+            action = action::CLOSE_CONNECTION,
+            result = result::SUCCESS,
+            peer = %self.peer,
+            agency,
+            bets_stored = stored,
+            millis = self.opened.elapsed().as_millis() as u64,
+            reason
+        );
         // Dropping `self` closes the socket.
     }
 
@@ -127,13 +150,16 @@ impl Handler {
             // between requests. `Framed::next` is cancel-safe: a half-read
             // frame stays buffered, and is dropped unacknowledged if we hang
             // up; so is settling a batch, which stays queued until taken.
-            let settled = async {
-                match self.session.as_mut() {
-                    Some(session) => session.next_settled().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let frame = tokio::select! {
+            let frame = if let Some(frame) = self.stashed.take() {
+                Some(Ok(frame))
+            } else {
+                let settled = async {
+                    match self.session.as_mut() {
+                        Some(session) => session.next_settled().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => None,
                 settled = settled => Some(Err(settled)),
@@ -143,6 +169,7 @@ impl Handler {
                         continue;
                     }
                     return self.time_out(partial.is_some()).await;
+                }
                 }
             };
             let frame = match frame {
@@ -193,15 +220,15 @@ impl Handler {
                         message: "pong".into(),
                         stored: None,
                     };
-                    self.framed.send(&pong).await?;
+                    self.send(&pong).await?;
                     Next::Continue
                 }
                 Some(Ok(Ok(Request::Status))) => {
                     let (agencies, drawn, states) = self.lottery.status();
                     for reply in status_replies(agencies, drawn, &states) {
-                        self.framed.feed(&reply).await?;
+                        self.feed(&reply).await?;
                     }
-                    self.framed.flush().await?;
+                    self.flush().await?;
                     Next::Continue
                 }
                 Some(Ok(Ok(_))) if !self.authenticated => self.unauthenticated().await?,
@@ -266,20 +293,42 @@ impl Handler {
     /// The connection's session for `agency`: claimed on its first message
     /// that names an agency; later messages must name the same one.
     fn session_for(&mut self, agency: AgencyId) -> Result<&mut Session, LotteryError> {
-        match &self.session {
-            Some(s) if s.agency() != agency => {
-                return Err(LotteryError::OtherAgency {
-                    bound: s.agency(),
-                    claimed: agency,
-                })
-            }
-            Some(_) => {}
-            None => {
-                let claim = self.lottery.claim(agency)?;
-                self.session = Some(Session::new(claim, self.store.clone()));
-            }
+        self.check_agency(agency)?;
+        if self.session.is_none() {
+            let claim = self.lottery.claim(agency, &self.shutdown)?;
+            self.session = Some(Session::new(claim, self.store.clone()));
         }
         Ok(self.session.as_mut().expect("set above"))
+    }
+
+    /// Refuses a message for another agency than the connection's.
+    fn check_agency(&self, agency: AgencyId) -> Result<(), LotteryError> {
+        match &self.session {
+            Some(s) if s.agency() != agency => Err(LotteryError::OtherAgency {
+                bound: s.agency(),
+                claimed: agency,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// A `HELLO` opens a new session of its agency: an older connection
+    /// still holding the agency is closed (its batches in flight settled
+    /// first), so a restarted agency is never locked out by its old
+    /// connection.
+    async fn open_session(&mut self, agency: AgencyId) -> Result<(), LotteryError> {
+        self.check_agency(agency)?;
+        if self.session.is_none() {
+            // The old connection needs at most a write deadline to answer
+            // what it has and let go, plus its batches' time at the store.
+            let patience = self.settings.frame_timeout * 2;
+            let claim = self
+                .lottery
+                .take_over(agency, &self.shutdown, patience)
+                .await?;
+            self.session = Some(Session::new(claim, self.store.clone()));
+        }
+        Ok(())
     }
 
     async fn handle_hello(
@@ -302,11 +351,14 @@ impl Handler {
             }
             None => None,
         };
-        let refusal = refusal.or_else(|| {
-            self.session_for(agency)
+        let refusal = match refusal {
+            Some(refusal) => Some(refusal),
+            None => self
+                .open_session(agency)
+                .await
                 .err()
-                .map(|e| (e.code(), e.to_string(), Next::Continue))
-        });
+                .map(|e| (e.code(), e.to_string(), Next::Continue)),
+        };
         if let Some((code, reason, next)) = refusal {
             warn!(
                 action = action::CONNECTION,
@@ -325,7 +377,7 @@ impl Handler {
             message: format!("agency {agency}: resume from bet {stored}"),
             stored: Some(stored),
         };
-        self.framed.send(&reply).await?;
+        self.send(&reply).await?;
         Ok(Next::Continue)
     }
 
@@ -389,7 +441,7 @@ impl Handler {
                     message: format!("already stored {count} bets"),
                     stored: Some(stored),
                 };
-                self.framed.send(&reply).await?;
+                self.send(&reply).await?;
                 return Ok(Next::Continue);
             }
             Placement::Refuse(e) => return self.reject(count, e.code(), e.to_string()).await,
@@ -412,7 +464,7 @@ impl Handler {
             self.answer(settled).await?;
             next = self.session.as_mut().and_then(Session::try_settled);
         }
-        self.framed.flush().await
+        self.flush().await
     }
 
     /// Logs a settled batch and queues its reply.
@@ -433,7 +485,7 @@ impl Handler {
                     code: ErrorCode::StorageFailed,
                     message: e.to_string(),
                 };
-                return self.framed.feed(&reply).await;
+                return self.feed(&reply).await;
             }
         };
         info!(
@@ -453,7 +505,7 @@ impl Handler {
             message: format!("stored {count} bets"),
             stored: Some(total),
         };
-        self.framed.feed(&reply).await
+        self.feed(&reply).await
     }
 
     /// Waits for every batch in flight and answers each.
@@ -466,7 +518,7 @@ impl Handler {
             let settled = session.next_settled().await;
             self.answer(settled).await?;
         }
-        self.framed.flush().await
+        self.flush().await
     }
 
     async fn reject(
@@ -503,15 +555,34 @@ impl Handler {
             return self.refuse_finish(agency, e.code(), e.to_string()).await;
         }
         self.session.as_mut().expect("claimed above").announced = true;
-        // Hold the agency here until the draw, or until shutdown.
-        let Some(draw) = self.lottery.wait_for_draw(&self.shutdown).await else {
-            return Ok(Next::Close);
+        // Hold the agency here until the draw, or until shutdown or a newer
+        // session. Keep reading meanwhile: a peer that closes (an agency
+        // restarted) frees its agency at once; anything it sends is kept
+        // and handled after the winners, in order.
+        let drawn = loop {
+            tokio::select! {
+                drawn = self.lottery.wait_for_draw(&self.shutdown) => break drawn,
+                frame = self.framed.next(), if self.stashed.is_none() => match frame {
+                    None => return Ok(Next::Close),
+                    Some(Err(e)) => return Err(e),
+                    frame => self.stashed = Some(frame),
+                },
+            }
+        };
+        let draw = match drawn {
+            None => return Ok(Next::Close),
+            Some(Ok(draw)) => draw,
+            Some(Err(e)) => {
+                // The draw failed: the agency may announce again to retry.
+                self.session.as_mut().expect("claimed above").announced = false;
+                return self.refuse_finish(agency, e.code(), e.to_string()).await;
+            }
         };
         let winners = draw.winners_of(agency);
         for reply in winners_replies(winners) {
-            self.framed.feed(&reply).await?;
+            self.feed(&reply).await?;
         }
-        self.framed.flush().await?;
+        self.flush().await?;
         info!(
             action = action::CONSULTA_GANADORES,
             result = result::SUCCESS,
@@ -539,9 +610,42 @@ impl Handler {
         Ok(Next::Continue)
     }
 
-    async fn reply_error(&mut self, code: ErrorCode, message: String) -> Result<(), FrameError> {
-        self.framed.send(&Reply::Error { code, message }).await
+    // Every write to the peer goes through these three, each with a deadline
+    // (the frame timeout): a peer that stops reading is dropped instead of
+    // holding its connection slot and its agency's claim for ever.
+
+    async fn send(&mut self, reply: &Reply) -> Result<(), FrameError> {
+        let limit = self.settings.frame_timeout;
+        tokio::time::timeout(limit, self.framed.send(reply))
+            .await
+            .unwrap_or_else(|_| Err(stalled(limit)))
     }
+
+    async fn feed(&mut self, reply: &Reply) -> Result<(), FrameError> {
+        let limit = self.settings.frame_timeout;
+        tokio::time::timeout(limit, self.framed.feed(reply))
+            .await
+            .unwrap_or_else(|_| Err(stalled(limit)))
+    }
+
+    async fn flush(&mut self) -> Result<(), FrameError> {
+        let limit = self.settings.frame_timeout;
+        tokio::time::timeout(limit, SinkExt::<&Reply>::flush(&mut self.framed))
+            .await
+            .unwrap_or_else(|_| Err(stalled(limit)))
+    }
+
+    async fn reply_error(&mut self, code: ErrorCode, message: String) -> Result<(), FrameError> {
+        self.send(&Reply::Error { code, message }).await
+    }
+}
+
+/// The error of a write the peer did not take in time.
+fn stalled(limit: std::time::Duration) -> FrameError {
+    FrameError::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("the peer did not read its replies for {}s", limit.as_secs()),
+    ))
 }
 
 /// Compares secrets in time that depends only on their lengths, so timing

@@ -62,6 +62,8 @@ pub(super) struct Session {
     store: Arc<dyn Store>,
     /// This connection already announced that its agency finished.
     pub announced: bool,
+    /// Bets this connection stored, for its closing line.
+    stored_here: u64,
 }
 
 impl Session {
@@ -72,6 +74,7 @@ impl Session {
             sequence: Sequence::new(),
             store,
             announced: false,
+            stored_here: 0,
         }
     }
 
@@ -179,19 +182,25 @@ impl Session {
             .in_flight
             .pop_front()
             .expect("invariant: an outcome is for the oldest batch in flight");
+        let outcome = outcome.map(|()| {
+            self.stored_here += batch.new;
+            self.claim().add_stored(batch.new)
+        });
         Settled {
             count: batch.count,
-            outcome: outcome.map(|()| self.claim().add_stored(batch.new)),
+            outcome,
             logged: batch.logged,
         }
     }
 
     /// Settles every batch in flight without answering (the connection is
-    /// gone or going), then frees the agency.
-    pub async fn settle(mut self) {
+    /// gone or going), then frees the agency. Returns the bets this
+    /// connection stored.
+    pub async fn settle(mut self) -> u64 {
         while !self.in_flight.is_empty() {
             self.next_settled().await;
         }
+        self.stored_here
     }
 }
 
