@@ -436,11 +436,17 @@ mod tests {
         assert!(lottery.wait_for_draw(&cancel).await.is_none());
     }
 
-    /// A store whose tally waits until the test lets it go.
+    /// A store whose tally (or, with `gate_record`, whose draw record)
+    /// waits until the test lets it go, and whose record can be made to
+    /// fail.
     #[derive(Debug)]
     struct Gated {
         inner: Arc<dyn Store>,
         gate: Arc<tokio::sync::Semaphore>,
+        gate_record: bool,
+        fail_record: bool,
+        /// Told when the gated step is reached.
+        reached: Arc<tokio::sync::Notify>,
     }
 
     impl Store for Gated {
@@ -457,7 +463,10 @@ mod tests {
         }
         fn tally(&self, winning_number: u16) -> BoxFuture<'_, Result<Tally, StorageError>> {
             async move {
-                let _pass = self.gate.acquire().await.unwrap();
+                if !self.gate_record {
+                    self.reached.notify_one();
+                    let _pass = self.gate.acquire().await.unwrap();
+                }
                 self.inner.tally(winning_number).await
             }
             .boxed()
@@ -466,7 +475,17 @@ mod tests {
             self.inner.load_draw()
         }
         fn save_draw<'a>(&'a self, draw: &'a Draw) -> BoxFuture<'a, Result<(), StorageError>> {
-            self.inner.save_draw(draw)
+            async move {
+                if self.gate_record {
+                    self.reached.notify_one();
+                    let _pass = self.gate.acquire().await.unwrap();
+                }
+                if self.fail_record {
+                    return Err(StorageError::Closed);
+                }
+                self.inner.save_draw(draw).await
+            }
+            .boxed()
         }
         fn close(&self) -> BoxFuture<'_, ()> {
             self.inner.close()
@@ -482,6 +501,9 @@ mod tests {
         let store = Arc::new(Gated {
             inner,
             gate: gate.clone(),
+            gate_record: false,
+            fail_record: false,
+            reached: Arc::default(),
         });
         let lottery = Lottery::new(1, 5, store, stored, None);
         let claim = lottery.claim(1, &CancellationToken::new()).unwrap();
@@ -586,5 +608,48 @@ mod tests {
             (&["11".to_string()][..], &["21".to_string()][..])
         );
         assert_eq!(draw.bets, 3);
+    }
+
+    #[tokio::test]
+    async fn no_winner_leaves_before_the_draw_record_is_stored() {
+        for fail_record in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            write_bets(&dir.path().join("bets.csv"), &[(1, "11", 5)]);
+            let (inner, stored) = file_store(dir.path()).await;
+            let gate = Arc::new(tokio::sync::Semaphore::new(0));
+            let reached = Arc::new(tokio::sync::Notify::new());
+            let store = Arc::new(Gated {
+                inner: inner.clone(),
+                gate: gate.clone(),
+                gate_record: true,
+                fail_record,
+                reached: reached.clone(),
+            });
+            let lottery = Lottery::new(1, 5, store, stored, None);
+            let waiter = {
+                let l = lottery.clone();
+                tokio::spawn(async move { l.wait_for_draw(&CancellationToken::new()).await })
+            };
+            let claim = lottery.claim(1, &CancellationToken::new()).unwrap();
+            let finishing = tokio::spawn(async move { claim.finish().await });
+            // The record is being written: nobody may learn the outcome yet.
+            reached.notified().await;
+            assert!(
+                lottery.draw().is_none(),
+                "the draw was published before its record was stored"
+            );
+            gate.add_permits(1);
+            let told = waiter.await.unwrap().unwrap();
+            if fail_record {
+                // A record that could not be stored publishes nothing.
+                assert!(told.is_err() && finishing.await.unwrap().is_err());
+                assert!(lottery.draw().is_none());
+                assert!(inner.load_draw().await.unwrap().is_none());
+            } else {
+                assert_eq!(told.unwrap().winners_of(1), ["11"]);
+                finishing.await.unwrap().unwrap();
+                assert!(inner.load_draw().await.unwrap().is_some());
+            }
+        }
     }
 }
