@@ -533,17 +533,33 @@ fn a_second_connection_for_a_connected_agency() {
     let sc = Scenario::start();
     let mut first = sc.connect();
     first.expect_open("20000001");
+    // Without HELLO, a second connection cannot speak for the agency.
     let mut second = sc.connect();
-    let reply = second.expect_error(b"ACTION:HELLO|AGENCY_ID:2\n", "AGENCY_BUSY");
-    assert!(reply.contains("agency 2 is already connected"), "{reply}");
-    sc.fail_line(&second, Some("AGENCY_BUSY"));
-    second.expect_error(
+    let reply = second.expect_error(
         format!("BATCH_SIZE:1|BET_1:{}\n", good2("20000002")).as_bytes(),
         "AGENCY_BUSY",
     );
-    // The first keeps working.
+    assert!(reply.contains("agency 2 is already connected"), "{reply}");
+    sc.fail_line(&second, Some("AGENCY_BUSY"));
+    second.send(b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n");
+    let reply = second.recv().expect("a reply");
+    assert!(
+        reply.starts_with("STATUS:ERROR|CODE:AGENCY_BUSY|"),
+        "{reply}"
+    );
+    // The first keeps working meanwhile.
     first.expect_open("20000003");
-    sc.finish(&mut first, &["20000001", "20000003"]);
+    // A HELLO is a new session of the agency: it takes over, learns the
+    // final count, and the older connection is closed.
+    let mut third = sc.connect();
+    third.send(b"ACTION:HELLO|AGENCY_ID:2\n");
+    assert_eq!(
+        third.recv().expect("a reply"),
+        "STATUS:SUCCESS|MESSAGE:agency 2: resume from bet 2|STORED:2\n"
+    );
+    first.expect_closed();
+    third.expect_open("20000004");
+    sc.finish(&mut third, &["20000001", "20000003", "20000004"]);
 }
 
 #[test]

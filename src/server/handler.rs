@@ -199,15 +199,8 @@ impl Handler {
                     return Err(e);
                 }
                 Some(Ok(Err(e))) => {
-                    warn!(
-                        action = action::APUESTA_RECIBIDA,
-                        result = result::FAIL,
-                        cantidad = 0,
-                        peer = %self.peer,
-                        code = %e.code(),
-                        reason = %e
-                    );
-                    self.reply_error(e.code(), e.to_string()).await?;
+                    let refused = Refused::batch(0, e.code(), e.to_string());
+                    self.refuse(refused).await?;
                     Next::Continue
                 }
                 Some(Ok(Ok(Request::Hello { agency, secret }))) => {
@@ -279,14 +272,8 @@ impl Handler {
     /// hangs up.
     async fn unauthenticated(&mut self) -> Result<Next, FrameError> {
         let reason = "this central requires HELLO with the agency's SECRET first".to_string();
-        warn!(
-            action = action::CONNECTION,
-            result = result::FAIL,
-            peer = %self.peer,
-            code = %ErrorCode::Unauthenticated,
-            reason = reason.as_str()
-        );
-        self.reply_error(ErrorCode::Unauthenticated, reason).await?;
+        let refused = Refused::connection(None, ErrorCode::Unauthenticated, reason);
+        self.refuse(refused).await?;
         Ok(Next::Close)
     }
 
@@ -360,15 +347,8 @@ impl Handler {
                 .map(|e| (e.code(), e.to_string(), Next::Continue)),
         };
         if let Some((code, reason, next)) = refusal {
-            warn!(
-                action = action::CONNECTION,
-                result = result::FAIL,
-                agency,
-                peer = %self.peer,
-                code = %code,
-                reason = reason.as_str()
-            );
-            self.reply_error(code, reason).await?;
+            self.refuse(Refused::connection(Some(agency), code, reason))
+                .await?;
             return Ok(next);
         }
         self.authenticated = true;
@@ -473,17 +453,11 @@ impl Handler {
         let total = match settled.outcome {
             Ok(total) => total,
             Err(e) => {
-                warn!(
-                    action = action::APUESTA_RECIBIDA,
-                    result = result::FAIL,
-                    cantidad = count,
-                    peer = %self.peer,
-                    code = %ErrorCode::StorageFailed,
-                    reason = %e
-                );
+                let refused = Refused::batch(count, ErrorCode::StorageFailed, e.to_string());
+                self.log_refused(&refused);
                 let reply = Reply::Error {
-                    code: ErrorCode::StorageFailed,
-                    message: e.to_string(),
+                    code: refused.code,
+                    message: refused.reason,
                 };
                 return self.feed(&reply).await;
             }
@@ -527,15 +501,7 @@ impl Handler {
         code: ErrorCode,
         reason: String,
     ) -> Result<Next, FrameError> {
-        warn!(
-            action = action::APUESTA_RECIBIDA,
-            result = result::FAIL,
-            cantidad = count,
-            peer = %self.peer,
-            code = %code,
-            reason = reason.as_str()
-        );
-        self.reply_error(code, reason).await?;
+        self.refuse(Refused::batch(count, code, reason)).await?;
         Ok(Next::Continue)
     }
 
@@ -598,16 +564,34 @@ impl Handler {
         code: ErrorCode,
         reason: String,
     ) -> Result<Next, FrameError> {
-        warn!(
-            action = action::AGENCIA_FINALIZADA,
-            result = result::FAIL,
-            agency,
-            peer = %self.peer,
-            code = %code,
-            reason = reason.as_str()
-        );
-        self.reply_error(code, reason).await?;
+        let refused = Refused {
+            action: action::AGENCIA_FINALIZADA,
+            cantidad: None,
+            agency: Some(agency),
+            code,
+            reason,
+        };
+        self.refuse(refused).await?;
         Ok(Next::Continue)
+    }
+
+    /// Logs a refusal once, as a `result: fail` line naming the peer.
+    fn log_refused(&self, r: &Refused) {
+        warn!(
+            action = r.action,
+            result = result::FAIL,
+            cantidad = r.cantidad,
+            agency = r.agency,
+            peer = %self.peer,
+            code = %r.code,
+            reason = r.reason.as_str()
+        );
+    }
+
+    /// Logs a refusal and answers it.
+    async fn refuse(&mut self, refused: Refused) -> Result<(), FrameError> {
+        self.log_refused(&refused);
+        self.reply_error(refused.code, refused.reason).await
     }
 
     // Every write to the peer goes through these three, each with a deadline
@@ -637,6 +621,40 @@ impl Handler {
 
     async fn reply_error(&mut self, code: ErrorCode, message: String) -> Result<(), FrameError> {
         self.send(&Reply::Error { code, message }).await
+    }
+}
+
+/// A refused request: what it was, the code it is answered with, and why.
+struct Refused {
+    /// The log action: the request's (`apuesta_recibida` for a batch) or
+    /// `connection` for the connection itself.
+    action: &'static str,
+    /// Bets in a refused batch (the contract's `cantidad`).
+    cantidad: Option<usize>,
+    agency: Option<AgencyId>,
+    code: ErrorCode,
+    reason: String,
+}
+
+impl Refused {
+    fn batch(count: usize, code: ErrorCode, reason: String) -> Refused {
+        Refused {
+            action: action::APUESTA_RECIBIDA,
+            cantidad: Some(count),
+            agency: None,
+            code,
+            reason,
+        }
+    }
+
+    fn connection(agency: Option<AgencyId>, code: ErrorCode, reason: String) -> Refused {
+        Refused {
+            action: action::CONNECTION,
+            cantidad: None,
+            agency,
+            code,
+            reason,
+        }
     }
 }
 
