@@ -96,8 +96,9 @@ fn server_sigkilled_twenty_times_loses_and_duplicates_nothing() {
     let mut rng = ChaCha8Rng::seed_from_u64(20261126);
 
     let mut server = Server::start(&storage, AGENCIES, WINNING);
-    let port = server.port;
-    let agencies = start_agencies(AGENCIES, &server.address(), data.path(), work.path());
+    // The agencies keep one address while the server restarts on new ports.
+    let relay = Relay::start(&server.address());
+    let agencies = start_agencies(AGENCIES, &relay.address, data.path(), work.path());
 
     let mut truncations = 0;
     for _cycle in 0..20 {
@@ -108,9 +109,11 @@ fn server_sigkilled_twenty_times_loses_and_duplicates_nothing() {
                 .wait_for("action: apuesta_recibida | result: success");
         }
         server.proc.signal(Signal::SIGKILL);
-        assert!(!server.proc.wait_exit(PATIENCE).success());
-        server = Server::start_on(&storage, AGENCIES, WINNING, port);
-        // Start-up logs the recovery before it listens, and `start_on` has
+        assert!(!server.proc.wait_exit(STEP).success());
+        relay.point_at(None);
+        server = Server::start(&storage, AGENCIES, WINNING);
+        relay.point_at(Some(&server.address()));
+        // Start-up logs the recovery before it listens, and `start` has
         // waited for the listening line.
         let log = server.proc.output();
         let recover = log
