@@ -125,15 +125,28 @@ impl Proc {
 
     /// Waits up to `limit` for a stdout line containing `needle`.
     pub fn wait_for_within(&self, needle: &str, limit: Duration) -> String {
+        self.wait_until(&format!("containing {needle:?}"), limit, |line| {
+            line.contains(needle)
+        })
+    }
+
+    /// Waits up to `limit` in all for a stdout line that `matches`; the
+    /// panic names the line as `what` ("containing …").
+    pub fn wait_until(
+        &self,
+        what: &str,
+        limit: Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> String {
         let started = Instant::now();
         let deadline = started + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
+                Ok(line) if matches(&line) => return line,
                 Ok(_) => {}
                 Err(e) => panic!(
-                    "{}: no line containing {needle:?} after {:.1?} ({}); output so far:\n{}\nstderr:\n{}",
+                    "{}: no line {what} after {:.1?} ({}); output so far:\n{}\nstderr:\n{}",
                     self.what,
                     started.elapsed(),
                     match e {
