@@ -10,7 +10,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use lottery::tools::gen_data::{generate, GenOptions};
@@ -41,8 +41,12 @@ fn data(agencies: u32, bets_per_agency: u64, seed: u64) -> tempfile::TempDir {
 /// Waits for every agency to finish, then checks the bets file against the
 /// input exactly and each agency's winners against the input's.
 fn check_outcome(data: &Path, work: &Path, storage: &Path, agencies: &[Proc]) {
+    let expected = expected(data, agencies.len() as u32, WINNING);
+    // One limit for all the uploads, from the moment they are awaited.
+    let bets = expected.rows.values().map(|r| r.len() as u64).sum();
+    let deadline = Instant::now() + upload_limit(bets);
     for (i, agency) in agencies.iter().enumerate() {
-        let status = agency.wait_exit(PATIENCE);
+        let status = agency.wait_exit(deadline.saturating_duration_since(Instant::now()));
         assert!(
             status.success(),
             "agency {} failed: {status}\n{}\n{}",
@@ -57,7 +61,6 @@ fn check_outcome(data: &Path, work: &Path, storage: &Path, agencies: &[Proc]) {
             agency.output()
         );
     }
-    let expected = expected(data, agencies.len() as u32, WINNING);
     let stored = stored(storage);
     for (agency, rows) in &expected.rows {
         let got = stored.get(agency).map_or(0, Vec::len);
