@@ -227,6 +227,12 @@ fn bench_runs_the_load_and_reports_it() {
         .find_map(|l| l.strip_prefix("draw: "))
         .unwrap_or_else(|| panic!("no draw line: {t}"));
     assert!(draw.ends_with(" ms"), "{t}");
+    // A healthy run needs one session per agency: a reconnect means a
+    // session ended early, which the report must not hide.
+    assert!(
+        t.contains("reconnects: 0, refused connections (retried): "),
+        "an agency reconnected in a healthy run:\n{t}"
+    );
     // The load was real: the server stored every generated bet.
     let expected = expected(&work.path().join("data"), 2, 7574);
     assert_eq!(stored(&work.path().join("bets.csv")), expected.rows);
@@ -237,15 +243,12 @@ fn an_agency_gives_up_after_its_reconnect_timeout() {
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("agency-1.csv");
     std::fs::write(&data, "Ana,Pérez,30904465,1999-03-17,7574\n").unwrap();
-    // A port with nothing behind it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A port with nothing listening, held so that no server can be given
+    // it meanwhile (this agency 1 would then speak to that server).
+    let port = HeldPort::new();
     let out = run(lottery()
         .arg("agency")
-        .env("CLI_SERVER_ADDRESS", format!("127.0.0.1:{port}"))
+        .env("CLI_SERVER_ADDRESS", port.address())
         .env("CLI_DATA_FILE", &data)
         .env("CLI_RECONNECT_TIMEOUT", "1"));
     let t = text(&out);

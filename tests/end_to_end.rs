@@ -32,10 +32,14 @@ fn run_lottery(data: &Path, agencies: u32, winning_number: u16) -> Vec<usize> {
         })
         .collect();
     let expected = expected(data, agencies, winning_number);
+    // Every agency is done once the last upload is: one limit for all.
+    let limit = upload_limit(expected.rows.values().map(|r| r.len() as u64).sum());
+    let deadline = std::time::Instant::now() + limit;
 
     let mut counts = Vec::new();
     for (id, out, agency) in &running {
-        let status = agency.wait_exit(PATIENCE);
+        let status =
+            agency.wait_exit(deadline.saturating_duration_since(std::time::Instant::now()));
         assert!(
             status.success(),
             "agency {id} failed: {status}\n{}\n{}",

@@ -10,7 +10,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use lottery::tools::gen_data::{generate, GenOptions};
@@ -41,8 +41,12 @@ fn data(agencies: u32, bets_per_agency: u64, seed: u64) -> tempfile::TempDir {
 /// Waits for every agency to finish, then checks the bets file against the
 /// input exactly and each agency's winners against the input's.
 fn check_outcome(data: &Path, work: &Path, storage: &Path, agencies: &[Proc]) {
+    let expected = expected(data, agencies.len() as u32, WINNING);
+    // One limit for all the uploads, from the moment they are awaited.
+    let bets = expected.rows.values().map(|r| r.len() as u64).sum();
+    let deadline = Instant::now() + upload_limit(bets);
     for (i, agency) in agencies.iter().enumerate() {
-        let status = agency.wait_exit(PATIENCE);
+        let status = agency.wait_exit(deadline.saturating_duration_since(Instant::now()));
         assert!(
             status.success(),
             "agency {} failed: {status}\n{}\n{}",
@@ -57,7 +61,6 @@ fn check_outcome(data: &Path, work: &Path, storage: &Path, agencies: &[Proc]) {
             agency.output()
         );
     }
-    let expected = expected(data, agencies.len() as u32, WINNING);
     let stored = stored(storage);
     for (agency, rows) in &expected.rows {
         let got = stored.get(agency).map_or(0, Vec::len);
@@ -96,8 +99,9 @@ fn server_sigkilled_twenty_times_loses_and_duplicates_nothing() {
     let mut rng = ChaCha8Rng::seed_from_u64(20261126);
 
     let mut server = Server::start(&storage, AGENCIES, WINNING);
-    let port = server.port;
-    let agencies = start_agencies(AGENCIES, &server.address(), data.path(), work.path());
+    // The agencies keep one address while the server restarts on new ports.
+    let relay = Relay::start(&server.address());
+    let agencies = start_agencies(AGENCIES, &relay.address, data.path(), work.path());
 
     let mut truncations = 0;
     for _cycle in 0..20 {
@@ -108,9 +112,11 @@ fn server_sigkilled_twenty_times_loses_and_duplicates_nothing() {
                 .wait_for("action: apuesta_recibida | result: success");
         }
         server.proc.signal(Signal::SIGKILL);
-        assert!(!server.proc.wait_exit(PATIENCE).success());
-        server = Server::start_on(&storage, AGENCIES, WINNING, port);
-        // Start-up logs the recovery before it listens, and `start_on` has
+        assert!(!server.proc.wait_exit(STEP).success());
+        relay.point_at(None);
+        server = Server::start(&storage, AGENCIES, WINNING);
+        relay.point_at(Some(&server.address()));
+        // Start-up logs the recovery before it listens, and `start` has
         // waited for the listening line.
         let log = server.proc.output();
         let recover = log

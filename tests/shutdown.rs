@@ -159,22 +159,21 @@ fn agency_waits_in_progress_for_a_late_server() {
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("agency-1.csv");
     std::fs::write(&data, "Ana,Pérez,30904465,1999-03-17,7574\n").unwrap();
-    // Reserve a free port, then free it so nothing listens there yet.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A port nothing listens on yet, held (not released) until the server
+    // takes it, so no other process can be given it in between.
+    let port = HeldPort::new();
     let winners = work.path().join("winners.txt");
-    let agency = start_agency(1, &format!("127.0.0.1:{port}"), &data, &winners);
+    let agency = start_agency(1, &port.address(), &data, &winners);
     agency.wait_for("action: connect | result: in_progress");
 
     let mut cmd = lottery();
     cmd.arg("server")
-        .args(["--port", &port.to_string(), "--agencies", "1"])
+        .args(["--port", &port.port.to_string(), "--agencies", "1"])
         .arg("--storage")
         .arg(work.path().join("bets.csv"));
-    let server = Proc::spawn(cmd);
+    let server = Server::spawn(cmd);
+    assert_eq!(server.port, port.port);
+    let server = server.proc;
     assert!(agency.wait_exit(PATIENCE).success(), "{}", agency.output());
     assert_eq!(read_winners(&winners), ["30904465"]);
     assert!(!agency.output().contains("result: fail"));

@@ -18,6 +18,7 @@ use crate::config::AgencyConfig;
 use crate::logging::{action, result};
 use crate::tools::gen_data::GenOptions;
 use crate::tools::launch::{self, Fleet, WorkDir};
+use crate::wire::ErrorCode;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -57,6 +58,14 @@ pub struct BenchReport {
     pub server_cpu: Duration,
     /// CPU time the agencies (this process) used during the run.
     pub agencies_cpu: Duration,
+    /// Sessions the agencies needed beyond one each. A healthy run needs
+    /// none: every one is a connection that ended early and was retried.
+    pub reconnects: u64,
+    /// Connections the server refused with a code an agency retries
+    /// (`AGENCY_BUSY`, `SERVER_BUSY`), as it logged them. Not failures of
+    /// the run, but never expected in a healthy one: with no reconnect
+    /// beside them, they came from a client that is not this bench's.
+    pub refused: Vec<String>,
 }
 
 impl BenchReport {
@@ -69,7 +78,8 @@ impl BenchReport {
              batch acknowledgement latency: p50 {:.2} ms, p99 {:.2} ms\n\
              draw: {} ms\n\
              server peak RSS: {:.1} MiB\n\
-             CPU: central {:.2} s, agencies {:.2} s ({:.2} µs per bet in all)\n",
+             CPU: central {:.2} s, agencies {:.2} s ({:.2} µs per bet in all)\n\
+             reconnects: {}, refused connections (retried): {}\n{}",
             o.agencies,
             o.bets_per_agency,
             o.window,
@@ -88,6 +98,12 @@ impl BenchReport {
             self.server_cpu.as_secs_f64(),
             self.agencies_cpu.as_secs_f64(),
             (self.server_cpu + self.agencies_cpu).as_secs_f64() * 1e6 / self.bets.max(1) as f64,
+            self.reconnects,
+            self.refused.len(),
+            self.refused
+                .iter()
+                .map(|line| format!("refused: {line}\n"))
+                .collect::<String>(),
         )
     }
 }
@@ -98,10 +114,24 @@ impl BenchReport {
 struct ServerProcess {
     child: Child,
     /// Failure events, kept as they are read.
-    fails: Arc<Mutex<Vec<String>>>,
+    fails: Arc<Mutex<Fails>>,
     /// The `listen` and `sorteo` events, as they arrive.
     milestones: std::sync::mpsc::Receiver<serde_json::Value>,
 }
+
+/// The server's `result: fail` events, told apart.
+#[derive(Debug, Default)]
+struct Fails {
+    /// Refusals an agency retries by design (`AGENCY_BUSY`, `SERVER_BUSY`).
+    refused: Vec<String>,
+    /// Anything else: the run failed.
+    failed: Vec<String>,
+}
+
+/// Codes the server refuses a connection with that an agency answers by
+/// connecting again: the agency is still held by a connection the server
+/// has not seen close yet, or the server is at its connection limit.
+const RETRIED_REFUSALS: [ErrorCode; 2] = [ErrorCode::AgencyBusy, ErrorCode::ServerBusy];
 
 /// How long a stopping server may take before it is killed.
 const STOP_PATIENCE: Duration = Duration::from_secs(10);
@@ -177,7 +207,7 @@ fn start_server(dir: &Path, opts: &BenchOptions) -> anyhow::Result<(ServerProces
     }
     let mut child = cmd.spawn().context("starting the server")?;
     let stdout = child.stdout.take().expect("piped");
-    let fails = Arc::new(Mutex::new(Vec::new()));
+    let fails = Arc::new(Mutex::new(Fails::default()));
     let (tx, milestones) = std::sync::mpsc::channel();
     {
         let fails = fails.clone();
@@ -187,7 +217,15 @@ fn start_server(dir: &Path, opts: &BenchOptions) -> anyhow::Result<(ServerProces
                     continue;
                 };
                 if event["result"] == result::FAIL {
-                    fails.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                    let mut fails = fails.lock().unwrap_or_else(|p| p.into_inner());
+                    let retried = RETRIED_REFUSALS
+                        .iter()
+                        .any(|code| event["code"] == code.as_str());
+                    if retried {
+                        fails.refused.push(line);
+                    } else {
+                        fails.failed.push(line);
+                    }
                 } else if event["action"] == action::LISTEN || event["action"] == action::SORTEO {
                     // Keep only what the report needs; per-batch events are many.
                     let _ = tx.send(event);
@@ -307,14 +345,13 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
     let agencies_cpu = cpu_time("self").saturating_sub(own_cpu_before);
     // The draw's event may still be on its way through the pipe.
     let drawn = server.milestone(action::SORTEO)?;
-    let fails = server
-        .fails
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    if let Some(fail) = fails.first() {
-        bail!("the server reported a failure: {fail}");
-    }
+    let refused = {
+        let fails = server.fails.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(fail) = fails.failed.first() {
+            bail!("the server reported a failure: {fail}");
+        }
+        fails.refused.clone()
+    };
     let draw = drawn["millis"]
         .as_u64()
         .map(Duration::from_millis)
@@ -338,5 +375,7 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
         server_peak_rss_kib: peak,
         server_cpu,
         agencies_cpu,
+        reconnects: reports.iter().map(|r| r.reconnects).sum(),
+        refused,
     })
 }

@@ -11,12 +11,29 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Generous limit for anything a test waits on; reached only by a bug.
-pub const PATIENCE: Duration = Duration::from_secs(120);
+/// Limit for a whole run a test waits on (an agency's upload, a draw): a
+/// hung test fails within it, saying what it waited for. The suite's
+/// largest runs take a few seconds on a loaded two-core machine.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Limit for one step: a log line that follows what the test just did.
+pub const STEP: Duration = Duration::from_secs(15);
+
+/// Limit for an upload of `bets` bets in all: [`STEP`], plus 1 s for every
+/// 5000 bets (a debug build stores well over 20 000 a second even on a
+/// loaded machine).
+pub fn upload_limit(bets: u64) -> Duration {
+    STEP + Duration::from_millis(bets / 5)
+}
+
+/// How long a process's output may take to reach the end once it exited.
+const DRAIN: Duration = Duration::from_secs(5);
 
 /// A running `lottery` process whose stdout lines are collected.
 pub struct Proc {
     pub pid: u32,
+    /// The command, as failure messages name it.
+    what: String,
     lines: mpsc::Receiver<String>,
     pub log: Arc<Mutex<Vec<String>>>,
     exit: mpsc::Receiver<ExitStatus>,
@@ -50,6 +67,7 @@ pub fn lottery() -> Command {
 
 impl Proc {
     pub fn spawn(mut cmd: Command) -> Proc {
+        let what = describe(&cmd);
         let mut child: Child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -90,6 +108,7 @@ impl Proc {
         });
         Proc {
             pid,
+            what,
             lines,
             log,
             exit,
@@ -98,16 +117,42 @@ impl Proc {
         }
     }
 
-    /// Waits for a stdout line containing `needle` and returns it.
+    /// Waits up to [`STEP`] for a stdout line containing `needle` and
+    /// returns it.
     pub fn wait_for(&self, needle: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
+        self.wait_for_within(needle, STEP)
+    }
+
+    /// Waits up to `limit` for a stdout line containing `needle`.
+    pub fn wait_for_within(&self, needle: &str, limit: Duration) -> String {
+        self.wait_until(&format!("containing {needle:?}"), limit, |line| {
+            line.contains(needle)
+        })
+    }
+
+    /// Waits up to `limit` in all for a stdout line that `matches`; the
+    /// panic names the line as `what` ("containing …").
+    pub fn wait_until(
+        &self,
+        what: &str,
+        limit: Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> String {
+        let started = Instant::now();
+        let deadline = started + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
+                Ok(line) if matches(&line) => return line,
                 Ok(_) => {}
-                Err(_) => panic!(
-                    "no line containing {needle:?}; output so far:\n{}\nstderr:\n{}",
+                Err(e) => panic!(
+                    "{}: no line {what} after {:.1?} ({}); output so far:\n{}\nstderr:\n{}",
+                    self.what,
+                    started.elapsed(),
+                    match e {
+                        mpsc::RecvTimeoutError::Timeout => format!("limit {limit:?}"),
+                        mpsc::RecvTimeoutError::Disconnected => "its output ended".to_string(),
+                    },
                     self.output(),
                     self.stderr()
                 ),
@@ -133,14 +178,15 @@ impl Proc {
                 for _ in 0..2 {
                     // Ends when the pipes close, which exit does; the limit
                     // only guards against a grandchild holding them open.
-                    let _ = self.drained.recv_timeout(PATIENCE);
+                    let _ = self.drained.recv_timeout(DRAIN);
                 }
                 status
             }
             Err(_) => {
                 self.signal(nix::sys::signal::Signal::SIGKILL);
                 panic!(
-                    "process did not exit within {limit:?}; output:\n{}\nstderr:\n{}",
+                    "{} did not exit within {limit:?} (killed); output:\n{}\nstderr:\n{}",
+                    self.what,
                     self.output(),
                     self.stderr()
                 )
@@ -164,6 +210,21 @@ impl Proc {
     }
 }
 
+/// `lottery <args>`, with the agency's id when the environment gives it.
+fn describe(cmd: &Command) -> String {
+    let mut what = String::from("lottery");
+    for arg in cmd.get_args() {
+        what.push(' ');
+        what.push_str(&arg.to_string_lossy());
+    }
+    for (key, value) in cmd.get_envs() {
+        if let (Some("CLI_ID"), Some(value)) = (key.to_str(), value) {
+            what.push_str(&format!(" (CLI_ID={})", value.to_string_lossy()));
+        }
+    }
+    what
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         // Never leave a server behind when a test fails half-way.
@@ -176,23 +237,20 @@ impl Drop for Proc {
     }
 }
 
-/// A `lottery server` on a free port, storing into `storage`.
+/// A `lottery server` on the port the kernel gave it, storing into
+/// `storage`.
 pub struct Server {
     pub proc: Proc,
     pub port: u16,
 }
 
 impl Server {
+    /// On port 0: the kernel picks a free port, read back from the
+    /// server's `listen` line.
     pub fn start(storage: &Path, agencies: u32, winning_number: u16) -> Server {
-        Self::start_on(storage, agencies, winning_number, 0)
-    }
-
-    /// On a given port (0 for any), to restart a server where agencies
-    /// expect it.
-    pub fn start_on(storage: &Path, agencies: u32, winning_number: u16, port: u16) -> Server {
         let mut cmd = lottery();
         cmd.arg("server")
-            .env("SERVER_PORT", port.to_string())
+            .env("SERVER_PORT", "0")
             .env("SERVER_AGENCIES", agencies.to_string())
             .env("SERVER_STORAGE", storage)
             .env("SERVER_WINNING_NUMBER", winning_number.to_string());
@@ -214,6 +272,84 @@ impl Server {
 
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// A loopback port this test holds without listening on it: connecting to
+/// it is refused, and while this lives the kernel gives it to no socket
+/// that binds port 0, in this process or any other.
+///
+/// Never find a free port, release it and use it later: in between, any
+/// server on the machine that binds port 0 can be given it, and then this
+/// test's agencies upload into that server, or its own agencies are
+/// refused as `AGENCY_BUSY` because ours hold their ids.
+pub struct HeldPort {
+    _socket: tokio::net::TcpSocket,
+    pub port: u16,
+}
+
+impl HeldPort {
+    pub fn new() -> HeldPort {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        // Lets a server (which binds with SO_REUSEADDR) take this port on
+        // purpose while it is held; a bind to port 0 still never gets it.
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        HeldPort {
+            _socket: socket,
+            port,
+        }
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// A stable address for agencies in front of a server that restarts: each
+/// connection is forwarded to the server's current address, or closed at
+/// once while there is none. The listener lives as long as the relay, so
+/// its port is never free for another process to take, and each server
+/// binds port 0 like any other.
+pub struct Relay {
+    pub address: String,
+    upstream: Arc<Mutex<Option<String>>>,
+}
+
+impl Relay {
+    pub fn start(upstream: &str) -> Relay {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let upstream = Arc::new(Mutex::new(Some(upstream.to_string())));
+        let current = upstream.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let target = current.lock().unwrap().clone();
+                let Some(server) = target.and_then(|t| std::net::TcpStream::connect(t).ok()) else {
+                    continue; // dropped: the agency sees the connection close
+                };
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        // Either side gone: close both, as a direct
+                        // connection to a dead server would be.
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay { address, upstream }
+    }
+
+    /// Forwards new connections to `upstream`, or refuses them (`None`).
+    pub fn point_at(&self, upstream: Option<&str>) {
+        *self.upstream.lock().unwrap() = upstream.map(str::to_string);
     }
 }
 
