@@ -301,6 +301,30 @@ impl WireMessage for Reply {
     }
 
     fn write(&self, dst: &mut BytesMut) {
+        /// `|KEY:a,b,c` and, when the list goes on in the next frame,
+        /// `|MORE:1`: the shape of every list a reply carries.
+        fn put_list<T>(
+            dst: &mut BytesMut,
+            key: &str,
+            items: &[T],
+            more: bool,
+            put: impl Fn(&T, &mut BytesMut),
+        ) {
+            dst.put_u8(b'|');
+            dst.put_slice(key.as_bytes());
+            dst.put_u8(b':');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    dst.put_u8(b',');
+                }
+                put(item, dst);
+            }
+            if more {
+                dst.put_slice(b"|");
+                dst.put_slice(key::MORE.as_bytes());
+                dst.put_slice(b":1");
+            }
+        }
         let put_pair = |dst: &mut BytesMut, k: &str, v: &str, first: bool| {
             if !first {
                 dst.put_u8(b'|');
@@ -339,33 +363,13 @@ impl WireMessage for Reply {
                     false,
                 );
                 put_pair(dst, key::DRAWN, if *drawn { "1" } else { "0" }, false);
-                dst.put_u8(b'|');
-                dst.put_slice(key::AGENCY_STATE.as_bytes());
-                dst.put_u8(b':');
-                for (i, state) in states.iter().enumerate() {
-                    if i > 0 {
-                        dst.put_u8(b',');
-                    }
-                    state.write(dst);
-                }
-                if *more {
-                    put_pair(dst, key::MORE, "1", false);
-                }
+                put_list(dst, key::AGENCY_STATE, states, *more, AgencyState::write);
             }
             Reply::Winners { documents, more } => {
                 put_pair(dst, key::STATUS, status::SUCCESS, true);
-                dst.put_u8(b'|');
-                dst.put_slice(key::WINNERS.as_bytes());
-                dst.put_u8(b':');
-                for (i, d) in documents.iter().enumerate() {
-                    if i > 0 {
-                        dst.put_u8(b',');
-                    }
-                    escape_into(dst, d);
-                }
-                if *more {
-                    put_pair(dst, key::MORE, "1", false);
-                }
+                put_list(dst, key::WINNERS, documents, *more, |d, dst| {
+                    escape_into(dst, d)
+                });
             }
         }
         dst.put_u8(b'\n');
