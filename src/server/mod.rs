@@ -29,12 +29,9 @@ use crate::logging::{action, result};
 use crate::lottery::Lottery;
 use crate::model::AgencyId;
 use crate::net::{self as tls, TlsError};
-use crate::store::{self, StorageError};
+use crate::store::{self, Opened, StorageError};
 
 pub use listener::{bind, bind_addr};
-
-/// How long shutdown waits for connections to finish what they started.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Why the central could not start.
 #[derive(Debug, thiserror::Error)]
@@ -77,18 +74,30 @@ pub async fn run(
     config: &ServerConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let settings = Arc::new(Settings {
-        frame_timeout: config.frame_deadline(),
-        idle_timeout: config.idle_deadline(),
-        secrets: config.load_secrets()?,
-        tls: if config.tls_enabled() {
-            Some(tls::acceptor(&config.tls_cert, &config.tls_key)?)
-        } else {
-            None
-        },
-    });
     let opened = store::open(config).await?;
+    run_with_store(listener, config, opened, shutdown).await
+}
+
+/// [`run`] over a store the caller has opened (another backend, or a test
+/// double): the same central, from loading the secrets to closing the
+/// store, which it does on every return.
+///
+/// # Errors
+/// The draw record, the secrets or the TLS material cannot be read.
+pub async fn run_with_store(
+    listener: TcpListener,
+    config: &ServerConfig,
+    opened: Opened,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
     let store = opened.store;
+    let settings = match load_settings(config) {
+        Ok(settings) => Arc::new(settings),
+        Err(e) => {
+            store.close().await;
+            return Err(e);
+        }
+    };
     let draw = match store.load_draw().await {
         Ok(draw) => draw,
         Err(e) => {
@@ -155,7 +164,7 @@ pub async fn run(
     connections.cancel();
 
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+    if tokio::time::timeout(config.shutdown_deadline(), tracker.wait())
         .await
         .is_err()
     {
@@ -175,4 +184,18 @@ pub async fn run(
     // and closes.
     store.close().await;
     Ok(())
+}
+
+/// Timeouts, secrets and TLS, from the configuration.
+fn load_settings(config: &ServerConfig) -> Result<Settings, ServerError> {
+    Ok(Settings {
+        frame_timeout: config.frame_deadline(),
+        idle_timeout: config.idle_deadline(),
+        secrets: config.load_secrets()?,
+        tls: if config.tls_enabled() {
+            Some(tls::acceptor(&config.tls_cert, &config.tls_key)?)
+        } else {
+            None
+        },
+    })
 }
