@@ -99,8 +99,16 @@ impl Listener {
                             code = %ErrorCode::ServerBusy,
                             reason = "connection limit reached"
                         );
-                        self.tracker
-                            .spawn(refuse_busy(socket, self.settings.frame_timeout));
+                        let refusal = refuse_busy(socket, self.settings.frame_timeout);
+                        let hard_stop = self.hard_stop.clone();
+                        // Raced against the hard stop like a handler, so a
+                        // refusal cannot outlast the grace period either.
+                        self.tracker.spawn(async move {
+                            tokio::select! {
+                                _ = hard_stop.cancelled() => {}
+                                _ = refusal => {}
+                            }
+                        });
                         continue;
                     };
                     let conn = Accepted {

@@ -29,9 +29,13 @@ use crate::logging::{action, result};
 use crate::lottery::Lottery;
 use crate::model::AgencyId;
 use crate::net::{self as tls, TlsError};
-use crate::store::{self, Opened, StorageError};
+use crate::store::{self, Opened, StorageError, Store};
 
 pub use listener::{bind, bind_addr};
+
+/// How long shutdown waits for the store to flush and close once every
+/// connection is gone, before giving up on it.
+pub const STORE_CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Why the central could not start.
 #[derive(Debug, thiserror::Error)]
@@ -94,14 +98,14 @@ pub async fn run_with_store(
     let settings = match load_settings(config) {
         Ok(settings) => Arc::new(settings),
         Err(e) => {
-            store.close().await;
+            close_store(store.as_ref()).await;
             return Err(e);
         }
     };
     let draw = match store.load_draw().await {
         Ok(draw) => draw,
         Err(e) => {
-            store.close().await;
+            close_store(store.as_ref()).await;
             return Err(e.into());
         }
     };
@@ -182,8 +186,29 @@ pub async fn run_with_store(
     }
     // Every handler is gone: the store takes what they submitted, flushes
     // and closes.
-    store.close().await;
+    close_store(store.as_ref()).await;
     Ok(())
+}
+
+/// Closes the store, giving up after [`STORE_CLOSE_DEADLINE`] so that
+/// storage stuck in a system call cannot hold the process past its grace
+/// period. Giving up loses nothing acknowledged: a batch is acknowledged
+/// only once stored (and synced, unless syncing is off).
+async fn close_store(store: &dyn Store) {
+    if tokio::time::timeout(STORE_CLOSE_DEADLINE, store.close())
+        .await
+        .is_err()
+    {
+        error!(
+            action = action::CLOSE_BETS_FILE,
+            result = result::FAIL,
+            reason = %format!(
+                "the store did not close within {} s; giving up on it (everything acknowledged was already stored)",
+                STORE_CLOSE_DEADLINE.as_secs()
+            ),
+            store = %store.describe()
+        );
+    }
 }
 
 /// Timeouts, secrets and TLS, from the configuration.
