@@ -173,7 +173,7 @@ fn main() -> ExitCode {
         Command::Agency(_) => Role::Agency,
         _ => Role::Server,
     };
-    let config =
+    let mut config =
         match Config::load_with_flags(&cli.config, role, |k| std::env::var(k).ok(), Some(flags)) {
             Ok(c) => c,
             Err(e) => {
@@ -188,6 +188,14 @@ fn main() -> ExitCode {
         _ => config.log.level,
     };
     logging::init(level, config.log.format);
+    if matches!(cli.command, Command::Server) {
+        // Before anything is opened: connections over what the open-files
+        // limit allows must get SERVER_BUSY, not hang.
+        if let Err(e) = lottery::server::fit_open_files(&mut config.server) {
+            eprintln!("lottery: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

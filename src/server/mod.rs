@@ -31,7 +31,7 @@ use crate::model::AgencyId;
 use crate::net::{self as tls, TlsError};
 use crate::store::{self, Opened, StorageError, Store};
 
-pub use listener::{bind, bind_addr};
+pub use listener::{bind, bind_addr, fit_open_files, MIN_CONNECTIONS, RESERVED_FILES};
 
 /// How long shutdown waits for the store to flush and close once every
 /// connection is gone, before giving up on it.
