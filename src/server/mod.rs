@@ -110,12 +110,21 @@ pub async fn run_with_store(
         }
     };
     if let Some(draw) = &draw {
-        info!(
+        // Not `sorteo`: that is logged once, by the central that drew. A
+        // WARN, because an operator who meant to start a new round is about
+        // to serve an old one.
+        warn!(
             action = action::DRAW_RECORD,
             result = result::SUCCESS,
-            path = %config.draw_record_path().display(),
+            state = "already_drawn",
             drawn_at = draw.drawn_at.as_str(),
-            bets = draw.bets
+            bets = draw.bets,
+            winning_number = draw.winning_number,
+            record = %config.draw_record_path().display(),
+            storage = %store.describe(),
+            message = "this round is already drawn: the central only serves its winners and \
+                       refuses new bets; to start a new round, move the bets file and the draw \
+                       record aside or point server.storage at a new file"
         );
     }
     let lottery = Lottery::new(
