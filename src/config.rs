@@ -149,6 +149,10 @@ settings! {
         /// Waiting for the draw does not count: then the central is the one
         /// who owes an answer.
         idle_timeout: u64 = 120, env "SERVER_IDLE_TIMEOUT", min 1;
+        /// Seconds shutdown waits for connections to finish what they
+        /// started; the store then has 2 s more to close, so the central
+        /// exits within this plus 3 s of the signal.
+        shutdown_grace: u64 = 5, env "SERVER_SHUTDOWN_GRACE", min 1, max 6;
         /// Per-agency secrets, agency id to secret. When any are set (here or
         /// in `secrets_file`), every connection must open with `HELLO` and its
         /// agency's secret.
@@ -646,6 +650,11 @@ impl ServerConfig {
     /// [`ServerConfig::idle_timeout`] as a duration.
     pub fn idle_deadline(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.idle_timeout)
+    }
+
+    /// [`ServerConfig::shutdown_grace`] as a duration.
+    pub fn shutdown_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.shutdown_grace)
     }
 
     /// The draw record's path, defaulted from the bets file's.

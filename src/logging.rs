@@ -48,6 +48,9 @@ pub mod action {
     pub const CONNECT: &str = "connect";
     /// A connection ended with an error.
     pub const CONNECTION: &str = "connection";
+    /// The open-files limit leaves room for fewer connections than
+    /// configured (WARN, at start).
+    pub const OPEN_FILES: &str = "open_files";
     /// The listening socket was closed.
     pub const CLOSE_LISTENER: &str = "close_listener";
     /// A connection sat idle past the idle timeout and was closed.

@@ -22,6 +22,11 @@ use lottery::shutdown;
 use lottery::tools::gen_data::GenOptions;
 use lottery::tools::{bench, compose, demo, launch, ops};
 
+/// How long the runtime's blocking threads get to finish once the command
+/// has returned. With the grace period and the store's close deadline, this
+/// bounds a central's shutdown (see `server.shutdown_grace`).
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Bet collection for a national lottery: a central server, betting agencies,
 /// and the draw. Flags that set configuration also show its key and variable.
 #[derive(Debug, Parser)]
@@ -168,7 +173,7 @@ fn main() -> ExitCode {
         Command::Agency(_) => Role::Agency,
         _ => Role::Server,
     };
-    let config =
+    let mut config =
         match Config::load_with_flags(&cli.config, role, |k| std::env::var(k).ok(), Some(flags)) {
             Ok(c) => c,
             Err(e) => {
@@ -183,6 +188,14 @@ fn main() -> ExitCode {
         _ => config.log.level,
     };
     logging::init(level, config.log.format);
+    if matches!(cli.command, Command::Server) {
+        // Before anything is opened: connections over what the open-files
+        // limit allows must get SERVER_BUSY, not hang.
+        if let Err(e) = lottery::server::fit_open_files(&mut config.server) {
+            eprintln!("lottery: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -194,7 +207,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli.command, config)) {
+    let outcome = runtime.block_on(run(cli.command, config));
+    // Dropping the runtime would wait for every blocking thread, and one
+    // stuck in storage (a hung disk or network file system) would then hold
+    // the exit forever: give them a moment, then leave without them.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(action = "exit", result = result::FAIL, error = %format!("{e:#}"));

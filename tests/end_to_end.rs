@@ -149,3 +149,52 @@ fn real_dataset_when_present() {
     let total: usize = expected(&dir, 5, 7574).rows.values().map(Vec::len).sum();
     assert_eq!(total, 78_697);
 }
+
+#[test]
+fn a_central_restarted_on_a_drawn_round_announces_it() {
+    let data = generated(2, 200, false);
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("bets.csv");
+    let record = work.path().join("bets.draw.toml");
+
+    // A whole tiny round: both agencies upload, the draw runs.
+    let server = Server::start(&storage, 2, 7574);
+    let agencies: Vec<_> = (1..=2)
+        .map(|id| {
+            let out = work.path().join(format!("winners-{id}.txt"));
+            start_agency(id, &server.address(), &data_file(data.path(), id), &out)
+        })
+        .collect();
+    for agency in &agencies {
+        assert!(agency.wait_exit(PATIENCE).success(), "{}", agency.output());
+    }
+    server.proc.wait_for("action: sorteo | result: success");
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+    let first = server.proc.output();
+    assert!(!first.contains("action: draw_record"), "{first}");
+
+    // The same folder again: the central says the round is over.
+    let drawn: toml::Table = toml::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    let drawn_at = drawn["drawn_at"].as_str().unwrap();
+    let restarted = Server::start(&storage, 2, 7574);
+    // Logged before the listen line, which `start` has waited for.
+    let line = restarted
+        .proc
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("action: draw_record"))
+        .unwrap_or_else(|| panic!("no draw_record line:\n{}", restarted.proc.output()));
+    let want = format!(
+        " WARN     action: draw_record | result: success | state: already_drawn | drawn_at: {drawn_at} | bets: 400 | winning_number: 7574 | record: {} | storage: {} | message: this round is already drawn: the central only serves its winners and refuses new bets; to start a new round, move the bets file and the draw record aside or point server.storage at a new file",
+        record.display(),
+        storage.display()
+    );
+    assert!(line.ends_with(&want), "{line}\nwant ...{want}");
+    restarted.proc.signal(Signal::SIGTERM);
+    let status = restarted.proc.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+    let log = restarted.proc.output();
+    assert!(!log.contains("action: sorteo"), "{log}");
+    assert!(!log.contains("result: fail"), "{log}");
+}

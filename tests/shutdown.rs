@@ -180,3 +180,48 @@ fn agency_waits_in_progress_for_a_late_server() {
     server.signal(Signal::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(10)).success());
 }
+
+#[test]
+fn server_sighup_shuts_down_like_sigterm() {
+    let work = tempfile::tempdir().unwrap();
+    let server = Server::start(&work.path().join("bets.csv"), 5, 7574);
+    server.proc.signal(Signal::SIGHUP);
+    let status = server.proc.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    let lines = server.proc.lines();
+    let signal = index_of(&lines, "action: signal | result: success | signal: SIGHUP");
+    let listener = index_of(&lines, "action: close_listener | result: success");
+    let file = index_of(&lines, "action: close_bets_file | result: success");
+    let done = index_of(&lines, "action: shutdown | result: success");
+    assert!(signal < listener && listener < file && file < done);
+    assert_eq!(done, lines.len() - 1);
+    assert!(!server.proc.output().contains("result: fail"));
+}
+
+#[test]
+fn agency_sighup_shuts_down_like_sigterm() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("agency-1.csv");
+    std::fs::write(&data, "Ana,Pérez,30904465,1999-03-17,7574\n").unwrap();
+    // Nothing listens there: the agency waits, `in_progress`, for a central.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let agency = start_agency(
+        1,
+        &format!("127.0.0.1:{port}"),
+        &data,
+        &work.path().join("winners.txt"),
+    );
+    agency.wait_for("action: connect | result: in_progress");
+    agency.signal(Signal::SIGHUP);
+    let status = agency.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    let lines = agency.lines();
+    let signal = index_of(&lines, "action: signal | result: success | signal: SIGHUP");
+    let done = index_of(&lines, "action: shutdown | result: success");
+    assert!(signal < done);
+    assert!(!agency.output().contains("result: fail"));
+}

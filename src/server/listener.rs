@@ -1,11 +1,13 @@
-//! The accept loop: binds the port, enforces the connection limit, completes
-//! the TLS handshake, and spawns one tracked [`Handler`] task per connection.
+//! The accept loop: binds the port, fits the connection limit to the
+//! open-files limit and enforces it, completes the TLS handshake, and spawns
+//! one tracked [`Handler`] task per connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::SinkExt;
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::codec::Framed;
@@ -15,12 +17,75 @@ use tracing::{error, warn, Instrument};
 
 use super::handler::Handler;
 use super::Settings;
-use crate::config::ServerConfig;
+use crate::config::{ConfigError, ServerConfig};
 use crate::logging::{action, result};
 use crate::lottery::Lottery;
 use crate::net::BoxedIo;
 use crate::store::Store;
 use crate::wire::{ErrorCode, Reply, ServerCodec};
+
+/// Files the central keeps open besides its connections: the listener,
+/// stdio, the bets file and draw record, the runtime's own descriptors, and a
+/// margin for refusing connections over the limit.
+pub const RESERVED_FILES: u64 = 32;
+
+/// Fewest connections worth starting with; under a lower open-files limit
+/// the central refuses to start.
+pub const MIN_CONNECTIONS: u64 = 8;
+
+/// Makes `config.max_connections` fit the process's open-files limit
+/// (RLIMIT_NOFILE), so that a connection over the limit is refused with
+/// `SERVER_BUSY` rather than left hanging on "Too many open files".
+///
+/// First raises the soft limit to the hard one. If `max_connections` plus
+/// [`RESERVED_FILES`] still does not fit, lowers `max_connections` to what
+/// does and logs a WARN `open_files` line naming both numbers. Where the
+/// limit cannot be read, changes nothing.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] (exit code 2) when not even
+/// [`MIN_CONNECTIONS`] connections fit.
+pub fn fit_open_files(config: &mut ServerConfig) -> Result<(), ConfigError> {
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return Ok(());
+    };
+    let mut limit = soft;
+    // Fails where the hard limit is "unlimited" but the kernel caps it
+    // lower; the soft limit then stays what it was.
+    if hard > soft && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        limit = hard;
+    }
+    let room = limit.saturating_sub(RESERVED_FILES);
+    let wanted = config.max_connections as u64;
+    if wanted <= room {
+        return Ok(());
+    }
+    if room < MIN_CONNECTIONS {
+        return Err(ConfigError::Invalid {
+            key: "server.max_connections".into(),
+            value: config.max_connections.to_string(),
+            reason: format!(
+                "the open-files limit (RLIMIT_NOFILE) is {limit}: beside the central's own \
+                 {RESERVED_FILES} files that leaves room for {room} connections, fewer than \
+                 {MIN_CONNECTIONS}; raise it (ulimit -n, or LimitNOFILE / --ulimit nofile=)"
+            ),
+        });
+    }
+    warn!(
+        action = action::OPEN_FILES,
+        result = result::SUCCESS,
+        limit,
+        max_connections = room,
+        configured = wanted,
+        reason = %format!(
+            "the open-files limit (RLIMIT_NOFILE) leaves room for {room} connections, not the \
+             {wanted} of server.max_connections; serving {room}, the rest get SERVER_BUSY \
+             (raise the limit to serve more)"
+        )
+    );
+    config.max_connections = usize::try_from(room).expect("room < max_connections, a usize");
+    Ok(())
+}
 
 /// Binds the listening socket on all interfaces with the configured backlog.
 ///
@@ -99,8 +164,16 @@ impl Listener {
                             code = %ErrorCode::ServerBusy,
                             reason = "connection limit reached"
                         );
-                        self.tracker
-                            .spawn(refuse_busy(socket, self.settings.frame_timeout));
+                        let refusal = refuse_busy(socket, self.settings.frame_timeout);
+                        let hard_stop = self.hard_stop.clone();
+                        // Raced against the hard stop like a handler, so a
+                        // refusal cannot outlast the grace period either.
+                        self.tracker.spawn(async move {
+                            tokio::select! {
+                                _ = hard_stop.cancelled() => {}
+                                _ = refusal => {}
+                            }
+                        });
                         continue;
                     };
                     let conn = Accepted {

@@ -1,6 +1,6 @@
 //! The central: `listener.rs` accepts agencies and spawns one task per
 //! connection (`handler.rs`); handlers hand batches to the
-//! [`Store`](crate::store::Store) through their connection's session
+//! [`Store`] through their connection's session
 //! (`intake.rs`, which owns the agency's claim and the batches in flight)
 //! and meet at the lottery's shared state for the draw.
 //!
@@ -29,12 +29,13 @@ use crate::logging::{action, result};
 use crate::lottery::Lottery;
 use crate::model::AgencyId;
 use crate::net::{self as tls, TlsError};
-use crate::store::{self, StorageError};
+use crate::store::{self, Opened, StorageError, Store};
 
-pub use listener::{bind, bind_addr};
+pub use listener::{bind, bind_addr, fit_open_files, MIN_CONNECTIONS, RESERVED_FILES};
 
-/// How long shutdown waits for connections to finish what they started.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the store to flush and close once every
+/// connection is gone, before giving up on it.
+pub const STORE_CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Why the central could not start.
 #[derive(Debug, thiserror::Error)]
@@ -77,32 +78,53 @@ pub async fn run(
     config: &ServerConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let settings = Arc::new(Settings {
-        frame_timeout: config.frame_deadline(),
-        idle_timeout: config.idle_deadline(),
-        secrets: config.load_secrets()?,
-        tls: if config.tls_enabled() {
-            Some(tls::acceptor(&config.tls_cert, &config.tls_key)?)
-        } else {
-            None
-        },
-    });
     let opened = store::open(config).await?;
+    run_with_store(listener, config, opened, shutdown).await
+}
+
+/// [`run`] over a store the caller has opened (another backend, or a test
+/// double): the same central, from loading the secrets to closing the
+/// store, which it does on every return.
+///
+/// # Errors
+/// The draw record, the secrets or the TLS material cannot be read.
+pub async fn run_with_store(
+    listener: TcpListener,
+    config: &ServerConfig,
+    opened: Opened,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
     let store = opened.store;
+    let settings = match load_settings(config) {
+        Ok(settings) => Arc::new(settings),
+        Err(e) => {
+            close_store(store.as_ref()).await;
+            return Err(e);
+        }
+    };
     let draw = match store.load_draw().await {
         Ok(draw) => draw,
         Err(e) => {
-            store.close().await;
+            close_store(store.as_ref()).await;
             return Err(e.into());
         }
     };
     if let Some(draw) = &draw {
-        info!(
+        // Not `sorteo`: that is logged once, by the central that drew. A
+        // WARN, because an operator who meant to start a new round is about
+        // to serve an old one.
+        warn!(
             action = action::DRAW_RECORD,
             result = result::SUCCESS,
-            path = %config.draw_record_path().display(),
+            state = "already_drawn",
             drawn_at = draw.drawn_at.as_str(),
-            bets = draw.bets
+            bets = draw.bets,
+            winning_number = draw.winning_number,
+            record = %config.draw_record_path().display(),
+            storage = %store.describe(),
+            message = "this round is already drawn: the central only serves its winners and \
+                       refuses new bets; to start a new round, move the bets file and the draw \
+                       record aside or point server.storage at a new file"
         );
     }
     let lottery = Lottery::new(
@@ -155,7 +177,7 @@ pub async fn run(
     connections.cancel();
 
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+    if tokio::time::timeout(config.shutdown_deadline(), tracker.wait())
         .await
         .is_err()
     {
@@ -173,6 +195,41 @@ pub async fn run(
     }
     // Every handler is gone: the store takes what they submitted, flushes
     // and closes.
-    store.close().await;
+    close_store(store.as_ref()).await;
     Ok(())
+}
+
+/// Closes the store, giving up after [`STORE_CLOSE_DEADLINE`] so that
+/// storage stuck in a system call cannot hold the process past its grace
+/// period. Giving up loses nothing acknowledged: a batch is acknowledged
+/// only once stored (and synced, unless syncing is off).
+async fn close_store(store: &dyn Store) {
+    if tokio::time::timeout(STORE_CLOSE_DEADLINE, store.close())
+        .await
+        .is_err()
+    {
+        error!(
+            action = action::CLOSE_BETS_FILE,
+            result = result::FAIL,
+            reason = %format!(
+                "the store did not close within {} s; giving up on it (everything acknowledged was already stored)",
+                STORE_CLOSE_DEADLINE.as_secs()
+            ),
+            store = %store.describe()
+        );
+    }
+}
+
+/// Timeouts, secrets and TLS, from the configuration.
+fn load_settings(config: &ServerConfig) -> Result<Settings, ServerError> {
+    Ok(Settings {
+        frame_timeout: config.frame_deadline(),
+        idle_timeout: config.idle_deadline(),
+        secrets: config.load_secrets()?,
+        tls: if config.tls_enabled() {
+            Some(tls::acceptor(&config.tls_cert, &config.tls_key)?)
+        } else {
+            None
+        },
+    })
 }
