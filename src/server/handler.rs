@@ -506,6 +506,7 @@ impl Handler {
     }
 
     async fn handle_finished(&mut self, agency: AgencyId) -> Result<Next, FrameError> {
+        let shutdown = self.shutdown.clone();
         let session = match self.session_for(agency) {
             Ok(session) => session,
             Err(e) => return self.refuse_finish(agency, e.code(), e.to_string()).await,
@@ -517,7 +518,14 @@ impl Handler {
                 .refuse_finish(agency, ErrorCode::AgencyFinished, reason)
                 .await;
         }
-        if let Err(e) = session.claim().finish().await {
+        // The announcement that completes the set runs the draw; shutdown
+        // (or a newer session) must not wait for it: the draw goes on, on
+        // its own task, and is recorded all the same.
+        let finished = tokio::select! {
+            finished = session.claim().finish() => finished,
+            _ = shutdown.cancelled() => return Ok(Next::Close),
+        };
+        if let Err(e) = finished {
             return self.refuse_finish(agency, e.code(), e.to_string()).await;
         }
         self.session.as_mut().expect("claimed above").announced = true;
