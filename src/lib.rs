@@ -38,6 +38,7 @@ pub mod logging;
 pub mod lottery;
 pub mod model;
 pub mod net;
+mod scan;
 pub mod server;
 pub mod shutdown;
 pub mod store;
