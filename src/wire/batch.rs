@@ -84,24 +84,10 @@ fn bet_texts<'s>(
     let value = value.strip_suffix('\n').unwrap_or(value);
     let bytes = value.as_bytes();
     scratch.clear();
+    // Each field's value, by [`BetField::ALL`] index, and how many pairs
+    // were read.
     let mut fields: [Option<Text>; BetField::COUNT] = [None; BetField::COUNT];
-    // Pairs read so far: writers send the fields in table order, so pair
-    // `n` is checked against field `n` first.
     let mut pairs = 0;
-    let mut take = |key: &str, text: Text| {
-        let field = match BetField::ALL.get(pairs) {
-            Some(&expected) if same_bytes(expected.wire_key().as_bytes(), key.as_bytes()) => {
-                Some(expected)
-            }
-            _ => BetField::from_wire(key),
-        };
-        pairs += 1;
-        // Unknown keys are ignored, and the first of repeated keys counts,
-        // as in any payload.
-        if let Some(field) = field {
-            fields[field as usize].get_or_insert(text);
-        }
-    };
     // The pair being read starts at `start`; `colon` is its first `:`.
     // Specials before `skip` were read by the unescaping pass.
     let (mut start, mut colon, mut skip) = (0, None, 0);
@@ -125,9 +111,12 @@ fn bet_texts<'s>(
             // Any other escape: this pair is unescaped, start to end.
             _ => {
                 let (key, next) = unescape_pair(value, start, scratch)?;
+                let text = Text::copied(key.clone(), scratch.len());
                 take(
-                    &scratch[key.clone()],
-                    Text::copied(key.clone(), scratch.len()),
+                    &mut fields,
+                    &mut pairs,
+                    &scratch.as_bytes()[key.clone()],
+                    text,
                 );
                 // Only the value is kept.
                 scratch.drain(key);
@@ -138,7 +127,12 @@ fn bet_texts<'s>(
         let Some(c) = colon.take() else {
             return Err(no_colon(&value[start..end]));
         };
-        take(&value[start..c], Text::borrowed(c + 1, end));
+        take(
+            &mut fields,
+            &mut pairs,
+            &bytes[start..c],
+            Text::borrowed(c + 1, end),
+        );
         start = end + 1 + usize::from(bytes[end] == b'\\');
     }
     // A trailing separator leaves an empty pair, which is not one.
@@ -146,13 +140,38 @@ fn bet_texts<'s>(
         let Some(c) = colon else {
             return Err(no_colon(&value[start..]));
         };
-        take(&value[start..c], Text::borrowed(c + 1, bytes.len()));
+        let text = Text::borrowed(c + 1, bytes.len());
+        take(&mut fields, &mut pairs, &bytes[start..c], text);
     }
     let mut texts = [""; BetField::COUNT];
-    for ((text, field), name) in texts.iter_mut().zip(fields).zip(BetField::ALL) {
-        *text = field.ok_or(BetError::Missing(name))?.of(value, scratch);
+    for (i, text) in texts.iter_mut().enumerate() {
+        let Some(field) = fields[i] else {
+            return Err(BetError::Missing(BetField::ALL[i]));
+        };
+        *text = field.of(value, scratch);
     }
     return Ok(texts);
+
+    /// Keeps `text` as the value of the field whose key is `key`, pair
+    /// number `pairs` of the bet. Writers send the fields in table order,
+    /// so the pair's own field is checked first. Unknown keys are ignored,
+    /// and the first of repeated keys counts, as in any payload.
+    #[inline(always)]
+    fn take(
+        fields: &mut [Option<Text>; BetField::COUNT],
+        pairs: &mut usize,
+        key: &[u8],
+        text: Text,
+    ) {
+        let field = match FIELD_KEYS.get(*pairs) {
+            Some(expected) if same_bytes(expected, key) => Some(*pairs),
+            _ => FIELD_KEYS.iter().position(|k| same_bytes(k, key)),
+        };
+        *pairs += 1;
+        if let Some(field) = field {
+            fields[field].get_or_insert(text);
+        }
+    }
 
     /// The pair of `value` at `start`, which holds an escape, unescaped at
     /// both levels onto the end of `scratch`: where its key is in `scratch`
@@ -231,6 +250,17 @@ fn bet_texts<'s>(
     }
 }
 
+/// The fields' keys as bytes, in [`BetField::ALL`] order.
+const FIELD_KEYS: [&[u8]; BetField::COUNT] = {
+    let mut keys: [&[u8]; BetField::COUNT] = [b""; BetField::COUNT];
+    let mut i = 0;
+    while i < BetField::COUNT {
+        keys[i] = BetField::ALL[i].wire_key().as_bytes();
+        i += 1;
+    }
+    keys
+};
+
 /// Where a field's text is: a range of the value itself, or, when it held
 /// an escape, of the scratch string it was unescaped into. (Offsets fit: a
 /// value is part of one frame.)
@@ -282,9 +312,22 @@ fn unknown_escape(rest: &str) -> BetError {
     malformed(format!("unknown escape \\{shown:?}"))
 }
 
-/// `a == b` for a few bytes: a plain loop beats a call to `memcmp`.
+/// `a == b` for a few bytes (keys: 6 to 10), without a call to `memcmp`
+/// or a loop: its first and last four or eight bytes, which overlap.
+#[inline(always)]
 fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
+    fn word<const N: usize>(s: &[u8], at: usize) -> [u8; N] {
+        s[at..at + N].try_into().expect("N bytes")
+    }
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        8.. => word::<8>(a, 0) == word::<8>(b, 0) && word::<8>(a, n - 8) == word::<8>(b, n - 8),
+        4.. => word::<4>(a, 0) == word::<4>(b, 0) && word::<4>(a, n - 4) == word::<4>(b, n - 4),
+        _ => a == b,
+    }
 }
 
 /// Builds one batch frame bet by bet, straight into wire bytes: how the
@@ -395,20 +438,54 @@ fn put_bet(dst: &mut BytesMut, i: usize, bet: BetRef<'_>) {
     dst.put_u8(b'|');
     dst.put_slice(key::BET_PREFIX.as_bytes());
     dst.put_slice(digits[0].format(i).as_bytes());
-    dst.put_u8(b':');
     let texts = bet.texts(&mut digits);
-    for (j, (field, text)) in BetField::ALL.iter().zip(texts).enumerate() {
-        if j > 0 {
-            // The bet's own separator, escaped once for the outer level.
-            dst.put_slice(b"\\|");
-        }
-        dst.put_slice(field.wire_key().as_bytes());
-        dst.put_u8(b':');
+    for (prefix, text) in FIELD_PREFIXES.iter().zip(texts) {
+        dst.put_slice(&prefix.bytes[..prefix.len]);
         // Escape twice in one pass: a special byte `c` becomes `\c` in
         // the bet, and that becomes `\\\c` in the batch.
         escape_with(dst, text.as_bytes(), b"\\\\\\");
     }
 }
+
+/// What a bet's field starts with on the wire, in one piece: the `:` after
+/// `BET_i` for the first field, else the bet's own separator escaped once
+/// for the batch (`\|`); then the field's key and `:`.
+#[derive(Clone, Copy)]
+struct FieldPrefix {
+    bytes: [u8; 16],
+    len: usize,
+}
+
+/// [`FieldPrefix`] of every field, in [`BetField::ALL`] order, built from
+/// the field table when compiling: one copy per field for the batch writer.
+const FIELD_PREFIXES: [FieldPrefix; BetField::COUNT] = {
+    let mut prefixes = [FieldPrefix {
+        bytes: [0; 16],
+        len: 0,
+    }; BetField::COUNT];
+    let mut i = 0;
+    while i < BetField::COUNT {
+        let head: &[u8] = if i == 0 { b":" } else { b"\\|" };
+        let key = BetField::ALL[i].wire_key().as_bytes();
+        let mut len = 0;
+        let mut j = 0;
+        while j < head.len() {
+            prefixes[i].bytes[len] = head[j];
+            len += 1;
+            j += 1;
+        }
+        j = 0;
+        while j < key.len() {
+            prefixes[i].bytes[len] = key[j];
+            len += 1;
+            j += 1;
+        }
+        prefixes[i].bytes[len] = b':';
+        prefixes[i].len = len + 1;
+        i += 1;
+    }
+    prefixes
+};
 
 #[cfg(test)]
 mod tests {
