@@ -43,6 +43,7 @@ pub mod logging;
 mod lottery;
 pub mod model;
 mod net;
+mod scan;
 pub mod server;
 pub mod shutdown;
 pub mod store;

@@ -241,19 +241,30 @@ impl<'a> BetRef<'a> {
 
 impl<'a> BetRef<'a> {
     /// The fields as they travel, in [`BetField::ALL`] order; the numbers
-    /// are written into `digits`, so this needs no allocation.
+    /// are written into `digits` (but for the usual small agency ids, which
+    /// are static text), so this needs no allocation.
     pub(crate) fn texts<'s>(&self, digits: &'s mut [itoa::Buffer; 2]) -> [&'s str; BetField::COUNT]
     where
         'a: 's,
     {
+        /// The usual agency ids as text: the batch writer then formats
+        /// only the number per bet (as it did before the redesign).
+        const SMALL: [&str; 21] = [
+            "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
+            "16", "17", "18", "19", "20",
+        ];
         let [number, agency] = digits;
+        let agency = match SMALL.get(self.agency as usize) {
+            Some(small) => small,
+            None => agency.format(self.agency),
+        };
         [
             self.first_name,
             self.last_name,
             self.document,
             self.birthdate,
             number.format(self.number),
-            agency.format(self.agency),
+            agency,
         ]
     }
 

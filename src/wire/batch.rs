@@ -2,6 +2,8 @@
 //! and the one batch writer, both driven by the field table
 //! [`BetField::ALL`].
 
+use std::ops::Range;
+
 use bytes::{BufMut, BytesMut};
 
 use super::error::{bad_value, MessageError};
@@ -68,64 +70,201 @@ pub(super) fn parse_batch(size: &str, pairs: &Pairs<'_>) -> Result<Bets, Message
 /// `specials`, into its fields in [`BetField::ALL`] order.
 ///
 /// The value is escaped twice: once as the bet's own payload, once more as
-/// a value of the batch. One walk over its special bytes undoes both
-/// levels. The plain runs between them are borrowed whole, so a bet with
-/// nothing to unescape in its fields (nearly every bet) is read without a
-/// copy; a field holding an escape is built in `scratch`.
+/// a value of the batch, so its pairs are separated by `\|`. One walk over
+/// its special bytes finds each pair's `:` and end. A pair with no other
+/// escape (nearly every pair of nearly every bet) is borrowed from the
+/// value as it is; only a pair holding an escape is unescaped, both levels
+/// in one pass, into `scratch`.
 fn bet_texts<'s>(
     value: &'s str,
-    specials: impl Iterator<Item = usize>,
+    mut specials: impl Iterator<Item = usize>,
     scratch: &'s mut String,
 ) -> Result<[&'s str; BetField::COUNT], BetError> {
     // A raw newline at the end is the bet payload's own terminator.
     let value = value.strip_suffix('\n').unwrap_or(value);
     let bytes = value.as_bytes();
     scratch.clear();
-    let mut reader = BetReader {
-        value,
-        scratch,
-        fields: [None; BetField::COUNT],
-        key: None,
-        piece: Text::default(),
-        escape: false,
-        pairs: 0,
-    };
-    // `run` is where the plain text after the last special byte starts.
-    let mut run = 0;
-    for at in specials {
-        if at < run {
-            continue; // the byte a `\` escaped: not special
+    // Each field's value, by [`BetField::ALL`] index, and how many pairs
+    // were read.
+    let mut fields: [Option<Text>; BetField::COUNT] = [None; BetField::COUNT];
+    let mut pairs = 0;
+    // The pair being read starts at `start`; `colon` is its first `:`.
+    // Specials before `skip` were read by the unescaping pass.
+    let (mut start, mut colon, mut skip) = (0, None, 0);
+    while let Some(at) = specials.next() {
+        if at < skip {
+            continue;
         }
-        if run < at {
-            reader.plain(run, at)?;
-        }
-        let c = bytes[at];
-        if c == b'\\' {
-            // The batch's level: `\x` stands for `x`.
-            let Some(&next) = bytes.get(at + 1) else {
-                return Err(malformed("dangling escape".into()));
-            };
-            if !is_escapable(next) {
-                return Err(unknown_escape(&value[at + 1..]));
+        let end = match bytes[at] {
+            // `\|`: the pair's end (its `|` is the next special byte).
+            b'\\' if bytes.get(at + 1) == Some(&b'|') => {
+                specials.next();
+                at
             }
-            reader.special(next)?;
-            run = at + 2;
-        } else {
-            reader.special(c)?;
-            run = at + 1;
+            // A raw `|` is a separator too (the batch's splitting leaves
+            // none, but the bet's own level would read one as such).
+            b'|' => at,
+            b':' => {
+                colon = colon.or(Some(at));
+                continue;
+            }
+            // Any other escape: this pair is unescaped, start to end.
+            _ => {
+                let (key, next) = unescape_pair(value, start, scratch)?;
+                let text = Text::copied(key.clone(), scratch.len());
+                take(
+                    &mut fields,
+                    &mut pairs,
+                    &scratch.as_bytes()[key.clone()],
+                    text,
+                );
+                // Only the value is kept.
+                scratch.drain(key);
+                (start, colon, skip) = (next, None, next);
+                continue;
+            }
+        };
+        let Some(c) = colon.take() else {
+            return Err(no_colon(&value[start..end]));
+        };
+        take(
+            &mut fields,
+            &mut pairs,
+            &bytes[start..c],
+            Text::borrowed(c + 1, end),
+        );
+        start = end + 1 + usize::from(bytes[end] == b'\\');
+    }
+    // A trailing separator leaves an empty pair, which is not one.
+    if start < bytes.len() {
+        let Some(c) = colon else {
+            return Err(no_colon(&value[start..]));
+        };
+        let text = Text::borrowed(c + 1, bytes.len());
+        take(&mut fields, &mut pairs, &bytes[start..c], text);
+    }
+    let mut texts = [""; BetField::COUNT];
+    for (i, text) in texts.iter_mut().enumerate() {
+        let Some(field) = fields[i] else {
+            return Err(BetError::Missing(BetField::ALL[i]));
+        };
+        *text = field.of(value, scratch);
+    }
+    return Ok(texts);
+
+    /// Keeps `text` as the value of the field whose key is `key`, pair
+    /// number `pairs` of the bet. Writers send the fields in table order,
+    /// so the pair's own field is checked first. Unknown keys are ignored,
+    /// and the first of repeated keys counts, as in any payload.
+    #[inline(always)]
+    fn take(
+        fields: &mut [Option<Text>; BetField::COUNT],
+        pairs: &mut usize,
+        key: &[u8],
+        text: Text,
+    ) {
+        let field = match FIELD_KEYS.get(*pairs) {
+            Some(expected) if same_bytes(expected, key) => Some(*pairs),
+            _ => FIELD_KEYS.iter().position(|k| same_bytes(k, key)),
+        };
+        *pairs += 1;
+        if let Some(field) = field {
+            fields[field].get_or_insert(text);
         }
     }
-    if run < bytes.len() {
-        reader.plain(run, bytes.len())?;
+
+    /// The pair of `value` at `start`, which holds an escape, unescaped at
+    /// both levels onto the end of `scratch`: where its key is in `scratch`
+    /// (its value follows it, to the end), and where the next pair starts.
+    #[cold]
+    #[inline(never)]
+    fn unescape_pair(
+        value: &str,
+        start: usize,
+        scratch: &mut String,
+    ) -> Result<(Range<usize>, usize), BetError> {
+        let bytes = value.as_bytes();
+        let from = scratch.len();
+        let mut key_end = None;
+        // The last character was the bet's own (unescaped) `\`.
+        let mut escape = false;
+        let mut i = start;
+        let next = loop {
+            let Some(&b) = bytes.get(i) else {
+                if escape {
+                    return Err(malformed("dangling escape".into()));
+                }
+                break bytes.len();
+            };
+            // The batch's level: `\x` stands for `x`.
+            let c = match b {
+                b'\\' => {
+                    let Some(&next) = bytes.get(i + 1) else {
+                        return Err(malformed("dangling escape".into()));
+                    };
+                    if !is_escapable(next) {
+                        return Err(unknown_escape(&value[i + 1..]));
+                    }
+                    i += 2;
+                    next
+                }
+                b'|' | b':' => {
+                    i += 1;
+                    b
+                }
+                _ => {
+                    // A plain run: copied whole (it ends at an ASCII byte,
+                    // so on a character boundary).
+                    let run = bytes[i..]
+                        .iter()
+                        .position(|&c| matches!(c, b'\\' | b'|' | b':'))
+                        .map_or(bytes.len(), |n| i + n);
+                    if std::mem::take(&mut escape) {
+                        if b != b'\n' {
+                            return Err(unknown_escape(&value[i..run]));
+                        }
+                        scratch.push('\n');
+                        i += 1;
+                    }
+                    scratch.push_str(&value[i..run]);
+                    i = run;
+                    continue;
+                }
+            };
+            // The bet's own level.
+            if std::mem::take(&mut escape) {
+                scratch.push(char::from(c));
+                continue;
+            }
+            match c {
+                b'\\' => escape = true,
+                b'|' => break i,
+                b':' if key_end.is_none() => key_end = Some(scratch.len()),
+                _ => scratch.push(char::from(c)),
+            }
+        };
+        let Some(key_end) = key_end else {
+            return Err(no_colon(&scratch[from..]));
+        };
+        Ok((from..key_end, next))
     }
-    let fields = reader.finish()?;
-    let scratch: &'s String = reader.scratch;
-    Ok(fields.map(|t| t.of(value, scratch)))
 }
 
-/// Where a piece of a bet's text is: a range of the value itself, or, when
-/// it held an escape, of the scratch string it was unescaped into.
-#[derive(Debug, Clone, Copy, Default)]
+/// The fields' keys as bytes, in [`BetField::ALL`] order.
+const FIELD_KEYS: [&[u8]; BetField::COUNT] = {
+    let mut keys: [&[u8]; BetField::COUNT] = [b""; BetField::COUNT];
+    let mut i = 0;
+    while i < BetField::COUNT {
+        keys[i] = BetField::ALL[i].wire_key().as_bytes();
+        i += 1;
+    }
+    keys
+};
+
+/// Where a field's text is: a range of the value itself, or, when it held
+/// an escape, of the scratch string it was unescaped into. (Offsets fit: a
+/// value is part of one frame.)
+#[derive(Debug, Clone, Copy)]
 struct Text {
     copied: bool,
     start: u32,
@@ -133,151 +272,37 @@ struct Text {
 }
 
 impl Text {
-    fn is_empty(self) -> bool {
-        self.start == self.end
+    fn borrowed(start: usize, end: usize) -> Self {
+        Text {
+            copied: false,
+            start: start as u32,
+            end: end as u32,
+        }
+    }
+
+    /// The value an unescaped pair left in scratch, from the end of `key`
+    /// to `end`, as it is once the key before it is removed.
+    fn copied(key: Range<usize>, end: usize) -> Self {
+        Text {
+            copied: true,
+            start: key.start as u32,
+            end: (end - key.len()) as u32,
+        }
     }
 
     fn of<'s>(self, value: &'s str, scratch: &'s str) -> &'s str {
         let from = if self.copied { scratch } else { value };
         &from[self.start as usize..self.end as usize]
     }
-
-    /// [`Text::of`] as bytes: no check of where characters start, for the
-    /// hot comparison of keys.
-    fn bytes_of<'s>(self, value: &'s str, scratch: &'s str) -> &'s [u8] {
-        let from = if self.copied { scratch } else { value };
-        &from.as_bytes()[self.start as usize..self.end as usize]
-    }
-}
-
-/// The bet's own level of [`bet_texts`], fed the text with the batch's
-/// escaping already undone.
-struct BetReader<'s> {
-    value: &'s str,
-    scratch: &'s mut String,
-    /// Each field's value, by [`BetField::ALL`] index.
-    fields: [Option<Text>; BetField::COUNT],
-    /// The key of the pair being read, once its `:` is passed.
-    key: Option<Text>,
-    /// The key or value being read, unescaped.
-    piece: Text,
-    /// The last byte was an unescaped `\`.
-    escape: bool,
-    /// Pairs read so far: writers send the fields in table order, so pair
-    /// `n` is checked against field `n` first.
-    pairs: usize,
-}
-
-impl BetReader<'_> {
-    /// The value's bytes `start..end`, which hold no special byte (a raw
-    /// newline is not one).
-    #[inline]
-    fn plain(&mut self, mut start: usize, end: usize) -> Result<(), BetError> {
-        if self.escape {
-            self.escape = false;
-            if self.value.as_bytes()[start] != b'\n' {
-                return Err(unknown_escape(&self.value[start..end]));
-            }
-            self.push_char(b'\n');
-            start += 1;
-        }
-        if self.piece.is_empty() {
-            // Offsets fit: a value is part of one frame.
-            self.piece = Text {
-                copied: false,
-                start: start as u32,
-                end: end as u32,
-            };
-        } else {
-            let run = &self.value[start..end];
-            self.piece_in_scratch().push_str(run);
-            self.piece.end = self.scratch.len() as u32;
-        }
-        Ok(())
-    }
-
-    /// The piece being read, moved to the end of the scratch string (where
-    /// it can grow), and that string.
-    #[cold]
-    fn piece_in_scratch(&mut self) -> &mut String {
-        if !self.piece.copied {
-            let start = self.scratch.len() as u32;
-            self.scratch.push_str(self.piece.of(self.value, ""));
-            self.piece = Text {
-                copied: true,
-                start,
-                end: self.scratch.len() as u32,
-            };
-        }
-        self.scratch
-    }
-
-    fn push_char(&mut self, c: u8) {
-        self.piece_in_scratch().push(char::from(c));
-        self.piece.end += 1;
-    }
-
-    /// One of the bytes a batch value may escape.
-    #[inline]
-    fn special(&mut self, c: u8) -> Result<(), BetError> {
-        if std::mem::take(&mut self.escape) {
-            self.push_char(c);
-            return Ok(());
-        }
-        match c {
-            b'\\' => self.escape = true,
-            b'|' => self.end_pair()?,
-            b':' if self.key.is_none() => self.key = Some(std::mem::take(&mut self.piece)),
-            _ => self.push_char(c),
-        }
-        Ok(())
-    }
-
-    #[inline]
-    fn end_pair(&mut self) -> Result<(), BetError> {
-        let piece = std::mem::take(&mut self.piece);
-        let Some(key) = self.key.take() else {
-            let shown = piece.of(self.value, self.scratch);
-            return Err(malformed(format!("pair {shown:?} has no ':'")));
-        };
-        let field = match BetField::ALL.get(self.pairs) {
-            Some(&expected)
-                if same_bytes(
-                    expected.wire_key().as_bytes(),
-                    key.bytes_of(self.value, self.scratch),
-                ) =>
-            {
-                Some(expected)
-            }
-            _ => BetField::from_wire(key.of(self.value, self.scratch)),
-        };
-        self.pairs += 1;
-        // Unknown keys are ignored, and the first of repeated keys counts,
-        // as in any payload.
-        if let Some(field) = field {
-            self.fields[field as usize].get_or_insert(piece);
-        }
-        Ok(())
-    }
-
-    fn finish(&mut self) -> Result<[Text; BetField::COUNT], BetError> {
-        if self.escape {
-            return Err(malformed("dangling escape".into()));
-        }
-        // A trailing separator leaves an empty pair, which is not one.
-        if self.key.is_some() || !self.piece.is_empty() {
-            self.end_pair()?;
-        }
-        let mut texts = [Text::default(); BetField::COUNT];
-        for ((text, field), name) in texts.iter_mut().zip(self.fields).zip(BetField::ALL) {
-            *text = field.ok_or(BetError::Missing(name))?;
-        }
-        Ok(texts)
-    }
 }
 
 fn malformed(what: String) -> BetError {
     BetError::Malformed(what)
+}
+
+/// The error for a pair, `shown` unescaped, without a `:`.
+fn no_colon(shown: &str) -> BetError {
+    malformed(format!("pair {shown:?} has no ':'"))
 }
 
 /// The error for a `\` followed by `rest`, which starts with a character no
@@ -287,9 +312,22 @@ fn unknown_escape(rest: &str) -> BetError {
     malformed(format!("unknown escape \\{shown:?}"))
 }
 
-/// `a == b` for a few bytes: a plain loop beats a call to `memcmp`.
+/// `a == b` for a few bytes (keys: 6 to 10), without a call to `memcmp`
+/// or a loop: its first and last four or eight bytes, which overlap.
+#[inline(always)]
 fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
+    fn word<const N: usize>(s: &[u8], at: usize) -> [u8; N] {
+        s[at..at + N].try_into().expect("N bytes")
+    }
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        8.. => word::<8>(a, 0) == word::<8>(b, 0) && word::<8>(a, n - 8) == word::<8>(b, n - 8),
+        4.. => word::<4>(a, 0) == word::<4>(b, 0) && word::<4>(a, n - 4) == word::<4>(b, n - 4),
+        _ => a == b,
+    }
 }
 
 /// Builds one batch frame bet by bet, straight into wire bytes: how the
@@ -400,20 +438,54 @@ fn put_bet(dst: &mut BytesMut, i: usize, bet: BetRef<'_>) {
     dst.put_u8(b'|');
     dst.put_slice(key::BET_PREFIX.as_bytes());
     dst.put_slice(digits[0].format(i).as_bytes());
-    dst.put_u8(b':');
     let texts = bet.texts(&mut digits);
-    for (j, (field, text)) in BetField::ALL.iter().zip(texts).enumerate() {
-        if j > 0 {
-            // The bet's own separator, escaped once for the outer level.
-            dst.put_slice(b"\\|");
-        }
-        dst.put_slice(field.wire_key().as_bytes());
-        dst.put_u8(b':');
+    for (prefix, text) in FIELD_PREFIXES.iter().zip(texts) {
+        dst.put_slice(&prefix.bytes[..prefix.len]);
         // Escape twice in one pass: a special byte `c` becomes `\c` in
         // the bet, and that becomes `\\\c` in the batch.
         escape_with(dst, text.as_bytes(), b"\\\\\\");
     }
 }
+
+/// What a bet's field starts with on the wire, in one piece: the `:` after
+/// `BET_i` for the first field, else the bet's own separator escaped once
+/// for the batch (`\|`); then the field's key and `:`.
+#[derive(Clone, Copy)]
+struct FieldPrefix {
+    bytes: [u8; 16],
+    len: usize,
+}
+
+/// [`FieldPrefix`] of every field, in [`BetField::ALL`] order, built from
+/// the field table when compiling: one copy per field for the batch writer.
+const FIELD_PREFIXES: [FieldPrefix; BetField::COUNT] = {
+    let mut prefixes = [FieldPrefix {
+        bytes: [0; 16],
+        len: 0,
+    }; BetField::COUNT];
+    let mut i = 0;
+    while i < BetField::COUNT {
+        let head: &[u8] = if i == 0 { b":" } else { b"\\|" };
+        let key = BetField::ALL[i].wire_key().as_bytes();
+        let mut len = 0;
+        let mut j = 0;
+        while j < head.len() {
+            prefixes[i].bytes[len] = head[j];
+            len += 1;
+            j += 1;
+        }
+        j = 0;
+        while j < key.len() {
+            prefixes[i].bytes[len] = key[j];
+            len += 1;
+            j += 1;
+        }
+        prefixes[i].bytes[len] = b':';
+        prefixes[i].len = len + 1;
+        i += 1;
+    }
+    prefixes
+};
 
 #[cfg(test)]
 mod tests {

@@ -6,9 +6,9 @@ use std::borrow::Cow;
 use std::ops::Range;
 
 use bytes::{BufMut, BytesMut};
-use memchr::memchr3_iter;
 
 use super::error::MessageError;
+use crate::scan;
 
 /// Appends `value` to `dst` with `\`, `|` and `\n` escaped.
 ///
@@ -28,19 +28,33 @@ pub fn escape_into(dst: &mut BytesMut, value: &str) {
 /// Appends `bytes` with `escape` before every `\`, `|` and `\n`, copying
 /// the plain runs between them whole. `\n` is escaped too so that a
 /// payload's only raw newline is its last byte.
+///
+/// Fields are a few bytes long and nearly all have nothing to escape: one
+/// check eight bytes at a time, then the field copied whole.
 pub(super) fn escape_with(dst: &mut BytesMut, bytes: &[u8], escape: &[u8]) {
+    if !scan::any_of(bytes, *b"\\|\n") {
+        dst.put_slice(bytes);
+        return;
+    }
     let mut start = 0;
-    for at in memchr3_iter(b'\\', b'|', b'\n', bytes) {
-        dst.put_slice(&bytes[start..at]);
-        dst.put_slice(escape);
-        start = at;
+    for (at, &c) in bytes.iter().enumerate() {
+        if needs_escape(c) {
+            dst.put_slice(&bytes[start..at]);
+            dst.put_slice(escape);
+            start = at;
+        }
     }
     dst.put_slice(&bytes[start..]);
 }
 
+/// Whether a writer escapes `c`: `\`, `|` and a newline.
+fn needs_escape(c: u8) -> bool {
+    matches!(c, b'\\' | b'|' | b'\n')
+}
+
 /// Length of `value` once escaped by [`escape_into`].
 pub(super) fn escaped_len(value: &str) -> usize {
-    value.len() + memchr3_iter(b'\\', b'|', b'\n', value.as_bytes()).count()
+    value.len() + value.bytes().filter(|&c| needs_escape(c)).count()
 }
 
 /// The bytes a writer may escape: `\`, `|`, `:` and a newline. A reader
@@ -119,18 +133,11 @@ impl<'a> Pairs<'a> {
 /// that give a payload its structure, at both of a batch's levels (the
 /// batch's pairs, and each bet's own).
 pub(super) fn find_specials(bytes: &[u8]) -> Vec<u32> {
-    // A payload fits in a frame, so positions fit in a u32. About one byte
-    // in six is special in a batch: reserve for that to avoid regrowing.
-    let mut out = Vec::with_capacity(bytes.len() / 4);
-    // The specials are dense (a few bytes apart), so the cost is per match:
-    // call the AVX2 searcher directly rather than through `memchr3_iter`'s
-    // per-call dispatch.
-    #[cfg(target_arch = "x86_64")]
-    if let Some(searcher) = memchr::arch::x86_64::avx2::memchr::Three::new(b'\\', b'|', b':') {
-        out.extend(searcher.iter(bytes).map(|at| at as u32));
-        return out;
-    }
-    out.extend(memchr3_iter(b'\\', b'|', b':', bytes).map(|at| at as u32));
+    // Room for a position per byte, written by index; a payload fits in a
+    // frame, so positions fit in a u32.
+    let mut out = vec![0; bytes.len()];
+    let n = scan::positions_of(bytes, *b"\\|:", &mut out);
+    out.truncate(n);
     out
 }
 

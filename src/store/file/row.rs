@@ -10,6 +10,7 @@ use std::path::Path;
 
 use super::StorageError;
 use crate::model::{AgencyId, BetRef, MAX_DOCUMENT_LEN, MAX_NAME_CHARS, MAX_NUMBER};
+use crate::scan;
 
 /// Encodes bets as CSV rows of the bets file, quoting only the fields that
 /// need it (those holding `,`, `"`, CR or LF; a `"` inside is doubled).
@@ -273,8 +274,9 @@ pub(super) const READ_BLOCK: usize = 256 << 10;
 /// checking each with [`check_row`] and handing it to `each`.
 ///
 /// This is the draw's whole cost, so it reads the file in large blocks and
-/// finds every `"` and line end of a block with `memchr2_iter`: a row without
-/// a `"` (nearly all of them) is cut at its commas; a row with quoted
+/// finds every `,`, `"` and line end of a block in one pass of the shared
+/// byte scanner: a row without a `"` (nearly all of them) is cut at the
+/// commas found before its line end; a row with quoted
 /// fields (a name holding a comma, a quote or a line break, which may span
 /// lines) goes through CSV's own parser. A row is complete with its line
 /// end outside quotes; what follows the last complete row at the end of
@@ -292,7 +294,7 @@ pub(super) fn read_part(
     let (mut rows, mut torn) = (0u64, 0u64);
     let mut quoted = csv_core::Reader::new();
     let mut scratch = (Vec::new(), [0usize; 8]);
-    // Where every `\n` and `"` of the buffer is, found once per read;
+    // Where every `,`, `\n` and `"` of the buffer is, found once per read;
     // `mark` is the first one at or after `start`.
     let mut marks: Vec<u32> = Vec::new();
     let (mut marked, mut mark) = (0, 0);
@@ -301,7 +303,7 @@ pub(super) fn read_part(
             break;
         }
         // A whole row from `start`, or (at the end) whatever is left.
-        // Most rows: the next mark is the line's end, and no quote.
+        // Most rows: the next marks are five commas and the line's end.
         let mut commas = [0usize; 5];
         let plain = plain_row(&buf, &marks[..marked], &mut mark, start, &mut commas);
         let found = match plain {
@@ -349,15 +351,7 @@ pub(super) fn read_part(
                 eof = n == 0;
                 // Written by index: the room grows with the buffer only.
                 marks.resize(buf.len(), 0);
-                marked = 0;
-                for (slot, at) in
-                    marks
-                        .iter_mut()
-                        .zip(memchr::memchr2_iter(b'\n', b'"', &buf[..filled]))
-                {
-                    *slot = at as u32;
-                    marked += 1;
-                }
+                marked = scan::positions_of(&buf[..filled], *b",\n\"", &mut marks);
                 mark = 0;
                 continue;
             }
@@ -421,7 +415,7 @@ struct PlainRow {
 }
 
 /// The row at `start`, read from the buffer's `marks` (the positions of
-/// its `\n` and `"`) from index `mark` on, noting where its first five
+/// its `,`, `\n` and `"`) from index `mark` on, noting where its first five
 /// commas are (relative to `start`). `None` without a whole line; `commas`
 /// is not 5 when the line is not a plain six-field row (reported as 0 when
 /// it holds a `"`). Advances `mark` past the line.
@@ -432,17 +426,24 @@ fn plain_row(
     start: usize,
     commas: &mut [usize; 5],
 ) -> Option<PlainRow> {
+    let mut found = 0;
     for (k, &m) in marks.iter().enumerate().skip(*mark) {
         let at = m as usize;
         if at < start {
             continue; // behind a row the general path took
         }
         match buf[at] {
+            b',' => {
+                if let Some(slot) = commas.get_mut(found) {
+                    *slot = at - start;
+                }
+                found += 1;
+            }
             b'\n' => {
                 *mark = k + 1;
                 return Some(PlainRow {
                     len: at - start,
-                    commas: commas_of(&buf[start..at], commas),
+                    commas: found,
                 });
             }
             // Quoted fields: not plain; the general path takes the row.
@@ -455,44 +456,6 @@ fn plain_row(
         }
     }
     None
-}
-
-/// Where the commas of a line without quotes are: notes the first five
-/// (relative to the line) in `commas` and returns how many there are.
-///
-/// Commas are dense (five in some fifty bytes): a `memchr` call per comma,
-/// or a branch per byte, costs the draw a fifth more than this test of
-/// eight bytes at a time (a `,` is a zero byte of `word ^ COMMAS`).
-fn commas_of(line: &[u8], commas: &mut [usize; 5]) -> usize {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-    const COMMAS: u64 = ONES * b',' as u64;
-    let mut found = 0;
-    let mut note = |at: usize| {
-        if let Some(slot) = commas.get_mut(found) {
-            *slot = at;
-        }
-        found += 1;
-    };
-    let mut chunks = line.chunks_exact(8);
-    let mut at = 0;
-    for chunk in &mut chunks {
-        let x = u64::from_le_bytes(chunk.try_into().expect("chunks of 8")) ^ COMMAS;
-        // The high bit of each zero byte of `x`, exactly (no carry crosses
-        // bytes).
-        let mut hits = !(((x & LOW7).wrapping_add(LOW7)) | x | LOW7);
-        while hits != 0 {
-            note(at + hits.trailing_zeros() as usize / 8);
-            hits &= hits - 1;
-        }
-        at += 8;
-    }
-    for (i, &c) in chunks.remainder().iter().enumerate() {
-        if c == b',' {
-            note(at + i);
-        }
-    }
-    found
 }
 
 /// Splits a row without quotes at its commas into at most six fields;
