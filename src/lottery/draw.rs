@@ -20,43 +20,21 @@ impl Lottery {
     /// announced it finished after its last acknowledgement, so the store
     /// holds every bet by now.
     pub(super) async fn run_draw(&self, agency: AgencyId) -> Result<(), LotteryError> {
-        // A task of its own: the draw completes and is published even if
-        // the connection that started it is dropped half way.
-        let lottery = self.clone();
-        let outcome = crate::task::spawn_named("draw", async move {
-            let outcome = lottery.draw_and_record().await;
-            match &outcome {
-                Ok(draw) => {
-                    info!(
-                        action = action::SORTEO,
-                        result = result::SUCCESS,
-                        winning_number = draw.winning_number,
-                        bets = draw.bets,
-                        winners = draw.winners.values().map(Vec::len).sum::<usize>(),
-                        millis = draw.elapsed.as_millis() as u64
-                    );
-                    lottery.shared.drawn.send_replace(Drawn::Done(draw.clone()));
-                }
-                Err(e) => {
-                    error!(action = action::SORTEO, result = result::FAIL, reason = %e);
-                    // Agencies waiting for it are told to try again later.
-                    let reason = match e {
-                        LotteryError::Draw(reason) => reason.clone(),
-                        other => other.to_string(),
-                    };
-                    lottery.shared.drawn.send_replace(Drawn::Failed(reason));
-                    // Forget the announcement that triggered it: announcing
-                    // again retries the draw.
-                    let mut state = lottery.lock();
-                    state.finished.remove(&agency);
-                }
-            }
-            lottery.lock().drawing = false;
-            outcome
-        })
-        .await
-        .expect("the draw does not panic");
-        outcome.map(|_| ())
+        // A task of its own, tracked so shutdown waits for it: the draw
+        // completes and is published even if the connection that started
+        // it is dropped half way.
+        let running = Running {
+            lottery: self.clone(),
+            agency,
+            done: false,
+            failure: None,
+        };
+        let task = self.shared.tasks.track_future(running.run());
+        match crate::task::spawn_named("draw", task).await {
+            Ok(outcome) => outcome,
+            // `Running`'s drop has published the failure already.
+            Err(panicked) => Err(LotteryError::Draw(format!("the draw stopped: {panicked}"))),
+        }
     }
 
     /// Refuses a tally that does not hold exactly the bets acknowledged to
@@ -110,5 +88,67 @@ impl Lottery {
             .await
             .map_err(|e| LotteryError::Draw(format!("writing the draw record: {e}")))?;
         Ok(Arc::new(draw))
+    }
+}
+
+/// A draw under way. However it ends (done, failed, or its task panicking
+/// or dropped), the lottery is left ready: done publishes the draw; any
+/// other end forgets the announcement that started it and lets the next
+/// announcement draw again, and only then tells the waiting agencies, so
+/// none of them can miss the retry.
+struct Running {
+    lottery: Lottery,
+    agency: AgencyId,
+    done: bool,
+    /// Why it failed, for the agencies waiting for it.
+    failure: Option<String>,
+}
+
+impl Running {
+    async fn run(mut self) -> Result<(), LotteryError> {
+        match self.lottery.draw_and_record().await {
+            Ok(draw) => {
+                info!(
+                    action = action::SORTEO,
+                    result = result::SUCCESS,
+                    winning_number = draw.winning_number,
+                    bets = draw.bets,
+                    winners = draw.winners.values().map(Vec::len).sum::<usize>(),
+                    millis = draw.elapsed.as_millis() as u64
+                );
+                self.lottery.shared.drawn.send_replace(Drawn::Done(draw));
+                self.lottery.lock().drawing = false;
+                self.done = true;
+                Ok(())
+            }
+            Err(e) => {
+                error!(action = action::SORTEO, result = result::FAIL, reason = %e);
+                self.failure = Some(match &e {
+                    LotteryError::Draw(reason) => reason.clone(),
+                    other => other.to_string(),
+                });
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        {
+            let mut state = self.lottery.lock();
+            state.finished.remove(&self.agency);
+            state.drawing = false;
+        }
+        let reason = self.failure.take().unwrap_or_else(|| {
+            "the draw stopped before it was recorded; announce again to retry".to_string()
+        });
+        self.lottery
+            .shared
+            .drawn
+            .send_replace(Drawn::Failed(reason));
     }
 }

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::model::AgencyId;
 use crate::store::{Draw, Store};
@@ -42,6 +43,19 @@ pub enum LotteryError {
     /// Another open connection speaks for the agency.
     #[error("agency {0} is already connected")]
     Busy(AgencyId),
+    /// A new session waited for the older connection of its agency to let
+    /// go, and it did not in time.
+    #[error(
+        "agency {agency} is held by an older connection that did not let go within {}s \
+         (its batches in flight not yet settled); try again",
+        waited.as_secs()
+    )]
+    TakeoverTimedOut {
+        /// The agency.
+        agency: AgencyId,
+        /// How long the new session waited.
+        waited: Duration,
+    },
     /// The agency already finished (or the draw is done): no more bets.
     #[error("agency {0} already finished betting")]
     Finished(AgencyId),
@@ -69,7 +83,7 @@ impl LotteryError {
             LotteryError::UnknownAgency(..) | LotteryError::OtherAgency { .. } => {
                 ErrorCode::WrongAgency
             }
-            LotteryError::Busy(_) => ErrorCode::AgencyBusy,
+            LotteryError::Busy(_) | LotteryError::TakeoverTimedOut { .. } => ErrorCode::AgencyBusy,
             LotteryError::Finished(_) => ErrorCode::AgencyFinished,
             LotteryError::Draw(_) => ErrorCode::StorageFailed,
             LotteryError::OutOfOrder { .. } => ErrorCode::OutOfOrder,
@@ -123,6 +137,8 @@ struct Shared {
     drawn: watch::Sender<Drawn>,
     /// Woken whenever a claim is dropped, for a session taking over.
     released: Notify,
+    /// The draw's task, so shutdown can wait for a draw under way.
+    tasks: TaskTracker,
     agencies: u32,
     winning_number: u16,
     store: Arc<dyn Store>,
@@ -154,6 +170,7 @@ impl Lottery {
                 state: Mutex::new(state),
                 drawn: watch::Sender::new(draw.map_or(Drawn::NotYet, |d| Drawn::Done(Arc::new(d)))),
                 released: Notify::new(),
+                tasks: TaskTracker::new(),
                 agencies,
                 winning_number,
                 store,
@@ -231,7 +248,10 @@ impl Lottery {
                 claimed => return claimed,
             }
             if tokio::time::timeout_at(deadline, released).await.is_err() {
-                return Err(LotteryError::Busy(agency));
+                return Err(LotteryError::TakeoverTimedOut {
+                    agency,
+                    waited: patience,
+                });
             }
         }
     }
@@ -276,6 +296,13 @@ impl Lottery {
                 Drawn::NotYet => {}
             }
         }
+    }
+
+    /// Waits for a draw under way to be recorded and published (or to
+    /// fail): shutdown must not close the store under a draw.
+    pub async fn close(&self) {
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
     }
 
     /// The configured agency count, whether the draw is done, and each
@@ -447,6 +474,8 @@ mod tests {
         fail_record: bool,
         /// Told when the gated step is reached.
         reached: Arc<tokio::sync::Notify>,
+        /// The tally panics once (a bug in a backend), then works.
+        panic_once: std::sync::atomic::AtomicBool,
     }
 
     impl Store for Gated {
@@ -463,6 +492,12 @@ mod tests {
         }
         fn tally(&self, winning_number: u16) -> BoxFuture<'_, Result<Tally, StorageError>> {
             async move {
+                if self
+                    .panic_once
+                    .swap(false, std::sync::atomic::Ordering::SeqCst)
+                {
+                    panic!("a backend's tally panics");
+                }
                 if !self.gate_record {
                     self.reached.notify_one();
                     let _pass = self.gate.acquire().await.unwrap();
@@ -504,6 +539,7 @@ mod tests {
             gate_record: false,
             fail_record: false,
             reached: Arc::default(),
+            panic_once: false.into(),
         });
         let lottery = Lottery::new(1, 5, store, stored, None);
         let claim = lottery.claim(1, &CancellationToken::new()).unwrap();
@@ -563,7 +599,14 @@ mod tests {
             .take_over(2, &CancellationToken::new(), Duration::from_millis(50))
             .await
             .unwrap_err();
-        assert_eq!(err, LotteryError::Busy(2));
+        assert_eq!(
+            err,
+            LotteryError::TakeoverTimedOut {
+                agency: 2,
+                waited: Duration::from_millis(50)
+            }
+        );
+        assert_eq!(err.code(), ErrorCode::AgencyBusy);
         drop(stuck);
     }
 
@@ -624,6 +667,7 @@ mod tests {
                 gate_record: true,
                 fail_record,
                 reached: reached.clone(),
+                panic_once: false.into(),
             });
             let lottery = Lottery::new(1, 5, store, stored, None);
             let waiter = {
@@ -651,5 +695,39 @@ mod tests {
                 assert!(inner.load_draw().await.unwrap().is_some());
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_draw_that_panics_leaves_the_lottery_ready_to_draw_again() {
+        let dir = tempfile::tempdir().unwrap();
+        write_bets(&dir.path().join("bets.csv"), &[(1, "11", 5), (2, "21", 5)]);
+        let (inner, stored) = file_store(dir.path()).await;
+        let gate = Arc::new(tokio::sync::Semaphore::new(2));
+        let store = Arc::new(Gated {
+            inner,
+            gate,
+            gate_record: false,
+            fail_record: false,
+            reached: Arc::default(),
+            panic_once: true.into(),
+        });
+        let lottery = Lottery::new(2, 5, store, stored, None);
+        let (one, two) = (
+            lottery.claim(1, &CancellationToken::new()).unwrap(),
+            lottery.claim(2, &CancellationToken::new()).unwrap(),
+        );
+        one.finish().await.unwrap();
+        let waiter = {
+            let l = lottery.clone();
+            tokio::spawn(async move { l.wait_for_draw(&CancellationToken::new()).await })
+        };
+        let err = two.finish().await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::StorageFailed);
+        // The agency waiting is told to retry, not left waiting for ever.
+        assert!(waiter.await.unwrap().unwrap().is_err());
+        // Announcing again draws.
+        two.finish().await.unwrap();
+        assert_eq!(lottery.draw().unwrap().winners_of(2), ["21"]);
+        lottery.close().await;
     }
 }

@@ -309,10 +309,12 @@ impl Handler {
             // The old connection needs at most a write deadline to answer
             // what it has and let go, plus its batches' time at the store.
             let patience = self.settings.frame_timeout * 2;
-            let claim = self
-                .lottery
-                .take_over(agency, &self.shutdown, patience)
-                .await?;
+            let shutdown = self.shutdown.clone();
+            let claim = tokio::select! {
+                claim = self.lottery.take_over(agency, &shutdown, patience) => claim?,
+                // Shut down (or itself superseded) while waiting.
+                _ = shutdown.cancelled() => return Err(LotteryError::Busy(agency)),
+            };
             self.session = Some(Session::new(claim, self.store.clone()));
         }
         Ok(())
@@ -533,9 +535,14 @@ impl Handler {
         // session. Keep reading meanwhile: a peer that closes (an agency
         // restarted) frees its agency at once; anything it sends is kept
         // and handled after the winners, in order.
+        // One wait for the whole loop, so an outcome published while a
+        // frame is being taken is not missed.
+        let lottery = self.lottery.clone();
+        let wait = lottery.wait_for_draw(&shutdown);
+        tokio::pin!(wait);
         let drawn = loop {
             tokio::select! {
-                drawn = self.lottery.wait_for_draw(&self.shutdown) => break drawn,
+                drawn = &mut wait => break drawn,
                 frame = self.framed.next(), if self.stashed.is_none() => match frame {
                     None => return Ok(Next::Close),
                     Some(Err(e)) => return Err(e),

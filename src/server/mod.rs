@@ -154,7 +154,7 @@ pub async fn run_with_store(
     let accept_loop = listener::Listener {
         listener,
         store: store.clone(),
-        lottery,
+        lottery: lottery.clone(),
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
         connections: connections.clone(),
@@ -177,7 +177,8 @@ pub async fn run_with_store(
     connections.cancel();
 
     tracker.close();
-    if tokio::time::timeout(config.shutdown_deadline(), tracker.wait())
+    let grace_ends = tokio::time::Instant::now() + config.shutdown_deadline();
+    if tokio::time::timeout_at(grace_ends, tracker.wait())
         .await
         .is_err()
     {
@@ -192,6 +193,20 @@ pub async fn run_with_store(
         );
         hard_stop.cancel();
         tracker.wait().await;
+    }
+    // A draw under way is recorded and published before the store closes,
+    // within what is left of the grace period; one abandoned after it left
+    // either its whole record or none (the record is written atomically),
+    // and a restart serves or runs it.
+    if tokio::time::timeout_at(grace_ends, lottery.close())
+        .await
+        .is_err()
+    {
+        warn!(
+            action = action::SHUTDOWN,
+            result = result::IN_PROGRESS,
+            reason = "abandoning the draw still under way after the grace period"
+        );
     }
     // Every handler is gone: the store takes what they submitted, flushes
     // and closes.

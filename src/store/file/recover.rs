@@ -47,12 +47,16 @@ pub fn recover(path: &Path) -> Result<Recovered, StorageError> {
         *per_agency.entry(bet.agency).or_default() += 1;
     })
     .map_err(|fail| fail.into_error(path, 0))?;
+    let f = OpenOptions::new().write(true).open(path).map_err(io_err)?;
     if part.torn > 0 {
-        let f = OpenOptions::new().write(true).open(path).map_err(io_err)?;
         f.set_len(part.end).map_err(io_err)?;
-        // The cut must be durable before new rows are appended after it.
-        f.sync_all().map_err(io_err)?;
     }
+    // Synced whether or not anything was cut: a crash between a group's
+    // write and its sync leaves rows in the page cache that were never
+    // acknowledged, and the counts read here are about to be told to the
+    // agencies (HELLO) as stored. The cut, too, must be durable before new
+    // rows follow it.
+    f.sync_all().map_err(io_err)?;
     Ok(Recovered {
         rows: part.rows,
         per_agency,
