@@ -478,6 +478,20 @@ mod tests {
         panic_once: std::sync::atomic::AtomicBool,
     }
 
+    impl Gated {
+        /// Gates the tally; records and tallies work.
+        fn new(inner: Arc<dyn Store>, gate: Arc<tokio::sync::Semaphore>) -> Gated {
+            Gated {
+                inner,
+                gate,
+                gate_record: false,
+                fail_record: false,
+                reached: Arc::default(),
+                panic_once: false.into(),
+            }
+        }
+    }
+
     impl Store for Gated {
         fn describe(&self) -> String {
             self.inner.describe()
@@ -533,14 +547,7 @@ mod tests {
         write_bets(&dir.path().join("bets.csv"), &[(1, "11", 5)]);
         let (inner, stored) = file_store(dir.path()).await;
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let store = Arc::new(Gated {
-            inner,
-            gate: gate.clone(),
-            gate_record: false,
-            fail_record: false,
-            reached: Arc::default(),
-            panic_once: false.into(),
-        });
+        let store = Arc::new(Gated::new(inner, gate.clone()));
         let lottery = Lottery::new(1, 5, store, stored, None);
         let claim = lottery.claim(1, &CancellationToken::new()).unwrap();
         let finishing = tokio::spawn(async move {
@@ -662,12 +669,10 @@ mod tests {
             let gate = Arc::new(tokio::sync::Semaphore::new(0));
             let reached = Arc::new(tokio::sync::Notify::new());
             let store = Arc::new(Gated {
-                inner: inner.clone(),
-                gate: gate.clone(),
                 gate_record: true,
                 fail_record,
                 reached: reached.clone(),
-                panic_once: false.into(),
+                ..Gated::new(inner.clone(), gate.clone())
             });
             let lottery = Lottery::new(1, 5, store, stored, None);
             let waiter = {
@@ -704,12 +709,8 @@ mod tests {
         let (inner, stored) = file_store(dir.path()).await;
         let gate = Arc::new(tokio::sync::Semaphore::new(2));
         let store = Arc::new(Gated {
-            inner,
-            gate,
-            gate_record: false,
-            fail_record: false,
-            reached: Arc::default(),
             panic_once: true.into(),
+            ..Gated::new(inner, gate)
         });
         let lottery = Lottery::new(2, 5, store, stored, None);
         let (one, two) = (
