@@ -352,6 +352,14 @@ mod tests {
         std::fs::write(path, rows).unwrap();
     }
 
+    /// An agency waiting for the draw, on a task of its own.
+    fn waiter(
+        lottery: &Lottery,
+    ) -> tokio::task::JoinHandle<Option<Result<Arc<Draw>, LotteryError>>> {
+        let lottery = lottery.clone();
+        tokio::spawn(async move { lottery.wait_for_draw(&CancellationToken::new()).await })
+    }
+
     async fn file_store(dir: &Path) -> (Arc<dyn Store>, BTreeMap<AgencyId, u64>) {
         let (store, stored) = FileStore::open(
             &dir.join("bets.csv"),
@@ -632,10 +640,7 @@ mod tests {
         let aside = dir.path().join("aside.csv");
         std::fs::rename(&bets, &aside).unwrap();
         one.finish().await.unwrap();
-        let waiter = {
-            let l = lottery.clone();
-            tokio::spawn(async move { l.wait_for_draw(&CancellationToken::new()).await })
-        };
+        let waiter = waiter(&lottery);
         let err = two.finish().await.unwrap_err();
         assert_eq!(err.code(), ErrorCode::StorageFailed);
         let text = err.to_string();
@@ -675,10 +680,7 @@ mod tests {
                 ..Gated::new(inner.clone(), gate.clone())
             });
             let lottery = Lottery::new(1, 5, store, stored, None);
-            let waiter = {
-                let l = lottery.clone();
-                tokio::spawn(async move { l.wait_for_draw(&CancellationToken::new()).await })
-            };
+            let waiter = waiter(&lottery);
             let claim = lottery.claim(1, &CancellationToken::new()).unwrap();
             let finishing = tokio::spawn(async move { claim.finish().await });
             // The record is being written: nobody may learn the outcome yet.
@@ -718,10 +720,7 @@ mod tests {
             lottery.claim(2, &CancellationToken::new()).unwrap(),
         );
         one.finish().await.unwrap();
-        let waiter = {
-            let l = lottery.clone();
-            tokio::spawn(async move { l.wait_for_draw(&CancellationToken::new()).await })
-        };
+        let waiter = waiter(&lottery);
         let err = two.finish().await.unwrap_err();
         assert_eq!(err.code(), ErrorCode::StorageFailed);
         // The agency waiting is told to retry, not left waiting for ever.
