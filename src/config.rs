@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use crate::logging::{LogFormat, LogLevel};
 use crate::model::{AgencyId, MAX_NUMBER};
+use crate::store::Storage;
 
 /// Most batches an agency may keep in flight (`agency.window`): the central
 /// reads no further from a connection that has this many unanswered.
@@ -127,8 +128,10 @@ settings! {
         /// Agencies that must finish before the draw.
         agencies: u32 = 5, env "SERVER_AGENCIES",
             flag "agencies" on ["server", "gen-data"], min 1;
-        /// The bets file.
-        storage: PathBuf = "bets.csv".into(), env "SERVER_STORAGE",
+        /// Where the bets are kept: the bets file's path, or a PostgreSQL
+        /// database as a libpq URL (`postgres://user@host:port/db`, several
+        /// hosts allowed).
+        storage: Storage = Storage::default(), env "SERVER_STORAGE",
             flag "storage" on ["server"], check not_empty;
         /// The number that wins the draw.
         winning_number: u16 = 7574, env "SERVER_WINNING_NUMBER",
@@ -136,8 +139,9 @@ settings! {
         /// Sync the bets file before acknowledging a batch (`fdatasync`, shared
         /// by every batch waiting at the time). Off only for measurements.
         sync: bool = true, env "SERVER_SYNC", flag ("no-sync" = "false") on ["server", "demo"];
-        /// Where the draw's outcome is recorded; empty means the bets file's
-        /// name with its extension replaced by `.draw.toml`.
+        /// Where the draw's outcome is recorded (with the bets file; a
+        /// database keeps it in a table); empty means the bets file's name
+        /// with its extension replaced by `.draw.toml`.
         draw_record: PathBuf = PathBuf::new(), env "SERVER_DRAW_RECORD",
             flag "draw-record" on ["server"];
         /// Most connections served at once; more are refused with `SERVER_BUSY`.
@@ -210,7 +214,7 @@ settings! {
 
 fn not_empty(value: &str) -> Result<(), &'static str> {
     if value.is_empty() {
-        return Err("must name a file");
+        return Err("must name a file or a postgres:// URL");
     }
     Ok(())
 }
@@ -469,6 +473,28 @@ impl Value for PathBuf {
     const QUOTED: bool = true;
 }
 
+impl Value for Storage {
+    const HINT: &'static str = "PATH|URL";
+    fn parse(raw: &str) -> Result<Self, String> {
+        raw.parse()
+    }
+    /// Without a password: this text can reach messages.
+    fn show(&self) -> String {
+        self.to_string()
+    }
+    #[cfg(test)]
+    const SAMPLES: [&'static str; 2] = ["a.csv", "postgres://u@h:5432/db"];
+    #[cfg(test)]
+    const QUOTED: bool = true;
+}
+
+impl<'de> Deserialize<'de> for Storage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        raw.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl Value for BTreeMap<String, String> {
     const HINT: &'static str = "TABLE";
     fn parse(_: &str) -> Result<Self, String> {
@@ -657,13 +683,15 @@ impl ServerConfig {
         std::time::Duration::from_secs(self.shutdown_grace)
     }
 
-    /// The draw record's path, defaulted from the bets file's.
-    pub fn draw_record_path(&self) -> PathBuf {
-        if self.draw_record.as_os_str().is_empty() {
-            self.storage.with_extension("draw.toml")
+    /// The draw record's path, defaulted from the bets file's; `None` when
+    /// a database keeps the bets (and the draw record, in a table).
+    pub fn draw_record_path(&self) -> Option<PathBuf> {
+        let bets = self.storage.file()?;
+        Some(if self.draw_record.as_os_str().is_empty() {
+            bets.with_extension("draw.toml")
         } else {
             self.draw_record.clone()
-        }
+        })
     }
 }
 

@@ -281,9 +281,13 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Winners(args) => {
-            let record = args
-                .record
-                .unwrap_or_else(|| config.server.draw_record_path());
+            let record = match args.record {
+                Some(record) => record,
+                None => config.server.draw_record_path().context(
+                    "server.storage is a database, which keeps the draw in its table `draw`: \
+                     query it there, or pass --record",
+                )?,
+            };
             print!("{}", ops::winners_table(&record)?);
             Ok(())
         }

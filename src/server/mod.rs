@@ -120,7 +120,9 @@ pub async fn run_with_store(
             drawn_at = draw.drawn_at.as_str(),
             bets = draw.bets,
             winning_number = draw.winning_number,
-            record = %config.draw_record_path().display(),
+            record = %config
+                .draw_record_path()
+                .map_or_else(|| "table draw".into(), |p| p.display().to_string()),
             storage = %store.describe(),
             message = "this round is already drawn: the central only serves its winners and \
                        refuses new bets; to start a new round, move the bets file and the draw \

@@ -9,6 +9,7 @@
 //! the agency.
 
 pub mod file;
+pub mod target;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -22,6 +23,7 @@ use crate::config::ServerConfig;
 use crate::model::{AgencyId, Bets};
 
 pub use file::{Durability, StorageError};
+pub use target::{PgTarget, Storage};
 
 /// The outcome of one submitted batch: resolves once its bets are stored
 /// (durably, unless the store was opened without syncing) or refused.
@@ -100,12 +102,22 @@ pub async fn open(config: &ServerConfig) -> Result<Opened, StorageError> {
     } else {
         Durability::NoSync
     };
-    let (store, stored) =
-        file::FileStore::open(&config.storage, &config.draw_record_path(), durability).await?;
-    Ok(Opened {
-        store: Arc::new(store),
-        stored,
-    })
+    match &config.storage {
+        Storage::File(bets) => {
+            let record = config
+                .draw_record_path()
+                .expect("a bets file has a draw record path");
+            let (store, stored) = file::FileStore::open(bets, &record, durability).await?;
+            Ok(Opened {
+                store: Arc::new(store),
+                stored,
+            })
+        }
+        Storage::Postgres(target) => Err(StorageError::Database {
+            target: target.hosts(),
+            reason: "the PostgreSQL store is not built yet".into(),
+        }),
+    }
 }
 
 /// The batches of one connection, kept in order by the store: once one of

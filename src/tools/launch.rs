@@ -33,10 +33,12 @@ pub async fn serve(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         listen_backlog = s.listen_backlog,
         logging_level = %config.log.level,
         agencies = s.agencies,
-        storage = %s.storage.display(),
+        storage = %s.storage,
         winning_number = s.winning_number,
         sync = s.sync,
-        draw_record = %s.draw_record_path().display()
+        draw_record = %s
+            .draw_record_path()
+            .map_or_else(|| "table draw".into(), |p| p.display().to_string())
     );
     let listener = server::bind(s).with_context(|| format!("binding port {}", s.port))?;
     server::run(listener, s, shutdown).await?;
