@@ -133,6 +133,9 @@ settings! {
         /// hosts allowed).
         storage: Storage = Storage::default(), env "SERVER_STORAGE",
             flag "storage" on ["server"], check not_empty;
+        /// Seconds the central keeps trying to reach its database at start
+        /// (PostgreSQL storage), retrying with backoff, before it exits 1.
+        storage_connect_timeout: u64 = 30, env "SERVER_STORAGE_CONNECT_TIMEOUT", min 1;
         /// The number that wins the draw.
         winning_number: u16 = 7574, env "SERVER_WINNING_NUMBER",
             flag "winning-number" on ["server", "gen-data"], max MAX_NUMBER as u64;

@@ -3,12 +3,14 @@
 //! draw's tally, and the draw record.
 //!
 //! The server and the lottery hold an `Arc<dyn Store>` and never learn which
-//! backend is behind it; [`open`] picks one from `server.storage`. The bets
-//! file ([`file`](mod@file)) is the one backend today: a second one is a module here
+//! backend is behind it; [`open`] picks one from `server.storage`
+//! ([`Storage`]): the bets file ([`file`](mod@file)), the embedded default,
+//! or a PostgreSQL database ([`postgres`]). Another backend is a module here
 //! and an arm in [`open`], with nothing to change in the server, the wire or
 //! the agency.
 
 pub mod file;
+pub mod postgres;
 pub mod target;
 
 use std::collections::{BTreeMap, HashMap};
@@ -113,10 +115,15 @@ pub async fn open(config: &ServerConfig) -> Result<Opened, StorageError> {
                 stored,
             })
         }
-        Storage::Postgres(target) => Err(StorageError::Database {
-            target: target.hosts(),
-            reason: "the PostgreSQL store is not built yet".into(),
-        }),
+        Storage::Postgres(target) => {
+            let patience = Duration::from_secs(config.storage_connect_timeout);
+            let (store, stored) =
+                postgres::PostgresStore::open(target, durability, patience).await?;
+            Ok(Opened {
+                store: Arc::new(store),
+                stored,
+            })
+        }
     }
 }
 

@@ -1,0 +1,286 @@
+//! The database's writer: one task owns the writing connection.
+//! Connections hand it whole batches and go on reading while it works; it
+//! takes every batch that is waiting and stores them in one transaction
+//! (`COPY … FROM STDIN (FORMAT binary)`, then the agencies' new counts),
+//! and answers them all once the commit returns: group commit, as the bets
+//! file's writer groups its `fdatasync`. A batch is acknowledged only after
+//! the commit that holds it, with `synchronous_commit` on.
+//!
+//! Each bet's `seq` is its place in its agency's upload. The writer keeps
+//! the next one per agency, as acknowledged: the same counts the central
+//! resumes agencies from. When a transaction fails the writer drops its
+//! connection and, on the next one, first removes any rows beyond those
+//! counts: a commit whose answer was lost may still have happened, and
+//! those bets, never acknowledged, will be sent again.
+
+use std::collections::HashMap;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Client;
+use tracing::{info, warn};
+
+use super::{connect, reason, Session};
+use crate::logging::{action, result};
+use crate::model::{AgencyId, Bets};
+use crate::store::{PgTarget, Sequence};
+
+/// How many batches may wait for the writer before senders wait too.
+pub const QUEUE_DEPTH: usize = 1024;
+
+/// Most batches stored in one transaction: bounds a transaction's size
+/// (and the latency of the first batch in it).
+const MAX_GROUP: usize = 512;
+
+/// The columns the writer fills, in `COPY` order.
+const COPY: &str = "COPY bets (agency, seq, first_name, last_name, document, birthdate, number) \
+                    FROM STDIN (FORMAT binary)";
+const COPY_TYPES: [Type; 7] = [
+    Type::INT4,
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT4,
+];
+
+/// One batch for the writer.
+pub struct Append {
+    pub bets: Bets,
+    pub sequence: Sequence,
+    pub done: oneshot::Sender<Result<(), String>>,
+}
+
+/// What the writer is asked to do.
+pub enum Request {
+    Append(Append),
+    /// Store what was sent before, close the connection, then answer.
+    Close(oneshot::Sender<()>),
+}
+
+/// The writer's state: the connection (when it has one) and the counts.
+struct Writer {
+    target: PgTarget,
+    session: Session,
+    client: Option<Client>,
+    /// Per agency, the bets acknowledged: the next bet's `seq`.
+    next: HashMap<AgencyId, i64>,
+    /// A transaction failed: the table may hold rows beyond `next`.
+    unsure: bool,
+}
+
+/// Runs the writer until it is asked to close or every sender is gone.
+pub async fn run(
+    target: PgTarget,
+    session: Session,
+    client: Client,
+    stored: HashMap<AgencyId, i64>,
+    mut requests: mpsc::Receiver<Request>,
+) {
+    let mut writer = Writer {
+        target,
+        session,
+        client: Some(client),
+        next: stored,
+        unsure: false,
+    };
+    let mut closing = None;
+    while closing.is_none() {
+        let Some(first) = requests.recv().await else {
+            break;
+        };
+        let mut group = Vec::new();
+        match first {
+            Request::Append(a) => group.push(a),
+            Request::Close(done) => closing = Some(done),
+        }
+        while closing.is_none() && group.len() < MAX_GROUP {
+            match requests.try_recv() {
+                Ok(Request::Append(a)) => group.push(a),
+                Ok(Request::Close(done)) => closing = Some(done),
+                Err(_) => break,
+            }
+        }
+        if !group.is_empty() {
+            writer.store(group).await;
+        }
+    }
+    // Nothing is accepted after a close: fail what raced in behind it.
+    requests.close();
+    while let Ok(request) = requests.try_recv() {
+        match request {
+            Request::Append(a) => {
+                let _ = a.done.send(Err("the database store is closed".into()));
+            }
+            Request::Close(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+    drop(writer.client.take());
+    info!(
+        action = action::CLOSE_DATABASE,
+        result = result::SUCCESS,
+        storage = %writer.target
+    );
+    if let Some(done) = closing {
+        let _ = done.send(());
+    }
+}
+
+impl Writer {
+    /// Stores `group` in one transaction and answers every batch of it.
+    /// Batches of a broken sequence are failed without being stored.
+    async fn store(&mut self, group: Vec<Append>) {
+        let (live, broken): (Vec<Append>, Vec<Append>) =
+            group.into_iter().partition(|a| !a.sequence.is_broken());
+        for a in broken {
+            let _ = a.done.send(Err(
+                "an earlier batch of this connection was not stored".into()
+            ));
+        }
+        if live.is_empty() {
+            return;
+        }
+        match self.commit(&live).await {
+            Ok(next) => {
+                self.next = next;
+                for a in live {
+                    let _ = a.done.send(Ok(()));
+                }
+            }
+            Err(why) => {
+                warn!(
+                    action = action::STORE,
+                    result = result::FAIL,
+                    storage = %self.target,
+                    batches = live.len(),
+                    error = why.as_str()
+                );
+                // Dropped: the next group reconnects, and first checks for
+                // rows of a commit whose answer was lost.
+                self.client = None;
+                self.unsure = true;
+                for a in live {
+                    // Before answering: a later batch of the same
+                    // connection, already queued, must not be stored.
+                    a.sequence.mark_broken();
+                    let _ = a.done.send(Err(why.clone()));
+                }
+            }
+        }
+    }
+
+    /// The connection, opened again if the last one failed.
+    async fn client(&mut self) -> Result<&mut Client, String> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            let client = connect(&self.target, self.session).await?;
+            info!(
+                action = action::DATABASE_CONNECT,
+                result = result::SUCCESS,
+                storage = %self.target,
+                state = "reconnected"
+            );
+            self.client = Some(client);
+        }
+        Ok(self.client.as_mut().expect("set above"))
+    }
+
+    /// One transaction: the rows, then the agencies' counts. Returns the
+    /// counts once committed.
+    async fn commit(&mut self, live: &[Append]) -> Result<HashMap<AgencyId, i64>, String> {
+        if self.unsure {
+            let next = self.next.clone();
+            let target = self.target.clone();
+            let removed = forget_unacknowledged(self.client().await?, &next).await?;
+            if removed > 0 {
+                warn!(
+                    action = action::STORE,
+                    result = result::SUCCESS,
+                    storage = %target,
+                    removed,
+                    message = "removed bets whose commit was never acknowledged; \
+                               their agencies send them again"
+                );
+            }
+            self.unsure = false;
+        }
+        let acked = self.next.clone();
+        let mut next = acked.clone();
+        let client = self.client().await?;
+        let tx = client.transaction().await.map_err(reason)?;
+        let sink = tx.copy_in(COPY).await.map_err(reason)?;
+        let copy = BinaryCopyInWriter::new(sink, &COPY_TYPES);
+        futures::pin_mut!(copy);
+        for a in live {
+            for bet in a.bets.iter() {
+                let seq = next.entry(bet.agency).or_insert(0);
+                let agency = i32::try_from(bet.agency).map_err(|e| e.to_string())?;
+                let number = i32::from(bet.number);
+                let row: [&(dyn ToSql + Sync); 7] = [
+                    &agency,
+                    seq,
+                    &bet.first_name,
+                    &bet.last_name,
+                    &bet.document,
+                    &bet.birthdate,
+                    &number,
+                ];
+                copy.as_mut().write(&row).await.map_err(reason)?;
+                *seq += 1;
+            }
+        }
+        copy.finish().await.map_err(reason)?;
+        let (agencies, counts): (Vec<i32>, Vec<i64>) = next
+            .iter()
+            .filter(|(agency, count)| acked.get(agency) != Some(count))
+            .map(|(&agency, &count)| (agency as i32, count))
+            .unzip();
+        tx.execute(
+            "INSERT INTO agencies (agency, stored) SELECT * FROM unnest($1::int4[], $2::int8[]) \
+             ON CONFLICT (agency) DO UPDATE SET stored = excluded.stored",
+            &[&agencies, &counts],
+        )
+        .await
+        .map_err(reason)?;
+        tx.commit().await.map_err(reason)?;
+        Ok(next)
+    }
+}
+
+/// Removes the rows beyond the acknowledged counts `next` (and sets the
+/// counts back), in one transaction; returns how many it removed.
+async fn forget_unacknowledged(
+    client: &mut Client,
+    next: &HashMap<AgencyId, i64>,
+) -> Result<u64, String> {
+    let tx = client.transaction().await.map_err(reason)?;
+    let rows = tx
+        .query("SELECT agency, stored FROM agencies FOR UPDATE", &[])
+        .await
+        .map_err(reason)?;
+    let mut removed = 0;
+    for row in rows {
+        let (agency, stored): (i32, i64) = (row.get(0), row.get(1));
+        let acked = next.get(&(agency as AgencyId)).copied().unwrap_or(0);
+        if stored > acked {
+            removed += tx
+                .execute(
+                    "DELETE FROM bets WHERE agency = $1 AND seq >= $2",
+                    &[&agency, &acked],
+                )
+                .await
+                .map_err(reason)?;
+            tx.execute(
+                "UPDATE agencies SET stored = $2 WHERE agency = $1",
+                &[&agency, &acked],
+            )
+            .await
+            .map_err(reason)?;
+        }
+    }
+    tx.commit().await.map_err(reason)?;
+    Ok(removed)
+}
