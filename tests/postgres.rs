@@ -1,26 +1,328 @@
 //! The PostgreSQL store against a real cluster (see `common::pg`): each
-//! test starts its own throwaway cluster, or says that it skipped.
+//! test starts its own throwaway cluster, or says that it skipped. What is
+//! checked is what an operator and the agencies depend on: the rows of
+//! `bets` (compared with the input files), each agency's winners, the
+//! central's log lines and exit codes.
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
 use common::pg::PgCluster;
+use common::*;
+use lottery::tools::gen_data::{generate, GenOptions};
+use nix::sys::signal::Signal;
+
+const WINNING: u16 = 7574;
+
+fn generated(agencies: u32, bets_per_agency: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    generate(
+        dir.path(),
+        &GenOptions {
+            agencies,
+            bets_per_agency,
+            seed: 1300 + u64::from(agencies),
+            winning_number: WINNING,
+            winner_share: 0.01,
+            // Names with commas, quotes, `|`, `:`, `\` and accents.
+            tricky_share: 0.05,
+            crlf: false,
+        },
+    )
+    .unwrap();
+    dir
+}
+
+/// `lottery server` on port 0 storing into the database at `url`.
+fn central_command(url: &str, agencies: u32) -> Command {
+    let mut cmd = lottery();
+    cmd.arg("server")
+        .env("SERVER_PORT", "0")
+        .env("SERVER_AGENCIES", agencies.to_string())
+        .env("SERVER_STORAGE", url)
+        .env("SERVER_WINNING_NUMBER", WINNING.to_string());
+    cmd
+}
+
+fn central(url: &str, agencies: u32) -> Server {
+    Server::spawn(central_command(url, agencies))
+}
+
+/// The table `bets`, grouped by agency in upload order, as the oracle's
+/// rows (every column as text).
+fn stored_rows(pg: &PgCluster, db: &str) -> BTreeMap<u32, Vec<Row>> {
+    let mut out: BTreeMap<u32, Vec<Row>> = BTreeMap::new();
+    for r in pg.query(
+        db,
+        "SELECT agency, first_name, last_name, document, birthdate, number \
+         FROM bets ORDER BY agency, seq",
+    ) {
+        let row: Row = std::array::from_fn(|i| r[i].clone().expect("no NULL column"));
+        out.entry(row[0].parse().unwrap()).or_default().push(row);
+    }
+    out
+}
+
+/// Each agency's count as the central keeps it for resuming.
+fn agency_counts(pg: &PgCluster, db: &str) -> BTreeMap<u32, usize> {
+    pg.query(db, "SELECT agency, stored FROM agencies ORDER BY agency")
+        .into_iter()
+        .map(|r| {
+            (
+                r[0].as_deref().unwrap().parse().unwrap(),
+                r[1].as_deref().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Starts agencies `ids` against `address`, waits for each to exit 0 and
+/// checks its winners against the oracle.
+fn run_agencies(ids: &[u32], address: &str, data: &Path, expected: &Expected, limit: Duration) {
+    let out = tempfile::tempdir().unwrap();
+    let running: Vec<_> = ids
+        .iter()
+        .map(|&id| {
+            let winners = out.path().join(format!("winners-{id}.txt"));
+            let agency = start_agency(id, address, &data_file(data, id), &winners);
+            (id, winners, agency)
+        })
+        .collect();
+    let deadline = Instant::now() + limit;
+    for (id, winners, agency) in &running {
+        let status = agency.wait_exit(deadline.saturating_duration_since(Instant::now()));
+        assert!(
+            status.success(),
+            "agency {id} failed: {status}\n{}\n{}",
+            agency.output(),
+            agency.stderr()
+        );
+        assert_eq!(
+            &read_winners(winners),
+            &expected.winners[id],
+            "agency {id} winners"
+        );
+    }
+}
+
+fn stop(server: &Server) -> String {
+    server.proc.signal(Signal::SIGTERM);
+    let status = server.proc.wait_exit(Duration::from_secs(10));
+    let log = server.proc.output();
+    assert!(status.success(), "central exit {status}\n{log}");
+    assert!(
+        log.contains("action: close_database | result: success"),
+        "{log}"
+    );
+    log
+}
 
 #[test]
-fn the_test_cluster_starts_answers_and_restarts() {
-    let Some(mut pg) = PgCluster::start_or_skip("the_test_cluster_starts_answers_and_restarts")
-    else {
+fn five_agencies_store_every_bet_once_as_rows_and_get_their_exact_winners() {
+    let Some(pg) = PgCluster::start_or_skip("five_agencies_store_every_bet_once_as_rows") else {
         return;
     };
     let url = pg.create_db("lottery");
-    assert!(url.ends_with("/lottery"), "{url}");
-    pg.query(
+    let data = generated(5, 1_500);
+    let expected = expected(data.path(), 5, WINNING);
+    let server = central(&url, 5);
+    let log = server.proc.output();
+    assert!(
+        log.contains(&format!(
+            "action: database_schema | result: success | storage: {url} | from_version: 0 | version: 1"
+        )),
+        "{log}"
+    );
+    run_agencies(
+        &[1, 2, 3, 4, 5],
+        &server.address(),
+        data.path(),
+        &expected,
+        upload_limit(7_500),
+    );
+    server.proc.wait_for("action: sorteo | result: success");
+
+    // Every input bet, once, in its agency's file order.
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    let counts: BTreeMap<u32, usize> = expected.rows.iter().map(|(a, r)| (*a, r.len())).collect();
+    assert_eq!(agency_counts(&pg, "lottery"), counts);
+    // The draw record, queryable.
+    let winners = pg.query(
         "lottery",
-        "CREATE TABLE t (x int); INSERT INTO t VALUES (7574)",
+        "SELECT agency, array_to_string(winners, ',') FROM draw_agencies ORDER BY agency",
     );
-    pg.stop();
-    pg.start_again();
+    for row in winners {
+        let agency: u32 = row[0].as_deref().unwrap().parse().unwrap();
+        assert_eq!(
+            row[1].as_deref().unwrap(),
+            expected.winners[&agency].join(","),
+            "recorded winners of {agency}"
+        );
+    }
+
+    let log = stop(&server);
+    assert_eq!(log.matches("action: sorteo | result: success").count(), 1);
+    assert!(!log.contains("result: fail"), "{log}");
+}
+
+#[test]
+fn a_restarted_central_resumes_from_the_table_and_serves_the_recorded_draw() {
+    let Some(pg) = PgCluster::start_or_skip("a_restarted_central_resumes_from_the_table") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let data = generated(2, 800);
+    let expected = expected(data.path(), 2, WINNING);
+    let relay = Relay::start("");
+
+    // Agency 1 uploads everything, then waits for the draw; the central
+    // stops before agency 2 comes.
+    let first = central(&url, 2);
+    relay.point_at(Some(&first.address()));
+    let out = tempfile::tempdir().unwrap();
+    let waiting = start_agency(
+        1,
+        &relay.address,
+        &data_file(data.path(), 1),
+        &out.path().join("w1"),
+    );
+    first
+        .proc
+        .wait_for("action: agencia_finalizada | result: success");
+    relay.point_at(None);
+    let log = stop(&first);
+    assert!(!log.contains("action: sorteo"), "{log}");
+    drop(waiting);
+    assert_eq!(stored_rows(&pg, "lottery")[&1], expected.rows[&1]);
+
+    // A new central reads where agency 1 stands from the table.
+    let second = central(&url, 2);
+    let log = second.proc.output();
+    assert!(
+        log.contains(&format!(
+            "action: recover | result: success | storage: {url} | rows: 800 | agencies: 1"
+        )),
+        "{log}"
+    );
+    relay.point_at(Some(&second.address()));
+    // Agency 1 sends its file again: nothing of it is stored twice.
+    run_agencies(
+        &[1, 2],
+        &relay.address,
+        data.path(),
+        &expected,
+        upload_limit(1_600),
+    );
+    second.proc.wait_for("action: sorteo | result: success");
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    relay.point_at(None);
+    stop(&second);
+
+    // A third central finds the draw and only serves it.
+    let third = central(&url, 2);
+    let log = third.proc.output();
+    assert!(
+        log.contains("action: draw_record | result: success | state: already_drawn"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("record: table draw | storage: {url}")),
+        "{log}"
+    );
+    relay.point_at(Some(&third.address()));
+    run_agencies(&[2], &relay.address, data.path(), &expected, STEP);
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    let log = stop(&third);
+    assert!(!log.contains("action: sorteo"), "{log}");
     assert_eq!(
-        pg.query("lottery", "SELECT x FROM t"),
-        vec![vec![Some("7574".to_string())]]
+        pg.query("lottery", "SELECT count(*) FROM draw"),
+        vec![vec![Some("1".to_string())]]
     );
+}
+
+#[test]
+fn an_unreachable_database_at_start_is_retried_then_named_and_exits_1() {
+    // Needs no cluster: a port that refuses connections.
+    let held = HeldPort::new();
+    let url = format!("postgres://lottery:hunter2@{}/bets", held.address());
+    let mut cmd = central_command(&url, 1);
+    cmd.env("SERVER_STORAGE_CONNECT_TIMEOUT", "2");
+    let central = Proc::spawn(cmd);
+    let status = central.wait_exit(STEP);
+    let (log, stderr) = (central.output(), central.stderr());
+    assert_eq!(status.code(), Some(1), "{log}\n{stderr}");
+    let shown = "postgres://lottery:***@";
+    assert!(
+        log.contains(&format!(
+            "action: database_connect | result: in_progress | storage: {shown}{}/bets | attempt: 1 | retry_in_ms: 200 | error: ",
+            held.address()
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains("action: database_connect | result: fail"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "action: exit | result: fail | error: database {}/bets: unreachable for 2 s (",
+            held.address()
+        )),
+        "{log}"
+    );
+    assert!(log.contains("Connection refused"), "{log}");
+    assert!(
+        !format!("{log}{stderr}").contains("hunter2"),
+        "{log}\n{stderr}"
+    );
+}
+
+#[test]
+fn the_database_restarted_mid_upload_loses_nothing_and_stores_nothing_twice() {
+    let Some(mut pg) = PgCluster::start_or_skip("the_database_restarted_mid_upload") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let data = generated(5, 6_000);
+    let expected = expected(data.path(), 5, WINNING);
+    let server = central(&url, 5);
+    let out = tempfile::tempdir().unwrap();
+    let running: Vec<_> = (1..=5)
+        .map(|id| {
+            let winners = out.path().join(format!("winners-{id}.txt"));
+            let mut cmd =
+                agency_command(id, &server.address(), &data_file(data.path(), id), &winners);
+            cmd.env("CLI_BATCH_MAXAMOUNT", "20");
+            (id, winners, Proc::spawn(cmd))
+        })
+        .collect();
+    server
+        .proc
+        .wait_for("action: apuesta_recibida | result: success");
+    // An immediate shutdown, as a crash: open transactions are lost.
+    pg.stop_with(Signal::SIGQUIT);
+    server
+        .proc
+        .wait_for("action: apuesta_recibida | result: fail");
+    pg.start_again();
+    let deadline = Instant::now() + upload_limit(30_000) + Duration::from_secs(30);
+    for (id, winners, agency) in &running {
+        let status = agency.wait_exit(deadline.saturating_duration_since(Instant::now()));
+        assert!(
+            status.success(),
+            "agency {id}: {status}\n{}\n{}",
+            agency.output(),
+            agency.stderr()
+        );
+        assert_eq!(&read_winners(winners), &expected.winners[id], "agency {id}");
+    }
+    server.proc.wait_for("action: sorteo | result: success");
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    let log = stop(&server);
+    assert!(log.contains("state: reconnected"), "{log}");
+    assert_eq!(log.matches("action: sorteo | result: success").count(), 1);
 }
