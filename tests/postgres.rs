@@ -326,3 +326,167 @@ fn the_database_restarted_mid_upload_loses_nothing_and_stores_nothing_twice() {
     assert!(log.contains("state: reconnected"), "{log}");
     assert_eq!(log.matches("action: sorteo | result: success").count(), 1);
 }
+
+/// Batches of `agency` with documents `docs`.
+fn batch(agency: u32, docs: std::ops::Range<u32>) -> lottery::model::Bets {
+    let mut bets = lottery::model::Bets::new();
+    for doc in docs {
+        bets.push_fields(
+            &agency.to_string(),
+            "Ana",
+            "Pérez",
+            &doc.to_string(),
+            "1999-03-17",
+            "7574",
+        )
+        .unwrap();
+    }
+    bets
+}
+
+fn target(url: &str) -> lottery::store::PgTarget {
+    match url.parse().unwrap() {
+        lottery::store::Storage::Postgres(target) => *target,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn batches_waiting_together_are_stored_in_one_transaction() {
+    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
+    let Some(pg) =
+        PgCluster::start_or_skip("batches_waiting_together_are_stored_in_one_transaction")
+    else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    runtime().block_on(async {
+        let (store, stored) = PostgresStore::open(&target(&url), Durability::Sync, STEP)
+            .await
+            .unwrap();
+        assert!(stored.is_empty());
+        // 200 connections' batches, all queued before any is answered.
+        let mut pending = Vec::new();
+        for i in 0..200u32 {
+            let bets = batch(1 + i % 5, i * 10..i * 10 + 10);
+            pending.push(store.submit(&bets, 0, &Sequence::new()).await.unwrap());
+        }
+        for p in pending {
+            p.await.unwrap();
+        }
+        store.close().await;
+    });
+    let rows = pg.query(
+        "lottery",
+        "SELECT count(*), count(DISTINCT xmin::text) FROM bets",
+    );
+    let (rows, transactions): (u32, u32) = (
+        rows[0][0].as_deref().unwrap().parse().unwrap(),
+        rows[0][1].as_deref().unwrap().parse().unwrap(),
+    );
+    assert_eq!(rows, 2_000);
+    // Each row's xmin is the transaction that inserted it.
+    assert!(
+        transactions <= 20,
+        "200 waiting batches took {transactions} transactions"
+    );
+    // Every agency's bets numbered 0.. in the order they were submitted.
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT agency, min(seq), max(seq), count(*) FROM bets GROUP BY agency ORDER BY agency"
+        )
+        .len(),
+        5
+    );
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT count(*) FROM bets WHERE agency = 1 AND seq = (document::int / 10) / 5 * 10 + document::int % 10"
+        ),
+        vec![vec![Some("400".to_string())]]
+    );
+}
+
+#[test]
+fn after_a_batch_is_lost_with_the_database_its_connection_stores_nothing_more() {
+    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
+    let Some(mut pg) = PgCluster::start_or_skip("after_a_batch_is_lost_with_the_database") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let rt = runtime();
+    let (store, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    let (pipelined, other) = (Sequence::new(), Sequence::new());
+    rt.block_on(async {
+        let first = store.submit(&batch(1, 0..3), 0, &pipelined).await.unwrap();
+        first.await.unwrap();
+    });
+    pg.stop();
+    let err = rt.block_on(async {
+        let lost = store.submit(&batch(1, 3..6), 0, &pipelined).await.unwrap();
+        lost.await.unwrap_err()
+    });
+    let shown = err.to_string();
+    assert!(
+        shown.starts_with(&format!("database 127.0.0.1:{}/lottery: ", pg.port)),
+        "{shown}"
+    );
+    assert!(pipelined.is_broken());
+    pg.start_again();
+    rt.block_on(async {
+        // Behind the gap: refused without being stored, database or not.
+        let behind = store.submit(&batch(1, 6..9), 0, &pipelined).await.unwrap();
+        let err = behind.await.unwrap_err().to_string();
+        assert!(err.contains("earlier batch"), "{err}");
+        // Another connection goes on, numbered after what was acknowledged.
+        let next = store.submit(&batch(1, 9..12), 0, &other).await.unwrap();
+        next.await.unwrap();
+        store.close().await;
+        let closed = store.submit(&batch(1, 12..13), 0, &other).await;
+        assert!(closed.is_err(), "a closed store takes no batch");
+    });
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT string_agg(document || '@' || seq, ' ' ORDER BY seq) FROM bets"
+        ),
+        vec![vec![Some("0@0 1@1 2@2 9@3 10@4 11@5".to_string())]]
+    );
+    assert_eq!(
+        pg.query("lottery", "SELECT agency, stored FROM agencies"),
+        vec![vec![Some("1".to_string()), Some("6".to_string())]]
+    );
+}
+
+#[test]
+fn centrals_starting_together_create_the_schema_once() {
+    use lottery::store::{postgres::PostgresStore, Durability};
+    let Some(pg) = PgCluster::start_or_skip("centrals_starting_together_create_the_schema_once")
+    else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let target = target(&url);
+    runtime().block_on(async {
+        let opens = (0..4).map(|_| PostgresStore::open(&target, Durability::Sync, STEP));
+        for opened in futures::future::join_all(opens).await {
+            let (store, stored) = opened.unwrap();
+            assert!(stored.is_empty());
+            lottery::store::Store::close(&store).await;
+        }
+    });
+    assert_eq!(
+        pg.query("lottery", "SELECT version FROM schema_version"),
+        vec![vec![Some("1".to_string())]]
+    );
+}
