@@ -78,6 +78,10 @@ struct BenchArgs {
     /// Acknowledge without syncing, for comparison (reported as such).
     #[arg(long)]
     no_sync: bool,
+    /// Store into this PostgreSQL database (a libpq URL; its database must
+    /// hold no earlier round) rather than a fresh bets file.
+    #[arg(long)]
+    storage: Option<String>,
 
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -299,6 +303,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 window: config.agency.window,
                 batch_max_amount: config.agency.batch_max_amount,
                 work_dir: args.work_dir,
+                storage: args.storage,
             };
             print!("{}", bench::run(opts, token).await?.render());
             Ok(())
