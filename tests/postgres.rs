@@ -490,3 +490,93 @@ fn centrals_starting_together_create_the_schema_once() {
         vec![vec![Some("1".to_string())]]
     );
 }
+
+#[test]
+fn rows_of_a_commit_never_acknowledged_are_taken_back_out_before_the_next_batch() {
+    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
+    let Some(mut pg) = PgCluster::start_or_skip("rows_of_a_commit_never_acknowledged") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let rt = runtime();
+    let (store, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    rt.block_on(async {
+        let first = store
+            .submit(&batch(1, 0..3), 0, &Sequence::new())
+            .await
+            .unwrap();
+        first.await.unwrap();
+    });
+    // What a commit whose answer was lost leaves: rows (and a count) the
+    // central never acknowledged, so their agency sends them again.
+    pg.query(
+        "lottery",
+        "INSERT INTO bets SELECT 1, 3 + g, 'Lost', 'Answer', (100 + g)::text, '1999-03-17', 7574 \
+         FROM generate_series(0, 1) g; UPDATE agencies SET stored = 5 WHERE agency = 1",
+    );
+    // The connection breaks, so the writer cannot trust the table.
+    pg.stop();
+    rt.block_on(async {
+        let lost = store
+            .submit(&batch(1, 3..6), 0, &Sequence::new())
+            .await
+            .unwrap();
+        assert!(lost.await.is_err());
+    });
+    pg.start_again();
+    rt.block_on(async {
+        let next = store
+            .submit(&batch(1, 6..9), 0, &Sequence::new())
+            .await
+            .unwrap();
+        next.await.unwrap();
+        store.close().await;
+    });
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT string_agg(document || '@' || seq, ' ' ORDER BY seq) FROM bets"
+        ),
+        vec![vec![Some("0@0 1@1 2@2 6@3 7@4 8@5".to_string())]]
+    );
+    assert_eq!(
+        pg.query("lottery", "SELECT stored FROM agencies WHERE agency = 1"),
+        vec![vec![Some("6".to_string())]]
+    );
+}
+
+#[test]
+fn a_central_started_before_its_database_waits_for_it_and_serves() {
+    let Some(mut pg) = PgCluster::start_or_skip("a_central_started_before_its_database") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    pg.stop();
+    let mut cmd = central_command(&url, 1);
+    cmd.env("SERVER_STORAGE_CONNECT_TIMEOUT", "60");
+    let proc = Proc::spawn(cmd);
+    proc.wait_for("action: database_connect | result: in_progress");
+    pg.start_again();
+    proc.wait_for("action: database_connect | result: success");
+    let line = proc.wait_for("action: listen | result: success");
+    let port = line
+        .split(" | ")
+        .find_map(|field| field.strip_prefix("address: "))
+        .and_then(|address| address.rsplit(':').next())
+        .and_then(|port| port.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    let server = Server { proc, port };
+    let data = generated(1, 300);
+    let expected = expected(data.path(), 1, WINNING);
+    run_agencies(
+        &[1],
+        &server.address(),
+        data.path(),
+        &expected,
+        upload_limit(300),
+    );
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    stop(&server);
+}
