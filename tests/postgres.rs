@@ -287,7 +287,7 @@ fn the_database_restarted_mid_upload_loses_nothing_and_stores_nothing_twice() {
         return;
     };
     let url = pg.create_db("lottery");
-    let data = generated(5, 6_000);
+    let data = generated(5, 8_000);
     let expected = expected(data.path(), 5, WINNING);
     let server = central(&url, 5);
     let out = tempfile::tempdir().unwrap();
@@ -309,7 +309,7 @@ fn the_database_restarted_mid_upload_loses_nothing_and_stores_nothing_twice() {
         .proc
         .wait_for("action: apuesta_recibida | result: fail");
     pg.start_again();
-    let deadline = Instant::now() + upload_limit(30_000) + Duration::from_secs(30);
+    let deadline = Instant::now() + upload_limit(40_000) + Duration::from_secs(30);
     for (id, winners, agency) in &running {
         let status = agency.wait_exit(deadline.saturating_duration_since(Instant::now()));
         assert!(
