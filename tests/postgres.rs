@@ -580,3 +580,26 @@ fn a_central_started_before_its_database_waits_for_it_and_serves() {
     assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
     stop(&server);
 }
+
+#[test]
+fn a_refused_login_is_not_retried() {
+    let Some(pg) = PgCluster::start_or_skip("a_refused_login_is_not_retried") else {
+        return;
+    };
+    // No such database: asking again will not create it.
+    let url = pg.url("nope");
+    let mut cmd = central_command(&url, 1);
+    cmd.env("SERVER_STORAGE_CONNECT_TIMEOUT", "60");
+    let central = Proc::spawn(cmd);
+    let status = central.wait_exit(STEP);
+    let log = central.output();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(!log.contains("result: in_progress"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "action: exit | result: fail | error: database 127.0.0.1:{}/nope: refused the connection: FATAL: database \"nope\" does not exist",
+            pg.port
+        )),
+        "{log}"
+    );
+}

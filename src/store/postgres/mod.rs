@@ -60,14 +60,53 @@ pub(crate) fn reason(e: tokio_postgres::Error) -> String {
     text
 }
 
+/// A connection that could not be opened.
+#[derive(Debug)]
+pub(crate) struct ConnectError {
+    /// Why, as [`reason`] words it.
+    pub reason: String,
+    /// Whether trying again can help: the server was not reached, or said
+    /// it cannot take connections yet (starting up, shutting down, full).
+    /// A refused login (a wrong password, a missing database or role) will
+    /// be refused again: the operator has to act.
+    pub retry: bool,
+}
+
+impl From<ConnectError> for String {
+    fn from(e: ConnectError) -> String {
+        e.reason
+    }
+}
+
+/// Whether a failed connection attempt is worth repeating (see
+/// [`ConnectError::retry`]).
+fn worth_retrying(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        None => true,
+        Some(code) => {
+            *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::TOO_MANY_CONNECTIONS
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                // Class 08: connection exceptions.
+                || code.code().starts_with("08")
+        }
+    }
+}
+
 /// Opens one connection to `target` and prepares it for `session`.
-pub(crate) async fn connect(target: &PgTarget, session: Session) -> Result<Client, String> {
+pub(crate) async fn connect(target: &PgTarget, session: Session) -> Result<Client, ConnectError> {
     let mut config = target.config().clone();
     config.connect_timeout(CONNECT_TIMEOUT);
     if config.get_application_name().is_none() {
         config.application_name("lottery");
     }
-    let (client, connection) = config.connect(NoTls).await.map_err(reason)?;
+    let failed = |e: tokio_postgres::Error| ConnectError {
+        retry: worth_retrying(&e),
+        reason: reason(e),
+    };
+    let (client, connection) = config.connect(NoTls).await.map_err(failed)?;
     let shown = target.to_string();
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -89,7 +128,7 @@ pub(crate) async fn connect(target: &PgTarget, session: Session) -> Result<Clien
     client
         .batch_execute(&format!("SET synchronous_commit = {commit}"))
         .await
-        .map_err(reason)?;
+        .map_err(failed)?;
     Ok(client)
 }
 
@@ -180,7 +219,7 @@ impl PostgresStore {
     async fn side_connection(&self) -> Result<Client, StorageError> {
         connect(&self.target, self.session)
             .await
-            .map_err(|e| self.error(e))
+            .map_err(|e| self.error(e.reason))
     }
 }
 
@@ -196,7 +235,7 @@ fn where_(target: &PgTarget) -> String {
 
 /// Connects, retrying with doubling waits until `patience` runs out; logs
 /// each failed attempt as `in_progress` so an operator sees what it waits
-/// for.
+/// for. A refused login is not retried.
 async fn reach(target: &PgTarget, session: Session, patience: Duration) -> Result<Client, String> {
     let deadline = Instant::now() + patience;
     let mut backoff = FIRST_BACKOFF;
@@ -212,8 +251,18 @@ async fn reach(target: &PgTarget, session: Session, patience: Duration) -> Resul
                 );
                 return Ok(client);
             }
-            Err(why) => {
+            Err(ConnectError { reason: why, retry }) => {
                 let now = Instant::now();
+                if !retry {
+                    error!(
+                        action = action::DATABASE_CONNECT,
+                        result = result::FAIL,
+                        storage = %target,
+                        attempt,
+                        error = why.as_str()
+                    );
+                    return Err(format!("refused the connection: {why}"));
+                }
                 if now >= deadline {
                     error!(
                         action = action::DATABASE_CONNECT,
