@@ -328,7 +328,8 @@ impl Setting {
     pub fn apply(&self, config: &mut Config, source: &str, raw: &str) -> Result<(), ConfigError> {
         (self.set)(config, raw).map_err(|reason| ConfigError::Invalid {
             key: source.to_string(),
-            value: raw.to_string(),
+            // A database URL that does not parse may still hold a password.
+            value: crate::store::target::shown(raw),
             reason,
         })
     }

@@ -603,3 +603,22 @@ fn a_refused_login_is_not_retried() {
         "{log}"
     );
 }
+
+#[test]
+fn a_bad_storage_url_is_a_configuration_error_that_hides_the_password() {
+    let cmd = central_command(
+        "postgres://lottery:hunter2@db/bets?target_session_attrs=sometimes",
+        1,
+    );
+    let central = Proc::spawn(cmd);
+    let status = central.wait_exit(STEP);
+    let stderr = central.stderr();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "invalid SERVER_STORAGE = \"postgres://lottery:***@db/bets?target_session_attrs=sometimes\": not a PostgreSQL URL: "
+        ),
+        "{stderr}"
+    );
+    assert!(!format!("{}{stderr}", central.output()).contains("hunter2"));
+}

@@ -115,6 +115,16 @@ impl fmt::Debug for PgTarget {
     }
 }
 
+/// `raw` as it may be shown: a PostgreSQL URL without its password, any
+/// other text as it is (for messages about a value that did not parse).
+pub fn shown(raw: &str) -> String {
+    if SCHEMES.iter().any(|s| raw.trim().starts_with(s)) {
+        redact(raw)
+    } else {
+        raw.to_string()
+    }
+}
+
 /// `url` without its password.
 fn redact(url: &str) -> String {
     let (scheme, rest) = url.split_at(url.find("://").map_or(0, |i| i + 3));
@@ -197,6 +207,15 @@ mod tests {
             "postgres://u@h/db".parse::<Storage>().unwrap().to_string(),
             "postgres://u@h/db"
         );
+    }
+
+    #[test]
+    fn a_value_that_does_not_parse_is_shown_without_its_password() {
+        assert_eq!(
+            shown("postgres://u:s3cret@h/db?target_session_attrs=x"),
+            "postgres://u:***@h/db?target_session_attrs=x"
+        );
+        assert_eq!(shown("a:b@c"), "a:b@c");
     }
 
     #[test]
