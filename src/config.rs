@@ -561,7 +561,10 @@ impl Config {
         let mut config = match std::fs::read_to_string(path) {
             Ok(text) => toml::from_str::<Config>(&text).map_err(|e| ConfigError::Parse {
                 path: path.to_path_buf(),
-                message: e.to_string().trim().replace('\n', " "),
+                // The error quotes the line, which may hold a database
+                // URL's password.
+                message: crate::store::target::hide_passwords(e.to_string().trim())
+                    .replace('\n', " "),
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
             Err(source) => {

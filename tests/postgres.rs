@@ -622,3 +622,27 @@ fn a_bad_storage_url_is_a_configuration_error_that_hides_the_password() {
     );
     assert!(!format!("{}{stderr}", central.output()).contains("hunter2"));
 }
+
+#[test]
+fn a_bad_storage_url_in_the_config_file_is_quoted_without_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[server]\nstorage = \"postgres://lottery:hunter2@db/bets?target_session_attrs=sometimes\"\n",
+    )
+    .unwrap();
+    let mut cmd = lottery();
+    cmd.arg("server").env("LOTTERY_CONFIG", &config);
+    let central = Proc::spawn(cmd);
+    let status = central.wait_exit(STEP);
+    let stderr = central.stderr();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "storage = \"postgres://lottery:***@db/bets?target_session_attrs=sometimes\""
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}

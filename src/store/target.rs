@@ -125,6 +125,25 @@ pub fn shown(raw: &str) -> String {
     }
 }
 
+/// `text` (a message that may quote the configuration, such as a TOML
+/// error's snippet) with every PostgreSQL URL in it shown without its
+/// password.
+pub fn hide_passwords(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = SCHEMES.iter().filter_map(|s| rest.find(s)).min() {
+        out.push_str(&rest[..start]);
+        let url = &rest[start..];
+        let end = url
+            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'')
+            .unwrap_or(url.len());
+        out.push_str(&redact(&url[..end]));
+        rest = &url[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `url` without its password.
 fn redact(url: &str) -> String {
     let (scheme, rest) = url.split_at(url.find("://").map_or(0, |i| i + 3));
@@ -216,6 +235,10 @@ mod tests {
             "postgres://u:***@h/db?target_session_attrs=x"
         );
         assert_eq!(shown("a:b@c"), "a:b@c");
+        assert_eq!(
+            hide_passwords("2 | storage = \"postgresql://u:pw@h/d?x\" | ^^^ postgres://v:pw2@g"),
+            "2 | storage = \"postgresql://u:***@h/d?x\" | ^^^ postgres://v:***@g"
+        );
     }
 
     #[test]
