@@ -105,7 +105,8 @@ struct ComposeArgs {
     /// Number of agencies (containers client1 … clientN).
     #[arg(long, default_value_t = 5)]
     agencies: u32,
-    /// Where to write; `-` for standard output.
+    /// Where to write; `-` for standard output. The secrets it mounts are
+    /// written (or completed) in `secrets/` beside it (`./secrets` for `-`).
     #[arg(long, default_value = "compose.yaml")]
     out: PathBuf,
 }
@@ -195,6 +196,12 @@ fn main() -> ExitCode {
             eprintln!("lottery: configuration error: {e}");
             return ExitCode::from(2);
         }
+        // A configured agency without a secret while others have one is a
+        // configuration error, not a runtime one: say so before starting.
+        if let Err(e) = config.server.load_secrets() {
+            eprintln!("lottery: configuration error: {e}");
+            return ExitCode::from(2);
+        }
     }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -271,12 +278,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Health(args) => {
-            ops::health(&probe_target(&config, args)).await?;
+            ops::health(&probe_target(&config, args)?).await?;
             println!("ok");
             Ok(())
         }
         Command::Status(args) => {
-            let view = ops::status(&probe_target(&config, args)).await?;
+            let view = ops::status(&probe_target(&config, args)?).await?;
             print!("{}", ops::render_status(&view));
             Ok(())
         }
@@ -302,6 +309,13 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Compose(args) => {
             anyhow::ensure!(args.agencies >= 1, "--agencies must be at least 1");
             let text = compose::render(args.agencies);
+            let beside = match args.out.parent() {
+                Some(dir) if args.out.as_os_str() != "-" => dir.to_path_buf(),
+                _ => PathBuf::new(),
+            };
+            let central =
+                compose::write_secrets(&beside.join(compose::SECRETS_DIR), args.agencies)?;
+            eprintln!("secrets: {} (never commit it)", central.display());
             if args.out.as_os_str() == "-" {
                 print!("{text}");
             } else {
@@ -313,10 +327,19 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     }
 }
 
-fn probe_target(config: &Config, args: ProbeArgs) -> ops::Target {
-    ops::Target::for_agency(
+/// Where `health` and `status` go, and the operator's secret when the
+/// central's secrets (`server.secrets_file`) hold one: on the central's own
+/// host (or container) the probes then need nothing more.
+fn probe_target(config: &Config, args: ProbeArgs) -> anyhow::Result<ops::Target> {
+    let mut target = ops::Target::for_agency(
         &config.agency,
         args.address,
         std::time::Duration::from_secs(args.timeout),
-    )
+    );
+    target.operator_secret = config
+        .server
+        .read_secrets()
+        .context("reading the operator's secret")?
+        .operator;
+    Ok(target)
 }
