@@ -40,9 +40,10 @@ server:
 compose:
 	$(CARGO) run --release -- compose --agencies $(AGENCIES) --out compose.yaml
 
-# The secrets compose.yaml mounts: one per agency, the operator's, and the central's
-# file of them all. The same command as `compose`: the file and its secrets always agree.
-secrets: compose
+# The secrets compose.yaml mounts (and the by-hand run uses): one per agency, the
+# operator's, and the central's file of them all, in ./secrets (git-ignored).
+secrets:
+	$(CARGO) run --release -- secrets --agencies $(AGENCIES)
 
 # The server with tokio-console support; connect with `tokio-console` (port 6669).
 console:

@@ -61,8 +61,11 @@ enum Command {
     Status(ProbeArgs),
     /// Print the per-agency winners table from the draw record.
     Winners(WinnersArgs),
-    /// Write a compose file for the central and N agencies.
+    /// Write a compose file for the central and N agencies (and its secrets).
     Compose(ComposeArgs),
+    /// Write a secret per agency, the operator's, and the central's file of
+    /// them all (existing secrets are kept).
+    Secrets(SecretsArgs),
     /// Load test: K agencies x M bets against a real server process.
     Bench(BenchArgs),
 }
@@ -109,6 +112,16 @@ struct ComposeArgs {
     /// written (or completed) in `secrets/` beside it (`./secrets` for `-`).
     #[arg(long, default_value = "compose.yaml")]
     out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct SecretsArgs {
+    /// Number of agencies.
+    #[arg(long, default_value_t = 5)]
+    agencies: u32,
+    /// The directory to write them into (made private to its owner).
+    #[arg(long, default_value = compose::SECRETS_DIR)]
+    dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -304,6 +317,16 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 work_dir: args.work_dir,
             };
             print!("{}", bench::run(opts, token).await?.render());
+            Ok(())
+        }
+        Command::Secrets(args) => {
+            anyhow::ensure!(args.agencies >= 1, "--agencies must be at least 1");
+            let central = compose::write_secrets(&args.dir, args.agencies)?;
+            println!(
+                "{}: the central's (SERVER_SECRETS_FILE); {}: agency N's (CLI_SECRET_FILE)",
+                central.display(),
+                args.dir.join("agency-N.secret").display()
+            );
             Ok(())
         }
         Command::Compose(args) => {

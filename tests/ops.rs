@@ -320,4 +320,18 @@ fn regenerating_the_compose_file_keeps_the_secrets_and_adds_new_ones() {
     assert_eq!(three.len(), 4);
     assert!(three.values().all(|s| s.len() == 64), "{three:?}");
     assert_ne!(three["1"], three["2"]);
+    // `lottery secrets` (the by-hand run's) is the same directory's maker.
+    let dir_arg = dir.path().join("secrets");
+    let out = run(&[
+        "secrets",
+        "--agencies",
+        "3",
+        "--dir",
+        dir_arg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("central.toml: the central's (SERVER_SECRETS_FILE)"));
+    let again: std::collections::BTreeMap<String, String> =
+        toml::from_str(&std::fs::read_to_string(dir_arg.join("central.toml")).unwrap()).unwrap();
+    assert_eq!(again, three);
 }
