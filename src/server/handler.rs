@@ -143,15 +143,28 @@ impl Handler {
             Ok(()) if self.shutdown.is_cancelled() => "shutdown",
             Ok(()) => "closed",
         };
-        info!(
-            action = action::CLOSE_CONNECTION,
-            result = result::SUCCESS,
-            peer = %self.peer,
-            agency,
-            bets_stored = stored,
-            millis = self.opened.elapsed().as_millis() as u64,
-            reason
-        );
+        let millis = self.opened.elapsed().as_millis() as u64;
+        macro_rules! closed {
+            ($level:ident) => {
+                $level!(
+                    action = action::CLOSE_CONNECTION,
+                    result = result::SUCCESS,
+                    peer = %self.peer,
+                    agency,
+                    bets_stored = stored,
+                    millis,
+                    reason
+                )
+            };
+        }
+        if self.access == Access::Anonymous {
+            // Never authenticated: its refusal is counted in its address's
+            // `auth_failures` summary, and a line per connection would let
+            // a flood of guesses flood the log after all.
+            closed!(debug);
+        } else {
+            closed!(info);
+        }
         // Dropping `self` closes the socket.
     }
 
