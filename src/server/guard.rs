@@ -36,6 +36,10 @@ pub const REPORT_INTERVAL: Duration = Duration::from_secs(60);
 /// An address quiet for this long starts afresh (no strikes, first
 /// lockout short again) and is forgotten.
 pub const FORGET_AFTER: Duration = Duration::from_secs(900);
+/// Most addresses remembered at once (a few MiB): a flood from many
+/// addresses must not grow the central's memory without bound. When full,
+/// an address that is not locked out makes room.
+pub const MAX_PEERS: usize = 65_536;
 
 /// What happened with one address, counted for its summary line.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -149,6 +153,20 @@ impl Peer {
     }
 }
 
+/// Drops one address that is not locked out, the first met (the map's
+/// order is arbitrary): cheap, which matters under a flood from many
+/// addresses, the only time the map is full. Its unreported counts are
+/// lost; the other addresses' lines show the flood.
+fn make_room(peers: &mut HashMap<IpAddr, Peer>, now: Instant) {
+    let unlocked = peers
+        .iter()
+        .find(|(_, peer)| peer.locked_for(now).is_none())
+        .map(|(ip, _)| *ip);
+    if let Some(ip) = unlocked {
+        peers.remove(&ip);
+    }
+}
+
 /// The per-address record of failed authentications; a cheap handle,
 /// shared by every connection of the central.
 #[derive(Debug, Clone, Default)]
@@ -161,6 +179,14 @@ impl Guard {
     /// the address was quiet for [`FORGET_AFTER`].
     fn with_peer<T>(&self, ip: IpAddr, now: Instant, f: impl FnOnce(&mut Peer) -> T) -> T {
         let mut peers = self.peers.lock().expect("guard lock");
+        if peers.len() >= MAX_PEERS && !peers.contains_key(&ip) {
+            make_room(&mut peers, now);
+            if peers.len() >= MAX_PEERS {
+                // Every address remembered is locked out: this one is
+                // counted nowhere rather than grow the map.
+                return f(&mut Peer::new(now));
+            }
+        }
         let peer = peers.entry(ip).or_insert_with(|| Peer::new(now));
         if peer.forgettable(now) {
             *peer = Peer::new(now);
@@ -342,6 +368,21 @@ mod tests {
             FIRST_LOCKOUT,
             "forgotten: the first lockout again"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_stays_bounded_and_lockouts_are_kept() {
+        let guard = Guard::default();
+        strike_out(&guard, A);
+        for i in 0..MAX_PEERS as u32 + 10 {
+            let ip = IpAddr::V6(std::net::Ipv6Addr::from(u128::from(i) + 1));
+            guard.unauthenticated(ip, Instant::now());
+            if i % 1000 == 0 {
+                tokio::time::advance(Duration::from_millis(1)).await;
+            }
+        }
+        assert_eq!(guard.remembered(), MAX_PEERS);
+        assert!(guard.admit(A, Instant::now()).is_err(), "still locked out");
     }
 
     #[tokio::test(start_paused = true)]
