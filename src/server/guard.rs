@@ -183,8 +183,11 @@ impl Guard {
             make_room(&mut peers, now);
             if peers.len() >= MAX_PEERS {
                 // Every address remembered is locked out: this one is
-                // counted nowhere rather than grow the map.
-                return f(&mut Peer::new(now));
+                // counted nowhere (and not reported: a line per attempt is
+                // what the guard prevents) rather than grow the map.
+                let mut stranger = Peer::new(now);
+                stranger.reported_at = Some(now);
+                return f(&mut stranger);
             }
         }
         let peer = peers.entry(ip).or_insert_with(|| Peer::new(now));
