@@ -965,6 +965,38 @@ fn guessing_secrets_is_throttled_and_logged_in_summary() {
 }
 
 #[test]
+fn an_honest_agency_behind_a_locked_out_address_gets_in_once_the_lockout_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = secrets_file(dir.path());
+    let server = start_server_for(
+        dir.path(),
+        1,
+        &[("SERVER_SECRETS_FILE", secrets.display().to_string())],
+    );
+    // Someone at the same address (a NAT, here loopback) guesses.
+    for _ in 0..3 {
+        let mut raw = Raw::connect(&server.address());
+        raw.expect_error(
+            b"ACTION:HELLO|AGENCY_ID:1|SECRET:adivina\n",
+            "UNAUTHENTICATED",
+        );
+    }
+    let data = dir.path().join("agency-1.csv");
+    std::fs::write(&data, "Ana,Pérez,30904465,1999-03-17,7574\n").unwrap();
+    let winners = dir.path().join("winners-1.txt");
+    let mut cmd = agency_command(1, &server.address(), &data, &winners);
+    cmd.env("CLI_SECRET", "uno-secreto");
+    let agency = Proc::spawn(cmd);
+    // Refused unread while the lockout lasts, it retries rather than give up...
+    let line = agency.wait_for("action: reconnect | result: in_progress");
+    assert!(line.contains("AUTH_THROTTLED"), "{line}");
+    // ... and gets in once the lockout (10 s) is over.
+    let status = agency.wait_exit(PATIENCE);
+    assert!(status.success(), "{}\n{}", agency.output(), agency.stderr());
+    assert_eq!(read_winners(&winners), ["30904465"]);
+}
+
+#[test]
 fn operators_see_status_without_taking_over_an_agency() {
     let dir = tempfile::tempdir().unwrap();
     let secrets = dir.path().join("secrets.toml");
