@@ -153,9 +153,10 @@ settings! {
         /// started; the store then has 2 s more to close, so the central
         /// exits within this plus 3 s of the signal.
         shutdown_grace: u64 = 5, env "SERVER_SHUTDOWN_GRACE", min 1, max 6;
-        /// Per-agency secrets, agency id to secret. When any are set (here or
-        /// in `secrets_file`), every connection must open with `HELLO` and its
-        /// agency's secret.
+        /// Per-agency secrets, agency id to secret, and `operator` for the
+        /// read-only operator session. When any agency has one (here or in
+        /// `secrets_file`), every configured agency must, and every
+        /// connection must open with `HELLO` and its secret.
         secrets: BTreeMap<String, String> = BTreeMap::new();
         /// A TOML file of the same `id = "secret"` pairs, kept out of the main
         /// configuration; empty for none.
@@ -593,8 +594,8 @@ impl Config {
             );
         }
         for id in self.server.secrets.keys() {
-            if id.parse::<AgencyId>().map_or(true, |a| a == 0) {
-                return bad("server.secrets", id.clone(), "keys are agency ids");
+            if secret_key(id).is_none() {
+                return bad("server.secrets", id.clone(), SECRET_KEYS);
             }
         }
         Ok(())
@@ -602,11 +603,42 @@ impl Config {
 }
 
 impl ServerConfig {
-    /// Every configured secret, inline and from `secrets_file`, by agency.
+    /// Every configured secret, inline and from `secrets_file`, checked:
+    /// when any agency has one, every configured agency (`1..=agencies`)
+    /// must have one too.
     ///
     /// # Errors
-    /// The file cannot be read, or a key is not an agency id.
-    pub fn load_secrets(&self) -> Result<BTreeMap<AgencyId, String>, ConfigError> {
+    /// The file cannot be read, a key is neither an agency id nor
+    /// `operator`, a secret is empty, or a configured agency has no secret
+    /// while others have one (the error names it).
+    pub fn load_secrets(&self) -> Result<Secrets, ConfigError> {
+        let secrets = self.read_secrets()?;
+        let open = self.agencies_without_secret(&secrets);
+        // All open is authentication off (warned about at start); some
+        // open while others are not is a mistake that would leave those
+        // agencies' winners to anyone.
+        if let (Some(first), false) = (open.first(), open.len() == self.agencies as usize) {
+            return Err(ConfigError::Invalid {
+                key: format!("server.secrets.{first}"),
+                value: String::new(),
+                reason: format!(
+                    "agency {first} has no secret while other agencies have one (agencies \
+                     without one: {}); give every agency in 1..={} a secret",
+                    list(&open),
+                    self.agencies
+                ),
+            });
+        }
+        Ok(secrets)
+    }
+
+    /// The secrets as written, inline and from `secrets_file`, without the
+    /// check that every agency has one (operator tools need only theirs).
+    ///
+    /// # Errors
+    /// The file cannot be read, a key is neither an agency id nor
+    /// `operator`, or a secret is empty.
+    pub fn read_secrets(&self) -> Result<Secrets, ConfigError> {
         let mut all = self.secrets.clone();
         if !self.secrets_file.as_os_str().is_empty() {
             let text = std::fs::read_to_string(&self.secrets_file).map_err(|source| {
@@ -622,18 +654,38 @@ impl ServerConfig {
                 })?;
             all.extend(from_file);
         }
-        all.into_iter()
-            .map(|(id, secret)| {
-                let agency: AgencyId = parse_value("server.secrets", &id)?;
-                if secret.is_empty() {
-                    return Err(ConfigError::Invalid {
-                        key: format!("server.secrets.{id}"),
-                        value: String::new(),
-                        reason: "a secret cannot be empty".into(),
-                    });
+        let mut secrets = Secrets::default();
+        for (id, secret) in all {
+            let Some(key) = secret_key(&id) else {
+                return Err(ConfigError::Invalid {
+                    key: "server.secrets".into(),
+                    value: id,
+                    reason: SECRET_KEYS.into(),
+                });
+            };
+            if secret.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: format!("server.secrets.{id}"),
+                    value: String::new(),
+                    reason: "a secret cannot be empty".into(),
+                });
+            }
+            match key {
+                SecretKey::Agency(agency) => {
+                    secrets.agencies.insert(agency, secret);
                 }
-                Ok((agency, secret))
-            })
+                SecretKey::Operator => secrets.operator = Some(secret),
+            }
+        }
+        Ok(secrets)
+    }
+
+    /// The configured agencies (`1..=agencies`) that can act without
+    /// authenticating. The one place that decides it: another way to
+    /// authenticate (a client certificate, say) belongs here.
+    pub fn agencies_without_secret(&self, secrets: &Secrets) -> Vec<AgencyId> {
+        (1..=self.agencies)
+            .filter(|id| !secrets.agencies.contains_key(id))
             .collect()
     }
 
@@ -665,6 +717,53 @@ impl ServerConfig {
             self.draw_record.clone()
         }
     }
+}
+
+/// The secrets the central checks, by who presents them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Secrets {
+    /// Per agency; empty when authentication is off.
+    pub agencies: BTreeMap<AgencyId, String>,
+    /// Opens a read-only operator session (`PING`, `STATUS`), so that
+    /// `lottery status` never has to speak as an agency.
+    pub operator: Option<String>,
+}
+
+impl Secrets {
+    /// Whether connections must authenticate.
+    pub fn required(&self) -> bool {
+        !self.agencies.is_empty()
+    }
+}
+
+/// The key of the operator's secret in `server.secrets` and its file.
+pub const OPERATOR_KEY: &str = "operator";
+
+/// What the keys of `server.secrets` may be.
+const SECRET_KEYS: &str = "keys are agency ids or \"operator\"";
+
+/// Whose secret a key of `server.secrets` names.
+enum SecretKey {
+    Agency(AgencyId),
+    Operator,
+}
+
+fn secret_key(key: &str) -> Option<SecretKey> {
+    if key == OPERATOR_KEY {
+        return Some(SecretKey::Operator);
+    }
+    match key.parse::<AgencyId>() {
+        Ok(0) | Err(_) => None,
+        Ok(agency) => Some(SecretKey::Agency(agency)),
+    }
+}
+
+/// `1, 2, 5` for messages.
+fn list(ids: &[AgencyId]) -> String {
+    ids.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl AgencyConfig {
@@ -991,6 +1090,49 @@ mod tests {
                 assert!(readme.contains(&format!("--{long}`")), "README: --{long}");
             }
         }
+    }
+
+    #[test]
+    fn an_agency_without_a_secret_among_others_is_named() {
+        let f = file("1 = \"uno\"\n3 = \"tres\"\noperator = \"op\"\n");
+        let server = ServerConfig {
+            agencies: 4,
+            secrets_file: f.path().to_path_buf(),
+            ..ServerConfig::default()
+        };
+        let e = server.load_secrets().unwrap_err().to_string();
+        assert!(e.contains("server.secrets.2"), "{e}");
+        assert!(
+            e.contains("agency 2 has no secret while other agencies have one"),
+            "{e}"
+        );
+        assert!(e.contains("without one: 2, 4"), "{e}");
+        // What operator tools read needs no completeness.
+        let read = server.read_secrets().unwrap();
+        assert_eq!(read.operator.as_deref(), Some("op"));
+        assert_eq!(read.agencies.len(), 2);
+        // Every configured agency has one: fine, extra ids too.
+        let server = ServerConfig {
+            agencies: 1,
+            ..server
+        };
+        let secrets = server.load_secrets().unwrap();
+        assert!(secrets.required());
+        assert!(server.agencies_without_secret(&secrets).is_empty());
+    }
+
+    #[test]
+    fn no_secrets_at_all_leaves_every_agency_open() {
+        let server = ServerConfig {
+            agencies: 3,
+            ..ServerConfig::default()
+        };
+        let secrets = server.load_secrets().unwrap();
+        assert!(!secrets.required());
+        assert_eq!(server.agencies_without_secret(&secrets), [1, 2, 3]);
+        let f = file("[server.secrets]\nadmin = \"x\"\n");
+        let e = Config::load(f.path(), Role::Server, env(&[])).unwrap_err();
+        assert!(e.to_string().contains("agency ids or \"operator\""), "{e}");
     }
 
     #[test]

@@ -51,6 +51,12 @@ pub mod action {
     /// The open-files limit leaves room for fewer connections than
     /// configured (WARN, at start).
     pub const OPEN_FILES: &str = "open_files";
+    /// How connections authenticate, once at start: a WARN when any
+    /// agency can act without a secret.
+    pub const AUTH: &str = "auth";
+    /// Failed or refused authentications of one peer address, in summary:
+    /// at most one line per peer per interval, with counts.
+    pub const AUTH_FAILURES: &str = "auth_failures";
     /// The listening socket was closed.
     pub const CLOSE_LISTENER: &str = "close_listener";
     /// A connection sat idle past the idle timeout and was closed.

@@ -61,8 +61,11 @@ enum Command {
     Status(ProbeArgs),
     /// Print the per-agency winners table from the draw record.
     Winners(WinnersArgs),
-    /// Write a compose file for the central and N agencies.
+    /// Write a compose file for the central and N agencies (and its secrets).
     Compose(ComposeArgs),
+    /// Write a secret per agency, the operator's, and the central's file of
+    /// them all (existing secrets are kept).
+    Secrets(SecretsArgs),
     /// Load test: K agencies x M bets against a real server process.
     Bench(BenchArgs),
 }
@@ -105,9 +108,20 @@ struct ComposeArgs {
     /// Number of agencies (containers client1 … clientN).
     #[arg(long, default_value_t = 5)]
     agencies: u32,
-    /// Where to write; `-` for standard output.
+    /// Where to write; `-` for standard output. The secrets it mounts are
+    /// written (or completed) in `secrets/` beside it (`./secrets` for `-`).
     #[arg(long, default_value = "compose.yaml")]
     out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct SecretsArgs {
+    /// Number of agencies.
+    #[arg(long, default_value_t = 5)]
+    agencies: u32,
+    /// The directory to write them into (made private to its owner).
+    #[arg(long, default_value = compose::SECRETS_DIR)]
+    dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -195,6 +209,12 @@ fn main() -> ExitCode {
             eprintln!("lottery: configuration error: {e}");
             return ExitCode::from(2);
         }
+        // A configured agency without a secret while others have one is a
+        // configuration error, not a runtime one: say so before starting.
+        if let Err(e) = config.server.load_secrets() {
+            eprintln!("lottery: configuration error: {e}");
+            return ExitCode::from(2);
+        }
     }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -271,12 +291,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Health(args) => {
-            ops::health(&probe_target(&config, args)).await?;
+            ops::health(&probe_target(&config, args)?).await?;
             println!("ok");
             Ok(())
         }
         Command::Status(args) => {
-            let view = ops::status(&probe_target(&config, args)).await?;
+            let view = ops::status(&probe_target(&config, args)?).await?;
             print!("{}", ops::render_status(&view));
             Ok(())
         }
@@ -299,9 +319,26 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             print!("{}", bench::run(opts, token).await?.render());
             Ok(())
         }
+        Command::Secrets(args) => {
+            anyhow::ensure!(args.agencies >= 1, "--agencies must be at least 1");
+            let central = compose::write_secrets(&args.dir, args.agencies)?;
+            println!(
+                "{}: the central's (SERVER_SECRETS_FILE); {}: agency N's (CLI_SECRET_FILE)",
+                central.display(),
+                args.dir.join("agency-N.secret").display()
+            );
+            Ok(())
+        }
         Command::Compose(args) => {
             anyhow::ensure!(args.agencies >= 1, "--agencies must be at least 1");
             let text = compose::render(args.agencies);
+            let beside = match args.out.parent() {
+                Some(dir) if args.out.as_os_str() != "-" => dir.to_path_buf(),
+                _ => PathBuf::new(),
+            };
+            let central =
+                compose::write_secrets(&beside.join(compose::SECRETS_DIR), args.agencies)?;
+            eprintln!("secrets: {} (never commit it)", central.display());
             if args.out.as_os_str() == "-" {
                 print!("{text}");
             } else {
@@ -313,10 +350,19 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     }
 }
 
-fn probe_target(config: &Config, args: ProbeArgs) -> ops::Target {
-    ops::Target::for_agency(
+/// Where `health` and `status` go, and the operator's secret when the
+/// central's secrets (`server.secrets_file`) hold one: on the central's own
+/// host (or container) the probes then need nothing more.
+fn probe_target(config: &Config, args: ProbeArgs) -> anyhow::Result<ops::Target> {
+    let mut target = ops::Target::for_agency(
         &config.agency,
         args.address,
         std::time::Duration::from_secs(args.timeout),
-    )
+    );
+    target.operator_secret = config
+        .server
+        .read_secrets()
+        .context("reading the operator's secret")?
+        .operator;
+    Ok(target)
 }

@@ -170,6 +170,79 @@ fn demo_runs_on_generated_data_and_prints_the_table() {
 }
 
 #[test]
+fn the_demo_runs_authenticated() {
+    let out = run(lottery().arg("demo").args([
+        "--agencies",
+        "2",
+        "--bets-per-agency",
+        "200",
+        "--log-level",
+        "INFO",
+    ]));
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    // Its central requires a secret of every agency, and every agency
+    // presented its own: none was refused, all got their winners.
+    assert!(
+        t.contains("INFO     action: auth | result: success | state: required | agencies: 2"),
+        "{t}"
+    );
+    assert!(!t.contains("state: off"), "{t}");
+    assert!(!t.contains("result: fail"), "{t}");
+    assert_eq!(t.matches("action: consulta_ganadores").count(), 4, "{t}");
+}
+
+#[test]
+fn a_central_without_secrets_warns_at_start_but_does_not_fail() {
+    let work = tempfile::tempdir().unwrap();
+    let server = Server::spawn({
+        let mut cmd = lottery();
+        cmd.arg("server")
+            .env("SERVER_PORT", "0")
+            .env("SERVER_AGENCIES", "3")
+            .env("SERVER_STORAGE", work.path().join("bets.csv"));
+        cmd
+    });
+    // Logged before the `listen` line the start waited for.
+    let line = server
+        .proc
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("action: auth |"))
+        .expect("an auth line at start");
+    assert!(
+        line.contains(
+            "WARN     action: auth | result: success | state: off | agencies_without_secret: 1,2,3"
+        ),
+        "{line}"
+    );
+    assert!(line.contains("read their winners"), "{line}");
+    server.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(server.proc.wait_exit(STEP).success());
+    assert!(!server.proc.output().contains("result: fail"));
+}
+
+#[test]
+fn an_agency_without_a_secret_among_others_exits_2_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets.toml");
+    std::fs::write(&secrets, "1 = \"uno\"\n3 = \"tres\"\n").unwrap();
+    let out = run(lottery()
+        .arg("server")
+        .env("SERVER_PORT", "0")
+        .env("SERVER_AGENCIES", "3")
+        .env("SERVER_STORAGE", dir.path().join("bets.csv"))
+        .env("SERVER_SECRETS_FILE", &secrets));
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(
+        t.contains("agency 2 has no secret while other agencies have one"),
+        "{t}"
+    );
+    assert!(!dir.path().join("bets.csv").exists(), "nothing started");
+}
+
+#[test]
 fn gen_data_writes_the_requested_files() {
     let work = tempfile::tempdir().unwrap();
     let out = run(lottery()

@@ -152,6 +152,9 @@ impl AgencyError {
                     | ErrorCode::AgencyBusy
                     | ErrorCode::ServerBusy
                     | ErrorCode::Timeout
+                    // This address is locked out for a while (another
+                    // client behind it guessed secrets): try again later.
+                    | ErrorCode::AuthThrottled
             ),
             _ => false,
         }

@@ -11,6 +11,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::guard::Lockout;
 use super::intake::{Placement, Session, Settled};
 use super::Settings;
 use crate::logging::{action, result};
@@ -23,6 +24,9 @@ use crate::wire::{
     ServerCodec,
 };
 
+/// The guard's clock (tokio's, so tests can pause it).
+type Now = tokio::time::Instant;
+
 /// Read buffer of a connection: room for two full frames, so that an
 /// agency's window of batches is read with fewer syscalls than one each.
 /// Not more: with a thousand agencies connected, each KiB here is a MiB of
@@ -32,6 +36,27 @@ const READ_BUFFER: usize = 16 * 1024;
 /// Most batches one connection may have at the store at once; the next
 /// frame is read only when one of them is answered.
 const MAX_IN_FLIGHT: usize = crate::config::MAX_WINDOW;
+
+/// What a connection may send. Before it authenticates (when the central
+/// requires secrets), only `HELLO`; an operator session, only `PING` and
+/// `STATUS`; a connection that speaks for an agency (or any connection
+/// when secrets are off), everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Anonymous,
+    Operator,
+    Full,
+}
+
+/// Why [`Handler::gate`] turns a message away; the connection then closes.
+enum Gated {
+    /// Not authenticated yet, and not a `HELLO`.
+    Anonymous,
+    /// An operator session sent something other than `PING` or `STATUS`.
+    OperatorOnly,
+    /// A `HELLO` from an address locked out for its wrong secrets.
+    Locked(Lockout),
+}
 
 /// What the connection does after a message.
 enum Next {
@@ -48,8 +73,8 @@ pub(super) struct Handler {
     /// The agency this connection speaks for, with its batches in flight;
     /// set by the first message that names an agency.
     session: Option<Session>,
-    /// The connection presented its agency's secret (or none is needed).
-    authenticated: bool,
+    /// What the connection may send, given how it authenticated.
+    access: Access,
     /// Shared state and the draw.
     lottery: Lottery,
     /// Where batches go.
@@ -82,7 +107,11 @@ impl Handler {
             framed: Framed::with_capacity(io, ServerCodec::new(), READ_BUFFER),
             peer,
             session: None,
-            authenticated: settings.secrets.is_empty(),
+            access: if settings.secrets.required() {
+                Access::Anonymous
+            } else {
+                Access::Full
+            },
             lottery,
             store,
             shutdown,
@@ -114,15 +143,28 @@ impl Handler {
             Ok(()) if self.shutdown.is_cancelled() => "shutdown",
             Ok(()) => "closed",
         };
-        info!(
-            action = action::CLOSE_CONNECTION,
-            result = result::SUCCESS,
-            peer = %self.peer,
-            agency,
-            bets_stored = stored,
-            millis = self.opened.elapsed().as_millis() as u64,
-            reason
-        );
+        let millis = self.opened.elapsed().as_millis() as u64;
+        macro_rules! closed {
+            ($level:ident) => {
+                $level!(
+                    action = action::CLOSE_CONNECTION,
+                    result = result::SUCCESS,
+                    peer = %self.peer,
+                    agency,
+                    bets_stored = stored,
+                    millis,
+                    reason
+                )
+            };
+        }
+        if self.access == Access::Anonymous {
+            // Never authenticated: its refusal is counted in its address's
+            // `auth_failures` summary, and a line per connection would let
+            // a flood of guesses flood the log after all.
+            closed!(debug);
+        } else {
+            closed!(info);
+        }
         // Dropping `self` closes the socket.
     }
 
@@ -186,6 +228,9 @@ impl Handler {
             if !matches!(frame, Some(Ok(Ok(Request::Batch { .. })))) {
                 self.drain().await?;
             }
+            if let Some(gated) = self.gate(&frame) {
+                return self.turn_away(gated).await;
+            }
             let next = match frame {
                 None => return Ok(()),
                 Some(Err(e)) => {
@@ -206,8 +251,11 @@ impl Handler {
                 Some(Ok(Ok(Request::Hello { agency, secret }))) => {
                     self.handle_hello(agency, secret).await?
                 }
-                // Probes and operator views: no personal data, no agency,
-                // no secret needed.
+                Some(Ok(Ok(Request::OperatorHello { secret }))) => {
+                    self.handle_operator_hello(secret).await?
+                }
+                // Probes and operator views: no personal data, no agency;
+                // past the gate, so an operator session or open access.
                 Some(Ok(Ok(Request::Ping))) => {
                     let pong = Reply::Success {
                         message: "pong".into(),
@@ -224,7 +272,6 @@ impl Handler {
                     self.flush().await?;
                     Next::Continue
                 }
-                Some(Ok(Ok(_))) if !self.authenticated => self.unauthenticated().await?,
                 Some(Ok(Ok(Request::Batch { first, bets }))) => {
                     self.handle_batch(first, bets).await?
                 }
@@ -268,13 +315,102 @@ impl Handler {
         Ok(())
     }
 
-    /// Refuses a request from a connection that has not authenticated, and
-    /// hangs up.
-    async fn unauthenticated(&mut self) -> Result<Next, FrameError> {
-        let reason = "this central requires HELLO with the agency's SECRET first".to_string();
-        let refused = Refused::connection(None, ErrorCode::Unauthenticated, reason);
-        self.refuse(refused).await?;
+    /// The one rule for what is answered before (and, in an operator
+    /// session, after) authentication: `Some` turns the message away and
+    /// closes the connection. End of stream and framing errors pass: they
+    /// end the connection on their own.
+    fn gate(&self, frame: &Frame) -> Option<Gated> {
+        let Some(Ok(request)) = frame else {
+            return None;
+        };
+        let request = request.as_ref().ok();
+        let hello = matches!(
+            request,
+            Some(Request::Hello { .. } | Request::OperatorHello { .. })
+        );
+        // Whatever the connection's access: a locked-out address tries no
+        // secret, not even on a connection it already authenticated.
+        if hello && self.settings.secrets.required() {
+            if let Err(lockout) = self.settings.guard.admit(self.peer.ip(), Now::now()) {
+                return Some(Gated::Locked(lockout));
+            }
+        }
+        match (self.access, request) {
+            (Access::Full, _) => None,
+            (Access::Operator, Some(Request::Ping | Request::Status)) => None,
+            (Access::Operator, _) => Some(Gated::OperatorOnly),
+            (Access::Anonymous, _) if hello => None,
+            (Access::Anonymous, _) => Some(Gated::Anonymous),
+        }
+    }
+
+    /// Answers a message the gate turned away, and hangs up. Refusals
+    /// before authentication are counted for the address's summary line
+    /// rather than logged one by one: a flood must not flood the log.
+    async fn turn_away(&mut self, gated: Gated) -> Result<(), FrameError> {
+        let ip = self.peer.ip();
+        let (code, reason) = match gated {
+            Gated::Anonymous => {
+                if let Some(report) = self.settings.guard.unauthenticated(ip, Now::now()) {
+                    report.log();
+                }
+                let reason = "this central requires HELLO with the agency's SECRET first";
+                (ErrorCode::Unauthenticated, reason.to_string())
+            }
+            Gated::Locked(lockout) => {
+                if let Some(report) = lockout.report {
+                    report.log();
+                }
+                let reason = format!(
+                    "too many wrong secrets from {ip}: no HELLO from it is read for {} s",
+                    lockout.remaining.as_secs().max(1)
+                );
+                (ErrorCode::AuthThrottled, reason)
+            }
+            Gated::OperatorOnly => {
+                let reason = "an operator session may send only PING and STATUS".to_string();
+                let refused = Refused::connection(None, ErrorCode::Unauthenticated, reason);
+                return self.refuse(refused).await;
+            }
+        };
+        self.reply_error(code, reason).await
+    }
+
+    /// Answers a wrong or missing secret, counts it against the address
+    /// (its summary line says how many), and hangs up.
+    async fn wrong_secret(&mut self, reason: String) -> Result<Next, FrameError> {
+        if let Some(report) = self.settings.guard.wrong_secret(self.peer.ip(), Now::now()) {
+            report.log();
+        }
+        self.reply_error(ErrorCode::Unauthenticated, reason).await?;
         Ok(Next::Close)
+    }
+
+    /// Opens a read-only operator session (`PING`, `STATUS`): operator
+    /// tools need not, and must not, speak for an agency, whose `HELLO`
+    /// would take its session over.
+    async fn handle_operator_hello(&mut self, secret: Option<String>) -> Result<Next, FrameError> {
+        if self.settings.secrets.required() {
+            let Some(expected) = &self.settings.secrets.operator else {
+                let reason = "no operator secret is configured on this central".to_string();
+                return self.wrong_secret(reason).await;
+            };
+            let presented = secret.as_deref().unwrap_or("");
+            if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+                return self
+                    .wrong_secret("wrong or missing SECRET for the operator".into())
+                    .await;
+            }
+            if self.access == Access::Anonymous {
+                self.access = Access::Operator;
+            }
+        }
+        let reply = Reply::Success {
+            message: "operator session: PING and STATUS".into(),
+            stored: None,
+        };
+        self.send(&reply).await?;
+        Ok(Next::Continue)
     }
 
     /// The connection's session for `agency`: claimed on its first message
@@ -325,35 +461,28 @@ impl Handler {
         agency: AgencyId,
         secret: Option<String>,
     ) -> Result<Next, FrameError> {
-        let refusal = match self.settings.secrets.get(&agency) {
+        match self.settings.secrets.agencies.get(&agency) {
             Some(expected) => {
                 let presented = secret.as_deref().unwrap_or("");
-                (!constant_time_eq(presented.as_bytes(), expected.as_bytes())).then(|| {
+                if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
                     let reason = format!("wrong or missing SECRET for agency {agency}");
-                    (ErrorCode::Unauthenticated, reason, Next::Close)
-                })
+                    return self.wrong_secret(reason).await;
+                }
             }
-            // Secrets are on, and this agency has none: it cannot get in.
-            None if !self.settings.secrets.is_empty() => {
+            // Secrets are on, and this agency has none (it is not one of
+            // the configured agencies): it cannot get in.
+            None if self.settings.secrets.required() => {
                 let reason = format!("no secret is configured for agency {agency}");
-                Some((ErrorCode::Unauthenticated, reason, Next::Close))
+                return self.wrong_secret(reason).await;
             }
-            None => None,
-        };
-        let refusal = match refusal {
-            Some(refusal) => Some(refusal),
-            None => self
-                .open_session(agency)
-                .await
-                .err()
-                .map(|e| (e.code(), e.to_string(), Next::Continue)),
-        };
-        if let Some((code, reason, next)) = refusal {
-            self.refuse(Refused::connection(Some(agency), code, reason))
-                .await?;
-            return Ok(next);
+            None => {}
         }
-        self.authenticated = true;
+        if let Err(e) = self.open_session(agency).await {
+            let refused = Refused::connection(Some(agency), e.code(), e.to_string());
+            self.refuse(refused).await?;
+            return Ok(Next::Continue);
+        }
+        self.access = Access::Full;
         let stored = self.lottery.stored(agency);
         let reply = Reply::Success {
             message: format!("agency {agency}: resume from bet {stored}"),

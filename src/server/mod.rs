@@ -9,11 +9,11 @@
 //! the batches it has already read (so whatever was acknowledged is stored)
 //! and closes; then the store flushes and closes.
 
+mod guard;
 mod handler;
 mod intake;
 mod listener;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,10 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::{ConfigError, ServerConfig};
+use crate::config::{ConfigError, Secrets, ServerConfig};
 use crate::logging::{action, result};
 use crate::lottery::Lottery;
-use crate::model::AgencyId;
 use crate::net::{self as tls, TlsError};
 use crate::store::{self, Opened, StorageError, Store};
 
@@ -57,8 +56,12 @@ struct Settings {
     frame_timeout: Duration,
     /// Time a connection may wait with no request.
     idle_timeout: Duration,
-    /// Agency secrets; empty when authentication is off.
-    secrets: BTreeMap<AgencyId, String>,
+    /// Agency and operator secrets; no agency secrets when authentication
+    /// is off.
+    secrets: Secrets,
+    /// Failed authentications per peer address: lockouts and their
+    /// summary lines.
+    guard: guard::Guard,
     /// TLS, when on.
     tls: Option<TlsAcceptor>,
 }
@@ -102,6 +105,7 @@ pub async fn run_with_store(
             return Err(e);
         }
     };
+    announce_authentication(config, &settings.secrets);
     let draw = match store.load_draw().await {
         Ok(draw) => draw,
         Err(e) => {
@@ -147,10 +151,18 @@ pub async fn run_with_store(
         result = result::SUCCESS,
         address = %local.map_or_else(|| "?".to_string(), |a| a.to_string()),
         tls = settings.tls.is_some(),
-        secrets = settings.secrets.len(),
+        secrets = settings.secrets.agencies.len(),
         max_connections = config.max_connections
     );
 
+    // Summary lines of failed authentications, until the last connection
+    // is gone (then whatever is left is logged).
+    let reports_done = CancellationToken::new();
+    let reports = tokio::spawn({
+        let guard = settings.guard.clone();
+        let done = reports_done.clone();
+        async move { guard.report_until(done).await }
+    });
     let accept_loop = listener::Listener {
         listener,
         store: store.clone(),
@@ -194,6 +206,8 @@ pub async fn run_with_store(
         hard_stop.cancel();
         tracker.wait().await;
     }
+    reports_done.cancel();
+    let _ = reports.await;
     // A draw under way is recorded and published before the store closes,
     // within what is left of the grace period; one abandoned after it left
     // either its whole record or none (the record is written atomically),
@@ -235,12 +249,41 @@ async fn close_store(store: &dyn Store) {
     }
 }
 
+/// Says at start how connections authenticate: a WARN when any agency can
+/// act without a secret (anyone who reaches the port can then upload its
+/// bets, announce it finished and read its winners). Not a `fail` line:
+/// nothing went wrong, but an operator must know.
+fn announce_authentication(config: &ServerConfig, secrets: &Secrets) {
+    let open = config.agencies_without_secret(secrets);
+    if open.is_empty() {
+        info!(
+            action = action::AUTH,
+            result = result::SUCCESS,
+            state = "required",
+            agencies = config.agencies,
+            operator_session = secrets.operator.is_some()
+        );
+        return;
+    }
+    let ids: Vec<String> = open.iter().map(ToString::to_string).collect();
+    warn!(
+        action = action::AUTH,
+        result = result::SUCCESS,
+        state = "off",
+        agencies_without_secret = ids.join(","),
+        message = "anyone who reaches this port can upload bets for these agencies, announce \
+                   them finished and read their winners; give every agency a secret \
+                   (server.secrets_file; lottery compose writes one)"
+    );
+}
+
 /// Timeouts, secrets and TLS, from the configuration.
 fn load_settings(config: &ServerConfig) -> Result<Settings, ServerError> {
     Ok(Settings {
         frame_timeout: config.frame_deadline(),
         idle_timeout: config.idle_deadline(),
         secrets: config.load_secrets()?,
+        guard: guard::Guard::default(),
         tls: if config.tls_enabled() {
             Some(tls::acceptor(&config.tls_cert, &config.tls_key)?)
         } else {

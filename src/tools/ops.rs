@@ -13,7 +13,7 @@ use crate::config::AgencyConfig;
 use crate::net::{self as tls, BoxedIo};
 use crate::store::file::load_record;
 use crate::wire::AgencyCodec;
-use crate::wire::{AgencyState, Reply, Request};
+use crate::wire::{AgencyState, ErrorCode, Reply, Request};
 
 /// Where the central is and how to reach it.
 #[derive(Debug, Clone)]
@@ -24,6 +24,9 @@ pub struct Target {
     pub tls: Option<(std::path::PathBuf, String)>,
     /// How long the whole exchange may take.
     pub timeout: Duration,
+    /// Opens a read-only operator session first, when the central requires
+    /// secrets: `operator` in the central's secrets (`server.secrets_file`).
+    pub operator_secret: Option<String>,
 }
 
 impl Target {
@@ -43,6 +46,7 @@ impl Target {
             address,
             tls,
             timeout: timeout.max(Duration::from_secs(1)),
+            operator_secret: None,
         }
     }
 }
@@ -69,16 +73,47 @@ async fn next_reply(framed: &mut Framed<BoxedIo, AgencyCodec>) -> anyhow::Result
     }
 }
 
-/// Sends `PING` and expects `pong`.
+/// Whether `reply` refuses a connection for its authentication: from a
+/// central that requires secrets, to a probe that has none (or a wrong one).
+fn refused_for_authentication(reply: &Reply) -> bool {
+    matches!(
+        reply,
+        Reply::Error {
+            code: ErrorCode::Unauthenticated | ErrorCode::AuthThrottled,
+            ..
+        }
+    )
+}
+
+/// Sends `PING` (in an operator session, when the target has the
+/// operator's secret) and expects `pong`.
+///
+/// A central that requires secrets answers a probe without a good one
+/// `UNAUTHENTICATED` (or `AUTH_THROTTLED`): that too proves it up, since it
+/// accepted the connection, read a whole frame, parsed it and answered in
+/// protocol; and a health check that needs no secret can be run by anything
+/// (the compose health check, a load balancer) without handing it one.
 ///
 /// # Errors
 /// The central is unreachable, slow, or answers something else.
 pub async fn health(target: &Target) -> anyhow::Result<()> {
     let exchange = async {
         let mut framed = connect(target).await?;
+        if let Some(secret) = &target.operator_secret {
+            let hello = Request::OperatorHello {
+                secret: Some(secret.clone()),
+            };
+            framed.send(&hello).await?;
+            match next_reply(&mut framed).await? {
+                Reply::Success { .. } => {}
+                reply if refused_for_authentication(&reply) => return Ok(()),
+                other => anyhow::bail!("unexpected answer to HELLO: {other:?}"),
+            }
+        }
         framed.send(&Request::Ping).await?;
         match next_reply(&mut framed).await? {
             Reply::Success { message, .. } if message == "pong" => Ok(()),
+            reply if refused_for_authentication(&reply) => Ok(()),
             other => anyhow::bail!("unexpected answer to PING: {other:?}"),
         }
     };
@@ -105,6 +140,19 @@ pub struct StatusView {
 pub async fn status(target: &Target) -> anyhow::Result<StatusView> {
     let exchange = async {
         let mut framed = connect(target).await?;
+        if let Some(secret) = &target.operator_secret {
+            let hello = Request::OperatorHello {
+                secret: Some(secret.clone()),
+            };
+            framed.send(&hello).await?;
+            match next_reply(&mut framed).await? {
+                Reply::Success { .. } => {}
+                Reply::Error { code, message } => {
+                    anyhow::bail!("the central refused the operator secret: {code}: {message}")
+                }
+                other => anyhow::bail!("unexpected answer to HELLO: {other:?}"),
+            }
+        }
         framed.send(&Request::Status).await?;
         let mut view = StatusView {
             agencies: 0,
@@ -126,6 +174,14 @@ pub async fn status(target: &Target) -> anyhow::Result<StatusView> {
                         return Ok(view);
                     }
                 }
+                Reply::Error {
+                    code: ErrorCode::Unauthenticated,
+                    message,
+                } => anyhow::bail!(
+                    "the central requires authentication ({message}): give `lottery status` \
+                     the operator's secret, `operator = \"…\"` in the file SERVER_SECRETS_FILE \
+                     names (server.secrets_file), as on the central"
+                ),
                 other => anyhow::bail!("unexpected answer to STATUS: {other:?}"),
             }
         }

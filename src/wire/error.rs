@@ -31,6 +31,9 @@ keyed_enum! {
         /// Secrets are configured and this connection has not presented its
         /// agency's.
         Unauthenticated = "UNAUTHENTICATED",
+        /// Too many wrong secrets came from this address: it is locked
+        /// out for a while, and its `HELLO` is refused unread.
+        AuthThrottled = "AUTH_THROTTLED",
         /// A frame was not completed in time, or the connection sat idle.
         Timeout = "TIMEOUT",
         /// The central is at its connection limit; try again later.
@@ -119,7 +122,7 @@ mod tests {
         for code in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_wire(code.as_str()), Some(code));
         }
-        assert_eq!(ErrorCode::COUNT, 12);
+        assert_eq!(ErrorCode::COUNT, 13);
         assert_eq!(ErrorCode::from_wire("NOPE"), None);
     }
 }

@@ -35,6 +35,12 @@ pub enum Request {
         /// The agency's secret, when the central requires one.
         secret: Option<String>,
     },
+    /// Opens a read-only operator session (`PING` and `STATUS` only), so
+    /// that operator tools never speak for an agency.
+    OperatorHello {
+        /// The operator's secret.
+        secret: Option<String>,
+    },
     /// The agency has sent all its bets and waits for its winners.
     Finished {
         /// The agency that finished.
@@ -153,6 +159,21 @@ impl WireMessage for Request {
                     return Ok(Request::Status);
                 }
                 let finished = a == action::BETTING_FINISHED || a == action::FINISH_BETTING;
+                let secret = || {
+                    pairs
+                        .find(key::SECRET)
+                        .map(|v| unescape(v, "SECRET").map(Cow::into_owned))
+                        .transpose()
+                };
+                if a == action::HELLO {
+                    if let Some(role) = pairs.find(key::ROLE) {
+                        let role = unescape(role, "ROLE")?;
+                        if role != action::OPERATOR {
+                            return Err(bad_value(key::ROLE, format!("{role:?} is not OPERATOR")));
+                        }
+                        return Ok(Request::OperatorHello { secret: secret()? });
+                    }
+                }
                 if finished || a == action::HELLO {
                     let id = pairs
                         .find(key::AGENCY_ID)
@@ -164,11 +185,10 @@ impl WireMessage for Request {
                     Ok(if finished {
                         Request::Finished { agency }
                     } else {
-                        let secret = pairs
-                            .find(key::SECRET)
-                            .map(|v| unescape(v, "SECRET").map(Cow::into_owned))
-                            .transpose()?;
-                        Request::Hello { agency, secret }
+                        Request::Hello {
+                            agency,
+                            secret: secret()?,
+                        }
                     })
                 } else {
                     Err(MessageError::Unknown(format!("ACTION:{a}")))
@@ -192,6 +212,22 @@ impl WireMessage for Request {
                     action::STATUS
                 };
                 dst.put_slice(name.as_bytes());
+                dst.put_u8(b'\n');
+            }
+            Request::OperatorHello { secret } => {
+                dst.put_slice(key::ACTION.as_bytes());
+                dst.put_u8(b':');
+                dst.put_slice(action::HELLO.as_bytes());
+                dst.put_u8(b'|');
+                dst.put_slice(key::ROLE.as_bytes());
+                dst.put_u8(b':');
+                dst.put_slice(action::OPERATOR.as_bytes());
+                if let Some(secret) = secret {
+                    dst.put_u8(b'|');
+                    dst.put_slice(key::SECRET.as_bytes());
+                    dst.put_u8(b':');
+                    escape_into(dst, secret);
+                }
                 dst.put_u8(b'\n');
             }
             Request::Finished { agency } | Request::Hello { agency, .. } => {
@@ -455,6 +491,24 @@ mod tests {
                 Request::Finished { agency: 3 }
             );
         }
+    }
+
+    #[test]
+    fn operator_hello_round_trips_and_needs_no_agency() {
+        for secret in [None, Some("op|er:a\\tor".to_string())] {
+            let r = Request::OperatorHello { secret };
+            assert_eq!(Request::parse(&to_payload(&r)).unwrap(), r);
+        }
+        assert_eq!(
+            to_payload(&Request::OperatorHello {
+                secret: Some("s3".into())
+            }),
+            b"ACTION:HELLO|ROLE:OPERATOR|SECRET:s3\n"
+        );
+        assert!(matches!(
+            Request::parse(b"ACTION:HELLO|ROLE:ADMIN|SECRET:x\n"),
+            Err(MessageError::BadValue { .. })
+        ));
     }
 
     #[test]

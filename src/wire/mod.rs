@@ -55,6 +55,8 @@ pub mod key {
     pub const STORED: &str = "STORED";
     /// The agency's shared secret, in `HELLO`, when the central requires one.
     pub const SECRET: &str = "SECRET";
+    /// Who a `HELLO` without `AGENCY_ID` speaks for: `OPERATOR`.
+    pub const ROLE: &str = "ROLE";
     /// Configured agency count, in a status reply.
     pub const AGENCIES: &str = "AGENCIES";
     /// Per-agency `id=held/open|done` entries, comma separated, in a status reply.
@@ -71,6 +73,8 @@ pub mod action {
     pub const FINISH_BETTING: &str = "FINISH_BETTING";
     /// Opens a resumable session: the central answers with `STORED`.
     pub const HELLO: &str = "HELLO";
+    /// `ROLE` of a `HELLO` that opens a read-only operator session.
+    pub const OPERATOR: &str = "OPERATOR";
     /// Liveness check: the central answers `MESSAGE:pong`.
     pub const PING: &str = "PING";
     /// Operator view: bets held per agency, who finished, whether drawn.
