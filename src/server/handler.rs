@@ -79,7 +79,11 @@ impl Handler {
         settings: Arc<Settings>,
     ) -> Handler {
         Handler {
-            framed: Framed::with_capacity(io, ServerCodec::new(), READ_BUFFER),
+            framed: Framed::with_capacity(
+                io,
+                ServerCodec::with_max_frame(settings.max_frame),
+                READ_BUFFER,
+            ),
             peer,
             session: None,
             authenticated: settings.secrets.is_empty(),
@@ -188,16 +192,20 @@ impl Handler {
             }
             let next = match frame {
                 None => return Ok(()),
-                Some(Err(e)) => {
-                    if let FrameError::TooLarge(_) = e {
-                        // The stream is unusable, but the peer can still be
-                        // told why before we hang up.
-                        let _ = self
-                            .reply_error(ErrorCode::FrameTooLarge, e.to_string())
-                            .await;
-                    }
-                    return Err(e);
+                Some(Err(e @ FrameError::TooLarge { .. })) => {
+                    // The stream is unusable, but the peer (and the
+                    // operator, in the log) can still be told why, and
+                    // what would let such frames in, before we hang up.
+                    let reason = format!(
+                        "{e}; to accept larger frames from legacy agencies, raise \
+                         server.max_frame (SERVER_MAX_FRAME)"
+                    );
+                    let agency = self.session.as_ref().map(Session::agency);
+                    let refused = Refused::connection(agency, ErrorCode::FrameTooLarge, reason);
+                    let _ = self.refuse(refused).await;
+                    return Ok(());
                 }
+                Some(Err(e)) => return Err(e),
                 Some(Ok(Err(e))) => {
                     let refused = Refused::batch(0, e.code(), e.to_string());
                     self.refuse(refused).await?;

@@ -57,6 +57,8 @@ struct Settings {
     frame_timeout: Duration,
     /// Time a connection may wait with no request.
     idle_timeout: Duration,
+    /// Largest frame read from a peer, header included (`server.max_frame`).
+    max_frame: usize,
     /// Agency secrets; empty when authentication is off.
     secrets: BTreeMap<AgencyId, String>,
     /// TLS, when on.
@@ -240,6 +242,7 @@ fn load_settings(config: &ServerConfig) -> Result<Settings, ServerError> {
     Ok(Settings {
         frame_timeout: config.frame_deadline(),
         idle_timeout: config.idle_deadline(),
+        max_frame: config.max_frame,
         secrets: config.load_secrets()?,
         tls: if config.tls_enabled() {
             Some(tls::acceptor(&config.tls_cert, &config.tls_key)?)
