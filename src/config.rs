@@ -199,7 +199,7 @@ settings! {
         /// long is taken for the design's reference central: the agency then
         /// speaks the reference protocol (one batch at a time, no resuming).
         hello_timeout: u64 = 5, env "CLI_HELLO_TIMEOUT",
-            flag "hello-timeout" on ["agency"], min 1;
+            flag "hello-timeout" on ["agency"], min 2;
         /// Seconds to wait for the winners from a reference central, which
         /// sends no still-waiting frames while the other agencies finish.
         draw_timeout: u64 = 3600, env "CLI_DRAW_TIMEOUT",

@@ -227,7 +227,10 @@ mod tests {
     use crate::wire::to_payload;
 
     fn finished(agency: u32) -> Request {
-        Request::Finished { agency }
+        Request::Finished {
+            agency,
+            spelling: Default::default(),
+        }
     }
 
     #[test]
