@@ -323,15 +323,7 @@ fn against_a_reference_central_the_agency_falls_back_and_gets_its_winners() {
 fn a_central_that_answers_nothing_makes_the_agency_give_up_saying_what_it_waited_for() {
     let dir = tempfile::tempdir().unwrap();
     write_data(dir.path(), 1, 10);
-    // Accepts every connection and holds it open, never writing a byte.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for stream in listener.incoming() {
-            held.push(stream);
-        }
-    });
+    let address = silent_listener();
     let out = dir.path().join("winners.txt");
     let mut cmd = agency_command(1, &address, &data_file(dir.path(), 1), &out);
     cmd.args([
@@ -355,6 +347,46 @@ fn a_central_that_answers_nothing_makes_the_agency_give_up_saying_what_it_waited
         "{all}"
     );
     assert!(!out.exists(), "no winners reported");
+}
+
+/// A listener that accepts every connection and holds it open, never
+/// writing a byte; returns its address.
+fn silent_listener() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    address
+}
+
+#[test]
+fn a_tls_handshake_that_never_completes_is_given_up_on_too() {
+    let dir = tempfile::tempdir().unwrap();
+    write_data(dir.path(), 1, 10);
+    let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+    let address = silent_listener();
+    let out = dir.path().join("winners.txt");
+    let mut cmd = agency_command(1, &address, &data_file(dir.path(), 1), &out);
+    cmd.env("CLI_TLS_CA", &ca_file)
+        .env("CLI_TLS_SERVER_NAME", "localhost")
+        .args(["--reply-timeout", "1", "--reconnect-timeout", "1"]);
+    let run = Proc::spawn(cmd);
+    let status = run.wait_exit(STEP);
+    let all = format!("{}\n{}", run.output(), run.stderr());
+    assert_eq!(status.code(), Some(1), "{all}");
+    assert!(
+        all.contains(
+            "gave up after 1s without progress; last error: no progress for 1s while \
+             connecting (TCP and TLS handshakes)"
+        ),
+        "{all}"
+    );
 }
 
 #[test]

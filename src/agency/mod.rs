@@ -125,6 +125,14 @@ pub enum AgencyError {
         /// still-waiting frames, and then stopped).
         silent: bool,
     },
+    /// A connection or a write made no progress in time.
+    #[error("no progress for {}s while {during}", .after.as_secs())]
+    Stalled {
+        /// What the agency was doing.
+        during: &'static str,
+        /// The deadline that ran out.
+        after: Duration,
+    },
     /// The central left `HELLO` unanswered: the run falls back to the
     /// reference protocol.
     #[error("the central at {address} did not answer HELLO within {}s", .after.as_secs())]
@@ -175,6 +183,7 @@ impl AgencyError {
             AgencyError::Connect { .. }
             | AgencyError::Closed(_)
             | AgencyError::NoReply { .. }
+            | AgencyError::Stalled { .. }
             | AgencyError::HelloUnanswered { .. } => true,
             AgencyError::Frame(FrameError::Io(_) | FrameError::Truncated(_)) => true,
             AgencyError::Rejected { code, .. } | AgencyError::Refused { code, .. } => matches!(

@@ -118,10 +118,11 @@ pub(super) async fn session(
         }
     };
     let address = link.address;
+    let deadlines = Deadlines::of(config);
     let stream = tokio::select! {
         biased;
         _ = shutdown.cancelled() => return Ok(SessionEnd::Cancelled),
-        stream = link.connect() => stream?,
+        stream = within(deadlines.reply, "connecting (TCP and TLS handshakes)", link.connect()) => stream?,
     };
     info!(
         action = action::CONNECT,
@@ -138,17 +139,17 @@ pub(super) async fn session(
         },
         shutdown,
         address,
-        deadlines: Deadlines::of(config),
+        deadlines,
     };
+    let write = conn.deadlines.reply;
 
     let stored = match protocol {
         Protocol::Resumable => {
-            conn.framed
-                .send(&Request::Hello {
-                    agency: config.id,
-                    secret: link.secret.map(str::to_string),
-                })
-                .await?;
+            let hello = Request::Hello {
+                agency: config.id,
+                secret: link.secret.map(str::to_string),
+            };
+            within(write, "sending HELLO", conn.framed.send(&hello)).await?;
             let hello = conn.deadlines.hello;
             let reply = match conn.reply("waiting for the answer to HELLO", hello).await {
                 Ok(Some(reply)) => reply,
@@ -226,14 +227,18 @@ pub(super) async fn session(
                 }
             };
             // Queued, not yet written: the burst leaves in one flush below.
-            conn.framed.feed(RawFrame(batch.frame.clone())).await?;
+            let frame = RawFrame(batch.frame.clone());
+            within(write, SENDING_BATCHES, conn.framed.feed(frame)).await?;
             in_flight.push_back((batch, Instant::now()));
             sent = true;
         }
         if sent {
             // A write is not cancel-safe, so it is never raced against
-            // shutdown; it is short, as the socket is writable or gone.
-            SinkExt::<RawFrame>::flush(&mut conn.framed).await?;
+            // shutdown; it is short, as the socket is writable or gone, and
+            // bounded for a central that stops reading (the connection is
+            // then dropped, half-written frame and all).
+            let flush = SinkExt::<RawFrame>::flush(&mut conn.framed);
+            within(write, SENDING_BATCHES, flush).await?;
         }
         let Some((batch, sent_at)) = in_flight.pop_front() else {
             // The reader is done and every batch is answered.
@@ -277,12 +282,12 @@ pub(super) async fn session(
         }
     }
 
-    conn.framed
-        .send(&Request::Finished {
-            agency: config.id,
-            spelling: protocol.finish(),
-        })
-        .await?;
+    let finished = Request::Finished {
+        agency: config.id,
+        spelling: protocol.finish(),
+    };
+    let during = "announcing that the agency finished";
+    within(write, during, conn.framed.send(&finished)).await?;
     // Our central sends a still-waiting frame every few seconds until the
     // draw, each restarting the deadline; the reference central is silent
     // until it answers, however long the other agencies take.
@@ -308,6 +313,27 @@ pub(super) async fn session(
     }
     report.winners = winners;
     Ok(SessionEnd::Done)
+}
+
+/// What the agency does while its batches are written.
+const SENDING_BATCHES: &str = "sending batches (the central stopped reading)";
+
+/// Runs a write, or the connection's setup, with a deadline: a central that
+/// stops taking bytes ends the connection instead of hanging the agency.
+/// Cancelling a write half-way is safe here, as the connection is dropped
+/// with it.
+async fn within<T, E: Into<AgencyError>>(
+    limit: Duration,
+    during: &'static str,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, AgencyError> {
+    match tokio::time::timeout(limit, work).await {
+        Ok(done) => done.map_err(Into::into),
+        Err(_) => Err(AgencyError::Stalled {
+            during,
+            after: limit,
+        }),
+    }
 }
 
 /// The framed socket of one session, with shutdown-aware reads that each
