@@ -364,6 +364,63 @@ fn silent_listener() -> String {
 }
 
 #[test]
+fn a_central_of_ours_slow_to_answer_hello_is_recognised_by_its_acknowledgement() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("bets.csv"), 1, 7574);
+    write_data(dir.path(), 1, 200);
+    // In front of the central: the first connection is held and never
+    // answered (as a central still starting up would leave it), every later
+    // one is forwarded.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let upstream = server.address();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for (i, client) in listener.incoming().enumerate() {
+            let Ok(client) = client else { continue };
+            if i == 0 {
+                held.push(client);
+                continue;
+            }
+            let central = TcpStream::connect(&upstream).unwrap();
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), central.try_clone().unwrap()),
+                (central, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    let out = dir.path().join("winners-1.txt");
+    let mut cmd = agency_command(1, &address, &data_file(dir.path(), 1), &out);
+    cmd.args(["--hello-timeout", "2"]);
+    let run = Proc::spawn(cmd);
+    let status = run.wait_exit(PATIENCE);
+    let log = run.output();
+    assert_eq!(status.code(), Some(0), "{log}\n{}", run.stderr());
+    let protocols: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN "))
+        .filter_map(|l| l.split(" | ").find(|f| f.starts_with("protocol: ")))
+        .collect();
+    assert_eq!(
+        protocols,
+        ["protocol: reference", "protocol: resumable"],
+        "{log}"
+    );
+    let want = expected(dir.path(), 1, 7574);
+    assert_eq!(read_winners(&out), want.winners[&1]);
+    assert_eq!(
+        stored(&dir.path().join("bets.csv")),
+        want.rows,
+        "each bet once"
+    );
+}
+
+#[test]
 fn a_tls_handshake_that_never_completes_is_given_up_on_too() {
     let dir = tempfile::tempdir().unwrap();
     write_data(dir.path(), 1, 10);

@@ -125,6 +125,10 @@ pub enum AgencyError {
         /// still-waiting frames, and then stopped).
         silent: bool,
     },
+    /// Speaking the reference protocol, the agency got an acknowledgement
+    /// only this project's central sends: it switches back.
+    #[error("the central acknowledged with STORED: it speaks the resumable protocol after all")]
+    ResumableAfterAll,
     /// A connection or a write made no progress in time.
     #[error("no progress for {}s while {during}", .after.as_secs())]
     Stalled {
@@ -184,6 +188,7 @@ impl AgencyError {
             | AgencyError::Closed(_)
             | AgencyError::NoReply { .. }
             | AgencyError::Stalled { .. }
+            | AgencyError::ResumableAfterAll
             | AgencyError::HelloUnanswered { .. } => true,
             AgencyError::Frame(FrameError::Io(_) | FrameError::Truncated(_)) => true,
             AgencyError::Rejected { code, .. } | AgencyError::Refused { code, .. } => matches!(
@@ -299,6 +304,21 @@ pub async fn run_with_progress(
                          sends its bets again)",
                         after.as_secs()
                     )
+                );
+            }
+            Err(AgencyError::ResumableAfterAll) if protocol == Protocol::Reference => {
+                // Our central, slow to answer HELLO (a long recovery, an
+                // overloaded machine): back to HELLO and FIRST at once.
+                protocol = Protocol::Resumable;
+                warn!(
+                    action = action::PROTOCOL,
+                    result = result::SUCCESS,
+                    server_address = config.server_address.as_str(),
+                    protocol = "resumable",
+                    message = "the central acknowledged a batch with STORED, which only this \
+                               project's central sends: it was slow to answer HELLO, not a \
+                               reference central; resuming is on again (the one batch sent \
+                               without FIRST was stored as it came)"
                 );
             }
             Err(e) if e.is_retryable() => {

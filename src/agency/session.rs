@@ -261,6 +261,13 @@ pub(super) async fn session(
                 report.batches += 1;
                 report.bets = stored.unwrap_or(batch.first + batch.count);
                 publish(report.bets);
+                if protocol == Protocol::Reference && stored.is_some() {
+                    // Only this project's central says `STORED`: it was
+                    // slow to answer HELLO, not a reference central. Resume
+                    // properly on a new connection before sending more
+                    // batches without `FIRST`.
+                    return Err(AgencyError::ResumableAfterAll);
+                }
                 for (dni, numero) in batch.logged.iter().flatten() {
                     debug!(
                         action = action::APUESTA_ENVIADA,
