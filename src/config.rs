@@ -165,6 +165,14 @@ settings! {
         tls_cert: PathBuf = PathBuf::new(), env "SERVER_TLS_CERT";
         /// PEM private key for `tls_cert`.
         tls_key: PathBuf = PathBuf::new(), env "SERVER_TLS_KEY";
+        /// Largest frame accepted from an agency, in bytes, header included.
+        /// The contract's limit is 8192; raise it only for legacy agencies
+        /// configured with batches too large for it (a frame refused for
+        /// size loses the batch). At most 64 KiB: each connection may buffer
+        /// one frame.
+        max_frame: usize = crate::wire::MAX_FRAME_LEN, env "SERVER_MAX_FRAME",
+            flag "max-frame" on ["server"], min crate::wire::MAX_FRAME_LEN as u64,
+            max 65536;
     }
 
     /// `[agency]`: one agency.
@@ -183,6 +191,20 @@ settings! {
         /// Seconds to keep reconnecting without progress before giving up.
         reconnect_timeout: u64 = 60, env "CLI_RECONNECT_TIMEOUT",
             flag "reconnect-timeout" on ["agency"];
+        /// Seconds to wait for each reply of the central. While waiting for
+        /// the draw it restarts on each of the central's still-waiting frames
+        /// (sent every 5 s), so there it is never less than 10 s.
+        reply_timeout: u64 = 30, env "CLI_REPLY_TIMEOUT",
+            flag "reply-timeout" on ["agency"], min 1;
+        /// Seconds to wait for the answer to `HELLO`. A central silent that
+        /// long is taken for the design's reference central: the agency then
+        /// speaks the reference protocol (one batch at a time, no resuming).
+        hello_timeout: u64 = 5, env "CLI_HELLO_TIMEOUT",
+            flag "hello-timeout" on ["agency"], min 2;
+        /// Seconds to wait for the winners from a reference central, which
+        /// sends no still-waiting frames while the other agencies finish.
+        draw_timeout: u64 = 3600, env "CLI_DRAW_TIMEOUT",
+            flag "draw-timeout" on ["agency"], min 1;
         /// Batches sent ahead of their acknowledgements (1: wait for each).
         window: usize = 8, env "CLI_WINDOW", flag "window" on ["agency", "demo", "bench"],
             min 1, max MAX_WINDOW as u64;
@@ -800,6 +822,21 @@ impl AgencyConfig {
     /// [`AgencyConfig::reconnect_timeout`] as a duration.
     pub fn reconnect_patience(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.reconnect_timeout)
+    }
+
+    /// [`AgencyConfig::reply_timeout`] as a duration.
+    pub fn reply_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.reply_timeout)
+    }
+
+    /// [`AgencyConfig::hello_timeout`] as a duration.
+    pub fn hello_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.hello_timeout)
+    }
+
+    /// [`AgencyConfig::draw_timeout`] as a duration.
+    pub fn draw_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.draw_timeout)
     }
 }
 

@@ -27,9 +27,10 @@
 //! finished:
 //!
 //! ```
-//! use lottery::wire::{frame, Request};
+//! use lottery::wire::{frame, Finish, Request};
 //!
-//! let bytes = frame(&Request::Finished { agency: 3 }).unwrap();
+//! let finished = Request::Finished { agency: 3, spelling: Finish::BettingFinished };
+//! let bytes = frame(&finished).unwrap();
 //! assert_eq!(&bytes[..4], &[0, 0, 0, 0x24]); // payload length, big-endian
 //! assert_eq!(&bytes[4..], b"ACTION:BETTING_FINISHED|AGENCY_ID:3\n");
 //! ```

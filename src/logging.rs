@@ -71,6 +71,11 @@ pub mod action {
     pub const DRAW_RECORD: &str = "draw_record";
     /// The agency lost its connection and is reconnecting.
     pub const RECONNECT: &str = "reconnect";
+    /// The central is still working on an agency's request (the draw).
+    pub const WAITING: &str = "waiting";
+    /// The agency chose the protocol to speak (the reference one, when the
+    /// central does not answer `HELLO`).
+    pub const PROTOCOL: &str = "protocol";
     /// The bets file was flushed and closed.
     pub const CLOSE_BETS_FILE: &str = "close_bets_file";
     /// The agency's data file was closed.

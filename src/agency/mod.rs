@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::AgencyConfig;
 use crate::logging::{action, result};
@@ -30,7 +30,7 @@ use crate::model::AgencyId;
 use crate::net::{self as tls, BoxedIo, TlsError};
 use crate::wire::{ErrorCode, FrameError};
 
-use session::{session, SessionEnd};
+use session::{session, Protocol, SessionEnd};
 
 /// First wait before reconnecting; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -114,6 +114,38 @@ pub enum AgencyError {
     /// The central hung up.
     #[error("the central closed the connection while {0}")]
     Closed(&'static str),
+    /// The central did not answer in time.
+    #[error("{}", no_reply(during, *after, *silent))]
+    NoReply {
+        /// What the agency was waiting for.
+        during: &'static str,
+        /// The deadline that ran out.
+        after: Duration,
+        /// Nothing came since the request (else the central had sent
+        /// still-waiting frames, and then stopped).
+        silent: bool,
+    },
+    /// Speaking the reference protocol, the agency got an acknowledgement
+    /// only this project's central sends: it switches back.
+    #[error("the central acknowledged with STORED: it speaks the resumable protocol after all")]
+    ResumableAfterAll,
+    /// A connection or a write made no progress in time.
+    #[error("no progress for {}s while {during}", .after.as_secs())]
+    Stalled {
+        /// What the agency was doing.
+        during: &'static str,
+        /// The deadline that ran out.
+        after: Duration,
+    },
+    /// The central left `HELLO` unanswered: the run falls back to the
+    /// reference protocol.
+    #[error("the central at {address} did not answer HELLO within {}s", .after.as_secs())]
+    HelloUnanswered {
+        /// The central's address.
+        address: String,
+        /// The deadline that ran out.
+        after: Duration,
+    },
     /// The central answered something this agency cannot use.
     #[error("unexpected reply from the central: {0}")]
     UnexpectedReply(String),
@@ -137,13 +169,27 @@ pub enum AgencyError {
     },
 }
 
+fn no_reply(during: &str, after: Duration, silent: bool) -> String {
+    let after = after.as_secs();
+    if silent {
+        format!("the central sent nothing for {after}s while {during}")
+    } else {
+        format!("the central stopped saying it is still working ({after}s without a word) while {during}")
+    }
+}
+
 impl AgencyError {
     /// Whether a new connection may fix it: the central was down or went
     /// away, the agency is still held by a connection the central has not
     /// seen close yet, or storage failed for a moment.
     pub fn is_retryable(&self) -> bool {
         match self {
-            AgencyError::Connect { .. } | AgencyError::Closed(_) => true,
+            AgencyError::Connect { .. }
+            | AgencyError::Closed(_)
+            | AgencyError::NoReply { .. }
+            | AgencyError::Stalled { .. }
+            | AgencyError::ResumableAfterAll
+            | AgencyError::HelloUnanswered { .. } => true,
             AgencyError::Frame(FrameError::Io(_) | FrameError::Truncated(_)) => true,
             AgencyError::Rejected { code, .. } | AgencyError::Refused { code, .. } => matches!(
                 code,
@@ -213,10 +259,14 @@ pub async fn run_with_progress(
     let mut backoff = FIRST_BACKOFF;
     let mut last_progress = Instant::now();
     let mut sessions = 0u64;
+    // Chosen once per connection; it only ever moves to the reference
+    // protocol, when a central leaves HELLO unanswered.
+    let mut protocol = Protocol::Resumable;
     loop {
         let mut progressed = false;
         let outcome = session(
             config,
+            protocol,
             &link,
             &path,
             &shutdown,
@@ -240,6 +290,40 @@ pub async fn run_with_progress(
                 info!(action = action::CLOSE_DATA_FILE, result = result::SUCCESS, path = %path.display());
                 return Ok(None);
             }
+            Err(AgencyError::HelloUnanswered { after, .. }) if protocol == Protocol::Resumable => {
+                // Not a failure: this is how the design's reference central
+                // answers a message it does not know. Speak its protocol
+                // on a fresh connection, at once.
+                protocol = Protocol::Reference;
+                warn!(
+                    action = action::PROTOCOL,
+                    result = result::SUCCESS,
+                    server_address = config.server_address.as_str(),
+                    protocol = "reference",
+                    message = %format!(
+                        "the central did not answer HELLO within {}s: taking it for the design's \
+                         reference central; resuming is off (one batch at a time, no FIRST; a batch \
+                         whose acknowledgement is lost may be stored twice, and a restarted agency \
+                         sends its bets again)",
+                        after.as_secs()
+                    )
+                );
+            }
+            Err(AgencyError::ResumableAfterAll) if protocol == Protocol::Reference => {
+                // Our central, slow to answer HELLO (a long recovery, an
+                // overloaded machine): back to HELLO and FIRST at once.
+                protocol = Protocol::Resumable;
+                warn!(
+                    action = action::PROTOCOL,
+                    result = result::SUCCESS,
+                    server_address = config.server_address.as_str(),
+                    protocol = "resumable",
+                    message = "the central acknowledged a batch with STORED, which only this \
+                               project's central sends: it was slow to answer HELLO, not a \
+                               reference central; resuming is on again (the one batch sent \
+                               without FIRST was stored as it came)"
+                );
+            }
             Err(e) if e.is_retryable() => {
                 if progressed {
                     last_progress = Instant::now();
@@ -247,9 +331,15 @@ pub async fn run_with_progress(
                 }
                 let patience = config.reconnect_patience();
                 if last_progress.elapsed() >= patience {
+                    let mut last = e.to_string();
+                    if protocol == Protocol::Reference {
+                        last.push_str(
+                            " (speaking the reference protocol: it had not answered HELLO either)",
+                        );
+                    }
                     return Err(AgencyError::GaveUp {
                         after: patience,
-                        last: e.to_string(),
+                        last,
                     });
                 }
                 let what = if sessions == 1 && !progressed {

@@ -69,13 +69,16 @@ impl<'a> FromIterator<&'a str> for Fields<'a> {
 }
 
 /// Reads the data file into batches on a blocking thread, skipping the
-/// first `skip` bets (the central holds them). Stops at the first bad line
-/// (sending its error) or when the receiver is gone.
+/// first `skip` bets (the central holds them). Each frame says where its
+/// batch starts (`FIRST`) when `say_first` is set (a reference central does
+/// not know the key). Stops at the first bad line (sending its error) or
+/// when the receiver is gone.
 pub(super) fn read_batches(
     path: &Path,
     agency: AgencyId,
     max: usize,
     skip: u64,
+    say_first: bool,
     tx: &mpsc::Sender<Result<Batch, AgencyError>>,
 ) {
     let file = match File::open(path) {
@@ -100,7 +103,7 @@ pub(super) fn read_batches(
     let log_bets = tracing::enabled!(tracing::Level::DEBUG);
     let new_batch = |first: u64, first_line: u64| {
         (
-            BatchBuilder::new(Some(first)),
+            BatchBuilder::new(say_first.then_some(first)),
             Batch {
                 frame: bytes::Bytes::new(),
                 count: 0,
@@ -212,7 +215,7 @@ mod tests {
         let path = dir.path().join("agency-1.csv");
         std::fs::write(&path, text).unwrap();
         let (tx, mut rx) = mpsc::channel(1024);
-        read_batches(&path, 1, max, 0, &tx);
+        read_batches(&path, 1, max, 0, true, &tx);
         drop(tx);
         let mut out = Vec::new();
         while let Ok(b) = rx.try_recv() {

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use tokio_util::codec::Framed;
@@ -21,7 +21,7 @@ use crate::net::BoxedIo;
 use crate::store::Store;
 use crate::wire::{
     status_replies, winners_replies, ErrorCode, FrameError, MessageError, Reply, Request,
-    ServerCodec,
+    ServerCodec, STILL_WAITING_EVERY,
 };
 
 /// The guard's clock (tokio's, so tests can pause it).
@@ -75,6 +75,10 @@ pub(super) struct Handler {
     session: Option<Session>,
     /// What the connection may send, given how it authenticated.
     access: Access,
+    /// The peer opened with `HELLO`, so it is an agency of this protocol
+    /// and is told while it waits (`STATUS:WAITING`). The design's agencies
+    /// never send `HELLO` and get exactly the contract's replies.
+    said_hello: bool,
     /// Shared state and the draw.
     lottery: Lottery,
     /// Where batches go.
@@ -104,7 +108,11 @@ impl Handler {
         settings: Arc<Settings>,
     ) -> Handler {
         Handler {
-            framed: Framed::with_capacity(io, ServerCodec::new(), READ_BUFFER),
+            framed: Framed::with_capacity(
+                io,
+                ServerCodec::with_max_frame(settings.max_frame),
+                READ_BUFFER,
+            ),
             peer,
             session: None,
             access: if settings.secrets.required() {
@@ -112,6 +120,7 @@ impl Handler {
             } else {
                 Access::Full
             },
+            said_hello: false,
             lottery,
             store,
             shutdown,
@@ -233,16 +242,20 @@ impl Handler {
             }
             let next = match frame {
                 None => return Ok(()),
-                Some(Err(e)) => {
-                    if let FrameError::TooLarge(_) = e {
-                        // The stream is unusable, but the peer can still be
-                        // told why before we hang up.
-                        let _ = self
-                            .reply_error(ErrorCode::FrameTooLarge, e.to_string())
-                            .await;
-                    }
-                    return Err(e);
+                Some(Err(e @ FrameError::TooLarge { .. })) => {
+                    // The stream is unusable, but the peer (and the
+                    // operator, in the log) can still be told why, and
+                    // what would let such frames in, before we hang up.
+                    let reason = format!(
+                        "{e}; to accept larger frames from legacy agencies, raise \
+                         server.max_frame (SERVER_MAX_FRAME)"
+                    );
+                    let agency = self.session.as_ref().map(Session::agency);
+                    let refused = Refused::connection(agency, ErrorCode::FrameTooLarge, reason);
+                    let _ = self.refuse(refused).await;
+                    return Ok(());
                 }
+                Some(Err(e)) => return Err(e),
                 Some(Ok(Err(e))) => {
                     let refused = Refused::batch(0, e.code(), e.to_string());
                     self.refuse(refused).await?;
@@ -275,7 +288,9 @@ impl Handler {
                 Some(Ok(Ok(Request::Batch { first, bets }))) => {
                     self.handle_batch(first, bets).await?
                 }
-                Some(Ok(Ok(Request::Finished { agency }))) => self.handle_finished(agency).await?,
+                Some(Ok(Ok(Request::Finished { agency, .. }))) => {
+                    self.handle_finished(agency).await?
+                }
             };
             if let Next::Close = next {
                 return Ok(());
@@ -446,10 +461,26 @@ impl Handler {
             // what it has and let go, plus its batches' time at the store.
             let patience = self.settings.frame_timeout * 2;
             let shutdown = self.shutdown.clone();
-            let claim = tokio::select! {
-                claim = self.lottery.take_over(agency, &shutdown, patience) => claim?,
-                // Shut down (or itself superseded) while waiting.
-                _ = shutdown.cancelled() => return Err(LotteryError::Busy(agency)),
+            let lottery = self.lottery.clone();
+            let take_over = lottery.take_over(agency, &shutdown, patience);
+            tokio::pin!(take_over);
+            // The first one early: an agency gives up on HELLO (and takes
+            // this central for a reference one) after its hello_timeout,
+            // which is at least 2 s.
+            let mut ticks = still_waiting_ticks(Duration::from_secs(1));
+            let claim = loop {
+                tokio::select! {
+                    claim = &mut take_over => break claim?,
+                    // Shut down (or itself superseded) while waiting.
+                    _ = shutdown.cancelled() => return Err(LotteryError::Busy(agency)),
+                    // Tell the agency, whose HELLO deadline is short, that
+                    // the central is alive. A failed write ends the
+                    // connection at its next reply; the takeover is bounded.
+                    _ = ticks.tick() => {
+                        let why = format!("waiting for an older connection of agency {agency} to let go");
+                        let _ = self.send(&Reply::Waiting { message: why }).await;
+                    }
+                }
             };
             self.session = Some(Session::new(claim, self.store.clone()));
         }
@@ -461,6 +492,7 @@ impl Handler {
         agency: AgencyId,
         secret: Option<String>,
     ) -> Result<Next, FrameError> {
+        self.said_hello = true;
         match self.settings.secrets.agencies.get(&agency) {
             Some(expected) => {
                 let presented = secret.as_deref().unwrap_or("");
@@ -669,9 +701,21 @@ impl Handler {
         let lottery = self.lottery.clone();
         let wait = lottery.wait_for_draw(&shutdown);
         tokio::pin!(wait);
+        let mut ticks = still_waiting_ticks(STILL_WAITING_EVERY);
         let drawn = loop {
             tokio::select! {
                 drawn = &mut wait => break drawn,
+                // Only agencies of this protocol are told (their reply
+                // deadline restarts on each); the design's get nothing but
+                // their winners.
+                _ = ticks.tick(), if self.said_hello => {
+                    let (agencies, _, states) = self.lottery.status();
+                    let finished = states.iter().filter(|s| s.finished).count();
+                    let message = format!(
+                        "waiting for the draw: {finished} of {agencies} agencies finished"
+                    );
+                    self.send(&Reply::Waiting { message }).await?;
+                }
                 frame = self.framed.next(), if self.stashed.is_none() => match frame {
                     None => return Ok(Next::Close),
                     Some(Err(e)) => return Err(e),
@@ -800,6 +844,17 @@ impl Refused {
             reason,
         }
     }
+}
+
+/// The clock of a connection's `STATUS:WAITING` frames: the first one
+/// `first` after the wait starts, then one every [`STILL_WAITING_EVERY`]
+/// (a late tick is not made up for: the agency needs one frame per
+/// interval, not a burst).
+fn still_waiting_ticks(first: Duration) -> tokio::time::Interval {
+    let every = STILL_WAITING_EVERY;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
 }
 
 /// The error of a write the peer did not take in time.

@@ -62,6 +62,8 @@ struct Settings {
     /// Failed authentications per peer address: lockouts and their
     /// summary lines.
     guard: guard::Guard,
+    /// Largest frame read from a peer, header included (`server.max_frame`).
+    max_frame: usize,
     /// TLS, when on.
     tls: Option<TlsAcceptor>,
 }
@@ -282,6 +284,7 @@ fn load_settings(config: &ServerConfig) -> Result<Settings, ServerError> {
     Ok(Settings {
         frame_timeout: config.frame_deadline(),
         idle_timeout: config.idle_deadline(),
+        max_frame: config.max_frame,
         secrets: config.load_secrets()?,
         guard: guard::Guard::default(),
         tls: if config.tls_enabled() {

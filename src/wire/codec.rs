@@ -1,5 +1,6 @@
 //! Framing: a 4-byte big-endian payload length, then the payload; a whole
-//! frame is at most [`MAX_FRAME_LEN`] bytes.
+//! frame is at most [`MAX_FRAME_LEN`] bytes, unless the reader was given a
+//! larger limit (the central's `server.max_frame`, for legacy agencies).
 //!
 //! [`LotteryCodec`] is the `Decoder`/`Encoder` pair both ends use with
 //! `tokio_util::codec::Framed`. It decodes the frames of one direction into
@@ -21,8 +22,13 @@ use super::{
 pub enum FrameError {
     /// The header announces a frame larger than the limit. Raised from the
     /// header alone, before any of the payload is buffered.
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME_LEN}-byte limit")]
-    TooLarge(usize),
+    #[error("frame of {size} bytes exceeds the {limit}-byte limit")]
+    TooLarge {
+        /// The whole frame the header announces, header included.
+        size: usize,
+        /// The reader's limit, header included.
+        limit: usize,
+    },
     /// The peer closed the connection in the middle of a frame.
     #[error("connection closed inside a frame ({0} bytes of it received)")]
     Truncated(usize),
@@ -50,6 +56,8 @@ pub struct LotteryCodec<In, Out> {
     /// When the first byte of the frame being read arrived: the start of its
     /// deadline (a slow sender must not hold a connection forever).
     started: Option<std::time::Instant>,
+    /// Largest whole frame this reader accepts, header included.
+    max_frame: usize,
     _types: PhantomData<fn(Out) -> In>,
 }
 
@@ -59,11 +67,20 @@ impl<In, Out> LotteryCodec<In, Out> {
         self.started
     }
 
-    /// A codec waiting for the first header.
+    /// A codec waiting for the first header, reading frames of at most
+    /// [`MAX_FRAME_LEN`] bytes.
     pub fn new() -> Self {
+        Self::with_max_frame(MAX_FRAME_LEN)
+    }
+
+    /// A codec that reads frames of up to `max_frame` bytes, header
+    /// included. Only the reading side is widened: what this end writes
+    /// still fits [`MAX_FRAME_LEN`], which every peer accepts.
+    pub fn with_max_frame(max_frame: usize) -> Self {
         Self {
             pending: None,
             started: None,
+            max_frame: max_frame.max(HEADER_LEN),
             _types: PhantomData,
         }
     }
@@ -90,6 +107,7 @@ impl<In, Out> std::fmt::Debug for LotteryCodec<In, Out> {
 /// reserve or wait for the bytes it claims.
 fn decode_payload(
     pending: &mut Option<usize>,
+    max_frame: usize,
     src: &mut BytesMut,
 ) -> Result<Option<BytesMut>, FrameError> {
     let len = match *pending {
@@ -99,8 +117,11 @@ fn decode_payload(
                 return Ok(None);
             }
             let len = u32::from_be_bytes(src[..HEADER_LEN].try_into().expect("4 bytes")) as usize;
-            if len > MAX_PAYLOAD_LEN {
-                return Err(FrameError::TooLarge(len.saturating_add(HEADER_LEN)));
+            if len > max_frame - HEADER_LEN {
+                return Err(FrameError::TooLarge {
+                    size: len.saturating_add(HEADER_LEN),
+                    limit: max_frame,
+                });
             }
             src.advance(HEADER_LEN);
             *pending = Some(len);
@@ -123,7 +144,7 @@ impl<In: WireMessage, Out> Decoder for LotteryCodec<In, Out> {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, FrameError> {
-        match decode_payload(&mut self.pending, src)? {
+        match decode_payload(&mut self.pending, self.max_frame, src)? {
             Some(payload) => {
                 self.started = None;
                 Ok(Some(In::parse(&payload)))
@@ -206,7 +227,10 @@ mod tests {
     use crate::wire::to_payload;
 
     fn finished(agency: u32) -> Request {
-        Request::Finished { agency }
+        Request::Finished {
+            agency,
+            spelling: Default::default(),
+        }
     }
 
     #[test]
@@ -240,16 +264,36 @@ mod tests {
         let mut buf = BytesMut::from(&(MAX_PAYLOAD_LEN as u32 + 1).to_be_bytes()[..]);
         assert!(matches!(
             codec.decode(&mut buf),
-            Err(FrameError::TooLarge(8193))
+            Err(FrameError::TooLarge {
+                size: 8193,
+                limit: 8192
+            })
         ));
         let mut buf = BytesMut::from(&u32::MAX.to_be_bytes()[..]);
         assert!(matches!(
             ServerCodec::new().decode(&mut buf),
-            Err(FrameError::TooLarge(_))
+            Err(FrameError::TooLarge { .. })
         ));
         // Exactly the limit is fine.
         let mut buf = BytesMut::from(&(MAX_PAYLOAD_LEN as u32).to_be_bytes()[..]);
         assert!(ServerCodec::new().decode(&mut buf).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_wider_limit_reads_larger_frames_and_refuses_past_it() {
+        let payload = format!("ACTION:PING{}\n", " ".repeat(8300));
+        let mut bytes = BytesMut::new();
+        bytes.put_u32(payload.len() as u32);
+        bytes.put_slice(payload.as_bytes());
+        let whole = bytes.len();
+        let mut codec = ServerCodec::with_max_frame(whole);
+        let mut buf = bytes.clone();
+        assert!(codec.decode(&mut buf).unwrap().is_some());
+        let mut buf = bytes.clone();
+        assert!(matches!(
+            ServerCodec::with_max_frame(whole - 1).decode(&mut buf),
+            Err(FrameError::TooLarge { size, limit }) if size == whole && limit == whole - 1
+        ));
     }
 
     #[test]

@@ -45,7 +45,31 @@ pub enum Request {
     Finished {
         /// The agency that finished.
         agency: AgencyId,
+        /// How the action is spelled; both mean the same to this central.
+        spelling: Finish,
     },
+}
+
+/// The two spellings of the "finished" action. The design document names
+/// it `BETTING_FINISHED`; the reference agency sends, and the reference
+/// central understands only, `FINISH_BETTING`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Finish {
+    /// `BETTING_FINISHED`, as the design document names it.
+    #[default]
+    BettingFinished,
+    /// `FINISH_BETTING`, as the reference implementation spells it.
+    FinishBetting,
+}
+
+impl Finish {
+    /// The `ACTION` value.
+    pub const fn action(self) -> &'static str {
+        match self {
+            Finish::BettingFinished => action::BETTING_FINISHED,
+            Finish::FinishBetting => action::FINISH_BETTING,
+        }
+    }
 }
 
 /// A message from the central to an agency.
@@ -76,6 +100,14 @@ pub enum Reply {
         states: Vec<AgencyState>,
         /// Another `Status` frame follows.
         more: bool,
+    },
+    /// Not an answer: the central is still working on the last request
+    /// (waiting for the draw, or for an older connection to let go). Sent
+    /// every [`STILL_WAITING_EVERY`](super::STILL_WAITING_EVERY), only to
+    /// connections that opened with `HELLO`.
+    Waiting {
+        /// What it waits for, for people.
+        message: String,
     },
     /// One frame of the agency's winners. When `more` is set the list
     /// continues in the next frame.
@@ -158,7 +190,9 @@ impl WireMessage for Request {
                 if a == action::STATUS {
                     return Ok(Request::Status);
                 }
-                let finished = a == action::BETTING_FINISHED || a == action::FINISH_BETTING;
+                let finished = [Finish::BettingFinished, Finish::FinishBetting]
+                    .into_iter()
+                    .find(|f| a == f.action());
                 let secret = || {
                     pairs
                         .find(key::SECRET)
@@ -174,7 +208,7 @@ impl WireMessage for Request {
                         return Ok(Request::OperatorHello { secret: secret()? });
                     }
                 }
-                if finished || a == action::HELLO {
+                if finished.is_some() || a == action::HELLO {
                     let id = pairs
                         .find(key::AGENCY_ID)
                         .ok_or(MessageError::MissingKey(key::AGENCY_ID))?;
@@ -182,8 +216,8 @@ impl WireMessage for Request {
                     let agency = id.parse::<AgencyId>().map_err(|_| {
                         bad_value(key::AGENCY_ID, format!("{id:?} is not an agency id"))
                     })?;
-                    Ok(if finished {
-                        Request::Finished { agency }
+                    Ok(if let Some(spelling) = finished {
+                        Request::Finished { agency, spelling }
                     } else {
                         Request::Hello {
                             agency,
@@ -230,10 +264,10 @@ impl WireMessage for Request {
                 }
                 dst.put_u8(b'\n');
             }
-            Request::Finished { agency } | Request::Hello { agency, .. } => {
+            Request::Finished { agency, .. } | Request::Hello { agency, .. } => {
                 let name = match self {
-                    Request::Hello { .. } => action::HELLO,
-                    _ => action::BETTING_FINISHED,
+                    Request::Finished { spelling, .. } => spelling.action(),
+                    _ => action::HELLO,
                 };
                 dst.put_slice(key::ACTION.as_bytes());
                 dst.put_u8(b':');
@@ -324,6 +358,9 @@ impl WireMessage for Reply {
                     })
                 }
             }
+            status::WAITING => Ok(Reply::Waiting {
+                message: text(key::MESSAGE)?,
+            }),
             status::ERROR => {
                 let code = text(key::CODE)?;
                 let code = ErrorCode::from_wire(&code).unwrap_or(ErrorCode::MalformedMessage);
@@ -400,6 +437,10 @@ impl WireMessage for Reply {
                 );
                 put_pair(dst, key::DRAWN, if *drawn { "1" } else { "0" }, false);
                 put_list(dst, key::AGENCY_STATE, states, *more, AgencyState::write);
+            }
+            Reply::Waiting { message } => {
+                put_pair(dst, key::STATUS, status::WAITING, true);
+                put_pair(dst, key::MESSAGE, message, false);
             }
             Reply::Winners { documents, more } => {
                 put_pair(dst, key::STATUS, status::SUCCESS, true);
@@ -484,12 +525,17 @@ mod tests {
 
     #[test]
     fn both_finished_spellings() {
-        for a in ["BETTING_FINISHED", "FINISH_BETTING"] {
+        for (a, spelling) in [
+            ("BETTING_FINISHED", Finish::BettingFinished),
+            ("FINISH_BETTING", Finish::FinishBetting),
+        ] {
             let p = format!("ACTION:{a}|AGENCY_ID:3\n");
-            assert_eq!(
-                Request::parse(p.as_bytes()).unwrap(),
-                Request::Finished { agency: 3 }
-            );
+            let request = Request::Finished {
+                agency: 3,
+                spelling,
+            };
+            assert_eq!(Request::parse(p.as_bytes()).unwrap(), request);
+            assert_eq!(to_payload(&request), p.as_bytes(), "written as read");
         }
     }
 
@@ -514,7 +560,13 @@ mod tests {
     #[test]
     fn unknown_keys_are_ignored() {
         let p = b"ACTION:FINISH_BETTING|VERSION:9|AGENCY_ID:2\n";
-        assert_eq!(Request::parse(p).unwrap(), Request::Finished { agency: 2 });
+        assert_eq!(
+            Request::parse(p).unwrap(),
+            Request::Finished {
+                agency: 2,
+                spelling: Finish::FinishBetting
+            }
+        );
     }
 
     #[test]
@@ -557,6 +609,9 @@ mod tests {
             Reply::Error {
                 code: ErrorCode::InvalidBet,
                 message: "BET_2: bad | thing".into(),
+            },
+            Reply::Waiting {
+                message: "waiting for the draw: 3 of 5 agencies finished".into(),
             },
             Reply::Winners {
                 documents: vec!["1".into(), "22".into()],

@@ -15,7 +15,7 @@ pub use codec::{frame, AgencyCodec, FrameError, LotteryCodec, RawFrame, ServerCo
 pub use error::{ErrorCode, MessageError};
 pub use escape::{escape_into, split_pairs, unescape};
 pub use message::{
-    status_replies, to_payload, winners_replies, AgencyState, Reply, Request, WireMessage,
+    status_replies, to_payload, winners_replies, AgencyState, Finish, Reply, Request, WireMessage,
 };
 
 /// Largest whole frame, header included, in bytes.
@@ -24,6 +24,13 @@ pub const MAX_FRAME_LEN: usize = 8192;
 pub const HEADER_LEN: usize = 4;
 /// Largest payload a frame can carry: the frame limit less the header.
 pub const MAX_PAYLOAD_LEN: usize = MAX_FRAME_LEN - HEADER_LEN;
+
+/// How often the central tells an agency that opened with `HELLO`, and is
+/// waiting for an answer that depends on others (the draw, or a takeover of
+/// its older connection), that it is still waiting (`STATUS:WAITING`). The
+/// agency's reply deadline restarts on each, so a live central is never
+/// mistaken for a hung one however long the others take.
+pub const STILL_WAITING_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Wire keys. Spanish appears only here, in [`BetField`](crate::model::BetField)
 /// and in log action names.
@@ -87,4 +94,7 @@ pub mod status {
     pub const SUCCESS: &str = "SUCCESS";
     /// The request was refused; `CODE` and `MESSAGE` say why.
     pub const ERROR: &str = "ERROR";
+    /// Not an answer: the central is still working on the request (sent
+    /// only to connections that opened with `HELLO`).
+    pub const WAITING: &str = "WAITING";
 }
