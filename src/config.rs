@@ -164,6 +164,10 @@ settings! {
         tls_cert: PathBuf = PathBuf::new(), env "SERVER_TLS_CERT";
         /// PEM private key for `tls_cert`.
         tls_key: PathBuf = PathBuf::new(), env "SERVER_TLS_KEY";
+        /// PEM certificate(s) of the authority that signs agency certificates;
+        /// set (with `tls_cert`) to require a client certificate from every
+        /// connection and take the agency from it (a DNS name `agency-N`).
+        tls_client_ca: PathBuf = PathBuf::new(), env "SERVER_TLS_CLIENT_CA";
     }
 
     /// `[agency]`: one agency.
@@ -196,6 +200,11 @@ settings! {
         /// Name to verify in the central's certificate; empty means the host
         /// part of `server_address`.
         tls_server_name: String = String::new(), env "CLI_TLS_SERVER_NAME";
+        /// PEM certificate chain this agency presents to a central that
+        /// requires client certificates (it names the agency: `agency-N`).
+        tls_cert: PathBuf = PathBuf::new(), env "CLI_TLS_CERT";
+        /// PEM private key for the agency's `tls_cert`.
+        tls_key: PathBuf = PathBuf::new(), env "CLI_TLS_KEY";
     }
 
     /// `[log]`.
@@ -592,6 +601,28 @@ impl Config {
                 "tls_cert and tls_key go together",
             );
         }
+        if !self.server.tls_client_ca.as_os_str().is_empty() && !self.server.tls_enabled() {
+            return bad(
+                "server.tls_client_ca",
+                self.server.tls_client_ca.display().to_string(),
+                "client certificates need TLS: set server.tls_cert and server.tls_key too",
+            );
+        }
+        let agency = &self.agency;
+        if agency.tls_cert.as_os_str().is_empty() != agency.tls_key.as_os_str().is_empty() {
+            return bad(
+                "agency.tls_key",
+                agency.tls_key.display().to_string(),
+                "agency.tls_cert and agency.tls_key go together",
+            );
+        }
+        if !agency.tls_cert.as_os_str().is_empty() && agency.tls_ca.as_os_str().is_empty() {
+            return bad(
+                "agency.tls_cert",
+                agency.tls_cert.display().to_string(),
+                "a client certificate needs TLS: set agency.tls_ca (CLI_TLS_CA) too",
+            );
+        }
         for id in self.server.secrets.keys() {
             if id.parse::<AgencyId>().map_or(true, |a| a == 0) {
                 return bad("server.secrets", id.clone(), "keys are agency ids");
@@ -640,6 +671,14 @@ impl ServerConfig {
     /// Whether the central speaks TLS.
     pub fn tls_enabled(&self) -> bool {
         !self.tls_cert.as_os_str().is_empty()
+    }
+
+    /// Whether every connection must present a client certificate signed by
+    /// `tls_client_ca` (mutual TLS). Then every agency is authenticated by
+    /// its certificate, which names it, whether or not it has a secret: no
+    /// agency can act without authenticating.
+    pub fn requires_client_certificates(&self) -> bool {
+        self.tls_enabled() && !self.tls_client_ca.as_os_str().is_empty()
     }
 
     /// [`ServerConfig::frame_timeout`] as a duration.

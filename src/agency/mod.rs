@@ -27,7 +27,7 @@ use tracing::info;
 use crate::config::AgencyConfig;
 use crate::logging::{action, result};
 use crate::model::AgencyId;
-use crate::net::{self as tls, BoxedIo, TlsError};
+use crate::net::{self, BoxedIo, ClientTls, TlsError};
 use crate::wire::{ErrorCode, FrameError};
 
 use session::{session, SessionEnd};
@@ -117,9 +117,12 @@ pub enum AgencyError {
     /// The central answered something this agency cannot use.
     #[error("unexpected reply from the central: {0}")]
     UnexpectedReply(String),
+    /// A TLS record arrived where a frame header should be.
+    #[error("{}", net::central_speaks_tls())]
+    SpeaksTls,
     /// The socket or framing failed.
     #[error(transparent)]
-    Frame(#[from] FrameError),
+    Frame(FrameError),
     /// The secret file cannot be read.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -137,6 +140,15 @@ pub enum AgencyError {
     },
 }
 
+impl From<FrameError> for AgencyError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::TlsRecord => AgencyError::SpeaksTls,
+            e => AgencyError::Frame(e),
+        }
+    }
+}
+
 impl AgencyError {
     /// Whether a new connection may fix it: the central was down or went
     /// away, the agency is still held by a connection the central has not
@@ -144,7 +156,9 @@ impl AgencyError {
     pub fn is_retryable(&self) -> bool {
         match self {
             AgencyError::Connect { .. } | AgencyError::Closed(_) => true,
-            AgencyError::Frame(FrameError::Io(_) | FrameError::Truncated(_)) => true,
+            // A TLS refusal (a wrong certificate) says what to change.
+            AgencyError::Frame(FrameError::Io(e)) => !net::is_refusal(e),
+            AgencyError::Frame(FrameError::Truncated(_)) => true,
             AgencyError::Rejected { code, .. } | AgencyError::Refused { code, .. } => matches!(
                 code,
                 ErrorCode::StorageFailed
@@ -189,11 +203,7 @@ pub async fn run_with_progress(
         source,
     })?;
     let secret = config.load_secret()?;
-    let tls = if config.tls_ca.as_os_str().is_empty() {
-        None
-    } else {
-        Some(tls::connector(&config.tls_ca, &config.tls_name())?)
-    };
+    let tls = ClientTls::for_agency(config)?;
     let link = Link {
         address: &config.server_address,
         secret: secret.as_deref(),
@@ -279,10 +289,7 @@ pub async fn run_with_progress(
 pub(super) struct Link<'a> {
     address: &'a str,
     secret: Option<&'a str>,
-    tls: Option<&'a (
-        tokio_rustls::TlsConnector,
-        rustls::pki_types::ServerName<'static>,
-    )>,
+    tls: Option<&'a ClientTls>,
 }
 
 impl Link<'_> {
@@ -299,16 +306,13 @@ impl Link<'_> {
         stream.set_nodelay(true).map_err(FrameError::Io)?;
         match self.tls {
             None => Ok(Box::new(stream)),
-            Some((connector, name)) => {
-                let stream = connector
-                    .connect(name.clone(), stream)
-                    .await
-                    .map_err(|source| AgencyError::Handshake {
-                        address: self.address.to_string(),
-                        source,
-                    })?;
-                Ok(Box::new(stream))
-            }
+            Some(tls) => tls
+                .connect(stream)
+                .await
+                .map_err(|source| AgencyError::Handshake {
+                    address: self.address.to_string(),
+                    source,
+                }),
         }
     }
 }

@@ -16,7 +16,7 @@ use super::Settings;
 use crate::logging::{action, result};
 use crate::lottery::{Lottery, LotteryError};
 use crate::model::{AgencyId, Bets};
-use crate::net::BoxedIo;
+use crate::net::{BoxedIo, Identity};
 use crate::store::Store;
 use crate::wire::{
     status_replies, winners_replies, ErrorCode, FrameError, MessageError, Reply, Request,
@@ -50,6 +50,9 @@ pub(super) struct Handler {
     session: Option<Session>,
     /// The connection presented its agency's secret (or none is needed).
     authenticated: bool,
+    /// Who the TLS handshake says the peer is: under mutual TLS, the only
+    /// agency this connection may speak for.
+    identity: Identity,
     /// Shared state and the draw.
     lottery: Lottery,
     /// Where batches go.
@@ -72,6 +75,7 @@ type Frame = Option<Result<Result<Request, MessageError>, FrameError>>;
 impl Handler {
     pub fn new(
         io: BoxedIo,
+        identity: Identity,
         peer: SocketAddr,
         lottery: Lottery,
         store: Arc<dyn Store>,
@@ -82,7 +86,9 @@ impl Handler {
             framed: Framed::with_capacity(io, ServerCodec::new(), READ_BUFFER),
             peer,
             session: None,
-            authenticated: settings.secrets.is_empty(),
+            // A client certificate naming an agency authenticates it.
+            authenticated: settings.secrets.is_empty() || identity.certified_agency().is_some(),
+            identity,
             lottery,
             store,
             shutdown,
@@ -189,12 +195,22 @@ impl Handler {
             let next = match frame {
                 None => return Ok(()),
                 Some(Err(e)) => {
-                    if let FrameError::TooLarge(_) = e {
-                        // The stream is unusable, but the peer can still be
-                        // told why before we hang up.
-                        let _ = self
-                            .reply_error(ErrorCode::FrameTooLarge, e.to_string())
-                            .await;
+                    // The stream is unusable, but the peer can still be
+                    // told why before we hang up.
+                    let answer = match &e {
+                        FrameError::TooLarge(_) => Some((ErrorCode::FrameTooLarge, e.to_string())),
+                        // A TLS client on this plain-text central: its own
+                        // TLS stack cannot read this, but a person with a
+                        // raw client can, and our agency recognises a
+                        // plain-text answer to its handshake.
+                        FrameError::TlsRecord => Some((
+                            ErrorCode::TlsUnavailable,
+                            crate::net::tls_unavailable_message(),
+                        )),
+                        _ => None,
+                    };
+                    if let Some((code, message)) = answer {
+                        let _ = self.reply_error(code, message).await;
                     }
                     return Err(e);
                 }
@@ -202,6 +218,10 @@ impl Handler {
                     let refused = Refused::batch(0, e.code(), e.to_string());
                     self.refuse(refused).await?;
                     Next::Continue
+                }
+                // Under mutual TLS, only the certificate's agency.
+                Some(Ok(Ok(request))) if self.certificate_refuses(&request).is_some() => {
+                    self.wrong_certificate(&request).await?
                 }
                 Some(Ok(Ok(Request::Hello { agency, secret }))) => {
                     self.handle_hello(agency, secret).await?
@@ -277,6 +297,28 @@ impl Handler {
         Ok(Next::Close)
     }
 
+    /// Under mutual TLS, why `request` names an agency other than the one
+    /// the client certificate names; `None` when it may go on.
+    fn certificate_refuses(&self, request: &Request) -> Option<String> {
+        let agency = match request {
+            Request::Hello { agency, .. } | Request::Finished { agency } => *agency,
+            Request::Batch { bets, .. } => bets.get(0)?.agency,
+            Request::Ping | Request::Status => return None,
+        };
+        self.identity.refuses(agency)
+    }
+
+    /// Refuses a request for another agency than the certificate's, and
+    /// hangs up: the peer is not who it claims to be.
+    async fn wrong_certificate(&mut self, request: &Request) -> Result<Next, FrameError> {
+        let reason = self
+            .certificate_refuses(request)
+            .expect("called for a refused request");
+        let refused = Refused::connection(None, ErrorCode::Unauthenticated, reason);
+        self.refuse(refused).await?;
+        Ok(Next::Close)
+    }
+
     /// The connection's session for `agency`: claimed on its first message
     /// that names an agency; later messages must name the same one.
     fn session_for(&mut self, agency: AgencyId) -> Result<&mut Session, LotteryError> {
@@ -325,7 +367,10 @@ impl Handler {
         agency: AgencyId,
         secret: Option<String>,
     ) -> Result<Next, FrameError> {
+        // Certified by its client certificate: no secret needed.
+        let certified = self.identity.certified_agency() == Some(agency);
         let refusal = match self.settings.secrets.get(&agency) {
+            _ if certified => None,
             Some(expected) => {
                 let presented = secret.as_deref().unwrap_or("");
                 (!constant_time_eq(presented.as_bytes(), expected.as_bytes())).then(|| {

@@ -35,6 +35,10 @@ keyed_enum! {
         Timeout = "TIMEOUT",
         /// The central is at its connection limit; try again later.
         ServerBusy = "SERVER_BUSY",
+        /// The central speaks only TLS and the client spoke plain text.
+        TlsRequired = "TLS_REQUIRED",
+        /// The client started a TLS handshake and the central does not speak TLS.
+        TlsUnavailable = "TLS_UNAVAILABLE",
     }
 }
 
@@ -119,7 +123,7 @@ mod tests {
         for code in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_wire(code.as_str()), Some(code));
         }
-        assert_eq!(ErrorCode::COUNT, 12);
+        assert_eq!(ErrorCode::COUNT, 14);
         assert_eq!(ErrorCode::from_wire("NOPE"), None);
     }
 }

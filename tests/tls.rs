@@ -1,0 +1,321 @@
+//! TLS between agencies and the central, with certificates made here
+//! (`rcgen`): mutual TLS (the agency taken from its certificate), the wrong
+//! kind of peer on either side named as such, and a self-signed certificate
+//! given as its own authority (pinning).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use lottery::tools::gen_data::{generate, GenOptions};
+use nix::sys::signal::Signal;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+const WINNING: u16 = 7574;
+
+/// A certificate authority made for the test.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    pem: PathBuf,
+}
+
+impl Ca {
+    fn new(dir: &Path, name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        let pem = dir.join(format!("{name}.pem"));
+        std::fs::write(&pem, cert.pem()).unwrap();
+        Ca { cert, key, pem }
+    }
+
+    /// A certificate for `names` (DNS names) signed by this authority, as
+    /// (certificate, key) PEM files named after `stem`.
+    fn issue(&self, dir: &Path, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &self.cert, &self.key)
+            .unwrap();
+        write_pair(dir, stem, &cert, &key)
+    }
+}
+
+fn write_pair(
+    dir: &Path,
+    stem: &str,
+    cert: &rcgen::Certificate,
+    key: &KeyPair,
+) -> (PathBuf, PathBuf) {
+    let paths = (
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}.key")),
+    );
+    std::fs::write(&paths.0, cert.pem()).unwrap();
+    std::fs::write(&paths.1, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// A `lottery server` for `agencies` agencies in `work`, with `env`.
+fn server(work: &Path, agencies: u32, env: &[(&str, &Path)]) -> Server {
+    let mut cmd = lottery();
+    cmd.arg("server")
+        .env("SERVER_PORT", "0")
+        .env("SERVER_AGENCIES", agencies.to_string())
+        .env("SERVER_WINNING_NUMBER", WINNING.to_string())
+        .env("SERVER_STORAGE", work.join("bets.csv"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Server::spawn(cmd)
+}
+
+/// `lottery agency` number `id` against `address` with `env`; its data is
+/// `data/agency-{id}.csv`, its winners go to `work/winners-{id}.txt`.
+fn agency(id: u32, address: &str, data: &Path, work: &Path, env: &[(&str, &Path)]) -> Proc {
+    let mut cmd = agency_command(
+        id,
+        address,
+        &data_file(data, id),
+        &work.join(format!("winners-{id}.txt")),
+    );
+    cmd.env("CLI_RECONNECT_TIMEOUT", "5");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc::spawn(cmd)
+}
+
+/// Runs an agency that must stop at once (exit 1, no retrying) and
+/// returns its stderr.
+fn refused(agency: Proc) -> String {
+    let status = agency.wait_exit(PATIENCE);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "{}\n{}",
+        agency.output(),
+        agency.stderr()
+    );
+    assert!(
+        !agency.output().contains("result: in_progress"),
+        "a refusal no retry can fix is not retried:\n{}",
+        agency.output()
+    );
+    agency.stderr()
+}
+
+fn data(agencies: u32) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    generate(
+        dir.path(),
+        &GenOptions {
+            agencies,
+            bets_per_agency: 500,
+            seed: 12,
+            winning_number: WINNING,
+            winner_share: 0.02,
+            tricky_share: 0.02,
+            crlf: false,
+        },
+    )
+    .unwrap();
+    dir
+}
+
+/// A hand-driven TLS connection presenting `identity`.
+struct RawTls {
+    stream: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+}
+
+impl RawTls {
+    fn connect(address: &str, ca: &Path, identity: (&Path, &Path)) -> RawTls {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let chain = CertificateDer::pem_file_iter(identity.0)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(identity.1).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        let conn = rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap())
+            .unwrap();
+        let tcp = TcpStream::connect(address).unwrap();
+        tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+        RawTls {
+            stream: rustls::StreamOwned::new(conn, tcp),
+        }
+    }
+
+    fn peer(&self) -> String {
+        format!("peer: {}", self.stream.sock.local_addr().unwrap())
+    }
+
+    fn send(&mut self, payload: &[u8]) {
+        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(payload);
+        self.stream.write_all(&frame).unwrap();
+        self.stream.flush().unwrap();
+    }
+
+    fn recv(&mut self) -> Option<String> {
+        let mut header = [0u8; 4];
+        self.stream.read_exact(&mut header).ok()?;
+        let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
+        self.stream.read_exact(&mut payload).ok()?;
+        Some(String::from_utf8(payload).unwrap())
+    }
+}
+
+/// Mutual TLS: the central requires client certificates from its client
+/// authority and takes the agency from the certificate. Secrets are on too,
+/// and the agencies have none: their certificates authenticate them.
+#[test]
+fn mutual_tls_takes_the_agency_from_its_certificate() {
+    let pki = tempfile::tempdir().unwrap();
+    let dir = pki.path();
+    let server_ca = Ca::new(dir, "server-ca");
+    let (server_cert, server_key) = server_ca.issue(dir, "server", &["localhost"]);
+    let client_ca = Ca::new(dir, "agencies-ca");
+    let one = client_ca.issue(dir, "agency-1", &["agency-1"]);
+    let two = client_ca.issue(dir, "agency-2", &["agency-2"]);
+    let impostor = Ca::new(dir, "impostor-ca").issue(dir, "impostor-2", &["agency-2"]);
+    let secrets = dir.join("secrets.toml");
+    std::fs::write(&secrets, "1 = \"uno-secreto\"\n2 = \"dos-secreto\"\n").unwrap();
+
+    let work = tempfile::tempdir().unwrap();
+    let data = data(2);
+    let server = server(
+        work.path(),
+        2,
+        &[
+            ("SERVER_TLS_CERT", &server_cert),
+            ("SERVER_TLS_KEY", &server_key),
+            ("SERVER_TLS_CLIENT_CA", &client_ca.pem),
+            ("SERVER_SECRETS_FILE", &secrets),
+        ],
+    );
+    let listen = server
+        .proc
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("action: listen"))
+        .unwrap();
+    assert!(listen.contains("client_certificates: true"), "{listen}");
+    let address = server.address();
+    let tls_env = |cert: &(PathBuf, PathBuf)| -> Vec<(&'static str, PathBuf)> {
+        vec![
+            ("CLI_TLS_CA", server_ca.pem.clone()),
+            ("CLI_TLS_SERVER_NAME", PathBuf::from("localhost")),
+            ("CLI_TLS_CERT", cert.0.clone()),
+            ("CLI_TLS_KEY", cert.1.clone()),
+        ]
+    };
+    let run = |id: u32, env: Vec<(&'static str, PathBuf)>| {
+        let env: Vec<(&str, &Path)> = env.iter().map(|(k, v)| (*k, v.as_path())).collect();
+        agency(id, &address, data.path(), work.path(), &env)
+    };
+
+    // Agency 2's certificate, presented as agency 1: refused at HELLO.
+    let stderr = refused(run(1, tls_env(&two)));
+    assert!(
+        stderr.contains(
+            "the central refused: UNAUTHENTICATED: the client certificate names agency 2, not agency 1"
+        ),
+        "{stderr}"
+    );
+    // The same with a batch or an announcement and no HELLO: refused, and
+    // the connection closed.
+    for payload in [
+        "BATCH_SIZE:1|BET_1:NOMBRE:Eva\\|APELLIDO:Ruiz\\|DOCUMENTO:1\\|NACIMIENTO:1990-01-01\\|NUMERO:7574\\|AGENCY_ID:1\n",
+        "ACTION:BETTING_FINISHED|AGENCY_ID:1\n",
+    ] {
+        let mut raw = RawTls::connect(&address, &server_ca.pem, (&two.0, &two.1));
+        raw.send(payload.as_bytes());
+        assert_eq!(
+            raw.recv().as_deref(),
+            Some(
+                "STATUS:ERROR|CODE:UNAUTHENTICATED|MESSAGE:the client certificate names agency 2, \
+                 not agency 1\n"
+            )
+        );
+        assert_eq!(raw.recv(), None, "closed after the refusal");
+        let line = server.proc.wait_for(&raw.peer());
+        assert!(
+            line.contains("result: fail") && line.contains("code: UNAUTHENTICATED"),
+            "{line}"
+        );
+    }
+
+    // No certificate: the handshake fails, each side says why.
+    let no_cert = vec![
+        ("CLI_TLS_CA", server_ca.pem.clone()),
+        ("CLI_TLS_SERVER_NAME", PathBuf::from("localhost")),
+    ];
+    let stderr = refused(run(1, no_cert));
+    assert!(
+        stderr.contains(
+            "the central requires a client certificate: set agency.tls_cert and agency.tls_key"
+        ),
+        "{stderr}"
+    );
+    let line = server.proc.wait_for("the client presented no certificate");
+    assert!(
+        line.contains("result: fail") && line.contains("TLS handshake failed"),
+        "{line}"
+    );
+
+    // A certificate from another authority, though it names agency 2.
+    let stderr = refused(run(2, tls_env(&impostor)));
+    assert!(
+        stderr.contains("the central refused this agency's certificate"),
+        "{stderr}"
+    );
+    let line = server.proc.wait_for(
+        "the client's certificate is not signed by the authority in server.tls_client_ca",
+    );
+    assert!(line.contains("result: fail"), "{line}");
+
+    // The right certificates: both agencies run to the end with no secret
+    // and exactly their winners.
+    let agencies = [run(1, tls_env(&one)), run(2, tls_env(&two))];
+    let expected = expected(data.path(), 2, WINNING);
+    for (i, agency) in agencies.iter().enumerate() {
+        let id = i as u32 + 1;
+        assert!(
+            agency.wait_exit(PATIENCE).success(),
+            "{}\n{}",
+            agency.output(),
+            agency.stderr()
+        );
+        assert_eq!(
+            read_winners(&work.path().join(format!("winners-{id}.txt"))),
+            expected.winners[&id]
+        );
+        assert!(!expected.winners[&id].is_empty());
+    }
+    assert_eq!(stored(&work.path().join("bets.csv")), expected.rows);
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+}
