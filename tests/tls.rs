@@ -319,3 +319,122 @@ fn mutual_tls_takes_the_agency_from_its_certificate() {
     server.proc.signal(Signal::SIGTERM);
     assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
 }
+
+/// What any TLS server sends a client whose first bytes are not a TLS
+/// handshake: a fatal alert record (`15 03 01 …`), here `decode_error`.
+/// Read as a frame header, that is a frame of 352518916 bytes.
+const TLS_ALERT: [u8; 7] = [0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x32];
+
+/// A TLS-speaking peer that is not our central: it answers whatever comes
+/// first with [`TLS_ALERT`] and hangs up.
+fn alerting_server() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            let mut buf = [0u8; 4096];
+            if client.read(&mut buf).is_ok() {
+                let _ = client.write_all(&TLS_ALERT);
+            }
+        }
+    });
+    address
+}
+
+/// A plain-text agency against our TLS central: the central answers in
+/// plain text, `TLS_REQUIRED`, naming the setting; the agency stops at once
+/// with that message.
+#[test]
+fn a_plain_text_agency_is_told_the_central_speaks_tls() {
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new(pki.path(), "ca");
+    let (cert, key) = ca.issue(pki.path(), "server", &["localhost"]);
+    let work = tempfile::tempdir().unwrap();
+    let data = data(1);
+    let server = server(
+        work.path(),
+        1,
+        &[("SERVER_TLS_CERT", &cert), ("SERVER_TLS_KEY", &key)],
+    );
+    let stderr = refused(agency(1, &server.address(), data.path(), work.path(), &[]));
+    assert!(
+        stderr.contains(
+            "the central refused: TLS_REQUIRED: this central speaks only TLS: set agency.tls_ca \
+             (CLI_TLS_CA)"
+        ),
+        "{stderr}"
+    );
+    let line = server.proc.wait_for("code: TLS_REQUIRED");
+    assert!(
+        line.contains("result: fail") && line.contains("a plain-text client on this TLS central"),
+        "{line}"
+    );
+}
+
+/// A TLS record where a frame header should be (another TLS server, or an
+/// older central) is named for what it is, by the agency and by the
+/// operator tools, not read as a 352518916-byte frame.
+#[test]
+fn a_tls_record_is_recognised_by_the_agency_and_the_tools() {
+    let address = alerting_server();
+    let work = tempfile::tempdir().unwrap();
+    let data = data(1);
+    let stderr = refused(agency(1, &address, data.path(), work.path(), &[]));
+    let hint = "the central speaks TLS: set agency.tls_ca (CLI_TLS_CA)";
+    assert!(stderr.contains(hint), "{stderr}");
+    assert!(!stderr.contains("352518916"), "{stderr}");
+    for tool in ["health", "status"] {
+        let mut cmd = lottery();
+        cmd.args([tool, "--address", &address]);
+        let probe = Proc::spawn(cmd);
+        assert_eq!(probe.wait_exit(PATIENCE).code(), Some(1), "{tool}");
+        assert!(probe.stderr().contains(hint), "{tool}: {}", probe.stderr());
+    }
+}
+
+/// A TLS agency against a plain-text central: the central logs what came
+/// and answers `TLS_UNAVAILABLE`; the agency's TLS stack cannot read that,
+/// but the agency recognises a plain-text answer and says what to change.
+#[test]
+fn a_tls_agency_is_told_the_central_does_not_speak_tls() {
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new(pki.path(), "ca");
+    let work = tempfile::tempdir().unwrap();
+    let data = data(1);
+    let server = server(work.path(), 1, &[]);
+    let name = PathBuf::from("localhost");
+    let stderr = refused(agency(
+        1,
+        &server.address(),
+        data.path(),
+        work.path(),
+        &[("CLI_TLS_CA", &ca.pem), ("CLI_TLS_SERVER_NAME", &name)],
+    ));
+    assert!(
+        stderr.contains(
+            "the central does not speak TLS (it answered in plain text): clear agency.tls_ca \
+             (CLI_TLS_CA), or give the central server.tls_cert and server.tls_key"
+        ),
+        "{stderr}"
+    );
+    let line = server.proc.wait_for("the peer speaks TLS");
+    assert!(line.contains("result: fail"), "{line}");
+
+    // What a raw client sees on the wire: the answer, in plain text.
+    let mut raw = TcpStream::connect(server.address()).unwrap();
+    raw.set_read_timeout(Some(PATIENCE)).unwrap();
+    raw.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0, 0, 1, 0])
+        .unwrap();
+    let mut answer = Vec::new();
+    raw.read_to_end(&mut answer).unwrap();
+    let payload = "STATUS:ERROR|CODE:TLS_UNAVAILABLE|MESSAGE:this central does not speak TLS: \
+                   clear agency.tls_ca (CLI_TLS_CA), or give the central server.tls_cert and \
+                   server.tls_key\n";
+    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(payload.as_bytes());
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        String::from_utf8_lossy(&frame)
+    );
+}
