@@ -438,3 +438,95 @@ fn a_tls_agency_is_told_the_central_does_not_speak_tls() {
         String::from_utf8_lossy(&frame)
     );
 }
+
+/// A self-signed certificate for `localhost`, as (certificate, key) files;
+/// `ca` marks it a CA too, as `openssl req -x509` does by default.
+fn self_signed(dir: &Path, stem: &str, ca: bool, expired: bool) -> (PathBuf, PathBuf) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    if ca {
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    }
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let cert = params.self_signed(&key).unwrap();
+    write_pair(dir, stem, &cert, &key)
+}
+
+/// A self-signed certificate given to the agency as its own authority is
+/// pinned: the run completes with exactly its winners, whether or not the
+/// certificate is also marked a CA. Another certificate, or an expired one,
+/// is refused with what to give instead.
+#[test]
+fn a_self_signed_certificate_is_its_own_authority() {
+    let pki = tempfile::tempdir().unwrap();
+    let name = PathBuf::from("localhost");
+    for ca in [false, true] {
+        let (cert, key) = self_signed(pki.path(), &format!("central-{ca}"), ca, false);
+        let work = tempfile::tempdir().unwrap();
+        let data = data(1);
+        let server = server(
+            work.path(),
+            1,
+            &[("SERVER_TLS_CERT", &cert), ("SERVER_TLS_KEY", &key)],
+        );
+        let stranger = self_signed(pki.path(), &format!("stranger-{ca}"), ca, false).0;
+        let stderr = refused(agency(
+            1,
+            &server.address(),
+            data.path(),
+            work.path(),
+            &[("CLI_TLS_CA", &stranger), ("CLI_TLS_SERVER_NAME", &name)],
+        ));
+        let says = if ca {
+            "the central presents a CA certificate as its own: give the central a certificate \
+             signed by that CA, or put the central's exact certificate in agency.tls_ca \
+             (CLI_TLS_CA) to pin it"
+        } else {
+            "the central's certificate is not signed by an authority in agency.tls_ca \
+             (CLI_TLS_CA): give the authority (CA) certificate that signed it, or the \
+             central's own certificate to pin it"
+        };
+        assert!(stderr.contains(says), "CA {ca}: {stderr}");
+        assert_eq!(stderr.matches(says).count(), 1, "said once: {stderr}");
+        let pinned = agency(
+            1,
+            &server.address(),
+            data.path(),
+            work.path(),
+            &[("CLI_TLS_CA", &cert), ("CLI_TLS_SERVER_NAME", &name)],
+        );
+        assert!(
+            pinned.wait_exit(PATIENCE).success(),
+            "CA {ca}: {}",
+            pinned.stderr()
+        );
+        assert_eq!(
+            read_winners(&work.path().join("winners-1.txt")),
+            expected(data.path(), 1, WINNING).winners[&1]
+        );
+    }
+
+    // Pinning does not outlive the certificate.
+    let (cert, key) = self_signed(pki.path(), "expired", false, true);
+    let work = tempfile::tempdir().unwrap();
+    let data = data(1);
+    let server = server(
+        work.path(),
+        1,
+        &[("SERVER_TLS_CERT", &cert), ("SERVER_TLS_KEY", &key)],
+    );
+    let stderr = refused(agency(
+        1,
+        &server.address(),
+        data.path(),
+        work.path(),
+        &[("CLI_TLS_CA", &cert), ("CLI_TLS_SERVER_NAME", &name)],
+    ));
+    assert!(
+        stderr.contains("the central's certificate was refused: Expired"),
+        "{stderr}"
+    );
+}

@@ -131,12 +131,13 @@ pub enum AgencyError {
     TlsSetup(#[from] TlsError),
     /// The TLS handshake failed: the central's certificate is not trusted,
     /// or does not name it.
-    #[error("TLS handshake with {address} failed: {source}")]
+    #[error("TLS handshake with {address} failed: {reason}")]
     Handshake {
         /// The central's address.
         address: String,
-        /// Why.
-        source: std::io::Error,
+        /// Why, in the agency's settings' terms. Part of the message and
+        /// not a `source`, so an error chain does not print it twice.
+        reason: std::io::Error,
     },
 }
 
@@ -309,9 +310,9 @@ impl Link<'_> {
             Some(tls) => tls
                 .connect(stream)
                 .await
-                .map_err(|source| AgencyError::Handshake {
+                .map_err(|reason| AgencyError::Handshake {
                     address: self.address.to_string(),
-                    source,
+                    reason,
                 }),
         }
     }
