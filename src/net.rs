@@ -271,7 +271,61 @@ impl ServerTls {
         } else {
             Identity::Anonymous
         };
-        Ok(Accepted::Tls(Box::new(stream), identity))
+        Ok(Accepted::Tls(
+            Box::new(CloseNotifyOptional(stream)),
+            identity,
+        ))
+    }
+}
+
+/// A server TLS stream on which a peer that closes without TLS's
+/// close_notify has simply closed. rustls reports that as an error because
+/// some protocols cannot tell a cut-off message from a complete one; ours
+/// can (every frame states its length, and a frame cut off is still
+/// reported as such by the codec), and probes and agencies that just close
+/// their socket must not be logged as failed connections.
+struct CloseNotifyOptional<S>(S);
+
+impl<S: AsyncRead + Unpin> AsyncRead for CloseNotifyOptional<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.0).poll_read(cx, buf) {
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Ok(())),
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CloseNotifyOptional<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 
@@ -295,6 +349,18 @@ fn explain_server(e: io::Error) -> io::Error {
         Some(rustls::Error::InvalidCertificate(why)) => {
             format!("the client's certificate was refused: {why:?}")
         }
+        Some(rustls::Error::AlertReceived(
+            alert @ (AlertDescription::UnknownCA
+            | AlertDescription::BadCertificate
+            | AlertDescription::CertificateUnknown
+            // What rustls sends when an authority of the same name, but
+            // another key, is in its store: the signature does not verify.
+            | AlertDescription::DecryptError),
+        )) => format!(
+            "the client does not trust this central's certificate ({alert:?}): its \
+             agency.tls_ca must hold the authority that signed server.tls_cert, or \
+             server.tls_cert itself"
+        ),
         _ => return e,
     };
     io::Error::new(e.kind(), message)
@@ -460,6 +526,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Explained<S> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            // A close without close_notify is a close (see
+            // `CloseNotifyOptional`).
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Ok(())),
             Poll::Ready(Err(e)) => Poll::Ready(Err(explain_client(e, &this.name))),
             other => other,
         }

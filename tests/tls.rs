@@ -318,6 +318,15 @@ fn mutual_tls_takes_the_agency_from_its_certificate() {
     assert_eq!(stored(&work.path().join("bets.csv")), expected.rows);
     server.proc.signal(Signal::SIGTERM);
     assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+    // The five refusals above are the only failures: an agency closing
+    // without TLS's close_notify has just closed.
+    let fails: Vec<String> = server
+        .proc
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("result: fail"))
+        .collect();
+    assert_eq!(fails.len(), 5, "{fails:#?}");
 }
 
 /// What any TLS server sends a client whose first bytes are not a TLS
@@ -506,6 +515,31 @@ fn a_self_signed_certificate_is_its_own_authority() {
         assert_eq!(
             read_winners(&work.path().join("winners-1.txt")),
             expected(data.path(), 1, WINNING).winners[&1]
+        );
+        // The operator tools pin it too.
+        let mut cmd = lottery();
+        cmd.args(["health", "--address", &server.address()])
+            .env("CLI_TLS_CA", &cert)
+            .env("CLI_TLS_SERVER_NAME", &name);
+        let health = Proc::spawn(cmd);
+        assert!(health.wait_exit(PATIENCE).success(), "{}", health.stderr());
+        // Only the stranger's connection failed, and the central says why;
+        // the agency and the probe closing without TLS's close_notify is
+        // no failure.
+        server.proc.signal(Signal::SIGTERM);
+        assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+        let fails: Vec<String> = server
+            .proc
+            .lines()
+            .into_iter()
+            .filter(|l| l.contains("result: fail"))
+            .collect();
+        assert_eq!(fails.len(), 1, "{fails:#?}\n{}", server.proc.output());
+        assert!(
+            fails[0].contains(
+                "TLS handshake failed: the client does not trust this central's certificate"
+            ),
+            "{fails:#?}"
         );
     }
 

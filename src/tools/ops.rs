@@ -60,6 +60,9 @@ async fn connect(target: &Target) -> anyhow::Result<Framed<BoxedIo, AgencyCodec>
 
 async fn next_reply(framed: &mut Framed<BoxedIo, AgencyCodec>) -> anyhow::Result<Reply> {
     match framed.next().await {
+        Some(Ok(Ok(Reply::Error { code, message }))) => {
+            anyhow::bail!("the central refused: {code}: {message}")
+        }
         Some(Ok(Ok(reply))) => Ok(reply),
         Some(Ok(Err(e))) => anyhow::bail!("unreadable reply: {e}"),
         Some(Err(FrameError::TlsRecord)) => anyhow::bail!(net::central_speaks_tls()),
