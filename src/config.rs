@@ -1003,6 +1003,37 @@ mod tests {
         let f = file("[server]\ntls_cert = \"c.pem\"\n");
         let e = Config::load(f.path(), Role::Server, env(&[])).unwrap_err();
         assert!(e.to_string().contains("server.tls_key"), "{e}");
+        // TLS settings that only work together.
+        for (text, key, says) in [
+            (
+                "[server]\ntls_client_ca = \"ca.pem\"\n",
+                "server.tls_client_ca",
+                "server.tls_cert",
+            ),
+            (
+                "[agency]\ntls_cert = \"a.pem\"\n",
+                "agency.tls_key",
+                "go together",
+            ),
+            (
+                "[agency]\ntls_cert = \"a.pem\"\ntls_key = \"a.key\"\n",
+                "agency.tls_cert",
+                "set agency.tls_ca (CLI_TLS_CA)",
+            ),
+        ] {
+            let f = file(text);
+            let e = Config::load(f.path(), Role::Agency, env(&[])).unwrap_err();
+            assert!(
+                e.to_string().contains(key) && e.to_string().contains(says),
+                "{e}"
+            );
+        }
+        let f = file(
+            "[server]\ntls_cert = \"c.pem\"\ntls_key = \"c.key\"\ntls_client_ca = \"ca.pem\"\n",
+        );
+        let c = Config::load(f.path(), Role::Server, env(&[])).unwrap();
+        assert!(c.server.requires_client_certificates());
+        assert!(!Config::default().server.requires_client_certificates());
     }
 
     #[test]
