@@ -564,3 +564,51 @@ fn a_self_signed_certificate_is_its_own_authority() {
         "{stderr}"
     );
 }
+
+/// A certified agency's batches in flight are answered before the refusal
+/// of a message naming another agency: replies keep request order.
+#[test]
+fn a_refusal_for_another_agency_keeps_reply_order() {
+    let pki = tempfile::tempdir().unwrap();
+    let dir = pki.path();
+    let ca = Ca::new(dir, "ca");
+    let (cert, key) = ca.issue(dir, "server", &["localhost"]);
+    let one = ca.issue(dir, "agency-1", &["agency-1"]);
+    let work = tempfile::tempdir().unwrap();
+    let server = server(
+        work.path(),
+        2,
+        &[
+            ("SERVER_TLS_CERT", &cert),
+            ("SERVER_TLS_KEY", &key),
+            ("SERVER_TLS_CLIENT_CA", &ca.pem),
+        ],
+    );
+    let bet = |agency: u32| {
+        format!(
+            "BATCH_SIZE:1|BET_1:NOMBRE:Eva\\|APELLIDO:Ruiz\\|DOCUMENTO:1000000{agency}\\|\
+             NACIMIENTO:1990-01-01\\|NUMERO:7574\\|AGENCY_ID:{agency}\n"
+        )
+    };
+    let mut raw = RawTls::connect(&server.address(), &ca.pem, (&one.0, &one.1));
+    raw.send(b"ACTION:HELLO|AGENCY_ID:1\n");
+    raw.send(bet(1).as_bytes());
+    raw.send(bet(2).as_bytes());
+    assert!(raw
+        .recv()
+        .unwrap()
+        .starts_with("STATUS:SUCCESS|MESSAGE:agency 1: resume from bet 0"));
+    assert_eq!(
+        raw.recv().as_deref(),
+        Some("STATUS:SUCCESS|MESSAGE:stored 1 bets|STORED:1\n")
+    );
+    assert_eq!(
+        raw.recv().as_deref(),
+        Some("STATUS:ERROR|CODE:UNAUTHENTICATED|MESSAGE:the client certificate names agency 1, not agency 2\n")
+    );
+    assert_eq!(raw.recv(), None);
+    server.proc.wait_for(&raw.peer());
+    let stored = stored(&work.path().join("bets.csv"));
+    assert_eq!(stored.keys().copied().collect::<Vec<_>>(), [1]);
+    assert_eq!(stored[&1].len(), 1);
+}

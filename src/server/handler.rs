@@ -221,7 +221,8 @@ impl Handler {
                 }
                 // Under mutual TLS, only the certificate's agency.
                 Some(Ok(Ok(request))) if self.certificate_refuses(&request).is_some() => {
-                    self.wrong_certificate(&request).await?
+                    let reason = self.certificate_refuses(&request).unwrap_or_default();
+                    self.wrong_certificate(reason).await?
                 }
                 Some(Ok(Ok(Request::Hello { agency, secret }))) => {
                     self.handle_hello(agency, secret).await?
@@ -310,10 +311,10 @@ impl Handler {
 
     /// Refuses a request for another agency than the certificate's, and
     /// hangs up: the peer is not who it claims to be.
-    async fn wrong_certificate(&mut self, request: &Request) -> Result<Next, FrameError> {
-        let reason = self
-            .certificate_refuses(request)
-            .expect("called for a refused request");
+    async fn wrong_certificate(&mut self, reason: String) -> Result<Next, FrameError> {
+        // Batches of the certified agency still in flight are answered
+        // first: replies keep request order.
+        self.drain().await?;
         let refused = Refused::connection(None, ErrorCode::Unauthenticated, reason);
         self.refuse(refused).await?;
         Ok(Next::Close)
