@@ -173,6 +173,10 @@ settings! {
         max_frame: usize = crate::wire::MAX_FRAME_LEN, env "SERVER_MAX_FRAME",
             flag "max-frame" on ["server"], min crate::wire::MAX_FRAME_LEN as u64,
             max 65536;
+        /// PEM certificate(s) of the authority that signs agency certificates;
+        /// set (with `tls_cert`) to require a client certificate from every
+        /// connection and take the agency from it (a DNS name `agency-N`).
+        tls_client_ca: PathBuf = PathBuf::new(), env "SERVER_TLS_CLIENT_CA";
     }
 
     /// `[agency]`: one agency.
@@ -219,6 +223,11 @@ settings! {
         /// Name to verify in the central's certificate; empty means the host
         /// part of `server_address`.
         tls_server_name: String = String::new(), env "CLI_TLS_SERVER_NAME";
+        /// PEM certificate chain this agency presents to a central that
+        /// requires client certificates (it names the agency: `agency-N`).
+        tls_cert: PathBuf = PathBuf::new(), env "CLI_TLS_CERT";
+        /// PEM private key for the agency's `tls_cert`.
+        tls_key: PathBuf = PathBuf::new(), env "CLI_TLS_KEY";
     }
 
     /// `[log]`.
@@ -615,6 +624,28 @@ impl Config {
                 "tls_cert and tls_key go together",
             );
         }
+        if !self.server.tls_client_ca.as_os_str().is_empty() && !self.server.tls_enabled() {
+            return bad(
+                "server.tls_client_ca",
+                self.server.tls_client_ca.display().to_string(),
+                "client certificates need TLS: set server.tls_cert and server.tls_key too",
+            );
+        }
+        let agency = &self.agency;
+        if agency.tls_cert.as_os_str().is_empty() != agency.tls_key.as_os_str().is_empty() {
+            return bad(
+                "agency.tls_key",
+                agency.tls_key.display().to_string(),
+                "agency.tls_cert and agency.tls_key go together",
+            );
+        }
+        if !agency.tls_cert.as_os_str().is_empty() && agency.tls_ca.as_os_str().is_empty() {
+            return bad(
+                "agency.tls_cert",
+                agency.tls_cert.display().to_string(),
+                "a client certificate needs TLS: set agency.tls_ca (CLI_TLS_CA) too",
+            );
+        }
         for id in self.server.secrets.keys() {
             if secret_key(id).is_none() {
                 return bad("server.secrets", id.clone(), SECRET_KEYS);
@@ -706,6 +737,10 @@ impl ServerConfig {
     /// authenticating. The one place that decides it: another way to
     /// authenticate (a client certificate, say) belongs here.
     pub fn agencies_without_secret(&self, secrets: &Secrets) -> Vec<AgencyId> {
+        if self.requires_client_certificates() {
+            // Every connection presents a certificate that names its agency.
+            return Vec::new();
+        }
         (1..=self.agencies)
             .filter(|id| !secrets.agencies.contains_key(id))
             .collect()
@@ -714,6 +749,14 @@ impl ServerConfig {
     /// Whether the central speaks TLS.
     pub fn tls_enabled(&self) -> bool {
         !self.tls_cert.as_os_str().is_empty()
+    }
+
+    /// Whether every connection must present a client certificate signed by
+    /// `tls_client_ca` (mutual TLS). Then every agency is authenticated by
+    /// its certificate, which names it, whether or not it has a secret: no
+    /// agency can act without authenticating.
+    pub fn requires_client_certificates(&self) -> bool {
+        self.tls_enabled() && !self.tls_client_ca.as_os_str().is_empty()
     }
 
     /// [`ServerConfig::frame_timeout`] as a duration.
@@ -1100,6 +1143,37 @@ mod tests {
         let f = file("[server]\ntls_cert = \"c.pem\"\n");
         let e = Config::load(f.path(), Role::Server, env(&[])).unwrap_err();
         assert!(e.to_string().contains("server.tls_key"), "{e}");
+        // TLS settings that only work together.
+        for (text, key, says) in [
+            (
+                "[server]\ntls_client_ca = \"ca.pem\"\n",
+                "server.tls_client_ca",
+                "server.tls_cert",
+            ),
+            (
+                "[agency]\ntls_cert = \"a.pem\"\n",
+                "agency.tls_key",
+                "go together",
+            ),
+            (
+                "[agency]\ntls_cert = \"a.pem\"\ntls_key = \"a.key\"\n",
+                "agency.tls_cert",
+                "set agency.tls_ca (CLI_TLS_CA)",
+            ),
+        ] {
+            let f = file(text);
+            let e = Config::load(f.path(), Role::Agency, env(&[])).unwrap_err();
+            assert!(
+                e.to_string().contains(key) && e.to_string().contains(says),
+                "{e}"
+            );
+        }
+        let f = file(
+            "[server]\ntls_cert = \"c.pem\"\ntls_key = \"c.key\"\ntls_client_ca = \"ca.pem\"\n",
+        );
+        let c = Config::load(f.path(), Role::Server, env(&[])).unwrap();
+        assert!(c.server.requires_client_certificates());
+        assert!(!Config::default().server.requires_client_certificates());
     }
 
     #[test]

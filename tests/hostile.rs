@@ -1183,13 +1183,24 @@ fn tls_carries_the_run_and_nothing_crosses_in_clear() {
         );
     }
 
-    // A plain-text client gets nowhere, and the server says why.
+    // A plain-text client gets nowhere but is told, in plain text and in
+    // the protocol, that the central speaks TLS; the server says why.
     let mut plain = Raw::connect(&format!("127.0.0.1:{port}"));
     plain.send(b"ACTION:HELLO|AGENCY_ID:1\n");
+    let reply = plain.recv().expect("a plain-text answer");
+    assert!(
+        reply.starts_with(
+            "STATUS:ERROR|CODE:TLS_REQUIRED|MESSAGE:this central speaks only TLS: \
+             set agency.tls_ca (CLI_TLS_CA)"
+        ),
+        "{reply}"
+    );
     assert_eq!(plain.recv(), None);
     let line = proc.wait_for(&plain.peer());
     assert!(
-        line.contains("result: fail") && line.contains("TLS handshake failed"),
+        line.contains("result: fail")
+            && line.contains("code: TLS_REQUIRED")
+            && line.contains("a plain-text client on this TLS central"),
         "{line}"
     );
 

@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use crate::config::AgencyConfig;
 use crate::logging::{action, result};
 use crate::model::AgencyId;
-use crate::net::{self as tls, BoxedIo, TlsError};
+use crate::net::{self, BoxedIo, ClientTls, TlsError};
 use crate::wire::{ErrorCode, FrameError};
 
 use session::{session, Protocol, SessionEnd};
@@ -149,9 +149,12 @@ pub enum AgencyError {
     /// The central answered something this agency cannot use.
     #[error("unexpected reply from the central: {0}")]
     UnexpectedReply(String),
+    /// A TLS record arrived where a frame header should be.
+    #[error("{}", net::central_speaks_tls())]
+    SpeaksTls,
     /// The socket or framing failed.
     #[error(transparent)]
-    Frame(#[from] FrameError),
+    Frame(FrameError),
     /// The secret file cannot be read.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -160,12 +163,13 @@ pub enum AgencyError {
     TlsSetup(#[from] TlsError),
     /// The TLS handshake failed: the central's certificate is not trusted,
     /// or does not name it.
-    #[error("TLS handshake with {address} failed: {source}")]
+    #[error("TLS handshake with {address} failed: {reason}")]
     Handshake {
         /// The central's address.
         address: String,
-        /// Why.
-        source: std::io::Error,
+        /// Why, in the agency's settings' terms. Part of the message and
+        /// not a `source`, so an error chain does not print it twice.
+        reason: std::io::Error,
     },
 }
 
@@ -175,6 +179,15 @@ fn no_reply(during: &str, after: Duration, silent: bool) -> String {
         format!("the central sent nothing for {after}s while {during}")
     } else {
         format!("the central stopped saying it is still working ({after}s without a word) while {during}")
+    }
+}
+
+impl From<FrameError> for AgencyError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::TlsRecord => AgencyError::SpeaksTls,
+            e => AgencyError::Frame(e),
+        }
     }
 }
 
@@ -190,7 +203,9 @@ impl AgencyError {
             | AgencyError::Stalled { .. }
             | AgencyError::ResumableAfterAll
             | AgencyError::HelloUnanswered { .. } => true,
-            AgencyError::Frame(FrameError::Io(_) | FrameError::Truncated(_)) => true,
+            // A TLS refusal (a wrong certificate) says what to change.
+            AgencyError::Frame(FrameError::Io(e)) => !net::is_refusal(e),
+            AgencyError::Frame(FrameError::Truncated(_)) => true,
             AgencyError::Rejected { code, .. } | AgencyError::Refused { code, .. } => matches!(
                 code,
                 ErrorCode::StorageFailed
@@ -238,11 +253,7 @@ pub async fn run_with_progress(
         source,
     })?;
     let secret = config.load_secret()?;
-    let tls = if config.tls_ca.as_os_str().is_empty() {
-        None
-    } else {
-        Some(tls::connector(&config.tls_ca, &config.tls_name())?)
-    };
+    let tls = ClientTls::for_agency(config)?;
     let link = Link {
         address: &config.server_address,
         secret: secret.as_deref(),
@@ -372,10 +383,7 @@ pub async fn run_with_progress(
 pub(super) struct Link<'a> {
     address: &'a str,
     secret: Option<&'a str>,
-    tls: Option<&'a (
-        tokio_rustls::TlsConnector,
-        rustls::pki_types::ServerName<'static>,
-    )>,
+    tls: Option<&'a ClientTls>,
 }
 
 impl Link<'_> {
@@ -392,16 +400,13 @@ impl Link<'_> {
         stream.set_nodelay(true).map_err(FrameError::Io)?;
         match self.tls {
             None => Ok(Box::new(stream)),
-            Some((connector, name)) => {
-                let stream = connector
-                    .connect(name.clone(), stream)
-                    .await
-                    .map_err(|source| AgencyError::Handshake {
-                        address: self.address.to_string(),
-                        source,
-                    })?;
-                Ok(Box::new(stream))
-            }
+            Some(tls) => tls
+                .connect(stream)
+                .await
+                .map_err(|reason| AgencyError::Handshake {
+                    address: self.address.to_string(),
+                    reason,
+                }),
         }
     }
 }

@@ -17,7 +17,7 @@ use super::Settings;
 use crate::logging::{action, result};
 use crate::lottery::{Lottery, LotteryError};
 use crate::model::{AgencyId, Bets};
-use crate::net::BoxedIo;
+use crate::net::{BoxedIo, Identity};
 use crate::store::Store;
 use crate::wire::{
     status_replies, winners_replies, ErrorCode, FrameError, MessageError, Reply, Request,
@@ -79,6 +79,9 @@ pub(super) struct Handler {
     /// and is told while it waits (`STATUS:WAITING`). The design's agencies
     /// never send `HELLO` and get exactly the contract's replies.
     said_hello: bool,
+    /// Who the TLS handshake says the peer is: under mutual TLS, the only
+    /// agency this connection may speak for.
+    identity: Identity,
     /// Shared state and the draw.
     lottery: Lottery,
     /// Where batches go.
@@ -101,6 +104,7 @@ type Frame = Option<Result<Result<Request, MessageError>, FrameError>>;
 impl Handler {
     pub fn new(
         io: BoxedIo,
+        identity: Identity,
         peer: SocketAddr,
         lottery: Lottery,
         store: Arc<dyn Store>,
@@ -115,12 +119,16 @@ impl Handler {
             ),
             peer,
             session: None,
-            access: if settings.secrets.required() {
-                Access::Anonymous
-            } else {
-                Access::Full
+            // A client certificate naming an agency authenticates it; one
+            // naming none is an operator's probe (`PING`, `STATUS`).
+            access: match identity {
+                Identity::Certificate(Some(_)) => Access::Full,
+                Identity::Certificate(None) => Access::Operator,
+                Identity::Anonymous if settings.secrets.required() => Access::Anonymous,
+                Identity::Anonymous => Access::Full,
             },
             said_hello: false,
+            identity,
             lottery,
             store,
             shutdown,
@@ -255,11 +263,25 @@ impl Handler {
                     let _ = self.refuse(refused).await;
                     return Ok(());
                 }
+                Some(Err(e @ FrameError::TlsRecord)) => {
+                    // A TLS client on this plain-text central: its own TLS
+                    // stack cannot read this, but a person with a raw
+                    // client can, and our agency recognises a plain-text
+                    // answer to its handshake.
+                    let message = crate::net::tls_unavailable_message();
+                    let _ = self.reply_error(ErrorCode::TlsUnavailable, message).await;
+                    return Err(e);
+                }
                 Some(Err(e)) => return Err(e),
                 Some(Ok(Err(e))) => {
                     let refused = Refused::batch(0, e.code(), e.to_string());
                     self.refuse(refused).await?;
                     Next::Continue
+                }
+                // Under mutual TLS, only the certificate's agency.
+                Some(Ok(Ok(request))) if self.certificate_refuses(&request).is_some() => {
+                    let reason = self.certificate_refuses(&request).unwrap_or_default();
+                    self.wrong_certificate(reason).await?
                 }
                 Some(Ok(Ok(Request::Hello { agency, secret }))) => {
                     self.handle_hello(agency, secret).await?
@@ -428,6 +450,28 @@ impl Handler {
         Ok(Next::Continue)
     }
 
+    /// Under mutual TLS, why `request` names an agency other than the one
+    /// the client certificate names; `None` when it may go on.
+    fn certificate_refuses(&self, request: &Request) -> Option<String> {
+        let agency = match request {
+            Request::Hello { agency, .. } | Request::Finished { agency, .. } => *agency,
+            Request::Batch { bets, .. } => bets.get(0)?.agency,
+            Request::Ping | Request::Status | Request::OperatorHello { .. } => return None,
+        };
+        self.identity.refuses(agency)
+    }
+
+    /// Refuses a request for another agency than the certificate's, and
+    /// hangs up: the peer is not who it claims to be.
+    async fn wrong_certificate(&mut self, reason: String) -> Result<Next, FrameError> {
+        // Batches of the certified agency still in flight are answered
+        // first: replies keep request order.
+        self.drain().await?;
+        let refused = Refused::connection(None, ErrorCode::Unauthenticated, reason);
+        self.refuse(refused).await?;
+        Ok(Next::Close)
+    }
+
     /// The connection's session for `agency`: claimed on its first message
     /// that names an agency; later messages must name the same one.
     fn session_for(&mut self, agency: AgencyId) -> Result<&mut Session, LotteryError> {
@@ -493,7 +537,10 @@ impl Handler {
         secret: Option<String>,
     ) -> Result<Next, FrameError> {
         self.said_hello = true;
+        // Certified by its client certificate: no secret needed.
+        let certified = self.identity.certified_agency() == Some(agency);
         match self.settings.secrets.agencies.get(&agency) {
+            _ if certified => {}
             Some(expected) => {
                 let presented = secret.as_deref().unwrap_or("");
                 if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -27,7 +26,7 @@ use tracing::{error, info, warn};
 use crate::config::{ConfigError, Secrets, ServerConfig};
 use crate::logging::{action, result};
 use crate::lottery::Lottery;
-use crate::net::{self as tls, TlsError};
+use crate::net::{ServerTls, TlsError};
 use crate::store::{self, Opened, StorageError, Store};
 
 pub use listener::{bind, bind_addr, fit_open_files, MIN_CONNECTIONS, RESERVED_FILES};
@@ -64,8 +63,8 @@ struct Settings {
     guard: guard::Guard,
     /// Largest frame read from a peer, header included (`server.max_frame`).
     max_frame: usize,
-    /// TLS, when on.
-    tls: Option<TlsAcceptor>,
+    /// TLS, when on (with client certificates, when required).
+    tls: Option<ServerTls>,
 }
 
 /// Serves agencies on `listener` until `shutdown` is cancelled, then closes
@@ -153,6 +152,10 @@ pub async fn run_with_store(
         result = result::SUCCESS,
         address = %local.map_or_else(|| "?".to_string(), |a| a.to_string()),
         tls = settings.tls.is_some(),
+        client_certificates = settings
+            .tls
+            .as_ref()
+            .is_some_and(ServerTls::requires_client_certificates),
         secrets = settings.secrets.agencies.len(),
         max_connections = config.max_connections
     );
@@ -263,6 +266,7 @@ fn announce_authentication(config: &ServerConfig, secrets: &Secrets) {
             result = result::SUCCESS,
             state = "required",
             agencies = config.agencies,
+            client_certificates = config.requires_client_certificates(),
             operator_session = secrets.operator.is_some()
         );
         return;
@@ -288,7 +292,12 @@ fn load_settings(config: &ServerConfig) -> Result<Settings, ServerError> {
         secrets: config.load_secrets()?,
         guard: guard::Guard::default(),
         tls: if config.tls_enabled() {
-            Some(tls::acceptor(&config.tls_cert, &config.tls_key)?)
+            let client_ca = config.requires_client_certificates();
+            Some(ServerTls::new(
+                &config.tls_cert,
+                &config.tls_key,
+                client_ca.then_some(config.tls_client_ca.as_path()),
+            )?)
         } else {
             None
         },

@@ -10,9 +10,9 @@ use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
 use crate::config::AgencyConfig;
-use crate::net::{self as tls, BoxedIo};
+use crate::net::{self, BoxedIo, ClientTls};
 use crate::store::file::load_record;
-use crate::wire::AgencyCodec;
+use crate::wire::{AgencyCodec, FrameError};
 use crate::wire::{AgencyState, ErrorCode, Reply, Request};
 
 /// Where the central is and how to reach it.
@@ -20,8 +20,9 @@ use crate::wire::{AgencyState, ErrorCode, Reply, Request};
 pub struct Target {
     /// `host:port`.
     pub address: String,
-    /// CA and server name, when the central speaks TLS.
-    pub tls: Option<(std::path::PathBuf, String)>,
+    /// The agency's TLS settings (CA, server name, client certificate),
+    /// when the central speaks TLS.
+    pub tls: Option<AgencyConfig>,
     /// How long the whole exchange may take.
     pub timeout: Duration,
     /// Opens a read-only operator session first, when the central requires
@@ -34,13 +35,10 @@ impl Target {
     /// agency is configured for it; `timeout` at least one second.
     pub fn for_agency(agency: &AgencyConfig, address: Option<String>, timeout: Duration) -> Target {
         let address = address.unwrap_or_else(|| agency.server_address.clone());
-        let tls = (!agency.tls_ca.as_os_str().is_empty()).then(|| {
-            // The certificate's name follows the address actually probed.
-            let probed = AgencyConfig {
-                server_address: address.clone(),
-                ..agency.clone()
-            };
-            (agency.tls_ca.clone(), probed.tls_name())
+        // The certificate's name follows the address actually probed.
+        let tls = (!agency.tls_ca.as_os_str().is_empty()).then(|| AgencyConfig {
+            server_address: address.clone(),
+            ..agency.clone()
         });
         Target {
             address,
@@ -56,9 +54,9 @@ async fn connect(target: &Target) -> anyhow::Result<Framed<BoxedIo, AgencyCodec>
     stream.set_nodelay(true)?;
     let io: BoxedIo = match &target.tls {
         None => Box::new(stream),
-        Some((ca, name)) => {
-            let (connector, name) = tls::connector(ca, name)?;
-            Box::new(connector.connect(name, stream).await?)
+        Some(agency) => {
+            let tls = ClientTls::for_agency(agency)?.expect("tls_ca is set");
+            tls.connect(stream).await?
         }
     };
     Ok(Framed::new(io, AgencyCodec::new()))
@@ -66,8 +64,12 @@ async fn connect(target: &Target) -> anyhow::Result<Framed<BoxedIo, AgencyCodec>
 
 async fn next_reply(framed: &mut Framed<BoxedIo, AgencyCodec>) -> anyhow::Result<Reply> {
     match framed.next().await {
+        Some(Ok(Ok(Reply::Error { code, message }))) => {
+            anyhow::bail!("the central refused: {code}: {message}")
+        }
         Some(Ok(Ok(reply))) => Ok(reply),
         Some(Ok(Err(e))) => anyhow::bail!("unreadable reply: {e}"),
+        Some(Err(FrameError::TlsRecord)) => anyhow::bail!(net::central_speaks_tls()),
         Some(Err(e)) => Err(e.into()),
         None => anyhow::bail!("the central closed the connection"),
     }

@@ -29,6 +29,10 @@ pub enum FrameError {
         /// The reader's limit, header included.
         limit: usize,
     },
+    /// A TLS record arrived where a frame header should be: the peer speaks
+    /// TLS and this end does not (see [`is_tls_record`]).
+    #[error("the peer speaks TLS (a TLS record arrived where a frame header should be)")]
+    TlsRecord,
     /// The peer closed the connection in the middle of a frame.
     #[error("connection closed inside a frame ({0} bytes of it received)")]
     Truncated(usize),
@@ -100,6 +104,15 @@ impl<In, Out> std::fmt::Debug for LotteryCodec<In, Out> {
     }
 }
 
+/// Whether `header` (a frame header's 4 bytes) is the start of a TLS record:
+/// a content type from change_cipher_spec (0x14) to application data (0x17),
+/// then version 3.x. Read as a length that is over 335 MB, so no frame
+/// header is ever mistaken for one; recognising it lets either end say
+/// "the peer speaks TLS" instead of "frame of 352518916 bytes".
+pub fn is_tls_record(header: &[u8]) -> bool {
+    matches!(header, [0x14..=0x17, 0x03, 0x00..=0x04, ..])
+}
+
 /// Reads one raw payload from `src`, shared by every codec instance.
 ///
 /// Returns `Ok(None)` until a whole frame is buffered. Rejects an oversize
@@ -115,6 +128,9 @@ fn decode_payload(
         None => {
             if src.len() < HEADER_LEN {
                 return Ok(None);
+            }
+            if is_tls_record(&src[..HEADER_LEN]) {
+                return Err(FrameError::TlsRecord);
             }
             let len = u32::from_be_bytes(src[..HEADER_LEN].try_into().expect("4 bytes")) as usize;
             if len > max_frame - HEADER_LEN {
@@ -294,6 +310,31 @@ mod tests {
             ServerCodec::with_max_frame(whole - 1).decode(&mut buf),
             Err(FrameError::TooLarge { size, limit }) if size == whole && limit == whole - 1
         ));
+    }
+
+    #[test]
+    fn a_tls_record_is_named_as_such_not_as_an_oversize_frame() {
+        // A TLS alert (what a TLS central answers a plain-text hello with)
+        // and a ClientHello (what a TLS agency opens with).
+        for record in [
+            &[0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x32][..],
+            &[0x16, 0x03, 0x01, 0x00, 0xf4, 0x01][..],
+        ] {
+            let mut buf = BytesMut::from(record);
+            assert!(matches!(
+                AgencyCodec::new().decode(&mut buf),
+                Err(FrameError::TlsRecord)
+            ));
+            let mut buf = BytesMut::from(record);
+            assert!(matches!(
+                ServerCodec::new().decode(&mut buf),
+                Err(FrameError::TlsRecord)
+            ));
+        }
+        // No frame header within the limit looks like one.
+        for len in [0u32, 0x19, MAX_PAYLOAD_LEN as u32] {
+            assert!(!is_tls_record(&len.to_be_bytes()));
+        }
     }
 
     #[test]

@@ -38,6 +38,10 @@ keyed_enum! {
         Timeout = "TIMEOUT",
         /// The central is at its connection limit; try again later.
         ServerBusy = "SERVER_BUSY",
+        /// The central speaks only TLS and the client spoke plain text.
+        TlsRequired = "TLS_REQUIRED",
+        /// The client started a TLS handshake and the central does not speak TLS.
+        TlsUnavailable = "TLS_UNAVAILABLE",
     }
 }
 
@@ -122,7 +126,7 @@ mod tests {
         for code in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_wire(code.as_str()), Some(code));
         }
-        assert_eq!(ErrorCode::COUNT, 13);
+        assert_eq!(ErrorCode::COUNT, 15);
         assert_eq!(ErrorCode::from_wire("NOPE"), None);
     }
 }

@@ -11,7 +11,9 @@ mod escape;
 mod message;
 
 pub use batch::BatchBuilder;
-pub use codec::{frame, AgencyCodec, FrameError, LotteryCodec, RawFrame, ServerCodec};
+pub use codec::{
+    frame, is_tls_record, AgencyCodec, FrameError, LotteryCodec, RawFrame, ServerCodec,
+};
 pub use error::{ErrorCode, MessageError};
 pub use escape::{escape_into, split_pairs, unescape};
 pub use message::{
