@@ -69,10 +69,39 @@ pub mod action {
     pub const CLOSE_BETS_FILE: &str = "close_bets_file";
     /// The agency's data file was closed.
     pub const CLOSE_DATA_FILE: &str = "close_data_file";
+    /// The program stopped on an error (ERROR, last line; the message is
+    /// also on stderr when that is not where stdout goes).
+    pub const EXIT: &str = "exit";
     /// A shutdown signal arrived.
     pub const SIGNAL: &str = "signal";
     /// The process is done shutting down.
     pub const SHUTDOWN: &str = "shutdown";
+}
+
+/// An error and its causes as one message, `message: cause: …`, the way
+/// the fatal `exit` line and `lottery: error:` show it.
+///
+/// The project's convention: an error's `Display` is complete, its cause
+/// included, because that text is what replies to agencies and log fields
+/// show; `source()` still links the cause for code that walks the chain.
+/// Printing the chain as anyhow's `{:#}` does would then repeat each cause
+/// (`No such file or directory (os error 2): No such file or directory (os
+/// error 2)`). This is the one place that walks a chain: it adds a cause
+/// only when the text so far does not already end with it, which also keeps
+/// a library error that follows the other convention (a bare message, the
+/// cause only in `source()`) whole.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let said = c.to_string();
+        if !text.ends_with(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// A log level as operators write it: DEBUG, INFO, WARN or ERROR.
@@ -365,6 +394,33 @@ mod tests {
         assert_eq!("JSON".parse::<LogFormat>(), Ok(LogFormat::Json));
         let e = "LOUD".parse::<LogLevel>().unwrap_err();
         assert_eq!(e, "\"LOUD\" is not one of DEBUG, INFO, WARN, ERROR");
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot open data file x.csv: {source}")]
+        struct Complete {
+            source: std::io::Error,
+        }
+        #[derive(Debug, thiserror::Error)]
+        #[error("bare message")]
+        struct Bare {
+            source: std::io::Error,
+        }
+        let missing = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::new(Complete { source: missing() });
+        assert_eq!(
+            error_chain(e.as_ref()),
+            "cannot open data file x.csv: entity not found"
+        );
+        let e = anyhow::Error::new(Complete { source: missing() }).context("starting");
+        assert_eq!(
+            error_chain(e.as_ref()),
+            "starting: cannot open data file x.csv: entity not found"
+        );
+        let e = anyhow::Error::new(Bare { source: missing() });
+        assert_eq!(error_chain(e.as_ref()), "bare message: entity not found");
     }
 
     #[test]

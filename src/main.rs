@@ -215,10 +215,62 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!(action = "exit", result = result::FAIL, error = %format!("{e:#}"));
-            eprintln!("lottery: error: {e:#}");
+            report_fatal(&e);
             ExitCode::from(1)
         }
+    }
+}
+
+/// Says once why the program stopped.
+///
+/// Two readers want it: log tooling, which reads stdout and parses the
+/// `action: exit | result: fail` line, and a person, who reads
+/// `lottery: error: …` on stderr. When the two streams go to different
+/// places (a log file or pipe for stdout, a terminal for stderr), each gets
+/// its own. When they go to the same place, one line is enough: in a
+/// terminal a person reads it, so the plain message (multi-line parts, such
+/// as a TOML error's `^^^` marker, intact); anywhere else (`2>&1` into a
+/// file, the journal) tooling reads it, so the log line.
+fn report_fatal(e: &anyhow::Error) {
+    use std::io::IsTerminal;
+    let message = logging::error_chain(e.as_ref());
+    let shared = same_destination();
+    let terminal = std::io::stdout().is_terminal();
+    // (log line, plain message)
+    let (log_line, plain) = match (shared, terminal) {
+        (false, _) => (true, true),
+        (true, true) => (false, true),
+        (true, false) => (true, false),
+    };
+    if log_line {
+        error!(
+            action = action::EXIT,
+            result = result::FAIL,
+            error = message.as_str()
+        );
+    }
+    if plain {
+        eprintln!("lottery: error: {message}");
+    }
+}
+
+/// Whether stdout and stderr are the same open file (one terminal, or one
+/// file or pipe through `2>&1`). Unknown counts as different: then both
+/// lines are written, which loses nothing.
+fn same_destination() -> bool {
+    use std::os::fd::{AsFd, BorrowedFd};
+    use std::os::unix::fs::MetadataExt;
+    fn identity(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+        let file = std::fs::File::from(fd.try_clone_to_owned().ok()?);
+        let meta = file.metadata().ok()?;
+        Some((meta.dev(), meta.ino()))
+    }
+    match (
+        identity(std::io::stdout().as_fd()),
+        identity(std::io::stderr().as_fd()),
+    ) {
+        (Some(out), Some(err)) => out == err,
+        _ => false,
     }
 }
 

@@ -260,3 +260,91 @@ fn an_agency_gives_up_after_its_reconnect_timeout() {
     );
     assert!(!t.contains("action: connect | result: fail"), "{t}");
 }
+
+/// `lottery agency` on a data file that does not exist: it stops at once.
+fn agency_without_its_data_file(dir: &std::path::Path) -> (std::process::Command, String) {
+    let missing = dir.join("agency-1.csv");
+    let mut cmd = lottery();
+    cmd.arg("agency").env("CLI_DATA_FILE", &missing);
+    let message = format!(
+        "cannot open data file {}: No such file or directory (os error 2)",
+        missing.display()
+    );
+    (cmd, message)
+}
+
+#[test]
+fn a_fatal_error_is_said_once_on_each_stream_without_repeating_its_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cmd, message) = agency_without_its_data_file(dir.path());
+    let out = run(&mut cmd);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // Log tooling reads stdout; a person reads stderr.
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let last = stdout.lines().last().unwrap();
+    assert_eq!(
+        &last[20..],
+        format!("ERROR    action: exit | result: fail | error: {message}"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("cannot open data file").count(), 1);
+    assert_eq!(
+        String::from_utf8(out.stderr).unwrap(),
+        format!("lottery: error: {message}\n")
+    );
+}
+
+#[test]
+fn a_fatal_error_is_said_once_when_both_streams_go_to_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cmd, message) = agency_without_its_data_file(dir.path());
+    let log = dir.path().join("log.txt");
+    let file = std::fs::File::create(&log).unwrap();
+    let status = cmd
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    // `2>&1` into a file or the journal: tooling reads it, so the log line.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("cannot open data file").count(), 1, "{text}");
+    let last = text.lines().last().unwrap();
+    assert_eq!(
+        &last[20..],
+        format!("ERROR    action: exit | result: fail | error: {message}"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_fatal_error_is_said_once_in_a_terminal() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cmd, message) = agency_without_its_data_file(dir.path());
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(pty.slave.try_clone().unwrap())
+        .stderr(pty.slave)
+        .spawn()
+        .unwrap();
+    // Only the child holds the terminal now: reading ends (EIO) once it
+    // has exited.
+    drop(cmd);
+    let mut terminal = std::fs::File::from(pty.master);
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n @ 1..) = terminal.read(&mut chunk) {
+        bytes.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(child.wait().unwrap().code(), Some(1));
+    let text = String::from_utf8(bytes).unwrap().replace("\r\n", "\n");
+    // A person reads a terminal: the plain message, once.
+    assert_eq!(text.matches("cannot open data file").count(), 1, "{text}");
+    assert!(
+        text.ends_with(&format!("\nlottery: error: {message}\n")),
+        "{text}"
+    );
+    assert!(!text.contains("action: exit"), "{text}");
+}
