@@ -529,10 +529,7 @@ impl Config {
         flags: Option<&clap::ArgMatches>,
     ) -> Result<(Config, Origins), ConfigError> {
         let mut config = match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str::<Config>(&text).map_err(|e| ConfigError::Parse {
-                path: path.to_path_buf(),
-                message: e.to_string().trim().replace('\n', " "),
-            })?,
+            Ok(text) => toml::from_str::<Config>(&text).map_err(|e| parse_error(path, &e))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
             Err(source) => {
                 return Err(ConfigError::Read {
@@ -616,10 +613,7 @@ impl ServerConfig {
                 }
             })?;
             let from_file: BTreeMap<String, String> =
-                toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                    path: self.secrets_file.clone(),
-                    message: e.to_string().trim().replace('\n', " "),
-                })?;
+                toml::from_str(&text).map_err(|e| parse_error(&self.secrets_file, &e))?;
             all.extend(from_file);
         }
         all.into_iter()
@@ -750,6 +744,16 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+}
+
+/// A TOML file that does not parse. The message stays on the lines toml
+/// renders it on: its `^^^` marker points at the offending text only when
+/// it sits under the quoted line.
+fn parse_error(path: &Path, e: &toml::de::Error) -> ConfigError {
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    }
 }
 
 /// Parses `raw` for `key`, with an error that names both.

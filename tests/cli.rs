@@ -354,3 +354,21 @@ fn a_fatal_error_is_said_once_in_a_terminal() {
     );
     assert!(!text.contains("action: exit"), "{text}");
 }
+
+#[test]
+fn a_toml_error_keeps_its_lines_so_the_marker_points_at_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "[server]\nport = \"twelve\"\n").unwrap();
+    let out = run(lottery().arg("server").arg("--config").arg(&path));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "lottery: configuration error: invalid config file {}: TOML parse error at line 2, \
+             column 8\n  |\n2 | port = \"twelve\"\n  |        ^^^^^^^^\ninvalid type: string \
+             \"twelve\", expected u16\n",
+            path.display()
+        )
+    );
+}
