@@ -516,28 +516,44 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
         flags: Option<&clap::ArgMatches>,
     ) -> Result<Config, ConfigError> {
-        let (config, origins) = Self::layer(path, role, env, flags)?;
+        Self::load_reporting(path, role, env, flags).map(|(config, _)| config)
+    }
+
+    /// [`Config::load_with_flags`], also saying which file it read (for the
+    /// `config` log line, and a warning when a named file is missing).
+    ///
+    /// # Errors
+    /// As [`Config::load_with_flags`].
+    pub fn load_reporting(
+        path: &Path,
+        role: Role,
+        env: impl Fn(&str) -> Option<String>,
+        flags: Option<&clap::ArgMatches>,
+    ) -> Result<(Config, ConfigFile), ConfigError> {
+        let (base, file) = read_file(path)?;
+        let (config, origins) = Self::overlay(base, role, env, flags)?;
         config.check(&origins)?;
-        Ok(config)
+        Ok((config, file))
     }
 
     /// Defaults < file < environment < flags, unchecked.
+    #[cfg(test)]
     fn layer(
         path: &Path,
         role: Role,
         env: impl Fn(&str) -> Option<String>,
         flags: Option<&clap::ArgMatches>,
     ) -> Result<(Config, Origins), ConfigError> {
-        let mut config = match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str::<Config>(&text).map_err(|e| parse_error(path, &e))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
-            Err(source) => {
-                return Err(ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
-        };
+        Self::overlay(read_file(path)?.0, role, env, flags)
+    }
+
+    /// The environment, then the flags, over `config`.
+    fn overlay(
+        mut config: Config,
+        role: Role,
+        env: impl Fn(&str) -> Option<String>,
+        flags: Option<&clap::ArgMatches>,
+    ) -> Result<(Config, Origins), ConfigError> {
         let mut origins = Origins::new();
         for setting in SETTINGS {
             let Some(var) = setting.env_var(role) else {
@@ -746,6 +762,42 @@ pub enum ConfigError {
     },
 }
 
+/// Which configuration file a load read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigFile {
+    /// This file was read.
+    Read(PathBuf),
+    /// There is no file at this path: defaults, environment and flags only.
+    Missing(PathBuf),
+}
+
+/// As the `config` log line shows it: the path read, or `none`.
+impl fmt::Display for ConfigFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigFile::Read(path) => write!(f, "{}", path.display()),
+            ConfigFile::Missing(_) => f.write_str("none"),
+        }
+    }
+}
+
+/// The file's settings over the defaults; a missing file means defaults.
+fn read_file(path: &Path) -> Result<(Config, ConfigFile), ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let config = toml::from_str::<Config>(&text).map_err(|e| parse_error(path, &e))?;
+            Ok((config, ConfigFile::Read(path.to_path_buf())))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok((Config::default(), ConfigFile::Missing(path.to_path_buf())))
+        }
+        Err(source) => Err(ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 /// A TOML file that does not parse. The message stays on the lines toml
 /// renders it on: its `^^^` marker points at the offending text only when
 /// it sits under the quoted line.
@@ -824,6 +876,18 @@ mod tests {
         assert_eq!(c, Config::default());
         assert_eq!(c.server.port, 12345);
         assert_eq!(c.agency.batch_max_amount, 70);
+    }
+
+    #[test]
+    fn the_load_says_which_file_it_read() {
+        let load = |p: &Path| Config::load_reporting(p, Role::Server, env(&[]), None).unwrap();
+        let (_, read) = load(Path::new(NOWHERE));
+        assert_eq!(read, ConfigFile::Missing(NOWHERE.into()));
+        assert_eq!(read.to_string(), "none");
+        let f = file("[server]\nport = 4000\n");
+        let (c, read) = load(f.path());
+        assert_eq!(c.server.port, 4000);
+        assert_eq!(read.to_string(), f.path().display().to_string());
     }
 
     #[test]

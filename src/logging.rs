@@ -30,6 +30,9 @@ pub mod result {
 pub mod action {
     /// The effective configuration, once at start.
     pub const CONFIG: &str = "config";
+    /// A configuration file named by `--config` or `LOTTERY_CONFIG` does
+    /// not exist (WARN, at start).
+    pub const CONFIG_FILE: &str = "config_file";
     /// The listener is bound; carries the real address.
     pub const LISTEN: &str = "listen";
     /// A batch was handled (stored or rejected).

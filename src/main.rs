@@ -12,11 +12,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
-use lottery::config::{self, Config, Role};
+use lottery::config::{self, Config, ConfigFile, Role};
 use lottery::logging::{self, action, result, LogLevel};
 use lottery::shutdown;
 use lottery::tools::gen_data::GenOptions;
@@ -32,12 +33,14 @@ const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
 #[derive(Debug, Parser)]
 #[command(name = "lottery", version)]
 struct Cli {
-    /// Configuration file; a missing file means defaults.
+    /// Configuration file. Without it, defaults (when the default file is
+    /// missing too); a file named here or in LOTTERY_CONFIG that is missing
+    /// is warned about.
     #[arg(
         long,
         global = true,
         env = "LOTTERY_CONFIG",
-        default_value = "config.toml"
+        default_value = "./config.toml"
     )]
     config: PathBuf,
 
@@ -173,14 +176,14 @@ fn main() -> ExitCode {
         Command::Agency(_) => Role::Agency,
         _ => Role::Server,
     };
-    let mut config =
-        match Config::load_with_flags(&cli.config, role, |k| std::env::var(k).ok(), Some(flags)) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("lottery: configuration error: {e}");
-                return ExitCode::from(2);
-            }
-        };
+    let loaded = Config::load_reporting(&cli.config, role, |k| std::env::var(k).ok(), Some(flags));
+    let (mut config, file) = match loaded {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("lottery: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let level = match &cli.command {
         Command::Demo(args) => args.log_level,
         // The agencies' own lines would drown the report.
@@ -188,6 +191,7 @@ fn main() -> ExitCode {
         _ => config.log.level,
     };
     logging::init(level, config.log.format);
+    warn_if_named_file_missing(&matches, &file);
     if matches!(cli.command, Command::Server) {
         // Before anything is opened: connections over what the open-files
         // limit allows must get SERVER_BUSY, not hang.
@@ -207,7 +211,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let outcome = runtime.block_on(run(cli.command, config));
+    let outcome = runtime.block_on(run(cli.command, config, file));
     // Dropping the runtime would wait for every blocking thread, and one
     // stuck in storage (a hung disk or network file system) would then hold
     // the exit forever: give them a moment, then leave without them.
@@ -219,6 +223,30 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A missing `./config.toml` is the contract's "defaults"; a file the
+/// operator named (`--config`, `LOTTERY_CONFIG`) and that is not there is a
+/// mistake (a typo, a volume not mounted) that would otherwise pass in
+/// silence, the program running on settings nobody chose.
+fn warn_if_named_file_missing(matches: &clap::ArgMatches, file: &ConfigFile) {
+    let ConfigFile::Missing(path) = file else {
+        return;
+    };
+    let named_by = match matches.value_source("config") {
+        Some(ValueSource::CommandLine) => "--config",
+        Some(ValueSource::EnvVariable) => "LOTTERY_CONFIG",
+        _ => return,
+    };
+    warn!(
+        action = action::CONFIG_FILE,
+        result = result::FAIL,
+        path = %path.display(),
+        reason = %format!(
+            "the configuration file named by {named_by} does not exist; running on defaults, \
+             environment and flags"
+        )
+    );
 }
 
 /// Says once why the program stopped.
@@ -274,12 +302,14 @@ fn same_destination() -> bool {
     }
 }
 
-async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     shutdown::cancel_on_signal(token.clone()).context("installing signal handlers")?;
     match command {
-        Command::Server => launch::serve(&config, token).await,
-        Command::Agency(args) => launch::agency(&config, args.winners_out.as_deref(), token).await,
+        Command::Server => launch::serve(&config, &file, token).await,
+        Command::Agency(args) => {
+            launch::agency(&config, &file, args.winners_out.as_deref(), token).await
+        }
         Command::Demo(args) => {
             let opts = demo::DemoOptions {
                 agencies: args.agencies,

@@ -372,3 +372,101 @@ fn a_toml_error_keeps_its_lines_so_the_marker_points_at_the_value() {
         )
     );
 }
+
+/// The agency's stdout with `config` (or nothing) and `LOTTERY_CONFIG` (or
+/// none), run in `dir`; it stops at once, having no data file.
+fn agency_config_lines(
+    dir: &std::path::Path,
+    flag: Option<&std::path::Path>,
+    var: Option<&std::path::Path>,
+) -> Vec<String> {
+    let mut cmd = lottery();
+    cmd.current_dir(dir)
+        .arg("agency")
+        .env_remove("LOTTERY_CONFIG");
+    if let Some(path) = flag {
+        cmd.arg("--config").arg(path);
+    }
+    if let Some(path) = var {
+        cmd.env("LOTTERY_CONFIG", path);
+    }
+    let out = run(&mut cmd);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l[20..].to_string())
+        .filter(|l| !l.contains("action: exit"))
+        .collect()
+}
+
+const AGENCY_CONFIG: &str = "INFO     action: config | result: success | client_id: 1 | \
+    server_address: 127.0.0.1:12345 | batch_max_amount: 70 | log_level: INFO | data_file: \
+    .data/agency-1.csv";
+
+#[test]
+fn a_missing_default_config_file_means_defaults_in_silence() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        agency_config_lines(dir.path(), None, None),
+        [format!("{AGENCY_CONFIG} | config_file: none")]
+    );
+}
+
+#[test]
+fn the_config_line_names_the_file_read() {
+    let dir = tempfile::tempdir().unwrap();
+    // The default, ./config.toml, when it is there.
+    std::fs::write(dir.path().join("config.toml"), "[log]\nlevel = \"INFO\"\n").unwrap();
+    assert_eq!(
+        agency_config_lines(dir.path(), None, None),
+        [format!("{AGENCY_CONFIG} | config_file: ./config.toml")]
+    );
+    let named = dir.path().join("named.toml");
+    std::fs::write(&named, "").unwrap();
+    assert_eq!(
+        agency_config_lines(dir.path(), Some(&named), None),
+        [format!(
+            "{AGENCY_CONFIG} | config_file: {}",
+            named.display()
+        )]
+    );
+}
+
+#[test]
+fn a_named_config_file_that_is_missing_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo.toml");
+    for (flag, var, named_by) in [
+        (Some(missing.as_path()), None, "--config"),
+        (None, Some(missing.as_path()), "LOTTERY_CONFIG"),
+    ] {
+        assert_eq!(
+            agency_config_lines(dir.path(), flag, var),
+            [
+                format!(
+                    "WARN     action: config_file | result: fail | path: {} | reason: the \
+                     configuration file named by {named_by} does not exist; running on \
+                     defaults, environment and flags",
+                    missing.display()
+                ),
+                format!("{AGENCY_CONFIG} | config_file: none"),
+            ]
+        );
+    }
+}
+
+#[test]
+fn the_server_config_line_keeps_the_contract_fields_first_then_the_file() {
+    let work = tempfile::tempdir().unwrap();
+    let server = Server::start(&work.path().join("bets.csv"), 1, 7574);
+    let line = server.proc.lines()[0].clone();
+    assert!(
+        line.contains(
+            " INFO     action: config | result: success | port: 0 | listen_backlog: 5 | \
+             logging_level: INFO | agencies: 1 | "
+        ),
+        "{line}"
+    );
+    assert!(line.ends_with(" | config_file: /dev/null"), "{line}");
+}

@@ -45,8 +45,10 @@ pub struct Proc {
 
 pub fn lottery() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lottery"));
-    // Never pick up a config.toml from the working tree.
-    cmd.env("LOTTERY_CONFIG", "/nonexistent/lottery-test-config.toml");
+    // Never pick up a config.toml from the working tree: an empty file
+    // (defaults) that exists, so the config line reads `config_file:
+    // /dev/null` and no warning says a named file is missing.
+    cmd.env("LOTTERY_CONFIG", "/dev/null");
     for var in [
         "SERVER_PORT",
         "SERVER_LISTEN_BACKLOG",
