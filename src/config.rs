@@ -136,8 +136,8 @@ settings! {
         /// Sync the bets file before acknowledging a batch (`fdatasync`, shared
         /// by every batch waiting at the time). Off only for measurements.
         sync: bool = true, env "SERVER_SYNC", flag ("no-sync" = "false") on ["server", "demo"];
-        /// Where the draw's outcome is recorded; empty means the bets file's
-        /// name with its extension replaced by `.draw.toml`.
+        /// Where the draw's outcome is recorded; empty means beside the bets
+        /// file, its extension replaced (`bets.csv` -> `bets.draw.toml`).
         draw_record: PathBuf = PathBuf::new(), env "SERVER_DRAW_RECORD",
             flag "draw-record" on ["server"];
         /// Most connections served at once; more are refused with `SERVER_BUSY`.
@@ -1059,6 +1059,35 @@ mod tests {
                 assert!(readme.contains(&format!("--{long}`")), "README: --{long}");
             }
         }
+    }
+
+    #[test]
+    fn the_draw_record_defaults_beside_the_bets_file_as_documented() {
+        let record = |storage: &str| {
+            let server = ServerConfig {
+                storage: storage.into(),
+                ..ServerConfig::default()
+            };
+            server.draw_record_path()
+        };
+        assert_eq!(record("bets.csv"), PathBuf::from("bets.draw.toml"));
+        assert_eq!(
+            record("/var/x/bets"),
+            PathBuf::from("/var/x/bets.draw.toml")
+        );
+        // The three places that explain the default give the same example.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let help = SETTINGS.iter().find(|s| s.key == "server.draw_record");
+        let example = "bets.csv` -> `bets.draw.toml";
+        assert!(help.unwrap().help().contains(example));
+        let toml = std::fs::read_to_string(root.join("config.toml")).unwrap();
+        let line = toml.lines().find(|l| l.starts_with("draw_record")).unwrap();
+        assert!(line.contains("(bets.csv -> bets.draw.toml)"), "{line}");
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with("| `server.draw_record`"));
+        assert!(row.unwrap().contains("(`bets.csv` → `bets.draw.toml`)"));
     }
 
     #[test]
