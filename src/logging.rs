@@ -51,6 +51,9 @@ pub mod action {
     pub const CONNECT: &str = "connect";
     /// A connection ended with an error.
     pub const CONNECTION: &str = "connection";
+    /// A message that is not a batch was refused (malformed, or an
+    /// unknown action); a refused batch is `apuesta_recibida`.
+    pub const REQUEST: &str = "request";
     /// The open-files limit leaves room for fewer connections than
     /// configured (WARN, at start).
     pub const OPEN_FILES: &str = "open_files";
@@ -424,6 +427,38 @@ mod tests {
         );
         let e = anyhow::Error::new(Bare { source: missing() });
         assert_eq!(error_chain(e.as_ref()), "bare message: entity not found");
+    }
+
+    #[test]
+    fn readme_log_table_lists_every_action() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let source = std::fs::read_to_string(root.join("src/logging.rs")).unwrap();
+        let module = source
+            .split("pub mod action {")
+            .nth(1)
+            .and_then(|rest| rest.split("\n}").next())
+            .unwrap();
+        let actions: Vec<&str> = module
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("pub const "))
+            .filter_map(|l| l.split('"').nth(1))
+            .collect();
+        assert!(actions.contains(&action::SHUTDOWN), "{actions:?}");
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let table: Vec<&str> = readme
+            .lines()
+            .skip_while(|l| !l.starts_with("| program | action | when |"))
+            .take_while(|l| l.starts_with('|'))
+            .collect();
+        assert!(!table.is_empty(), "README has no log table");
+        let named = |a: &str| {
+            let cell = format!("`{a}`");
+            table
+                .iter()
+                .any(|row| row.split('|').nth(2).unwrap().contains(&cell))
+        };
+        let missing: Vec<&&str> = actions.iter().filter(|a| !named(a)).collect();
+        assert!(missing.is_empty(), "README's log table lacks {missing:?}");
     }
 
     #[test]
