@@ -188,6 +188,47 @@ pub enum LogFormat {
     Json,
 }
 
+/// The progress bar on the terminal, while one is drawn (see
+/// [`draw_around`]).
+static BAR: std::sync::Mutex<Option<indicatif::ProgressBar>> = std::sync::Mutex::new(None);
+
+/// Writes log lines around `bar` while it is drawn (`None` once it is
+/// done): the bar is lifted, the line written, the bar drawn again below
+/// it. Without this a line written to the same terminal lands after the
+/// bar's text, on its line, and the bar is then redrawn over what follows.
+pub fn draw_around(bar: Option<indicatif::ProgressBar>) {
+    *BAR.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = bar;
+}
+
+/// Stdout for log lines, written around a progress bar when one is drawn.
+struct LogOut;
+
+impl std::io::Write for LogOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // Each event arrives as one whole line; it must reach the terminal
+        // while the bar is lifted, so it is flushed there.
+        let put = || {
+            let mut out = std::io::stdout().lock();
+            out.write_all(buf)?;
+            out.flush()
+        };
+        let bar = BAR
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match bar {
+            Some(bar) => bar.suspend(put)?,
+            None => put()?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
 /// Installs the global subscriber: events on stdout at `level`, in `format`.
 /// With the `console` feature, also serves tokio-console; the stdout layer
 /// keeps its own level filter, so the console's trace-level runtime events
@@ -205,12 +246,12 @@ pub fn init(level: LogLevel, format: LogFormat) {
     let stdout = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .event_format(ContractFormat)
-            .with_writer(std::io::stdout)
+            .with_writer(|| LogOut)
             .with_filter(filter)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .event_format(JsonFormat)
-            .with_writer(std::io::stdout)
+            .with_writer(|| LogOut)
             .with_filter(filter)
             .boxed(),
     };

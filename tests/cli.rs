@@ -323,11 +323,10 @@ fn a_fatal_error_is_said_once_when_both_streams_go_to_one_file() {
     );
 }
 
-#[test]
-fn a_fatal_error_is_said_once_in_a_terminal() {
+/// Runs `cmd` with a terminal as its stdout and stderr; its exit code and
+/// everything it wrote there (line ends as `\n`).
+fn run_in_terminal(mut cmd: std::process::Command) -> (Option<i32>, String) {
     use std::io::Read;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut cmd, message) = agency_without_its_data_file(dir.path());
     let pty = nix::pty::openpty(None, None).unwrap();
     let mut child = cmd
         .stdin(std::process::Stdio::null())
@@ -344,8 +343,33 @@ fn a_fatal_error_is_said_once_in_a_terminal() {
     while let Ok(n @ 1..) = terminal.read(&mut chunk) {
         bytes.extend_from_slice(&chunk[..n]);
     }
-    assert_eq!(child.wait().unwrap().code(), Some(1));
-    let text = String::from_utf8(bytes).unwrap().replace("\r\n", "\n");
+    let code = child.wait().unwrap().code();
+    (
+        code,
+        String::from_utf8(bytes).unwrap().replace("\r\n", "\n"),
+    )
+}
+
+/// What a terminal shows of each line of `text`: what the last carriage
+/// return or line erase left.
+fn shown(text: &str) -> Vec<String> {
+    text.split('\n')
+        .map(|line| {
+            let line = line.replace("\x1b[2K", "");
+            line.rsplit('\r')
+                .find(|part| !part.is_empty())
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn a_fatal_error_is_said_once_in_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cmd, message) = agency_without_its_data_file(dir.path());
+    let (code, text) = run_in_terminal(cmd);
+    assert_eq!(code, Some(1));
     // A person reads a terminal: the plain message, once.
     assert_eq!(text.matches("cannot open data file").count(), 1, "{text}");
     assert!(
@@ -353,6 +377,46 @@ fn a_fatal_error_is_said_once_in_a_terminal() {
         "{text}"
     );
     assert!(!text.contains("action: exit"), "{text}");
+}
+
+#[test]
+fn in_a_terminal_log_lines_are_written_around_the_progress_bar() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("agency-1.csv");
+    let mut bets = String::new();
+    for i in 0..3_000 {
+        let number = if i == 0 { 7574 } else { i };
+        bets.push_str(&format!(
+            "Ana,Pérez,{},1999-03-17,{number}\n",
+            10_000_000 + i
+        ));
+    }
+    std::fs::write(&data, bets).unwrap();
+    let server = Server::start(&work.path().join("bets.csv"), 1, 7574);
+    let winners = work.path().join("winners.txt");
+    let (code, text) = run_in_terminal(agency_command(1, &server.address(), &data, &winners));
+    assert_eq!(code, Some(0), "{text}");
+    let shown = shown(&text);
+    // Every log line starts a line of its own, none glued to the bar...
+    let logged: Vec<&String> = shown.iter().filter(|l| l.contains("action: ")).collect();
+    assert_eq!(logged.len(), 3, "{shown:#?}");
+    for line in logged {
+        assert!(
+            line.starts_with("20") && !line.contains("bets  "),
+            "{shown:#?}"
+        );
+    }
+    assert!(
+        shown[shown.len() - 3]
+            .ends_with("consulta_ganadores | result: success | cant_ganadores: 1"),
+        "{shown:#?}"
+    );
+    // ...and the finished bar is left on a line of its own, last.
+    assert!(
+        shown[shown.len() - 2].contains("3000/3000 bets"),
+        "{shown:#?}"
+    );
+    assert_eq!(shown.last().unwrap(), "", "{shown:#?}");
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::path::Path;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::logging::LogFormat;
+use crate::logging::{self, LogFormat};
 
 /// Starts a bar for the agency reading `data`, when a person watches text
 /// logs: stdout a terminal (a bar would corrupt JSON lines or a log file),
@@ -45,8 +45,15 @@ async fn show(total: u64, mut held: watch::Receiver<u64>) {
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} bets  {per_sec}  ETA {eta}")
             .expect("a valid template"),
     );
+    logging::draw_around(Some(bar.clone()));
     while held.changed().await.is_ok() {
         bar.set_position(*held.borrow());
     }
+    logging::draw_around(None);
     bar.finish();
+    if !bar.is_hidden() {
+        // The bar leaves the cursor at its end: what follows (the shell's
+        // prompt, an error) starts on a line of its own.
+        eprintln!();
+    }
 }
