@@ -33,9 +33,8 @@ const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
 #[derive(Debug, Parser)]
 #[command(name = "lottery", version)]
 struct Cli {
-    /// Configuration file. Without it, defaults (when the default file is
-    /// missing too); a file named here or in LOTTERY_CONFIG that is missing
-    /// is warned about.
+    /// Configuration file. A missing ./config.toml means defaults; so does
+    /// a missing file named here or in LOTTERY_CONFIG, with a warning.
     #[arg(
         long,
         global = true,
