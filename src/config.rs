@@ -136,8 +136,8 @@ settings! {
         /// Sync the bets file before acknowledging a batch (`fdatasync`, shared
         /// by every batch waiting at the time). Off only for measurements.
         sync: bool = true, env "SERVER_SYNC", flag ("no-sync" = "false") on ["server", "demo"];
-        /// Where the draw's outcome is recorded; empty means the bets file's
-        /// name with its extension replaced by `.draw.toml`.
+        /// Where the draw's outcome is recorded; empty means beside the bets
+        /// file, its extension replaced (`bets.csv` -> `bets.draw.toml`).
         draw_record: PathBuf = PathBuf::new(), env "SERVER_DRAW_RECORD",
             flag "draw-record" on ["server"];
         /// Most connections served at once; more are refused with `SERVER_BUSY`.
@@ -548,31 +548,44 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
         flags: Option<&clap::ArgMatches>,
     ) -> Result<Config, ConfigError> {
-        let (config, origins) = Self::layer(path, role, env, flags)?;
+        Self::load_reporting(path, role, env, flags).map(|(config, _)| config)
+    }
+
+    /// [`Config::load_with_flags`], also saying which file it read (for the
+    /// `config` log line, and a warning when a named file is missing).
+    ///
+    /// # Errors
+    /// As [`Config::load_with_flags`].
+    pub fn load_reporting(
+        path: &Path,
+        role: Role,
+        env: impl Fn(&str) -> Option<String>,
+        flags: Option<&clap::ArgMatches>,
+    ) -> Result<(Config, ConfigFile), ConfigError> {
+        let (base, file) = read_file(path)?;
+        let (config, origins) = Self::overlay(base, role, env, flags)?;
         config.check(&origins)?;
-        Ok(config)
+        Ok((config, file))
     }
 
     /// Defaults < file < environment < flags, unchecked.
+    #[cfg(test)]
     fn layer(
         path: &Path,
         role: Role,
         env: impl Fn(&str) -> Option<String>,
         flags: Option<&clap::ArgMatches>,
     ) -> Result<(Config, Origins), ConfigError> {
-        let mut config = match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str::<Config>(&text).map_err(|e| ConfigError::Parse {
-                path: path.to_path_buf(),
-                message: e.to_string().trim().replace('\n', " "),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
-            Err(source) => {
-                return Err(ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
-        };
+        Self::overlay(read_file(path)?.0, role, env, flags)
+    }
+
+    /// The environment, then the flags, over `config`.
+    fn overlay(
+        mut config: Config,
+        role: Role,
+        env: impl Fn(&str) -> Option<String>,
+        flags: Option<&clap::ArgMatches>,
+    ) -> Result<(Config, Origins), ConfigError> {
         let mut origins = Origins::new();
         for setting in SETTINGS {
             let Some(var) = setting.env_var(role) else {
@@ -701,10 +714,7 @@ impl ServerConfig {
                 }
             })?;
             let from_file: BTreeMap<String, String> =
-                toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                    path: self.secrets_file.clone(),
-                    message: e.to_string().trim().replace('\n', " "),
-                })?;
+                toml::from_str(&text).map_err(|e| parse_error(&self.secrets_file, &e))?;
             all.extend(from_file);
         }
         let mut secrets = Secrets::default();
@@ -931,6 +941,52 @@ pub enum ConfigError {
     },
 }
 
+/// Which configuration file a load read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigFile {
+    /// This file was read.
+    Read(PathBuf),
+    /// There is no file at this path: defaults, environment and flags only.
+    Missing(PathBuf),
+}
+
+/// As the `config` log line shows it: the path read, or `none`.
+impl fmt::Display for ConfigFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigFile::Read(path) => write!(f, "{}", path.display()),
+            ConfigFile::Missing(_) => f.write_str("none"),
+        }
+    }
+}
+
+/// The file's settings over the defaults; a missing file means defaults.
+fn read_file(path: &Path) -> Result<(Config, ConfigFile), ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let config = toml::from_str::<Config>(&text).map_err(|e| parse_error(path, &e))?;
+            Ok((config, ConfigFile::Read(path.to_path_buf())))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok((Config::default(), ConfigFile::Missing(path.to_path_buf())))
+        }
+        Err(source) => Err(ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// A TOML file that does not parse. The message stays on the lines toml
+/// renders it on: its `^^^` marker points at the offending text only when
+/// it sits under the quoted line.
+fn parse_error(path: &Path, e: &toml::de::Error) -> ConfigError {
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    }
+}
+
 /// Parses `raw` for `key`, with an error that names both.
 ///
 /// # Errors
@@ -999,6 +1055,18 @@ mod tests {
         assert_eq!(c, Config::default());
         assert_eq!(c.server.port, 12345);
         assert_eq!(c.agency.batch_max_amount, 70);
+    }
+
+    #[test]
+    fn the_load_says_which_file_it_read() {
+        let load = |p: &Path| Config::load_reporting(p, Role::Server, env(&[]), None).unwrap();
+        let (_, read) = load(Path::new(NOWHERE));
+        assert_eq!(read, ConfigFile::Missing(NOWHERE.into()));
+        assert_eq!(read.to_string(), "none");
+        let f = file("[server]\nport = 4000\n");
+        let (c, read) = load(f.path());
+        assert_eq!(c.server.port, 4000);
+        assert_eq!(read.to_string(), f.path().display().to_string());
     }
 
     #[test]
@@ -1244,6 +1312,35 @@ mod tests {
         let f = file("[server.secrets]\nadmin = \"x\"\n");
         let e = Config::load(f.path(), Role::Server, env(&[])).unwrap_err();
         assert!(e.to_string().contains("agency ids or \"operator\""), "{e}");
+    }
+
+    #[test]
+    fn the_draw_record_defaults_beside_the_bets_file_as_documented() {
+        let record = |storage: &str| {
+            let server = ServerConfig {
+                storage: storage.into(),
+                ..ServerConfig::default()
+            };
+            server.draw_record_path()
+        };
+        assert_eq!(record("bets.csv"), PathBuf::from("bets.draw.toml"));
+        assert_eq!(
+            record("/var/x/bets"),
+            PathBuf::from("/var/x/bets.draw.toml")
+        );
+        // The three places that explain the default give the same example.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let help = SETTINGS.iter().find(|s| s.key == "server.draw_record");
+        let example = "bets.csv` -> `bets.draw.toml";
+        assert!(help.unwrap().help().contains(example));
+        let toml = std::fs::read_to_string(root.join("config.toml")).unwrap();
+        let line = toml.lines().find(|l| l.starts_with("draw_record")).unwrap();
+        assert!(line.contains("(bets.csv -> bets.draw.toml)"), "{line}");
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with("| `server.draw_record`"));
+        assert!(row.unwrap().contains("(`bets.csv` → `bets.draw.toml`)"));
     }
 
     #[test]

@@ -23,6 +23,11 @@
 //! - [`tools`]: the programs over all this: the demo, the load tool,
 //!   synthetic data, the operator views, the compose file.
 //!
+//! Errors follow one convention: an error's `Display` is the whole message,
+//! its cause included (it is what replies to agencies and log fields
+//! show), and `source()` still links the cause. The one place that prints
+//! a chain, [`logging::error_chain`], therefore never repeats a cause.
+//!
 //! A message on the wire, as an agency frames its announcement that it has
 //! finished:
 //!

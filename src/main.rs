@@ -12,11 +12,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
-use lottery::config::{self, Config, Role};
+use lottery::config::{self, Config, ConfigFile, Role};
 use lottery::logging::{self, action, result, LogLevel};
 use lottery::shutdown;
 use lottery::tools::gen_data::GenOptions;
@@ -32,12 +33,13 @@ const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
 #[derive(Debug, Parser)]
 #[command(name = "lottery", version)]
 struct Cli {
-    /// Configuration file; a missing file means defaults.
+    /// Configuration file. A missing ./config.toml means defaults; so does
+    /// a missing file named here or in LOTTERY_CONFIG, with a warning.
     #[arg(
         long,
         global = true,
         env = "LOTTERY_CONFIG",
-        default_value = "config.toml"
+        default_value = "./config.toml"
     )]
     config: PathBuf,
 
@@ -187,14 +189,14 @@ fn main() -> ExitCode {
         Command::Agency(_) => Role::Agency,
         _ => Role::Server,
     };
-    let mut config =
-        match Config::load_with_flags(&cli.config, role, |k| std::env::var(k).ok(), Some(flags)) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("lottery: configuration error: {e}");
-                return ExitCode::from(2);
-            }
-        };
+    let loaded = Config::load_reporting(&cli.config, role, |k| std::env::var(k).ok(), Some(flags));
+    let (mut config, file) = match loaded {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("lottery: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let level = match &cli.command {
         Command::Demo(args) => args.log_level,
         // The agencies' own lines would drown the report.
@@ -202,6 +204,7 @@ fn main() -> ExitCode {
         _ => config.log.level,
     };
     logging::init(level, config.log.format);
+    warn_if_named_file_missing(&matches, &file);
     if matches!(cli.command, Command::Server) {
         // Before anything is opened: connections over what the open-files
         // limit allows must get SERVER_BUSY, not hang.
@@ -227,7 +230,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let outcome = runtime.block_on(run(cli.command, config));
+    let outcome = runtime.block_on(run(cli.command, config, file));
     // Dropping the runtime would wait for every blocking thread, and one
     // stuck in storage (a hung disk or network file system) would then hold
     // the exit forever: give them a moment, then leave without them.
@@ -235,19 +238,97 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!(action = "exit", result = result::FAIL, error = %format!("{e:#}"));
-            eprintln!("lottery: error: {e:#}");
+            report_fatal(&e);
             ExitCode::from(1)
         }
     }
 }
 
-async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+/// A missing `./config.toml` is the contract's "defaults"; a file the
+/// operator named (`--config`, `LOTTERY_CONFIG`) and that is not there is a
+/// mistake (a typo, a volume not mounted) that would otherwise pass in
+/// silence, the program running on settings nobody chose.
+fn warn_if_named_file_missing(matches: &clap::ArgMatches, file: &ConfigFile) {
+    let ConfigFile::Missing(path) = file else {
+        return;
+    };
+    let named_by = match matches.value_source("config") {
+        Some(ValueSource::CommandLine) => "--config",
+        Some(ValueSource::EnvVariable) => "LOTTERY_CONFIG",
+        _ => return,
+    };
+    warn!(
+        action = action::CONFIG_FILE,
+        result = result::FAIL,
+        path = %path.display(),
+        reason = %format!(
+            "the configuration file named by {named_by} does not exist; running on defaults, \
+             environment and flags"
+        )
+    );
+}
+
+/// Says once why the program stopped.
+///
+/// Two readers want it: log tooling, which reads stdout and parses the
+/// `action: exit | result: fail` line, and a person, who reads
+/// `lottery: error: …` on stderr. When the two streams go to different
+/// places (a log file or pipe for stdout, a terminal for stderr), each gets
+/// its own. When they go to the same place, one line is enough: in a
+/// terminal a person reads it, so the plain message (multi-line parts, such
+/// as a TOML error's `^^^` marker, intact); anywhere else (`2>&1` into a
+/// file, the journal) tooling reads it, so the log line.
+fn report_fatal(e: &anyhow::Error) {
+    use std::io::IsTerminal;
+    let message = logging::error_chain(e.as_ref());
+    let shared = same_destination();
+    let terminal = std::io::stdout().is_terminal();
+    // (log line, plain message)
+    let (log_line, plain) = match (shared, terminal) {
+        (false, _) => (true, true),
+        (true, true) => (false, true),
+        (true, false) => (true, false),
+    };
+    if log_line {
+        error!(
+            action = action::EXIT,
+            result = result::FAIL,
+            error = message.as_str()
+        );
+    }
+    if plain {
+        eprintln!("lottery: error: {message}");
+    }
+}
+
+/// Whether stdout and stderr are the same open file (one terminal, or one
+/// file or pipe through `2>&1`). Unknown counts as different: then both
+/// lines are written, which loses nothing.
+fn same_destination() -> bool {
+    use std::os::fd::{AsFd, BorrowedFd};
+    use std::os::unix::fs::MetadataExt;
+    fn identity(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+        let file = std::fs::File::from(fd.try_clone_to_owned().ok()?);
+        let meta = file.metadata().ok()?;
+        Some((meta.dev(), meta.ino()))
+    }
+    match (
+        identity(std::io::stdout().as_fd()),
+        identity(std::io::stderr().as_fd()),
+    ) {
+        (Some(out), Some(err)) => out == err,
+        _ => false,
+    }
+}
+
+async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     shutdown::cancel_on_signal(token.clone()).context("installing signal handlers")?;
     match command {
-        Command::Server => launch::serve(&config, token).await,
-        Command::Agency(args) => launch::agency(&config, args.winners_out.as_deref(), token).await,
+        Command::Server => launch::serve(&config, &file, token).await,
+        Command::Agency(args) => {
+            launch::agency(&config, &file, args.winners_out.as_deref(), token).await
+        }
         Command::Demo(args) => {
             let opts = demo::DemoOptions {
                 agencies: args.agencies,

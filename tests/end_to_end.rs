@@ -140,8 +140,7 @@ fn twenty_agencies() {
 
 #[test]
 fn real_dataset_when_present() {
-    let Some(dir) = real_data() else {
-        eprintln!("../shared/data is not here; skipping the real dataset");
+    let Some(dir) = real_data("real_dataset_when_present") else {
         return;
     };
     let counts = run_lottery(&dir, 5, 7574);

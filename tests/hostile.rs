@@ -356,6 +356,47 @@ fn unknown_action_and_unknown_message() {
 }
 
 #[test]
+fn a_message_that_is_not_a_batch_is_logged_as_a_refused_request() {
+    let work = tempfile::tempdir().unwrap();
+    let server = start_server(work.path(), &[]);
+    let mut raw = Raw::connect(&server.address());
+    let peer = raw.peer();
+    raw.expect_error(b"ACTION:NOPE\n", "UNKNOWN_MESSAGE");
+    let line = server.proc.wait_for(&peer);
+    assert!(
+        line.ends_with(&format!(
+            " WARN     action: request | result: fail | {peer} | code: UNKNOWN_MESSAGE | \
+             reason: unknown message: ACTION:NOPE"
+        )),
+        "{line}"
+    );
+    // A batch that is refused is still a rejected batch.
+    let batch = format!("BATCH_SIZE:2|BET_1:{}\n", good2("20000001"));
+    raw.expect_error(batch.as_bytes(), "MALFORMED_MESSAGE");
+    let line = server.proc.wait_for(&peer);
+    assert!(
+        line.contains(&format!(
+            " WARN     action: apuesta_recibida | result: fail | cantidad: 0 | {peer} | \
+             code: MALFORMED_MESSAGE | reason: batch is inconsistent"
+        )),
+        "{line}"
+    );
+    // Neither closed the connection.
+    raw.send(b"ACTION:PING\n");
+    assert_eq!(raw.recv().unwrap(), "STATUS:SUCCESS|MESSAGE:pong\n");
+    assert_eq!(
+        server
+            .proc
+            .output()
+            .matches("action: apuesta_recibida")
+            .count(),
+        1,
+        "{}",
+        server.proc.output()
+    );
+}
+
+#[test]
 fn batch_size_disagrees_with_the_bets() {
     let p = format!(
         "BATCH_SIZE:3|BET_1:{}|BET_2:{}\n",

@@ -335,3 +335,41 @@ fn regenerating_the_compose_file_keeps_the_secrets_and_adds_new_ones() {
         toml::from_str(&std::fs::read_to_string(dir_arg.join("central.toml")).unwrap()).unwrap();
     assert_eq!(again, three);
 }
+
+#[test]
+fn status_and_health_say_where_they_looked_when_the_central_is_down() {
+    // Held, not listening: connecting is refused.
+    let port = HeldPort::new();
+    let address = port.address();
+    for tool in ["status", "health"] {
+        let out = run(&[tool, "--address", &address]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!(
+                "lottery: error: cannot connect to the central at {address}: Connection refused \
+                 (os error 111); nothing listens there: is the central running, and on this \
+                 port? (its `listen` log line shows its address); the address is --address, \
+                 else agency.server_address (CLI_SERVER_ADDRESS)\n"
+            ),
+            "lottery {tool}"
+        );
+    }
+}
+
+#[test]
+fn status_says_which_central_did_not_answer_in_time() {
+    // Listening, never answering: the kernel accepts, nobody reads.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = silent.local_addr().unwrap().to_string();
+    let out = run(&["status", "--address", &address, "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "lottery: error: the central at {address} did not answer within 1 s: is that the \
+             central's address, and is it serving? the address is --address, else \
+             agency.server_address (CLI_SERVER_ADDRESS); --timeout waits longer\n"
+        )
+    );
+}

@@ -76,7 +76,7 @@ pub enum AgencyError {
         reason: String,
     },
     /// The central cannot be reached (retried).
-    #[error("cannot connect to {address}: {source}")]
+    #[error("cannot connect to {address}: {source}; {}", crate::net::unreachable_hint(.source))]
     Connect {
         /// The configured address.
         address: String,

@@ -274,7 +274,11 @@ impl Handler {
                 }
                 Some(Err(e)) => return Err(e),
                 Some(Ok(Err(e))) => {
-                    let refused = Refused::batch(0, e.code(), e.to_string());
+                    let refused = if e.is_batch() {
+                        Refused::batch(0, e.code(), e.to_string())
+                    } else {
+                        Refused::request(e.code(), e.to_string())
+                    };
                     self.refuse(refused).await?;
                     Next::Continue
                 }
@@ -861,8 +865,9 @@ impl Handler {
 
 /// A refused request: what it was, the code it is answered with, and why.
 struct Refused {
-    /// The log action: the request's (`apuesta_recibida` for a batch) or
-    /// `connection` for the connection itself.
+    /// The log action: `apuesta_recibida` for a batch, `agencia_finalizada`
+    /// for an announcement, `request` for any other message, `connection`
+    /// for the connection itself.
     action: &'static str,
     /// Bets in a refused batch (the contract's `cantidad`).
     cantidad: Option<usize>,
@@ -876,6 +881,18 @@ impl Refused {
         Refused {
             action: action::APUESTA_RECIBIDA,
             cantidad: Some(count),
+            agency: None,
+            code,
+            reason,
+        }
+    }
+
+    /// A message that is not a batch (malformed, or an unknown action):
+    /// no `cantidad`, as no bets were refused.
+    fn request(code: ErrorCode, reason: String) -> Refused {
+        Refused {
+            action: action::REQUEST,
+            cantidad: None,
             agency: None,
             code,
             reason,

@@ -13,19 +13,24 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::agency::{self, AgencyError, AgencyReport};
-use crate::config::{AgencyConfig, Config, OPERATOR_KEY};
+use crate::config::{AgencyConfig, Config, ConfigFile, OPERATOR_KEY};
 use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::server;
 use crate::tools::gen_data::{self, GenOptions, Generated};
 use crate::tools::progress;
 
-/// `lottery server`: logs the contract's config line, binds, serves until
+/// `lottery server`: logs the contract's config line (then the other
+/// settings, and the configuration file read, after the contract's fields), binds, serves until
 /// `shutdown`, and logs the shutdown.
 ///
 /// # Errors
 /// The port cannot be bound, or the server failed.
-pub async fn serve(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    config: &Config,
+    file: &ConfigFile,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let s = &config.server;
     info!(
         action = action::CONFIG,
@@ -37,7 +42,8 @@ pub async fn serve(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         storage = %s.storage.display(),
         winning_number = s.winning_number,
         sync = s.sync,
-        draw_record = %s.draw_record_path().display()
+        draw_record = %s.draw_record_path().display(),
+        config_file = %file
     );
     let listener = server::bind(s).with_context(|| format!("binding port {}", s.port))?;
     server::run(listener, s, shutdown).await?;
@@ -53,6 +59,7 @@ pub async fn serve(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
 /// The agency failed, or `winners_out` cannot be written.
 pub async fn agency(
     config: &Config,
+    file: &ConfigFile,
     winners_out: Option<&Path>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -64,7 +71,8 @@ pub async fn agency(
         server_address = a.server_address.as_str(),
         batch_max_amount = a.batch_max_amount,
         log_level = %config.log.level,
-        data_file = %a.data_path().display()
+        data_file = %a.data_path().display(),
+        config_file = %file
     );
     let (sender, bar) = progress::start(&a.data_path(), config.log.format).unzip();
     let outcome = agency::run_with_progress(a, shutdown, sender).await;

@@ -49,8 +49,18 @@ impl Target {
     }
 }
 
+/// Where the probed address comes from, for messages.
+const ADDRESS_FROM: &str =
+    "the address is --address, else agency.server_address (CLI_SERVER_ADDRESS)";
+
 async fn connect(target: &Target) -> anyhow::Result<Framed<BoxedIo, AgencyCodec>> {
-    let stream = TcpStream::connect(&target.address).await?;
+    let stream = TcpStream::connect(&target.address).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to the central at {}: {e}; {}; {ADDRESS_FROM}",
+            target.address,
+            crate::net::unreachable_hint(&e)
+        )
+    })?;
     stream.set_nodelay(true)?;
     let io: BoxedIo = match &target.tls {
         None => Box::new(stream),
@@ -73,6 +83,15 @@ async fn next_reply(framed: &mut Framed<BoxedIo, AgencyCodec>) -> anyhow::Result
         Some(Err(e)) => Err(e.into()),
         None => anyhow::bail!("the central closed the connection"),
     }
+}
+
+fn no_answer(target: &Target) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the central at {} did not answer within {} s: is that the central's address, \
+         and is it serving? {ADDRESS_FROM}; --timeout waits longer",
+        target.address,
+        target.timeout.as_secs()
+    )
 }
 
 /// Whether `reply` refuses a connection for its authentication: from a
@@ -121,7 +140,7 @@ pub async fn health(target: &Target) -> anyhow::Result<()> {
     };
     tokio::time::timeout(target.timeout, exchange)
         .await
-        .map_err(|_| anyhow::anyhow!("no answer within {:?}", target.timeout))?
+        .map_err(|_| no_answer(target))?
 }
 
 /// The central's view: agencies configured, whether drawn, per-agency state.
@@ -190,7 +209,7 @@ pub async fn status(target: &Target) -> anyhow::Result<StatusView> {
     };
     tokio::time::timeout(target.timeout, exchange)
         .await
-        .map_err(|_| anyhow::anyhow!("no answer within {:?}", target.timeout))?
+        .map_err(|_| no_answer(target))?
 }
 
 /// Renders a status view as a table, every configured agency listed.

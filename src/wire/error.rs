@@ -110,6 +110,24 @@ impl MessageError {
     }
 }
 
+impl MessageError {
+    /// Whether the payload was a batch (it carried `BATCH_SIZE`) that is
+    /// not valid: the central logs its refusal as a rejected batch
+    /// (`apuesta_recibida`), and anything else as a refused `request`.
+    /// A payload too broken to show its keys counts as a request.
+    pub fn is_batch(&self) -> bool {
+        use super::key::{BATCH_SIZE, FIRST};
+        match self {
+            MessageError::Bet { .. } | MessageError::BatchMismatch(_) => true,
+            MessageError::BadValue { key, .. } => key == BATCH_SIZE || key == FIRST,
+            MessageError::DanglingEscape(within) | MessageError::UnknownEscape(_, within) => {
+                *within == BATCH_SIZE
+            }
+            _ => false,
+        }
+    }
+}
+
 pub(super) fn bad_value(key: &str, reason: impl Into<String>) -> MessageError {
     MessageError::BadValue {
         key: key.to_string(),

@@ -669,4 +669,33 @@ mod tests {
         }
         assert_eq!(back, docs);
     }
+    #[test]
+    fn only_a_payload_with_batch_size_is_a_rejected_batch() {
+        let err = |p: &[u8]| Request::parse(p).unwrap_err();
+        for batch in [
+            &b"BATCH_SIZE:2|BET_1:x\n"[..],
+            b"BATCH_SIZE:x|BET_1:x\n",
+            b"BATCH_SIZE:0\n",
+            b"BATCH_SIZE:1\\q|BET_1:x\n",
+            b"BATCH_SIZE:1|FIRST:x|BET_1:x\n",
+            b"BATCH_SIZE:1|BET_1:NOMBRE:Ana\n",
+        ] {
+            assert!(err(batch).is_batch(), "{}", String::from_utf8_lossy(batch));
+        }
+        for request in [
+            &b"ACTION:NOPE\n"[..],
+            b"HELLO:WORLD\n",
+            b"ACTION:BETTING_FINISHED\n",
+            b"ACTION:BETTING_FINISHED|AGENCY_ID:x\n",
+            b"ACTION:PI\\qNG\n",
+            b"no colon\n",
+            b"",
+        ] {
+            assert!(
+                !err(request).is_batch(),
+                "{}",
+                String::from_utf8_lossy(request)
+            );
+        }
+    }
 }
