@@ -5,8 +5,9 @@
 //! the settings table in `lottery::config` (`config::add_flags`), so each
 //! setting's flag, variable and key stay one declaration.
 //!
-//! Exit codes: 0 success (also after a graceful shutdown), 1 a runtime error,
-//! 2 a usage or configuration error.
+//! Exit codes: 0 success (also after a graceful shutdown), 1 a runtime error
+//! (and `verify` finding a difference), 2 a usage or configuration error, 3
+//! an agency whose data file does not match what the central holds.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +17,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+use lottery::agency::AgencyError;
 use lottery::config::{self, Config, Role};
 use lottery::logging::{self, action, result, LogLevel};
 use lottery::shutdown;
@@ -217,7 +219,7 @@ fn main() -> ExitCode {
         Err(e) => {
             error!(action = "exit", result = result::FAIL, error = %format!("{e:#}"));
             eprintln!("lottery: error: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(exit_code(&e))
         }
     }
 }
@@ -310,6 +312,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// The exit code of a failed command: 3 when the central does not hold
+/// exactly the agency's file (its winners are not valid), else 1.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<AgencyError>() {
+        Some(AgencyError::Receipt(_)) => 3,
+        _ => 1,
     }
 }
 

@@ -17,6 +17,7 @@ use super::{AgencyError, AgencyReport, Link};
 use crate::config::AgencyConfig;
 use crate::logging::{action, result};
 use crate::net::BoxedIo;
+use crate::receipt::{self, Digest, Receipt, Sealed};
 use crate::wire::{AgencyCodec, FrameError, MessageError, RawFrame, Reply, Request};
 
 /// Bytes of frames buffered before a write is forced.
@@ -80,8 +81,8 @@ pub(super) async fn session(
     let Some(reply) = conn.reply("opening the session").await? else {
         return Ok(SessionEnd::Cancelled);
     };
-    let stored = match reply {
-        Reply::Success { stored, .. } => stored.unwrap_or(0),
+    let (stored, held) = match reply {
+        Reply::Success { stored, digest, .. } => held_receipt(stored, digest),
         Reply::Error { code, message } => return Err(AgencyError::Refused { code, message }),
         other => return Err(AgencyError::UnexpectedReply(format!("{other:?}"))),
     };
@@ -91,10 +92,13 @@ pub(super) async fn session(
 
     // The reader starts from the first bet the central does not hold. It
     // stops when `batches` is dropped, whichever way this function ends.
+    // It also checks the central's receipt against the file before it
+    // reads on (see `read_batches`), and hands over the whole file's.
     let (tx, mut batches) = mpsc::channel(READ_AHEAD);
+    let (whole, file_receipt) = tokio::sync::oneshot::channel();
     {
         let (id, max, path) = (config.id, config.batch_max_amount, path.to_path_buf());
-        tokio::task::spawn_blocking(move || read_batches(&path, id, max, stored, &tx));
+        tokio::task::spawn_blocking(move || read_batches(&path, id, max, stored, held, &tx, whole));
     }
     // Keep up to `window` batches in flight: the central answers them in
     // order, so the oldest unanswered batch is always the next reply's. A
@@ -195,9 +199,14 @@ pub(super) async fn session(
             return Ok(SessionEnd::Cancelled);
         };
         match reply {
-            Reply::Winners { documents, more } => {
+            Reply::Winners {
+                documents,
+                more,
+                sealed,
+            } => {
                 winners.extend(documents);
                 if !more {
+                    check_winners(path, file_receipt, sealed).await?;
                     break;
                 }
             }
@@ -207,6 +216,38 @@ pub(super) async fn session(
     }
     report.winners = winners;
     Ok(SessionEnd::Done)
+}
+
+/// Where the upload resumes, and the central's receipt to check the file
+/// against (none from a central that sends no digest).
+fn held_receipt(stored: Option<u64>, digest: Option<Digest>) -> (u64, Option<Receipt>) {
+    let count = stored.unwrap_or(0);
+    (count, digest.map(|digest| Receipt { count, digest }))
+}
+
+/// Checks the receipt the winners came with against the whole data file's
+/// (the reader's, complete once every batch was answered) and logs the
+/// seal, which every agency of the round can publish and compare.
+async fn check_winners(
+    path: &Path,
+    file_receipt: tokio::sync::oneshot::Receiver<Receipt>,
+    sealed: Option<Sealed>,
+) -> Result<(), AgencyError> {
+    let Some(sealed) = sealed else {
+        return Ok(()); // a central that seals nothing
+    };
+    let file = file_receipt.await.map_err(|_| {
+        AgencyError::Receipt("the data file's receipt is missing: it was not read to its end".into())
+    })?;
+    receipt::check_sealed(path, &file, &sealed).map_err(AgencyError::Receipt)?;
+    info!(
+        action = action::SEAL,
+        result = result::SUCCESS,
+        seal = %sealed.seal,
+        bets = file.count,
+        digest = %file.digest
+    );
+    Ok(())
 }
 
 /// The framed socket of one session, with shutdown-aware reads.

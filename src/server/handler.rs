@@ -17,6 +17,7 @@ use crate::logging::{action, result};
 use crate::lottery::{Lottery, LotteryError};
 use crate::model::{AgencyId, Bets};
 use crate::net::BoxedIo;
+use crate::receipt::Sealed;
 use crate::store::Store;
 use crate::wire::{
     status_replies, winners_replies, ErrorCode, FrameError, MessageError, Reply, Request,
@@ -50,6 +51,10 @@ pub(super) struct Handler {
     session: Option<Session>,
     /// The connection presented its agency's secret (or none is needed).
     authenticated: bool,
+    /// The session was opened by `HELLO`: its agency speaks this project's
+    /// protocol and checks receipts, so its winners carry them. Others (the
+    /// reference agency) get exactly the contract's reply.
+    said_hello: bool,
     /// Shared state and the draw.
     lottery: Lottery,
     /// Where batches go.
@@ -83,6 +88,7 @@ impl Handler {
             peer,
             session: None,
             authenticated: settings.secrets.is_empty(),
+            said_hello: false,
             lottery,
             store,
             shutdown,
@@ -212,6 +218,7 @@ impl Handler {
                     let pong = Reply::Success {
                         message: "pong".into(),
                         stored: None,
+                        digest: None,
                     };
                     self.send(&pong).await?;
                     Next::Continue
@@ -354,10 +361,14 @@ impl Handler {
             return Ok(next);
         }
         self.authenticated = true;
+        self.said_hello = true;
+        // The receipt: the agency checks it against its own file before it
+        // resumes.
         let stored = self.lottery.stored(agency);
         let reply = Reply::Success {
-            message: format!("agency {agency}: resume from bet {stored}"),
-            stored: Some(stored),
+            message: format!("agency {agency}: resume from bet {}", stored.count),
+            stored: Some(stored.count),
+            digest: Some(stored.digest),
         };
         self.send(&reply).await?;
         Ok(Next::Continue)
@@ -422,6 +433,7 @@ impl Handler {
                 let reply = Reply::Success {
                     message: format!("already stored {count} bets"),
                     stored: Some(stored),
+                    digest: None,
                 };
                 self.send(&reply).await?;
                 return Ok(Next::Continue);
@@ -480,6 +492,7 @@ impl Handler {
         let reply = Reply::Success {
             message: format!("stored {count} bets"),
             stored: Some(total),
+            digest: None,
         };
         self.feed(&reply).await
     }
@@ -560,7 +573,11 @@ impl Handler {
             }
         };
         let winners = draw.winners_of(agency);
-        for reply in winners_replies(winners) {
+        let sealed = self.said_hello.then(|| Sealed {
+            receipt: draw.receipt_of(agency),
+            seal: draw.seal,
+        });
+        for reply in winners_replies(winners, sealed) {
             self.feed(&reply).await?;
         }
         self.flush().await?;

@@ -22,7 +22,7 @@ pub use record::{load_record, save_record};
 pub use recover::{recover, Recovered};
 pub use row::{encode_rows, read_rows, StoredBet};
 pub use store::FileStore;
-pub use tally::tally;
+pub use tally::{recompute, tally};
 pub use writer::{BetStore, Durability, Pending};
 
 /// A failure of the bets file.
