@@ -22,7 +22,7 @@ use lottery::config::{self, Config, Role};
 use lottery::logging::{self, action, result, LogLevel};
 use lottery::shutdown;
 use lottery::tools::gen_data::GenOptions;
-use lottery::tools::{bench, compose, demo, launch, ops};
+use lottery::tools::{bench, compose, demo, launch, ops, verify};
 
 /// How long the runtime's blocking threads get to finish once the command
 /// has returned. With the grace period and the store's close deadline, this
@@ -63,6 +63,13 @@ enum Command {
     Status(ProbeArgs),
     /// Print the per-agency winners table from the draw record.
     Winners(WinnersArgs),
+    /// Recompute counts, digests, the seal and the winners from the stored
+    /// bets and compare them with the draw record (exit 0 agree, 1 differ).
+    Verify,
+    /// Keep the drawn round's bets and record aside (named by round and
+    /// seal) so the central starts the next round empty; run it with the
+    /// central stopped.
+    NewRound,
     /// Write a compose file for the central and N agencies.
     Compose(ComposeArgs),
     /// Load test: K agencies x M bets against a real server process.
@@ -287,6 +294,22 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 .record
                 .unwrap_or_else(|| config.server.draw_record_path());
             print!("{}", ops::winners_table(&record)?);
+            Ok(())
+        }
+        Command::Verify => {
+            let verified = verify::verify(&config.server).await?;
+            print!("{}", verified.report);
+            let n = verified.differences.len();
+            anyhow::ensure!(
+                n == 0,
+                "the draw record does not match the stored bets ({n} difference{})",
+                if n == 1 { "" } else { "s" }
+            );
+            Ok(())
+        }
+        Command::NewRound => {
+            print!("{}", verify::new_round(&config.server).await?);
+            info!(action = action::NEW_ROUND, result = result::SUCCESS);
             Ok(())
         }
         Command::Bench(args) => {

@@ -165,8 +165,7 @@ pub fn seal(winning_number: u16, agencies: u32, receipts: &BTreeMap<AgencyId, Re
 }
 
 /// What the mismatches an agency can meet have in common: why they happen.
-const LIKELY_CAUSES: &str =
-    "an earlier round's bets, another agency's file, or an edited file";
+const LIKELY_CAUSES: &str = "an earlier round's bets, another agency's file, or an edited file";
 
 /// The agency's check before it resumes: `file` is the receipt of the first
 /// `held.count` bets of its data file at `path` (or of all of them, when the

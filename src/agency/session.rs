@@ -237,7 +237,9 @@ async fn check_winners(
         return Ok(()); // a central that seals nothing
     };
     let file = file_receipt.await.map_err(|_| {
-        AgencyError::Receipt("the data file's receipt is missing: it was not read to its end".into())
+        AgencyError::Receipt(
+            "the data file's receipt is missing: it was not read to its end".into(),
+        )
     })?;
     receipt::check_sealed(path, &file, &sealed).map_err(AgencyError::Receipt)?;
     info!(

@@ -138,12 +138,24 @@ pub async fn recompute(
 /// # Errors
 /// A record exists but cannot be read.
 pub async fn load_draw(config: &ServerConfig) -> Result<Option<Draw>, StorageError> {
-    let path = config.draw_record_path();
-    tokio::task::spawn_blocking(move || {
-        file::load_record(&path).map_err(|source| StorageError::Io { path, source })
-    })
-    .await
-    .expect("reading the record does not panic")
+    let (bets, record) = (config.storage.clone(), config.draw_record_path());
+    // Checked against the ledger of sealed rounds, and read only.
+    tokio::task::spawn_blocking(move || file::rounds::load_checked(&bets, &record, false))
+        .await
+        .expect("reading the record does not panic")
+}
+
+/// `lottery new-round`: keeps the drawn round's bets and record aside,
+/// named by round and seal, so the central starts the next round empty.
+///
+/// # Errors
+/// As [`file::rounds::new_round`].
+pub async fn new_round(config: &ServerConfig) -> Result<file::rounds::NewRound, StorageError> {
+    let (bets, record) = (config.storage.clone(), config.draw_record_path());
+    let (agencies, winning) = (config.agencies, config.winning_number);
+    tokio::task::spawn_blocking(move || file::rounds::new_round(&bets, &record, agencies, winning))
+        .await
+        .expect("starting a round does not panic")
 }
 
 /// The batches of one connection, kept in order by the store: once one of

@@ -56,6 +56,15 @@ pub fn save_record(draw: &Draw, path: &Path) -> io::Result<()> {
             .collect(),
     };
     let text = toml::to_string(&record).map_err(io::Error::other)?;
+    write_atomically(path, &text)
+}
+
+/// Writes `text` to `path` atomically: a temporary file beside it, synced,
+/// renamed over `path`, then the directory synced.
+///
+/// # Errors
+/// Any step of the write failed.
+pub(super) fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),

@@ -70,7 +70,12 @@ pub struct StoredBet<'a> {
 impl StoredBet<'_> {
     /// Its text fields in the order receipts hash them.
     pub fn texts(&self) -> [&[u8]; 4] {
-        [self.first_name, self.last_name, self.document, self.birthdate]
+        [
+            self.first_name,
+            self.last_name,
+            self.document,
+            self.birthdate,
+        ]
     }
 }
 

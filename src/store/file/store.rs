@@ -9,7 +9,7 @@ use futures::FutureExt;
 use tokio::task::JoinHandle;
 use tracing::{error, info};
 
-use super::{encode_rows, load_record, recover, save_record, tally, BetStore, Durability};
+use super::{encode_rows, recover, save_record, tally, BetStore, Durability};
 use crate::logging::{action, result};
 use crate::model::{AgencyId, Bets};
 use crate::receipt::Receipt;
@@ -99,22 +99,26 @@ impl Store for FileStore {
     }
 
     fn load_draw(&self) -> BoxFuture<'_, Result<Option<Draw>, StorageError>> {
-        let path = self.record.clone();
+        let (bets, record) = (self.writer.path().to_path_buf(), self.record.clone());
         async move {
-            tokio::task::spawn_blocking(move || {
-                load_record(&path).map_err(|source| StorageError::Io { path, source })
-            })
-            .await
-            .expect("reading the record does not panic")
+            // Checked against the ledger of sealed rounds: a sealed round's
+            // record that is missing or replaced is refused, not redrawn.
+            tokio::task::spawn_blocking(move || super::rounds::load_checked(&bets, &record, true))
+                .await
+                .expect("reading the record does not panic")
         }
         .boxed()
     }
 
     fn save_draw<'a>(&'a self, draw: &'a Draw) -> BoxFuture<'a, Result<(), StorageError>> {
         let (path, draw) = (self.record.clone(), draw.clone());
+        let bets = self.writer.path().to_path_buf();
         async move {
             tokio::task::spawn_blocking(move || {
-                save_record(&draw, &path).map_err(|source| StorageError::Io { path, source })
+                // The record first: a crash before the ledger leaves a
+                // record the next start adds to the ledger.
+                save_record(&draw, &path).map_err(|source| StorageError::Io { path, source })?;
+                super::rounds::seal_round(&bets, &draw)
             })
             .await
             .expect("writing the record does not panic")
