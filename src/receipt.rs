@@ -82,6 +82,20 @@ impl FromStr for Digest {
     }
 }
 
+/// The canonical encoding of one bet, handed to `out` piece by piece (the
+/// one definition, for the hash and for anyone who wants the bytes): each
+/// text field (first name, last name, document, birthdate, as stored) as
+/// its length in bytes (u32 BE) then its UTF-8 bytes, then the number as a
+/// u16 BE.
+pub fn canonical(texts: [&[u8]; 4], number: u16, mut out: impl FnMut(&[u8])) {
+    for text in texts {
+        // A name is at most 100 characters, so its length fits in a u32.
+        out(&(text.len() as u32).to_be_bytes());
+        out(text);
+    }
+    out(&number.to_be_bytes());
+}
+
 /// One agency's receipt: how many of its bets are held, and the digest of
 /// them in order. Its whole state is these two values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,12 +123,7 @@ impl Receipt {
     pub fn push(&mut self, texts: [&[u8]; 4], number: u16) {
         let mut h = Sha256::new();
         h.update(self.digest.0);
-        for text in texts {
-            // A name is at most 100 characters, so its length fits in a u32.
-            h.update((text.len() as u32).to_be_bytes());
-            h.update(text);
-        }
-        h.update(number.to_be_bytes());
+        canonical(texts, number, |bytes| h.update(bytes));
         self.digest = Digest(h.finalize().into());
         self.count += 1;
     }
