@@ -430,3 +430,76 @@ fn a_stale_round_stops_the_agency_and_new_round_keeps_the_old_one() {
         "{ledger}"
     );
 }
+
+/// Reads one frame's payload from `stream`, or `None` at its end.
+fn read_frame(stream: &mut std::net::TcpStream) -> Option<String> {
+    use std::io::Read;
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).ok()?;
+    let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
+    stream.read_exact(&mut payload).ok()?;
+    Some(String::from_utf8(payload).unwrap())
+}
+
+fn write_frame(stream: &mut std::net::TcpStream, payload: &str) {
+    use std::io::Write;
+    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(payload.as_bytes());
+    stream.write_all(&frame).unwrap();
+}
+
+#[test]
+fn winners_whose_receipt_is_not_the_file_are_not_reported() {
+    // A central that stores every batch but then seals a receipt other than
+    // the agency's file: the agency exits 3 and reports no winners.
+    let data = data(1, 50, 3);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let empty = lottery::receipt::Receipt::empty(1);
+    let forged = lottery::receipt::Receipt::empty(2).digest;
+    let central = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut held = 0u64;
+        while let Some(payload) = read_frame(&mut stream) {
+            let reply = if payload.starts_with("ACTION:HELLO|") {
+                format!(
+                    "STATUS:SUCCESS|MESSAGE:hi|STORED:0|DIGEST:{}\n",
+                    empty.digest
+                )
+            } else if let Some(rest) = payload.strip_prefix("BATCH_SIZE:") {
+                held += rest.split('|').next().unwrap().parse::<u64>().unwrap();
+                format!("STATUS:SUCCESS|MESSAGE:stored|STORED:{held}\n")
+            } else {
+                // The finished announcement: winners with a forged receipt.
+                format!(
+                    "STATUS:SUCCESS|WINNERS:12345678|STORED:{held}|DIGEST:{forged}|SEAL:{forged}\n"
+                )
+            };
+            write_frame(&mut stream, &reply);
+        }
+        held
+    });
+    let out = data.path().join("winners.txt");
+    let agency = start_agency(1, &address, &data_file(data.path(), 1), &out);
+    let status = agency.wait_exit(PATIENCE);
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "{}\n{}",
+        agency.output(),
+        agency.stderr()
+    );
+    let said = agency.stderr();
+    assert!(
+        said.contains(&format!("counted 50 bets with digest {forged}"))
+            && said.contains("so these winners are not valid"),
+        "{said}"
+    );
+    assert!(
+        !agency.output().contains("consulta_ganadores"),
+        "{}",
+        agency.output()
+    );
+    assert!(!out.exists(), "no winners are reported");
+    assert_eq!(central.join().unwrap(), 50);
+}
