@@ -126,20 +126,21 @@ settings! {
             flag "listen-backlog" on ["server"], min 1;
         /// Agencies that must finish before the draw.
         agencies: u32 = 5, env "SERVER_AGENCIES",
-            flag "agencies" on ["server", "gen-data"], min 1;
+            flag "agencies" on ["server", "gen-data", "verify", "new-round"], min 1;
         /// The bets file.
         storage: PathBuf = "bets.csv".into(), env "SERVER_STORAGE",
-            flag "storage" on ["server"], check not_empty;
+            flag "storage" on ["server", "verify", "new-round"], check not_empty;
         /// The number that wins the draw.
         winning_number: u16 = 7574, env "SERVER_WINNING_NUMBER",
-            flag "winning-number" on ["server", "gen-data"], max MAX_NUMBER as u64;
+            flag "winning-number" on ["server", "gen-data", "verify", "new-round"],
+            max MAX_NUMBER as u64;
         /// Sync the bets file before acknowledging a batch (`fdatasync`, shared
         /// by every batch waiting at the time). Off only for measurements.
         sync: bool = true, env "SERVER_SYNC", flag ("no-sync" = "false") on ["server", "demo"];
         /// Where the draw's outcome is recorded; empty means beside the bets
         /// file, its extension replaced (`bets.csv` -> `bets.draw.toml`).
         draw_record: PathBuf = PathBuf::new(), env "SERVER_DRAW_RECORD",
-            flag "draw-record" on ["server"];
+            flag "draw-record" on ["server", "verify", "new-round"];
         /// Most connections served at once; more are refused with `SERVER_BUSY`.
         max_connections: usize = 1024, env "SERVER_MAX_CONNECTIONS", min 1;
         /// Seconds a peer has to complete a frame once it has started one (and

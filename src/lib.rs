@@ -18,6 +18,8 @@
 //!   connection, meeting at the lottery's shared state for the one-time draw
 //!   (internal: agencies' claims and the draw live in `lottery`).
 //! - [`agency`]: an agency: streams its data file, waits for its winners.
+//! - [`receipt`]: receipts (a hash chain per agency) and the seal of a
+//!   round, shared by central, agency and `lottery verify`.
 //! - [`config`], [`logging`], [`shutdown`]: every setting declared once, the
 //!   contract's log lines, signals to cancellation.
 //! - [`tools`]: the programs over all this: the demo, the load tool,
@@ -49,6 +51,7 @@ pub mod logging;
 mod lottery;
 pub mod model;
 mod net;
+pub mod receipt;
 mod scan;
 pub mod server;
 pub mod shutdown;

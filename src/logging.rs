@@ -82,6 +82,14 @@ pub mod action {
     /// The agency chose the protocol to speak (the reference one, when the
     /// central does not answer `HELLO`).
     pub const PROTOCOL: &str = "protocol";
+    /// The agency checked its winners' receipt against its file: the
+    /// round's seal, to publish and compare.
+    pub const SEAL: &str = "seal";
+    /// The central compared a finished round's record with its bets on
+    /// start (or `lottery verify` did).
+    pub const VERIFY: &str = "verify";
+    /// A new round was started: the previous one's files kept aside.
+    pub const NEW_ROUND: &str = "new_round";
     /// The bets file was flushed and closed.
     pub const CLOSE_BETS_FILE: &str = "close_bets_file";
     /// The agency's data file was closed.

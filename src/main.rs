@@ -5,8 +5,9 @@
 //! the settings table in `lottery::config` (`config::add_flags`), so each
 //! setting's flag, variable and key stay one declaration.
 //!
-//! Exit codes: 0 success (also after a graceful shutdown), 1 a runtime error,
-//! 2 a usage or configuration error.
+//! Exit codes: 0 success (also after a graceful shutdown), 1 a runtime error
+//! (and `verify` finding a difference), 2 a usage or configuration error, 3
+//! an agency whose data file does not match what the central holds.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,11 +18,12 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use lottery::agency::AgencyError;
 use lottery::config::{self, Config, ConfigFile, Role};
 use lottery::logging::{self, action, result, LogLevel};
 use lottery::shutdown;
 use lottery::tools::gen_data::GenOptions;
-use lottery::tools::{bench, compose, demo, launch, ops};
+use lottery::tools::{bench, compose, demo, launch, ops, verify};
 
 /// How long the runtime's blocking threads get to finish once the command
 /// has returned. With the grace period and the store's close deadline, this
@@ -63,6 +65,13 @@ enum Command {
     Status(ProbeArgs),
     /// Print the per-agency winners table from the draw record.
     Winners(WinnersArgs),
+    /// Recompute counts, digests, the seal and the winners from the stored
+    /// bets and compare them with the draw record (exit 0 agree, 1 differ).
+    Verify,
+    /// Keep the drawn round's bets and record aside (named by round and
+    /// seal) so the central starts the next round empty; run it with the
+    /// central stopped.
+    NewRound,
     /// Write a compose file for the central and N agencies (and its secrets).
     Compose(ComposeArgs),
     /// Write a secret per agency, the operator's, and the central's file of
@@ -239,7 +248,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             report_fatal(&e);
-            ExitCode::from(1)
+            ExitCode::from(exit_code(&e))
         }
     }
 }
@@ -388,6 +397,22 @@ async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Resu
             print!("{}", ops::winners_table(&record)?);
             Ok(())
         }
+        Command::Verify => {
+            let verified = verify::verify(&config.server).await?;
+            print!("{}", verified.report);
+            let n = verified.differences.len();
+            anyhow::ensure!(
+                n == 0,
+                "the draw record does not match the stored bets ({n} difference{})",
+                if n == 1 { "" } else { "s" }
+            );
+            Ok(())
+        }
+        Command::NewRound => {
+            print!("{}", verify::new_round(&config.server).await?);
+            info!(action = action::NEW_ROUND, result = result::SUCCESS);
+            Ok(())
+        }
         Command::Bench(args) => {
             let opts = bench::BenchOptions {
                 agencies: args.agencies,
@@ -428,6 +453,15 @@ async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Resu
             }
             Ok(())
         }
+    }
+}
+
+/// The exit code of a failed command: 3 when the central does not hold
+/// exactly the agency's file (its winners are not valid), else 1.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<AgencyError>() {
+        Some(AgencyError::Receipt(_)) => 3,
+        _ => 1,
     }
 }
 

@@ -169,7 +169,7 @@ proptest! {
         let codes = ["MALFORMED_MESSAGE", "FRAME_TOO_LARGE", "UNKNOWN_MESSAGE", "INVALID_BET",
                      "WRONG_AGENCY", "AGENCY_BUSY", "AGENCY_FINISHED", "STORAGE_FAILED"];
         let code = ErrorCode::from_wire(codes[code]).unwrap();
-        for reply in [Reply::Error { code, message: message.clone() }, Reply::Winners { documents: docs.clone(), more: false }] {
+        for reply in [Reply::Error { code, message: message.clone() }, Reply::Winners { documents: docs.clone(), more: false, sealed: None }] {
             prop_assert_eq!(Reply::parse(&to_payload(&reply)).unwrap(), reply);
         }
     }

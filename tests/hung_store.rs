@@ -33,6 +33,7 @@ impl Store for Hung {
         _bets: &Bets,
         _skip: usize,
         _sequence: &Sequence,
+        _receipt: lottery::receipt::Receipt,
     ) -> BoxFuture<'a, Result<Stored, StorageError>> {
         future::pending().boxed()
     }

@@ -111,6 +111,10 @@ pub enum AgencyError {
         /// The central's reason.
         message: String,
     },
+    /// The central's receipt does not match the data file (before
+    /// resuming, or with the winners): exit code 3.
+    #[error("{0}")]
+    Receipt(String),
     /// The central hung up.
     #[error("the central closed the connection while {0}")]
     Closed(&'static str),

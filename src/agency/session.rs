@@ -16,11 +16,12 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::reader::{read_batches, Batch};
+use super::reader::{read_batches, Batch, Resume};
 use super::{AgencyError, AgencyReport, Link};
 use crate::config::AgencyConfig;
 use crate::logging::{action, result};
 use crate::net::BoxedIo;
+use crate::receipt::{self, Digest, Receipt, Sealed};
 use crate::wire::{
     AgencyCodec, Finish, FrameError, MessageError, RawFrame, Reply, Request, STILL_WAITING_EVERY,
 };
@@ -143,7 +144,7 @@ pub(super) async fn session(
     };
     let write = conn.deadlines.reply;
 
-    let stored = match protocol {
+    let (stored, held) = match protocol {
         Protocol::Resumable => {
             let hello = Request::Hello {
                 agency: config.id,
@@ -164,29 +165,37 @@ pub(super) async fn session(
                 }
                 Err(e) => return Err(e),
             };
-            let stored = match reply {
-                Reply::Success { stored, .. } => stored.unwrap_or(0),
+            let held = match reply {
+                Reply::Success { stored, digest, .. } => held_receipt(stored, digest),
                 Reply::Error { code, message } => {
                     return Err(AgencyError::Refused { code, message })
                 }
                 other => return Err(AgencyError::UnexpectedReply(format!("{other:?}"))),
             };
             *progressed = true;
-            stored
+            held
         }
-        // No way to ask: go on after what this run saw acknowledged.
-        Protocol::Reference => report.bets,
+        // No way to ask (nor a receipt to check): go on after what this
+        // run saw acknowledged.
+        Protocol::Reference => (report.bets, None),
     };
     report.bets = stored;
     publish(stored);
 
     // The reader starts from the first bet the central does not hold. It
     // stops when `batches` is dropped, whichever way this function ends.
+    // It also checks the central's receipt against the file before it
+    // reads on (see `read_batches`), and hands over the whole file's.
     let (tx, mut batches) = mpsc::channel(READ_AHEAD);
+    let (whole, file_receipt) = tokio::sync::oneshot::channel();
     {
         let (id, max, path) = (config.id, config.batch_max_amount, path.to_path_buf());
-        let say_first = protocol == Protocol::Resumable;
-        tokio::task::spawn_blocking(move || read_batches(&path, id, max, stored, say_first, &tx));
+        let from = Resume {
+            skip: stored,
+            held,
+            say_first: protocol == Protocol::Resumable,
+        };
+        tokio::task::spawn_blocking(move || read_batches(&path, id, max, from, &tx, whole));
     }
     // Keep up to `window` batches in flight: the central answers them in
     // order, so the oldest unanswered batch is always the next reply's. A
@@ -308,9 +317,14 @@ pub(super) async fn session(
             return Ok(SessionEnd::Cancelled);
         };
         match reply {
-            Reply::Winners { documents, more } => {
+            Reply::Winners {
+                documents,
+                more,
+                sealed,
+            } => {
                 winners.extend(documents);
                 if !more {
+                    check_winners(path, file_receipt, sealed).await?;
                     break;
                 }
             }
@@ -320,6 +334,40 @@ pub(super) async fn session(
     }
     report.winners = winners;
     Ok(SessionEnd::Done)
+}
+
+/// Where the upload resumes, and the central's receipt to check the file
+/// against (none from a central that sends no digest).
+fn held_receipt(stored: Option<u64>, digest: Option<Digest>) -> (u64, Option<Receipt>) {
+    let count = stored.unwrap_or(0);
+    (count, digest.map(|digest| Receipt { count, digest }))
+}
+
+/// Checks the receipt the winners came with against the whole data file's
+/// (the reader's, complete once every batch was answered) and logs the
+/// seal, which every agency of the round can publish and compare.
+async fn check_winners(
+    path: &Path,
+    file_receipt: tokio::sync::oneshot::Receiver<Receipt>,
+    sealed: Option<Sealed>,
+) -> Result<(), AgencyError> {
+    let Some(sealed) = sealed else {
+        return Ok(()); // a central that seals nothing
+    };
+    let file = file_receipt.await.map_err(|_| {
+        AgencyError::Receipt(
+            "the data file's receipt is missing: it was not read to its end".into(),
+        )
+    })?;
+    receipt::check_sealed(path, &file, &sealed).map_err(AgencyError::Receipt)?;
+    info!(
+        action = action::SEAL,
+        result = result::SUCCESS,
+        seal = %sealed.seal,
+        bets = file.count,
+        digest = %file.digest
+    );
+    Ok(())
 }
 
 /// What the agency does while its batches are written.

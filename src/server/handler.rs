@@ -18,6 +18,7 @@ use crate::logging::{action, result};
 use crate::lottery::{Lottery, LotteryError};
 use crate::model::{AgencyId, Bets};
 use crate::net::{BoxedIo, Identity};
+use crate::receipt::Sealed;
 use crate::store::Store;
 use crate::wire::{
     status_replies, winners_replies, ErrorCode, FrameError, MessageError, Reply, Request,
@@ -75,9 +76,10 @@ pub(super) struct Handler {
     session: Option<Session>,
     /// What the connection may send, given how it authenticated.
     access: Access,
-    /// The peer opened with `HELLO`, so it is an agency of this protocol
-    /// and is told while it waits (`STATUS:WAITING`). The design's agencies
-    /// never send `HELLO` and get exactly the contract's replies.
+    /// The peer opened with `HELLO`, so it is an agency of this protocol:
+    /// it is told while it waits (`STATUS:WAITING`) and its winners carry
+    /// its receipt and the seal. The design's agencies never send `HELLO`
+    /// and get exactly the contract's replies.
     said_hello: bool,
     /// Who the TLS handshake says the peer is: under mutual TLS, the only
     /// agency this connection may speak for.
@@ -299,6 +301,7 @@ impl Handler {
                     let pong = Reply::Success {
                         message: "pong".into(),
                         stored: None,
+                        digest: None,
                     };
                     self.send(&pong).await?;
                     Next::Continue
@@ -449,6 +452,7 @@ impl Handler {
         let reply = Reply::Success {
             message: "operator session: PING and STATUS".into(),
             stored: None,
+            digest: None,
         };
         self.send(&reply).await?;
         Ok(Next::Continue)
@@ -566,10 +570,13 @@ impl Handler {
             return Ok(Next::Continue);
         }
         self.access = Access::Full;
+        // The receipt: the agency checks it against its own file before it
+        // resumes.
         let stored = self.lottery.stored(agency);
         let reply = Reply::Success {
-            message: format!("agency {agency}: resume from bet {stored}"),
-            stored: Some(stored),
+            message: format!("agency {agency}: resume from bet {}", stored.count),
+            stored: Some(stored.count),
+            digest: Some(stored.digest),
         };
         self.send(&reply).await?;
         Ok(Next::Continue)
@@ -634,6 +641,7 @@ impl Handler {
                 let reply = Reply::Success {
                     message: format!("already stored {count} bets"),
                     stored: Some(stored),
+                    digest: None,
                 };
                 self.send(&reply).await?;
                 return Ok(Next::Continue);
@@ -692,6 +700,7 @@ impl Handler {
         let reply = Reply::Success {
             message: format!("stored {count} bets"),
             stored: Some(total),
+            digest: None,
         };
         self.feed(&reply).await
     }
@@ -784,7 +793,11 @@ impl Handler {
             }
         };
         let winners = draw.winners_of(agency);
-        for reply in winners_replies(winners) {
+        let sealed = self.said_hello.then(|| Sealed {
+            receipt: draw.receipt_of(agency),
+            seal: draw.seal,
+        });
+        for reply in winners_replies(winners, sealed) {
             self.feed(&reply).await?;
         }
         self.flush().await?;

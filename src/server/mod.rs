@@ -14,6 +14,7 @@ mod handler;
 mod intake;
 mod listener;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,8 +27,10 @@ use tracing::{error, info, warn};
 use crate::config::{ConfigError, Secrets, ServerConfig};
 use crate::logging::{action, result};
 use crate::lottery::Lottery;
+use crate::model::AgencyId;
 use crate::net::{ServerTls, TlsError};
-use crate::store::{self, Opened, StorageError, Store};
+use crate::receipt::{differences, Receipt, Recomputed};
+use crate::store::{self, Draw, Opened, StorageError, Store};
 
 pub use listener::{bind, bind_addr, fit_open_files, MIN_CONNECTIONS, RESERVED_FILES};
 
@@ -47,6 +50,19 @@ pub enum ServerError {
     /// The TLS certificate or key cannot be used.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The draw record of a finished round does not match the stored bets
+    /// (or the configuration): the central refuses to serve it.
+    #[error(
+        "the draw record {record} does not match the stored bets, so the central refuses to \
+         serve it: {}; `lottery verify` shows the same check",
+        differences.join("; ")
+    )]
+    RecordMismatch {
+        /// The record.
+        record: String,
+        /// Every difference found.
+        differences: Vec<String>,
+    },
 }
 
 /// What every connection needs to know about the central's policy.
@@ -65,6 +81,28 @@ struct Settings {
     max_frame: usize,
     /// TLS, when on (with client certificates, when required).
     tls: Option<ServerTls>,
+}
+
+/// Compares a finished round's record with the stored bets (their
+/// receipts, learned on opening, and their winners for the recorded number)
+/// and with the configuration: every difference, empty when they agree.
+async fn check_record(
+    config: &ServerConfig,
+    store: &dyn Store,
+    stored: &BTreeMap<AgencyId, Receipt>,
+    draw: &Draw,
+) -> Result<Vec<String>, StorageError> {
+    let tally = store.tally(draw.winning_number).await?;
+    let found = Recomputed {
+        receipts: stored.clone(),
+        winners: tally.winners,
+    };
+    Ok(differences(
+        draw.claimed(),
+        &found,
+        config.agencies,
+        config.winning_number,
+    ))
 }
 
 /// Serves agencies on `listener` until `shutdown` is cancelled, then closes
@@ -115,6 +153,29 @@ pub async fn run_with_store(
         }
     };
     if let Some(draw) = &draw {
+        // Recomputed from the bets, never trusted: a record edited (or a
+        // row added or changed) after the draw is refused here.
+        let differences = match check_record(config, store.as_ref(), &opened.stored, draw).await {
+            Ok(differences) => differences,
+            Err(e) => {
+                close_store(store.as_ref()).await;
+                return Err(e.into());
+            }
+        };
+        if !differences.is_empty() {
+            close_store(store.as_ref()).await;
+            return Err(ServerError::RecordMismatch {
+                record: config.draw_record_path().display().to_string(),
+                differences,
+            });
+        }
+        info!(
+            action = action::VERIFY,
+            result = result::SUCCESS,
+            seal = %draw.seal,
+            bets = draw.bets,
+            record = %config.draw_record_path().display()
+        );
         // Not `sorteo`: that is logged once, by the central that drew. A
         // WARN, because an operator who meant to start a new round is about
         // to serve an old one.
@@ -127,9 +188,10 @@ pub async fn run_with_store(
             winning_number = draw.winning_number,
             record = %config.draw_record_path().display(),
             storage = %store.describe(),
+            seal = %draw.seal,
             message = "this round is already drawn: the central only serves its winners and \
-                       refuses new bets; to start a new round, move the bets file and the draw \
-                       record aside or point server.storage at a new file"
+                       refuses new bets; to start a new round, stop the central and run \
+                       `lottery new-round` (it keeps this round's files, named by round and seal)"
         );
     }
     let lottery = Lottery::new(

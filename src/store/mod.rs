@@ -20,6 +20,7 @@ use futures::future::BoxFuture;
 
 use crate::config::ServerConfig;
 use crate::model::{AgencyId, Bets};
+use crate::receipt::{Digest, Receipt, Recomputed};
 
 pub use file::{Durability, StorageError};
 
@@ -45,6 +46,11 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// submitted, and once one fails every later one fails too without
     /// being stored.
     ///
+    /// `receipt` is the agency's receipt once these bets are stored: a
+    /// store that keeps receipts (a database row) writes it together with
+    /// the bets; the bets file recomputes receipts when it is opened
+    /// instead, and ignores it.
+    ///
     /// # Errors
     /// The store is closed.
     fn submit<'a>(
@@ -52,6 +58,7 @@ pub trait Store: Send + Sync + fmt::Debug {
         bets: &Bets,
         skip: usize,
         sequence: &Sequence,
+        receipt: Receipt,
     ) -> BoxFuture<'a, Result<Stored, StorageError>>;
 
     /// Reads every stored bet back and tallies the draw of
@@ -85,8 +92,9 @@ pub trait Store: Send + Sync + fmt::Debug {
 pub struct Opened {
     /// The store.
     pub store: Arc<dyn Store>,
-    /// Bets held per agency: where each agency's upload resumes.
-    pub stored: BTreeMap<AgencyId, u64>,
+    /// Each agency's receipt of the bets held (agencies with bets only):
+    /// its count is where the agency's upload resumes.
+    pub stored: BTreeMap<AgencyId, Receipt>,
 }
 
 /// Opens the store `config.storage` names, after checking (and, for the
@@ -106,6 +114,48 @@ pub async fn open(config: &ServerConfig) -> Result<Opened, StorageError> {
         store: Arc::new(store),
         stored,
     })
+}
+
+/// Recomputes, from the stored bets alone and without changing anything
+/// (a torn last row is left alone and not counted), each agency's receipt
+/// and its winners for `winning_number`: what `lottery verify` compares
+/// with the draw record.
+///
+/// # Errors
+/// The bets cannot be read, or a row is damaged.
+pub async fn recompute(
+    config: &ServerConfig,
+    winning_number: u16,
+) -> Result<Recomputed, StorageError> {
+    let path = config.storage.clone();
+    tokio::task::spawn_blocking(move || file::recompute(&path, winning_number))
+        .await
+        .expect("reading the bets back does not panic")
+}
+
+/// The draw record `config` names, if there is one.
+///
+/// # Errors
+/// A record exists but cannot be read.
+pub async fn load_draw(config: &ServerConfig) -> Result<Option<Draw>, StorageError> {
+    let (bets, record) = (config.storage.clone(), config.draw_record_path());
+    // Checked against the ledger of sealed rounds, and read only.
+    tokio::task::spawn_blocking(move || file::rounds::load_checked(&bets, &record, false))
+        .await
+        .expect("reading the record does not panic")
+}
+
+/// `lottery new-round`: keeps the drawn round's bets and record aside,
+/// named by round and seal, so the central starts the next round empty.
+///
+/// # Errors
+/// As [`file::rounds::new_round`].
+pub async fn new_round(config: &ServerConfig) -> Result<file::rounds::NewRound, StorageError> {
+    let (bets, record) = (config.storage.clone(), config.draw_record_path());
+    let (agencies, winning) = (config.agencies, config.winning_number);
+    tokio::task::spawn_blocking(move || file::rounds::new_round(&bets, &record, agencies, winning))
+        .await
+        .expect("starting a round does not panic")
 }
 
 /// The batches of one connection, kept in order by the store: once one of
@@ -152,8 +202,11 @@ pub struct Draw {
     pub drawn_at: String,
     /// Winner documents per agency, in the order they were stored.
     pub winners: HashMap<AgencyId, Vec<String>>,
-    /// Bets per agency taken into account.
-    pub bets_per_agency: BTreeMap<AgencyId, u64>,
+    /// Each configured agency's receipt of the bets taken into account.
+    pub receipts: BTreeMap<AgencyId, Receipt>,
+    /// The seal over the winning number and every receipt
+    /// ([`crate::receipt::seal`]).
+    pub seal: Digest,
     /// Bets taken into account.
     pub bets: u64,
     /// How long reading the bets back took (zero for a draw read back from
@@ -165,5 +218,23 @@ impl Draw {
     /// The winners of one agency (empty when it has none).
     pub fn winners_of(&self, agency: AgencyId) -> &[String] {
         self.winners.get(&agency).map_or(&[], Vec::as_slice)
+    }
+
+    /// The receipt of one agency (its empty one when it stored nothing).
+    pub fn receipt_of(&self, agency: AgencyId) -> Receipt {
+        self.receipts
+            .get(&agency)
+            .copied()
+            .unwrap_or_else(|| Receipt::empty(agency))
+    }
+
+    /// The record's claims, to compare with the stored bets.
+    pub fn claimed(&self) -> crate::receipt::Claimed<'_> {
+        crate::receipt::Claimed {
+            winning_number: self.winning_number,
+            seal: self.seal,
+            receipts: &self.receipts,
+            winners: &self.winners,
+        }
     }
 }

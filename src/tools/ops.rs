@@ -250,15 +250,15 @@ pub fn winners_table(record: &Path) -> anyhow::Result<String> {
             record.display()
         );
     };
-    let mut agencies: Vec<u32> = draw.bets_per_agency.keys().copied().collect();
+    let mut agencies: Vec<u32> = draw.receipts.keys().copied().collect();
     agencies.extend(draw.winners.keys().copied());
     agencies.sort_unstable();
     agencies.dedup();
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "draw of {} (winning number {}), {} bets",
-        draw.drawn_at, draw.winning_number, draw.bets
+        "draw of {} (winning number {}), {} bets, seal {}",
+        draw.drawn_at, draw.winning_number, draw.bets, draw.seal
     );
     let _ = writeln!(
         out,
@@ -267,7 +267,7 @@ pub fn winners_table(record: &Path) -> anyhow::Result<String> {
     );
     for agency in agencies {
         let winners = draw.winners_of(agency);
-        let bets = draw.bets_per_agency.get(&agency).copied().unwrap_or(0);
+        let bets = draw.receipt_of(agency).count;
         let docs = if winners.is_empty() {
             "-".to_string()
         } else {

@@ -373,6 +373,7 @@ mod tests {
         let msg = Reply::Winners {
             documents: docs,
             more: false,
+            sealed: None,
         };
         let mut dst = BytesMut::from(&b"keep"[..]);
         let err = ServerCodec::new().encode(&msg, &mut dst).unwrap_err();

@@ -11,6 +11,7 @@ use super::error::{bad_value, MessageError};
 use super::escape::{body_of, escape_into, escaped_len, pairs_of, unescape};
 use super::{action, key, status, ErrorCode, MAX_PAYLOAD_LEN};
 use crate::model::{AgencyId, Bets};
+use crate::receipt::{Digest, Receipt, Sealed};
 
 /// A message from an agency to the central.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +82,8 @@ pub enum Reply {
         message: String,
         /// Bets the central now holds for the agency, when it says.
         stored: Option<u64>,
+        /// The digest of those bets (the answer to `HELLO`), when it says.
+        digest: Option<Digest>,
     },
     /// A request was refused.
     Error {
@@ -116,6 +119,9 @@ pub enum Reply {
         documents: Vec<String>,
         /// Another `Winners` frame follows.
         more: bool,
+        /// On the last frame to a session opened by `HELLO`: the agency's
+        /// receipt as sealed, and the round's seal.
+        sealed: Option<Sealed>,
     },
 }
 
@@ -334,6 +340,20 @@ impl WireMessage for Reply {
                         more: pairs.find(key::MORE) == Some("1"),
                     });
                 }
+                let stored = pairs
+                    .find(key::STORED)
+                    .map(|v| {
+                        v.parse::<u64>()
+                            .map_err(|_| bad_value(key::STORED, format!("{v:?} is not a count")))
+                    })
+                    .transpose()?;
+                let digest_of = |k: &'static str| {
+                    pairs
+                        .find(k)
+                        .map(|v| v.parse::<Digest>().map_err(|e| bad_value(k, e.to_string())))
+                        .transpose()
+                };
+                let digest = digest_of(key::DIGEST)?;
                 if let Some(list) = pairs.find(key::WINNERS) {
                     let list = unescape(list, "WINNERS")?;
                     let documents = list
@@ -342,19 +362,29 @@ impl WireMessage for Reply {
                         .map(str::to_string)
                         .collect();
                     let more = pairs.find(key::MORE) == Some("1");
-                    Ok(Reply::Winners { documents, more })
+                    let sealed = match (stored, digest, digest_of(key::SEAL)?) {
+                        (Some(count), Some(digest), Some(seal)) => Some(Sealed {
+                            receipt: Receipt { count, digest },
+                            seal,
+                        }),
+                        (None, None, None) => None,
+                        _ => {
+                            return Err(bad_value(
+                                key::SEAL,
+                                "STORED, DIGEST and SEAL come together",
+                            ))
+                        }
+                    };
+                    Ok(Reply::Winners {
+                        documents,
+                        more,
+                        sealed,
+                    })
                 } else {
-                    let stored = pairs
-                        .find(key::STORED)
-                        .map(|v| {
-                            v.parse::<u64>().map_err(|_| {
-                                bad_value(key::STORED, format!("{v:?} is not a count"))
-                            })
-                        })
-                        .transpose()?;
                     Ok(Reply::Success {
                         message: text(key::MESSAGE)?,
                         stored,
+                        digest,
                     })
                 }
             }
@@ -407,14 +437,18 @@ impl WireMessage for Reply {
             escape_into(dst, v);
         };
         match self {
-            Reply::Success { message, stored } => {
+            Reply::Success {
+                message,
+                stored,
+                digest,
+            } => {
                 put_pair(dst, key::STATUS, status::SUCCESS, true);
                 put_pair(dst, key::MESSAGE, message, false);
                 if let Some(n) = stored {
-                    dst.put_u8(b'|');
-                    dst.put_slice(key::STORED.as_bytes());
-                    dst.put_u8(b':');
-                    dst.put_slice(itoa::Buffer::new().format(*n).as_bytes());
+                    put_pair(dst, key::STORED, itoa::Buffer::new().format(*n), false);
+                }
+                if let Some(d) = digest {
+                    put_pair(dst, key::DIGEST, &d.to_string(), false);
                 }
             }
             Reply::Error { code, message } => {
@@ -442,11 +476,21 @@ impl WireMessage for Reply {
                 put_pair(dst, key::STATUS, status::WAITING, true);
                 put_pair(dst, key::MESSAGE, message, false);
             }
-            Reply::Winners { documents, more } => {
+            Reply::Winners {
+                documents,
+                more,
+                sealed,
+            } => {
                 put_pair(dst, key::STATUS, status::SUCCESS, true);
                 put_list(dst, key::WINNERS, documents, *more, |d, dst| {
                     escape_into(dst, d)
                 });
+                if let Some(Sealed { receipt, seal }) = sealed {
+                    let count = itoa::Buffer::new().format(receipt.count).to_string();
+                    put_pair(dst, key::STORED, &count, false);
+                    put_pair(dst, key::DIGEST, &receipt.digest.to_string(), false);
+                    put_pair(dst, key::SEAL, &seal.to_string(), false);
+                }
             }
         }
         dst.put_u8(b'\n');
@@ -454,8 +498,13 @@ impl WireMessage for Reply {
 }
 
 /// Splits a winners list into `Winners` replies that each fit in one frame.
-/// An empty list is one reply with an empty value.
-pub fn winners_replies(documents: &[String]) -> Vec<Reply> {
+/// An empty list is one reply with an empty value. `sealed` (for a session
+/// opened by `HELLO`) goes on the last one; without it the replies are
+/// exactly the contract's.
+pub fn winners_replies(documents: &[String], sealed: Option<Sealed>) -> Vec<Reply> {
+    // "|STORED:" + a u64 + "|DIGEST:" + 64 + "|SEAL:" + 64, on every frame's
+    // budget for simplicity (only the last carries it).
+    const SEALED_LEN: usize = 8 + 20 + 8 + 64 + 6 + 64;
     // "STATUS:SUCCESS|WINNERS:" + "|MORE:1" + "\n"
     let overhead = key::STATUS.len()
         + 1
@@ -467,7 +516,7 @@ pub fn winners_replies(documents: &[String]) -> Vec<Reply> {
         + key::MORE.len()
         + 2
         + 1;
-    let budget = MAX_PAYLOAD_LEN - overhead;
+    let budget = MAX_PAYLOAD_LEN - overhead - SEALED_LEN;
     let mut replies = Vec::new();
     let mut current: Vec<String> = Vec::new();
     let mut used = 0;
@@ -477,6 +526,7 @@ pub fn winners_replies(documents: &[String]) -> Vec<Reply> {
             replies.push(Reply::Winners {
                 documents: std::mem::take(&mut current),
                 more: true,
+                sealed: None,
             });
             used = 0;
         }
@@ -486,6 +536,7 @@ pub fn winners_replies(documents: &[String]) -> Vec<Reply> {
     replies.push(Reply::Winners {
         documents: current,
         more: false,
+        sealed,
     });
     replies
 }
@@ -601,10 +652,17 @@ mod tests {
             Reply::Success {
                 message: "stored 70 bets".into(),
                 stored: Some(140),
+                digest: None,
             },
             Reply::Success {
                 message: String::new(),
                 stored: None,
+                digest: None,
+            },
+            Reply::Success {
+                message: "agency 1: resume from bet 0".into(),
+                stored: Some(0),
+                digest: Some(Receipt::empty(1).digest),
             },
             Reply::Error {
                 code: ErrorCode::InvalidBet,
@@ -616,10 +674,20 @@ mod tests {
             Reply::Winners {
                 documents: vec!["1".into(), "22".into()],
                 more: true,
+                sealed: None,
             },
             Reply::Winners {
                 documents: vec![],
                 more: false,
+                sealed: None,
+            },
+            Reply::Winners {
+                documents: vec!["1".into()],
+                more: false,
+                sealed: Some(Sealed {
+                    receipt: Receipt::empty(2),
+                    seal: Receipt::empty(3).digest,
+                }),
             },
             Reply::Status {
                 agencies: 5,
@@ -645,7 +713,8 @@ mod tests {
         assert_eq!(
             to_payload(&Reply::Winners {
                 documents: vec!["30904465".into(), "1".into()],
-                more: false
+                more: false,
+                sealed: None,
             }),
             b"STATUS:SUCCESS|WINNERS:30904465,1\n"
         );
@@ -656,15 +725,25 @@ mod tests {
         let docs: Vec<String> = (0..5000)
             .map(|i| format!("{:08}", 10_000_000 + i))
             .collect();
-        let replies = winners_replies(&docs);
+        let sealed = Sealed {
+            receipt: Receipt::empty(1),
+            seal: Receipt::empty(2).digest,
+        };
+        let replies = winners_replies(&docs, Some(sealed));
         assert!(replies.len() > 1);
         let mut back = Vec::new();
         for (i, r) in replies.iter().enumerate() {
             assert!(to_payload(r).len() <= MAX_PAYLOAD_LEN);
-            let Reply::Winners { documents, more } = r else {
+            let Reply::Winners {
+                documents,
+                more,
+                sealed: on,
+            } = r
+            else {
                 panic!()
             };
             assert_eq!(*more, i + 1 < replies.len());
+            assert_eq!(*on, (!*more).then_some(sealed), "only on the last frame");
             back.extend(documents.iter().cloned());
         }
         assert_eq!(back, docs);

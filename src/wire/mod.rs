@@ -62,6 +62,13 @@ pub mod key {
     pub const FIRST: &str = "FIRST";
     /// Bets the central holds for the agency.
     pub const STORED: &str = "STORED";
+    /// The digest of the bets the central holds for the agency (64 hex
+    /// digits), with `STORED` the agency's receipt: in the answer to
+    /// `HELLO` and with the winners of a session opened by `HELLO`.
+    pub const DIGEST: &str = "DIGEST";
+    /// The round's seal (64 hex digits), with the winners of a session
+    /// opened by `HELLO`.
+    pub const SEAL: &str = "SEAL";
     /// The agency's shared secret, in `HELLO`, when the central requires one.
     pub const SECRET: &str = "SECRET";
     /// Who a `HELLO` without `AGENCY_ID` speaks for: `OPERATOR`.
