@@ -710,6 +710,23 @@ fn der_time(tag: u8, value: &[u8]) -> Option<u64> {
     u64::try_from(time.and_utc().timestamp()).ok()
 }
 
+/// What to check when the central cannot be reached, by how connecting
+/// failed: the agency's and the operator tools' messages end with it, so a
+/// bare "Connection refused" never leaves an operator guessing.
+pub(crate) fn unreachable_hint(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::ConnectionRefused => {
+            "nothing listens there: is the central running, and on this port? (its `listen` \
+             log line shows its address)"
+        }
+        ErrorKind::TimedOut | ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => {
+            "no answer from that host: is the address right, and the host reachable?"
+        }
+        _ => "is the address right?",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -769,22 +786,5 @@ mod tests {
             "2001-02-03 and 2051-06-07, midnight UTC"
         );
         assert_eq!(validity(b"\x30\x03\x02\x01\x00"), None);
-    }
-}
-
-/// What to check when the central cannot be reached, by how connecting
-/// failed: the agency's and the operator tools' messages end with it, so a
-/// bare "Connection refused" never leaves an operator guessing.
-pub(crate) fn unreachable_hint(e: &std::io::Error) -> &'static str {
-    use std::io::ErrorKind;
-    match e.kind() {
-        ErrorKind::ConnectionRefused => {
-            "nothing listens there: is the central running, and on this port? (its `listen` \
-             log line shows its address)"
-        }
-        ErrorKind::TimedOut | ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => {
-            "no answer from that host: is the address right, and the host reachable?"
-        }
-        _ => "is the address right?",
     }
 }
