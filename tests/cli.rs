@@ -471,8 +471,9 @@ fn in_a_terminal_log_lines_are_written_around_the_progress_bar() {
     assert_eq!(code, Some(0), "{text}");
     let shown = shown(&text);
     // Every log line starts a line of its own, none glued to the bar...
+    // (config, connect, seal, consulta_ganadores)
     let logged: Vec<&String> = shown.iter().filter(|l| l.contains("action: ")).collect();
-    assert_eq!(logged.len(), 3, "{shown:#?}");
+    assert_eq!(logged.len(), 4, "{shown:#?}");
     for line in logged {
         assert!(
             line.starts_with("20") && !line.contains("bets  "),

@@ -72,16 +72,24 @@ async fn connect(target: &Target) -> anyhow::Result<Framed<BoxedIo, AgencyCodec>
     Ok(Framed::new(io, AgencyCodec::new()))
 }
 
+/// The next reply, refusals included: the caller knows which refusals it
+/// can act on (see [`unexpected`] for the rest).
 async fn next_reply(framed: &mut Framed<BoxedIo, AgencyCodec>) -> anyhow::Result<Reply> {
     match framed.next().await {
-        Some(Ok(Ok(Reply::Error { code, message }))) => {
-            anyhow::bail!("the central refused: {code}: {message}")
-        }
         Some(Ok(Ok(reply))) => Ok(reply),
         Some(Ok(Err(e))) => anyhow::bail!("unreadable reply: {e}"),
         Some(Err(FrameError::TlsRecord)) => anyhow::bail!(net::central_speaks_tls()),
         Some(Err(e)) => Err(e.into()),
         None => anyhow::bail!("the central closed the connection"),
+    }
+}
+
+/// A reply the exchange cannot go on with: a refusal said as the central
+/// said it, anything else shown as it came.
+fn unexpected(answering: &str, reply: Reply) -> anyhow::Error {
+    match reply {
+        Reply::Error { code, message } => anyhow::anyhow!("the central refused: {code}: {message}"),
+        other => anyhow::anyhow!("unexpected answer to {answering}: {other:?}"),
     }
 }
 
@@ -128,14 +136,14 @@ pub async fn health(target: &Target) -> anyhow::Result<()> {
             match next_reply(&mut framed).await? {
                 Reply::Success { .. } => {}
                 reply if refused_for_authentication(&reply) => return Ok(()),
-                other => anyhow::bail!("unexpected answer to HELLO: {other:?}"),
+                other => return Err(unexpected("HELLO", other)),
             }
         }
         framed.send(&Request::Ping).await?;
         match next_reply(&mut framed).await? {
             Reply::Success { message, .. } if message == "pong" => Ok(()),
             reply if refused_for_authentication(&reply) => Ok(()),
-            other => anyhow::bail!("unexpected answer to PING: {other:?}"),
+            other => Err(unexpected("PING", other)),
         }
     };
     tokio::time::timeout(target.timeout, exchange)
@@ -171,7 +179,7 @@ pub async fn status(target: &Target) -> anyhow::Result<StatusView> {
                 Reply::Error { code, message } => {
                     anyhow::bail!("the central refused the operator secret: {code}: {message}")
                 }
-                other => anyhow::bail!("unexpected answer to HELLO: {other:?}"),
+                other => return Err(unexpected("HELLO", other)),
             }
         }
         framed.send(&Request::Status).await?;
@@ -203,7 +211,7 @@ pub async fn status(target: &Target) -> anyhow::Result<StatusView> {
                      the operator's secret, `operator = \"…\"` in the file SERVER_SECRETS_FILE \
                      names (server.secrets_file), as on the central"
                 ),
-                other => anyhow::bail!("unexpected answer to STATUS: {other:?}"),
+                other => return Err(unexpected("STATUS", other)),
             }
         }
     };
