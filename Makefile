@@ -4,7 +4,7 @@
 AGENCIES ?= 5
 CARGO ?= cargo
 
-.PHONY: build test lint fmt bench demo demo-real data server compose console image up down logs
+.PHONY: build test lint fmt bench demo demo-real data secrets server compose console image up down logs
 
 build:
 	$(CARGO) build --release
@@ -35,9 +35,15 @@ data:
 server:
 	$(CARGO) run --release -- server
 
-# Regenerate compose.yaml for AGENCIES agencies (containers client1 … clientN).
+# Regenerate compose.yaml for AGENCIES agencies (containers client1 … clientN), and
+# complete ./secrets for them (git-ignored; existing secrets are kept).
 compose:
 	$(CARGO) run --release -- compose --agencies $(AGENCIES) --out compose.yaml
+
+# The secrets compose.yaml mounts (and the by-hand run uses): one per agency, the
+# operator's, and the central's file of them all, in ./secrets (git-ignored).
+secrets:
+	$(CARGO) run --release -- secrets --agencies $(AGENCIES)
 
 # The server with tokio-console support; connect with `tokio-console` (port 6669).
 console:
@@ -46,7 +52,7 @@ console:
 image:
 	docker build -t lottery:latest .
 
-up: data
+up: data secrets
 	docker compose up -d
 
 down:

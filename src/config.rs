@@ -127,26 +127,27 @@ settings! {
             flag "listen-backlog" on ["server"], min 1;
         /// Agencies that must finish before the draw.
         agencies: u32 = 5, env "SERVER_AGENCIES",
-            flag "agencies" on ["server", "gen-data"], min 1;
+            flag "agencies" on ["server", "gen-data", "verify", "new-round"], min 1;
         /// Where the bets are kept: the bets file's path, or a PostgreSQL
         /// database as a libpq URL (`postgres://user@host:port/db`, several
         /// hosts allowed).
         storage: Storage = Storage::default(), env "SERVER_STORAGE",
-            flag "storage" on ["server"], check not_empty;
+            flag "storage" on ["server", "verify", "new-round"], check not_empty;
         /// Seconds the central keeps trying to reach its database at start
         /// (PostgreSQL storage), retrying with backoff, before it exits 1.
         storage_connect_timeout: u64 = 30, env "SERVER_STORAGE_CONNECT_TIMEOUT", min 1;
         /// The number that wins the draw.
         winning_number: u16 = 7574, env "SERVER_WINNING_NUMBER",
-            flag "winning-number" on ["server", "gen-data"], max MAX_NUMBER as u64;
+            flag "winning-number" on ["server", "gen-data", "verify", "new-round"],
+            max MAX_NUMBER as u64;
         /// Sync the bets file before acknowledging a batch (`fdatasync`, shared
         /// by every batch waiting at the time). Off only for measurements.
         sync: bool = true, env "SERVER_SYNC", flag ("no-sync" = "false") on ["server", "demo"];
         /// Where the draw's outcome is recorded (with the bets file; a
-        /// database keeps it in a table); empty means the bets file's name
-        /// with its extension replaced by `.draw.toml`.
+        /// database keeps it in a table); empty means beside the bets file,
+        /// its extension replaced (`bets.csv` -> `bets.draw.toml`).
         draw_record: PathBuf = PathBuf::new(), env "SERVER_DRAW_RECORD",
-            flag "draw-record" on ["server"];
+            flag "draw-record" on ["server", "verify", "new-round"];
         /// Most connections served at once; more are refused with `SERVER_BUSY`.
         max_connections: usize = 1024, env "SERVER_MAX_CONNECTIONS", min 1;
         /// Seconds a peer has to complete a frame once it has started one (and
@@ -160,9 +161,10 @@ settings! {
         /// started; the store then has 2 s more to close, so the central
         /// exits within this plus 3 s of the signal.
         shutdown_grace: u64 = 5, env "SERVER_SHUTDOWN_GRACE", min 1, max 6;
-        /// Per-agency secrets, agency id to secret. When any are set (here or
-        /// in `secrets_file`), every connection must open with `HELLO` and its
-        /// agency's secret.
+        /// Per-agency secrets, agency id to secret, and `operator` for the
+        /// read-only operator session. When any agency has one (here or in
+        /// `secrets_file`), every configured agency must, and every
+        /// connection must open with `HELLO` and its secret.
         secrets: BTreeMap<String, String> = BTreeMap::new();
         /// A TOML file of the same `id = "secret"` pairs, kept out of the main
         /// configuration; empty for none.
@@ -171,6 +173,18 @@ settings! {
         tls_cert: PathBuf = PathBuf::new(), env "SERVER_TLS_CERT";
         /// PEM private key for `tls_cert`.
         tls_key: PathBuf = PathBuf::new(), env "SERVER_TLS_KEY";
+        /// Largest frame accepted from an agency, in bytes, header included.
+        /// The contract's limit is 8192; raise it only for legacy agencies
+        /// configured with batches too large for it (a frame refused for
+        /// size loses the batch). At most 64 KiB: each connection may buffer
+        /// one frame.
+        max_frame: usize = crate::wire::MAX_FRAME_LEN, env "SERVER_MAX_FRAME",
+            flag "max-frame" on ["server"], min crate::wire::MAX_FRAME_LEN as u64,
+            max 65536;
+        /// PEM certificate(s) of the authority that signs agency certificates;
+        /// set (with `tls_cert`) to require a client certificate from every
+        /// connection and take the agency from it (a DNS name `agency-N`).
+        tls_client_ca: PathBuf = PathBuf::new(), env "SERVER_TLS_CLIENT_CA";
     }
 
     /// `[agency]`: one agency.
@@ -189,6 +203,20 @@ settings! {
         /// Seconds to keep reconnecting without progress before giving up.
         reconnect_timeout: u64 = 60, env "CLI_RECONNECT_TIMEOUT",
             flag "reconnect-timeout" on ["agency"];
+        /// Seconds to wait for each reply of the central. While waiting for
+        /// the draw it restarts on each of the central's still-waiting frames
+        /// (sent every 5 s), so there it is never less than 10 s.
+        reply_timeout: u64 = 30, env "CLI_REPLY_TIMEOUT",
+            flag "reply-timeout" on ["agency"], min 1;
+        /// Seconds to wait for the answer to `HELLO`. A central silent that
+        /// long is taken for the design's reference central: the agency then
+        /// speaks the reference protocol (one batch at a time, no resuming).
+        hello_timeout: u64 = 5, env "CLI_HELLO_TIMEOUT",
+            flag "hello-timeout" on ["agency"], min 2;
+        /// Seconds to wait for the winners from a reference central, which
+        /// sends no still-waiting frames while the other agencies finish.
+        draw_timeout: u64 = 3600, env "CLI_DRAW_TIMEOUT",
+            flag "draw-timeout" on ["agency"], min 1;
         /// Batches sent ahead of their acknowledgements (1: wait for each).
         window: usize = 8, env "CLI_WINDOW", flag "window" on ["agency", "demo", "bench"],
             min 1, max MAX_WINDOW as u64;
@@ -203,6 +231,11 @@ settings! {
         /// Name to verify in the central's certificate; empty means the host
         /// part of `server_address`.
         tls_server_name: String = String::new(), env "CLI_TLS_SERVER_NAME";
+        /// PEM certificate chain this agency presents to a central that
+        /// requires client certificates (it names the agency: `agency-N`).
+        tls_cert: PathBuf = PathBuf::new(), env "CLI_TLS_CERT";
+        /// PEM private key for the agency's `tls_cert`.
+        tls_key: PathBuf = PathBuf::new(), env "CLI_TLS_KEY";
     }
 
     /// `[log]`.
@@ -546,34 +579,44 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
         flags: Option<&clap::ArgMatches>,
     ) -> Result<Config, ConfigError> {
-        let (config, origins) = Self::layer(path, role, env, flags)?;
+        Self::load_reporting(path, role, env, flags).map(|(config, _)| config)
+    }
+
+    /// [`Config::load_with_flags`], also saying which file it read (for the
+    /// `config` log line, and a warning when a named file is missing).
+    ///
+    /// # Errors
+    /// As [`Config::load_with_flags`].
+    pub fn load_reporting(
+        path: &Path,
+        role: Role,
+        env: impl Fn(&str) -> Option<String>,
+        flags: Option<&clap::ArgMatches>,
+    ) -> Result<(Config, ConfigFile), ConfigError> {
+        let (base, file) = read_file(path)?;
+        let (config, origins) = Self::overlay(base, role, env, flags)?;
         config.check(&origins)?;
-        Ok(config)
+        Ok((config, file))
     }
 
     /// Defaults < file < environment < flags, unchecked.
+    #[cfg(test)]
     fn layer(
         path: &Path,
         role: Role,
         env: impl Fn(&str) -> Option<String>,
         flags: Option<&clap::ArgMatches>,
     ) -> Result<(Config, Origins), ConfigError> {
-        let mut config = match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str::<Config>(&text).map_err(|e| ConfigError::Parse {
-                path: path.to_path_buf(),
-                // The error quotes the line, which may hold a database
-                // URL's password.
-                message: crate::store::target::hide_passwords(e.to_string().trim())
-                    .replace('\n', " "),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
-            Err(source) => {
-                return Err(ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
-        };
+        Self::overlay(read_file(path)?.0, role, env, flags)
+    }
+
+    /// The environment, then the flags, over `config`.
+    fn overlay(
+        mut config: Config,
+        role: Role,
+        env: impl Fn(&str) -> Option<String>,
+        flags: Option<&clap::ArgMatches>,
+    ) -> Result<(Config, Origins), ConfigError> {
         let mut origins = Origins::new();
         for setting in SETTINGS {
             let Some(var) = setting.env_var(role) else {
@@ -625,9 +668,31 @@ impl Config {
                 "tls_cert and tls_key go together",
             );
         }
+        if !self.server.tls_client_ca.as_os_str().is_empty() && !self.server.tls_enabled() {
+            return bad(
+                "server.tls_client_ca",
+                self.server.tls_client_ca.display().to_string(),
+                "client certificates need TLS: set server.tls_cert and server.tls_key too",
+            );
+        }
+        let agency = &self.agency;
+        if agency.tls_cert.as_os_str().is_empty() != agency.tls_key.as_os_str().is_empty() {
+            return bad(
+                "agency.tls_key",
+                agency.tls_key.display().to_string(),
+                "agency.tls_cert and agency.tls_key go together",
+            );
+        }
+        if !agency.tls_cert.as_os_str().is_empty() && agency.tls_ca.as_os_str().is_empty() {
+            return bad(
+                "agency.tls_cert",
+                agency.tls_cert.display().to_string(),
+                "a client certificate needs TLS: set agency.tls_ca (CLI_TLS_CA) too",
+            );
+        }
         for id in self.server.secrets.keys() {
-            if id.parse::<AgencyId>().map_or(true, |a| a == 0) {
-                return bad("server.secrets", id.clone(), "keys are agency ids");
+            if secret_key(id).is_none() {
+                return bad("server.secrets", id.clone(), SECRET_KEYS);
             }
         }
         Ok(())
@@ -635,11 +700,42 @@ impl Config {
 }
 
 impl ServerConfig {
-    /// Every configured secret, inline and from `secrets_file`, by agency.
+    /// Every configured secret, inline and from `secrets_file`, checked:
+    /// when any agency has one, every configured agency (`1..=agencies`)
+    /// must have one too.
     ///
     /// # Errors
-    /// The file cannot be read, or a key is not an agency id.
-    pub fn load_secrets(&self) -> Result<BTreeMap<AgencyId, String>, ConfigError> {
+    /// The file cannot be read, a key is neither an agency id nor
+    /// `operator`, a secret is empty, or a configured agency has no secret
+    /// while others have one (the error names it).
+    pub fn load_secrets(&self) -> Result<Secrets, ConfigError> {
+        let secrets = self.read_secrets()?;
+        let open = self.agencies_without_secret(&secrets);
+        // All open is authentication off (warned about at start); some
+        // open while others are not is a mistake that would leave those
+        // agencies' winners to anyone.
+        if let (Some(first), false) = (open.first(), open.len() == self.agencies as usize) {
+            return Err(ConfigError::Invalid {
+                key: format!("server.secrets.{first}"),
+                value: String::new(),
+                reason: format!(
+                    "agency {first} has no secret while other agencies have one (agencies \
+                     without one: {}); give every agency in 1..={} a secret",
+                    list(&open),
+                    self.agencies
+                ),
+            });
+        }
+        Ok(secrets)
+    }
+
+    /// The secrets as written, inline and from `secrets_file`, without the
+    /// check that every agency has one (operator tools need only theirs).
+    ///
+    /// # Errors
+    /// The file cannot be read, a key is neither an agency id nor
+    /// `operator`, or a secret is empty.
+    pub fn read_secrets(&self) -> Result<Secrets, ConfigError> {
         let mut all = self.secrets.clone();
         if !self.secrets_file.as_os_str().is_empty() {
             let text = std::fs::read_to_string(&self.secrets_file).map_err(|source| {
@@ -649,30 +745,59 @@ impl ServerConfig {
                 }
             })?;
             let from_file: BTreeMap<String, String> =
-                toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                    path: self.secrets_file.clone(),
-                    message: e.to_string().trim().replace('\n', " "),
-                })?;
+                toml::from_str(&text).map_err(|e| parse_error(&self.secrets_file, &e))?;
             all.extend(from_file);
         }
-        all.into_iter()
-            .map(|(id, secret)| {
-                let agency: AgencyId = parse_value("server.secrets", &id)?;
-                if secret.is_empty() {
-                    return Err(ConfigError::Invalid {
-                        key: format!("server.secrets.{id}"),
-                        value: String::new(),
-                        reason: "a secret cannot be empty".into(),
-                    });
+        let mut secrets = Secrets::default();
+        for (id, secret) in all {
+            let Some(key) = secret_key(&id) else {
+                return Err(ConfigError::Invalid {
+                    key: "server.secrets".into(),
+                    value: id,
+                    reason: SECRET_KEYS.into(),
+                });
+            };
+            if secret.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: format!("server.secrets.{id}"),
+                    value: String::new(),
+                    reason: "a secret cannot be empty".into(),
+                });
+            }
+            match key {
+                SecretKey::Agency(agency) => {
+                    secrets.agencies.insert(agency, secret);
                 }
-                Ok((agency, secret))
-            })
+                SecretKey::Operator => secrets.operator = Some(secret),
+            }
+        }
+        Ok(secrets)
+    }
+
+    /// The configured agencies (`1..=agencies`) that can act without
+    /// authenticating. The one place that decides it: another way to
+    /// authenticate (a client certificate, say) belongs here.
+    pub fn agencies_without_secret(&self, secrets: &Secrets) -> Vec<AgencyId> {
+        if self.requires_client_certificates() {
+            // Every connection presents a certificate that names its agency.
+            return Vec::new();
+        }
+        (1..=self.agencies)
+            .filter(|id| !secrets.agencies.contains_key(id))
             .collect()
     }
 
     /// Whether the central speaks TLS.
     pub fn tls_enabled(&self) -> bool {
         !self.tls_cert.as_os_str().is_empty()
+    }
+
+    /// Whether every connection must present a client certificate signed by
+    /// `tls_client_ca` (mutual TLS). Then every agency is authenticated by
+    /// its certificate, which names it, whether or not it has a secret: no
+    /// agency can act without authenticating.
+    pub fn requires_client_certificates(&self) -> bool {
+        self.tls_enabled() && !self.tls_client_ca.as_os_str().is_empty()
     }
 
     /// [`ServerConfig::frame_timeout`] as a duration.
@@ -700,6 +825,61 @@ impl ServerConfig {
             self.draw_record.clone()
         })
     }
+
+    /// Where the draw record is, for messages and log lines.
+    pub fn draw_record_shown(&self) -> String {
+        self.draw_record_path().map_or_else(
+            || "tables draw and draw_agencies".to_string(),
+            |p| p.display().to_string(),
+        )
+    }
+}
+
+/// The secrets the central checks, by who presents them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Secrets {
+    /// Per agency; empty when authentication is off.
+    pub agencies: BTreeMap<AgencyId, String>,
+    /// Opens a read-only operator session (`PING`, `STATUS`), so that
+    /// `lottery status` never has to speak as an agency.
+    pub operator: Option<String>,
+}
+
+impl Secrets {
+    /// Whether connections must authenticate.
+    pub fn required(&self) -> bool {
+        !self.agencies.is_empty()
+    }
+}
+
+/// The key of the operator's secret in `server.secrets` and its file.
+pub const OPERATOR_KEY: &str = "operator";
+
+/// What the keys of `server.secrets` may be.
+const SECRET_KEYS: &str = "keys are agency ids or \"operator\"";
+
+/// Whose secret a key of `server.secrets` names.
+enum SecretKey {
+    Agency(AgencyId),
+    Operator,
+}
+
+fn secret_key(key: &str) -> Option<SecretKey> {
+    if key == OPERATOR_KEY {
+        return Some(SecretKey::Operator);
+    }
+    match key.parse::<AgencyId>() {
+        Ok(0) | Err(_) => None,
+        Ok(agency) => Some(SecretKey::Agency(agency)),
+    }
+}
+
+/// `1, 2, 5` for messages.
+fn list(ids: &[AgencyId]) -> String {
+    ids.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl AgencyConfig {
@@ -736,6 +916,21 @@ impl AgencyConfig {
     /// [`AgencyConfig::reconnect_timeout`] as a duration.
     pub fn reconnect_patience(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.reconnect_timeout)
+    }
+
+    /// [`AgencyConfig::reply_timeout`] as a duration.
+    pub fn reply_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.reply_timeout)
+    }
+
+    /// [`AgencyConfig::hello_timeout`] as a duration.
+    pub fn hello_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.hello_timeout)
+    }
+
+    /// [`AgencyConfig::draw_timeout`] as a duration.
+    pub fn draw_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.draw_timeout)
     }
 }
 
@@ -785,6 +980,54 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+}
+
+/// Which configuration file a load read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigFile {
+    /// This file was read.
+    Read(PathBuf),
+    /// There is no file at this path: defaults, environment and flags only.
+    Missing(PathBuf),
+}
+
+/// As the `config` log line shows it: the path read, or `none`.
+impl fmt::Display for ConfigFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigFile::Read(path) => write!(f, "{}", path.display()),
+            ConfigFile::Missing(_) => f.write_str("none"),
+        }
+    }
+}
+
+/// The file's settings over the defaults; a missing file means defaults.
+fn read_file(path: &Path) -> Result<(Config, ConfigFile), ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let config = toml::from_str::<Config>(&text).map_err(|e| parse_error(path, &e))?;
+            Ok((config, ConfigFile::Read(path.to_path_buf())))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok((Config::default(), ConfigFile::Missing(path.to_path_buf())))
+        }
+        Err(source) => Err(ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// A TOML file that does not parse. The message stays on the lines toml
+/// renders it on: its `^^^` marker points at the offending text only when
+/// it sits under the quoted line.
+fn parse_error(path: &Path, e: &toml::de::Error) -> ConfigError {
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        // The error quotes the line, which may hold a database URL's
+        // password.
+        message: crate::store::target::hide_passwords(e.to_string().trim_end()),
+    }
 }
 
 /// Parses `raw` for `key`, with an error that names both.
@@ -855,6 +1098,18 @@ mod tests {
         assert_eq!(c, Config::default());
         assert_eq!(c.server.port, 12345);
         assert_eq!(c.agency.batch_max_amount, 70);
+    }
+
+    #[test]
+    fn the_load_says_which_file_it_read() {
+        let load = |p: &Path| Config::load_reporting(p, Role::Server, env(&[]), None).unwrap();
+        let (_, read) = load(Path::new(NOWHERE));
+        assert_eq!(read, ConfigFile::Missing(NOWHERE.into()));
+        assert_eq!(read.to_string(), "none");
+        let f = file("[server]\nport = 4000\n");
+        let (c, read) = load(f.path());
+        assert_eq!(c.server.port, 4000);
+        assert_eq!(read.to_string(), f.path().display().to_string());
     }
 
     #[test]
@@ -999,6 +1254,37 @@ mod tests {
         let f = file("[server]\ntls_cert = \"c.pem\"\n");
         let e = Config::load(f.path(), Role::Server, env(&[])).unwrap_err();
         assert!(e.to_string().contains("server.tls_key"), "{e}");
+        // TLS settings that only work together.
+        for (text, key, says) in [
+            (
+                "[server]\ntls_client_ca = \"ca.pem\"\n",
+                "server.tls_client_ca",
+                "server.tls_cert",
+            ),
+            (
+                "[agency]\ntls_cert = \"a.pem\"\n",
+                "agency.tls_key",
+                "go together",
+            ),
+            (
+                "[agency]\ntls_cert = \"a.pem\"\ntls_key = \"a.key\"\n",
+                "agency.tls_cert",
+                "set agency.tls_ca (CLI_TLS_CA)",
+            ),
+        ] {
+            let f = file(text);
+            let e = Config::load(f.path(), Role::Agency, env(&[])).unwrap_err();
+            assert!(
+                e.to_string().contains(key) && e.to_string().contains(says),
+                "{e}"
+            );
+        }
+        let f = file(
+            "[server]\ntls_cert = \"c.pem\"\ntls_key = \"c.key\"\ntls_client_ca = \"ca.pem\"\n",
+        );
+        let c = Config::load(f.path(), Role::Server, env(&[])).unwrap();
+        assert!(c.server.requires_client_certificates());
+        assert!(!Config::default().server.requires_client_certificates());
     }
 
     #[test]
@@ -1026,6 +1312,78 @@ mod tests {
                 assert!(readme.contains(&format!("--{long}`")), "README: --{long}");
             }
         }
+    }
+
+    #[test]
+    fn an_agency_without_a_secret_among_others_is_named() {
+        let f = file("1 = \"uno\"\n3 = \"tres\"\noperator = \"op\"\n");
+        let server = ServerConfig {
+            agencies: 4,
+            secrets_file: f.path().to_path_buf(),
+            ..ServerConfig::default()
+        };
+        let e = server.load_secrets().unwrap_err().to_string();
+        assert!(e.contains("server.secrets.2"), "{e}");
+        assert!(
+            e.contains("agency 2 has no secret while other agencies have one"),
+            "{e}"
+        );
+        assert!(e.contains("without one: 2, 4"), "{e}");
+        // What operator tools read needs no completeness.
+        let read = server.read_secrets().unwrap();
+        assert_eq!(read.operator.as_deref(), Some("op"));
+        assert_eq!(read.agencies.len(), 2);
+        // Every configured agency has one: fine, extra ids too.
+        let server = ServerConfig {
+            agencies: 1,
+            ..server
+        };
+        let secrets = server.load_secrets().unwrap();
+        assert!(secrets.required());
+        assert!(server.agencies_without_secret(&secrets).is_empty());
+    }
+
+    #[test]
+    fn no_secrets_at_all_leaves_every_agency_open() {
+        let server = ServerConfig {
+            agencies: 3,
+            ..ServerConfig::default()
+        };
+        let secrets = server.load_secrets().unwrap();
+        assert!(!secrets.required());
+        assert_eq!(server.agencies_without_secret(&secrets), [1, 2, 3]);
+        let f = file("[server.secrets]\nadmin = \"x\"\n");
+        let e = Config::load(f.path(), Role::Server, env(&[])).unwrap_err();
+        assert!(e.to_string().contains("agency ids or \"operator\""), "{e}");
+    }
+
+    #[test]
+    fn the_draw_record_defaults_beside_the_bets_file_as_documented() {
+        let record = |storage: &str| {
+            let server = ServerConfig {
+                storage: Storage::File(storage.into()),
+                ..ServerConfig::default()
+            };
+            server.draw_record_path().unwrap()
+        };
+        assert_eq!(record("bets.csv"), PathBuf::from("bets.draw.toml"));
+        assert_eq!(
+            record("/var/x/bets"),
+            PathBuf::from("/var/x/bets.draw.toml")
+        );
+        // The three places that explain the default give the same example.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let help = SETTINGS.iter().find(|s| s.key == "server.draw_record");
+        let example = "bets.csv` -> `bets.draw.toml";
+        assert!(help.unwrap().help().contains(example));
+        let toml = std::fs::read_to_string(root.join("config.toml")).unwrap();
+        let line = toml.lines().find(|l| l.starts_with("draw_record")).unwrap();
+        assert!(line.contains("(bets.csv -> bets.draw.toml)"), "{line}");
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with("| `server.draw_record`"));
+        assert!(row.unwrap().contains("(`bets.csv` → `bets.draw.toml`)"));
     }
 
     #[test]

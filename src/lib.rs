@@ -18,18 +18,26 @@
 //!   connection, meeting at the lottery's shared state for the one-time draw
 //!   (internal: agencies' claims and the draw live in `lottery`).
 //! - [`agency`]: an agency: streams its data file, waits for its winners.
+//! - [`receipt`]: receipts (a hash chain per agency) and the seal of a
+//!   round, shared by central, agency and `lottery verify`.
 //! - [`config`], [`logging`], [`shutdown`]: every setting declared once, the
 //!   contract's log lines, signals to cancellation.
 //! - [`tools`]: the programs over all this: the demo, the load tool,
 //!   synthetic data, the operator views, the compose file.
 //!
+//! Errors follow one convention: an error's `Display` is the whole message,
+//! its cause included (it is what replies to agencies and log fields
+//! show), and `source()` still links the cause. The one place that prints
+//! a chain, [`logging::error_chain`], therefore never repeats a cause.
+//!
 //! A message on the wire, as an agency frames its announcement that it has
 //! finished:
 //!
 //! ```
-//! use lottery::wire::{frame, Request};
+//! use lottery::wire::{frame, Finish, Request};
 //!
-//! let bytes = frame(&Request::Finished { agency: 3 }).unwrap();
+//! let finished = Request::Finished { agency: 3, spelling: Finish::BettingFinished };
+//! let bytes = frame(&finished).unwrap();
 //! assert_eq!(&bytes[..4], &[0, 0, 0, 0x24]); // payload length, big-endian
 //! assert_eq!(&bytes[4..], b"ACTION:BETTING_FINISHED|AGENCY_ID:3\n");
 //! ```
@@ -43,6 +51,7 @@ pub mod logging;
 mod lottery;
 pub mod model;
 mod net;
+pub mod receipt;
 mod scan;
 pub mod server;
 pub mod shutdown;

@@ -30,6 +30,9 @@ pub mod result {
 pub mod action {
     /// The effective configuration, once at start.
     pub const CONFIG: &str = "config";
+    /// A configuration file named by `--config` or `LOTTERY_CONFIG` does
+    /// not exist (WARN, at start).
+    pub const CONFIG_FILE: &str = "config_file";
     /// The listener is bound; carries the real address.
     pub const LISTEN: &str = "listen";
     /// A batch was handled (stored or rejected).
@@ -48,9 +51,18 @@ pub mod action {
     pub const CONNECT: &str = "connect";
     /// A connection ended with an error.
     pub const CONNECTION: &str = "connection";
+    /// A message that is not a batch was refused (malformed, or an
+    /// unknown action); a refused batch is `apuesta_recibida`.
+    pub const REQUEST: &str = "request";
     /// The open-files limit leaves room for fewer connections than
     /// configured (WARN, at start).
     pub const OPEN_FILES: &str = "open_files";
+    /// How connections authenticate, once at start: a WARN when any
+    /// agency can act without a secret.
+    pub const AUTH: &str = "auth";
+    /// Failed or refused authentications of one peer address, in summary:
+    /// at most one line per peer per interval, with counts.
+    pub const AUTH_FAILURES: &str = "auth_failures";
     /// The listening socket was closed.
     pub const CLOSE_LISTENER: &str = "close_listener";
     /// A connection sat idle past the idle timeout and was closed.
@@ -65,6 +77,19 @@ pub mod action {
     pub const DRAW_RECORD: &str = "draw_record";
     /// The agency lost its connection and is reconnecting.
     pub const RECONNECT: &str = "reconnect";
+    /// The central is still working on an agency's request (the draw).
+    pub const WAITING: &str = "waiting";
+    /// The agency chose the protocol to speak (the reference one, when the
+    /// central does not answer `HELLO`).
+    pub const PROTOCOL: &str = "protocol";
+    /// The agency checked its winners' receipt against its file: the
+    /// round's seal, to publish and compare.
+    pub const SEAL: &str = "seal";
+    /// The central compared a finished round's record with its bets on
+    /// start (or `lottery verify` did).
+    pub const VERIFY: &str = "verify";
+    /// A new round was started: the previous one's files kept aside.
+    pub const NEW_ROUND: &str = "new_round";
     /// The bets file was flushed and closed.
     pub const CLOSE_BETS_FILE: &str = "close_bets_file";
     /// The central reached its database (or is retrying, or gave up).
@@ -75,10 +100,39 @@ pub mod action {
     pub const CLOSE_DATABASE: &str = "close_database";
     /// The agency's data file was closed.
     pub const CLOSE_DATA_FILE: &str = "close_data_file";
+    /// The program stopped on an error (ERROR, last line; the message is
+    /// also on stderr when that is not where stdout goes).
+    pub const EXIT: &str = "exit";
     /// A shutdown signal arrived.
     pub const SIGNAL: &str = "signal";
     /// The process is done shutting down.
     pub const SHUTDOWN: &str = "shutdown";
+}
+
+/// An error and its causes as one message, `message: cause: …`, the way
+/// the fatal `exit` line and `lottery: error:` show it.
+///
+/// The project's convention: an error's `Display` is complete, its cause
+/// included, because that text is what replies to agencies and log fields
+/// show; `source()` still links the cause for code that walks the chain.
+/// Printing the chain as anyhow's `{:#}` does would then repeat each cause
+/// (`No such file or directory (os error 2): No such file or directory (os
+/// error 2)`). This is the one place that walks a chain: it adds a cause
+/// only when the text so far does not already end with it, which also keeps
+/// a library error that follows the other convention (a bare message, the
+/// cause only in `source()`) whole.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let said = c.to_string();
+        if !text.ends_with(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// A log level as operators write it: DEBUG, INFO, WARN or ERROR.
@@ -159,6 +213,47 @@ pub enum LogFormat {
     Json,
 }
 
+/// The progress bar on the terminal, while one is drawn (see
+/// [`draw_around`]).
+static BAR: std::sync::Mutex<Option<indicatif::ProgressBar>> = std::sync::Mutex::new(None);
+
+/// Writes log lines around `bar` while it is drawn (`None` once it is
+/// done): the bar is lifted, the line written, the bar drawn again below
+/// it. Without this a line written to the same terminal lands after the
+/// bar's text, on its line, and the bar is then redrawn over what follows.
+pub fn draw_around(bar: Option<indicatif::ProgressBar>) {
+    *BAR.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = bar;
+}
+
+/// Stdout for log lines, written around a progress bar when one is drawn.
+struct LogOut;
+
+impl std::io::Write for LogOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // Each event arrives as one whole line; it must reach the terminal
+        // while the bar is lifted, so it is flushed there.
+        let put = || {
+            let mut out = std::io::stdout().lock();
+            out.write_all(buf)?;
+            out.flush()
+        };
+        let bar = BAR
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match bar {
+            Some(bar) => bar.suspend(put)?,
+            None => put()?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
 /// Installs the global subscriber: events on stdout at `level`, in `format`.
 /// With the `console` feature, also serves tokio-console; the stdout layer
 /// keeps its own level filter, so the console's trace-level runtime events
@@ -176,12 +271,12 @@ pub fn init(level: LogLevel, format: LogFormat) {
     let stdout = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .event_format(ContractFormat)
-            .with_writer(std::io::stdout)
+            .with_writer(|| LogOut)
             .with_filter(filter)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .event_format(JsonFormat)
-            .with_writer(std::io::stdout)
+            .with_writer(|| LogOut)
             .with_filter(filter)
             .boxed(),
     };
@@ -371,6 +466,65 @@ mod tests {
         assert_eq!("JSON".parse::<LogFormat>(), Ok(LogFormat::Json));
         let e = "LOUD".parse::<LogLevel>().unwrap_err();
         assert_eq!(e, "\"LOUD\" is not one of DEBUG, INFO, WARN, ERROR");
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot open data file x.csv: {source}")]
+        struct Complete {
+            source: std::io::Error,
+        }
+        #[derive(Debug, thiserror::Error)]
+        #[error("bare message")]
+        struct Bare {
+            source: std::io::Error,
+        }
+        let missing = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::new(Complete { source: missing() });
+        assert_eq!(
+            error_chain(e.as_ref()),
+            "cannot open data file x.csv: entity not found"
+        );
+        let e = anyhow::Error::new(Complete { source: missing() }).context("starting");
+        assert_eq!(
+            error_chain(e.as_ref()),
+            "starting: cannot open data file x.csv: entity not found"
+        );
+        let e = anyhow::Error::new(Bare { source: missing() });
+        assert_eq!(error_chain(e.as_ref()), "bare message: entity not found");
+    }
+
+    #[test]
+    fn readme_log_table_lists_every_action() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let source = std::fs::read_to_string(root.join("src/logging.rs")).unwrap();
+        let module = source
+            .split("pub mod action {")
+            .nth(1)
+            .and_then(|rest| rest.split("\n}").next())
+            .unwrap();
+        let actions: Vec<&str> = module
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("pub const "))
+            .filter_map(|l| l.split('"').nth(1))
+            .collect();
+        assert!(actions.contains(&action::SHUTDOWN), "{actions:?}");
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let table: Vec<&str> = readme
+            .lines()
+            .skip_while(|l| !l.starts_with("| program | action | when |"))
+            .take_while(|l| l.starts_with('|'))
+            .collect();
+        assert!(!table.is_empty(), "README has no log table");
+        let named = |a: &str| {
+            let cell = format!("`{a}`");
+            table
+                .iter()
+                .any(|row| row.split('|').nth(2).unwrap().contains(&cell))
+        };
+        let missing: Vec<&&str> = actions.iter().filter(|a| !named(a)).collect();
+        assert!(missing.is_empty(), "README's log table lacks {missing:?}");
     }
 
     #[test]

@@ -5,22 +5,25 @@
 //! the settings table in `lottery::config` (`config::add_flags`), so each
 //! setting's flag, variable and key stay one declaration.
 //!
-//! Exit codes: 0 success (also after a graceful shutdown), 1 a runtime error,
-//! 2 a usage or configuration error.
+//! Exit codes: 0 success (also after a graceful shutdown), 1 a runtime error
+//! (and `verify` finding a difference), 2 a usage or configuration error, 3
+//! an agency whose data file does not match what the central holds.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
-use lottery::config::{self, Config, Role};
+use lottery::agency::AgencyError;
+use lottery::config::{self, Config, ConfigFile, Role};
 use lottery::logging::{self, action, result, LogLevel};
 use lottery::shutdown;
 use lottery::tools::gen_data::GenOptions;
-use lottery::tools::{bench, compose, demo, launch, ops};
+use lottery::tools::{bench, compose, demo, launch, ops, verify};
 
 /// How long the runtime's blocking threads get to finish once the command
 /// has returned. With the grace period and the store's close deadline, this
@@ -32,12 +35,13 @@ const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
 #[derive(Debug, Parser)]
 #[command(name = "lottery", version)]
 struct Cli {
-    /// Configuration file; a missing file means defaults.
+    /// Configuration file. A missing ./config.toml means defaults; so does
+    /// a missing file named here or in LOTTERY_CONFIG, with a warning.
     #[arg(
         long,
         global = true,
         env = "LOTTERY_CONFIG",
-        default_value = "config.toml"
+        default_value = "./config.toml"
     )]
     config: PathBuf,
 
@@ -61,8 +65,18 @@ enum Command {
     Status(ProbeArgs),
     /// Print the per-agency winners table from the draw record.
     Winners(WinnersArgs),
-    /// Write a compose file for the central and N agencies.
+    /// Recompute counts, digests, the seal and the winners from the stored
+    /// bets and compare them with the draw record (exit 0 agree, 1 differ).
+    Verify,
+    /// Keep the drawn round's bets and record aside (named by round and
+    /// seal) so the central starts the next round empty; run it with the
+    /// central stopped.
+    NewRound,
+    /// Write a compose file for the central and N agencies (and its secrets).
     Compose(ComposeArgs),
+    /// Write a secret per agency, the operator's, and the central's file of
+    /// them all (existing secrets are kept).
+    Secrets(SecretsArgs),
     /// Load test: K agencies x M bets against a real server process.
     Bench(BenchArgs),
 }
@@ -109,9 +123,20 @@ struct ComposeArgs {
     /// Number of agencies (containers client1 … clientN).
     #[arg(long, default_value_t = 5)]
     agencies: u32,
-    /// Where to write; `-` for standard output.
+    /// Where to write; `-` for standard output. The secrets it mounts are
+    /// written (or completed) in `secrets/` beside it (`./secrets` for `-`).
     #[arg(long, default_value = "compose.yaml")]
     out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct SecretsArgs {
+    /// Number of agencies.
+    #[arg(long, default_value_t = 5)]
+    agencies: u32,
+    /// The directory to write them into (made private to its owner).
+    #[arg(long, default_value = compose::SECRETS_DIR)]
+    dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -177,14 +202,14 @@ fn main() -> ExitCode {
         Command::Agency(_) => Role::Agency,
         _ => Role::Server,
     };
-    let mut config =
-        match Config::load_with_flags(&cli.config, role, |k| std::env::var(k).ok(), Some(flags)) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("lottery: configuration error: {e}");
-                return ExitCode::from(2);
-            }
-        };
+    let loaded = Config::load_reporting(&cli.config, role, |k| std::env::var(k).ok(), Some(flags));
+    let (mut config, file) = match loaded {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("lottery: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let level = match &cli.command {
         Command::Demo(args) => args.log_level,
         // The agencies' own lines would drown the report.
@@ -192,10 +217,17 @@ fn main() -> ExitCode {
         _ => config.log.level,
     };
     logging::init(level, config.log.format);
+    warn_if_named_file_missing(&matches, &file);
     if matches!(cli.command, Command::Server) {
         // Before anything is opened: connections over what the open-files
         // limit allows must get SERVER_BUSY, not hang.
         if let Err(e) = lottery::server::fit_open_files(&mut config.server) {
+            eprintln!("lottery: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+        // A configured agency without a secret while others have one is a
+        // configuration error, not a runtime one: say so before starting.
+        if let Err(e) = config.server.load_secrets() {
             eprintln!("lottery: configuration error: {e}");
             return ExitCode::from(2);
         }
@@ -211,7 +243,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let outcome = runtime.block_on(run(cli.command, config));
+    let outcome = runtime.block_on(run(cli.command, config, file));
     // Dropping the runtime would wait for every blocking thread, and one
     // stuck in storage (a hung disk or network file system) would then hold
     // the exit forever: give them a moment, then leave without them.
@@ -219,19 +251,97 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!(action = "exit", result = result::FAIL, error = %format!("{e:#}"));
-            eprintln!("lottery: error: {e:#}");
-            ExitCode::from(1)
+            report_fatal(&e);
+            ExitCode::from(exit_code(&e))
         }
     }
 }
 
-async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+/// A missing `./config.toml` is the contract's "defaults"; a file the
+/// operator named (`--config`, `LOTTERY_CONFIG`) and that is not there is a
+/// mistake (a typo, a volume not mounted) that would otherwise pass in
+/// silence, the program running on settings nobody chose.
+fn warn_if_named_file_missing(matches: &clap::ArgMatches, file: &ConfigFile) {
+    let ConfigFile::Missing(path) = file else {
+        return;
+    };
+    let named_by = match matches.value_source("config") {
+        Some(ValueSource::CommandLine) => "--config",
+        Some(ValueSource::EnvVariable) => "LOTTERY_CONFIG",
+        _ => return,
+    };
+    warn!(
+        action = action::CONFIG_FILE,
+        result = result::FAIL,
+        path = %path.display(),
+        reason = %format!(
+            "the configuration file named by {named_by} does not exist; running on defaults, \
+             environment and flags"
+        )
+    );
+}
+
+/// Says once why the program stopped.
+///
+/// Two readers want it: log tooling, which reads stdout and parses the
+/// `action: exit | result: fail` line, and a person, who reads
+/// `lottery: error: …` on stderr. When the two streams go to different
+/// places (a log file or pipe for stdout, a terminal for stderr), each gets
+/// its own. When they go to the same place, one line is enough: in a
+/// terminal a person reads it, so the plain message (multi-line parts, such
+/// as a TOML error's `^^^` marker, intact); anywhere else (`2>&1` into a
+/// file, the journal) tooling reads it, so the log line.
+fn report_fatal(e: &anyhow::Error) {
+    use std::io::IsTerminal;
+    let message = logging::error_chain(e.as_ref());
+    let shared = same_destination();
+    let terminal = std::io::stdout().is_terminal();
+    // (log line, plain message)
+    let (log_line, plain) = match (shared, terminal) {
+        (false, _) => (true, true),
+        (true, true) => (false, true),
+        (true, false) => (true, false),
+    };
+    if log_line {
+        error!(
+            action = action::EXIT,
+            result = result::FAIL,
+            error = message.as_str()
+        );
+    }
+    if plain {
+        eprintln!("lottery: error: {message}");
+    }
+}
+
+/// Whether stdout and stderr are the same open file (one terminal, or one
+/// file or pipe through `2>&1`). Unknown counts as different: then both
+/// lines are written, which loses nothing.
+fn same_destination() -> bool {
+    use std::os::fd::{AsFd, BorrowedFd};
+    use std::os::unix::fs::MetadataExt;
+    fn identity(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+        let file = std::fs::File::from(fd.try_clone_to_owned().ok()?);
+        let meta = file.metadata().ok()?;
+        Some((meta.dev(), meta.ino()))
+    }
+    match (
+        identity(std::io::stdout().as_fd()),
+        identity(std::io::stderr().as_fd()),
+    ) {
+        (Some(out), Some(err)) => out == err,
+        _ => false,
+    }
+}
+
+async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     shutdown::cancel_on_signal(token.clone()).context("installing signal handlers")?;
     match command {
-        Command::Server => launch::serve(&config, token).await,
-        Command::Agency(args) => launch::agency(&config, args.winners_out.as_deref(), token).await,
+        Command::Server => launch::serve(&config, &file, token).await,
+        Command::Agency(args) => {
+            launch::agency(&config, &file, args.winners_out.as_deref(), token).await
+        }
         Command::Demo(args) => {
             let opts = demo::DemoOptions {
                 agencies: args.agencies,
@@ -275,12 +385,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Health(args) => {
-            ops::health(&probe_target(&config, args)).await?;
+            ops::health(&probe_target(&config, args)?).await?;
             println!("ok");
             Ok(())
         }
         Command::Status(args) => {
-            let view = ops::status(&probe_target(&config, args)).await?;
+            let view = ops::status(&probe_target(&config, args)?).await?;
             print!("{}", ops::render_status(&view));
             Ok(())
         }
@@ -293,6 +403,22 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 )?,
             };
             print!("{}", ops::winners_table(&record)?);
+            Ok(())
+        }
+        Command::Verify => {
+            let verified = verify::verify(&config.server).await?;
+            print!("{}", verified.report);
+            let n = verified.differences.len();
+            anyhow::ensure!(
+                n == 0,
+                "the draw record does not match the stored bets ({n} difference{})",
+                if n == 1 { "" } else { "s" }
+            );
+            Ok(())
+        }
+        Command::NewRound => {
+            print!("{}", verify::new_round(&config.server).await?);
+            info!(action = action::NEW_ROUND, result = result::SUCCESS);
             Ok(())
         }
         Command::Bench(args) => {
@@ -308,9 +434,26 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             print!("{}", bench::run(opts, token).await?.render());
             Ok(())
         }
+        Command::Secrets(args) => {
+            anyhow::ensure!(args.agencies >= 1, "--agencies must be at least 1");
+            let central = compose::write_secrets(&args.dir, args.agencies)?;
+            println!(
+                "{}: the central's (SERVER_SECRETS_FILE); {}: agency N's (CLI_SECRET_FILE)",
+                central.display(),
+                args.dir.join("agency-N.secret").display()
+            );
+            Ok(())
+        }
         Command::Compose(args) => {
             anyhow::ensure!(args.agencies >= 1, "--agencies must be at least 1");
             let text = compose::render(args.agencies);
+            let beside = match args.out.parent() {
+                Some(dir) if args.out.as_os_str() != "-" => dir.to_path_buf(),
+                _ => PathBuf::new(),
+            };
+            let central =
+                compose::write_secrets(&beside.join(compose::SECRETS_DIR), args.agencies)?;
+            eprintln!("secrets: {} (never commit it)", central.display());
             if args.out.as_os_str() == "-" {
                 print!("{text}");
             } else {
@@ -322,10 +465,28 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     }
 }
 
-fn probe_target(config: &Config, args: ProbeArgs) -> ops::Target {
-    ops::Target::for_agency(
+/// The exit code of a failed command: 3 when the central does not hold
+/// exactly the agency's file (its winners are not valid), else 1.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<AgencyError>() {
+        Some(AgencyError::Receipt(_)) => 3,
+        _ => 1,
+    }
+}
+
+/// Where `health` and `status` go, and the operator's secret when the
+/// central's secrets (`server.secrets_file`) hold one: on the central's own
+/// host (or container) the probes then need nothing more.
+fn probe_target(config: &Config, args: ProbeArgs) -> anyhow::Result<ops::Target> {
+    let mut target = ops::Target::for_agency(
         &config.agency,
         args.address,
         std::time::Duration::from_secs(args.timeout),
-    )
+    );
+    target.operator_secret = config
+        .server
+        .read_secrets()
+        .context("reading the operator's secret")?
+        .operator;
+    Ok(target)
 }

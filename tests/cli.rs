@@ -170,6 +170,79 @@ fn demo_runs_on_generated_data_and_prints_the_table() {
 }
 
 #[test]
+fn the_demo_runs_authenticated() {
+    let out = run(lottery().arg("demo").args([
+        "--agencies",
+        "2",
+        "--bets-per-agency",
+        "200",
+        "--log-level",
+        "INFO",
+    ]));
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    // Its central requires a secret of every agency, and every agency
+    // presented its own: none was refused, all got their winners.
+    assert!(
+        t.contains("INFO     action: auth | result: success | state: required | agencies: 2"),
+        "{t}"
+    );
+    assert!(!t.contains("state: off"), "{t}");
+    assert!(!t.contains("result: fail"), "{t}");
+    assert_eq!(t.matches("action: consulta_ganadores").count(), 4, "{t}");
+}
+
+#[test]
+fn a_central_without_secrets_warns_at_start_but_does_not_fail() {
+    let work = tempfile::tempdir().unwrap();
+    let server = Server::spawn({
+        let mut cmd = lottery();
+        cmd.arg("server")
+            .env("SERVER_PORT", "0")
+            .env("SERVER_AGENCIES", "3")
+            .env("SERVER_STORAGE", work.path().join("bets.csv"));
+        cmd
+    });
+    // Logged before the `listen` line the start waited for.
+    let line = server
+        .proc
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("action: auth |"))
+        .expect("an auth line at start");
+    assert!(
+        line.contains(
+            "WARN     action: auth | result: success | state: off | agencies_without_secret: 1,2,3"
+        ),
+        "{line}"
+    );
+    assert!(line.contains("read their winners"), "{line}");
+    server.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(server.proc.wait_exit(STEP).success());
+    assert!(!server.proc.output().contains("result: fail"));
+}
+
+#[test]
+fn an_agency_without_a_secret_among_others_exits_2_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets.toml");
+    std::fs::write(&secrets, "1 = \"uno\"\n3 = \"tres\"\n").unwrap();
+    let out = run(lottery()
+        .arg("server")
+        .env("SERVER_PORT", "0")
+        .env("SERVER_AGENCIES", "3")
+        .env("SERVER_STORAGE", dir.path().join("bets.csv"))
+        .env("SERVER_SECRETS_FILE", &secrets));
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(
+        t.contains("agency 2 has no secret while other agencies have one"),
+        "{t}"
+    );
+    assert!(!dir.path().join("bets.csv").exists(), "nothing started");
+}
+
+#[test]
 fn gen_data_writes_the_requested_files() {
     let work = tempfile::tempdir().unwrap();
     let out = run(lottery()
@@ -254,9 +327,284 @@ fn an_agency_gives_up_after_its_reconnect_timeout() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("action: connect | result: in_progress"), "{t}");
-    assert!(
-        t.contains("gave up after 1s without progress; last error: cannot connect to 127.0.0.1:"),
-        "{t}"
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err,
+        format!(
+            "lottery: error: gave up after 1s without progress; last error: cannot connect to \
+             {}: Connection refused (os error 111); nothing listens there: is the central \
+             running, and on this port? (its `listen` log line shows its address)\n",
+            port.address()
+        )
     );
     assert!(!t.contains("action: connect | result: fail"), "{t}");
+}
+
+/// `lottery agency` on a data file that does not exist: it stops at once.
+fn agency_without_its_data_file(dir: &std::path::Path) -> (std::process::Command, String) {
+    let missing = dir.join("agency-1.csv");
+    let mut cmd = lottery();
+    cmd.arg("agency").env("CLI_DATA_FILE", &missing);
+    let message = format!(
+        "cannot open data file {}: No such file or directory (os error 2)",
+        missing.display()
+    );
+    (cmd, message)
+}
+
+#[test]
+fn a_fatal_error_is_said_once_on_each_stream_without_repeating_its_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cmd, message) = agency_without_its_data_file(dir.path());
+    let out = run(&mut cmd);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // Log tooling reads stdout; a person reads stderr.
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let last = stdout.lines().last().unwrap();
+    assert_eq!(
+        &last[20..],
+        format!("ERROR    action: exit | result: fail | error: {message}"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("cannot open data file").count(), 1);
+    assert_eq!(
+        String::from_utf8(out.stderr).unwrap(),
+        format!("lottery: error: {message}\n")
+    );
+}
+
+#[test]
+fn a_fatal_error_is_said_once_when_both_streams_go_to_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cmd, message) = agency_without_its_data_file(dir.path());
+    let log = dir.path().join("log.txt");
+    let file = std::fs::File::create(&log).unwrap();
+    let status = cmd
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    // `2>&1` into a file or the journal: tooling reads it, so the log line.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("cannot open data file").count(), 1, "{text}");
+    let last = text.lines().last().unwrap();
+    assert_eq!(
+        &last[20..],
+        format!("ERROR    action: exit | result: fail | error: {message}"),
+        "{text}"
+    );
+}
+
+/// Runs `cmd` with a terminal as its stdout and stderr; its exit code and
+/// everything it wrote there (line ends as `\n`).
+fn run_in_terminal(mut cmd: std::process::Command) -> (Option<i32>, String) {
+    use std::io::Read;
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(pty.slave.try_clone().unwrap())
+        .stderr(pty.slave)
+        .spawn()
+        .unwrap();
+    // Only the child holds the terminal now: reading ends (EIO) once it
+    // has exited.
+    drop(cmd);
+    let mut terminal = std::fs::File::from(pty.master);
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n @ 1..) = terminal.read(&mut chunk) {
+        bytes.extend_from_slice(&chunk[..n]);
+    }
+    let code = child.wait().unwrap().code();
+    (
+        code,
+        String::from_utf8(bytes).unwrap().replace("\r\n", "\n"),
+    )
+}
+
+/// What a terminal shows of each line of `text`: what the last carriage
+/// return or line erase left.
+fn shown(text: &str) -> Vec<String> {
+    text.split('\n')
+        .map(|line| {
+            let line = line.replace("\x1b[2K", "");
+            line.rsplit('\r')
+                .find(|part| !part.is_empty())
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn a_fatal_error_is_said_once_in_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cmd, message) = agency_without_its_data_file(dir.path());
+    let (code, text) = run_in_terminal(cmd);
+    assert_eq!(code, Some(1));
+    // A person reads a terminal: the plain message, once.
+    assert_eq!(text.matches("cannot open data file").count(), 1, "{text}");
+    assert!(
+        text.ends_with(&format!("\nlottery: error: {message}\n")),
+        "{text}"
+    );
+    assert!(!text.contains("action: exit"), "{text}");
+}
+
+#[test]
+fn in_a_terminal_log_lines_are_written_around_the_progress_bar() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("agency-1.csv");
+    let mut bets = String::new();
+    for i in 0..3_000 {
+        let number = if i == 0 { 7574 } else { i };
+        bets.push_str(&format!(
+            "Ana,Pérez,{},1999-03-17,{number}\n",
+            10_000_000 + i
+        ));
+    }
+    std::fs::write(&data, bets).unwrap();
+    let server = Server::start(&work.path().join("bets.csv"), 1, 7574);
+    let winners = work.path().join("winners.txt");
+    let (code, text) = run_in_terminal(agency_command(1, &server.address(), &data, &winners));
+    assert_eq!(code, Some(0), "{text}");
+    let shown = shown(&text);
+    // Every log line starts a line of its own, none glued to the bar...
+    // (config, connect, seal, consulta_ganadores)
+    let logged: Vec<&String> = shown.iter().filter(|l| l.contains("action: ")).collect();
+    assert_eq!(logged.len(), 4, "{shown:#?}");
+    for line in logged {
+        assert!(
+            line.starts_with("20") && !line.contains("bets  "),
+            "{shown:#?}"
+        );
+    }
+    assert!(
+        shown[shown.len() - 3]
+            .ends_with("consulta_ganadores | result: success | cant_ganadores: 1"),
+        "{shown:#?}"
+    );
+    // ...and the finished bar is left on a line of its own, last.
+    assert!(
+        shown[shown.len() - 2].contains("3000/3000 bets"),
+        "{shown:#?}"
+    );
+    assert_eq!(shown.last().unwrap(), "", "{shown:#?}");
+}
+
+#[test]
+fn a_toml_error_keeps_its_lines_so_the_marker_points_at_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "[server]\nport = \"twelve\"\n").unwrap();
+    let out = run(lottery().arg("server").arg("--config").arg(&path));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "lottery: configuration error: invalid config file {}: TOML parse error at line 2, \
+             column 8\n  |\n2 | port = \"twelve\"\n  |        ^^^^^^^^\ninvalid type: string \
+             \"twelve\", expected u16\n",
+            path.display()
+        )
+    );
+}
+
+/// The agency's stdout with `config` (or nothing) and `LOTTERY_CONFIG` (or
+/// none), run in `dir`; it stops at once, having no data file.
+fn agency_config_lines(
+    dir: &std::path::Path,
+    flag: Option<&std::path::Path>,
+    var: Option<&std::path::Path>,
+) -> Vec<String> {
+    let mut cmd = lottery();
+    cmd.current_dir(dir)
+        .arg("agency")
+        .env_remove("LOTTERY_CONFIG");
+    if let Some(path) = flag {
+        cmd.arg("--config").arg(path);
+    }
+    if let Some(path) = var {
+        cmd.env("LOTTERY_CONFIG", path);
+    }
+    let out = run(&mut cmd);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l[20..].to_string())
+        .filter(|l| !l.contains("action: exit"))
+        .collect()
+}
+
+const AGENCY_CONFIG: &str = "INFO     action: config | result: success | client_id: 1 | \
+    server_address: 127.0.0.1:12345 | batch_max_amount: 70 | log_level: INFO | data_file: \
+    .data/agency-1.csv";
+
+#[test]
+fn a_missing_default_config_file_means_defaults_in_silence() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        agency_config_lines(dir.path(), None, None),
+        [format!("{AGENCY_CONFIG} | config_file: none")]
+    );
+}
+
+#[test]
+fn the_config_line_names_the_file_read() {
+    let dir = tempfile::tempdir().unwrap();
+    // The default, ./config.toml, when it is there.
+    std::fs::write(dir.path().join("config.toml"), "[log]\nlevel = \"INFO\"\n").unwrap();
+    assert_eq!(
+        agency_config_lines(dir.path(), None, None),
+        [format!("{AGENCY_CONFIG} | config_file: ./config.toml")]
+    );
+    let named = dir.path().join("named.toml");
+    std::fs::write(&named, "").unwrap();
+    assert_eq!(
+        agency_config_lines(dir.path(), Some(&named), None),
+        [format!(
+            "{AGENCY_CONFIG} | config_file: {}",
+            named.display()
+        )]
+    );
+}
+
+#[test]
+fn a_named_config_file_that_is_missing_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo.toml");
+    for (flag, var, named_by) in [
+        (Some(missing.as_path()), None, "--config"),
+        (None, Some(missing.as_path()), "LOTTERY_CONFIG"),
+    ] {
+        assert_eq!(
+            agency_config_lines(dir.path(), flag, var),
+            [
+                format!(
+                    "WARN     action: config_file | result: fail | path: {} | reason: the \
+                     configuration file named by {named_by} does not exist; running on \
+                     defaults, environment and flags",
+                    missing.display()
+                ),
+                format!("{AGENCY_CONFIG} | config_file: none"),
+            ]
+        );
+    }
+}
+
+#[test]
+fn the_server_config_line_keeps_the_contract_fields_first_then_the_file() {
+    let work = tempfile::tempdir().unwrap();
+    let server = Server::start(&work.path().join("bets.csv"), 1, 7574);
+    let line = server.proc.lines()[0].clone();
+    assert!(
+        line.contains(
+            " INFO     action: config | result: success | port: 0 | listen_backlog: 5 | \
+             logging_level: INFO | agencies: 1 | "
+        ),
+        "{line}"
+    );
+    assert!(line.ends_with(" | config_file: /dev/null"), "{line}");
 }

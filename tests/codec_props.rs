@@ -7,7 +7,7 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use lottery::model::Bet;
 use lottery::wire::{
-    escape_into, split_pairs, to_payload, unescape, AgencyCodec, ErrorCode, Reply, Request,
+    escape_into, split_pairs, to_payload, unescape, AgencyCodec, ErrorCode, Finish, Reply, Request,
     ServerCodec, WireMessage, MAX_PAYLOAD_LEN,
 };
 
@@ -55,7 +55,10 @@ fn request() -> impl Strategy<Value = Request> {
             let r = Request::Batch { first: None, bets: bets.into() };
             (to_payload(&r).len() <= MAX_PAYLOAD_LEN).then_some(r)
         }),
-        1 => (1u32..=1000).prop_map(|agency| Request::Finished { agency }),
+        1 => (1u32..=1000, any::<bool>()).prop_map(|(agency, reference)| Request::Finished {
+            agency,
+            spelling: if reference { Finish::FinishBetting } else { Finish::BettingFinished },
+        }),
         1 => (1u32..=1000).prop_map(|agency| Request::Hello { agency, secret: None }),
     ]
 }
@@ -166,7 +169,7 @@ proptest! {
         let codes = ["MALFORMED_MESSAGE", "FRAME_TOO_LARGE", "UNKNOWN_MESSAGE", "INVALID_BET",
                      "WRONG_AGENCY", "AGENCY_BUSY", "AGENCY_FINISHED", "STORAGE_FAILED"];
         let code = ErrorCode::from_wire(codes[code]).unwrap();
-        for reply in [Reply::Error { code, message: message.clone() }, Reply::Winners { documents: docs.clone(), more: false }] {
+        for reply in [Reply::Error { code, message: message.clone() }, Reply::Winners { documents: docs.clone(), more: false, sealed: None }] {
             prop_assert_eq!(Reply::parse(&to_payload(&reply)).unwrap(), reply);
         }
     }
@@ -204,7 +207,10 @@ fn every_frame_split_at_every_byte_boundary() {
             first: Some(20),
             bets: bets[20..].into(),
         },
-        Request::Finished { agency: 2 },
+        Request::Finished {
+            agency: 2,
+            spelling: Finish::BettingFinished,
+        },
     ];
     let wire = encode_all(&requests);
     for cut in 1..wire.len() {

@@ -140,8 +140,7 @@ fn twenty_agencies() {
 
 #[test]
 fn real_dataset_when_present() {
-    let Some(dir) = real_data() else {
-        eprintln!("../shared/data is not here; skipping the real dataset");
+    let Some(dir) = real_data("real_dataset_when_present") else {
         return;
     };
     let counts = run_lottery(&dir, 5, 7574);
@@ -177,6 +176,7 @@ fn a_central_restarted_on_a_drawn_round_announces_it() {
     // The same folder again: the central says the round is over.
     let drawn: toml::Table = toml::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
     let drawn_at = drawn["drawn_at"].as_str().unwrap();
+    let seal = drawn["seal"].as_str().unwrap();
     let restarted = Server::start(&storage, 2, 7574);
     // Logged before the listen line, which `start` has waited for.
     let line = restarted
@@ -186,7 +186,7 @@ fn a_central_restarted_on_a_drawn_round_announces_it() {
         .find(|l| l.contains("action: draw_record"))
         .unwrap_or_else(|| panic!("no draw_record line:\n{}", restarted.proc.output()));
     let want = format!(
-        " WARN     action: draw_record | result: success | state: already_drawn | drawn_at: {drawn_at} | bets: 400 | winning_number: 7574 | record: {} | storage: {} | message: this round is already drawn: the central only serves its winners and refuses new bets; to start a new round, move the bets file and the draw record aside or point server.storage at a new file",
+        " WARN     action: draw_record | result: success | state: already_drawn | drawn_at: {drawn_at} | bets: 400 | winning_number: 7574 | record: {} | storage: {} | seal: {seal} | message: this round is already drawn: the central only serves its winners and refuses new bets; to start a new round, stop the central and run `lottery new-round` (it keeps this round's files, named by round and seal)",
         record.display(),
         storage.display()
     );

@@ -177,9 +177,19 @@ impl Scenario {
     fn finish(self, raw: &mut Raw, good: &[&str]) {
         raw.send(b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n");
         let winners = raw.recv().expect("agency 2's winners");
-        assert_eq!(
-            winners,
-            format!("STATUS:SUCCESS|WINNERS:{}\n", good.join(","))
+        let contract = format!("STATUS:SUCCESS|WINNERS:{}", good.join(","));
+        // A session opened by HELLO also gets its receipt and the seal.
+        let sealed = |rest: &str| {
+            let hex = |v: &str| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit());
+            let rest = rest.strip_prefix(&format!("|STORED:{}|DIGEST:", good.len()));
+            rest.and_then(|r| r.strip_suffix('\n'))
+                .and_then(|r| r.split_once("|SEAL:"))
+                .is_some_and(|(digest, seal)| hex(digest) && hex(seal))
+        };
+        assert!(
+            winners == format!("{contract}\n")
+                || winners.strip_prefix(&contract).is_some_and(sealed),
+            "{winners}"
         );
         self.check(good);
     }
@@ -352,6 +362,47 @@ fn unknown_action_and_unknown_message() {
         b"HELLO:WORLD\n",
         "UNKNOWN_MESSAGE",
         "neither BATCH_SIZE nor ACTION",
+    );
+}
+
+#[test]
+fn a_message_that_is_not_a_batch_is_logged_as_a_refused_request() {
+    let work = tempfile::tempdir().unwrap();
+    let server = start_server(work.path(), &[]);
+    let mut raw = Raw::connect(&server.address());
+    let peer = raw.peer();
+    raw.expect_error(b"ACTION:NOPE\n", "UNKNOWN_MESSAGE");
+    let line = server.proc.wait_for(&peer);
+    assert!(
+        line.ends_with(&format!(
+            " WARN     action: request | result: fail | {peer} | code: UNKNOWN_MESSAGE | \
+             reason: unknown message: ACTION:NOPE"
+        )),
+        "{line}"
+    );
+    // A batch that is refused is still a rejected batch.
+    let batch = format!("BATCH_SIZE:2|BET_1:{}\n", good2("20000001"));
+    raw.expect_error(batch.as_bytes(), "MALFORMED_MESSAGE");
+    let line = server.proc.wait_for(&peer);
+    assert!(
+        line.contains(&format!(
+            " WARN     action: apuesta_recibida | result: fail | cantidad: 0 | {peer} | \
+             code: MALFORMED_MESSAGE | reason: batch is inconsistent"
+        )),
+        "{line}"
+    );
+    // Neither closed the connection.
+    raw.send(b"ACTION:PING\n");
+    assert_eq!(raw.recv().unwrap(), "STATUS:SUCCESS|MESSAGE:pong\n");
+    assert_eq!(
+        server
+            .proc
+            .output()
+            .matches("action: apuesta_recibida")
+            .count(),
+        1,
+        "{}",
+        server.proc.output()
     );
 }
 
@@ -568,9 +619,10 @@ fn a_second_connection_for_a_connected_agency() {
     // final count, and the older connection is closed.
     let mut third = sc.connect();
     third.send(b"ACTION:HELLO|AGENCY_ID:2\n");
-    assert_eq!(
-        third.recv().expect("a reply"),
-        "STATUS:SUCCESS|MESSAGE:agency 2: resume from bet 2|STORED:2\n"
+    let reply = third.recv().expect("a reply");
+    assert!(
+        reply.starts_with("STATUS:SUCCESS|MESSAGE:agency 2: resume from bet 2|STORED:2|DIGEST:"),
+        "{reply}"
     );
     first.expect_closed();
     third.expect_open("20000004");
@@ -748,21 +800,32 @@ fn secrets_keep_out_whoever_lacks_them() {
         &[("SERVER_SECRETS_FILE", secrets.display().to_string())],
         &[("CLI_SECRET", "uno-secreto".into())],
     );
-    // No HELLO: neither bets nor the winners.
-    let mut raw = sc.connect();
-    let reply = raw.expect_error(
-        format!("BATCH_SIZE:1|BET_1:{}\n", good2("20000009")).as_bytes(),
-        "UNAUTHENTICATED",
-    );
-    assert!(
-        reply.contains("requires HELLO with the agency's SECRET"),
-        "{reply}"
-    );
-    raw.expect_closed();
-    sc.fail_line(&raw, Some("UNAUTHENTICATED"));
-    let mut raw = sc.connect();
-    raw.expect_error(b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n", "UNAUTHENTICATED");
-    raw.expect_closed();
+    // No HELLO: no bets, no announcement, no probe, and no answer of its
+    // own for a malformed or unknown message either: UNAUTHENTICATED, and
+    // the connection is closed.
+    let batch = format!("BATCH_SIZE:1|BET_1:{}\n", good2("20000009"));
+    let before_hello: [&[u8]; 7] = [
+        batch.as_bytes(),
+        b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n",
+        b"ACTION:PING\n",
+        b"ACTION:STATUS\n",
+        b"ACTION:NOPE\n",
+        b"NOCOLON\n",
+        b"\xff\n",
+    ];
+    for payload in before_hello {
+        let mut raw = sc.connect();
+        let reply = raw.expect_error(payload, "UNAUTHENTICATED");
+        assert!(
+            reply.contains("requires HELLO with the agency's SECRET"),
+            "{reply}"
+        );
+        raw.expect_closed();
+    }
+    // Logged in summary, per address: the first at once.
+    let line = sc.log_line(&["action: auth_failures", "peer: 127.0.0.1 |"]);
+    assert!(line.contains("WARN "), "{line}");
+    assert!(line.contains("unauthenticated: 1"), "{line}");
     // A wrong secret, and another agency's secret.
     for secret in ["adivina", "uno-secreto"] {
         let mut raw = sc.connect();
@@ -775,14 +838,276 @@ fn secrets_keep_out_whoever_lacks_them() {
             "{reply}"
         );
         raw.expect_closed();
-        sc.fail_line(&raw, Some("UNAUTHENTICATED"));
     }
-    // The right one.
+    // The right one (two strikes: not locked out yet).
     let mut raw = sc.connect();
     raw.send(b"ACTION:HELLO|AGENCY_ID:2|SECRET:dos-secreto\n");
     assert!(raw.recv().unwrap().starts_with("STATUS:SUCCESS|"));
     raw.expect_open("20000001");
     sc.finish(&mut raw, &["20000001"]);
+}
+
+/// `lottery compose` for `agencies` agencies in `dir`: the compose file,
+/// and the secrets it mounts, as an operator gets them.
+fn compose_secrets(dir: &std::path::Path, agencies: u32) -> PathBuf {
+    let out = lottery()
+        .arg("compose")
+        .args(["--agencies", &agencies.to_string()])
+        .arg("--out")
+        .arg(dir.join("compose.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    dir.join("secrets")
+}
+
+#[test]
+fn a_stranger_can_neither_finish_an_agency_nor_read_its_winners() {
+    // The documented setup: the central and its agencies with the secrets
+    // `lottery compose` writes.
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = compose_secrets(dir.path(), 2);
+    let server = start_server(
+        dir.path(),
+        &[(
+            "SERVER_SECRETS_FILE",
+            secrets.join("central.toml").display().to_string(),
+        )],
+    );
+    // What was seen: a stranger announces agency 1 finished, to learn its
+    // winners and close its upload before it starts.
+    for finished in ["BETTING_FINISHED", "FINISH_BETTING"] {
+        let mut raw = Raw::connect(&server.address());
+        let reply = raw.expect_error(
+            format!("ACTION:{finished}|AGENCY_ID:1\n").as_bytes(),
+            "UNAUTHENTICATED",
+        );
+        assert!(!reply.contains("WINNERS"), "{reply}");
+        raw.expect_closed();
+    }
+    // Nothing of it counted: both agencies upload all their bets (no
+    // AGENCY_FINISHED) and get exactly their own winners.
+    let data = tempfile::tempdir().unwrap();
+    generate(
+        data.path(),
+        &GenOptions {
+            agencies: 2,
+            bets_per_agency: 500,
+            seed: 12,
+            winning_number: WINNING,
+            winner_share: 0.02,
+            tricky_share: 0.0,
+            crlf: false,
+        },
+    )
+    .unwrap();
+    let agencies: Vec<Proc> = (1..=2)
+        .map(|id| {
+            let mut cmd = agency_command(
+                id,
+                &server.address(),
+                &data_file(data.path(), id),
+                &dir.path().join(format!("winners-{id}.txt")),
+            );
+            cmd.env(
+                "CLI_SECRET_FILE",
+                secrets.join(format!("agency-{id}.secret")),
+            );
+            Proc::spawn(cmd)
+        })
+        .collect();
+    let expected = expected(data.path(), 2, WINNING);
+    for (id, agency) in (1..=2).zip(&agencies) {
+        let status = agency.wait_exit(PATIENCE);
+        assert!(status.success(), "{}\n{}", agency.output(), agency.stderr());
+        assert_eq!(
+            read_winners(&dir.path().join(format!("winners-{id}.txt"))),
+            expected.winners[&id]
+        );
+    }
+    assert_eq!(stored(&dir.path().join("bets.csv")), expected.rows);
+    assert!(!server.proc.output().contains("AGENCY_FINISHED"));
+}
+
+#[test]
+fn guessing_secrets_is_throttled_and_logged_in_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = secrets_file(dir.path());
+    let server = start_server(
+        dir.path(),
+        &[("SERVER_SECRETS_FILE", secrets.display().to_string())],
+    );
+    // The issue measured 8,700 guesses a second, each its own log line.
+    const ATTEMPTS: usize = 300;
+    let (mut wrong, mut throttled) = (0, 0);
+    for i in 0..ATTEMPTS {
+        let mut raw = Raw::connect(&server.address());
+        raw.send(format!("ACTION:HELLO|AGENCY_ID:1|SECRET:guess-{i}\n").as_bytes());
+        let reply = raw.recv().expect("every attempt is answered");
+        if reply.starts_with("STATUS:ERROR|CODE:UNAUTHENTICATED|MESSAGE:wrong or missing SECRET") {
+            wrong += 1;
+        } else if reply
+            .starts_with("STATUS:ERROR|CODE:AUTH_THROTTLED|MESSAGE:too many wrong secrets")
+        {
+            throttled += 1;
+        } else {
+            panic!("attempt {i}: {reply:?}");
+        }
+        raw.expect_closed();
+    }
+    // Three guesses were checked; every later one was refused unread (the
+    // first lockout, 10 s, outlasts this loop by far).
+    assert_eq!((wrong, throttled), (3, ATTEMPTS - 3));
+    // So is the right secret, until the lockout ends.
+    let mut raw = Raw::connect(&server.address());
+    raw.expect_error(
+        b"ACTION:HELLO|AGENCY_ID:1|SECRET:uno-secreto\n",
+        "AUTH_THROTTLED",
+    );
+    raw.expect_closed();
+    // Another address is not locked out (127.0.0.2 is loopback too).
+    let other = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let address = format!("127.0.0.1:{}", server.port).parse().unwrap();
+        socket.connect(address).await.unwrap().into_std().unwrap()
+    });
+    other.set_nonblocking(false).unwrap();
+    other.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut raw = Raw { stream: other };
+    raw.send(b"ACTION:HELLO|AGENCY_ID:1|SECRET:uno-secreto\n");
+    assert!(raw.recv().unwrap().starts_with("STATUS:SUCCESS|"));
+    drop(raw);
+    // The log: a few summary lines with counts, never one per attempt.
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+    let lines: Vec<String> = server
+        .proc
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("action: auth_failures"))
+        .collect();
+    assert!(
+        (1..=3).contains(&lines.len()),
+        "one line per interval and one at shutdown: {lines:#?}"
+    );
+    let count = |key: &str| -> usize {
+        lines
+            .iter()
+            .map(|l| {
+                l.split(" | ")
+                    .find_map(|f| f.strip_prefix(key))
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or_else(|| panic!("no {key} in {l}"))
+            })
+            .sum()
+    };
+    assert_eq!(count("wrong_secret: "), 3);
+    assert_eq!(count("locked_out: "), ATTEMPTS - 3 + 1);
+    let refusals = server
+        .proc
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("UNAUTHENTICATED") || l.contains("AUTH_THROTTLED"))
+        .count();
+    assert_eq!(refusals, 0, "no line per refused attempt");
+    // Nor any other line per attempt (a closed connection, say): the
+    // whole log of 300 attempts is a few lines.
+    assert!(server.proc.lines().len() < 20, "{}", server.proc.output());
+}
+
+#[test]
+fn an_honest_agency_behind_a_locked_out_address_gets_in_once_the_lockout_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = secrets_file(dir.path());
+    let server = start_server_for(
+        dir.path(),
+        1,
+        &[("SERVER_SECRETS_FILE", secrets.display().to_string())],
+    );
+    // Someone at the same address (a NAT, here loopback) guesses.
+    for _ in 0..3 {
+        let mut raw = Raw::connect(&server.address());
+        raw.expect_error(
+            b"ACTION:HELLO|AGENCY_ID:1|SECRET:adivina\n",
+            "UNAUTHENTICATED",
+        );
+    }
+    let data = dir.path().join("agency-1.csv");
+    std::fs::write(&data, "Ana,Pérez,30904465,1999-03-17,7574\n").unwrap();
+    let winners = dir.path().join("winners-1.txt");
+    let mut cmd = agency_command(1, &server.address(), &data, &winners);
+    cmd.env("CLI_SECRET", "uno-secreto");
+    let agency = Proc::spawn(cmd);
+    // Refused unread while the lockout lasts, it retries rather than give up...
+    let line = agency.wait_for("action: reconnect | result: in_progress");
+    assert!(line.contains("AUTH_THROTTLED"), "{line}");
+    // ... and gets in once the lockout (10 s) is over.
+    let status = agency.wait_exit(PATIENCE);
+    assert!(status.success(), "{}\n{}", agency.output(), agency.stderr());
+    assert_eq!(read_winners(&winners), ["30904465"]);
+}
+
+#[test]
+fn operators_see_status_without_taking_over_an_agency() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets.toml");
+    std::fs::write(
+        &secrets,
+        "1 = \"uno-secreto\"\n2 = \"dos-secreto\"\noperator = \"operador\"\n",
+    )
+    .unwrap();
+    let env = [("SERVER_SECRETS_FILE", secrets.display().to_string())];
+    let server = start_server(dir.path(), &env);
+    // Agency 2 is connected and has stored a bet.
+    let mut agency = Raw::connect(&server.address());
+    agency.send(b"ACTION:HELLO|AGENCY_ID:2|SECRET:dos-secreto\n");
+    assert!(agency.recv().unwrap().starts_with("STATUS:SUCCESS|"));
+    agency.expect_open("20000001");
+    let tool = |args: &[&str], with_secret: bool| {
+        let mut cmd = lottery();
+        cmd.args(args).args(["--address", &server.address()]);
+        if with_secret {
+            cmd.env("SERVER_SECRETS_FILE", &secrets);
+        }
+        cmd.output().unwrap()
+    };
+    // `lottery status` opens an operator session with the operator's secret
+    // from the central's secrets file.
+    let status = tool(&["status"], true);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{status:?}");
+    assert!(text.contains("     2           1  uploading\n"), "{text}");
+    // ... and agency 2's session is untouched.
+    agency.expect_open("20000002");
+    // Without the secret it says what it needs.
+    let refused = tool(&["status"], false);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("the central requires authentication"), "{err}");
+    assert!(err.contains("operator"), "{err}");
+    // `lottery health` needs no secret: an answer in protocol is an answer.
+    for with_secret in [true, false] {
+        let health = tool(&["health"], with_secret);
+        assert!(health.status.success(), "{health:?}");
+    }
+    // An operator session may only look.
+    let mut op = Raw::connect(&server.address());
+    op.send(b"ACTION:HELLO|ROLE:OPERATOR|SECRET:operador\n");
+    assert_eq!(
+        op.recv().unwrap(),
+        "STATUS:SUCCESS|MESSAGE:operator session: PING and STATUS\n"
+    );
+    op.send(b"ACTION:PING\n");
+    assert_eq!(op.recv().unwrap(), "STATUS:SUCCESS|MESSAGE:pong\n");
+    let reply = op.expect_error(b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n", "UNAUTHENTICATED");
+    assert!(reply.contains("only PING and STATUS"), "{reply}");
+    op.expect_closed();
+    agency.expect_open("20000003");
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+    let stored = stored(&dir.path().join("bets.csv"));
+    assert_eq!(stored[&2].len(), 3);
 }
 
 #[test]
@@ -910,13 +1235,24 @@ fn tls_carries_the_run_and_nothing_crosses_in_clear() {
         );
     }
 
-    // A plain-text client gets nowhere, and the server says why.
+    // A plain-text client gets nowhere but is told, in plain text and in
+    // the protocol, that the central speaks TLS; the server says why.
     let mut plain = Raw::connect(&format!("127.0.0.1:{port}"));
     plain.send(b"ACTION:HELLO|AGENCY_ID:1\n");
+    let reply = plain.recv().expect("a plain-text answer");
+    assert!(
+        reply.starts_with(
+            "STATUS:ERROR|CODE:TLS_REQUIRED|MESSAGE:this central speaks only TLS: \
+             set agency.tls_ca (CLI_TLS_CA)"
+        ),
+        "{reply}"
+    );
     assert_eq!(plain.recv(), None);
     let line = proc.wait_for(&plain.peer());
     assert!(
-        line.contains("result: fail") && line.contains("TLS handshake failed"),
+        line.contains("result: fail")
+            && line.contains("code: TLS_REQUIRED")
+            && line.contains("a plain-text client on this TLS central"),
         "{line}"
     );
 

@@ -33,10 +33,17 @@ impl Store for Hung {
         _bets: &Bets,
         _skip: usize,
         _sequence: &Sequence,
+        _receipt: lottery::receipt::Receipt,
     ) -> BoxFuture<'a, Result<Stored, StorageError>> {
         future::pending().boxed()
     }
     fn tally(&self, _winning_number: u16) -> BoxFuture<'_, Result<Tally, StorageError>> {
+        future::pending().boxed()
+    }
+    fn recompute(
+        &self,
+        _winning_number: u16,
+    ) -> BoxFuture<'_, Result<lottery::receipt::Recomputed, StorageError>> {
         future::pending().boxed()
     }
     fn load_draw(&self) -> BoxFuture<'_, Result<Option<Draw>, StorageError>> {

@@ -233,8 +233,47 @@ fn a_generated_compose_file_has_everything_for_n_agencies() {
     assert!(volumes.iter().any(|v| v.starts_with("./config.toml:")));
     assert!(doc["volumes"].as_mapping().unwrap().contains_key("bets"));
 
+    // Authenticated: the central reads every agency's secret and the
+    // operator's from its own secret, mounted read-only (compose secrets
+    // are), and nothing secret is written into the compose file itself.
+    assert!(
+        env.contains(&"SERVER_SECRETS_FILE=/run/secrets/central"),
+        "{env:?}"
+    );
+    assert_eq!(server["secrets"][0], "central");
+    assert_eq!(doc["secrets"]["central"]["file"], "./secrets/central.toml");
+    let secrets_dir = dir.path().join("secrets");
+    let central: std::collections::BTreeMap<String, String> =
+        toml::from_str(&std::fs::read_to_string(secrets_dir.join("central.toml")).unwrap())
+            .unwrap();
+    assert_eq!(central.len(), 8, "7 agencies and the operator: {central:?}");
+    assert!(central["operator"].len() >= 32);
+    let text = std::fs::read_to_string(&path).unwrap();
+    for secret in central.values() {
+        assert!(
+            !text.contains(secret.as_str()),
+            "a secret in the compose file"
+        );
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&secrets_dir)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "the secrets directory is private");
+
     for i in 1..=7 {
         let client = &doc["services"][format!("client{i}").as_str()];
+        // Its own secret only, from the file the central's agrees with.
+        let name = format!("agency-{i}");
+        assert_eq!(client["secrets"].as_sequence().unwrap().len(), 1);
+        assert_eq!(client["secrets"][0], name.as_str());
+        assert_eq!(
+            doc["secrets"][name.as_str()]["file"],
+            format!("./secrets/agency-{i}.secret").as_str()
+        );
+        let own = std::fs::read_to_string(secrets_dir.join(format!("agency-{i}.secret"))).unwrap();
+        assert_eq!(own.trim(), central[&i.to_string()]);
         assert_eq!(client["container_name"], format!("client{i}").as_str());
         assert_eq!(
             client["depends_on"]["server"]["condition"],
@@ -248,6 +287,8 @@ fn a_generated_compose_file_has_everything_for_n_agencies() {
             .collect();
         assert!(env.contains(&format!("CLI_ID={i}").as_str()), "{env:?}");
         assert!(env.contains(&"CLI_SERVER_ADDRESS=server:12345"));
+        let secret_file = format!("CLI_SECRET_FILE=/run/secrets/agency-{i}");
+        assert!(env.contains(&secret_file.as_str()), "{env:?}");
         let volumes: Vec<&str> = client["volumes"]
             .as_sequence()
             .unwrap()
@@ -257,4 +298,78 @@ fn a_generated_compose_file_has_everything_for_n_agencies() {
         assert!(volumes.contains(&"./.data:/data:ro"), "{volumes:?}");
         assert!(client["stop_grace_period"].as_str().is_some());
     }
+}
+
+#[test]
+fn regenerating_the_compose_file_keeps_the_secrets_and_adds_new_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("compose.yaml");
+    let compose = |n: &str| {
+        let out = run(&["compose", "--agencies", n, "--out", path.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+        let central = dir.path().join("secrets/central.toml");
+        toml::from_str::<std::collections::BTreeMap<String, String>>(
+            &std::fs::read_to_string(central).unwrap(),
+        )
+        .unwrap()
+    };
+    let two = compose("2");
+    let three = compose("3");
+    assert_eq!(two["1"], three["1"], "a running agency keeps its secret");
+    assert_eq!(two["operator"], three["operator"]);
+    assert_eq!(three.len(), 4);
+    assert!(three.values().all(|s| s.len() == 64), "{three:?}");
+    assert_ne!(three["1"], three["2"]);
+    // `lottery secrets` (the by-hand run's) is the same directory's maker.
+    let dir_arg = dir.path().join("secrets");
+    let out = run(&[
+        "secrets",
+        "--agencies",
+        "3",
+        "--dir",
+        dir_arg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("central.toml: the central's (SERVER_SECRETS_FILE)"));
+    let again: std::collections::BTreeMap<String, String> =
+        toml::from_str(&std::fs::read_to_string(dir_arg.join("central.toml")).unwrap()).unwrap();
+    assert_eq!(again, three);
+}
+
+#[test]
+fn status_and_health_say_where_they_looked_when_the_central_is_down() {
+    // Held, not listening: connecting is refused.
+    let port = HeldPort::new();
+    let address = port.address();
+    for tool in ["status", "health"] {
+        let out = run(&[tool, "--address", &address]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!(
+                "lottery: error: cannot connect to the central at {address}: Connection refused \
+                 (os error 111); nothing listens there: is the central running, and on this \
+                 port? (its `listen` log line shows its address); the address is --address, \
+                 else agency.server_address (CLI_SERVER_ADDRESS)\n"
+            ),
+            "lottery {tool}"
+        );
+    }
+}
+
+#[test]
+fn status_says_which_central_did_not_answer_in_time() {
+    // Listening, never answering: the kernel accepts, nobody reads.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = silent.local_addr().unwrap().to_string();
+    let out = run(&["status", "--address", &address, "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "lottery: error: the central at {address} did not answer within 1 s: is that the \
+             central's address, and is it serving? the address is --address, else \
+             agency.server_address (CLI_SERVER_ADDRESS); --timeout waits longer\n"
+        )
+    );
 }

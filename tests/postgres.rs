@@ -133,7 +133,9 @@ fn five_agencies_store_every_bet_once_as_rows_and_get_their_exact_winners() {
     let log = server.proc.output();
     assert!(
         log.contains(&format!(
-            "action: database_schema | result: success | storage: {url} | from_version: 0 | version: 1"
+            "action: database_schema | result: success | storage: {url} | from_version: 0 | \
+             version: {}",
+            lottery::store::postgres::schema::MIGRATIONS.len()
         )),
         "{log}"
     );
@@ -230,7 +232,9 @@ fn a_restarted_central_resumes_from_the_table_and_serves_the_recorded_draw() {
         "{log}"
     );
     assert!(
-        log.contains(&format!("record: table draw | storage: {url}")),
+        log.contains(&format!(
+            "record: tables draw and draw_agencies | storage: {url}"
+        )),
         "{log}"
     );
     relay.point_at(Some(&third.address()));
@@ -344,6 +348,18 @@ fn batch(agency: u32, docs: std::ops::Range<u32>) -> lottery::model::Bets {
     bets
 }
 
+/// `prior` (or agency `agency`'s empty receipt) extended by `bets`: the
+/// receipt the central hands the store with them.
+fn after(
+    prior: Option<lottery::receipt::Receipt>,
+    agency: u32,
+    bets: &lottery::model::Bets,
+) -> lottery::receipt::Receipt {
+    prior
+        .unwrap_or_else(|| lottery::receipt::Receipt::empty(agency))
+        .after(bets.iter())
+}
+
 fn target(url: &str) -> lottery::store::PgTarget {
     match url.parse().unwrap() {
         lottery::store::Storage::Postgres(target) => *target,
@@ -374,9 +390,18 @@ fn batches_waiting_together_are_stored_in_one_transaction() {
         assert!(stored.is_empty());
         // 200 connections' batches, all queued before any is answered.
         let mut pending = Vec::new();
+        let mut receipts = std::collections::HashMap::new();
         for i in 0..200u32 {
-            let bets = batch(1 + i % 5, i * 10..i * 10 + 10);
-            pending.push(store.submit(&bets, 0, &Sequence::new()).await.unwrap());
+            let agency = 1 + i % 5;
+            let bets = batch(agency, i * 10..i * 10 + 10);
+            let receipt = after(receipts.get(&agency).copied(), agency, &bets);
+            receipts.insert(agency, receipt);
+            pending.push(
+                store
+                    .submit(&bets, 0, &Sequence::new(), receipt)
+                    .await
+                    .unwrap(),
+            );
         }
         for p in pending {
             p.await.unwrap();
@@ -427,13 +452,21 @@ fn after_a_batch_is_lost_with_the_database_its_connection_stores_nothing_more() 
         .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
         .unwrap();
     let (pipelined, other) = (Sequence::new(), Sequence::new());
+    let acked = after(None, 1, &batch(1, 0..3));
     rt.block_on(async {
-        let first = store.submit(&batch(1, 0..3), 0, &pipelined).await.unwrap();
+        let first = store
+            .submit(&batch(1, 0..3), 0, &pipelined, acked)
+            .await
+            .unwrap();
         first.await.unwrap();
     });
     pg.stop();
     let err = rt.block_on(async {
-        let lost = store.submit(&batch(1, 3..6), 0, &pipelined).await.unwrap();
+        let receipt = after(Some(acked), 1, &batch(1, 3..6));
+        let lost = store
+            .submit(&batch(1, 3..6), 0, &pipelined, receipt)
+            .await
+            .unwrap();
         lost.await.unwrap_err()
     });
     let shown = err.to_string();
@@ -445,14 +478,22 @@ fn after_a_batch_is_lost_with_the_database_its_connection_stores_nothing_more() 
     pg.start_again();
     rt.block_on(async {
         // Behind the gap: refused without being stored, database or not.
-        let behind = store.submit(&batch(1, 6..9), 0, &pipelined).await.unwrap();
+        let receipt = after(Some(acked), 1, &batch(1, 6..9));
+        let behind = store
+            .submit(&batch(1, 6..9), 0, &pipelined, receipt)
+            .await
+            .unwrap();
         let err = behind.await.unwrap_err().to_string();
         assert!(err.contains("earlier batch"), "{err}");
         // Another connection goes on, numbered after what was acknowledged.
-        let next = store.submit(&batch(1, 9..12), 0, &other).await.unwrap();
+        let receipt = after(Some(acked), 1, &batch(1, 9..12));
+        let next = store
+            .submit(&batch(1, 9..12), 0, &other, receipt)
+            .await
+            .unwrap();
         next.await.unwrap();
         store.close().await;
-        let closed = store.submit(&batch(1, 12..13), 0, &other).await;
+        let closed = store.submit(&batch(1, 12..13), 0, &other, receipt).await;
         assert!(closed.is_err(), "a closed store takes no batch");
     });
     assert_eq!(
@@ -462,9 +503,19 @@ fn after_a_batch_is_lost_with_the_database_its_connection_stores_nothing_more() 
         ),
         vec![vec![Some("0@0 1@1 2@2 9@3 10@4 11@5".to_string())]]
     );
+    // The receipt committed is the acknowledged one: the three bets
+    // acknowledged, then the other connection's three.
+    let receipt = after(Some(acked), 1, &batch(1, 9..12));
     assert_eq!(
-        pg.query("lottery", "SELECT agency, stored FROM agencies"),
-        vec![vec![Some("1".to_string()), Some("6".to_string())]]
+        pg.query(
+            "lottery",
+            "SELECT agency, stored, encode(digest, 'hex') FROM agencies"
+        ),
+        vec![vec![
+            Some("1".to_string()),
+            Some("6".to_string()),
+            Some(receipt.digest.to_string())
+        ]]
     );
 }
 
@@ -486,8 +537,11 @@ fn centrals_starting_together_create_the_schema_once() {
         }
     });
     assert_eq!(
-        pg.query("lottery", "SELECT version FROM schema_version"),
-        vec![vec![Some("1".to_string())]]
+        pg.query(
+            "lottery",
+            "SELECT version FROM schema_version ORDER BY version"
+        ),
+        vec![vec![Some("1".to_string())], vec![Some("2".to_string())]]
     );
 }
 
@@ -502,9 +556,10 @@ fn rows_of_a_commit_never_acknowledged_are_taken_back_out_before_the_next_batch(
     let (store, _) = rt
         .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
         .unwrap();
+    let acked = after(None, 1, &batch(1, 0..3));
     rt.block_on(async {
         let first = store
-            .submit(&batch(1, 0..3), 0, &Sequence::new())
+            .submit(&batch(1, 0..3), 0, &Sequence::new(), acked)
             .await
             .unwrap();
         first.await.unwrap();
@@ -520,7 +575,12 @@ fn rows_of_a_commit_never_acknowledged_are_taken_back_out_before_the_next_batch(
     pg.stop();
     rt.block_on(async {
         let lost = store
-            .submit(&batch(1, 3..6), 0, &Sequence::new())
+            .submit(
+                &batch(1, 3..6),
+                0,
+                &Sequence::new(),
+                after(Some(acked), 1, &batch(1, 3..6)),
+            )
             .await
             .unwrap();
         assert!(lost.await.is_err());
@@ -528,7 +588,12 @@ fn rows_of_a_commit_never_acknowledged_are_taken_back_out_before_the_next_batch(
     pg.start_again();
     rt.block_on(async {
         let next = store
-            .submit(&batch(1, 6..9), 0, &Sequence::new())
+            .submit(
+                &batch(1, 6..9),
+                0,
+                &Sequence::new(),
+                after(Some(acked), 1, &batch(1, 6..9)),
+            )
             .await
             .unwrap();
         next.await.unwrap();

@@ -225,3 +225,56 @@ fn agency_sighup_shuts_down_like_sigterm() {
     assert!(signal < done);
     assert!(!agency.output().contains("result: fail"));
 }
+
+/// The action of a log line (`action: x | …` gives `x`).
+fn action_of(line: &str) -> &str {
+    line.split(" | ")
+        .find_map(|field| field.split("action: ").nth(1))
+        .unwrap_or("")
+}
+
+#[test]
+fn the_closing_lines_come_in_the_documented_order() {
+    // README's Shutdown section promises this order; a few runs, each with
+    // an idle, an uploading and a waiting connection, so a race between
+    // the steps would show.
+    for _ in 0..3 {
+        let work = tempfile::tempdir().unwrap();
+        let server = Server::start(&work.path().join("bets.csv"), 2, 7574);
+        let idle = TcpStream::connect(server.address()).unwrap();
+        let mut uploading = TcpStream::connect(server.address()).unwrap();
+        uploading.set_read_timeout(Some(PATIENCE)).unwrap();
+        send(&mut uploading, &format!("BATCH_SIZE:1|BET_1:{BET}\n"));
+        assert!(recv(&mut uploading).unwrap().starts_with("STATUS:SUCCESS"));
+        let mut waiting = TcpStream::connect(server.address()).unwrap();
+        send(&mut waiting, "ACTION:BETTING_FINISHED|AGENCY_ID:2\n");
+        server
+            .proc
+            .wait_for("action: agencia_finalizada | result: success | agency: 2");
+
+        server.proc.signal(Signal::SIGTERM);
+        let status = server.proc.wait_exit(Duration::from_secs(10));
+        assert!(status.success(), "exit status {status}");
+        let lines = server.proc.lines();
+        let closing: Vec<&str> = lines
+            .iter()
+            .map(|l| action_of(l))
+            .skip_while(|&a| a != "signal")
+            .collect();
+        assert_eq!(
+            closing,
+            [
+                "signal",
+                "close_listener",
+                "close_connection",
+                "close_connection",
+                "close_connection",
+                "close_bets_file",
+                "shutdown"
+            ],
+            "{}",
+            lines.join("\n")
+        );
+        drop(idle);
+    }
+}

@@ -336,6 +336,27 @@ fn bet(doc: u32, number: u16) -> String {
     )
 }
 
+/// The receipt of agency 1 holding the bets `docs` of [`batch`], as the
+/// central must answer it: `|STORED:n|DIGEST:…`.
+fn receipt_keys(docs: std::ops::Range<u32>) -> String {
+    let bets: Vec<lottery::model::Bet> = docs
+        .map(|d| {
+            let number = if d % 2 == 0 { "7574" } else { "1" };
+            lottery::model::Bet::from_fields(
+                "1",
+                "Ana",
+                "Perez",
+                &d.to_string(),
+                "1999-03-17",
+                number,
+            )
+            .unwrap()
+        })
+        .collect();
+    let r = lottery::receipt::Receipt::empty(1).after(bets.iter().map(|b| b.as_ref()));
+    format!("|STORED:{}|DIGEST:{}", r.count, r.digest)
+}
+
 /// A batch of the bets `docs` (winning when the document is even), starting
 /// at position `first` of the agency's file.
 fn batch(first: u64, docs: std::ops::Range<u32>) -> String {
@@ -353,9 +374,11 @@ async fn hello_reports_stored_bets_and_resent_batches_are_not_stored_twice() {
     let server = TestServer::start(1).await;
     let mut agency = server.connect().await;
     send(&mut agency, b"ACTION:HELLO|AGENCY_ID:1\n").await;
+    // The receipt of nothing stored: d_0 of agency 1 (docs/PROTOCOL.md).
     assert_eq!(
         recv(&mut agency).await,
-        "STATUS:SUCCESS|MESSAGE:agency 1: resume from bet 0|STORED:0\n"
+        "STATUS:SUCCESS|MESSAGE:agency 1: resume from bet 0|STORED:0\
+         |DIGEST:a4f8a6c9efcdfd938efe4b6eb9df4586fa204c3388f43e13a5863024a1995cae\n"
     );
     send(&mut agency, batch(0, 10..13).as_bytes()).await;
     assert_eq!(
@@ -384,13 +407,51 @@ async fn hello_reports_stored_bets_and_resent_batches_are_not_stored_twice() {
     let server = server.restart().await;
     let mut agency = server.connect().await;
     send(&mut agency, b"ACTION:HELLO|AGENCY_ID:1\n").await;
-    assert!(recv(&mut agency).await.ends_with("|STORED:5\n"));
+    let resume = recv(&mut agency).await;
+    assert!(
+        resume.ends_with(&format!("{}\n", receipt_keys(10..15))),
+        "{resume}"
+    );
     let stored = server.stop().await;
     let docs: Vec<&str> = stored
         .lines()
         .map(|l| l.split(',').nth(3).unwrap())
         .collect();
     assert_eq!(docs, ["10", "11", "12", "13", "14"]);
+}
+
+#[tokio::test]
+async fn the_winners_of_a_hello_session_carry_its_receipt_and_the_seal() {
+    let server = TestServer::start(1).await;
+    let mut agency = server.connect().await;
+    hello(&mut agency).await;
+    send(&mut agency, batch(0, 10..13).as_bytes()).await;
+    recv(&mut agency).await;
+    send(&mut agency, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    let winners = recv(&mut agency).await;
+    let bets: Vec<lottery::model::Bet> = [("10", "7574"), ("11", "1"), ("12", "7574")]
+        .iter()
+        .map(|(d, n)| {
+            lottery::model::Bet::from_fields("1", "Ana", "Perez", d, "1999-03-17", n).unwrap()
+        })
+        .collect();
+    let receipt = lottery::receipt::Receipt::empty(1).after(bets.iter().map(|b| b.as_ref()));
+    let seal = lottery::receipt::seal(7574, 1, &[(1, receipt)].into());
+    assert_eq!(
+        winners,
+        format!(
+            "STATUS:SUCCESS|WINNERS:10,12{}|SEAL:{seal}\n",
+            receipt_keys(10..13)
+        )
+    );
+    // The record holds the same seal and receipt.
+    let record = std::fs::read_to_string(server.dir.path().join("bets.draw.toml")).unwrap();
+    assert!(record.contains(&format!("seal = \"{seal}\"")), "{record}");
+    assert!(
+        record.contains(&format!("digest = \"{}\"", receipt.digest)),
+        "{record}"
+    );
+    server.stop().await;
 }
 
 #[tokio::test]
@@ -490,7 +551,11 @@ async fn batches_in_flight_when_the_agency_hangs_up_are_counted() {
     // Usually all 60; fewer if the connection was reset before the central
     // read every frame, but never a count that differs from the file.
     assert!(stored > 0);
-    assert!(resume.ends_with(&format!("|STORED:{stored}\n")), "{resume}");
+    let docs = 100..100 + stored as u32;
+    assert!(
+        resume.ends_with(&format!("{}\n", receipt_keys(docs))),
+        "{resume}"
+    );
 }
 
 #[tokio::test]
@@ -574,7 +639,9 @@ async fn a_restarted_agency_takes_over_from_its_old_connection() {
     let server = TestServer::start(2).await;
     // The old session: stored a batch, announced it finished, waits.
     let mut old = server.connect().await;
-    assert!(hello(&mut old).await.ends_with("|STORED:0\n"));
+    assert!(hello(&mut old)
+        .await
+        .ends_with(&format!("{}\n", receipt_keys(0..0))));
     send(&mut old, batch(0, 10..13).as_bytes()).await;
     assert!(recv(&mut old).await.ends_with("|STORED:3\n"));
     send(&mut old, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
@@ -584,7 +651,10 @@ async fn a_restarted_agency_takes_over_from_its_old_connection() {
     let reply = hello(&mut new).await;
     assert_eq!(
         reply,
-        "STATUS:SUCCESS|MESSAGE:agency 1: resume from bet 3|STORED:3\n"
+        format!(
+            "STATUS:SUCCESS|MESSAGE:agency 1: resume from bet 3{}\n",
+            receipt_keys(10..13)
+        )
     );
     closed(&mut old).await;
     // The new session speaks for the agency: a batch resent from the old

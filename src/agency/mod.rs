@@ -22,15 +22,15 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::AgencyConfig;
 use crate::logging::{action, result};
 use crate::model::AgencyId;
-use crate::net::{self as tls, BoxedIo, TlsError};
+use crate::net::{self, BoxedIo, ClientTls, TlsError};
 use crate::wire::{ErrorCode, FrameError};
 
-use session::{session, SessionEnd};
+use session::{session, Protocol, SessionEnd};
 
 /// First wait before reconnecting; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -76,7 +76,7 @@ pub enum AgencyError {
         reason: String,
     },
     /// The central cannot be reached (retried).
-    #[error("cannot connect to {address}: {source}")]
+    #[error("cannot connect to {address}: {source}; {}", crate::net::unreachable_hint(.source))]
     Connect {
         /// The configured address.
         address: String,
@@ -111,15 +111,54 @@ pub enum AgencyError {
         /// The central's reason.
         message: String,
     },
+    /// The central's receipt does not match the data file (before
+    /// resuming, or with the winners): exit code 3.
+    #[error("{0}")]
+    Receipt(String),
     /// The central hung up.
     #[error("the central closed the connection while {0}")]
     Closed(&'static str),
+    /// The central did not answer in time.
+    #[error("{}", no_reply(during, *after, *silent))]
+    NoReply {
+        /// What the agency was waiting for.
+        during: &'static str,
+        /// The deadline that ran out.
+        after: Duration,
+        /// Nothing came since the request (else the central had sent
+        /// still-waiting frames, and then stopped).
+        silent: bool,
+    },
+    /// Speaking the reference protocol, the agency got an acknowledgement
+    /// only this project's central sends: it switches back.
+    #[error("the central acknowledged with STORED: it speaks the resumable protocol after all")]
+    ResumableAfterAll,
+    /// A connection or a write made no progress in time.
+    #[error("no progress for {}s while {during}", .after.as_secs())]
+    Stalled {
+        /// What the agency was doing.
+        during: &'static str,
+        /// The deadline that ran out.
+        after: Duration,
+    },
+    /// The central left `HELLO` unanswered: the run falls back to the
+    /// reference protocol.
+    #[error("the central at {address} did not answer HELLO within {}s", .after.as_secs())]
+    HelloUnanswered {
+        /// The central's address.
+        address: String,
+        /// The deadline that ran out.
+        after: Duration,
+    },
     /// The central answered something this agency cannot use.
     #[error("unexpected reply from the central: {0}")]
     UnexpectedReply(String),
+    /// A TLS record arrived where a frame header should be.
+    #[error("{}", net::central_speaks_tls())]
+    SpeaksTls,
     /// The socket or framing failed.
     #[error(transparent)]
-    Frame(#[from] FrameError),
+    Frame(FrameError),
     /// The secret file cannot be read.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -128,13 +167,32 @@ pub enum AgencyError {
     TlsSetup(#[from] TlsError),
     /// The TLS handshake failed: the central's certificate is not trusted,
     /// or does not name it.
-    #[error("TLS handshake with {address} failed: {source}")]
+    #[error("TLS handshake with {address} failed: {reason}")]
     Handshake {
         /// The central's address.
         address: String,
-        /// Why.
-        source: std::io::Error,
+        /// Why, in the agency's settings' terms. Part of the message and
+        /// not a `source`, so an error chain does not print it twice.
+        reason: std::io::Error,
     },
+}
+
+fn no_reply(during: &str, after: Duration, silent: bool) -> String {
+    let after = after.as_secs();
+    if silent {
+        format!("the central sent nothing for {after}s while {during}")
+    } else {
+        format!("the central stopped saying it is still working ({after}s without a word) while {during}")
+    }
+}
+
+impl From<FrameError> for AgencyError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::TlsRecord => AgencyError::SpeaksTls,
+            e => AgencyError::Frame(e),
+        }
+    }
 }
 
 impl AgencyError {
@@ -143,8 +201,15 @@ impl AgencyError {
     /// seen close yet, or storage failed for a moment.
     pub fn is_retryable(&self) -> bool {
         match self {
-            AgencyError::Connect { .. } | AgencyError::Closed(_) => true,
-            AgencyError::Frame(FrameError::Io(_) | FrameError::Truncated(_)) => true,
+            AgencyError::Connect { .. }
+            | AgencyError::Closed(_)
+            | AgencyError::NoReply { .. }
+            | AgencyError::Stalled { .. }
+            | AgencyError::ResumableAfterAll
+            | AgencyError::HelloUnanswered { .. } => true,
+            // A TLS refusal (a wrong certificate) says what to change.
+            AgencyError::Frame(FrameError::Io(e)) => !net::is_refusal(e),
+            AgencyError::Frame(FrameError::Truncated(_)) => true,
             AgencyError::Rejected { code, .. } | AgencyError::Refused { code, .. } => matches!(
                 code,
                 ErrorCode::StorageFailed
@@ -152,6 +217,9 @@ impl AgencyError {
                     | ErrorCode::AgencyBusy
                     | ErrorCode::ServerBusy
                     | ErrorCode::Timeout
+                    // This address is locked out for a while (another
+                    // client behind it guessed secrets): try again later.
+                    | ErrorCode::AuthThrottled
             ),
             _ => false,
         }
@@ -189,11 +257,7 @@ pub async fn run_with_progress(
         source,
     })?;
     let secret = config.load_secret()?;
-    let tls = if config.tls_ca.as_os_str().is_empty() {
-        None
-    } else {
-        Some(tls::connector(&config.tls_ca, &config.tls_name())?)
-    };
+    let tls = ClientTls::for_agency(config)?;
     let link = Link {
         address: &config.server_address,
         secret: secret.as_deref(),
@@ -210,10 +274,14 @@ pub async fn run_with_progress(
     let mut backoff = FIRST_BACKOFF;
     let mut last_progress = Instant::now();
     let mut sessions = 0u64;
+    // Chosen once per connection; it only ever moves to the reference
+    // protocol, when a central leaves HELLO unanswered.
+    let mut protocol = Protocol::Resumable;
     loop {
         let mut progressed = false;
         let outcome = session(
             config,
+            protocol,
             &link,
             &path,
             &shutdown,
@@ -237,6 +305,40 @@ pub async fn run_with_progress(
                 info!(action = action::CLOSE_DATA_FILE, result = result::SUCCESS, path = %path.display());
                 return Ok(None);
             }
+            Err(AgencyError::HelloUnanswered { after, .. }) if protocol == Protocol::Resumable => {
+                // Not a failure: this is how the design's reference central
+                // answers a message it does not know. Speak its protocol
+                // on a fresh connection, at once.
+                protocol = Protocol::Reference;
+                warn!(
+                    action = action::PROTOCOL,
+                    result = result::SUCCESS,
+                    server_address = config.server_address.as_str(),
+                    protocol = "reference",
+                    message = %format!(
+                        "the central did not answer HELLO within {}s: taking it for the design's \
+                         reference central; resuming is off (one batch at a time, no FIRST; a batch \
+                         whose acknowledgement is lost may be stored twice, and a restarted agency \
+                         sends its bets again)",
+                        after.as_secs()
+                    )
+                );
+            }
+            Err(AgencyError::ResumableAfterAll) if protocol == Protocol::Reference => {
+                // Our central, slow to answer HELLO (a long recovery, an
+                // overloaded machine): back to HELLO and FIRST at once.
+                protocol = Protocol::Resumable;
+                warn!(
+                    action = action::PROTOCOL,
+                    result = result::SUCCESS,
+                    server_address = config.server_address.as_str(),
+                    protocol = "resumable",
+                    message = "the central acknowledged a batch with STORED, which only this \
+                               project's central sends: it was slow to answer HELLO, not a \
+                               reference central; resuming is on again (the one batch sent \
+                               without FIRST was stored as it came)"
+                );
+            }
             Err(e) if e.is_retryable() => {
                 if progressed {
                     last_progress = Instant::now();
@@ -244,9 +346,15 @@ pub async fn run_with_progress(
                 }
                 let patience = config.reconnect_patience();
                 if last_progress.elapsed() >= patience {
+                    let mut last = e.to_string();
+                    if protocol == Protocol::Reference {
+                        last.push_str(
+                            " (speaking the reference protocol: it had not answered HELLO either)",
+                        );
+                    }
                     return Err(AgencyError::GaveUp {
                         after: patience,
-                        last: e.to_string(),
+                        last,
                     });
                 }
                 let what = if sessions == 1 && !progressed {
@@ -279,10 +387,7 @@ pub async fn run_with_progress(
 pub(super) struct Link<'a> {
     address: &'a str,
     secret: Option<&'a str>,
-    tls: Option<&'a (
-        tokio_rustls::TlsConnector,
-        rustls::pki_types::ServerName<'static>,
-    )>,
+    tls: Option<&'a ClientTls>,
 }
 
 impl Link<'_> {
@@ -299,16 +404,13 @@ impl Link<'_> {
         stream.set_nodelay(true).map_err(FrameError::Io)?;
         match self.tls {
             None => Ok(Box::new(stream)),
-            Some((connector, name)) => {
-                let stream = connector
-                    .connect(name.clone(), stream)
-                    .await
-                    .map_err(|source| AgencyError::Handshake {
-                        address: self.address.to_string(),
-                        source,
-                    })?;
-                Ok(Box::new(stream))
-            }
+            Some(tls) => tls
+                .connect(stream)
+                .await
+                .map_err(|reason| AgencyError::Handshake {
+                    address: self.address.to_string(),
+                    reason,
+                }),
         }
     }
 }

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 
 use super::AgencyError;
 use crate::model::{AgencyId, BetRef, Today};
+use crate::receipt::{self, Receipt};
 use crate::wire::BatchBuilder;
 
 /// A batch read from the data file, already encoded as its frame.
@@ -68,16 +69,56 @@ impl<'a> FromIterator<&'a str> for Fields<'a> {
     }
 }
 
+/// Where the reader starts, and what it checks before it sends anything.
+#[derive(Debug)]
+pub(super) struct Resume {
+    /// Bets the central holds: skipped.
+    pub skip: u64,
+    /// The central's receipt for them (none from a central that sends no
+    /// digest).
+    pub held: Option<Receipt>,
+    /// Whether each frame says where its batch starts (`FIRST`).
+    pub say_first: bool,
+}
+
 /// Reads the data file into batches on a blocking thread, skipping the
-/// first `skip` bets (the central holds them). Stops at the first bad line
-/// (sending its error) or when the receiver is gone.
+/// first `from.skip` bets (the central holds them). Each frame says where
+/// its batch starts (`FIRST`) when `from.say_first` is set (a reference
+/// central does not know the key). Stops at the first bad line (sending its
+/// error) or when the receiver is gone.
+///
+/// Every bet read goes into the file's receipt. Before anything is sent,
+/// the receipt of the first `skip` bets must be `from.held`, the central's
+/// from `HELLO` (when it sent one): when it is not (an earlier round's
+/// bets, another agency's file, an edited file), nothing is sent and the
+/// error says so. At the end of the file the whole file's receipt goes to
+/// `whole`, for the winners' check.
 pub(super) fn read_batches(
     path: &Path,
     agency: AgencyId,
     max: usize,
-    skip: u64,
+    from: Resume,
     tx: &mpsc::Sender<Result<Batch, AgencyError>>,
+    whole: tokio::sync::oneshot::Sender<Receipt>,
 ) {
+    let Resume {
+        skip,
+        held,
+        say_first,
+    } = from;
+    let mut file_receipt = Receipt::empty(agency);
+    let check = |file_receipt: &Receipt| match held {
+        Some(held) => receipt::check_prefix(path, agency, held, file_receipt),
+        None => Ok(()),
+    };
+    let mismatch = |reason: String| {
+        let _ = tx.blocking_send(Err(AgencyError::Receipt(reason)));
+    };
+    if skip == 0 {
+        if let Err(reason) = check(&file_receipt) {
+            return mismatch(reason);
+        }
+    }
     let file = match File::open(path) {
         Ok(f) => f,
         Err(source) => {
@@ -100,7 +141,7 @@ pub(super) fn read_batches(
     let log_bets = tracing::enabled!(tracing::Level::DEBUG);
     let new_batch = |first: u64, first_line: u64| {
         (
-            BatchBuilder::new(Some(first)),
+            BatchBuilder::new(say_first.then_some(first)),
             Batch {
                 frame: bytes::Bytes::new(),
                 count: 0,
@@ -154,7 +195,36 @@ pub(super) fn read_batches(
         }
         position += 1;
         if position <= skip {
-            continue; // the central already holds this bet
+            // The central already holds this bet: not sent, but counted in
+            // the receipt the central's must equal. A line that is not a
+            // valid bet cannot be one the central holds.
+            let bet = (record.len() == 5)
+                .then(|| {
+                    BetRef::check(
+                        agency,
+                        fields.get(0),
+                        fields.get(1),
+                        fields.get(2),
+                        fields.get(3),
+                        last_field,
+                        today,
+                    )
+                    .ok()
+                })
+                .flatten();
+            let Some(bet) = bet else {
+                if held.is_some() {
+                    return mismatch(receipt::not_a_bet(path, agency, skip, line));
+                }
+                continue;
+            };
+            file_receipt.push_bet(&bet);
+            if position == skip {
+                if let Err(reason) = check(&file_receipt) {
+                    return mismatch(reason);
+                }
+            }
+            continue;
         }
         if record.len() != 5 {
             let reason = format!(
@@ -175,6 +245,7 @@ pub(super) fn read_batches(
             Ok(bet) => bet,
             Err(e) => return fail(tx, finish(current), data_error(line, e.to_string())),
         };
+        file_receipt.push_bet(&bet);
         // Encoded straight into the frame: no copy of the bet in between.
         let full = current.0.count() == max;
         if full || !current.0.push(bet) {
@@ -196,9 +267,16 @@ pub(super) fn read_batches(
             logged.push((bet.document.to_string(), bet.number));
         }
     }
-    if current.0.count() > 0 {
-        let _ = tx.blocking_send(Ok(finish(current)));
+    if position < skip {
+        // The central holds more of this agency's bets than the file has.
+        if let Err(reason) = check(&file_receipt) {
+            return mismatch(reason);
+        }
     }
+    if current.0.count() > 0 && tx.blocking_send(Ok(finish(current))).is_err() {
+        return;
+    }
+    let _ = whole.send(file_receipt);
 }
 
 #[cfg(test)]
@@ -212,7 +290,13 @@ mod tests {
         let path = dir.path().join("agency-1.csv");
         std::fs::write(&path, text).unwrap();
         let (tx, mut rx) = mpsc::channel(1024);
-        read_batches(&path, 1, max, 0, &tx);
+        let (whole, _) = tokio::sync::oneshot::channel();
+        let from = Resume {
+            skip: 0,
+            held: Some(Receipt::empty(1)),
+            say_first: true,
+        };
+        read_batches(&path, 1, max, from, &tx, whole);
         drop(tx);
         let mut out = Vec::new();
         while let Ok(b) = rx.try_recv() {

@@ -1,10 +1,14 @@
 //! One connection of an agency: open a session with `HELLO`, keep a window
 //! of batches in flight from where the central stands, announce the end,
-//! collect the winners.
+//! collect the winners; or, with a central of the design's reference
+//! protocol, the same without `HELLO`, `FIRST` or a window.
+//!
+//! Every request has a reply deadline ([`Deadlines`]), so a central that
+//! stops answering ends the connection instead of hanging the agency.
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
@@ -12,17 +16,81 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::reader::{read_batches, Batch};
+use super::reader::{read_batches, Batch, Resume};
 use super::{AgencyError, AgencyReport, Link};
 use crate::config::AgencyConfig;
 use crate::logging::{action, result};
 use crate::net::BoxedIo;
-use crate::wire::{AgencyCodec, FrameError, MessageError, RawFrame, Reply, Request};
+use crate::receipt::{self, Digest, Receipt, Sealed};
+use crate::wire::{
+    AgencyCodec, Finish, FrameError, MessageError, RawFrame, Reply, Request, STILL_WAITING_EVERY,
+};
 
 /// Bytes of frames buffered before a write is forced.
 const WRITE_BUFFER: usize = 128 * 1024;
 /// Batches read ahead of the one being sent.
 const READ_AHEAD: usize = 4;
+
+/// Which protocol a connection speaks. The run chooses it before each
+/// connection: [`Protocol::Resumable`] until a central leaves `HELLO`
+/// unanswered, [`Protocol::Reference`] from then on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Protocol {
+    /// This project's: `HELLO` learns where to resume, each batch says
+    /// where it starts (`FIRST`), a window of batches is in flight, and the
+    /// central sends still-waiting frames while the draw is pending.
+    Resumable,
+    /// The design's reference central's: no `HELLO` (it ignores it), no
+    /// `FIRST`, one batch at a time, each acknowledged, then
+    /// `ACTION:FINISH_BETTING`, the only spelling it knows. It sends nothing
+    /// while the draw is pending, so that wait has its own deadline.
+    Reference,
+}
+
+impl Protocol {
+    /// Batches kept in flight.
+    fn window(self, config: &AgencyConfig) -> usize {
+        match self {
+            // The configuration bounds it (1..=the central's in-flight limit).
+            Protocol::Resumable => config.window,
+            Protocol::Reference => 1,
+        }
+    }
+
+    /// The spelling of the "finished" announcement.
+    fn finish(self) -> Finish {
+        match self {
+            Protocol::Resumable => Finish::BettingFinished,
+            Protocol::Reference => Finish::FinishBetting,
+        }
+    }
+}
+
+/// How long the agency waits for each reply, from the configuration.
+struct Deadlines {
+    /// For the answer to `HELLO`: short, as silence is how a reference
+    /// central answers it.
+    hello: Duration,
+    /// For a batch's acknowledgement.
+    reply: Duration,
+    /// After a still-waiting frame, for the next frame: never less than two
+    /// of the central's intervals, so one late frame is not fatal.
+    still_waiting: Duration,
+    /// For the winners from a central that sends no still-waiting frames.
+    draw: Duration,
+}
+
+impl Deadlines {
+    fn of(config: &AgencyConfig) -> Deadlines {
+        let reply = config.reply_deadline();
+        Deadlines {
+            hello: config.hello_deadline(),
+            reply,
+            still_waiting: reply.max(2 * STILL_WAITING_EVERY),
+            draw: config.draw_deadline(),
+        }
+    }
+}
 
 /// How a session ended without an error.
 pub(super) enum SessionEnd {
@@ -34,8 +102,10 @@ pub(super) enum SessionEnd {
 
 /// One connection: open a session, upload from where the central stands,
 /// announce the end, collect the winners.
+#[allow(clippy::too_many_arguments)] // one call site, each argument distinct
 pub(super) async fn session(
     config: &AgencyConfig,
+    protocol: Protocol,
     link: &Link<'_>,
     path: &Path,
     shutdown: &CancellationToken,
@@ -49,10 +119,11 @@ pub(super) async fn session(
         }
     };
     let address = link.address;
+    let deadlines = Deadlines::of(config);
     let stream = tokio::select! {
         biased;
         _ = shutdown.cancelled() => return Ok(SessionEnd::Cancelled),
-        stream = link.connect() => stream?,
+        stream = within(deadlines.reply, "connecting (TCP and TLS handshakes)", link.connect()) => stream?,
     };
     info!(
         action = action::CONNECT,
@@ -69,40 +140,69 @@ pub(super) async fn session(
         },
         shutdown,
         address,
+        deadlines,
     };
+    let write = conn.deadlines.reply;
 
-    conn.framed
-        .send(&Request::Hello {
-            agency: config.id,
-            secret: link.secret.map(str::to_string),
-        })
-        .await?;
-    let Some(reply) = conn.reply("opening the session").await? else {
-        return Ok(SessionEnd::Cancelled);
+    let (stored, held) = match protocol {
+        Protocol::Resumable => {
+            let hello = Request::Hello {
+                agency: config.id,
+                secret: link.secret.map(str::to_string),
+            };
+            within(write, "sending HELLO", conn.framed.send(&hello)).await?;
+            let hello = conn.deadlines.hello;
+            let reply = match conn.reply("waiting for the answer to HELLO", hello).await {
+                Ok(Some(reply)) => reply,
+                Ok(None) => return Ok(SessionEnd::Cancelled),
+                // Silence, not even a still-waiting frame: how the
+                // reference central answers a message it does not know.
+                Err(AgencyError::NoReply { silent: true, .. }) => {
+                    return Err(AgencyError::HelloUnanswered {
+                        address: address.to_string(),
+                        after: hello,
+                    })
+                }
+                Err(e) => return Err(e),
+            };
+            let held = match reply {
+                Reply::Success { stored, digest, .. } => held_receipt(stored, digest),
+                Reply::Error { code, message } => {
+                    return Err(AgencyError::Refused { code, message })
+                }
+                other => return Err(AgencyError::UnexpectedReply(format!("{other:?}"))),
+            };
+            *progressed = true;
+            held
+        }
+        // No way to ask (nor a receipt to check): go on after what this
+        // run saw acknowledged.
+        Protocol::Reference => (report.bets, None),
     };
-    let stored = match reply {
-        Reply::Success { stored, .. } => stored.unwrap_or(0),
-        Reply::Error { code, message } => return Err(AgencyError::Refused { code, message }),
-        other => return Err(AgencyError::UnexpectedReply(format!("{other:?}"))),
-    };
-    *progressed = true;
     report.bets = stored;
     publish(stored);
 
     // The reader starts from the first bet the central does not hold. It
     // stops when `batches` is dropped, whichever way this function ends.
+    // It also checks the central's receipt against the file before it
+    // reads on (see `read_batches`), and hands over the whole file's.
     let (tx, mut batches) = mpsc::channel(READ_AHEAD);
+    let (whole, file_receipt) = tokio::sync::oneshot::channel();
     {
         let (id, max, path) = (config.id, config.batch_max_amount, path.to_path_buf());
-        tokio::task::spawn_blocking(move || read_batches(&path, id, max, stored, &tx));
+        let from = Resume {
+            skip: stored,
+            held,
+            say_first: protocol == Protocol::Resumable,
+        };
+        tokio::task::spawn_blocking(move || read_batches(&path, id, max, from, &tx, whole));
     }
     // Keep up to `window` batches in flight: the central answers them in
     // order, so the oldest unanswered batch is always the next reply's. A
     // refusal of one batch makes every later one in flight start past the
     // central's count, so those are refused too (`OUT_OF_ORDER`), never
     // stored out of order.
-    // The configuration bounds it (1..=the central's in-flight limit).
-    let window = config.window;
+    let window = protocol.window(config);
     let mut in_flight: VecDeque<(Batch, Instant)> = VecDeque::with_capacity(window);
     let mut reader_done = false;
     let mut data_error = None;
@@ -136,14 +236,18 @@ pub(super) async fn session(
                 }
             };
             // Queued, not yet written: the burst leaves in one flush below.
-            conn.framed.feed(RawFrame(batch.frame.clone())).await?;
+            let frame = RawFrame(batch.frame.clone());
+            within(write, SENDING_BATCHES, conn.framed.feed(frame)).await?;
             in_flight.push_back((batch, Instant::now()));
             sent = true;
         }
         if sent {
             // A write is not cancel-safe, so it is never raced against
-            // shutdown; it is short, as the socket is writable or gone.
-            SinkExt::<RawFrame>::flush(&mut conn.framed).await?;
+            // shutdown; it is short, as the socket is writable or gone, and
+            // bounded for a central that stops reading (the connection is
+            // then dropped, half-written frame and all).
+            let flush = SinkExt::<RawFrame>::flush(&mut conn.framed);
+            within(write, SENDING_BATCHES, flush).await?;
         }
         let Some((batch, sent_at)) = in_flight.pop_front() else {
             // The reader is done and every batch is answered.
@@ -152,7 +256,8 @@ pub(super) async fn session(
             }
             break;
         };
-        let Some(reply) = conn.reply("waiting for a batch acknowledgement").await? else {
+        let during = "waiting for a batch acknowledgement";
+        let Some(reply) = conn.reply(during, conn.deadlines.reply).await? else {
             return Ok(SessionEnd::Cancelled);
         };
         match reply {
@@ -165,6 +270,13 @@ pub(super) async fn session(
                 report.batches += 1;
                 report.bets = stored.unwrap_or(batch.first + batch.count);
                 publish(report.bets);
+                if protocol == Protocol::Reference && stored.is_some() {
+                    // Only this project's central says `STORED`: it was
+                    // slow to answer HELLO, not a reference central. Resume
+                    // properly on a new connection before sending more
+                    // batches without `FIRST`.
+                    return Err(AgencyError::ResumableAfterAll);
+                }
                 for (dni, numero) in batch.logged.iter().flatten() {
                     debug!(
                         action = action::APUESTA_ENVIADA,
@@ -186,18 +298,33 @@ pub(super) async fn session(
         }
     }
 
-    conn.framed
-        .send(&Request::Finished { agency: config.id })
-        .await?;
+    let finished = Request::Finished {
+        agency: config.id,
+        spelling: protocol.finish(),
+    };
+    let during = "announcing that the agency finished";
+    within(write, during, conn.framed.send(&finished)).await?;
+    // Our central sends a still-waiting frame every few seconds until the
+    // draw, each restarting the deadline; the reference central is silent
+    // until it answers, however long the other agencies take.
+    let draw_deadline = match protocol {
+        Protocol::Resumable => conn.deadlines.still_waiting,
+        Protocol::Reference => conn.deadlines.draw,
+    };
     let mut winners = Vec::new();
     loop {
-        let Some(reply) = conn.reply("waiting for the draw").await? else {
+        let Some(reply) = conn.reply("waiting for the draw", draw_deadline).await? else {
             return Ok(SessionEnd::Cancelled);
         };
         match reply {
-            Reply::Winners { documents, more } => {
+            Reply::Winners {
+                documents,
+                more,
+                sealed,
+            } => {
                 winners.extend(documents);
                 if !more {
+                    check_winners(path, file_receipt, sealed).await?;
                     break;
                 }
             }
@@ -209,26 +336,112 @@ pub(super) async fn session(
     Ok(SessionEnd::Done)
 }
 
-/// The framed socket of one session, with shutdown-aware reads.
+/// Where the upload resumes, and the central's receipt to check the file
+/// against (none from a central that sends no digest).
+fn held_receipt(stored: Option<u64>, digest: Option<Digest>) -> (u64, Option<Receipt>) {
+    let count = stored.unwrap_or(0);
+    (count, digest.map(|digest| Receipt { count, digest }))
+}
+
+/// Checks the receipt the winners came with against the whole data file's
+/// (the reader's, complete once every batch was answered) and logs the
+/// seal, which every agency of the round can publish and compare.
+async fn check_winners(
+    path: &Path,
+    file_receipt: tokio::sync::oneshot::Receiver<Receipt>,
+    sealed: Option<Sealed>,
+) -> Result<(), AgencyError> {
+    let Some(sealed) = sealed else {
+        return Ok(()); // a central that seals nothing
+    };
+    let file = file_receipt.await.map_err(|_| {
+        AgencyError::Receipt(
+            "the data file's receipt is missing: it was not read to its end".into(),
+        )
+    })?;
+    receipt::check_sealed(path, &file, &sealed).map_err(AgencyError::Receipt)?;
+    info!(
+        action = action::SEAL,
+        result = result::SUCCESS,
+        seal = %sealed.seal,
+        bets = file.count,
+        digest = %file.digest
+    );
+    Ok(())
+}
+
+/// What the agency does while its batches are written.
+const SENDING_BATCHES: &str = "sending batches (the central stopped reading)";
+
+/// Runs a write, or the connection's setup, with a deadline: a central that
+/// stops taking bytes ends the connection instead of hanging the agency.
+/// Cancelling a write half-way is safe here, as the connection is dropped
+/// with it.
+async fn within<T, E: Into<AgencyError>>(
+    limit: Duration,
+    during: &'static str,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, AgencyError> {
+    match tokio::time::timeout(limit, work).await {
+        Ok(done) => done.map_err(Into::into),
+        Err(_) => Err(AgencyError::Stalled {
+            during,
+            after: limit,
+        }),
+    }
+}
+
+/// The framed socket of one session, with shutdown-aware reads that each
+/// have a deadline.
 struct Connection<'a> {
     framed: Framed<BoxedIo, AgencyCodec>,
     shutdown: &'a CancellationToken,
     address: &'a str,
+    deadlines: Deadlines,
 }
 
 impl Connection<'_> {
-    /// The next reply, or `None` when shutdown came first (the connection
-    /// is then closed and logged). `Framed::next` is cancel-safe.
-    async fn reply(&mut self, during: &'static str) -> Result<Option<Reply>, AgencyError> {
-        let reply = tokio::select! {
-            biased;
-            _ = self.shutdown.cancelled() => {
-                self.log_close();
-                return Ok(None);
+    /// The next answer, or `None` when shutdown came first (the connection
+    /// is then closed and logged). It must come within `deadline`; each
+    /// still-waiting frame of the central on the way restarts the clock,
+    /// with [`Deadlines::still_waiting`]. `Framed::next` is cancel-safe.
+    async fn reply(
+        &mut self,
+        during: &'static str,
+        deadline: Duration,
+    ) -> Result<Option<Reply>, AgencyError> {
+        let mut limit = deadline;
+        let mut silent = true;
+        loop {
+            let reply = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => {
+                    self.log_close();
+                    return Ok(None);
+                }
+                reply = tokio::time::timeout(limit, self.framed.next()) => reply,
+            };
+            let Ok(reply) = reply else {
+                return Err(AgencyError::NoReply {
+                    during,
+                    after: limit,
+                    silent,
+                });
+            };
+            match read_reply(reply, during)? {
+                Reply::Waiting { message } => {
+                    debug!(
+                        action = action::WAITING,
+                        result = result::IN_PROGRESS,
+                        server_address = self.address,
+                        message = message.as_str()
+                    );
+                    silent = false;
+                    limit = self.deadlines.still_waiting;
+                }
+                reply => return Ok(Some(reply)),
             }
-            reply = self.framed.next() => reply,
-        };
-        read_reply(reply, during).map(Some)
+        }
     }
 
     fn close(self) -> SessionEnd {

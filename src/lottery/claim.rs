@@ -8,6 +8,7 @@ use tracing::info;
 use super::{Lottery, LotteryError};
 use crate::logging::{action, result};
 use crate::model::AgencyId;
+use crate::receipt::Receipt;
 
 /// The right to speak for one agency: while it lives, no other connection
 /// can claim the agency, and only its holder counts the agency's stored
@@ -45,14 +46,15 @@ impl Claim {
         self.agency
     }
 
-    /// Bets stored for the agency, and whether it may still send more (not
-    /// once it announced it finished, nor after the draw), read together:
-    /// the central asks both for every batch. Only this claim's holder
-    /// changes either, so the answer holds until it acts on it.
-    pub fn intake(&self) -> (u64, Result<(), LotteryError>) {
+    /// The receipt of the agency's stored bets, and whether it may still
+    /// send more (not once it announced it finished, nor after the draw),
+    /// read together: the central asks both for every batch. Only this
+    /// claim's holder changes either, so the answer holds until it acts on
+    /// it.
+    pub fn intake(&self) -> (Receipt, Result<(), LotteryError>) {
         let drawn = self.lottery.draw().is_some();
         let state = self.lottery.lock();
-        let stored = state.stored.get(&self.agency).copied().unwrap_or(0);
+        let stored = state.receipt(self.agency);
         let open = if drawn || state.finished.contains(&self.agency) {
             Err(LotteryError::Finished(self.agency))
         } else {
@@ -61,12 +63,15 @@ impl Claim {
         (stored, open)
     }
 
-    /// Records `count` more bets stored for the agency; returns the total.
-    pub fn add_stored(&self, count: u64) -> u64 {
+    /// Records that the agency's stored bets now end at `after` (a batch
+    /// was stored: batches are counted in the order they were stored, so
+    /// each one's receipt follows the last); returns the total.
+    pub fn add_stored(&self, after: Receipt) -> u64 {
         let mut state = self.lottery.lock();
-        let total = state.stored.entry(self.agency).or_default();
-        *total += count;
-        *total
+        let stored = state.stored.entry(self.agency).or_insert(after);
+        debug_assert!(after.count >= stored.count, "receipts only grow");
+        *stored = after;
+        after.count
     }
 
     /// Announces that the agency finished. When it is the last one, runs

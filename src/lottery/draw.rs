@@ -11,6 +11,7 @@ use tracing::{error, info};
 use super::{Drawn, Lottery, LotteryError};
 use crate::logging::{action, result};
 use crate::model::AgencyId;
+use crate::receipt::{seal, Receipt};
 use crate::store::Draw;
 
 impl Lottery {
@@ -49,7 +50,7 @@ impl Lottery {
             .into_iter()
             .filter_map(|agency| {
                 let stored = tallied.get(&agency).copied().unwrap_or(0);
-                let acknowledged = state.stored.get(&agency).copied().unwrap_or(0);
+                let acknowledged = state.stored.get(&agency).map_or(0, |r| r.count);
                 (stored != acknowledged).then(|| {
                     format!("agency {agency}: {stored} in the store, {acknowledged} acknowledged")
                 })
@@ -74,11 +75,21 @@ impl Lottery {
             .await
             .map_err(|e| LotteryError::Draw(e.to_string()))?;
         self.check_acknowledged(&tally.per_agency)?;
+        // The receipts are those acknowledged to the agencies, whose counts
+        // the tally just matched; every configured agency is listed, one
+        // without bets with its empty receipt.
+        let receipts: BTreeMap<AgencyId, Receipt> = {
+            let state = self.lock();
+            (1..=shared.agencies)
+                .map(|agency| (agency, state.receipt(agency)))
+                .collect()
+        };
         let draw = Draw {
             winning_number: shared.winning_number,
             drawn_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             winners: tally.winners,
-            bets_per_agency: tally.per_agency,
+            seal: seal(shared.winning_number, shared.agencies, &receipts),
+            receipts,
             bets: tally.rows,
             elapsed: started.elapsed(),
         };
@@ -114,6 +125,7 @@ impl Running {
                     winning_number = draw.winning_number,
                     bets = draw.bets,
                     winners = draw.winners.values().map(Vec::len).sum::<usize>(),
+                    seal = %draw.seal,
                     millis = draw.elapsed.as_millis() as u64
                 );
                 self.lottery.shared.drawn.send_replace(Drawn::Done(draw));

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::model::AgencyId;
+use crate::receipt::Receipt;
 use crate::store::{Draw, Store};
 use crate::wire::{AgencyState, ErrorCode};
 
@@ -99,10 +100,21 @@ struct State {
     connected: HashMap<AgencyId, Holder>,
     /// Agencies that announced they finished.
     finished: BTreeSet<AgencyId>,
-    /// Bets stored per agency: where each agency's upload resumes.
-    stored: HashMap<AgencyId, u64>,
+    /// Each agency's receipt of its stored bets (agencies with bets only):
+    /// its count is where the agency's upload resumes.
+    stored: HashMap<AgencyId, Receipt>,
     /// A draw is being run; nobody starts another meanwhile.
     drawing: bool,
+}
+
+impl State {
+    /// The receipt of `agency`'s stored bets.
+    fn receipt(&self, agency: AgencyId) -> Receipt {
+        self.stored
+            .get(&agency)
+            .copied()
+            .unwrap_or_else(|| Receipt::empty(agency))
+    }
 }
 
 /// Where the draw stands, as the agencies waiting for it watch it.
@@ -152,13 +164,13 @@ pub struct Lottery {
 
 impl Lottery {
     /// A lottery for agencies `1..=agencies`, drawing `winning_number` over
-    /// the bets in `store`. `stored` holds the bets the store already has per
-    /// agency; `draw` a draw read back from its record.
+    /// the bets in `store`. `stored` holds the receipts of the bets the
+    /// store already has per agency; `draw` a draw read back from its record.
     pub fn new(
         agencies: u32,
         winning_number: u16,
         store: Arc<dyn Store>,
-        stored: BTreeMap<AgencyId, u64>,
+        stored: BTreeMap<AgencyId, Receipt>,
         draw: Option<Draw>,
     ) -> Lottery {
         let state = State {
@@ -184,9 +196,10 @@ impl Lottery {
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Bets stored for `agency`: the position its upload resumes from.
-    pub fn stored(&self, agency: AgencyId) -> u64 {
-        self.lock().stored.get(&agency).copied().unwrap_or(0)
+    /// The receipt of the bets stored for `agency`: its count is the
+    /// position its upload resumes from.
+    pub fn stored(&self, agency: AgencyId) -> Receipt {
+        self.lock().receipt(agency)
     }
 
     /// Makes `agency` the caller's until the returned [`Claim`] is dropped.
@@ -316,7 +329,7 @@ impl Lottery {
             .into_iter()
             .map(|agency| AgencyState {
                 agency,
-                held: state.stored.get(&agency).copied().unwrap_or(0),
+                held: state.stored.get(&agency).map_or(0, |r| r.count),
                 finished: state.finished.contains(&agency),
             })
             .collect();
@@ -360,7 +373,7 @@ mod tests {
         tokio::spawn(async move { lottery.wait_for_draw(&CancellationToken::new()).await })
     }
 
-    async fn file_store(dir: &Path) -> (Arc<dyn Store>, BTreeMap<AgencyId, u64>) {
+    async fn file_store(dir: &Path) -> (Arc<dyn Store>, BTreeMap<AgencyId, Receipt>) {
         let (store, stored) = FileStore::open(
             &dir.join("bets.csv"),
             &dir.join("draw.toml"),
@@ -423,10 +436,12 @@ mod tests {
         // The record reads back as the same draw.
         let back = store.load_draw().await.unwrap().unwrap();
         assert_eq!(back.winners, draw.winners);
-        assert_eq!(
-            back.bets_per_agency,
-            BTreeMap::from([(1, 2), (2, 2), (3, 1)])
-        );
+        let counts: BTreeMap<_, _> = back.receipts.iter().map(|(&a, r)| (a, r.count)).collect();
+        assert_eq!(counts, BTreeMap::from([(1, 2), (2, 2), (3, 1)]));
+        // Sealed over the receipts acknowledged, which are the stored bets'.
+        assert_eq!((back.seal, &back.receipts), (draw.seal, &draw.receipts));
+        let found = crate::store::file::recompute(&dir.path().join("bets.csv"), 5).unwrap();
+        assert!(crate::receipt::differences(back.claimed(), &found, 3, 5).is_empty());
         assert_eq!(back.bets, 5);
         assert_eq!(back.drawn_at, draw.drawn_at);
         store.close().await;
@@ -446,10 +461,14 @@ mod tests {
             lottery.claim(3, &CancellationToken::new()).unwrap_err(),
             LotteryError::UnknownAgency(3, 2)
         );
-        assert_eq!(claim.add_stored(7), 7);
+        let seven = Receipt {
+            count: 7,
+            ..Receipt::empty(1)
+        };
+        assert_eq!(claim.add_stored(seven), 7);
         drop(claim);
         let again = lottery.claim(1, &CancellationToken::new()).unwrap();
-        assert_eq!(again.intake(), (7, Ok(())));
+        assert_eq!(again.intake(), (seven, Ok(())));
         // A claim held by a task that panics is freed all the same.
         let l = lottery.clone();
         let panicked = tokio::spawn(async move {
@@ -509,8 +528,9 @@ mod tests {
             bets: &crate::model::Bets,
             skip: usize,
             sequence: &Sequence,
+            receipt: Receipt,
         ) -> BoxFuture<'a, Result<Stored, StorageError>> {
-            self.inner.submit(bets, skip, sequence)
+            self.inner.submit(bets, skip, sequence, receipt)
         }
         fn tally(&self, winning_number: u16) -> BoxFuture<'_, Result<Tally, StorageError>> {
             async move {
@@ -527,6 +547,12 @@ mod tests {
                 self.inner.tally(winning_number).await
             }
             .boxed()
+        }
+        fn recompute(
+            &self,
+            winning_number: u16,
+        ) -> BoxFuture<'_, Result<crate::receipt::Recomputed, StorageError>> {
+            self.inner.recompute(winning_number)
         }
         fn load_draw(&self) -> BoxFuture<'_, Result<Option<Draw>, StorageError>> {
             self.inner.load_draw()
@@ -568,7 +594,7 @@ mod tests {
         }
         let (agencies, drawn, states) = lottery.status();
         assert_eq!((agencies, drawn, states.len()), (1, false, 1));
-        assert_eq!(lottery.stored(1), 1);
+        assert_eq!(lottery.stored(1).count, 1);
         assert!(lottery.draw().is_none());
         gate.add_permits(1);
         let claim = finishing.await.unwrap();
@@ -589,7 +615,10 @@ mod tests {
             async move {
                 token.cancelled().await;
                 assert!(old.superseded());
-                old.add_stored(3);
+                old.add_stored(Receipt {
+                    count: 3,
+                    ..Receipt::empty(1)
+                });
                 drop(old);
             }
         });
@@ -602,7 +631,7 @@ mod tests {
         assert!(old_connection.is_cancelled());
         assert!(!new.superseded());
         // What the old session stored before letting go is counted.
-        assert_eq!(new.intake(), (3, Ok(())));
+        assert_eq!((new.intake().0.count, new.intake().1), (3, Ok(())));
         // A plain claim (a batch without HELLO) does not take over.
         assert_eq!(
             lottery.claim(1, &CancellationToken::new()).unwrap_err(),

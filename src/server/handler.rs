@@ -4,24 +4,29 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::guard::Lockout;
 use super::intake::{Placement, Session, Settled};
 use super::Settings;
 use crate::logging::{action, result};
 use crate::lottery::{Lottery, LotteryError};
 use crate::model::{AgencyId, Bets};
-use crate::net::BoxedIo;
+use crate::net::{BoxedIo, Identity};
+use crate::receipt::Sealed;
 use crate::store::Store;
 use crate::wire::{
     status_replies, winners_replies, ErrorCode, FrameError, MessageError, Reply, Request,
-    ServerCodec,
+    ServerCodec, STILL_WAITING_EVERY,
 };
+
+/// The guard's clock (tokio's, so tests can pause it).
+type Now = tokio::time::Instant;
 
 /// Read buffer of a connection: room for two full frames, so that an
 /// agency's window of batches is read with fewer syscalls than one each.
@@ -32,6 +37,27 @@ const READ_BUFFER: usize = 16 * 1024;
 /// Most batches one connection may have at the store at once; the next
 /// frame is read only when one of them is answered.
 const MAX_IN_FLIGHT: usize = crate::config::MAX_WINDOW;
+
+/// What a connection may send. Before it authenticates (when the central
+/// requires secrets), only `HELLO`; an operator session, only `PING` and
+/// `STATUS`; a connection that speaks for an agency (or any connection
+/// when secrets are off), everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Anonymous,
+    Operator,
+    Full,
+}
+
+/// Why [`Handler::gate`] turns a message away; the connection then closes.
+enum Gated {
+    /// Not authenticated yet, and not a `HELLO`.
+    Anonymous,
+    /// An operator session sent something other than `PING` or `STATUS`.
+    OperatorOnly,
+    /// A `HELLO` from an address locked out for its wrong secrets.
+    Locked(Lockout),
+}
 
 /// What the connection does after a message.
 enum Next {
@@ -48,8 +74,16 @@ pub(super) struct Handler {
     /// The agency this connection speaks for, with its batches in flight;
     /// set by the first message that names an agency.
     session: Option<Session>,
-    /// The connection presented its agency's secret (or none is needed).
-    authenticated: bool,
+    /// What the connection may send, given how it authenticated.
+    access: Access,
+    /// The peer opened with `HELLO`, so it is an agency of this protocol:
+    /// it is told while it waits (`STATUS:WAITING`) and its winners carry
+    /// its receipt and the seal. The design's agencies never send `HELLO`
+    /// and get exactly the contract's replies.
+    said_hello: bool,
+    /// Who the TLS handshake says the peer is: under mutual TLS, the only
+    /// agency this connection may speak for.
+    identity: Identity,
     /// Shared state and the draw.
     lottery: Lottery,
     /// Where batches go.
@@ -72,6 +106,7 @@ type Frame = Option<Result<Result<Request, MessageError>, FrameError>>;
 impl Handler {
     pub fn new(
         io: BoxedIo,
+        identity: Identity,
         peer: SocketAddr,
         lottery: Lottery,
         store: Arc<dyn Store>,
@@ -79,10 +114,23 @@ impl Handler {
         settings: Arc<Settings>,
     ) -> Handler {
         Handler {
-            framed: Framed::with_capacity(io, ServerCodec::new(), READ_BUFFER),
+            framed: Framed::with_capacity(
+                io,
+                ServerCodec::with_max_frame(settings.max_frame),
+                READ_BUFFER,
+            ),
             peer,
             session: None,
-            authenticated: settings.secrets.is_empty(),
+            // A client certificate naming an agency authenticates it; one
+            // naming none is an operator's probe (`PING`, `STATUS`).
+            access: match identity {
+                Identity::Certificate(Some(_)) => Access::Full,
+                Identity::Certificate(None) => Access::Operator,
+                Identity::Anonymous if settings.secrets.required() => Access::Anonymous,
+                Identity::Anonymous => Access::Full,
+            },
+            said_hello: false,
+            identity,
             lottery,
             store,
             shutdown,
@@ -114,15 +162,28 @@ impl Handler {
             Ok(()) if self.shutdown.is_cancelled() => "shutdown",
             Ok(()) => "closed",
         };
-        info!(
-            action = action::CLOSE_CONNECTION,
-            result = result::SUCCESS,
-            peer = %self.peer,
-            agency,
-            bets_stored = stored,
-            millis = self.opened.elapsed().as_millis() as u64,
-            reason
-        );
+        let millis = self.opened.elapsed().as_millis() as u64;
+        macro_rules! closed {
+            ($level:ident) => {
+                $level!(
+                    action = action::CLOSE_CONNECTION,
+                    result = result::SUCCESS,
+                    peer = %self.peer,
+                    agency,
+                    bets_stored = stored,
+                    millis,
+                    reason
+                )
+            };
+        }
+        if self.access == Access::Anonymous {
+            // Never authenticated: its refusal is counted in its address's
+            // `auth_failures` summary, and a line per connection would let
+            // a flood of guesses flood the log after all.
+            closed!(debug);
+        } else {
+            closed!(info);
+        }
         // Dropping `self` closes the socket.
     }
 
@@ -186,32 +247,61 @@ impl Handler {
             if !matches!(frame, Some(Ok(Ok(Request::Batch { .. })))) {
                 self.drain().await?;
             }
+            if let Some(gated) = self.gate(&frame) {
+                return self.turn_away(gated).await;
+            }
             let next = match frame {
                 None => return Ok(()),
-                Some(Err(e)) => {
-                    if let FrameError::TooLarge(_) = e {
-                        // The stream is unusable, but the peer can still be
-                        // told why before we hang up.
-                        let _ = self
-                            .reply_error(ErrorCode::FrameTooLarge, e.to_string())
-                            .await;
-                    }
+                Some(Err(e @ FrameError::TooLarge { .. })) => {
+                    // The stream is unusable, but the peer (and the
+                    // operator, in the log) can still be told why, and
+                    // what would let such frames in, before we hang up.
+                    let reason = format!(
+                        "{e}; to accept larger frames from legacy agencies, raise \
+                         server.max_frame (SERVER_MAX_FRAME)"
+                    );
+                    let agency = self.session.as_ref().map(Session::agency);
+                    let refused = Refused::connection(agency, ErrorCode::FrameTooLarge, reason);
+                    let _ = self.refuse(refused).await;
+                    return Ok(());
+                }
+                Some(Err(e @ FrameError::TlsRecord)) => {
+                    // A TLS client on this plain-text central: its own TLS
+                    // stack cannot read this, but a person with a raw
+                    // client can, and our agency recognises a plain-text
+                    // answer to its handshake.
+                    let message = crate::net::tls_unavailable_message();
+                    let _ = self.reply_error(ErrorCode::TlsUnavailable, message).await;
                     return Err(e);
                 }
+                Some(Err(e)) => return Err(e),
                 Some(Ok(Err(e))) => {
-                    let refused = Refused::batch(0, e.code(), e.to_string());
+                    let refused = if e.is_batch() {
+                        Refused::batch(0, e.code(), e.to_string())
+                    } else {
+                        Refused::request(e.code(), e.to_string())
+                    };
                     self.refuse(refused).await?;
                     Next::Continue
+                }
+                // Under mutual TLS, only the certificate's agency.
+                Some(Ok(Ok(request))) if self.certificate_refuses(&request).is_some() => {
+                    let reason = self.certificate_refuses(&request).unwrap_or_default();
+                    self.wrong_certificate(reason).await?
                 }
                 Some(Ok(Ok(Request::Hello { agency, secret }))) => {
                     self.handle_hello(agency, secret).await?
                 }
-                // Probes and operator views: no personal data, no agency,
-                // no secret needed.
+                Some(Ok(Ok(Request::OperatorHello { secret }))) => {
+                    self.handle_operator_hello(secret).await?
+                }
+                // Probes and operator views: no personal data, no agency;
+                // past the gate, so an operator session or open access.
                 Some(Ok(Ok(Request::Ping))) => {
                     let pong = Reply::Success {
                         message: "pong".into(),
                         stored: None,
+                        digest: None,
                     };
                     self.send(&pong).await?;
                     Next::Continue
@@ -224,11 +314,12 @@ impl Handler {
                     self.flush().await?;
                     Next::Continue
                 }
-                Some(Ok(Ok(_))) if !self.authenticated => self.unauthenticated().await?,
                 Some(Ok(Ok(Request::Batch { first, bets }))) => {
                     self.handle_batch(first, bets).await?
                 }
-                Some(Ok(Ok(Request::Finished { agency }))) => self.handle_finished(agency).await?,
+                Some(Ok(Ok(Request::Finished { agency, .. }))) => {
+                    self.handle_finished(agency).await?
+                }
             };
             if let Next::Close = next {
                 return Ok(());
@@ -268,10 +359,122 @@ impl Handler {
         Ok(())
     }
 
-    /// Refuses a request from a connection that has not authenticated, and
-    /// hangs up.
-    async fn unauthenticated(&mut self) -> Result<Next, FrameError> {
-        let reason = "this central requires HELLO with the agency's SECRET first".to_string();
+    /// The one rule for what is answered before (and, in an operator
+    /// session, after) authentication: `Some` turns the message away and
+    /// closes the connection. End of stream and framing errors pass: they
+    /// end the connection on their own.
+    fn gate(&self, frame: &Frame) -> Option<Gated> {
+        let Some(Ok(request)) = frame else {
+            return None;
+        };
+        let request = request.as_ref().ok();
+        let hello = matches!(
+            request,
+            Some(Request::Hello { .. } | Request::OperatorHello { .. })
+        );
+        // Whatever the connection's access: a locked-out address tries no
+        // secret, not even on a connection it already authenticated.
+        if hello && self.settings.secrets.required() {
+            if let Err(lockout) = self.settings.guard.admit(self.peer.ip(), Now::now()) {
+                return Some(Gated::Locked(lockout));
+            }
+        }
+        match (self.access, request) {
+            (Access::Full, _) => None,
+            (Access::Operator, Some(Request::Ping | Request::Status)) => None,
+            (Access::Operator, _) => Some(Gated::OperatorOnly),
+            (Access::Anonymous, _) if hello => None,
+            (Access::Anonymous, _) => Some(Gated::Anonymous),
+        }
+    }
+
+    /// Answers a message the gate turned away, and hangs up. Refusals
+    /// before authentication are counted for the address's summary line
+    /// rather than logged one by one: a flood must not flood the log.
+    async fn turn_away(&mut self, gated: Gated) -> Result<(), FrameError> {
+        let ip = self.peer.ip();
+        let (code, reason) = match gated {
+            Gated::Anonymous => {
+                if let Some(report) = self.settings.guard.unauthenticated(ip, Now::now()) {
+                    report.log();
+                }
+                let reason = "this central requires HELLO with the agency's SECRET first";
+                (ErrorCode::Unauthenticated, reason.to_string())
+            }
+            Gated::Locked(lockout) => {
+                if let Some(report) = lockout.report {
+                    report.log();
+                }
+                let reason = format!(
+                    "too many wrong secrets from {ip}: no HELLO from it is read for {} s",
+                    lockout.remaining.as_secs().max(1)
+                );
+                (ErrorCode::AuthThrottled, reason)
+            }
+            Gated::OperatorOnly => {
+                let reason = "an operator session may send only PING and STATUS".to_string();
+                let refused = Refused::connection(None, ErrorCode::Unauthenticated, reason);
+                return self.refuse(refused).await;
+            }
+        };
+        self.reply_error(code, reason).await
+    }
+
+    /// Answers a wrong or missing secret, counts it against the address
+    /// (its summary line says how many), and hangs up.
+    async fn wrong_secret(&mut self, reason: String) -> Result<Next, FrameError> {
+        if let Some(report) = self.settings.guard.wrong_secret(self.peer.ip(), Now::now()) {
+            report.log();
+        }
+        self.reply_error(ErrorCode::Unauthenticated, reason).await?;
+        Ok(Next::Close)
+    }
+
+    /// Opens a read-only operator session (`PING`, `STATUS`): operator
+    /// tools need not, and must not, speak for an agency, whose `HELLO`
+    /// would take its session over.
+    async fn handle_operator_hello(&mut self, secret: Option<String>) -> Result<Next, FrameError> {
+        if self.settings.secrets.required() {
+            let Some(expected) = &self.settings.secrets.operator else {
+                let reason = "no operator secret is configured on this central".to_string();
+                return self.wrong_secret(reason).await;
+            };
+            let presented = secret.as_deref().unwrap_or("");
+            if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+                return self
+                    .wrong_secret("wrong or missing SECRET for the operator".into())
+                    .await;
+            }
+            if self.access == Access::Anonymous {
+                self.access = Access::Operator;
+            }
+        }
+        let reply = Reply::Success {
+            message: "operator session: PING and STATUS".into(),
+            stored: None,
+            digest: None,
+        };
+        self.send(&reply).await?;
+        Ok(Next::Continue)
+    }
+
+    /// Under mutual TLS, why `request` names an agency other than the one
+    /// the client certificate names; `None` when it may go on.
+    fn certificate_refuses(&self, request: &Request) -> Option<String> {
+        let agency = match request {
+            Request::Hello { agency, .. } | Request::Finished { agency, .. } => *agency,
+            Request::Batch { bets, .. } => bets.get(0)?.agency,
+            Request::Ping | Request::Status | Request::OperatorHello { .. } => return None,
+        };
+        self.identity.refuses(agency)
+    }
+
+    /// Refuses a request for another agency than the certificate's, and
+    /// hangs up: the peer is not who it claims to be.
+    async fn wrong_certificate(&mut self, reason: String) -> Result<Next, FrameError> {
+        // Batches of the certified agency still in flight are answered
+        // first: replies keep request order.
+        self.drain().await?;
         let refused = Refused::connection(None, ErrorCode::Unauthenticated, reason);
         self.refuse(refused).await?;
         Ok(Next::Close)
@@ -310,10 +513,26 @@ impl Handler {
             // what it has and let go, plus its batches' time at the store.
             let patience = self.settings.frame_timeout * 2;
             let shutdown = self.shutdown.clone();
-            let claim = tokio::select! {
-                claim = self.lottery.take_over(agency, &shutdown, patience) => claim?,
-                // Shut down (or itself superseded) while waiting.
-                _ = shutdown.cancelled() => return Err(LotteryError::Busy(agency)),
+            let lottery = self.lottery.clone();
+            let take_over = lottery.take_over(agency, &shutdown, patience);
+            tokio::pin!(take_over);
+            // The first one early: an agency gives up on HELLO (and takes
+            // this central for a reference one) after its hello_timeout,
+            // which is at least 2 s.
+            let mut ticks = still_waiting_ticks(Duration::from_secs(1));
+            let claim = loop {
+                tokio::select! {
+                    claim = &mut take_over => break claim?,
+                    // Shut down (or itself superseded) while waiting.
+                    _ = shutdown.cancelled() => return Err(LotteryError::Busy(agency)),
+                    // Tell the agency, whose HELLO deadline is short, that
+                    // the central is alive. A failed write ends the
+                    // connection at its next reply; the takeover is bounded.
+                    _ = ticks.tick() => {
+                        let why = format!("waiting for an older connection of agency {agency} to let go");
+                        let _ = self.send(&Reply::Waiting { message: why }).await;
+                    }
+                }
             };
             self.session = Some(Session::new(claim, self.store.clone()));
         }
@@ -325,39 +544,39 @@ impl Handler {
         agency: AgencyId,
         secret: Option<String>,
     ) -> Result<Next, FrameError> {
-        let refusal = match self.settings.secrets.get(&agency) {
+        self.said_hello = true;
+        // Certified by its client certificate: no secret needed.
+        let certified = self.identity.certified_agency() == Some(agency);
+        match self.settings.secrets.agencies.get(&agency) {
+            _ if certified => {}
             Some(expected) => {
                 let presented = secret.as_deref().unwrap_or("");
-                (!constant_time_eq(presented.as_bytes(), expected.as_bytes())).then(|| {
+                if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
                     let reason = format!("wrong or missing SECRET for agency {agency}");
-                    (ErrorCode::Unauthenticated, reason, Next::Close)
-                })
+                    return self.wrong_secret(reason).await;
+                }
             }
-            // Secrets are on, and this agency has none: it cannot get in.
-            None if !self.settings.secrets.is_empty() => {
+            // Secrets are on, and this agency has none (it is not one of
+            // the configured agencies): it cannot get in.
+            None if self.settings.secrets.required() => {
                 let reason = format!("no secret is configured for agency {agency}");
-                Some((ErrorCode::Unauthenticated, reason, Next::Close))
+                return self.wrong_secret(reason).await;
             }
-            None => None,
-        };
-        let refusal = match refusal {
-            Some(refusal) => Some(refusal),
-            None => self
-                .open_session(agency)
-                .await
-                .err()
-                .map(|e| (e.code(), e.to_string(), Next::Continue)),
-        };
-        if let Some((code, reason, next)) = refusal {
-            self.refuse(Refused::connection(Some(agency), code, reason))
-                .await?;
-            return Ok(next);
+            None => {}
         }
-        self.authenticated = true;
+        if let Err(e) = self.open_session(agency).await {
+            let refused = Refused::connection(Some(agency), e.code(), e.to_string());
+            self.refuse(refused).await?;
+            return Ok(Next::Continue);
+        }
+        self.access = Access::Full;
+        // The receipt: the agency checks it against its own file before it
+        // resumes.
         let stored = self.lottery.stored(agency);
         let reply = Reply::Success {
-            message: format!("agency {agency}: resume from bet {stored}"),
-            stored: Some(stored),
+            message: format!("agency {agency}: resume from bet {}", stored.count),
+            stored: Some(stored.count),
+            digest: Some(stored.digest),
         };
         self.send(&reply).await?;
         Ok(Next::Continue)
@@ -422,6 +641,7 @@ impl Handler {
                 let reply = Reply::Success {
                     message: format!("already stored {count} bets"),
                     stored: Some(stored),
+                    digest: None,
                 };
                 self.send(&reply).await?;
                 return Ok(Next::Continue);
@@ -480,6 +700,7 @@ impl Handler {
         let reply = Reply::Success {
             message: format!("stored {count} bets"),
             stored: Some(total),
+            digest: None,
         };
         self.feed(&reply).await
     }
@@ -540,9 +761,21 @@ impl Handler {
         let lottery = self.lottery.clone();
         let wait = lottery.wait_for_draw(&shutdown);
         tokio::pin!(wait);
+        let mut ticks = still_waiting_ticks(STILL_WAITING_EVERY);
         let drawn = loop {
             tokio::select! {
                 drawn = &mut wait => break drawn,
+                // Only agencies of this protocol are told (their reply
+                // deadline restarts on each); the design's get nothing but
+                // their winners.
+                _ = ticks.tick(), if self.said_hello => {
+                    let (agencies, _, states) = self.lottery.status();
+                    let finished = states.iter().filter(|s| s.finished).count();
+                    let message = format!(
+                        "waiting for the draw: {finished} of {agencies} agencies finished"
+                    );
+                    self.send(&Reply::Waiting { message }).await?;
+                }
                 frame = self.framed.next(), if self.stashed.is_none() => match frame {
                     None => return Ok(Next::Close),
                     Some(Err(e)) => return Err(e),
@@ -560,7 +793,11 @@ impl Handler {
             }
         };
         let winners = draw.winners_of(agency);
-        for reply in winners_replies(winners) {
+        let sealed = self.said_hello.then(|| Sealed {
+            receipt: draw.receipt_of(agency),
+            seal: draw.seal,
+        });
+        for reply in winners_replies(winners, sealed) {
             self.feed(&reply).await?;
         }
         self.flush().await?;
@@ -641,8 +878,9 @@ impl Handler {
 
 /// A refused request: what it was, the code it is answered with, and why.
 struct Refused {
-    /// The log action: the request's (`apuesta_recibida` for a batch) or
-    /// `connection` for the connection itself.
+    /// The log action: `apuesta_recibida` for a batch, `agencia_finalizada`
+    /// for an announcement, `request` for any other message, `connection`
+    /// for the connection itself.
     action: &'static str,
     /// Bets in a refused batch (the contract's `cantidad`).
     cantidad: Option<usize>,
@@ -662,6 +900,18 @@ impl Refused {
         }
     }
 
+    /// A message that is not a batch (malformed, or an unknown action):
+    /// no `cantidad`, as no bets were refused.
+    fn request(code: ErrorCode, reason: String) -> Refused {
+        Refused {
+            action: action::REQUEST,
+            cantidad: None,
+            agency: None,
+            code,
+            reason,
+        }
+    }
+
     fn connection(agency: Option<AgencyId>, code: ErrorCode, reason: String) -> Refused {
         Refused {
             action: action::CONNECTION,
@@ -671,6 +921,17 @@ impl Refused {
             reason,
         }
     }
+}
+
+/// The clock of a connection's `STATUS:WAITING` frames: the first one
+/// `first` after the wait starts, then one every [`STILL_WAITING_EVERY`]
+/// (a late tick is not made up for: the agency needs one frame per
+/// interval, not a burst).
+fn still_waiting_ticks(first: Duration) -> tokio::time::Interval {
+    let every = STILL_WAITING_EVERY;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
 }
 
 /// The error of a write the peer did not take in time.

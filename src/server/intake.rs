@@ -17,6 +17,7 @@ use futures::FutureExt;
 
 use crate::lottery::{Claim, LotteryError};
 use crate::model::{AgencyId, Bets};
+use crate::receipt::Receipt;
 use crate::store::{Sequence, StorageError, Store, Stored};
 
 /// A batch handed to the store and not yet answered.
@@ -25,6 +26,8 @@ struct InFlight {
     count: usize,
     /// Bets it adds (a resent batch may overlap what is stored).
     new: u64,
+    /// The agency's receipt once it is stored.
+    after: Receipt,
     /// The new bets, kept for their DEBUG lines only when DEBUG is on.
     logged: Option<Bets>,
     stored: Stored,
@@ -101,7 +104,7 @@ impl Session {
     pub fn place(&self, first: Option<u64>, count: usize) -> Placement {
         let at_store = self.in_flight.iter().map(|b| b.new).sum::<u64>();
         let (held, open) = self.claim().intake();
-        let expected = held + at_store;
+        let expected = held.count + at_store;
         let skip = match first {
             None => 0,
             Some(first) if first > expected => {
@@ -145,7 +148,15 @@ impl Session {
     /// # Errors
     /// The store is closed.
     pub async fn submit(&mut self, bets: &Bets, skip: usize) -> Result<(), StorageError> {
-        let stored = self.store.submit(bets, skip, &self.sequence).await?;
+        // The receipt chains on from the last batch in flight (or what is
+        // stored): batches of one agency are stored in the order submitted.
+        // Hashed here, on the connection's own task, like the rows.
+        let before = match self.in_flight.back() {
+            Some(last) => last.after,
+            None => self.claim().intake().0,
+        };
+        let after = before.after(bets.iter().skip(skip));
+        let stored = self.store.submit(bets, skip, &self.sequence, after).await?;
         let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| {
             let mut new = Bets::new();
             new.extend(bets.iter().skip(skip));
@@ -154,6 +165,7 @@ impl Session {
         self.in_flight.push_back(InFlight {
             count: bets.len(),
             new: (bets.len() - skip) as u64,
+            after,
             logged,
             stored,
         });
@@ -184,7 +196,7 @@ impl Session {
             .expect("invariant: an outcome is for the oldest batch in flight");
         let outcome = outcome.map(|()| {
             self.stored_here += batch.new;
-            self.claim().add_stored(batch.new)
+            self.claim().add_stored(batch.after)
         });
         Settled {
             count: batch.count,
@@ -218,7 +230,7 @@ impl Drop for Session {
             runtime.spawn(async move {
                 while let Some(batch) = in_flight.pop_front() {
                     if batch.stored.await.is_ok() {
-                        claim.add_stored(batch.new);
+                        claim.add_stored(batch.after);
                     }
                 }
             });

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures::SinkExt;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::codec::Framed;
@@ -20,9 +21,9 @@ use super::Settings;
 use crate::config::{ConfigError, ServerConfig};
 use crate::logging::{action, result};
 use crate::lottery::Lottery;
-use crate::net::BoxedIo;
+use crate::net::{self, BoxedIo, Identity};
 use crate::store::Store;
-use crate::wire::{ErrorCode, Reply, ServerCodec};
+use crate::wire::{ErrorCode, FrameError, Reply, ServerCodec};
 
 /// Files the central keeps open besides its connections: the listener,
 /// stdio, the bets file and draw record, the runtime's own descriptors, and a
@@ -235,19 +236,32 @@ struct Accepted {
 
 impl Accepted {
     /// Completes the TLS handshake (when on, within the frame timeout) and
-    /// serves the connection.
+    /// serves the connection with the identity the handshake gave it.
     async fn serve(self) {
-        let io: BoxedIo = match &self.settings.tls {
-            None => Box::new(self.socket),
-            Some(acceptor) => {
+        let (io, identity): (BoxedIo, Identity) = match &self.settings.tls {
+            None => (Box::new(self.socket), Identity::Anonymous),
+            Some(tls) => {
                 let handshake =
-                    tokio::time::timeout(self.settings.frame_timeout, acceptor.accept(self.socket));
+                    tokio::time::timeout(self.settings.frame_timeout, tls.accept(self.socket));
                 let outcome = tokio::select! {
                     _ = self.shutdown.cancelled() => return,
                     outcome = handshake => outcome,
                 };
                 match outcome {
-                    Ok(Ok(stream)) => Box::new(stream),
+                    Ok(Ok(net::Accepted::Tls(stream, identity))) => (stream, identity),
+                    Ok(Ok(net::Accepted::Closed)) => return,
+                    Ok(Ok(net::Accepted::PlainText(socket))) => {
+                        warn!(
+                            action = action::CONNECTION,
+                            result = result::FAIL,
+                            peer = %self.peer,
+                            code = %ErrorCode::TlsRequired,
+                            reason = "a plain-text client on this TLS central (its first byte is \
+                                      not a TLS handshake); answered in plain text"
+                        );
+                        refuse_plain_text(socket, self.settings.frame_timeout).await;
+                        return;
+                    }
                     Ok(Err(e)) => {
                         warn!(
                             action = action::CONNECTION,
@@ -272,6 +286,7 @@ impl Accepted {
         };
         Handler::new(
             io,
+            identity,
             self.peer,
             self.lottery,
             self.store,
@@ -281,4 +296,26 @@ impl Accepted {
         .run()
         .await;
     }
+}
+
+/// Tells a plain-text client of a TLS central, in plain text and in our
+/// protocol, that it must speak TLS, then closes. Bounded in time.
+async fn refuse_plain_text(socket: TcpStream, limit: Duration) {
+    let mut framed = Framed::new(socket, ServerCodec::new());
+    let reply = Reply::Error {
+        code: ErrorCode::TlsRequired,
+        message: net::tls_required_message(),
+    };
+    let answered = async {
+        framed.send(&reply).await?;
+        // Read what the client had sent before closing: closing a socket
+        // with unread input resets the connection, and the reset can reach
+        // the client before it has read the answer.
+        let mut socket = framed.into_inner();
+        socket.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while socket.read(&mut sink).await? > 0 {}
+        Ok::<_, FrameError>(())
+    };
+    let _ = tokio::time::timeout(limit, answered).await;
 }

@@ -9,27 +9,26 @@
 //! the batches it has already read (so whatever was acknowledged is stored)
 //! and closes; then the store flushes and closes.
 
+mod guard;
 mod handler;
 mod intake;
 mod listener;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::{ConfigError, ServerConfig};
+use crate::config::{ConfigError, Secrets, ServerConfig};
 use crate::logging::{action, result};
 use crate::lottery::Lottery;
-use crate::model::AgencyId;
-use crate::net::{self as tls, TlsError};
-use crate::store::{self, Opened, StorageError, Store};
+use crate::net::{ServerTls, TlsError};
+use crate::receipt::differences;
+use crate::store::{self, Draw, Opened, StorageError, Store};
 
 pub use listener::{bind, bind_addr, fit_open_files, MIN_CONNECTIONS, RESERVED_FILES};
 
@@ -49,6 +48,19 @@ pub enum ServerError {
     /// The TLS certificate or key cannot be used.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The draw record of a finished round does not match the stored bets
+    /// (or the configuration): the central refuses to serve it.
+    #[error(
+        "the draw record {record} does not match the stored bets, so the central refuses to \
+         serve it: {}; `lottery verify` shows the same check",
+        differences.join("; ")
+    )]
+    RecordMismatch {
+        /// The record.
+        record: String,
+        /// Every difference found.
+        differences: Vec<String>,
+    },
 }
 
 /// What every connection needs to know about the central's policy.
@@ -57,10 +69,33 @@ struct Settings {
     frame_timeout: Duration,
     /// Time a connection may wait with no request.
     idle_timeout: Duration,
-    /// Agency secrets; empty when authentication is off.
-    secrets: BTreeMap<AgencyId, String>,
-    /// TLS, when on.
-    tls: Option<TlsAcceptor>,
+    /// Agency and operator secrets; no agency secrets when authentication
+    /// is off.
+    secrets: Secrets,
+    /// Failed authentications per peer address: lockouts and their
+    /// summary lines.
+    guard: guard::Guard,
+    /// Largest frame read from a peer, header included (`server.max_frame`).
+    max_frame: usize,
+    /// TLS, when on (with client certificates, when required).
+    tls: Option<ServerTls>,
+}
+
+/// Compares a finished round's record with the stored bets (their
+/// receipts and winners for the recorded number, recomputed from the bets
+/// as stored, never from what the store counted) and with the configuration: every difference, empty when they agree.
+async fn check_record(
+    config: &ServerConfig,
+    store: &dyn Store,
+    draw: &Draw,
+) -> Result<Vec<String>, StorageError> {
+    let found = store.recompute(draw.winning_number).await?;
+    Ok(differences(
+        draw.claimed(),
+        &found,
+        config.agencies,
+        config.winning_number,
+    ))
 }
 
 /// Serves agencies on `listener` until `shutdown` is cancelled, then closes
@@ -102,6 +137,7 @@ pub async fn run_with_store(
             return Err(e);
         }
     };
+    announce_authentication(config, &settings.secrets);
     let draw = match store.load_draw().await {
         Ok(draw) => draw,
         Err(e) => {
@@ -110,6 +146,29 @@ pub async fn run_with_store(
         }
     };
     if let Some(draw) = &draw {
+        // Recomputed from the bets, never trusted: a record edited (or a
+        // row added or changed) after the draw is refused here.
+        let differences = match check_record(config, store.as_ref(), draw).await {
+            Ok(differences) => differences,
+            Err(e) => {
+                close_store(store.as_ref()).await;
+                return Err(e.into());
+            }
+        };
+        if !differences.is_empty() {
+            close_store(store.as_ref()).await;
+            return Err(ServerError::RecordMismatch {
+                record: config.draw_record_shown(),
+                differences,
+            });
+        }
+        info!(
+            action = action::VERIFY,
+            result = result::SUCCESS,
+            seal = %draw.seal,
+            bets = draw.bets,
+            record = %config.draw_record_shown()
+        );
         // Not `sorteo`: that is logged once, by the central that drew. A
         // WARN, because an operator who meant to start a new round is about
         // to serve an old one.
@@ -120,13 +179,12 @@ pub async fn run_with_store(
             drawn_at = draw.drawn_at.as_str(),
             bets = draw.bets,
             winning_number = draw.winning_number,
-            record = %config
-                .draw_record_path()
-                .map_or_else(|| "table draw".into(), |p| p.display().to_string()),
+            record = %config.draw_record_shown(),
             storage = %store.describe(),
+            seal = %draw.seal,
             message = "this round is already drawn: the central only serves its winners and \
-                       refuses new bets; to start a new round, move the bets file and the draw \
-                       record aside or point server.storage at a new file"
+                       refuses new bets; to start a new round, stop the central and run \
+                       `lottery new-round` (it keeps this round's files, named by round and seal)"
         );
     }
     let lottery = Lottery::new(
@@ -149,10 +207,22 @@ pub async fn run_with_store(
         result = result::SUCCESS,
         address = %local.map_or_else(|| "?".to_string(), |a| a.to_string()),
         tls = settings.tls.is_some(),
-        secrets = settings.secrets.len(),
+        client_certificates = settings
+            .tls
+            .as_ref()
+            .is_some_and(ServerTls::requires_client_certificates),
+        secrets = settings.secrets.agencies.len(),
         max_connections = config.max_connections
     );
 
+    // Summary lines of failed authentications, until the last connection
+    // is gone (then whatever is left is logged).
+    let reports_done = CancellationToken::new();
+    let reports = tokio::spawn({
+        let guard = settings.guard.clone();
+        let done = reports_done.clone();
+        async move { guard.report_until(done).await }
+    });
     let accept_loop = listener::Listener {
         listener,
         store: store.clone(),
@@ -196,6 +266,8 @@ pub async fn run_with_store(
         hard_stop.cancel();
         tracker.wait().await;
     }
+    reports_done.cancel();
+    let _ = reports.await;
     // A draw under way is recorded and published before the store closes,
     // within what is left of the grace period; one abandoned after it left
     // either its whole record or none (the record is written atomically),
@@ -237,14 +309,50 @@ async fn close_store(store: &dyn Store) {
     }
 }
 
+/// Says at start how connections authenticate: a WARN when any agency can
+/// act without a secret (anyone who reaches the port can then upload its
+/// bets, announce it finished and read its winners). Not a `fail` line:
+/// nothing went wrong, but an operator must know.
+fn announce_authentication(config: &ServerConfig, secrets: &Secrets) {
+    let open = config.agencies_without_secret(secrets);
+    if open.is_empty() {
+        info!(
+            action = action::AUTH,
+            result = result::SUCCESS,
+            state = "required",
+            agencies = config.agencies,
+            client_certificates = config.requires_client_certificates(),
+            operator_session = secrets.operator.is_some()
+        );
+        return;
+    }
+    let ids: Vec<String> = open.iter().map(ToString::to_string).collect();
+    warn!(
+        action = action::AUTH,
+        result = result::SUCCESS,
+        state = "off",
+        agencies_without_secret = ids.join(","),
+        message = "anyone who reaches this port can upload bets for these agencies, announce \
+                   them finished and read their winners; give every agency a secret \
+                   (server.secrets_file; lottery compose writes one)"
+    );
+}
+
 /// Timeouts, secrets and TLS, from the configuration.
 fn load_settings(config: &ServerConfig) -> Result<Settings, ServerError> {
     Ok(Settings {
         frame_timeout: config.frame_deadline(),
         idle_timeout: config.idle_deadline(),
+        max_frame: config.max_frame,
         secrets: config.load_secrets()?,
+        guard: guard::Guard::default(),
         tls: if config.tls_enabled() {
-            Some(tls::acceptor(&config.tls_cert, &config.tls_key)?)
+            let client_ca = config.requires_client_certificates();
+            Some(ServerTls::new(
+                &config.tls_cert,
+                &config.tls_key,
+                client_ca.then_some(config.tls_client_ca.as_path()),
+            )?)
         } else {
             None
         },

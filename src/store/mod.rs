@@ -23,6 +23,7 @@ use futures::future::BoxFuture;
 
 use crate::config::ServerConfig;
 use crate::model::{AgencyId, Bets};
+use crate::receipt::{Digest, Receipt, Recomputed};
 
 pub use file::{Durability, StorageError};
 pub use target::{PgTarget, Storage};
@@ -49,6 +50,11 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// submitted, and once one fails every later one fails too without
     /// being stored.
     ///
+    /// `receipt` is the agency's receipt once these bets are stored: a
+    /// store that keeps receipts (a database row) writes it together with
+    /// the bets; the bets file recomputes receipts when it is opened
+    /// instead, and ignores it.
+    ///
     /// # Errors
     /// The store is closed.
     fn submit<'a>(
@@ -56,6 +62,7 @@ pub trait Store: Send + Sync + fmt::Debug {
         bets: &Bets,
         skip: usize,
         sequence: &Sequence,
+        receipt: Receipt,
     ) -> BoxFuture<'a, Result<Stored, StorageError>>;
 
     /// Reads every stored bet back and tallies the draw of
@@ -65,6 +72,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// # Errors
     /// The bets cannot be read back, or one of them is damaged.
     fn tally(&self, winning_number: u16) -> BoxFuture<'_, Result<Tally, StorageError>>;
+
+    /// Recomputes, from the stored bets alone (read in the stored order,
+    /// never from what was counted while storing), each agency's receipt
+    /// and its winners for `winning_number`: what the central compares with
+    /// a draw record when it starts on a drawn round.
+    ///
+    /// # Errors
+    /// The bets cannot be read back, or one of them is damaged.
+    fn recompute(&self, winning_number: u16) -> BoxFuture<'_, Result<Recomputed, StorageError>>;
 
     /// The recorded draw, if the draw already happened.
     ///
@@ -89,8 +105,9 @@ pub trait Store: Send + Sync + fmt::Debug {
 pub struct Opened {
     /// The store.
     pub store: Arc<dyn Store>,
-    /// Bets held per agency: where each agency's upload resumes.
-    pub stored: BTreeMap<AgencyId, u64>,
+    /// Each agency's receipt of the bets held (agencies with bets only):
+    /// its count is where the agency's upload resumes.
+    pub stored: BTreeMap<AgencyId, Receipt>,
 }
 
 /// Opens the store `config.storage` names, after checking (and, for the
@@ -106,9 +123,7 @@ pub async fn open(config: &ServerConfig) -> Result<Opened, StorageError> {
     };
     match &config.storage {
         Storage::File(bets) => {
-            let record = config
-                .draw_record_path()
-                .expect("a bets file has a draw record path");
+            let record = file_record(config);
             let (store, stored) = file::FileStore::open(bets, &record, durability).await?;
             Ok(Opened {
                 store: Arc::new(store),
@@ -123,6 +138,82 @@ pub async fn open(config: &ServerConfig) -> Result<Opened, StorageError> {
                 store: Arc::new(store),
                 stored,
             })
+        }
+    }
+}
+
+/// Recomputes, from the stored bets alone and without changing anything
+/// (a torn last row is left alone and not counted), each agency's receipt
+/// and its winners for `winning_number`: what `lottery verify` compares
+/// with the draw record.
+///
+/// # Errors
+/// The bets cannot be read, or a row is damaged.
+pub async fn recompute(
+    config: &ServerConfig,
+    winning_number: u16,
+) -> Result<Recomputed, StorageError> {
+    match &config.storage {
+        Storage::File(path) => {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || file::recompute(&path, winning_number))
+                .await
+                .expect("reading the bets back does not panic")
+        }
+        Storage::Postgres(target) => {
+            let mut client = postgres::tool_connection(target).await?;
+            postgres::recompute(target, &mut client, winning_number).await
+        }
+    }
+}
+
+/// The draw record's path of a bets file.
+fn file_record(config: &ServerConfig) -> std::path::PathBuf {
+    config
+        .draw_record_path()
+        .expect("a bets file has a draw record path")
+}
+
+/// The draw record `config` names, if there is one.
+///
+/// # Errors
+/// A record exists but cannot be read.
+pub async fn load_draw(config: &ServerConfig) -> Result<Option<Draw>, StorageError> {
+    match &config.storage {
+        Storage::File(bets) => {
+            let (bets, record) = (bets.clone(), file_record(config));
+            // Checked against the ledger of sealed rounds, and read only.
+            tokio::task::spawn_blocking(move || file::rounds::load_checked(&bets, &record, false))
+                .await
+                .expect("reading the record does not panic")
+        }
+        Storage::Postgres(target) => {
+            let mut client = postgres::tool_connection(target).await?;
+            // Checked against the table of sealed rounds, and read only.
+            postgres::load_draw(target, &mut client).await
+        }
+    }
+}
+
+/// `lottery new-round`: keeps the drawn round's bets and record aside,
+/// named by round and seal, so the central starts the next round empty.
+///
+/// # Errors
+/// As [`file::rounds::new_round`].
+pub async fn new_round(config: &ServerConfig) -> Result<file::rounds::NewRound, StorageError> {
+    let (agencies, winning) = (config.agencies, config.winning_number);
+    match &config.storage {
+        Storage::File(bets) => {
+            let (bets, record) = (bets.clone(), file_record(config));
+            tokio::task::spawn_blocking(move || {
+                file::rounds::new_round(&bets, &record, agencies, winning)
+            })
+            .await
+            .expect("starting a round does not panic")
+        }
+        Storage::Postgres(target) => {
+            let mut client = postgres::tool_connection(target).await?;
+            postgres::new_round(target, &mut client, agencies, winning).await
         }
     }
 }
@@ -171,8 +262,11 @@ pub struct Draw {
     pub drawn_at: String,
     /// Winner documents per agency, in the order they were stored.
     pub winners: HashMap<AgencyId, Vec<String>>,
-    /// Bets per agency taken into account.
-    pub bets_per_agency: BTreeMap<AgencyId, u64>,
+    /// Each configured agency's receipt of the bets taken into account.
+    pub receipts: BTreeMap<AgencyId, Receipt>,
+    /// The seal over the winning number and every receipt
+    /// ([`crate::receipt::seal`]).
+    pub seal: Digest,
     /// Bets taken into account.
     pub bets: u64,
     /// How long reading the bets back took (zero for a draw read back from
@@ -184,5 +278,23 @@ impl Draw {
     /// The winners of one agency (empty when it has none).
     pub fn winners_of(&self, agency: AgencyId) -> &[String] {
         self.winners.get(&agency).map_or(&[], Vec::as_slice)
+    }
+
+    /// The receipt of one agency (its empty one when it stored nothing).
+    pub fn receipt_of(&self, agency: AgencyId) -> Receipt {
+        self.receipts
+            .get(&agency)
+            .copied()
+            .unwrap_or_else(|| Receipt::empty(agency))
+    }
+
+    /// The record's claims, to compare with the stored bets.
+    pub fn claimed(&self) -> crate::receipt::Claimed<'_> {
+        crate::receipt::Claimed {
+            winning_number: self.winning_number,
+            seal: self.seal,
+            receipts: &self.receipts,
+            winners: &self.winners,
+        }
     }
 }

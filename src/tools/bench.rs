@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::AgencyConfig;
 use crate::logging::{action, result};
 use crate::tools::gen_data::GenOptions;
-use crate::tools::launch::{self, Fleet, WorkDir};
+use crate::tools::launch::{self, Fleet, RunSecrets, WorkDir};
 use crate::wire::ErrorCode;
 
 /// What to run.
@@ -181,7 +181,14 @@ impl ServerProcess {
 /// Starts the server on a free port, logging JSON lines so its events are
 /// read as data rather than parsed out of text, and returns it with the
 /// loopback address it listens on.
-fn start_server(dir: &Path, opts: &BenchOptions) -> anyhow::Result<(ServerProcess, String)> {
+fn start_server(
+    dir: &Path,
+    opts: &BenchOptions,
+    secrets: &RunSecrets,
+) -> anyhow::Result<(ServerProcess, String)> {
+    let secrets_file = dir.join("secrets.toml");
+    std::fs::write(&secrets_file, secrets.to_toml())
+        .with_context(|| format!("writing {}", secrets_file.display()))?;
     let exe = std::env::current_exe().context("locating this binary")?;
     let mut cmd = Command::new(exe);
     cmd.args([
@@ -201,8 +208,11 @@ fn start_server(dir: &Path, opts: &BenchOptions) -> anyhow::Result<(ServerProces
             .as_ref()
             .map_or_else(|| dir.join("bets.csv").into_os_string(), Into::into),
     )
-    .env("LOTTERY_CONFIG", dir.join("no-config.toml"))
+    // Defaults, whatever config.toml the working directory holds: an empty
+    // file that exists (a missing one named here would be warned about).
+    .env("LOTTERY_CONFIG", "/dev/null")
     .env("SERVER_LISTEN_BACKLOG", "4096")
+    .env("SERVER_SECRETS_FILE", &secrets_file)
     .env(
         "SERVER_MAX_CONNECTIONS",
         (opts.agencies as usize + 64).to_string(),
@@ -312,7 +322,9 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
     };
     launch::generate(&data, gen).await?;
     dir.fresh_storage()?;
-    let (server, address) = start_server(dir.path(), &opts)?;
+    // Measured as it is run: authenticated.
+    let secrets = RunSecrets::generate(opts.agencies);
+    let (server, address) = start_server(dir.path(), &opts, &secrets)?;
 
     let total = u64::from(opts.agencies) * opts.bets_per_agency;
     let root = shutdown.child_token();
@@ -325,7 +337,7 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
         window: opts.window,
         ..AgencyConfig::default()
     };
-    let fleet = Fleet::start(opts.agencies, &template, &address, &data, &root);
+    let fleet = Fleet::start(opts.agencies, &template, &address, &data, &secrets, &root);
     let progress = fleet.progress();
     let ticker = tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(1));

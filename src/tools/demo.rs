@@ -18,7 +18,7 @@ use crate::config::{AgencyConfig, ServerConfig};
 use crate::server;
 use crate::store::Storage;
 use crate::tools::gen_data::GenOptions;
-use crate::tools::launch::{self, Fleet, WorkDir};
+use crate::tools::launch::{self, Fleet, RunSecrets, WorkDir};
 
 /// What the demo runs.
 #[derive(Debug, Clone)]
@@ -94,7 +94,10 @@ pub async fn run(
         }
     };
     let (storage, draw_record) = work_dir.fresh_storage()?;
+    // Authenticated like any documented run: fresh secrets, in memory only.
+    let secrets = RunSecrets::generate(opts.agencies);
     let server_config = ServerConfig {
+        secrets: secrets.table(),
         port: 0,
         listen_backlog: opts.agencies.max(5),
         agencies: opts.agencies,
@@ -126,9 +129,16 @@ pub async fn run(
         window: opts.window,
         ..AgencyConfig::default()
     };
-    let reports = Fleet::start(opts.agencies, &template, &address, &data_dir, &root)
-        .join()
-        .await?;
+    let reports = Fleet::start(
+        opts.agencies,
+        &template,
+        &address,
+        &data_dir,
+        &secrets,
+        &root,
+    )
+    .join()
+    .await?;
     let elapsed = started.elapsed();
     server_token.cancel();
     server_task.await.context("the server task panicked")??;

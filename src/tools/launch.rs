@@ -3,6 +3,7 @@
 //! and the scratch directory, data and in-process agencies that `demo` and
 //! `bench` both need.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -12,19 +13,24 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::agency::{self, AgencyError, AgencyReport};
-use crate::config::{AgencyConfig, Config};
+use crate::config::{AgencyConfig, Config, ConfigFile, OPERATOR_KEY};
 use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::server;
 use crate::tools::gen_data::{self, GenOptions, Generated};
 use crate::tools::progress;
 
-/// `lottery server`: logs the contract's config line, binds, serves until
+/// `lottery server`: logs the contract's config line (then the other
+/// settings, and the configuration file read, after the contract's fields), binds, serves until
 /// `shutdown`, and logs the shutdown.
 ///
 /// # Errors
 /// The port cannot be bound, or the server failed.
-pub async fn serve(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    config: &Config,
+    file: &ConfigFile,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let s = &config.server;
     info!(
         action = action::CONFIG,
@@ -36,9 +42,8 @@ pub async fn serve(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         storage = %s.storage,
         winning_number = s.winning_number,
         sync = s.sync,
-        draw_record = %s
-            .draw_record_path()
-            .map_or_else(|| "table draw".into(), |p| p.display().to_string())
+        draw_record = %s.draw_record_shown(),
+        config_file = %file
     );
     let listener = server::bind(s).with_context(|| format!("binding port {}", s.port))?;
     server::run(listener, s, shutdown).await?;
@@ -54,6 +59,7 @@ pub async fn serve(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
 /// The agency failed, or `winners_out` cannot be written.
 pub async fn agency(
     config: &Config,
+    file: &ConfigFile,
     winners_out: Option<&Path>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -65,7 +71,8 @@ pub async fn agency(
         server_address = a.server_address.as_str(),
         batch_max_amount = a.batch_max_amount,
         log_level = %config.log.level,
-        data_file = %a.data_path().display()
+        data_file = %a.data_path().display(),
+        config_file = %file
     );
     let (sender, bar) = progress::start(&a.data_path(), config.log.format).unzip();
     let outcome = agency::run_with_progress(a, shutdown, sender).await;
@@ -85,6 +92,53 @@ pub async fn agency(
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// A new random secret: 32 bytes from the operating system's generator
+/// (through `rand`'s thread generator, reseeded from it), as 64 hex digits,
+/// so it survives any file, variable or TOML string unescaped.
+pub fn new_secret() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A fresh secret for each agency of a run, and one for the operator: the
+/// tools that start a central and its agencies themselves (`demo`,
+/// `bench`) never run it open.
+#[derive(Debug, Clone)]
+pub struct RunSecrets {
+    /// Per agency.
+    pub agencies: BTreeMap<AgencyId, String>,
+    /// For a read-only operator session.
+    pub operator: String,
+}
+
+impl RunSecrets {
+    /// Secrets for agencies `1..=agencies`.
+    pub fn generate(agencies: u32) -> RunSecrets {
+        RunSecrets {
+            agencies: (1..=agencies).map(|id| (id, new_secret())).collect(),
+            operator: new_secret(),
+        }
+    }
+
+    /// As `server.secrets` holds them.
+    pub fn table(&self) -> BTreeMap<String, String> {
+        let mut table: BTreeMap<String, String> = self
+            .agencies
+            .iter()
+            .map(|(id, secret)| (id.to_string(), secret.clone()))
+            .collect();
+        table.insert(OPERATOR_KEY.into(), self.operator.clone());
+        table
+    }
+
+    /// As a `server.secrets_file` holds them.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(&self.table()).expect("a table of strings is TOML")
+    }
 }
 
 /// Where a tool keeps its data and bets file: the given directory, or a
@@ -163,12 +217,14 @@ pub struct Fleet {
 
 impl Fleet {
     /// Starts agencies `1..=agencies`, each as `template` with its own id,
-    /// `address` and data file in `data_dir`, under a child of `shutdown`.
+    /// `address`, data file in `data_dir` and secret from `secrets`, under
+    /// a child of `shutdown`.
     pub fn start(
         agencies: u32,
         template: &AgencyConfig,
         address: &str,
         data_dir: &Path,
+        secrets: &RunSecrets,
         shutdown: &CancellationToken,
     ) -> Fleet {
         let data_file = data_dir
@@ -182,6 +238,7 @@ impl Fleet {
                 id,
                 server_address: address.to_string(),
                 data_file: data_file.clone(),
+                secret: secrets.agencies.get(&id).cloned().unwrap_or_default(),
                 ..template.clone()
             };
             let (tx, rx) = watch::channel(0u64);

@@ -10,20 +10,24 @@ use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
 use crate::config::AgencyConfig;
-use crate::net::{self as tls, BoxedIo};
+use crate::net::{self, BoxedIo, ClientTls};
 use crate::store::file::load_record;
-use crate::wire::AgencyCodec;
-use crate::wire::{AgencyState, Reply, Request};
+use crate::wire::{AgencyCodec, FrameError};
+use crate::wire::{AgencyState, ErrorCode, Reply, Request};
 
 /// Where the central is and how to reach it.
 #[derive(Debug, Clone)]
 pub struct Target {
     /// `host:port`.
     pub address: String,
-    /// CA and server name, when the central speaks TLS.
-    pub tls: Option<(std::path::PathBuf, String)>,
+    /// The agency's TLS settings (CA, server name, client certificate),
+    /// when the central speaks TLS.
+    pub tls: Option<AgencyConfig>,
     /// How long the whole exchange may take.
     pub timeout: Duration,
+    /// Opens a read-only operator session first, when the central requires
+    /// secrets: `operator` in the central's secrets (`server.secrets_file`).
+    pub operator_secret: Option<String>,
 }
 
 impl Target {
@@ -31,60 +35,120 @@ impl Target {
     /// agency is configured for it; `timeout` at least one second.
     pub fn for_agency(agency: &AgencyConfig, address: Option<String>, timeout: Duration) -> Target {
         let address = address.unwrap_or_else(|| agency.server_address.clone());
-        let tls = (!agency.tls_ca.as_os_str().is_empty()).then(|| {
-            // The certificate's name follows the address actually probed.
-            let probed = AgencyConfig {
-                server_address: address.clone(),
-                ..agency.clone()
-            };
-            (agency.tls_ca.clone(), probed.tls_name())
+        // The certificate's name follows the address actually probed.
+        let tls = (!agency.tls_ca.as_os_str().is_empty()).then(|| AgencyConfig {
+            server_address: address.clone(),
+            ..agency.clone()
         });
         Target {
             address,
             tls,
             timeout: timeout.max(Duration::from_secs(1)),
+            operator_secret: None,
         }
     }
 }
 
+/// Where the probed address comes from, for messages.
+const ADDRESS_FROM: &str =
+    "the address is --address, else agency.server_address (CLI_SERVER_ADDRESS)";
+
 async fn connect(target: &Target) -> anyhow::Result<Framed<BoxedIo, AgencyCodec>> {
-    let stream = TcpStream::connect(&target.address).await?;
+    let stream = TcpStream::connect(&target.address).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to the central at {}: {e}; {}; {ADDRESS_FROM}",
+            target.address,
+            crate::net::unreachable_hint(&e)
+        )
+    })?;
     stream.set_nodelay(true)?;
     let io: BoxedIo = match &target.tls {
         None => Box::new(stream),
-        Some((ca, name)) => {
-            let (connector, name) = tls::connector(ca, name)?;
-            Box::new(connector.connect(name, stream).await?)
+        Some(agency) => {
+            let tls = ClientTls::for_agency(agency)?.expect("tls_ca is set");
+            tls.connect(stream).await?
         }
     };
     Ok(Framed::new(io, AgencyCodec::new()))
 }
 
+/// The next reply, refusals included: the caller knows which refusals it
+/// can act on (see [`unexpected`] for the rest).
 async fn next_reply(framed: &mut Framed<BoxedIo, AgencyCodec>) -> anyhow::Result<Reply> {
     match framed.next().await {
         Some(Ok(Ok(reply))) => Ok(reply),
         Some(Ok(Err(e))) => anyhow::bail!("unreadable reply: {e}"),
+        Some(Err(FrameError::TlsRecord)) => anyhow::bail!(net::central_speaks_tls()),
         Some(Err(e)) => Err(e.into()),
         None => anyhow::bail!("the central closed the connection"),
     }
 }
 
-/// Sends `PING` and expects `pong`.
+/// A reply the exchange cannot go on with: a refusal said as the central
+/// said it, anything else shown as it came.
+fn unexpected(answering: &str, reply: Reply) -> anyhow::Error {
+    match reply {
+        Reply::Error { code, message } => anyhow::anyhow!("the central refused: {code}: {message}"),
+        other => anyhow::anyhow!("unexpected answer to {answering}: {other:?}"),
+    }
+}
+
+fn no_answer(target: &Target) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the central at {} did not answer within {} s: is that the central's address, \
+         and is it serving? {ADDRESS_FROM}; --timeout waits longer",
+        target.address,
+        target.timeout.as_secs()
+    )
+}
+
+/// Whether `reply` refuses a connection for its authentication: from a
+/// central that requires secrets, to a probe that has none (or a wrong one).
+fn refused_for_authentication(reply: &Reply) -> bool {
+    matches!(
+        reply,
+        Reply::Error {
+            code: ErrorCode::Unauthenticated | ErrorCode::AuthThrottled,
+            ..
+        }
+    )
+}
+
+/// Sends `PING` (in an operator session, when the target has the
+/// operator's secret) and expects `pong`.
+///
+/// A central that requires secrets answers a probe without a good one
+/// `UNAUTHENTICATED` (or `AUTH_THROTTLED`): that too proves it up, since it
+/// accepted the connection, read a whole frame, parsed it and answered in
+/// protocol; and a health check that needs no secret can be run by anything
+/// (the compose health check, a load balancer) without handing it one.
 ///
 /// # Errors
 /// The central is unreachable, slow, or answers something else.
 pub async fn health(target: &Target) -> anyhow::Result<()> {
     let exchange = async {
         let mut framed = connect(target).await?;
+        if let Some(secret) = &target.operator_secret {
+            let hello = Request::OperatorHello {
+                secret: Some(secret.clone()),
+            };
+            framed.send(&hello).await?;
+            match next_reply(&mut framed).await? {
+                Reply::Success { .. } => {}
+                reply if refused_for_authentication(&reply) => return Ok(()),
+                other => return Err(unexpected("HELLO", other)),
+            }
+        }
         framed.send(&Request::Ping).await?;
         match next_reply(&mut framed).await? {
             Reply::Success { message, .. } if message == "pong" => Ok(()),
-            other => anyhow::bail!("unexpected answer to PING: {other:?}"),
+            reply if refused_for_authentication(&reply) => Ok(()),
+            other => Err(unexpected("PING", other)),
         }
     };
     tokio::time::timeout(target.timeout, exchange)
         .await
-        .map_err(|_| anyhow::anyhow!("no answer within {:?}", target.timeout))?
+        .map_err(|_| no_answer(target))?
 }
 
 /// The central's view: agencies configured, whether drawn, per-agency state.
@@ -105,6 +169,19 @@ pub struct StatusView {
 pub async fn status(target: &Target) -> anyhow::Result<StatusView> {
     let exchange = async {
         let mut framed = connect(target).await?;
+        if let Some(secret) = &target.operator_secret {
+            let hello = Request::OperatorHello {
+                secret: Some(secret.clone()),
+            };
+            framed.send(&hello).await?;
+            match next_reply(&mut framed).await? {
+                Reply::Success { .. } => {}
+                Reply::Error { code, message } => {
+                    anyhow::bail!("the central refused the operator secret: {code}: {message}")
+                }
+                other => return Err(unexpected("HELLO", other)),
+            }
+        }
         framed.send(&Request::Status).await?;
         let mut view = StatusView {
             agencies: 0,
@@ -126,13 +203,21 @@ pub async fn status(target: &Target) -> anyhow::Result<StatusView> {
                         return Ok(view);
                     }
                 }
-                other => anyhow::bail!("unexpected answer to STATUS: {other:?}"),
+                Reply::Error {
+                    code: ErrorCode::Unauthenticated,
+                    message,
+                } => anyhow::bail!(
+                    "the central requires authentication ({message}): give `lottery status` \
+                     the operator's secret, `operator = \"…\"` in the file SERVER_SECRETS_FILE \
+                     names (server.secrets_file), as on the central"
+                ),
+                other => return Err(unexpected("STATUS", other)),
             }
         }
     };
     tokio::time::timeout(target.timeout, exchange)
         .await
-        .map_err(|_| anyhow::anyhow!("no answer within {:?}", target.timeout))?
+        .map_err(|_| no_answer(target))?
 }
 
 /// Renders a status view as a table, every configured agency listed.
@@ -173,15 +258,15 @@ pub fn winners_table(record: &Path) -> anyhow::Result<String> {
             record.display()
         );
     };
-    let mut agencies: Vec<u32> = draw.bets_per_agency.keys().copied().collect();
+    let mut agencies: Vec<u32> = draw.receipts.keys().copied().collect();
     agencies.extend(draw.winners.keys().copied());
     agencies.sort_unstable();
     agencies.dedup();
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "draw of {} (winning number {}), {} bets",
-        draw.drawn_at, draw.winning_number, draw.bets
+        "draw of {} (winning number {}), {} bets, seal {}",
+        draw.drawn_at, draw.winning_number, draw.bets, draw.seal
     );
     let _ = writeln!(
         out,
@@ -190,7 +275,7 @@ pub fn winners_table(record: &Path) -> anyhow::Result<String> {
     );
     for agency in agencies {
         let winners = draw.winners_of(agency);
-        let bets = draw.bets_per_agency.get(&agency).copied().unwrap_or(0);
+        let bets = draw.receipt_of(agency).count;
         let docs = if winners.is_empty() {
             "-".to_string()
         } else {

@@ -1,5 +1,6 @@
 //! Framing: a 4-byte big-endian payload length, then the payload; a whole
-//! frame is at most [`MAX_FRAME_LEN`] bytes.
+//! frame is at most [`MAX_FRAME_LEN`] bytes, unless the reader was given a
+//! larger limit (the central's `server.max_frame`, for legacy agencies).
 //!
 //! [`LotteryCodec`] is the `Decoder`/`Encoder` pair both ends use with
 //! `tokio_util::codec::Framed`. It decodes the frames of one direction into
@@ -21,8 +22,17 @@ use super::{
 pub enum FrameError {
     /// The header announces a frame larger than the limit. Raised from the
     /// header alone, before any of the payload is buffered.
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME_LEN}-byte limit")]
-    TooLarge(usize),
+    #[error("frame of {size} bytes exceeds the {limit}-byte limit")]
+    TooLarge {
+        /// The whole frame the header announces, header included.
+        size: usize,
+        /// The reader's limit, header included.
+        limit: usize,
+    },
+    /// A TLS record arrived where a frame header should be: the peer speaks
+    /// TLS and this end does not (see [`is_tls_record`]).
+    #[error("the peer speaks TLS (a TLS record arrived where a frame header should be)")]
+    TlsRecord,
     /// The peer closed the connection in the middle of a frame.
     #[error("connection closed inside a frame ({0} bytes of it received)")]
     Truncated(usize),
@@ -50,6 +60,8 @@ pub struct LotteryCodec<In, Out> {
     /// When the first byte of the frame being read arrived: the start of its
     /// deadline (a slow sender must not hold a connection forever).
     started: Option<std::time::Instant>,
+    /// Largest whole frame this reader accepts, header included.
+    max_frame: usize,
     _types: PhantomData<fn(Out) -> In>,
 }
 
@@ -59,11 +71,20 @@ impl<In, Out> LotteryCodec<In, Out> {
         self.started
     }
 
-    /// A codec waiting for the first header.
+    /// A codec waiting for the first header, reading frames of at most
+    /// [`MAX_FRAME_LEN`] bytes.
     pub fn new() -> Self {
+        Self::with_max_frame(MAX_FRAME_LEN)
+    }
+
+    /// A codec that reads frames of up to `max_frame` bytes, header
+    /// included. Only the reading side is widened: what this end writes
+    /// still fits [`MAX_FRAME_LEN`], which every peer accepts.
+    pub fn with_max_frame(max_frame: usize) -> Self {
         Self {
             pending: None,
             started: None,
+            max_frame: max_frame.max(HEADER_LEN),
             _types: PhantomData,
         }
     }
@@ -83,6 +104,15 @@ impl<In, Out> std::fmt::Debug for LotteryCodec<In, Out> {
     }
 }
 
+/// Whether `header` (a frame header's 4 bytes) is the start of a TLS record:
+/// a content type from change_cipher_spec (0x14) to application data (0x17),
+/// then version 3.x. Read as a length that is over 335 MB, so no frame
+/// header is ever mistaken for one; recognising it lets either end say
+/// "the peer speaks TLS" instead of "frame of 352518916 bytes".
+pub fn is_tls_record(header: &[u8]) -> bool {
+    matches!(header, [0x14..=0x17, 0x03, 0x00..=0x04, ..])
+}
+
 /// Reads one raw payload from `src`, shared by every codec instance.
 ///
 /// Returns `Ok(None)` until a whole frame is buffered. Rejects an oversize
@@ -90,6 +120,7 @@ impl<In, Out> std::fmt::Debug for LotteryCodec<In, Out> {
 /// reserve or wait for the bytes it claims.
 fn decode_payload(
     pending: &mut Option<usize>,
+    max_frame: usize,
     src: &mut BytesMut,
 ) -> Result<Option<BytesMut>, FrameError> {
     let len = match *pending {
@@ -98,9 +129,15 @@ fn decode_payload(
             if src.len() < HEADER_LEN {
                 return Ok(None);
             }
+            if is_tls_record(&src[..HEADER_LEN]) {
+                return Err(FrameError::TlsRecord);
+            }
             let len = u32::from_be_bytes(src[..HEADER_LEN].try_into().expect("4 bytes")) as usize;
-            if len > MAX_PAYLOAD_LEN {
-                return Err(FrameError::TooLarge(len.saturating_add(HEADER_LEN)));
+            if len > max_frame - HEADER_LEN {
+                return Err(FrameError::TooLarge {
+                    size: len.saturating_add(HEADER_LEN),
+                    limit: max_frame,
+                });
             }
             src.advance(HEADER_LEN);
             *pending = Some(len);
@@ -123,7 +160,7 @@ impl<In: WireMessage, Out> Decoder for LotteryCodec<In, Out> {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, FrameError> {
-        match decode_payload(&mut self.pending, src)? {
+        match decode_payload(&mut self.pending, self.max_frame, src)? {
             Some(payload) => {
                 self.started = None;
                 Ok(Some(In::parse(&payload)))
@@ -206,7 +243,10 @@ mod tests {
     use crate::wire::to_payload;
 
     fn finished(agency: u32) -> Request {
-        Request::Finished { agency }
+        Request::Finished {
+            agency,
+            spelling: Default::default(),
+        }
     }
 
     #[test]
@@ -240,16 +280,61 @@ mod tests {
         let mut buf = BytesMut::from(&(MAX_PAYLOAD_LEN as u32 + 1).to_be_bytes()[..]);
         assert!(matches!(
             codec.decode(&mut buf),
-            Err(FrameError::TooLarge(8193))
+            Err(FrameError::TooLarge {
+                size: 8193,
+                limit: 8192
+            })
         ));
         let mut buf = BytesMut::from(&u32::MAX.to_be_bytes()[..]);
         assert!(matches!(
             ServerCodec::new().decode(&mut buf),
-            Err(FrameError::TooLarge(_))
+            Err(FrameError::TooLarge { .. })
         ));
         // Exactly the limit is fine.
         let mut buf = BytesMut::from(&(MAX_PAYLOAD_LEN as u32).to_be_bytes()[..]);
         assert!(ServerCodec::new().decode(&mut buf).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_wider_limit_reads_larger_frames_and_refuses_past_it() {
+        let payload = format!("ACTION:PING{}\n", " ".repeat(8300));
+        let mut bytes = BytesMut::new();
+        bytes.put_u32(payload.len() as u32);
+        bytes.put_slice(payload.as_bytes());
+        let whole = bytes.len();
+        let mut codec = ServerCodec::with_max_frame(whole);
+        let mut buf = bytes.clone();
+        assert!(codec.decode(&mut buf).unwrap().is_some());
+        let mut buf = bytes.clone();
+        assert!(matches!(
+            ServerCodec::with_max_frame(whole - 1).decode(&mut buf),
+            Err(FrameError::TooLarge { size, limit }) if size == whole && limit == whole - 1
+        ));
+    }
+
+    #[test]
+    fn a_tls_record_is_named_as_such_not_as_an_oversize_frame() {
+        // A TLS alert (what a TLS central answers a plain-text hello with)
+        // and a ClientHello (what a TLS agency opens with).
+        for record in [
+            &[0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x32][..],
+            &[0x16, 0x03, 0x01, 0x00, 0xf4, 0x01][..],
+        ] {
+            let mut buf = BytesMut::from(record);
+            assert!(matches!(
+                AgencyCodec::new().decode(&mut buf),
+                Err(FrameError::TlsRecord)
+            ));
+            let mut buf = BytesMut::from(record);
+            assert!(matches!(
+                ServerCodec::new().decode(&mut buf),
+                Err(FrameError::TlsRecord)
+            ));
+        }
+        // No frame header within the limit looks like one.
+        for len in [0u32, 0x19, MAX_PAYLOAD_LEN as u32] {
+            assert!(!is_tls_record(&len.to_be_bytes()));
+        }
     }
 
     #[test]
@@ -288,6 +373,7 @@ mod tests {
         let msg = Reply::Winners {
             documents: docs,
             more: false,
+            sealed: None,
         };
         let mut dst = BytesMut::from(&b"keep"[..]);
         let err = ServerCodec::new().encode(&msg, &mut dst).unwrap_err();

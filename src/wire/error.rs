@@ -31,10 +31,17 @@ keyed_enum! {
         /// Secrets are configured and this connection has not presented its
         /// agency's.
         Unauthenticated = "UNAUTHENTICATED",
+        /// Too many wrong secrets came from this address: it is locked
+        /// out for a while, and its `HELLO` is refused unread.
+        AuthThrottled = "AUTH_THROTTLED",
         /// A frame was not completed in time, or the connection sat idle.
         Timeout = "TIMEOUT",
         /// The central is at its connection limit; try again later.
         ServerBusy = "SERVER_BUSY",
+        /// The central speaks only TLS and the client spoke plain text.
+        TlsRequired = "TLS_REQUIRED",
+        /// The client started a TLS handshake and the central does not speak TLS.
+        TlsUnavailable = "TLS_UNAVAILABLE",
     }
 }
 
@@ -103,6 +110,24 @@ impl MessageError {
     }
 }
 
+impl MessageError {
+    /// Whether the payload was a batch (it carried `BATCH_SIZE`) that is
+    /// not valid: the central logs its refusal as a rejected batch
+    /// (`apuesta_recibida`), and anything else as a refused `request`.
+    /// A payload too broken to show its keys counts as a request.
+    pub fn is_batch(&self) -> bool {
+        use super::key::{BATCH_SIZE, FIRST};
+        match self {
+            MessageError::Bet { .. } | MessageError::BatchMismatch(_) => true,
+            MessageError::BadValue { key, .. } => key == BATCH_SIZE || key == FIRST,
+            MessageError::DanglingEscape(within) | MessageError::UnknownEscape(_, within) => {
+                *within == BATCH_SIZE
+            }
+            _ => false,
+        }
+    }
+}
+
 pub(super) fn bad_value(key: &str, reason: impl Into<String>) -> MessageError {
     MessageError::BadValue {
         key: key.to_string(),
@@ -119,7 +144,7 @@ mod tests {
         for code in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_wire(code.as_str()), Some(code));
         }
-        assert_eq!(ErrorCode::COUNT, 12);
+        assert_eq!(ErrorCode::COUNT, 15);
         assert_eq!(ErrorCode::from_wire("NOPE"), None);
     }
 }

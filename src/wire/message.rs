@@ -11,6 +11,7 @@ use super::error::{bad_value, MessageError};
 use super::escape::{body_of, escape_into, escaped_len, pairs_of, unescape};
 use super::{action, key, status, ErrorCode, MAX_PAYLOAD_LEN};
 use crate::model::{AgencyId, Bets};
+use crate::receipt::{Digest, Receipt, Sealed};
 
 /// A message from an agency to the central.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,11 +36,41 @@ pub enum Request {
         /// The agency's secret, when the central requires one.
         secret: Option<String>,
     },
+    /// Opens a read-only operator session (`PING` and `STATUS` only), so
+    /// that operator tools never speak for an agency.
+    OperatorHello {
+        /// The operator's secret.
+        secret: Option<String>,
+    },
     /// The agency has sent all its bets and waits for its winners.
     Finished {
         /// The agency that finished.
         agency: AgencyId,
+        /// How the action is spelled; both mean the same to this central.
+        spelling: Finish,
     },
+}
+
+/// The two spellings of the "finished" action. The design document names
+/// it `BETTING_FINISHED`; the reference agency sends, and the reference
+/// central understands only, `FINISH_BETTING`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Finish {
+    /// `BETTING_FINISHED`, as the design document names it.
+    #[default]
+    BettingFinished,
+    /// `FINISH_BETTING`, as the reference implementation spells it.
+    FinishBetting,
+}
+
+impl Finish {
+    /// The `ACTION` value.
+    pub const fn action(self) -> &'static str {
+        match self {
+            Finish::BettingFinished => action::BETTING_FINISHED,
+            Finish::FinishBetting => action::FINISH_BETTING,
+        }
+    }
 }
 
 /// A message from the central to an agency.
@@ -51,6 +82,8 @@ pub enum Reply {
         message: String,
         /// Bets the central now holds for the agency, when it says.
         stored: Option<u64>,
+        /// The digest of those bets (the answer to `HELLO`), when it says.
+        digest: Option<Digest>,
     },
     /// A request was refused.
     Error {
@@ -71,6 +104,14 @@ pub enum Reply {
         /// Another `Status` frame follows.
         more: bool,
     },
+    /// Not an answer: the central is still working on the last request
+    /// (waiting for the draw, or for an older connection to let go). Sent
+    /// every [`STILL_WAITING_EVERY`](super::STILL_WAITING_EVERY), only to
+    /// connections that opened with `HELLO`.
+    Waiting {
+        /// What it waits for, for people.
+        message: String,
+    },
     /// One frame of the agency's winners. When `more` is set the list
     /// continues in the next frame.
     Winners {
@@ -78,6 +119,9 @@ pub enum Reply {
         documents: Vec<String>,
         /// Another `Winners` frame follows.
         more: bool,
+        /// On the last frame to a session opened by `HELLO`: the agency's
+        /// receipt as sealed, and the round's seal.
+        sealed: Option<Sealed>,
     },
 }
 
@@ -152,8 +196,25 @@ impl WireMessage for Request {
                 if a == action::STATUS {
                     return Ok(Request::Status);
                 }
-                let finished = a == action::BETTING_FINISHED || a == action::FINISH_BETTING;
-                if finished || a == action::HELLO {
+                let finished = [Finish::BettingFinished, Finish::FinishBetting]
+                    .into_iter()
+                    .find(|f| a == f.action());
+                let secret = || {
+                    pairs
+                        .find(key::SECRET)
+                        .map(|v| unescape(v, "SECRET").map(Cow::into_owned))
+                        .transpose()
+                };
+                if a == action::HELLO {
+                    if let Some(role) = pairs.find(key::ROLE) {
+                        let role = unescape(role, "ROLE")?;
+                        if role != action::OPERATOR {
+                            return Err(bad_value(key::ROLE, format!("{role:?} is not OPERATOR")));
+                        }
+                        return Ok(Request::OperatorHello { secret: secret()? });
+                    }
+                }
+                if finished.is_some() || a == action::HELLO {
                     let id = pairs
                         .find(key::AGENCY_ID)
                         .ok_or(MessageError::MissingKey(key::AGENCY_ID))?;
@@ -161,14 +222,13 @@ impl WireMessage for Request {
                     let agency = id.parse::<AgencyId>().map_err(|_| {
                         bad_value(key::AGENCY_ID, format!("{id:?} is not an agency id"))
                     })?;
-                    Ok(if finished {
-                        Request::Finished { agency }
+                    Ok(if let Some(spelling) = finished {
+                        Request::Finished { agency, spelling }
                     } else {
-                        let secret = pairs
-                            .find(key::SECRET)
-                            .map(|v| unescape(v, "SECRET").map(Cow::into_owned))
-                            .transpose()?;
-                        Request::Hello { agency, secret }
+                        Request::Hello {
+                            agency,
+                            secret: secret()?,
+                        }
                     })
                 } else {
                     Err(MessageError::Unknown(format!("ACTION:{a}")))
@@ -194,10 +254,26 @@ impl WireMessage for Request {
                 dst.put_slice(name.as_bytes());
                 dst.put_u8(b'\n');
             }
-            Request::Finished { agency } | Request::Hello { agency, .. } => {
+            Request::OperatorHello { secret } => {
+                dst.put_slice(key::ACTION.as_bytes());
+                dst.put_u8(b':');
+                dst.put_slice(action::HELLO.as_bytes());
+                dst.put_u8(b'|');
+                dst.put_slice(key::ROLE.as_bytes());
+                dst.put_u8(b':');
+                dst.put_slice(action::OPERATOR.as_bytes());
+                if let Some(secret) = secret {
+                    dst.put_u8(b'|');
+                    dst.put_slice(key::SECRET.as_bytes());
+                    dst.put_u8(b':');
+                    escape_into(dst, secret);
+                }
+                dst.put_u8(b'\n');
+            }
+            Request::Finished { agency, .. } | Request::Hello { agency, .. } => {
                 let name = match self {
-                    Request::Hello { .. } => action::HELLO,
-                    _ => action::BETTING_FINISHED,
+                    Request::Finished { spelling, .. } => spelling.action(),
+                    _ => action::HELLO,
                 };
                 dst.put_slice(key::ACTION.as_bytes());
                 dst.put_u8(b':');
@@ -264,6 +340,20 @@ impl WireMessage for Reply {
                         more: pairs.find(key::MORE) == Some("1"),
                     });
                 }
+                let stored = pairs
+                    .find(key::STORED)
+                    .map(|v| {
+                        v.parse::<u64>()
+                            .map_err(|_| bad_value(key::STORED, format!("{v:?} is not a count")))
+                    })
+                    .transpose()?;
+                let digest_of = |k: &'static str| {
+                    pairs
+                        .find(k)
+                        .map(|v| v.parse::<Digest>().map_err(|e| bad_value(k, e.to_string())))
+                        .transpose()
+                };
+                let digest = digest_of(key::DIGEST)?;
                 if let Some(list) = pairs.find(key::WINNERS) {
                     let list = unescape(list, "WINNERS")?;
                     let documents = list
@@ -272,22 +362,35 @@ impl WireMessage for Reply {
                         .map(str::to_string)
                         .collect();
                     let more = pairs.find(key::MORE) == Some("1");
-                    Ok(Reply::Winners { documents, more })
+                    let sealed = match (stored, digest, digest_of(key::SEAL)?) {
+                        (Some(count), Some(digest), Some(seal)) => Some(Sealed {
+                            receipt: Receipt { count, digest },
+                            seal,
+                        }),
+                        (None, None, None) => None,
+                        _ => {
+                            return Err(bad_value(
+                                key::SEAL,
+                                "STORED, DIGEST and SEAL come together",
+                            ))
+                        }
+                    };
+                    Ok(Reply::Winners {
+                        documents,
+                        more,
+                        sealed,
+                    })
                 } else {
-                    let stored = pairs
-                        .find(key::STORED)
-                        .map(|v| {
-                            v.parse::<u64>().map_err(|_| {
-                                bad_value(key::STORED, format!("{v:?} is not a count"))
-                            })
-                        })
-                        .transpose()?;
                     Ok(Reply::Success {
                         message: text(key::MESSAGE)?,
                         stored,
+                        digest,
                     })
                 }
             }
+            status::WAITING => Ok(Reply::Waiting {
+                message: text(key::MESSAGE)?,
+            }),
             status::ERROR => {
                 let code = text(key::CODE)?;
                 let code = ErrorCode::from_wire(&code).unwrap_or(ErrorCode::MalformedMessage);
@@ -334,14 +437,18 @@ impl WireMessage for Reply {
             escape_into(dst, v);
         };
         match self {
-            Reply::Success { message, stored } => {
+            Reply::Success {
+                message,
+                stored,
+                digest,
+            } => {
                 put_pair(dst, key::STATUS, status::SUCCESS, true);
                 put_pair(dst, key::MESSAGE, message, false);
                 if let Some(n) = stored {
-                    dst.put_u8(b'|');
-                    dst.put_slice(key::STORED.as_bytes());
-                    dst.put_u8(b':');
-                    dst.put_slice(itoa::Buffer::new().format(*n).as_bytes());
+                    put_pair(dst, key::STORED, itoa::Buffer::new().format(*n), false);
+                }
+                if let Some(d) = digest {
+                    put_pair(dst, key::DIGEST, &d.to_string(), false);
                 }
             }
             Reply::Error { code, message } => {
@@ -365,11 +472,25 @@ impl WireMessage for Reply {
                 put_pair(dst, key::DRAWN, if *drawn { "1" } else { "0" }, false);
                 put_list(dst, key::AGENCY_STATE, states, *more, AgencyState::write);
             }
-            Reply::Winners { documents, more } => {
+            Reply::Waiting { message } => {
+                put_pair(dst, key::STATUS, status::WAITING, true);
+                put_pair(dst, key::MESSAGE, message, false);
+            }
+            Reply::Winners {
+                documents,
+                more,
+                sealed,
+            } => {
                 put_pair(dst, key::STATUS, status::SUCCESS, true);
                 put_list(dst, key::WINNERS, documents, *more, |d, dst| {
                     escape_into(dst, d)
                 });
+                if let Some(Sealed { receipt, seal }) = sealed {
+                    let count = itoa::Buffer::new().format(receipt.count).to_string();
+                    put_pair(dst, key::STORED, &count, false);
+                    put_pair(dst, key::DIGEST, &receipt.digest.to_string(), false);
+                    put_pair(dst, key::SEAL, &seal.to_string(), false);
+                }
             }
         }
         dst.put_u8(b'\n');
@@ -377,8 +498,13 @@ impl WireMessage for Reply {
 }
 
 /// Splits a winners list into `Winners` replies that each fit in one frame.
-/// An empty list is one reply with an empty value.
-pub fn winners_replies(documents: &[String]) -> Vec<Reply> {
+/// An empty list is one reply with an empty value. `sealed` (for a session
+/// opened by `HELLO`) goes on the last one; without it the replies are
+/// exactly the contract's.
+pub fn winners_replies(documents: &[String], sealed: Option<Sealed>) -> Vec<Reply> {
+    // "|STORED:" + a u64 + "|DIGEST:" + 64 + "|SEAL:" + 64, on every frame's
+    // budget for simplicity (only the last carries it).
+    const SEALED_LEN: usize = 8 + 20 + 8 + 64 + 6 + 64;
     // "STATUS:SUCCESS|WINNERS:" + "|MORE:1" + "\n"
     let overhead = key::STATUS.len()
         + 1
@@ -390,7 +516,7 @@ pub fn winners_replies(documents: &[String]) -> Vec<Reply> {
         + key::MORE.len()
         + 2
         + 1;
-    let budget = MAX_PAYLOAD_LEN - overhead;
+    let budget = MAX_PAYLOAD_LEN - overhead - SEALED_LEN;
     let mut replies = Vec::new();
     let mut current: Vec<String> = Vec::new();
     let mut used = 0;
@@ -400,6 +526,7 @@ pub fn winners_replies(documents: &[String]) -> Vec<Reply> {
             replies.push(Reply::Winners {
                 documents: std::mem::take(&mut current),
                 more: true,
+                sealed: None,
             });
             used = 0;
         }
@@ -409,6 +536,7 @@ pub fn winners_replies(documents: &[String]) -> Vec<Reply> {
     replies.push(Reply::Winners {
         documents: current,
         more: false,
+        sealed,
     });
     replies
 }
@@ -448,19 +576,48 @@ mod tests {
 
     #[test]
     fn both_finished_spellings() {
-        for a in ["BETTING_FINISHED", "FINISH_BETTING"] {
+        for (a, spelling) in [
+            ("BETTING_FINISHED", Finish::BettingFinished),
+            ("FINISH_BETTING", Finish::FinishBetting),
+        ] {
             let p = format!("ACTION:{a}|AGENCY_ID:3\n");
-            assert_eq!(
-                Request::parse(p.as_bytes()).unwrap(),
-                Request::Finished { agency: 3 }
-            );
+            let request = Request::Finished {
+                agency: 3,
+                spelling,
+            };
+            assert_eq!(Request::parse(p.as_bytes()).unwrap(), request);
+            assert_eq!(to_payload(&request), p.as_bytes(), "written as read");
         }
+    }
+
+    #[test]
+    fn operator_hello_round_trips_and_needs_no_agency() {
+        for secret in [None, Some("op|er:a\\tor".to_string())] {
+            let r = Request::OperatorHello { secret };
+            assert_eq!(Request::parse(&to_payload(&r)).unwrap(), r);
+        }
+        assert_eq!(
+            to_payload(&Request::OperatorHello {
+                secret: Some("s3".into())
+            }),
+            b"ACTION:HELLO|ROLE:OPERATOR|SECRET:s3\n"
+        );
+        assert!(matches!(
+            Request::parse(b"ACTION:HELLO|ROLE:ADMIN|SECRET:x\n"),
+            Err(MessageError::BadValue { .. })
+        ));
     }
 
     #[test]
     fn unknown_keys_are_ignored() {
         let p = b"ACTION:FINISH_BETTING|VERSION:9|AGENCY_ID:2\n";
-        assert_eq!(Request::parse(p).unwrap(), Request::Finished { agency: 2 });
+        assert_eq!(
+            Request::parse(p).unwrap(),
+            Request::Finished {
+                agency: 2,
+                spelling: Finish::FinishBetting
+            }
+        );
     }
 
     #[test]
@@ -495,22 +652,42 @@ mod tests {
             Reply::Success {
                 message: "stored 70 bets".into(),
                 stored: Some(140),
+                digest: None,
             },
             Reply::Success {
                 message: String::new(),
                 stored: None,
+                digest: None,
+            },
+            Reply::Success {
+                message: "agency 1: resume from bet 0".into(),
+                stored: Some(0),
+                digest: Some(Receipt::empty(1).digest),
             },
             Reply::Error {
                 code: ErrorCode::InvalidBet,
                 message: "BET_2: bad | thing".into(),
             },
+            Reply::Waiting {
+                message: "waiting for the draw: 3 of 5 agencies finished".into(),
+            },
             Reply::Winners {
                 documents: vec!["1".into(), "22".into()],
                 more: true,
+                sealed: None,
             },
             Reply::Winners {
                 documents: vec![],
                 more: false,
+                sealed: None,
+            },
+            Reply::Winners {
+                documents: vec!["1".into()],
+                more: false,
+                sealed: Some(Sealed {
+                    receipt: Receipt::empty(2),
+                    seal: Receipt::empty(3).digest,
+                }),
             },
             Reply::Status {
                 agencies: 5,
@@ -536,7 +713,8 @@ mod tests {
         assert_eq!(
             to_payload(&Reply::Winners {
                 documents: vec!["30904465".into(), "1".into()],
-                more: false
+                more: false,
+                sealed: None,
             }),
             b"STATUS:SUCCESS|WINNERS:30904465,1\n"
         );
@@ -547,17 +725,56 @@ mod tests {
         let docs: Vec<String> = (0..5000)
             .map(|i| format!("{:08}", 10_000_000 + i))
             .collect();
-        let replies = winners_replies(&docs);
+        let sealed = Sealed {
+            receipt: Receipt::empty(1),
+            seal: Receipt::empty(2).digest,
+        };
+        let replies = winners_replies(&docs, Some(sealed));
         assert!(replies.len() > 1);
         let mut back = Vec::new();
         for (i, r) in replies.iter().enumerate() {
             assert!(to_payload(r).len() <= MAX_PAYLOAD_LEN);
-            let Reply::Winners { documents, more } = r else {
+            let Reply::Winners {
+                documents,
+                more,
+                sealed: on,
+            } = r
+            else {
                 panic!()
             };
             assert_eq!(*more, i + 1 < replies.len());
+            assert_eq!(*on, (!*more).then_some(sealed), "only on the last frame");
             back.extend(documents.iter().cloned());
         }
         assert_eq!(back, docs);
+    }
+    #[test]
+    fn only_a_payload_with_batch_size_is_a_rejected_batch() {
+        let err = |p: &[u8]| Request::parse(p).unwrap_err();
+        for batch in [
+            &b"BATCH_SIZE:2|BET_1:x\n"[..],
+            b"BATCH_SIZE:x|BET_1:x\n",
+            b"BATCH_SIZE:0\n",
+            b"BATCH_SIZE:1\\q|BET_1:x\n",
+            b"BATCH_SIZE:1|FIRST:x|BET_1:x\n",
+            b"BATCH_SIZE:1|BET_1:NOMBRE:Ana\n",
+        ] {
+            assert!(err(batch).is_batch(), "{}", String::from_utf8_lossy(batch));
+        }
+        for request in [
+            &b"ACTION:NOPE\n"[..],
+            b"HELLO:WORLD\n",
+            b"ACTION:BETTING_FINISHED\n",
+            b"ACTION:BETTING_FINISHED|AGENCY_ID:x\n",
+            b"ACTION:PI\\qNG\n",
+            b"no colon\n",
+            b"",
+        ] {
+            assert!(
+                !err(request).is_batch(),
+                "{}",
+                String::from_utf8_lossy(request)
+            );
+        }
     }
 }

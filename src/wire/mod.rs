@@ -11,11 +11,13 @@ mod escape;
 mod message;
 
 pub use batch::BatchBuilder;
-pub use codec::{frame, AgencyCodec, FrameError, LotteryCodec, RawFrame, ServerCodec};
+pub use codec::{
+    frame, is_tls_record, AgencyCodec, FrameError, LotteryCodec, RawFrame, ServerCodec,
+};
 pub use error::{ErrorCode, MessageError};
 pub use escape::{escape_into, split_pairs, unescape};
 pub use message::{
-    status_replies, to_payload, winners_replies, AgencyState, Reply, Request, WireMessage,
+    status_replies, to_payload, winners_replies, AgencyState, Finish, Reply, Request, WireMessage,
 };
 
 /// Largest whole frame, header included, in bytes.
@@ -24,6 +26,13 @@ pub const MAX_FRAME_LEN: usize = 8192;
 pub const HEADER_LEN: usize = 4;
 /// Largest payload a frame can carry: the frame limit less the header.
 pub const MAX_PAYLOAD_LEN: usize = MAX_FRAME_LEN - HEADER_LEN;
+
+/// How often the central tells an agency that opened with `HELLO`, and is
+/// waiting for an answer that depends on others (the draw, or a takeover of
+/// its older connection), that it is still waiting (`STATUS:WAITING`). The
+/// agency's reply deadline restarts on each, so a live central is never
+/// mistaken for a hung one however long the others take.
+pub const STILL_WAITING_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Wire keys. Spanish appears only here, in [`BetField`](crate::model::BetField)
 /// and in log action names.
@@ -53,8 +62,17 @@ pub mod key {
     pub const FIRST: &str = "FIRST";
     /// Bets the central holds for the agency.
     pub const STORED: &str = "STORED";
+    /// The digest of the bets the central holds for the agency (64 hex
+    /// digits), with `STORED` the agency's receipt: in the answer to
+    /// `HELLO` and with the winners of a session opened by `HELLO`.
+    pub const DIGEST: &str = "DIGEST";
+    /// The round's seal (64 hex digits), with the winners of a session
+    /// opened by `HELLO`.
+    pub const SEAL: &str = "SEAL";
     /// The agency's shared secret, in `HELLO`, when the central requires one.
     pub const SECRET: &str = "SECRET";
+    /// Who a `HELLO` without `AGENCY_ID` speaks for: `OPERATOR`.
+    pub const ROLE: &str = "ROLE";
     /// Configured agency count, in a status reply.
     pub const AGENCIES: &str = "AGENCIES";
     /// Per-agency `id=held/open|done` entries, comma separated, in a status reply.
@@ -71,6 +89,8 @@ pub mod action {
     pub const FINISH_BETTING: &str = "FINISH_BETTING";
     /// Opens a resumable session: the central answers with `STORED`.
     pub const HELLO: &str = "HELLO";
+    /// `ROLE` of a `HELLO` that opens a read-only operator session.
+    pub const OPERATOR: &str = "OPERATOR";
     /// Liveness check: the central answers `MESSAGE:pong`.
     pub const PING: &str = "PING";
     /// Operator view: bets held per agency, who finished, whether drawn.
@@ -83,4 +103,7 @@ pub mod status {
     pub const SUCCESS: &str = "SUCCESS";
     /// The request was refused; `CODE` and `MESSAGE` say why.
     pub const ERROR: &str = "ERROR";
+    /// Not an answer: the central is still working on the request (sent
+    /// only to connections that opened with `HELLO`).
+    pub const WAITING: &str = "WAITING";
 }

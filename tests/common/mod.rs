@@ -47,8 +47,10 @@ pub struct Proc {
 
 pub fn lottery() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lottery"));
-    // Never pick up a config.toml from the working tree.
-    cmd.env("LOTTERY_CONFIG", "/nonexistent/lottery-test-config.toml");
+    // Never pick up a config.toml from the working tree: an empty file
+    // (defaults) that exists, so the config line reads `config_file:
+    // /dev/null` and no warning says a named file is missing.
+    cmd.env("LOTTERY_CONFIG", "/dev/null");
     for var in [
         "SERVER_PORT",
         "SERVER_LISTEN_BACKLOG",
@@ -445,7 +447,25 @@ pub fn read_winners(path: &Path) -> Vec<String> {
 }
 
 /// Where the real agency files are, if this checkout has them beside it.
-pub fn real_data() -> Option<PathBuf> {
+/// When it does not, says that `test` is skipped (see [`skipped`]).
+pub fn real_data(test: &str) -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
-    (1..=5).all(|i| data_file(&dir, i).is_file()).then_some(dir)
+    let found = (1..=5).all(|i| data_file(&dir, i).is_file());
+    if !found {
+        skipped(
+            test,
+            &format!("no agency-{{1..5}}.csv in {}", dir.display()),
+        );
+    }
+    found.then_some(dir)
+}
+
+/// Says, where whoever runs `cargo test` sees it, that `test` did not run
+/// its checks, and why: it still reports `ok`, so without this line a
+/// missing input would pass in silence. libtest captures what the
+/// `print!`/`eprint!` macros write from a passing test, but not writes to
+/// the stderr handle itself, so this one shows under a plain `cargo test`.
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }

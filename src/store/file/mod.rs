@@ -6,13 +6,15 @@
 //! - [`writer`]: the writer thread: group commit, acknowledged after the sync.
 //! - [`recover`](mod@recover): the check on start that cuts a torn last row.
 //! - [`tally`](mod@tally): the draw's tally, in two halves for large files.
-//! - `record`: the draw record; `store`: all of it behind [`crate::store::Store`].
+//! - `record`: the draw record; [`rounds`]: the ledger of sealed rounds and
+//!   `lottery new-round`; `store`: all of it behind [`crate::store::Store`].
 
 use std::io;
 use std::path::PathBuf;
 
 mod record;
 pub mod recover;
+pub mod rounds;
 pub mod row;
 mod store;
 pub mod tally;
@@ -22,7 +24,7 @@ pub use record::{load_record, save_record};
 pub use recover::{recover, Recovered};
 pub use row::{encode_rows, read_rows, StoredBet};
 pub use store::FileStore;
-pub use tally::tally;
+pub use tally::{recompute, tally};
 pub use writer::{BetStore, Durability, Pending};
 
 /// A failure of the bets file.
@@ -66,4 +68,13 @@ pub enum StorageError {
     /// The writer has stopped (the server is shutting down).
     #[error("the bets file is closed")]
     Closed,
+    /// The draw record (or the rounds ledger) says something the store
+    /// cannot accept: a sealed round's record missing or replaced.
+    #[error("draw record {path}: {reason}")]
+    Record {
+        /// The record (or ledger).
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }

@@ -7,20 +7,24 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::model::AgencyId;
+use crate::receipt::{Digest, Receipt};
 use crate::store::Draw;
 
-/// The record's file format.
+/// The record's file format. Digests are hex text, so that an operator can
+/// compare them with what the agencies logged.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct DrawRecord {
     winning_number: u16,
     drawn_at: String,
     bets: u64,
+    seal: String,
     agencies: BTreeMap<String, AgencyRecord>,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct AgencyRecord {
     bets: u64,
+    digest: String,
     winners: Vec<String>,
 }
 
@@ -35,13 +39,16 @@ pub fn save_record(draw: &Draw, path: &Path) -> io::Result<()> {
         winning_number: draw.winning_number,
         drawn_at: draw.drawn_at.clone(),
         bets: draw.bets,
+        seal: draw.seal.to_string(),
         agencies: draw
-            .bets_per_agency
+            .receipts
             .keys()
             .chain(draw.winners.keys())
             .map(|&a| {
+                let receipt = draw.receipt_of(a);
                 let entry = AgencyRecord {
-                    bets: draw.bets_per_agency.get(&a).copied().unwrap_or(0),
+                    bets: receipt.count,
+                    digest: receipt.digest.to_string(),
                     winners: draw.winners_of(a).to_vec(),
                 };
                 (a.to_string(), entry)
@@ -49,6 +56,15 @@ pub fn save_record(draw: &Draw, path: &Path) -> io::Result<()> {
             .collect(),
     };
     let text = toml::to_string(&record).map_err(io::Error::other)?;
+    write_atomically(path, &text)
+}
+
+/// Writes `text` to `path` atomically: a temporary file beside it, synced,
+/// renamed over `path`, then the directory synced.
+///
+/// # Errors
+/// Any step of the write failed.
+pub(super) fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -72,13 +88,18 @@ pub fn load_record(path: &Path) -> io::Result<Option<Draw>> {
     };
     let invalid = |reason: String| io::Error::new(io::ErrorKind::InvalidData, reason);
     let record: DrawRecord = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    let digest = |text: &str| text.parse::<Digest>().map_err(|e| invalid(e.to_string()));
     let mut winners = HashMap::new();
-    let mut bets_per_agency = BTreeMap::new();
+    let mut receipts = BTreeMap::new();
     for (agency, entry) in record.agencies {
         let agency: AgencyId = agency
             .parse()
             .map_err(|_| invalid(format!("agency key {agency:?} is not a number")))?;
-        bets_per_agency.insert(agency, entry.bets);
+        let receipt = Receipt {
+            count: entry.bets,
+            digest: digest(&entry.digest)?,
+        };
+        receipts.insert(agency, receipt);
         if !entry.winners.is_empty() {
             winners.insert(agency, entry.winners);
         }
@@ -87,7 +108,8 @@ pub fn load_record(path: &Path) -> io::Result<Option<Draw>> {
         winning_number: record.winning_number,
         drawn_at: record.drawn_at,
         winners,
-        bets_per_agency,
+        receipts,
+        seal: digest(&record.seal)?,
         bets: record.bets,
         elapsed: Duration::ZERO,
     }))

@@ -9,14 +9,16 @@ use std::path::Path;
 use super::row::{open_existing, read_part};
 use super::StorageError;
 use crate::model::AgencyId;
+use crate::receipt::Receipt;
 
 /// What [`recover`] found in the bets file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recovered {
     /// Complete rows kept.
     pub rows: u64,
-    /// Rows per agency: the position in its data file to resume from.
-    pub per_agency: BTreeMap<AgencyId, u64>,
+    /// Each agency's receipt: its count is the position in its data file
+    /// to resume from, its digest what the agency checks its file against.
+    pub receipts: BTreeMap<AgencyId, Receipt>,
     /// Bytes of a torn last row that were cut off.
     pub truncated_bytes: u64,
 }
@@ -32,6 +34,9 @@ pub struct Recovered {
 /// start instead, naming the row and leaving the file as it was. Cutting
 /// them would throw away stored bets (and every row after them).
 ///
+/// The same pass computes each agency's receipt (one hash per row): the
+/// central learns here what it tells each agency at `HELLO`.
+///
 /// # Errors
 /// The file cannot be read or cut, or a row is damaged.
 pub fn recover(path: &Path) -> Result<Recovered, StorageError> {
@@ -42,9 +47,13 @@ pub fn recover(path: &Path) -> Result<Recovered, StorageError> {
     let Some(mut file) = open_existing(path)? else {
         return Ok(Recovered::default());
     };
-    let mut per_agency = BTreeMap::new();
+    let mut receipts = BTreeMap::new();
     let part = read_part(&mut file, 0, None, &mut |bet| {
-        *per_agency.entry(bet.agency).or_default() += 1;
+        receipts
+            .entry(bet.agency)
+            .or_insert_with(|| Receipt::empty(bet.agency))
+            // The row check bounds the number to 0..=9999.
+            .push(bet.texts(), bet.number as u16);
     })
     .map_err(|fail| fail.into_error(path, 0))?;
     let f = OpenOptions::new().write(true).open(path).map_err(io_err)?;
@@ -59,7 +68,7 @@ pub fn recover(path: &Path) -> Result<Recovered, StorageError> {
     f.sync_all().map_err(io_err)?;
     Ok(Recovered {
         rows: part.rows,
-        per_agency,
+        receipts,
         truncated_bytes: part.torn,
     })
 }
@@ -83,7 +92,8 @@ mod tests {
         let r = r.unwrap();
         assert_eq!(after, GOOD.as_bytes());
         assert_eq!(r.rows, 2);
-        assert_eq!(r.per_agency, BTreeMap::from([(1, 1), (2, 1)]));
+        let counts: BTreeMap<_, _> = r.receipts.iter().map(|(&a, r)| (a, r.count)).collect();
+        assert_eq!(counts, BTreeMap::from([(1, 1), (2, 1)]));
         assert_eq!(r.truncated_bytes, 0);
     }
 
@@ -100,7 +110,7 @@ mod tests {
             assert_eq!(after, GOOD.as_bytes(), "cut at {cut}");
             assert_eq!(r.rows, 2);
             assert_eq!(r.truncated_bytes, cut as u64);
-            assert_eq!(r.per_agency.get(&3), None);
+            assert_eq!(r.receipts.get(&3), None);
         }
     }
 

@@ -50,15 +50,33 @@ fn push_field(dst: &mut Vec<u8>, field: &[u8]) {
     dst.push(b'"');
 }
 
-/// The parts of a stored bet the draw needs, borrowed from the reader.
+/// A stored bet as the reader hands it out, borrowed from the reader.
 #[derive(Debug, Clone, Copy)]
 pub struct StoredBet<'a> {
     /// The agency that took it.
     pub agency: AgencyId,
+    /// First name(s), unquoted (the row check does not look inside).
+    pub first_name: &'a [u8],
+    /// Last name(s), unquoted.
+    pub last_name: &'a [u8],
     /// The document (DNI): 1 to 10 ASCII digits.
     pub document: &'a [u8],
+    /// Birthdate, `YYYY-MM-DD` in shape.
+    pub birthdate: &'a [u8],
     /// The number bet on.
     pub number: u32,
+}
+
+impl StoredBet<'_> {
+    /// Its text fields in the order receipts hash them.
+    pub fn texts(&self) -> [&[u8]; 4] {
+        [
+            self.first_name,
+            self.last_name,
+            self.document,
+            self.birthdate,
+        ]
+    }
 }
 
 /// The one row check: six fields, an agency id (1 or more), a document of
@@ -94,7 +112,10 @@ pub fn check_row<'a>(fields: &[&'a [u8]; 6], count: usize) -> Result<StoredBet<'
     }
     Ok(StoredBet {
         agency,
+        first_name: fields[1],
+        last_name: fields[2],
         document,
+        birthdate: fields[4],
         number,
     })
 }

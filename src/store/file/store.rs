@@ -9,9 +9,10 @@ use futures::FutureExt;
 use tokio::task::JoinHandle;
 use tracing::{error, info};
 
-use super::{encode_rows, load_record, recover, save_record, tally, BetStore, Durability};
+use super::{encode_rows, recover, save_record, tally, BetStore, Durability};
 use crate::logging::{action, result};
 use crate::model::{AgencyId, Bets};
+use crate::receipt::{Receipt, Recomputed};
 use crate::store::{Draw, Sequence, StorageError, Store, Stored, Tally};
 
 /// The bets file (written by one writer thread) and the draw record.
@@ -34,7 +35,7 @@ impl FileStore {
         bets: &Path,
         record: &Path,
         durability: Durability,
-    ) -> Result<(FileStore, BTreeMap<AgencyId, u64>), StorageError> {
+    ) -> Result<(FileStore, BTreeMap<AgencyId, Receipt>), StorageError> {
         let recovered = {
             let path = bets.to_path_buf();
             tokio::task::spawn_blocking(move || recover(&path))
@@ -46,7 +47,7 @@ impl FileStore {
             result = result::SUCCESS,
             path = %bets.display(),
             rows = recovered.rows,
-            agencies = recovered.per_agency.len(),
+            agencies = recovered.receipts.len(),
             truncated_bytes = recovered.truncated_bytes
         );
         let (writer, thread) = BetStore::start(bets, durability);
@@ -55,7 +56,7 @@ impl FileStore {
             thread: Mutex::new(Some(thread)),
             record: record.to_path_buf(),
         };
-        Ok((store, recovered.per_agency))
+        Ok((store, recovered.receipts))
     }
 }
 
@@ -69,6 +70,8 @@ impl Store for FileStore {
         bets: &Bets,
         skip: usize,
         sequence: &Sequence,
+        // Recomputed from the file when it is opened.
+        _receipt: Receipt,
     ) -> BoxFuture<'a, Result<Stored, StorageError>> {
         // Encoded here, on the connection's own task: the rows of many
         // connections are built in parallel, and the writer thread only
@@ -95,23 +98,37 @@ impl Store for FileStore {
         .boxed()
     }
 
-    fn load_draw(&self) -> BoxFuture<'_, Result<Option<Draw>, StorageError>> {
-        let path = self.record.clone();
+    fn recompute(&self, winning_number: u16) -> BoxFuture<'_, Result<Recomputed, StorageError>> {
+        let path = self.writer.path().to_path_buf();
         async move {
-            tokio::task::spawn_blocking(move || {
-                load_record(&path).map_err(|source| StorageError::Io { path, source })
-            })
-            .await
-            .expect("reading the record does not panic")
+            tokio::task::spawn_blocking(move || super::recompute(&path, winning_number))
+                .await
+                .expect("reading the bets back does not panic")
+        }
+        .boxed()
+    }
+
+    fn load_draw(&self) -> BoxFuture<'_, Result<Option<Draw>, StorageError>> {
+        let (bets, record) = (self.writer.path().to_path_buf(), self.record.clone());
+        async move {
+            // Checked against the ledger of sealed rounds: a sealed round's
+            // record that is missing or replaced is refused, not redrawn.
+            tokio::task::spawn_blocking(move || super::rounds::load_checked(&bets, &record, true))
+                .await
+                .expect("reading the record does not panic")
         }
         .boxed()
     }
 
     fn save_draw<'a>(&'a self, draw: &'a Draw) -> BoxFuture<'a, Result<(), StorageError>> {
         let (path, draw) = (self.record.clone(), draw.clone());
+        let bets = self.writer.path().to_path_buf();
         async move {
             tokio::task::spawn_blocking(move || {
-                save_record(&draw, &path).map_err(|source| StorageError::Io { path, source })
+                // The record first: a crash before the ledger leaves a
+                // record the next start adds to the ledger.
+                save_record(&draw, &path).map_err(|source| StorageError::Io { path, source })?;
+                super::rounds::seal_round(&bets, &draw)
             })
             .await
             .expect("writing the record does not panic")

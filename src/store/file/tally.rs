@@ -8,6 +8,7 @@ use std::path::Path;
 
 use super::row::{open_existing, read_part, ReadFail, StoredBet};
 use super::StorageError;
+use crate::receipt::{Receipt, Recomputed};
 use crate::store::Tally;
 
 impl Tally {
@@ -96,6 +97,31 @@ pub fn tally(path: &Path, winning: u32) -> Result<Tally, StorageError> {
     })
 }
 
+/// Recomputes each agency's receipt and its winners for `winning` from the
+/// bets file, in one pass and without changing it (a torn last row is not
+/// a stored bet: it is neither counted nor cut). What `lottery verify`
+/// compares with the draw record; one thread, as receipts chain each
+/// agency's bets in order.
+///
+/// # Errors
+/// As [`read_rows`](super::read_rows).
+pub fn recompute(path: &Path, winning: u16) -> Result<Recomputed, StorageError> {
+    let mut found = Recomputed::default();
+    super::read_rows(path, |bet| {
+        found
+            .receipts
+            .entry(bet.agency)
+            .or_insert_with(|| Receipt::empty(bet.agency))
+            // The row check bounds the number to 0..=9999.
+            .push(bet.texts(), bet.number as u16);
+        if bet.number == u32::from(winning) {
+            let document = String::from_utf8_lossy(bet.document).into_owned();
+            found.winners.entry(bet.agency).or_default().push(document);
+        }
+    })?;
+    Ok(found)
+}
+
 /// Where the first line after byte `from` starts, if there is one.
 fn row_start_after(file: &File, from: u64) -> io::Result<Option<u64>> {
     use std::os::unix::fs::FileExt;
@@ -142,7 +168,10 @@ mod tests {
             expected.add(
                 StoredBet {
                     agency,
+                    first_name: first.as_bytes(),
+                    last_name: "Pérez, Núñez".as_bytes(),
                     document: doc.as_bytes(),
+                    birthdate: b"1999-03-17",
                     number: u32::from(number),
                 },
                 7574,

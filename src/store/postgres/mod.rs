@@ -19,14 +19,16 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use futures::FutureExt;
+use futures::{FutureExt, TryStreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, IsolationLevel, NoTls};
+use tokio_postgres::{Client, IsolationLevel, NoTls, Transaction};
 use tracing::{error, info, warn};
 
 use crate::logging::{action, result};
 use crate::model::{AgencyId, Bets};
+use crate::receipt::{self, Digest, Receipt, Recomputed, DIGEST_LEN};
+use crate::store::file::rounds::NewRound;
 use crate::store::{Draw, Durability, PgTarget, Sequence, StorageError, Store, Stored, Tally};
 
 /// How long one attempt to connect may take before it counts as failed.
@@ -164,7 +166,7 @@ impl PostgresStore {
         target: &PgTarget,
         durability: Durability,
         patience: Duration,
-    ) -> Result<(PostgresStore, BTreeMap<AgencyId, u64>), StorageError> {
+    ) -> Result<(PostgresStore, BTreeMap<AgencyId, Receipt>), StorageError> {
         let session = Session { durability };
         let fail = |reason: String| StorageError::Database {
             target: where_(target),
@@ -179,24 +181,16 @@ impl PostgresStore {
             from_version = migrated.from,
             version = migrated.to
         );
-        let rows = client
-            .query("SELECT agency, stored FROM agencies WHERE stored > 0", &[])
-            .await
-            .map_err(|e| fail(reason(e)))?;
-        let mut stored = BTreeMap::new();
-        let mut next = HashMap::new();
-        for row in rows {
-            let (agency, count): (i32, i64) = (row.get(0), row.get(1));
-            stored.insert(agency as AgencyId, count as u64);
-            next.insert(agency as AgencyId, count);
-        }
+        let (stored, recomputed) = read_receipts(target, &mut client).await?;
         info!(
             action = action::RECOVER,
             result = result::SUCCESS,
             storage = %target,
-            rows = stored.values().sum::<u64>(),
-            agencies = stored.len()
+            rows = stored.values().map(|r| r.count).sum::<u64>(),
+            agencies = stored.len(),
+            digests_recomputed = recomputed
         );
+        let next: HashMap<AgencyId, Receipt> = stored.iter().map(|(&a, &r)| (a, r)).collect();
         let (requests, rx) = mpsc::channel(writer::QUEUE_DEPTH);
         let task = tokio::spawn(writer::run(target.clone(), session, client, next, rx));
         let store = PostgresStore {
@@ -303,6 +297,7 @@ impl Store for PostgresStore {
         bets: &Bets,
         skip: usize,
         sequence: &Sequence,
+        receipt: Receipt,
     ) -> BoxFuture<'a, Result<Stored, StorageError>> {
         let mut owned = Bets::with_capacity(bets.len().saturating_sub(skip), 0);
         owned.extend(bets.iter().skip(skip));
@@ -312,6 +307,7 @@ impl Store for PostgresStore {
             self.requests
                 .send(writer::Request::Append(writer::Append {
                     bets: owned,
+                    receipt,
                     sequence,
                     done,
                 }))
@@ -374,51 +370,18 @@ impl Store for PostgresStore {
         .boxed()
     }
 
+    fn recompute(&self, winning_number: u16) -> BoxFuture<'_, Result<Recomputed, StorageError>> {
+        async move {
+            let mut client = self.side_connection().await?;
+            recompute(&self.target, &mut client, winning_number).await
+        }
+        .boxed()
+    }
+
     fn load_draw(&self) -> BoxFuture<'_, Result<Option<Draw>, StorageError>> {
         async move {
             let mut client = self.side_connection().await?;
-            let fail = |e| self.error(reason(e));
-            let tx = client
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await
-                .map_err(fail)?;
-            let Some(head) = tx
-                .query_opt("SELECT winning_number, drawn_at, bets FROM draw", &[])
-                .await
-                .map_err(fail)?
-            else {
-                return Ok(None);
-            };
-            let (winning_number, drawn_at, bets): (i32, String, i64) =
-                (head.get(0), head.get(1), head.get(2));
-            let mut draw = Draw {
-                winning_number: u16::try_from(winning_number).map_err(|_| {
-                    self.error(format!("draw: bad winning number {winning_number}"))
-                })?,
-                drawn_at,
-                winners: HashMap::new(),
-                bets_per_agency: BTreeMap::new(),
-                bets: bets as u64,
-                elapsed: Duration::ZERO,
-            };
-            for row in tx
-                .query("SELECT agency, bets, winners FROM draw_agencies", &[])
-                .await
-                .map_err(fail)?
-            {
-                let (agency, count, winners): (i32, i64, Vec<String>) =
-                    (row.get(0), row.get(1), row.get(2));
-                draw.bets_per_agency
-                    .insert(agency as AgencyId, count as u64);
-                if !winners.is_empty() {
-                    draw.winners.insert(agency as AgencyId, winners);
-                }
-            }
-            tx.commit().await.map_err(fail)?;
-            Ok(Some(draw))
+            load_draw(&self.target, &mut client).await
         }
         .boxed()
     }
@@ -430,17 +393,18 @@ impl Store for PostgresStore {
             let tx = client.transaction().await.map_err(fail)?;
             // The single row's key refuses a second draw.
             tx.execute(
-                "INSERT INTO draw (winning_number, drawn_at, bets) VALUES ($1, $2, $3)",
+                "INSERT INTO draw (winning_number, drawn_at, bets, seal) VALUES ($1, $2, $3, $4)",
                 &[
                     &i32::from(draw.winning_number),
                     &draw.drawn_at,
                     &(draw.bets as i64),
+                    &draw.seal.0.as_slice(),
                 ],
             )
             .await
             .map_err(fail)?;
             let mut agencies: Vec<AgencyId> = draw
-                .bets_per_agency
+                .receipts
                 .keys()
                 .chain(draw.winners.keys())
                 .copied()
@@ -448,18 +412,35 @@ impl Store for PostgresStore {
             agencies.sort_unstable();
             agencies.dedup();
             let insert = tx
-                .prepare("INSERT INTO draw_agencies (agency, bets, winners) VALUES ($1, $2, $3)")
+                .prepare(
+                    "INSERT INTO draw_agencies (agency, bets, digest, winners) \
+                     VALUES ($1, $2, $3, $4)",
+                )
                 .await
                 .map_err(fail)?;
             for agency in agencies {
-                let count = draw.bets_per_agency.get(&agency).copied().unwrap_or(0) as i64;
+                let receipt = draw.receipt_of(agency);
                 tx.execute(
                     &insert,
-                    &[&(agency as i32), &count, &draw.winners_of(agency)],
+                    &[
+                        &(agency as i32),
+                        &(receipt.count as i64),
+                        &receipt.digest.0.as_slice(),
+                        &draw.winners_of(agency),
+                    ],
                 )
                 .await
                 .map_err(fail)?;
             }
+            // The round is sealed in the same transaction: a draw row
+            // deleted later is refused at start instead of drawn again.
+            tx.execute(
+                "INSERT INTO rounds (round, seal, drawn_at, bets) \
+                 SELECT coalesce(max(round), 0) + 1, $1, $2, $3 FROM rounds",
+                &[&draw.seal.0.as_slice(), &draw.drawn_at, &(draw.bets as i64)],
+            )
+            .await
+            .map_err(fail)?;
             tx.commit().await.map_err(fail)?;
             Ok(())
         }
@@ -486,4 +467,460 @@ impl Store for PostgresStore {
         }
         .boxed()
     }
+}
+
+/// The tables that hold one round: kept together by `lottery new-round`.
+const ROUND_TABLES: [&str; 4] = ["bets", "agencies", "draw", "draw_agencies"];
+
+/// A draw record (or rounds) error: the tables named, for messages.
+fn record_error(target: &PgTarget, reason: String) -> StorageError {
+    StorageError::Record {
+        path: format!("{} (tables draw, draw_agencies, rounds)", where_(target)).into(),
+        reason,
+    }
+}
+
+/// A digest read from a `bytea` column.
+fn digest_of(bytes: &[u8]) -> Option<Digest> {
+    <[u8; DIGEST_LEN]>::try_from(bytes).ok().map(Digest)
+}
+
+/// Chains the rows `sql` selects (`agency, seq, first_name, last_name,
+/// document, birthdate, number`, ordered by agency then seq) into each
+/// agency's receipt with [`crate::receipt`], the one definition; the
+/// documents of the rows whose number is `winning` are the winners. Rows are
+/// streamed, never all held.
+async fn chain_rows(
+    tx: &Transaction<'_>,
+    sql: &str,
+    winning: Option<u16>,
+) -> Result<Recomputed, String> {
+    let rows = tx
+        .query_raw(sql, std::iter::empty::<i32>())
+        .await
+        .map_err(reason)?;
+    futures::pin_mut!(rows);
+    let mut found = Recomputed::default();
+    while let Some(row) = rows.try_next().await.map_err(reason)? {
+        let (agency, seq): (i32, i64) = (row.get(0), row.get(1));
+        let texts: [&str; 4] = [row.get(2), row.get(3), row.get(4), row.get(5)];
+        let number: i32 = row.get(6);
+        // The wire bounds numbers to 0..=9999; anything else was written
+        // behind the central's back (and would not hash as itself).
+        let Some(number) = u16::try_from(number).ok().filter(|n| *n <= 9999) else {
+            return Err(format!(
+                "bets row (agency {agency}, seq {seq}): number {number} is not within 0..=9999"
+            ));
+        };
+        let agency = agency as AgencyId;
+        found
+            .receipts
+            .entry(agency)
+            .or_insert_with(|| Receipt::empty(agency))
+            .push(texts.map(str::as_bytes), number);
+        if winning == Some(number) {
+            found
+                .winners
+                .entry(agency)
+                .or_default()
+                .push(texts[2].to_string());
+        }
+    }
+    Ok(found)
+}
+
+/// Each agency's receipt as `agencies` holds it. A table from before
+/// receipts (digest NULL beside stored rows) gets its digests recomputed
+/// from `bets` here, once, and written back. Returns the receipts and how
+/// many were recomputed.
+async fn read_receipts(
+    target: &PgTarget,
+    client: &mut Client,
+) -> Result<(BTreeMap<AgencyId, Receipt>, usize), StorageError> {
+    let fail = |reason: String| StorageError::Database {
+        target: where_(target),
+        reason,
+    };
+    let tx = client.transaction().await.map_err(|e| fail(reason(e)))?;
+    let rows = tx
+        .query(
+            "SELECT agency, stored, digest FROM agencies WHERE stored > 0 FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(|e| fail(reason(e)))?;
+    let mut receipts = BTreeMap::new();
+    let mut missing = Vec::new();
+    for row in rows {
+        let (agency, count, digest): (i32, i64, Option<&[u8]>) =
+            (row.get(0), row.get(1), row.get(2));
+        match digest {
+            None => missing.push((agency as AgencyId, count as u64)),
+            Some(bytes) => {
+                let digest = digest_of(bytes).ok_or_else(|| {
+                    fail(format!(
+                        "agencies: agency {agency}'s digest is not 32 bytes"
+                    ))
+                })?;
+                receipts.insert(
+                    agency as AgencyId,
+                    Receipt {
+                        count: count as u64,
+                        digest,
+                    },
+                );
+            }
+        }
+    }
+    if !missing.is_empty() {
+        let found = chain_rows(
+            &tx,
+            "SELECT b.agency, b.seq, b.first_name, b.last_name, b.document, b.birthdate, \
+             b.number FROM bets b JOIN agencies a USING (agency) \
+             WHERE a.digest IS NULL AND a.stored > 0 AND b.seq < a.stored \
+             ORDER BY b.agency, b.seq",
+            None,
+        )
+        .await
+        .map_err(fail)?;
+        for &(agency, count) in &missing {
+            let receipt = found
+                .receipts
+                .get(&agency)
+                .copied()
+                .unwrap_or_else(|| Receipt::empty(agency));
+            if receipt.count != count {
+                return Err(fail(format!(
+                    "agencies says agency {agency} stored {count} bets, but bets holds {} of \
+                     them",
+                    receipt.count
+                )));
+            }
+            tx.execute(
+                "UPDATE agencies SET digest = $2 WHERE agency = $1",
+                &[&(agency as i32), &receipt.digest.0.as_slice()],
+            )
+            .await
+            .map_err(|e| fail(reason(e)))?;
+            receipts.insert(agency, receipt);
+        }
+    }
+    tx.commit().await.map_err(|e| fail(reason(e)))?;
+    Ok((receipts, missing.len()))
+}
+
+/// Recomputes every agency's receipt and its winners for `winning_number`
+/// from the rows of `bets`, in one read-only snapshot: what `lottery
+/// verify` and the central's start on a drawn round compare with the
+/// record.
+///
+/// # Errors
+/// The database failed, or a row holds a number out of range.
+pub async fn recompute(
+    target: &PgTarget,
+    client: &mut Client,
+    winning_number: u16,
+) -> Result<Recomputed, StorageError> {
+    let fail = |reason: String| StorageError::Database {
+        target: where_(target),
+        reason,
+    };
+    let tx = snapshot(client).await.map_err(|e| fail(reason(e)))?;
+    let found = chain_rows(&tx, BETS_IN_ORDER, Some(winning_number))
+        .await
+        .map_err(fail)?;
+    tx.commit().await.map_err(|e| fail(reason(e)))?;
+    Ok(found)
+}
+
+/// Every bet, in each agency's stored order.
+const BETS_IN_ORDER: &str = "SELECT agency, seq, first_name, last_name, document, birthdate, \
+                             number FROM bets ORDER BY agency, seq";
+
+/// A read-only transaction over one snapshot.
+async fn snapshot(client: &mut Client) -> Result<Transaction<'_>, tokio_postgres::Error> {
+    client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+}
+
+/// The current round's sealed row in `rounds`, if it is sealed: its
+/// number, seal, drawn_at and bets.
+async fn sealed_round(
+    tx: &Transaction<'_>,
+) -> Result<Option<(i32, Vec<u8>, String, i64)>, tokio_postgres::Error> {
+    Ok(tx
+        .query_opt(
+            "SELECT round, seal, drawn_at, bets FROM rounds WHERE kept_as IS NULL \
+             ORDER BY round DESC LIMIT 1",
+            &[],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
+}
+
+/// The draw record in `tx`, checked against `rounds`: a record missing
+/// while its round is sealed, or one whose seal is not the round's, is an
+/// error (as the bets file's ledger does).
+async fn load_draw_in(
+    target: &PgTarget,
+    tx: &Transaction<'_>,
+) -> Result<Option<Draw>, StorageError> {
+    let fail = |e| StorageError::Database {
+        target: where_(target),
+        reason: reason(e),
+    };
+    let refuse = |reason: String| record_error(target, reason);
+    let head = tx
+        .query_opt("SELECT winning_number, drawn_at, bets, seal FROM draw", &[])
+        .await
+        .map_err(fail)?;
+    let round = sealed_round(tx).await.map_err(fail)?;
+    let Some(head) = head else {
+        return match round {
+            None => Ok(None),
+            Some((round, seal, drawn_at, bets)) => Err(refuse(format!(
+                "missing, but round {round} was sealed on {drawn_at} over {bets} bets (seal {}), \
+                 as table rounds says: a deleted draw does not make the central draw again; \
+                 restore the rows of draw and draw_agencies (from a backup)",
+                digest_of(&seal).map_or_else(|| "?".into(), |d| d.to_string())
+            ))),
+        };
+    };
+    let (winning_number, drawn_at, bets, seal): (i32, String, i64, Option<Vec<u8>>) =
+        (head.get(0), head.get(1), head.get(2), head.get(3));
+    let before_receipts = || {
+        refuse(
+            "recorded before receipts (schema version 1): it has no seal and digests, so it \
+             cannot be checked"
+                .into(),
+        )
+    };
+    let seal = digest_of(&seal.ok_or_else(before_receipts)?).ok_or_else(before_receipts)?;
+    let mut draw = Draw {
+        winning_number: u16::try_from(winning_number)
+            .ok()
+            .filter(|n| *n <= 9999)
+            .ok_or_else(|| refuse(format!("bad winning number {winning_number}")))?,
+        drawn_at,
+        winners: HashMap::new(),
+        receipts: BTreeMap::new(),
+        seal,
+        bets: bets as u64,
+        elapsed: Duration::ZERO,
+    };
+    for row in tx
+        .query(
+            "SELECT agency, bets, digest, winners FROM draw_agencies",
+            &[],
+        )
+        .await
+        .map_err(fail)?
+    {
+        let (agency, count, digest, winners): (i32, i64, Option<&[u8]>, Vec<String>) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let agency = agency as AgencyId;
+        let digest = digest.and_then(digest_of).ok_or_else(before_receipts)?;
+        draw.receipts.insert(
+            agency,
+            Receipt {
+                count: count as u64,
+                digest,
+            },
+        );
+        if !winners.is_empty() {
+            draw.winners.insert(agency, winners);
+        }
+    }
+    if let Some((round, sealed, _, _)) = round {
+        if digest_of(&sealed) != Some(draw.seal) {
+            return Err(refuse(format!(
+                "its seal {} is not the seal round {round} was drawn with, {} (in table rounds): \
+                 the record was replaced",
+                draw.seal,
+                digest_of(&sealed).map_or_else(|| "?".into(), |d| d.to_string())
+            )));
+        }
+    }
+    Ok(Some(draw))
+}
+
+/// The draw record, checked against `rounds` (see [`load_draw_in`]), read
+/// in one snapshot without changing anything.
+///
+/// # Errors
+/// The database failed, or the record is missing or replaced.
+pub async fn load_draw(
+    target: &PgTarget,
+    client: &mut Client,
+) -> Result<Option<Draw>, StorageError> {
+    let fail = |e| StorageError::Database {
+        target: where_(target),
+        reason: reason(e),
+    };
+    let tx = snapshot(client).await.map_err(fail)?;
+    let draw = load_draw_in(target, &tx).await?;
+    tx.commit().await.map_err(fail)?;
+    Ok(draw)
+}
+
+/// A connection for the operator's tools (`lottery verify`, `lottery
+/// new-round`): one attempt, and a schema this build knows at its latest
+/// version (the central migrates it when it starts).
+///
+/// # Errors
+/// The database cannot be reached, or its schema is not the latest.
+pub async fn tool_connection(target: &PgTarget) -> Result<Client, StorageError> {
+    let fail = |reason: String| StorageError::Database {
+        target: where_(target),
+        reason,
+    };
+    let session = Session {
+        durability: Durability::Sync,
+    };
+    let client = connect(target, session).await.map_err(|e| fail(e.reason))?;
+    let version = schema::version(&client).await.map_err(fail)?;
+    if version != schema::MIGRATIONS.len() {
+        return Err(fail(format!(
+            "the schema is version {version}, this build's is {}: start the central on it once \
+             (it migrates the schema), or run a matching lottery",
+            schema::MIGRATIONS.len()
+        )));
+    }
+    Ok(client)
+}
+
+/// `lottery new-round` on a database: the current round must be drawn and
+/// its record must match its bets; its rows are then copied into tables
+/// named by round and seal (`bets_round_1_a938d40f`, likewise `agencies_`,
+/// `draw_`, `draw_agencies_`), the live tables emptied and `rounds` told
+/// where the round went, all in one transaction. The next start of the
+/// central is an empty round. Run it with the central stopped.
+///
+/// # Errors
+/// The round is not drawn, its record does not match its bets, a kept
+/// table's name is taken, or the database failed.
+pub async fn new_round(
+    target: &PgTarget,
+    client: &mut Client,
+    agencies: u32,
+    winning_number: u16,
+) -> Result<NewRound, StorageError> {
+    let fail = |e| StorageError::Database {
+        target: where_(target),
+        reason: reason(e),
+    };
+    let refuse = |reason: String| record_error(target, reason);
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::Serializable)
+        .start()
+        .await
+        .map_err(fail)?;
+    // Nothing may change the round while it is checked and kept.
+    tx.batch_execute(
+        "LOCK TABLE bets, agencies, draw, draw_agencies, rounds IN ACCESS EXCLUSIVE MODE",
+    )
+    .await
+    .map_err(fail)?;
+    let current: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(round) FILTER (WHERE kept_as IS NULL), \
+                             coalesce(max(round), 0) + 1) FROM rounds",
+            &[],
+        )
+        .await
+        .map_err(fail)?
+        .get(0);
+    let current = current as u32;
+    let Some(draw) = load_draw_in(target, &tx).await? else {
+        let held: bool = tx
+            .query_one("SELECT EXISTS (SELECT 1 FROM bets)", &[])
+            .await
+            .map_err(fail)?
+            .get(0);
+        if held {
+            return Err(refuse(format!(
+                "round {current} is not drawn yet (no draw record) and table bets holds bets: \
+                 a new round starts only after the draw"
+            )));
+        }
+        return Ok(NewRound::AlreadyEmpty { round: current });
+    };
+    let found = chain_rows(&tx, BETS_IN_ORDER, Some(draw.winning_number))
+        .await
+        .map_err(|reason| StorageError::Database {
+            target: where_(target),
+            reason,
+        })?;
+    let differences = receipt::differences(draw.claimed(), &found, agencies, winning_number);
+    if !differences.is_empty() {
+        return Err(refuse(format!(
+            "does not match the stored bets, so the round is not kept as sealed: {}",
+            differences.join("; ")
+        )));
+    }
+    // A draw whose round row is gone (deleted by hand) is sealed now.
+    let sealed = tx
+        .query_opt(
+            "SELECT round FROM rounds WHERE kept_as IS NULL AND seal = $1",
+            &[&draw.seal.0.as_slice()],
+        )
+        .await
+        .map_err(fail)?;
+    let round = match sealed {
+        Some(row) => row.get::<_, i32>(0) as u32,
+        None => {
+            tx.execute(
+                "INSERT INTO rounds (round, seal, drawn_at, bets) VALUES ($1, $2, $3, $4)",
+                &[
+                    &(current as i32),
+                    &draw.seal.0.as_slice(),
+                    &draw.drawn_at,
+                    &(draw.bets as i64),
+                ],
+            )
+            .await
+            .map_err(fail)?;
+            current
+        }
+    };
+    let suffix = format!("round_{round}_{}", draw.seal.short());
+    for table in ROUND_TABLES {
+        let kept = format!("{table}_{suffix}");
+        let taken: bool = tx
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&kept])
+            .await
+            .map_err(fail)?
+            .get(0);
+        if taken {
+            return Err(refuse(format!(
+                "cannot keep round {round} as table {kept}: that table exists"
+            )));
+        }
+        // A copy, not a rename: the live tables keep the shape (keys,
+        // indexes, names) the migrations gave them.
+        tx.batch_execute(&format!("CREATE TABLE {kept} AS TABLE {table}"))
+            .await
+            .map_err(fail)?;
+    }
+    tx.batch_execute(&format!("TRUNCATE {}", ROUND_TABLES.join(", ")))
+        .await
+        .map_err(fail)?;
+    tx.execute(
+        "UPDATE rounds SET kept_as = $2 WHERE round = $1",
+        &[&(round as i32), &suffix],
+    )
+    .await
+    .map_err(fail)?;
+    tx.commit().await.map_err(fail)?;
+    Ok(NewRound::Kept {
+        round,
+        seal: draw.seal,
+        bets: format!("table bets_{suffix} (receipts in agencies_{suffix})"),
+        record: format!("tables draw_{suffix} and draw_agencies_{suffix}"),
+    })
 }

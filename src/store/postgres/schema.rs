@@ -53,6 +53,24 @@ pub const MIGRATIONS: &[&str] = &[
         winners text[]  NOT NULL
     );
     ",
+    // 2: receipts (issue #14): the draw's seal, each agency's digest in the
+    // draw, and the rounds.
+    "
+    -- NULL only in a draw recorded before receipts: it cannot be checked.
+    ALTER TABLE draw ADD COLUMN seal bytea;
+    ALTER TABLE draw_agencies ADD COLUMN digest bytea;
+    -- One row per sealed round, written in the draw's transaction: a draw
+    -- row deleted afterwards is told from not drawn yet by it. kept_as
+    -- is NULL while the round is current, then the suffix of the tables
+    -- `lottery new-round` kept its rows in (bets_<kept_as>, ...).
+    CREATE TABLE rounds (
+        round    integer PRIMARY KEY CHECK (round > 0),
+        seal     bytea   NOT NULL,
+        drawn_at text    NOT NULL,
+        bets     bigint  NOT NULL,
+        kept_as  text
+    );
+    ",
 ];
 
 /// What [`migrate`] found and did.
@@ -106,4 +124,26 @@ pub async fn migrate(client: &mut Client) -> Result<Migrated, String> {
         from,
         to: MIGRATIONS.len(),
     })
+}
+
+/// The schema's version in the database (0: none yet), read without
+/// changing anything.
+///
+/// # Errors
+/// A statement failed.
+pub async fn version(client: &Client) -> Result<usize, String> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])
+        .await
+        .map_err(super::reason)?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    let version: i32 = client
+        .query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])
+        .await
+        .map_err(super::reason)?
+        .get(0);
+    Ok(usize::try_from(version).unwrap_or(0))
 }

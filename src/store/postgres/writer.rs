@@ -7,8 +7,10 @@
 //! the commit that holds it, with `synchronous_commit` on.
 //!
 //! Each bet's `seq` is its place in its agency's upload. The writer keeps
-//! the next one per agency, as acknowledged: the same counts the central
-//! resumes agencies from. When a transaction fails the writer drops its
+//! each agency's receipt as acknowledged (its count is the next `seq`): the
+//! same receipts the central resumes agencies from. The receipt a batch
+//! comes with is written to `agencies` in the batch's transaction, so what
+//! is committed is exactly what is acknowledged. When a transaction fails the writer drops its
 //! connection and, on the next one, first removes any rows beyond those
 //! counts: a commit whose answer was lost may still have happened, and
 //! those bets, never acknowledged, will be sent again.
@@ -24,6 +26,7 @@ use tracing::{info, warn};
 use super::{connect, reason, Session};
 use crate::logging::{action, result};
 use crate::model::{AgencyId, Bets};
+use crate::receipt::Receipt;
 use crate::store::{PgTarget, Sequence};
 
 /// How many batches may wait for the writer before senders wait too.
@@ -49,6 +52,8 @@ const COPY_TYPES: [Type; 7] = [
 /// One batch for the writer.
 pub struct Append {
     pub bets: Bets,
+    /// The agency's receipt once these bets are stored.
+    pub receipt: Receipt,
     pub sequence: Sequence,
     pub done: oneshot::Sender<Result<(), String>>,
 }
@@ -65,8 +70,9 @@ struct Writer {
     target: PgTarget,
     session: Session,
     client: Option<Client>,
-    /// Per agency, the bets acknowledged: the next bet's `seq`.
-    next: HashMap<AgencyId, i64>,
+    /// Per agency, the receipt acknowledged: its count is the next bet's
+    /// `seq`.
+    acked: HashMap<AgencyId, Receipt>,
     /// A transaction failed: the table may hold rows beyond `next`.
     unsure: bool,
 }
@@ -76,14 +82,14 @@ pub async fn run(
     target: PgTarget,
     session: Session,
     client: Client,
-    stored: HashMap<AgencyId, i64>,
+    stored: HashMap<AgencyId, Receipt>,
     mut requests: mpsc::Receiver<Request>,
 ) {
     let mut writer = Writer {
         target,
         session,
         client: Some(client),
-        next: stored,
+        acked: stored,
         unsure: false,
     };
     let mut closing = None;
@@ -145,8 +151,8 @@ impl Writer {
             return;
         }
         match self.commit(&live).await {
-            Ok(next) => {
-                self.next = next;
+            Ok(acked) => {
+                self.acked = acked;
                 for a in live {
                     let _ = a.done.send(Ok(()));
                 }
@@ -188,13 +194,13 @@ impl Writer {
         Ok(self.client.as_mut().expect("set above"))
     }
 
-    /// One transaction: the rows, then the agencies' counts. Returns the
-    /// counts once committed.
-    async fn commit(&mut self, live: &[Append]) -> Result<HashMap<AgencyId, i64>, String> {
+    /// One transaction: the rows, then the agencies' receipts. Returns the
+    /// receipts once committed.
+    async fn commit(&mut self, live: &[Append]) -> Result<HashMap<AgencyId, Receipt>, String> {
         if self.unsure {
-            let next = self.next.clone();
+            let acked = self.acked.clone();
             let target = self.target.clone();
-            let removed = forget_unacknowledged(self.client().await?, &next).await?;
+            let removed = forget_unacknowledged(self.client().await?, &acked).await?;
             if removed > 0 {
                 warn!(
                     action = action::STORE,
@@ -207,8 +213,10 @@ impl Writer {
             }
             self.unsure = false;
         }
-        let acked = self.next.clone();
-        let mut next = acked.clone();
+        let acked = self.acked.clone();
+        let mut next: HashMap<AgencyId, i64> =
+            acked.iter().map(|(&a, r)| (a, r.count as i64)).collect();
+        let mut receipts = acked.clone();
         let client = self.client().await?;
         let tx = client.transaction().await.map_err(reason)?;
         let sink = tx.copy_in(COPY).await.map_err(reason)?;
@@ -231,30 +239,50 @@ impl Writer {
                 copy.as_mut().write(&row).await.map_err(reason)?;
                 *seq += 1;
             }
+            // A batch holds one agency's bets; its receipt is that agency's
+            // after it (a later batch of the group supersedes it).
+            if let Some(first) = a.bets.iter().next() {
+                receipts.insert(first.agency, a.receipt);
+            }
         }
         copy.finish().await.map_err(reason)?;
-        let (agencies, counts): (Vec<i32>, Vec<i64>) = next
-            .iter()
-            .filter(|(agency, count)| acked.get(agency) != Some(count))
-            .map(|(&agency, &count)| (agency as i32, count))
-            .unzip();
+        let mut changed: Vec<(i32, i64, Vec<u8>)> = Vec::new();
+        for (&agency, receipt) in &receipts {
+            if acked.get(&agency) == Some(receipt) {
+                continue;
+            }
+            let count = next.get(&agency).copied().unwrap_or(0);
+            // The receipt must describe exactly the rows committed with it.
+            if receipt.count as i64 != count {
+                return Err(format!(
+                    "agency {agency}: the batch's receipt counts {} bets, the table would hold \
+                     {count}",
+                    receipt.count
+                ));
+            }
+            changed.push((agency as i32, count, receipt.digest.0.to_vec()));
+        }
+        let agencies: Vec<i32> = changed.iter().map(|c| c.0).collect();
+        let counts: Vec<i64> = changed.iter().map(|c| c.1).collect();
+        let digests: Vec<&[u8]> = changed.iter().map(|c| c.2.as_slice()).collect();
         tx.execute(
-            "INSERT INTO agencies (agency, stored) SELECT * FROM unnest($1::int4[], $2::int8[]) \
-             ON CONFLICT (agency) DO UPDATE SET stored = excluded.stored",
-            &[&agencies, &counts],
+            "INSERT INTO agencies (agency, stored, digest) \
+             SELECT * FROM unnest($1::int4[], $2::int8[], $3::bytea[]) \
+             ON CONFLICT (agency) DO UPDATE SET stored = excluded.stored, digest = excluded.digest",
+            &[&agencies, &counts, &digests],
         )
         .await
         .map_err(reason)?;
         tx.commit().await.map_err(reason)?;
-        Ok(next)
+        Ok(receipts)
     }
 }
 
-/// Removes the rows beyond the acknowledged counts `next` (and sets the
-/// counts back), in one transaction; returns how many it removed.
+/// Removes the rows beyond the acknowledged receipts `acked` (and sets the
+/// receipts back), in one transaction; returns how many it removed.
 async fn forget_unacknowledged(
     client: &mut Client,
-    next: &HashMap<AgencyId, i64>,
+    acked: &HashMap<AgencyId, Receipt>,
 ) -> Result<u64, String> {
     let tx = client.transaction().await.map_err(reason)?;
     let rows = tx
@@ -264,18 +292,22 @@ async fn forget_unacknowledged(
     let mut removed = 0;
     for row in rows {
         let (agency, stored): (i32, i64) = (row.get(0), row.get(1));
-        let acked = next.get(&(agency as AgencyId)).copied().unwrap_or(0);
-        if stored > acked {
+        let receipt = acked
+            .get(&(agency as AgencyId))
+            .copied()
+            .unwrap_or_else(|| Receipt::empty(agency as AgencyId));
+        let (count, digest) = (receipt.count as i64, receipt.digest.0.to_vec());
+        if stored > count {
             removed += tx
                 .execute(
                     "DELETE FROM bets WHERE agency = $1 AND seq >= $2",
-                    &[&agency, &acked],
+                    &[&agency, &count],
                 )
                 .await
                 .map_err(reason)?;
             tx.execute(
-                "UPDATE agencies SET stored = $2 WHERE agency = $1",
-                &[&agency, &acked],
+                "UPDATE agencies SET stored = $2, digest = $3 WHERE agency = $1",
+                &[&agency, &count, &digest],
             )
             .await
             .map_err(reason)?;

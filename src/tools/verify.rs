@@ -1,0 +1,111 @@
+//! `lottery verify` and `lottery new-round`: the operator's side of the
+//! receipts. Verify recomputes a round's outcome from the stored bets and
+//! compares it with the draw record, the same check the central makes when
+//! it starts on a drawn round; new-round keeps a drawn round aside.
+
+use std::fmt::Write as _;
+
+use crate::config::ServerConfig;
+use crate::receipt::differences;
+use crate::store::{self, file::rounds::NewRound};
+
+/// What `lottery verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The report, one line per agency and the seal, or one per difference.
+    pub report: String,
+    /// Every difference; empty when the record matches the bets.
+    pub differences: Vec<String>,
+}
+
+/// Recomputes every agency's count and digest, the seal and the winners
+/// from the stored bets (read only: nothing is changed), and compares them
+/// with the draw record and the configuration.
+///
+/// # Errors
+/// The bets or the record cannot be read (a missing record, or one the
+/// ledger says was replaced, is a difference instead).
+pub async fn verify(config: &ServerConfig) -> anyhow::Result<Verified> {
+    let record = config.draw_record_shown();
+    let missing = config.draw_record_path().map_or_else(
+        || "in the database's tables draw and draw_agencies".to_string(),
+        |p| format!("at {}", p.display()),
+    );
+    let draw = match store::load_draw(config).await {
+        Ok(Some(draw)) => draw,
+        Ok(None) => {
+            let difference = format!(
+                "no draw record {missing}: this round is not drawn, so there is nothing to verify"
+            );
+            return Ok(Verified {
+                report: format!("{difference}\n"),
+                differences: vec![difference],
+            });
+        }
+        Err(e @ store::StorageError::Record { .. }) => {
+            let difference = e.to_string();
+            return Ok(Verified {
+                report: format!("{difference}\n"),
+                differences: vec![difference],
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let found = store::recompute(config, draw.winning_number).await?;
+    let differences = differences(
+        draw.claimed(),
+        &found,
+        config.agencies,
+        config.winning_number,
+    );
+    let mut report = String::new();
+    if differences.is_empty() {
+        let _ = writeln!(
+            report,
+            "the draw record {record} matches the stored bets {}",
+            config.storage
+        );
+        let _ = writeln!(report, "{:>6}  {:>10}  digest", "agency", "bets");
+        for agency in 1..=config.agencies {
+            let r = draw.receipt_of(agency);
+            let _ = writeln!(report, "{agency:>6}  {:>10}  {}", r.count, r.digest);
+        }
+        let _ = writeln!(
+            report,
+            "winning number {}, seal {}",
+            draw.winning_number, draw.seal
+        );
+    } else {
+        for d in &differences {
+            let _ = writeln!(report, "differs: {d}");
+        }
+    }
+    Ok(Verified {
+        report,
+        differences,
+    })
+}
+
+/// `lottery new-round`: keeps the drawn round's bets file and record aside
+/// (named by round and seal), checked first; the next start is empty.
+///
+/// # Errors
+/// The round is not drawn, its record does not match its bets, or a file
+/// cannot be renamed.
+pub async fn new_round(config: &ServerConfig) -> anyhow::Result<String> {
+    Ok(match store::new_round(config).await? {
+        NewRound::AlreadyEmpty { round } => {
+            format!("round {round} holds no bets and no draw: it is already a new round\n")
+        }
+        NewRound::Kept {
+            round,
+            seal,
+            bets,
+            record,
+        } => format!(
+            "round {round} (seal {seal}) kept as {bets} and {record}; the next start of the \
+             central begins round {} with no bets\n",
+            round + 1
+        ),
+    })
+}
