@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::pg::PgCluster;
 use common::*;
+use lottery::receipt::Receipt;
 use lottery::tools::gen_data::{generate, GenOptions};
 use nix::sys::signal::Signal;
 
@@ -78,6 +79,36 @@ fn agency_counts(pg: &PgCluster, db: &str) -> BTreeMap<u32, usize> {
             )
         })
         .collect()
+}
+
+/// Each agency's receipt as the table `agencies` keeps it.
+fn stored_receipts(pg: &PgCluster, db: &str) -> BTreeMap<u32, Receipt> {
+    pg.query(
+        db,
+        "SELECT agency, stored, encode(digest, 'hex') FROM agencies ORDER BY agency",
+    )
+    .into_iter()
+    .map(|r| {
+        (
+            r[0].as_deref().unwrap().parse().unwrap(),
+            Receipt {
+                count: r[1].as_deref().unwrap().parse().unwrap(),
+                digest: r[2].as_deref().expect("a digest").parse().unwrap(),
+            },
+        )
+    })
+    .collect()
+}
+
+/// The receipt of agency `agency`'s whole data file, from the rows a
+/// standard CSV reader gives (the oracle), chained with `lottery::receipt`.
+fn file_receipt(expected: &Expected, agency: u32) -> Receipt {
+    let mut receipt = Receipt::empty(agency);
+    for row in &expected.rows[&agency] {
+        let texts = [&row[1], &row[2], &row[3], &row[4]].map(|t| t.as_bytes());
+        receipt.push(texts, row[5].parse().unwrap());
+    }
+    receipt
 }
 
 /// Starts agencies `ids` against `address`, waits for each to exit 0 and
@@ -200,6 +231,11 @@ fn a_restarted_central_resumes_from_the_table_and_serves_the_recorded_draw() {
     assert!(!log.contains("action: sorteo"), "{log}");
     drop(waiting);
     assert_eq!(stored_rows(&pg, "lottery")[&1], expected.rows[&1]);
+    // The receipt kept with the rows is the digest of agency 1's file.
+    assert_eq!(
+        stored_receipts(&pg, "lottery"),
+        BTreeMap::from([(1, file_receipt(&expected, 1))])
+    );
 
     // A new central reads where agency 1 stands from the table.
     let second = central(&url, 2);
@@ -220,7 +256,31 @@ fn a_restarted_central_resumes_from_the_table_and_serves_the_recorded_draw() {
         upload_limit(1_600),
     );
     second.proc.wait_for("action: sorteo | result: success");
+    // Agency 1's HELLO was answered with the receipt from the table, which
+    // its file's prefix matched: it resumed at 800 and sent nothing again.
     assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    let receipts: BTreeMap<u32, Receipt> = [1, 2].map(|a| (a, file_receipt(&expected, a))).into();
+    assert_eq!(stored_receipts(&pg, "lottery"), receipts);
+    // The draw record holds each agency's receipt and the seal over them.
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT agency, bets, encode(digest, 'hex') FROM draw_agencies ORDER BY agency"
+        ),
+        receipts
+            .iter()
+            .map(|(a, r)| vec![
+                Some(a.to_string()),
+                Some(r.count.to_string()),
+                Some(r.digest.to_string())
+            ])
+            .collect::<Vec<_>>()
+    );
+    let seal = lottery::receipt::seal(WINNING, 2, &receipts).to_string();
+    assert_eq!(
+        pg.query("lottery", "SELECT encode(seal, 'hex') FROM draw"),
+        vec![vec![Some(seal.clone())]]
+    );
     relay.point_at(None);
     stop(&second);
 
@@ -237,8 +297,37 @@ fn a_restarted_central_resumes_from_the_table_and_serves_the_recorded_draw() {
         )),
         "{log}"
     );
+    assert!(
+        log.contains(&format!("action: verify | result: success | seal: {seal}")),
+        "{log}"
+    );
     relay.point_at(Some(&third.address()));
     run_agencies(&[2], &relay.address, data.path(), &expected, STEP);
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    // An agency whose file is not what the table holds for it (another
+    // round's data) stops at its HELLO with exit 3 and sends nothing.
+    let other = generated(3, 800);
+    let out = tempfile::tempdir().unwrap();
+    let stale = start_agency(
+        1,
+        &relay.address,
+        &data_file(other.path(), 1),
+        &out.path().join("stale"),
+    );
+    assert_eq!(
+        stale.wait_exit(PATIENCE).code(),
+        Some(3),
+        "{}\n{}",
+        stale.output(),
+        stale.stderr()
+    );
+    assert!(
+        stale
+            .stderr()
+            .contains("the central holds 800 bets for agency 1 that are not the first 800 of "),
+        "{}",
+        stale.stderr()
+    );
     assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
     let log = stop(&third);
     assert!(!log.contains("action: sorteo"), "{log}");
@@ -332,7 +421,7 @@ fn the_database_restarted_mid_upload_loses_nothing_and_stores_nothing_twice() {
 }
 
 /// Batches of `agency` with documents `docs`.
-fn batch(agency: u32, docs: std::ops::Range<u32>) -> lottery::model::Bets {
+fn batch(agency: u32, docs: impl IntoIterator<Item = u32>) -> lottery::model::Bets {
     let mut bets = lottery::model::Bets::new();
     for doc in docs {
         bets.push_fields(
@@ -710,4 +799,252 @@ fn a_bad_storage_url_in_the_config_file_is_quoted_without_the_password() {
         "{stderr}"
     );
     assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+/// `lottery verify` (or another operator tool) on the database at `url`:
+/// (exit code, stdout, stderr).
+fn tool(what: &str, url: &str, agencies: u32) -> (Option<i32>, String, String) {
+    let out = lottery()
+        .arg(what)
+        .arg("--storage")
+        .arg(url)
+        .arg("--agencies")
+        .arg(agencies.to_string())
+        .env("LOTTERY_CONFIG", "/dev/null")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Starts a central on the database at `url` and expects it to refuse to
+/// serve: exit 1 before listening. Returns its stderr.
+fn refused_start(url: &str, agencies: u32) -> String {
+    let proc = Proc::spawn(central_command(url, agencies));
+    let status = proc.wait_exit(STEP);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "{}\n{}",
+        proc.output(),
+        proc.stderr()
+    );
+    assert!(
+        !proc.output().contains("action: listen"),
+        "{}",
+        proc.output()
+    );
+    proc.stderr()
+}
+
+#[test]
+fn verify_the_central_and_new_round_check_a_postgres_round_against_its_rows() {
+    let Some(pg) = PgCluster::start_or_skip("verify_the_central_and_new_round_on_postgres") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let data = generated(2, 300);
+    let expected = expected(data.path(), 2, WINNING);
+    assert!(expected.winners.values().all(|w| !w.is_empty()));
+    let server = central(&url, 2);
+    run_agencies(
+        &[1, 2],
+        &server.address(),
+        data.path(),
+        &expected,
+        upload_limit(600),
+    );
+    server.proc.wait_for("action: sorteo | result: success");
+    stop(&server);
+
+    let (code, out, err) = tool("verify", &url, 2);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.starts_with("the draw record tables draw and draw_agencies matches the stored bets "),
+        "{out}"
+    );
+    let receipts: BTreeMap<u32, Receipt> = [1, 2].map(|a| (a, file_receipt(&expected, a))).into();
+    let seal = lottery::receipt::seal(WINNING, 2, &receipts);
+    assert!(out.contains(&format!("seal {seal}")), "{out}");
+
+    // Each tampering, on a copy of the database: what verify and a central
+    // starting on it say (exit 1 both).
+    let cases = [
+        (
+            "a bet's number changed",
+            "UPDATE bets SET number = CASE WHEN number = 1 THEN 2 ELSE 1 END \
+             WHERE agency = 1 AND seq = 0",
+            "agency 1 digest: the record says ",
+        ),
+        (
+            "a row added",
+            "INSERT INTO bets VALUES (2, 300, 'Forged', 'Row', '12345678', '1990-01-01', 7574)",
+            "agency 2 count: the record says 300, the stored bets 301",
+        ),
+        (
+            "winners swapped",
+            "UPDATE draw_agencies d SET winners = o.winners FROM draw_agencies o \
+             WHERE d.agency <> o.agency",
+            "agency 1 winners: the record says [",
+        ),
+        (
+            "the draw deleted",
+            "DELETE FROM draw_agencies; DELETE FROM draw",
+            "missing, but round 1 was sealed on ",
+        ),
+        (
+            "the winning number changed",
+            "UPDATE draw SET winning_number = 1234",
+            "winning number: the record says 1234, the configuration 7574",
+        ),
+    ];
+    for (i, (what, sql, says)) in cases.iter().enumerate() {
+        let copy = format!("tampered{i}");
+        pg.query(
+            "postgres",
+            &format!("CREATE DATABASE {copy} TEMPLATE lottery"),
+        );
+        pg.query(&copy, sql);
+        let copy_url = pg.url(&copy);
+        let (code, out, err) = tool("verify", &copy_url, 2);
+        assert_eq!(code, Some(1), "{what}: verify\n{out}\n{err}");
+        assert!(out.contains(says), "{what}: verify says\n{out}");
+        let refused = refused_start(&copy_url, 2);
+        assert!(
+            refused.contains(says),
+            "{what}: the central says\n{refused}"
+        );
+        if i == 0 {
+            // A round whose record does not match is not kept as sealed.
+            let (code, out, err) = tool("new-round", &copy_url, 2);
+            assert_eq!(code, Some(1), "{out}\n{err}");
+            assert!(err.contains("does not match the stored bets"), "{err}");
+            assert_eq!(
+                pg.query(&copy, "SELECT count(*) FROM rounds WHERE kept_as IS NULL"),
+                vec![vec![Some("1".to_string())]]
+            );
+        }
+    }
+
+    // A new round keeps this one's rows in tables named by round and seal,
+    // and the next central starts empty.
+    let (code, out, err) = tool("new-round", &url, 2);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let kept = format!("round_1_{}", seal.short());
+    assert!(
+        out.contains(&format!(
+            "round 1 (seal {seal}) kept as table bets_{kept} (receipts in agencies_{kept}) \
+             and tables draw_{kept} and draw_agencies_{kept}"
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        pg.query(
+            "lottery",
+            &format!("SELECT count(*), min(seq), max(seq) FROM bets_{kept}")
+        ),
+        vec![vec![
+            Some("600".to_string()),
+            Some("0".to_string()),
+            Some("299".to_string())
+        ]]
+    );
+    assert_eq!(
+        pg.query(
+            "lottery",
+            &format!("SELECT encode(seal, 'hex') FROM draw_{kept}")
+        ),
+        vec![vec![Some(seal.to_string())]]
+    );
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT (SELECT count(*) FROM bets) + (SELECT count(*) FROM agencies) \
+             + (SELECT count(*) FROM draw) + (SELECT count(*) FROM draw_agencies)"
+        ),
+        vec![vec![Some("0".to_string())]]
+    );
+    assert_eq!(
+        pg.query("lottery", "SELECT round, kept_as FROM rounds"),
+        vec![vec![Some("1".to_string()), Some(kept.clone())]]
+    );
+    // Nothing to keep now: said, not an error.
+    let (code, out, _) = tool("new-round", &url, 2);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.starts_with("round 2 holds no bets and no draw"),
+        "{out}"
+    );
+
+    // Round 2: the agencies upload from their first bet and a new draw is
+    // sealed as round 2.
+    let server = central(&url, 2);
+    let log = server.proc.output();
+    assert!(
+        log.contains(&format!("storage: {url} | rows: 0 | agencies: 0")),
+        "{log}"
+    );
+    run_agencies(
+        &[1, 2],
+        &server.address(),
+        data.path(),
+        &expected,
+        upload_limit(600),
+    );
+    server.proc.wait_for("action: sorteo | result: success");
+    stop(&server);
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT round, encode(seal, 'hex'), kept_as FROM rounds ORDER BY round"
+        )[1],
+        vec![Some("2".to_string()), Some(seal.to_string()), None]
+    );
+}
+
+#[test]
+fn a_database_from_before_receipts_gets_its_digests_from_its_rows_at_open() {
+    use lottery::store::postgres::{schema::MIGRATIONS, PostgresStore};
+    use lottery::store::{Durability, Store};
+    let Some(pg) = PgCluster::start_or_skip("a_database_from_before_receipts") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    // What a central of schema version 1 left: rows and counts, no digests.
+    pg.query(
+        "lottery",
+        &format!(
+            "CREATE TABLE schema_version (version integer PRIMARY KEY); {} \
+             INSERT INTO schema_version VALUES (1); \
+             INSERT INTO bets SELECT 1, g, 'Ana', 'Pérez', (10 + g)::text, '1999-03-17', 7574 \
+             FROM generate_series(0, 2) g; \
+             INSERT INTO bets SELECT 2, g, 'Ana', 'Pérez', (20 + g)::text, '1999-03-17', 7574 \
+             FROM generate_series(1, 0, -1) g; \
+             INSERT INTO agencies (agency, stored) VALUES (1, 3), (2, 2)",
+            MIGRATIONS[0]
+        ),
+    );
+    let stored = runtime().block_on(async {
+        let (store, stored) = PostgresStore::open(&target(&url), Durability::Sync, STEP)
+            .await
+            .unwrap();
+        store.close().await;
+        stored
+    });
+    // Chained in seq order, not the order the rows were inserted in
+    // (agency 2's went in backwards).
+    let receipts = BTreeMap::from([
+        (1, after(None, 1, &batch(1, 10..13))),
+        (2, after(None, 2, &batch(2, 20..22))),
+    ]);
+    assert_eq!(stored, receipts);
+    assert_eq!(stored_receipts(&pg, "lottery"), receipts);
+    assert_eq!(
+        pg.query("lottery", "SELECT max(version) FROM schema_version"),
+        vec![vec![Some(MIGRATIONS.len().to_string())]]
+    );
 }
