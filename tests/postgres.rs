@@ -236,6 +236,19 @@ fn a_restarted_central_resumes_from_the_table_and_serves_the_recorded_draw() {
         stored_receipts(&pg, "lottery"),
         BTreeMap::from([(1, file_receipt(&expected, 1))])
     );
+    // Not drawn yet: nothing to verify, and no new round over its bets.
+    let (code, out, _) = tool("verify", &url, 2);
+    assert_eq!(code, Some(1));
+    assert!(
+        out.starts_with("no draw record in the database's tables draw and draw_agencies: "),
+        "{out}"
+    );
+    let (code, _, err) = tool("new-round", &url, 2);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("round 1 is not drawn yet (no draw record) and table bets holds bets"),
+        "{err}"
+    );
 
     // A new central reads where agency 1 stands from the table.
     let second = central(&url, 2);
