@@ -31,15 +31,12 @@ pub struct Target {
 }
 
 impl Target {
-    /// `address`, else the agency's configured central, over TLS when the
-    /// agency is configured for it; `timeout` at least one second.
+    /// `address`, else the agency's configured central (the first of a
+    /// list: a probe asks one central), over TLS when the agency is
+    /// configured for it; `timeout` at least one second.
     pub fn for_agency(agency: &AgencyConfig, address: Option<String>, timeout: Duration) -> Target {
-        let address = address.unwrap_or_else(|| agency.server_address.clone());
-        // The certificate's name follows the address actually probed.
-        let tls = (!agency.tls_ca.as_os_str().is_empty()).then(|| AgencyConfig {
-            server_address: address.clone(),
-            ..agency.clone()
-        });
+        let address = address.unwrap_or_else(|| agency.server_address.first().to_string());
+        let tls = (!agency.tls_ca.as_os_str().is_empty()).then(|| agency.clone());
         Target {
             address,
             tls,
@@ -65,7 +62,8 @@ async fn connect(target: &Target) -> anyhow::Result<Framed<BoxedIo, AgencyCodec>
     let io: BoxedIo = match &target.tls {
         None => Box::new(stream),
         Some(agency) => {
-            let tls = ClientTls::for_agency(agency)?.expect("tls_ca is set");
+            // The certificate's name follows the address actually probed.
+            let tls = ClientTls::for_agency(agency, &target.address)?.expect("tls_ca is set");
             tls.connect(stream).await?
         }
     };
