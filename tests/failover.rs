@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -183,6 +185,64 @@ fn an_agency_whose_central_dies_mid_upload_resumes_on_the_next_address() {
 
     server.proc.signal(Signal::SIGTERM);
     assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn a_central_that_refuses_as_busy_is_left_for_the_next() {
+    const BETS: u64 = 1_000;
+    let data = data(BETS);
+    let work = tempfile::tempdir().unwrap();
+    // Two centrals with their own bets files: the busy one must store
+    // nothing, the other everything.
+    let busy_storage = work.path().join("busy.csv");
+    let mut cmd = lottery();
+    cmd.arg("server")
+        .env("SERVER_PORT", "0")
+        .env("SERVER_AGENCIES", "1")
+        .env("SERVER_STORAGE", &busy_storage)
+        .env("SERVER_WINNING_NUMBER", WINNING.to_string())
+        .env("SERVER_MAX_CONNECTIONS", "1");
+    let busy = Server::spawn(cmd);
+    // Take its one connection, and know it is taken: it answers a PING.
+    let mut held = TcpStream::connect(busy.address()).unwrap();
+    let ping = b"ACTION:PING\n";
+    held.write_all(&(ping.len() as u32).to_be_bytes()).unwrap();
+    held.write_all(ping).unwrap();
+    held.set_read_timeout(Some(STEP)).unwrap();
+    let mut header = [0u8; 4];
+    held.read_exact(&mut header).unwrap();
+    let mut pong = vec![0u8; u32::from_be_bytes(header) as usize];
+    held.read_exact(&mut pong).unwrap();
+    assert_eq!(pong, b"STATUS:SUCCESS|MESSAGE:pong\n");
+
+    let storage = work.path().join("bets.csv");
+    let server = Server::start(&storage, 1, WINNING);
+    let list = format!("{},{}", busy.address(), server.address());
+    let winners = work.path().join("winners-1.txt");
+    let agency = start_agency(1, &list, &data_file(data.path(), 1), &winners);
+
+    check_outcome(data.path(), &storage, &winners, &agency, BETS);
+    let log = agency.lines();
+    let refused = line_with(
+        &log,
+        &[
+            "result: in_progress",
+            &format!("server_address: {} |", busy.address()),
+            "SERVER_BUSY",
+            &format!("next_address: {} |", server.address()),
+        ],
+    );
+    let moved = line_with(
+        &log,
+        &[
+            "action: connect | result: success",
+            &format!("server_address: {} |", server.address()),
+        ],
+    );
+    assert!(refused < moved, "{}", log.join("\n"));
+    let kept = std::fs::read_to_string(&busy_storage).unwrap_or_default();
+    assert_eq!(kept, "", "the busy central stored bets");
+    drop(held);
 }
 
 #[test]
