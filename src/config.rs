@@ -208,6 +208,8 @@ settings! {
         /// Seconds to wait for the answer to `HELLO`. A central silent that
         /// long is taken for the design's reference central: the agency then
         /// speaks the reference protocol (one batch at a time, no resuming).
+        /// With several addresses it is taken for a hung central instead, and
+        /// the agency moves on to the next.
         hello_timeout: u64 = 5, env "CLI_HELLO_TIMEOUT",
             flag "hello-timeout" on ["agency"], min 2;
         /// Seconds to wait for the winners from a reference central, which

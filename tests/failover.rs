@@ -245,6 +245,50 @@ fn a_central_that_refuses_as_busy_is_left_for_the_next() {
     drop(held);
 }
 
+/// With several centrals, one that accepts and then leaves `HELLO`
+/// unanswered is hung, not the design's reference central (which cannot
+/// share a database with others): the agency moves on and keeps resuming,
+/// never sending a batch without `FIRST`.
+#[test]
+fn a_central_silent_on_hello_is_left_for_the_next_without_leaving_the_resumable_protocol() {
+    const BETS: u64 = 1_000;
+    let data = data(BETS);
+    let work = tempfile::tempdir().unwrap();
+    // Accepts, reads whatever comes, answers nothing.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_address = silent.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in silent.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || std::io::copy(&mut conn, &mut std::io::sink()));
+        }
+    });
+    let storage = work.path().join("bets.csv");
+    let server = Server::start(&storage, 1, WINNING);
+    let list = format!("{silent_address},{}", server.address());
+    let winners = work.path().join("winners-1.txt");
+    let mut cmd = agency_command(1, &list, &data_file(data.path(), 1), &winners);
+    cmd.env("CLI_HELLO_TIMEOUT", "2");
+    let agency = Proc::spawn(cmd);
+
+    check_outcome(data.path(), &storage, &winners, &agency, BETS);
+    let log = agency.lines();
+    line_with(
+        &log,
+        &[
+            "result: in_progress",
+            &format!("server_address: {silent_address} |"),
+            "did not answer HELLO within 2s",
+            &format!("next_address: {} |", server.address()),
+        ],
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("action: protocol")),
+        "the agency switched protocols:\n{}",
+        log.join("\n")
+    );
+}
+
 #[test]
 fn with_every_central_down_the_agency_gives_up_after_its_timeout_over_all_of_them() {
     let work = tempfile::tempdir().unwrap();

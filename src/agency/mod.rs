@@ -307,7 +307,13 @@ pub async fn run_with_progress(
                 info!(action = action::CLOSE_DATA_FILE, result = result::SUCCESS, path = %path.display());
                 return Ok(None);
             }
-            Err(AgencyError::HelloUnanswered { after, .. }) if protocol == Protocol::Resumable => {
+            // With several centrals, a silent HELLO is a hung central, not
+            // a reference one (that cannot share a database with others):
+            // it is left for the next below, as any failed connection, and
+            // resuming stays on, so nothing is sent without FIRST.
+            Err(AgencyError::HelloUnanswered { after, .. })
+                if protocol == Protocol::Resumable && !centrals.several() =>
+            {
                 // Not a failure: this is how the design's reference central
                 // answers a message it does not know. Speak its protocol
                 // on a fresh connection, at once.
