@@ -573,7 +573,7 @@ fn status_and_health_say_where_they_looked_when_the_central_is_down() {
                 "lottery: error: cannot connect to the central at {address}: Connection refused \
                  (os error 111); nothing listens there: is the central running, and on this \
                  port? (its `listen` log line shows its address); the address is --address, \
-                 else agency.server_address (CLI_SERVER_ADDRESS)\n"
+                 else the first of agency.server_address (CLI_SERVER_ADDRESS)\n"
             ),
             "lottery {tool}"
         );
@@ -591,8 +591,8 @@ fn status_says_which_central_did_not_answer_in_time() {
         String::from_utf8_lossy(&out.stderr),
         format!(
             "lottery: error: the central at {address} did not answer within 1 s: is that the \
-             central's address, and is it serving? the address is --address, else \
-             agency.server_address (CLI_SERVER_ADDRESS); --timeout waits longer\n"
+             central's address, and is it serving? the address is --address, else the \
+             first of agency.server_address (CLI_SERVER_ADDRESS); --timeout waits longer\n"
         )
     );
 }

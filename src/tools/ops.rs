@@ -48,7 +48,7 @@ impl Target {
 
 /// Where the probed address comes from, for messages.
 const ADDRESS_FROM: &str =
-    "the address is --address, else agency.server_address (CLI_SERVER_ADDRESS)";
+    "the address is --address, else the first of agency.server_address (CLI_SERVER_ADDRESS)";
 
 async fn connect(target: &Target) -> anyhow::Result<Framed<BoxedIo, AgencyCodec>> {
     let stream = TcpStream::connect(&target.address).await.map_err(|e| {
