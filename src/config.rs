@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -191,9 +192,12 @@ settings! {
     agency: AgencyConfig {
         /// This agency's number.
         id: AgencyId = 1, env "CLI_ID", flag "id" on ["agency"], min 1;
-        /// Where the central listens, `host:port`; host names resolve.
-        server_address: String = "127.0.0.1:12345".into(), env "CLI_SERVER_ADDRESS",
-            flag "server-address" on ["agency"], check host_port;
+        /// Where the central listens, `host:port`, or several centrals sharing
+        /// one database, comma-separated (`c1:12345,c2:12345`): the agency
+        /// connects to one that answers, in this order, and moves on to the
+        /// next when its connection fails. Host names resolve.
+        server_address: ServerAddresses = SocketAddr::from(([127, 0, 0, 1], 12345)).into(),
+            env "CLI_SERVER_ADDRESS", flag "server-address" on ["agency"];
         /// The data file; `{id}` is replaced by the agency number.
         data_file: String = ".data/agency-{id}.csv".into(), env "CLI_DATA_FILE",
             flag "data-file" on ["agency"];
@@ -211,6 +215,8 @@ settings! {
         /// Seconds to wait for the answer to `HELLO`. A central silent that
         /// long is taken for the design's reference central: the agency then
         /// speaks the reference protocol (one batch at a time, no resuming).
+        /// With several addresses it is taken for a hung central instead, and
+        /// the agency moves on to the next.
         hello_timeout: u64 = 5, env "CLI_HELLO_TIMEOUT",
             flag "hello-timeout" on ["agency"], min 2;
         /// Seconds to wait for the winners from a reference central, which
@@ -229,7 +235,7 @@ settings! {
         /// certificate; set to speak TLS.
         tls_ca: PathBuf = PathBuf::new(), env "CLI_TLS_CA";
         /// Name to verify in the central's certificate; empty means the host
-        /// part of `server_address`.
+        /// part of the address of `server_address` being dialled.
         tls_server_name: String = String::new(), env "CLI_TLS_SERVER_NAME";
         /// PEM certificate chain this agency presents to a central that
         /// requires client certificates (it names the agency: `agency-N`).
@@ -255,11 +261,94 @@ fn not_empty(value: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn host_port(value: &str) -> Result<(), &'static str> {
-    if !value.contains(':') {
-        return Err("must be host:port");
+/// `agency.server_address`: the centrals an agency may use, in the order it
+/// tries them. Parsed once, where settings are read, so the agency only
+/// ever sees well-formed `host:port` entries, and never an empty list.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct ServerAddresses {
+    /// The setting as written (trimmed): what the `config` line shows.
+    given: String,
+    /// Its entries, each `host:port`, at least one.
+    list: Vec<String>,
+}
+
+impl ServerAddresses {
+    /// Reads `host:port[,host:port…]`.
+    ///
+    /// # Errors
+    /// An entry is empty or not `host:port` (with a port in 1..=65535); the
+    /// message quotes that entry.
+    pub fn parse(raw: &str) -> Result<ServerAddresses, String> {
+        let given = raw.trim();
+        let list = given
+            .split(',')
+            .map(|entry| check_host_port(entry.trim()).map(str::to_string))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ServerAddresses {
+            given: given.to_string(),
+            list,
+        })
     }
-    Ok(())
+
+    /// The addresses, in the order they are tried.
+    pub fn as_slice(&self) -> &[String] {
+        &self.list
+    }
+
+    /// The first address: where a single probe goes.
+    pub fn first(&self) -> &str {
+        &self.list[0] // never empty: `split` yields at least one entry
+    }
+
+    /// The setting as written.
+    pub fn as_str(&self) -> &str {
+        &self.given
+    }
+}
+
+/// One entry of `agency.server_address`.
+fn check_host_port(entry: &str) -> Result<&str, String> {
+    let bad = |why: &str| Err(format!("{entry:?} {why} (each address is host:port)"));
+    if entry.is_empty() {
+        return Err("an address is empty: the list has a stray comma".to_string());
+    }
+    let Some((host, port)) = entry.rsplit_once(':') else {
+        return bad("has no port");
+    };
+    if host.is_empty() {
+        return bad("has no host");
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return bad("is an IPv6 address without brackets ([::1]:12345)");
+    }
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => bad("has no valid port (1..=65535)"),
+        Ok(_) => Ok(entry),
+    }
+}
+
+impl From<SocketAddr> for ServerAddresses {
+    fn from(address: SocketAddr) -> Self {
+        let one = address.to_string();
+        ServerAddresses {
+            given: one.clone(),
+            list: vec![one],
+        }
+    }
+}
+
+impl TryFrom<String> for ServerAddresses {
+    type Error = String;
+    fn try_from(raw: String) -> Result<Self, String> {
+        ServerAddresses::parse(&raw)
+    }
+}
+
+impl fmt::Display for ServerAddresses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.given)
+    }
 }
 
 /// The environment variable(s) of a setting.
@@ -521,6 +610,20 @@ impl Value for Storage {
     }
     #[cfg(test)]
     const SAMPLES: [&'static str; 2] = ["a.csv", "postgres://u@h:5432/db"];
+    #[cfg(test)]
+    const QUOTED: bool = true;
+}
+
+impl Value for ServerAddresses {
+    const HINT: &'static str = "HOST:PORT[,HOST:PORT...]";
+    fn parse(raw: &str) -> Result<Self, String> {
+        ServerAddresses::parse(raw)
+    }
+    fn show(&self) -> String {
+        self.given.clone()
+    }
+    #[cfg(test)]
+    const SAMPLES: [&'static str; 2] = ["h:1", "a:1,b:2"];
     #[cfg(test)]
     const QUOTED: bool = true;
 }
@@ -899,15 +1002,15 @@ impl AgencyConfig {
         Ok((!self.secret.is_empty()).then(|| self.secret.clone()))
     }
 
-    /// The name the central's certificate must carry.
-    pub fn tls_name(&self) -> String {
+    /// The name the central's certificate must carry when the agency dials
+    /// `address` (one entry of `server_address`): `tls_server_name`, else
+    /// that address's host, so each central of a list is checked against
+    /// its own name.
+    pub fn tls_name(&self, address: &str) -> String {
         if !self.tls_server_name.is_empty() {
             return self.tls_server_name.clone();
         }
-        let host = self
-            .server_address
-            .rsplit_once(':')
-            .map_or(self.server_address.as_str(), |(h, _)| h);
+        let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
         host.trim_start_matches('[')
             .trim_end_matches(']')
             .to_string()
@@ -1234,6 +1337,53 @@ mod tests {
         assert_eq!(
             Config::load(p, Role::Agency, &vars).unwrap().log.level,
             LogLevel::Warn
+        );
+    }
+
+    #[test]
+    fn server_address_is_a_list_of_host_port_in_order() {
+        let load = |raw: &str| {
+            Config::load(
+                Path::new(NOWHERE),
+                Role::Agency,
+                env(&[("CLI_SERVER_ADDRESS", raw)]),
+            )
+        };
+        let c = load(" central-1:12345, central-2:12345 ,[::1]:7 ").unwrap();
+        let a = &c.agency.server_address;
+        assert_eq!(
+            a.as_slice(),
+            ["central-1:12345", "central-2:12345", "[::1]:7"]
+        );
+        assert_eq!(a.first(), "central-1:12345");
+        assert_eq!(a.to_string(), "central-1:12345, central-2:12345 ,[::1]:7");
+        assert_eq!(c.agency.tls_name("[::1]:7"), "::1");
+        assert_eq!(c.agency.tls_name("central-2:12345"), "central-2");
+        assert_eq!(
+            Config::default().agency.server_address.as_slice(),
+            ["127.0.0.1:12345"]
+        );
+        for (raw, says) in [
+            ("a:1,b", "\"b\" has no port"),
+            ("a:1,,b:2", "an address is empty"),
+            ("a:1,", "an address is empty"),
+            (":5", "\":5\" has no host"),
+            ("a:1,b:0", "\"b:0\" has no valid port"),
+            ("a:x", "\"a:x\" has no valid port"),
+            ("::1:5", "without brackets"),
+        ] {
+            let e = load(raw).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("invalid CLI_SERVER_ADDRESS = {raw:?}: "))
+                    && e.contains(says),
+                "{raw}: {e}"
+            );
+        }
+        let f = file("[agency]\nserver_address = \"a:1,b\"\n");
+        let e = Config::load(f.path(), Role::Agency, env(&[])).unwrap_err();
+        assert!(
+            e.to_string().contains("server_address") && e.to_string().contains("\"b\" has no port"),
+            "{e}"
         );
     }
 

@@ -127,6 +127,14 @@ struct ComposeArgs {
     /// written (or completed) in `secrets/` beside it (`./secrets` for `-`).
     #[arg(long, default_value = "compose.yaml")]
     out: PathBuf,
+    /// Store the bets in a PostgreSQL service (named volume, health check,
+    /// password in secrets/postgres.secret) instead of a bets file.
+    #[arg(long)]
+    postgres: bool,
+    /// Number of centrals (central-1 … central-K), agencies spread over
+    /// them; more than one needs --postgres (they share its database).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    centrals: u32,
 }
 
 #[derive(Debug, Args)]
@@ -197,6 +205,22 @@ struct GenDataArgs {
 fn main() -> ExitCode {
     let matches = config::add_flags(Cli::command()).get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Command::Compose(args) = &cli.command {
+        if args.centrals > 1 && !args.postgres {
+            // Each central of the file layout owns its bets file: two would
+            // each hold part of an agency's bets, and each run its own draw.
+            let mut cmd = config::add_flags(Cli::command());
+            cmd.build();
+            let compose = cmd.find_subcommand_mut("compose").expect("declared");
+            compose
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "--centrals above 1 needs --postgres: several centrals must share one \
+                     database (a bets file belongs to one central)",
+                )
+                .exit();
+        }
+    }
     let (_, flags) = matches.subcommand().expect("clap requires a subcommand");
     let role = match cli.command {
         Command::Agency(_) => Role::Agency,
@@ -446,14 +470,25 @@ async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Resu
         }
         Command::Compose(args) => {
             anyhow::ensure!(args.agencies >= 1, "--agencies must be at least 1");
-            let text = compose::render(args.agencies);
+            let text = if args.postgres {
+                compose::render_postgres(args.agencies, args.centrals)
+            } else {
+                compose::render(args.agencies)
+            };
             let beside = match args.out.parent() {
                 Some(dir) if args.out.as_os_str() != "-" => dir.to_path_buf(),
                 _ => PathBuf::new(),
             };
-            let central =
-                compose::write_secrets(&beside.join(compose::SECRETS_DIR), args.agencies)?;
+            let secrets = beside.join(compose::SECRETS_DIR);
+            let central = compose::write_secrets(&secrets, args.agencies)?;
             eprintln!("secrets: {} (never commit it)", central.display());
+            if args.postgres {
+                let password = compose::write_postgres_secret(&secrets)?;
+                eprintln!(
+                    "database password: {} (never commit it)",
+                    password.display()
+                );
+            }
             if args.out.as_os_str() == "-" {
                 print!("{text}");
             } else {

@@ -373,17 +373,19 @@ pub struct ClientTls {
 }
 
 impl ClientTls {
-    /// TLS as `config` asks for it: `None` when `agency.tls_ca` is not set.
+    /// TLS as `config` asks for it, to dial `address` (the certificate's
+    /// name follows the address actually dialled): `None` when
+    /// `agency.tls_ca` is not set.
     ///
     /// # Errors
     /// A file cannot be read, or the server name is not valid.
-    pub fn for_agency(config: &AgencyConfig) -> Result<Option<ClientTls>, TlsError> {
+    pub fn for_agency(config: &AgencyConfig, address: &str) -> Result<Option<ClientTls>, TlsError> {
         if config.tls_ca.as_os_str().is_empty() {
             return Ok(None);
         }
         let identity = (!config.tls_cert.as_os_str().is_empty())
             .then_some((config.tls_cert.as_path(), config.tls_key.as_path()));
-        ClientTls::new(&config.tls_ca, &config.tls_name(), identity).map(Some)
+        ClientTls::new(&config.tls_ca, &config.tls_name(address), identity).map(Some)
     }
 
     /// Trusts the authorities in `ca` (and pins any certificate in it, see

@@ -612,3 +612,48 @@ fn a_refusal_for_another_agency_keeps_reply_order() {
     assert_eq!(stored.keys().copied().collect::<Vec<_>>(), [1]);
     assert_eq!(stored[&1].len(), 1);
 }
+
+/// With several centrals, each is checked against its own name: the host
+/// of the address actually dialled, not of the setting's first entry.
+#[test]
+fn the_certificate_name_follows_the_address_dialled() {
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new(pki.path(), "ca");
+    let (cert, key) = ca.issue(pki.path(), "server", &["localhost"]);
+    let work = tempfile::tempdir().unwrap();
+    let data = data(1);
+    let server = server(
+        work.path(),
+        1,
+        &[("SERVER_TLS_CERT", &cert), ("SERVER_TLS_KEY", &key)],
+    );
+    // The first central, named by an IP address the certificate does not
+    // carry, is down; the second is named `localhost`, which it does.
+    let down = HeldPort::new();
+    let list = format!("{},localhost:{}", down.address(), server.port);
+    let agency = agency(
+        1,
+        &list,
+        data.path(),
+        work.path(),
+        &[("CLI_TLS_CA", &ca.pem)],
+    );
+    assert!(
+        agency.wait_exit(PATIENCE).success(),
+        "{}\n{}",
+        agency.output(),
+        agency.stderr()
+    );
+    assert!(
+        agency.output().contains(&format!(
+            "action: connect | result: success | server_address: localhost:{}",
+            server.port
+        )),
+        "{}",
+        agency.output()
+    );
+    assert_eq!(
+        read_winners(&work.path().join("winners-1.txt")),
+        expected(data.path(), 1, WINNING).winners[&1]
+    );
+}

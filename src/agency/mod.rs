@@ -12,6 +12,12 @@
 //! (`FIRST`), so a batch resent after a lost acknowledgement is not stored
 //! twice. When the connection breaks the agency reconnects with backoff, and
 //! gives up only after `reconnect_timeout` seconds without progress.
+//!
+//! `server_address` may list several centrals sharing one database. The
+//! agency stays on the one that answers and, when its connection fails,
+//! moves on to the next in the list, where `HELLO` tells it what *that*
+//! central holds: resuming there is as safe as on the same central
+//! ([`Centrals`]).
 
 mod reader;
 mod session;
@@ -257,12 +263,7 @@ pub async fn run_with_progress(
         source,
     })?;
     let secret = config.load_secret()?;
-    let tls = ClientTls::for_agency(config)?;
-    let link = Link {
-        address: &config.server_address,
-        secret: secret.as_deref(),
-        tls: tls.as_ref(),
-    };
+    let mut centrals = Centrals::new(config)?;
     let mut report = AgencyReport {
         agency: config.id,
         bets: 0,
@@ -279,6 +280,7 @@ pub async fn run_with_progress(
     let mut protocol = Protocol::Resumable;
     loop {
         let mut progressed = false;
+        let link = centrals.link(secret.as_deref());
         let outcome = session(
             config,
             protocol,
@@ -305,7 +307,13 @@ pub async fn run_with_progress(
                 info!(action = action::CLOSE_DATA_FILE, result = result::SUCCESS, path = %path.display());
                 return Ok(None);
             }
-            Err(AgencyError::HelloUnanswered { after, .. }) if protocol == Protocol::Resumable => {
+            // With several centrals, a silent HELLO is a hung central, not
+            // a reference one (that cannot share a database with others):
+            // it is left for the next below, as any failed connection, and
+            // resuming stays on, so nothing is sent without FIRST.
+            Err(AgencyError::HelloUnanswered { after, .. })
+                if protocol == Protocol::Resumable && !centrals.several() =>
+            {
                 // Not a failure: this is how the design's reference central
                 // answers a message it does not know. Speak its protocol
                 // on a fresh connection, at once.
@@ -313,7 +321,7 @@ pub async fn run_with_progress(
                 warn!(
                     action = action::PROTOCOL,
                     result = result::SUCCESS,
-                    server_address = config.server_address.as_str(),
+                    server_address = centrals.current(),
                     protocol = "reference",
                     message = %format!(
                         "the central did not answer HELLO within {}s: taking it for the design's \
@@ -331,7 +339,7 @@ pub async fn run_with_progress(
                 warn!(
                     action = action::PROTOCOL,
                     result = result::SUCCESS,
-                    server_address = config.server_address.as_str(),
+                    server_address = centrals.current(),
                     protocol = "resumable",
                     message = "the central acknowledged a batch with STORED, which only this \
                                project's central sends: it was slow to answer HELLO, not a \
@@ -343,7 +351,10 @@ pub async fn run_with_progress(
                 if progressed {
                     last_progress = Instant::now();
                     backoff = FIRST_BACKOFF;
+                    centrals.progressed();
                 }
+                // Patience counts over every central: time without
+                // progress anywhere, not per address.
                 let patience = config.reconnect_patience();
                 if last_progress.elapsed() >= patience {
                     let mut last = e.to_string();
@@ -351,6 +362,12 @@ pub async fn run_with_progress(
                         last.push_str(
                             " (speaking the reference protocol: it had not answered HELLO either)",
                         );
+                    }
+                    if centrals.several() {
+                        last.push_str(&format!(
+                            " (every central was tried in turn: {})",
+                            config.server_address
+                        ));
                     }
                     return Err(AgencyError::GaveUp {
                         after: patience,
@@ -362,24 +379,97 @@ pub async fn run_with_progress(
                 } else {
                     action::RECONNECT
                 };
+                let failed = centrals.current().to_string();
+                let wait = centrals.move_on();
                 info!(
                     action = what,
                     result = result::IN_PROGRESS,
-                    server_address = config.server_address.as_str(),
+                    server_address = failed.as_str(),
                     attempt = sessions,
-                    reason = %e
+                    reason = %e,
+                    next_address = centrals.current()
                 );
-                tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        info!(action = action::CLOSE_DATA_FILE, result = result::SUCCESS, path = %path.display());
-                        return Ok(None);
+                if wait {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            info!(action = action::CLOSE_DATA_FILE, result = result::SUCCESS, path = %path.display());
+                            return Ok(None);
+                        }
+                        _ = tokio::time::sleep(backoff) => {}
                     }
-                    _ = tokio::time::sleep(backoff) => {}
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// The centrals of `server_address`, each with its TLS settings (the
+/// certificate's name is the host actually dialled), and which one the
+/// agency is on.
+///
+/// A failed connection moves to the next central at once: another may well
+/// be up. Only when every central has failed since the last progress does
+/// the agency wait (the run's backoff) before the next round, so a cluster
+/// that is down is not hammered, and one central is retried as before.
+struct Centrals {
+    /// Address and TLS, in the configured order.
+    list: Vec<(String, Option<ClientTls>)>,
+    /// Index of the central to use next.
+    current: usize,
+    /// Failures since the last progress.
+    failures: usize,
+}
+
+impl Centrals {
+    fn new(config: &AgencyConfig) -> Result<Centrals, AgencyError> {
+        let list = config
+            .server_address
+            .as_slice()
+            .iter()
+            .map(|address| Ok((address.clone(), ClientTls::for_agency(config, address)?)))
+            .collect::<Result<Vec<_>, TlsError>>()?;
+        Ok(Centrals {
+            list,
+            current: 0,
+            failures: 0,
+        })
+    }
+
+    /// How to reach the current central.
+    fn link<'a>(&'a self, secret: Option<&'a str>) -> Link<'a> {
+        let (address, tls) = &self.list[self.current];
+        Link {
+            address,
+            secret,
+            tls: tls.as_ref(),
+        }
+    }
+
+    /// The current central's address.
+    fn current(&self) -> &str {
+        &self.list[self.current].0
+    }
+
+    /// Whether there is more than one central to move to.
+    fn several(&self) -> bool {
+        self.list.len() > 1
+    }
+
+    /// The current central made progress: a later failure starts a new
+    /// round from the next central.
+    fn progressed(&mut self) {
+        self.failures = 0;
+    }
+
+    /// The current central failed: moves to the next one. True when every
+    /// central has now failed since the last progress, so the caller
+    /// waits before trying again.
+    fn move_on(&mut self) -> bool {
+        self.current = (self.current + 1) % self.list.len();
+        self.failures += 1;
+        self.failures % self.list.len() == 0
     }
 }
 

@@ -185,7 +185,7 @@ fn start_server(
     dir: &Path,
     opts: &BenchOptions,
     secrets: &RunSecrets,
-) -> anyhow::Result<(ServerProcess, String)> {
+) -> anyhow::Result<(ServerProcess, std::net::SocketAddr)> {
     let secrets_file = dir.join("secrets.toml");
     std::fs::write(&secrets_file, secrets.to_toml())
         .with_context(|| format!("writing {}", secrets_file.display()))?;
@@ -262,7 +262,7 @@ fn start_server(
         .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
         .context("no address in the listen event")?
         .port();
-    Ok((server, format!("127.0.0.1:{port}")))
+    Ok((server, std::net::SocketAddr::from(([127, 0, 0, 1], port))))
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -337,7 +337,7 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
         window: opts.window,
         ..AgencyConfig::default()
     };
-    let fleet = Fleet::start(opts.agencies, &template, &address, &data, &secrets, &root);
+    let fleet = Fleet::start(opts.agencies, &template, address, &data, &secrets, &root);
     let progress = fleet.progress();
     let ticker = tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(1));

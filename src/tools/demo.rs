@@ -112,7 +112,7 @@ pub async fn run(
         server_config.listen_backlog,
     )
     .context("binding a loopback port")?;
-    let address = listener.local_addr()?.to_string();
+    let address = listener.local_addr()?;
 
     // Cancels every child if we leave early for any reason.
     let root = shutdown.child_token();
@@ -132,7 +132,7 @@ pub async fn run(
     let reports = Fleet::start(
         opts.agencies,
         &template,
-        &address,
+        address,
         &data_dir,
         &secrets,
         &root,

@@ -4,6 +4,7 @@
 //! `bench` both need.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -222,7 +223,7 @@ impl Fleet {
     pub fn start(
         agencies: u32,
         template: &AgencyConfig,
-        address: &str,
+        address: SocketAddr,
         data_dir: &Path,
         secrets: &RunSecrets,
         shutdown: &CancellationToken,
@@ -236,7 +237,7 @@ impl Fleet {
         for id in 1..=agencies {
             let config = AgencyConfig {
                 id,
-                server_address: address.to_string(),
+                server_address: address.into(),
                 data_file: data_file.clone(),
                 secret: secrets.agencies.get(&id).cloned().unwrap_or_default(),
                 ..template.clone()

@@ -31,15 +31,12 @@ pub struct Target {
 }
 
 impl Target {
-    /// `address`, else the agency's configured central, over TLS when the
-    /// agency is configured for it; `timeout` at least one second.
+    /// `address`, else the agency's configured central (the first of a
+    /// list: a probe asks one central), over TLS when the agency is
+    /// configured for it; `timeout` at least one second.
     pub fn for_agency(agency: &AgencyConfig, address: Option<String>, timeout: Duration) -> Target {
-        let address = address.unwrap_or_else(|| agency.server_address.clone());
-        // The certificate's name follows the address actually probed.
-        let tls = (!agency.tls_ca.as_os_str().is_empty()).then(|| AgencyConfig {
-            server_address: address.clone(),
-            ..agency.clone()
-        });
+        let address = address.unwrap_or_else(|| agency.server_address.first().to_string());
+        let tls = (!agency.tls_ca.as_os_str().is_empty()).then(|| agency.clone());
         Target {
             address,
             tls,
@@ -51,7 +48,7 @@ impl Target {
 
 /// Where the probed address comes from, for messages.
 const ADDRESS_FROM: &str =
-    "the address is --address, else agency.server_address (CLI_SERVER_ADDRESS)";
+    "the address is --address, else the first of agency.server_address (CLI_SERVER_ADDRESS)";
 
 async fn connect(target: &Target) -> anyhow::Result<Framed<BoxedIo, AgencyCodec>> {
     let stream = TcpStream::connect(&target.address).await.map_err(|e| {
@@ -65,7 +62,8 @@ async fn connect(target: &Target) -> anyhow::Result<Framed<BoxedIo, AgencyCodec>
     let io: BoxedIo = match &target.tls {
         None => Box::new(stream),
         Some(agency) => {
-            let tls = ClientTls::for_agency(agency)?.expect("tls_ca is set");
+            // The certificate's name follows the address actually probed.
+            let tls = ClientTls::for_agency(agency, &target.address)?.expect("tls_ca is set");
             tls.connect(stream).await?
         }
     };

@@ -323,10 +323,25 @@ pub struct Relay {
 
 impl Relay {
     pub fn start(upstream: &str) -> Relay {
+        Self::with_budget(upstream, None)
+    }
+
+    /// A relay that dies mid-upload at a point fixed in advance: it
+    /// forwards the first `bytes` bytes its clients send, then cuts every
+    /// connection (as a central that dies would) and refuses new ones from
+    /// then on. A byte count rather than a moment, so the cut falls
+    /// inside the upload however fast or slow the machine is.
+    pub fn cutting_after(upstream: &str, bytes: u64) -> Relay {
+        Self::with_budget(upstream, Some(bytes))
+    }
+
+    fn with_budget(upstream: &str, budget: Option<u64>) -> Relay {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let upstream = Arc::new(Mutex::new(Some(upstream.to_string())));
         let current = upstream.clone();
+        // Bytes still to forward from clients, over all connections.
+        let budget = Arc::new(Mutex::new(budget));
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -334,18 +349,21 @@ impl Relay {
                 let Some(server) = target.and_then(|t| std::net::TcpStream::connect(t).ok()) else {
                     continue; // dropped: the agency sees the connection close
                 };
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        // Either side gone: close both, as a direct
-                        // connection to a dead server would be.
-                        let _ = from.shutdown(std::net::Shutdown::Both);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
+                let (from, to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (budget, current) = (budget.clone(), current.clone());
+                std::thread::spawn(move || {
+                    forward_within(from, to, &budget);
+                    // Out of budget: nothing is forwarded any more.
+                    if budget.lock().unwrap().is_some_and(|left| left == 0) {
+                        *current.lock().unwrap() = None;
+                    }
+                });
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (server, client);
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
             }
         });
         Relay { address, upstream }
@@ -355,6 +373,35 @@ impl Relay {
     pub fn point_at(&self, upstream: Option<&str>) {
         *self.upstream.lock().unwrap() = upstream.map(str::to_string);
     }
+}
+
+/// Copies `from` to `to` while `budget` (when limited) lasts, then closes
+/// both, as a direct connection to a dead server would be.
+fn forward_within(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    budget: &Mutex<Option<u64>>,
+) {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf) {
+        let (n, spent) = {
+            let mut left = budget.lock().unwrap();
+            match left.as_mut() {
+                None => (n, false),
+                Some(left) => {
+                    let n = n.min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= n as u64;
+                    (n, *left == 0)
+                }
+            }
+        };
+        if to.write_all(&buf[..n]).is_err() || spent {
+            break;
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
 /// Starts `lottery agency` number `id` against `address`.
