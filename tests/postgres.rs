@@ -666,12 +666,13 @@ fn rows_of_a_commit_never_acknowledged_are_taken_back_out_before_the_next_batch(
             .unwrap();
         first.await.unwrap();
     });
-    // What a commit whose answer was lost leaves: rows (and a count) the
-    // central never acknowledged, so their agency sends them again.
+    // What the next batch's commit leaves when it happens but its answer
+    // is lost: its rows and count, which the central never acknowledged, so
+    // their agency sends them again.
     pg.query(
         "lottery",
-        "INSERT INTO bets SELECT 1, 3 + g, 'Lost', 'Answer', (100 + g)::text, '1999-03-17', 7574 \
-         FROM generate_series(0, 1) g; UPDATE agencies SET stored = 5 WHERE agency = 1",
+        "INSERT INTO bets SELECT 1, g, 'Ana', 'Pérez', g::text, '1999-03-17', 7574 \
+         FROM generate_series(3, 5) g; UPDATE agencies SET stored = 6 WHERE agency = 1",
     );
     // The connection breaks, so the writer cannot trust the table.
     pg.stop();
@@ -1059,5 +1060,64 @@ fn a_database_from_before_receipts_gets_its_digests_from_its_rows_at_open() {
     assert_eq!(
         pg.query("lottery", "SELECT max(version) FROM schema_version"),
         vec![vec![Some(MIGRATIONS.len().to_string())]]
+    );
+}
+
+#[test]
+fn bets_another_central_stored_are_refused_never_removed() {
+    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
+    let Some(pg) = PgCluster::start_or_skip("bets_another_central_stored") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let rt = runtime();
+    // Two centrals on one database, both opened before agency 1 uploads.
+    let (a, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    let (b, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    let acked = after(None, 1, &batch(1, 0..3));
+    rt.block_on(async {
+        let first = a
+            .submit(&batch(1, 0..3), 0, &Sequence::new(), acked)
+            .await
+            .unwrap();
+        first.await.unwrap();
+        // Central B still believes agency 1 holds nothing: refused, twice,
+        // and central A's acknowledged rows stay.
+        for docs in [10..13, 20..23] {
+            let stale = b
+                .submit(
+                    &batch(1, docs.clone()),
+                    0,
+                    &Sequence::new(),
+                    after(None, 1, &batch(1, docs)),
+                )
+                .await
+                .unwrap();
+            let err = stale.await.unwrap_err().to_string();
+            assert!(
+                err.contains(
+                    "agency 1: the table holds 3 of its bets, this central acknowledged 0; \
+                     another central on this database stored them"
+                ),
+                "{err}"
+            );
+        }
+        a.close().await;
+        b.close().await;
+    });
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT string_agg(document || '@' || seq, ' ' ORDER BY seq), \
+             (SELECT encode(digest, 'hex') FROM agencies) FROM bets"
+        ),
+        vec![vec![
+            Some("0@0 1@1 2@2".to_string()),
+            Some(acked.digest.to_string())
+        ]]
     );
 }

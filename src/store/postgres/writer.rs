@@ -73,8 +73,10 @@ struct Writer {
     /// Per agency, the receipt acknowledged: its count is the next bet's
     /// `seq`.
     acked: HashMap<AgencyId, Receipt>,
-    /// A transaction failed: the table may hold rows beyond `next`.
-    unsure: bool,
+    /// A transaction failed after writing rows: the counts its commit would
+    /// have left per agency, as the table holds them if the commit happened
+    /// though its answer was lost. Empty when no such doubt is pending.
+    attempted: HashMap<AgencyId, i64>,
 }
 
 /// Runs the writer until it is asked to close or every sender is gone.
@@ -90,7 +92,7 @@ pub async fn run(
         session,
         client: Some(client),
         acked: stored,
-        unsure: false,
+        attempted: HashMap::new(),
     };
     let mut closing = None;
     while closing.is_none() {
@@ -153,11 +155,20 @@ impl Writer {
         match self.commit(&live).await {
             Ok(acked) => {
                 self.acked = acked;
+                self.attempted.clear();
                 for a in live {
                     let _ = a.done.send(Ok(()));
                 }
             }
-            Err(why) => {
+            Err(failed) => {
+                let why = match failed {
+                    // Nothing was written: no doubt to clear up later.
+                    Failed::Refused(why) => {
+                        self.attempted.clear();
+                        why
+                    }
+                    Failed::Unsure(why) => why,
+                };
                 warn!(
                     action = action::STORE,
                     result = result::FAIL,
@@ -166,9 +177,9 @@ impl Writer {
                     error = why.as_str()
                 );
                 // Dropped: the next group reconnects, and first checks for
-                // rows of a commit whose answer was lost.
+                // rows of a commit whose answer was lost (when it got as far
+                // as writing any: see `attempted`).
                 self.client = None;
-                self.unsure = true;
                 for a in live {
                     // Before answering: a later batch of the same
                     // connection, already queued, must not be stored.
@@ -179,28 +190,14 @@ impl Writer {
         }
     }
 
-    /// The connection, opened again if the last one failed.
-    async fn client(&mut self) -> Result<&mut Client, String> {
-        if self.client.as_ref().is_none_or(Client::is_closed) {
-            let client = connect(&self.target, self.session).await?;
-            info!(
-                action = action::DATABASE_CONNECT,
-                result = result::SUCCESS,
-                storage = %self.target,
-                state = "reconnected"
-            );
-            self.client = Some(client);
-        }
-        Ok(self.client.as_mut().expect("set above"))
-    }
-
     /// One transaction: the rows, then the agencies' receipts. Returns the
     /// receipts once committed.
-    async fn commit(&mut self, live: &[Append]) -> Result<HashMap<AgencyId, Receipt>, String> {
-        if self.unsure {
-            let acked = self.acked.clone();
+    async fn commit(&mut self, live: &[Append]) -> Result<HashMap<AgencyId, Receipt>, Failed> {
+        if !self.attempted.is_empty() {
+            let (acked, attempted) = (self.acked.clone(), self.attempted.clone());
             let target = self.target.clone();
-            let removed = forget_unacknowledged(self.client().await?, &acked).await?;
+            let client = reconnect(&mut self.client, &self.target, self.session).await?;
+            let removed = forget_unacknowledged(client, &acked, &attempted).await?;
             if removed > 0 {
                 warn!(
                     action = action::STORE,
@@ -211,14 +208,54 @@ impl Writer {
                                their agencies send them again"
                 );
             }
-            self.unsure = false;
+            self.attempted.clear();
         }
         let acked = self.acked.clone();
         let mut next: HashMap<AgencyId, i64> =
             acked.iter().map(|(&a, r)| (a, r.count as i64)).collect();
+        // What the table holds if this commit happens: kept until it is
+        // answered, for `forget_unacknowledged` should the answer be lost.
+        self.attempted = next.clone();
+        for a in live {
+            if let Some(first) = a.bets.iter().next() {
+                *self.attempted.entry(first.agency).or_insert(0) += a.bets.len() as i64;
+            }
+        }
         let mut receipts = acked.clone();
-        let client = self.client().await?;
+        let client = reconnect(&mut self.client, &self.target, self.session).await?;
         let tx = client.transaction().await.map_err(reason)?;
+        // The table must hold what this central acknowledged: another
+        // central on the same database may have stored bets of the same
+        // agency since (an agency that moved between centrals). The rows
+        // stay locked until the commit. Refused before writing anything, so
+        // nothing of that central's is ever taken for a lost commit.
+        let mut group: Vec<i32> = live
+            .iter()
+            .filter_map(|a| a.bets.iter().next().map(|b| b.agency as i32))
+            .collect();
+        group.sort_unstable();
+        group.dedup();
+        let held: HashMap<i32, i64> = tx
+            .query(
+                "SELECT agency, stored FROM agencies WHERE agency = ANY($1) FOR UPDATE",
+                &[&group],
+            )
+            .await
+            .map_err(reason)?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        for agency in group {
+            let table = held.get(&agency).copied().unwrap_or(0);
+            let ours = next.get(&(agency as AgencyId)).copied().unwrap_or(0);
+            if table != ours {
+                return Err(Failed::Refused(format!(
+                    "agency {agency}: the table holds {table} of its bets, this central \
+                     acknowledged {ours}; another central on this database stored them (one \
+                     agency's upload cannot move between centrals yet): nothing was stored"
+                )));
+            }
+        }
         let sink = tx.copy_in(COPY).await.map_err(reason)?;
         let copy = BinaryCopyInWriter::new(sink, &COPY_TYPES);
         futures::pin_mut!(copy);
@@ -254,11 +291,11 @@ impl Writer {
             let count = next.get(&agency).copied().unwrap_or(0);
             // The receipt must describe exactly the rows committed with it.
             if receipt.count as i64 != count {
-                return Err(format!(
+                return Err(Failed::Refused(format!(
                     "agency {agency}: the batch's receipt counts {} bets, the table would hold \
                      {count}",
                     receipt.count
-                ));
+                )));
             }
             changed.push((agency as i32, count, receipt.digest.0.to_vec()));
         }
@@ -278,11 +315,47 @@ impl Writer {
     }
 }
 
+/// Why a group was not stored.
+enum Failed {
+    /// Refused before anything was written.
+    Refused(String),
+    /// The transaction failed; if its commit happened, the answer was lost.
+    Unsure(String),
+}
+
+impl From<String> for Failed {
+    fn from(why: String) -> Failed {
+        Failed::Unsure(why)
+    }
+}
+
+/// The writer's connection, opened again if the last one failed.
+async fn reconnect<'a>(
+    client: &'a mut Option<Client>,
+    target: &PgTarget,
+    session: Session,
+) -> Result<&'a mut Client, String> {
+    if client.as_ref().is_none_or(Client::is_closed) {
+        *client = Some(connect(target, session).await?);
+        info!(
+            action = action::DATABASE_CONNECT,
+            result = result::SUCCESS,
+            storage = %target,
+            state = "reconnected"
+        );
+    }
+    Ok(client.as_mut().expect("set above"))
+}
+
 /// Removes the rows beyond the acknowledged receipts `acked` (and sets the
-/// receipts back), in one transaction; returns how many it removed.
+/// receipts back), in one transaction, for the agencies whose count in the
+/// table is exactly what the failed commit would have left (`attempted`):
+/// only then are those rows this central's unanswered commit, and not
+/// bets another central stored. Returns how many it removed.
 async fn forget_unacknowledged(
     client: &mut Client,
     acked: &HashMap<AgencyId, Receipt>,
+    attempted: &HashMap<AgencyId, i64>,
 ) -> Result<u64, String> {
     let tx = client.transaction().await.map_err(reason)?;
     let rows = tx
@@ -297,7 +370,7 @@ async fn forget_unacknowledged(
             .copied()
             .unwrap_or_else(|| Receipt::empty(agency as AgencyId));
         let (count, digest) = (receipt.count as i64, receipt.digest.0.to_vec());
-        if stored > count {
+        if stored > count && attempted.get(&(agency as AgencyId)) == Some(&stored) {
             removed += tx
                 .execute(
                     "DELETE FROM bets WHERE agency = $1 AND seq >= $2",
