@@ -111,6 +111,24 @@ fn file_receipt(expected: &Expected, agency: u32) -> Receipt {
     receipt
 }
 
+/// Says `HELLO` for `agency` to the central at `address` (one frame: its
+/// length as a u32 BE, then the payload) and returns its answer's payload.
+fn hello(address: &str, agency: u32) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(STEP)).unwrap();
+    let payload = format!("ACTION:HELLO|AGENCY_ID:{agency}\n");
+    stream
+        .write_all(&(payload.len() as u32).to_be_bytes())
+        .unwrap();
+    stream.write_all(payload.as_bytes()).unwrap();
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut body).unwrap();
+    String::from_utf8(body).unwrap()
+}
+
 /// Starts agencies `ids` against `address`, waits for each to exit 0 and
 /// checks its winners against the oracle.
 fn run_agencies(ids: &[u32], address: &str, data: &Path, expected: &Expected, limit: Duration) {
@@ -258,6 +276,14 @@ fn a_restarted_central_resumes_from_the_table_and_serves_the_recorded_draw() {
             "action: recover | result: success | storage: {url} | rows: 800 | agencies: 1"
         )),
         "{log}"
+    );
+    // Its answer to HELLO is agency 1's receipt from the table: the count
+    // and the digest of exactly its file.
+    let receipt = file_receipt(&expected, 1);
+    let reply = hello(&second.address(), 1);
+    assert!(
+        reply.ends_with(&format!("|STORED:800|DIGEST:{}\n", receipt.digest)),
+        "{reply}"
     );
     relay.point_at(Some(&second.address()));
     // Agency 1 sends its file again: nothing of it is stored twice.
