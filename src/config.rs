@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use crate::logging::{LogFormat, LogLevel};
 use crate::model::{AgencyId, MAX_NUMBER};
+use crate::store::Storage;
 
 /// Most batches an agency may keep in flight (`agency.window`): the central
 /// reads no further from a connection that has this many unanswered.
@@ -128,9 +129,14 @@ settings! {
         /// Agencies that must finish before the draw.
         agencies: u32 = 5, env "SERVER_AGENCIES",
             flag "agencies" on ["server", "gen-data", "verify", "new-round"], min 1;
-        /// The bets file.
-        storage: PathBuf = "bets.csv".into(), env "SERVER_STORAGE",
+        /// Where the bets are kept: the bets file's path, or a PostgreSQL
+        /// database as a libpq URL (`postgres://user@host:port/db`, several
+        /// hosts allowed).
+        storage: Storage = Storage::default(), env "SERVER_STORAGE",
             flag "storage" on ["server", "verify", "new-round"], check not_empty;
+        /// Seconds the central keeps trying to reach its database at start
+        /// (PostgreSQL storage), retrying with backoff, before it exits 1.
+        storage_connect_timeout: u64 = 30, env "SERVER_STORAGE_CONNECT_TIMEOUT", min 1;
         /// The number that wins the draw.
         winning_number: u16 = 7574, env "SERVER_WINNING_NUMBER",
             flag "winning-number" on ["server", "gen-data", "verify", "new-round"],
@@ -138,8 +144,9 @@ settings! {
         /// Sync the bets file before acknowledging a batch (`fdatasync`, shared
         /// by every batch waiting at the time). Off only for measurements.
         sync: bool = true, env "SERVER_SYNC", flag ("no-sync" = "false") on ["server", "demo"];
-        /// Where the draw's outcome is recorded; empty means beside the bets
-        /// file, its extension replaced (`bets.csv` -> `bets.draw.toml`).
+        /// Where the draw's outcome is recorded (with the bets file; a
+        /// database keeps it in a table); empty means beside the bets file,
+        /// its extension replaced (`bets.csv` -> `bets.draw.toml`).
         draw_record: PathBuf = PathBuf::new(), env "SERVER_DRAW_RECORD",
             flag "draw-record" on ["server", "verify", "new-round"];
         /// Most connections served at once; more are refused with `SERVER_BUSY`.
@@ -249,7 +256,7 @@ settings! {
 
 fn not_empty(value: &str) -> Result<(), &'static str> {
     if value.is_empty() {
-        return Err("must name a file");
+        return Err("must name a file or a postgres:// URL");
     }
     Ok(())
 }
@@ -443,7 +450,8 @@ impl Setting {
     pub fn apply(&self, config: &mut Config, source: &str, raw: &str) -> Result<(), ConfigError> {
         (self.set)(config, raw).map_err(|reason| ConfigError::Invalid {
             key: source.to_string(),
-            value: raw.to_string(),
+            // A database URL that does not parse may still hold a password.
+            value: crate::store::target::shown(raw),
             reason,
         })
     }
@@ -591,6 +599,21 @@ impl Value for PathBuf {
     const QUOTED: bool = true;
 }
 
+impl Value for Storage {
+    const HINT: &'static str = "PATH|URL";
+    fn parse(raw: &str) -> Result<Self, String> {
+        raw.parse()
+    }
+    /// Without a password: this text can reach messages.
+    fn show(&self) -> String {
+        self.to_string()
+    }
+    #[cfg(test)]
+    const SAMPLES: [&'static str; 2] = ["a.csv", "postgres://u@h:5432/db"];
+    #[cfg(test)]
+    const QUOTED: bool = true;
+}
+
 impl Value for ServerAddresses {
     const HINT: &'static str = "HOST:PORT[,HOST:PORT...]";
     fn parse(raw: &str) -> Result<Self, String> {
@@ -603,6 +626,13 @@ impl Value for ServerAddresses {
     const SAMPLES: [&'static str; 2] = ["h:1", "a:1,b:2"];
     #[cfg(test)]
     const QUOTED: bool = true;
+}
+
+impl<'de> Deserialize<'de> for Storage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        raw.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Value for BTreeMap<String, String> {
@@ -888,13 +918,23 @@ impl ServerConfig {
         std::time::Duration::from_secs(self.shutdown_grace)
     }
 
-    /// The draw record's path, defaulted from the bets file's.
-    pub fn draw_record_path(&self) -> PathBuf {
-        if self.draw_record.as_os_str().is_empty() {
-            self.storage.with_extension("draw.toml")
+    /// The draw record's path, defaulted from the bets file's; `None` when
+    /// a database keeps the bets (and the draw record, in a table).
+    pub fn draw_record_path(&self) -> Option<PathBuf> {
+        let bets = self.storage.file()?;
+        Some(if self.draw_record.as_os_str().is_empty() {
+            bets.with_extension("draw.toml")
         } else {
             self.draw_record.clone()
-        }
+        })
+    }
+
+    /// Where the draw record is, for messages and log lines.
+    pub fn draw_record_shown(&self) -> String {
+        self.draw_record_path().map_or_else(
+            || "tables draw and draw_agencies".to_string(),
+            |p| p.display().to_string(),
+        )
     }
 }
 
@@ -1087,7 +1127,9 @@ fn read_file(path: &Path) -> Result<(Config, ConfigFile), ConfigError> {
 fn parse_error(path: &Path, e: &toml::de::Error) -> ConfigError {
     ConfigError::Parse {
         path: path.to_path_buf(),
-        message: e.to_string().trim_end().to_string(),
+        // The error quotes the line, which may hold a database URL's
+        // password.
+        message: crate::store::target::hide_passwords(e.to_string().trim_end()),
     }
 }
 
@@ -1469,10 +1511,10 @@ mod tests {
     fn the_draw_record_defaults_beside_the_bets_file_as_documented() {
         let record = |storage: &str| {
             let server = ServerConfig {
-                storage: storage.into(),
+                storage: Storage::File(storage.into()),
                 ..ServerConfig::default()
             };
-            server.draw_record_path()
+            server.draw_record_path().unwrap()
         };
         assert_eq!(record("bets.csv"), PathBuf::from("bets.draw.toml"));
         assert_eq!(

@@ -92,6 +92,12 @@ pub mod action {
     pub const NEW_ROUND: &str = "new_round";
     /// The bets file was flushed and closed.
     pub const CLOSE_BETS_FILE: &str = "close_bets_file";
+    /// The central reached its database (or is retrying, or gave up).
+    pub const DATABASE_CONNECT: &str = "database_connect";
+    /// The database's schema was checked and brought up to date on start.
+    pub const DATABASE_SCHEMA: &str = "database_schema";
+    /// The connection to the database was closed.
+    pub const CLOSE_DATABASE: &str = "close_database";
     /// The agency's data file was closed.
     pub const CLOSE_DATA_FILE: &str = "close_data_file";
     /// The program stopped on an error (ERROR, last line; the message is

@@ -92,6 +92,10 @@ struct BenchArgs {
     /// Acknowledge without syncing, for comparison (reported as such).
     #[arg(long)]
     no_sync: bool,
+    /// Store into this PostgreSQL database (a libpq URL; its database must
+    /// hold no earlier round) rather than a fresh bets file.
+    #[arg(long)]
+    storage: Option<String>,
 
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -415,9 +419,13 @@ async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Resu
             Ok(())
         }
         Command::Winners(args) => {
-            let record = args
-                .record
-                .unwrap_or_else(|| config.server.draw_record_path());
+            let record = match args.record {
+                Some(record) => record,
+                None => config.server.draw_record_path().context(
+                    "server.storage is a database, which keeps the draw in its table `draw`: \
+                     query it there, or pass --record",
+                )?,
+            };
             print!("{}", ops::winners_table(&record)?);
             Ok(())
         }
@@ -445,6 +453,7 @@ async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Resu
                 window: config.agency.window,
                 batch_max_amount: config.agency.batch_max_amount,
                 work_dir: args.work_dir,
+                storage: args.storage,
             };
             print!("{}", bench::run(opts, token).await?.render());
             Ok(())

@@ -40,6 +40,12 @@ impl Store for Hung {
     fn tally(&self, _winning_number: u16) -> BoxFuture<'_, Result<Tally, StorageError>> {
         future::pending().boxed()
     }
+    fn recompute(
+        &self,
+        _winning_number: u16,
+    ) -> BoxFuture<'_, Result<lottery::receipt::Recomputed, StorageError>> {
+        future::pending().boxed()
+    }
     fn load_draw(&self) -> BoxFuture<'_, Result<Option<Draw>, StorageError>> {
         future::ready(Ok(None)).boxed()
     }

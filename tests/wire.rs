@@ -45,7 +45,7 @@ impl TestServer {
             port: 0,
             listen_backlog: 16,
             agencies,
-            storage: storage.clone(),
+            storage: lottery::store::Storage::File(storage.clone()),
             winning_number: 7574,
             ..ServerConfig::default()
         };

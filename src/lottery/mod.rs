@@ -548,6 +548,12 @@ mod tests {
             }
             .boxed()
         }
+        fn recompute(
+            &self,
+            winning_number: u16,
+        ) -> BoxFuture<'_, Result<crate::receipt::Recomputed, StorageError>> {
+            self.inner.recompute(winning_number)
+        }
         fn load_draw(&self) -> BoxFuture<'_, Result<Option<Draw>, StorageError>> {
             self.inner.load_draw()
         }

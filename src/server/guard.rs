@@ -131,7 +131,7 @@ impl Peer {
     fn report_if_due(&mut self, peer: IpAddr, now: Instant) -> Option<Report> {
         let due = self
             .reported_at
-            .map_or(true, |at| now >= at + REPORT_INTERVAL);
+            .is_none_or(|at| now >= at + REPORT_INTERVAL);
         (due && !self.pending.is_empty()).then(|| self.report(peer, now))
     }
 

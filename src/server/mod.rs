@@ -14,7 +14,6 @@ mod handler;
 mod intake;
 mod listener;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,9 +26,8 @@ use tracing::{error, info, warn};
 use crate::config::{ConfigError, Secrets, ServerConfig};
 use crate::logging::{action, result};
 use crate::lottery::Lottery;
-use crate::model::AgencyId;
 use crate::net::{ServerTls, TlsError};
-use crate::receipt::{differences, Receipt, Recomputed};
+use crate::receipt::differences;
 use crate::store::{self, Draw, Opened, StorageError, Store};
 
 pub use listener::{bind, bind_addr, fit_open_files, MIN_CONNECTIONS, RESERVED_FILES};
@@ -84,19 +82,14 @@ struct Settings {
 }
 
 /// Compares a finished round's record with the stored bets (their
-/// receipts, learned on opening, and their winners for the recorded number)
-/// and with the configuration: every difference, empty when they agree.
+/// receipts and winners for the recorded number, recomputed from the bets
+/// as stored, never from what the store counted) and with the configuration: every difference, empty when they agree.
 async fn check_record(
     config: &ServerConfig,
     store: &dyn Store,
-    stored: &BTreeMap<AgencyId, Receipt>,
     draw: &Draw,
 ) -> Result<Vec<String>, StorageError> {
-    let tally = store.tally(draw.winning_number).await?;
-    let found = Recomputed {
-        receipts: stored.clone(),
-        winners: tally.winners,
-    };
+    let found = store.recompute(draw.winning_number).await?;
     Ok(differences(
         draw.claimed(),
         &found,
@@ -155,7 +148,7 @@ pub async fn run_with_store(
     if let Some(draw) = &draw {
         // Recomputed from the bets, never trusted: a record edited (or a
         // row added or changed) after the draw is refused here.
-        let differences = match check_record(config, store.as_ref(), &opened.stored, draw).await {
+        let differences = match check_record(config, store.as_ref(), draw).await {
             Ok(differences) => differences,
             Err(e) => {
                 close_store(store.as_ref()).await;
@@ -165,7 +158,7 @@ pub async fn run_with_store(
         if !differences.is_empty() {
             close_store(store.as_ref()).await;
             return Err(ServerError::RecordMismatch {
-                record: config.draw_record_path().display().to_string(),
+                record: config.draw_record_shown(),
                 differences,
             });
         }
@@ -174,7 +167,7 @@ pub async fn run_with_store(
             result = result::SUCCESS,
             seal = %draw.seal,
             bets = draw.bets,
-            record = %config.draw_record_path().display()
+            record = %config.draw_record_shown()
         );
         // Not `sorteo`: that is logged once, by the central that drew. A
         // WARN, because an operator who meant to start a new round is about
@@ -186,7 +179,7 @@ pub async fn run_with_store(
             drawn_at = draw.drawn_at.as_str(),
             bets = draw.bets,
             winning_number = draw.winning_number,
-            record = %config.draw_record_path().display(),
+            record = %config.draw_record_shown(),
             storage = %store.describe(),
             seal = %draw.seal,
             message = "this round is already drawn: the central only serves its winners and \

@@ -3,12 +3,15 @@
 //! draw's tally, and the draw record.
 //!
 //! The server and the lottery hold an `Arc<dyn Store>` and never learn which
-//! backend is behind it; [`open`] picks one from `server.storage`. The bets
-//! file ([`file`](mod@file)) is the one backend today: a second one is a module here
+//! backend is behind it; [`open`] picks one from `server.storage`
+//! ([`Storage`]): the bets file ([`file`](mod@file)), the embedded default,
+//! or a PostgreSQL database ([`postgres`]). Another backend is a module here
 //! and an arm in [`open`], with nothing to change in the server, the wire or
 //! the agency.
 
 pub mod file;
+pub mod postgres;
+pub mod target;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -23,6 +26,7 @@ use crate::model::{AgencyId, Bets};
 use crate::receipt::{Digest, Receipt, Recomputed};
 
 pub use file::{Durability, StorageError};
+pub use target::{PgTarget, Storage};
 
 /// The outcome of one submitted batch: resolves once its bets are stored
 /// (durably, unless the store was opened without syncing) or refused.
@@ -69,6 +73,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// The bets cannot be read back, or one of them is damaged.
     fn tally(&self, winning_number: u16) -> BoxFuture<'_, Result<Tally, StorageError>>;
 
+    /// Recomputes, from the stored bets alone (read in the stored order,
+    /// never from what was counted while storing), each agency's receipt
+    /// and its winners for `winning_number`: what the central compares with
+    /// a draw record when it starts on a drawn round.
+    ///
+    /// # Errors
+    /// The bets cannot be read back, or one of them is damaged.
+    fn recompute(&self, winning_number: u16) -> BoxFuture<'_, Result<Recomputed, StorageError>>;
+
     /// The recorded draw, if the draw already happened.
     ///
     /// # Errors
@@ -108,12 +121,25 @@ pub async fn open(config: &ServerConfig) -> Result<Opened, StorageError> {
     } else {
         Durability::NoSync
     };
-    let (store, stored) =
-        file::FileStore::open(&config.storage, &config.draw_record_path(), durability).await?;
-    Ok(Opened {
-        store: Arc::new(store),
-        stored,
-    })
+    match &config.storage {
+        Storage::File(bets) => {
+            let record = file_record(config);
+            let (store, stored) = file::FileStore::open(bets, &record, durability).await?;
+            Ok(Opened {
+                store: Arc::new(store),
+                stored,
+            })
+        }
+        Storage::Postgres(target) => {
+            let patience = Duration::from_secs(config.storage_connect_timeout);
+            let (store, stored) =
+                postgres::PostgresStore::open(target, durability, patience).await?;
+            Ok(Opened {
+                store: Arc::new(store),
+                stored,
+            })
+        }
+    }
 }
 
 /// Recomputes, from the stored bets alone and without changing anything
@@ -127,10 +153,25 @@ pub async fn recompute(
     config: &ServerConfig,
     winning_number: u16,
 ) -> Result<Recomputed, StorageError> {
-    let path = config.storage.clone();
-    tokio::task::spawn_blocking(move || file::recompute(&path, winning_number))
-        .await
-        .expect("reading the bets back does not panic")
+    match &config.storage {
+        Storage::File(path) => {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || file::recompute(&path, winning_number))
+                .await
+                .expect("reading the bets back does not panic")
+        }
+        Storage::Postgres(target) => {
+            let mut client = postgres::tool_connection(target).await?;
+            postgres::recompute(target, &mut client, winning_number).await
+        }
+    }
+}
+
+/// The draw record's path of a bets file.
+fn file_record(config: &ServerConfig) -> std::path::PathBuf {
+    config
+        .draw_record_path()
+        .expect("a bets file has a draw record path")
 }
 
 /// The draw record `config` names, if there is one.
@@ -138,11 +179,20 @@ pub async fn recompute(
 /// # Errors
 /// A record exists but cannot be read.
 pub async fn load_draw(config: &ServerConfig) -> Result<Option<Draw>, StorageError> {
-    let (bets, record) = (config.storage.clone(), config.draw_record_path());
-    // Checked against the ledger of sealed rounds, and read only.
-    tokio::task::spawn_blocking(move || file::rounds::load_checked(&bets, &record, false))
-        .await
-        .expect("reading the record does not panic")
+    match &config.storage {
+        Storage::File(bets) => {
+            let (bets, record) = (bets.clone(), file_record(config));
+            // Checked against the ledger of sealed rounds, and read only.
+            tokio::task::spawn_blocking(move || file::rounds::load_checked(&bets, &record, false))
+                .await
+                .expect("reading the record does not panic")
+        }
+        Storage::Postgres(target) => {
+            let mut client = postgres::tool_connection(target).await?;
+            // Checked against the table of sealed rounds, and read only.
+            postgres::load_draw(target, &mut client).await
+        }
+    }
 }
 
 /// `lottery new-round`: keeps the drawn round's bets and record aside,
@@ -151,11 +201,21 @@ pub async fn load_draw(config: &ServerConfig) -> Result<Option<Draw>, StorageErr
 /// # Errors
 /// As [`file::rounds::new_round`].
 pub async fn new_round(config: &ServerConfig) -> Result<file::rounds::NewRound, StorageError> {
-    let (bets, record) = (config.storage.clone(), config.draw_record_path());
     let (agencies, winning) = (config.agencies, config.winning_number);
-    tokio::task::spawn_blocking(move || file::rounds::new_round(&bets, &record, agencies, winning))
-        .await
-        .expect("starting a round does not panic")
+    match &config.storage {
+        Storage::File(bets) => {
+            let (bets, record) = (bets.clone(), file_record(config));
+            tokio::task::spawn_blocking(move || {
+                file::rounds::new_round(&bets, &record, agencies, winning)
+            })
+            .await
+            .expect("starting a round does not panic")
+        }
+        Storage::Postgres(target) => {
+            let mut client = postgres::tool_connection(target).await?;
+            postgres::new_round(target, &mut client, agencies, winning).await
+        }
+    }
 }
 
 /// The batches of one connection, kept in order by the store: once one of

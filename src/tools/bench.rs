@@ -35,6 +35,9 @@ pub struct BenchOptions {
     pub batch_max_amount: usize,
     /// Keep data and the bets file here; a temporary directory otherwise.
     pub work_dir: Option<PathBuf>,
+    /// Store into this (a PostgreSQL URL, whose database must hold no
+    /// earlier round) instead of a fresh bets file in the work directory.
+    pub storage: Option<String>,
 }
 
 /// What was measured.
@@ -83,10 +86,11 @@ impl BenchReport {
             o.agencies,
             o.bets_per_agency,
             o.window,
-            if o.no_sync {
-                "NO SYNC (acknowledged from the page cache; not durable)"
-            } else {
-                "durable acknowledgements (fdatasync)"
+            match (o.no_sync, o.storage.is_some()) {
+                (true, false) => "NO SYNC (acknowledged from the page cache; not durable)",
+                (true, true) => "NO SYNC (synchronous_commit off; not durable)",
+                (false, false) => "durable acknowledgements (fdatasync)",
+                (false, true) => "durable acknowledgements (PostgreSQL, synchronous commit)",
             },
             self.bets,
             self.elapsed.as_secs_f64(),
@@ -199,7 +203,11 @@ fn start_server(
         "INFO",
     ])
     .arg("--storage")
-    .arg(dir.join("bets.csv"))
+    .arg(
+        opts.storage
+            .as_ref()
+            .map_or_else(|| dir.join("bets.csv").into_os_string(), Into::into),
+    )
     // Defaults, whatever config.toml the working directory holds: an empty
     // file that exists (a missing one named here would be warned about).
     .env("LOTTERY_CONFIG", "/dev/null")

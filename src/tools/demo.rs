@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agency::AgencyReport;
 use crate::config::{AgencyConfig, ServerConfig};
 use crate::server;
+use crate::store::Storage;
 use crate::tools::gen_data::GenOptions;
 use crate::tools::launch::{self, Fleet, RunSecrets, WorkDir};
 
@@ -100,7 +101,7 @@ pub async fn run(
         port: 0,
         listen_backlog: opts.agencies.max(5),
         agencies: opts.agencies,
-        storage: storage.clone(),
+        storage: Storage::File(storage.clone()),
         winning_number: opts.winning_number,
         sync: opts.sync,
         draw_record,

@@ -40,10 +40,10 @@ pub async fn serve(
         listen_backlog = s.listen_backlog,
         logging_level = %config.log.level,
         agencies = s.agencies,
-        storage = %s.storage.display(),
+        storage = %s.storage,
         winning_number = s.winning_number,
         sync = s.sync,
-        draw_record = %s.draw_record_path().display(),
+        draw_record = %s.draw_record_shown(),
         config_file = %file
     );
     let listener = server::bind(s).with_context(|| format!("binding port {}", s.port))?;

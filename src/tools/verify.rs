@@ -26,13 +26,16 @@ pub struct Verified {
 /// The bets or the record cannot be read (a missing record, or one the
 /// ledger says was replaced, is a difference instead).
 pub async fn verify(config: &ServerConfig) -> anyhow::Result<Verified> {
-    let record = config.draw_record_path();
+    let record = config.draw_record_shown();
+    let missing = config.draw_record_path().map_or_else(
+        || "in the database's tables draw and draw_agencies".to_string(),
+        |p| format!("at {}", p.display()),
+    );
     let draw = match store::load_draw(config).await {
         Ok(Some(draw)) => draw,
         Ok(None) => {
             let difference = format!(
-                "no draw record at {}: this round is not drawn, so there is nothing to verify",
-                record.display()
+                "no draw record {missing}: this round is not drawn, so there is nothing to verify"
             );
             return Ok(Verified {
                 report: format!("{difference}\n"),
@@ -59,9 +62,8 @@ pub async fn verify(config: &ServerConfig) -> anyhow::Result<Verified> {
     if differences.is_empty() {
         let _ = writeln!(
             report,
-            "the draw record {} matches the stored bets {}",
-            record.display(),
-            config.storage.display()
+            "the draw record {record} matches the stored bets {}",
+            config.storage
         );
         let _ = writeln!(report, "{:>6}  {:>10}  digest", "agency", "bets");
         for agency in 1..=config.agencies {
@@ -101,10 +103,8 @@ pub async fn new_round(config: &ServerConfig) -> anyhow::Result<String> {
             bets,
             record,
         } => format!(
-            "round {round} (seal {seal}) kept as {} and {}; the next start of the central \
-             begins round {} with no bets\n",
-            bets.display(),
-            record.display(),
+            "round {round} (seal {seal}) kept as {bets} and {record}; the next start of the \
+             central begins round {} with no bets\n",
             round + 1
         ),
     })

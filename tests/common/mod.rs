@@ -3,6 +3,8 @@
 //! stored rows and winners.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod pg;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

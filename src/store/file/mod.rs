@@ -56,6 +56,15 @@ pub enum StorageError {
         /// What failed.
         reason: String,
     },
+    /// The database could not be reached, or failed a statement; `target`
+    /// names its hosts and database, never a password.
+    #[error("database {target}: {reason}")]
+    Database {
+        /// `host:port,…/dbname`.
+        target: String,
+        /// What failed.
+        reason: String,
+    },
     /// The writer has stopped (the server is shutting down).
     #[error("the bets file is closed")]
     Closed,

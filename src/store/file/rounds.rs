@@ -216,10 +216,10 @@ pub enum NewRound {
         round: u32,
         /// Its seal.
         seal: Digest,
-        /// Where its bets went.
-        bets: PathBuf,
+        /// Where its bets went, for the operator (a path, or tables).
+        bets: String,
         /// Where its draw record went.
-        record: PathBuf,
+        record: String,
     },
 }
 
@@ -314,8 +314,8 @@ pub fn new_round(
     Ok(NewRound::Kept {
         round,
         seal: draw.seal,
-        bets: kept_bets,
-        record: kept_record,
+        bets: kept_bets.display().to_string(),
+        record: kept_record.display().to_string(),
     })
 }
 

@@ -12,7 +12,7 @@ use tracing::{error, info};
 use super::{encode_rows, recover, save_record, tally, BetStore, Durability};
 use crate::logging::{action, result};
 use crate::model::{AgencyId, Bets};
-use crate::receipt::Receipt;
+use crate::receipt::{Receipt, Recomputed};
 use crate::store::{Draw, Sequence, StorageError, Store, Stored, Tally};
 
 /// The bets file (written by one writer thread) and the draw record.
@@ -94,6 +94,16 @@ impl Store for FileStore {
             })
             .await
             .expect("the draw's scan does not panic")
+        }
+        .boxed()
+    }
+
+    fn recompute(&self, winning_number: u16) -> BoxFuture<'_, Result<Recomputed, StorageError>> {
+        let path = self.writer.path().to_path_buf();
+        async move {
+            tokio::task::spawn_blocking(move || super::recompute(&path, winning_number))
+                .await
+                .expect("reading the bets back does not panic")
         }
         .boxed()
     }

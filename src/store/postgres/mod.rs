@@ -1,0 +1,926 @@
+//! The PostgreSQL backend: the bets are rows of the table `bets`, the
+//! counts per agency rows of `agencies`, the draw record rows of `draw` and
+//! `draw_agencies` (see [`schema`] for the tables, and README's "The
+//! PostgreSQL store").
+//!
+//! - [`schema`]: the versioned migrations applied on start.
+//! - `writer`: the task that stores batches, one transaction per group.
+//!
+//! Opening waits for the database (retrying with backoff for
+//! `server.storage_connect_timeout`), migrates the schema, and reads the
+//! counts each agency resumes from. The draw's tally and the draw record use
+//! a connection of their own, opened when needed.
+
+pub mod schema;
+mod writer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, TryStreamExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, IsolationLevel, NoTls, Transaction};
+use tracing::{error, info, warn};
+
+use crate::logging::{action, result};
+use crate::model::{AgencyId, Bets};
+use crate::receipt::{self, Digest, Receipt, Recomputed, DIGEST_LEN};
+use crate::store::file::rounds::NewRound;
+use crate::store::{Draw, Durability, PgTarget, Sequence, StorageError, Store, Stored, Tally};
+
+/// How long one attempt to connect may take before it counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The first wait between attempts to reach the database at start; each
+/// failure doubles it, up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What every connection sets up before its first statement.
+#[derive(Debug, Clone, Copy)]
+pub struct Session {
+    /// Whether a commit waits for its WAL to reach stable storage.
+    durability: Durability,
+}
+
+/// A failed statement or connection, as text an operator can act on: the
+/// server's own message when it sent one.
+pub(crate) fn reason(e: tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// A connection that could not be opened.
+#[derive(Debug)]
+pub(crate) struct ConnectError {
+    /// Why, as [`reason`] words it.
+    pub reason: String,
+    /// Whether trying again can help: the server was not reached, or said
+    /// it cannot take connections yet (starting up, shutting down, full).
+    /// A refused login (a wrong password, a missing database or role) will
+    /// be refused again: the operator has to act.
+    pub retry: bool,
+}
+
+impl From<ConnectError> for String {
+    fn from(e: ConnectError) -> String {
+        e.reason
+    }
+}
+
+/// Whether a failed connection attempt is worth repeating (see
+/// [`ConnectError::retry`]).
+fn worth_retrying(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        None => true,
+        Some(code) => {
+            *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::TOO_MANY_CONNECTIONS
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                // Class 08: connection exceptions.
+                || code.code().starts_with("08")
+        }
+    }
+}
+
+/// Opens one connection to `target` and prepares it for `session`.
+pub(crate) async fn connect(target: &PgTarget, session: Session) -> Result<Client, ConnectError> {
+    let mut config = target.config().clone();
+    config.connect_timeout(CONNECT_TIMEOUT);
+    if config.get_application_name().is_none() {
+        config.application_name("lottery");
+    }
+    let failed = |e: tokio_postgres::Error| ConnectError {
+        retry: worth_retrying(&e),
+        reason: reason(e),
+    };
+    let (client, connection) = config.connect(NoTls).await.map_err(failed)?;
+    let shown = target.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            warn!(
+                action = action::DATABASE_CONNECT,
+                result = result::FAIL,
+                storage = shown.as_str(),
+                error = reason(e).as_str(),
+                state = "lost"
+            );
+        }
+    });
+    // Whatever the database's default: a batch is acknowledged only once
+    // its commit is on disk (unless durability was turned off on purpose).
+    let commit = match session.durability {
+        Durability::Sync => "on",
+        Durability::NoSync => "off",
+    };
+    client
+        .batch_execute(&format!("SET synchronous_commit = {commit}"))
+        .await
+        .map_err(failed)?;
+    Ok(client)
+}
+
+/// The database behind the storage seam.
+#[derive(Debug)]
+pub struct PostgresStore {
+    target: PgTarget,
+    session: Session,
+    /// Batches to the writer task.
+    requests: mpsc::Sender<writer::Request>,
+    /// The writer task; taken by [`Store::close`].
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for writer::Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            writer::Request::Append(a) => write!(f, "Append({} bets)", a.bets.len()),
+            writer::Request::Close(_) => f.write_str("Close"),
+        }
+    }
+}
+
+impl PostgresStore {
+    /// Reaches the database (retrying with backoff for `patience`),
+    /// creates or migrates the schema, reads the bets held per agency, and
+    /// starts the writer.
+    ///
+    /// # Errors
+    /// The database stayed unreachable for `patience`, or refused the
+    /// schema; the error names its hosts and database, never a password.
+    pub async fn open(
+        target: &PgTarget,
+        durability: Durability,
+        patience: Duration,
+    ) -> Result<(PostgresStore, BTreeMap<AgencyId, Receipt>), StorageError> {
+        let session = Session { durability };
+        let fail = |reason: String| StorageError::Database {
+            target: where_(target),
+            reason,
+        };
+        let mut client = reach(target, session, patience).await.map_err(fail)?;
+        let migrated = schema::migrate(&mut client).await.map_err(fail)?;
+        info!(
+            action = action::DATABASE_SCHEMA,
+            result = result::SUCCESS,
+            storage = %target,
+            from_version = migrated.from,
+            version = migrated.to
+        );
+        let (stored, recomputed) = read_receipts(target, &mut client).await?;
+        info!(
+            action = action::RECOVER,
+            result = result::SUCCESS,
+            storage = %target,
+            rows = stored.values().map(|r| r.count).sum::<u64>(),
+            agencies = stored.len(),
+            digests_recomputed = recomputed
+        );
+        let next: HashMap<AgencyId, Receipt> = stored.iter().map(|(&a, &r)| (a, r)).collect();
+        let (requests, rx) = mpsc::channel(writer::QUEUE_DEPTH);
+        let task = tokio::spawn(writer::run(target.clone(), session, client, next, rx));
+        let store = PostgresStore {
+            target: target.clone(),
+            session,
+            requests,
+            task: Mutex::new(Some(task)),
+        };
+        Ok((store, stored))
+    }
+
+    fn error(&self, reason: String) -> StorageError {
+        StorageError::Database {
+            target: where_(&self.target),
+            reason,
+        }
+    }
+
+    /// A connection of its own for a read or the draw record.
+    async fn side_connection(&self) -> Result<Client, StorageError> {
+        connect(&self.target, self.session)
+            .await
+            .map_err(|e| self.error(e.reason))
+    }
+}
+
+/// `host:port,…/dbname`: where the database is, for messages (never the
+/// password).
+fn where_(target: &PgTarget) -> String {
+    format!(
+        "{}/{}",
+        target.hosts(),
+        target.config().get_dbname().unwrap_or("")
+    )
+}
+
+/// Connects, retrying with doubling waits until `patience` runs out; logs
+/// each failed attempt as `in_progress` so an operator sees what it waits
+/// for. A refused login is not retried.
+async fn reach(target: &PgTarget, session: Session, patience: Duration) -> Result<Client, String> {
+    let deadline = Instant::now() + patience;
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempt = 1u32;
+    loop {
+        match connect(target, session).await {
+            Ok(client) => {
+                info!(
+                    action = action::DATABASE_CONNECT,
+                    result = result::SUCCESS,
+                    storage = %target,
+                    attempt
+                );
+                return Ok(client);
+            }
+            Err(ConnectError { reason: why, retry }) => {
+                let now = Instant::now();
+                if !retry {
+                    error!(
+                        action = action::DATABASE_CONNECT,
+                        result = result::FAIL,
+                        storage = %target,
+                        attempt,
+                        error = why.as_str()
+                    );
+                    return Err(format!("refused the connection: {why}"));
+                }
+                if now >= deadline {
+                    error!(
+                        action = action::DATABASE_CONNECT,
+                        result = result::FAIL,
+                        storage = %target,
+                        attempt,
+                        error = why.as_str()
+                    );
+                    return Err(format!(
+                        "unreachable for {} s ({attempt} attempts): {why}",
+                        patience.as_secs()
+                    ));
+                }
+                let wait = backoff.min(deadline - now);
+                warn!(
+                    action = action::DATABASE_CONNECT,
+                    result = result::IN_PROGRESS,
+                    storage = %target,
+                    attempt,
+                    retry_in_ms = wait.as_millis() as u64,
+                    error = why.as_str()
+                );
+                tokio::time::sleep(wait).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                attempt += 1;
+            }
+        }
+    }
+}
+
+impl Store for PostgresStore {
+    fn describe(&self) -> String {
+        self.target.to_string()
+    }
+
+    fn submit<'a>(
+        &'a self,
+        bets: &Bets,
+        skip: usize,
+        sequence: &Sequence,
+        receipt: Receipt,
+    ) -> BoxFuture<'a, Result<Stored, StorageError>> {
+        let mut owned = Bets::with_capacity(bets.len().saturating_sub(skip), 0);
+        owned.extend(bets.iter().skip(skip));
+        let sequence = sequence.clone();
+        async move {
+            let (done, outcome) = oneshot::channel();
+            self.requests
+                .send(writer::Request::Append(writer::Append {
+                    bets: owned,
+                    receipt,
+                    sequence,
+                    done,
+                }))
+                .await
+                .map_err(|_| StorageError::Closed)?;
+            let target = where_(&self.target);
+            Ok(async move {
+                match outcome.await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(reason)) => Err(StorageError::Database { target, reason }),
+                    Err(_) => Err(StorageError::Closed),
+                }
+            }
+            .boxed())
+        }
+        .boxed()
+    }
+
+    fn tally(&self, winning_number: u16) -> BoxFuture<'_, Result<Tally, StorageError>> {
+        async move {
+            let mut client = self.side_connection().await?;
+            let fail = |e| self.error(reason(e));
+            // One snapshot for the counts and the winners.
+            let tx = client
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(fail)?;
+            let mut tally = Tally::default();
+            for row in tx
+                .query("SELECT agency, count(*) FROM bets GROUP BY agency", &[])
+                .await
+                .map_err(fail)?
+            {
+                let (agency, count): (i32, i64) = (row.get(0), row.get(1));
+                tally.per_agency.insert(agency as AgencyId, count as u64);
+                tally.rows += count as u64;
+            }
+            let number = i32::from(winning_number);
+            for row in tx
+                .query(
+                    "SELECT agency, document FROM bets WHERE number = $1 ORDER BY agency, seq",
+                    &[&number],
+                )
+                .await
+                .map_err(fail)?
+            {
+                let (agency, document): (i32, String) = (row.get(0), row.get(1));
+                tally
+                    .winners
+                    .entry(agency as AgencyId)
+                    .or_default()
+                    .push(document);
+            }
+            tx.commit().await.map_err(fail)?;
+            Ok(tally)
+        }
+        .boxed()
+    }
+
+    fn recompute(&self, winning_number: u16) -> BoxFuture<'_, Result<Recomputed, StorageError>> {
+        async move {
+            let mut client = self.side_connection().await?;
+            recompute(&self.target, &mut client, winning_number).await
+        }
+        .boxed()
+    }
+
+    fn load_draw(&self) -> BoxFuture<'_, Result<Option<Draw>, StorageError>> {
+        async move {
+            let mut client = self.side_connection().await?;
+            load_draw(&self.target, &mut client).await
+        }
+        .boxed()
+    }
+
+    fn save_draw<'a>(&'a self, draw: &'a Draw) -> BoxFuture<'a, Result<(), StorageError>> {
+        async move {
+            let mut client = self.side_connection().await?;
+            let fail = |e| self.error(reason(e));
+            let tx = client.transaction().await.map_err(fail)?;
+            // The single row's key refuses a second draw.
+            tx.execute(
+                "INSERT INTO draw (winning_number, drawn_at, bets, seal) VALUES ($1, $2, $3, $4)",
+                &[
+                    &i32::from(draw.winning_number),
+                    &draw.drawn_at,
+                    &(draw.bets as i64),
+                    &draw.seal.0.as_slice(),
+                ],
+            )
+            .await
+            .map_err(fail)?;
+            let mut agencies: Vec<AgencyId> = draw
+                .receipts
+                .keys()
+                .chain(draw.winners.keys())
+                .copied()
+                .collect();
+            agencies.sort_unstable();
+            agencies.dedup();
+            let insert = tx
+                .prepare(
+                    "INSERT INTO draw_agencies (agency, bets, digest, winners) \
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .await
+                .map_err(fail)?;
+            for agency in agencies {
+                let receipt = draw.receipt_of(agency);
+                tx.execute(
+                    &insert,
+                    &[
+                        &(agency as i32),
+                        &(receipt.count as i64),
+                        &receipt.digest.0.as_slice(),
+                        &draw.winners_of(agency),
+                    ],
+                )
+                .await
+                .map_err(fail)?;
+            }
+            // The round is sealed in the same transaction: a draw row
+            // deleted later is refused at start instead of drawn again.
+            tx.execute(
+                "INSERT INTO rounds (round, seal, drawn_at, bets) \
+                 SELECT coalesce(max(round), 0) + 1, $1, $2, $3 FROM rounds",
+                &[&draw.seal.0.as_slice(), &draw.drawn_at, &(draw.bets as i64)],
+            )
+            .await
+            .map_err(fail)?;
+            tx.commit().await.map_err(fail)?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        async move {
+            let (done, closed) = oneshot::channel();
+            if self
+                .requests
+                .send(writer::Request::Close(done))
+                .await
+                .is_ok()
+            {
+                let _ = closed.await;
+            }
+            let task = self.task.lock().expect("not poisoned").take();
+            if let Some(task) = task {
+                if let Err(e) = task.await {
+                    error!(action = action::CLOSE_DATABASE, result = result::FAIL, error = %e);
+                }
+            }
+        }
+        .boxed()
+    }
+}
+
+/// The tables that hold one round: kept together by `lottery new-round`.
+const ROUND_TABLES: [&str; 4] = ["bets", "agencies", "draw", "draw_agencies"];
+
+/// A draw record (or rounds) error: the tables named, for messages.
+fn record_error(target: &PgTarget, reason: String) -> StorageError {
+    StorageError::Record {
+        path: format!("{} (tables draw, draw_agencies, rounds)", where_(target)).into(),
+        reason,
+    }
+}
+
+/// A digest read from a `bytea` column.
+fn digest_of(bytes: &[u8]) -> Option<Digest> {
+    <[u8; DIGEST_LEN]>::try_from(bytes).ok().map(Digest)
+}
+
+/// Chains the rows `sql` selects (`agency, seq, first_name, last_name,
+/// document, birthdate, number`, ordered by agency then seq) into each
+/// agency's receipt with [`crate::receipt`], the one definition; the
+/// documents of the rows whose number is `winning` are the winners. Rows are
+/// streamed, never all held.
+async fn chain_rows(
+    tx: &Transaction<'_>,
+    sql: &str,
+    winning: Option<u16>,
+) -> Result<Recomputed, String> {
+    let rows = tx
+        .query_raw(sql, std::iter::empty::<i32>())
+        .await
+        .map_err(reason)?;
+    futures::pin_mut!(rows);
+    let mut found = Recomputed::default();
+    while let Some(row) = rows.try_next().await.map_err(reason)? {
+        let (agency, seq): (i32, i64) = (row.get(0), row.get(1));
+        let texts: [&str; 4] = [row.get(2), row.get(3), row.get(4), row.get(5)];
+        let number: i32 = row.get(6);
+        // The wire bounds numbers to 0..=9999; anything else was written
+        // behind the central's back (and would not hash as itself).
+        let Some(number) = u16::try_from(number).ok().filter(|n| *n <= 9999) else {
+            return Err(format!(
+                "bets row (agency {agency}, seq {seq}): number {number} is not within 0..=9999"
+            ));
+        };
+        let agency = agency as AgencyId;
+        found
+            .receipts
+            .entry(agency)
+            .or_insert_with(|| Receipt::empty(agency))
+            .push(texts.map(str::as_bytes), number);
+        if winning == Some(number) {
+            found
+                .winners
+                .entry(agency)
+                .or_default()
+                .push(texts[2].to_string());
+        }
+    }
+    Ok(found)
+}
+
+/// Each agency's receipt as `agencies` holds it. A table from before
+/// receipts (digest NULL beside stored rows) gets its digests recomputed
+/// from `bets` here, once, and written back. Returns the receipts and how
+/// many were recomputed.
+async fn read_receipts(
+    target: &PgTarget,
+    client: &mut Client,
+) -> Result<(BTreeMap<AgencyId, Receipt>, usize), StorageError> {
+    let fail = |reason: String| StorageError::Database {
+        target: where_(target),
+        reason,
+    };
+    let tx = client.transaction().await.map_err(|e| fail(reason(e)))?;
+    let rows = tx
+        .query(
+            "SELECT agency, stored, digest FROM agencies WHERE stored > 0 FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(|e| fail(reason(e)))?;
+    let mut receipts = BTreeMap::new();
+    let mut missing = Vec::new();
+    for row in rows {
+        let (agency, count, digest): (i32, i64, Option<&[u8]>) =
+            (row.get(0), row.get(1), row.get(2));
+        match digest {
+            None => missing.push((agency as AgencyId, count as u64)),
+            Some(bytes) => {
+                let digest = digest_of(bytes).ok_or_else(|| {
+                    fail(format!(
+                        "agencies: agency {agency}'s digest is not 32 bytes"
+                    ))
+                })?;
+                receipts.insert(
+                    agency as AgencyId,
+                    Receipt {
+                        count: count as u64,
+                        digest,
+                    },
+                );
+            }
+        }
+    }
+    if !missing.is_empty() {
+        let found = chain_rows(
+            &tx,
+            "SELECT b.agency, b.seq, b.first_name, b.last_name, b.document, b.birthdate, \
+             b.number FROM bets b JOIN agencies a USING (agency) \
+             WHERE a.digest IS NULL AND a.stored > 0 AND b.seq < a.stored \
+             ORDER BY b.agency, b.seq",
+            None,
+        )
+        .await
+        .map_err(fail)?;
+        for &(agency, count) in &missing {
+            let receipt = found
+                .receipts
+                .get(&agency)
+                .copied()
+                .unwrap_or_else(|| Receipt::empty(agency));
+            if receipt.count != count {
+                return Err(fail(format!(
+                    "agencies says agency {agency} stored {count} bets, but bets holds {} of \
+                     them",
+                    receipt.count
+                )));
+            }
+            tx.execute(
+                "UPDATE agencies SET digest = $2 WHERE agency = $1",
+                &[&(agency as i32), &receipt.digest.0.as_slice()],
+            )
+            .await
+            .map_err(|e| fail(reason(e)))?;
+            receipts.insert(agency, receipt);
+        }
+    }
+    tx.commit().await.map_err(|e| fail(reason(e)))?;
+    Ok((receipts, missing.len()))
+}
+
+/// Recomputes every agency's receipt and its winners for `winning_number`
+/// from the rows of `bets`, in one read-only snapshot: what `lottery
+/// verify` and the central's start on a drawn round compare with the
+/// record.
+///
+/// # Errors
+/// The database failed, or a row holds a number out of range.
+pub async fn recompute(
+    target: &PgTarget,
+    client: &mut Client,
+    winning_number: u16,
+) -> Result<Recomputed, StorageError> {
+    let fail = |reason: String| StorageError::Database {
+        target: where_(target),
+        reason,
+    };
+    let tx = snapshot(client).await.map_err(|e| fail(reason(e)))?;
+    let found = chain_rows(&tx, BETS_IN_ORDER, Some(winning_number))
+        .await
+        .map_err(fail)?;
+    tx.commit().await.map_err(|e| fail(reason(e)))?;
+    Ok(found)
+}
+
+/// Every bet, in each agency's stored order.
+const BETS_IN_ORDER: &str = "SELECT agency, seq, first_name, last_name, document, birthdate, \
+                             number FROM bets ORDER BY agency, seq";
+
+/// A read-only transaction over one snapshot.
+async fn snapshot(client: &mut Client) -> Result<Transaction<'_>, tokio_postgres::Error> {
+    client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+}
+
+/// The current round's sealed row in `rounds`, if it is sealed: its
+/// number, seal, drawn_at and bets.
+async fn sealed_round(
+    tx: &Transaction<'_>,
+) -> Result<Option<(i32, Vec<u8>, String, i64)>, tokio_postgres::Error> {
+    Ok(tx
+        .query_opt(
+            "SELECT round, seal, drawn_at, bets FROM rounds WHERE kept_as IS NULL \
+             ORDER BY round DESC LIMIT 1",
+            &[],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
+}
+
+/// The draw record in `tx`, checked against `rounds`: a record missing
+/// while its round is sealed, or one whose seal is not the round's, is an
+/// error (as the bets file's ledger does).
+async fn load_draw_in(
+    target: &PgTarget,
+    tx: &Transaction<'_>,
+) -> Result<Option<Draw>, StorageError> {
+    let fail = |e| StorageError::Database {
+        target: where_(target),
+        reason: reason(e),
+    };
+    let refuse = |reason: String| record_error(target, reason);
+    let head = tx
+        .query_opt("SELECT winning_number, drawn_at, bets, seal FROM draw", &[])
+        .await
+        .map_err(fail)?;
+    let round = sealed_round(tx).await.map_err(fail)?;
+    let Some(head) = head else {
+        return match round {
+            None => Ok(None),
+            Some((round, seal, drawn_at, bets)) => Err(refuse(format!(
+                "missing, but round {round} was sealed on {drawn_at} over {bets} bets (seal {}), \
+                 as table rounds says: a deleted draw does not make the central draw again; \
+                 restore the rows of draw and draw_agencies (from a backup)",
+                digest_of(&seal).map_or_else(|| "?".into(), |d| d.to_string())
+            ))),
+        };
+    };
+    let (winning_number, drawn_at, bets, seal): (i32, String, i64, Option<Vec<u8>>) =
+        (head.get(0), head.get(1), head.get(2), head.get(3));
+    let before_receipts = || {
+        refuse(
+            "recorded before receipts (schema version 1): it has no seal and digests, so it \
+             cannot be checked"
+                .into(),
+        )
+    };
+    let seal = digest_of(&seal.ok_or_else(before_receipts)?).ok_or_else(before_receipts)?;
+    let mut draw = Draw {
+        winning_number: u16::try_from(winning_number)
+            .ok()
+            .filter(|n| *n <= 9999)
+            .ok_or_else(|| refuse(format!("bad winning number {winning_number}")))?,
+        drawn_at,
+        winners: HashMap::new(),
+        receipts: BTreeMap::new(),
+        seal,
+        bets: bets as u64,
+        elapsed: Duration::ZERO,
+    };
+    for row in tx
+        .query(
+            "SELECT agency, bets, digest, winners FROM draw_agencies",
+            &[],
+        )
+        .await
+        .map_err(fail)?
+    {
+        let (agency, count, digest, winners): (i32, i64, Option<&[u8]>, Vec<String>) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let agency = agency as AgencyId;
+        let digest = digest.and_then(digest_of).ok_or_else(before_receipts)?;
+        draw.receipts.insert(
+            agency,
+            Receipt {
+                count: count as u64,
+                digest,
+            },
+        );
+        if !winners.is_empty() {
+            draw.winners.insert(agency, winners);
+        }
+    }
+    if let Some((round, sealed, _, _)) = round {
+        if digest_of(&sealed) != Some(draw.seal) {
+            return Err(refuse(format!(
+                "its seal {} is not the seal round {round} was drawn with, {} (in table rounds): \
+                 the record was replaced",
+                draw.seal,
+                digest_of(&sealed).map_or_else(|| "?".into(), |d| d.to_string())
+            )));
+        }
+    }
+    Ok(Some(draw))
+}
+
+/// The draw record, checked against `rounds` (see [`load_draw_in`]), read
+/// in one snapshot without changing anything.
+///
+/// # Errors
+/// The database failed, or the record is missing or replaced.
+pub async fn load_draw(
+    target: &PgTarget,
+    client: &mut Client,
+) -> Result<Option<Draw>, StorageError> {
+    let fail = |e| StorageError::Database {
+        target: where_(target),
+        reason: reason(e),
+    };
+    let tx = snapshot(client).await.map_err(fail)?;
+    let draw = load_draw_in(target, &tx).await?;
+    tx.commit().await.map_err(fail)?;
+    Ok(draw)
+}
+
+/// A connection for the operator's tools (`lottery verify`, `lottery
+/// new-round`): one attempt, and a schema this build knows at its latest
+/// version (the central migrates it when it starts).
+///
+/// # Errors
+/// The database cannot be reached, or its schema is not the latest.
+pub async fn tool_connection(target: &PgTarget) -> Result<Client, StorageError> {
+    let fail = |reason: String| StorageError::Database {
+        target: where_(target),
+        reason,
+    };
+    let session = Session {
+        durability: Durability::Sync,
+    };
+    let client = connect(target, session).await.map_err(|e| fail(e.reason))?;
+    let version = schema::version(&client).await.map_err(fail)?;
+    if version != schema::MIGRATIONS.len() {
+        return Err(fail(format!(
+            "the schema is version {version}, this build's is {}: start the central on it once \
+             (it migrates the schema), or run a matching lottery",
+            schema::MIGRATIONS.len()
+        )));
+    }
+    Ok(client)
+}
+
+/// `lottery new-round` on a database: the current round must be drawn and
+/// its record must match its bets; its rows are then copied into tables
+/// named by round and seal (`bets_round_1_a938d40f`, likewise `agencies_`,
+/// `draw_`, `draw_agencies_`), the live tables emptied and `rounds` told
+/// where the round went, all in one transaction. The next start of the
+/// central is an empty round. Run it with the central stopped.
+///
+/// # Errors
+/// The round is not drawn, its record does not match its bets, a kept
+/// table's name is taken, or the database failed.
+pub async fn new_round(
+    target: &PgTarget,
+    client: &mut Client,
+    agencies: u32,
+    winning_number: u16,
+) -> Result<NewRound, StorageError> {
+    let fail = |e| StorageError::Database {
+        target: where_(target),
+        reason: reason(e),
+    };
+    let refuse = |reason: String| record_error(target, reason);
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::Serializable)
+        .start()
+        .await
+        .map_err(fail)?;
+    // Nothing may change the round while it is checked and kept.
+    tx.batch_execute(
+        "LOCK TABLE bets, agencies, draw, draw_agencies, rounds IN ACCESS EXCLUSIVE MODE",
+    )
+    .await
+    .map_err(fail)?;
+    let current: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(round) FILTER (WHERE kept_as IS NULL), \
+                             coalesce(max(round), 0) + 1) FROM rounds",
+            &[],
+        )
+        .await
+        .map_err(fail)?
+        .get(0);
+    let current = current as u32;
+    let Some(draw) = load_draw_in(target, &tx).await? else {
+        let held: bool = tx
+            .query_one("SELECT EXISTS (SELECT 1 FROM bets)", &[])
+            .await
+            .map_err(fail)?
+            .get(0);
+        if held {
+            return Err(refuse(format!(
+                "round {current} is not drawn yet (no draw record) and table bets holds bets: \
+                 a new round starts only after the draw"
+            )));
+        }
+        return Ok(NewRound::AlreadyEmpty { round: current });
+    };
+    let found = chain_rows(&tx, BETS_IN_ORDER, Some(draw.winning_number))
+        .await
+        .map_err(|reason| StorageError::Database {
+            target: where_(target),
+            reason,
+        })?;
+    let differences = receipt::differences(draw.claimed(), &found, agencies, winning_number);
+    if !differences.is_empty() {
+        return Err(refuse(format!(
+            "does not match the stored bets, so the round is not kept as sealed: {}",
+            differences.join("; ")
+        )));
+    }
+    // A draw whose round row is gone (deleted by hand) is sealed now.
+    let sealed = tx
+        .query_opt(
+            "SELECT round FROM rounds WHERE kept_as IS NULL AND seal = $1",
+            &[&draw.seal.0.as_slice()],
+        )
+        .await
+        .map_err(fail)?;
+    let round = match sealed {
+        Some(row) => row.get::<_, i32>(0) as u32,
+        None => {
+            tx.execute(
+                "INSERT INTO rounds (round, seal, drawn_at, bets) VALUES ($1, $2, $3, $4)",
+                &[
+                    &(current as i32),
+                    &draw.seal.0.as_slice(),
+                    &draw.drawn_at,
+                    &(draw.bets as i64),
+                ],
+            )
+            .await
+            .map_err(fail)?;
+            current
+        }
+    };
+    let suffix = format!("round_{round}_{}", draw.seal.short());
+    for table in ROUND_TABLES {
+        let kept = format!("{table}_{suffix}");
+        let taken: bool = tx
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&kept])
+            .await
+            .map_err(fail)?
+            .get(0);
+        if taken {
+            return Err(refuse(format!(
+                "cannot keep round {round} as table {kept}: that table exists"
+            )));
+        }
+        // A copy, not a rename: the live tables keep the shape (keys,
+        // indexes, names) the migrations gave them.
+        tx.batch_execute(&format!("CREATE TABLE {kept} AS TABLE {table}"))
+            .await
+            .map_err(fail)?;
+    }
+    tx.batch_execute(&format!("TRUNCATE {}", ROUND_TABLES.join(", ")))
+        .await
+        .map_err(fail)?;
+    tx.execute(
+        "UPDATE rounds SET kept_as = $2 WHERE round = $1",
+        &[&(round as i32), &suffix],
+    )
+    .await
+    .map_err(fail)?;
+    tx.commit().await.map_err(fail)?;
+    Ok(NewRound::Kept {
+        round,
+        seal: draw.seal,
+        bets: format!("table bets_{suffix} (receipts in agencies_{suffix})"),
+        record: format!("tables draw_{suffix} and draw_agencies_{suffix}"),
+    })
+}

@@ -1,0 +1,312 @@
+//! A throwaway PostgreSQL cluster for the tests of the PostgreSQL store:
+//! `initdb` in a temporary directory, the server on a free loopback port,
+//! stopped by its pid when the cluster is dropped.
+//!
+//! The server refuses to run as root, so `initdb` and `postgres` run as the
+//! `postgres` user (set on the child process itself, so the pid we hold is
+//! the postmaster's own). On a machine without the server binaries the
+//! tests that need one say on the terminal that they skipped (libtest
+//! captures `eprintln!` of a passing test, so this writes to the stderr
+//! descriptor directly), and fail instead when `LOTTERY_REQUIRE_POSTGRES=1`
+//! (as `.ci/run` sets it), so CI never passes by skipping.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Where Debian's PostgreSQL 15 puts its server binaries;
+/// `LOTTERY_PG_BIN` names another directory.
+const DEFAULT_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Set to `1` to make a missing PostgreSQL a failure rather than a skip.
+pub const REQUIRE_VAR: &str = "LOTTERY_REQUIRE_POSTGRES";
+
+/// How long the server may take to accept connections after a start (a
+/// crash recovery included) on a loaded machine.
+const READY: Duration = Duration::from_secs(60);
+
+/// The superuser the tests connect as (trust authentication on loopback).
+pub const SUPERUSER: &str = "postgres";
+
+/// A running (or stopped, between [`PgCluster::stop`] and
+/// [`PgCluster::start_again`]) PostgreSQL cluster of its own.
+pub struct PgCluster {
+    /// Holds the data directory and the socket directory; removed on drop,
+    /// after the server is stopped.
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    uid: u32,
+    gid: u32,
+    pub port: u16,
+    server: Option<Child>,
+    /// The server's log lines, for failure messages.
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+/// The server binaries, or why they cannot be used.
+fn binaries() -> Result<PathBuf, String> {
+    let bin = std::env::var_os("LOTTERY_PG_BIN")
+        .map_or_else(|| PathBuf::from(DEFAULT_BIN), PathBuf::from);
+    for tool in ["initdb", "postgres"] {
+        if !bin.join(tool).is_file() {
+            return Err(format!("{} not found", bin.join(tool).display()));
+        }
+    }
+    Ok(bin)
+}
+
+/// The uid and gid of the `postgres` user, from `/etc/passwd`.
+fn postgres_user() -> Result<(u32, u32), String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| format!("/etc/passwd: {e}"))?;
+    passwd
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.first() == Some(&"postgres") && fields.len() > 3)
+                .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
+                .flatten()
+        })
+        .ok_or_else(|| "no postgres user in /etc/passwd".to_string())
+}
+
+impl PgCluster {
+    /// Starts a fresh cluster for `test`, or returns `None` after saying on
+    /// the terminal that `test` was skipped because PostgreSQL is missing.
+    ///
+    /// # Panics
+    /// PostgreSQL is missing and [`REQUIRE_VAR`] is `1`, or the cluster does
+    /// not start.
+    pub fn start_or_skip(test: &str) -> Option<PgCluster> {
+        let found = binaries().and_then(|bin| Ok((bin, postgres_user()?)));
+        let (bin, (uid, gid)) = match found {
+            Ok(found) => found,
+            Err(why) => {
+                if std::env::var(REQUIRE_VAR).as_deref() == Ok("1") {
+                    panic!("{test}: PostgreSQL is required ({REQUIRE_VAR}=1) but {why}");
+                }
+                // Straight to the descriptor: libtest swallows eprintln!
+                // of a test that passes.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIPPED {test}: PostgreSQL is not installed here ({why}); \
+                     set {REQUIRE_VAR}=1 to make this a failure"
+                );
+                return None;
+            }
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("lottery-pg-")
+            .tempdir()
+            .expect("temporary directory");
+        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown to postgres");
+        let data = dir.path().join("data");
+        let status = Command::new(bin.join("initdb"))
+            .args(["-D"])
+            .arg(&data)
+            .args([
+                "-U",
+                SUPERUSER,
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .uid(uid)
+            .gid(gid)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run initdb");
+        assert!(
+            status.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        let mut cluster = PgCluster {
+            dir,
+            bin,
+            uid,
+            gid,
+            port: 0,
+            server: None,
+            log: Arc::new(Mutex::new(Vec::new())),
+        };
+        // The server cannot be handed a bound socket: pick a port the kernel
+        // says is free and try again on the rare race for it.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            cluster.port = port;
+            if cluster.launch() {
+                return Some(cluster);
+            }
+        }
+        panic!("PostgreSQL did not start:\n{}", cluster.log());
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts the server on [`PgCluster::port`] and waits until it accepts
+    /// connections; false when it exited first (its port was taken).
+    fn launch(&mut self) -> bool {
+        let mut child = Command::new(self.bin.join("postgres"))
+            .arg("-D")
+            .arg(self.data())
+            .args(["-p", &self.port.to_string(), "-k"])
+            .arg(self.dir.path())
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "max_connections=40",
+            ])
+            .args([
+                "-c",
+                "shared_buffers=32MB",
+                "-c",
+                "log_min_messages=warning",
+            ])
+            .uid(self.uid)
+            .gid(self.gid)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn postgres");
+        let (tx, ready) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("ready to accept connections") {
+                    let _ = tx.send(true);
+                }
+                log.lock().unwrap().push(line);
+            }
+            let _ = tx.send(false);
+        });
+        let ok = ready.recv_timeout(READY).unwrap_or(false);
+        if ok {
+            self.server = Some(child);
+        } else {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        ok
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// The libpq URL of database `db` on this cluster.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Creates database `db` and returns its URL.
+    pub fn create_db(&self, db: &str) -> String {
+        self.query("postgres", &format!("CREATE DATABASE {db}"));
+        self.url(db)
+    }
+
+    /// Runs `sql` (one or more statements) in `db` and returns every row
+    /// of the last result, each value as text (`None` for NULL).
+    pub fn query(&self, db: &str, sql: &str) -> Vec<Vec<Option<String>>> {
+        let url = self.url(db);
+        let sql = sql.to_string();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+            let connection = tokio::spawn(connection);
+            let messages = client
+                .simple_query(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            drop(client);
+            let _ = connection.await;
+            let mut rows = Vec::new();
+            for message in messages {
+                match message {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => rows.push(
+                        (0..row.len())
+                            .map(|i| row.get(i).map(str::to_string))
+                            .collect(),
+                    ),
+                    tokio_postgres::SimpleQueryMessage::CommandComplete(_) => {}
+                    _ => {}
+                }
+            }
+            rows
+        })
+    }
+
+    /// The postmaster's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.server.as_ref().map(Child::id)
+    }
+
+    /// Stops the server with `signal` (SIGINT: a fast shutdown; SIGQUIT:
+    /// an immediate one, as after a crash; SIGKILL) and waits for it.
+    pub fn stop_with(&mut self, signal: nix::sys::signal::Signal) {
+        let Some(child) = self.server.take() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, signal);
+        let (tx, exited) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut child = child;
+            let _ = tx.send(child.wait());
+        });
+        if exited.recv_timeout(READY).is_err() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = exited.recv_timeout(READY);
+        }
+    }
+
+    /// A fast shutdown.
+    pub fn stop(&mut self) {
+        self.stop_with(nix::sys::signal::Signal::SIGINT);
+    }
+
+    /// Starts the stopped server again on the same port and data.
+    pub fn start_again(&mut self) {
+        assert!(self.server.is_none(), "the server still runs");
+        assert!(self.launch(), "PostgreSQL did not restart:\n{}", self.log());
+    }
+
+    /// The cluster's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data()
+    }
+
+    /// The directory of the server's binaries.
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        // An immediate shutdown: nothing of a test's cluster is kept.
+        self.stop_with(nix::sys::signal::Signal::SIGQUIT);
+    }
+}

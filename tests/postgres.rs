@@ -1,0 +1,1149 @@
+//! The PostgreSQL store against a real cluster (see `common::pg`): each
+//! test starts its own throwaway cluster, or says that it skipped. What is
+//! checked is what an operator and the agencies depend on: the rows of
+//! `bets` (compared with the input files), each agency's winners, the
+//! central's log lines and exit codes.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::pg::PgCluster;
+use common::*;
+use lottery::receipt::Receipt;
+use lottery::tools::gen_data::{generate, GenOptions};
+use nix::sys::signal::Signal;
+
+const WINNING: u16 = 7574;
+
+fn generated(agencies: u32, bets_per_agency: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    generate(
+        dir.path(),
+        &GenOptions {
+            agencies,
+            bets_per_agency,
+            seed: 1300 + u64::from(agencies),
+            winning_number: WINNING,
+            winner_share: 0.01,
+            // Names with commas, quotes, `|`, `:`, `\` and accents.
+            tricky_share: 0.05,
+            crlf: false,
+        },
+    )
+    .unwrap();
+    dir
+}
+
+/// `lottery server` on port 0 storing into the database at `url`.
+fn central_command(url: &str, agencies: u32) -> Command {
+    let mut cmd = lottery();
+    cmd.arg("server")
+        .env("SERVER_PORT", "0")
+        .env("SERVER_AGENCIES", agencies.to_string())
+        .env("SERVER_STORAGE", url)
+        .env("SERVER_WINNING_NUMBER", WINNING.to_string());
+    cmd
+}
+
+fn central(url: &str, agencies: u32) -> Server {
+    Server::spawn(central_command(url, agencies))
+}
+
+/// The table `bets`, grouped by agency in upload order, as the oracle's
+/// rows (every column as text).
+fn stored_rows(pg: &PgCluster, db: &str) -> BTreeMap<u32, Vec<Row>> {
+    let mut out: BTreeMap<u32, Vec<Row>> = BTreeMap::new();
+    for r in pg.query(
+        db,
+        "SELECT agency, first_name, last_name, document, birthdate, number \
+         FROM bets ORDER BY agency, seq",
+    ) {
+        let row: Row = std::array::from_fn(|i| r[i].clone().expect("no NULL column"));
+        out.entry(row[0].parse().unwrap()).or_default().push(row);
+    }
+    out
+}
+
+/// Each agency's count as the central keeps it for resuming.
+fn agency_counts(pg: &PgCluster, db: &str) -> BTreeMap<u32, usize> {
+    pg.query(db, "SELECT agency, stored FROM agencies ORDER BY agency")
+        .into_iter()
+        .map(|r| {
+            (
+                r[0].as_deref().unwrap().parse().unwrap(),
+                r[1].as_deref().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Each agency's receipt as the table `agencies` keeps it.
+fn stored_receipts(pg: &PgCluster, db: &str) -> BTreeMap<u32, Receipt> {
+    pg.query(
+        db,
+        "SELECT agency, stored, encode(digest, 'hex') FROM agencies ORDER BY agency",
+    )
+    .into_iter()
+    .map(|r| {
+        (
+            r[0].as_deref().unwrap().parse().unwrap(),
+            Receipt {
+                count: r[1].as_deref().unwrap().parse().unwrap(),
+                digest: r[2].as_deref().expect("a digest").parse().unwrap(),
+            },
+        )
+    })
+    .collect()
+}
+
+/// The receipt of agency `agency`'s whole data file, from the rows a
+/// standard CSV reader gives (the oracle), chained with `lottery::receipt`.
+fn file_receipt(expected: &Expected, agency: u32) -> Receipt {
+    let mut receipt = Receipt::empty(agency);
+    for row in &expected.rows[&agency] {
+        let texts = [&row[1], &row[2], &row[3], &row[4]].map(|t| t.as_bytes());
+        receipt.push(texts, row[5].parse().unwrap());
+    }
+    receipt
+}
+
+/// Says `HELLO` for `agency` to the central at `address` (one frame: its
+/// length as a u32 BE, then the payload) and returns its answer's payload.
+fn hello(address: &str, agency: u32) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(STEP)).unwrap();
+    let payload = format!("ACTION:HELLO|AGENCY_ID:{agency}\n");
+    stream
+        .write_all(&(payload.len() as u32).to_be_bytes())
+        .unwrap();
+    stream.write_all(payload.as_bytes()).unwrap();
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut body).unwrap();
+    String::from_utf8(body).unwrap()
+}
+
+/// Starts agencies `ids` against `address`, waits for each to exit 0 and
+/// checks its winners against the oracle.
+fn run_agencies(ids: &[u32], address: &str, data: &Path, expected: &Expected, limit: Duration) {
+    let out = tempfile::tempdir().unwrap();
+    let running: Vec<_> = ids
+        .iter()
+        .map(|&id| {
+            let winners = out.path().join(format!("winners-{id}.txt"));
+            let agency = start_agency(id, address, &data_file(data, id), &winners);
+            (id, winners, agency)
+        })
+        .collect();
+    let deadline = Instant::now() + limit;
+    for (id, winners, agency) in &running {
+        let status = agency.wait_exit(deadline.saturating_duration_since(Instant::now()));
+        assert!(
+            status.success(),
+            "agency {id} failed: {status}\n{}\n{}",
+            agency.output(),
+            agency.stderr()
+        );
+        assert_eq!(
+            &read_winners(winners),
+            &expected.winners[id],
+            "agency {id} winners"
+        );
+    }
+}
+
+fn stop(server: &Server) -> String {
+    server.proc.signal(Signal::SIGTERM);
+    let status = server.proc.wait_exit(Duration::from_secs(10));
+    let log = server.proc.output();
+    assert!(status.success(), "central exit {status}\n{log}");
+    assert!(
+        log.contains("action: close_database | result: success"),
+        "{log}"
+    );
+    log
+}
+
+#[test]
+fn five_agencies_store_every_bet_once_as_rows_and_get_their_exact_winners() {
+    let Some(pg) = PgCluster::start_or_skip("five_agencies_store_every_bet_once_as_rows") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let data = generated(5, 1_500);
+    let expected = expected(data.path(), 5, WINNING);
+    let server = central(&url, 5);
+    let log = server.proc.output();
+    assert!(
+        log.contains(&format!(
+            "action: database_schema | result: success | storage: {url} | from_version: 0 | \
+             version: {}",
+            lottery::store::postgres::schema::MIGRATIONS.len()
+        )),
+        "{log}"
+    );
+    run_agencies(
+        &[1, 2, 3, 4, 5],
+        &server.address(),
+        data.path(),
+        &expected,
+        upload_limit(7_500),
+    );
+    server.proc.wait_for("action: sorteo | result: success");
+
+    // Every input bet, once, in its agency's file order.
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    let counts: BTreeMap<u32, usize> = expected.rows.iter().map(|(a, r)| (*a, r.len())).collect();
+    assert_eq!(agency_counts(&pg, "lottery"), counts);
+    // The draw record, queryable.
+    let winners = pg.query(
+        "lottery",
+        "SELECT agency, array_to_string(winners, ',') FROM draw_agencies ORDER BY agency",
+    );
+    for row in winners {
+        let agency: u32 = row[0].as_deref().unwrap().parse().unwrap();
+        assert_eq!(
+            row[1].as_deref().unwrap(),
+            expected.winners[&agency].join(","),
+            "recorded winners of {agency}"
+        );
+    }
+
+    let log = stop(&server);
+    assert_eq!(log.matches("action: sorteo | result: success").count(), 1);
+    assert!(!log.contains("result: fail"), "{log}");
+}
+
+#[test]
+fn a_restarted_central_resumes_from_the_table_and_serves_the_recorded_draw() {
+    let Some(pg) = PgCluster::start_or_skip("a_restarted_central_resumes_from_the_table") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let data = generated(2, 800);
+    let expected = expected(data.path(), 2, WINNING);
+    let relay = Relay::start("");
+
+    // Agency 1 uploads everything, then waits for the draw; the central
+    // stops before agency 2 comes.
+    let first = central(&url, 2);
+    relay.point_at(Some(&first.address()));
+    let out = tempfile::tempdir().unwrap();
+    let waiting = start_agency(
+        1,
+        &relay.address,
+        &data_file(data.path(), 1),
+        &out.path().join("w1"),
+    );
+    first
+        .proc
+        .wait_for("action: agencia_finalizada | result: success");
+    relay.point_at(None);
+    let log = stop(&first);
+    assert!(!log.contains("action: sorteo"), "{log}");
+    drop(waiting);
+    assert_eq!(stored_rows(&pg, "lottery")[&1], expected.rows[&1]);
+    // The receipt kept with the rows is the digest of agency 1's file.
+    assert_eq!(
+        stored_receipts(&pg, "lottery"),
+        BTreeMap::from([(1, file_receipt(&expected, 1))])
+    );
+    // Not drawn yet: nothing to verify, and no new round over its bets.
+    let (code, out, _) = tool("verify", &url, 2);
+    assert_eq!(code, Some(1));
+    assert!(
+        out.starts_with("no draw record in the database's tables draw and draw_agencies: "),
+        "{out}"
+    );
+    let (code, _, err) = tool("new-round", &url, 2);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("round 1 is not drawn yet (no draw record) and table bets holds bets"),
+        "{err}"
+    );
+
+    // A new central reads where agency 1 stands from the table.
+    let second = central(&url, 2);
+    let log = second.proc.output();
+    assert!(
+        log.contains(&format!(
+            "action: recover | result: success | storage: {url} | rows: 800 | agencies: 1"
+        )),
+        "{log}"
+    );
+    // Its answer to HELLO is agency 1's receipt from the table: the count
+    // and the digest of exactly its file.
+    let receipt = file_receipt(&expected, 1);
+    let reply = hello(&second.address(), 1);
+    assert!(
+        reply.ends_with(&format!("|STORED:800|DIGEST:{}\n", receipt.digest)),
+        "{reply}"
+    );
+    relay.point_at(Some(&second.address()));
+    // Agency 1 sends its file again: nothing of it is stored twice.
+    run_agencies(
+        &[1, 2],
+        &relay.address,
+        data.path(),
+        &expected,
+        upload_limit(1_600),
+    );
+    second.proc.wait_for("action: sorteo | result: success");
+    // Agency 1's HELLO was answered with the receipt from the table, which
+    // its file's prefix matched: it resumed at 800 and sent nothing again.
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    let receipts: BTreeMap<u32, Receipt> = [1, 2].map(|a| (a, file_receipt(&expected, a))).into();
+    assert_eq!(stored_receipts(&pg, "lottery"), receipts);
+    // The draw record holds each agency's receipt and the seal over them.
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT agency, bets, encode(digest, 'hex') FROM draw_agencies ORDER BY agency"
+        ),
+        receipts
+            .iter()
+            .map(|(a, r)| vec![
+                Some(a.to_string()),
+                Some(r.count.to_string()),
+                Some(r.digest.to_string())
+            ])
+            .collect::<Vec<_>>()
+    );
+    let seal = lottery::receipt::seal(WINNING, 2, &receipts).to_string();
+    assert_eq!(
+        pg.query("lottery", "SELECT encode(seal, 'hex') FROM draw"),
+        vec![vec![Some(seal.clone())]]
+    );
+    relay.point_at(None);
+    stop(&second);
+
+    // A third central finds the draw and only serves it.
+    let third = central(&url, 2);
+    let log = third.proc.output();
+    assert!(
+        log.contains("action: draw_record | result: success | state: already_drawn"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "record: tables draw and draw_agencies | storage: {url}"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("action: verify | result: success | seal: {seal}")),
+        "{log}"
+    );
+    relay.point_at(Some(&third.address()));
+    run_agencies(&[2], &relay.address, data.path(), &expected, STEP);
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    // An agency whose file is not what the table holds for it (another
+    // round's data) stops at its HELLO with exit 3 and sends nothing.
+    let other = generated(3, 800);
+    let out = tempfile::tempdir().unwrap();
+    let stale = start_agency(
+        1,
+        &relay.address,
+        &data_file(other.path(), 1),
+        &out.path().join("stale"),
+    );
+    assert_eq!(
+        stale.wait_exit(PATIENCE).code(),
+        Some(3),
+        "{}\n{}",
+        stale.output(),
+        stale.stderr()
+    );
+    assert!(
+        stale
+            .stderr()
+            .contains("the central holds 800 bets for agency 1 that are not the first 800 of "),
+        "{}",
+        stale.stderr()
+    );
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    let log = stop(&third);
+    assert!(!log.contains("action: sorteo"), "{log}");
+    assert_eq!(
+        pg.query("lottery", "SELECT count(*) FROM draw"),
+        vec![vec![Some("1".to_string())]]
+    );
+}
+
+#[test]
+fn an_unreachable_database_at_start_is_retried_then_named_and_exits_1() {
+    // Needs no cluster: a port that refuses connections.
+    let held = HeldPort::new();
+    let url = format!("postgres://lottery:hunter2@{}/bets", held.address());
+    let mut cmd = central_command(&url, 1);
+    cmd.env("SERVER_STORAGE_CONNECT_TIMEOUT", "2");
+    let central = Proc::spawn(cmd);
+    let status = central.wait_exit(STEP);
+    let (log, stderr) = (central.output(), central.stderr());
+    assert_eq!(status.code(), Some(1), "{log}\n{stderr}");
+    let shown = "postgres://lottery:***@";
+    assert!(
+        log.contains(&format!(
+            "action: database_connect | result: in_progress | storage: {shown}{}/bets | attempt: 1 | retry_in_ms: 200 | error: ",
+            held.address()
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains("action: database_connect | result: fail"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "action: exit | result: fail | error: database {}/bets: unreachable for 2 s (",
+            held.address()
+        )),
+        "{log}"
+    );
+    assert!(log.contains("Connection refused"), "{log}");
+    assert!(
+        !format!("{log}{stderr}").contains("hunter2"),
+        "{log}\n{stderr}"
+    );
+}
+
+#[test]
+fn the_database_restarted_mid_upload_loses_nothing_and_stores_nothing_twice() {
+    let Some(mut pg) = PgCluster::start_or_skip("the_database_restarted_mid_upload") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let data = generated(5, 8_000);
+    let expected = expected(data.path(), 5, WINNING);
+    let server = central(&url, 5);
+    let out = tempfile::tempdir().unwrap();
+    let running: Vec<_> = (1..=5)
+        .map(|id| {
+            let winners = out.path().join(format!("winners-{id}.txt"));
+            let mut cmd =
+                agency_command(id, &server.address(), &data_file(data.path(), id), &winners);
+            cmd.env("CLI_BATCH_MAXAMOUNT", "20");
+            (id, winners, Proc::spawn(cmd))
+        })
+        .collect();
+    server
+        .proc
+        .wait_for("action: apuesta_recibida | result: success");
+    // An immediate shutdown, as a crash: open transactions are lost.
+    pg.stop_with(Signal::SIGQUIT);
+    server
+        .proc
+        .wait_for("action: apuesta_recibida | result: fail");
+    pg.start_again();
+    let deadline = Instant::now() + upload_limit(40_000) + Duration::from_secs(30);
+    for (id, winners, agency) in &running {
+        let status = agency.wait_exit(deadline.saturating_duration_since(Instant::now()));
+        assert!(
+            status.success(),
+            "agency {id}: {status}\n{}\n{}",
+            agency.output(),
+            agency.stderr()
+        );
+        assert_eq!(&read_winners(winners), &expected.winners[id], "agency {id}");
+    }
+    server.proc.wait_for("action: sorteo | result: success");
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    let log = stop(&server);
+    assert!(log.contains("state: reconnected"), "{log}");
+    assert_eq!(log.matches("action: sorteo | result: success").count(), 1);
+}
+
+/// Batches of `agency` with documents `docs`.
+fn batch(agency: u32, docs: impl IntoIterator<Item = u32>) -> lottery::model::Bets {
+    let mut bets = lottery::model::Bets::new();
+    for doc in docs {
+        bets.push_fields(
+            &agency.to_string(),
+            "Ana",
+            "Pérez",
+            &doc.to_string(),
+            "1999-03-17",
+            "7574",
+        )
+        .unwrap();
+    }
+    bets
+}
+
+/// `prior` (or agency `agency`'s empty receipt) extended by `bets`: the
+/// receipt the central hands the store with them.
+fn after(
+    prior: Option<lottery::receipt::Receipt>,
+    agency: u32,
+    bets: &lottery::model::Bets,
+) -> lottery::receipt::Receipt {
+    prior
+        .unwrap_or_else(|| lottery::receipt::Receipt::empty(agency))
+        .after(bets.iter())
+}
+
+fn target(url: &str) -> lottery::store::PgTarget {
+    match url.parse().unwrap() {
+        lottery::store::Storage::Postgres(target) => *target,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn batches_waiting_together_are_stored_in_one_transaction() {
+    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
+    let Some(pg) =
+        PgCluster::start_or_skip("batches_waiting_together_are_stored_in_one_transaction")
+    else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    runtime().block_on(async {
+        let (store, stored) = PostgresStore::open(&target(&url), Durability::Sync, STEP)
+            .await
+            .unwrap();
+        assert!(stored.is_empty());
+        // 200 connections' batches, all queued before any is answered.
+        let mut pending = Vec::new();
+        let mut receipts = std::collections::HashMap::new();
+        for i in 0..200u32 {
+            let agency = 1 + i % 5;
+            let bets = batch(agency, i * 10..i * 10 + 10);
+            let receipt = after(receipts.get(&agency).copied(), agency, &bets);
+            receipts.insert(agency, receipt);
+            pending.push(
+                store
+                    .submit(&bets, 0, &Sequence::new(), receipt)
+                    .await
+                    .unwrap(),
+            );
+        }
+        for p in pending {
+            p.await.unwrap();
+        }
+        store.close().await;
+    });
+    let rows = pg.query(
+        "lottery",
+        "SELECT count(*), count(DISTINCT xmin::text) FROM bets",
+    );
+    let (rows, transactions): (u32, u32) = (
+        rows[0][0].as_deref().unwrap().parse().unwrap(),
+        rows[0][1].as_deref().unwrap().parse().unwrap(),
+    );
+    assert_eq!(rows, 2_000);
+    // Each row's xmin is the transaction that inserted it.
+    assert!(
+        transactions <= 20,
+        "200 waiting batches took {transactions} transactions"
+    );
+    // Every agency's bets numbered 0.. in the order they were submitted.
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT agency, min(seq), max(seq), count(*) FROM bets GROUP BY agency ORDER BY agency"
+        )
+        .len(),
+        5
+    );
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT count(*) FROM bets WHERE agency = 1 AND seq = (document::int / 10) / 5 * 10 + document::int % 10"
+        ),
+        vec![vec![Some("400".to_string())]]
+    );
+}
+
+#[test]
+fn after_a_batch_is_lost_with_the_database_its_connection_stores_nothing_more() {
+    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
+    let Some(mut pg) = PgCluster::start_or_skip("after_a_batch_is_lost_with_the_database") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let rt = runtime();
+    let (store, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    let (pipelined, other) = (Sequence::new(), Sequence::new());
+    let acked = after(None, 1, &batch(1, 0..3));
+    rt.block_on(async {
+        let first = store
+            .submit(&batch(1, 0..3), 0, &pipelined, acked)
+            .await
+            .unwrap();
+        first.await.unwrap();
+    });
+    pg.stop();
+    let err = rt.block_on(async {
+        let receipt = after(Some(acked), 1, &batch(1, 3..6));
+        let lost = store
+            .submit(&batch(1, 3..6), 0, &pipelined, receipt)
+            .await
+            .unwrap();
+        lost.await.unwrap_err()
+    });
+    let shown = err.to_string();
+    assert!(
+        shown.starts_with(&format!("database 127.0.0.1:{}/lottery: ", pg.port)),
+        "{shown}"
+    );
+    assert!(pipelined.is_broken());
+    pg.start_again();
+    rt.block_on(async {
+        // Behind the gap: refused without being stored, database or not.
+        let receipt = after(Some(acked), 1, &batch(1, 6..9));
+        let behind = store
+            .submit(&batch(1, 6..9), 0, &pipelined, receipt)
+            .await
+            .unwrap();
+        let err = behind.await.unwrap_err().to_string();
+        assert!(err.contains("earlier batch"), "{err}");
+        // Another connection goes on, numbered after what was acknowledged.
+        let receipt = after(Some(acked), 1, &batch(1, 9..12));
+        let next = store
+            .submit(&batch(1, 9..12), 0, &other, receipt)
+            .await
+            .unwrap();
+        next.await.unwrap();
+        store.close().await;
+        let closed = store.submit(&batch(1, 12..13), 0, &other, receipt).await;
+        assert!(closed.is_err(), "a closed store takes no batch");
+    });
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT string_agg(document || '@' || seq, ' ' ORDER BY seq) FROM bets"
+        ),
+        vec![vec![Some("0@0 1@1 2@2 9@3 10@4 11@5".to_string())]]
+    );
+    // The receipt committed is the acknowledged one: the three bets
+    // acknowledged, then the other connection's three.
+    let receipt = after(Some(acked), 1, &batch(1, 9..12));
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT agency, stored, encode(digest, 'hex') FROM agencies"
+        ),
+        vec![vec![
+            Some("1".to_string()),
+            Some("6".to_string()),
+            Some(receipt.digest.to_string())
+        ]]
+    );
+}
+
+#[test]
+fn centrals_starting_together_create_the_schema_once() {
+    use lottery::store::{postgres::PostgresStore, Durability};
+    let Some(pg) = PgCluster::start_or_skip("centrals_starting_together_create_the_schema_once")
+    else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let target = target(&url);
+    runtime().block_on(async {
+        let opens = (0..4).map(|_| PostgresStore::open(&target, Durability::Sync, STEP));
+        for opened in futures::future::join_all(opens).await {
+            let (store, stored) = opened.unwrap();
+            assert!(stored.is_empty());
+            lottery::store::Store::close(&store).await;
+        }
+    });
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT version FROM schema_version ORDER BY version"
+        ),
+        vec![vec![Some("1".to_string())], vec![Some("2".to_string())]]
+    );
+}
+
+#[test]
+fn rows_of_a_commit_never_acknowledged_are_taken_back_out_before_the_next_batch() {
+    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
+    let Some(mut pg) = PgCluster::start_or_skip("rows_of_a_commit_never_acknowledged") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let rt = runtime();
+    let (store, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    let acked = after(None, 1, &batch(1, 0..3));
+    rt.block_on(async {
+        let first = store
+            .submit(&batch(1, 0..3), 0, &Sequence::new(), acked)
+            .await
+            .unwrap();
+        first.await.unwrap();
+    });
+    // What the next batch's commit leaves when it happens but its answer
+    // is lost: its rows and count, which the central never acknowledged, so
+    // their agency sends them again.
+    pg.query(
+        "lottery",
+        "INSERT INTO bets SELECT 1, g, 'Ana', 'Pérez', g::text, '1999-03-17', 7574 \
+         FROM generate_series(3, 5) g; UPDATE agencies SET stored = 6 WHERE agency = 1",
+    );
+    // The connection breaks, so the writer cannot trust the table.
+    pg.stop();
+    rt.block_on(async {
+        let lost = store
+            .submit(
+                &batch(1, 3..6),
+                0,
+                &Sequence::new(),
+                after(Some(acked), 1, &batch(1, 3..6)),
+            )
+            .await
+            .unwrap();
+        assert!(lost.await.is_err());
+    });
+    pg.start_again();
+    rt.block_on(async {
+        let next = store
+            .submit(
+                &batch(1, 6..9),
+                0,
+                &Sequence::new(),
+                after(Some(acked), 1, &batch(1, 6..9)),
+            )
+            .await
+            .unwrap();
+        next.await.unwrap();
+        store.close().await;
+    });
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT string_agg(document || '@' || seq, ' ' ORDER BY seq) FROM bets"
+        ),
+        vec![vec![Some("0@0 1@1 2@2 6@3 7@4 8@5".to_string())]]
+    );
+    assert_eq!(
+        pg.query("lottery", "SELECT stored FROM agencies WHERE agency = 1"),
+        vec![vec![Some("6".to_string())]]
+    );
+}
+
+#[test]
+fn a_central_started_before_its_database_waits_for_it_and_serves() {
+    let Some(mut pg) = PgCluster::start_or_skip("a_central_started_before_its_database") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    pg.stop();
+    let mut cmd = central_command(&url, 1);
+    cmd.env("SERVER_STORAGE_CONNECT_TIMEOUT", "60");
+    let proc = Proc::spawn(cmd);
+    proc.wait_for("action: database_connect | result: in_progress");
+    pg.start_again();
+    proc.wait_for("action: database_connect | result: success");
+    let line = proc.wait_for("action: listen | result: success");
+    let port = line
+        .split(" | ")
+        .find_map(|field| field.strip_prefix("address: "))
+        .and_then(|address| address.rsplit(':').next())
+        .and_then(|port| port.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    let server = Server { proc, port };
+    let data = generated(1, 300);
+    let expected = expected(data.path(), 1, WINNING);
+    run_agencies(
+        &[1],
+        &server.address(),
+        data.path(),
+        &expected,
+        upload_limit(300),
+    );
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    stop(&server);
+}
+
+#[test]
+fn a_refused_login_is_not_retried() {
+    let Some(pg) = PgCluster::start_or_skip("a_refused_login_is_not_retried") else {
+        return;
+    };
+    // No such database: asking again will not create it.
+    let url = pg.url("nope");
+    let mut cmd = central_command(&url, 1);
+    cmd.env("SERVER_STORAGE_CONNECT_TIMEOUT", "60");
+    let central = Proc::spawn(cmd);
+    let status = central.wait_exit(STEP);
+    let log = central.output();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(!log.contains("result: in_progress"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "action: exit | result: fail | error: database 127.0.0.1:{}/nope: refused the connection: FATAL: database \"nope\" does not exist",
+            pg.port
+        )),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_bad_storage_url_is_a_configuration_error_that_hides_the_password() {
+    let cmd = central_command(
+        "postgres://lottery:hunter2@db/bets?target_session_attrs=sometimes",
+        1,
+    );
+    let central = Proc::spawn(cmd);
+    let status = central.wait_exit(STEP);
+    let stderr = central.stderr();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "invalid SERVER_STORAGE = \"postgres://lottery:***@db/bets?target_session_attrs=sometimes\": not a PostgreSQL URL: "
+        ),
+        "{stderr}"
+    );
+    assert!(!format!("{}{stderr}", central.output()).contains("hunter2"));
+}
+
+#[test]
+fn a_bad_storage_url_in_the_config_file_is_quoted_without_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[server]\nstorage = \"postgres://lottery:hunter2@db/bets?target_session_attrs=sometimes\"\n",
+    )
+    .unwrap();
+    let mut cmd = lottery();
+    cmd.arg("server").env("LOTTERY_CONFIG", &config);
+    let central = Proc::spawn(cmd);
+    let status = central.wait_exit(STEP);
+    let stderr = central.stderr();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "storage = \"postgres://lottery:***@db/bets?target_session_attrs=sometimes\""
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+/// `lottery verify` (or another operator tool) on the database at `url`:
+/// (exit code, stdout, stderr).
+fn tool(what: &str, url: &str, agencies: u32) -> (Option<i32>, String, String) {
+    let out = lottery()
+        .arg(what)
+        .arg("--storage")
+        .arg(url)
+        .arg("--agencies")
+        .arg(agencies.to_string())
+        .env("LOTTERY_CONFIG", "/dev/null")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Starts a central on the database at `url` and expects it to refuse to
+/// serve: exit 1 before listening. Returns its stderr.
+fn refused_start(url: &str, agencies: u32) -> String {
+    let proc = Proc::spawn(central_command(url, agencies));
+    let status = proc.wait_exit(STEP);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "{}\n{}",
+        proc.output(),
+        proc.stderr()
+    );
+    assert!(
+        !proc.output().contains("action: listen"),
+        "{}",
+        proc.output()
+    );
+    proc.stderr()
+}
+
+#[test]
+fn verify_the_central_and_new_round_check_a_postgres_round_against_its_rows() {
+    let Some(pg) = PgCluster::start_or_skip("verify_the_central_and_new_round_on_postgres") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let data = generated(2, 300);
+    let expected = expected(data.path(), 2, WINNING);
+    assert!(expected.winners.values().all(|w| !w.is_empty()));
+    let server = central(&url, 2);
+    run_agencies(
+        &[1, 2],
+        &server.address(),
+        data.path(),
+        &expected,
+        upload_limit(600),
+    );
+    server.proc.wait_for("action: sorteo | result: success");
+    stop(&server);
+
+    let (code, out, err) = tool("verify", &url, 2);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.starts_with("the draw record tables draw and draw_agencies matches the stored bets "),
+        "{out}"
+    );
+    let receipts: BTreeMap<u32, Receipt> = [1, 2].map(|a| (a, file_receipt(&expected, a))).into();
+    let seal = lottery::receipt::seal(WINNING, 2, &receipts);
+    assert!(out.contains(&format!("seal {seal}")), "{out}");
+
+    // Each tampering, on a copy of the database: what verify and a central
+    // starting on it say (exit 1 both).
+    let cases = [
+        (
+            "a bet's number changed",
+            "UPDATE bets SET number = CASE WHEN number = 1 THEN 2 ELSE 1 END \
+             WHERE agency = 1 AND seq = 0",
+            "agency 1 digest: the record says ",
+        ),
+        (
+            "a row added",
+            "INSERT INTO bets VALUES (2, 300, 'Forged', 'Row', '12345678', '1990-01-01', 7574)",
+            "agency 2 count: the record says 300, the stored bets 301",
+        ),
+        (
+            "winners swapped",
+            "UPDATE draw_agencies d SET winners = o.winners FROM draw_agencies o \
+             WHERE d.agency <> o.agency",
+            "agency 1 winners: the record says [",
+        ),
+        (
+            "the draw deleted",
+            "DELETE FROM draw_agencies; DELETE FROM draw",
+            "missing, but round 1 was sealed on ",
+        ),
+        (
+            "the winning number changed",
+            "UPDATE draw SET winning_number = 1234",
+            "winning number: the record says 1234, the configuration 7574",
+        ),
+    ];
+    for (i, (what, sql, says)) in cases.iter().enumerate() {
+        let copy = format!("tampered{i}");
+        pg.query(
+            "postgres",
+            &format!("CREATE DATABASE {copy} TEMPLATE lottery"),
+        );
+        pg.query(&copy, sql);
+        let copy_url = pg.url(&copy);
+        let (code, out, err) = tool("verify", &copy_url, 2);
+        assert_eq!(code, Some(1), "{what}: verify\n{out}\n{err}");
+        assert!(out.contains(says), "{what}: verify says\n{out}");
+        let refused = refused_start(&copy_url, 2);
+        assert!(
+            refused.contains(says),
+            "{what}: the central says\n{refused}"
+        );
+        if i == 0 {
+            // A round whose record does not match is not kept as sealed.
+            let (code, out, err) = tool("new-round", &copy_url, 2);
+            assert_eq!(code, Some(1), "{out}\n{err}");
+            assert!(err.contains("does not match the stored bets"), "{err}");
+            assert_eq!(
+                pg.query(&copy, "SELECT count(*) FROM rounds WHERE kept_as IS NULL"),
+                vec![vec![Some("1".to_string())]]
+            );
+        }
+    }
+
+    // A new round keeps this one's rows in tables named by round and seal,
+    // and the next central starts empty.
+    let (code, out, err) = tool("new-round", &url, 2);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let kept = format!("round_1_{}", seal.short());
+    assert!(
+        out.contains(&format!(
+            "round 1 (seal {seal}) kept as table bets_{kept} (receipts in agencies_{kept}) \
+             and tables draw_{kept} and draw_agencies_{kept}"
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        pg.query(
+            "lottery",
+            &format!("SELECT count(*), min(seq), max(seq) FROM bets_{kept}")
+        ),
+        vec![vec![
+            Some("600".to_string()),
+            Some("0".to_string()),
+            Some("299".to_string())
+        ]]
+    );
+    assert_eq!(
+        pg.query(
+            "lottery",
+            &format!("SELECT encode(seal, 'hex') FROM draw_{kept}")
+        ),
+        vec![vec![Some(seal.to_string())]]
+    );
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT (SELECT count(*) FROM bets) + (SELECT count(*) FROM agencies) \
+             + (SELECT count(*) FROM draw) + (SELECT count(*) FROM draw_agencies)"
+        ),
+        vec![vec![Some("0".to_string())]]
+    );
+    assert_eq!(
+        pg.query("lottery", "SELECT round, kept_as FROM rounds"),
+        vec![vec![Some("1".to_string()), Some(kept.clone())]]
+    );
+    // Nothing to keep now: said, not an error.
+    let (code, out, _) = tool("new-round", &url, 2);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.starts_with("round 2 holds no bets and no draw"),
+        "{out}"
+    );
+
+    // Round 2: the agencies upload from their first bet and a new draw is
+    // sealed as round 2.
+    let server = central(&url, 2);
+    let log = server.proc.output();
+    assert!(
+        log.contains(&format!("storage: {url} | rows: 0 | agencies: 0")),
+        "{log}"
+    );
+    run_agencies(
+        &[1, 2],
+        &server.address(),
+        data.path(),
+        &expected,
+        upload_limit(600),
+    );
+    server.proc.wait_for("action: sorteo | result: success");
+    stop(&server);
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT round, encode(seal, 'hex'), kept_as FROM rounds ORDER BY round"
+        )[1],
+        vec![Some("2".to_string()), Some(seal.to_string()), None]
+    );
+}
+
+#[test]
+fn a_database_from_before_receipts_gets_its_digests_from_its_rows_at_open() {
+    use lottery::store::postgres::{schema::MIGRATIONS, PostgresStore};
+    use lottery::store::{Durability, Store};
+    let Some(pg) = PgCluster::start_or_skip("a_database_from_before_receipts") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    // What a central of schema version 1 left: rows and counts, no digests.
+    pg.query(
+        "lottery",
+        &format!(
+            "CREATE TABLE schema_version (version integer PRIMARY KEY); {} \
+             INSERT INTO schema_version VALUES (1); \
+             INSERT INTO bets SELECT 1, g, 'Ana', 'Pérez', (10 + g)::text, '1999-03-17', 7574 \
+             FROM generate_series(0, 2) g; \
+             INSERT INTO bets SELECT 2, g, 'Ana', 'Pérez', (20 + g)::text, '1999-03-17', 7574 \
+             FROM generate_series(1, 0, -1) g; \
+             INSERT INTO agencies (agency, stored) VALUES (1, 3), (2, 2)",
+            MIGRATIONS[0]
+        ),
+    );
+    let stored = runtime().block_on(async {
+        let (store, stored) = PostgresStore::open(&target(&url), Durability::Sync, STEP)
+            .await
+            .unwrap();
+        store.close().await;
+        stored
+    });
+    // Chained in seq order, not the order the rows were inserted in
+    // (agency 2's went in backwards).
+    let receipts = BTreeMap::from([
+        (1, after(None, 1, &batch(1, 10..13))),
+        (2, after(None, 2, &batch(2, 20..22))),
+    ]);
+    assert_eq!(stored, receipts);
+    assert_eq!(stored_receipts(&pg, "lottery"), receipts);
+    assert_eq!(
+        pg.query("lottery", "SELECT max(version) FROM schema_version"),
+        vec![vec![Some(MIGRATIONS.len().to_string())]]
+    );
+}
+
+#[test]
+fn bets_another_central_stored_are_refused_never_removed() {
+    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
+    let Some(pg) = PgCluster::start_or_skip("bets_another_central_stored") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let rt = runtime();
+    // Two centrals on one database, both opened before agency 1 uploads.
+    let (a, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    let (b, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    let acked = after(None, 1, &batch(1, 0..3));
+    rt.block_on(async {
+        let first = a
+            .submit(&batch(1, 0..3), 0, &Sequence::new(), acked)
+            .await
+            .unwrap();
+        first.await.unwrap();
+        // Central B still believes agency 1 holds nothing: refused, twice,
+        // and central A's acknowledged rows stay.
+        for docs in [10..13, 20..23] {
+            let stale = b
+                .submit(
+                    &batch(1, docs.clone()),
+                    0,
+                    &Sequence::new(),
+                    after(None, 1, &batch(1, docs)),
+                )
+                .await
+                .unwrap();
+            let err = stale.await.unwrap_err().to_string();
+            assert!(
+                err.contains(
+                    "agency 1: the table holds 3 of its bets, this central acknowledged 0; \
+                     another central on this database stored them"
+                ),
+                "{err}"
+            );
+        }
+        a.close().await;
+        b.close().await;
+    });
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT string_agg(document || '@' || seq, ' ' ORDER BY seq), \
+             (SELECT encode(digest, 'hex') FROM agencies) FROM bets"
+        ),
+        vec![vec![
+            Some("0@0 1@1 2@2".to_string()),
+            Some(acked.digest.to_string())
+        ]]
+    );
+}
