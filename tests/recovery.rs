@@ -382,3 +382,36 @@ fn a_half_written_last_row_is_cut_exactly_on_start() {
 fn a_last_row_torn_inside_a_quoted_multiline_name_is_cut_exactly_on_start() {
     torn_row_is_cut_and_the_upload_completes(|_| b"3,\"Juan\nCar".to_vec());
 }
+
+/// While the central still opens its store (a large bets file being read
+/// back; a database still starting), connecting must be refused. A port
+/// that accepts and then never answers `HELLO` looks like the design's
+/// reference central, and our agency would fall back to that protocol,
+/// giving up resuming. A PostgreSQL URL to a port where nothing listens
+/// keeps the store opening (it retries, saying so) for as long as the test
+/// needs; no database is involved.
+#[test]
+fn the_port_is_bound_only_once_the_store_is_open() {
+    let database = HeldPort::new();
+    let port = HeldPort::new();
+    let mut cmd = lottery();
+    cmd.arg("server")
+        .env("SERVER_PORT", port.port.to_string())
+        .env(
+            "SERVER_STORAGE",
+            format!("postgres://lottery@{}/lottery", database.address()),
+        );
+    let server = Proc::spawn(cmd);
+    server.wait_for("action: database_connect | result: in_progress");
+    let refused = TcpStream::connect(port.address()).unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "the port accepted connections while the store was still opening"
+    );
+    // Signalled while still opening: a clean exit, nothing to serve.
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_exit(STEP).success(), "{}", server.output());
+    let log = server.output();
+    assert!(log.contains("action: shutdown | result: success"), "{log}");
+}

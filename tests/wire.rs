@@ -55,7 +55,7 @@ impl TestServer {
         let token = CancellationToken::new();
         let task = tokio::spawn({
             let token = token.clone();
-            async move { server::run(listener, &config, token).await.unwrap() }
+            async move { server::run_on(listener, &config, token).await.unwrap() }
         });
         TestServer {
             addr,

@@ -39,6 +39,14 @@ pub const STORE_CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 /// Why the central could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The port cannot be bound (in use, or privileged).
+    #[error("cannot listen on port {port}: {source}")]
+    Bind {
+        /// `server.port`.
+        port: u16,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The store cannot be opened, or what it holds is damaged.
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -98,17 +106,48 @@ async fn check_record(
     ))
 }
 
-/// Serves agencies on `listener` until `shutdown` is cancelled, then closes
-/// everything in order.
+/// Opens the store, then listens on `server.port` and serves agencies until
+/// `shutdown` is cancelled, then closes everything in order.
 ///
 /// On start it opens the store (repairing a torn last row of the bets
-/// file), learns how many bets each agency has stored (where their uploads
-/// resume), and reads back the draw record if the draw already happened.
+/// file, or waiting for the database), learns what each agency has stored
+/// (where their uploads resume), and checks the draw record if the draw
+/// already happened. Only then is the port bound: while a large bets file
+/// is recovered or the database is waited for, an agency's connection is
+/// refused and it retries, rather than being accepted by the kernel and
+/// left unanswered, which is how the design's reference central answers
+/// `HELLO` and would make our agency fall back to that protocol.
 ///
 /// # Errors
 /// The store, the draw record, the secrets or the TLS material cannot be
-/// read.
-pub async fn run(
+/// read, or the port cannot be bound.
+pub async fn run(config: &ServerConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let opened = tokio::select! {
+        biased;
+        // Signalled while still opening: nothing was served, nothing to
+        // close but what the store opened (dropped with the future).
+        _ = shutdown.cancelled() => return Ok(()),
+        opened = store::open(config) => opened?,
+    };
+    let listener = match bind(config) {
+        Ok(listener) => listener,
+        Err(source) => {
+            close_store(opened.store.as_ref()).await;
+            return Err(ServerError::Bind {
+                port: config.port,
+                source,
+            });
+        }
+    };
+    run_with_store(listener, config, opened, shutdown).await
+}
+
+/// [`run`] on a port the caller bound already (the demo and the tests bind
+/// port 0 and hand the address to their agencies first).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_on(
     listener: TcpListener,
     config: &ServerConfig,
     shutdown: CancellationToken,

@@ -120,7 +120,7 @@ pub async fn run(
     let server_token = root.child_token();
     let server_task = tokio::spawn({
         let token = server_token.clone();
-        async move { server::run(listener, &server_config, token).await }
+        async move { server::run_on(listener, &server_config, token).await }
     });
 
     let started = Instant::now();

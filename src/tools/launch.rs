@@ -46,8 +46,7 @@ pub async fn serve(
         draw_record = %s.draw_record_shown(),
         config_file = %file
     );
-    let listener = server::bind(s).with_context(|| format!("binding port {}", s.port))?;
-    server::run(listener, s, shutdown).await?;
+    server::run(s, shutdown).await?;
     info!(action = action::SHUTDOWN, result = result::SUCCESS);
     Ok(())
 }
