@@ -142,7 +142,8 @@ settings! {
             flag "winning-number" on ["server", "gen-data", "verify", "new-round"],
             max MAX_NUMBER as u64;
         /// Sync the bets file before acknowledging a batch (`fdatasync`, shared
-        /// by every batch waiting at the time). Off only for measurements.
+        /// by every batch waiting at the time); `--no-sync` turns it off, only
+        /// for measurements.
         sync: bool = true, env "SERVER_SYNC", flag ("no-sync" = "false") on ["server", "demo"];
         /// Where the draw's outcome is recorded (with the bets file; a
         /// database keeps it in a table); empty means beside the bets file,

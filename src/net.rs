@@ -359,7 +359,8 @@ fn explain_server(e: io::Error) -> io::Error {
         )) => format!(
             "the client does not trust this central's certificate ({alert:?}): its \
              agency.tls_ca must hold the authority that signed server.tls_cert, or \
-             server.tls_cert itself"
+             server.tls_cert itself, and the certificate must carry the name the \
+             client dials (or the one in its agency.tls_server_name)"
         ),
         _ => return e,
     };
