@@ -13,7 +13,12 @@ RUN touch src/main.rs src/lib.rs && cargo build --release --locked
 
 # Run stage: a slim base and a non-root user.
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 --home-dir /var/lib/lottery --create-home lottery
+# The bets volume is mounted at /var/lib/lottery/data: a named volume
+# mounted on a folder the image has takes that folder's owner, so the
+# non-root central can write its bets file there (a folder Docker made
+# for the mount would belong to root).
+RUN useradd --system --uid 10001 --home-dir /var/lib/lottery --create-home lottery \
+ && install -d -o lottery -g lottery /var/lib/lottery/data
 COPY --from=build /src/target/release/lottery /usr/local/bin/lottery
 USER lottery
 WORKDIR /var/lib/lottery
