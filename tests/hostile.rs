@@ -1132,6 +1132,14 @@ fn an_agency_with_a_wrong_secret_stops_with_a_clear_error() {
         "{}",
         agency.stderr()
     );
+    // ... and says what to set.
+    assert!(
+        agency
+            .stderr()
+            .contains("agency.secret_file: CLI_SECRET, CLI_SECRET_FILE"),
+        "{}",
+        agency.stderr()
+    );
     // The server opens the bets file for its first stored batch: refused
     // at HELLO, the agency never got that far.
     let bets = work.path().join("bets.csv");

@@ -110,7 +110,7 @@ pub enum AgencyError {
         message: String,
     },
     /// The central refused to open a session or take the announcement.
-    #[error("the central refused: {code}: {message}")]
+    #[error("the central refused: {code}: {message}{}", refusal_hint(*.code))]
     Refused {
         /// The central's code.
         code: ErrorCode,
@@ -198,6 +198,19 @@ impl From<FrameError> for AgencyError {
             FrameError::TlsRecord => AgencyError::SpeaksTls,
             e => AgencyError::Frame(e),
         }
+    }
+}
+
+/// What the agency's operator can change about a refusal, when the cause is
+/// on the agency's side.
+fn refusal_hint(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::Unauthenticated => {
+            "; check this agency's credentials: its secret (agency.secret or \
+             agency.secret_file: CLI_SECRET, CLI_SECRET_FILE; `lottery secrets` writes one \
+             per agency) or, under mutual TLS, its certificate (agency.tls_cert)"
+        }
+        _ => "",
     }
 }
 
