@@ -608,3 +608,27 @@ fn the_server_config_line_keeps_the_contract_fields_first_then_the_file() {
     );
     assert!(line.ends_with(" | config_file: /dev/null"), "{line}");
 }
+
+#[test]
+fn a_port_in_use_is_named_with_what_to_do() {
+    let work = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = lottery()
+        .args(["server", "--port", &port.to_string(), "--storage"])
+        .arg(work.path().join("bets.csv"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "cannot listen on port {port}: Address already in use"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("another server.port (SERVER_PORT, --port)"),
+        "{err}"
+    );
+}

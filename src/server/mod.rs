@@ -40,7 +40,7 @@ pub const STORE_CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The port cannot be bound (in use, or privileged).
-    #[error("cannot listen on port {port}: {source}")]
+    #[error("cannot listen on port {port}: {source}{}", bind_hint(source))]
     Bind {
         /// `server.port`.
         port: u16,
@@ -69,6 +69,20 @@ pub enum ServerError {
         /// Every difference found.
         differences: Vec<String>,
     },
+}
+
+/// What to do about a port that cannot be bound.
+fn bind_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "; another program (another central?) listens there: stop it, or give this \
+             central another server.port (SERVER_PORT, --port)"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "; ports below 1024 need privileges: choose another server.port (SERVER_PORT, --port)"
+        }
+        _ => "",
+    }
 }
 
 /// What every connection needs to know about the central's policy.
