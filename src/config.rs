@@ -843,7 +843,8 @@ impl ServerConfig {
         let mut all = self.secrets.clone();
         if !self.secrets_file.as_os_str().is_empty() {
             let text = std::fs::read_to_string(&self.secrets_file).map_err(|source| {
-                ConfigError::Read {
+                ConfigError::ReadFile {
+                    setting: "server.secrets_file (SERVER_SECRETS_FILE)",
                     path: self.secrets_file.clone(),
                     source,
                 }
@@ -993,11 +994,13 @@ impl AgencyConfig {
     /// The secret file cannot be read.
     pub fn load_secret(&self) -> Result<Option<String>, ConfigError> {
         if !self.secret_file.as_os_str().is_empty() {
-            let text =
-                std::fs::read_to_string(&self.secret_file).map_err(|source| ConfigError::Read {
+            let text = std::fs::read_to_string(&self.secret_file).map_err(|source| {
+                ConfigError::ReadFile {
+                    setting: "agency.secret_file (CLI_SECRET_FILE)",
                     path: self.secret_file.clone(),
                     source,
-                })?;
+                }
+            })?;
             return Ok(Some(text.trim().to_string()));
         }
         Ok((!self.secret.is_empty()).then(|| self.secret.clone()))
@@ -1061,6 +1064,16 @@ pub enum ConfigError {
     /// The file exists but could not be read.
     #[error("cannot read config file {path}: {source}")]
     Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file a setting names (a secrets file) cannot be read.
+    #[error("cannot read {path}, named by {setting}: {source}")]
+    ReadFile {
+        /// The setting, with its variable.
+        setting: &'static str,
         /// The file.
         path: PathBuf,
         /// Why.

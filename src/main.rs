@@ -256,6 +256,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    // The same for an agency whose secret file cannot be read.
+    if matches!(cli.command, Command::Agency(_)) {
+        if let Err(e) = config.agency.load_secret() {
+            eprintln!("lottery: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -632,3 +632,35 @@ fn a_port_in_use_is_named_with_what_to_do() {
         "{err}"
     );
 }
+
+#[test]
+fn an_unreadable_secret_file_is_a_configuration_error_naming_its_setting() {
+    let work = tempfile::tempdir().unwrap();
+    let missing = work.path().join("agency-1.secret");
+    let out = lottery()
+        .arg("agency")
+        .env("CLI_SECRET_FILE", &missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "lottery: configuration error: cannot read {}, named by agency.secret_file \
+             (CLI_SECRET_FILE): No such file or directory (os error 2)\n",
+            missing.display()
+        )
+    );
+    let out = lottery()
+        .arg("server")
+        .env("SERVER_SECRETS_FILE", &missing)
+        .env("SERVER_STORAGE", work.path().join("bets.csv"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("named by server.secrets_file (SERVER_SECRETS_FILE)"),
+        "{out:?}"
+    );
+}
