@@ -1147,3 +1147,182 @@ fn bets_another_central_stored_are_refused_never_removed() {
         ]]
     );
 }
+
+/// `addresses` rotated to start at the `first`-th: each agency is given
+/// every central, starting with a different one.
+fn rotated(addresses: &[String], first: usize) -> String {
+    let mut list = addresses.to_vec();
+    list.rotate_left(first % addresses.len());
+    list.join(",")
+}
+
+#[test]
+fn three_centrals_six_agencies_one_central_killed_mid_upload_draw_once() {
+    let Some(pg) = PgCluster::start_or_skip("three_centrals_six_agencies") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let agencies = 6;
+    let data = generated(agencies, 20_000);
+    let expected = expected(data.path(), agencies, WINNING);
+    let centrals: Vec<Server> = (0..3).map(|_| central(&url, agencies)).collect();
+    let addresses: Vec<String> = centrals.iter().map(Server::address).collect();
+    let out = tempfile::tempdir().unwrap();
+    // Agencies 1 and 4 start on the first central, 2 and 5 on the second,
+    // 3 and 6 on the third.
+    let running: Vec<_> = (1..=agencies)
+        .map(|id| {
+            let winners = out.path().join(format!("winners-{id}.txt"));
+            let list = rotated(&addresses, (id - 1) as usize);
+            let agency = start_agency(id, &list, &data_file(data.path(), id), &winners);
+            (id, winners, agency)
+        })
+        .collect();
+    // The first central dies once it stored a batch: its agencies move on.
+    centrals[0]
+        .proc
+        .wait_for("action: apuesta_recibida | result: success");
+    centrals[0].proc.signal(Signal::SIGKILL);
+    let deadline = Instant::now() + upload_limit(120_000) + PATIENCE;
+    for (id, winners, agency) in &running {
+        let status = agency.wait_exit(deadline.saturating_duration_since(Instant::now()));
+        assert!(
+            status.success(),
+            "agency {id} failed: {status}\n{}\n{}",
+            agency.output(),
+            agency.stderr()
+        );
+        assert_eq!(
+            &read_winners(winners),
+            &expected.winners[id],
+            "agency {id} winners"
+        );
+    }
+    // Every input bet exactly once, in each agency's order.
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    assert_eq!(
+        pg.query("lottery", "SELECT count(*) FROM agencies WHERE finished"),
+        vec![vec![Some("6".to_string())]]
+    );
+    // An agency that comes back after the draw, to a central that did not
+    // draw, gets its winners at once and stores nothing.
+    let late = central(&url, agencies);
+    run_agencies(&[2], &late.address(), data.path(), &expected, PATIENCE);
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    let mut logs = vec![centrals[0].proc.output()];
+    logs.extend(centrals[1..].iter().map(stop));
+    logs.push(stop(&late));
+    let draws: usize = logs
+        .iter()
+        .map(|log| log.matches("action: sorteo | result: success").count())
+        .sum();
+    assert_eq!(
+        draws,
+        1,
+        "one draw across the centrals:\n{}",
+        logs.join("\n")
+    );
+    assert!(
+        logs[1..3]
+            .iter()
+            .any(|log| log.contains("state: drawn_by_another_central")),
+        "the central that did not draw learned of it:\n{}",
+        logs.join("\n")
+    );
+    assert!(
+        logs[3].contains("state: already_drawn") && !logs[3].contains("action: sorteo"),
+        "{}",
+        logs[3]
+    );
+}
+
+#[test]
+fn an_agency_moving_to_another_central_resumes_there_and_fences_the_old_session() {
+    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
+    let Some(pg) = PgCluster::start_or_skip("an_agency_moving_to_another_central") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let rt = runtime();
+    let (a, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    let (b, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    let first = after(None, 1, &batch(1, 0..3));
+    let second = after(Some(first), 1, &batch(1, 3..6));
+    rt.block_on(async {
+        // A session of agency 1 on central A stores 3 bets.
+        let opened = a.open_session(1).await.unwrap();
+        assert_eq!(opened.receipt.count, 0);
+        let stored = a.submit(&batch(1, 0..3), 0, &Sequence::new(), first);
+        stored.await.unwrap().await.unwrap();
+        // It moves to central B, which answers HELLO from the table.
+        let moved = b.open_session(1).await.unwrap();
+        assert_eq!((moved.receipt, moved.finished), (first, false));
+        // Agency 2 stores on A in the same group as A's fenced batch.
+        a.open_session(2).await.unwrap();
+        let fenced = a
+            .submit(&batch(1, 3..6), 0, &Sequence::new(), second)
+            .await
+            .unwrap();
+        let other = a
+            .submit(
+                &batch(2, 0..2),
+                0,
+                &Sequence::new(),
+                after(None, 2, &batch(2, 0..2)),
+            )
+            .await
+            .unwrap();
+        let err = fenced.await.unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "agency 1: superseded by a newer session of the agency on another central"
+            ),
+            "{err}"
+        );
+        other.await.unwrap();
+        // The older session cannot announce the end either.
+        let err = a.finish(1).await.unwrap_err().to_string();
+        assert!(err.contains("superseded"), "{err}");
+        // The newer session stores the rest, nothing twice, and finishes.
+        let rest = b.submit(&batch(1, 3..6), 0, &Sequence::new(), second);
+        rest.await.unwrap().await.unwrap();
+        assert_eq!(b.finish(1).await.unwrap(), 1);
+        a.close().await;
+        b.close().await;
+    });
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT agency, string_agg(document || '@' || seq, ' ' ORDER BY seq) FROM bets \
+             GROUP BY agency ORDER BY agency"
+        ),
+        vec![
+            vec![Some("1".into()), Some("0@0 1@1 2@2 3@3 4@4 5@5".into())],
+            vec![Some("2".into()), Some("0@0 1@1".into())],
+        ]
+    );
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT agency, stored, epoch, finished FROM agencies ORDER BY agency"
+        ),
+        vec![
+            vec![
+                Some("1".into()),
+                Some("6".into()),
+                Some("2".into()),
+                Some("t".into())
+            ],
+            vec![
+                Some("2".into()),
+                Some("2".into()),
+                Some("1".into()),
+                Some("f".into())
+            ],
+        ]
+    );
+}

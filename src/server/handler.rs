@@ -534,6 +534,10 @@ impl Handler {
                     }
                 }
             };
+            // A store shared with other centrals says where the agency
+            // stands (it may have stored bets elsewhere) and fences its
+            // older sessions there.
+            claim.open().await?;
             self.session = Some(Session::new(claim, self.store.clone()));
         }
         Ok(())
