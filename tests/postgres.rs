@@ -114,19 +114,36 @@ fn file_receipt(expected: &Expected, agency: u32) -> Receipt {
 /// Says `HELLO` for `agency` to the central at `address` (one frame: its
 /// length as a u32 BE, then the payload) and returns its answer's payload.
 fn hello(address: &str, agency: u32) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    exchange(
+        &mut connect(address),
+        &format!("ACTION:HELLO|AGENCY_ID:{agency}\n"),
+    )
+}
+
+fn connect(address: &str) -> std::net::TcpStream {
+    let stream = std::net::TcpStream::connect(address).unwrap();
     stream.set_read_timeout(Some(STEP)).unwrap();
-    let payload = format!("ACTION:HELLO|AGENCY_ID:{agency}\n");
+    stream
+}
+
+/// Sends one frame holding `payload` and returns the next reply's payload
+/// that is not a still-waiting frame.
+fn exchange(stream: &mut std::net::TcpStream, payload: &str) -> String {
+    use std::io::{Read, Write};
     stream
         .write_all(&(payload.len() as u32).to_be_bytes())
         .unwrap();
     stream.write_all(payload.as_bytes()).unwrap();
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).unwrap();
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    stream.read_exact(&mut body).unwrap();
-    String::from_utf8(body).unwrap()
+    loop {
+        let mut len = [0u8; 4];
+        stream.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        stream.read_exact(&mut body).unwrap();
+        let body = String::from_utf8(body).unwrap();
+        if !body.starts_with("STATUS:WAITING") {
+            return body;
+        }
+    }
 }
 
 /// Starts agencies `ids` against `address`, waits for each to exit 0 and
@@ -1325,4 +1342,62 @@ fn an_agency_moving_to_another_central_resumes_there_and_fences_the_old_session(
             ],
         ]
     );
+}
+
+#[test]
+fn a_session_superseded_on_another_central_stores_nothing_more() {
+    let Some(pg) = PgCluster::start_or_skip("a_session_superseded_on_another_central") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let (a, b) = (central(&url, 2), central(&url, 2));
+    let bet = |doc: u32| {
+        format!(
+            "NOMBRE:Ana\\|APELLIDO:Perez\\|DOCUMENTO:{doc}\\|NACIMIENTO:1999-03-17\\|\
+             NUMERO:7574\\|AGENCY_ID:1"
+        )
+    };
+    let batch = |first: u32| {
+        format!(
+            "BATCH_SIZE:2|FIRST:{first}|BET_1:{}|BET_2:{}\n",
+            bet(first),
+            bet(first + 1)
+        )
+    };
+    // Agency 1 opens a session on central A and stores two bets there.
+    let mut old = connect(&a.address());
+    let welcome = exchange(&mut old, "ACTION:HELLO|AGENCY_ID:1\n");
+    assert!(welcome.contains("|STORED:0|"), "{welcome}");
+    let stored = exchange(&mut old, &batch(0));
+    assert!(stored.starts_with("STATUS:SUCCESS"), "{stored}");
+    // It moves to central B, which answers from the table.
+    let mut new = connect(&b.address());
+    let welcome = exchange(&mut new, "ACTION:HELLO|AGENCY_ID:1\n");
+    assert!(welcome.contains("|STORED:2|"), "{welcome}");
+    // The older session on A is fenced: refused, nothing stored.
+    let refused = exchange(&mut old, &batch(2));
+    assert!(
+        refused.starts_with("STATUS:ERROR|CODE:STORAGE_FAILED|")
+            && refused.contains(
+                "agency 1: superseded by a newer session of the agency on another central"
+            ),
+        "{refused}"
+    );
+    a.proc.wait_for("action: store | result: fail");
+    let refused = exchange(&mut old, "ACTION:BETTING_FINISHED|AGENCY_ID:1\n");
+    assert!(refused.contains("superseded"), "{refused}");
+    // The newer one goes on from bet 2.
+    let stored = exchange(&mut new, &batch(2));
+    assert!(stored.starts_with("STATUS:SUCCESS"), "{stored}");
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT string_agg(document || '@' || seq, ' ' ORDER BY seq), \
+             (SELECT finished::text FROM agencies WHERE agency = 1) FROM bets"
+        ),
+        vec![vec![Some("0@0 1@1 2@2 3@3".into()), Some("false".into())]]
+    );
+    drop((old, new));
+    stop(&a);
+    stop(&b);
 }

@@ -297,6 +297,15 @@ impl Writer {
             Ok((acked, refused)) => {
                 self.acked = acked;
                 self.attempted.clear();
+                for (agency, why) in &refused {
+                    warn!(
+                        action = action::STORE,
+                        result = result::FAIL,
+                        storage = %self.target,
+                        agency,
+                        error = why.as_str()
+                    );
+                }
                 for a in live {
                     match agency_of(&a).and_then(|agency| refused.get(&agency)) {
                         None => {
