@@ -1401,3 +1401,35 @@ fn a_session_superseded_on_another_central_stores_nothing_more() {
     stop(&a);
     stop(&b);
 }
+
+#[test]
+fn the_last_two_announcements_on_two_centrals_at_once_count_every_agency() {
+    use lottery::store::{postgres::PostgresStore, Durability, Store};
+    let Some(pg) = PgCluster::start_or_skip("the_last_two_announcements") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let rt = runtime();
+    let (a, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    let (b, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    rt.block_on(async {
+        a.open_session(1).await.unwrap();
+        b.open_session(2).await.unwrap();
+    });
+    for round in 0..20 {
+        // Whichever commits second must see the other's announcement, or
+        // neither central would draw.
+        let (one, two) = rt.block_on(async { tokio::join!(a.finish(1), b.finish(2)) });
+        let (one, two) = (one.unwrap(), two.unwrap());
+        assert_eq!(one.max(two), 2, "round {round}: {one}, {two}");
+        pg.query("lottery", "UPDATE agencies SET finished = false");
+    }
+    rt.block_on(async {
+        a.close().await;
+        b.close().await;
+    });
+}

@@ -29,6 +29,10 @@ use crate::model::{AgencyId, Bets};
 use crate::receipt::Receipt;
 use crate::store::{Agency, PgTarget, Sequence};
 
+/// The advisory lock an announcement's transaction holds ("finish" in
+/// ASCII).
+const FINISH_LOCK: i64 = 0x0000_6669_6e69_7368;
+
 /// How many batches may wait for the writer before senders wait too.
 pub const QUEUE_DEPTH: usize = 1024;
 
@@ -259,6 +263,13 @@ impl Writer {
         let epoch = self.epochs.get(&agency).copied();
         let client = reconnect(&mut self.client, &self.target, self.session).await?;
         let tx = client.transaction().await.map_err(reason)?;
+        // Announcements on different centrals take turns: two last ones
+        // at once would each count the other's as not yet committed, and
+        // neither would draw. Each statement after the lock sees every
+        // announcement committed before it.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&FINISH_LOCK])
+            .await
+            .map_err(reason)?;
         let marked = tx
             .execute(
                 "INSERT INTO agencies AS a (agency, finished) VALUES ($1, true) \
