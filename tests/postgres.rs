@@ -126,20 +126,31 @@ fn connect(address: &str) -> std::net::TcpStream {
     stream
 }
 
-/// Sends one frame holding `payload` and returns the next reply's payload
-/// that is not a still-waiting frame.
-fn exchange(stream: &mut std::net::TcpStream, payload: &str) -> String {
-    use std::io::{Read, Write};
+/// Sends one frame holding `payload`.
+fn send(stream: &mut std::net::TcpStream, payload: &str) {
+    use std::io::Write;
     stream
         .write_all(&(payload.len() as u32).to_be_bytes())
         .unwrap();
     stream.write_all(payload.as_bytes()).unwrap();
+}
+
+/// The next frame's payload.
+fn receive(stream: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut body).unwrap();
+    String::from_utf8(body).unwrap()
+}
+
+/// Sends one frame holding `payload` and returns the next reply's payload
+/// that is not a still-waiting frame.
+fn exchange(stream: &mut std::net::TcpStream, payload: &str) -> String {
+    send(stream, payload);
     loop {
-        let mut len = [0u8; 4];
-        stream.read_exact(&mut len).unwrap();
-        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-        stream.read_exact(&mut body).unwrap();
-        let body = String::from_utf8(body).unwrap();
+        let body = receive(stream);
         if !body.starts_with("STATUS:WAITING") {
             return body;
         }
@@ -1432,4 +1443,33 @@ fn the_last_two_announcements_on_two_centrals_at_once_count_every_agency() {
         a.close().await;
         b.close().await;
     });
+}
+
+#[test]
+fn an_agency_waiting_on_one_central_is_told_who_finished_on_the_others() {
+    let Some(pg) = PgCluster::start_or_skip("an_agency_waiting_on_one_central") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let (a, b) = (central(&url, 3), central(&url, 3));
+    let finish = |address: &str, agency: u32| {
+        let mut stream = connect(address);
+        let welcome = exchange(&mut stream, &format!("ACTION:HELLO|AGENCY_ID:{agency}\n"));
+        assert!(welcome.starts_with("STATUS:SUCCESS"), "{welcome}");
+        send(
+            &mut stream,
+            &format!("ACTION:BETTING_FINISHED|AGENCY_ID:{agency}\n"),
+        );
+        stream
+    };
+    let _one = finish(&a.address(), 1);
+    a.proc
+        .wait_for("action: agencia_finalizada | result: success");
+    let mut two = finish(&b.address(), 2);
+    // Agency 1 finished on the other central: counted.
+    assert_eq!(
+        receive(&mut two),
+        "STATUS:WAITING|MESSAGE:waiting for the draw: 2 of 3 agencies finished\n"
+    );
+    let _ = (stop(&a), stop(&b));
 }

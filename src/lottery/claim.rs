@@ -133,6 +133,7 @@ impl Claim {
             let mut state = self.lottery.lock();
             let new = state.finished.insert(agency);
             let finished = everywhere.unwrap_or(state.finished.len() as u32);
+            state.counted = state.counted.max(finished);
             if new {
                 info!(
                     action = action::AGENCIA_FINALIZADA,

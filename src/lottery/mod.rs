@@ -112,6 +112,9 @@ struct State {
     stored: HashMap<AgencyId, Receipt>,
     /// A draw is being run; nobody starts another meanwhile.
     drawing: bool,
+    /// With a shared store: the most agencies it last said had finished,
+    /// on every central (this central's `finished` holds only its own).
+    counted: u32,
 }
 
 impl State {
@@ -395,6 +398,14 @@ impl Lottery {
             })
             .collect();
         (self.shared.agencies, drawn, states)
+    }
+
+    /// How many agencies are known to have finished: those that announced
+    /// it here, or, with a shared store, the count it gave last (agencies
+    /// on other centrals included), whichever is more.
+    pub fn finished_count(&self) -> u32 {
+        let state = self.lock();
+        (state.finished.len() as u32).max(state.counted)
     }
 
     /// Agencies that have announced they finished.
