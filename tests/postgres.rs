@@ -1250,6 +1250,10 @@ fn three_centrals_six_agencies_one_central_killed_mid_upload_draw_once() {
         "one draw across the centrals:\n{}",
         logs.join("\n")
     );
+    // The survivors and the late central saw nothing go wrong.
+    for log in &logs[1..] {
+        assert!(!log.contains("result: fail"), "{log}");
+    }
     assert!(
         logs[1..3]
             .iter()
