@@ -114,19 +114,47 @@ fn file_receipt(expected: &Expected, agency: u32) -> Receipt {
 /// Says `HELLO` for `agency` to the central at `address` (one frame: its
 /// length as a u32 BE, then the payload) and returns its answer's payload.
 fn hello(address: &str, agency: u32) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    exchange(
+        &mut connect(address),
+        &format!("ACTION:HELLO|AGENCY_ID:{agency}\n"),
+    )
+}
+
+fn connect(address: &str) -> std::net::TcpStream {
+    let stream = std::net::TcpStream::connect(address).unwrap();
     stream.set_read_timeout(Some(STEP)).unwrap();
-    let payload = format!("ACTION:HELLO|AGENCY_ID:{agency}\n");
+    stream
+}
+
+/// Sends one frame holding `payload`.
+fn send(stream: &mut std::net::TcpStream, payload: &str) {
+    use std::io::Write;
     stream
         .write_all(&(payload.len() as u32).to_be_bytes())
         .unwrap();
     stream.write_all(payload.as_bytes()).unwrap();
+}
+
+/// The next frame's payload.
+fn receive(stream: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).unwrap();
     let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
     stream.read_exact(&mut body).unwrap();
     String::from_utf8(body).unwrap()
+}
+
+/// Sends one frame holding `payload` and returns the next reply's payload
+/// that is not a still-waiting frame.
+fn exchange(stream: &mut std::net::TcpStream, payload: &str) -> String {
+    send(stream, payload);
+    loop {
+        let body = receive(stream);
+        if !body.starts_with("STATUS:WAITING") {
+            return body;
+        }
+    }
 }
 
 /// Starts agencies `ids` against `address`, waits for each to exit 0 and
@@ -1146,4 +1174,306 @@ fn bets_another_central_stored_are_refused_never_removed() {
             Some(acked.digest.to_string())
         ]]
     );
+}
+
+/// `addresses` rotated to start at the `first`-th: each agency is given
+/// every central, starting with a different one.
+fn rotated(addresses: &[String], first: usize) -> String {
+    let mut list = addresses.to_vec();
+    list.rotate_left(first % addresses.len());
+    list.join(",")
+}
+
+#[test]
+fn three_centrals_six_agencies_one_central_killed_mid_upload_draw_once() {
+    let Some(pg) = PgCluster::start_or_skip("three_centrals_six_agencies") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let agencies = 6;
+    let data = generated(agencies, 20_000);
+    let expected = expected(data.path(), agencies, WINNING);
+    let centrals: Vec<Server> = (0..3).map(|_| central(&url, agencies)).collect();
+    let addresses: Vec<String> = centrals.iter().map(Server::address).collect();
+    let out = tempfile::tempdir().unwrap();
+    // Agencies 1 and 4 start on the first central, 2 and 5 on the second,
+    // 3 and 6 on the third.
+    let running: Vec<_> = (1..=agencies)
+        .map(|id| {
+            let winners = out.path().join(format!("winners-{id}.txt"));
+            let list = rotated(&addresses, (id - 1) as usize);
+            let agency = start_agency(id, &list, &data_file(data.path(), id), &winners);
+            (id, winners, agency)
+        })
+        .collect();
+    // The first central dies once it stored a batch: its agencies move on.
+    centrals[0]
+        .proc
+        .wait_for("action: apuesta_recibida | result: success");
+    centrals[0].proc.signal(Signal::SIGKILL);
+    let deadline = Instant::now() + upload_limit(120_000) + PATIENCE;
+    for (id, winners, agency) in &running {
+        let status = agency.wait_exit(deadline.saturating_duration_since(Instant::now()));
+        assert!(
+            status.success(),
+            "agency {id} failed: {status}\n{}\n{}",
+            agency.output(),
+            agency.stderr()
+        );
+        assert_eq!(
+            &read_winners(winners),
+            &expected.winners[id],
+            "agency {id} winners"
+        );
+    }
+    // Every input bet exactly once, in each agency's order.
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    assert_eq!(
+        pg.query("lottery", "SELECT count(*) FROM agencies WHERE finished"),
+        vec![vec![Some("6".to_string())]]
+    );
+    // An agency that comes back after the draw, to a central that did not
+    // draw, gets its winners at once and stores nothing.
+    let late = central(&url, agencies);
+    run_agencies(&[2], &late.address(), data.path(), &expected, PATIENCE);
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    let mut logs = vec![centrals[0].proc.output()];
+    logs.extend(centrals[1..].iter().map(stop));
+    logs.push(stop(&late));
+    let draws: usize = logs
+        .iter()
+        .map(|log| log.matches("action: sorteo | result: success").count())
+        .sum();
+    assert_eq!(
+        draws,
+        1,
+        "one draw across the centrals:\n{}",
+        logs.join("\n")
+    );
+    // The survivors and the late central saw nothing go wrong.
+    for log in &logs[1..] {
+        assert!(!log.contains("result: fail"), "{log}");
+    }
+    assert!(
+        logs[1..3]
+            .iter()
+            .any(|log| log.contains("state: drawn_by_another_central")),
+        "the central that did not draw learned of it:\n{}",
+        logs.join("\n")
+    );
+    assert!(
+        logs[3].contains("state: already_drawn") && !logs[3].contains("action: sorteo"),
+        "{}",
+        logs[3]
+    );
+}
+
+#[test]
+fn an_agency_moving_to_another_central_resumes_there_and_fences_the_old_session() {
+    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
+    let Some(pg) = PgCluster::start_or_skip("an_agency_moving_to_another_central") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let rt = runtime();
+    let (a, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    let (b, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    let first = after(None, 1, &batch(1, 0..3));
+    let second = after(Some(first), 1, &batch(1, 3..6));
+    rt.block_on(async {
+        // A session of agency 1 on central A stores 3 bets.
+        let opened = a.open_session(1).await.unwrap();
+        assert_eq!(opened.receipt.count, 0);
+        let stored = a.submit(&batch(1, 0..3), 0, &Sequence::new(), first);
+        stored.await.unwrap().await.unwrap();
+        // It moves to central B, which answers HELLO from the table.
+        let moved = b.open_session(1).await.unwrap();
+        assert_eq!((moved.receipt, moved.finished), (first, false));
+        // Agency 2 stores on A in the same group as A's fenced batch.
+        a.open_session(2).await.unwrap();
+        let fenced = a
+            .submit(&batch(1, 3..6), 0, &Sequence::new(), second)
+            .await
+            .unwrap();
+        let other = a
+            .submit(
+                &batch(2, 0..2),
+                0,
+                &Sequence::new(),
+                after(None, 2, &batch(2, 0..2)),
+            )
+            .await
+            .unwrap();
+        let err = fenced.await.unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "agency 1: superseded by a newer session of the agency on another central"
+            ),
+            "{err}"
+        );
+        other.await.unwrap();
+        // The older session cannot announce the end either.
+        let err = a.finish(1).await.unwrap_err().to_string();
+        assert!(err.contains("superseded"), "{err}");
+        // The newer session stores the rest, nothing twice, and finishes.
+        let rest = b.submit(&batch(1, 3..6), 0, &Sequence::new(), second);
+        rest.await.unwrap().await.unwrap();
+        assert_eq!(b.finish(1).await.unwrap(), 1);
+        a.close().await;
+        b.close().await;
+    });
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT agency, string_agg(document || '@' || seq, ' ' ORDER BY seq) FROM bets \
+             GROUP BY agency ORDER BY agency"
+        ),
+        vec![
+            vec![Some("1".into()), Some("0@0 1@1 2@2 3@3 4@4 5@5".into())],
+            vec![Some("2".into()), Some("0@0 1@1".into())],
+        ]
+    );
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT agency, stored, epoch, finished FROM agencies ORDER BY agency"
+        ),
+        vec![
+            vec![
+                Some("1".into()),
+                Some("6".into()),
+                Some("2".into()),
+                Some("t".into())
+            ],
+            vec![
+                Some("2".into()),
+                Some("2".into()),
+                Some("1".into()),
+                Some("f".into())
+            ],
+        ]
+    );
+}
+
+#[test]
+fn a_session_superseded_on_another_central_stores_nothing_more() {
+    let Some(pg) = PgCluster::start_or_skip("a_session_superseded_on_another_central") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let (a, b) = (central(&url, 2), central(&url, 2));
+    let bet = |doc: u32| {
+        format!(
+            "NOMBRE:Ana\\|APELLIDO:Perez\\|DOCUMENTO:{doc}\\|NACIMIENTO:1999-03-17\\|\
+             NUMERO:7574\\|AGENCY_ID:1"
+        )
+    };
+    let batch = |first: u32| {
+        format!(
+            "BATCH_SIZE:2|FIRST:{first}|BET_1:{}|BET_2:{}\n",
+            bet(first),
+            bet(first + 1)
+        )
+    };
+    // Agency 1 opens a session on central A and stores two bets there.
+    let mut old = connect(&a.address());
+    let welcome = exchange(&mut old, "ACTION:HELLO|AGENCY_ID:1\n");
+    assert!(welcome.contains("|STORED:0|"), "{welcome}");
+    let stored = exchange(&mut old, &batch(0));
+    assert!(stored.starts_with("STATUS:SUCCESS"), "{stored}");
+    // It moves to central B, which answers from the table.
+    let mut new = connect(&b.address());
+    let welcome = exchange(&mut new, "ACTION:HELLO|AGENCY_ID:1\n");
+    assert!(welcome.contains("|STORED:2|"), "{welcome}");
+    // The older session on A is fenced: refused, nothing stored.
+    let refused = exchange(&mut old, &batch(2));
+    assert!(
+        refused.starts_with("STATUS:ERROR|CODE:STORAGE_FAILED|")
+            && refused.contains(
+                "agency 1: superseded by a newer session of the agency on another central"
+            ),
+        "{refused}"
+    );
+    a.proc.wait_for("action: store | result: fail");
+    let refused = exchange(&mut old, "ACTION:BETTING_FINISHED|AGENCY_ID:1\n");
+    assert!(refused.contains("superseded"), "{refused}");
+    // The newer one goes on from bet 2.
+    let stored = exchange(&mut new, &batch(2));
+    assert!(stored.starts_with("STATUS:SUCCESS"), "{stored}");
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT string_agg(document || '@' || seq, ' ' ORDER BY seq), \
+             (SELECT finished::text FROM agencies WHERE agency = 1) FROM bets"
+        ),
+        vec![vec![Some("0@0 1@1 2@2 3@3".into()), Some("false".into())]]
+    );
+    drop((old, new));
+    stop(&a);
+    stop(&b);
+}
+
+#[test]
+fn the_last_two_announcements_on_two_centrals_at_once_count_every_agency() {
+    use lottery::store::{postgres::PostgresStore, Durability, Store};
+    let Some(pg) = PgCluster::start_or_skip("the_last_two_announcements") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let rt = runtime();
+    let (a, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    let (b, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    rt.block_on(async {
+        a.open_session(1).await.unwrap();
+        b.open_session(2).await.unwrap();
+    });
+    for round in 0..20 {
+        // Whichever commits second must see the other's announcement, or
+        // neither central would draw.
+        let (one, two) = rt.block_on(async { tokio::join!(a.finish(1), b.finish(2)) });
+        let (one, two) = (one.unwrap(), two.unwrap());
+        assert_eq!(one.max(two), 2, "round {round}: {one}, {two}");
+        pg.query("lottery", "UPDATE agencies SET finished = false");
+    }
+    rt.block_on(async {
+        a.close().await;
+        b.close().await;
+    });
+}
+
+#[test]
+fn an_agency_waiting_on_one_central_is_told_who_finished_on_the_others() {
+    let Some(pg) = PgCluster::start_or_skip("an_agency_waiting_on_one_central") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let (a, b) = (central(&url, 3), central(&url, 3));
+    let finish = |address: &str, agency: u32| {
+        let mut stream = connect(address);
+        let welcome = exchange(&mut stream, &format!("ACTION:HELLO|AGENCY_ID:{agency}\n"));
+        assert!(welcome.starts_with("STATUS:SUCCESS"), "{welcome}");
+        send(
+            &mut stream,
+            &format!("ACTION:BETTING_FINISHED|AGENCY_ID:{agency}\n"),
+        );
+        stream
+    };
+    let _one = finish(&a.address(), 1);
+    a.proc
+        .wait_for("action: agencia_finalizada | result: success");
+    let mut two = finish(&b.address(), 2);
+    // Agency 1 finished on the other central: counted.
+    assert_eq!(
+        receive(&mut two),
+        "STATUS:WAITING|MESSAGE:waiting for the draw: 2 of 3 agencies finished\n"
+    );
+    let _ = (stop(&a), stop(&b));
 }

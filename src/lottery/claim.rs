@@ -63,6 +63,36 @@ impl Claim {
         (stored, open)
     }
 
+    /// Opens the agency's session (a `HELLO`). With a store shared by
+    /// several centrals, the store fences every older session of the
+    /// agency, on any central, and what it holds for the agency replaces
+    /// what this central knew: the agency may have stored bets, or
+    /// finished, on another central since. Without one, nothing to do: this
+    /// process's state is the truth.
+    ///
+    /// # Errors
+    /// The shared store could not be reached.
+    pub async fn open(&self) -> Result<(), LotteryError> {
+        let store = &self.lottery.shared.store;
+        if !store.shared() {
+            return Ok(());
+        }
+        let held = store
+            .open_session(self.agency)
+            .await
+            .map_err(|e| LotteryError::Store(e.to_string()))?;
+        let mut state = self.lottery.lock();
+        if held.receipt.count > 0 {
+            state.stored.insert(self.agency, held.receipt);
+        } else {
+            state.stored.remove(&self.agency);
+        }
+        if held.finished {
+            state.finished.insert(self.agency);
+        }
+        Ok(())
+    }
+
     /// Records that the agency's stored bets now end at `after` (a batch
     /// was stored: batches are counted in the order they were stored, so
     /// each one's receipt follows the last); returns the total.
@@ -86,18 +116,34 @@ impl Claim {
     /// announcement is then forgotten, so that announcing again retries.
     pub async fn finish(&self) -> Result<(), LotteryError> {
         let agency = self.agency;
+        let store = &self.lottery.shared.store;
+        // With a shared store the announcement is recorded there first, and
+        // who finished is counted there: the others may have finished on
+        // other centrals.
+        let everywhere = if store.shared() {
+            let finished = store
+                .finish(agency)
+                .await
+                .map_err(|e| LotteryError::Store(e.to_string()))?;
+            Some(finished)
+        } else {
+            None
+        };
         let run_draw = {
             let mut state = self.lottery.lock();
-            if state.finished.insert(agency) {
+            let new = state.finished.insert(agency);
+            let finished = everywhere.unwrap_or(state.finished.len() as u32);
+            state.counted = state.counted.max(finished);
+            if new {
                 info!(
                     action = action::AGENCIA_FINALIZADA,
                     result = result::SUCCESS,
                     agency,
-                    finished = state.finished.len(),
+                    finished,
                     agencies = self.lottery.shared.agencies
                 );
             }
-            let all = state.finished.len() as u32 == self.lottery.shared.agencies;
+            let all = finished == self.lottery.shared.agencies;
             let start = all && !state.drawing && self.lottery.draw().is_none();
             state.drawing |= start;
             start

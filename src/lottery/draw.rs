@@ -66,8 +66,21 @@ impl Lottery {
         )))
     }
 
-    async fn draw_and_record(&self) -> Result<Arc<Draw>, LotteryError> {
+    /// Draws (or, with a shared store, finds the draw another central
+    /// recorded first: then `false`) and records it.
+    async fn draw_and_record(&self) -> Result<(Arc<Draw>, bool), LotteryError> {
         let shared = &self.shared;
+        if shared.store.shared() {
+            // The store draws exactly once for every central, checking the
+            // tally against the receipts it holds (this central's counts
+            // are only those of its own sessions).
+            let (draw, ran) = shared
+                .store
+                .draw_once(shared.winning_number, shared.agencies)
+                .await
+                .map_err(|e| LotteryError::Draw(e.to_string()))?;
+            return Ok((Arc::new(draw), ran));
+        }
         let started = Instant::now();
         let tally = shared
             .store
@@ -98,7 +111,7 @@ impl Lottery {
             .save_draw(&draw)
             .await
             .map_err(|e| LotteryError::Draw(format!("writing the draw record: {e}")))?;
-        Ok(Arc::new(draw))
+        Ok((Arc::new(draw), true))
     }
 }
 
@@ -118,7 +131,22 @@ struct Running {
 impl Running {
     async fn run(mut self) -> Result<(), LotteryError> {
         match self.lottery.draw_and_record().await {
-            Ok(draw) => {
+            Ok((draw, false)) => {
+                // Another central ran it: it logged the draw, once.
+                info!(
+                    action = action::DRAW_RECORD,
+                    result = result::SUCCESS,
+                    state = "drawn_by_another_central",
+                    drawn_at = draw.drawn_at.as_str(),
+                    bets = draw.bets,
+                    seal = %draw.seal
+                );
+                self.lottery.shared.drawn.send_replace(Drawn::Done(draw));
+                self.lottery.lock().drawing = false;
+                self.done = true;
+                Ok(())
+            }
+            Ok((draw, true)) => {
                 info!(
                     action = action::SORTEO,
                     result = result::SUCCESS,

@@ -20,6 +20,9 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use tracing::info;
+
+use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::receipt::Receipt;
 use crate::store::{Draw, Store};
@@ -63,6 +66,10 @@ pub enum LotteryError {
     /// The draw could not read the bets back or write its record.
     #[error("the draw failed: {0}")]
     Draw(String),
+    /// A store shared by several centrals could not be asked (or told)
+    /// where the agency stands.
+    #[error("{0}")]
+    Store(String),
     /// A batch starts past the agency's stored bets: some would be missing.
     #[error(
         "batch starts at bet {first} but agency {agency} has {stored} stored; resume from {stored}"
@@ -86,7 +93,7 @@ impl LotteryError {
             }
             LotteryError::Busy(_) | LotteryError::TakeoverTimedOut { .. } => ErrorCode::AgencyBusy,
             LotteryError::Finished(_) => ErrorCode::AgencyFinished,
-            LotteryError::Draw(_) => ErrorCode::StorageFailed,
+            LotteryError::Draw(_) | LotteryError::Store(_) => ErrorCode::StorageFailed,
             LotteryError::OutOfOrder { .. } => ErrorCode::OutOfOrder,
         }
     }
@@ -105,6 +112,9 @@ struct State {
     stored: HashMap<AgencyId, Receipt>,
     /// A draw is being run; nobody starts another meanwhile.
     drawing: bool,
+    /// With a shared store: the most agencies it last said had finished,
+    /// on every central (this central's `finished` holds only its own).
+    counted: u32,
 }
 
 impl State {
@@ -151,6 +161,9 @@ struct Shared {
     released: Notify,
     /// The draw's task, so shutdown can wait for a draw under way.
     tasks: TaskTracker,
+    /// With a shared store: the task that learns of a draw recorded by
+    /// another central; aborted on close.
+    watcher: Mutex<Option<tokio::task::AbortHandle>>,
     agencies: u32,
     winning_number: u16,
     store: Arc<dyn Store>,
@@ -177,16 +190,58 @@ impl Lottery {
             stored: stored.into_iter().collect(),
             ..State::default()
         };
-        Lottery {
+        let watch_store = (store.shared() && draw.is_none()).then(|| store.clone());
+        let lottery = Lottery {
             shared: Arc::new(Shared {
                 state: Mutex::new(state),
                 drawn: watch::Sender::new(draw.map_or(Drawn::NotYet, |d| Drawn::Done(Arc::new(d)))),
                 released: Notify::new(),
                 tasks: TaskTracker::new(),
+                watcher: Mutex::new(None),
                 agencies,
                 winning_number,
                 store,
             }),
+        };
+        if let Some(store) = watch_store {
+            // The agencies waiting here must learn of a draw that another
+            // central ran. A weak handle: the watcher must not keep the
+            // lottery alive.
+            let weak = Arc::downgrade(&lottery.shared);
+            let task = tokio::spawn(async move {
+                let draw = store.drawn().await;
+                if let Some(shared) = weak.upgrade() {
+                    Lottery { shared }.publish_recorded(draw);
+                }
+            });
+            *lottery
+                .shared
+                .watcher
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(task.abort_handle());
+        }
+        lottery
+    }
+
+    /// Publishes a draw recorded by another central (unless this one
+    /// published it already): its waiting agencies get their winners.
+    fn publish_recorded(&self, draw: Draw) {
+        let published = self.shared.drawn.send_if_modified(|drawn| {
+            if matches!(drawn, Drawn::Done(_)) {
+                return false;
+            }
+            *drawn = Drawn::Done(Arc::new(draw.clone()));
+            true
+        });
+        if published {
+            info!(
+                action = action::DRAW_RECORD,
+                result = result::SUCCESS,
+                state = "drawn_by_another_central",
+                drawn_at = draw.drawn_at.as_str(),
+                bets = draw.bets,
+                seal = %draw.seal
+            );
         }
     }
 
@@ -314,6 +369,15 @@ impl Lottery {
     /// Waits for a draw under way to be recorded and published (or to
     /// fail): shutdown must not close the store under a draw.
     pub async fn close(&self) {
+        if let Some(watcher) = self
+            .shared
+            .watcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            watcher.abort();
+        }
         self.shared.tasks.close();
         self.shared.tasks.wait().await;
     }
@@ -334,6 +398,14 @@ impl Lottery {
             })
             .collect();
         (self.shared.agencies, drawn, states)
+    }
+
+    /// How many agencies are known to have finished: those that announced
+    /// it here, or, with a shared store, the count it gave last (agencies
+    /// on other centrals included), whichever is more.
+    pub fn finished_count(&self) -> u32 {
+        let state = self.lock();
+        (state.finished.len() as u32).max(state.counted)
     }
 
     /// Agencies that have announced they finished.

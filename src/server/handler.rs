@@ -534,6 +534,10 @@ impl Handler {
                     }
                 }
             };
+            // A store shared with other centrals says where the agency
+            // stands (it may have stored bets elsewhere) and fences its
+            // older sessions there.
+            claim.open().await?;
             self.session = Some(Session::new(claim, self.store.clone()));
         }
         Ok(())
@@ -769,8 +773,8 @@ impl Handler {
                 // deadline restarts on each); the design's get nothing but
                 // their winners.
                 _ = ticks.tick(), if self.said_hello => {
-                    let (agencies, _, states) = self.lottery.status();
-                    let finished = states.iter().filter(|s| s.finished).count();
+                    let (agencies, finished) =
+                        (self.lottery.status().0, self.lottery.finished_count());
                     let message = format!(
                         "waiting for the draw: {finished} of {agencies} agencies finished"
                     );

@@ -98,6 +98,76 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Stores what was submitted before, flushes and closes; later
     /// submissions fail with [`StorageError::Closed`].
     fn close(&self) -> BoxFuture<'_, ()>;
+
+    /// Whether other centrals share this store (a database): then what the
+    /// lottery keeps in memory is only a cache, and the methods below are
+    /// the truth. A store only this process uses (the bets file) says no,
+    /// and the lottery never calls them: its in-memory state is the truth
+    /// and nothing is added to its hot path.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// A shared store: opens a new session of `agency` (a `HELLO`) on this
+    /// central, fencing every older session of it on any central (their
+    /// later batches fail), and returns what the store holds for it.
+    ///
+    /// # Errors
+    /// The store could not be reached.
+    fn open_session(&self, agency: AgencyId) -> BoxFuture<'_, Result<Agency, StorageError>> {
+        let _ = agency;
+        unshared()
+    }
+
+    /// A shared store: records for good that `agency` finished, and returns
+    /// how many agencies have finished, on every central.
+    ///
+    /// # Errors
+    /// The store could not be reached, or a newer session of the agency
+    /// opened on another central.
+    fn finish(&self, agency: AgencyId) -> BoxFuture<'_, Result<u32, StorageError>> {
+        let _ = agency;
+        unshared()
+    }
+
+    /// A shared store: the draw of `winning_number` over `agencies`, run by
+    /// exactly one central: whichever calls first tallies, checks the
+    /// tally against every agency's receipt and records the draw
+    /// (returning it with `true`); every later call, on any central,
+    /// returns the recorded draw with `false`.
+    ///
+    /// # Errors
+    /// The store could not be reached, or its bets are not what was
+    /// acknowledged.
+    fn draw_once(
+        &self,
+        winning_number: u16,
+        agencies: u32,
+    ) -> BoxFuture<'_, Result<(Draw, bool), StorageError>> {
+        let _ = (winning_number, agencies);
+        unshared()
+    }
+
+    /// A shared store: resolves with the draw once another central (or
+    /// this one) recorded it; never resolves on an unshared store.
+    fn drawn(&self) -> BoxFuture<'_, Draw> {
+        Box::pin(futures::future::pending())
+    }
+}
+
+/// What a shared store holds for one agency when a session of it opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Agency {
+    /// The receipt of its stored bets: where its upload resumes.
+    pub receipt: Receipt,
+    /// Whether it announced it finished (on any central).
+    pub finished: bool,
+}
+
+/// The answer of a shared-store method on a store that is not shared: the
+/// lottery asks only when [`Store::shared`] says yes.
+fn unshared<T: Send + 'static>() -> BoxFuture<'static, Result<T, StorageError>> {
+    Box::pin(async { Err(StorageError::Unshared) })
 }
 
 /// A store just opened, and what it already held.

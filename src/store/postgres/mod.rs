@@ -29,7 +29,9 @@ use crate::logging::{action, result};
 use crate::model::{AgencyId, Bets};
 use crate::receipt::{self, Digest, Receipt, Recomputed, DIGEST_LEN};
 use crate::store::file::rounds::NewRound;
-use crate::store::{Draw, Durability, PgTarget, Sequence, StorageError, Store, Stored, Tally};
+use crate::store::{
+    Agency, Draw, Durability, PgTarget, Sequence, StorageError, Store, Stored, Tally,
+};
 
 /// How long one attempt to connect may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -150,6 +152,8 @@ impl std::fmt::Debug for writer::Request {
         match self {
             writer::Request::Append(a) => write!(f, "Append({} bets)", a.bets.len()),
             writer::Request::Close(_) => f.write_str("Close"),
+            writer::Request::Open(agency, _) => write!(f, "Open({agency})"),
+            writer::Request::Finish(agency, _) => write!(f, "Finish({agency})"),
         }
     }
 }
@@ -215,6 +219,160 @@ impl PostgresStore {
             .await
             .map_err(|e| self.error(e.reason))
     }
+}
+
+/// The advisory lock the draw's transaction holds, so that exactly one
+/// central draws ("draw" in ASCII).
+const DRAW_LOCK: i64 = 0x6472_6177;
+
+/// The channel a recorded draw is announced on, to every central.
+const DRAW_CHANNEL: &str = "lottery_draw";
+
+/// How often a central looks for a draw recorded elsewhere, should a
+/// notification be missed (a listening connection lost and reopened).
+const DRAW_POLL: Duration = Duration::from_secs(2);
+
+impl PostgresStore {
+    /// Listens on [`DRAW_CHANNEL`] and looks at `draw` on each notification
+    /// and every [`DRAW_POLL`]; returns the draw once it is recorded.
+    async fn watch_draw(&self) -> Result<Draw, String> {
+        let mut config = self.target.config().clone();
+        config.connect_timeout(CONNECT_TIMEOUT);
+        let (client, mut connection) = config.connect(NoTls).await.map_err(reason)?;
+        let (tx, mut notified) = mpsc::unbounded_channel();
+        // The connection must be polled for its notifications to arrive.
+        let driver = tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.try_next().await.transpose() {
+                if message.is_err() || tx.send(()).is_err() {
+                    break;
+                }
+            }
+        });
+        let _stop = AbortOnDrop(driver);
+        client
+            .batch_execute(&format!("LISTEN {DRAW_CHANNEL}"))
+            .await
+            .map_err(reason)?;
+        loop {
+            // Listening before looking: a draw recorded in between is seen.
+            let recorded: bool = client
+                .query_one("SELECT EXISTS (SELECT 1 FROM draw)", &[])
+                .await
+                .map_err(reason)?
+                .get(0);
+            if recorded {
+                let mut reader = self.side_connection().await.map_err(|e| e.to_string())?;
+                if let Some(draw) = load_draw(&self.target, &mut reader)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    return Ok(draw);
+                }
+            }
+            tokio::select! {
+                woken = notified.recv() => {
+                    if woken.is_none() {
+                        return Err("the listening connection closed".into());
+                    }
+                }
+                () = tokio::time::sleep(DRAW_POLL) => {}
+            }
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The draw's tally in `tx`: counts per agency and the winners, in stored
+/// order.
+async fn tally_in(
+    tx: &Transaction<'_>,
+    winning_number: u16,
+) -> Result<Tally, tokio_postgres::Error> {
+    let mut tally = Tally::default();
+    for row in tx
+        .query("SELECT agency, count(*) FROM bets GROUP BY agency", &[])
+        .await?
+    {
+        let (agency, count): (i32, i64) = (row.get(0), row.get(1));
+        tally.per_agency.insert(agency as AgencyId, count as u64);
+        tally.rows += count as u64;
+    }
+    let number = i32::from(winning_number);
+    for row in tx
+        .query(
+            "SELECT agency, document FROM bets WHERE number = $1 ORDER BY agency, seq",
+            &[&number],
+        )
+        .await?
+    {
+        let (agency, document): (i32, String) = (row.get(0), row.get(1));
+        tally
+            .winners
+            .entry(agency as AgencyId)
+            .or_default()
+            .push(document);
+    }
+    Ok(tally)
+}
+
+/// Writes the draw record in `tx`: `draw`, `draw_agencies`, and the round's
+/// row in `rounds`.
+async fn insert_draw(tx: &Transaction<'_>, draw: &Draw) -> Result<(), tokio_postgres::Error> {
+    // The single row's key refuses a second draw.
+    tx.execute(
+        "INSERT INTO draw (winning_number, drawn_at, bets, seal) VALUES ($1, $2, $3, $4)",
+        &[
+            &i32::from(draw.winning_number),
+            &draw.drawn_at,
+            &(draw.bets as i64),
+            &draw.seal.0.as_slice(),
+        ],
+    )
+    .await?;
+    let mut agencies: Vec<AgencyId> = draw
+        .receipts
+        .keys()
+        .chain(draw.winners.keys())
+        .copied()
+        .collect();
+    agencies.sort_unstable();
+    agencies.dedup();
+    let insert = tx
+        .prepare(
+            "INSERT INTO draw_agencies (agency, bets, digest, winners) VALUES ($1, $2, $3, $4)",
+        )
+        .await?;
+    for agency in agencies {
+        let receipt = draw.receipt_of(agency);
+        tx.execute(
+            &insert,
+            &[
+                &(agency as i32),
+                &(receipt.count as i64),
+                &receipt.digest.0.as_slice(),
+                &draw.winners_of(agency),
+            ],
+        )
+        .await?;
+    }
+    // The round is sealed in the same transaction: a draw row deleted
+    // later is refused at start instead of drawn again.
+    tx.execute(
+        "INSERT INTO rounds (round, seal, drawn_at, bets) \
+         SELECT coalesce(max(round), 0) + 1, $1, $2, $3 FROM rounds",
+        &[&draw.seal.0.as_slice(), &draw.drawn_at, &(draw.bets as i64)],
+    )
+    .await?;
+    Ok(())
 }
 
 /// `host:port,…/dbname`: where the database is, for messages (never the
@@ -338,32 +496,7 @@ impl Store for PostgresStore {
                 .start()
                 .await
                 .map_err(fail)?;
-            let mut tally = Tally::default();
-            for row in tx
-                .query("SELECT agency, count(*) FROM bets GROUP BY agency", &[])
-                .await
-                .map_err(fail)?
-            {
-                let (agency, count): (i32, i64) = (row.get(0), row.get(1));
-                tally.per_agency.insert(agency as AgencyId, count as u64);
-                tally.rows += count as u64;
-            }
-            let number = i32::from(winning_number);
-            for row in tx
-                .query(
-                    "SELECT agency, document FROM bets WHERE number = $1 ORDER BY agency, seq",
-                    &[&number],
-                )
-                .await
-                .map_err(fail)?
-            {
-                let (agency, document): (i32, String) = (row.get(0), row.get(1));
-                tally
-                    .winners
-                    .entry(agency as AgencyId)
-                    .or_default()
-                    .push(document);
-            }
+            let tally = tally_in(&tx, winning_number).await.map_err(fail)?;
             tx.commit().await.map_err(fail)?;
             Ok(tally)
         }
@@ -391,58 +524,156 @@ impl Store for PostgresStore {
             let mut client = self.side_connection().await?;
             let fail = |e| self.error(reason(e));
             let tx = client.transaction().await.map_err(fail)?;
-            // The single row's key refuses a second draw.
-            tx.execute(
-                "INSERT INTO draw (winning_number, drawn_at, bets, seal) VALUES ($1, $2, $3, $4)",
-                &[
-                    &i32::from(draw.winning_number),
-                    &draw.drawn_at,
-                    &(draw.bets as i64),
-                    &draw.seal.0.as_slice(),
-                ],
-            )
-            .await
-            .map_err(fail)?;
-            let mut agencies: Vec<AgencyId> = draw
-                .receipts
-                .keys()
-                .chain(draw.winners.keys())
-                .copied()
-                .collect();
-            agencies.sort_unstable();
-            agencies.dedup();
-            let insert = tx
-                .prepare(
-                    "INSERT INTO draw_agencies (agency, bets, digest, winners) \
-                     VALUES ($1, $2, $3, $4)",
-                )
-                .await
-                .map_err(fail)?;
-            for agency in agencies {
-                let receipt = draw.receipt_of(agency);
-                tx.execute(
-                    &insert,
-                    &[
-                        &(agency as i32),
-                        &(receipt.count as i64),
-                        &receipt.digest.0.as_slice(),
-                        &draw.winners_of(agency),
-                    ],
-                )
-                .await
-                .map_err(fail)?;
-            }
-            // The round is sealed in the same transaction: a draw row
-            // deleted later is refused at start instead of drawn again.
-            tx.execute(
-                "INSERT INTO rounds (round, seal, drawn_at, bets) \
-                 SELECT coalesce(max(round), 0) + 1, $1, $2, $3 FROM rounds",
-                &[&draw.seal.0.as_slice(), &draw.drawn_at, &(draw.bets as i64)],
-            )
-            .await
-            .map_err(fail)?;
+            insert_draw(&tx, draw).await.map_err(fail)?;
             tx.commit().await.map_err(fail)?;
             Ok(())
+        }
+        .boxed()
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn open_session(&self, agency: AgencyId) -> BoxFuture<'_, Result<Agency, StorageError>> {
+        async move {
+            let (done, answer) = oneshot::channel();
+            self.requests
+                .send(writer::Request::Open(agency, done))
+                .await
+                .map_err(|_| StorageError::Closed)?;
+            answer
+                .await
+                .map_err(|_| StorageError::Closed)?
+                .map_err(|reason| self.error(reason))
+        }
+        .boxed()
+    }
+
+    fn finish(&self, agency: AgencyId) -> BoxFuture<'_, Result<u32, StorageError>> {
+        async move {
+            let (done, answer) = oneshot::channel();
+            self.requests
+                .send(writer::Request::Finish(agency, done))
+                .await
+                .map_err(|_| StorageError::Closed)?;
+            answer
+                .await
+                .map_err(|_| StorageError::Closed)?
+                .map_err(|reason| self.error(reason))
+        }
+        .boxed()
+    }
+
+    fn draw_once(
+        &self,
+        winning_number: u16,
+        agencies: u32,
+    ) -> BoxFuture<'_, Result<(Draw, bool), StorageError>> {
+        async move {
+            let mut client = self.side_connection().await?;
+            let fail = |e| self.error(reason(e));
+            let started = Instant::now();
+            let tx = client.transaction().await.map_err(fail)?;
+            // Held until this transaction ends: a central that comes second
+            // waits here, then finds the draw recorded and runs nothing.
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&DRAW_LOCK])
+                .await
+                .map_err(fail)?;
+            if let Some(draw) = load_draw_in(&self.target, &tx).await? {
+                tx.commit().await.map_err(fail)?;
+                return Ok((draw, false));
+            }
+            let tally = tally_in(&tx, winning_number).await.map_err(fail)?;
+            // The receipts acknowledged, by whichever central: the tally
+            // must hold exactly their bets.
+            let mut receipts: BTreeMap<AgencyId, Receipt> = (1..=agencies)
+                .map(|agency| (agency, Receipt::empty(agency)))
+                .collect();
+            for row in tx
+                .query(
+                    "SELECT agency, stored, digest FROM agencies WHERE stored > 0",
+                    &[],
+                )
+                .await
+                .map_err(fail)?
+            {
+                let (agency, count, digest): (i32, i64, Option<&[u8]>) =
+                    (row.get(0), row.get(1), row.get(2));
+                let agency = agency as AgencyId;
+                let digest = digest.and_then(digest_of).ok_or_else(|| {
+                    self.error(format!(
+                        "agencies: agency {agency}'s digest is not 32 bytes"
+                    ))
+                })?;
+                receipts.insert(
+                    agency,
+                    Receipt {
+                        count: count as u64,
+                        digest,
+                    },
+                );
+            }
+            let mut ids: Vec<AgencyId> = receipts.keys().copied().collect();
+            ids.extend(tally.per_agency.keys().copied());
+            ids.sort_unstable();
+            ids.dedup();
+            let differences: Vec<String> = ids
+                .into_iter()
+                .filter_map(|agency| {
+                    let stored = tally.per_agency.get(&agency).copied().unwrap_or(0);
+                    let acknowledged = receipts.get(&agency).map_or(0, |r| r.count);
+                    (stored != acknowledged).then(|| {
+                        format!(
+                            "agency {agency}: {stored} in the store, {acknowledged} acknowledged"
+                        )
+                    })
+                })
+                .collect();
+            if !differences.is_empty() {
+                return Err(self.error(format!(
+                    "the stored bets differ from what was acknowledged ({}); nothing was recorded",
+                    differences.join(", ")
+                )));
+            }
+            receipts.retain(|&agency, _| (1..=agencies).contains(&agency));
+            let draw = Draw {
+                winning_number,
+                drawn_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                winners: tally.winners,
+                seal: receipt::seal(winning_number, agencies, &receipts),
+                receipts,
+                bets: tally.rows,
+                elapsed: started.elapsed(),
+            };
+            insert_draw(&tx, &draw).await.map_err(fail)?;
+            // Delivered at the commit: every central's watcher wakes.
+            tx.batch_execute(&format!("NOTIFY {DRAW_CHANNEL}"))
+                .await
+                .map_err(fail)?;
+            tx.commit().await.map_err(fail)?;
+            Ok((draw, true))
+        }
+        .boxed()
+    }
+
+    fn drawn(&self) -> BoxFuture<'_, Draw> {
+        async move {
+            loop {
+                match self.watch_draw().await {
+                    Ok(draw) => return draw,
+                    Err(why) => {
+                        warn!(
+                            action = action::DATABASE_CONNECT,
+                            result = result::FAIL,
+                            storage = %self.target,
+                            error = why.as_str(),
+                            state = "draw_watch_lost"
+                        );
+                        tokio::time::sleep(DRAW_POLL).await;
+                    }
+                }
+            }
         }
         .boxed()
     }
