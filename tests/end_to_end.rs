@@ -191,6 +191,18 @@ fn a_central_restarted_on_a_drawn_round_announces_it() {
         storage.display()
     );
     assert!(line.ends_with(&want), "{line}\nwant ...{want}");
+    // A drawn round is one where every agency finished: the operator's view
+    // says so after a restart too.
+    let status = lottery()
+        .args(["status", "--address", &restarted.address()])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("     1         200  finished\n     2         200  finished\n")
+            && status.contains("2 of 2 agencies finished; draw done"),
+        "{status}"
+    );
     restarted.proc.signal(Signal::SIGTERM);
     let status = restarted.proc.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status}");

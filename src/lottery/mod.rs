@@ -188,6 +188,13 @@ impl Lottery {
     ) -> Lottery {
         let state = State {
             stored: stored.into_iter().collect(),
+            // A draw runs only once every configured agency has finished:
+            // a round drawn before a restart still has all of them done.
+            finished: if draw.is_some() {
+                (1..=agencies).collect()
+            } else {
+                BTreeSet::new()
+            },
             ..State::default()
         };
         let watch_store = (store.shared() && draw.is_none()).then(|| store.clone());
