@@ -133,14 +133,7 @@ impl Running {
         match self.lottery.draw_and_record().await {
             Ok((draw, false)) => {
                 // Another central ran it: it logged the draw, once.
-                info!(
-                    action = action::DRAW_RECORD,
-                    result = result::SUCCESS,
-                    state = "drawn_by_another_central",
-                    drawn_at = draw.drawn_at.as_str(),
-                    bets = draw.bets,
-                    seal = %draw.seal
-                );
+                log_drawn_elsewhere(&draw);
                 self.lottery.shared.drawn.send_replace(Drawn::Done(draw));
                 self.lottery.lock().drawing = false;
                 self.done = true;
@@ -191,4 +184,17 @@ impl Drop for Running {
             .drawn
             .send_replace(Drawn::Failed(reason));
     }
+}
+
+/// Says that another central of the same database ran the draw (which
+/// that central logged as `sorteo`, once).
+pub(super) fn log_drawn_elsewhere(draw: &crate::store::Draw) {
+    info!(
+        action = action::DRAW_RECORD,
+        result = result::SUCCESS,
+        state = "drawn_by_another_central",
+        drawn_at = draw.drawn_at.as_str(),
+        bets = draw.bets,
+        seal = %draw.seal
+    );
 }

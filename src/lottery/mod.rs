@@ -20,9 +20,6 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use tracing::info;
-
-use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::receipt::Receipt;
 use crate::store::{Draw, Store};
@@ -241,14 +238,7 @@ impl Lottery {
             true
         });
         if published {
-            info!(
-                action = action::DRAW_RECORD,
-                result = result::SUCCESS,
-                state = "drawn_by_another_central",
-                drawn_at = draw.drawn_at.as_str(),
-                bets = draw.bets,
-                seal = %draw.seal
-            );
+            draw::log_drawn_elsewhere(&draw);
         }
     }
 

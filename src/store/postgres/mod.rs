@@ -206,6 +206,24 @@ impl PostgresStore {
         Ok((store, stored))
     }
 
+    /// Hands the writer task a request that answers on `done`, and waits
+    /// for the answer: requests go through the writer so that they are
+    /// ordered with its commits.
+    async fn ask<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<T, String>>) -> writer::Request,
+    ) -> Result<T, StorageError> {
+        let (done, answer) = oneshot::channel();
+        self.requests
+            .send(request(done))
+            .await
+            .map_err(|_| StorageError::Closed)?;
+        answer
+            .await
+            .map_err(|_| StorageError::Closed)?
+            .map_err(|reason| self.error(reason))
+    }
+
     fn error(&self, reason: String) -> StorageError {
         StorageError::Database {
             target: where_(&self.target),
@@ -536,33 +554,13 @@ impl Store for PostgresStore {
     }
 
     fn open_session(&self, agency: AgencyId) -> BoxFuture<'_, Result<Agency, StorageError>> {
-        async move {
-            let (done, answer) = oneshot::channel();
-            self.requests
-                .send(writer::Request::Open(agency, done))
-                .await
-                .map_err(|_| StorageError::Closed)?;
-            answer
-                .await
-                .map_err(|_| StorageError::Closed)?
-                .map_err(|reason| self.error(reason))
-        }
-        .boxed()
+        self.ask(move |done| writer::Request::Open(agency, done))
+            .boxed()
     }
 
     fn finish(&self, agency: AgencyId) -> BoxFuture<'_, Result<u32, StorageError>> {
-        async move {
-            let (done, answer) = oneshot::channel();
-            self.requests
-                .send(writer::Request::Finish(agency, done))
-                .await
-                .map_err(|_| StorageError::Closed)?;
-            answer
-                .await
-                .map_err(|_| StorageError::Closed)?
-                .map_err(|reason| self.error(reason))
-        }
-        .boxed()
+        self.ask(move |done| writer::Request::Finish(agency, done))
+            .boxed()
     }
 
     fn draw_once(
