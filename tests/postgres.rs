@@ -1516,6 +1516,28 @@ fn the_primary_killed_and_its_synchronous_standby_promoted_loses_no_acknowledged
     server
         .proc
         .wait_for("action: apuesta_recibida | result: fail");
+    // Before the promotion nothing writes to the standby: every batch the
+    // central acknowledged so far (committed on the primary, so flushed on
+    // the synchronous standby) must be there already.
+    let acknowledged: u64 = server
+        .proc
+        .output()
+        .lines()
+        .filter_map(|l| {
+            l.split("apuesta_recibida | result: success | cantidad: ")
+                .nth(1)
+        })
+        .map(|n| n.trim().parse::<u64>().unwrap())
+        .sum();
+    let on_standby: u64 = standby.query("lottery", "SELECT count(*) FROM bets")[0][0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        acknowledged > 0 && on_standby >= acknowledged,
+        "{acknowledged} bets acknowledged, {on_standby} on the standby"
+    );
     // What an operator or a failover manager does.
     standby.promote();
     let deadline = Instant::now() + upload_limit(32_000) + PATIENCE;
