@@ -1477,3 +1477,86 @@ fn an_agency_waiting_on_one_central_is_told_who_finished_on_the_others() {
     );
     let _ = (stop(&a), stop(&b));
 }
+
+#[test]
+fn the_primary_killed_and_its_synchronous_standby_promoted_loses_no_acknowledged_bet() {
+    let Some(mut primary) = PgCluster::start_or_skip("the_primary_killed_and_its_standby_promoted")
+    else {
+        return;
+    };
+    primary.create_db("lottery");
+    let standby = primary.standby();
+    primary.wait_for_sync_standby();
+    // Both hosts: the central connects to whichever accepts writes.
+    let url = format!(
+        "postgres://{}@127.0.0.1:{},127.0.0.1:{}/lottery?target_session_attrs=read-write",
+        common::pg::SUPERUSER,
+        primary.port,
+        standby.port
+    );
+    let agencies = 4;
+    let data = generated(agencies, 8_000);
+    let expected = expected(data.path(), agencies, WINNING);
+    let server = central(&url, agencies);
+    let out = tempfile::tempdir().unwrap();
+    let running: Vec<_> = (1..=agencies)
+        .map(|id| {
+            let winners = out.path().join(format!("winners-{id}.txt"));
+            let mut cmd =
+                agency_command(id, &server.address(), &data_file(data.path(), id), &winners);
+            // Small batches, so that the upload is still under way.
+            cmd.env("CLI_BATCH_MAXAMOUNT", "20");
+            (id, winners, Proc::spawn(cmd))
+        })
+        .collect();
+    server
+        .proc
+        .wait_for("action: apuesta_recibida | result: success");
+    primary.stop_with(Signal::SIGKILL);
+    server
+        .proc
+        .wait_for("action: apuesta_recibida | result: fail");
+    // Before the promotion nothing writes to the standby: every batch the
+    // central acknowledged so far (committed on the primary, so flushed on
+    // the synchronous standby) must be there already.
+    let acknowledged: u64 = server
+        .proc
+        .output()
+        .lines()
+        .filter_map(|l| {
+            l.split("apuesta_recibida | result: success | cantidad: ")
+                .nth(1)
+        })
+        .map(|n| n.trim().parse::<u64>().unwrap())
+        .sum();
+    let on_standby: u64 = standby.query("lottery", "SELECT count(*) FROM bets")[0][0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        acknowledged > 0 && on_standby >= acknowledged,
+        "{acknowledged} bets acknowledged, {on_standby} on the standby"
+    );
+    // What an operator or a failover manager does.
+    standby.promote();
+    let deadline = Instant::now() + upload_limit(32_000) + PATIENCE;
+    for (id, winners, agency) in &running {
+        let status = agency.wait_exit(deadline.saturating_duration_since(Instant::now()));
+        assert!(
+            status.success(),
+            "agency {id}: {status}\n{}\n{}",
+            agency.output(),
+            agency.stderr()
+        );
+        assert_eq!(&read_winners(winners), &expected.winners[id], "agency {id}");
+    }
+    server.proc.wait_for("action: sorteo | result: success");
+    // Every input bet on the new primary, once, in each agency's order.
+    assert_eq!(stored_rows(&standby, "lottery"), expected.rows);
+    let counts: BTreeMap<u32, usize> = expected.rows.iter().map(|(a, r)| (*a, r.len())).collect();
+    assert_eq!(agency_counts(&standby, "lottery"), counts);
+    let log = stop(&server);
+    assert!(log.contains("state: reconnected"), "{log}");
+    assert_eq!(log.matches("action: sorteo | result: success").count(), 1);
+}

@@ -189,7 +189,8 @@ impl PgCluster {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if line.contains("ready to accept connections") {
+                // A hot standby says "ready to accept read-only connections".
+                if line.contains("ready to accept") {
                     let _ = tx.send(true);
                 }
                 log.lock().unwrap().push(line);
@@ -291,6 +292,114 @@ impl PgCluster {
     pub fn start_again(&mut self) {
         assert!(self.server.is_none(), "the server still runs");
         assert!(self.launch(), "PostgreSQL did not restart:\n{}", self.log());
+    }
+
+    /// A streaming standby of this running cluster, named `standby1` to
+    /// it, on its own free port (`pg_basebackup -R`: a copy of the data
+    /// directory that follows the primary's WAL). initdb's `trust` pg_hba
+    /// already lets replication connect from 127.0.0.1.
+    pub fn standby(&self) -> PgCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("lottery-pg-standby-")
+            .tempdir()
+            .expect("temporary directory");
+        std::os::unix::fs::chown(dir.path(), Some(self.uid), Some(self.gid))
+            .expect("chown to postgres");
+        let data = dir.path().join("data");
+        let out = Command::new(self.bin.join("pg_basebackup"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-R", "-X", "stream", "-h", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            // A fast checkpoint: the default spreads it over minutes.
+            .args(["-U", SUPERUSER, "--no-sync", "-c", "fast"])
+            .uid(self.uid)
+            .gid(self.gid)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run pg_basebackup");
+        assert!(
+            out.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The name the primary's synchronous_standby_names waits for; the
+        // last setting in the file wins over the one `-R` wrote.
+        let mut auto = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.auto.conf"))
+            .expect("postgresql.auto.conf");
+        writeln!(
+            auto,
+            "primary_conninfo = 'host=127.0.0.1 port={} user={SUPERUSER} application_name=standby1'",
+            self.port
+        )
+        .unwrap();
+        let mut standby = PgCluster {
+            dir,
+            bin: self.bin.clone(),
+            uid: self.uid,
+            gid: self.gid,
+            port: 0,
+            server: None,
+            log: Arc::new(Mutex::new(Vec::new())),
+        };
+        for _ in 0..5 {
+            standby.port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            if standby.launch() {
+                return standby;
+            }
+        }
+        panic!("the standby did not start:\n{}", standby.log());
+    }
+
+    /// Makes every commit here wait for `standby1` (set after the base
+    /// backup, so a promoted standby does not wait for a standby of its
+    /// own), then waits until the standby streams as the synchronous one.
+    pub fn wait_for_sync_standby(&self) {
+        self.query(
+            "postgres",
+            "ALTER SYSTEM SET synchronous_standby_names = 'standby1'",
+        );
+        self.query("postgres", "SELECT pg_reload_conf()");
+        self.poll(
+            "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'standby1'",
+            "sync",
+        );
+    }
+
+    /// Promotes this standby and waits until it accepts writes.
+    pub fn promote(&self) {
+        self.query("postgres", "SELECT pg_promote()");
+        self.poll("SELECT pg_is_in_recovery()", "f");
+    }
+
+    /// Runs `sql` until its first value is `want`, up to [`READY`].
+    fn poll(&self, sql: &str, want: &str) {
+        let deadline = std::time::Instant::now() + READY;
+        loop {
+            let rows = self.query("postgres", sql);
+            if rows
+                .first()
+                .and_then(|r| r.first().cloned().flatten())
+                .as_deref()
+                == Some(want)
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{sql} never gave {want} (last {rows:?}):\n{}",
+                self.log()
+            );
+            // A poll interval, not a synchronisation: the loop ends on the
+            // query's answer.
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The cluster's data directory.
