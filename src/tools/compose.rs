@@ -137,13 +137,7 @@ secrets:
     file: ./{SECRETS_DIR}/{CENTRAL_FILE}
 "
     );
-    for id in 1..=agencies {
-        let _ = write!(
-            out,
-            "  agency-{id}:\n    file: ./{SECRETS_DIR}/{}\n",
-            agency_file(id)
-        );
-    }
+    agency_secrets(&mut out, agencies);
     out
 }
 
@@ -299,13 +293,7 @@ secrets:
     file: ./{SECRETS_DIR}/{POSTGRES_FILE}
 "
     );
-    for id in 1..=agencies {
-        let _ = write!(
-            out,
-            "  agency-{id}:\n    file: ./{SECRETS_DIR}/{}\n",
-            agency_file(id)
-        );
-    }
+    agency_secrets(&mut out, agencies);
     out
 }
 
@@ -386,4 +374,16 @@ fn write_file(path: &Path, text: &str) -> anyhow::Result<String> {
         .with_context(|| format!("creating {}", path.display()))?;
     writeln!(file, "{text}").with_context(|| format!("writing {}", path.display()))?;
     Ok(text.to_string())
+}
+
+/// The top-level `secrets:` entries of the agencies, one file each, as both
+/// layouts declare them.
+fn agency_secrets(out: &mut String, agencies: u32) {
+    for id in 1..=agencies {
+        let _ = write!(
+            out,
+            "  agency-{id}:\n    file: ./{SECRETS_DIR}/{}\n",
+            agency_file(id)
+        );
+    }
 }
