@@ -675,6 +675,158 @@ fn after_a_batch_is_lost_with_the_database_its_connection_stores_nothing_more() 
     );
 }
 
+/// How the database fails the writer's groups in flight.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// It stops: every group fails.
+    Stops,
+    /// The connection of the oldest group in flight is killed: the groups
+    /// behind it go on, on their own connections.
+    OneConnectionDies,
+}
+
+/// The writer keeps several groups in flight, each on its own connection:
+/// when the database goes away under them, every batch acknowledged is
+/// stored, and nothing is stored behind a batch that was not, whatever
+/// group either was in.
+#[test]
+fn groups_in_flight_when_the_database_stops_leave_each_agency_an_acknowledged_prefix() {
+    groups_in_flight_fail(Failure::Stops);
+}
+
+#[test]
+fn groups_in_flight_behind_a_connection_killed_leave_each_agency_an_acknowledged_prefix() {
+    groups_in_flight_fail(Failure::OneConnectionDies);
+}
+
+fn groups_in_flight_fail(failure: Failure) {
+    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
+    let Some(mut pg) = PgCluster::start_or_skip(&format!("groups_in_flight_fail({failure:?})"))
+    else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    // A runtime on this thread: while the test is outside `block_on` the
+    // writer and its groups stand still, mid-way.
+    let rt = runtime();
+    let (store, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    const AGENCIES: u32 = 3;
+    const BATCHES: u32 = 100;
+    let sequences: Vec<Sequence> = (0..AGENCIES).map(|_| Sequence::new()).collect();
+    let mut receipts = std::collections::HashMap::new();
+    let mut pending = Vec::new();
+    rt.block_on(async {
+        for i in 0..BATCHES {
+            for agency in 1..=AGENCIES {
+                let docs = i * 10..i * 10 + 10;
+                let bets = batch(agency, docs.clone());
+                let receipt = after(receipts.get(&agency).copied(), agency, &bets);
+                receipts.insert(agency, receipt);
+                let stored = store
+                    .submit(&bets, 0, &sequences[agency as usize - 1], receipt)
+                    .await
+                    .unwrap();
+                pending.push((agency, docs, receipt, stored));
+            }
+            if i % 10 == 9 {
+                // The writer takes what waits as a group: many groups.
+                tokio::task::yield_now().await;
+            }
+        }
+        // Some are stored: the database fails with the rest in flight.
+        pending[0].3.as_mut().await.unwrap();
+    });
+    match failure {
+        Failure::Stops => pg.stop(),
+        Failure::OneConnectionDies => {
+            let killed = pg.query(
+                "postgres",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = 'lottery' AND application_name = 'lottery' \
+                 AND xact_start IS NOT NULL ORDER BY xact_start LIMIT 1",
+            );
+            assert_eq!(
+                killed,
+                vec![vec![Some("t".to_string())]],
+                "no group in flight"
+            );
+        }
+    }
+    let outcomes: Vec<_> = rt.block_on(async {
+        let mut outcomes = Vec::new();
+        for (agency, docs, receipt, stored) in pending.drain(1..) {
+            outcomes.push((agency, docs, receipt, stored.await.is_ok()));
+        }
+        outcomes
+    });
+    assert!(
+        outcomes.iter().any(|o| !o.3),
+        "the database stopped after every batch was stored: nothing was in flight"
+    );
+    // Per agency: the documents acknowledged, and the receipt after them.
+    let mut acked: std::collections::BTreeMap<u32, (Vec<u32>, Option<lottery::receipt::Receipt>)> =
+        (1..=AGENCIES).map(|a| (a, (Vec::new(), None))).collect();
+    acked.get_mut(&1).unwrap().0.extend(0..10);
+    acked.get_mut(&1).unwrap().1 = Some(after(None, 1, &batch(1, 0..10)));
+    for (agency, docs, receipt, ok) in outcomes {
+        let entry = acked.get_mut(&agency).unwrap();
+        let behind_a_failure = entry.0.len() < entry.1.map_or(0, |r| r.count as usize);
+        if ok {
+            assert!(
+                !behind_a_failure && entry.0.len() + 10 == receipt.count as usize,
+                "agency {agency}: documents {docs:?} acknowledged behind a batch that was not"
+            );
+            entry.0.extend(docs);
+            entry.1 = Some(receipt);
+        } else {
+            // Marks the failure: whatever comes later must fail too.
+            entry.1 = Some(receipt);
+        }
+    }
+    if matches!(failure, Failure::Stops) {
+        pg.start_again();
+    }
+    // Each agency comes back (a new connection) with one more batch after
+    // what it was acknowledged.
+    rt.block_on(async {
+        for agency in 1..=AGENCIES {
+            let (docs, _) = &acked[&agency];
+            let prior = (!docs.is_empty())
+                .then(|| after(None, agency, &batch(agency, docs.iter().copied())));
+            let bets = batch(agency, 5000..5003);
+            let stored = store
+                .submit(&bets, 0, &Sequence::new(), after(prior, agency, &bets))
+                .await
+                .unwrap();
+            stored.await.unwrap();
+        }
+        store.close().await;
+    });
+    for agency in 1..=AGENCIES {
+        let docs: Vec<u32> = acked[&agency].0.iter().copied().chain(5000..5003).collect();
+        let expected = docs
+            .iter()
+            .enumerate()
+            .map(|(seq, doc)| format!("{doc}@{seq}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert_eq!(
+            pg.query(
+                "lottery",
+                &format!(
+                    "SELECT string_agg(document || '@' || seq, ' ' ORDER BY seq), \
+                     (SELECT stored FROM agencies WHERE agency = {agency}) \
+                     FROM bets WHERE agency = {agency}"
+                )
+            ),
+            vec![vec![Some(expected), Some(docs.len().to_string())]],
+            "agency {agency}"
+        );
+    }
+}
+
 #[test]
 fn centrals_starting_together_create_the_schema_once() {
     use lottery::store::{postgres::PostgresStore, Durability};
@@ -697,7 +849,9 @@ fn centrals_starting_together_create_the_schema_once() {
             "lottery",
             "SELECT version FROM schema_version ORDER BY version"
         ),
-        vec![vec![Some("1".to_string())], vec![Some("2".to_string())]]
+        (1..=lottery::store::postgres::schema::MIGRATIONS.len())
+            .map(|v| vec![Some(v.to_string())])
+            .collect::<Vec<_>>()
     );
 }
 

@@ -11,6 +11,7 @@
 //! counts each agency resumes from. The draw's tally and the draw record use
 //! a connection of their own, opened when needed.
 
+mod rows;
 pub mod schema;
 mod writer;
 
@@ -150,7 +151,7 @@ pub struct PostgresStore {
 impl std::fmt::Debug for writer::Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            writer::Request::Append(a) => write!(f, "Append({} bets)", a.bets.len()),
+            writer::Request::Append(a) => write!(f, "Append({} bets)", a.rows.len()),
             writer::Request::Close(_) => f.write_str("Close"),
             writer::Request::Open(agency, _) => write!(f, "Open({agency})"),
             writer::Request::Finish(agency, _) => write!(f, "Finish({agency})"),
@@ -475,14 +476,22 @@ impl Store for PostgresStore {
         sequence: &Sequence,
         receipt: Receipt,
     ) -> BoxFuture<'a, Result<Stored, StorageError>> {
-        let mut owned = Bets::with_capacity(bets.len().saturating_sub(skip), 0);
-        owned.extend(bets.iter().skip(skip));
+        // Encoded here, on the connection's task, so that the one writer
+        // only numbers the rows.
+        let rows = bets
+            .iter()
+            .next()
+            .map(|first| rows::Rows::encode(first.agency, bets.iter().skip(skip)));
         let sequence = sequence.clone();
         async move {
+            let Some(rows) = rows else {
+                // No bets: nothing to store.
+                return Ok(async { Ok(()) }.boxed());
+            };
             let (done, outcome) = oneshot::channel();
             self.requests
                 .send(writer::Request::Append(writer::Append {
-                    bets: owned,
+                    rows,
                     receipt,
                     sequence,
                     done,

@@ -1,31 +1,55 @@
-//! The database's writer: one task owns the writing connection.
-//! Connections hand it whole batches and go on reading while it works; it
-//! takes every batch that is waiting and stores them in one transaction
-//! (`COPY … FROM STDIN (FORMAT binary)`, then the agencies' new counts),
-//! and answers them all once the commit returns: group commit, as the bets
-//! file's writer groups its `fdatasync`. A batch is acknowledged only after
-//! the commit that holds it, with `synchronous_commit` on.
+//! The database's writer: one task plans every write, and stores groups of
+//! batches on a few connections at once.
+//!
+//! Connections hand it whole batches, their rows already encoded (see
+//! [`super::rows`]), and go on reading while it works. The writer takes
+//! every batch that is waiting as one group: it numbers the group's rows
+//! after those planned before it and starts the group's transaction on a
+//! connection of its own: `COPY … FROM STDIN (FORMAT binary)`, then the
+//! agencies' new counts, then the commit, answering every batch of the
+//! group once the commit returns (group commit, as the bets file's writer
+//! groups its `fdatasync`; `synchronous_commit` is on).
+//!
+//! Up to [`CONNECTIONS`] groups are in flight, one after the other: while
+//! one commits, the next one's rows are already being copied, so the
+//! server never waits for the central between two commits. Their order is
+//! kept by a [`Relay`] from each group to the next: a group updates
+//! `agencies` only once the group before it holds its rows there (so
+//! PostgreSQL queues the second update of an agency behind the first), and
+//! commits only once the group before it committed; if that one failed, it
+//! rolls back. So the groups commit in the order they were planned, and
+//! nothing is ever stored after a batch that was not.
 //!
 //! Each bet's `seq` is its place in its agency's upload. The writer keeps
 //! each agency's receipt as acknowledged (its count is the next `seq`): the
 //! same receipts the central resumes agencies from. The receipt a batch
 //! comes with is written to `agencies` in the batch's transaction, so what
-//! is committed is exactly what is acknowledged. When a transaction fails the writer drops its
-//! connection and, on the next one, first removes any rows beyond those
-//! counts: a commit whose answer was lost may still have happened, and
-//! those bets, never acknowledged, will be sent again.
+//! is committed is exactly what is acknowledged. The update of `agencies`
+//! is also the check that the rows are this central's to write: it changes
+//! an agency's row only where it still holds what this central expects (its
+//! count, and the epoch of this central's session of the agency), so rows
+//! another central stored meanwhile, or a newer session of the agency on
+//! another central, make it refuse that agency's batches; the group is then
+//! copied again without them.
+//!
+//! When a transaction fails the writer drops its connection and, once
+//! every group in flight is answered, first removes any rows beyond the
+//! acknowledged counts: a commit whose answer was lost may still have
+//! happened, and those bets, never acknowledged, will be sent again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
+use bytes::Bytes;
+use futures::SinkExt;
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::Client;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, Statement};
 use tracing::{info, warn};
 
+use super::rows::{Rows, COPY, HEADER, TRAILER};
 use super::{connect, reason, Session};
 use crate::logging::{action, result};
-use crate::model::{AgencyId, Bets};
+use crate::model::AgencyId;
 use crate::receipt::Receipt;
 use crate::store::{Agency, PgTarget, Sequence};
 
@@ -36,26 +60,29 @@ const FINISH_LOCK: i64 = 0x0000_6669_6e69_7368;
 /// How many batches may wait for the writer before senders wait too.
 pub const QUEUE_DEPTH: usize = 1024;
 
-/// Most batches stored in one transaction: bounds a transaction's size
-/// (and the latency of the first batch in it).
-const MAX_GROUP: usize = 512;
+/// Groups in flight at once, each on a connection of its own. Two let one
+/// group's rows be copied while the one before it commits; the third lets
+/// the server copy two groups at once on this machine's two cores (see
+/// docs/PERFORMANCE.md, "The PostgreSQL store").
+pub const CONNECTIONS: usize = 3;
 
-/// The columns the writer fills, in `COPY` order.
-const COPY: &str = "COPY bets (agency, seq, first_name, last_name, document, birthdate, number) \
-                    FROM STDIN (FORMAT binary)";
-const COPY_TYPES: [Type; 7] = [
-    Type::INT4,
-    Type::INT8,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::INT4,
-];
+/// Most batches, and most rows, in one group: bounds a transaction's size
+/// and so the wait of the first batch in it.
+const MAX_GROUP: usize = 512;
+const MAX_GROUP_ROWS: usize = 8192;
+
+/// What a batch behind a failed one of its connection is told.
+const BEHIND_A_FAILED_BATCH: &str = "an earlier batch of this connection was not stored";
+
+/// What the batches of a group rolled back because the group before it
+/// failed are told.
+const BEHIND_A_FAILED_GROUP: &str =
+    "not stored: an earlier transaction of this central failed (see the line before)";
 
 /// One batch for the writer.
 pub struct Append {
-    pub bets: Bets,
+    /// Its bets, as rows still to be numbered.
+    pub rows: Rows,
     /// The agency's receipt once these bets are stored.
     pub receipt: Receipt,
     pub sequence: Sequence,
@@ -73,18 +100,157 @@ pub enum Request {
     /// The agency finished: record it (fenced by the session's epoch), and
     /// answer how many agencies have finished, on every central.
     Finish(AgencyId, oneshot::Sender<Result<u32, String>>),
-    /// Store what was sent before, close the connection, then answer.
+    /// Store what was sent before, close the connections, then answer.
     Close(oneshot::Sender<()>),
 }
 
-/// The writer's state: the connection (when it has one) and the counts.
+/// A batch of a group in flight, waiting for its answer.
+struct Pending {
+    agency: AgencyId,
+    sequence: Sequence,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// What a group leaves in an agency's row of `agencies`, and what it
+/// expects there before.
+#[derive(Debug, Clone)]
+struct Update {
+    agency: AgencyId,
+    /// The count the table must hold before the group.
+    expected: i64,
+    /// This central's session of the agency (see `Writer::epochs`).
+    epoch: Option<i64>,
+    /// The receipt after the group: its count is the table's count after.
+    receipt: Receipt,
+}
+
+/// A group as its transaction writes it.
+struct Plan {
+    /// Each batch's rows, numbered, in order.
+    chunks: Vec<(AgencyId, Bytes)>,
+    updates: Vec<Update>,
+}
+
+/// A group's side of the relay to the next group. A sender dropped
+/// unsent reads as `false`.
+struct Relay {
+    /// The group's rows of `agencies` are locked (or it wrote none):
+    /// the next group may update its own.
+    locked: Option<oneshot::Sender<bool>>,
+    /// The group committed (`false`: it did not, or may not have).
+    committed: Option<oneshot::Sender<bool>>,
+}
+
+/// The next group's side of the relay.
+struct Baton {
+    locked: oneshot::Receiver<bool>,
+    committed: oneshot::Receiver<bool>,
+}
+
+fn relay() -> (Relay, Baton) {
+    let (locked, locked_rx) = oneshot::channel();
+    let (committed, committed_rx) = oneshot::channel();
+    (
+        Relay {
+            locked: Some(locked),
+            committed: Some(committed),
+        },
+        Baton {
+            locked: locked_rx,
+            committed: committed_rx,
+        },
+    )
+}
+
+fn signal(slot: &mut Option<oneshot::Sender<bool>>, value: bool) {
+    if let Some(tx) = slot.take() {
+        let _ = tx.send(value);
+    }
+}
+
+/// How a group ended.
+enum Outcome {
+    /// Committed, but for the agencies in `refused` (and why), whose
+    /// batches were left out.
+    Stored { refused: HashMap<AgencyId, String> },
+    /// Rolled back because the group before it failed: nothing stored.
+    Behind,
+    /// The transaction failed; if its commit happened, its answer was
+    /// lost, and the table holds `attempted` for its agencies.
+    Failed {
+        why: String,
+        attempted: HashMap<AgencyId, i64>,
+    },
+}
+
+/// A connection of the writer, with the statements a group runs prepared
+/// once, so a group's statements each take one round trip.
+struct Conn {
+    client: Client,
+    copy: Statement,
+    lock: Statement,
+    upsert: Statement,
+}
+
+/// Locks the group's agencies' rows (see [`update_agencies`]).
+const LOCK_AGENCIES: &str = "SELECT agency, stored, epoch FROM agencies WHERE agency = ANY($1) \
+                             ORDER BY agency FOR UPDATE";
+
+/// Moves the group's agencies' counts and digests.
+const UPSERT_AGENCIES: &str = "INSERT INTO agencies (agency, stored, digest) \
+    SELECT * FROM unnest($1::int4[], $2::int8[], $3::bytea[]) \
+    ON CONFLICT (agency) DO UPDATE SET stored = excluded.stored, digest = excluded.digest";
+
+impl Conn {
+    async fn prepare(client: Client) -> Result<Conn, String> {
+        let (copy, lock, upsert) = futures::try_join!(
+            client.prepare(COPY),
+            client.prepare(LOCK_AGENCIES),
+            client.prepare(UPSERT_AGENCIES)
+        )
+        .map_err(reason)?;
+        Ok(Conn {
+            client,
+            copy,
+            lock,
+            upsert,
+        })
+    }
+}
+
+/// A group's task's result: its connection back, unless it failed.
+struct Finished {
+    client: Option<Conn>,
+    outcome: Outcome,
+}
+
+/// A group in flight.
+struct InFlight {
+    task: JoinHandle<Finished>,
+    pending: Vec<Pending>,
+    /// Per agency, the receipt once the group is stored.
+    receipts: HashMap<AgencyId, Receipt>,
+    /// What the table holds if the whole group committed (for a task that
+    /// panicked).
+    attempted: HashMap<AgencyId, i64>,
+}
+
+/// The writer's state.
 struct Writer {
     target: PgTarget,
     session: Session,
-    client: Option<Client>,
-    /// Per agency, the receipt acknowledged: its count is the next bet's
-    /// `seq`.
+    /// Connections not in use by a group.
+    idle: Vec<Conn>,
+    /// A connection broke since the last one was opened: the next is
+    /// logged as a reconnection.
+    lost: bool,
+    /// Per agency, the receipt acknowledged: its count is where the next
+    /// group not yet planned starts, once the groups in flight are in.
     acked: HashMap<AgencyId, Receipt>,
+    /// Per agency, the count after the groups planned so far: the next
+    /// batch's first `seq`. Equal to `acked`'s counts when nothing is in
+    /// flight.
+    planned: HashMap<AgencyId, i64>,
     /// A transaction failed after writing rows: the counts its commit would
     /// have left per agency, as the table holds them if the commit happened
     /// though its answer was lost. Empty when no such doubt is pending.
@@ -95,6 +261,13 @@ struct Writer {
     /// write for the agency, or a newer session opened on another central.
     /// Absent for an agency that never said HELLO here (a reference agency).
     epochs: HashMap<AgencyId, i64>,
+    /// The groups in flight, in the order they commit.
+    in_flight: VecDeque<InFlight>,
+    /// The relay from the group planned last, for the next one.
+    baton: Option<Baton>,
+    /// A group failed: no new group starts until those in flight are
+    /// answered (they all fail behind it).
+    failing: bool,
 }
 
 /// Runs the writer until it is asked to close or every sender is gone.
@@ -105,98 +278,374 @@ pub async fn run(
     stored: HashMap<AgencyId, Receipt>,
     mut requests: mpsc::Receiver<Request>,
 ) {
+    // Prepared on first use (see `Writer::connection`) when this fails.
+    let idle: Vec<Conn> = Conn::prepare(client).await.into_iter().collect();
     let mut writer = Writer {
         target,
         session,
-        client: Some(client),
+        idle,
+        lost: false,
+        planned: HashMap::new(),
         acked: stored,
         attempted: HashMap::new(),
         epochs: HashMap::new(),
+        in_flight: VecDeque::new(),
+        baton: None,
+        failing: false,
     };
-    let mut closing = None;
-    while closing.is_none() {
-        let Some(first) = requests.recv().await else {
-            break;
+    writer.reset_plan();
+    let mut waiting: VecDeque<Append> = VecDeque::new();
+    // A request that must wait for every batch before it to be answered.
+    let mut control: Option<Request> = None;
+    let mut senders_gone = false;
+    loop {
+        let accepting = control.is_none() && !senders_gone;
+        let in_flight = &mut writer.in_flight;
+        let event = tokio::select! {
+            finished = async {
+                match in_flight.front_mut() {
+                    Some(group) => (&mut group.task).await,
+                    None => std::future::pending().await,
+                }
+            } => Event::Finished(finished),
+            request = requests.recv(), if accepting => Event::Request(request),
         };
-        let mut group = Vec::new();
-        match first {
-            Request::Append(a) => group.push(a),
-            Request::Close(done) => closing = Some(done),
-            Request::Open(agency, done) => {
-                let _ = done.send(writer.open(agency).await);
-                continue;
+        match event {
+            Event::Finished(finished) => {
+                let group = writer
+                    .in_flight
+                    .pop_front()
+                    .expect("the front group finished");
+                writer.answer(group, finished);
             }
-            Request::Finish(agency, done) => {
-                let _ = done.send(writer.finish(agency).await);
-                continue;
-            }
+            Event::Request(None) => senders_gone = true,
+            Event::Request(Some(Request::Append(a))) => waiting.push_back(a),
+            Event::Request(Some(other)) => control = Some(other),
         }
-        while closing.is_none() && group.len() < MAX_GROUP {
+        // Every batch already waiting joins the group about to start.
+        while control.is_none() && !senders_gone && waiting.len() < MAX_GROUP {
             match requests.try_recv() {
-                Ok(Request::Append(a)) => group.push(a),
-                Ok(Request::Close(done)) => closing = Some(done),
-                // Answered after the group it came behind, in order.
-                Ok(Request::Open(agency, done)) => {
-                    writer.store(std::mem::take(&mut group)).await;
-                    let _ = done.send(writer.open(agency).await);
-                }
-                Ok(Request::Finish(agency, done)) => {
-                    writer.store(std::mem::take(&mut group)).await;
-                    let _ = done.send(writer.finish(agency).await);
-                }
-                Err(_) => break,
+                Ok(Request::Append(a)) => waiting.push_back(a),
+                Ok(other) => control = Some(other),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => senders_gone = true,
             }
         }
-        if !group.is_empty() {
-            writer.store(group).await;
+        if writer.in_flight.is_empty() {
+            writer.failing = false;
+            writer.baton = None;
+            writer.reset_plan();
         }
-    }
-    // Nothing is accepted after a close: fail what raced in behind it.
-    requests.close();
-    while let Ok(request) = requests.try_recv() {
-        match request {
-            Request::Append(a) => {
-                let _ = a.done.send(Err("the database store is closed".into()));
+        while !waiting.is_empty() && !writer.failing && writer.in_flight.len() < CONNECTIONS {
+            writer.start_group(&mut waiting).await;
+        }
+        if !writer.in_flight.is_empty() || !waiting.is_empty() {
+            continue;
+        }
+        match control.take() {
+            Some(Request::Open(agency, done)) => {
+                let _ = done.send(writer.open(agency).await);
+                writer.reset_plan();
             }
-            Request::Close(done) => {
+            Some(Request::Finish(agency, done)) => {
+                let _ = done.send(writer.finish(agency).await);
+            }
+            Some(Request::Close(done)) => {
+                writer.close(&mut requests);
                 let _ = done.send(());
+                return;
             }
-            Request::Open(_, done) => {
-                let _ = done.send(Err("the database store is closed".into()));
+            Some(Request::Append(_)) => unreachable!("batches wait in `waiting`"),
+            None if senders_gone => {
+                writer.close(&mut requests);
+                return;
             }
-            Request::Finish(_, done) => {
-                let _ = done.send(Err("the database store is closed".into()));
-            }
+            None => {}
         }
-    }
-    drop(writer.client.take());
-    info!(
-        action = action::CLOSE_DATABASE,
-        result = result::SUCCESS,
-        storage = %writer.target
-    );
-    if let Some(done) = closing {
-        let _ = done.send(());
     }
 }
 
+/// What woke the writer.
+enum Event {
+    Finished(Result<Finished, tokio::task::JoinError>),
+    Request(Option<Request>),
+}
+
 impl Writer {
+    /// Plans from what is acknowledged: nothing is in flight.
+    fn reset_plan(&mut self) {
+        self.planned = self
+            .acked
+            .iter()
+            .map(|(&agency, r)| (agency, r.count as i64))
+            .collect();
+    }
+
+    /// Fails what raced in behind a close, drops the connections and says
+    /// so.
+    fn close(&mut self, requests: &mut mpsc::Receiver<Request>) {
+        requests.close();
+        while let Ok(request) = requests.try_recv() {
+            let closed = || "the database store is closed".to_string();
+            match request {
+                Request::Append(a) => {
+                    let _ = a.done.send(Err(closed()));
+                }
+                Request::Close(done) => {
+                    let _ = done.send(());
+                }
+                Request::Open(_, done) => {
+                    let _ = done.send(Err(closed()));
+                }
+                Request::Finish(_, done) => {
+                    let _ = done.send(Err(closed()));
+                }
+            }
+        }
+        self.idle.clear();
+        info!(
+            action = action::CLOSE_DATABASE,
+            result = result::SUCCESS,
+            storage = %self.target
+        );
+    }
+
+    /// A connection for a group or a statement: an idle one, or a new one.
+    async fn connection(&mut self) -> Result<Conn, String> {
+        while let Some(conn) = self.idle.pop() {
+            if !conn.client.is_closed() {
+                return Ok(conn);
+            }
+        }
+        let client = Conn::prepare(connect(&self.target, self.session).await?).await?;
+        if std::mem::take(&mut self.lost) {
+            info!(
+                action = action::DATABASE_CONNECT,
+                result = result::SUCCESS,
+                storage = %self.target,
+                state = "reconnected"
+            );
+        }
+        Ok(client)
+    }
+
+    /// Gives a connection back after a statement: kept if it worked.
+    fn give_back<T>(&mut self, client: Conn, outcome: &Result<T, String>) {
+        if outcome.is_ok() {
+            self.idle.push(client);
+        } else {
+            self.lost = true;
+        }
+    }
+
+    /// Plans a group from the batches waiting (up to the limits) and starts
+    /// its transaction.
+    async fn start_group(&mut self, waiting: &mut VecDeque<Append>) {
+        if let Err(why) = self.settle_doubt().await {
+            // Nothing can be written before the doubt is cleared: fail
+            // what waits, and try again with the next batches.
+            self.fail_waiting(waiting, &why);
+            return;
+        }
+        let mut pending = Vec::new();
+        let mut chunks = Vec::new();
+        let mut receipts: HashMap<AgencyId, Receipt> = HashMap::new();
+        let mut expected: Vec<(AgencyId, i64)> = Vec::new();
+        let mut rows = 0;
+        while let Some(next) = waiting.front() {
+            if pending.len() == MAX_GROUP || (rows > 0 && rows + next.rows.len() > MAX_GROUP_ROWS) {
+                break;
+            }
+            let a = waiting.pop_front().expect("looked at above");
+            if a.sequence.is_broken() {
+                let _ = a.done.send(Err(BEHIND_A_FAILED_BATCH.into()));
+                continue;
+            }
+            let agency = a.rows.agency();
+            let at = self.planned.get(&agency).copied().unwrap_or(0);
+            let after = at + a.rows.len() as i64;
+            // The receipt must describe exactly the rows committed with it.
+            if a.receipt.count as i64 != after {
+                a.sequence.mark_broken();
+                let _ = a.done.send(Err(format!(
+                    "agency {agency}: the batch's receipt counts {} bets, the table would hold \
+                     {after}",
+                    a.receipt.count
+                )));
+                continue;
+            }
+            if !receipts.contains_key(&agency) {
+                expected.push((agency, at));
+            }
+            self.planned.insert(agency, after);
+            // A later batch of the group supersedes it.
+            receipts.insert(agency, a.receipt);
+            rows += a.rows.len();
+            if !a.rows.is_empty() {
+                chunks.push((agency, a.rows.number_from(at)));
+            }
+            pending.push(Pending {
+                agency,
+                sequence: a.sequence,
+                done: a.done,
+            });
+        }
+        if pending.is_empty() {
+            return;
+        }
+        let updates: Vec<Update> = expected
+            .into_iter()
+            .map(|(agency, expected)| Update {
+                agency,
+                expected,
+                epoch: self.epochs.get(&agency).copied(),
+                receipt: receipts[&agency],
+            })
+            .collect();
+        let attempted = attempted_by(&updates);
+        let client = match self.connection().await {
+            Ok(client) => client,
+            Err(why) => {
+                self.lost = true;
+                warn!(
+                    action = action::STORE,
+                    result = result::FAIL,
+                    storage = %self.target,
+                    batches = pending.len(),
+                    error = why.as_str()
+                );
+                for p in pending {
+                    p.sequence.mark_broken();
+                    let _ = p.done.send(Err(why.clone()));
+                }
+                // Nothing of this group was written; the groups in flight
+                // may still commit, and the plan goes back to what they
+                // leave once they are answered.
+                self.failing = true;
+                return;
+            }
+        };
+        let (relay, baton) = relay();
+        let after = self.baton.replace(baton);
+        let task = tokio::spawn(store_group(client, Plan { chunks, updates }, after, relay));
+        self.in_flight.push_back(InFlight {
+            task,
+            pending,
+            receipts,
+            attempted,
+        });
+    }
+
+    /// Fails every batch waiting with `why`.
+    fn fail_waiting(&mut self, waiting: &mut VecDeque<Append>, why: &str) {
+        warn!(
+            action = action::STORE,
+            result = result::FAIL,
+            storage = %self.target,
+            batches = waiting.len(),
+            error = why
+        );
+        for a in waiting.drain(..) {
+            a.sequence.mark_broken();
+            let _ = a.done.send(Err(why.to_string()));
+        }
+    }
+
+    /// Answers a group's batches from how its transaction ended.
+    fn answer(&mut self, group: InFlight, finished: Result<Finished, tokio::task::JoinError>) {
+        let finished = finished.unwrap_or_else(|e| Finished {
+            client: None,
+            outcome: Outcome::Failed {
+                why: format!("the writer's task failed: {e}"),
+                attempted: group.attempted.clone(),
+            },
+        });
+        match finished.client {
+            Some(client) => self.idle.push(client),
+            None => self.lost = true,
+        }
+        let why = match finished.outcome {
+            Outcome::Stored { refused } => {
+                for (&agency, &receipt) in &group.receipts {
+                    if !refused.contains_key(&agency) {
+                        self.acked.insert(agency, receipt);
+                    }
+                }
+                for (&agency, why) in &refused {
+                    warn!(
+                        action = action::STORE,
+                        result = result::FAIL,
+                        storage = %self.target,
+                        agency,
+                        error = why.as_str()
+                    );
+                    // Later groups planned on top of the refused batches
+                    // are refused as well; plan from the table's count.
+                    let acked = self.acked.get(&agency).map_or(0, |r| r.count as i64);
+                    self.planned.insert(agency, acked);
+                }
+                for p in group.pending {
+                    match refused.get(&p.agency) {
+                        None => {
+                            let _ = p.done.send(Ok(()));
+                        }
+                        Some(why) => {
+                            let why = if p.sequence.is_broken() {
+                                BEHIND_A_FAILED_BATCH.to_string()
+                            } else {
+                                why.clone()
+                            };
+                            p.sequence.mark_broken();
+                            let _ = p.done.send(Err(why));
+                        }
+                    }
+                }
+                return;
+            }
+            Outcome::Behind => BEHIND_A_FAILED_GROUP.to_string(),
+            Outcome::Failed { why, attempted } => {
+                warn!(
+                    action = action::STORE,
+                    result = result::FAIL,
+                    storage = %self.target,
+                    batches = group.pending.len(),
+                    error = why.as_str()
+                );
+                // Cleared up before the next group (see `settle_doubt`).
+                self.attempted = attempted;
+                why
+            }
+        };
+        self.failing = true;
+        for p in group.pending {
+            // Before answering: a later batch of the same connection,
+            // already queued, must not be stored.
+            p.sequence.mark_broken();
+            let _ = p.done.send(Err(why.clone()));
+        }
+    }
+
     /// Clears up a commit whose answer was lost, if one is pending (see
     /// `attempted`), on a working connection.
     async fn settle_doubt(&mut self) -> Result<(), String> {
         if self.attempted.is_empty() {
             return Ok(());
         }
-        let (acked, attempted) = (self.acked.clone(), self.attempted.clone());
-        let epochs = self.epochs.clone();
-        let target = self.target.clone();
-        let client = reconnect(&mut self.client, &self.target, self.session).await?;
-        let removed = forget_unacknowledged(client, &acked, &attempted, &epochs).await?;
+        let mut client = self.connection().await.inspect_err(|_| self.lost = true)?;
+        let removed = forget_unacknowledged(
+            &mut client.client,
+            &self.acked,
+            &self.attempted,
+            &self.epochs,
+        )
+        .await;
+        self.give_back(client, &removed);
+        let removed = removed?;
         if removed > 0 {
             warn!(
                 action = action::STORE,
                 result = result::SUCCESS,
-                storage = %target,
+                storage = %self.target,
                 removed,
                 message = "removed bets whose commit was never acknowledged; \
                            their agencies send them again"
@@ -208,18 +657,10 @@ impl Writer {
 
     /// See [`Request::Open`].
     async fn open(&mut self, agency: AgencyId) -> Result<Agency, String> {
-        let opened = self.try_open(agency).await;
-        if opened.is_err() {
-            // Reconnect next time.
-            self.client = None;
-        }
-        opened
-    }
-
-    async fn try_open(&mut self, agency: AgencyId) -> Result<Agency, String> {
         self.settle_doubt().await?;
-        let client = reconnect(&mut self.client, &self.target, self.session).await?;
+        let client = self.connection().await.inspect_err(|_| self.lost = true)?;
         let row = client
+            .client
             .query_one(
                 "INSERT INTO agencies AS a (agency, epoch) VALUES ($1, 1) \
                  ON CONFLICT (agency) DO UPDATE SET epoch = a.epoch + 1 \
@@ -227,7 +668,9 @@ impl Writer {
                 &[&(agency as i32)],
             )
             .await
-            .map_err(reason)?;
+            .map_err(reason);
+        self.give_back(client, &row);
+        let row = row?;
         let (stored, digest, epoch, finished): (i64, Option<&[u8]>, i64, bool) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
         let receipt = if stored == 0 {
@@ -252,261 +695,222 @@ impl Writer {
 
     /// See [`Request::Finish`].
     async fn finish(&mut self, agency: AgencyId) -> Result<u32, String> {
-        let finished = self.try_finish(agency).await;
-        if finished.is_err() {
-            self.client = None;
+        let epoch = self.epochs.get(&agency).copied();
+        let mut client = self.connection().await.inspect_err(|_| self.lost = true)?;
+        let finished = announce(&mut client.client, agency, epoch).await;
+        // A refusal (superseded) leaves the connection as good as before.
+        match &finished {
+            Err(why) if *why != superseded(agency) => self.lost = true,
+            _ => self.idle.push(client),
         }
         finished
     }
+}
 
-    async fn try_finish(&mut self, agency: AgencyId) -> Result<u32, String> {
-        let epoch = self.epochs.get(&agency).copied();
-        let client = reconnect(&mut self.client, &self.target, self.session).await?;
-        let tx = client.transaction().await.map_err(reason)?;
-        // Announcements on different centrals take turns: two last ones
-        // at once would each count the other's as not yet committed, and
-        // neither would draw. Each statement after the lock sees every
-        // announcement committed before it.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&FINISH_LOCK])
-            .await
-            .map_err(reason)?;
-        let marked = tx
-            .execute(
-                "INSERT INTO agencies AS a (agency, finished) VALUES ($1, true) \
-                 ON CONFLICT (agency) DO UPDATE SET finished = true \
-                 WHERE $2::int8 IS NULL OR a.epoch = $2",
-                &[&(agency as i32), &epoch],
-            )
-            .await
-            .map_err(reason)?;
-        if marked == 0 {
-            return Err(superseded(agency));
-        }
-        let count: i64 = tx
-            .query_one("SELECT count(*) FROM agencies WHERE finished", &[])
-            .await
-            .map_err(reason)?
-            .get(0);
-        tx.commit().await.map_err(reason)?;
-        Ok(count as u32)
-    }
-
-    /// Stores `group` in one transaction and answers every batch of it.
-    /// Batches of a broken sequence are failed without being stored.
-    async fn store(&mut self, group: Vec<Append>) {
-        let (live, broken): (Vec<Append>, Vec<Append>) =
-            group.into_iter().partition(|a| !a.sequence.is_broken());
-        for a in broken {
-            let _ = a.done.send(Err(
-                "an earlier batch of this connection was not stored".into()
-            ));
-        }
-        if live.is_empty() {
-            return;
-        }
-        match self.commit(&live).await {
-            Ok((acked, refused)) => {
-                self.acked = acked;
-                self.attempted.clear();
-                for (agency, why) in &refused {
-                    warn!(
-                        action = action::STORE,
-                        result = result::FAIL,
-                        storage = %self.target,
-                        agency,
-                        error = why.as_str()
-                    );
-                }
-                for a in live {
-                    match agency_of(&a).and_then(|agency| refused.get(&agency)) {
-                        None => {
-                            let _ = a.done.send(Ok(()));
-                        }
-                        Some(why) => {
-                            a.sequence.mark_broken();
-                            let _ = a.done.send(Err(why.clone()));
-                        }
-                    }
-                }
-            }
-            Err(failed) => {
-                let why = match failed {
-                    // Nothing was written: no doubt to clear up later.
-                    Failed::Refused(why) => {
-                        self.attempted.clear();
-                        why
-                    }
-                    Failed::Unsure(why) => why,
-                };
-                warn!(
-                    action = action::STORE,
-                    result = result::FAIL,
-                    storage = %self.target,
-                    batches = live.len(),
-                    error = why.as_str()
-                );
-                // Dropped: the next group reconnects, and first checks for
-                // rows of a commit whose answer was lost (when it got as far
-                // as writing any: see `attempted`).
-                self.client = None;
-                for a in live {
-                    // Before answering: a later batch of the same
-                    // connection, already queued, must not be stored.
-                    a.sequence.mark_broken();
-                    let _ = a.done.send(Err(why.clone()));
-                }
-            }
-        }
-    }
-
-    /// One transaction: the rows, then the agencies' receipts. Returns the
-    /// receipts once committed, and the agencies whose batches were refused
-    /// (with why) and left out: the others' batches are stored all the same.
-    #[allow(clippy::type_complexity)]
-    async fn commit(
-        &mut self,
-        live: &[Append],
-    ) -> Result<(HashMap<AgencyId, Receipt>, HashMap<AgencyId, String>), Failed> {
-        self.settle_doubt().await?;
-        let acked = self.acked.clone();
-        let mut next: HashMap<AgencyId, i64> =
-            acked.iter().map(|(&a, r)| (a, r.count as i64)).collect();
-        let mut receipts = acked.clone();
-        let epochs = self.epochs.clone();
-        // Until the checks below say which batches are written, every one
-        // may be: should this attempt fail from here on, a commit that
-        // happened is told by its exact count (see `attempted`).
-        self.attempted = attempted_after(&next, live.iter());
-        let client = reconnect(&mut self.client, &self.target, self.session).await?;
-        let tx = client.transaction().await.map_err(reason)?;
-        // Each agency's row is locked until the commit, and must hold this
-        // central's session: its epoch (a newer session of the agency on
-        // another central fences this one) and what this central
-        // acknowledged. An agency that fails either has its batches left
-        // out, before anything is written, so nothing of another central's
-        // is ever taken for a lost commit; the other agencies' are stored.
-        let mut group: Vec<i32> = live
-            .iter()
-            .filter_map(|a| agency_of(a).map(|agency| agency as i32))
-            .collect();
-        group.sort_unstable();
-        group.dedup();
-        let held: HashMap<i32, (i64, i64)> = tx
-            .query(
-                "SELECT agency, stored, epoch FROM agencies WHERE agency = ANY($1) FOR UPDATE",
-                &[&group],
-            )
-            .await
-            .map_err(reason)?
-            .into_iter()
-            .map(|r| (r.get(0), (r.get(1), r.get(2))))
-            .collect();
-        let mut refused = HashMap::new();
-        for agency in group {
-            let (table, epoch) = held.get(&agency).copied().unwrap_or((0, 0));
-            let id = agency as AgencyId;
-            let ours = next.get(&id).copied().unwrap_or(0);
-            if epochs.get(&id).is_some_and(|&mine| mine != epoch) {
-                refused.insert(id, superseded(id));
-            } else if table != ours {
-                refused.insert(
-                    id,
-                    format!(
-                        "agency {agency}: the table holds {table} of its bets, this central \
-                         acknowledged {ours}; another central on this database stored them \
-                         (say HELLO again to resume from the table): nothing was stored"
-                    ),
-                );
-            }
-        }
-        let live: Vec<&Append> = live
-            .iter()
-            .filter(|a| agency_of(a).is_some_and(|agency| !refused.contains_key(&agency)))
-            .collect();
-        if live.is_empty() {
-            tx.rollback().await.map_err(reason)?;
-            return Ok((acked, refused));
-        }
-        // What the table holds if this commit happens: kept until it is
-        // answered, for `forget_unacknowledged` should the answer be lost.
-        self.attempted = attempted_after(&next, live.iter().copied());
-        let sink = tx.copy_in(COPY).await.map_err(reason)?;
-        let copy = BinaryCopyInWriter::new(sink, &COPY_TYPES);
-        futures::pin_mut!(copy);
-        for a in &live {
-            for bet in a.bets.iter() {
-                let seq = next.entry(bet.agency).or_insert(0);
-                let agency = i32::try_from(bet.agency).map_err(|e| e.to_string())?;
-                let number = i32::from(bet.number);
-                let row: [&(dyn ToSql + Sync); 7] = [
-                    &agency,
-                    seq,
-                    &bet.first_name,
-                    &bet.last_name,
-                    &bet.document,
-                    &bet.birthdate,
-                    &number,
-                ];
-                copy.as_mut().write(&row).await.map_err(reason)?;
-                *seq += 1;
-            }
-            // A batch holds one agency's bets; its receipt is that agency's
-            // after it (a later batch of the group supersedes it).
-            if let Some(first) = a.bets.iter().next() {
-                receipts.insert(first.agency, a.receipt);
-            }
-        }
-        copy.finish().await.map_err(reason)?;
-        let mut changed: Vec<(i32, i64, Vec<u8>)> = Vec::new();
-        for (&agency, receipt) in &receipts {
-            if acked.get(&agency) == Some(receipt) {
-                continue;
-            }
-            let count = next.get(&agency).copied().unwrap_or(0);
-            // The receipt must describe exactly the rows committed with it.
-            if receipt.count as i64 != count {
-                return Err(Failed::Refused(format!(
-                    "agency {agency}: the batch's receipt counts {} bets, the table would hold \
-                     {count}",
-                    receipt.count
-                )));
-            }
-            changed.push((agency as i32, count, receipt.digest.0.to_vec()));
-        }
-        let agencies: Vec<i32> = changed.iter().map(|c| c.0).collect();
-        let counts: Vec<i64> = changed.iter().map(|c| c.1).collect();
-        let digests: Vec<&[u8]> = changed.iter().map(|c| c.2.as_slice()).collect();
-        tx.execute(
-            "INSERT INTO agencies (agency, stored, digest) \
-             SELECT * FROM unnest($1::int4[], $2::int8[], $3::bytea[]) \
-             ON CONFLICT (agency) DO UPDATE SET stored = excluded.stored, digest = excluded.digest",
-            &[&agencies, &counts, &digests],
+/// Records that `agency` finished, fenced by `epoch`, and counts the
+/// agencies that did, on every central.
+async fn announce(
+    client: &mut Client,
+    agency: AgencyId,
+    epoch: Option<i64>,
+) -> Result<u32, String> {
+    let tx = client.transaction().await.map_err(reason)?;
+    // Announcements on different centrals take turns: two last ones at
+    // once would each count the other's as not yet committed, and neither
+    // would draw. Each statement after the lock sees every announcement
+    // committed before it.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&FINISH_LOCK])
+        .await
+        .map_err(reason)?;
+    let marked = tx
+        .execute(
+            "INSERT INTO agencies AS a (agency, finished) VALUES ($1, true) \
+             ON CONFLICT (agency) DO UPDATE SET finished = true \
+             WHERE $2::int8 IS NULL OR a.epoch = $2",
+            &[&(agency as i32), &epoch],
         )
         .await
         .map_err(reason)?;
-        tx.commit().await.map_err(reason)?;
-        Ok((receipts, refused))
+    if marked == 0 {
+        return Err(superseded(agency));
+    }
+    let count: i64 = tx
+        .query_one("SELECT count(*) FROM agencies WHERE finished", &[])
+        .await
+        .map_err(reason)?
+        .get(0);
+    tx.commit().await.map_err(reason)?;
+    Ok(count as u32)
+}
+
+/// One group's transaction, on its own connection (see the module's
+/// documentation for the order it keeps with the groups around it).
+async fn store_group(conn: Conn, plan: Plan, after: Option<Baton>, mut relay: Relay) -> Finished {
+    let Plan {
+        mut chunks,
+        mut updates,
+    } = plan;
+    let (mut after_locked, after_committed) = match after {
+        Some(b) => (Some(b.locked), Some(b.committed)),
+        None => (None, None),
+    };
+    let mut refused = HashMap::new();
+    let stored: Result<Outcome, String> = async {
+        loop {
+            copy(&conn, &chunks).await?;
+            if let Some(locked) = after_locked.take() {
+                if !locked.await.unwrap_or(false) {
+                    conn.client
+                        .batch_execute("ROLLBACK")
+                        .await
+                        .map_err(reason)?;
+                    return Ok(Outcome::Behind);
+                }
+            }
+            let left_out = update_agencies(&conn, &updates).await?;
+            if left_out.is_empty() {
+                break;
+            }
+            // Some agencies' rows are not what this central expects: leave
+            // their batches out, and store the others' all the same.
+            refused.extend(left_out);
+            conn.client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(reason)?;
+            updates.retain(|u| !refused.contains_key(&u.agency));
+            chunks.retain(|(agency, _)| !refused.contains_key(agency));
+            if updates.is_empty() {
+                signal(&mut relay.locked, true);
+                let before = match after_committed {
+                    Some(committed) => committed.await.unwrap_or(false),
+                    None => true,
+                };
+                signal(&mut relay.committed, before);
+                return Ok(Outcome::Stored { refused });
+            }
+        }
+        signal(&mut relay.locked, true);
+        if let Some(committed) = after_committed {
+            if !committed.await.unwrap_or(false) {
+                conn.client
+                    .batch_execute("ROLLBACK")
+                    .await
+                    .map_err(reason)?;
+                return Ok(Outcome::Behind);
+            }
+        }
+        conn.client.batch_execute("COMMIT").await.map_err(reason)?;
+        signal(&mut relay.committed, true);
+        Ok(Outcome::Stored { refused })
+    }
+    .await;
+    // Whatever happened, the next group hears of it (a dropped sender
+    // reads as a failure).
+    drop(relay);
+    match stored {
+        Ok(outcome) => Finished {
+            client: Some(conn),
+            outcome,
+        },
+        Err(why) => Finished {
+            // Its state is unknown: dropped, so the server rolls back
+            // whatever did not commit.
+            client: None,
+            outcome: Outcome::Failed {
+                why,
+                attempted: attempted_by(&updates),
+            },
+        },
     }
 }
 
-/// The counts per agency the table holds once `batches` are stored after
-/// `acked`.
-fn attempted_after<'a>(
-    acked: &HashMap<AgencyId, i64>,
-    batches: impl Iterator<Item = &'a Append>,
-) -> HashMap<AgencyId, i64> {
-    let mut counts = acked.clone();
-    for a in batches {
-        if let Some(agency) = agency_of(a) {
-            *counts.entry(agency).or_insert(0) += a.bets.len() as i64;
+/// Opens the group's transaction and copies its rows. `BEGIN` and the
+/// `COPY` go out together: one round trip fewer.
+async fn copy(conn: &Conn, chunks: &[(AgencyId, Bytes)]) -> Result<(), String> {
+    let (begun, sink) = futures::join!(
+        conn.client.batch_execute("BEGIN"),
+        conn.client.copy_in::<_, Bytes>(&conn.copy)
+    );
+    begun.map_err(reason)?;
+    let sink = sink.map_err(reason)?;
+    futures::pin_mut!(sink);
+    sink.feed(Bytes::from_static(HEADER))
+        .await
+        .map_err(reason)?;
+    for (_, rows) in chunks {
+        sink.feed(rows.clone()).await.map_err(reason)?;
+    }
+    sink.feed(Bytes::from_static(TRAILER))
+        .await
+        .map_err(reason)?;
+    sink.as_mut().finish().await.map_err(reason)?;
+    Ok(())
+}
+
+/// Locks the group's agencies' rows of `agencies` and checks that each
+/// still holds what this central expects (see the module's
+/// documentation); moves the counts and digests of those that do, and
+/// returns the others, with why.
+///
+/// The rows are locked with `SELECT … FOR UPDATE`, in order of agency (so
+/// two centrals never wait for each other in a cycle), which under `READ
+/// COMMITTED` waits for a transaction holding one (the group before, or
+/// another central's) and then reads the row as it committed.
+async fn update_agencies(
+    conn: &Conn,
+    updates: &[Update],
+) -> Result<HashMap<AgencyId, String>, String> {
+    let mut agencies: Vec<i32> = updates.iter().map(|u| u.agency as i32).collect();
+    agencies.sort_unstable();
+    let held: HashMap<i32, (i64, i64)> = conn
+        .client
+        .query(&conn.lock, &[&agencies])
+        .await
+        .map_err(reason)?
+        .into_iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let mut refused = HashMap::new();
+    let mut changed: Vec<&Update> = Vec::new();
+    for u in updates {
+        let agency = u.agency;
+        let (table, epoch) = held.get(&(agency as i32)).copied().unwrap_or((0, 0));
+        if u.epoch.is_some_and(|mine| mine != epoch) {
+            refused.insert(agency, superseded(agency));
+        } else if table != u.expected {
+            refused.insert(
+                agency,
+                format!(
+                    "agency {agency}: the table holds {table} of its bets, this central \
+                     acknowledged {}; another central on this database stored them \
+                     (say HELLO again to resume from the table): nothing was stored",
+                    u.expected
+                ),
+            );
+        } else {
+            changed.push(u);
         }
     }
-    counts
+    if !refused.is_empty() {
+        return Ok(refused);
+    }
+    let agencies: Vec<i32> = changed.iter().map(|u| u.agency as i32).collect();
+    let counts: Vec<i64> = changed.iter().map(|u| u.receipt.count as i64).collect();
+    let digests: Vec<&[u8]> = changed.iter().map(|u| &u.receipt.digest.0[..]).collect();
+    conn.client
+        .execute(&conn.upsert, &[&agencies, &counts, &digests])
+        .await
+        .map_err(reason)?;
+    Ok(refused)
 }
 
-/// The agency a batch is for (a batch holds one agency's bets).
-fn agency_of(a: &Append) -> Option<AgencyId> {
-    a.bets.iter().next().map(|bet| bet.agency)
+/// The counts per agency the table holds once `updates` commit.
+fn attempted_by(updates: &[Update]) -> HashMap<AgencyId, i64> {
+    updates
+        .iter()
+        .map(|u| (u.agency, u.receipt.count as i64))
+        .collect()
 }
 
 /// Why a fenced session's write is refused.
@@ -515,38 +919,6 @@ fn superseded(agency: AgencyId) -> String {
         "agency {agency}: superseded by a newer session of the agency on another central \
          (its epoch in table agencies moved on): nothing was stored"
     )
-}
-
-/// Why a group was not stored.
-enum Failed {
-    /// Refused before anything was written.
-    Refused(String),
-    /// The transaction failed; if its commit happened, the answer was lost.
-    Unsure(String),
-}
-
-impl From<String> for Failed {
-    fn from(why: String) -> Failed {
-        Failed::Unsure(why)
-    }
-}
-
-/// The writer's connection, opened again if the last one failed.
-async fn reconnect<'a>(
-    client: &'a mut Option<Client>,
-    target: &PgTarget,
-    session: Session,
-) -> Result<&'a mut Client, String> {
-    if client.as_ref().is_none_or(Client::is_closed) {
-        *client = Some(connect(target, session).await?);
-        info!(
-            action = action::DATABASE_CONNECT,
-            result = result::SUCCESS,
-            storage = %target,
-            state = "reconnected"
-        );
-    }
-    Ok(client.as_mut().expect("set above"))
 }
 
 /// Removes the rows beyond the acknowledged receipts `acked` (and sets the
