@@ -71,6 +71,26 @@ pub const MIGRATIONS: &[&str] = &[
         kept_as  text
     );
     ",
+    // 3: no index on bets (issue #13, point 7). Each btree index costs the
+    // server about as much per inserted row as the row itself and the
+    // central's work on it together (1.5 to 2 µs of CPU per row and index on
+    // the reference machine, where a whole bet costs the central and its
+    // agency about 2.4 µs): with both, the database took half the
+    // throughput. Neither pays for itself:
+    // - the key (agency, seq) only repeated a guarantee the writer already
+    //   holds: a group stores an agency's rows only while holding that
+    //   agency's row of `agencies` locked and finding there the count the
+    //   rows continue (so no two transactions, on any central, ever write the
+    //   same seq), and the draw checks the rows per agency against those
+    //   counts, and `verify` their digests;
+    // - the index on number served the draw's winners, but the draw reads
+    //   every row anyway to count them; a second scan for the winners adds
+    //   less than half a second over 10,000,000 rows (docs/PERFORMANCE.md).
+    // Reads in stored order (`verify`, a start on a drawn round) sort.
+    "
+    ALTER TABLE bets DROP CONSTRAINT bets_pkey;
+    DROP INDEX bets_number;
+    ",
 ];
 
 /// What [`migrate`] found and did.
