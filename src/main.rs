@@ -96,6 +96,10 @@ struct BenchArgs {
     /// hold no earlier round) rather than a fresh bets file.
     #[arg(long)]
     storage: Option<String>,
+    /// Centrals sharing the database named by --storage, agency i on
+    /// central (i - 1) mod K.
+    #[arg(long, default_value_t = 1, requires = "storage")]
+    centrals: u32,
 
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -461,7 +465,9 @@ async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Resu
                 batch_max_amount: config.agency.batch_max_amount,
                 work_dir: args.work_dir,
                 storage: args.storage,
+                centrals: args.centrals,
             };
+            anyhow::ensure!(opts.centrals >= 1, "--centrals must be at least 1");
             print!("{}", bench::run(opts, token).await?.render());
             Ok(())
         }

@@ -38,6 +38,9 @@ pub struct BenchOptions {
     /// Store into this (a PostgreSQL URL, whose database must hold no
     /// earlier round) instead of a fresh bets file in the work directory.
     pub storage: Option<String>,
+    /// Centrals sharing `storage` (1 without it), agency `i` on central
+    /// `(i - 1) mod centrals`.
+    pub centrals: u32,
 }
 
 /// What was measured.
@@ -53,11 +56,11 @@ pub struct BenchReport {
     pub p50: Duration,
     /// 99th percentile batch acknowledgement latency.
     pub p99: Duration,
-    /// The draw's scan of the bets file, as the server logged it.
+    /// The draw's tally, as the central that drew logged it.
     pub draw: Duration,
-    /// The server's peak resident memory, in KiB.
+    /// The largest peak resident memory of a central, in KiB.
     pub server_peak_rss_kib: u64,
-    /// CPU time (user and system) the server used during the run.
+    /// CPU time (user and system) the centrals used during the run.
     pub server_cpu: Duration,
     /// CPU time the agencies (this process) used during the run.
     pub agencies_cpu: Duration,
@@ -76,7 +79,7 @@ impl BenchReport {
     pub fn render(&self) -> String {
         let o = &self.options;
         format!(
-            "{} agencies x {} bets, window {}, {}\n\
+            "{} agencies x {} bets, window {}, {}{}\n\
              {} bets in {:.2} s: {:.0} bets/s\n\
              batch acknowledgement latency: p50 {:.2} ms, p99 {:.2} ms\n\
              draw: {} ms\n\
@@ -86,6 +89,11 @@ impl BenchReport {
             o.agencies,
             o.bets_per_agency,
             o.window,
+            if o.centrals > 1 {
+                format!("{} centrals, ", o.centrals)
+            } else {
+                String::new()
+            },
             match (o.no_sync, o.storage.is_some()) {
                 (true, false) => "NO SYNC (acknowledged from the page cache; not durable)",
                 (true, true) => "NO SYNC (synchronous_commit off; not durable)",
@@ -119,7 +127,7 @@ struct ServerProcess {
     child: Child,
     /// Failure events, kept as they are read.
     fails: Arc<Mutex<Fails>>,
-    /// The `listen` and `sorteo` events, as they arrive.
+    /// The `listen` event, once it arrives.
     milestones: std::sync::mpsc::Receiver<serde_json::Value>,
 }
 
@@ -163,28 +171,29 @@ impl Drop for ServerProcess {
     }
 }
 
-impl ServerProcess {
-    /// Waits for the next milestone, which must be `action`.
-    fn milestone(&self, action: &str) -> anyhow::Result<serde_json::Value> {
-        let event = self
-            .milestones
-            .recv_timeout(MILESTONE_PATIENCE)
-            .with_context(|| format!("the server did not log {action}"))?;
-        anyhow::ensure!(
-            event["action"] == action,
-            "expected the server's {action} event, got {event}"
-        );
-        Ok(event)
-    }
+/// Waits for the next event on `events`, which must be `action`.
+fn milestone(
+    events: &std::sync::mpsc::Receiver<serde_json::Value>,
+    action: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let event = events
+        .recv_timeout(MILESTONE_PATIENCE)
+        .with_context(|| format!("the server did not log {action}"))?;
+    anyhow::ensure!(
+        event["action"] == action,
+        "expected the server's {action} event, got {event}"
+    );
+    Ok(event)
 }
 
-/// Starts the server on a free port, logging JSON lines so its events are
+/// Starts a server on a free port, logging JSON lines so its events are
 /// read as data rather than parsed out of text, and returns it with the
-/// loopback address it listens on.
+/// loopback address it listens on. Its `sorteo` event goes to `draws`.
 fn start_server(
     dir: &Path,
     opts: &BenchOptions,
     secrets: &RunSecrets,
+    draws: std::sync::mpsc::Sender<serde_json::Value>,
 ) -> anyhow::Result<(ServerProcess, std::net::SocketAddr)> {
     let secrets_file = dir.join("secrets.toml");
     std::fs::write(&secrets_file, secrets.to_toml())
@@ -244,9 +253,11 @@ fn start_server(
                     } else {
                         fails.failed.push(line);
                     }
-                } else if event["action"] == action::LISTEN || event["action"] == action::SORTEO {
+                } else if event["action"] == action::LISTEN {
                     // Keep only what the report needs; per-batch events are many.
                     let _ = tx.send(event);
+                } else if event["action"] == action::SORTEO {
+                    let _ = draws.send(event);
                 }
             }
         });
@@ -256,7 +267,7 @@ fn start_server(
         fails,
         milestones,
     };
-    let listen = server.milestone(action::LISTEN)?;
+    let listen = milestone(&server.milestones, action::LISTEN)?;
     let port = listen["address"]
         .as_str()
         .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
@@ -324,20 +335,32 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
     dir.fresh_storage()?;
     // Measured as it is run: authenticated.
     let secrets = RunSecrets::generate(opts.agencies);
-    let (server, address) = start_server(dir.path(), &opts, &secrets)?;
+    let (draws_tx, draws) = std::sync::mpsc::channel();
+    let mut servers = Vec::new();
+    let mut addresses = Vec::new();
+    for _ in 0..opts.centrals.max(1) {
+        let (server, address) = start_server(dir.path(), &opts, &secrets, draws_tx.clone())?;
+        servers.push(server);
+        addresses.push(address);
+    }
+    let server_cpu = |servers: &[ServerProcess]| -> Duration {
+        servers
+            .iter()
+            .map(|s| cpu_time(&s.child.id().to_string()))
+            .sum()
+    };
 
     let total = u64::from(opts.agencies) * opts.bets_per_agency;
     let root = shutdown.child_token();
     let _guard = root.clone().drop_guard();
-    let server_pid = server.child.id().to_string();
-    let (server_cpu_before, own_cpu_before) = (cpu_time(&server_pid), cpu_time("self"));
+    let (server_cpu_before, own_cpu_before) = (server_cpu(&servers), cpu_time("self"));
     let started = Instant::now();
     let template = AgencyConfig {
         batch_max_amount: opts.batch_max_amount,
         window: opts.window,
         ..AgencyConfig::default()
     };
-    let fleet = Fleet::start(opts.agencies, &template, address, &data, &secrets, &root);
+    let fleet = Fleet::start(opts.agencies, &template, &addresses, &data, &secrets, &root);
     let progress = fleet.progress();
     let ticker = tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(1));
@@ -360,18 +383,24 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
     };
     let elapsed = started.elapsed();
 
-    let peak = peak_rss_kib(server.child.id());
-    let server_cpu = cpu_time(&server_pid).saturating_sub(server_cpu_before);
+    let peak = servers
+        .iter()
+        .map(|s| peak_rss_kib(s.child.id()))
+        .max()
+        .unwrap_or(0);
+    let server_cpu = server_cpu(&servers).saturating_sub(server_cpu_before);
     let agencies_cpu = cpu_time("self").saturating_sub(own_cpu_before);
-    // The draw's event may still be on its way through the pipe.
-    let drawn = server.milestone(action::SORTEO)?;
-    let refused = {
+    // The draw's event may still be on its way through the pipe. With
+    // several centrals, one of them draws.
+    let drawn = milestone(&draws, action::SORTEO)?;
+    let mut refused = Vec::new();
+    for server in &servers {
         let fails = server.fails.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(fail) = fails.failed.first() {
-            bail!("the server reported a failure: {fail}");
+            bail!("a server reported a failure: {fail}");
         }
-        fails.refused.clone()
-    };
+        refused.extend(fails.refused.iter().cloned());
+    }
     let draw = drawn["millis"]
         .as_u64()
         .map(Duration::from_millis)

@@ -132,7 +132,7 @@ pub async fn run(
     let reports = Fleet::start(
         opts.agencies,
         &template,
-        address,
+        &[address],
         &data_dir,
         &secrets,
         &root,

@@ -207,8 +207,8 @@ pub async fn generate(dir: &Path, opts: GenOptions) -> anyhow::Result<Vec<Genera
 
 type Outcome = (AgencyId, Result<Option<AgencyReport>, AgencyError>);
 
-/// Agencies `1..=n` running in this process against one central, each
-/// reading `agency-{id}.csv` from one directory.
+/// Agencies `1..=n` running in this process against one central or
+/// several, each reading `agency-{id}.csv` from one directory.
 #[derive(Debug)]
 pub struct Fleet {
     tasks: JoinSet<Outcome>,
@@ -217,12 +217,15 @@ pub struct Fleet {
 
 impl Fleet {
     /// Starts agencies `1..=agencies`, each as `template` with its own id,
-    /// `address`, data file in `data_dir` and secret from `secrets`, under
-    /// a child of `shutdown`.
+    /// data file in `data_dir` and secret from `secrets`, under a child of
+    /// `shutdown`; agency `id` talks to `centrals[(id - 1) % len]`.
+    ///
+    /// # Panics
+    /// If `centrals` is empty.
     pub fn start(
         agencies: u32,
         template: &AgencyConfig,
-        address: SocketAddr,
+        centrals: &[SocketAddr],
         data_dir: &Path,
         secrets: &RunSecrets,
         shutdown: &CancellationToken,
@@ -236,7 +239,7 @@ impl Fleet {
         for id in 1..=agencies {
             let config = AgencyConfig {
                 id,
-                server_address: address.into(),
+                server_address: centrals[(id as usize - 1) % centrals.len()].into(),
                 data_file: data_file.clone(),
                 secret: secrets.agencies.get(&id).cloned().unwrap_or_default(),
                 ..template.clone()
