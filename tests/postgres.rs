@@ -1714,3 +1714,57 @@ fn the_primary_killed_and_its_synchronous_standby_promoted_loses_no_acknowledged
     assert!(log.contains("state: reconnected"), "{log}");
     assert_eq!(log.matches("action: sorteo | result: success").count(), 1);
 }
+
+/// The load tool against the database with several centrals: every bet of
+/// every agency stored once, whichever central it went through, and one
+/// draw reported.
+#[test]
+fn bench_with_three_centrals_stores_every_bet_once_and_reports_one_draw() {
+    let Some(pg) = PgCluster::start_or_skip("bench_with_three_centrals") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let work = tempfile::tempdir().unwrap();
+    let out = lottery()
+        .args(["bench", "--agencies", "4", "--bets-per-agency", "1500"])
+        .args(["--storage", &url, "--centrals", "3"])
+        .arg("--work-dir")
+        .arg(work.path())
+        .env("LOTTERY_CONFIG", "/dev/null")
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        report.contains(
+            "4 agencies x 1500 bets, window 8, 3 centrals, durable acknowledgements \
+             (PostgreSQL, synchronous commit)"
+        ),
+        "{report}"
+    );
+    assert!(report.contains("6000 bets in "), "{report}");
+    assert!(report.contains("reconnects: 0, "), "{report}");
+    let expected = expected(&work.path().join("data"), 4, WINNING);
+    assert_eq!(stored_rows(&pg, "lottery"), expected.rows);
+    assert_eq!(
+        pg.query("lottery", "SELECT count(*) FROM draw"),
+        vec![vec![Some("1".to_string())]]
+    );
+}
+
+#[test]
+fn bench_centrals_need_a_database() {
+    let out = lottery()
+        .args(["bench", "--centrals", "2"])
+        .env("LOTTERY_CONFIG", "/dev/null")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--storage"), "{err}");
+}
