@@ -1768,3 +1768,114 @@ fn bench_centrals_need_a_database() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--storage"), "{err}");
 }
+
+/// An agency that never said HELLO has no row in `agencies` until its
+/// first batch's transaction makes one: batches of it in groups in flight
+/// one behind the other are each stored after the last, not refused.
+#[test]
+fn a_new_agency_s_batches_in_groups_one_behind_the_other_are_all_stored() {
+    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
+    let Some(pg) = PgCluster::start_or_skip("a_new_agency_s_batches_in_groups") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    runtime().block_on(async {
+        let (store, _) = PostgresStore::open(&target(&url), Durability::Sync, STEP)
+            .await
+            .unwrap();
+        let sequence = Sequence::new();
+        let mut receipt = None;
+        let mut pending = Vec::new();
+        for i in 0..12u32 {
+            let bets = batch(7, i * 10..i * 10 + 10);
+            let next = after(receipt, 7, &bets);
+            receipt = Some(next);
+            pending.push(store.submit(&bets, 0, &sequence, next).await.unwrap());
+            // Each batch a group of its own, started before the last commits.
+            tokio::task::yield_now().await;
+        }
+        for (i, stored) in pending.into_iter().enumerate() {
+            stored
+                .await
+                .unwrap_or_else(|e| panic!("batch {i} refused: {e}"));
+        }
+        store.close().await;
+    });
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT count(*), count(DISTINCT seq), min(seq), max(seq), \
+                    (SELECT stored FROM agencies WHERE agency = 7) FROM bets"
+        ),
+        vec![vec![
+            Some("120".to_string()),
+            Some("120".to_string()),
+            Some("0".to_string()),
+            Some("119".to_string()),
+            Some("120".to_string())
+        ]]
+    );
+}
+
+/// Two centrals storing the first bets of the same agency at once (an
+/// agency that never said HELLO, so no session fences either): one is
+/// stored, the other refused, never both: nothing in the table but the
+/// writers' check keeps a `seq` from being written twice.
+#[test]
+fn two_centrals_storing_a_new_agency_s_first_bets_at_once_store_them_once() {
+    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
+    let Some(pg) = PgCluster::start_or_skip("two_centrals_storing_a_new_agency") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let outcomes = runtime().block_on(async {
+        let (one, _) = PostgresStore::open(&target(&url), Durability::Sync, STEP)
+            .await
+            .unwrap();
+        let (two, _) = PostgresStore::open(&target(&url), Durability::Sync, STEP)
+            .await
+            .unwrap();
+        let mut outcomes = Vec::new();
+        for round in 0..5u32 {
+            let agency = 10 + round;
+            let bets = batch(agency, 0..50);
+            let receipt = after(None, agency, &bets);
+            let a = one
+                .submit(&bets, 0, &Sequence::new(), receipt)
+                .await
+                .unwrap();
+            let b = two
+                .submit(&bets, 0, &Sequence::new(), receipt)
+                .await
+                .unwrap();
+            let (a, b) = futures::join!(a, b);
+            outcomes.push((agency, a.is_ok(), b.is_ok()));
+        }
+        one.close().await;
+        two.close().await;
+        outcomes
+    });
+    for (agency, a, b) in outcomes {
+        assert!(a || b, "agency {agency}: neither central stored its bets");
+        assert!(
+            !(a && b),
+            "agency {agency}: both centrals acknowledged its bets"
+        );
+        assert_eq!(
+            pg.query(
+                "lottery",
+                &format!(
+                    "SELECT count(*), count(DISTINCT seq), \
+                     (SELECT stored FROM agencies WHERE agency = {agency}) \
+                     FROM bets WHERE agency = {agency}"
+                )
+            ),
+            vec![vec![
+                Some("50".to_string()),
+                Some("50".to_string()),
+                Some("50".to_string())
+            ]],
+            "agency {agency}"
+        );
+    }
+}

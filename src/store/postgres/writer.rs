@@ -188,9 +188,16 @@ enum Outcome {
 struct Conn {
     client: Client,
     copy: Statement,
+    create: Statement,
     lock: Statement,
     upsert: Statement,
 }
+
+/// Makes sure each of the group's agencies has its row in `agencies`, so
+/// that [`LOCK_AGENCIES`] has a row to lock: a row another transaction is
+/// inserting is waited for (the conflict), then left as that one made it.
+const CREATE_AGENCIES: &str = "INSERT INTO agencies (agency) \
+    SELECT a FROM unnest($1::int4[]) AS a ORDER BY a ON CONFLICT (agency) DO NOTHING";
 
 /// Locks the group's agencies' rows (see [`update_agencies`]).
 const LOCK_AGENCIES: &str = "SELECT agency, stored, epoch FROM agencies WHERE agency = ANY($1) \
@@ -203,8 +210,9 @@ const UPSERT_AGENCIES: &str = "INSERT INTO agencies (agency, stored, digest) \
 
 impl Conn {
     async fn prepare(client: Client) -> Result<Conn, String> {
-        let (copy, lock, upsert) = futures::try_join!(
+        let (copy, create, lock, upsert) = futures::try_join!(
             client.prepare(COPY),
+            client.prepare(CREATE_AGENCIES),
             client.prepare(LOCK_AGENCIES),
             client.prepare(UPSERT_AGENCIES)
         )
@@ -212,6 +220,7 @@ impl Conn {
         Ok(Conn {
             client,
             copy,
+            create,
             lock,
             upsert,
         })
@@ -493,6 +502,8 @@ impl Writer {
         if pending.is_empty() {
             return;
         }
+        // In order of agency, as every transaction locks them.
+        expected.sort_unstable();
         let updates: Vec<Update> = expected
             .into_iter()
             .map(|(agency, expected)| Update {
@@ -518,10 +529,14 @@ impl Writer {
                     p.sequence.mark_broken();
                     let _ = p.done.send(Err(why.clone()));
                 }
-                // Nothing of this group was written; the groups in flight
-                // may still commit, and the plan goes back to what they
-                // leave once they are answered.
-                self.failing = true;
+                // Nothing of this group was written. The plan goes back to
+                // what is acknowledged: now, or once the groups in flight
+                // (which may still commit) are answered.
+                if self.in_flight.is_empty() {
+                    self.reset_plan();
+                } else {
+                    self.failing = true;
+                }
                 return;
             }
         };
@@ -612,7 +627,12 @@ impl Writer {
                     error = why.as_str()
                 );
                 // Cleared up before the next group (see `settle_doubt`).
-                self.attempted = attempted;
+                // Groups behind this one roll back without committing;
+                // should one of them fail too, what this one may have
+                // committed stays the doubt.
+                for (agency, count) in attempted {
+                    self.attempted.entry(agency).or_insert(count);
+                }
                 why
             }
         };
@@ -755,15 +775,14 @@ async fn store_group(conn: Conn, plan: Plan, after: Option<Baton>, mut relay: Re
         None => (None, None),
     };
     let mut refused = HashMap::new();
+    // A rollback that failed leaves the connection in doubt.
+    let mut reusable = true;
     let stored: Result<Outcome, String> = async {
         loop {
             copy(&conn, &chunks).await?;
             if let Some(locked) = after_locked.take() {
                 if !locked.await.unwrap_or(false) {
-                    conn.client
-                        .batch_execute("ROLLBACK")
-                        .await
-                        .map_err(reason)?;
+                    reusable = roll_back(&conn).await;
                     return Ok(Outcome::Behind);
                 }
             }
@@ -774,10 +793,9 @@ async fn store_group(conn: Conn, plan: Plan, after: Option<Baton>, mut relay: Re
             // Some agencies' rows are not what this central expects: leave
             // their batches out, and store the others' all the same.
             refused.extend(left_out);
-            conn.client
-                .batch_execute("ROLLBACK")
-                .await
-                .map_err(reason)?;
+            if !roll_back(&conn).await {
+                return Err("the transaction could not be rolled back".to_string());
+            }
             updates.retain(|u| !refused.contains_key(&u.agency));
             chunks.retain(|(agency, _)| !refused.contains_key(agency));
             if updates.is_empty() {
@@ -793,10 +811,7 @@ async fn store_group(conn: Conn, plan: Plan, after: Option<Baton>, mut relay: Re
         signal(&mut relay.locked, true);
         if let Some(committed) = after_committed {
             if !committed.await.unwrap_or(false) {
-                conn.client
-                    .batch_execute("ROLLBACK")
-                    .await
-                    .map_err(reason)?;
+                reusable = roll_back(&conn).await;
                 return Ok(Outcome::Behind);
             }
         }
@@ -810,7 +825,7 @@ async fn store_group(conn: Conn, plan: Plan, after: Option<Baton>, mut relay: Re
     drop(relay);
     match stored {
         Ok(outcome) => Finished {
-            client: Some(conn),
+            client: reusable.then_some(conn),
             outcome,
         },
         Err(why) => Finished {
@@ -823,6 +838,12 @@ async fn store_group(conn: Conn, plan: Plan, after: Option<Baton>, mut relay: Re
             },
         },
     }
+}
+
+/// Ends the group's transaction without committing: whether the connection
+/// can be used again.
+async fn roll_back(conn: &Conn) -> bool {
+    conn.client.batch_execute("ROLLBACK").await.is_ok()
 }
 
 /// Opens the group's transaction and copies its rows. `BEGIN` and the
@@ -863,11 +884,17 @@ async fn update_agencies(
 ) -> Result<HashMap<AgencyId, String>, String> {
     let mut agencies: Vec<i32> = updates.iter().map(|u| u.agency as i32).collect();
     agencies.sort_unstable();
-    let held: HashMap<i32, (i64, i64)> = conn
-        .client
-        .query(&conn.lock, &[&agencies])
-        .await
-        .map_err(reason)?
+    // Both go out at once; the server runs them in order. Without the
+    // first, an agency's first rows, inserted by a transaction not yet
+    // committed (the group before, or another central's), would have no
+    // row to lock, and would read as none stored.
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&agencies];
+    let (_, held) = futures::try_join!(
+        conn.client.execute(&conn.create, &params),
+        conn.client.query(&conn.lock, &params)
+    )
+    .map_err(reason)?;
+    let held: HashMap<i32, (i64, i64)> = held
         .into_iter()
         .map(|r| (r.get(0), (r.get(1), r.get(2))))
         .collect();
@@ -934,7 +961,10 @@ async fn forget_unacknowledged(
 ) -> Result<u64, String> {
     let tx = client.transaction().await.map_err(reason)?;
     let rows = tx
-        .query("SELECT agency, stored, epoch FROM agencies FOR UPDATE", &[])
+        .query(
+            "SELECT agency, stored, epoch FROM agencies ORDER BY agency FOR UPDATE",
+            &[],
+        )
         .await
         .map_err(reason)?;
     let mut removed = 0;
