@@ -37,7 +37,7 @@
 //! acknowledged counts: a commit whose answer was lost may still have
 //! happened, and those bets, never acknowledged, will be sent again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use bytes::Bytes;
 use futures::SinkExt;
@@ -122,6 +122,9 @@ struct Update {
     epoch: Option<i64>,
     /// The receipt after the group: its count is the table's count after.
     receipt: Receipt,
+    /// The agency's row in `agencies` is known to be committed (see
+    /// `Writer::rows`): nothing to create before locking it.
+    row_exists: bool,
 }
 
 /// A group as its transaction writes it.
@@ -270,6 +273,9 @@ struct Writer {
     /// write for the agency, or a newer session opened on another central.
     /// Absent for an agency that never said HELLO here (a reference agency).
     epochs: HashMap<AgencyId, i64>,
+    /// Agencies whose row in `agencies` this writer saw committed. Rows are
+    /// never deleted while centrals run, so a group need not create these.
+    rows: HashSet<AgencyId>,
     /// The groups in flight, in the order they commit.
     in_flight: VecDeque<InFlight>,
     /// The relay from the group planned last, for the next one.
@@ -295,6 +301,7 @@ pub async fn run(
         idle,
         lost: false,
         planned: HashMap::new(),
+        rows: stored.keys().copied().collect(),
         acked: stored,
         attempted: HashMap::new(),
         epochs: HashMap::new(),
@@ -511,6 +518,7 @@ impl Writer {
                 expected,
                 epoch: self.epochs.get(&agency).copied(),
                 receipt: receipts[&agency],
+                row_exists: self.rows.contains(&agency),
             })
             .collect();
         let attempted = attempted_by(&updates);
@@ -584,6 +592,7 @@ impl Writer {
                 for (&agency, &receipt) in &group.receipts {
                     if !refused.contains_key(&agency) {
                         self.acked.insert(agency, receipt);
+                        self.rows.insert(agency);
                     }
                 }
                 for (&agency, why) in &refused {
@@ -710,6 +719,7 @@ impl Writer {
             self.acked.insert(agency, receipt);
         }
         self.epochs.insert(agency, epoch);
+        self.rows.insert(agency);
         Ok(Agency { receipt, finished })
     }
 
@@ -884,15 +894,21 @@ async fn update_agencies(
 ) -> Result<HashMap<AgencyId, String>, String> {
     let mut agencies: Vec<i32> = updates.iter().map(|u| u.agency as i32).collect();
     agencies.sort_unstable();
-    // Both go out at once; the server runs them in order. Without the
-    // first, an agency's first rows, inserted by a transaction not yet
-    // committed (the group before, or another central's), would have no
-    // row to lock, and would read as none stored.
+    // An agency whose row this writer has not seen committed gets it
+    // created first, in the same round trip (the server runs the two in
+    // order): otherwise a row inserted by a transaction not yet committed
+    // (the group before, or another central's) would be there to lock for
+    // no one, and its agency would read as none stored.
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&agencies];
-    let (_, held) = futures::try_join!(
-        conn.client.execute(&conn.create, &params),
-        conn.client.query(&conn.lock, &params)
-    )
+    let held = if updates.iter().all(|u| u.row_exists) {
+        conn.client.query(&conn.lock, &params).await
+    } else {
+        futures::try_join!(
+            conn.client.execute(&conn.create, &params),
+            conn.client.query(&conn.lock, &params)
+        )
+        .map(|(_, held)| held)
+    }
     .map_err(reason)?;
     let held: HashMap<i32, (i64, i64)> = held
         .into_iter()
