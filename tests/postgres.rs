@@ -1471,12 +1471,12 @@ fn an_agency_moving_to_another_central_resumes_there_and_fences_the_old_session(
         );
         other.await.unwrap();
         // The older session cannot announce the end either.
-        let err = a.finish(1).await.unwrap_err().to_string();
+        let err = a.finish(1, 1).await.unwrap_err().to_string();
         assert!(err.contains("superseded"), "{err}");
         // The newer session stores the rest, nothing twice, and finishes.
         let rest = b.submit(&batch(1, 3..6), 0, &Sequence::new(), second);
         rest.await.unwrap().await.unwrap();
-        assert_eq!(b.finish(1).await.unwrap(), 1);
+        assert_eq!(b.finish(1, 1).await.unwrap(), 1);
         a.close().await;
         b.close().await;
     });
@@ -1592,7 +1592,7 @@ fn the_last_two_announcements_on_two_centrals_at_once_count_every_agency() {
     for round in 0..20 {
         // Whichever commits second must see the other's announcement, or
         // neither central would draw.
-        let (one, two) = rt.block_on(async { tokio::join!(a.finish(1), b.finish(2)) });
+        let (one, two) = rt.block_on(async { tokio::join!(a.finish(1, 2), b.finish(2, 2)) });
         let (one, two) = (one.unwrap(), two.unwrap());
         assert_eq!(one.max(two), 2, "round {round}: {one}, {two}");
         pg.query("lottery", "UPDATE agencies SET finished = false");
@@ -1601,6 +1601,36 @@ fn the_last_two_announcements_on_two_centrals_at_once_count_every_agency() {
         a.close().await;
         b.close().await;
     });
+}
+
+/// An agency above the configured number that finished (a row left by a
+/// central configured for more agencies) is not one of this lottery's: it
+/// neither completes the set early nor keeps it from completing.
+#[test]
+fn only_the_configured_agencies_count_as_finished() {
+    use lottery::store::{postgres::PostgresStore, Durability, Store};
+    let Some(pg) = PgCluster::start_or_skip("only_the_configured_agencies_count") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let rt = runtime();
+    let (store, _) = rt
+        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
+        .unwrap();
+    pg.query(
+        "lottery",
+        "INSERT INTO agencies (agency, finished) VALUES (7, true)",
+    );
+    let counts: Vec<u32> = rt.block_on(async {
+        let mut counts = Vec::new();
+        for agency in 1..=3 {
+            store.open_session(agency).await.unwrap();
+            counts.push(store.finish(agency, 3).await.unwrap());
+        }
+        store.close().await;
+        counts
+    });
+    assert_eq!(counts, [1, 2, 3]);
 }
 
 #[test]

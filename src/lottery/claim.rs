@@ -122,7 +122,7 @@ impl Claim {
         // other centrals.
         let everywhere = if store.shared() {
             let finished = store
-                .finish(agency)
+                .finish(agency, self.lottery.shared.agencies)
                 .await
                 .map_err(|e| LotteryError::Store(e.to_string()))?;
             Some(finished)

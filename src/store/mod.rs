@@ -120,13 +120,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     }
 
     /// A shared store: records for good that `agency` finished, and returns
-    /// how many agencies have finished, on every central.
+    /// how many of the lottery's agencies (`1..=agencies`) have finished,
+    /// on every central. A row of an agency above them (left by a central
+    /// configured for more) would otherwise complete the set early.
     ///
     /// # Errors
     /// The store could not be reached, or a newer session of the agency
     /// opened on another central.
-    fn finish(&self, agency: AgencyId) -> BoxFuture<'_, Result<u32, StorageError>> {
-        let _ = agency;
+    fn finish(&self, agency: AgencyId, agencies: u32) -> BoxFuture<'_, Result<u32, StorageError>> {
+        let _ = (agency, agencies);
         unshared()
     }
 

@@ -154,7 +154,7 @@ impl std::fmt::Debug for writer::Request {
             writer::Request::Append(a) => write!(f, "Append({} bets)", a.rows.len()),
             writer::Request::Close(_) => f.write_str("Close"),
             writer::Request::Open(agency, _) => write!(f, "Open({agency})"),
-            writer::Request::Finish(agency, _) => write!(f, "Finish({agency})"),
+            writer::Request::Finish(agency, _, _) => write!(f, "Finish({agency})"),
         }
     }
 }
@@ -570,8 +570,8 @@ impl Store for PostgresStore {
             .boxed()
     }
 
-    fn finish(&self, agency: AgencyId) -> BoxFuture<'_, Result<u32, StorageError>> {
-        self.ask(move |done| writer::Request::Finish(agency, done))
+    fn finish(&self, agency: AgencyId, agencies: u32) -> BoxFuture<'_, Result<u32, StorageError>> {
+        self.ask(move |done| writer::Request::Finish(agency, agencies, done))
             .boxed()
     }
 

@@ -98,8 +98,9 @@ pub enum Request {
     /// the commits: the counts it reads are final.
     Open(AgencyId, oneshot::Sender<Result<Agency, String>>),
     /// The agency finished: record it (fenced by the session's epoch), and
-    /// answer how many agencies have finished, on every central.
-    Finish(AgencyId, oneshot::Sender<Result<u32, String>>),
+    /// answer how many of agencies `1..=n` (the second field) have
+    /// finished, on every central.
+    Finish(AgencyId, u32, oneshot::Sender<Result<u32, String>>),
     /// Store what was sent before, close the connections, then answer.
     Close(oneshot::Sender<()>),
 }
@@ -363,8 +364,8 @@ pub async fn run(
                 let _ = done.send(writer.open(agency).await);
                 writer.reset_plan();
             }
-            Some(Request::Finish(agency, done)) => {
-                let _ = done.send(writer.finish(agency).await);
+            Some(Request::Finish(agency, agencies, done)) => {
+                let _ = done.send(writer.finish(agency, agencies).await);
             }
             Some(Request::Close(done)) => {
                 writer.close(&mut requests);
@@ -413,7 +414,7 @@ impl Writer {
                 Request::Open(_, done) => {
                     let _ = done.send(Err(closed()));
                 }
-                Request::Finish(_, done) => {
+                Request::Finish(_, _, done) => {
                     let _ = done.send(Err(closed()));
                 }
             }
@@ -724,10 +725,10 @@ impl Writer {
     }
 
     /// See [`Request::Finish`].
-    async fn finish(&mut self, agency: AgencyId) -> Result<u32, String> {
+    async fn finish(&mut self, agency: AgencyId, agencies: u32) -> Result<u32, String> {
         let epoch = self.epochs.get(&agency).copied();
         let mut client = self.connection().await.inspect_err(|_| self.lost = true)?;
-        let finished = announce(&mut client.client, agency, epoch).await;
+        let finished = announce(&mut client.client, agency, epoch, agencies).await;
         // A refusal (superseded) leaves the connection as good as before.
         match &finished {
             Err(why) if *why != superseded(agency) => self.lost = true,
@@ -737,12 +738,13 @@ impl Writer {
     }
 }
 
-/// Records that `agency` finished, fenced by `epoch`, and counts the
-/// agencies that did, on every central.
+/// Records that `agency` finished, fenced by `epoch`, and counts those of
+/// agencies `1..=agencies` that did, on every central.
 async fn announce(
     client: &mut Client,
     agency: AgencyId,
     epoch: Option<i64>,
+    agencies: u32,
 ) -> Result<u32, String> {
     let tx = client.transaction().await.map_err(reason)?;
     // Announcements on different centrals take turns: two last ones at
@@ -765,7 +767,10 @@ async fn announce(
         return Err(superseded(agency));
     }
     let count: i64 = tx
-        .query_one("SELECT count(*) FROM agencies WHERE finished", &[])
+        .query_one(
+            "SELECT count(*) FROM agencies WHERE finished AND agency <= $1",
+            &[&(agencies as i32)],
+        )
         .await
         .map_err(reason)?
         .get(0);
