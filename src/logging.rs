@@ -54,6 +54,9 @@ pub mod action {
     /// A message that is not a batch was refused (malformed, or an
     /// unknown action); a refused batch is `apuesta_recibida`.
     pub const REQUEST: &str = "request";
+    /// An operator's `STATUS` could not read the other centrals' agencies
+    /// from the database (WARN); it was answered with this central's own.
+    pub const STATUS: &str = "status";
     /// The open-files limit leaves room for fewer connections than
     /// configured (WARN, at start).
     pub const OPEN_FILES: &str = "open_files";

@@ -1662,6 +1662,40 @@ fn an_agency_waiting_on_one_central_is_told_who_finished_on_the_others() {
     let _ = (stop(&a), stop(&b));
 }
 
+/// An operator may ask any central: with a shared database, `lottery
+/// status` shows what every central stored and who finished anywhere.
+#[test]
+fn status_on_any_central_shows_the_agencies_of_every_central() {
+    let Some(pg) = PgCluster::start_or_skip("status_on_any_central") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let data = generated(2, 700);
+    let (a, b) = (central(&url, 3), central(&url, 3));
+    let out = tempfile::tempdir().unwrap();
+    let one = start_agency(
+        1,
+        &a.address(),
+        &data_file(data.path(), 1),
+        &out.path().join("w1.txt"),
+    );
+    a.proc
+        .wait_for("action: agencia_finalizada | result: success | agency: 1");
+    let status = lottery()
+        .args(["status", "--address", &b.address()])
+        .env("LOTTERY_CONFIG", "/dev/null")
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(
+        status,
+        "agency   bets held  state\n     1         700  finished\n     2           0  waiting\n     \
+         3           0  waiting\n total         700\n1 of 3 agencies finished; draw pending\n"
+    );
+    drop(one);
+    let _ = (stop(&a), stop(&b));
+}
+
 #[test]
 fn the_primary_killed_and_its_synchronous_standby_promoted_loses_no_acknowledged_bet() {
     let Some(mut primary) = PgCluster::start_or_skip("the_primary_killed_and_its_standby_promoted")

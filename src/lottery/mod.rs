@@ -20,6 +20,9 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use tracing::warn;
+
+use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::receipt::Receipt;
 use crate::store::{Draw, Store};
@@ -395,6 +398,42 @@ impl Lottery {
             })
             .collect();
         (self.shared.agencies, drawn, states)
+    }
+
+    /// [`Lottery::status`], and with a shared store what the other
+    /// centrals stored and who finished there too, as the store holds it
+    /// (this central's own counts may be ahead of it by batches not yet
+    /// committed). Should the store not answer, this central's own view,
+    /// with a warning.
+    pub async fn status_everywhere(&self) -> (u32, bool, Vec<AgencyState>) {
+        let (agencies, drawn, local) = self.status();
+        if !self.shared.store.shared() {
+            return (agencies, drawn, local);
+        }
+        let everywhere = match self.shared.store.agencies(agencies).await {
+            Ok(everywhere) => everywhere,
+            Err(e) => {
+                warn!(
+                    action = action::STATUS,
+                    result = result::FAIL,
+                    error = %e,
+                    message = "showing this central's agencies only"
+                );
+                return (agencies, drawn, local);
+            }
+        };
+        let mut merged: BTreeMap<AgencyId, AgencyState> =
+            local.into_iter().map(|s| (s.agency, s)).collect();
+        for (agency, (held, finished)) in everywhere {
+            let state = merged.entry(agency).or_insert(AgencyState {
+                agency,
+                held: 0,
+                finished: false,
+            });
+            state.held = state.held.max(held);
+            state.finished |= finished || drawn;
+        }
+        (agencies, drawn, merged.into_values().collect())
     }
 
     /// How many agencies are known to have finished: those that announced

@@ -307,7 +307,7 @@ impl Handler {
                     Next::Continue
                 }
                 Some(Ok(Ok(Request::Status))) => {
-                    let (agencies, drawn, states) = self.lottery.status();
+                    let (agencies, drawn, states) = self.lottery.status_everywhere().await;
                     for reply in status_replies(agencies, drawn, &states) {
                         self.feed(&reply).await?;
                     }

@@ -132,6 +132,17 @@ pub trait Store: Send + Sync + fmt::Debug {
         unshared()
     }
 
+    /// A shared store: what every central stored for each of agencies
+    /// `1..=agencies` that stored bets or finished (its count, and whether
+    /// it finished): the operator's view of the whole lottery.
+    ///
+    /// # Errors
+    /// The store could not be reached.
+    fn agencies(&self, agencies: u32) -> BoxFuture<'_, Result<AgencyTotals, StorageError>> {
+        let _ = agencies;
+        unshared()
+    }
+
     /// A shared store: the draw of `winning_number` over `agencies`, run by
     /// exactly one central: whichever calls first tallies, checks the
     /// tally against every agency's receipt and records the draw
@@ -313,6 +324,10 @@ impl Sequence {
         self.0.store(true, Ordering::Release);
     }
 }
+
+/// Per agency, the bets stored and whether it finished, on every central
+/// (see [`Store::agencies`]).
+pub type AgencyTotals = BTreeMap<AgencyId, (u64, bool)>;
 
 /// What the draw needs from the stored bets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -31,7 +31,7 @@ use crate::model::{AgencyId, Bets};
 use crate::receipt::{self, Digest, Receipt, Recomputed, DIGEST_LEN};
 use crate::store::file::rounds::NewRound;
 use crate::store::{
-    Agency, Draw, Durability, PgTarget, Sequence, StorageError, Store, Stored, Tally,
+    Agency, AgencyTotals, Draw, Durability, PgTarget, Sequence, StorageError, Store, Stored, Tally,
 };
 
 /// How long one attempt to connect may take before it counts as failed.
@@ -573,6 +573,29 @@ impl Store for PostgresStore {
     fn finish(&self, agency: AgencyId, agencies: u32) -> BoxFuture<'_, Result<u32, StorageError>> {
         self.ask(move |done| writer::Request::Finish(agency, agencies, done))
             .boxed()
+    }
+
+    fn agencies(&self, agencies: u32) -> BoxFuture<'_, Result<AgencyTotals, StorageError>> {
+        async move {
+            let client = self.side_connection().await?;
+            let rows = client
+                .query(
+                    "SELECT agency, stored, finished FROM agencies \
+                     WHERE agency <= $1 AND (stored > 0 OR finished)",
+                    &[&(agencies as i32)],
+                )
+                .await
+                .map_err(|e| self.error(reason(e)))?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let (agency, stored, finished): (i32, i64, bool) =
+                        (r.get(0), r.get(1), r.get(2));
+                    (agency as AgencyId, (stored as u64, finished))
+                })
+                .collect())
+        }
+        .boxed()
     }
 
     fn draw_once(
