@@ -415,3 +415,62 @@ fn the_port_is_bound_only_once_the_store_is_open() {
     let log = server.output();
     assert!(log.contains("action: shutdown | result: success"), "{log}");
 }
+
+/// One central at a time on a bets file: a second one given the same file
+/// is refused before it touches it, and so is `lottery new-round` while the
+/// central runs; once it is stopped, both may go on.
+#[test]
+fn a_bets_file_serves_one_central_and_new_round_waits_for_it_to_stop() {
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("bets.csv");
+    let server = Server::start(&storage, 2, 7574);
+    let mut cmd = lottery();
+    cmd.arg("server")
+        .env("SERVER_PORT", "0")
+        .env("SERVER_AGENCIES", "2")
+        .env("SERVER_STORAGE", &storage);
+    let second = Proc::spawn(cmd);
+    // A second central that started would serve: killed at the limit.
+    let status = second.wait_exit(Duration::from_secs(10));
+    let said = second.stderr();
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&format!(
+            "bets file {}: a running central holds this file's lock: stop it, or give this \
+             central a server.storage of its own",
+            storage.display()
+        )),
+        "{said}"
+    );
+    let new_round = || {
+        lottery()
+            .arg("new-round")
+            .arg("--storage")
+            .arg(&storage)
+            .arg("--agencies")
+            .arg("2")
+            .output()
+            .unwrap()
+    };
+    let refused = new_round();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(
+            "a running central holds this file's lock: a new round starts with the \
+                       central stopped"
+        ),
+        "{said}"
+    );
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+    let after = new_round();
+    assert!(
+        after.status.success(),
+        "{}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+    let again = Server::start(&storage, 2, 7574);
+    again.proc.signal(Signal::SIGTERM);
+    assert!(again.proc.wait_exit(Duration::from_secs(10)).success());
+}

@@ -6,12 +6,14 @@
 //! - [`writer`]: the writer thread: group commit, acknowledged after the sync.
 //! - [`recover`](mod@recover): the check on start that cuts a torn last row.
 //! - [`tally`](mod@tally): the draw's tally, in two halves for large files.
+//! - `lock`: one central at a time on a bets file.
 //! - `record`: the draw record; [`rounds`]: the ledger of sealed rounds and
 //!   `lottery new-round`; `store`: all of it behind [`crate::store::Store`].
 
 use std::io;
 use std::path::PathBuf;
 
+mod lock;
 mod record;
 pub mod recover;
 pub mod rounds;

@@ -245,7 +245,8 @@ pub fn kept_name(path: &Path, round: u32, seal: &Digest) -> PathBuf {
 /// its bets ([`receipt::differences`]); its bets file and record are then
 /// renamed by round and seal, and the ledger notes where they went. The
 /// next start of the central finds no bets and no record: an empty round.
-/// Run it with the central stopped.
+/// Run it with the central stopped: a running central's lock on the bets
+/// file refuses it.
 ///
 /// # Errors
 /// The round is not drawn, its record does not match its bets, a kept name
@@ -260,6 +261,16 @@ pub fn new_round(
         path: record.to_path_buf(),
         reason,
     };
+    // Held until the files are renamed: no central may be writing them.
+    let _lock = bets
+        .exists()
+        .then(|| {
+            super::lock::lock(
+                bets,
+                "a new round starts with the central stopped: stop it, then run new-round again",
+            )
+        })
+        .transpose()?;
     let ledger_path = Ledger::path_for(bets);
     let mut ledger = Ledger::load(&ledger_path)?;
     let Some(draw) = load_checked(bets, record, true)? else {

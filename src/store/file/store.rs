@@ -22,6 +22,8 @@ pub struct FileStore {
     /// The writer thread; taken by [`Store::close`].
     thread: Mutex<Option<JoinHandle<()>>>,
     record: PathBuf,
+    /// Held while the store is open (see [`super::lock`]).
+    _lock: super::lock::FileLock,
 }
 
 impl FileStore {
@@ -36,6 +38,11 @@ impl FileStore {
         record: &Path,
         durability: Durability,
     ) -> Result<(FileStore, BTreeMap<AgencyId, Receipt>), StorageError> {
+        // Before recovery, which may cut the file.
+        let lock = super::lock::lock(
+            bets,
+            "stop it, or give this central a server.storage of its own",
+        )?;
         let recovered = {
             let path = bets.to_path_buf();
             tokio::task::spawn_blocking(move || recover(&path))
@@ -55,6 +62,7 @@ impl FileStore {
             writer,
             thread: Mutex::new(Some(thread)),
             record: record.to_path_buf(),
+            _lock: lock,
         };
         Ok((store, recovered.receipts))
     }
