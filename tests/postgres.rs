@@ -1943,3 +1943,23 @@ fn two_centrals_storing_a_new_agency_s_first_bets_at_once_store_them_once() {
         );
     }
 }
+
+/// `lottery new-round` on a database a central is still connected to is
+/// refused, naming why; once the central is stopped it goes on.
+#[test]
+fn new_round_waits_for_the_centrals_to_stop() {
+    let Some(pg) = PgCluster::start_or_skip("new_round_waits_for_the_centrals") else {
+        return;
+    };
+    let url = pg.create_db("lottery");
+    let server = central(&url, 2);
+    let (code, _, err) = tool("new-round", &url, 2);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("of a running central (from 127.0.0.1) are open on this database: a new round starts with every central stopped"),
+        "{err}"
+    );
+    let _ = stop(&server);
+    let (code, out, err) = tool("new-round", &url, 2);
+    assert_eq!(code, Some(0), "{out}{err}");
+}

@@ -15,7 +15,7 @@ mod rows;
 pub mod schema;
 mod writer;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -1078,6 +1078,32 @@ pub async fn new_round(
         reason: reason(e),
     };
     let refuse = |reason: String| record_error(target, reason);
+    // A central keeps its writer's connections open while it runs (they
+    // carry this build's application_name, or the URL's): one still
+    // connected is still serving this round. One that lost every
+    // connection (the database restarted, nothing written since) is not
+    // seen: stopping the centrals first is still the operator's part.
+    let running = client
+        .query(
+            "SELECT coalesce(host(client_addr), 'local socket') FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             AND application_name = current_setting('application_name')",
+            &[],
+        )
+        .await
+        .map_err(fail)?;
+    if !running.is_empty() {
+        let from: BTreeSet<String> = running.iter().map(|r| r.get(0)).collect();
+        return Err(StorageError::Database {
+            target: where_(target),
+            reason: format!(
+                "{} connection(s) of a running central (from {}) are open on this database: a new \
+             round starts with every central stopped: stop them, then run new-round again",
+                running.len(),
+                from.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+        });
+    }
     let tx = client
         .build_transaction()
         .isolation_level(IsolationLevel::Serializable)
