@@ -443,6 +443,11 @@ async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Resu
         Command::Verify => {
             let verified = verify::verify(&config.server).await?;
             print!("{}", verified.report);
+            // Exit 1 all the same: no record agrees with the bets.
+            anyhow::ensure!(
+                !verified.undrawn,
+                "the round is not drawn yet: there is no draw record to verify"
+            );
             let n = verified.differences.len();
             anyhow::ensure!(
                 n == 0,

@@ -664,3 +664,47 @@ fn an_unreadable_secret_file_is_a_configuration_error_naming_its_setting() {
         "{out:?}"
     );
 }
+
+/// Operator tools pointed at a round that is not there to act on say so
+/// once, in their own words: `verify` on an undrawn round is not a
+/// mismatch, and `new-round` on a path holding nothing (a mistyped
+/// `--storage`) is not "already a new round".
+#[test]
+fn verify_and_new_round_say_what_is_missing() {
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("bets.csv");
+    std::fs::write(&storage, "").unwrap();
+    let out = run(lottery()
+        .arg("verify")
+        .arg("--storage")
+        .arg(&storage)
+        .env("LOTTERY_CONFIG", "/dev/null"));
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out);
+    assert!(
+        t.contains("this round is not drawn, so there is nothing to verify"),
+        "{t}"
+    );
+    assert!(
+        t.contains("the round is not drawn yet: there is no draw record to verify"),
+        "{t}"
+    );
+    assert!(!t.contains("does not match"), "{t}");
+
+    let typo = work.path().join("bets.cvs");
+    let out = run(lottery()
+        .arg("new-round")
+        .arg("--storage")
+        .arg(&typo)
+        .env("LOTTERY_CONFIG", "/dev/null"));
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out);
+    assert!(
+        t.contains(&format!(
+            "bets file {}: no bets file, no draw record and no rounds ledger",
+            typo.display()
+        )) && t.contains("check server.storage"),
+        "{t}"
+    );
+    assert!(!typo.exists(), "new-round made the file it was pointed at");
+}

@@ -283,11 +283,17 @@ fn a_restarted_central_resumes_from_the_table_and_serves_the_recorded_draw() {
         BTreeMap::from([(1, file_receipt(&expected, 1))])
     );
     // Not drawn yet: nothing to verify, and no new round over its bets.
-    let (code, out, _) = tool("verify", &url, 2);
+    let (code, out, err) = tool("verify", &url, 2);
     assert_eq!(code, Some(1));
     assert!(
         out.starts_with("no draw record in the database's tables draw and draw_agencies: "),
         "{out}"
+    );
+    // Said once, and not as a mismatch.
+    assert!(
+        err.contains("the round is not drawn yet: there is no draw record to verify")
+            && !err.contains("does not match"),
+        "{err}"
     );
     let (code, _, err) = tool("new-round", &url, 2);
     assert_eq!(code, Some(1));

@@ -16,6 +16,9 @@ pub struct Verified {
     pub report: String,
     /// Every difference; empty when the record matches the bets.
     pub differences: Vec<String>,
+    /// There is no draw record: the round is not drawn, and nothing was
+    /// compared.
+    pub undrawn: bool,
 }
 
 /// Recomputes every agency's count and digest, the seal and the winners
@@ -34,12 +37,13 @@ pub async fn verify(config: &ServerConfig) -> anyhow::Result<Verified> {
     let draw = match store::load_draw(config).await {
         Ok(Some(draw)) => draw,
         Ok(None) => {
-            let difference = format!(
-                "no draw record {missing}: this round is not drawn, so there is nothing to verify"
-            );
             return Ok(Verified {
-                report: format!("{difference}\n"),
-                differences: vec![difference],
+                report: format!(
+                    "no draw record {missing}: this round is not drawn, so there is nothing to \
+                     verify\n"
+                ),
+                differences: Vec::new(),
+                undrawn: true,
             });
         }
         Err(e @ store::StorageError::Record { .. }) => {
@@ -47,6 +51,7 @@ pub async fn verify(config: &ServerConfig) -> anyhow::Result<Verified> {
             return Ok(Verified {
                 report: format!("{difference}\n"),
                 differences: vec![difference],
+                undrawn: false,
             });
         }
         Err(e) => return Err(e.into()),
@@ -83,6 +88,7 @@ pub async fn verify(config: &ServerConfig) -> anyhow::Result<Verified> {
     Ok(Verified {
         report,
         differences,
+        undrawn: false,
     })
 }
 

@@ -282,6 +282,20 @@ pub fn new_round(
                 bets.display()
             )));
         }
+        if !bets.exists() && !ledger_path.exists() {
+            // Not a round that ended: most likely a path mistyped.
+            return Err(StorageError::Io {
+                path: bets.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!(
+                        "no bets file, no draw record and no rounds ledger ({}) here: nothing \
+                         to start a new round from; check server.storage",
+                        ledger_path.display()
+                    ),
+                ),
+            });
+        }
         return Ok(NewRound::AlreadyEmpty {
             round: ledger.current(),
         });
