@@ -981,10 +981,14 @@ async fn forget_unacknowledged(
     epochs: &HashMap<AgencyId, i64>,
 ) -> Result<u64, String> {
     let tx = client.transaction().await.map_err(reason)?;
+    // Only the agencies in doubt: the others' groups, on any central, go on.
+    let mut doubtful: Vec<i32> = attempted.keys().map(|&a| a as i32).collect();
+    doubtful.sort_unstable();
     let rows = tx
         .query(
-            "SELECT agency, stored, epoch FROM agencies ORDER BY agency FOR UPDATE",
-            &[],
+            "SELECT agency, stored, epoch FROM agencies WHERE agency = ANY($1) \
+             ORDER BY agency FOR UPDATE",
+            &[&doubtful],
         )
         .await
         .map_err(reason)?;
