@@ -257,6 +257,9 @@ impl PostgresStore {
     async fn watch_draw(&self) -> Result<Draw, String> {
         let mut config = self.target.config().clone();
         config.connect_timeout(CONNECT_TIMEOUT);
+        if config.get_application_name().is_none() {
+            config.application_name("lottery");
+        }
         let (client, mut connection) = config.connect(NoTls).await.map_err(reason)?;
         let (tx, mut notified) = mpsc::unbounded_channel();
         // The connection must be polled for its notifications to arrive.
@@ -1192,7 +1195,7 @@ pub async fn new_round(
             )));
         }
         // A copy, not a rename: the live tables keep the shape (keys,
-        // indexes, names) the migrations gave them.
+        // names) the migrations gave them.
         tx.batch_execute(&format!("CREATE TABLE {kept} AS TABLE {table}"))
             .await
             .map_err(fail)?;
