@@ -200,10 +200,9 @@ fn stop(server: &Server) -> String {
 
 #[test]
 fn five_agencies_store_every_bet_once_as_rows_and_get_their_exact_winners() {
-    let Some(pg) = PgCluster::start_or_skip("five_agencies_store_every_bet_once_as_rows") else {
+    let Some((pg, url)) = cluster_with_db("five_agencies_store_every_bet_once_as_rows") else {
         return;
     };
-    let url = pg.create_db("lottery");
     let data = generated(5, 1_500);
     let expected = expected(data.path(), 5, WINNING);
     let server = central(&url, 5);
@@ -250,10 +249,9 @@ fn five_agencies_store_every_bet_once_as_rows_and_get_their_exact_winners() {
 
 #[test]
 fn a_restarted_central_resumes_from_the_table_and_serves_the_recorded_draw() {
-    let Some(pg) = PgCluster::start_or_skip("a_restarted_central_resumes_from_the_table") else {
+    let Some((pg, url)) = cluster_with_db("a_restarted_central_resumes_from_the_table") else {
         return;
     };
-    let url = pg.create_db("lottery");
     let data = generated(2, 800);
     let expected = expected(data.path(), 2, WINNING);
     let relay = Relay::start("");
@@ -449,10 +447,9 @@ fn an_unreachable_database_at_start_is_retried_then_named_and_exits_1() {
 
 #[test]
 fn the_database_restarted_mid_upload_loses_nothing_and_stores_nothing_twice() {
-    let Some(mut pg) = PgCluster::start_or_skip("the_database_restarted_mid_upload") else {
+    let Some((mut pg, url)) = cluster_with_db("the_database_restarted_mid_upload") else {
         return;
     };
-    let url = pg.create_db("lottery");
     let data = generated(5, 8_000);
     let expected = expected(data.path(), 5, WINNING);
     let server = central(&url, 5);
@@ -520,6 +517,26 @@ fn after(
     prior
         .unwrap_or_else(|| lottery::receipt::Receipt::empty(agency))
         .after(bets.iter())
+}
+
+/// A throwaway cluster with an empty database `lottery`, and the database's
+/// URL; `None` (said visibly) where PostgreSQL is not installed.
+fn cluster_with_db(test: &str) -> Option<(PgCluster, String)> {
+    let pg = PgCluster::start_or_skip(test)?;
+    let url = pg.create_db("lottery");
+    Some((pg, url))
+}
+
+/// The store on `url`, opened as a central opens it.
+async fn open_store(url: &str) -> lottery::store::postgres::PostgresStore {
+    lottery::store::postgres::PostgresStore::open(
+        &target(url),
+        lottery::store::Durability::Sync,
+        STEP,
+    )
+    .await
+    .unwrap()
+    .0
 }
 
 fn target(url: &str) -> lottery::store::PgTarget {
@@ -604,15 +621,12 @@ fn batches_waiting_together_are_stored_in_one_transaction() {
 
 #[test]
 fn after_a_batch_is_lost_with_the_database_its_connection_stores_nothing_more() {
-    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
-    let Some(mut pg) = PgCluster::start_or_skip("after_a_batch_is_lost_with_the_database") else {
+    use lottery::store::{Sequence, Store};
+    let Some((mut pg, url)) = cluster_with_db("after_a_batch_is_lost_with_the_database") else {
         return;
     };
-    let url = pg.create_db("lottery");
     let rt = runtime();
-    let (store, _) = rt
-        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
-        .unwrap();
+    let store = rt.block_on(open_store(&url));
     let (pipelined, other) = (Sequence::new(), Sequence::new());
     let acked = after(None, 1, &batch(1, 0..3));
     rt.block_on(async {
@@ -706,18 +720,15 @@ fn groups_in_flight_behind_a_connection_killed_leave_each_agency_an_acknowledged
 }
 
 fn groups_in_flight_fail(failure: Failure) {
-    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
-    let Some(mut pg) = PgCluster::start_or_skip(&format!("groups_in_flight_fail({failure:?})"))
+    use lottery::store::{Sequence, Store};
+    let Some((mut pg, url)) = cluster_with_db(&format!("groups_in_flight_fail({failure:?})"))
     else {
         return;
     };
-    let url = pg.create_db("lottery");
     // A runtime on this thread: while the test is outside `block_on` the
     // writer and its groups stand still, mid-way.
     let rt = runtime();
-    let (store, _) = rt
-        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
-        .unwrap();
+    let store = rt.block_on(open_store(&url));
     const AGENCIES: u32 = 3;
     const BATCHES: u32 = 100;
     let sequences: Vec<Sequence> = (0..AGENCIES).map(|_| Sequence::new()).collect();
@@ -836,11 +847,10 @@ fn groups_in_flight_fail(failure: Failure) {
 #[test]
 fn centrals_starting_together_create_the_schema_once() {
     use lottery::store::{postgres::PostgresStore, Durability};
-    let Some(pg) = PgCluster::start_or_skip("centrals_starting_together_create_the_schema_once")
+    let Some((pg, url)) = cluster_with_db("centrals_starting_together_create_the_schema_once")
     else {
         return;
     };
-    let url = pg.create_db("lottery");
     let target = target(&url);
     runtime().block_on(async {
         let opens = (0..4).map(|_| PostgresStore::open(&target, Durability::Sync, STEP));
@@ -863,15 +873,12 @@ fn centrals_starting_together_create_the_schema_once() {
 
 #[test]
 fn rows_of_a_commit_never_acknowledged_are_taken_back_out_before_the_next_batch() {
-    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
-    let Some(mut pg) = PgCluster::start_or_skip("rows_of_a_commit_never_acknowledged") else {
+    use lottery::store::{Sequence, Store};
+    let Some((mut pg, url)) = cluster_with_db("rows_of_a_commit_never_acknowledged") else {
         return;
     };
-    let url = pg.create_db("lottery");
     let rt = runtime();
-    let (store, _) = rt
-        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
-        .unwrap();
+    let store = rt.block_on(open_store(&url));
     let acked = after(None, 1, &batch(1, 0..3));
     rt.block_on(async {
         let first = store
@@ -931,10 +938,9 @@ fn rows_of_a_commit_never_acknowledged_are_taken_back_out_before_the_next_batch(
 
 #[test]
 fn a_central_started_before_its_database_waits_for_it_and_serves() {
-    let Some(mut pg) = PgCluster::start_or_skip("a_central_started_before_its_database") else {
+    let Some((mut pg, url)) = cluster_with_db("a_central_started_before_its_database") else {
         return;
     };
-    let url = pg.create_db("lottery");
     pg.stop();
     let mut cmd = central_command(&url, 1);
     cmd.env("SERVER_STORAGE_CONNECT_TIMEOUT", "60");
@@ -1070,10 +1076,9 @@ fn refused_start(url: &str, agencies: u32) -> String {
 
 #[test]
 fn verify_the_central_and_new_round_check_a_postgres_round_against_its_rows() {
-    let Some(pg) = PgCluster::start_or_skip("verify_the_central_and_new_round_on_postgres") else {
+    let Some((pg, url)) = cluster_with_db("verify_the_central_and_new_round_on_postgres") else {
         return;
     };
-    let url = pg.create_db("lottery");
     let data = generated(2, 300);
     let expected = expected(data.path(), 2, WINNING);
     assert!(expected.winners.values().all(|w| !w.is_empty()));
@@ -1238,10 +1243,9 @@ fn verify_the_central_and_new_round_check_a_postgres_round_against_its_rows() {
 fn a_database_from_before_receipts_gets_its_digests_from_its_rows_at_open() {
     use lottery::store::postgres::{schema::MIGRATIONS, PostgresStore};
     use lottery::store::{Durability, Store};
-    let Some(pg) = PgCluster::start_or_skip("a_database_from_before_receipts") else {
+    let Some((pg, url)) = cluster_with_db("a_database_from_before_receipts") else {
         return;
     };
-    let url = pg.create_db("lottery");
     // What a central of schema version 1 left: rows and counts, no digests.
     pg.query(
         "lottery",
@@ -1279,19 +1283,14 @@ fn a_database_from_before_receipts_gets_its_digests_from_its_rows_at_open() {
 
 #[test]
 fn bets_another_central_stored_are_refused_never_removed() {
-    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
-    let Some(pg) = PgCluster::start_or_skip("bets_another_central_stored") else {
+    use lottery::store::{Sequence, Store};
+    let Some((pg, url)) = cluster_with_db("bets_another_central_stored") else {
         return;
     };
-    let url = pg.create_db("lottery");
     let rt = runtime();
     // Two centrals on one database, both opened before agency 1 uploads.
-    let (a, _) = rt
-        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
-        .unwrap();
-    let (b, _) = rt
-        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
-        .unwrap();
+    let a = rt.block_on(open_store(&url));
+    let b = rt.block_on(open_store(&url));
     let acked = after(None, 1, &batch(1, 0..3));
     rt.block_on(async {
         let first = a
@@ -1346,10 +1345,9 @@ fn rotated(addresses: &[String], first: usize) -> String {
 
 #[test]
 fn three_centrals_six_agencies_one_central_killed_mid_upload_draw_once() {
-    let Some(pg) = PgCluster::start_or_skip("three_centrals_six_agencies") else {
+    let Some((pg, url)) = cluster_with_db("three_centrals_six_agencies") else {
         return;
     };
-    let url = pg.create_db("lottery");
     let agencies = 6;
     let data = generated(agencies, 20_000);
     let expected = expected(data.path(), agencies, WINNING);
@@ -1430,18 +1428,13 @@ fn three_centrals_six_agencies_one_central_killed_mid_upload_draw_once() {
 
 #[test]
 fn an_agency_moving_to_another_central_resumes_there_and_fences_the_old_session() {
-    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
-    let Some(pg) = PgCluster::start_or_skip("an_agency_moving_to_another_central") else {
+    use lottery::store::{Sequence, Store};
+    let Some((pg, url)) = cluster_with_db("an_agency_moving_to_another_central") else {
         return;
     };
-    let url = pg.create_db("lottery");
     let rt = runtime();
-    let (a, _) = rt
-        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
-        .unwrap();
-    let (b, _) = rt
-        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
-        .unwrap();
+    let a = rt.block_on(open_store(&url));
+    let b = rt.block_on(open_store(&url));
     let first = after(None, 1, &batch(1, 0..3));
     let second = after(Some(first), 1, &batch(1, 3..6));
     rt.block_on(async {
@@ -1521,10 +1514,9 @@ fn an_agency_moving_to_another_central_resumes_there_and_fences_the_old_session(
 
 #[test]
 fn a_session_superseded_on_another_central_stores_nothing_more() {
-    let Some(pg) = PgCluster::start_or_skip("a_session_superseded_on_another_central") else {
+    let Some((pg, url)) = cluster_with_db("a_session_superseded_on_another_central") else {
         return;
     };
-    let url = pg.create_db("lottery");
     let (a, b) = (central(&url, 2), central(&url, 2));
     let bet = |doc: u32| {
         format!(
@@ -1579,18 +1571,13 @@ fn a_session_superseded_on_another_central_stores_nothing_more() {
 
 #[test]
 fn the_last_two_announcements_on_two_centrals_at_once_count_every_agency() {
-    use lottery::store::{postgres::PostgresStore, Durability, Store};
-    let Some(pg) = PgCluster::start_or_skip("the_last_two_announcements") else {
+    use lottery::store::Store;
+    let Some((pg, url)) = cluster_with_db("the_last_two_announcements") else {
         return;
     };
-    let url = pg.create_db("lottery");
     let rt = runtime();
-    let (a, _) = rt
-        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
-        .unwrap();
-    let (b, _) = rt
-        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
-        .unwrap();
+    let a = rt.block_on(open_store(&url));
+    let b = rt.block_on(open_store(&url));
     rt.block_on(async {
         a.open_session(1).await.unwrap();
         b.open_session(2).await.unwrap();
@@ -1614,15 +1601,12 @@ fn the_last_two_announcements_on_two_centrals_at_once_count_every_agency() {
 /// neither completes the set early nor keeps it from completing.
 #[test]
 fn only_the_configured_agencies_count_as_finished() {
-    use lottery::store::{postgres::PostgresStore, Durability, Store};
-    let Some(pg) = PgCluster::start_or_skip("only_the_configured_agencies_count") else {
+    use lottery::store::Store;
+    let Some((pg, url)) = cluster_with_db("only_the_configured_agencies_count") else {
         return;
     };
-    let url = pg.create_db("lottery");
     let rt = runtime();
-    let (store, _) = rt
-        .block_on(PostgresStore::open(&target(&url), Durability::Sync, STEP))
-        .unwrap();
+    let store = rt.block_on(open_store(&url));
     pg.query(
         "lottery",
         "INSERT INTO agencies (agency, finished) VALUES (7, true)",
@@ -1641,10 +1625,9 @@ fn only_the_configured_agencies_count_as_finished() {
 
 #[test]
 fn an_agency_waiting_on_one_central_is_told_who_finished_on_the_others() {
-    let Some(pg) = PgCluster::start_or_skip("an_agency_waiting_on_one_central") else {
+    let Some((_pg, url)) = cluster_with_db("an_agency_waiting_on_one_central") else {
         return;
     };
-    let url = pg.create_db("lottery");
     let (a, b) = (central(&url, 3), central(&url, 3));
     let finish = |address: &str, agency: u32| {
         let mut stream = connect(address);
@@ -1672,10 +1655,9 @@ fn an_agency_waiting_on_one_central_is_told_who_finished_on_the_others() {
 /// status` shows what every central stored and who finished anywhere.
 #[test]
 fn status_on_any_central_shows_the_agencies_of_every_central() {
-    let Some(pg) = PgCluster::start_or_skip("status_on_any_central") else {
+    let Some((_pg, url)) = cluster_with_db("status_on_any_central") else {
         return;
     };
-    let url = pg.create_db("lottery");
     let data = generated(2, 700);
     let (a, b) = (central(&url, 3), central(&url, 3));
     let out = tempfile::tempdir().unwrap();
@@ -1790,10 +1772,9 @@ fn the_primary_killed_and_its_synchronous_standby_promoted_loses_no_acknowledged
 /// draw reported.
 #[test]
 fn bench_with_three_centrals_stores_every_bet_once_and_reports_one_draw() {
-    let Some(pg) = PgCluster::start_or_skip("bench_with_three_centrals") else {
+    let Some((pg, url)) = cluster_with_db("bench_with_three_centrals") else {
         return;
     };
-    let url = pg.create_db("lottery");
     let work = tempfile::tempdir().unwrap();
     let out = lottery()
         .args(["bench", "--agencies", "4", "--bets-per-agency", "1500"])
@@ -1844,15 +1825,12 @@ fn bench_centrals_need_a_database() {
 /// one behind the other are each stored after the last, not refused.
 #[test]
 fn a_new_agency_s_batches_in_groups_one_behind_the_other_are_all_stored() {
-    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
-    let Some(pg) = PgCluster::start_or_skip("a_new_agency_s_batches_in_groups") else {
+    use lottery::store::{Sequence, Store};
+    let Some((pg, url)) = cluster_with_db("a_new_agency_s_batches_in_groups") else {
         return;
     };
-    let url = pg.create_db("lottery");
     runtime().block_on(async {
-        let (store, _) = PostgresStore::open(&target(&url), Durability::Sync, STEP)
-            .await
-            .unwrap();
+        let store = open_store(&url).await;
         let sequence = Sequence::new();
         let mut receipt = None;
         let mut pending = Vec::new();
@@ -1893,18 +1871,13 @@ fn a_new_agency_s_batches_in_groups_one_behind_the_other_are_all_stored() {
 /// writers' check keeps a `seq` from being written twice.
 #[test]
 fn two_centrals_storing_a_new_agency_s_first_bets_at_once_store_them_once() {
-    use lottery::store::{postgres::PostgresStore, Durability, Sequence, Store};
-    let Some(pg) = PgCluster::start_or_skip("two_centrals_storing_a_new_agency") else {
+    use lottery::store::{Sequence, Store};
+    let Some((pg, url)) = cluster_with_db("two_centrals_storing_a_new_agency") else {
         return;
     };
-    let url = pg.create_db("lottery");
     let outcomes = runtime().block_on(async {
-        let (one, _) = PostgresStore::open(&target(&url), Durability::Sync, STEP)
-            .await
-            .unwrap();
-        let (two, _) = PostgresStore::open(&target(&url), Durability::Sync, STEP)
-            .await
-            .unwrap();
+        let one = open_store(&url).await;
+        let two = open_store(&url).await;
         let mut outcomes = Vec::new();
         for round in 0..5u32 {
             let agency = 10 + round;
@@ -1954,10 +1927,9 @@ fn two_centrals_storing_a_new_agency_s_first_bets_at_once_store_them_once() {
 /// refused, naming why; once the central is stopped it goes on.
 #[test]
 fn new_round_waits_for_the_centrals_to_stop() {
-    let Some(pg) = PgCluster::start_or_skip("new_round_waits_for_the_centrals") else {
+    let Some((_pg, url)) = cluster_with_db("new_round_waits_for_the_centrals") else {
         return;
     };
-    let url = pg.create_db("lottery");
     let server = central(&url, 2);
     let (code, _, err) = tool("new-round", &url, 2);
     assert_eq!(code, Some(1), "{err}");
