@@ -1941,3 +1941,29 @@ fn new_round_waits_for_the_centrals_to_stop() {
     let (code, out, err) = tool("new-round", &url, 2);
     assert_eq!(code, Some(0), "{out}{err}");
 }
+
+/// Every agency's announcement is in the table but no draw is recorded:
+/// the central that was drawing died before its commit. Any central draws
+/// then, without waiting for an agency to announce again.
+#[test]
+fn every_agency_finished_and_no_draw_recorded_makes_a_central_draw() {
+    let Some((pg, url)) = cluster_with_db("every_agency_finished_and_no_draw") else {
+        return;
+    };
+    // The schema, then the state a central that died mid-draw leaves.
+    let first = central(&url, 2);
+    let _ = stop(&first);
+    pg.query(
+        "lottery",
+        "INSERT INTO agencies (agency, finished) VALUES (1, true), (2, true)",
+    );
+    let server = central(&url, 2);
+    server
+        .proc
+        .wait_for("action: sorteo | result: success | winning_number: 7574 | bets: 0");
+    assert_eq!(
+        pg.query("lottery", "SELECT count(*), max(bets) FROM draw"),
+        vec![vec![Some("1".to_string()), Some("0".to_string())]]
+    );
+    let _ = stop(&server);
+}

@@ -25,7 +25,7 @@ use tracing::warn;
 use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::receipt::Receipt;
-use crate::store::{Draw, Store};
+use crate::store::{Draw, Store, Watched};
 use crate::wire::{AgencyState, ErrorCode};
 
 pub use claim::Claim;
@@ -127,6 +127,15 @@ impl State {
     }
 }
 
+/// How long the draw watcher waits before looking again when every agency
+/// has finished but it could not draw (a draw is running on this central,
+/// or it failed).
+const REDRAW_PAUSE: Duration = Duration::from_secs(2);
+
+/// The agency a draw started by the watcher, not by an announcement, is
+/// counted for: none (ids start at 1).
+const NO_AGENCY: AgencyId = 0;
+
 /// Where the draw stands, as the agencies waiting for it watch it.
 #[derive(Debug, Clone)]
 enum Drawn {
@@ -212,13 +221,39 @@ impl Lottery {
         };
         if let Some(store) = watch_store {
             // The agencies waiting here must learn of a draw that another
-            // central ran. A weak handle: the watcher must not keep the
-            // lottery alive.
+            // central ran; and should every agency have finished with no
+            // draw recorded (the central drawing died before its commit),
+            // this central draws. A weak handle: the watcher must not keep
+            // the lottery alive.
             let weak = Arc::downgrade(&lottery.shared);
             let task = tokio::spawn(async move {
-                let draw = store.drawn().await;
-                if let Some(shared) = weak.upgrade() {
-                    Lottery { shared }.publish_recorded(draw);
+                // Drawn for everyone at most once here: a draw that fails
+                // (logged) is retried by the agencies' announcements, not
+                // every few seconds by the watcher.
+                let mut tried = false;
+                loop {
+                    let watched = store.drawn(agencies).await;
+                    let Some(shared) = weak.upgrade() else {
+                        return;
+                    };
+                    let lottery = Lottery { shared };
+                    match watched {
+                        Watched::Recorded(draw) => {
+                            lottery.publish_recorded(draw);
+                            return;
+                        }
+                        Watched::AllFinished if !tried => {
+                            tried = true;
+                            if lottery.draw_for_everyone().await {
+                                return;
+                            }
+                        }
+                        Watched::AllFinished => {}
+                    }
+                    drop(lottery);
+                    // Not drawn here (one is running on this central, or it
+                    // failed): look again after a pause.
+                    tokio::time::sleep(REDRAW_PAUSE).await;
                 }
             });
             *lottery
@@ -228,6 +263,23 @@ impl Lottery {
                 .unwrap_or_else(|p| p.into_inner()) = Some(task.abort_handle());
         }
         lottery
+    }
+
+    /// Runs the draw for every agency, none of whose announcements on this
+    /// central started it (see the watcher in [`Lottery::new`]), unless one
+    /// is running here already. Whether the draw is done.
+    async fn draw_for_everyone(&self) -> bool {
+        let start = {
+            let mut state = self.lock();
+            let start = !state.drawing && self.draw().is_none();
+            state.drawing |= start;
+            start
+        };
+        if start {
+            // Logged by the draw itself, done or failed.
+            let _ = self.run_draw(NO_AGENCY).await;
+        }
+        self.draw().is_some()
     }
 
     /// Publishes a draw recorded by another central (unless this one

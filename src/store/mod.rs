@@ -162,10 +162,23 @@ pub trait Store: Send + Sync + fmt::Debug {
     }
 
     /// A shared store: resolves with the draw once another central (or
-    /// this one) recorded it; never resolves on an unshared store.
-    fn drawn(&self) -> BoxFuture<'_, Draw> {
+    /// this one) recorded it, or once every one of agencies `1..=agencies`
+    /// has finished with no draw recorded (the central drawing died before
+    /// its commit: this one should draw); never resolves on an unshared
+    /// store.
+    fn drawn(&self, agencies: u32) -> BoxFuture<'_, Watched> {
+        let _ = agencies;
         Box::pin(futures::future::pending())
     }
+}
+
+/// What [`Store::drawn`] saw.
+#[derive(Debug)]
+pub enum Watched {
+    /// The draw, recorded.
+    Recorded(Draw),
+    /// Every agency finished, and no draw is recorded.
+    AllFinished,
 }
 
 /// What a shared store holds for one agency when a session of it opens.

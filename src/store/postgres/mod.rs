@@ -32,6 +32,7 @@ use crate::receipt::{self, Digest, Receipt, Recomputed, DIGEST_LEN};
 use crate::store::file::rounds::NewRound;
 use crate::store::{
     Agency, AgencyTotals, Draw, Durability, PgTarget, Sequence, StorageError, Store, Stored, Tally,
+    Watched,
 };
 
 /// How long one attempt to connect may take before it counts as failed.
@@ -253,8 +254,10 @@ const DRAW_POLL: Duration = Duration::from_secs(2);
 
 impl PostgresStore {
     /// Listens on [`DRAW_CHANNEL`] and looks at `draw` on each notification
-    /// and every [`DRAW_POLL`]; returns the draw once it is recorded.
-    async fn watch_draw(&self) -> Result<Draw, String> {
+    /// and every [`DRAW_POLL`]; returns the draw once it is recorded, or
+    /// [`Watched::AllFinished`] once every one of `agencies` has finished
+    /// and still no draw is recorded.
+    async fn watch_draw(&self, agencies: u32) -> Result<Watched, String> {
         let mut config = self.target.config().clone();
         config.connect_timeout(CONNECT_TIMEOUT);
         if config.get_application_name().is_none() {
@@ -289,7 +292,19 @@ impl PostgresStore {
                     .await
                     .map_err(|e| e.to_string())?
                 {
-                    return Ok(draw);
+                    return Ok(Watched::Recorded(draw));
+                }
+            } else {
+                let finished: i64 = client
+                    .query_one(
+                        "SELECT count(*) FROM agencies WHERE finished AND agency <= $1",
+                        &[&(agencies as i32)],
+                    )
+                    .await
+                    .map_err(reason)?
+                    .get(0);
+                if finished == i64::from(agencies) {
+                    return Ok(Watched::AllFinished);
                 }
             }
             tokio::select! {
@@ -693,11 +708,11 @@ impl Store for PostgresStore {
         .boxed()
     }
 
-    fn drawn(&self) -> BoxFuture<'_, Draw> {
+    fn drawn(&self, agencies: u32) -> BoxFuture<'_, Watched> {
         async move {
             loop {
-                match self.watch_draw().await {
-                    Ok(draw) => return draw,
+                match self.watch_draw(agencies).await {
+                    Ok(watched) => return watched,
                     Err(why) => {
                         warn!(
                             action = action::DATABASE_CONNECT,
