@@ -657,3 +657,50 @@ fn the_certificate_name_follows_the_address_dialled() {
         expected(data.path(), 1, WINNING).winners[&1]
     );
 }
+
+/// A TLS central at its connection limit says `SERVER_BUSY` in TLS: the
+/// agency retries (it would give up on a plain-text answer, taking the
+/// central for one that does not speak TLS) and gets in once a slot frees.
+#[test]
+fn a_busy_tls_central_says_so_in_tls_and_the_agency_retries() {
+    let pki = tempfile::tempdir().unwrap();
+    let dir = pki.path();
+    let ca = Ca::new(dir, "ca");
+    let (cert, key) = ca.issue(dir, "server", &["localhost"]);
+    let work = tempfile::tempdir().unwrap();
+    let data = data(1);
+    let mut cmd = lottery();
+    cmd.arg("server")
+        .env("SERVER_PORT", "0")
+        .env("SERVER_AGENCIES", "1")
+        .env("SERVER_WINNING_NUMBER", WINNING.to_string())
+        .env("SERVER_STORAGE", work.path().join("bets.csv"))
+        .env("SERVER_TLS_CERT", &cert)
+        .env("SERVER_TLS_KEY", &key)
+        .env("SERVER_MAX_CONNECTIONS", "1");
+    let server = Server::spawn(cmd);
+    // The only slot, held by a client that has not started its handshake.
+    let holder = TcpStream::connect(server.address()).unwrap();
+    let name = PathBuf::from("localhost");
+    let agency = agency(
+        1,
+        &server.address(),
+        data.path(),
+        work.path(),
+        &[("CLI_TLS_CA", &ca.pem), ("CLI_TLS_SERVER_NAME", &name)],
+    );
+    server
+        .proc
+        .wait_for("code: SERVER_BUSY | reason: connection limit reached");
+    agency.wait_for("SERVER_BUSY");
+    drop(holder);
+    let status = agency.wait_exit(PATIENCE);
+    assert!(status.success(), "{}\n{}", agency.output(), agency.stderr());
+    assert!(
+        !agency.stderr().contains("does not speak TLS"),
+        "{}",
+        agency.stderr()
+    );
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+}

@@ -165,7 +165,7 @@ impl Listener {
                             code = %ErrorCode::ServerBusy,
                             reason = "connection limit reached"
                         );
-                        let refusal = refuse_busy(socket, self.settings.frame_timeout);
+                        let refusal = refuse_busy(socket, self.settings.clone());
                         let hard_stop = self.hard_stop.clone();
                         // Raced against the hard stop like a handler, so a
                         // refusal cannot outlast the grace period either.
@@ -215,13 +215,39 @@ impl Listener {
 
 /// Tells a connection over the limit that the central is busy, then closes
 /// it. Bounded in time, so a peer that does not read cannot keep it.
-async fn refuse_busy(socket: TcpStream, limit: Duration) {
-    let mut framed = Framed::new(socket, ServerCodec::new());
+///
+/// On a TLS central the answer goes through TLS, after the handshake: a TLS
+/// client reading a plain-text frame would take this central for one that
+/// does not speak TLS, which no retry can fix, and give up instead of
+/// trying again later or moving to the next central. A plain-text client
+/// is answered in plain text, as any other would be.
+async fn refuse_busy(socket: TcpStream, settings: Arc<Settings>) {
     let reply = Reply::Error {
         code: ErrorCode::ServerBusy,
         message: "the central is at its connection limit; try again later".into(),
     };
-    let _ = tokio::time::timeout(limit, framed.send(&reply)).await;
+    let refused = async {
+        let io: BoxedIo = match &settings.tls {
+            None => Box::new(socket),
+            Some(tls) => match tls.accept(socket).await {
+                Ok(net::Accepted::Tls(stream, _)) => stream,
+                Ok(net::Accepted::PlainText(socket)) => Box::new(socket),
+                Ok(net::Accepted::Closed) | Err(_) => return,
+            },
+        };
+        let mut framed = Framed::new(io, ServerCodec::new());
+        if framed.send(&reply).await.is_err() {
+            return;
+        }
+        // Read what the client sent meanwhile (its HELLO) before closing,
+        // or the reset could reach it before the answer does.
+        let mut io = framed.into_inner();
+        if io.shutdown().await.is_ok() {
+            let mut sink = [0u8; 1024];
+            while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+        }
+    };
+    let _ = tokio::time::timeout(settings.frame_timeout, refused).await;
 }
 
 /// A connection accepted, before its TLS handshake.
