@@ -704,3 +704,43 @@ fn a_busy_tls_central_says_so_in_tls_and_the_agency_retries() {
     server.proc.signal(Signal::SIGTERM);
     assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
 }
+
+/// A TLS central at its limit answers at most a few refusals by TLS at
+/// once (16 handshakes); a connection beyond them is closed at once, not
+/// handshaken: a flood of connections costs no CPU in handshakes.
+#[test]
+fn a_busy_tls_central_handshakes_only_a_few_refusals_at_once() {
+    let pki = tempfile::tempdir().unwrap();
+    let dir = pki.path();
+    let ca = Ca::new(dir, "ca");
+    let (cert, key) = ca.issue(dir, "server", &["localhost"]);
+    let work = tempfile::tempdir().unwrap();
+    let mut cmd = lottery();
+    cmd.arg("server")
+        .env("SERVER_PORT", "0")
+        .env("SERVER_AGENCIES", "1")
+        .env("SERVER_STORAGE", work.path().join("bets.csv"))
+        .env("SERVER_TLS_CERT", &cert)
+        .env("SERVER_TLS_KEY", &key)
+        .env("SERVER_MAX_CONNECTIONS", "1")
+        .env("SERVER_FRAME_TIMEOUT", "60");
+    let server = Server::spawn(cmd);
+    // The slot, then sixteen refusals waiting for a handshake that never
+    // starts (each holds its place for the frame timeout, a minute).
+    let held: Vec<TcpStream> = (0..17)
+        .map(|_| TcpStream::connect(server.address()).unwrap())
+        .collect();
+    for _ in 0..16 {
+        server.proc.wait_for("code: SERVER_BUSY");
+    }
+    let mut beyond = TcpStream::connect(server.address()).unwrap();
+    beyond
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    // Closed without a word, long before the frame timeout.
+    assert_eq!(beyond.read(&mut byte).unwrap(), 0);
+    drop(held);
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+}

@@ -137,10 +137,17 @@ pub(super) struct Listener {
     pub settings: Arc<Settings>,
 }
 
+/// Refusals at the limit that may be in a TLS handshake at once (see
+/// [`refuse_busy`]); beyond them a connection over the limit is closed
+/// without a word, so a flood of connections cannot make the central spend
+/// its CPU on handshakes it will only refuse.
+const BUSY_HANDSHAKES: usize = 16;
+
 impl Listener {
     /// Accepts until shutdown; returning drops (closes) the listening socket.
     pub async fn run(self) {
         let mut backoff = Duration::from_millis(10);
+        let busy_handshakes = Arc::new(Semaphore::new(BUSY_HANDSHAKES));
         loop {
             let accepted = tokio::select! {
                 biased;
@@ -165,7 +172,20 @@ impl Listener {
                             code = %ErrorCode::ServerBusy,
                             reason = "connection limit reached"
                         );
-                        let refusal = refuse_busy(socket, self.settings.clone());
+                        let handshake = match &self.settings.tls {
+                            None => None,
+                            Some(_) => match busy_handshakes.clone().try_acquire_owned() {
+                                Ok(permit) => Some(permit),
+                                // Closed unanswered: the client retries as
+                                // after any dropped connection.
+                                Err(_) => continue,
+                            },
+                        };
+                        let settings = self.settings.clone();
+                        let refusal = async move {
+                            refuse_busy(socket, settings).await;
+                            drop(handshake);
+                        };
                         let hard_stop = self.hard_stop.clone();
                         // Raced against the hard stop like a handler, so a
                         // refusal cannot outlast the grace period either.
