@@ -245,6 +245,13 @@ impl PostgresStore {
 /// central draws ("draw" in ASCII).
 const DRAW_LOCK: i64 = 0x6472_6177;
 
+/// How many of the lottery's agencies (`1..=$1`) have finished, on every
+/// central: what an announcement answers and what the draw watch looks
+/// for. A row above them (left by a central configured for more) is not
+/// one of this lottery's.
+pub(super) const FINISHED_COUNT: &str =
+    "SELECT count(*) FROM agencies WHERE finished AND agency <= $1";
+
 /// The channel a recorded draw is announced on, to every central.
 const DRAW_CHANNEL: &str = "lottery_draw";
 
@@ -296,10 +303,7 @@ impl PostgresStore {
                 }
             } else {
                 let finished: i64 = client
-                    .query_one(
-                        "SELECT count(*) FROM agencies WHERE finished AND agency <= $1",
-                        &[&(agencies as i32)],
-                    )
+                    .query_one(FINISHED_COUNT, &[&(agencies as i32)])
                     .await
                     .map_err(reason)?
                     .get(0);

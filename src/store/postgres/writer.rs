@@ -767,10 +767,7 @@ async fn announce(
         return Err(superseded(agency));
     }
     let count: i64 = tx
-        .query_one(
-            "SELECT count(*) FROM agencies WHERE finished AND agency <= $1",
-            &[&(agencies as i32)],
-        )
+        .query_one(super::FINISHED_COUNT, &[&(agencies as i32)])
         .await
         .map_err(reason)?
         .get(0);
