@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -184,7 +184,7 @@ pub fn render_postgres(agencies: u32, centrals: u32) -> String {
 services:
   postgres:
     container_name: postgres
-    image: postgres:15
+    image: ${{LOTTERY_POSTGRES_IMAGE:-postgres:15}}
     environment:
       - POSTGRES_USER={DB}
       - POSTGRES_DB={DB}
@@ -345,14 +345,23 @@ fn make_private_dir(dir: &Path) -> anyhow::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    // A directory already there, or one the umask narrowed, is made 0700 too.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the mode of {}", dir.display()))
 }
 
 /// The secret in `path`, or a new one written there when it is missing or
 /// empty. A new secret is hex, so it goes into a URL as it is.
 fn keep_or_create(path: &Path) -> anyhow::Result<String> {
     match std::fs::read_to_string(path) {
-        Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_string()),
+        Ok(text) if !text.trim().is_empty() => {
+            // A file kept from a run under a narrower umask is made readable
+            // to the containers too (see [`write_file`]).
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+                .with_context(|| format!("setting the mode of {}", path.display()))?;
+            Ok(text.trim().to_string())
+        }
         Ok(_) => {
             // An empty file is replaced; create_new needs it gone.
             std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
@@ -365,13 +374,19 @@ fn keep_or_create(path: &Path) -> anyhow::Result<String> {
 
 /// Creates `path` with `text` (0644, see [`write_secrets`]) and returns the
 /// text.
+///
+/// The mode is set after the file is made, not only asked of `open`: the
+/// process's umask narrows what `open` grants (under `umask 077` the files
+/// would be 0600, and the containers' user could not read them).
 fn write_file(path: &Path, text: &str) -> anyhow::Result<String> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o644)
+        .mode(0o600)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
     writeln!(file, "{text}").with_context(|| format!("writing {}", path.display()))?;
     Ok(text.to_string())
 }

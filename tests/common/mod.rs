@@ -3,6 +3,7 @@
 //! stored rows and winners.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod docker;
 pub mod pg;
 
 use std::collections::BTreeMap;
