@@ -38,6 +38,55 @@ use crate::store::{
 /// How long one attempt to connect may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A connection whose other end vanished (a central or a database cut off
+/// by the network, its host gone without closing anything) is given up on
+/// after about 15 s by both ends: TCP keepalives after 5 s of silence, every
+/// 2 s, 3 unanswered; and 15 s for data sent and never acknowledged.
+///
+/// Both ends matter. The central learns that its group failed, answers
+/// `STORAGE_FAILED` and connects again, instead of waiting forever on a
+/// reply. The database's backend, waiting for a vanished central's next
+/// message inside a group's transaction, aborts it and releases the rows
+/// it locked: without that, every other central's group for those agencies
+/// would wait on the lock for as long as the server's own keepalives allow
+/// (two hours by default), and the agencies could finish nowhere.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_RETRIES: u32 = 3;
+const UNACKNOWLEDGED_LIMIT: Duration = Duration::from_secs(15);
+
+/// The connection settings of every connection a central or a tool opens
+/// to `target`: its URL's, plus the time limits above on both ends.
+fn client_config(target: &PgTarget) -> tokio_postgres::Config {
+    let mut config = target.config().clone();
+    config.connect_timeout(CONNECT_TIMEOUT);
+    if config.get_application_name().is_none() {
+        config.application_name("lottery");
+    }
+    config
+        .keepalives(true)
+        .keepalives_idle(KEEPALIVE_IDLE)
+        .keepalives_interval(KEEPALIVE_INTERVAL)
+        .keepalives_retries(KEEPALIVE_RETRIES)
+        .tcp_user_timeout(UNACKNOWLEDGED_LIMIT);
+    // The backend's side, as session settings sent with the login (any
+    // `options` of the URL are kept, before these).
+    let server = format!(
+        "-c tcp_keepalives_idle={} -c tcp_keepalives_interval={} -c tcp_keepalives_count={} \
+         -c tcp_user_timeout={}",
+        KEEPALIVE_IDLE.as_secs(),
+        KEEPALIVE_INTERVAL.as_secs(),
+        KEEPALIVE_RETRIES,
+        UNACKNOWLEDGED_LIMIT.as_millis()
+    );
+    let options = match config.get_options() {
+        Some(given) if !given.is_empty() => format!("{given} {server}"),
+        _ => server,
+    };
+    config.options(&options);
+    config
+}
+
 /// The first wait between attempts to reach the database at start; each
 /// failure doubles it, up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
@@ -103,11 +152,7 @@ fn worth_retrying(e: &tokio_postgres::Error) -> bool {
 
 /// Opens one connection to `target` and prepares it for `session`.
 pub(crate) async fn connect(target: &PgTarget, session: Session) -> Result<Client, ConnectError> {
-    let mut config = target.config().clone();
-    config.connect_timeout(CONNECT_TIMEOUT);
-    if config.get_application_name().is_none() {
-        config.application_name("lottery");
-    }
+    let config = client_config(target);
     let failed = |e: tokio_postgres::Error| ConnectError {
         retry: worth_retrying(&e),
         reason: reason(e),
@@ -265,11 +310,7 @@ impl PostgresStore {
     /// [`Watched::AllFinished`] once every one of `agencies` has finished
     /// and still no draw is recorded.
     async fn watch_draw(&self, agencies: u32) -> Result<Watched, String> {
-        let mut config = self.target.config().clone();
-        config.connect_timeout(CONNECT_TIMEOUT);
-        if config.get_application_name().is_none() {
-            config.application_name("lottery");
-        }
+        let config = client_config(&self.target);
         let (client, mut connection) = config.connect(NoTls).await.map_err(reason)?;
         let (tx, mut notified) = mpsc::unbounded_channel();
         // The connection must be polled for its notifications to arrive.
