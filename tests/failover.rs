@@ -338,3 +338,117 @@ fn a_bad_address_in_the_list_is_a_usage_error_naming_it() {
          \"central-2\" has no port (each address is host:port)\n"
     );
 }
+
+/// Reads one frame's payload, or `None` once the peer closed.
+fn read_frame(stream: &mut TcpStream) -> Option<String> {
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).ok()?;
+    let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
+    stream.read_exact(&mut payload).ok()?;
+    Some(String::from_utf8(payload).unwrap())
+}
+
+fn write_frame(stream: &mut TcpStream, payload: &str) {
+    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(payload.as_bytes());
+    stream.write_all(&frame).unwrap();
+}
+
+/// A batch refused with `STORAGE_FAILED` was not stored: the agency must
+/// resume from the central's count (a new connection, HELLO) and send it
+/// again, never announce that it finished right after it, which would let
+/// the round be drawn without that batch. A central that refuses the
+/// agency's last batch once shows it: a refusal of an earlier batch is
+/// covered by the central refusing the next one as out of order.
+#[test]
+fn an_agency_whose_last_batch_failed_to_store_resumes_before_it_announces_the_end() {
+    const BETS: u64 = 50;
+    let data = data(BETS);
+    let expected = expected(data.path(), 1, WINNING);
+    let rows = expected.rows[&1].clone();
+    let receipt_of = move |n: usize| {
+        let mut receipt = lottery::receipt::Receipt::empty(1);
+        for row in &rows[..n] {
+            let texts = [&row[1], &row[2], &row[3], &row[4]].map(|t| t.as_bytes());
+            receipt.push(texts, row[5].parse().unwrap());
+        }
+        receipt
+    };
+    let winners = expected.winners[&1].join(",");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    // What each connection said: `HELLO`, `BATCH first+count`, `FINISHED`.
+    let central = std::thread::spawn(move || {
+        let mut said: Vec<Vec<String>> = Vec::new();
+        let mut held = 0usize;
+        let mut refused_once = false;
+        for conn in listener.incoming() {
+            let mut conn = conn.unwrap();
+            let mut this = Vec::new();
+            let mut done = false;
+            while let Some(payload) = read_frame(&mut conn) {
+                let fields: std::collections::HashMap<&str, &str> = payload
+                    .trim_end()
+                    .split('|')
+                    .take_while(|f| !f.starts_with("BET_"))
+                    .filter_map(|f| f.split_once(':'))
+                    .collect();
+                let reply = if payload.starts_with("ACTION:HELLO|") {
+                    this.push("HELLO".to_string());
+                    format!(
+                        "STATUS:SUCCESS|MESSAGE:hi|STORED:{held}|DIGEST:{}\n",
+                        receipt_of(held).digest
+                    )
+                } else if let Some(size) = fields.get("BATCH_SIZE") {
+                    let size: usize = size.parse().unwrap();
+                    let first: usize = fields["FIRST"].parse().unwrap();
+                    this.push(format!("BATCH {first}+{size}"));
+                    if first + size == BETS as usize && !refused_once {
+                        refused_once = true;
+                        "STATUS:ERROR|CODE:STORAGE_FAILED|MESSAGE:the database went away\n"
+                            .to_string()
+                    } else {
+                        assert_eq!(first, held, "a batch out of order");
+                        held += size;
+                        format!("STATUS:SUCCESS|MESSAGE:stored|STORED:{held}\n")
+                    }
+                } else {
+                    this.push("FINISHED".to_string());
+                    done = true;
+                    let digest = receipt_of(held).digest;
+                    format!(
+                        "STATUS:SUCCESS|WINNERS:{winners}|STORED:{held}|DIGEST:{digest}|SEAL:{digest}\n"
+                    )
+                };
+                write_frame(&mut conn, &reply);
+            }
+            said.push(this);
+            if done {
+                return (said, held);
+            }
+        }
+        unreachable!("the listener never ends")
+    });
+    let out = data.path().join("winners.txt");
+    let mut cmd = agency_command(1, &address, &data_file(data.path(), 1), &out);
+    cmd.env("CLI_BATCH_MAXAMOUNT", "20");
+    let agency = Proc::spawn(cmd);
+    let status = agency.wait_exit(PATIENCE);
+    let (said, held) = central.join().unwrap();
+    assert_eq!(
+        said,
+        vec![
+            vec!["HELLO", "BATCH 0+20", "BATCH 20+20", "BATCH 40+10"],
+            vec!["HELLO", "BATCH 40+10", "FINISHED"],
+        ],
+        "the agency announced the end over a batch that was not stored"
+    );
+    assert!(
+        status.success(),
+        "{status}\n{}\n{}",
+        agency.output(),
+        agency.stderr()
+    );
+    assert_eq!(held, BETS as usize);
+    assert_eq!(read_winners(&out), expected.winners[&1]);
+}

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::pg::PgCluster;
+use common::pg::{CommitRelay, Lose, PgCluster};
 use common::*;
 use lottery::receipt::Receipt;
 use lottery::tools::gen_data::{generate, GenOptions};
@@ -871,69 +871,274 @@ fn centrals_starting_together_create_the_schema_once() {
     );
 }
 
-#[test]
-fn rows_of_a_commit_never_acknowledged_are_taken_back_out_before_the_next_batch() {
-    use lottery::store::{Sequence, Store};
-    let Some((mut pg, url)) = cluster_with_db("rows_of_a_commit_never_acknowledged") else {
-        return;
-    };
-    let rt = runtime();
-    let store = rt.block_on(open_store(&url));
-    let acked = after(None, 1, &batch(1, 0..3));
-    rt.block_on(async {
-        let first = store
-            .submit(&batch(1, 0..3), 0, &Sequence::new(), acked)
-            .await
-            .unwrap();
-        first.await.unwrap();
-    });
-    // What the next batch's commit leaves when it happens but its answer
-    // is lost: its rows and count, which the central never acknowledged, so
-    // their agency sends them again.
+/// Agency 1's rows and count as the tables hold them: `document@seq …`,
+/// and `agencies.stored`.
+fn agency_one(pg: &PgCluster) -> Vec<Vec<Option<String>>> {
     pg.query(
         "lottery",
-        "INSERT INTO bets SELECT 1, g, 'Ana', 'Pérez', g::text, '1999-03-17', 7574 \
-         FROM generate_series(3, 5) g; UPDATE agencies SET stored = 6 WHERE agency = 1",
-    );
-    // The connection breaks, so the writer cannot trust the table.
-    pg.stop();
+        "SELECT string_agg(document || '@' || seq, ' ' ORDER BY seq), \
+         (SELECT stored::text FROM agencies WHERE agency = 1) FROM bets WHERE agency = 1",
+    )
+}
+
+/// `document@seq` for documents `docs` stored from seq 0 on.
+fn numbered(docs: impl IntoIterator<Item = u32>) -> String {
+    docs.into_iter()
+        .enumerate()
+        .map(|(seq, doc)| format!("{doc}@{seq}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Submits `bets` (receipt `receipt`) to `store` on a fresh sequence and
+/// returns how the store answered.
+async fn store_batch(
+    store: &lottery::store::postgres::PostgresStore,
+    bets: &lottery::model::Bets,
+    receipt: Receipt,
+) -> Result<(), lottery::store::StorageError> {
+    use lottery::store::{Sequence, Store};
+    let stored = store
+        .submit(bets, 0, &Sequence::new(), receipt)
+        .await
+        .unwrap();
+    stored.await
+}
+
+#[test]
+fn rows_of_a_commit_never_acknowledged_are_taken_back_out_before_the_next_batch() {
+    use lottery::store::Store;
+    let Some((pg, _)) = cluster_with_db("rows_of_a_commit_never_acknowledged") else {
+        return;
+    };
+    let relay = CommitRelay::start(&pg);
+    let rt = runtime();
+    let store = rt.block_on(open_store(&relay.url("lottery")));
+    let acked = after(None, 1, &batch(1, 0..3));
     rt.block_on(async {
-        let lost = store
-            .submit(
-                &batch(1, 3..6),
-                0,
-                &Sequence::new(),
-                after(Some(acked), 1, &batch(1, 3..6)),
-            )
-            .await
-            .unwrap();
-        assert!(lost.await.is_err());
+        store_batch(&store, &batch(1, 0..3), acked).await.unwrap();
+        // The next batch's commit happens but its answer is lost: the
+        // central never acknowledges those rows, so their agency sends
+        // them again.
+        relay.arm(Lose::Answer);
+        let lost = batch(1, 3..6);
+        let receipt = after(Some(acked), 1, &lost);
+        assert!(store_batch(&store, &lost, receipt).await.is_err());
     });
-    pg.start_again();
+    assert_eq!(relay.wait_lost(STEP), Lose::Answer);
+    assert_eq!(
+        agency_one(&pg),
+        vec![vec![Some(numbered(0..6)), Some("6".into())]],
+        "the commit whose answer was lost happened"
+    );
     rt.block_on(async {
-        let next = store
-            .submit(
-                &batch(1, 6..9),
-                0,
-                &Sequence::new(),
-                after(Some(acked), 1, &batch(1, 6..9)),
-            )
-            .await
-            .unwrap();
-        next.await.unwrap();
+        let next = after(Some(acked), 1, &batch(1, 6..9));
+        store_batch(&store, &batch(1, 6..9), next).await.unwrap();
         store.close().await;
     });
     assert_eq!(
-        pg.query(
-            "lottery",
-            "SELECT string_agg(document || '@' || seq, ' ' ORDER BY seq) FROM bets"
-        ),
-        vec![vec![Some("0@0 1@1 2@2 6@3 7@4 8@5".to_string())]]
+        agency_one(&pg),
+        vec![vec![
+            Some("0@0 1@1 2@2 6@3 7@4 8@5".to_string()),
+            Some("6".into())
+        ]]
     );
+}
+
+/// Central A loses the answer to the commit of agency 1's bets 3..6 (the
+/// commit happens), then a session of the agency opens on central B, which
+/// tells it that 6 bets are stored: those rows are acknowledged now, and A
+/// settling its doubt (before agency 2's session opens) must leave them.
+/// `hello_on_a`: whether agency 1 had said HELLO on A too (a reference
+/// agency does not, and A then knows no session of it).
+fn a_lost_commit_counted_by_another_central_stays(test: &str, hello_on_a: bool) {
+    use lottery::store::Store;
+    let Some((pg, url)) = cluster_with_db(test) else {
+        return;
+    };
+    let relay = CommitRelay::start(&pg);
+    let rt = runtime();
+    let a = rt.block_on(open_store(&relay.url("lottery")));
+    let b = rt.block_on(open_store(&url));
+    let first = after(None, 1, &batch(1, 0..3));
+    let second = after(Some(first), 1, &batch(1, 3..6));
+    rt.block_on(async {
+        if hello_on_a {
+            assert_eq!(a.open_session(1).await.unwrap().receipt.count, 0);
+        }
+        store_batch(&a, &batch(1, 0..3), first).await.unwrap();
+        relay.arm(Lose::Answer);
+        assert!(store_batch(&a, &batch(1, 3..6), second).await.is_err());
+    });
+    assert_eq!(relay.wait_lost(STEP), Lose::Answer);
+    rt.block_on(async {
+        // The agency moves to B: HELLO answers `STORED:6`.
+        assert_eq!(b.open_session(1).await.unwrap().receipt, second);
+        // Any work on A settles its doubt first.
+        a.open_session(2).await.unwrap();
+    });
     assert_eq!(
-        pg.query("lottery", "SELECT stored FROM agencies WHERE agency = 1"),
-        vec![vec![Some("6".to_string())]]
+        agency_one(&pg),
+        vec![vec![Some(numbered(0..6)), Some("6".into())]],
+        "central A removed bets central B acknowledged"
     );
+    rt.block_on(async {
+        // The agency goes on from 6 on B.
+        let third = after(Some(second), 1, &batch(1, 6..9));
+        store_batch(&b, &batch(1, 6..9), third).await.unwrap();
+        a.close().await;
+        b.close().await;
+    });
+    assert_eq!(
+        agency_one(&pg),
+        vec![vec![Some(numbered(0..9)), Some("9".into())]]
+    );
+}
+
+#[test]
+fn a_lost_commit_counted_by_a_session_on_another_central_stays() {
+    a_lost_commit_counted_by_another_central_stays("a_lost_commit_counted_hello_on_both", true);
+}
+
+#[test]
+fn a_lost_commit_of_an_agency_without_hello_counted_on_another_central_stays() {
+    a_lost_commit_counted_by_another_central_stays("a_lost_commit_counted_no_hello_on_a", false);
+}
+
+/// Central A's commit of agency 1's bets 5..8 never reaches the database,
+/// and the agency (no HELLO anywhere) sends the same bets to central B,
+/// which stores and acknowledges them: the table then holds exactly what
+/// A's commit would have left, under the same epoch. A settling its doubt
+/// must find that its own transaction did not commit, and remove nothing.
+#[test]
+fn rows_another_central_stored_where_a_lost_commit_would_have_are_kept() {
+    use lottery::store::Store;
+    let Some((pg, url)) = cluster_with_db("rows_another_central_stored_where_a_lost_commit") else {
+        return;
+    };
+    let relay = CommitRelay::start(&pg);
+    let rt = runtime();
+    let a = rt.block_on(open_store(&relay.url("lottery")));
+    let first = after(None, 1, &batch(1, 0..5));
+    let second = after(Some(first), 1, &batch(1, 5..8));
+    rt.block_on(async {
+        store_batch(&a, &batch(1, 0..5), first).await.unwrap();
+    });
+    // Central B starts now: it reads agency 1's 5 bets from the table.
+    let b = rt.block_on(open_store(&url));
+    rt.block_on(async {
+        relay.arm(Lose::Commit);
+        assert!(store_batch(&a, &batch(1, 5..8), second).await.is_err());
+    });
+    assert_eq!(relay.wait_lost(STEP), Lose::Commit);
+    rt.block_on(async {
+        store_batch(&b, &batch(1, 5..8), second).await.unwrap();
+        // Any work on A settles its doubt first.
+        a.open_session(2).await.unwrap();
+        a.close().await;
+        b.close().await;
+    });
+    assert_eq!(
+        agency_one(&pg),
+        vec![vec![Some(numbered(0..8)), Some("8".into())]],
+        "central A removed bets central B acknowledged"
+    );
+}
+
+/// Agency 1 sends 5 bets to central A without HELLO. Its next batch waits
+/// on agency 1's row of `agencies` (held by someone else) when A's backend
+/// is terminated, so A answers `STORAGE_FAILED`. The agency moves to
+/// central B, says HELLO (`resume from bet 5`) and sends the 3 bets with
+/// `FIRST:5`: B acknowledges `STORED:8`. Then agency 2's HELLO on A makes A
+/// settle what it was unsure of: every acknowledged bet must still be there.
+#[test]
+fn an_agency_without_hello_whose_batch_died_on_one_central_keeps_what_another_acknowledged() {
+    let Some((pg, url)) = cluster_with_db("an_agency_without_hello_whose_batch_died") else {
+        return;
+    };
+    let a = central(&format!("{url}?application_name=central_a"), 2);
+    let b = central(&url, 2);
+    let bet = |doc: u32| {
+        format!(
+            "NOMBRE:Ana\\|APELLIDO:Perez\\|DOCUMENTO:{doc}\\|NACIMIENTO:1999-03-17\\|\
+             NUMERO:7574\\|AGENCY_ID:1"
+        )
+    };
+    let batch = |first: Option<u32>, docs: std::ops::Range<u32>| {
+        let mut payload = format!("BATCH_SIZE:{}", docs.len());
+        if let Some(first) = first {
+            payload += &format!("|FIRST:{first}");
+        }
+        for (i, doc) in docs.enumerate() {
+            payload += &format!("|BET_{}:{}", i + 1, bet(doc));
+        }
+        payload + "\n"
+    };
+    // A reference agency: no HELLO, no FIRST.
+    let mut on_a = connect(&a.address());
+    let stored = exchange(&mut on_a, &batch(None, 0..5));
+    assert!(stored.contains("|STORED:5"), "{stored}");
+    // Someone holds agency 1's row: A's next batch waits for it.
+    let rt = runtime();
+    let holder = rt.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute("BEGIN; SELECT 1 FROM agencies WHERE agency = 1 FOR UPDATE")
+            .await
+            .unwrap();
+        client
+    });
+    send(&mut on_a, &batch(None, 5..8));
+    let deadline = Instant::now() + STEP;
+    let waiting = loop {
+        let waiting = pg.query(
+            "postgres",
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'central_a' \
+             AND wait_event_type = 'Lock'",
+        );
+        if !waiting.is_empty() {
+            break waiting;
+        }
+        assert!(Instant::now() < deadline, "central A's batch never waited");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // A DBA, a pooler or a network cut ends A's backend.
+    let pid = waiting[0][0].clone().unwrap();
+    pg.query("postgres", &format!("SELECT pg_terminate_backend({pid})"));
+    let refused = receive(&mut on_a);
+    assert!(
+        refused.starts_with("STATUS:ERROR|CODE:STORAGE_FAILED|"),
+        "{refused}"
+    );
+    rt.block_on(async { holder.batch_execute("ROLLBACK").await.unwrap() });
+    drop(on_a);
+    // The agency moves to B, resumes from the table and is acknowledged.
+    let mut on_b = connect(&b.address());
+    let welcome = exchange(&mut on_b, "ACTION:HELLO|AGENCY_ID:1\n");
+    assert!(
+        welcome.contains("resume from bet 5") && welcome.contains("|STORED:5|"),
+        "{welcome}"
+    );
+    let stored = exchange(&mut on_b, &batch(Some(5), 5..8));
+    assert!(
+        stored.starts_with("STATUS:SUCCESS") && stored.contains("|STORED:8"),
+        "{stored}"
+    );
+    // Any work on A: agency 2's HELLO.
+    let welcome = hello(&a.address(), 2);
+    assert!(welcome.starts_with("STATUS:SUCCESS"), "{welcome}");
+    assert_eq!(
+        agency_one(&pg),
+        vec![vec![Some(numbered(0..8)), Some("8".into())]],
+        "acknowledged bets were removed"
+    );
+    drop(on_b);
+    let log = stop(&a);
+    assert!(!log.contains("removed: "), "{log}");
+    stop(&b);
 }
 
 #[test]
@@ -1966,4 +2171,94 @@ fn every_agency_finished_and_no_draw_recorded_makes_a_central_draw() {
         vec![vec![Some("1".to_string()), Some("0".to_string())]]
     );
     let _ = stop(&server);
+}
+
+/// A row taken out of `bets` behind the centrals' back: the draw must be
+/// refused, not recorded over fewer bets than were acknowledged.
+#[test]
+fn a_draw_over_fewer_bets_than_were_acknowledged_is_refused() {
+    use lottery::store::Store;
+    let Some((pg, url)) = cluster_with_db("a_draw_over_fewer_bets_than_were_acknowledged") else {
+        return;
+    };
+    let rt = runtime();
+    let store = rt.block_on(open_store(&url));
+    rt.block_on(async {
+        let bets = batch(1, 0..3);
+        store_batch(&store, &bets, after(None, 1, &bets))
+            .await
+            .unwrap();
+    });
+    pg.query("lottery", "DELETE FROM bets WHERE seq = 2");
+    let err = rt.block_on(async {
+        let drawn = store.draw_once(WINNING, 1).await;
+        store.close().await;
+        drawn.unwrap_err().to_string()
+    });
+    assert!(
+        err.contains(
+            "the stored bets differ from what was acknowledged \
+             (agency 1: 2 in the store, 3 acknowledged); nothing was recorded"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        pg.query(
+            "lottery",
+            "SELECT (SELECT count(*) FROM draw), (SELECT count(*) FROM rounds)"
+        ),
+        vec![vec![Some("0".into()), Some("0".into())]]
+    );
+}
+
+/// Three centrals asking for the draw at once, then again one after the
+/// other (and a central started afterwards): one draw is recorded, and
+/// every call answers with it.
+#[test]
+fn the_draw_runs_once_whichever_centrals_ask_together_or_in_turn() {
+    use lottery::store::Store;
+    let Some((pg, url)) = cluster_with_db("the_draw_runs_once_whichever_centrals_ask") else {
+        return;
+    };
+    let rt = runtime();
+    let centrals: Vec<_> = (0..3).map(|_| rt.block_on(open_store(&url))).collect();
+    let draws = rt.block_on(async {
+        let bets = batch(1, 0..3);
+        store_batch(&centrals[0], &bets, after(None, 1, &bets))
+            .await
+            .unwrap();
+        let together =
+            futures::future::join_all(centrals.iter().map(|c| c.draw_once(WINNING, 1))).await;
+        let mut draws: Vec<_> = together
+            .into_iter()
+            .map(|d| d.expect("every central gets the draw"))
+            .collect();
+        for c in &centrals {
+            draws.push(c.draw_once(WINNING, 1).await.expect("the recorded draw"));
+        }
+        let late = open_store(&url).await;
+        draws.push(late.draw_once(WINNING, 1).await.expect("the recorded draw"));
+        late.close().await;
+        for c in &centrals {
+            c.close().await;
+        }
+        draws
+    });
+    assert_eq!(
+        draws.iter().filter(|(_, ran)| *ran).count(),
+        1,
+        "one central runs the draw"
+    );
+    let (first, _) = &draws[0];
+    assert_eq!(first.winners_of(1), ["0", "1", "2"]);
+    for (draw, _) in &draws {
+        assert_eq!(
+            (draw.seal, &draw.winners, draw.bets),
+            (first.seal, &first.winners, 3)
+        );
+    }
+    assert_eq!(
+        pg.query("lottery", "SELECT count(*), max(bets) FROM draw"),
+        vec![vec![Some("1".into()), Some("3".into())]]
+    );
 }

@@ -156,6 +156,9 @@ fn edit(path: &Path, f: impl FnOnce(String) -> String) {
     std::fs::write(path, f(text)).unwrap();
 }
 
+/// A seal no round has: 64 hex digits.
+const FORGED_SEAL: &str = "5ea15ea15ea15ea15ea15ea15ea15ea15ea15ea15ea15ea15ea15ea15ea15ea1";
+
 #[test]
 fn a_clean_round_verifies_and_every_tampering_is_caught() {
     let data = data(2, 300, 11);
@@ -171,6 +174,7 @@ fn a_clean_round_verifies_and_every_tampering_is_caught() {
             .unwrap();
     let winners = |a: &str| record["agencies"][a]["winners"].as_array().unwrap().clone();
     let (one, two) = (winners("1"), winners("2"));
+    let sealed = record["seal"].as_str().unwrap().to_string();
     assert!(!one.is_empty() && !two.is_empty() && one != two);
 
     // Each tampering: what it does, and what verify and the central say.
@@ -228,6 +232,18 @@ fn a_clean_round_verifies_and_every_tampering_is_caught() {
             "the record deleted",
             Box::new(|dir: &Path| std::fs::remove_file(dir.join("bets.draw.toml")).unwrap()),
             "missing, but round 1 of ".to_string(),
+        ),
+        (
+            "the seal forged in the record and the ledger alike",
+            Box::new(move |dir: &Path| {
+                for name in ["bets.draw.toml", "bets.rounds.toml"] {
+                    edit(&dir.join(name), |text| {
+                        assert!(text.contains(&sealed), "{name} holds the seal");
+                        text.replace(&sealed, FORGED_SEAL)
+                    })
+                }
+            }),
+            format!("seal: the record says {FORGED_SEAL}, the stored bets"),
         ),
         (
             "the winning number changed in the record",

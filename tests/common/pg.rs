@@ -419,3 +419,151 @@ impl Drop for PgCluster {
         self.stop_with(nix::sys::signal::Signal::SIGQUIT);
     }
 }
+
+/// What a [`CommitRelay`], once armed, loses of the next `COMMIT` that
+/// passes through it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lose {
+    /// Its answer: the database commits, and the client sees its
+    /// connection close instead of the answer.
+    Answer,
+    /// The `COMMIT` itself: the database never receives it (it rolls the
+    /// transaction back when the connection closes), and the client sees
+    /// its connection close, as for a lost answer.
+    Commit,
+}
+
+/// A TCP relay in front of a cluster that, once armed, loses the answer
+/// to the next `COMMIT` a client sends through it, or that `COMMIT`: what
+/// a network cut at that moment does, which no test can time from outside.
+/// Every other byte, on every connection, passes unchanged.
+pub struct CommitRelay {
+    pub port: u16,
+    armed: Arc<Mutex<Option<Lose>>>,
+    done: mpsc::Receiver<Lose>,
+}
+
+/// `COMMIT` as a simple-protocol query message (`Q`, its length, the text
+/// ended by a NUL), as `tokio-postgres` sends it from `batch_execute`.
+const COMMIT_MESSAGE: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
+
+impl CommitRelay {
+    /// A relay to `cluster`, passing everything until [`CommitRelay::arm`].
+    pub fn start(cluster: &PgCluster) -> CommitRelay {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let upstream = format!("127.0.0.1:{}", cluster.port);
+        let armed: Arc<Mutex<Option<Lose>>> = Arc::new(Mutex::new(None));
+        let (done_tx, done) = mpsc::channel();
+        let shared = armed.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (armed, done) = (shared.clone(), done_tx.clone());
+                // Set once this connection's COMMIT went through to the
+                // database with its answer to be lost.
+                let swallow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let swallow_answer = swallow.clone();
+                let (to_server, from_server) = (server.try_clone().unwrap(), server);
+                let (from_client, to_client) = (client.try_clone().unwrap(), client);
+                std::thread::spawn(move || {
+                    forward_client(from_client, to_server, &armed, &swallow, &done)
+                });
+                let answers_done = done_tx.clone();
+                std::thread::spawn(move || {
+                    forward_server(from_server, to_client, &swallow_answer, &answers_done)
+                });
+            }
+        });
+        CommitRelay { port, armed, done }
+    }
+
+    /// The URL of database `db` through this relay.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Loses `what` of the next `COMMIT` through the relay.
+    pub fn arm(&self, what: Lose) {
+        *self.armed.lock().unwrap() = Some(what);
+    }
+
+    /// Waits until the armed loss happened: the `COMMIT` was dropped, or
+    /// its answer came back from the database and was dropped.
+    ///
+    /// # Panics
+    /// Nothing was lost within `limit`.
+    pub fn wait_lost(&self, limit: Duration) -> Lose {
+        self.done
+            .recv_timeout(limit)
+            .unwrap_or_else(|_| panic!("no COMMIT passed the relay within {limit:?}"))
+    }
+}
+
+/// Client to database: everything, but an armed relay's `COMMIT` is
+/// dropped (with the connection) or marks its answer to be lost.
+fn forward_client(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    armed: &Mutex<Option<Lose>>,
+    swallow: &std::sync::atomic::AtomicBool,
+    done: &mpsc::Sender<Lose>,
+) {
+    use std::io::Read;
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf) {
+        let chunk = &buf[..n];
+        let at = chunk
+            .windows(COMMIT_MESSAGE.len())
+            .position(|w| w == COMMIT_MESSAGE);
+        let lose = match at {
+            Some(_) => armed.lock().unwrap().take(),
+            None => None,
+        };
+        match lose {
+            Some(Lose::Commit) => {
+                // What came before the COMMIT still counts.
+                let _ = to.write_all(&chunk[..at.expect("found above")]);
+                let _ = done.send(Lose::Commit);
+                break;
+            }
+            Some(Lose::Answer) => {
+                // Before it is forwarded: the answer cannot come first.
+                swallow.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            None => {}
+        }
+        if to.write_all(chunk).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// Database to client: everything, until the answer of a COMMIT whose
+/// answer is to be lost arrives: dropped, with the connection.
+fn forward_server(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    swallow: &std::sync::atomic::AtomicBool,
+    done: &mpsc::Sender<Lose>,
+) {
+    use std::io::Read;
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf) {
+        if swallow.load(std::sync::atomic::Ordering::SeqCst) {
+            // The database answered the COMMIT: it committed.
+            let _ = done.send(Lose::Answer);
+            break;
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}

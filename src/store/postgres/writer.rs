@@ -32,10 +32,14 @@
 //! another central, make it refuse that agency's batches; the group is then
 //! copied again without them.
 //!
-//! When a transaction fails the writer drops its connection and, once
-//! every group in flight is answered, first removes any rows beyond the
-//! acknowledged counts: a commit whose answer was lost may still have
-//! happened, and those bets, never acknowledged, will be sent again.
+//! When a transaction fails the writer drops its connection. A failure
+//! before its `COMMIT` was sent stored nothing. A `COMMIT` whose answer was
+//! lost leaves a doubt, settled before anything else is written: once
+//! every group in flight is answered, the writer asks the database whether
+//! that transaction committed (its id, `pg_xact_status`), and if it did,
+//! removes its rows, never acknowledged (their agencies send them again),
+//! unless someone counted them since: rows stored after them, or a session
+//! of the agency opened on any central (its HELLO was answered with them).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -179,12 +183,23 @@ enum Outcome {
     Stored { refused: HashMap<AgencyId, String> },
     /// Rolled back because the group before it failed: nothing stored.
     Behind,
-    /// The transaction failed; if its commit happened, its answer was
-    /// lost, and the table holds `attempted` for its agencies.
-    Failed {
-        why: String,
-        attempted: HashMap<AgencyId, i64>,
-    },
+    /// The transaction failed. `doubt`: its `COMMIT` was sent, so it may
+    /// have committed, its answer lost; `None` when it failed before, and
+    /// so stored nothing.
+    Failed { why: String, doubt: Option<Doubt> },
+}
+
+/// A group whose `COMMIT` was sent but never answered: what identifies its
+/// rows, so that only they are ever taken back out.
+#[derive(Debug, Clone)]
+struct Doubt {
+    /// The group's transaction id (`pg_current_xact_id`): the database
+    /// says whether it committed.
+    xid: i64,
+    /// Per agency, the count its commit left, and the epoch the agency's
+    /// row held under the group's lock: if either moved on since, someone
+    /// counted those rows (a later commit, or a HELLO answered with them).
+    agencies: HashMap<AgencyId, (i64, i64)>,
 }
 
 /// A connection of the writer, with the statements a group runs prepared
@@ -203,9 +218,10 @@ struct Conn {
 const CREATE_AGENCIES: &str = "INSERT INTO agencies (agency) \
     SELECT a FROM unnest($1::int4[]) AS a ORDER BY a ON CONFLICT (agency) DO NOTHING";
 
-/// Locks the group's agencies' rows (see [`update_agencies`]).
-const LOCK_AGENCIES: &str = "SELECT agency, stored, epoch FROM agencies WHERE agency = ANY($1) \
-                             ORDER BY agency FOR UPDATE";
+/// Locks the group's agencies' rows (see [`update_agencies`]), and names
+/// the group's transaction (see [`Doubt`]).
+const LOCK_AGENCIES: &str = "SELECT agency, stored, epoch, pg_current_xact_id()::text::int8 \
+                             FROM agencies WHERE agency = ANY($1) ORDER BY agency FOR UPDATE";
 
 /// Moves the group's agencies' counts and digests.
 const UPSERT_AGENCIES: &str = "INSERT INTO agencies (agency, stored, digest) \
@@ -243,9 +259,6 @@ struct InFlight {
     pending: Vec<Pending>,
     /// Per agency, the receipt once the group is stored.
     receipts: HashMap<AgencyId, Receipt>,
-    /// What the table holds if the whole group committed (for a task that
-    /// panicked).
-    attempted: HashMap<AgencyId, i64>,
 }
 
 /// The writer's state.
@@ -264,10 +277,9 @@ struct Writer {
     /// batch's first `seq`. Equal to `acked`'s counts when nothing is in
     /// flight.
     planned: HashMap<AgencyId, i64>,
-    /// A transaction failed after writing rows: the counts its commit would
-    /// have left per agency, as the table holds them if the commit happened
-    /// though its answer was lost. Empty when no such doubt is pending.
-    attempted: HashMap<AgencyId, i64>,
+    /// A transaction whose `COMMIT` was never answered, until it is
+    /// settled (see `settle_doubt`).
+    doubt: Option<Doubt>,
     /// Per agency, the epoch of its session opened last on this central
     /// (older sessions here were closed by the lottery before it opened):
     /// the table's `agencies.epoch` must still hold it for this central to
@@ -304,7 +316,7 @@ pub async fn run(
         planned: HashMap::new(),
         rows: stored.keys().copied().collect(),
         acked: stored,
-        attempted: HashMap::new(),
+        doubt: None,
         epochs: HashMap::new(),
         in_flight: VecDeque::new(),
         baton: None,
@@ -522,7 +534,6 @@ impl Writer {
                 row_exists: self.rows.contains(&agency),
             })
             .collect();
-        let attempted = attempted_by(&updates);
         let client = match self.connection().await {
             Ok(client) => client,
             Err(why) => {
@@ -556,7 +567,6 @@ impl Writer {
             task,
             pending,
             receipts,
-            attempted,
         });
     }
 
@@ -577,11 +587,16 @@ impl Writer {
 
     /// Answers a group's batches from how its transaction ended.
     fn answer(&mut self, group: InFlight, finished: Result<Finished, tokio::task::JoinError>) {
+        // A task that panicked leaves no doubt to settle: should its
+        // commit have happened, the table holds more than this central
+        // acknowledged, and its agencies' batches are refused until a HELLO
+        // reads the table again. Nothing is removed that is not known to be
+        // this central's.
         let finished = finished.unwrap_or_else(|e| Finished {
             client: None,
             outcome: Outcome::Failed {
                 why: format!("the writer's task failed: {e}"),
-                attempted: group.attempted.clone(),
+                doubt: None,
             },
         });
         match finished.client {
@@ -628,7 +643,7 @@ impl Writer {
                 return;
             }
             Outcome::Behind => BEHIND_A_FAILED_GROUP.to_string(),
-            Outcome::Failed { why, attempted } => {
+            Outcome::Failed { why, doubt } => {
                 warn!(
                     action = action::STORE,
                     result = result::FAIL,
@@ -637,11 +652,10 @@ impl Writer {
                     error = why.as_str()
                 );
                 // Cleared up before the next group (see `settle_doubt`).
-                // Groups behind this one roll back without committing;
-                // should one of them fail too, what this one may have
-                // committed stays the doubt.
-                for (agency, count) in attempted {
-                    self.attempted.entry(agency).or_insert(count);
+                // Groups behind this one roll back without sending their
+                // `COMMIT`, so at most one is in doubt.
+                if self.doubt.is_none() {
+                    self.doubt = doubt;
                 }
                 why
             }
@@ -656,19 +670,14 @@ impl Writer {
     }
 
     /// Clears up a commit whose answer was lost, if one is pending (see
-    /// `attempted`), on a working connection.
+    /// `doubt`), on a working connection.
     async fn settle_doubt(&mut self) -> Result<(), String> {
-        if self.attempted.is_empty() {
+        if self.doubt.is_none() {
             return Ok(());
         }
         let mut client = self.connection().await.inspect_err(|_| self.lost = true)?;
-        let removed = forget_unacknowledged(
-            &mut client.client,
-            &self.acked,
-            &self.attempted,
-            &self.epochs,
-        )
-        .await;
+        let doubt = self.doubt.as_ref().expect("checked above");
+        let removed = forget_unacknowledged(&mut client.client, &self.acked, doubt).await;
         self.give_back(client, &removed);
         let removed = removed?;
         if removed > 0 {
@@ -681,7 +690,7 @@ impl Writer {
                            their agencies send them again"
             );
         }
-        self.attempted.clear();
+        self.doubt = None;
         Ok(())
     }
 
@@ -789,8 +798,10 @@ async fn store_group(conn: Conn, plan: Plan, after: Option<Baton>, mut relay: Re
     let mut refused = HashMap::new();
     // A rollback that failed leaves the connection in doubt.
     let mut reusable = true;
+    // Set once the `COMMIT` is sent: before, a failure stored nothing.
+    let mut sent: Option<Doubt> = None;
     let stored: Result<Outcome, String> = async {
-        loop {
+        let doubt = loop {
             copy(&conn, &chunks).await?;
             if let Some(locked) = after_locked.take() {
                 if !locked.await.unwrap_or(false) {
@@ -798,9 +809,9 @@ async fn store_group(conn: Conn, plan: Plan, after: Option<Baton>, mut relay: Re
                     return Ok(Outcome::Behind);
                 }
             }
-            let left_out = update_agencies(&conn, &updates).await?;
+            let (left_out, doubt) = update_agencies(&conn, &updates).await?;
             if left_out.is_empty() {
-                break;
+                break doubt;
             }
             // Some agencies' rows are not what this central expects: leave
             // their batches out, and store the others' all the same.
@@ -819,7 +830,7 @@ async fn store_group(conn: Conn, plan: Plan, after: Option<Baton>, mut relay: Re
                 signal(&mut relay.committed, before);
                 return Ok(Outcome::Stored { refused });
             }
-        }
+        };
         signal(&mut relay.locked, true);
         if let Some(committed) = after_committed {
             if !committed.await.unwrap_or(false) {
@@ -827,6 +838,7 @@ async fn store_group(conn: Conn, plan: Plan, after: Option<Baton>, mut relay: Re
                 return Ok(Outcome::Behind);
             }
         }
+        sent = Some(doubt);
         conn.client.batch_execute("COMMIT").await.map_err(reason)?;
         signal(&mut relay.committed, true);
         Ok(Outcome::Stored { refused })
@@ -844,10 +856,7 @@ async fn store_group(conn: Conn, plan: Plan, after: Option<Baton>, mut relay: Re
             // Its state is unknown: dropped, so the server rolls back
             // whatever did not commit.
             client: None,
-            outcome: Outcome::Failed {
-                why,
-                attempted: attempted_by(&updates),
-            },
+            outcome: Outcome::Failed { why, doubt: sent },
         },
     }
 }
@@ -884,7 +893,8 @@ async fn copy(conn: &Conn, chunks: &[(AgencyId, Bytes)]) -> Result<(), String> {
 /// Locks the group's agencies' rows of `agencies` and checks that each
 /// still holds what this central expects (see the module's
 /// documentation); moves the counts and digests of those that do, and
-/// returns the others, with why.
+/// returns the others, with why, and what identifies the group's rows
+/// should its `COMMIT` go unanswered.
 ///
 /// The rows are locked with `SELECT … FOR UPDATE`, in order of agency (so
 /// two centrals never wait for each other in a cycle), which under `READ
@@ -893,7 +903,7 @@ async fn copy(conn: &Conn, chunks: &[(AgencyId, Bytes)]) -> Result<(), String> {
 async fn update_agencies(
     conn: &Conn,
     updates: &[Update],
-) -> Result<HashMap<AgencyId, String>, String> {
+) -> Result<(HashMap<AgencyId, String>, Doubt), String> {
     let mut agencies: Vec<i32> = updates.iter().map(|u| u.agency as i32).collect();
     agencies.sort_unstable();
     // An agency whose row this writer has not seen committed gets it
@@ -912,6 +922,10 @@ async fn update_agencies(
         .map(|(_, held)| held)
     }
     .map_err(reason)?;
+    let xid: i64 = held
+        .first()
+        .ok_or("agencies: the group's rows are missing")?
+        .get(3);
     let held: HashMap<i32, (i64, i64)> = held
         .into_iter()
         .map(|r| (r.get(0), (r.get(1), r.get(2))))
@@ -937,8 +951,18 @@ async fn update_agencies(
             changed.push(u);
         }
     }
+    let doubt = Doubt {
+        xid,
+        agencies: changed
+            .iter()
+            .map(|u| {
+                let epoch = held.get(&(u.agency as i32)).map_or(0, |h| h.1);
+                (u.agency, (u.receipt.count as i64, epoch))
+            })
+            .collect(),
+    };
     if !refused.is_empty() {
-        return Ok(refused);
+        return Ok((refused, doubt));
     }
     let agencies: Vec<i32> = changed.iter().map(|u| u.agency as i32).collect();
     let counts: Vec<i64> = changed.iter().map(|u| u.receipt.count as i64).collect();
@@ -947,15 +971,7 @@ async fn update_agencies(
         .execute(&conn.upsert, &[&agencies, &counts, &digests])
         .await
         .map_err(reason)?;
-    Ok(refused)
-}
-
-/// The counts per agency the table holds once `updates` commit.
-fn attempted_by(updates: &[Update]) -> HashMap<AgencyId, i64> {
-    updates
-        .iter()
-        .map(|u| (u.agency, u.receipt.count as i64))
-        .collect()
+    Ok((refused, doubt))
 }
 
 /// Why a fenced session's write is refused.
@@ -966,21 +982,22 @@ fn superseded(agency: AgencyId) -> String {
     )
 }
 
-/// Removes the rows beyond the acknowledged receipts `acked` (and sets the
-/// receipts back), in one transaction, for the agencies whose count in the
-/// table is exactly what the failed commit would have left (`attempted`):
-/// only then are those rows this central's unanswered commit, and not
-/// bets another central stored. Returns how many it removed.
+/// Settles `doubt`: if its transaction committed, removes its rows (those
+/// beyond the acknowledged receipts `acked`) and sets the receipts back, in
+/// one transaction, for each agency whose row of `agencies` is still
+/// exactly as that commit left it (its count, and its epoch): then nobody
+/// counted those rows since, on any central. Returns how many it removed.
 async fn forget_unacknowledged(
     client: &mut Client,
     acked: &HashMap<AgencyId, Receipt>,
-    attempted: &HashMap<AgencyId, i64>,
-    epochs: &HashMap<AgencyId, i64>,
+    doubt: &Doubt,
 ) -> Result<u64, String> {
     let tx = client.transaction().await.map_err(reason)?;
     // Only the agencies in doubt: the others' groups, on any central, go on.
-    let mut doubtful: Vec<i32> = attempted.keys().map(|&a| a as i32).collect();
+    let mut doubtful: Vec<i32> = doubt.agencies.keys().map(|&a| a as i32).collect();
     doubtful.sort_unstable();
+    // The transaction in doubt held these rows until it ended: once they
+    // are locked here, it has committed or rolled back for good.
     let rows = tx
         .query(
             "SELECT agency, stored, epoch FROM agencies WHERE agency = ANY($1) \
@@ -989,15 +1006,37 @@ async fn forget_unacknowledged(
         )
         .await
         .map_err(reason)?;
+    let status: Option<String> = tx
+        .query_one("SELECT pg_xact_status($1::int8::text::xid8)", &[&doubt.xid])
+        .await
+        .map_err(reason)?
+        .get(0);
+    match status.as_deref() {
+        Some("committed") => {}
+        // Nothing of it was stored: whatever the table holds beyond what
+        // this central acknowledged, another central stored.
+        Some("aborted") => return tx.commit().await.map(|()| 0).map_err(reason),
+        other => {
+            return Err(format!(
+                "cannot tell whether transaction {} committed (the database says {})",
+                doubt.xid,
+                other.unwrap_or("nothing")
+            ))
+        }
+    }
     let mut removed = 0;
     for row in rows {
         let (agency, stored, epoch): (i32, i64, i64) = (row.get(0), row.get(1), row.get(2));
-        // A newer session on another central was told these rows are
-        // stored: they are its, no longer a doubt of ours.
-        if epochs
-            .get(&(agency as AgencyId))
-            .is_some_and(|&mine| mine != epoch)
-        {
+        let Some(&(left, seen)) = doubt.agencies.get(&(agency as AgencyId)) else {
+            continue;
+        };
+        // A session opened since, on any central, was told these rows are
+        // stored: they are acknowledged, no longer a doubt of ours.
+        if epoch != seen {
+            continue;
+        }
+        // Rows stored after them (by any central) continue them.
+        if stored != left {
             continue;
         }
         let receipt = acked
@@ -1005,7 +1044,7 @@ async fn forget_unacknowledged(
             .copied()
             .unwrap_or_else(|| Receipt::empty(agency as AgencyId));
         let (count, digest) = (receipt.count as i64, receipt.digest.0.to_vec());
-        if stored > count && attempted.get(&(agency as AgencyId)) == Some(&stored) {
+        if stored > count {
             removed += tx
                 .execute(
                     "DELETE FROM bets WHERE agency = $1 AND seq >= $2",
