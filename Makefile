@@ -4,7 +4,7 @@
 AGENCIES ?= 5
 CARGO ?= cargo
 
-.PHONY: build test lint fmt bench demo demo-real data secrets server compose console image up down logs
+.PHONY: build test lint fmt bench demo demo-real data secrets server compose console image postgres-image up down logs
 
 build:
 	$(CARGO) build --release
@@ -49,14 +49,37 @@ secrets:
 console:
 	RUSTFLAGS="--cfg tokio_unstable" $(CARGO) run --release --features console -- server
 
+# The compose tool: the Docker CLI's plugin where it is installed, else the
+# standalone docker-compose.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+
+# lottery:latest from the Dockerfile. With an image registry, from the official
+# bases; without one (nothing can be pulled), on a Debian base made locally with
+# debootstrap and the release binary built here (docker/images; needs root the
+# first time, for debootstrap).
 image:
-	docker build -t lottery:latest .
+	@if docker pull -q debian:bookworm-slim >/dev/null 2>&1; then \
+	  docker build -t lottery:latest . ; \
+	else \
+	  echo "make image: no image registry answers; building on a local Debian base (docker/images)"; \
+	  docker/images lottery; \
+	fi
+
+# lottery-postgres:15, PostgreSQL from Debian's packages with the official image's
+# settings, for the PostgreSQL layout where postgres:15 cannot be pulled:
+#   LOTTERY_POSTGRES_IMAGE=lottery-postgres:15 docker compose -f compose-pg.yaml up -d
+postgres-image:
+	@if docker pull -q debian:bookworm-slim >/dev/null 2>&1; then \
+	  docker build -t lottery-postgres:15 docker/postgres ; \
+	else \
+	  docker/images postgres; \
+	fi
 
 up: data secrets
-	docker compose up -d
+	$(COMPOSE) up -d
 
 down:
-	docker compose down --timeout 10
+	$(COMPOSE) down --timeout 10
 
 logs:
-	docker compose logs -f
+	$(COMPOSE) logs -f

@@ -338,8 +338,10 @@ fn count(container: &str, table: &str) -> u64 {
     text.trim().parse().unwrap()
 }
 
-/// Waits until the `bets` table holds `more` rows more than it did.
-fn wait_for_more_rows(container: &str, more: u64, what: &str) {
+/// Waits until the `bets` table holds `more` rows more than it did, and
+/// insists that the upload is still going on then (some agency still
+/// running), so what the test did meanwhile happened during the upload.
+fn wait_for_more_rows(container: &str, more: u64, what: &str, agencies: u32) {
     let from = count(container, "bets");
     let start = Instant::now();
     while count(container, "bets") < from + more {
@@ -349,6 +351,10 @@ fn wait_for_more_rows(container: &str, more: u64, what: &str) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    assert!(
+        (1..=agencies).any(|a| inspect(&format!("client{a}"), "{{.State.Running}}") == "true"),
+        "every agency had finished {what}: the upload was too short for the test"
+    );
 }
 
 #[test]
@@ -357,9 +363,11 @@ fn three_centrals_on_postgres_in_containers_survive_a_kill_and_two_cuts() {
     let Some(engine) = Engine::start_or_skip(test) else {
         return;
     };
+    // Small batches, one in flight: an upload long enough for three
+    // disruptions, one after the other.
     let (dir, expect) = deployment(
         6,
-        3000,
+        15000,
         "batch_max_amount = 4\nwindow = 1\nreply_timeout = 5",
     );
     under_umask_077(
@@ -392,6 +400,7 @@ fn three_centrals_on_postgres_in_containers_survive_a_kill_and_two_cuts() {
         "postgres",
         300,
         "while central-2 was cut off from the database",
+        6,
     );
     docker::docker_ok(&["network", "connect", &store, "central-2"]);
     // The agencies' traffic to the third cut while it keeps the database.
@@ -401,6 +410,7 @@ fn three_centrals_on_postgres_in_containers_survive_a_kill_and_two_cuts() {
         "postgres",
         300,
         "while central-3 was cut off from its agencies",
+        6,
     );
     docker::docker_ok(&[
         "network",
@@ -426,5 +436,215 @@ fn three_centrals_on_postgres_in_containers_survive_a_kill_and_two_cuts() {
         })
         .sum();
     assert_eq!(draws, 1, "sorteo lines across the centrals");
+    drop(project);
+}
+
+/// A primary and its synchronous standby in two containers, one central on
+/// both hosts (`target_session_attrs=read-write`) and three agencies.
+fn ha_compose() -> String {
+    let pg = |name: &str, extra: &str, depends: &str| {
+        format!(
+            "
+  {name}:
+    container_name: {name}
+    image: {image}
+    environment:
+      - POSTGRES_USER=lottery
+      - POSTGRES_DB=lottery
+      - POSTGRES_PASSWORD_FILE=/run/secrets/postgres{extra}
+    secrets: [postgres]
+    healthcheck:
+      test: [\"CMD\", \"pg_isready\", \"-U\", \"lottery\", \"-d\", \"lottery\"]
+      interval: 1s
+      timeout: 3s
+      retries: 60
+    networks: [store]{depends}
+",
+            image = docker::POSTGRES_IMAGE
+        )
+    };
+    let mut out = String::from("services:");
+    out += &pg("pg-primary", "\n      - POSTGRES_SYNC_STANDBY=standby", "");
+    out += &pg(
+        "pg-standby",
+        "\n      - POSTGRES_PRIMARY=pg-primary\n      - POSTGRES_STANDBY_NAME=standby",
+        "\n    depends_on:\n      pg-primary:\n        condition: service_healthy",
+    );
+    out += "
+  central:
+    container_name: central
+    image: lottery:latest
+    entrypoint:
+      - /bin/sh
+      - -c
+      - 'set -e; export SERVER_STORAGE=\"$${SERVER_STORAGE}&password=$$(cat /run/secrets/postgres)\"; exec lottery \"$$@\"'
+      - central
+    command: [\"server\"]
+    environment:
+      - LOTTERY_CONFIG=/etc/lottery/config.toml
+      - SERVER_AGENCIES=3
+      - SERVER_STORAGE=postgres://lottery@pg-primary:5432,pg-standby:5432/lottery?target_session_attrs=read-write
+      - SERVER_SECRETS_FILE=/run/secrets/central
+    secrets: [central, postgres]
+    volumes:
+      - ./config.toml:/etc/lottery/config.toml:ro
+    depends_on:
+      pg-standby:
+        condition: service_healthy
+    healthcheck:
+      test: [\"CMD\", \"lottery\", \"health\", \"--address\", \"127.0.0.1:12345\"]
+      interval: 1s
+      timeout: 3s
+      retries: 60
+    networks: [lottery, store]
+";
+    for id in 1..=3 {
+        out += &format!(
+            "
+  client{id}:
+    container_name: client{id}
+    image: lottery:latest
+    command: [\"agency\"]
+    environment:
+      - LOTTERY_CONFIG=/etc/lottery/config.toml
+      - CLI_ID={id}
+      - CLI_SERVER_ADDRESS=central:12345
+      - CLI_DATA_FILE=/data/agency-{{id}}.csv
+      - CLI_SECRET_FILE=/run/secrets/agency-{id}
+    secrets: [agency-{id}]
+    volumes:
+      - ./config.toml:/etc/lottery/config.toml:ro
+      - ./.data:/data:ro
+    depends_on:
+      central:
+        condition: service_healthy
+    networks: [lottery]
+"
+        );
+    }
+    out += "
+networks:
+  lottery:
+  store:
+
+secrets:
+  central:
+    file: ./secrets/central.toml
+  postgres:
+    file: ./secrets/postgres.secret
+  agency-1:
+    file: ./secrets/agency-1.secret
+  agency-2:
+    file: ./secrets/agency-2.secret
+  agency-3:
+    file: ./secrets/agency-3.secret
+";
+    out
+}
+
+/// `psql -At -c sql` as the database's owner in `container`.
+fn sql(container: &str, query: &str) -> String {
+    let (code, text) = exec(
+        container,
+        &["psql", "-U", "lottery", "-d", "lottery", "-At", "-c", query],
+    );
+    assert_eq!(code, 0, "{container}: {query}: {text}");
+    text.trim().to_string()
+}
+
+#[test]
+fn the_standby_container_promoted_after_the_primary_s_is_killed_loses_no_acknowledged_bet() {
+    let test =
+        "the_standby_container_promoted_after_the_primary_s_is_killed_loses_no_acknowledged_bet";
+    let Some(engine) = Engine::start_or_skip(test) else {
+        return;
+    };
+    let (dir, expect) = deployment(
+        3,
+        4000,
+        "batch_max_amount = 4\nwindow = 1\nreply_timeout = 5",
+    );
+    // The same secrets as the generated PostgreSQL layout.
+    under_umask_077(
+        dir.path(),
+        &[
+            "compose",
+            "--postgres",
+            "--centrals",
+            "1",
+            "--agencies",
+            "3",
+            "--out",
+            "unused.yaml",
+        ],
+    );
+    std::fs::write(dir.path().join("compose.yaml"), ha_compose()).unwrap();
+    let project = engine.project(dir.path(), "ha");
+    project.compose_ok(&["up", "-d"]);
+
+    wait_for_log("central", "30 batches stored", RUN, |log| {
+        log.matches("action: apuesta_recibida | result: success")
+            .count()
+            >= 30
+    });
+    assert_eq!(
+        sql(
+            "pg-primary",
+            "SELECT application_name, sync_state FROM pg_stat_replication"
+        ),
+        "standby|sync"
+    );
+    docker::docker_ok(&["kill", "pg-primary"]);
+    // What the central acknowledged: every batch it logged as stored, all of
+    // them committed on the primary and flushed by the standby before the
+    // kill (nothing can commit after it, until the promotion).
+    let acknowledged: u64 = logs("central")
+        .lines()
+        .filter(|l| l.contains("action: apuesta_recibida | result: success"))
+        .filter_map(|l| l.rsplit("cantidad: ").next()?.trim().parse::<u64>().ok())
+        .sum();
+    // The standby has applied all it received, then holds at least that.
+    let start = Instant::now();
+    while sql(
+        "pg-standby",
+        "SELECT pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()",
+    ) != "t"
+    {
+        assert!(
+            start.elapsed() < RUN,
+            "the standby never caught up with what it received"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let held: u64 = sql("pg-standby", "SELECT count(*) FROM bets")
+        .parse()
+        .unwrap();
+    assert!(
+        held >= acknowledged,
+        "the standby holds {held} bets, the central acknowledged {acknowledged}"
+    );
+    let (code, out) = exec(
+        "pg-standby",
+        &[
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            "/usr/lib/postgresql/15/bin/pg_ctl",
+            "promote",
+            "-w",
+            "-D",
+            "/var/lib/postgresql/data",
+        ],
+    );
+    assert_eq!(code, 0, "promoting the standby: {out}");
+
+    agencies_exit_0_with_their_winners(&expect, RUN);
+    assert_eq!(
+        bets_table("pg-standby"),
+        expect.rows,
+        "the new primary's bets table"
+    );
+    assert_eq!(count("pg-standby", "draw"), 1);
     drop(project);
 }

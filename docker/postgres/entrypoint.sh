@@ -44,6 +44,9 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     printf "primary_conninfo = 'host=%s user=%s password=%s application_name=%s'\n" \
       "$POSTGRES_PRIMARY" "$user" "$password" "${POSTGRES_STANDBY_NAME:-standby}" \
       >>"$PGDATA/postgresql.auto.conf"
+    # The primary's settings came with its data: once promoted, this one
+    # waits for no standby of its own (an operator adds one later).
+    echo "synchronous_standby_names = ''" >>"$PGDATA/postgresql.auto.conf"
   else
     echo "postgres: initialising $PGDATA"
     pwfile=$(mktemp)
@@ -55,15 +58,14 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
       echo "host all all all scram-sha-256"
       echo "host replication all all scram-sha-256"
     } >>"$PGDATA/pg_hba.conf"
-    {
-      echo "listen_addresses = '*'"
-      if [ -n "${POSTGRES_SYNC_STANDBY:-}" ]; then
-        echo "synchronous_standby_names = '$POSTGRES_SYNC_STANDBY'"
-      fi
-    } >>"$PGDATA/postgresql.conf"
+    echo "listen_addresses = '*'" >>"$PGDATA/postgresql.conf"
     if [ "$db" != postgres ]; then
       echo "CREATE DATABASE \"$db\" OWNER \"$user\";" |
         "$bin/postgres" --single -D "$PGDATA" postgres >/dev/null
+    fi
+    # Only now: a commit in single-user mode would wait for the standby.
+    if [ -n "${POSTGRES_SYNC_STANDBY:-}" ]; then
+      echo "synchronous_standby_names = '$POSTGRES_SYNC_STANDBY'" >>"$PGDATA/postgresql.conf"
     fi
   fi
 fi

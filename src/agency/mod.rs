@@ -291,6 +291,10 @@ pub async fn run_with_progress(
     // Chosen once per connection; it only ever moves to the reference
     // protocol, when a central leaves HELLO unanswered.
     let mut protocol = Protocol::Resumable;
+    // Once a central has answered HELLO, it is this project's: a later
+    // silent HELLO is that central stalled (its database failing over, say),
+    // never a reference central, and the agency keeps resuming.
+    let mut answered_hello = false;
     loop {
         let mut progressed = false;
         let link = centrals.link(secret.as_deref());
@@ -306,6 +310,7 @@ pub async fn run_with_progress(
         )
         .await;
         sessions += 1;
+        answered_hello |= progressed;
         match outcome {
             Ok(SessionEnd::Done) => {
                 report.reconnects = sessions - 1;
@@ -325,7 +330,7 @@ pub async fn run_with_progress(
             // it is left for the next below, as any failed connection, and
             // resuming stays on, so nothing is sent without FIRST.
             Err(AgencyError::HelloUnanswered { after, .. })
-                if protocol == Protocol::Resumable && !centrals.several() =>
+                if protocol == Protocol::Resumable && !centrals.several() && !answered_hello =>
             {
                 // Not a failure: this is how the design's reference central
                 // answers a message it does not know. Speak its protocol
