@@ -451,7 +451,8 @@ async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Resu
             let n = verified.differences.len();
             anyhow::ensure!(
                 n == 0,
-                "the draw record does not match the stored bets ({n} difference{})",
+                "the stored bets do not match what was checked against them ({n} difference{}, \
+                 each on a `differs:` line)",
                 if n == 1 { "" } else { "s" }
             );
             Ok(())

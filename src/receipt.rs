@@ -348,6 +348,47 @@ pub fn differences(
     out
 }
 
+/// Compares the receipts a store serves to agencies that resume (`source`
+/// names where it keeps them, e.g. a database table) with the receipts
+/// recomputed from its bets: every difference, named for an operator, in
+/// agency order; empty when they agree. An agency missing from either is
+/// its empty receipt.
+pub fn served_differences(
+    source: &str,
+    served: &BTreeMap<AgencyId, Receipt>,
+    found: &Recomputed,
+    agencies: u32,
+) -> Vec<String> {
+    let mut ids: Vec<AgencyId> = (1..=agencies).collect();
+    ids.extend(served.keys().copied());
+    ids.extend(found.receipts.keys().copied());
+    ids.sort_unstable();
+    ids.dedup();
+    let mut out = Vec::new();
+    for agency in ids {
+        let receipt_of = |receipts: &BTreeMap<AgencyId, Receipt>| {
+            receipts
+                .get(&agency)
+                .copied()
+                .unwrap_or_else(|| Receipt::empty(agency))
+        };
+        let (said, stored) = (receipt_of(served), receipt_of(&found.receipts));
+        if said.count != stored.count {
+            out.push(format!(
+                "agency {agency} count: {source} says {}, the stored bets {}",
+                said.count, stored.count
+            ));
+        }
+        if said.digest != stored.digest {
+            out.push(format!(
+                "agency {agency} digest: {source} says {}, the stored bets {}",
+                said.digest, stored.digest
+            ));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

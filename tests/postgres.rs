@@ -1091,6 +1091,23 @@ fn verify_the_central_and_new_round_check_a_postgres_round_against_its_rows() {
         upload_limit(600),
     );
     server.proc.wait_for("action: sorteo | result: success");
+    // A count edited in table agencies after the draw is not served: the
+    // HELLO that would resume from it is refused, naming the sealed count.
+    pg.query("lottery", "UPDATE agencies SET stored = 0 WHERE agency = 1");
+    let answer = hello(&server.address(), 1);
+    assert!(
+        answer.starts_with("STATUS:ERROR|")
+            && answer.contains("CODE:STORAGE_FAILED")
+            && answer.contains("agency 1: table agencies says 0 bets with digest ")
+            && answer.contains("but the draw sealed 300 bets with digest "),
+        "{answer}"
+    );
+    pg.query(
+        "lottery",
+        "UPDATE agencies SET stored = 300 WHERE agency = 1",
+    );
+    let answer = hello(&server.address(), 1);
+    assert!(answer.contains("STORED:300"), "{answer}");
     stop(&server);
 
     let (code, out, err) = tool("verify", &url, 2);
@@ -1132,6 +1149,24 @@ fn verify_the_central_and_new_round_check_a_postgres_round_against_its_rows() {
             "the winning number changed",
             "UPDATE draw SET winning_number = 1234",
             "winning number: the record says 1234, the configuration 7574",
+        ),
+        // The receipts a restarted agency resumes from: checked against the
+        // rows as the record is, or an agency is told it holds nothing.
+        (
+            "an agency's count zeroed in table agencies",
+            "UPDATE agencies SET stored = 0 WHERE agency = 1",
+            "agency 1 count: table agencies says 0, the stored bets 300",
+        ),
+        (
+            "an agency's digest replaced in table agencies",
+            "UPDATE agencies SET digest = (SELECT digest FROM agencies WHERE agency = 1) \
+             WHERE agency = 2",
+            "agency 2 digest: table agencies says ",
+        ),
+        (
+            "an agency's row deleted from table agencies",
+            "DELETE FROM agencies WHERE agency = 2",
+            "agency 2 count: table agencies says 0, the stored bets 300",
         ),
     ];
     for (i, (what, sql, says)) in cases.iter().enumerate() {

@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 
 use crate::config::ServerConfig;
-use crate::receipt::differences;
+use crate::receipt::{differences, served_differences};
 use crate::store::{self, file::rounds::NewRound};
 
 /// What `lottery verify` found.
@@ -23,7 +23,8 @@ pub struct Verified {
 
 /// Recomputes every agency's count and digest, the seal and the winners
 /// from the stored bets (read only: nothing is changed), and compares them
-/// with the draw record and the configuration.
+/// with the draw record, the configuration and the receipts the store
+/// serves to agencies that resume (a database's table `agencies`).
 ///
 /// # Errors
 /// The bets or the record cannot be read (a missing record, or one the
@@ -57,12 +58,15 @@ pub async fn verify(config: &ServerConfig) -> anyhow::Result<Verified> {
         Err(e) => return Err(e.into()),
     };
     let found = store::recompute(config, draw.winning_number).await?;
-    let differences = differences(
+    let mut differences = differences(
         draw.claimed(),
         &found,
         config.agencies,
         config.winning_number,
     );
+    if let Some((source, served)) = store::served(config).await? {
+        differences.extend(served_differences(source, &served, &found, config.agencies));
+    }
     let mut report = String::new();
     if differences.is_empty() {
         let _ = writeln!(
