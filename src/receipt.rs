@@ -389,6 +389,31 @@ pub fn served_differences(
     out
 }
 
+/// The agency's check of a seal against the one it kept from an earlier
+/// run over the same data file (the same bets, so the same round): they
+/// must be equal.
+///
+/// # Errors
+/// A message naming both seals and the file that keeps the first: the
+/// central no longer holds the round the agency was given, so these
+/// winners are not valid.
+pub fn check_kept_seal(
+    kept_in: &std::path::Path,
+    kept: Digest,
+    sealed: Digest,
+) -> Result<(), String> {
+    if kept == sealed {
+        return Ok(());
+    }
+    Err(format!(
+        "the central sealed this round as {sealed}, but this agency was given {kept} for the \
+         same bets (kept in {}): the round was drawn again over other bets, so these winners \
+         are not valid; publish both seals and compare them with the other agencies' (remove \
+         that file only when this data file was meant for a new round)",
+        kept_in.display()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2002,3 +2002,131 @@ fn every_agency_finished_and_no_draw_recorded_makes_a_central_draw() {
     );
     let _ = stop(&server);
 }
+
+/// The path where an agency keeps the seal its winners came with: beside
+/// its data file.
+fn kept_seal(data: &Path, agency: u32) -> std::path::PathBuf {
+    let mut name = data_file(data, agency).into_os_string();
+    name.push(".seal");
+    name.into()
+}
+
+/// A consistent forgery: one agency's row edited, its receipt in
+/// `agencies` recomputed to match, the draw and the ledger deleted. The
+/// central draws it again and `verify` agrees with it, but an agency that
+/// kept the round's first seal exits 3, and `verify --seal` with the
+/// published seal exits 1.
+#[test]
+fn a_consistent_forgery_is_caught_by_the_kept_seal_and_verify_seal() {
+    let Some((pg, url)) = cluster_with_db("a_consistent_forgery_on_postgres") else {
+        return;
+    };
+    let data = generated(2, 200);
+    let expected = expected(data.path(), 2, WINNING);
+    let server = central(&url, 2);
+    run_agencies(
+        &[1, 2],
+        &server.address(),
+        data.path(),
+        &expected,
+        upload_limit(400),
+    );
+    server.proc.wait_for("action: sorteo | result: success");
+    stop(&server);
+    let receipts: BTreeMap<u32, Receipt> = [1, 2].map(|a| (a, file_receipt(&expected, a))).into();
+    let published = lottery::receipt::seal(WINNING, 2, &receipts);
+    for agency in [1, 2] {
+        let kept = std::fs::read_to_string(kept_seal(data.path(), agency)).unwrap();
+        assert!(
+            kept.contains(&format!("seal = \"{published}\"")),
+            "agency {agency} kept\n{kept}"
+        );
+    }
+
+    // The forgery, consistent throughout the database.
+    pg.query(
+        "lottery",
+        "UPDATE bets SET number = CASE WHEN number = 1 THEN 2 ELSE 1 END \
+         WHERE agency = 1 AND seq = 0",
+    );
+    let mut forged = Receipt::empty(1);
+    for row in &stored_rows(&pg, "lottery")[&1] {
+        let texts = [&row[1], &row[2], &row[3], &row[4]].map(|t| t.as_bytes());
+        forged.push(texts, row[5].parse().unwrap());
+    }
+    pg.query(
+        "lottery",
+        &format!(
+            "UPDATE agencies SET digest = decode('{}', 'hex') WHERE agency = 1; \
+             DELETE FROM draw_agencies; DELETE FROM draw; DELETE FROM rounds",
+            forged.digest
+        ),
+    );
+    // Every agency finished and no draw: the central draws at once.
+    let server = central(&url, 2);
+    server.proc.wait_for("action: sorteo | result: success");
+    let (code, out, err) = tool("verify", &url, 2);
+    assert_eq!(code, Some(0), "the forgery is consistent\n{out}\n{err}");
+    let resealed = lottery::receipt::seal(
+        WINNING,
+        2,
+        &BTreeMap::from([(1, forged), (2, receipts[&2])]),
+    );
+    assert!(out.contains(&format!("seal {resealed}")), "{out}");
+
+    // The published seal, checked by anyone.
+    let check = |seal: &str| {
+        let out = lottery()
+            .args([
+                "verify",
+                "--storage",
+                &url,
+                "--agencies",
+                "2",
+                "--seal",
+                seal,
+            ])
+            .env("LOTTERY_CONFIG", "/dev/null")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = check(&published.to_string());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "differs: seal: the published seal is {published}, the stored bets give {resealed}"
+        )),
+        "{out}"
+    );
+    let (code, out) = check(&resealed.to_string());
+    assert_eq!(code, Some(0), "{out}");
+
+    // The untouched agency, run again, compares the seal it kept.
+    let winners = data.path().join("winners-2-again.txt");
+    let agency = start_agency(2, &server.address(), &data_file(data.path(), 2), &winners);
+    let status = agency.wait_exit(PATIENCE);
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "{}\n{}",
+        agency.output(),
+        agency.stderr()
+    );
+    let said = agency.stderr();
+    assert!(
+        said.contains(&format!("the central sealed this round as {resealed}"))
+            && said.contains(&format!("this agency was given {published}")),
+        "{said}"
+    );
+    assert!(!winners.exists(), "no winners are reported");
+    assert!(
+        !agency.output().contains("consulta_ganadores"),
+        "{}",
+        agency.output()
+    );
+    stop(&server);
+}
