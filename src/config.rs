@@ -232,6 +232,10 @@ settings! {
         /// A file holding the secret (surrounding white space ignored); empty
         /// for none.
         secret_file: PathBuf = PathBuf::new(), env "CLI_SECRET_FILE";
+        /// Where the agency keeps the seal its winners came with, to compare
+        /// on every later run over the same data file; `{id}` is replaced.
+        /// Empty means beside the data file (`agency-3.csv.seal`).
+        seal_file: String = String::new(), env "CLI_SEAL_FILE";
         /// PEM certificate(s) of the authority that signed the central's
         /// certificate; set to speak TLS.
         tls_ca: PathBuf = PathBuf::new(), env "CLI_TLS_CA";
@@ -1045,6 +1049,17 @@ impl AgencyConfig {
     /// The data file path with `{id}` replaced.
     pub fn data_path(&self) -> PathBuf {
         PathBuf::from(self.data_file.replace("{id}", &self.id.to_string()))
+    }
+
+    /// Where the seal is kept: `seal_file` with `{id}` replaced, or the
+    /// data file's path followed by `.seal`.
+    pub fn seal_path(&self) -> PathBuf {
+        if self.seal_file.is_empty() {
+            let mut path = self.data_path().into_os_string();
+            path.push(".seal");
+            return PathBuf::from(path);
+        }
+        PathBuf::from(self.seal_file.replace("{id}", &self.id.to_string()))
     }
 }
 

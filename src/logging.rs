@@ -88,6 +88,8 @@ pub mod action {
     /// The agency checked its winners' receipt against its file: the
     /// round's seal, to publish and compare.
     pub const SEAL: &str = "seal";
+    /// The agency could not keep the seal for later runs to compare with.
+    pub const SEAL_FILE: &str = "seal_file";
     /// The central compared a finished round's record with its bets on
     /// start (or `lottery verify` did).
     pub const VERIFY: &str = "verify";

@@ -67,7 +67,7 @@ enum Command {
     Winners(WinnersArgs),
     /// Recompute counts, digests, the seal and the winners from the stored
     /// bets and compare them with the draw record (exit 0 agree, 1 differ).
-    Verify,
+    Verify(VerifyArgs),
     /// Keep the drawn round's bets and record aside (named by round and
     /// seal) so the central starts the next round empty; run it with the
     /// central stopped.
@@ -103,6 +103,14 @@ struct BenchArgs {
 
     #[arg(long)]
     work_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// A seal published for this round (64 hex digits: the one the agencies
+    /// logged and kept): it must be the one the stored bets give.
+    #[arg(long, value_name = "HEX")]
+    seal: Option<lottery::receipt::Digest>,
 }
 
 #[derive(Debug, Args)]
@@ -440,8 +448,8 @@ async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Resu
             print!("{}", ops::winners_table(&record)?);
             Ok(())
         }
-        Command::Verify => {
-            let verified = verify::verify(&config.server).await?;
+        Command::Verify(args) => {
+            let verified = verify::verify(&config.server, args.seal).await?;
             print!("{}", verified.report);
             // Exit 1 all the same: no record agrees with the bets.
             anyhow::ensure!(
@@ -451,7 +459,8 @@ async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Resu
             let n = verified.differences.len();
             anyhow::ensure!(
                 n == 0,
-                "the draw record does not match the stored bets ({n} difference{})",
+                "the stored bets do not match what was checked against them ({n} difference{}, \
+                 each on a `differs:` line)",
                 if n == 1 { "" } else { "s" }
             );
             Ok(())

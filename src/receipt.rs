@@ -348,6 +348,72 @@ pub fn differences(
     out
 }
 
+/// Compares the receipts a store serves to agencies that resume (`source`
+/// names where it keeps them, e.g. a database table) with the receipts
+/// recomputed from its bets: every difference, named for an operator, in
+/// agency order; empty when they agree. An agency missing from either is
+/// its empty receipt.
+pub fn served_differences(
+    source: &str,
+    served: &BTreeMap<AgencyId, Receipt>,
+    found: &Recomputed,
+    agencies: u32,
+) -> Vec<String> {
+    let mut ids: Vec<AgencyId> = (1..=agencies).collect();
+    ids.extend(served.keys().copied());
+    ids.extend(found.receipts.keys().copied());
+    ids.sort_unstable();
+    ids.dedup();
+    let mut out = Vec::new();
+    for agency in ids {
+        let receipt_of = |receipts: &BTreeMap<AgencyId, Receipt>| {
+            receipts
+                .get(&agency)
+                .copied()
+                .unwrap_or_else(|| Receipt::empty(agency))
+        };
+        let (said, stored) = (receipt_of(served), receipt_of(&found.receipts));
+        if said.count != stored.count {
+            out.push(format!(
+                "agency {agency} count: {source} says {}, the stored bets {}",
+                said.count, stored.count
+            ));
+        }
+        if said.digest != stored.digest {
+            out.push(format!(
+                "agency {agency} digest: {source} says {}, the stored bets {}",
+                said.digest, stored.digest
+            ));
+        }
+    }
+    out
+}
+
+/// The agency's check of a seal against the one it kept from an earlier
+/// run over the same data file (the same bets, so the same round): they
+/// must be equal.
+///
+/// # Errors
+/// A message naming both seals and the file that keeps the first: the
+/// central no longer holds the round the agency was given, so these
+/// winners are not valid.
+pub fn check_kept_seal(
+    kept_in: &std::path::Path,
+    kept: Digest,
+    sealed: Digest,
+) -> Result<(), String> {
+    if kept == sealed {
+        return Ok(());
+    }
+    Err(format!(
+        "the central sealed this round as {sealed}, but this agency was given {kept} for the \
+         same bets (kept in {}): the round was drawn again over other bets, so these winners \
+         are not valid; publish both seals and compare them with the other agencies' (remove \
+         that file only when this data file was meant for a new round)",
+        kept_in.display()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

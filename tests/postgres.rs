@@ -1296,6 +1296,23 @@ fn verify_the_central_and_new_round_check_a_postgres_round_against_its_rows() {
         upload_limit(600),
     );
     server.proc.wait_for("action: sorteo | result: success");
+    // A count edited in table agencies after the draw is not served: the
+    // HELLO that would resume from it is refused, naming the sealed count.
+    pg.query("lottery", "UPDATE agencies SET stored = 0 WHERE agency = 1");
+    let answer = hello(&server.address(), 1);
+    assert!(
+        answer.starts_with("STATUS:ERROR|")
+            && answer.contains("CODE:STORAGE_FAILED")
+            && answer.contains("agency 1: table agencies says 0 bets with digest ")
+            && answer.contains("but the draw sealed 300 bets with digest "),
+        "{answer}"
+    );
+    pg.query(
+        "lottery",
+        "UPDATE agencies SET stored = 300 WHERE agency = 1",
+    );
+    let answer = hello(&server.address(), 1);
+    assert!(answer.contains("STORED:300"), "{answer}");
     stop(&server);
 
     let (code, out, err) = tool("verify", &url, 2);
@@ -1337,6 +1354,24 @@ fn verify_the_central_and_new_round_check_a_postgres_round_against_its_rows() {
             "the winning number changed",
             "UPDATE draw SET winning_number = 1234",
             "winning number: the record says 1234, the configuration 7574",
+        ),
+        // The receipts a restarted agency resumes from: checked against the
+        // rows as the record is, or an agency is told it holds nothing.
+        (
+            "an agency's count zeroed in table agencies",
+            "UPDATE agencies SET stored = 0 WHERE agency = 1",
+            "agency 1 count: table agencies says 0, the stored bets 300",
+        ),
+        (
+            "an agency's digest replaced in table agencies",
+            "UPDATE agencies SET digest = (SELECT digest FROM agencies WHERE agency = 1) \
+             WHERE agency = 2",
+            "agency 2 digest: table agencies says ",
+        ),
+        (
+            "an agency's row deleted from table agencies",
+            "DELETE FROM agencies WHERE agency = 2",
+            "agency 2 count: table agencies says 0, the stored bets 300",
         ),
     ];
     for (i, (what, sql, says)) in cases.iter().enumerate() {
@@ -2261,4 +2296,132 @@ fn the_draw_runs_once_whichever_centrals_ask_together_or_in_turn() {
         pg.query("lottery", "SELECT count(*), max(bets) FROM draw"),
         vec![vec![Some("1".into()), Some("3".into())]]
     );
+}
+
+/// The path where an agency keeps the seal its winners came with: beside
+/// its data file.
+fn kept_seal(data: &Path, agency: u32) -> std::path::PathBuf {
+    let mut name = data_file(data, agency).into_os_string();
+    name.push(".seal");
+    name.into()
+}
+
+/// A consistent forgery: one agency's row edited, its receipt in
+/// `agencies` recomputed to match, the draw and the ledger deleted. The
+/// central draws it again and `verify` agrees with it, but an agency that
+/// kept the round's first seal exits 3, and `verify --seal` with the
+/// published seal exits 1.
+#[test]
+fn a_consistent_forgery_is_caught_by_the_kept_seal_and_verify_seal() {
+    let Some((pg, url)) = cluster_with_db("a_consistent_forgery_on_postgres") else {
+        return;
+    };
+    let data = generated(2, 200);
+    let expected = expected(data.path(), 2, WINNING);
+    let server = central(&url, 2);
+    run_agencies(
+        &[1, 2],
+        &server.address(),
+        data.path(),
+        &expected,
+        upload_limit(400),
+    );
+    server.proc.wait_for("action: sorteo | result: success");
+    stop(&server);
+    let receipts: BTreeMap<u32, Receipt> = [1, 2].map(|a| (a, file_receipt(&expected, a))).into();
+    let published = lottery::receipt::seal(WINNING, 2, &receipts);
+    for agency in [1, 2] {
+        let kept = std::fs::read_to_string(kept_seal(data.path(), agency)).unwrap();
+        assert!(
+            kept.contains(&format!("seal = \"{published}\"")),
+            "agency {agency} kept\n{kept}"
+        );
+    }
+
+    // The forgery, consistent throughout the database.
+    pg.query(
+        "lottery",
+        "UPDATE bets SET number = CASE WHEN number = 1 THEN 2 ELSE 1 END \
+         WHERE agency = 1 AND seq = 0",
+    );
+    let mut forged = Receipt::empty(1);
+    for row in &stored_rows(&pg, "lottery")[&1] {
+        let texts = [&row[1], &row[2], &row[3], &row[4]].map(|t| t.as_bytes());
+        forged.push(texts, row[5].parse().unwrap());
+    }
+    pg.query(
+        "lottery",
+        &format!(
+            "UPDATE agencies SET digest = decode('{}', 'hex') WHERE agency = 1; \
+             DELETE FROM draw_agencies; DELETE FROM draw; DELETE FROM rounds",
+            forged.digest
+        ),
+    );
+    // Every agency finished and no draw: the central draws at once.
+    let server = central(&url, 2);
+    server.proc.wait_for("action: sorteo | result: success");
+    let (code, out, err) = tool("verify", &url, 2);
+    assert_eq!(code, Some(0), "the forgery is consistent\n{out}\n{err}");
+    let resealed = lottery::receipt::seal(
+        WINNING,
+        2,
+        &BTreeMap::from([(1, forged), (2, receipts[&2])]),
+    );
+    assert!(out.contains(&format!("seal {resealed}")), "{out}");
+
+    // The published seal, checked by anyone.
+    let check = |seal: &str| {
+        let out = lottery()
+            .args([
+                "verify",
+                "--storage",
+                &url,
+                "--agencies",
+                "2",
+                "--seal",
+                seal,
+            ])
+            .env("LOTTERY_CONFIG", "/dev/null")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = check(&published.to_string());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "differs: seal: the published seal is {published}, the stored bets give {resealed}"
+        )),
+        "{out}"
+    );
+    let (code, out) = check(&resealed.to_string());
+    assert_eq!(code, Some(0), "{out}");
+
+    // The untouched agency, run again, compares the seal it kept.
+    let winners = data.path().join("winners-2-again.txt");
+    let agency = start_agency(2, &server.address(), &data_file(data.path(), 2), &winners);
+    let status = agency.wait_exit(PATIENCE);
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "{}\n{}",
+        agency.output(),
+        agency.stderr()
+    );
+    let said = agency.stderr();
+    assert!(
+        said.contains(&format!("the central sealed this round as {resealed}"))
+            && said.contains(&format!("this agency was given {published}")),
+        "{said}"
+    );
+    assert!(!winners.exists(), "no winners are reported");
+    assert!(
+        !agency.output().contains("consulta_ganadores"),
+        "{}",
+        agency.output()
+    );
+    stop(&server);
 }

@@ -520,3 +520,129 @@ fn winners_whose_receipt_is_not_the_file_are_not_reported() {
     assert!(!out.exists(), "no winners are reported");
     assert_eq!(central.join().unwrap(), 50);
 }
+
+/// Where an agency keeps the seal its winners came with: beside its data
+/// file.
+fn kept_seal(data: &Path, agency: u32) -> PathBuf {
+    let mut name = data_file(data, agency).into_os_string();
+    name.push(".seal");
+    name.into()
+}
+
+/// The seal in a round's draw record.
+fn recorded_seal(work: &Path) -> String {
+    let record: toml::Table =
+        toml::from_str(&std::fs::read_to_string(work.join("bets.draw.toml")).unwrap()).unwrap();
+    record["seal"].as_str().unwrap().to_string()
+}
+
+/// A consistent forgery: one agency's row edited in the bets file, the
+/// record and the ledger removed, and that agency announced finished by
+/// whoever holds the central. The round is drawn again with a new seal and
+/// `verify` agrees with it; the untouched agency, which kept the round's
+/// first seal, exits 3 naming both, and `verify --seal` with the published
+/// seal exits 1.
+#[test]
+fn a_consistent_forgery_is_caught_by_the_kept_seal_and_verify_seal() {
+    let data = data(2, 200, 21);
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("bets.csv");
+    round(work.path(), data.path(), 2);
+    let published = recorded_seal(work.path());
+    for agency in [1, 2] {
+        let kept = std::fs::read_to_string(kept_seal(data.path(), agency)).unwrap();
+        assert!(
+            kept.contains(&format!("seal = \"{published}\"")),
+            "agency {agency} kept\n{kept}"
+        );
+    }
+
+    // Run again against the same round, the agency is given the seal it
+    // kept: it reports its winners as before.
+    let server = Server::start(&storage, 2, WINNING);
+    let again = work.path().join("winners-1-again.txt");
+    let agency = start_agency(1, &server.address(), &data_file(data.path(), 1), &again);
+    let status = agency.wait_exit(PATIENCE);
+    assert!(status.success(), "{}\n{}", agency.output(), agency.stderr());
+    assert_eq!(
+        read_winners(&again),
+        read_winners(&work.path().join("winners-1.txt"))
+    );
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+
+    // The forgery.
+    edit(&storage, |text| {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("1,"))
+            .unwrap()
+            .to_string();
+        let (head, number) = row.rsplit_once(',').unwrap();
+        let other = if number == "1" { "2" } else { "1" };
+        text.replacen(&row, &format!("{head},{other}"), 1)
+    });
+    std::fs::remove_file(work.path().join("bets.draw.toml")).unwrap();
+    std::fs::remove_file(work.path().join("bets.rounds.toml")).unwrap();
+    let server = Server::start(&storage, 2, WINNING);
+    let mut forger = std::net::TcpStream::connect(server.address()).unwrap();
+    forger.set_read_timeout(Some(PATIENCE)).unwrap();
+    write_frame(&mut forger, "ACTION:HELLO|AGENCY_ID:1\n");
+    let hello = read_frame(&mut forger).unwrap();
+    assert!(hello.contains("STORED:200"), "{hello}");
+    write_frame(&mut forger, "ACTION:BETTING_FINISHED|AGENCY_ID:1\n");
+
+    let winners = work.path().join("winners-2-again.txt");
+    let agency = start_agency(2, &server.address(), &data_file(data.path(), 2), &winners);
+    let status = agency.wait_exit(PATIENCE);
+    server.proc.wait_for("action: sorteo | result: success");
+    let resealed = recorded_seal(work.path());
+    assert_ne!(resealed, published);
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "{}\n{}",
+        agency.output(),
+        agency.stderr()
+    );
+    let said = agency.stderr();
+    assert!(
+        said.contains(&format!("the central sealed this round as {resealed}"))
+            && said.contains(&format!("this agency was given {published}"))
+            && said.contains(&kept_seal(data.path(), 2).display().to_string()),
+        "{said}"
+    );
+    assert!(!winners.exists(), "no winners are reported");
+    assert!(
+        !agency.output().contains("consulta_ganadores"),
+        "{}",
+        agency.output()
+    );
+    // The kept seal is left as it was: the next run says the same.
+    let kept = std::fs::read_to_string(kept_seal(data.path(), 2)).unwrap();
+    assert!(kept.contains(&published), "{kept}");
+    drop(forger);
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+
+    // Verify agrees with the forgery alone; with the published seal it
+    // names both.
+    let (status, out, _) = verify(work.path(), 2, &[]);
+    assert_eq!(status.code(), Some(0), "{out}");
+    let (status, out, _) = verify(work.path(), 2, &["--seal", &published]);
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "differs: seal: the published seal is {published}, the stored bets give {resealed}"
+        )),
+        "{out}"
+    );
+    let (status, out, _) = verify(work.path(), 2, &["--seal", &resealed]);
+    assert_eq!(status.code(), Some(0), "{out}");
+    assert!(
+        out.contains(&format!("the published seal {resealed} is this round's")),
+        "{out}"
+    );
+    let (status, _, err) = verify(work.path(), 2, &["--seal", "not-hex"]);
+    assert_eq!(status.code(), Some(2), "{err}");
+}

@@ -20,6 +20,7 @@
 //! ([`Centrals`]).
 
 mod reader;
+mod seal;
 mod session;
 
 use std::fs::File;
@@ -121,6 +122,19 @@ pub enum AgencyError {
     /// resuming, or with the winners): exit code 3.
     #[error("{0}")]
     Receipt(String),
+    /// The seal kept from an earlier run cannot be read back: nothing to
+    /// compare this run's with.
+    #[error(
+        "cannot read the seal kept in {}: {reason}; it was left as it is (restore it, or move \
+         it aside to keep this run's seal instead)",
+        .path.display()
+    )]
+    KeptSeal {
+        /// The kept file (`agency.seal_file`).
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The central hung up.
     #[error("the central closed the connection while {0}")]
     Closed(&'static str),

@@ -14,9 +14,10 @@ use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::reader::{read_batches, Batch, Resume};
+use super::seal::{self, Outcome, Refusal};
 use super::{AgencyError, AgencyReport, Link};
 use crate::config::AgencyConfig;
 use crate::logging::{action, result};
@@ -324,7 +325,7 @@ pub(super) async fn session(
             } => {
                 winners.extend(documents);
                 if !more {
-                    check_winners(path, file_receipt, sealed).await?;
+                    check_winners(path, &config.seal_path(), file_receipt, sealed).await?;
                     break;
                 }
             }
@@ -344,10 +345,13 @@ fn held_receipt(stored: Option<u64>, digest: Option<Digest>) -> (u64, Option<Rec
 }
 
 /// Checks the receipt the winners came with against the whole data file's
-/// (the reader's, complete once every batch was answered) and logs the
-/// seal, which every agency of the round can publish and compare.
+/// (the reader's, complete once every batch was answered), and the seal
+/// against the one kept at `kept_in` from an earlier run over the same
+/// bets (keeping it when there is none), then logs the seal, which every
+/// agency of the round can publish and compare.
 async fn check_winners(
     path: &Path,
+    kept_in: &Path,
     file_receipt: tokio::sync::oneshot::Receiver<Receipt>,
     sealed: Option<Sealed>,
 ) -> Result<(), AgencyError> {
@@ -360,12 +364,34 @@ async fn check_winners(
         )
     })?;
     receipt::check_sealed(path, &file, &sealed).map_err(AgencyError::Receipt)?;
+    let outcome = {
+        let (kept_in, seal) = (kept_in.to_path_buf(), sealed.seal);
+        tokio::task::spawn_blocking(move || seal::compare_and_keep(&kept_in, &file, seal))
+            .await
+            .expect("keeping the seal does not panic")
+    };
+    match outcome {
+        Ok(Outcome::NotKept(reason)) => warn!(
+            action = action::SEAL_FILE,
+            result = result::FAIL,
+            path = %kept_in.display(),
+            error = reason.as_str(),
+            message = "the seal cannot be kept, so a later run cannot compare its seal with this \
+                       one: set agency.seal_file (CLI_SEAL_FILE) to a writable place"
+        ),
+        Ok(Outcome::Same | Outcome::Kept) => {}
+        Err(Refusal::Differs(why)) => return Err(AgencyError::Receipt(why)),
+        Err(Refusal::Unreadable(path, reason)) => {
+            return Err(AgencyError::KeptSeal { path, reason })
+        }
+    }
     info!(
         action = action::SEAL,
         result = result::SUCCESS,
         seal = %sealed.seal,
         bets = file.count,
-        digest = %file.digest
+        digest = %file.digest,
+        seal_file = %kept_in.display()
     );
     Ok(())
 }

@@ -81,6 +81,26 @@ impl Claim {
             .open_session(self.agency)
             .await
             .map_err(|e| LotteryError::Store(e.to_string()))?;
+        // Once the round is sealed, the only count an agency may resume
+        // from is the sealed one: a count edited in the store since (one
+        // that would have the agency send its bets again, or report none)
+        // is refused, not served.
+        if let Some(draw) = self.lottery.draw() {
+            let sealed = draw.receipt_of(self.agency);
+            if held.receipt != sealed {
+                return Err(LotteryError::Store(format!(
+                    "agency {}: {} says {} bets with digest {}, but the draw sealed {} bets with \
+                     digest {}: the central serves no count its round was not sealed with \
+                     (`lottery verify` names every difference)",
+                    self.agency,
+                    store.served_from(),
+                    held.receipt.count,
+                    held.receipt.digest,
+                    sealed.count,
+                    sealed.digest
+                )));
+            }
+        }
         let mut state = self.lottery.lock();
         if held.receipt.count > 0 {
             state.stored.insert(self.agency, held.receipt);

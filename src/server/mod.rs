@@ -14,6 +14,7 @@ mod handler;
 mod intake;
 mod listener;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,8 +27,9 @@ use tracing::{error, info, warn};
 use crate::config::{ConfigError, Secrets, ServerConfig};
 use crate::logging::{action, result};
 use crate::lottery::Lottery;
+use crate::model::AgencyId;
 use crate::net::{ServerTls, TlsError};
-use crate::receipt::differences;
+use crate::receipt::{differences, served_differences, Receipt};
 use crate::store::{self, Draw, Opened, StorageError, Store};
 
 pub use listener::{bind, bind_addr, fit_open_files, MIN_CONNECTIONS, RESERVED_FILES};
@@ -56,11 +58,13 @@ pub enum ServerError {
     /// The TLS certificate or key cannot be used.
     #[error(transparent)]
     Tls(#[from] TlsError),
-    /// The draw record of a finished round does not match the stored bets
-    /// (or the configuration): the central refuses to serve it.
+    /// The draw record of a finished round, or the receipts kept for
+    /// agencies that resume, do not match the stored bets (or the
+    /// configuration): the central refuses to serve them.
     #[error(
-        "the draw record {record} does not match the stored bets, so the central refuses to \
-         serve it: {}; `lottery verify` shows the same check",
+        "the draw record {record} (with the receipts agencies resume from) does not match the \
+         stored bets, so the central refuses to serve it: {}; `lottery verify` shows the same \
+         check",
         differences.join("; ")
     )]
     RecordMismatch {
@@ -105,19 +109,30 @@ struct Settings {
 
 /// Compares a finished round's record with the stored bets (their
 /// receipts and winners for the recorded number, recomputed from the bets
-/// as stored, never from what the store counted) and with the configuration: every difference, empty when they agree.
+/// as stored, never from what the store counted) and with the configuration,
+/// and the receipts the store will serve to agencies that resume (`served`,
+/// kept apart from the bets by a database) with the same bets: every
+/// difference, empty when they agree.
 async fn check_record(
     config: &ServerConfig,
     store: &dyn Store,
     draw: &Draw,
+    served: &BTreeMap<AgencyId, Receipt>,
 ) -> Result<Vec<String>, StorageError> {
     let found = store.recompute(draw.winning_number).await?;
-    Ok(differences(
+    let mut differences = differences(
         draw.claimed(),
         &found,
         config.agencies,
         config.winning_number,
-    ))
+    );
+    differences.extend(served_differences(
+        store.served_from(),
+        served,
+        &found,
+        config.agencies,
+    ));
+    Ok(differences)
 }
 
 /// Opens the store, then listens on `server.port` and serves agencies until
@@ -201,7 +216,7 @@ pub async fn run_with_store(
     if let Some(draw) = &draw {
         // Recomputed from the bets, never trusted: a record edited (or a
         // row added or changed) after the draw is refused here.
-        let differences = match check_record(config, store.as_ref(), draw).await {
+        let differences = match check_record(config, store.as_ref(), draw, &opened.stored).await {
             Ok(differences) => differences,
             Err(e) => {
                 close_store(store.as_ref()).await;

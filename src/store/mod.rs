@@ -170,6 +170,14 @@ pub trait Store: Send + Sync + fmt::Debug {
         let _ = agencies;
         Box::pin(futures::future::pending())
     }
+
+    /// Where the receipts handed back by [`open`] (and served to agencies
+    /// that resume) are kept, for messages: a store that keeps them apart
+    /// from its bets (a database table) has them checked against its bets
+    /// when the round is drawn.
+    fn served_from(&self) -> &'static str {
+        "the receipts read when the store opened"
+    }
 }
 
 /// What [`Store::drawn`] saw.
@@ -259,6 +267,26 @@ pub async fn recompute(
         Storage::Postgres(target) => {
             let mut client = postgres::tool_connection(target).await?;
             postgres::recompute(target, &mut client, winning_number).await
+        }
+    }
+}
+
+/// The receipts the store `config` names serves to agencies that resume,
+/// when it keeps them apart from its bets (a database's table `agencies`),
+/// with where they are kept, for messages; `None` for the bets file, whose
+/// receipts are computed from its bets each time it opens. Read only.
+///
+/// # Errors
+/// The store cannot be read, or a kept receipt is damaged.
+pub async fn served(
+    config: &ServerConfig,
+) -> Result<Option<(&'static str, BTreeMap<AgencyId, Receipt>)>, StorageError> {
+    match &config.storage {
+        Storage::File(_) => Ok(None),
+        Storage::Postgres(target) => {
+            let mut client = postgres::tool_connection(target).await?;
+            let served = postgres::served(target, &mut client).await?;
+            Ok(Some((postgres::SERVED_FROM, served)))
         }
     }
 }

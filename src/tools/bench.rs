@@ -358,6 +358,7 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
     let template = AgencyConfig {
         batch_max_amount: opts.batch_max_amount,
         window: opts.window,
+        seal_file: dir.seal_file(),
         ..AgencyConfig::default()
     };
     let fleet = Fleet::start(opts.agencies, &template, &addresses, &data, &secrets, &root);

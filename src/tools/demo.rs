@@ -127,6 +127,7 @@ pub async fn run(
     let template = AgencyConfig {
         batch_max_amount: opts.batch_max_amount,
         window: opts.window,
+        seal_file: work_dir.seal_file(),
         ..AgencyConfig::default()
     };
     let reports = Fleet::start(

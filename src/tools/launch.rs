@@ -190,7 +190,28 @@ impl WorkDir {
                 _ => {}
             }
         }
+        // Each run is a round of its own: the seals its agencies keep must
+        // not be compared with a previous run's (another winning number,
+        // say), nor be written beside data that may be someone else's.
+        let seals = self.path.join("seals");
+        match std::fs::remove_dir_all(&seals) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing the old {}", seals.display()))
+            }
+            _ => {}
+        }
+        std::fs::create_dir_all(&seals).with_context(|| format!("creating {}", seals.display()))?;
         Ok((storage, record))
+    }
+
+    /// Where this run's agencies keep their seals (`agency.seal_file`):
+    /// a folder [`WorkDir::fresh_storage`] empties.
+    pub fn seal_file(&self) -> String {
+        self.path
+            .join("seals")
+            .join("agency-{id}.csv.seal")
+            .to_string_lossy()
+            .into_owned()
     }
 }
 

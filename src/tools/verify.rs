@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 
 use crate::config::ServerConfig;
-use crate::receipt::differences;
+use crate::receipt::{differences, seal, served_differences, Digest};
 use crate::store::{self, file::rounds::NewRound};
 
 /// What `lottery verify` found.
@@ -23,12 +23,15 @@ pub struct Verified {
 
 /// Recomputes every agency's count and digest, the seal and the winners
 /// from the stored bets (read only: nothing is changed), and compares them
-/// with the draw record and the configuration.
+/// with the draw record, the configuration, the receipts the store serves
+/// to agencies that resume (a database's table `agencies`) and, when given,
+/// the `published` seal (the one the agencies were given: a round drawn
+/// again over forged bets agrees with itself, not with it).
 ///
 /// # Errors
 /// The bets or the record cannot be read (a missing record, or one the
 /// ledger says was replaced, is a difference instead).
-pub async fn verify(config: &ServerConfig) -> anyhow::Result<Verified> {
+pub async fn verify(config: &ServerConfig, published: Option<Digest>) -> anyhow::Result<Verified> {
     let record = config.draw_record_shown();
     let missing = config.draw_record_path().map_or_else(
         || "in the database's tables draw and draw_agencies".to_string(),
@@ -57,12 +60,21 @@ pub async fn verify(config: &ServerConfig) -> anyhow::Result<Verified> {
         Err(e) => return Err(e.into()),
     };
     let found = store::recompute(config, draw.winning_number).await?;
-    let differences = differences(
+    let mut differences = differences(
         draw.claimed(),
         &found,
         config.agencies,
         config.winning_number,
     );
+    if let Some((source, served)) = store::served(config).await? {
+        differences.extend(served_differences(source, &served, &found, config.agencies));
+    }
+    let sealed = seal(draw.winning_number, config.agencies, &found.receipts);
+    if let Some(published) = published.filter(|p| *p != sealed) {
+        differences.push(format!(
+            "seal: the published seal is {published}, the stored bets give {sealed}"
+        ));
+    }
     let mut report = String::new();
     if differences.is_empty() {
         let _ = writeln!(
@@ -80,6 +92,9 @@ pub async fn verify(config: &ServerConfig) -> anyhow::Result<Verified> {
             "winning number {}, seal {}",
             draw.winning_number, draw.seal
         );
+        if let Some(published) = published {
+            let _ = writeln!(report, "the published seal {published} is this round's");
+        }
     } else {
         for d in &differences {
             let _ = writeln!(report, "differs: {d}");

@@ -419,6 +419,14 @@ pub fn agency_command(id: u32, address: &str, data_file: &Path, winners_out: &Pa
         .env("CLI_DATA_FILE", data_file)
         .arg("--winners-out")
         .arg(winners_out);
+    // The agency keeps its seal beside its data file, but the real data
+    // belong to this checkout's neighbours, not to a test: the seal goes
+    // beside the test's winners there.
+    if data_file.parent() == Some(real_data_dir().as_path()) {
+        let mut kept = winners_out.as_os_str().to_owned();
+        kept.push(".seal");
+        cmd.env("CLI_SEAL_FILE", kept);
+    }
     cmd
 }
 
@@ -497,7 +505,7 @@ pub fn read_winners(path: &Path) -> Vec<String> {
 /// Where the real agency files are, if this checkout has them beside it.
 /// When it does not, says that `test` is skipped (see [`skipped`]).
 pub fn real_data(test: &str) -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    let dir = real_data_dir();
     let found = (1..=5).all(|i| data_file(&dir, i).is_file());
     if !found {
         skipped(
@@ -506,6 +514,11 @@ pub fn real_data(test: &str) -> Option<PathBuf> {
         );
     }
     found.then_some(dir)
+}
+
+/// Where the real agency files would be.
+fn real_data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
 }
 
 /// Says, where whoever runs `cargo test` sees it, that `test` did not run

@@ -753,6 +753,10 @@ impl Store for PostgresStore {
         .boxed()
     }
 
+    fn served_from(&self) -> &'static str {
+        SERVED_FROM
+    }
+
     fn drawn(&self, agencies: u32) -> BoxFuture<'_, Watched> {
         async move {
             loop {
@@ -934,6 +938,53 @@ async fn read_receipts(
     }
     tx.commit().await.map_err(|e| fail(reason(e)))?;
     Ok((receipts, missing.len()))
+}
+
+/// Where a database keeps the receipts agencies resume from, for messages.
+pub const SERVED_FROM: &str = "table agencies";
+
+/// Each agency's receipt as table `agencies` serves it to a `HELLO` (a
+/// count of 0 is the empty receipt, whatever its digest says), read in
+/// one snapshot without changing anything: what `lottery verify` checks
+/// against the rows of `bets`.
+///
+/// # Errors
+/// The database failed, or a digest beside stored bets is not 32 bytes.
+pub async fn served(
+    target: &PgTarget,
+    client: &mut Client,
+) -> Result<BTreeMap<AgencyId, Receipt>, StorageError> {
+    let fail = |reason: String| StorageError::Database {
+        target: where_(target),
+        reason,
+    };
+    let tx = snapshot(client).await.map_err(|e| fail(reason(e)))?;
+    let rows = tx
+        .query("SELECT agency, stored, digest FROM agencies", &[])
+        .await
+        .map_err(|e| fail(reason(e)))?;
+    let mut served = BTreeMap::new();
+    for row in rows {
+        let (agency, count, digest): (i32, i64, Option<&[u8]>) =
+            (row.get(0), row.get(1), row.get(2));
+        let agency = agency as AgencyId;
+        let receipt = if count == 0 {
+            Receipt::empty(agency)
+        } else {
+            let digest = digest.and_then(digest_of).ok_or_else(|| {
+                fail(format!(
+                    "agencies: agency {agency}'s digest is not 32 bytes"
+                ))
+            })?;
+            Receipt {
+                count: count as u64,
+                digest,
+            }
+        };
+        served.insert(agency, receipt);
+    }
+    tx.commit().await.map_err(|e| fail(reason(e)))?;
+    Ok(served)
 }
 
 /// Recomputes every agency's receipt and its winners for `winning_number`
