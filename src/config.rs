@@ -133,7 +133,8 @@ settings! {
         /// database as a libpq URL (`postgres://user@host:port/db`, several
         /// hosts allowed).
         storage: Storage = Storage::default(), env "SERVER_STORAGE",
-            flag "storage" on ["server", "verify", "new-round"], check not_empty;
+            flag "storage" on ["server", "verify", "new-round", "winners"],
+            check not_empty;
         /// Seconds the central keeps trying to reach its database at start
         /// (PostgreSQL storage), retrying with backoff, before it exits 1.
         storage_connect_timeout: u64 = 30, env "SERVER_STORAGE_CONNECT_TIMEOUT", min 1;

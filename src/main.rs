@@ -63,7 +63,8 @@ enum Command {
     Health(ProbeArgs),
     /// Show bets held per agency, who finished, and whether the draw is done.
     Status(ProbeArgs),
-    /// Print the per-agency winners table from the draw record.
+    /// Print the per-agency winners table of the recorded draw (the draw
+    /// record, or the database's tables draw and draw_agencies).
     Winners(WinnersArgs),
     /// Recompute counts, digests, the seal and the winners from the stored
     /// bets and compare them with the draw record (exit 0 agree, 1 differ).
@@ -125,7 +126,9 @@ struct ProbeArgs {
 
 #[derive(Debug, Args)]
 struct WinnersArgs {
-    /// The draw record [server.draw_record, or beside server.storage].
+    /// A draw record file to read instead of the draw server.storage keeps
+    /// (server.draw_record or the one beside the bets file, or the
+    /// database's tables).
     #[arg(long)]
     record: Option<PathBuf>,
 }
@@ -438,14 +441,10 @@ async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Resu
             Ok(())
         }
         Command::Winners(args) => {
-            let record = match args.record {
-                Some(record) => record,
-                None => config.server.draw_record_path().context(
-                    "server.storage is a database, which keeps the draw in its table `draw`: \
-                     query it there, or pass --record",
-                )?,
-            };
-            print!("{}", ops::winners_table(&record)?);
+            print!(
+                "{}",
+                ops::winners(&config.server, args.record.as_deref()).await?
+            );
             Ok(())
         }
         Command::Verify(args) => {

@@ -51,6 +51,17 @@ fn health_status_and_winners_follow_the_lottery() {
     let none = run(&["winners", "--record", record.to_str().unwrap()]);
     assert_eq!(none.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&none.stderr).contains("the draw has not happened yet"));
+    // The same from the bets file, the record found beside it.
+    let none = run(&["winners", "--storage", storage.to_str().unwrap()]);
+    assert_eq!(none.status.code(), Some(1), "{none:?}");
+    let refusal = format!(
+        "no draw record at {}: the draw has not happened yet",
+        record.display()
+    );
+    assert!(
+        String::from_utf8_lossy(&none.stderr).contains(&refusal),
+        "{none:?}"
+    );
 
     // Agency 1 uploads everything and waits for the draw.
     let one = start_agency(
@@ -105,6 +116,19 @@ fn health_status_and_winners_follow_the_lottery() {
             winners.join(", ")
         );
         assert!(table.contains(&row), "missing {row:?} in\n{table}");
+    }
+
+    // The whole table, exactly, whether the record is named or found
+    // beside the bets file.
+    let drawn: toml::Table = toml::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    let want = expected_winners_table(&expected, 2, 7574, drawn["drawn_at"].as_str().unwrap());
+    for args in [
+        ["winners", "--record", record.to_str().unwrap()],
+        ["winners", "--storage", storage.to_str().unwrap()],
+    ] {
+        let table = run(&args);
+        assert!(table.status.success(), "{args:?}: {table:?}");
+        assert_eq!(stdout(&table), want, "{args:?}");
     }
 
     server.proc.signal(Signal::SIGTERM);

@@ -100,17 +100,6 @@ fn stored_receipts(pg: &PgCluster, db: &str) -> BTreeMap<u32, Receipt> {
     .collect()
 }
 
-/// The receipt of agency `agency`'s whole data file, from the rows a
-/// standard CSV reader gives (the oracle), chained with `lottery::receipt`.
-fn file_receipt(expected: &Expected, agency: u32) -> Receipt {
-    let mut receipt = Receipt::empty(agency);
-    for row in &expected.rows[&agency] {
-        let texts = [&row[1], &row[2], &row[3], &row[4]].map(|t| t.as_bytes());
-        receipt.push(texts, row[5].parse().unwrap());
-    }
-    receipt
-}
-
 /// Says `HELLO` for `agency` to the central at `address` (one frame: its
 /// length as a u32 BE, then the payload) and returns its answer's payload.
 fn hello(address: &str, agency: u32) -> String {
@@ -1477,6 +1466,113 @@ fn verify_the_central_and_new_round_check_a_postgres_round_against_its_rows() {
         )[1],
         vec![Some("2".to_string()), Some(seal.to_string()), None]
     );
+}
+
+/// `lottery winners` with `args`, and `env` added to its environment:
+/// (exit code, stdout, stderr).
+fn winners(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let out = lottery()
+        .arg("winners")
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn winners_prints_the_draw_recorded_in_the_database_and_changes_nothing() {
+    let Some((pg, url)) = cluster_with_db("winners_prints_the_draw_recorded_in_the_database")
+    else {
+        return;
+    };
+    let tables = || {
+        pg.query(
+            "lottery",
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+        )
+    };
+    // A database no central has used: refused, naming it, and left as it
+    // was (no schema created).
+    let (code, out, err) = winners(&["--storage", &url], &[]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(
+        err.contains(&format!("database 127.0.0.1:{}/lottery: ", pg.port)),
+        "{err}"
+    );
+    assert!(!out.contains("winning documents"), "{out}");
+    assert_eq!(tables(), vec![vec![Some("0".to_string())]]);
+
+    let data = generated(2, 300);
+    let expected = expected(data.path(), 2, WINNING);
+    assert!(expected.winners.values().all(|w| !w.is_empty()));
+    let server = central(&url, 2);
+    let address = server.address();
+    let work = tempfile::tempdir().unwrap();
+    let one = start_agency(
+        1,
+        &address,
+        &data_file(data.path(), 1),
+        &work.path().join("w1.txt"),
+    );
+    server
+        .proc
+        .wait_for("action: agencia_finalizada | result: success | agency: 1");
+
+    // Bets stored, no draw yet: refused (exit 1), the database named
+    // without its password, whether it came from server.storage or
+    // --storage.
+    let with_password = url.replacen("postgres@", "postgres:hunter2@", 1);
+    let refusal = format!(
+        "no draw recorded in the database postgres://postgres:***@127.0.0.1:{}/lottery \
+         (tables draw and draw_agencies): the draw has not happened yet",
+        pg.port
+    );
+    for (args, env) in [
+        (vec![], vec![("SERVER_STORAGE", with_password.as_str())]),
+        (vec!["--storage", with_password.as_str()], vec![]),
+    ] {
+        let (code, out, err) = winners(&args, &env);
+        assert_eq!(code, Some(1), "{out}\n{err}");
+        assert!(err.contains(&refusal), "{err}");
+        assert!(!out.contains("winning documents"), "{out}");
+        assert!(!format!("{out}{err}").contains("hunter2"), "{out}\n{err}");
+    }
+
+    let two = start_agency(
+        2,
+        &address,
+        &data_file(data.path(), 2),
+        &work.path().join("w2.txt"),
+    );
+    assert!(one.wait_exit(PATIENCE).success());
+    assert!(two.wait_exit(PATIENCE).success());
+    server.proc.wait_for("action: sorteo | result: success");
+
+    // The draw, against the running central: the exact table, every count,
+    // winner and the seal computed from the data files.
+    let drawn_at = pg.query("lottery", "SELECT drawn_at FROM draw")[0][0]
+        .clone()
+        .unwrap();
+    let want = expected_winners_table(&expected, 2, WINNING, &drawn_at);
+    let (code, out, err) = winners(&[], &[("SERVER_STORAGE", &url)]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(out, want);
+    // A role that may only read the tables is enough: nothing is written,
+    // migrated or created.
+    pg.query(
+        "lottery",
+        "CREATE ROLE reader LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO reader",
+    );
+    let reader = url.replacen("postgres@", "reader@", 1);
+    let (code, out, err) = winners(&["--storage", &reader], &[]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(out, want);
+    stop(&server);
 }
 
 #[test]

@@ -1,17 +1,20 @@
 //! Operator tools: the health probe, the live status view, and the winners
-//! table read back from the draw record.
+//! table read back from the recorded draw (the draw record, or the
+//! database's tables).
 
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
-use crate::config::AgencyConfig;
+use crate::config::{AgencyConfig, ServerConfig};
 use crate::net::{self, BoxedIo, ClientTls};
 use crate::store::file::load_record;
+use crate::store::{self, Draw, Storage};
 use crate::wire::{AgencyCodec, FrameError};
 use crate::wire::{AgencyState, ErrorCode, Reply, Request};
 
@@ -245,17 +248,45 @@ pub fn render_status(view: &StatusView) -> String {
     out
 }
 
-/// Renders the per-agency winners table from a draw record.
+/// The per-agency winners table of the recorded draw: from the draw record
+/// at `record` when one is named, else from where `server.storage` keeps
+/// the draw (the draw record beside the bets file, checked against its
+/// ledger, or the database's tables `draw` and `draw_agencies`), read as
+/// `lottery verify` reads it. Read only: nothing is created, migrated or
+/// repaired.
 ///
 /// # Errors
-/// There is no record (no draw yet), or it cannot be read.
-pub fn winners_table(record: &Path) -> anyhow::Result<String> {
-    let Some(draw) = load_record(record)? else {
-        anyhow::bail!(
-            "no draw record at {}: the draw has not happened yet",
-            record.display()
-        );
+/// No draw is recorded there yet, or it cannot be read (a sealed round's
+/// record missing or replaced included), or the database cannot be
+/// reached.
+pub async fn winners(config: &ServerConfig, record: Option<&Path>) -> anyhow::Result<String> {
+    let (draw, missing) = match record {
+        Some(path) => (
+            load_record(path)
+                .with_context(|| format!("reading the draw record {}", path.display()))?,
+            format!("no draw record at {}", path.display()),
+        ),
+        None => (
+            store::load_draw(config).await?,
+            match &config.storage {
+                Storage::File(_) => format!("no draw record at {}", config.draw_record_shown()),
+                // Shown without its password.
+                Storage::Postgres(_) => format!(
+                    "no draw recorded in the database {} (tables draw and draw_agencies)",
+                    config.storage
+                ),
+            },
+        ),
     };
+    let Some(draw) = draw else {
+        anyhow::bail!("{missing}: the draw has not happened yet");
+    };
+    Ok(render_winners(&draw))
+}
+
+/// Renders the per-agency winners table of a recorded draw, whichever
+/// store recorded it.
+pub fn render_winners(draw: &Draw) -> String {
     let mut agencies: Vec<u32> = draw.receipts.keys().copied().collect();
     agencies.extend(draw.winners.keys().copied());
     agencies.sort_unstable();
@@ -281,5 +312,5 @@ pub fn winners_table(record: &Path) -> anyhow::Result<String> {
         };
         let _ = writeln!(out, "{agency:>6}  {bets:>10}  {:>7}  {docs}", winners.len());
     }
-    Ok(out)
+    out
 }

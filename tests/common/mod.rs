@@ -477,6 +477,52 @@ pub fn expected(dir: &Path, agencies: u32, winning_number: u16) -> Expected {
     Expected { rows, winners }
 }
 
+/// The receipt of agency `agency`'s whole data file, from the rows a
+/// standard CSV reader gives (the oracle), chained with `lottery::receipt`.
+pub fn file_receipt(expected: &Expected, agency: u32) -> lottery::receipt::Receipt {
+    let mut receipt = lottery::receipt::Receipt::empty(agency);
+    for row in &expected.rows[&agency] {
+        let texts = [&row[1], &row[2], &row[3], &row[4]].map(|t| t.as_bytes());
+        receipt.push(texts, row[5].parse().unwrap());
+    }
+    receipt
+}
+
+/// What `lottery winners` prints for a round of agencies `1..=agencies`
+/// holding `expected`'s whole files, drawn with `winning_number` at
+/// `drawn_at` (which only the store knows): counts, winners and the seal
+/// all come from the data files.
+pub fn expected_winners_table(
+    expected: &Expected,
+    agencies: u32,
+    winning_number: u16,
+    drawn_at: &str,
+) -> String {
+    let receipts: BTreeMap<u32, lottery::receipt::Receipt> = (1..=agencies)
+        .map(|a| (a, file_receipt(expected, a)))
+        .collect();
+    let seal = lottery::receipt::seal(winning_number, agencies, &receipts);
+    let total: usize = expected.rows.values().map(Vec::len).sum();
+    let mut table = format!(
+        "draw of {drawn_at} (winning number {winning_number}), {total} bets, seal {seal}\n\
+         agency        bets  winners  winning documents\n"
+    );
+    for agency in 1..=agencies {
+        let winners = &expected.winners[&agency];
+        let documents = if winners.is_empty() {
+            "-".to_string()
+        } else {
+            winners.join(", ")
+        };
+        table += &format!(
+            "{agency:>6}  {:>10}  {:>7}  {documents}\n",
+            expected.rows[&agency].len(),
+            winners.len()
+        );
+    }
+    table
+}
+
 /// The bets file, read with a standard CSV reader, grouped by agency in
 /// file order.
 pub fn stored(path: &Path) -> BTreeMap<u32, Vec<Row>> {
