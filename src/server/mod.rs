@@ -276,6 +276,17 @@ pub async fn run_with_store(
         let done = reports_done.clone();
         async move { guard.report_until(done).await }
     });
+    // Which agencies a waiting draw waits for, once a minute, until the
+    // draw or shutdown.
+    let draw_waiting = tokio::spawn({
+        let lottery = lottery.clone();
+        let done = reports_done.clone();
+        async move {
+            lottery
+                .report_waiting(crate::lottery::DRAW_WAITING_EVERY, done)
+                .await
+        }
+    });
     let accept_loop = listener::Listener {
         listener,
         store: store.clone(),
@@ -321,6 +332,9 @@ pub async fn run_with_store(
     }
     reports_done.cancel();
     let _ = reports.await;
+    // Aborted, not awaited: its look at a hung database must not hold
+    // shutdown.
+    draw_waiting.abort();
     // A draw under way is recorded and published before the store closes,
     // within what is left of the grace period; one abandoned after it left
     // either its whole record or none (the record is written atomically),
