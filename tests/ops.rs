@@ -336,6 +336,49 @@ fn regenerating_the_compose_file_keeps_the_secrets_and_adds_new_ones() {
     assert_eq!(again, three);
 }
 
+#[test]
+fn the_secrets_files_are_private_to_their_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    // A secret kept from an earlier run, readable by everyone.
+    let kept = secrets.join("agency-1.secret");
+    std::fs::write(&kept, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run(&[
+        "secrets",
+        "--agencies",
+        "2",
+        "--dir",
+        secrets.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&secrets).unwrap() {
+        let entry = entry.unwrap();
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        let name = entry.file_name().to_string_lossy().to_string();
+        assert_eq!(mode, 0o600, "{name} is {mode:o}");
+        names.push(name);
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "agency-1.secret",
+            "agency-2.secret",
+            "central.toml",
+            "operator.secret"
+        ]
+    );
+    assert_eq!(
+        std::fs::read_to_string(&kept).unwrap(),
+        "0123456789abcdef0123456789abcdef\n",
+        "the kept secret is unchanged"
+    );
+}
+
 /// The strings of a YAML sequence.
 fn strings(v: &serde_yaml::Value) -> Vec<&str> {
     v.as_sequence()

@@ -315,10 +315,9 @@ pub fn write_postgres_secret(dir: &Path) -> anyhow::Result<PathBuf> {
 /// running agency), and the central's file of them all, rebuilt from them.
 /// Returns the central's file.
 ///
-/// The directory is private to its owner (0700); the files in it are
-/// readable (0644) because compose mounts them as they are into containers
-/// that run as another user (`lottery`, uid 10001), and the directory
-/// already keeps other users of this machine out.
+/// The directory is private to its owner (0700), and so is each file in it
+/// ([`SECRET_FILE_MODE`]), one kept from an earlier run included: a secret
+/// copied or moved out of the directory stays unreadable to others.
 ///
 /// # Errors
 /// The directory or a file cannot be read or written.
@@ -348,11 +347,20 @@ fn make_private_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", dir.display()))
 }
 
+/// The mode of every secrets file: read and write for its owner only.
+pub const SECRET_FILE_MODE: u32 = 0o600;
+
 /// The secret in `path`, or a new one written there when it is missing or
-/// empty. A new secret is hex, so it goes into a URL as it is.
+/// empty. A new secret is hex, so it goes into a URL as it is. A file kept
+/// is made private as a new one would be.
 fn keep_or_create(path: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
     match std::fs::read_to_string(path) {
-        Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_string()),
+        Ok(text) if !text.trim().is_empty() => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(SECRET_FILE_MODE))
+                .with_context(|| format!("making {} private", path.display()))?;
+            Ok(text.trim().to_string())
+        }
         Ok(_) => {
             // An empty file is replaced; create_new needs it gone.
             std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
@@ -363,13 +371,12 @@ fn keep_or_create(path: &Path) -> anyhow::Result<String> {
     }
 }
 
-/// Creates `path` with `text` (0644, see [`write_secrets`]) and returns the
-/// text.
+/// Creates `path` with `text` ([`SECRET_FILE_MODE`]) and returns the text.
 fn write_file(path: &Path, text: &str) -> anyhow::Result<String> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o644)
+        .mode(SECRET_FILE_MODE)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
     writeln!(file, "{text}").with_context(|| format!("writing {}", path.display()))?;
