@@ -433,14 +433,31 @@ fn a_message_that_is_not_a_batch_is_logged_as_a_refused_request() {
         )),
         "{line}"
     );
-    // A batch that is refused is still a rejected batch.
+    // A batch that is refused is still a rejected batch, of the size it
+    // says it has.
     let batch = format!("BATCH_SIZE:2|BET_1:{}\n", good2("20000001"));
     raw.expect_error(batch.as_bytes(), "MALFORMED_MESSAGE");
     let line = server.proc.wait_for(&peer);
     assert!(
         line.contains(&format!(
-            " WARN     action: apuesta_recibida | result: fail | cantidad: 0 | {peer} | \
+            " WARN     action: apuesta_recibida | result: fail | cantidad: 2 | {peer} | \
              code: MALFORMED_MESSAGE | reason: batch is inconsistent"
+        )),
+        "{line}"
+    );
+    // A size that is no number: the bets it holds.
+    let batch = format!(
+        "BATCH_SIZE:tres|BET_1:{}|BET_2:{}|BET_3:{}\n",
+        good2("20000001"),
+        good2("20000002"),
+        good2("20000003")
+    );
+    raw.expect_error(batch.as_bytes(), "MALFORMED_MESSAGE");
+    let line = server.proc.wait_for(&peer);
+    assert!(
+        line.contains(&format!(
+            " WARN     action: apuesta_recibida | result: fail | cantidad: 3 | {peer} | \
+             code: MALFORMED_MESSAGE | reason: bad value for BATCH_SIZE"
         )),
         "{line}"
     );
@@ -453,7 +470,7 @@ fn a_message_that_is_not_a_batch_is_logged_as_a_refused_request() {
             .output()
             .matches("action: apuesta_recibida")
             .count(),
-        1,
+        2,
         "{}",
         server.proc.output()
     );

@@ -292,7 +292,8 @@ impl Handler {
                 Some(Err(e)) => return Err(e),
                 Some(Ok(Err(e))) => {
                     let refused = if e.is_batch() {
-                        Refused::batch(0, e.code(), e.to_string())
+                        let count = self.framed.codec().refused_batch().unwrap_or(0);
+                        Refused::batch(count, e.code(), e.to_string())
                     } else {
                         Refused::request(e.code(), e.to_string())
                     };

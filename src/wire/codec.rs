@@ -68,6 +68,9 @@ pub struct LotteryCodec<In, Out> {
     max_frame: usize,
     /// An oversize frame being read past, once its header is consumed.
     skipping: Option<Skip>,
+    /// The size of the batch the last item refused (see
+    /// [`LotteryCodec::refused_batch`]).
+    refused_batch: Option<usize>,
     _types: PhantomData<fn(Out) -> In>,
 }
 
@@ -75,6 +78,13 @@ impl<In, Out> LotteryCodec<In, Out> {
     /// When the frame now being read began to arrive; `None` between frames.
     pub fn partial_since(&self) -> Option<std::time::Instant> {
         self.started
+    }
+
+    /// When the last item decoded is a batch that is not valid, how many
+    /// bets it has: its `BATCH_SIZE` when that is a number, else the
+    /// `BET_i` pairs it holds. For the refusal's `cantidad`.
+    pub fn refused_batch(&self) -> Option<usize> {
+        self.refused_batch
     }
 
     /// A codec waiting for the first header, reading frames of at most
@@ -92,6 +102,7 @@ impl<In, Out> LotteryCodec<In, Out> {
             started: None,
             max_frame: max_frame.max(HEADER_LEN),
             skipping: None,
+            refused_batch: None,
             _types: PhantomData,
         }
     }
@@ -165,45 +176,70 @@ fn peek_batch(head: &[u8]) -> (Option<usize>, Option<AgencyId>) {
         Ok(text) => text,
         Err(e) => std::str::from_utf8(&head[..e.valid_up_to()]).expect("valid up to here"),
     };
-    // The batch's first two pairs, each ended by an unescaped `|`.
-    let mut ends = Vec::with_capacity(2);
-    let mut bytes = text.bytes().enumerate();
-    while let Some((i, b)) = bytes.next() {
-        match b {
-            b'\\' => {
-                bytes.next();
-            }
-            b'|' => {
-                ends.push(i);
-                if ends.len() == 2 {
-                    break;
-                }
-            }
-            _ => {}
-        }
-    }
-    let Some(&first_end) = ends.first() else {
+    // The batch's first two pairs; the second only when it is whole (an
+    // unescaped `|` follows it).
+    let pairs = pairs(text);
+    if pairs.len() < 2 {
         return (None, None);
-    };
-    let Some(size) = text[..first_end]
+    }
+    let Some(size) = pairs[0]
         .strip_prefix(key::BATCH_SIZE)
         .and_then(|rest| rest.strip_prefix(':'))
         .and_then(|n| n.parse().ok())
     else {
         return (None, None);
     };
-    let agency = ends.get(1).and_then(|&end| {
-        let pairs = split_pairs(&text[first_end + 1..end], "BET_1").ok()?;
-        let (k, bet) = pairs.first()?;
-        if k.as_ref() != format!("{}1", key::BET_PREFIX) {
-            return None;
-        }
+    let agency = (pairs.len() > 2).then_some(pairs[1]).and_then(|first| {
+        let bet = first.strip_prefix(&format!("{}1:", key::BET_PREFIX))?;
         let bet = unescape(bet, "BET_1").ok()?;
         let fields = split_pairs(&bet, "BET_1").ok()?;
         let (_, id) = fields.iter().find(|(k, _)| k.as_ref() == key::AGENCY_ID)?;
         id.parse().ok()
     });
     (Some(size), agency)
+}
+
+/// The pairs of a payload (or of the start of one), split at unescaped
+/// `|`, still escaped.
+fn pairs(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, text.bytes().enumerate());
+    while let Some((i, b)) = bytes.next() {
+        match b {
+            b'\\' => {
+                bytes.next();
+            }
+            b'|' => {
+                out.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&text[start..]);
+    out
+}
+
+/// How many bets a batch that is not valid has: its `BATCH_SIZE` when that
+/// is a number, else the `BET_i` pairs it holds. Best effort, for the
+/// refusal's log line.
+fn batch_size(payload: &[u8]) -> usize {
+    let text = String::from_utf8_lossy(payload);
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let pairs = pairs(text);
+    let said = pairs.iter().find_map(|p| {
+        p.strip_prefix(key::BATCH_SIZE)?
+            .strip_prefix(':')?
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n > 0)
+    });
+    said.unwrap_or_else(|| {
+        pairs
+            .iter()
+            .filter(|p| p.starts_with(key::BET_PREFIX))
+            .count()
+    })
 }
 
 /// Reads one raw payload from `src`, shared by every codec instance.
@@ -268,7 +304,12 @@ impl<In: WireMessage, Out> Decoder for LotteryCodec<In, Out> {
                 Err(e) => return Err(e),
                 Ok(Some(payload)) => {
                     self.started = None;
-                    return Ok(Some(In::parse(&payload)));
+                    let item = In::parse(&payload);
+                    self.refused_batch = match &item {
+                        Err(e) if e.is_batch() => Some(batch_size(&payload)),
+                        _ => None,
+                    };
+                    return Ok(Some(item));
                 }
                 Ok(None) => {}
             }
@@ -276,6 +317,7 @@ impl<In: WireMessage, Out> Decoder for LotteryCodec<In, Out> {
         if let Some(skip) = self.skipping.as_mut() {
             if let Some(refusal) = skip.take(src, self.max_frame) {
                 self.skipping = None;
+                self.refused_batch = None;
                 self.started = None;
                 return Ok(Some(Err(refusal)));
             }
@@ -480,6 +522,26 @@ mod tests {
         assert_eq!(peek_batch(b"ACTION:PING|x:y\n"), (None, None));
         assert_eq!(peek_batch(b"BATCH_SIZE:x|BET_1:y"), (None, None));
         assert_eq!(peek_batch(&[0xff; 40]), (None, None));
+    }
+
+    #[test]
+    fn a_refused_batch_has_the_size_it_says_or_the_bets_it_holds() {
+        let mut codec = ServerCodec::new();
+        for (payload, size) in [
+            (&b"BATCH_SIZE:2|BET_1:x\n"[..], Some(2)),
+            (b"BATCH_SIZE:x|BET_1:a|BET_2:b\\|c|BET_3:d\n", Some(3)),
+            (b"BATCH_SIZE:0|BET_1:a\n", Some(1)),
+            (b"ACTION:NOPE\n", None),
+        ] {
+            let mut buf = BytesMut::new();
+            buf.put_u32(payload.len() as u32);
+            buf.put_slice(payload);
+            assert!(codec.decode(&mut buf).unwrap().unwrap().is_err());
+            assert_eq!(codec.refused_batch(), size, "{payload:?}");
+        }
+        let mut buf = frame(&finished(1)).unwrap();
+        assert!(codec.decode(&mut buf).unwrap().unwrap().is_ok());
+        assert_eq!(codec.refused_batch(), None);
     }
 
     #[test]
