@@ -371,7 +371,7 @@ async fn close_store(store: &dyn Store) {
         .is_err()
     {
         error!(
-            action = action::CLOSE_BETS_FILE,
+            action = store.close_action(),
             result = result::FAIL,
             reason = %format!(
                 "the store did not close within {} s; giving up on it (everything acknowledged was already stored)",
