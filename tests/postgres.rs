@@ -1084,6 +1084,66 @@ fn a_database_that_holds_a_commit_past_shutdown_is_named_in_the_closing_line() {
     rt.block_on(client.batch_execute("ROLLBACK")).unwrap();
 }
 
+/// Set in the run of [`a_developer_who_is_not_root_gets_a_cluster_of_their_own`]
+/// that root starts as another user.
+const AS_DEVELOPER: &str = "LOTTERY_PG_TEST_AS_DEVELOPER";
+
+#[test]
+fn a_developer_who_is_not_root_gets_a_cluster_of_their_own() {
+    const TEST: &str = "a_developer_who_is_not_root_gets_a_cluster_of_their_own";
+    if common::pg::running_as_root() && std::env::var_os(AS_DEVELOPER).is_none() {
+        // Run as root: this very test runs again as `nobody`, a developer
+        // who owns nothing here but a temporary directory.
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+        let Some((uid, gid)) = passwd.lines().find_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() < 4 || f[0] != "nobody" {
+                return None;
+            }
+            Some((f[2].parse::<u32>().ok()?, f[3].parse::<u32>().ok()?))
+        }) else {
+            skipped(TEST, "no user nobody to run as");
+            return;
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(tmp.path(), Some(uid), Some(gid)).unwrap();
+        let out = {
+            use std::os::unix::process::CommandExt;
+            Command::new(std::env::current_exe().unwrap())
+                .args([TEST, "--exact", "--nocapture", "--test-threads=1"])
+                .env(AS_DEVELOPER, "1")
+                .env("TMPDIR", tmp.path())
+                .uid(uid)
+                .gid(gid)
+                .output()
+                .unwrap()
+        };
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "as nobody:\n{stdout}\n{stderr}");
+        assert!(
+            stdout.contains("1 passed"),
+            "as nobody:\n{stdout}\n{stderr}"
+        );
+        return;
+    }
+    let Some(pg) = PgCluster::start_or_skip(TEST) else {
+        return;
+    };
+    let url = pg.create_db("mine");
+    let central = central(&url, 1);
+    assert_eq!(
+        hello(&central.address(), 1),
+        format!(
+            "STATUS:SUCCESS|MESSAGE:agency 1: resume from bet 0|STORED:0|DIGEST:{}\n",
+            Receipt::empty(1).digest
+        )
+    );
+    stop(&central);
+}
+
 #[test]
 fn a_bad_storage_url_is_a_configuration_error_that_hides_the_password() {
     let cmd = central_command(
