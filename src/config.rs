@@ -464,7 +464,16 @@ impl Setting {
 
     /// The clap argument of its flag.
     fn arg(&self, flag: &Flag) -> clap::Arg {
-        let mut help = format!("{} [{}", self.help(), self.key);
+        let mut help = self.help().to_string();
+        // The bounds the value is checked against, so that a refused value
+        // is no surprise.
+        match (self.min, self.max) {
+            (Some(min), Some(max)) => help.push_str(&format!(" ({min} to {max})")),
+            (Some(min), None) if min > 1 => help.push_str(&format!(" (at least {min})")),
+            (None, Some(max)) => help.push_str(&format!(" (at most {max})")),
+            _ => {}
+        }
+        help.push_str(&format!(" [{}", self.key));
         if let Some(value) = flag.switch {
             help.push_str(&format!(" = {value}"));
         }

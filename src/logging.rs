@@ -82,6 +82,9 @@ pub mod action {
     pub const RECONNECT: &str = "reconnect";
     /// The central is still working on an agency's request (the draw).
     pub const WAITING: &str = "waiting";
+    /// Some agencies have finished and the draw still waits for others:
+    /// which, once a minute.
+    pub const DRAW_WAITING: &str = "draw_waiting";
     /// The agency chose the protocol to speak (the reference one, when the
     /// central does not answer `HELLO`).
     pub const PROTOCOL: &str = "protocol";
@@ -432,6 +435,33 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buf {
     type Writer = Buf;
     fn make_writer(&'a self) -> Buf {
         self.clone()
+    }
+}
+
+/// Collects the lines this thread logs in the contract's format, without
+/// their timestamps, until the returned guard is dropped: for tests of the
+/// lines other modules log.
+#[cfg(test)]
+pub(crate) fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
+    let buf = Buf::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(Level::DEBUG)
+        .event_format(ContractFormat)
+        .with_writer(buf.clone())
+        .finish();
+    (Captured(buf), tracing::subscriber::set_default(subscriber))
+}
+
+/// Lines collected by [`capture`].
+#[cfg(test)]
+pub(crate) struct Captured(Buf);
+
+#[cfg(test)]
+impl Captured {
+    /// Every line so far, timestamps dropped.
+    pub(crate) fn lines(&self) -> Vec<String> {
+        let text = String::from_utf8(self.0 .0.lock().unwrap().clone()).unwrap();
+        text.lines().map(|l| l[20..].to_string()).collect()
     }
 }
 

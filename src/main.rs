@@ -527,10 +527,24 @@ async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Resu
 }
 
 /// The exit code of a failed command: 3 when the central does not hold
-/// exactly the agency's file (its winners are not valid), else 1.
+/// exactly the agency's file (its winners are not valid), 2 when the
+/// storage URL lacks what the database asks for, else 1.
 fn exit_code(e: &anyhow::Error) -> u8 {
-    match e.downcast_ref::<AgencyError>() {
-        Some(AgencyError::Receipt(_)) => 3,
+    use lottery::server::ServerError;
+    use lottery::store::StorageError;
+    if let Some(AgencyError::Receipt(_)) = e.downcast_ref::<AgencyError>() {
+        return 3;
+    }
+    // A storage URL that lacks what the database asks for is found only
+    // once the database is asked: still the configuration's error.
+    let storage =
+        e.downcast_ref::<StorageError>()
+            .or_else(|| match e.downcast_ref::<ServerError>() {
+                Some(ServerError::Storage(storage)) => Some(storage),
+                _ => None,
+            });
+    match storage {
+        Some(StorageError::DatabaseConfig { .. }) => 2,
         _ => 1,
     }
 }

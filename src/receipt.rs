@@ -296,6 +296,20 @@ pub fn differences(
             claimed.winning_number, winning_number
         ));
     }
+    // A record lists every agency of its round, one without bets too: a
+    // configuration for another count is named as such, and the rest is
+    // compared over the record's own agencies (its seal covers them), so
+    // that the count is not blamed on the seal.
+    let recorded = claimed.receipts.keys().copied().max().unwrap_or(0);
+    let agencies = if recorded != 0 && recorded != agencies {
+        out.push(format!(
+            "agencies: the record is of a round of {recorded} agencies, the configuration \
+             says {agencies} (server.agencies, SERVER_AGENCIES, --agencies)"
+        ));
+        recorded
+    } else {
+        agencies
+    };
     let mut ids: Vec<AgencyId> = (1..=agencies).collect();
     ids.extend(found.receipts.keys().copied());
     ids.extend(claimed.receipts.keys().copied());

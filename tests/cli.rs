@@ -610,6 +610,24 @@ fn the_server_config_line_keeps_the_contract_fields_first_then_the_file() {
 }
 
 #[test]
+fn a_setting_s_bounds_are_in_its_help() {
+    let out = lottery().args(["agency", "--help"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8_lossy(&out.stdout).replace('\n', " ");
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        help.contains(
+            "moves on to the next. (at least 2) [agency.hello_timeout, CLI_HELLO_TIMEOUT]"
+        ),
+        "{help}"
+    );
+    assert!(
+        help.contains("(1 to 64) [agency.window, CLI_WINDOW]"),
+        "{help}"
+    );
+}
+
+#[test]
 fn a_port_in_use_is_named_with_what_to_do() {
     let work = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
@@ -630,6 +648,15 @@ fn a_port_in_use_is_named_with_what_to_do() {
     assert!(
         err.contains("another server.port (SERVER_PORT, --port)"),
         "{err}"
+    );
+    assert_eq!(
+        err.matches("Address already in use").count(),
+        1,
+        "the OS error once: {err}"
+    );
+    assert!(
+        !work.path().join("bets.csv").exists(),
+        "no bets file is created by a central that cannot listen"
     );
 }
 

@@ -263,11 +263,64 @@ fn answered_and_kept(payload: &[u8], code: &str, reason: &str) {
 
 // --- Frames ------------------------------------------------------------------
 
+/// A batch of agency 2 of `n` bets (documents `2100000i`), as one frame.
+fn batch2(n: usize) -> Vec<u8> {
+    let mut payload = format!("BATCH_SIZE:{n}");
+    for i in 1..=n {
+        payload.push_str(&format!(
+            "|BET_{i}:{}",
+            good2(&format!("{}", 2_100_000 + i))
+        ));
+    }
+    payload.push('\n');
+    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(payload.as_bytes());
+    frame
+}
+
 #[test]
-fn oversize_header_is_refused_and_closed() {
+fn an_oversize_batch_is_refused_and_the_connection_serves_what_follows() {
     let sc = Scenario::start();
     let mut raw = sc.connect();
-    raw.send_bytes(&9_000u32.to_be_bytes());
+    let oversize = batch2(100);
+    assert!(oversize.len() > 8192);
+    // The oversize batch and a valid one in one write: the central reads
+    // past the first and stays in step for the second.
+    let mut both = oversize.clone();
+    let valid = format!("BATCH_SIZE:1|BET_1:{}\n", good2("20000001"));
+    both.extend_from_slice(&(valid.len() as u32).to_be_bytes());
+    both.extend_from_slice(valid.as_bytes());
+    raw.send_bytes(&both);
+    let refusal = format!(
+        "STATUS:ERROR|CODE:FRAME_TOO_LARGE|MESSAGE:frame of {} bytes exceeds the 8192-byte \
+         limit; to accept larger frames from legacy agencies, raise server.max_frame \
+         (SERVER_MAX_FRAME)\n",
+        oversize.len()
+    );
+    assert_eq!(raw.recv().as_deref(), Some(refusal.as_str()));
+    let stored = raw.recv().expect("the valid batch's reply");
+    assert!(
+        stored.starts_with("STATUS:SUCCESS|MESSAGE:stored 1 bets"),
+        "{stored}"
+    );
+    // Logged as the rejected batch it was, naming its size and agency.
+    let line = sc.fail_line(&raw, Some("FRAME_TOO_LARGE"));
+    assert!(
+        line.contains("action: apuesta_recibida | result: fail | cantidad: 100 | agency: 2"),
+        "{line}"
+    );
+    raw.expect_open("20000002");
+    // The last batch refused, then the announcement: still served.
+    raw.send_bytes(&oversize);
+    assert_eq!(raw.recv().as_deref(), Some(refusal.as_str()));
+    sc.finish(&mut raw, &["20000001", "20000002"]);
+}
+
+#[test]
+fn a_header_past_what_is_read_past_is_refused_and_closed() {
+    let sc = Scenario::start();
+    let mut raw = sc.connect();
+    raw.send_bytes(&(lottery::wire::MAX_SKIPPED_FRAME as u32).to_be_bytes());
     let reply = raw.recv().unwrap();
     assert!(
         reply.starts_with("STATUS:ERROR|CODE:FRAME_TOO_LARGE|"),
@@ -380,14 +433,31 @@ fn a_message_that_is_not_a_batch_is_logged_as_a_refused_request() {
         )),
         "{line}"
     );
-    // A batch that is refused is still a rejected batch.
+    // A batch that is refused is still a rejected batch, of the size it
+    // says it has.
     let batch = format!("BATCH_SIZE:2|BET_1:{}\n", good2("20000001"));
     raw.expect_error(batch.as_bytes(), "MALFORMED_MESSAGE");
     let line = server.proc.wait_for(&peer);
     assert!(
         line.contains(&format!(
-            " WARN     action: apuesta_recibida | result: fail | cantidad: 0 | {peer} | \
+            " WARN     action: apuesta_recibida | result: fail | cantidad: 2 | {peer} | \
              code: MALFORMED_MESSAGE | reason: batch is inconsistent"
+        )),
+        "{line}"
+    );
+    // A size that is no number: the bets it holds.
+    let batch = format!(
+        "BATCH_SIZE:tres|BET_1:{}|BET_2:{}|BET_3:{}\n",
+        good2("20000001"),
+        good2("20000002"),
+        good2("20000003")
+    );
+    raw.expect_error(batch.as_bytes(), "MALFORMED_MESSAGE");
+    let line = server.proc.wait_for(&peer);
+    assert!(
+        line.contains(&format!(
+            " WARN     action: apuesta_recibida | result: fail | cantidad: 3 | {peer} | \
+             code: MALFORMED_MESSAGE | reason: bad value for BATCH_SIZE"
         )),
         "{line}"
     );
@@ -400,7 +470,7 @@ fn a_message_that_is_not_a_batch_is_logged_as_a_refused_request() {
             .output()
             .matches("action: apuesta_recibida")
             .count(),
-        1,
+        2,
         "{}",
         server.proc.output()
     );

@@ -101,7 +101,8 @@ fn start_server(dir: &std::path::Path, max_frame: Option<usize>) -> Server {
 }
 
 #[test]
-fn a_legacy_frame_is_refused_by_default_saying_which_setting_lets_it_in() {
+fn a_legacy_frame_is_refused_by_default_saying_which_setting_lets_it_in_and_the_connection_goes_on()
+{
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path(), None);
     let (payload, _) = legacy_batch();
@@ -113,11 +114,19 @@ fn a_legacy_frame_is_refused_by_default_saying_which_setting_lets_it_in() {
         recv(&mut stream).as_deref(),
         Some(format!("STATUS:ERROR|CODE:FRAME_TOO_LARGE|MESSAGE:{advice}\n").as_str())
     );
-    assert_eq!(recv(&mut stream), None, "the connection is closed");
     let line = server.proc.wait_for("code: FRAME_TOO_LARGE");
     assert!(
-        line.contains("WARN") && line.contains("result: fail") && line.contains(advice),
+        line.contains("WARN")
+            && line.contains("action: apuesta_recibida | result: fail | cantidad: 72 | agency: 1")
+            && line.contains(advice),
         "{line}"
+    );
+    // The connection goes on: the agency's announcement is served, and with
+    // nothing stored, the draw gives it no winners.
+    send(&mut stream, b"ACTION:FINISH_BETTING|AGENCY_ID:1\n");
+    assert_eq!(
+        recv(&mut stream).as_deref(),
+        Some("STATUS:SUCCESS|WINNERS:\n")
     );
     let bets = std::fs::read_to_string(dir.path().join("bets.csv")).unwrap_or_default();
     assert_eq!(bets, "", "nothing of the refused batch is stored");

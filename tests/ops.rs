@@ -360,6 +360,60 @@ fn regenerating_the_compose_file_keeps_the_secrets_and_adds_new_ones() {
     assert_eq!(again, three);
 }
 
+#[test]
+fn the_secrets_are_out_of_other_users_reach_and_readable_in_containers_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    // A folder anyone could enter, and a secret kept from an earlier run
+    // under `umask 077`.
+    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let kept = secrets.join("agency-1.secret");
+    std::fs::write(&kept, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 077; exec {} secrets --agencies 2 --dir \"$1\"",
+            env!("CARGO_BIN_EXE_lottery")
+        ))
+        .arg("sh")
+        .arg(&secrets)
+        .env("LOTTERY_CONFIG", "/dev/null")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // No other user of this machine can reach a file in the folder...
+    let mode = std::fs::metadata(&secrets).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the secrets folder is {mode:o}");
+    // ...and each file can be read by the containers' user, which is not
+    // its owner (compose mounts it as it is).
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&secrets).unwrap() {
+        let entry = entry.unwrap();
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        let name = entry.file_name().to_string_lossy().to_string();
+        assert_eq!(mode, 0o644, "{name} is {mode:o}");
+        names.push(name);
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "agency-1.secret",
+            "agency-2.secret",
+            "central.toml",
+            "operator.secret"
+        ]
+    );
+    assert_eq!(
+        std::fs::read_to_string(&kept).unwrap(),
+        "0123456789abcdef0123456789abcdef\n",
+        "the kept secret is unchanged"
+    );
+}
+
 /// The strings of a YAML sequence.
 fn strings(v: &serde_yaml::Value) -> Vec<&str> {
     v.as_sequence()

@@ -1187,6 +1187,158 @@ fn a_refused_login_is_not_retried() {
 }
 
 #[test]
+fn a_url_without_the_password_the_database_asks_for_is_a_configuration_error_at_once() {
+    const TEST: &str =
+        "a_url_without_the_password_the_database_asks_for_is_a_configuration_error_at_once";
+    let Some(mut pg) = PgCluster::start_or_skip(TEST) else {
+        return;
+    };
+    pg.query("postgres", "CREATE ROLE guarded LOGIN PASSWORD 'hunter2'");
+    pg.query("postgres", "CREATE DATABASE guarded OWNER guarded");
+    // This role must give its password on loopback (the first matching
+    // line wins); a restart, not a reload, so it holds from the first
+    // connection on.
+    pg.stop();
+    let hba = pg.data_dir().join("pg_hba.conf");
+    let text = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("host all guarded 127.0.0.1/32 scram-sha-256\n{text}"),
+    )
+    .unwrap();
+    pg.start_again();
+    let url = format!("postgres://guarded@127.0.0.1:{}/guarded", pg.port);
+    let mut cmd = central_command(&url, 1);
+    // The habit of libpq's tools, which this program does not share.
+    cmd.env("PGPASSWORD", "hunter2");
+    let central = Proc::spawn(cmd);
+    // At once: well within the 30 s the database is waited for.
+    let status = central.wait_exit(STEP);
+    let (log, stderr) = (central.output(), central.stderr());
+    assert_eq!(status.code(), Some(2), "{log}\n{stderr}");
+    assert!(!log.contains("result: in_progress"), "{log}");
+    let says = format!(
+        "database 127.0.0.1:{}/guarded: the database asks for a password and the storage URL \
+         gives none (PGPASSWORD is set, but this program reads neither it nor ~/.pgpass): put \
+         it in the URL, postgres://USER:PASSWORD@HOST/DB or ?password=PASSWORD",
+        pg.port
+    );
+    assert!(stderr.contains(&says), "{stderr}");
+    assert!(!format!("{log}{stderr}").contains("hunter2"));
+}
+
+#[test]
+fn a_database_that_holds_a_commit_past_shutdown_is_named_in_the_closing_line() {
+    const TEST: &str = "a_database_that_holds_a_commit_past_shutdown_is_named_in_the_closing_line";
+    let Some(pg) = PgCluster::start_or_skip(TEST) else {
+        return;
+    };
+    let url = pg.create_db("stuck");
+    let mut cmd = central_command(&url, 1);
+    cmd.env("SERVER_SHUTDOWN_GRACE", "1");
+    let server = Server::spawn(cmd);
+    let mut agency = connect(&server.address());
+    let batch = |doc: u32| {
+        format!(
+            "BATCH_SIZE:1|BET_1:NOMBRE:Ana\\|APELLIDO:Perez\\|DOCUMENTO:{doc}\\|\
+             NACIMIENTO:1999-03-17\\|NUMERO:7574\\|AGENCY_ID:1\n"
+        )
+    };
+    let stored = exchange(&mut agency, &batch(30_000_001));
+    assert!(stored.contains("|STORED:1"), "{stored}");
+    // Another session holds agency 1's row: the central's next commit
+    // waits for it, as it would on a hung database.
+    let rt = runtime();
+    let (client, connection) = rt
+        .block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls))
+        .unwrap();
+    rt.spawn(connection);
+    rt.block_on(client.batch_execute("BEGIN; SELECT * FROM agencies WHERE agency = 1 FOR UPDATE"))
+        .unwrap();
+    send(&mut agency, &batch(30_000_002));
+    let deadline = Instant::now() + STEP;
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'";
+    while pg.query("stuck", waiting)[0][0].as_deref() != Some("1") {
+        assert!(
+            Instant::now() < deadline,
+            "the central's commit never waited"
+        );
+        // A poll interval, not a synchronisation: the loop ends on the
+        // database's answer.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.proc.signal(Signal::SIGTERM);
+    let line = server.proc.wait_for("the store did not close within");
+    assert!(
+        line.contains("ERROR    action: close_database | result: fail | reason: "),
+        "{line}"
+    );
+    let status = server.proc.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{}", server.proc.output());
+    rt.block_on(client.batch_execute("ROLLBACK")).unwrap();
+}
+
+/// Set in the run of [`a_developer_who_is_not_root_gets_a_cluster_of_their_own`]
+/// that root starts as another user.
+const AS_DEVELOPER: &str = "LOTTERY_PG_TEST_AS_DEVELOPER";
+
+#[test]
+fn a_developer_who_is_not_root_gets_a_cluster_of_their_own() {
+    const TEST: &str = "a_developer_who_is_not_root_gets_a_cluster_of_their_own";
+    if common::pg::running_as_root() && std::env::var_os(AS_DEVELOPER).is_none() {
+        // Run as root: this very test runs again as `nobody`, a developer
+        // who owns nothing here but a temporary directory.
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+        let Some((uid, gid)) = passwd.lines().find_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() < 4 || f[0] != "nobody" {
+                return None;
+            }
+            Some((f[2].parse::<u32>().ok()?, f[3].parse::<u32>().ok()?))
+        }) else {
+            skipped(TEST, "no user nobody to run as");
+            return;
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(tmp.path(), Some(uid), Some(gid)).unwrap();
+        let out = {
+            use std::os::unix::process::CommandExt;
+            Command::new(std::env::current_exe().unwrap())
+                .args([TEST, "--exact", "--nocapture", "--test-threads=1"])
+                .env(AS_DEVELOPER, "1")
+                .env("TMPDIR", tmp.path())
+                .uid(uid)
+                .gid(gid)
+                .output()
+                .unwrap()
+        };
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "as nobody:\n{stdout}\n{stderr}");
+        assert!(
+            stdout.contains("1 passed"),
+            "as nobody:\n{stdout}\n{stderr}"
+        );
+        return;
+    }
+    let Some(pg) = PgCluster::start_or_skip(TEST) else {
+        return;
+    };
+    let url = pg.create_db("mine");
+    let central = central(&url, 1);
+    assert_eq!(
+        hello(&central.address(), 1),
+        format!(
+            "STATUS:SUCCESS|MESSAGE:agency 1: resume from bet 0|STORED:0|DIGEST:{}\n",
+            Receipt::empty(1).digest
+        )
+    );
+    stop(&central);
+}
+
+#[test]
 fn a_bad_storage_url_is_a_configuration_error_that_hides_the_password() {
     let cmd = central_command(
         "postgres://lottery:hunter2@db/bets?target_session_attrs=sometimes",

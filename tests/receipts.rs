@@ -291,6 +291,21 @@ fn a_clean_round_verifies_and_every_tampering_is_caught() {
         "{refused}"
     );
 
+    // The configuration's agency count differs from the round's: the count
+    // is named, not the seal blamed.
+    for agencies in [1, 3] {
+        let (status, out, _) = verify(work.path(), agencies, &[]);
+        assert_eq!(status.code(), Some(1), "{out}");
+        let says = format!(
+            "agencies: the record is of a round of 2 agencies, the configuration says \
+             {agencies} (server.agencies, SERVER_AGENCIES, --agencies)"
+        );
+        assert!(out.contains(&says), "{out}");
+        assert!(!out.contains("seal:"), "{out}");
+        let refused = refused_start(work.path(), agencies, WINNING);
+        assert!(refused.contains(&says), "{refused}");
+    }
+
     // A usage error.
     let (status, _, err) = verify(work.path(), 2, &["--no-such-flag"]);
     assert_eq!(status.code(), Some(2), "{err}");

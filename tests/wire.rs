@@ -269,10 +269,11 @@ async fn frames_split_byte_by_byte_and_many_in_one_write() {
 }
 
 #[tokio::test]
-async fn oversize_header_is_refused_before_the_payload() {
+async fn a_header_past_what_is_read_past_is_refused_before_the_payload() {
     let server = TestServer::start(1).await;
     let mut agency = server.connect().await;
-    agency.write_all(&8189u32.to_be_bytes()).await.unwrap();
+    let len = (lottery::wire::MAX_SKIPPED_FRAME - 3) as u32;
+    agency.write_all(&len.to_be_bytes()).await.unwrap();
     let reply = recv(&mut agency).await;
     assert!(
         reply.starts_with("STATUS:ERROR|CODE:FRAME_TOO_LARGE|"),

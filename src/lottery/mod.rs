@@ -20,7 +20,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::logging::{action, result};
 use crate::model::AgencyId;
@@ -131,6 +131,11 @@ impl State {
 /// has finished but it could not draw (a draw is running on this central,
 /// or it failed).
 const REDRAW_PAUSE: Duration = Duration::from_secs(2);
+
+/// How often the central says which agencies the draw waits for, once
+/// some have finished: a round stalled on an agency that never announced
+/// (its announcement lost, the agency stopped) shows in the log.
+pub const DRAW_WAITING_EVERY: Duration = Duration::from_secs(60);
 
 /// The agency a draw started by the watcher, not by an announcement, is
 /// counted for: none (ids start at 1).
@@ -496,6 +501,46 @@ impl Lottery {
         (state.finished.len() as u32).max(state.counted)
     }
 
+    /// Logs, every `every`, which agencies the draw waits for, as long as
+    /// some agency has finished and the draw is not done; returns once it is
+    /// done, or when `done` is cancelled. With a shared store, agencies that
+    /// finished on other centrals count as finished.
+    pub async fn report_waiting(&self, every: Duration, done: CancellationToken) {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = done.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            let (agencies, drawn, states) = self.status_everywhere().await;
+            if drawn || self.draw().is_some() {
+                return;
+            }
+            let finished: BTreeSet<AgencyId> = states
+                .iter()
+                .filter(|s| s.finished)
+                .map(|s| s.agency)
+                .collect();
+            let waiting: Vec<String> = (1..=agencies)
+                .filter(|a| !finished.contains(a))
+                .map(|a| a.to_string())
+                .collect();
+            // Before any agency finished, nothing waits; with none left to
+            // wait for, the draw is running (and logs itself).
+            if finished.is_empty() || waiting.is_empty() {
+                continue;
+            }
+            info!(
+                action = action::DRAW_WAITING,
+                result = result::IN_PROGRESS,
+                finished = finished.len(),
+                agencies,
+                waiting_for = waiting.join(",").as_str()
+            );
+        }
+    }
+
     /// Agencies that have announced they finished.
     #[cfg(test)]
     pub fn finished(&self) -> Vec<AgencyId> {
@@ -604,6 +649,67 @@ mod tests {
         assert!(crate::receipt::differences(back.claimed(), &found, 3, 5).is_empty());
         assert_eq!(back.bets, 5);
         assert_eq!(back.drawn_at, draw.drawn_at);
+        store.close().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_the_draw_waits_the_agencies_it_waits_for_are_logged_each_interval() {
+        let (log, _guard) = crate::logging::capture();
+        let dir = tempfile::tempdir().unwrap();
+        write_bets(&dir.path().join("bets.csv"), &[(2, "22", 5)]);
+        let (store, stored) = file_store(dir.path()).await;
+        let lottery = Lottery::new(4, 5, store.clone(), stored, None);
+        let every = Duration::from_secs(60);
+        let reporter = tokio::spawn({
+            let lottery = lottery.clone();
+            async move {
+                lottery
+                    .report_waiting(every, CancellationToken::new())
+                    .await
+            }
+        });
+        // The store's writer thread keeps the paused clock from moving on
+        // its own: move it by hand, then let the reporter run.
+        async fn pass(time: Duration) {
+            tokio::time::advance(time).await;
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let waiting = || -> Vec<String> {
+            log.lines()
+                .into_iter()
+                .filter(|l| l.contains("draw_waiting"))
+                .collect()
+        };
+        // Nobody finished: nothing waits yet.
+        pass(every).await;
+        pass(every).await;
+        assert_eq!(waiting(), Vec::<String>::new());
+        let claims: Vec<Claim> = (1..=4)
+            .map(|a| lottery.claim(a, &CancellationToken::new()).unwrap())
+            .collect();
+        claims[0].finish().await.unwrap();
+        claims[2].finish().await.unwrap();
+        // Once an interval, not sooner.
+        pass(every - Duration::from_secs(1)).await;
+        assert_eq!(waiting(), Vec::<String>::new());
+        pass(Duration::from_secs(1)).await;
+        let line = "INFO     action: draw_waiting | result: in_progress | finished: 2 | \
+                    agencies: 4 | waiting_for: 2,4";
+        assert_eq!(waiting(), [line]);
+        claims[1].finish().await.unwrap();
+        pass(every).await;
+        let line2 = "INFO     action: draw_waiting | result: in_progress | finished: 3 | \
+                     agencies: 4 | waiting_for: 4";
+        assert_eq!(waiting(), [line, line2]);
+        // Once drawn, the reports end.
+        claims[3].finish().await.unwrap();
+        assert!(lottery.draw().is_some());
+        pass(every).await;
+        assert!(reporter.is_finished(), "the reports end with the draw");
+        assert_eq!(waiting().len(), 2);
+        lottery.close().await;
         store.close().await;
     }
 

@@ -253,17 +253,32 @@ impl Handler {
             let next = match frame {
                 None => return Ok(()),
                 Some(Err(e @ FrameError::TooLarge { .. })) => {
-                    // The stream is unusable, but the peer (and the
-                    // operator, in the log) can still be told why, and
-                    // what would let such frames in, before we hang up.
-                    let reason = format!(
-                        "{e}; to accept larger frames from legacy agencies, raise \
-                         server.max_frame (SERVER_MAX_FRAME)"
-                    );
+                    // Too large to read past: the stream is unusable, but
+                    // the peer (and the operator, in the log) can still be
+                    // told why before we hang up.
                     let agency = self.session.as_ref().map(Session::agency);
-                    let refused = Refused::connection(agency, ErrorCode::FrameTooLarge, reason);
+                    let refused =
+                        Refused::connection(agency, ErrorCode::FrameTooLarge, too_large(&e));
                     let _ = self.refuse(refused).await;
                     return Ok(());
+                }
+                Some(Ok(Err(e @ MessageError::FrameTooLarge { batch, agency, .. }))) => {
+                    // Read past and dropped: the stream is in step, so the
+                    // agency's next batches and its announcement are served.
+                    let agency = self.session.as_ref().map(Session::agency).or(agency);
+                    let refused = Refused {
+                        action: if batch.is_some() {
+                            action::APUESTA_RECIBIDA
+                        } else {
+                            action::REQUEST
+                        },
+                        cantidad: batch,
+                        agency,
+                        code: ErrorCode::FrameTooLarge,
+                        reason: too_large(&e),
+                    };
+                    self.refuse(refused).await?;
+                    Next::Continue
                 }
                 Some(Err(e @ FrameError::TlsRecord)) => {
                     // A TLS client on this plain-text central: its own TLS
@@ -277,7 +292,8 @@ impl Handler {
                 Some(Err(e)) => return Err(e),
                 Some(Ok(Err(e))) => {
                     let refused = if e.is_batch() {
-                        Refused::batch(0, e.code(), e.to_string())
+                        let count = self.framed.codec().refused_batch().unwrap_or(0);
+                        Refused::batch(count, e.code(), e.to_string())
                     } else {
                         Refused::request(e.code(), e.to_string())
                     };
@@ -936,6 +952,14 @@ fn still_waiting_ticks(first: Duration) -> tokio::time::Interval {
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks
+}
+
+/// A refusal of an oversize frame, saying what would let such frames in.
+fn too_large(e: &dyn std::fmt::Display) -> String {
+    format!(
+        "{e}; to accept larger frames from legacy agencies, raise server.max_frame \
+         (SERVER_MAX_FRAME)"
+    )
 }
 
 /// The error of a write the peer did not take in time.

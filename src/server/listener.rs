@@ -104,6 +104,20 @@ pub fn bind(config: &ServerConfig) -> std::io::Result<TcpListener> {
 /// # Errors
 /// The address cannot be bound.
 pub fn bind_addr(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    reserve_addr(addr)?.listen(backlog)
+}
+
+/// Binds `server.port` without listening yet: the port is the central's
+/// (another program cannot take it, and one that has it is found out now),
+/// while connections to it are still refused.
+///
+/// # Errors
+/// The port cannot be bound.
+pub(super) fn reserve(config: &ServerConfig) -> std::io::Result<TcpSocket> {
+    reserve_addr(SocketAddr::from(([0, 0, 0, 0], config.port)))
+}
+
+fn reserve_addr(addr: SocketAddr) -> std::io::Result<TcpSocket> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -112,7 +126,7 @@ pub fn bind_addr(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener>
     // A restarted server must not wait for the old socket's TIME_WAIT.
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
-    socket.listen(backlog)
+    Ok(socket)
 }
 
 /// The accept loop.

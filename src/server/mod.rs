@@ -32,6 +32,7 @@ use crate::net::{ServerTls, TlsError};
 use crate::receipt::{differences, served_differences, Receipt};
 use crate::store::{self, Draw, Opened, StorageError, Store};
 
+use listener::reserve;
 pub use listener::{bind, bind_addr, fit_open_files, MIN_CONNECTIONS, RESERVED_FILES};
 
 /// How long shutdown waits for the store to flush and close once every
@@ -42,12 +43,13 @@ pub const STORE_CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The port cannot be bound (in use, or privileged).
-    #[error("cannot listen on port {port}: {source}{}", bind_hint(source))]
+    #[error("cannot listen on port {port}: {error}{}", bind_hint(error))]
     Bind {
         /// `server.port`.
         port: u16,
-        /// Why.
-        source: std::io::Error,
+        /// Why: shown in this error's own message, so not a `source` (an
+        /// error chain would say it twice).
+        error: std::io::Error,
     },
     /// The store cannot be opened, or what it holds is damaged.
     #[error(transparent)]
@@ -138,19 +140,26 @@ async fn check_record(
 /// Opens the store, then listens on `server.port` and serves agencies until
 /// `shutdown` is cancelled, then closes everything in order.
 ///
-/// On start it opens the store (repairing a torn last row of the bets
-/// file, or waiting for the database), learns what each agency has stored
-/// (where their uploads resume), and checks the draw record if the draw
-/// already happened. Only then is the port bound: while a large bets file
-/// is recovered or the database is waited for, an agency's connection is
-/// refused and it retries, rather than being accepted by the kernel and
-/// left unanswered, which is how the design's reference central answers
-/// `HELLO` and would make our agency fall back to that protocol.
+/// On start it binds the port, so that a port in use is said before
+/// anything is opened or created. Then it opens the store (repairing a
+/// torn last row of the bets file, or waiting for the database), learns
+/// what each agency has stored (where their uploads resume), and checks the
+/// draw record if the draw already happened. Only then does it listen:
+/// while a large bets file is recovered or the database is waited for, an
+/// agency's connection is refused and it retries, rather than being
+/// accepted by the kernel and left unanswered, which is how the design's
+/// reference central answers `HELLO` and would make our agency fall back
+/// to that protocol.
 ///
 /// # Errors
 /// The store, the draw record, the secrets or the TLS material cannot be
 /// read, or the port cannot be bound.
 pub async fn run(config: &ServerConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let bind_error = |error| ServerError::Bind {
+        port: config.port,
+        error,
+    };
+    let socket = reserve(config).map_err(bind_error)?;
     let opened = tokio::select! {
         biased;
         // Signalled while still opening: nothing was served, nothing to
@@ -158,14 +167,11 @@ pub async fn run(config: &ServerConfig, shutdown: CancellationToken) -> Result<(
         _ = shutdown.cancelled() => return Ok(()),
         opened = store::open(config) => opened?,
     };
-    let listener = match bind(config) {
+    let listener = match socket.listen(config.listen_backlog) {
         Ok(listener) => listener,
-        Err(source) => {
+        Err(error) => {
             close_store(opened.store.as_ref()).await;
-            return Err(ServerError::Bind {
-                port: config.port,
-                source,
-            });
+            return Err(bind_error(error));
         }
     };
     run_with_store(listener, config, opened, shutdown).await
@@ -291,6 +297,17 @@ pub async fn run_with_store(
         let done = reports_done.clone();
         async move { guard.report_until(done).await }
     });
+    // Which agencies a waiting draw waits for, once a minute, until the
+    // draw or shutdown.
+    let draw_waiting = tokio::spawn({
+        let lottery = lottery.clone();
+        let done = reports_done.clone();
+        async move {
+            lottery
+                .report_waiting(crate::lottery::DRAW_WAITING_EVERY, done)
+                .await
+        }
+    });
     let accept_loop = listener::Listener {
         listener,
         store: store.clone(),
@@ -336,6 +353,9 @@ pub async fn run_with_store(
     }
     reports_done.cancel();
     let _ = reports.await;
+    // Aborted, not awaited: its look at a hung database must not hold
+    // shutdown.
+    draw_waiting.abort();
     // A draw under way is recorded and published before the store closes,
     // within what is left of the grace period; one abandoned after it left
     // either its whole record or none (the record is written atomically),
@@ -366,7 +386,7 @@ async fn close_store(store: &dyn Store) {
         .is_err()
     {
         error!(
-            action = action::CLOSE_BETS_FILE,
+            action = store.close_action(),
             result = result::FAIL,
             reason = %format!(
                 "the store did not close within {} s; giving up on it (everything acknowledged was already stored)",

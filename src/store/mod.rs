@@ -99,6 +99,12 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// submissions fail with [`StorageError::Closed`].
     fn close(&self) -> BoxFuture<'_, ()>;
 
+    /// The log action that says this store was closed (or could not be):
+    /// `close_bets_file`, or `close_database` for a database.
+    fn close_action(&self) -> &'static str {
+        crate::logging::action::CLOSE_BETS_FILE
+    }
+
     /// Whether other centrals share this store (a database): then what the
     /// lottery keeps in memory is only a cache, and the methods below are
     /// the truth. A store only this process uses (the bets file) says no,

@@ -315,10 +315,8 @@ pub fn write_postgres_secret(dir: &Path) -> anyhow::Result<PathBuf> {
 /// running agency), and the central's file of them all, rebuilt from them.
 /// Returns the central's file.
 ///
-/// The directory is private to its owner (0700); the files in it are
-/// readable (0644) because compose mounts them as they are into containers
-/// that run as another user (`lottery`, uid 10001), and the directory
-/// already keeps other users of this machine out.
+/// The directory is private to its owner (0700); each file in it, one kept
+/// from an earlier run included, is [`SECRET_FILE_MODE`], which says why.
 ///
 /// # Errors
 /// The directory or a file cannot be read or written.
@@ -351,14 +349,26 @@ fn make_private_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("setting the mode of {}", dir.display()))
 }
 
+/// The mode of every secrets file: 0644, in a directory that is 0700.
+///
+/// The directory is what keeps the other users of this machine out: none
+/// of them can reach a file in it, whatever the file's own mode. The files
+/// themselves must stay readable to others, because compose mounts each one
+/// as it is (same owner, same mode) into a container whose user is not the
+/// file's owner (`lottery`, uid 10001): with 0600 the central and the
+/// agencies could not read their secrets. Set after the file is made, so no
+/// umask narrows it.
+pub const SECRET_FILE_MODE: u32 = 0o644;
+
 /// The secret in `path`, or a new one written there when it is missing or
-/// empty. A new secret is hex, so it goes into a URL as it is.
+/// empty. A new secret is hex, so it goes into a URL as it is. A file kept
+/// gets the mode a new one would (an earlier run under `umask 077` left it
+/// 0600).
 fn keep_or_create(path: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
     match std::fs::read_to_string(path) {
         Ok(text) if !text.trim().is_empty() => {
-            // A file kept from a run under a narrower umask is made readable
-            // to the containers too (see [`write_file`]).
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(SECRET_FILE_MODE))
                 .with_context(|| format!("setting the mode of {}", path.display()))?;
             Ok(text.trim().to_string())
         }
@@ -372,8 +382,7 @@ fn keep_or_create(path: &Path) -> anyhow::Result<String> {
     }
 }
 
-/// Creates `path` with `text` (0644, see [`write_secrets`]) and returns the
-/// text.
+/// Creates `path` with `text` ([`SECRET_FILE_MODE`]) and returns the text.
 ///
 /// The mode is set after the file is made, not only asked of `open`: the
 /// process's umask narrows what `open` grants (under `umask 077` the files
@@ -385,7 +394,7 @@ fn write_file(path: &Path, text: &str) -> anyhow::Result<String> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
-    file.set_permissions(std::fs::Permissions::from_mode(0o644))
+    file.set_permissions(std::fs::Permissions::from_mode(SECRET_FILE_MODE))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
     writeln!(file, "{text}").with_context(|| format!("writing {}", path.display()))?;
     Ok(text.to_string())

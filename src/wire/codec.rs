@@ -13,15 +13,19 @@ use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use super::{
-    MessageError, Reply, Request, WireMessage, HEADER_LEN, MAX_FRAME_LEN, MAX_PAYLOAD_LEN,
+    key, split_pairs, unescape, MessageError, Reply, Request, WireMessage, HEADER_LEN,
+    MAX_FRAME_LEN, MAX_PAYLOAD_LEN, MAX_SKIPPED_FRAME,
 };
+use crate::model::AgencyId;
 
 /// A frame-level failure. After one, the byte stream can no longer be trusted
 /// and the connection ends.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    /// The header announces a frame larger than the limit. Raised from the
-    /// header alone, before any of the payload is buffered.
+    /// The header announces a frame larger than the limit, and larger than
+    /// [`MAX_SKIPPED_FRAME`] too (a smaller one is read past, and comes out
+    /// as [`MessageError::FrameTooLarge`]). Raised from the header alone,
+    /// before any of the payload is buffered.
     #[error("frame of {size} bytes exceeds the {limit}-byte limit")]
     TooLarge {
         /// The whole frame the header announces, header included.
@@ -62,6 +66,11 @@ pub struct LotteryCodec<In, Out> {
     started: Option<std::time::Instant>,
     /// Largest whole frame this reader accepts, header included.
     max_frame: usize,
+    /// An oversize frame being read past, once its header is consumed.
+    skipping: Option<Skip>,
+    /// The size of the batch the last item refused (see
+    /// [`LotteryCodec::refused_batch`]).
+    refused_batch: Option<usize>,
     _types: PhantomData<fn(Out) -> In>,
 }
 
@@ -69,6 +78,13 @@ impl<In, Out> LotteryCodec<In, Out> {
     /// When the frame now being read began to arrive; `None` between frames.
     pub fn partial_since(&self) -> Option<std::time::Instant> {
         self.started
+    }
+
+    /// When the last item decoded is a batch that is not valid, how many
+    /// bets it has: its `BATCH_SIZE` when that is a number, else the
+    /// `BET_i` pairs it holds. For the refusal's `cantidad`.
+    pub fn refused_batch(&self) -> Option<usize> {
+        self.refused_batch
     }
 
     /// A codec waiting for the first header, reading frames of at most
@@ -85,6 +101,8 @@ impl<In, Out> LotteryCodec<In, Out> {
             pending: None,
             started: None,
             max_frame: max_frame.max(HEADER_LEN),
+            skipping: None,
+            refused_batch: None,
             _types: PhantomData,
         }
     }
@@ -111,6 +129,117 @@ impl<In, Out> std::fmt::Debug for LotteryCodec<In, Out> {
 /// "the peer speaks TLS" instead of "frame of 352518916 bytes".
 pub fn is_tls_record(header: &[u8]) -> bool {
     matches!(header, [0x14..=0x17, 0x03, 0x00..=0x04, ..])
+}
+
+/// Bytes of a skipped frame kept to tell what it was: a batch's
+/// `BATCH_SIZE` and its first bet (which names the agency) come first.
+const SKIP_HEAD: usize = 2048;
+
+/// An oversize frame being read past.
+#[derive(Debug)]
+struct Skip {
+    /// The whole frame, header included, as its header announced it.
+    size: usize,
+    /// Payload bytes still to drop.
+    left: usize,
+    /// The first [`SKIP_HEAD`] bytes of its payload.
+    head: Vec<u8>,
+}
+
+impl Skip {
+    /// Drops what `src` holds of the frame; the refusal once all of it is
+    /// gone.
+    fn take(&mut self, src: &mut BytesMut, limit: usize) -> Option<MessageError> {
+        let n = self.left.min(src.len());
+        let keep = n.min(SKIP_HEAD.saturating_sub(self.head.len()));
+        self.head.extend_from_slice(&src[..keep]);
+        src.advance(n);
+        self.left -= n;
+        if self.left > 0 {
+            return None;
+        }
+        let (batch, agency) = peek_batch(&self.head);
+        Some(MessageError::FrameTooLarge {
+            size: self.size,
+            limit,
+            batch,
+            agency,
+        })
+    }
+}
+
+/// What the first bytes of a payload say of the batch it is: its
+/// `BATCH_SIZE`, and its first bet's `AGENCY_ID` when that bet is whole
+/// within them. Best effort, for the refusal's log line and nothing else.
+fn peek_batch(head: &[u8]) -> (Option<usize>, Option<AgencyId>) {
+    let text = match std::str::from_utf8(head) {
+        Ok(text) => text,
+        Err(e) => std::str::from_utf8(&head[..e.valid_up_to()]).expect("valid up to here"),
+    };
+    // The batch's first two pairs; the second only when it is whole (an
+    // unescaped `|` follows it).
+    let pairs = pairs(text);
+    if pairs.len() < 2 {
+        return (None, None);
+    }
+    let Some(size) = pairs[0]
+        .strip_prefix(key::BATCH_SIZE)
+        .and_then(|rest| rest.strip_prefix(':'))
+        .and_then(|n| n.parse().ok())
+    else {
+        return (None, None);
+    };
+    let agency = (pairs.len() > 2).then_some(pairs[1]).and_then(|first| {
+        let bet = first.strip_prefix(&format!("{}1:", key::BET_PREFIX))?;
+        let bet = unescape(bet, "BET_1").ok()?;
+        let fields = split_pairs(&bet, "BET_1").ok()?;
+        let (_, id) = fields.iter().find(|(k, _)| k.as_ref() == key::AGENCY_ID)?;
+        id.parse().ok()
+    });
+    (Some(size), agency)
+}
+
+/// The pairs of a payload (or of the start of one), split at unescaped
+/// `|`, still escaped.
+fn pairs(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, text.bytes().enumerate());
+    while let Some((i, b)) = bytes.next() {
+        match b {
+            b'\\' => {
+                bytes.next();
+            }
+            b'|' => {
+                out.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&text[start..]);
+    out
+}
+
+/// How many bets a batch that is not valid has: its `BATCH_SIZE` when that
+/// is a number, else the `BET_i` pairs it holds. Best effort, for the
+/// refusal's log line.
+fn batch_size(payload: &[u8]) -> usize {
+    let text = String::from_utf8_lossy(payload);
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let pairs = pairs(text);
+    let said = pairs.iter().find_map(|p| {
+        p.strip_prefix(key::BATCH_SIZE)?
+            .strip_prefix(':')?
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n > 0)
+    });
+    said.unwrap_or_else(|| {
+        pairs
+            .iter()
+            .filter(|p| p.starts_with(key::BET_PREFIX))
+            .count()
+    })
 }
 
 /// Reads one raw payload from `src`, shared by every codec instance.
@@ -160,32 +289,60 @@ impl<In: WireMessage, Out> Decoder for LotteryCodec<In, Out> {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, FrameError> {
-        match decode_payload(&mut self.pending, self.max_frame, src)? {
-            Some(payload) => {
-                self.started = None;
-                Ok(Some(In::parse(&payload)))
-            }
-            None => {
-                if self.started.is_none() && (!src.is_empty() || self.pending.is_some()) {
-                    self.started = Some(std::time::Instant::now());
+        if self.skipping.is_none() {
+            match decode_payload(&mut self.pending, self.max_frame, src) {
+                // Within reach: read past it (bounded by the size and, at
+                // the caller, by the frame's deadline), then answer it.
+                Err(FrameError::TooLarge { size, .. }) if size <= MAX_SKIPPED_FRAME => {
+                    src.advance(HEADER_LEN);
+                    self.skipping = Some(Skip {
+                        size,
+                        left: size - HEADER_LEN,
+                        head: Vec::new(),
+                    });
                 }
-                Ok(None)
+                Err(e) => return Err(e),
+                Ok(Some(payload)) => {
+                    self.started = None;
+                    let item = In::parse(&payload);
+                    self.refused_batch = match &item {
+                        Err(e) if e.is_batch() => Some(batch_size(&payload)),
+                        _ => None,
+                    };
+                    return Ok(Some(item));
+                }
+                Ok(None) => {}
             }
         }
+        if let Some(skip) = self.skipping.as_mut() {
+            if let Some(refusal) = skip.take(src, self.max_frame) {
+                self.skipping = None;
+                self.refused_batch = None;
+                self.started = None;
+                return Ok(Some(Err(refusal)));
+            }
+            // Nothing of it is kept: make no room for it either.
+            if self.started.is_none() {
+                self.started = Some(std::time::Instant::now());
+            }
+            return Ok(None);
+        }
+        if self.started.is_none() && (!src.is_empty() || self.pending.is_some()) {
+            self.started = Some(std::time::Instant::now());
+        }
+        Ok(None)
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, FrameError> {
         match self.decode(src)? {
             Some(item) => Ok(Some(item)),
-            None if src.is_empty() && self.pending.is_none() => Ok(None),
-            None => Err(FrameError::Truncated(
-                src.len()
-                    + if self.pending.is_some() {
-                        HEADER_LEN
-                    } else {
-                        0
-                    },
-            )),
+            None if src.is_empty() && self.pending.is_none() && self.skipping.is_none() => Ok(None),
+            None => Err(FrameError::Truncated(match &self.skipping {
+                // Header and payload received so far.
+                Some(skip) => skip.size - skip.left,
+                None if self.pending.is_some() => src.len() + HEADER_LEN,
+                None => src.len(),
+            })),
         }
     }
 }
@@ -275,24 +432,130 @@ mod tests {
     }
 
     #[test]
-    fn oversize_header_fails_before_payload() {
-        let mut codec = ServerCodec::new();
-        let mut buf = BytesMut::from(&(MAX_PAYLOAD_LEN as u32 + 1).to_be_bytes()[..]);
-        assert!(matches!(
-            codec.decode(&mut buf),
-            Err(FrameError::TooLarge {
-                size: 8193,
-                limit: 8192
-            })
-        ));
-        let mut buf = BytesMut::from(&u32::MAX.to_be_bytes()[..]);
-        assert!(matches!(
-            ServerCodec::new().decode(&mut buf),
-            Err(FrameError::TooLarge { .. })
-        ));
+    fn a_header_past_the_skip_limit_fails_before_payload() {
+        for len in [MAX_SKIPPED_FRAME - HEADER_LEN + 1, u32::MAX as usize] {
+            let mut buf = BytesMut::from(&(len as u32).to_be_bytes()[..]);
+            assert!(matches!(
+                ServerCodec::new().decode(&mut buf),
+                Err(FrameError::TooLarge { size, limit: 8192 }) if size == len + HEADER_LEN
+            ));
+        }
         // Exactly the limit is fine.
         let mut buf = BytesMut::from(&(MAX_PAYLOAD_LEN as u32).to_be_bytes()[..]);
         assert!(ServerCodec::new().decode(&mut buf).unwrap().is_none());
+    }
+
+    /// A batch of `n` bets of agency 4, each about 120 bytes on the wire.
+    fn batch_payload(n: usize) -> String {
+        let mut payload = format!("BATCH_SIZE:{n}");
+        for i in 1..=n {
+            payload.push_str(&format!(
+                r"|BET_{i}:NOMBRE:Jos\\\|é\|APELLIDO:Pérez Gómez de la Serna\|DOCUMENTO:{}\|NACIMIENTO:1999-03-17\|NUMERO:7574\|AGENCY_ID:4",
+                30_000_000 + i
+            ));
+        }
+        payload.push('\n');
+        payload
+    }
+
+    #[test]
+    fn an_oversize_frame_is_read_past_byte_by_byte_and_refused_as_an_item() {
+        let payload = batch_payload(150);
+        let mut bytes = BytesMut::new();
+        bytes.put_u32(payload.len() as u32);
+        bytes.put_slice(payload.as_bytes());
+        let size = bytes.len();
+        assert!(size > MAX_FRAME_LEN);
+        bytes.put_slice(&frame(&finished(4)).unwrap());
+        let mut codec = ServerCodec::new();
+        let mut buf = BytesMut::new();
+        let mut items = Vec::new();
+        for (i, b) in bytes.iter().enumerate() {
+            buf.put_u8(*b);
+            if let Some(item) = codec.decode(&mut buf).unwrap() {
+                items.push((i + 1, item));
+            }
+            // Nothing of the skipped frame is kept beyond its head.
+            assert!(buf.len() <= HEADER_LEN + MAX_FRAME_LEN, "at byte {i}");
+            if i + 1 > HEADER_LEN && i + 1 < size {
+                assert!(codec.partial_since().is_some(), "the frame deadline runs");
+            }
+        }
+        assert_eq!(
+            items,
+            vec![
+                (
+                    size,
+                    Err(MessageError::FrameTooLarge {
+                        size,
+                        limit: MAX_FRAME_LEN,
+                        batch: Some(150),
+                        agency: Some(4)
+                    })
+                ),
+                (bytes.len(), Ok(finished(4))),
+            ]
+        );
+        assert!(codec.partial_since().is_none());
+        assert_eq!(
+            MessageError::FrameTooLarge {
+                size,
+                limit: MAX_FRAME_LEN,
+                batch: None,
+                agency: None
+            }
+            .code(),
+            crate::wire::ErrorCode::FrameTooLarge
+        );
+    }
+
+    #[test]
+    fn a_skipped_frame_names_what_its_head_shows_and_no_more() {
+        assert_eq!(peek_batch(batch_payload(3).as_bytes()), (Some(3), Some(4)));
+        // The first bet cut short: the size, no agency.
+        let payload = batch_payload(3);
+        let cut = payload.find("AGENCY_ID").unwrap();
+        assert_eq!(peek_batch(&payload.as_bytes()[..cut]), (Some(3), None));
+        // Cut inside a multi-byte character, or not a batch at all.
+        let cut = payload.find('é').unwrap() + 1;
+        assert_eq!(peek_batch(&payload.as_bytes()[..cut]), (Some(3), None));
+        assert_eq!(peek_batch(b"ACTION:PING|x:y\n"), (None, None));
+        assert_eq!(peek_batch(b"BATCH_SIZE:x|BET_1:y"), (None, None));
+        assert_eq!(peek_batch(&[0xff; 40]), (None, None));
+    }
+
+    #[test]
+    fn a_refused_batch_has_the_size_it_says_or_the_bets_it_holds() {
+        let mut codec = ServerCodec::new();
+        for (payload, size) in [
+            (&b"BATCH_SIZE:2|BET_1:x\n"[..], Some(2)),
+            (b"BATCH_SIZE:x|BET_1:a|BET_2:b\\|c|BET_3:d\n", Some(3)),
+            (b"BATCH_SIZE:0|BET_1:a\n", Some(1)),
+            (b"ACTION:NOPE\n", None),
+        ] {
+            let mut buf = BytesMut::new();
+            buf.put_u32(payload.len() as u32);
+            buf.put_slice(payload);
+            assert!(codec.decode(&mut buf).unwrap().unwrap().is_err());
+            assert_eq!(codec.refused_batch(), size, "{payload:?}");
+        }
+        let mut buf = frame(&finished(1)).unwrap();
+        assert!(codec.decode(&mut buf).unwrap().unwrap().is_ok());
+        assert_eq!(codec.refused_batch(), None);
+    }
+
+    #[test]
+    fn eof_while_skipping_is_a_truncated_frame() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(9000);
+        buf.put_slice(&[b'x'; 100]);
+        let mut codec = ServerCodec::new();
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        assert!(buf.is_empty(), "skipped bytes are dropped");
+        assert!(matches!(
+            codec.decode_eof(&mut buf),
+            Err(FrameError::Truncated(104))
+        ));
     }
 
     #[test]
@@ -308,7 +571,8 @@ mod tests {
         let mut buf = bytes.clone();
         assert!(matches!(
             ServerCodec::with_max_frame(whole - 1).decode(&mut buf),
-            Err(FrameError::TooLarge { size, limit }) if size == whole && limit == whole - 1
+            Ok(Some(Err(MessageError::FrameTooLarge { size, limit, batch: None, agency: None })))
+                if size == whole && limit == whole - 1
         ));
     }
 

@@ -89,6 +89,20 @@ pub enum MessageError {
     /// Neither a batch nor a known action.
     #[error("unknown message: {0}")]
     Unknown(String),
+    /// The frame is larger than the reader's limit. Its payload was read
+    /// past and dropped, so the stream is still in step and the connection
+    /// goes on; its first bytes said what it was, when they could.
+    #[error("frame of {size} bytes exceeds the {limit}-byte limit")]
+    FrameTooLarge {
+        /// The whole frame the header announced, header included.
+        size: usize,
+        /// The reader's limit, header included.
+        limit: usize,
+        /// Its `BATCH_SIZE`, when it began as a batch.
+        batch: Option<usize>,
+        /// The `AGENCY_ID` of its first bet, when that was readable.
+        agency: Option<crate::model::AgencyId>,
+    },
     /// A bet inside a batch is invalid.
     #[error("BET_{index}: {source}")]
     Bet {
@@ -105,6 +119,7 @@ impl MessageError {
         match self {
             MessageError::Bet { .. } => ErrorCode::InvalidBet,
             MessageError::Unknown(_) => ErrorCode::UnknownMessage,
+            MessageError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
             _ => ErrorCode::MalformedMessage,
         }
     }
@@ -119,6 +134,7 @@ impl MessageError {
         use super::key::{BATCH_SIZE, FIRST};
         match self {
             MessageError::Bet { .. } | MessageError::BatchMismatch(_) => true,
+            MessageError::FrameTooLarge { batch, .. } => batch.is_some(),
             MessageError::BadValue { key, .. } => key == BATCH_SIZE || key == FIRST,
             MessageError::DanglingEscape(within) | MessageError::UnknownEscape(_, within) => {
                 *within == BATCH_SIZE

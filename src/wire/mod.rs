@@ -26,6 +26,13 @@ pub const MAX_FRAME_LEN: usize = 8192;
 pub const HEADER_LEN: usize = 4;
 /// Largest payload a frame can carry: the frame limit less the header.
 pub const MAX_PAYLOAD_LEN: usize = MAX_FRAME_LEN - HEADER_LEN;
+/// Largest oversize frame a reader reads past, header included: its
+/// payload is dropped as it arrives (never buffered), the peer is told, and
+/// the connection goes on, so an agency whose batches are too large loses
+/// those batches and not the ones after them, nor its announcement. A
+/// header announcing more is no agency's batch (a thousand bets of the
+/// longest fields fit well within it): that connection ends.
+pub const MAX_SKIPPED_FRAME: usize = 1 << 20;
 
 /// How often the central tells an agency that opened with `HELLO`, and is
 /// waiting for an answer that depends on others (the draw, or a takeover of

@@ -47,7 +47,22 @@ pub struct Proc {
 }
 
 pub fn lottery() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lottery"));
+    lottery_under(&[])
+}
+
+/// `lottery`, run by `wrapper` (a program and its arguments, the lottery
+/// binary's path then its own arguments after them): `strace`, say. The
+/// environment is [`lottery`]'s.
+pub fn lottery_under(wrapper: &[&str]) -> Command {
+    let bin = env!("CARGO_BIN_EXE_lottery");
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
+    };
     // Never pick up a config.toml from the working tree: an empty file
     // (defaults) that exists, so the config line reads `config_file:
     // /dev/null` and no warning says a named file is missing.

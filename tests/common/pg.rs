@@ -2,9 +2,11 @@
 //! `initdb` in a temporary directory, the server on a free loopback port,
 //! stopped by its pid when the cluster is dropped.
 //!
-//! The server refuses to run as root, so `initdb` and `postgres` run as the
-//! `postgres` user (set on the child process itself, so the pid we hold is
-//! the postmaster's own). On a machine without the server binaries the
+//! The server refuses to run as root, so under root `initdb` and `postgres`
+//! run as the `postgres` user (set on the child process itself, so the pid
+//! we hold is the postmaster's own), in directories handed to it. Anyone
+//! else runs the cluster as themselves, and nothing of theirs changes
+//! hands. On a machine without the server binaries the
 //! tests that need one say on the terminal that they skipped (libtest
 //! captures `eprintln!` of a passing test, so this writes to the stderr
 //! descriptor directly), and fail instead when `LOTTERY_REQUIRE_POSTGRES=1`
@@ -39,8 +41,9 @@ pub struct PgCluster {
     /// after the server is stopped.
     dir: tempfile::TempDir,
     bin: PathBuf,
-    uid: u32,
-    gid: u32,
+    /// The `postgres` user's uid and gid when the tests run as root;
+    /// `None`: the cluster runs as the user running the tests.
+    owner: Option<(u32, u32)>,
     pub port: u16,
     server: Option<Child>,
     /// The server's log lines, for failure messages.
@@ -73,6 +76,29 @@ fn postgres_user() -> Result<(u32, u32), String> {
         .ok_or_else(|| "no postgres user in /etc/passwd".to_string())
 }
 
+/// Whether this process runs as root (`/proc/self` belongs to the
+/// effective user).
+pub fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// `cmd`, to run as `owner` when there is one.
+fn run_as(cmd: &mut Command, owner: Option<(u32, u32)>) -> &mut Command {
+    if let Some((uid, gid)) = owner {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
+}
+
+/// Hands a directory this test made to `owner`, when there is one (only
+/// under root: see the module's header).
+fn hand_over(dir: &Path, owner: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid)).expect("chown to postgres");
+    }
+}
+
 impl PgCluster {
     /// Starts a fresh cluster for `test`, or returns `None` after saying on
     /// the terminal that `test` was skipped because PostgreSQL is missing.
@@ -81,8 +107,15 @@ impl PgCluster {
     /// PostgreSQL is missing and [`REQUIRE_VAR`] is `1`, or the cluster does
     /// not start.
     pub fn start_or_skip(test: &str) -> Option<PgCluster> {
-        let found = binaries().and_then(|bin| Ok((bin, postgres_user()?)));
-        let (bin, (uid, gid)) = match found {
+        let found = binaries().and_then(|bin| {
+            let owner = if running_as_root() {
+                Some(postgres_user()?)
+            } else {
+                None
+            };
+            Ok((bin, owner))
+        });
+        let (bin, owner) = match found {
             Ok(found) => found,
             Err(why) => {
                 if std::env::var(REQUIRE_VAR).as_deref() == Ok("1") {
@@ -102,9 +135,9 @@ impl PgCluster {
             .prefix("lottery-pg-")
             .tempdir()
             .expect("temporary directory");
-        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown to postgres");
+        hand_over(dir.path(), owner);
         let data = dir.path().join("data");
-        let status = Command::new(bin.join("initdb"))
+        let status = run_as(&mut Command::new(bin.join("initdb")), owner)
             .args(["-D"])
             .arg(&data)
             .args([
@@ -117,8 +150,6 @@ impl PgCluster {
                 "--locale=C",
                 "--no-sync",
             ])
-            .uid(uid)
-            .gid(gid)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .output()
@@ -131,8 +162,7 @@ impl PgCluster {
         let mut cluster = PgCluster {
             dir,
             bin,
-            uid,
-            gid,
+            owner,
             port: 0,
             server: None,
             log: Arc::new(Mutex::new(Vec::new())),
@@ -159,7 +189,7 @@ impl PgCluster {
     /// Starts the server on [`PgCluster::port`] and waits until it accepts
     /// connections; false when it exited first (its port was taken).
     fn launch(&mut self) -> bool {
-        let mut child = Command::new(self.bin.join("postgres"))
+        let mut child = run_as(&mut Command::new(self.bin.join("postgres")), self.owner)
             .arg("-D")
             .arg(self.data())
             .args(["-p", &self.port.to_string(), "-k"])
@@ -176,8 +206,6 @@ impl PgCluster {
                 "-c",
                 "log_min_messages=warning",
             ])
-            .uid(self.uid)
-            .gid(self.gid)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -303,22 +331,22 @@ impl PgCluster {
             .prefix("lottery-pg-standby-")
             .tempdir()
             .expect("temporary directory");
-        std::os::unix::fs::chown(dir.path(), Some(self.uid), Some(self.gid))
-            .expect("chown to postgres");
+        hand_over(dir.path(), self.owner);
         let data = dir.path().join("data");
-        let out = Command::new(self.bin.join("pg_basebackup"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-R", "-X", "stream", "-h", "127.0.0.1", "-p"])
-            .arg(self.port.to_string())
-            // A fast checkpoint: the default spreads it over minutes.
-            .args(["-U", SUPERUSER, "--no-sync", "-c", "fast"])
-            .uid(self.uid)
-            .gid(self.gid)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .expect("run pg_basebackup");
+        let out = run_as(
+            &mut Command::new(self.bin.join("pg_basebackup")),
+            self.owner,
+        )
+        .arg("-D")
+        .arg(&data)
+        .args(["-R", "-X", "stream", "-h", "127.0.0.1", "-p"])
+        .arg(self.port.to_string())
+        // A fast checkpoint: the default spreads it over minutes.
+        .args(["-U", SUPERUSER, "--no-sync", "-c", "fast"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run pg_basebackup");
         assert!(
             out.status.success(),
             "pg_basebackup failed: {}",
@@ -339,8 +367,7 @@ impl PgCluster {
         let mut standby = PgCluster {
             dir,
             bin: self.bin.clone(),
-            uid: self.uid,
-            gid: self.gid,
+            owner: self.owner,
             port: 0,
             server: None,
             log: Arc::new(Mutex::new(Vec::new())),

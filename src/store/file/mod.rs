@@ -67,6 +67,15 @@ pub enum StorageError {
         /// What failed.
         reason: String,
     },
+    /// The storage URL lacks what the database asks for (a password): a
+    /// configuration error (exit code 2), not retried.
+    #[error("database {target}: {reason}")]
+    DatabaseConfig {
+        /// `host:port,…/dbname`.
+        target: String,
+        /// What is missing, and where to put it.
+        reason: String,
+    },
     /// The writer has stopped (the server is shutting down).
     #[error("the bets file is closed")]
     Closed,

@@ -125,6 +125,33 @@ pub(crate) struct ConnectError {
     /// A refused login (a wrong password, a missing database or role) will
     /// be refused again: the operator has to act.
     pub retry: bool,
+    /// The URL lacks what the database asks for (a password): a mistake in
+    /// the configuration, not in the database.
+    pub configuration: bool,
+}
+
+/// Why a connection was refused before the server was asked anything more:
+/// the database asks for something the URL does not give (a password), as
+/// an operator needs it said; `None` for any other failure.
+fn configuration_error(e: &tokio_postgres::Error) -> Option<String> {
+    // tokio-postgres's configuration errors have no kind to match on; their
+    // text starts with this.
+    if !e.to_string().starts_with("invalid configuration") {
+        return None;
+    }
+    let cause = std::error::Error::source(e).map(ToString::to_string);
+    if cause.as_deref() != Some("password missing") {
+        return Some(format!("{e}: {}", cause.unwrap_or_default()));
+    }
+    let pgpassword = if std::env::var_os("PGPASSWORD").is_some() {
+        " (PGPASSWORD is set, but this program reads neither it nor ~/.pgpass)"
+    } else {
+        " (this program reads neither PGPASSWORD nor ~/.pgpass)"
+    };
+    Some(format!(
+        "the database asks for a password and the storage URL gives none{pgpassword}: put it \
+         in the URL, postgres://USER:PASSWORD@HOST/DB or ?password=PASSWORD"
+    ))
 }
 
 impl From<ConnectError> for String {
@@ -153,9 +180,17 @@ fn worth_retrying(e: &tokio_postgres::Error) -> bool {
 /// Opens one connection to `target` and prepares it for `session`.
 pub(crate) async fn connect(target: &PgTarget, session: Session) -> Result<Client, ConnectError> {
     let config = client_config(target);
-    let failed = |e: tokio_postgres::Error| ConnectError {
-        retry: worth_retrying(&e),
-        reason: reason(e),
+    let failed = |e: tokio_postgres::Error| match configuration_error(&e) {
+        Some(reason) => ConnectError {
+            retry: false,
+            configuration: true,
+            reason,
+        },
+        None => ConnectError {
+            retry: worth_retrying(&e),
+            configuration: false,
+            reason: reason(e),
+        },
     };
     let (client, connection) = config.connect(NoTls).await.map_err(failed)?;
     let shown = target.to_string();
@@ -223,7 +258,15 @@ impl PostgresStore {
             target: where_(target),
             reason,
         };
-        let mut client = reach(target, session, patience).await.map_err(fail)?;
+        let mut client = reach(target, session, patience)
+            .await
+            .map_err(|e| match e {
+                Unreached::Configuration(reason) => StorageError::DatabaseConfig {
+                    target: where_(target),
+                    reason,
+                },
+                Unreached::Failed(reason) => fail(reason),
+            })?;
         let migrated = schema::migrate(&mut client).await.map_err(fail)?;
         info!(
             action = action::DATABASE_SCHEMA,
@@ -473,7 +516,19 @@ fn where_(target: &PgTarget) -> String {
 /// Connects, retrying with doubling waits until `patience` runs out; logs
 /// each failed attempt as `in_progress` so an operator sees what it waits
 /// for. A refused login is not retried.
-async fn reach(target: &PgTarget, session: Session, patience: Duration) -> Result<Client, String> {
+/// Why [`reach`] gave up.
+enum Unreached {
+    /// The configuration lacks what the database asks for.
+    Configuration(String),
+    /// Refused, or unreachable for the whole patience.
+    Failed(String),
+}
+
+async fn reach(
+    target: &PgTarget,
+    session: Session,
+    patience: Duration,
+) -> Result<Client, Unreached> {
     let deadline = Instant::now() + patience;
     let mut backoff = FIRST_BACKOFF;
     let mut attempt = 1u32;
@@ -488,7 +543,11 @@ async fn reach(target: &PgTarget, session: Session, patience: Duration) -> Resul
                 );
                 return Ok(client);
             }
-            Err(ConnectError { reason: why, retry }) => {
+            Err(ConnectError {
+                reason: why,
+                retry,
+                configuration,
+            }) => {
                 let now = Instant::now();
                 if !retry {
                     error!(
@@ -498,7 +557,10 @@ async fn reach(target: &PgTarget, session: Session, patience: Duration) -> Resul
                         attempt,
                         error = why.as_str()
                     );
-                    return Err(format!("refused the connection: {why}"));
+                    if configuration {
+                        return Err(Unreached::Configuration(why));
+                    }
+                    return Err(Unreached::Failed(format!("refused the connection: {why}")));
                 }
                 if now >= deadline {
                     error!(
@@ -508,10 +570,10 @@ async fn reach(target: &PgTarget, session: Session, patience: Duration) -> Resul
                         attempt,
                         error = why.as_str()
                     );
-                    return Err(format!(
+                    return Err(Unreached::Failed(format!(
                         "unreachable for {} s ({attempt} attempts): {why}",
                         patience.as_secs()
-                    ));
+                    )));
                 }
                 let wait = backoff.min(deadline - now);
                 warn!(
@@ -533,6 +595,10 @@ async fn reach(target: &PgTarget, session: Session, patience: Duration) -> Resul
 impl Store for PostgresStore {
     fn describe(&self) -> String {
         self.target.to_string()
+    }
+
+    fn close_action(&self) -> &'static str {
+        action::CLOSE_DATABASE
     }
 
     fn submit<'a>(
