@@ -226,6 +226,11 @@ fn start_server(
         "SERVER_MAX_CONNECTIONS",
         (opts.agencies as usize + 64).to_string(),
     )
+    // Every agency connects from loopback, all at once.
+    .env(
+        "SERVER_MAX_UNAUTHENTICATED_PER_ADDRESS",
+        (opts.agencies as usize + 64).to_string(),
+    )
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());

@@ -105,6 +105,8 @@ pub async fn run(
         winning_number: opts.winning_number,
         sync: opts.sync,
         draw_record,
+        // Every agency connects from loopback, all at once.
+        max_unauthenticated_per_address: (opts.agencies as usize).max(32),
         ..ServerConfig::default()
     };
     let listener = server::bind_addr(
