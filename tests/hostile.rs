@@ -1193,8 +1193,12 @@ fn a_silent_stranger_has_only_the_auth_timeout() {
             ("SERVER_AUTH_TIMEOUT", "1".into()),
         ],
     );
-    // idle_timeout (120 s) is for agencies; a connection that never says
-    // HELLO is closed after auth_timeout.
+    // An agency that authenticated first...
+    let mut agency = Raw::connect(&server.address());
+    agency.send(format!("ACTION:HELLO|AGENCY_ID:2|SECRET:{SECRET_2}\n").as_bytes());
+    assert!(agency.recv().unwrap().starts_with("STATUS:SUCCESS|"));
+    // ... and a connection that never says HELLO: idle_timeout (120 s) is
+    // for agencies, a stranger is closed after auth_timeout.
     let mut raw = Raw::connect(&server.address());
     let started = std::time::Instant::now();
     let reply = raw.recv().expect("a timeout reply");
@@ -1211,6 +1215,8 @@ fn a_silent_stranger_has_only_the_auth_timeout() {
     // The first of its address in full.
     let line = server.proc.wait_for("not authenticated in time");
     assert!(line.contains("code: TIMEOUT"), "{line}");
+    // The agency, connected longer than that, is still served.
+    agency.expect_open("20000001");
 }
 
 #[test]

@@ -214,9 +214,11 @@ impl Handler {
         self.vouched || self.settings.guard.broken(self.peer.ip(), how, Now::now())
     }
 
-    /// When a stranger's time to authenticate is up.
+    /// When a stranger's time to authenticate is up: `auth_timeout` after
+    /// its accept.
     fn auth_deadline(&self) -> Instant {
-        self.opened + self.settings.auth_timeout
+        let accepted = self.pass.as_ref().map_or(self.opened, Pass::since);
+        accepted + self.settings.auth_timeout
     }
 
     /// In-flight batches, for the read loop's limit.

@@ -1,6 +1,6 @@
 //! The accept loop: binds the port, fits the connection limit to the
-//! open-files limit and enforces it, completes the TLS handshake, and spawns
-//! one tracked [`Handler`] task per connection.
+//! open-files limit and enforces it and the caps on strangers, completes the
+//! TLS handshake, and spawns one tracked [`Handler`] task per connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

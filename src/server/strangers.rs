@@ -136,6 +136,7 @@ impl Strangers {
             id,
             evicted,
             made_room,
+            since: std::time::Instant::now(),
         })
     }
 
@@ -155,6 +156,9 @@ pub struct Pass {
     evicted: CancellationToken,
     /// Another stranger was closed to admit this one.
     made_room: bool,
+    /// When it was admitted (accepted): its time to authenticate runs
+    /// from here, TLS handshake included.
+    since: std::time::Instant,
 }
 
 impl Pass {
@@ -162,6 +166,11 @@ impl Pass {
     /// connection slot is about to be free).
     pub fn made_room(&self) -> bool {
         self.made_room
+    }
+
+    /// When the connection was accepted.
+    pub fn since(&self) -> std::time::Instant {
+        self.since
     }
 
     /// Cancelled when a newcomer took this place: the connection is to
