@@ -115,6 +115,8 @@ pub struct Strike {
     /// The secret came while its address (or every address) was
     /// throttled: answer it late.
     pub throttled: bool,
+    /// Throttled only because every address is.
+    pub by_total: bool,
     /// A summary line due now, if any.
     pub report: Option<Report>,
     /// This strike throttled every address, for so long: worth a line.
@@ -287,7 +289,9 @@ impl Guard {
     /// counted as throttled and is to be answered late.
     pub fn wrong_secret(&self, ip: IpAddr, now: Instant) -> Strike {
         self.with_peer(ip, now, |peer, total| {
-            let throttled = peer.locked_for(now).is_some() || total.locked_for(now).is_some();
+            let own = peer.locked_for(now).is_some();
+            let by_total = !own && total.locked_for(now).is_some();
+            let throttled = own || by_total;
             let mut all_throttled = None;
             if throttled {
                 peer.pending.throttled += 1;
@@ -298,6 +302,7 @@ impl Guard {
             }
             Strike {
                 throttled,
+                by_total,
                 report: peer.report_if_due(ip, now),
                 all_throttled,
             }
@@ -306,7 +311,8 @@ impl Guard {
 
     /// How long wrong secrets from `ip` stay throttled (its own throttle
     /// or every address's, whichever ends later); `None` when they are not.
-    pub fn throttled_for(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+    #[cfg(test)]
+    fn throttled_for(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
         let book = self.book.lock().expect("guard lock");
         let own = book.peers.get(&ip).and_then(|p| p.locked_for(now));
         own.max(book.total.locked_for(now))
@@ -515,7 +521,8 @@ mod tests {
             guard.throttled_for(fresh, Instant::now()),
             Some(FIRST_LOCKOUT)
         );
-        assert!(guard.wrong_secret(fresh, Instant::now()).throttled);
+        let strike = guard.wrong_secret(fresh, Instant::now());
+        assert!(strike.throttled && strike.by_total, "{strike:?}");
         tokio::time::advance(FIRST_LOCKOUT).await;
         assert_eq!(guard.throttled_for(fresh, Instant::now()), None);
     }

@@ -485,13 +485,13 @@ impl Handler {
                 _ = shutdown.cancelled() => {}
                 _ = tokio::time::sleep_until(self.auth_deadline().into()) => {}
             }
+            let from = if strike.by_total {
+                "many addresses".to_string()
+            } else {
+                ip.to_string()
+            };
             reason.push_str(&format!(
-                " (answered late: too many wrong secrets from {ip}{})",
-                if self.settings.guard.throttled_for(ip, Now::now()).is_some() {
-                    ""
-                } else {
-                    " or from everywhere"
-                }
+                " (answered late: too many wrong secrets from {from})"
             ));
         }
         self.reply_error(ErrorCode::Unauthenticated, reason).await?;
