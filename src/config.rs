@@ -160,6 +160,15 @@ settings! {
         /// Waiting for the draw does not count: then the central is the one
         /// who owes an answer.
         idle_timeout: u64 = 120, env "SERVER_IDLE_TIMEOUT", min 1;
+        /// Seconds a new connection has to authenticate (`HELLO` with its
+        /// secret; where authentication is off, its first valid request)
+        /// before it is closed. Short: only strangers ever need long.
+        auth_timeout: u64 = 10, env "SERVER_AUTH_TIMEOUT", min 1;
+        /// Most connections from one IP address that have not authenticated
+        /// yet; more from it are refused with `SERVER_BUSY`. Agencies behind
+        /// one address (a NAT) need one each only while they connect.
+        max_unauthenticated_per_address: usize = 32,
+            env "SERVER_MAX_UNAUTHENTICATED_PER_ADDRESS", min 1;
         /// Seconds shutdown waits for connections to finish what they
         /// started; the store then has 2 s more to close, so the central
         /// exits within this plus 3 s of the signal.
@@ -824,8 +833,9 @@ impl ServerConfig {
     ///
     /// # Errors
     /// The file cannot be read, a key is neither an agency id nor
-    /// `operator`, a secret is empty, or a configured agency has no secret
-    /// while others have one (the error names it).
+    /// `operator`, a secret is empty, a configured agency has no secret
+    /// while others have one, or a secret is too weak (see
+    /// [`secret_strength`]); the error names whose.
     pub fn load_secrets(&self) -> Result<Secrets, ConfigError> {
         let secrets = self.read_secrets()?;
         let open = self.agencies_without_secret(&secrets);
@@ -842,6 +852,26 @@ impl ServerConfig {
                     list(&open),
                     self.agencies
                 ),
+            });
+        }
+        let weak = secrets
+            .agencies
+            .iter()
+            .map(|(id, secret)| (format!("agency {id}"), id.to_string(), secret))
+            .chain(
+                secrets
+                    .operator
+                    .iter()
+                    .map(|secret| ("the operator".to_string(), OPERATOR_KEY.to_string(), secret)),
+            )
+            .find_map(|(who, key, secret)| {
+                secret_strength(secret).err().map(|why| (who, key, why))
+            });
+        if let Some((who, key, why)) = weak {
+            return Err(ConfigError::WeakSecret {
+                key: format!("server.secrets.{key}"),
+                who,
+                why,
             });
         }
         Ok(secrets)
@@ -929,6 +959,11 @@ impl ServerConfig {
         std::time::Duration::from_secs(self.idle_timeout)
     }
 
+    /// [`ServerConfig::auth_timeout`] as a duration.
+    pub fn auth_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.auth_timeout)
+    }
+
     /// [`ServerConfig::shutdown_grace`] as a duration.
     pub fn shutdown_deadline(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.shutdown_grace)
@@ -991,6 +1026,71 @@ fn secret_key(key: &str) -> Option<SecretKey> {
         Ok(0) | Err(_) => None,
         Ok(agency) => Some(SecretKey::Agency(agency)),
     }
+}
+
+/// Least strength of a secret, in bits.
+pub const MIN_SECRET_BITS: u32 = 128;
+
+/// Fewest different characters in a secret: a random one of any accepted
+/// length has many more; "aaaa…" or "abab…" have fewer.
+pub const MIN_SECRET_DISTINCT: usize = 8;
+
+/// The strength of a secret, in bits: its length in characters times the
+/// bits of one character of the smallest alphabet that holds all of them
+/// (digits 3.3, hex digits of one case 4, letters of one case and digits
+/// 5.2, letters and digits 5.9, those and `+/=_-` 6, printable ASCII 6.6,
+/// and 6.6 for any other character). It is what a secret drawn at random
+/// from that alphabet would have, so it is an upper bound: it refuses what
+/// is surely weak (short, or made of few characters) and leaves randomness
+/// to whoever makes the secret (`lottery secrets` writes 64 hex digits,
+/// 256 bits).
+///
+/// # Errors
+/// Weaker than [`MIN_SECRET_BITS`], or fewer than [`MIN_SECRET_DISTINCT`]
+/// different characters: why, and what is accepted.
+pub fn secret_strength(secret: &str) -> Result<u32, String> {
+    let all = |f: fn(char) -> bool| secret.chars().all(f);
+    let alphabet: u32 = if all(|c| c.is_ascii_digit()) {
+        10
+    } else if all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+        || all(|c| c.is_ascii_digit() || ('A'..='F').contains(&c))
+    {
+        16
+    } else if all(|c| c.is_ascii_digit() || c.is_ascii_lowercase())
+        || all(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
+    {
+        36
+    } else if all(|c| c.is_ascii_alphanumeric()) {
+        62
+    } else if all(|c| c.is_ascii_alphanumeric() || "+/=_-".contains(c)) {
+        64
+    } else {
+        95
+    };
+    let chars = secret.chars().count();
+    let bits = (chars as f64 * f64::from(alphabet).log2()) as u32;
+    let distinct = secret
+        .chars()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    let accepted = format!(
+        "a secret needs at least {MIN_SECRET_BITS} bits: 32 hex digits, 22 letters and \
+         digits, or 20 printable characters, drawn at random (`lottery secrets` writes \
+         256-bit ones)"
+    );
+    if bits < MIN_SECRET_BITS {
+        return Err(format!(
+            "too weak: {chars} characters of a {alphabet}-character alphabet are at most \
+             {bits} bits; {accepted}"
+        ));
+    }
+    if distinct < MIN_SECRET_DISTINCT {
+        return Err(format!(
+            "too weak: only {distinct} different characters (a random secret has many \
+             more); {accepted}"
+        ));
+    }
+    Ok(bits)
 }
 
 /// `1, 2, 5` for messages.
@@ -1111,6 +1211,17 @@ pub enum ConfigError {
         path: PathBuf,
         /// The parser's message, which names the key and line.
         message: String,
+    },
+    /// A configured secret is too weak to stand guessing (see
+    /// [`secret_strength`]). The secret itself is never shown.
+    #[error("{key}: the secret of {who} is {why}")]
+    WeakSecret {
+        /// `server.secrets.N`.
+        key: String,
+        /// `agency N`, or `the operator`.
+        who: String,
+        /// What is wrong, and what is accepted.
+        why: String,
     },
     /// A value (from any source) is out of range or unreadable.
     #[error("invalid {key} = {value:?}: {reason}")]
@@ -1505,7 +1616,9 @@ mod tests {
 
     #[test]
     fn an_agency_without_a_secret_among_others_is_named() {
-        let f = file("1 = \"uno\"\n3 = \"tres\"\noperator = \"op\"\n");
+        let f = file(&format!(
+            "1 = \"{STRONG}1\"\n3 = \"{STRONG}3\"\noperator = \"{STRONG}op\"\n"
+        ));
         let server = ServerConfig {
             agencies: 4,
             secrets_file: f.path().to_path_buf(),
@@ -1520,7 +1633,7 @@ mod tests {
         assert!(e.contains("without one: 2, 4"), "{e}");
         // What operator tools read needs no completeness.
         let read = server.read_secrets().unwrap();
-        assert_eq!(read.operator.as_deref(), Some("op"));
+        assert_eq!(read.operator, Some(format!("{STRONG}op")));
         assert_eq!(read.agencies.len(), 2);
         // Every configured agency has one: fine, extra ids too.
         let server = ServerConfig {
@@ -1530,6 +1643,75 @@ mod tests {
         let secrets = server.load_secrets().unwrap();
         assert!(secrets.required());
         assert!(server.agencies_without_secret(&secrets).is_empty());
+    }
+
+    /// 32 random hex digits: 128 bits, the least accepted.
+    const STRONG: &str = "3f9a0c71d2e84b6a95c0e1f7a2b3d4c5";
+
+    #[test]
+    fn a_secret_is_as_strong_as_its_length_over_its_alphabet() {
+        let bits = |s: &str| secret_strength(s);
+        assert_eq!(bits(STRONG), Ok(128), "32 hex digits");
+        assert_eq!(bits(&STRONG.to_uppercase()), Ok(128));
+        assert!(bits(&STRONG[1..]).is_err(), "31 hex digits: 124 bits");
+        assert_eq!(bits(&crate::tools::launch::new_secret()), Ok(256));
+        assert!(
+            bits("Kq3ZtR8wPx2LmN7vBy4Hc").is_err(),
+            "21 letters and digits: 125 bits"
+        );
+        assert_eq!(
+            bits("Kq3ZtR8wPx2LmN7vBy4HcJ"),
+            Ok(130),
+            "22 letters and digits"
+        );
+        assert_eq!(
+            bits("k!3Z~R8w;x2L m7v#y4("),
+            Ok(131),
+            "20 printable characters"
+        );
+        assert!(
+            bits("12345678901234567890123456789012345678").is_err(),
+            "38 digits"
+        );
+        assert!(bits("dos-secreto").unwrap_err().contains("at most 66 bits"));
+        let repeated = "ab".repeat(40);
+        let e = bits(&repeated).unwrap_err();
+        assert!(e.contains("only 2 different characters"), "{e}");
+        assert!(e.contains("lottery secrets"), "{e}");
+    }
+
+    #[test]
+    fn a_weak_secret_is_refused_naming_whose_it_is() {
+        for (text, key, who) in [
+            (
+                format!("1 = \"{STRONG}\"\n2 = \"dos-secreto\"\n"),
+                "server.secrets.2",
+                "agency 2",
+            ),
+            (
+                format!("1 = \"{STRONG}\"\n2 = \"{STRONG}\"\noperator = \"operador\"\n"),
+                "server.secrets.operator",
+                "the operator",
+            ),
+        ] {
+            let f = file(&text);
+            let server = ServerConfig {
+                agencies: 2,
+                secrets_file: f.path().to_path_buf(),
+                ..ServerConfig::default()
+            };
+            let e = server.load_secrets().unwrap_err();
+            assert!(matches!(e, ConfigError::WeakSecret { .. }), "{e}");
+            let e = e.to_string();
+            assert!(
+                e.starts_with(&format!("{key}: the secret of {who} is too weak")),
+                "{e}"
+            );
+            assert!(
+                !e.contains("secreto") && !e.contains("operador"),
+                "never shown: {e}"
+            );
+        }
     }
 
     #[test]

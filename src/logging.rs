@@ -66,6 +66,9 @@ pub mod action {
     /// Failed or refused authentications of one peer address, in summary:
     /// at most one line per peer per interval, with counts.
     pub const AUTH_FAILURES: &str = "auth_failures";
+    /// Wrong secrets from all addresses together reached the limit: every
+    /// address's wrong secrets are answered late for a while (WARN).
+    pub const AUTH_THROTTLE: &str = "auth_throttle";
     /// The listening socket was closed.
     pub const CLOSE_LISTENER: &str = "close_listener";
     /// A connection sat idle past the idle timeout and was closed.

@@ -856,10 +856,56 @@ fn peak_rss_kib(pid: u32) -> u64 {
 
 // --- Authentication and TLS ---------------------------------------------------
 
+/// Agency 1's secret in [`secrets_file`]: random, as `lottery secrets`
+/// writes them (a weaker one is refused at start).
+const SECRET_1: &str = "9c1e5a7f3b2d48e6a0f1c3b5d7e9a2c4b6d8f0e1a3c5e7f9b1d3f5a7c9e0b2d4";
+/// Agency 2's.
+const SECRET_2: &str = "4d2b8f6e1a3c5e7f9b0d2f4a6c8e1b3d5f7a9c0e2b4d6f8a1c3e5b7d9f0a2c4e";
+/// The operator's.
+const SECRET_OPERATOR: &str = "e7a1c3f5b9d2e4a6c8f0b1d3e5a7c9f2b4d6e8a0c2f4b6d8e1a3c5f7b9d0e2a4";
+
 fn secrets_file(dir: &std::path::Path) -> PathBuf {
     let path = dir.join("secrets.toml");
-    std::fs::write(&path, "1 = \"uno-secreto\"\n2 = \"dos-secreto\"\n").unwrap();
+    std::fs::write(&path, format!("1 = \"{SECRET_1}\"\n2 = \"{SECRET_2}\"\n")).unwrap();
     path
+}
+
+/// A connection to the central at `port` from `source`, another loopback
+/// address (127.0.0.0/8 is all loopback), as if from another host.
+fn connect_from(source: &str, port: u16) -> Raw {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let runtime = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap()
+    });
+    let stream = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        let address = format!("127.0.0.1:{port}").parse().unwrap();
+        socket.connect(address).await.unwrap().into_std().unwrap()
+    });
+    stream.set_nonblocking(false).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    Raw { stream }
+}
+
+/// The sum of `key` over the server's `auth_failures` lines for `peer`
+/// (an IP address, or "" for every one).
+fn summed(server: &Server, peer: &str, key: &str) -> u64 {
+    server
+        .proc
+        .lines()
+        .iter()
+        .filter(|l| l.contains("action: auth_failures") && l.contains(&format!("peer: {peer}")))
+        .map(|l| {
+            l.split(" | ")
+                .find_map(|f| f.strip_prefix(key))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {key} in {l}"))
+        })
+        .sum()
 }
 
 #[test]
@@ -868,7 +914,7 @@ fn secrets_keep_out_whoever_lacks_them() {
     let secrets = secrets_file(dir.path());
     let sc = Scenario::start_with(
         &[("SERVER_SECRETS_FILE", secrets.display().to_string())],
-        &[("CLI_SECRET", "uno-secreto".into())],
+        &[("CLI_SECRET", SECRET_1.into())],
     );
     // No HELLO: no bets, no announcement, no probe, and no answer of its
     // own for a malformed or unknown message either: UNAUTHENTICATED, and
@@ -897,7 +943,7 @@ fn secrets_keep_out_whoever_lacks_them() {
     assert!(line.contains("WARN "), "{line}");
     assert!(line.contains("unauthenticated: 1"), "{line}");
     // A wrong secret, and another agency's secret.
-    for secret in ["adivina", "uno-secreto"] {
+    for secret in ["adivina", SECRET_1] {
         let mut raw = sc.connect();
         let reply = raw.expect_error(
             format!("ACTION:HELLO|AGENCY_ID:2|SECRET:{secret}\n").as_bytes(),
@@ -911,7 +957,7 @@ fn secrets_keep_out_whoever_lacks_them() {
     }
     // The right one (two strikes: not locked out yet).
     let mut raw = sc.connect();
-    raw.send(b"ACTION:HELLO|AGENCY_ID:2|SECRET:dos-secreto\n");
+    raw.send(format!("ACTION:HELLO|AGENCY_ID:2|SECRET:{SECRET_2}\n").as_bytes());
     assert!(raw.recv().unwrap().starts_with("STATUS:SUCCESS|"));
     raw.expect_open("20000001");
     sc.finish(&mut raw, &["20000001"]);
@@ -999,95 +1045,148 @@ fn a_stranger_can_neither_finish_an_agency_nor_read_its_winners() {
     assert!(!server.proc.output().contains("AGENCY_FINISHED"));
 }
 
+/// A wrong guess for agency 1 from `raw`, connected at `started`: its
+/// reply, and how long it took since.
+fn guess(mut raw: Raw, i: usize, started: std::time::Instant) -> (String, Duration) {
+    raw.send(format!("ACTION:HELLO|AGENCY_ID:1|SECRET:guess-{i}\n").as_bytes());
+    let reply = raw.recv().expect("every guess is answered");
+    let took = started.elapsed();
+    raw.expect_closed();
+    (reply, took)
+}
+
+const WRONG: &str =
+    "STATUS:ERROR|CODE:UNAUTHENTICATED|MESSAGE:wrong or missing SECRET for agency 1";
+
 #[test]
 fn guessing_secrets_is_throttled_and_logged_in_summary() {
     let dir = tempfile::tempdir().unwrap();
     let secrets = secrets_file(dir.path());
     let server = start_server(
         dir.path(),
-        &[("SERVER_SECRETS_FILE", secrets.display().to_string())],
+        &[
+            ("SERVER_SECRETS_FILE", secrets.display().to_string()),
+            ("SERVER_AUTH_TIMEOUT", "1".into()),
+        ],
     );
-    // The issue measured 8,700 guesses a second, each its own log line.
-    const ATTEMPTS: usize = 300;
-    let (mut wrong, mut throttled) = (0, 0);
-    for i in 0..ATTEMPTS {
-        let mut raw = Raw::connect(&server.address());
-        raw.send(format!("ACTION:HELLO|AGENCY_ID:1|SECRET:guess-{i}\n").as_bytes());
-        let reply = raw.recv().expect("every attempt is answered");
-        if reply.starts_with("STATUS:ERROR|CODE:UNAUTHENTICATED|MESSAGE:wrong or missing SECRET") {
-            wrong += 1;
-        } else if reply
-            .starts_with("STATUS:ERROR|CODE:AUTH_THROTTLED|MESSAGE:too many wrong secrets")
-        {
-            throttled += 1;
-        } else {
-            panic!("attempt {i}: {reply:?}");
-        }
-        raw.expect_closed();
+    // The first three wrong guesses from an address are answered at once.
+    for i in 0..3 {
+        let (reply, _) = guess(
+            Raw::connect(&server.address()),
+            i,
+            std::time::Instant::now(),
+        );
+        assert_eq!(reply, format!("{WRONG}\n"));
     }
-    // Three guesses were checked; every later one was refused unread (the
-    // first lockout, 10 s, outlasts this loop by far).
-    assert_eq!((wrong, throttled), (3, ATTEMPTS - 3));
-    // So is the right secret, until the lockout ends.
+    // Then the address is throttled: each wrong guess is still answered
+    // UNAUTHENTICATED, but only when its connection's time to authenticate
+    // (1 s here) is up, so a guesser holds one of its address's few places
+    // among the strangers for each guess.
+    const THROTTLED: usize = 30;
+    let guesses: Vec<_> = (0..THROTTLED)
+        .map(|i| {
+            let started = std::time::Instant::now();
+            let raw = Raw::connect(&server.address());
+            std::thread::spawn(move || guess(raw, 3 + i, started))
+        })
+        .collect();
+    for handle in guesses {
+        let (reply, took) = handle.join().unwrap();
+        assert!(
+            reply.starts_with(&format!(
+                "{WRONG} (answered late: too many wrong secrets from 127.0.0.1)"
+            )),
+            "{reply}"
+        );
+        assert!(took >= Duration::from_secs(1), "answered after {took:?}");
+    }
+    // The right secret still gets in, from the same address, at once.
     let mut raw = Raw::connect(&server.address());
-    raw.expect_error(
-        b"ACTION:HELLO|AGENCY_ID:1|SECRET:uno-secreto\n",
-        "AUTH_THROTTLED",
-    );
-    raw.expect_closed();
-    // Another address is not locked out (127.0.0.2 is loopback too).
-    let other = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-        let address = format!("127.0.0.1:{}", server.port).parse().unwrap();
-        socket.connect(address).await.unwrap().into_std().unwrap()
-    });
-    other.set_nonblocking(false).unwrap();
-    other.set_read_timeout(Some(PATIENCE)).unwrap();
-    let mut raw = Raw { stream: other };
-    raw.send(b"ACTION:HELLO|AGENCY_ID:1|SECRET:uno-secreto\n");
+    raw.send(format!("ACTION:HELLO|AGENCY_ID:1|SECRET:{SECRET_1}\n").as_bytes());
     assert!(raw.recv().unwrap().starts_with("STATUS:SUCCESS|"));
     drop(raw);
     // The log: a few summary lines with counts, never one per attempt.
     server.proc.signal(Signal::SIGTERM);
     assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
-    let lines: Vec<String> = server
-        .proc
-        .lines()
-        .into_iter()
+    let lines = server.proc.lines();
+    let summaries = lines
+        .iter()
         .filter(|l| l.contains("action: auth_failures"))
-        .collect();
+        .count();
     assert!(
-        (1..=3).contains(&lines.len()),
+        (1..=3).contains(&summaries),
         "one line per interval and one at shutdown: {lines:#?}"
     );
-    let count = |key: &str| -> usize {
-        lines
-            .iter()
-            .map(|l| {
-                l.split(" | ")
-                    .find_map(|f| f.strip_prefix(key))
-                    .and_then(|v| v.parse::<usize>().ok())
-                    .unwrap_or_else(|| panic!("no {key} in {l}"))
-            })
-            .sum()
-    };
-    assert_eq!(count("wrong_secret: "), 3);
-    assert_eq!(count("locked_out: "), ATTEMPTS - 3 + 1);
-    let refusals = server
-        .proc
-        .lines()
-        .into_iter()
+    assert_eq!(summed(&server, "127.0.0.1 ", "wrong_secret: "), 3);
+    assert_eq!(
+        summed(&server, "127.0.0.1 ", "throttled: "),
+        THROTTLED as u64
+    );
+    let refusals = lines
+        .iter()
         .filter(|l| l.contains("UNAUTHENTICATED") || l.contains("AUTH_THROTTLED"))
         .count();
     assert_eq!(refusals, 0, "no line per refused attempt");
     // Nor any other line per attempt (a closed connection, say): the
-    // whole log of 300 attempts is a few lines.
-    assert!(server.proc.lines().len() < 20, "{}", server.proc.output());
+    // whole log of 33 attempts is a few lines.
+    assert!(lines.len() < 20, "{}", server.proc.output());
 }
 
 #[test]
-fn an_honest_agency_behind_a_locked_out_address_gets_in_once_the_lockout_ends() {
+fn a_guesser_spread_over_many_addresses_is_slowed_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = secrets_file(dir.path());
+    let server = start_server(
+        dir.path(),
+        &[
+            ("SERVER_SECRETS_FILE", secrets.display().to_string()),
+            ("SERVER_AUTH_TIMEOUT", "1".into()),
+        ],
+    );
+    // Two guesses from each of ten addresses: none is throttled on its
+    // own (that takes three), but twenty wrong secrets in all throttle
+    // every address.
+    for host in 2..12 {
+        for i in 0..2 {
+            let raw = connect_from(&format!("127.0.0.{host}"), server.port);
+            let (reply, _) = guess(raw, i, std::time::Instant::now());
+            assert_eq!(reply, format!("{WRONG}\n"), "127.0.0.{host}");
+        }
+    }
+    let line = server.proc.wait_for("action: auth_throttle");
+    assert!(line.contains("WARN "), "{line}");
+    assert!(line.contains("scope: all_addresses"), "{line}");
+    assert!(line.contains("throttled_for_secs: 10"), "{line}");
+    // A first guess from yet other addresses is now answered late.
+    let guesses: Vec<_> = (12..22)
+        .map(|host| {
+            let started = std::time::Instant::now();
+            let raw = connect_from(&format!("127.0.0.{host}"), server.port);
+            std::thread::spawn(move || guess(raw, 0, started))
+        })
+        .collect();
+    for handle in guesses {
+        let (reply, took) = handle.join().unwrap();
+        assert!(reply.starts_with(WRONG), "{reply}");
+        assert!(
+            reply.ends_with("(answered late: too many wrong secrets from many addresses)\n"),
+            "{reply}"
+        );
+        assert!(took >= Duration::from_secs(1), "answered after {took:?}");
+    }
+    // The right secret gets in at once, from anywhere.
+    let mut raw = connect_from("127.0.0.22", server.port);
+    raw.send(format!("ACTION:HELLO|AGENCY_ID:1|SECRET:{SECRET_1}\n").as_bytes());
+    assert!(raw.recv().unwrap().starts_with("STATUS:SUCCESS|"));
+    drop(raw);
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+    assert_eq!(summed(&server, "", "wrong_secret: "), 20);
+    assert_eq!(summed(&server, "", "throttled: "), 10);
+}
+
+#[test]
+fn an_honest_agency_behind_a_throttled_address_gets_in_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let secrets = secrets_file(dir.path());
     let server = start_server_for(
@@ -1107,15 +1206,225 @@ fn an_honest_agency_behind_a_locked_out_address_gets_in_once_the_lockout_ends() 
     std::fs::write(&data, "Ana,Pérez,30904465,1999-03-17,7574\n").unwrap();
     let winners = dir.path().join("winners-1.txt");
     let mut cmd = agency_command(1, &server.address(), &data, &winners);
-    cmd.env("CLI_SECRET", "uno-secreto");
+    cmd.env("CLI_SECRET", SECRET_1);
     let agency = Proc::spawn(cmd);
-    // Refused unread while the lockout lasts, it retries rather than give up...
-    let line = agency.wait_for("action: reconnect | result: in_progress");
-    assert!(line.contains("AUTH_THROTTLED"), "{line}");
-    // ... and gets in once the lockout (10 s) is over.
-    let status = agency.wait_exit(PATIENCE);
+    // Its right secret is compared and let in: no lockout to wait out
+    // (10 s), no reconnecting.
+    let status = agency.wait_exit(Duration::from_secs(8));
     assert!(status.success(), "{}\n{}", agency.output(), agency.stderr());
+    assert!(
+        !agency.output().contains("action: reconnect"),
+        "{}",
+        agency.output()
+    );
     assert_eq!(read_winners(&winners), ["30904465"]);
+}
+
+#[test]
+fn a_weak_secret_is_refused_at_start_naming_the_agency() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets.toml");
+    std::fs::write(
+        &secrets,
+        format!("1 = \"{SECRET_1}\"\n2 = \"dos-secreto\"\n"),
+    )
+    .unwrap();
+    let mut cmd = lottery();
+    cmd.arg("server")
+        .env("SERVER_PORT", "0")
+        .env("SERVER_AGENCIES", "2")
+        .env("SERVER_STORAGE", dir.path().join("bets.csv"))
+        .env("SERVER_SECRETS_FILE", &secrets);
+    let server = Proc::spawn(cmd);
+    assert_eq!(
+        server.wait_exit(STEP).code(),
+        Some(2),
+        "{}",
+        server.output()
+    );
+    let err = server.stderr();
+    assert!(
+        err.contains("server.secrets.2: the secret of agency 2 is too weak"),
+        "{err}"
+    );
+    assert!(err.contains("at least 128 bits"), "{err}");
+    assert!(
+        !err.contains("dos-secreto"),
+        "the secret is never shown: {err}"
+    );
+    assert!(!dir.path().join("bets.csv").exists(), "nothing was opened");
+}
+
+#[test]
+fn a_silent_stranger_has_only_the_auth_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = secrets_file(dir.path());
+    let server = start_server(
+        dir.path(),
+        &[
+            ("SERVER_SECRETS_FILE", secrets.display().to_string()),
+            ("SERVER_AUTH_TIMEOUT", "1".into()),
+        ],
+    );
+    // An agency that authenticated first...
+    let mut agency = Raw::connect(&server.address());
+    agency.send(format!("ACTION:HELLO|AGENCY_ID:2|SECRET:{SECRET_2}\n").as_bytes());
+    assert!(agency.recv().unwrap().starts_with("STATUS:SUCCESS|"));
+    // ... and a connection that never says HELLO: idle_timeout (120 s) is
+    // for agencies, a stranger is closed after auth_timeout.
+    let mut raw = Raw::connect(&server.address());
+    let started = std::time::Instant::now();
+    let reply = raw.recv().expect("a timeout reply");
+    assert_eq!(
+        reply,
+        "STATUS:ERROR|CODE:TIMEOUT|MESSAGE:not authenticated in time (1s)\n"
+    );
+    raw.expect_closed();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // The first of its address in full.
+    let line = server.proc.wait_for("not authenticated in time");
+    assert!(line.contains("code: TIMEOUT"), "{line}");
+    // The agency, connected longer than that, is still served.
+    agency.expect_open("20000001");
+}
+
+#[test]
+fn strangers_from_a_few_addresses_cannot_shut_an_honest_agency_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = compose_secrets(dir.path(), 1);
+    const MAX_CONNECTIONS: u64 = 64;
+    let server = start_server_for(
+        dir.path(),
+        1,
+        &[
+            (
+                "SERVER_SECRETS_FILE",
+                secrets.join("central.toml").display().to_string(),
+            ),
+            ("SERVER_MAX_CONNECTIONS", MAX_CONNECTIONS.to_string()),
+            ("SERVER_LISTEN_BACKLOG", "1024".into()),
+            // No stranger times out during the test: they hold what they get.
+            ("SERVER_AUTH_TIMEOUT", "600".into()),
+        ],
+    );
+    // Silent connections: 200 from one address, 40 from each of two more.
+    let mut strangers = Vec::new();
+    for (host, count) in [("127.0.0.2", 200), ("127.0.0.3", 40), ("127.0.0.4", 40)] {
+        for _ in 0..count {
+            strangers.push(connect_from(host, server.port));
+        }
+    }
+    let data = tempfile::tempdir().unwrap();
+    generate(
+        data.path(),
+        &GenOptions {
+            agencies: 1,
+            bets_per_agency: 500,
+            seed: 21,
+            winning_number: WINNING,
+            winner_share: 0.02,
+            tricky_share: 0.0,
+            crlf: false,
+        },
+    )
+    .unwrap();
+    let winners = dir.path().join("winners-1.txt");
+    let mut cmd = agency_command(1, &server.address(), &data_file(data.path(), 1), &winners);
+    cmd.env("CLI_SECRET_FILE", secrets.join("agency-1.secret"));
+    let agency = Proc::spawn(cmd);
+    // In at once, from another address: never SERVER_BUSY, never a retry.
+    let status = agency.wait_exit(STEP);
+    assert!(status.success(), "{}\n{}", agency.output(), agency.stderr());
+    let said = format!("{}\n{}", agency.output(), agency.stderr());
+    assert!(
+        !said.contains("SERVER_BUSY") && !said.contains("action: reconnect"),
+        "{said}"
+    );
+    let expected = expected(data.path(), 1, WINNING);
+    assert_eq!(read_winners(&winners), expected.winners[&1]);
+    assert_eq!(stored(&dir.path().join("bets.csv")), expected.rows);
+    // Of 64 slots, 6 are kept for authenticated connections (one agency:
+    // itself, its next session, 4 operators): 58 for strangers.
+    let listen = server.proc.lines().join("\n");
+    assert!(listen.contains("max_unauthenticated: 58"), "{listen}");
+    assert!(
+        listen.contains("max_unauthenticated_per_address: 32"),
+        "{listen}"
+    );
+    // Whoever was turned away, or made room for a newcomer, is counted in
+    // its address's summary: all but the 58 places, and the one the agency
+    // took from the most crowded address.
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+    let refused: u64 = ["127.0.0.2 ", "127.0.0.3 ", "127.0.0.4 "]
+        .iter()
+        .map(|peer| summed(&server, peer, "refused: "))
+        .sum();
+    assert_eq!(
+        refused,
+        strangers.len() as u64 - 58 + 1,
+        "{}",
+        server.proc.output()
+    );
+    assert!(summed(&server, "127.0.0.2 ", "refused: ") >= 200 - 32);
+    // Those over their address's cap were told why.
+    let mut busy = 0;
+    for mut raw in strangers {
+        if let Some(reply) = raw.recv() {
+            assert!(
+                reply.starts_with("STATUS:ERROR|CODE:SERVER_BUSY|"),
+                "{reply}"
+            );
+            busy += 1;
+        }
+    }
+    assert!(busy >= 200 - 32, "{busy}");
+}
+
+#[test]
+fn framing_errors_of_strangers_are_summarised_per_address() {
+    let dir = tempfile::tempdir().unwrap();
+    // Authentication off, as by default: every connection is a stranger
+    // until it sends a valid request.
+    let server = start_server_for(dir.path(), 1, &[]);
+    const BAD: u64 = 150;
+    for i in 0..BAD {
+        let mut raw = Raw::connect(&server.address());
+        match i % 3 {
+            0 => raw.send_bytes(&[0xff; 4]),                 // a 4 GiB header
+            1 => raw.send_bytes(&[0x16, 3, 1, 0, 0x2f, 1]),  // a TLS ClientHello
+            _ => raw.send_bytes(&[0, 0, 0, 16, b'B', b'A']), // a frame cut short
+        }
+        raw.stream.shutdown(Shutdown::Write).unwrap();
+        // Handled once the central hangs up.
+        while raw.recv().is_some() {}
+    }
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+    let lines = server.proc.lines();
+    // The first in full, with its reason...
+    let full: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("action: connection | result: fail"))
+        .collect();
+    assert_eq!(full.len(), 1, "{lines:#?}");
+    assert!(
+        full[0].contains("exceeds the 8192-byte limit"),
+        "{}",
+        full[0]
+    );
+    // ... the rest counted, in a line or two for the address.
+    assert_eq!(summed(&server, "127.0.0.1 ", "bad_frames: "), BAD - 1);
+    let summaries = lines
+        .iter()
+        .filter(|l| l.contains("action: auth_failures"))
+        .count();
+    assert!((1..=2).contains(&summaries), "{lines:#?}");
+    assert!(lines.len() < 20, "{}", server.proc.output());
 }
 
 #[test]
@@ -1124,14 +1433,14 @@ fn operators_see_status_without_taking_over_an_agency() {
     let secrets = dir.path().join("secrets.toml");
     std::fs::write(
         &secrets,
-        "1 = \"uno-secreto\"\n2 = \"dos-secreto\"\noperator = \"operador\"\n",
+        format!("1 = \"{SECRET_1}\"\n2 = \"{SECRET_2}\"\noperator = \"{SECRET_OPERATOR}\"\n"),
     )
     .unwrap();
     let env = [("SERVER_SECRETS_FILE", secrets.display().to_string())];
     let server = start_server(dir.path(), &env);
     // Agency 2 is connected and has stored a bet.
     let mut agency = Raw::connect(&server.address());
-    agency.send(b"ACTION:HELLO|AGENCY_ID:2|SECRET:dos-secreto\n");
+    agency.send(format!("ACTION:HELLO|AGENCY_ID:2|SECRET:{SECRET_2}\n").as_bytes());
     assert!(agency.recv().unwrap().starts_with("STATUS:SUCCESS|"));
     agency.expect_open("20000001");
     let tool = |args: &[&str], with_secret: bool| {
@@ -1163,7 +1472,7 @@ fn operators_see_status_without_taking_over_an_agency() {
     }
     // An operator session may only look.
     let mut op = Raw::connect(&server.address());
-    op.send(b"ACTION:HELLO|ROLE:OPERATOR|SECRET:operador\n");
+    op.send(format!("ACTION:HELLO|ROLE:OPERATOR|SECRET:{SECRET_OPERATOR}\n").as_bytes());
     assert_eq!(
         op.recv().unwrap(),
         "STATUS:SUCCESS|MESSAGE:operator session: PING and STATUS\n"

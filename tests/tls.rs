@@ -202,7 +202,12 @@ fn mutual_tls_takes_the_agency_from_its_certificate() {
     let two = client_ca.issue(dir, "agency-2", &["agency-2"]);
     let impostor = Ca::new(dir, "impostor-ca").issue(dir, "impostor-2", &["agency-2"]);
     let secrets = dir.join("secrets.toml");
-    std::fs::write(&secrets, "1 = \"uno-secreto\"\n2 = \"dos-secreto\"\n").unwrap();
+    // Random, as `lottery secrets` writes them (weaker ones are refused).
+    std::fs::write(
+        &secrets,
+        "1 = \"0f3a5c7e9b1d2f4a6c8e0b2d4f6a8c1e\"\n2 = \"8e6c4a2f0d1b3f5a7c9e2b4d6f8a0c3e\"\n",
+    )
+    .unwrap();
 
     let work = tempfile::tempdir().unwrap();
     let data = data(2);

@@ -1,14 +1,23 @@
-//! [`Guard`]: throttles failed authentications per peer address, and keeps
-//! the count of them for summary log lines.
+//! [`Guard`]: what peers that have not authenticated do wrong, counted per
+//! address for summary log lines, and the throttle on wrong secrets.
 //!
-//! Without it a client could try thousands of secrets a second, each one
-//! a log line. With it, [`STRIKES`] wrong secrets from one address lock
-//! that address out for [`FIRST_LOCKOUT`], each later lockout twice as
-//! long (up to [`MAX_LOCKOUT`]); while locked out, a `HELLO` is refused
-//! without its secret being looked at, so even a right guess is worth
-//! nothing. Every event is counted, and at most one line per address per
+//! Secrets are long and random (see `config::secret_strength`), so
+//! guessing one is hopeless at any speed: the throttle is there to keep a
+//! guesser's cost to the central and to its log small, never to keep an
+//! agency out. [`STRIKES`] wrong secrets from one address throttle that
+//! address for [`FIRST_LOCKOUT`], each later time twice as long (up to
+//! [`MAX_LOCKOUT`]); [`TOTAL_STRIKES`] wrong secrets from any addresses
+//! throttle every address the same way, so a guesser spread over many
+//! addresses is slowed too. A throttled `HELLO` is still compared: a right
+//! secret gets in at once, and a wrong one is answered only at the end of
+//! its connection's authentication deadline, so each guess holds one of
+//! the few connections an address (and all strangers) may have.
+//!
+//! Every event is counted, and at most one line per address per
 //! [`REPORT_INTERVAL`] reports the counts (the first event of an address is
-//! reported at once, so a mistyped secret shows up without delay).
+//! reported at once, so a mistyped secret shows up without delay). A broken
+//! frame or a timeout of a stranger is logged in full at most once per
+//! address per interval, the rest counted.
 //!
 //! Time comes from `tokio::time::Instant`, so tests run it on a paused
 //! clock.
@@ -23,33 +32,45 @@ use tracing::warn;
 
 use crate::logging::{action, result};
 
-/// Wrong secrets from one address before it is locked out.
+/// Wrong secrets from one address before it is throttled.
 pub const STRIKES: u32 = 3;
-/// The first lockout of an address; each later one lasts twice as long.
-/// Long enough that a lockout outlasts any burst of local retries, short
-/// enough that an operator's typos cost seconds.
+/// Wrong secrets from all addresses together before every address is
+/// throttled: a few operators' typos never reach it, a spread-out guesser
+/// soon does.
+pub const TOTAL_STRIKES: u32 = 20;
+/// The first throttle of an address (or of all); each later one lasts
+/// twice as long.
 pub const FIRST_LOCKOUT: Duration = Duration::from_secs(10);
-/// The longest lockout.
+/// The longest throttle.
 pub const MAX_LOCKOUT: Duration = Duration::from_secs(600);
 /// At most one summary line per address per interval.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(60);
 /// An address quiet for this long starts afresh (no strikes, first
-/// lockout short again) and is forgotten.
+/// throttle short again) and is forgotten.
 pub const FORGET_AFTER: Duration = Duration::from_secs(900);
 /// Most addresses remembered at once (a few MiB): a flood from many
 /// addresses must not grow the central's memory without bound. When full,
-/// an address that is not locked out makes room.
+/// an address that is not throttled makes room.
 pub const MAX_PEERS: usize = 65_536;
 
 /// What happened with one address, counted for its summary line.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tally {
-    /// `HELLO`s with a wrong or missing secret.
+    /// `HELLO`s with a wrong or missing secret, answered at once.
     pub wrong_secret: u64,
-    /// `HELLO`s refused unread because the address was locked out.
-    pub locked_out: u64,
+    /// `HELLO`s with a wrong or missing secret while throttled, answered
+    /// late.
+    pub throttled: u64,
     /// Other messages before authentication, refused.
     pub unauthenticated: u64,
+    /// Connections of strangers that ended on a broken frame, beyond the
+    /// one logged in full.
+    pub bad_frames: u64,
+    /// Connections of strangers that timed out (not authenticated in time,
+    /// or a frame not completed), beyond the one logged in full.
+    pub timed_out: u64,
+    /// Connections refused or closed to keep strangers within their caps.
+    pub refused: u64,
 }
 
 impl Tally {
@@ -65,7 +86,7 @@ pub struct Report {
     pub peer: IpAddr,
     /// What it did since the last report.
     pub tally: Tally,
-    /// How long it stays locked out, if it is.
+    /// How long its wrong secrets stay throttled, if they are.
     pub locked_for: Option<Duration>,
 }
 
@@ -77,24 +98,41 @@ impl Report {
             result = result::FAIL,
             peer = %self.peer,
             wrong_secret = self.tally.wrong_secret,
-            locked_out = self.tally.locked_out,
+            throttled = self.tally.throttled,
             unauthenticated = self.tally.unauthenticated,
+            bad_frames = self.tally.bad_frames,
+            timed_out = self.tally.timed_out,
+            refused = self.tally.refused,
             locked_for_secs = self.locked_for.map_or(0, |d| d.as_secs().max(1)),
             interval_secs = REPORT_INTERVAL.as_secs()
         );
     }
 }
 
-/// A refusal because the address is locked out.
+/// What a wrong secret led to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lockout {
-    /// Until the lockout ends.
-    pub remaining: Duration,
+pub struct Strike {
+    /// The secret came while its address (or every address) was
+    /// throttled: answer it late.
+    pub throttled: bool,
+    /// Throttled only because every address is.
+    pub by_total: bool,
     /// A summary line due now, if any.
     pub report: Option<Report>,
+    /// This strike throttled every address, for so long: worth a line.
+    pub all_throttled: Option<Duration>,
 }
 
-/// One address's record.
+/// What a stranger's connection ended on, beyond a refused message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broken {
+    /// A framing error.
+    Frame,
+    /// A deadline passed.
+    Timeout,
+}
+
+/// One address's record (or all addresses', for the total).
 #[derive(Debug)]
 struct Peer {
     /// Wrong secrets since the last lockout.
@@ -107,6 +145,8 @@ struct Peer {
     pending: Tally,
     /// When the last summary line was due; `None` before the first.
     reported_at: Option<Instant>,
+    /// When a stranger's broken connection was last logged in full.
+    detailed_at: Option<Instant>,
 }
 
 impl Peer {
@@ -118,6 +158,7 @@ impl Peer {
             last_event: now,
             pending: Tally::default(),
             reported_at: None,
+            detailed_at: None,
         }
     }
 
@@ -125,6 +166,21 @@ impl Peer {
         self.locked_until
             .filter(|&until| until > now)
             .map(|until| until - now)
+    }
+
+    /// Counts a strike; the `limit`th starts a lockout, returned.
+    fn strike(&mut self, limit: u32, now: Instant) -> Option<Duration> {
+        self.strikes += 1;
+        if self.strikes < limit {
+            return None;
+        }
+        let lockout = FIRST_LOCKOUT
+            .saturating_mul(1 << self.lockouts.min(16))
+            .min(MAX_LOCKOUT);
+        self.locked_until = Some(now + lockout);
+        self.lockouts += 1;
+        self.strikes = 0;
+        Some(lockout)
     }
 
     /// The summary line, when one is due for this address at `now`.
@@ -153,7 +209,7 @@ impl Peer {
     }
 }
 
-/// Drops one address that is not locked out, the first met (the map's
+/// Drops one address that is not throttled, the first met (the map's
 /// order is arbitrary): cheap, which matters under a flood from many
 /// addresses, the only time the map is full. Its unreported counts are
 /// lost; the other addresses' lines show the flood.
@@ -167,84 +223,137 @@ fn make_room(peers: &mut HashMap<IpAddr, Peer>, now: Instant) {
     }
 }
 
-/// The per-address record of failed authentications; a cheap handle,
-/// shared by every connection of the central.
+/// Every address's record, and the record of all of them together.
+#[derive(Debug)]
+struct Book {
+    peers: HashMap<IpAddr, Peer>,
+    /// Wrong secrets from any address: the throttle on all of them.
+    total: Peer,
+}
+
+impl Default for Book {
+    fn default() -> Book {
+        Book {
+            peers: HashMap::new(),
+            total: Peer::new(Instant::now()),
+        }
+    }
+}
+
+/// The per-address record of strangers' failures; a cheap handle, shared
+/// by every connection of the central.
 #[derive(Debug, Clone, Default)]
 pub struct Guard {
-    peers: Arc<Mutex<HashMap<IpAddr, Peer>>>,
+    book: Arc<Mutex<Book>>,
 }
 
 impl Guard {
-    /// Runs `f` on `ip`'s record (a new one if none), starting afresh when
-    /// the address was quiet for [`FORGET_AFTER`].
-    fn with_peer<T>(&self, ip: IpAddr, now: Instant, f: impl FnOnce(&mut Peer) -> T) -> T {
-        let mut peers = self.peers.lock().expect("guard lock");
+    /// Runs `f` on `ip`'s record (a new one if none) and the total,
+    /// starting afresh whichever was quiet for [`FORGET_AFTER`].
+    fn with_peer<T>(
+        &self,
+        ip: IpAddr,
+        now: Instant,
+        f: impl FnOnce(&mut Peer, &mut Peer) -> T,
+    ) -> T {
+        let mut book = self.book.lock().expect("guard lock");
+        let Book { peers, total } = &mut *book;
+        if total.forgettable(now) {
+            *total = Peer::new(now);
+        }
+        total.last_event = now;
         if peers.len() >= MAX_PEERS && !peers.contains_key(&ip) {
-            make_room(&mut peers, now);
+            make_room(peers, now);
             if peers.len() >= MAX_PEERS {
-                // Every address remembered is locked out: this one is
+                // Every address remembered is throttled: this one is
                 // counted nowhere (and not reported: a line per attempt is
                 // what the guard prevents) rather than grow the map.
                 let mut stranger = Peer::new(now);
                 stranger.reported_at = Some(now);
-                return f(&mut stranger);
+                stranger.detailed_at = Some(now);
+                return f(&mut stranger, total);
             }
         }
         let peer = peers.entry(ip).or_insert_with(|| Peer::new(now));
         if peer.forgettable(now) {
             *peer = Peer::new(now);
         }
-        let out = f(peer);
+        let out = f(peer, total);
         peer.last_event = now;
         out
     }
 
-    /// Whether `ip` may try a secret now. A refusal is counted.
-    ///
-    /// # Errors
-    /// The address is locked out: for how much longer, and a summary line
-    /// if one is due.
-    pub fn admit(&self, ip: IpAddr, now: Instant) -> Result<(), Lockout> {
-        let peers = self.peers.lock().expect("guard lock");
-        let locked = peers.get(&ip).and_then(|p| p.locked_for(now)).is_some();
-        drop(peers);
-        if !locked {
-            return Ok(());
-        }
-        Err(self.with_peer(ip, now, |peer| {
-            peer.pending.locked_out += 1;
-            Lockout {
-                remaining: peer.locked_for(now).unwrap_or_default(),
-                report: peer.report_if_due(ip, now),
+    /// Counts a wrong or missing secret from `ip`. The [`STRIKES`]th from
+    /// one address throttles it, the [`TOTAL_STRIKES`]th from all of them
+    /// throttles every address; a secret that comes while either lasts is
+    /// counted as throttled and is to be answered late.
+    pub fn wrong_secret(&self, ip: IpAddr, now: Instant) -> Strike {
+        self.with_peer(ip, now, |peer, total| {
+            let own = peer.locked_for(now).is_some();
+            let by_total = !own && total.locked_for(now).is_some();
+            let throttled = own || by_total;
+            let mut all_throttled = None;
+            if throttled {
+                peer.pending.throttled += 1;
+            } else {
+                peer.pending.wrong_secret += 1;
+                peer.strike(STRIKES, now);
+                all_throttled = total.strike(TOTAL_STRIKES, now);
             }
-        }))
+            Strike {
+                throttled,
+                by_total,
+                report: peer.report_if_due(ip, now),
+                all_throttled,
+            }
+        })
     }
 
-    /// Counts a wrong or missing secret from `ip`; the [`STRIKES`]th locks
-    /// the address out. Returns a summary line if one is due.
-    pub fn wrong_secret(&self, ip: IpAddr, now: Instant) -> Option<Report> {
-        self.with_peer(ip, now, |peer| {
-            peer.pending.wrong_secret += 1;
-            peer.strikes += 1;
-            if peer.strikes >= STRIKES {
-                let lockout = FIRST_LOCKOUT
-                    .saturating_mul(1 << peer.lockouts.min(16))
-                    .min(MAX_LOCKOUT);
-                peer.locked_until = Some(now + lockout);
-                peer.lockouts += 1;
-                peer.strikes = 0;
-            }
+    /// How long wrong secrets from `ip` stay throttled (its own throttle
+    /// or every address's, whichever ends later); `None` when they are not.
+    #[cfg(test)]
+    fn throttled_for(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let book = self.book.lock().expect("guard lock");
+        let own = book.peers.get(&ip).and_then(|p| p.locked_for(now));
+        own.max(book.total.locked_for(now))
+    }
+
+    /// Counts a message refused before authentication (no secret was
+    /// tried: it does not throttle the address). Returns a summary line if
+    /// one is due.
+    pub fn unauthenticated(&self, ip: IpAddr, now: Instant) -> Option<Report> {
+        self.with_peer(ip, now, |peer, _| {
+            peer.pending.unauthenticated += 1;
             peer.report_if_due(ip, now)
         })
     }
 
-    /// Counts a message refused before authentication (no secret was
-    /// tried: it does not lock the address out). Returns a summary line if
-    /// one is due.
-    pub fn unauthenticated(&self, ip: IpAddr, now: Instant) -> Option<Report> {
-        self.with_peer(ip, now, |peer| {
-            peer.pending.unauthenticated += 1;
+    /// Counts a connection from `ip` refused (or closed) to keep strangers
+    /// within their caps. Returns a summary line if one is due.
+    pub fn refused(&self, ip: IpAddr, now: Instant) -> Option<Report> {
+        self.with_peer(ip, now, |peer, _| {
+            peer.pending.refused += 1;
             peer.report_if_due(ip, now)
+        })
+    }
+
+    /// A stranger's connection from `ip` broke: whether to log it in full
+    /// (the first of the address in [`REPORT_INTERVAL`]); otherwise it is
+    /// counted for the summary line.
+    pub fn broken(&self, ip: IpAddr, how: Broken, now: Instant) -> bool {
+        self.with_peer(ip, now, |peer, _| {
+            let due = peer
+                .detailed_at
+                .is_none_or(|at| now >= at + REPORT_INTERVAL);
+            if due {
+                peer.detailed_at = Some(now);
+            } else {
+                match how {
+                    Broken::Frame => peer.pending.bad_frames += 1,
+                    Broken::Timeout => peer.pending.timed_out += 1,
+                }
+            }
+            due
         })
     }
 
@@ -252,19 +361,20 @@ impl Guard {
     /// the addresses there is nothing more to remember of. Called on a
     /// timer, so counts left at the end of a burst are reported too.
     pub fn due(&self, now: Instant) -> Vec<Report> {
-        let mut peers = self.peers.lock().expect("guard lock");
-        let reports = peers
+        let mut book = self.book.lock().expect("guard lock");
+        let reports = book
+            .peers
             .iter_mut()
             .filter_map(|(ip, peer)| peer.report_if_due(*ip, now))
             .collect();
-        peers.retain(|_, peer| !peer.forgettable(now));
+        book.peers.retain(|_, peer| !peer.forgettable(now));
         reports
     }
 
     /// Every count not yet reported, whatever the interval (at shutdown).
     pub fn flush(&self, now: Instant) -> Vec<Report> {
-        let mut peers = self.peers.lock().expect("guard lock");
-        peers
+        let mut book = self.book.lock().expect("guard lock");
+        book.peers
             .iter_mut()
             .filter(|(_, peer)| !peer.pending.is_empty())
             .map(|(ip, peer)| peer.report(*ip, now))
@@ -285,9 +395,16 @@ impl Guard {
         self.flush(Instant::now()).iter().for_each(Report::log);
     }
 
+    /// Starts the record of all addresses afresh (tests of one address's
+    /// escalation, which would otherwise reach it).
+    #[cfg(test)]
+    fn forget_total(&self) {
+        self.book.lock().unwrap().total = Peer::new(Instant::now());
+    }
+
     #[cfg(test)]
     fn remembered(&self) -> usize {
-        self.peers.lock().unwrap().len()
+        self.book.lock().unwrap().peers.len()
     }
 }
 
@@ -301,30 +418,43 @@ mod tests {
     /// `STRIKES` wrong secrets from `ip`, now.
     fn strike_out(guard: &Guard, ip: IpAddr) {
         for _ in 0..STRIKES {
-            guard.admit(ip, Instant::now()).unwrap();
-            guard.wrong_secret(ip, Instant::now());
+            assert!(!guard.wrong_secret(ip, Instant::now()).throttled);
         }
     }
 
     #[tokio::test(start_paused = true)]
-    async fn three_wrong_secrets_lock_the_address_out_and_only_it() {
+    async fn three_wrong_secrets_throttle_the_address_and_only_it() {
         let guard = Guard::default();
         for _ in 0..STRIKES - 1 {
-            assert!(guard.admit(A, Instant::now()).is_ok());
-            guard.wrong_secret(A, Instant::now());
+            assert!(!guard.wrong_secret(A, Instant::now()).throttled);
         }
+        assert_eq!(guard.throttled_for(A, Instant::now()), None, "two strikes");
         assert!(
-            guard.admit(A, Instant::now()).is_ok(),
-            "two strikes: still in"
+            !guard.wrong_secret(A, Instant::now()).throttled,
+            "the third is answered at once"
         );
-        guard.wrong_secret(A, Instant::now());
-        let lockout = guard.admit(A, Instant::now()).unwrap_err();
-        assert_eq!(lockout.remaining, FIRST_LOCKOUT);
-        assert!(guard.admit(B, Instant::now()).is_ok(), "another address");
+        assert_eq!(guard.throttled_for(A, Instant::now()), Some(FIRST_LOCKOUT));
+        assert!(
+            guard.wrong_secret(A, Instant::now()).throttled,
+            "the fourth is not"
+        );
+        assert_eq!(
+            guard.throttled_for(B, Instant::now()),
+            None,
+            "another address"
+        );
+        assert!(!guard.wrong_secret(B, Instant::now()).throttled);
         tokio::time::advance(FIRST_LOCKOUT - Duration::from_millis(1)).await;
-        assert!(guard.admit(A, Instant::now()).is_err(), "until it ends");
+        assert!(
+            guard.throttled_for(A, Instant::now()).is_some(),
+            "until it ends"
+        );
         tokio::time::advance(Duration::from_millis(1)).await;
-        assert!(guard.admit(A, Instant::now()).is_ok(), "then free again");
+        assert_eq!(
+            guard.throttled_for(A, Instant::now()),
+            None,
+            "then free again"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -332,8 +462,9 @@ mod tests {
         let guard = Guard::default();
         let mut expected = FIRST_LOCKOUT;
         for _ in 0..10 {
+            guard.forget_total();
             strike_out(&guard, A);
-            let remaining = guard.admit(A, Instant::now()).unwrap_err().remaining;
+            let remaining = guard.throttled_for(A, Instant::now()).unwrap();
             assert_eq!(remaining, expected);
             tokio::time::advance(remaining).await;
             expected = (expected * 2).min(MAX_LOCKOUT);
@@ -346,19 +477,19 @@ mod tests {
         let guard = Guard::default();
         strike_out(&guard, A);
         for _ in 0..5 {
-            assert!(guard.admit(A, Instant::now()).is_err(), "locked out");
+            assert!(guard.wrong_secret(A, Instant::now()).throttled);
         }
         let report = guard.flush(Instant::now());
         assert_eq!(report.len(), 1);
         // The first strike was reported at once; the rest since then.
         assert_eq!(report[0].tally.wrong_secret, u64::from(STRIKES) - 1);
-        assert_eq!(report[0].tally.locked_out, 5);
+        assert_eq!(report[0].tally.throttled, 5);
         assert_eq!(report[0].locked_for, Some(FIRST_LOCKOUT));
         tokio::time::advance(FIRST_LOCKOUT).await;
         strike_out(&guard, A);
         assert_eq!(
-            guard.admit(A, Instant::now()).unwrap_err().remaining,
-            FIRST_LOCKOUT * 2,
+            guard.throttled_for(A, Instant::now()),
+            Some(FIRST_LOCKOUT * 2),
             "a second lockout soon after is longer"
         );
         tokio::time::advance(FIRST_LOCKOUT * 2 + FORGET_AFTER).await;
@@ -367,10 +498,33 @@ mod tests {
         assert_eq!(guard.remembered(), 0, "nothing left to remember");
         strike_out(&guard, A);
         assert_eq!(
-            guard.admit(A, Instant::now()).unwrap_err().remaining,
-            FIRST_LOCKOUT,
+            guard.throttled_for(A, Instant::now()),
+            Some(FIRST_LOCKOUT),
             "forgotten: the first lockout again"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wrong_secrets_spread_over_many_addresses_throttle_them_all() {
+        let guard = Guard::default();
+        let ip = |i: u32| IpAddr::V4(std::net::Ipv4Addr::from(0x0a01_0000 + i));
+        // Fewer than STRIKES from each address: none is throttled alone.
+        let mut all = None;
+        for i in 0..TOTAL_STRIKES {
+            let strike = guard.wrong_secret(ip(i), Instant::now());
+            assert!(!strike.throttled, "guess {i}");
+            all = all.or(strike.all_throttled);
+        }
+        assert_eq!(all, Some(FIRST_LOCKOUT), "the last one throttles all");
+        let fresh = ip(TOTAL_STRIKES);
+        assert_eq!(
+            guard.throttled_for(fresh, Instant::now()),
+            Some(FIRST_LOCKOUT)
+        );
+        let strike = guard.wrong_secret(fresh, Instant::now());
+        assert!(strike.throttled && strike.by_total, "{strike:?}");
+        tokio::time::advance(FIRST_LOCKOUT).await;
+        assert_eq!(guard.throttled_for(fresh, Instant::now()), None);
     }
 
     #[tokio::test(start_paused = true)]
@@ -385,16 +539,48 @@ mod tests {
             }
         }
         assert_eq!(guard.remembered(), MAX_PEERS);
-        assert!(guard.admit(A, Instant::now()).is_err(), "still locked out");
+        assert!(
+            guard.throttled_for(A, Instant::now()).is_some(),
+            "still throttled"
+        );
     }
 
     #[tokio::test(start_paused = true)]
-    async fn other_messages_are_counted_but_never_lock_out() {
+    async fn other_messages_are_counted_but_never_throttle() {
         let guard = Guard::default();
         for _ in 0..100 {
             guard.unauthenticated(A, Instant::now());
+            guard.refused(A, Instant::now());
         }
-        assert!(guard.admit(A, Instant::now()).is_ok());
+        assert_eq!(guard.throttled_for(A, Instant::now()), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn broken_connections_one_in_full_a_minute_the_rest_counted() {
+        let guard = Guard::default();
+        assert!(
+            guard.broken(A, Broken::Frame, Instant::now()),
+            "the first in full"
+        );
+        assert!(
+            guard.broken(B, Broken::Timeout, Instant::now()),
+            "per address"
+        );
+        for _ in 0..99 {
+            assert!(!guard.broken(A, Broken::Frame, Instant::now()));
+        }
+        assert!(!guard.broken(A, Broken::Timeout, Instant::now()));
+        tokio::time::advance(REPORT_INTERVAL).await;
+        assert!(
+            guard.broken(A, Broken::Frame, Instant::now()),
+            "a minute on"
+        );
+        let report = guard.flush(Instant::now());
+        assert_eq!(report.len(), 1, "{report:?}");
+        assert_eq!(
+            (report[0].tally.bad_frames, report[0].tally.timed_out),
+            (99, 1)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -408,23 +594,19 @@ mod tests {
                 tokio::time::advance(Duration::from_secs(1)).await;
                 lines.extend(guard.due(Instant::now()));
             }
-            let report = match guard.admit(A, Instant::now()) {
-                Ok(()) => guard.wrong_secret(A, Instant::now()),
-                Err(lockout) => lockout.report,
-            };
-            lines.extend(report);
+            lines.extend(guard.wrong_secret(A, Instant::now()).report);
         }
         lines.extend(guard.flush(Instant::now()));
         // The first attempt at once, then one a minute, then the rest.
         assert_eq!(lines.len(), 3, "{lines:?}");
         let counted: u64 = lines
             .iter()
-            .map(|r| r.tally.wrong_secret + r.tally.locked_out)
+            .map(|r| r.tally.wrong_secret + r.tally.throttled)
             .sum();
         assert_eq!(counted, attempts, "every attempt is in some line");
         let wrong: u64 = lines.iter().map(|r| r.tally.wrong_secret).sum();
         // Lockouts of 10, 20 and 40 s end within the 100 s: four rounds of
-        // strikes in all, everything else refused unread.
+        // strikes in all, everything else throttled.
         assert_eq!(wrong, 4 * u64::from(STRIKES));
         assert!(lines[0].locked_for.is_none(), "the first strike");
         assert!(lines[1].locked_for.is_some());

@@ -11,8 +11,9 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::guard::Lockout;
+use super::guard::Broken;
 use super::intake::{Placement, Session, Settled};
+use super::strangers::Pass;
 use super::Settings;
 use crate::logging::{action, result};
 use crate::lottery::{Lottery, LotteryError};
@@ -55,8 +56,6 @@ enum Gated {
     Anonymous,
     /// An operator session sent something other than `PING` or `STATUS`.
     OperatorOnly,
-    /// A `HELLO` from an address locked out for its wrong secrets.
-    Locked(Lockout),
 }
 
 /// What the connection does after a message.
@@ -76,6 +75,13 @@ pub(super) struct Handler {
     session: Option<Session>,
     /// What the connection may send, given how it authenticated.
     access: Access,
+    /// The peer has shown it is one of ours: it authenticated (or, where
+    /// authentication is off, sent a valid request). Until then it is a
+    /// stranger: it has [`Settings::auth_timeout`] to do so, and its broken
+    /// frames and timeouts are summarised per address, not logged each.
+    vouched: bool,
+    /// Its place among the strangers, given up once vouched for.
+    pass: Option<Pass>,
     /// The peer opened with `HELLO`, so it is an agency of this protocol:
     /// it is told while it waits (`STATUS:WAITING`) and its winners carry
     /// its receipt and the seal. The design's agencies never send `HELLO`
@@ -104,9 +110,11 @@ pub(super) struct Handler {
 type Frame = Option<Result<Result<Request, MessageError>, FrameError>>;
 
 impl Handler {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         io: BoxedIo,
         identity: Identity,
+        pass: Option<Pass>,
         peer: SocketAddr,
         lottery: Lottery,
         store: Arc<dyn Store>,
@@ -130,6 +138,8 @@ impl Handler {
                 Identity::Anonymous => Access::Full,
             },
             said_hello: false,
+            vouched: pass.is_none(),
+            pass,
             identity,
             lottery,
             store,
@@ -155,7 +165,9 @@ impl Handler {
         };
         let reason = match &outcome {
             Err(e) => {
-                warn!(action = action::CONNECTION, result = result::FAIL, peer = %self.peer, agency, error = %e);
+                if self.in_full(Broken::Frame) {
+                    warn!(action = action::CONNECTION, result = result::FAIL, peer = %self.peer, agency, error = %e);
+                }
                 "error"
             }
             Ok(()) if superseded => "superseded by a newer session of the agency",
@@ -176,15 +188,37 @@ impl Handler {
                 )
             };
         }
-        if self.access == Access::Anonymous {
-            // Never authenticated: its refusal is counted in its address's
+        if !self.vouched && !self.shutdown.is_cancelled() {
+            // Never authenticated: what it did is counted in its address's
             // `auth_failures` summary, and a line per connection would let
-            // a flood of guesses flood the log after all.
+            // a flood of strangers flood the log after all. At shutdown
+            // every socket closed is logged, as for any resource; the caps
+            // on strangers bound those lines.
             closed!(debug);
         } else {
             closed!(info);
         }
         // Dropping `self` closes the socket.
+    }
+
+    /// The peer has shown it is one of ours: it leaves the strangers.
+    fn vouch(&mut self) {
+        self.vouched = true;
+        self.pass = None;
+    }
+
+    /// Whether a broken connection (`how`) is logged in full: always once
+    /// vouched for; for a stranger, the first of its address in a while,
+    /// the rest counted in its `auth_failures` summary.
+    fn in_full(&self, how: Broken) -> bool {
+        self.vouched || self.settings.guard.broken(self.peer.ip(), how, Now::now())
+    }
+
+    /// When a stranger's time to authenticate is up: `auth_timeout` after
+    /// its accept.
+    fn auth_deadline(&self) -> Instant {
+        let accepted = self.pass.as_ref().map_or(self.opened, Pass::since);
+        accepted + self.settings.auth_timeout
     }
 
     /// In-flight batches, for the read loop's limit.
@@ -204,6 +238,11 @@ impl Handler {
             let deadline = match partial {
                 Some(started) => started + frame_timeout,
                 None => last_request + idle_timeout,
+            };
+            let deadline = if self.vouched {
+                deadline
+            } else {
+                deadline.min(self.auth_deadline())
             };
             let look_again = deadline.min(Instant::now() + frame_timeout);
             let room = self.in_flight() < MAX_IN_FLIGHT;
@@ -229,7 +268,8 @@ impl Handler {
                     if Instant::now() < deadline || self.in_flight() > 0 {
                         continue;
                     }
-                    return self.time_out(partial.is_some()).await;
+                    let unvouched = !self.vouched && Instant::now() >= self.auth_deadline();
+                    return self.time_out(partial.is_some(), unvouched).await;
                 }
                 }
             };
@@ -249,6 +289,11 @@ impl Handler {
             }
             if let Some(gated) = self.gate(&frame) {
                 return self.turn_away(gated).await;
+            }
+            // Where authentication is off, a valid request is all an agency
+            // can show.
+            if !self.settings.secrets.required() && matches!(frame, Some(Ok(Ok(_)))) {
+                self.vouch();
             }
             let next = match frame {
                 None => return Ok(()),
@@ -344,16 +389,24 @@ impl Handler {
         }
     }
 
-    /// Ends a connection that sat idle, or that started a frame and did not
-    /// finish it in time (a slow or stalled sender).
-    async fn time_out(&mut self, mid_frame: bool) -> Result<(), FrameError> {
-        let (reason, limit) = if mid_frame {
+    /// Ends a connection that sat idle, that started a frame and did not
+    /// finish it in time (a slow or stalled sender), or that did not
+    /// authenticate in time (`unvouched`).
+    async fn time_out(&mut self, mid_frame: bool, unvouched: bool) -> Result<(), FrameError> {
+        let (reason, limit) = if unvouched && self.settings.secrets.required() {
+            ("not authenticated in time", self.settings.auth_timeout)
+        } else if unvouched {
+            ("no valid request in time", self.settings.auth_timeout)
+        } else if mid_frame {
             ("frame not completed in time", self.settings.frame_timeout)
         } else {
             ("idle for too long", self.settings.idle_timeout)
         };
         let reason = format!("{reason} ({}s)", limit.as_secs());
-        if mid_frame {
+        // A stranger's is counted for its address's summary line instead,
+        // but the first in a while.
+        let in_full = self.in_full(Broken::Timeout);
+        if in_full && (mid_frame || unvouched) {
             warn!(
                 action = action::CONNECTION,
                 result = result::FAIL,
@@ -361,7 +414,7 @@ impl Handler {
                 code = %ErrorCode::Timeout,
                 reason = reason.as_str()
             );
-        } else {
+        } else if in_full {
             info!(
                 action = action::IDLE_TIMEOUT,
                 result = result::SUCCESS,
@@ -388,13 +441,6 @@ impl Handler {
             request,
             Some(Request::Hello { .. } | Request::OperatorHello { .. })
         );
-        // Whatever the connection's access: a locked-out address tries no
-        // secret, not even on a connection it already authenticated.
-        if hello && self.settings.secrets.required() {
-            if let Err(lockout) = self.settings.guard.admit(self.peer.ip(), Now::now()) {
-                return Some(Gated::Locked(lockout));
-            }
-        }
         match (self.access, request) {
             (Access::Full, _) => None,
             (Access::Operator, Some(Request::Ping | Request::Status)) => None,
@@ -417,16 +463,6 @@ impl Handler {
                 let reason = "this central requires HELLO with the agency's SECRET first";
                 (ErrorCode::Unauthenticated, reason.to_string())
             }
-            Gated::Locked(lockout) => {
-                if let Some(report) = lockout.report {
-                    report.log();
-                }
-                let reason = format!(
-                    "too many wrong secrets from {ip}: no HELLO from it is read for {} s",
-                    lockout.remaining.as_secs().max(1)
-                );
-                (ErrorCode::AuthThrottled, reason)
-            }
             Gated::OperatorOnly => {
                 let reason = "an operator session may send only PING and STATUS".to_string();
                 let refused = Refused::connection(None, ErrorCode::Unauthenticated, reason);
@@ -437,10 +473,42 @@ impl Handler {
     }
 
     /// Answers a wrong or missing secret, counts it against the address
-    /// (its summary line says how many), and hangs up.
+    /// (its summary line says how many), and hangs up. While the address
+    /// (or every address) is throttled, the answer waits for the end of the
+    /// connection's time to authenticate: a guesser then holds one of the
+    /// few places its address has among the strangers for that long.
     async fn wrong_secret(&mut self, reason: String) -> Result<Next, FrameError> {
-        if let Some(report) = self.settings.guard.wrong_secret(self.peer.ip(), Now::now()) {
+        let ip = self.peer.ip();
+        let strike = self.settings.guard.wrong_secret(ip, Now::now());
+        if let Some(report) = strike.report {
             report.log();
+        }
+        if let Some(throttled_for) = strike.all_throttled {
+            warn!(
+                action = action::AUTH_THROTTLE,
+                result = result::IN_PROGRESS,
+                scope = "all_addresses",
+                wrong_secrets = super::guard::TOTAL_STRIKES,
+                throttled_for_secs = throttled_for.as_secs(),
+                message = "wrong secrets from many addresses: every wrong secret is answered \
+                           late for a while (right ones still get in at once)"
+            );
+        }
+        let mut reason = reason;
+        if strike.throttled {
+            let shutdown = self.shutdown.clone();
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep_until(self.auth_deadline().into()) => {}
+            }
+            let from = if strike.by_total {
+                "many addresses".to_string()
+            } else {
+                ip.to_string()
+            };
+            reason.push_str(&format!(
+                " (answered late: too many wrong secrets from {from})"
+            ));
         }
         self.reply_error(ErrorCode::Unauthenticated, reason).await?;
         Ok(Next::Close)
@@ -464,6 +532,7 @@ impl Handler {
             if self.access == Access::Anonymous {
                 self.access = Access::Operator;
             }
+            self.vouch();
         }
         let reply = Reply::Success {
             message: "operator session: PING and STATUS".into(),
@@ -584,6 +653,7 @@ impl Handler {
             }
             None => {}
         }
+        self.vouch();
         if let Err(e) = self.open_session(agency).await {
             let refused = Refused::connection(Some(agency), e.code(), e.to_string());
             self.refuse(refused).await?;
@@ -847,8 +917,13 @@ impl Handler {
         Ok(Next::Continue)
     }
 
-    /// Logs a refusal once, as a `result: fail` line naming the peer.
+    /// Logs a refusal once, as a `result: fail` line naming the peer; a
+    /// stranger's refused connection (a broken frame) only when
+    /// [`Handler::in_full`] says so.
     fn log_refused(&self, r: &Refused) {
+        if r.action == action::CONNECTION && !self.in_full(Broken::Frame) {
+            return;
+        }
         warn!(
             action = r.action,
             result = result::FAIL,

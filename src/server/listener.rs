@@ -1,6 +1,6 @@
 //! The accept loop: binds the port, fits the connection limit to the
-//! open-files limit and enforces it, completes the TLS handshake, and spawns
-//! one tracked [`Handler`] task per connection.
+//! open-files limit and enforces it and the caps on strangers, completes the
+//! TLS handshake, and spawns one tracked [`Handler`] task per connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, warn, Instrument};
 
 use super::handler::Handler;
+use super::strangers::{Full, Pass};
 use super::Settings;
 use crate::config::{ConfigError, ServerConfig};
 use crate::logging::{action, result};
@@ -24,6 +25,9 @@ use crate::lottery::Lottery;
 use crate::net::{self, BoxedIo, Identity};
 use crate::store::Store;
 use crate::wire::{ErrorCode, FrameError, Reply, ServerCodec};
+
+/// The guard's clock (tokio's, so tests can pause it).
+type Now = tokio::time::Instant;
 
 /// Files the central keeps open besides its connections: the listener,
 /// stdio, the bets file and draw record, the runtime's own descriptors, and a
@@ -176,7 +180,16 @@ impl Listener {
                     if let Err(e) = socket.set_nodelay(true) {
                         warn!(action = action::CONNECTION, result = result::FAIL, peer = %peer, error = %e);
                     }
-                    let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+                    // A stranger until it authenticates: within the caps.
+                    let pass = match self.settings.strangers.admit(peer.ip()) {
+                        Ok(pass) => pass,
+                        Err(full) => {
+                            refuse_stranger(socket, peer, full, &self.settings);
+                            continue;
+                        }
+                    };
+                    let Some(permit) = self.permit(&pass).await else {
+                        drop(pass);
                         // At the limit: say so and hang up, without holding
                         // a handler for it.
                         warn!(
@@ -211,19 +224,29 @@ impl Listener {
                         });
                         continue;
                     };
+                    let evicted = pass.evicted();
                     let conn = Accepted {
                         socket,
                         peer,
+                        pass,
                         store: self.store.clone(),
                         lottery: self.lottery.clone(),
                         shutdown: self.connections.child_token(),
                         settings: self.settings.clone(),
                     };
                     let hard_stop = self.hard_stop.clone();
+                    let guard = self.settings.guard.clone();
                     let task = self.tracker.track_future(
                         async move {
                             tokio::select! {
+                                biased;
                                 _ = hard_stop.cancelled() => {}
+                                // A newcomer took this stranger's place.
+                                _ = evicted.cancelled() => {
+                                    if let Some(report) = guard.refused(peer.ip(), Now::now()) {
+                                        report.log();
+                                    }
+                                }
                                 _ = conn.serve() => {}
                             }
                             drop(permit);
@@ -243,6 +266,29 @@ impl Listener {
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
+        }
+    }
+}
+
+impl Listener {
+    /// A connection slot for a newcomer. When its admission closed another
+    /// stranger to make room, that one's slot is its own: it frees as soon
+    /// as the closed connection's task runs, which the wait gives it time
+    /// to (bounded, and never longer than a frame may take).
+    async fn permit(&self, pass: &Pass) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(permit) = self.limit.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        if !pass.made_room() {
+            return None;
+        }
+        let freed = tokio::time::timeout(
+            self.settings.frame_timeout,
+            self.limit.clone().acquire_owned(),
+        );
+        tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            freed = freed => freed.ok().and_then(Result::ok),
         }
     }
 }
@@ -284,10 +330,44 @@ async fn refuse_busy(socket: TcpStream, settings: Arc<Settings>) {
     let _ = tokio::time::timeout(settings.frame_timeout, refused).await;
 }
 
+/// Refuses a connection over the caps on strangers, at once and without a
+/// task: a flood must cost the central no more than the accept. A
+/// plain-text peer is told `SERVER_BUSY` if the reply fits in the socket's
+/// buffer (it always does, unless the peer is gone); a TLS peer is not
+/// (it would take a plain-text answer for a central without TLS) and
+/// retries as after any dropped connection. Counted in its address's
+/// `auth_failures` summary, not logged one by one.
+fn refuse_stranger(socket: TcpStream, peer: SocketAddr, full: Full, settings: &Settings) {
+    if settings.tls.is_none() {
+        let why = match full {
+            Full::Address => format!(
+                "too many connections from {} have not authenticated yet; try again later",
+                peer.ip()
+            ),
+            Full::Total => {
+                "too many connections have not authenticated yet; try again later".to_string()
+            }
+        };
+        let reply = Reply::Error {
+            code: ErrorCode::ServerBusy,
+            message: why,
+        };
+        let mut frame = bytes::BytesMut::new();
+        if tokio_util::codec::Encoder::encode(&mut ServerCodec::new(), &reply, &mut frame).is_ok() {
+            let _ = socket.try_write(&frame);
+        }
+    }
+    if let Some(report) = settings.guard.refused(peer.ip(), Now::now()) {
+        report.log();
+    }
+}
+
 /// A connection accepted, before its TLS handshake.
 struct Accepted {
     socket: TcpStream,
     peer: SocketAddr,
+    /// Its place among the strangers, until it authenticates.
+    pass: Pass,
     store: Arc<dyn Store>,
     lottery: Lottery,
     shutdown: CancellationToken,
@@ -344,9 +424,15 @@ impl Accepted {
                 }
             }
         };
+        // A client certificate authenticates: no longer a stranger.
+        let pass = match identity {
+            Identity::Certificate(_) => None,
+            Identity::Anonymous => Some(self.pass),
+        };
         Handler::new(
             io,
             identity,
+            pass,
             self.peer,
             self.lottery,
             self.store,

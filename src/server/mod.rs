@@ -13,6 +13,7 @@ mod guard;
 mod handler;
 mod intake;
 mod listener;
+mod strangers;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -97,6 +98,10 @@ struct Settings {
     frame_timeout: Duration,
     /// Time a connection may wait with no request.
     idle_timeout: Duration,
+    /// Time a new connection has to authenticate.
+    auth_timeout: Duration,
+    /// Connections that have not authenticated yet, within their caps.
+    strangers: strangers::Strangers,
     /// Agency and operator secrets; no agency secrets when authentication
     /// is off.
     secrets: Secrets,
@@ -286,7 +291,9 @@ pub async fn run_with_store(
             .as_ref()
             .is_some_and(ServerTls::requires_client_certificates),
         secrets = settings.secrets.agencies.len(),
-        max_connections = config.max_connections
+        max_connections = config.max_connections,
+        max_unauthenticated = settings.strangers.total().min(config.max_connections),
+        max_unauthenticated_per_address = config.max_unauthenticated_per_address
     );
 
     // Summary lines of failed authentications, until the last connection
@@ -431,6 +438,11 @@ fn load_settings(config: &ServerConfig) -> Result<Settings, ServerError> {
     Ok(Settings {
         frame_timeout: config.frame_deadline(),
         idle_timeout: config.idle_deadline(),
+        auth_timeout: config.auth_deadline(),
+        strangers: strangers::Strangers::new(
+            config.max_unauthenticated_per_address,
+            strangers::cap(config.max_connections, config.agencies),
+        ),
         max_frame: config.max_frame,
         secrets: config.load_secrets()?,
         guard: guard::Guard::default(),

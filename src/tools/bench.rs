@@ -222,8 +222,15 @@ fn start_server(
     .env("LOTTERY_CONFIG", "/dev/null")
     .env("SERVER_LISTEN_BACKLOG", "4096")
     .env("SERVER_SECRETS_FILE", &secrets_file)
+    // Every agency connects from loopback, all at once: room for all of
+    // them while they authenticate, from one address and in all (half the
+    // connection limit at most is kept for authenticated ones).
     .env(
         "SERVER_MAX_CONNECTIONS",
+        (2 * (opts.agencies as usize + 64)).to_string(),
+    )
+    .env(
+        "SERVER_MAX_UNAUTHENTICATED_PER_ADDRESS",
         (opts.agencies as usize + 64).to_string(),
     )
     .stdin(Stdio::null())

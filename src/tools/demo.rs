@@ -105,6 +105,12 @@ pub async fn run(
         winning_number: opts.winning_number,
         sync: opts.sync,
         draw_record,
+        // Every agency connects from loopback, all at once: room for all
+        // of them while they authenticate, from one address and in all
+        // (half the connection limit at most is kept for authenticated
+        // ones).
+        max_unauthenticated_per_address: (opts.agencies as usize).max(32),
+        max_connections: (2 * (opts.agencies as usize + 64)).max(1024),
         ..ServerConfig::default()
     };
     let listener = server::bind_addr(
