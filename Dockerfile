@@ -17,12 +17,13 @@
 ARG RUNTIME_BASE=debian:bookworm-slim
 
 FROM ${RUNTIME_BASE} AS runtime-base
-# The bets volume is mounted at /var/lib/lottery/data: a named volume
+# The named volumes are mounted at /var/lib/lottery/data (the central's bets
+# file) and /var/lib/lottery/seals (the agencies' kept seals): a named volume
 # mounted on a folder the image has takes that folder's owner, so the
-# non-root central can write its bets file there (a folder Docker made
-# for the mount would belong to root).
+# non-root programs can write there (a folder Docker made for the mount
+# would belong to root).
 RUN useradd --system --uid 10001 --home-dir /var/lib/lottery --create-home lottery \
- && install -d -o lottery -g lottery /var/lib/lottery/data
+ && install -d -o lottery -g lottery /var/lib/lottery/data /var/lib/lottery/seals
 USER lottery
 WORKDIR /var/lib/lottery
 ENTRYPOINT ["/usr/local/bin/lottery"]

@@ -106,6 +106,11 @@ fn winners_table(container: &str, record: &str) -> BTreeMap<u32, Vec<String>> {
         ],
     );
     assert_eq!(code, 0, "lottery winners: {out}");
+    parse_winners(&out)
+}
+
+/// `lottery winners`' table: agency → documents.
+fn parse_winners(out: &str) -> BTreeMap<u32, Vec<String>> {
     out.lines()
         .skip(2)
         .map(|line| {
@@ -124,6 +129,29 @@ fn winners_table(container: &str, record: &str) -> BTreeMap<u32, Vec<String>> {
             (agency, list)
         })
         .collect()
+}
+
+/// The seal on the first line of `lottery winners` in the central's
+/// container (`draw of … seal HEX`).
+fn winners_seal(container: &str, record: &str) -> String {
+    let (code, out) = exec(
+        container,
+        &[
+            "lottery",
+            "winners",
+            "--config",
+            "/etc/lottery/config.toml",
+            "--record",
+            record,
+        ],
+    );
+    assert_eq!(code, 0, "lottery winners: {out}");
+    out.lines()
+        .next()
+        .and_then(|l| l.rsplit("seal ").next())
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 /// The bets file in the central's container, read with a standard CSV
@@ -156,6 +184,34 @@ fn compose_yaml_runs_the_central_and_five_agencies_in_containers() {
     project.compose_ok(&["up", "-d"]);
 
     agencies_exit_0_with_their_winners(&expect, RUN);
+    // Nothing went wrong, so nothing says it did (the contract's rule), and
+    // each agency kept its round's seal on the `seals` volume.
+    for agency in 1..=5 {
+        let log = logs(&format!("client{agency}"));
+        assert!(!log.contains("result: fail"), "client{agency}:\n{log}");
+    }
+    assert!(
+        !logs("server").contains("result: fail"),
+        "{}",
+        logs("server")
+    );
+    let seal = winners_seal("server", DRAW_RECORD);
+    for agency in 1..=5 {
+        let kept = docker::docker_ok(&[
+            "run",
+            "--rm",
+            "--entrypoint",
+            "cat",
+            "--volume",
+            &format!("{}:/seals:ro", project.volume("seals")),
+            "lottery:latest",
+            &format!("/seals/agency-{agency}.seal"),
+        ]);
+        assert!(
+            kept.contains(&seal),
+            "agency {agency} kept:\n{kept}\nnot the seal {seal}"
+        );
+    }
 
     // The agencies started only once the central was healthy.
     let healthy_at = first_healthy_check("server");
@@ -436,7 +492,55 @@ fn three_centrals_on_postgres_in_containers_survive_a_kill_and_two_cuts() {
         })
         .sum();
     assert_eq!(draws, 1, "sorteo lines across the centrals");
+    operators_commands_on_postgres("central-2", &expect);
     drop(project);
+}
+
+/// `lottery status`, `health`, `verify` and `winners` as an operator runs
+/// them with `docker compose exec` in a central of the PostgreSQL layout:
+/// the tools that read the database get its URL with the password from the
+/// same secret the central's entrypoint reads.
+fn operators_commands_on_postgres(central: &str, expect: &Expected) {
+    let (code, out) = exec(
+        central,
+        &["lottery", "health", "--address", "127.0.0.1:12345"],
+    );
+    assert_eq!((code, out.trim()), (0, "ok"));
+    let (code, status) = exec(
+        central,
+        &["lottery", "status", "--address", "127.0.0.1:12345"],
+    );
+    assert_eq!(code, 0, "{status}");
+    for (agency, rows) in &expect.rows {
+        let line = format!("{agency:>6}  {:>10}  finished", rows.len());
+        assert!(status.contains(&line), "no `{line}` in:\n{status}");
+    }
+    let agencies = expect.rows.len();
+    assert!(
+        status.contains(&format!(
+            "{agencies} of {agencies} agencies finished; draw done"
+        )),
+        "{status}"
+    );
+    let with_database = |tool: &str| {
+        exec(
+            central,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "exec lottery {tool} --config /etc/lottery/config.toml \
+                     --storage \"$SERVER_STORAGE?password=$(cat /run/secrets/postgres)\""
+                ),
+            ],
+        )
+    };
+    let (code, out) = with_database("verify");
+    assert_eq!(code, 0, "lottery verify: {out}");
+    let (code, out) = with_database("winners");
+    assert_eq!(code, 0, "lottery winners: {out}");
+    let table: BTreeMap<u32, Vec<String>> = parse_winners(&out);
+    assert_eq!(table, expect.winners);
 }
 
 /// A primary and its synchronous standby in two containers, one central on

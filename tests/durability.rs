@@ -311,10 +311,22 @@ fn no_stored_count_leaves_before_the_fdatasync_that_covers_it() {
     // Not vacuous: every batch's acknowledgement was seen and checked, and
     // the file was synced.
     let batches = 2 * 2_000 / 20;
-    assert!(
-        checked >= batches,
-        "only {checked} STORED counts seen in the trace, {batches} batches sent"
-    );
+    if checked < batches {
+        // Say what the trace did hold, so that a failure can be read.
+        let sample: Vec<&str> = trace
+            .lines()
+            .filter(|l| l.contains("STORED") || l.contains("fdatasync"))
+            .take(12)
+            .collect();
+        panic!(
+            "only {checked} STORED counts seen in the trace, {batches} batches sent; the trace \
+             has {} lines, {} of them mention STORED; {syncs} syncs seen; sockets named by a \
+             HELLO: {agency_of:?}; a sample:\n{}",
+            trace.lines().count(),
+            trace.lines().filter(|l| l.contains("STORED")).count(),
+            sample.join("\n")
+        );
+    }
     assert!(syncs > 0);
     assert_eq!(written, std::fs::metadata(&storage).unwrap().len());
 }
