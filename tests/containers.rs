@@ -76,6 +76,15 @@ fn under_umask_077(dir: &Path, args: &[&str]) {
     assert!(out.status.success(), "lottery {args:?}: {out:?}");
 }
 
+/// Waits until the central in `container` has logged `n` batches stored.
+fn wait_for_batches(container: &str, n: usize) {
+    wait_for_log(container, &format!("{n} batches stored"), RUN, |log| {
+        log.matches("action: apuesta_recibida | result: success")
+            .count()
+            >= n
+    });
+}
+
 /// Every agency container exited 0 and logged its exact winners' count.
 fn agencies_exit_0_with_their_winners(expect: &Expected, limit: Duration) {
     for (agency, winners) in &expect.winners {
@@ -323,11 +332,7 @@ fn a_central_container_killed_mid_upload_and_started_again_loses_nothing() {
     let project = engine.project(dir.path(), "killed");
     project.compose_ok(&["up", "-d"]);
 
-    wait_for_log("server", "50 batches stored", RUN, |log| {
-        log.matches("action: apuesta_recibida | result: success")
-            .count()
-            >= 50
-    });
+    wait_for_batches("server", 50);
     docker::docker_ok(&["kill", "server"]);
     let running: Vec<u32> = (1..=5)
         .filter(|a| inspect(&format!("client{a}"), "{{.State.Running}}") == "true")
@@ -377,21 +382,9 @@ fn bets_table(container: &str) -> BTreeMap<u32, Vec<common::Row>> {
 
 /// `SELECT count(*) FROM table` in the `postgres` container.
 fn count(container: &str, table: &str) -> u64 {
-    let (code, text) = exec(
-        container,
-        &[
-            "psql",
-            "-U",
-            "lottery",
-            "-d",
-            "lottery",
-            "-At",
-            "-c",
-            &format!("SELECT count(*) FROM {table}"),
-        ],
-    );
-    assert_eq!(code, 0, "counting {table}: {text}");
-    text.trim().parse().unwrap()
+    sql(container, &format!("SELECT count(*) FROM {table}"))
+        .parse()
+        .unwrap()
 }
 
 /// Waits until the `bets` table holds `more` rows more than it did, and
@@ -443,11 +436,7 @@ fn three_centrals_on_postgres_in_containers_survive_a_kill_and_two_cuts() {
     project.compose_ok(&["up", "-d"]);
 
     // One central killed mid-upload, and left dead.
-    wait_for_log("central-1", "30 batches stored", RUN, |log| {
-        log.matches("action: apuesta_recibida | result: success")
-            .count()
-            >= 30
-    });
+    wait_for_batches("central-1", 30);
     docker::docker_ok(&["kill", "central-1"]);
     // Another cut off from the database, then joined again.
     let store = project.network("store");
@@ -686,11 +675,7 @@ fn the_standby_container_promoted_after_the_primary_s_is_killed_loses_no_acknowl
     let project = engine.project(dir.path(), "ha");
     project.compose_ok(&["up", "-d"]);
 
-    wait_for_log("central", "30 batches stored", RUN, |log| {
-        log.matches("action: apuesta_recibida | result: success")
-            .count()
-            >= 30
-    });
+    wait_for_batches("central", 30);
     assert_eq!(
         sql(
             "pg-primary",

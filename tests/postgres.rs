@@ -1301,11 +1301,19 @@ fn a_developer_who_is_not_root_gets_a_cluster_of_their_own() {
         };
         let tmp = tempfile::tempdir().unwrap();
         std::os::unix::fs::chown(tmp.path(), Some(uid), Some(gid)).unwrap();
+        // The build may sit where `nobody` cannot go (a checkout in a
+        // private folder): the test and the binary it runs are copied into
+        // the folder it owns.
+        let test_copy = tmp.path().join("postgres-test");
+        let bin_copy = tmp.path().join("lottery");
+        std::fs::copy(std::env::current_exe().unwrap(), &test_copy).unwrap();
+        std::fs::copy(common::lottery_bin(), &bin_copy).unwrap();
         let out = {
             use std::os::unix::process::CommandExt;
-            Command::new(std::env::current_exe().unwrap())
+            Command::new(&test_copy)
                 .args([TEST, "--exact", "--nocapture", "--test-threads=1"])
                 .env(AS_DEVELOPER, "1")
+                .env("LOTTERY_TEST_BIN", &bin_copy)
                 .env("TMPDIR", tmp.path())
                 .uid(uid)
                 .gid(gid)

@@ -53,8 +53,15 @@ pub fn lottery() -> Command {
 /// `lottery`, run by `wrapper` (a program and its arguments, the lottery
 /// binary's path then its own arguments after them): `strace`, say. The
 /// environment is [`lottery`]'s.
+/// The `lottery` binary under test: cargo's, or a copy named by
+/// `LOTTERY_TEST_BIN` (a test run as another user copies it where that user
+/// can reach it).
+pub fn lottery_bin() -> std::ffi::OsString {
+    std::env::var_os("LOTTERY_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_lottery").into())
+}
+
 pub fn lottery_under(wrapper: &[&str]) -> Command {
-    let bin = env!("CARGO_BIN_EXE_lottery");
+    let bin = lottery_bin();
     let mut cmd = match wrapper.split_first() {
         Some((program, args)) => {
             let mut cmd = Command::new(program);
