@@ -14,6 +14,7 @@ use std::net::{Shutdown, TcpStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::raw::frame;
 use common::*;
 use lottery::tools::gen_data::{generate, GenOptions};
 use nix::sys::signal::Signal;
@@ -32,41 +33,8 @@ fn good2(doc: &str) -> String {
     bet2(doc, "1990-01-01", "7574")
 }
 
-/// A hand-driven connection.
-struct Raw {
-    stream: TcpStream,
-}
-
+/// What these tests ask of a hand-driven connection.
 impl Raw {
-    fn connect(address: &str) -> Raw {
-        let stream = TcpStream::connect(address).unwrap();
-        stream.set_read_timeout(Some(PATIENCE)).unwrap();
-        Raw { stream }
-    }
-
-    /// The local address, as the server's log lines name this peer.
-    fn peer(&self) -> String {
-        format!("peer: {}", self.stream.local_addr().unwrap())
-    }
-
-    fn send_bytes(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).unwrap();
-    }
-
-    fn send(&mut self, payload: &[u8]) {
-        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(payload);
-        self.send_bytes(&frame);
-    }
-
-    fn recv(&mut self) -> Option<String> {
-        let mut header = [0u8; 4];
-        self.stream.read_exact(&mut header).ok()?;
-        let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
-        self.stream.read_exact(&mut payload).ok()?;
-        Some(String::from_utf8(payload).unwrap())
-    }
-
     /// Sends and expects an error reply with `code`; returns the reply.
     fn expect_error(&mut self, payload: &[u8], code: &str) -> String {
         self.send(payload);
@@ -273,9 +241,7 @@ fn batch2(n: usize) -> Vec<u8> {
         ));
     }
     payload.push('\n');
-    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(payload.as_bytes());
-    frame
+    frame(payload.as_bytes())
 }
 
 #[test]
@@ -288,8 +254,7 @@ fn an_oversize_batch_is_refused_and_the_connection_serves_what_follows() {
     // past the first and stays in step for the second.
     let mut both = oversize.clone();
     let valid = format!("BATCH_SIZE:1|BET_1:{}\n", good2("20000001"));
-    both.extend_from_slice(&(valid.len() as u32).to_be_bytes());
-    both.extend_from_slice(valid.as_bytes());
+    both.extend_from_slice(&frame(valid.as_bytes()));
     raw.send_bytes(&both);
     let refusal = format!(
         "STATUS:ERROR|CODE:FRAME_TOO_LARGE|MESSAGE:frame of {} bytes exceeds the 8192-byte \
@@ -338,8 +303,7 @@ fn eof_inside_a_frame_is_logged() {
     let sc = Scenario::start();
     let mut raw = sc.connect();
     let payload = format!("BATCH_SIZE:1|BET_1:{}\n", good2("20000009"));
-    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(payload.as_bytes());
+    let frame = frame(payload.as_bytes());
     raw.send_bytes(&frame[..frame.len() / 2]);
     raw.stream.shutdown(Shutdown::Write).unwrap();
     raw.expect_closed();

@@ -109,37 +109,16 @@ fn hello(address: &str, agency: u32) -> String {
     )
 }
 
-fn connect(address: &str) -> std::net::TcpStream {
-    let stream = std::net::TcpStream::connect(address).unwrap();
-    stream.set_read_timeout(Some(STEP)).unwrap();
-    stream
-}
-
-/// Sends one frame holding `payload`.
-fn send(stream: &mut std::net::TcpStream, payload: &str) {
-    use std::io::Write;
-    stream
-        .write_all(&(payload.len() as u32).to_be_bytes())
-        .unwrap();
-    stream.write_all(payload.as_bytes()).unwrap();
-}
-
-/// The next frame's payload.
-fn receive(stream: &mut std::net::TcpStream) -> String {
-    use std::io::Read;
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).unwrap();
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    stream.read_exact(&mut body).unwrap();
-    String::from_utf8(body).unwrap()
+fn connect(address: &str) -> Raw {
+    Raw::connect_within(address, STEP)
 }
 
 /// Sends one frame holding `payload` and returns the next reply's payload
 /// that is not a still-waiting frame.
-fn exchange(stream: &mut std::net::TcpStream, payload: &str) -> String {
-    send(stream, payload);
+fn exchange(stream: &mut Raw, payload: &str) -> String {
+    stream.send(payload);
     loop {
-        let body = receive(stream);
+        let body = stream.reply();
         if !body.starts_with("STATUS:WAITING") {
             return body;
         }
@@ -1080,7 +1059,7 @@ fn an_agency_without_hello_whose_batch_died_on_one_central_keeps_what_another_ac
             .unwrap();
         client
     });
-    send(&mut on_a, &batch(None, 5..8));
+    on_a.send(batch(None, 5..8));
     let deadline = Instant::now() + STEP;
     let waiting = loop {
         let waiting = pg.query(
@@ -1097,7 +1076,7 @@ fn an_agency_without_hello_whose_batch_died_on_one_central_keeps_what_another_ac
     // A DBA, a pooler or a network cut ends A's backend.
     let pid = waiting[0][0].clone().unwrap();
     pg.query("postgres", &format!("SELECT pg_terminate_backend({pid})"));
-    let refused = receive(&mut on_a);
+    let refused = on_a.reply();
     assert!(
         refused.starts_with("STATUS:ERROR|CODE:STORAGE_FAILED|"),
         "{refused}"
@@ -1255,7 +1234,7 @@ fn a_database_that_holds_a_commit_past_shutdown_is_named_in_the_closing_line() {
     rt.spawn(connection);
     rt.block_on(client.batch_execute("BEGIN; SELECT * FROM agencies WHERE agency = 1 FOR UPDATE"))
         .unwrap();
-    send(&mut agency, &batch(30_000_002));
+    agency.send(batch(30_000_002));
     let deadline = Instant::now() + STEP;
     let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'";
     while pg.query("stuck", waiting)[0][0].as_deref() != Some("1") {
@@ -2121,10 +2100,7 @@ fn an_agency_waiting_on_one_central_is_told_who_finished_on_the_others() {
         let mut stream = connect(address);
         let welcome = exchange(&mut stream, &format!("ACTION:HELLO|AGENCY_ID:{agency}\n"));
         assert!(welcome.starts_with("STATUS:SUCCESS"), "{welcome}");
-        send(
-            &mut stream,
-            &format!("ACTION:BETTING_FINISHED|AGENCY_ID:{agency}\n"),
-        );
+        stream.send(format!("ACTION:BETTING_FINISHED|AGENCY_ID:{agency}\n"));
         stream
     };
     let _one = finish(&a.address(), 1);
@@ -2133,7 +2109,7 @@ fn an_agency_waiting_on_one_central_is_told_who_finished_on_the_others() {
     let mut two = finish(&b.address(), 2);
     // Agency 1 finished on the other central: counted.
     assert_eq!(
-        receive(&mut two),
+        two.reply(),
         "STATUS:WAITING|MESSAGE:waiting for the draw: 2 of 3 agencies finished\n"
     );
     let _ = (stop(&a), stop(&b));

@@ -136,13 +136,12 @@ fn data(agencies: u32) -> tempfile::TempDir {
     dir
 }
 
-/// A hand-driven TLS connection presenting `identity`.
-struct RawTls {
-    stream: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
-}
+/// A hand-driven TLS connection.
+type RawTls = Raw<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>;
 
 impl RawTls {
-    fn connect(address: &str, ca: &Path, identity: (&Path, &Path)) -> RawTls {
+    /// A connection to `address` presenting `identity`, trusting `ca`.
+    fn connect_tls(address: &str, ca: &Path, identity: (&Path, &Path)) -> RawTls {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(ca).unwrap() {
             roots.add(cert.unwrap()).unwrap();
@@ -163,28 +162,11 @@ impl RawTls {
             .unwrap();
         let tcp = TcpStream::connect(address).unwrap();
         tcp.set_read_timeout(Some(PATIENCE)).unwrap();
-        RawTls {
-            stream: rustls::StreamOwned::new(conn, tcp),
-        }
+        Raw::new(rustls::StreamOwned::new(conn, tcp))
     }
 
     fn peer(&self) -> String {
         format!("peer: {}", self.stream.sock.local_addr().unwrap())
-    }
-
-    fn send(&mut self, payload: &[u8]) {
-        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(payload);
-        self.stream.write_all(&frame).unwrap();
-        self.stream.flush().unwrap();
-    }
-
-    fn recv(&mut self) -> Option<String> {
-        let mut header = [0u8; 4];
-        self.stream.read_exact(&mut header).ok()?;
-        let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
-        self.stream.read_exact(&mut payload).ok()?;
-        Some(String::from_utf8(payload).unwrap())
     }
 }
 
@@ -251,7 +233,7 @@ fn mutual_tls_takes_the_agency_from_its_certificate() {
         "BATCH_SIZE:1|BET_1:NOMBRE:Eva\\|APELLIDO:Ruiz\\|DOCUMENTO:1\\|NACIMIENTO:1990-01-01\\|NUMERO:7574\\|AGENCY_ID:1\n",
         "ACTION:BETTING_FINISHED|AGENCY_ID:1\n",
     ] {
-        let mut raw = RawTls::connect(&address, &server_ca.pem, (&two.0, &two.1));
+        let mut raw = RawTls::connect_tls(&address, &server_ca.pem, (&two.0, &two.1));
         raw.send(payload.as_bytes());
         assert_eq!(
             raw.recv().as_deref(),
@@ -440,11 +422,9 @@ fn a_tls_agency_is_told_the_central_does_not_speak_tls() {
     let payload = "STATUS:ERROR|CODE:TLS_UNAVAILABLE|MESSAGE:this central does not speak TLS: \
                    clear agency.tls_ca (CLI_TLS_CA), or give the central server.tls_cert and \
                    server.tls_key\n";
-    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(payload.as_bytes());
     assert_eq!(
         String::from_utf8_lossy(&answer),
-        String::from_utf8_lossy(&frame)
+        String::from_utf8_lossy(&common::raw::frame(payload.as_bytes()))
     );
 }
 
@@ -590,7 +570,7 @@ fn a_refusal_for_another_agency_keeps_reply_order() {
              NACIMIENTO:1990-01-01\\|NUMERO:7574\\|AGENCY_ID:{agency}\n"
         )
     };
-    let mut raw = RawTls::connect(&server.address(), &ca.pem, (&one.0, &one.1));
+    let mut raw = RawTls::connect_tls(&server.address(), &ca.pem, (&one.0, &one.1));
     raw.send(b"ACTION:HELLO|AGENCY_ID:1\n");
     raw.send(bet(1).as_bytes());
     raw.send(bet(2).as_bytes());

@@ -5,6 +5,10 @@
 
 pub mod docker;
 pub mod pg;
+pub mod raw;
+
+#[allow(unused_imports)] // not every test file drives a connection by hand
+pub use raw::Raw;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
