@@ -8,27 +8,21 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use lottery::tools::gen_data::{generate, GenOptions};
+use lottery::tools::gen_data::GenOptions;
 use nix::sys::signal::Signal;
 
 const WINNING: u16 = 7574;
 
 fn data(bets: u64) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    generate(
-        dir.path(),
-        &GenOptions {
-            agencies: 1,
-            bets_per_agency: bets,
-            seed: 13,
-            winning_number: WINNING,
-            winner_share: 0.01,
-            tricky_share: 0.01,
-            crlf: false,
-        },
-    )
-    .unwrap();
-    dir
+    gen_data(GenOptions {
+        agencies: 1,
+        bets_per_agency: bets,
+        seed: 13,
+        winning_number: WINNING,
+        winner_share: 0.01,
+        tricky_share: 0.01,
+        crlf: false,
+    })
 }
 
 /// Waits for agency 1 to succeed, then checks that the bets file holds its

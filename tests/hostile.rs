@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::raw::frame;
 use common::*;
-use lottery::tools::gen_data::{generate, GenOptions};
+use lottery::tools::gen_data::GenOptions;
 use nix::sys::signal::Signal;
 
 const WINNING: u16 = 7574;
@@ -77,20 +77,15 @@ impl Scenario {
 
     /// With extra environment for the server and for the honest agency.
     fn start_with(server_env: &[(&str, String)], agency_env: &[(&str, String)]) -> Scenario {
-        let data = tempfile::tempdir().unwrap();
-        generate(
-            data.path(),
-            &GenOptions {
-                agencies: 1,
-                bets_per_agency: 3_000,
-                seed: 5,
-                winning_number: WINNING,
-                winner_share: 0.01,
-                tricky_share: 0.02,
-                crlf: false,
-            },
-        )
-        .unwrap();
+        let data = gen_data(GenOptions {
+            agencies: 1,
+            bets_per_agency: 3_000,
+            seed: 5,
+            winning_number: WINNING,
+            winner_share: 0.01,
+            tricky_share: 0.02,
+            crlf: false,
+        });
         let work = tempfile::tempdir().unwrap();
         let server = start_server(work.path(), server_env);
         let mut cmd = agency_command(
@@ -737,20 +732,15 @@ fn idle_connection_is_closed_but_waiting_for_the_draw_is_not_idle() {
 #[test]
 fn ten_thousand_junk_connections_during_an_honest_run() {
     const AGENCIES: u32 = 5;
-    let data = tempfile::tempdir().unwrap();
-    generate(
-        data.path(),
-        &GenOptions {
-            agencies: AGENCIES,
-            bets_per_agency: 20_000,
-            seed: 6,
-            winning_number: WINNING,
-            winner_share: 0.005,
-            tricky_share: 0.01,
-            crlf: false,
-        },
-    )
-    .unwrap();
+    let data = gen_data(GenOptions {
+        agencies: AGENCIES,
+        bets_per_agency: 20_000,
+        seed: 6,
+        winning_number: WINNING,
+        winner_share: 0.005,
+        tricky_share: 0.01,
+        crlf: false,
+    });
     let work = tempfile::tempdir().unwrap();
     let storage = work.path().join("bets.csv");
     // A central facing floods gets a deep accept queue (the default of 5
@@ -921,20 +911,15 @@ fn a_stranger_can_neither_finish_an_agency_nor_read_its_winners() {
     }
     // Nothing of it counted: both agencies upload all their bets (no
     // AGENCY_FINISHED) and get exactly their own winners.
-    let data = tempfile::tempdir().unwrap();
-    generate(
-        data.path(),
-        &GenOptions {
-            agencies: 2,
-            bets_per_agency: 500,
-            seed: 12,
-            winning_number: WINNING,
-            winner_share: 0.02,
-            tricky_share: 0.0,
-            crlf: false,
-        },
-    )
-    .unwrap();
+    let data = gen_data(GenOptions {
+        agencies: 2,
+        bets_per_agency: 500,
+        seed: 12,
+        winning_number: WINNING,
+        winner_share: 0.02,
+        tricky_share: 0.0,
+        crlf: false,
+    });
     let agencies: Vec<Proc> = (1..=2)
         .map(|id| {
             let mut cmd = agency_command(

@@ -14,28 +14,22 @@ use std::time::{Duration, Instant};
 use common::pg::{CommitRelay, Lose, PgCluster};
 use common::*;
 use lottery::receipt::Receipt;
-use lottery::tools::gen_data::{generate, GenOptions};
+use lottery::tools::gen_data::GenOptions;
 use nix::sys::signal::Signal;
 
 const WINNING: u16 = 7574;
 
 fn generated(agencies: u32, bets_per_agency: u64) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    generate(
-        dir.path(),
-        &GenOptions {
-            agencies,
-            bets_per_agency,
-            seed: 1300 + u64::from(agencies),
-            winning_number: WINNING,
-            winner_share: 0.01,
-            // Names with commas, quotes, `|`, `:`, `\` and accents.
-            tricky_share: 0.05,
-            crlf: false,
-        },
-    )
-    .unwrap();
-    dir
+    gen_data(GenOptions {
+        agencies,
+        bets_per_agency,
+        seed: 1300 + u64::from(agencies),
+        winning_number: WINNING,
+        winner_share: 0.01,
+        // Names with commas, quotes, `|`, `:`, `\` and accents.
+        tricky_share: 0.05,
+        crlf: false,
+    })
 }
 
 /// `lottery server` on port 0 storing into the database at `url`.

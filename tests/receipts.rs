@@ -9,7 +9,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use common::*;
-use lottery::tools::gen_data::{generate, GenOptions};
+use lottery::tools::gen_data::GenOptions;
 use nix::sys::signal::Signal;
 
 const WINNING: u16 = 7574;
@@ -17,21 +17,15 @@ const WINNING: u16 = 7574;
 /// Data for `agencies` agencies, with many winners (so that every agency
 /// has some) and names holding the protocol's own characters.
 fn data(agencies: u32, bets: u64, seed: u64) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    generate(
-        dir.path(),
-        &GenOptions {
-            agencies,
-            bets_per_agency: bets,
-            seed,
-            winning_number: WINNING,
-            winner_share: 0.02,
-            tricky_share: 0.2,
-            crlf: false,
-        },
-    )
-    .unwrap();
-    dir
+    gen_data(GenOptions {
+        agencies,
+        bets_per_agency: bets,
+        seed,
+        winning_number: WINNING,
+        winner_share: 0.02,
+        tricky_share: 0.2,
+        crlf: false,
+    })
 }
 
 /// One agency's seal line: (seal, bets, digest).

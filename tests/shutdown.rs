@@ -89,15 +89,7 @@ fn server_sigint_when_idle_exits_0() {
 fn agency_sigterm_mid_upload_exits_0() {
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("agency-1.csv");
-    let mut text = String::new();
-    for i in 0..1_000 {
-        text.push_str(&format!(
-            "Ana,Pérez,{},1999-03-17,{}\n",
-            10_000_000 + i,
-            i % 10_000
-        ));
-    }
-    std::fs::write(&data, text).unwrap();
+    std::fs::write(&data, ana_bets(1_000, |i| i % 10_000, "\n")).unwrap();
 
     // A stand-in central that acknowledges the first batch and then goes
     // quiet, holding the agency mid-upload.

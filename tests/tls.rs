@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use lottery::tools::gen_data::{generate, GenOptions};
+use lottery::tools::gen_data::GenOptions;
 use nix::sys::signal::Signal;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
@@ -52,6 +52,15 @@ impl Ca {
             .unwrap();
         write_pair(dir, stem, &cert, &key)
     }
+}
+
+/// A folder holding an authority (`ca.pem`) and the certificate and key
+/// for `localhost` it issued the central (`server.pem`, `server.key`).
+fn central_pki() -> (tempfile::TempDir, Ca, (PathBuf, PathBuf)) {
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new(pki.path(), "ca");
+    let central = ca.issue(pki.path(), "server", &["localhost"]);
+    (pki, ca, central)
 }
 
 fn write_pair(
@@ -119,21 +128,15 @@ fn refused(agency: Proc) -> String {
 }
 
 fn data(agencies: u32) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    generate(
-        dir.path(),
-        &GenOptions {
-            agencies,
-            bets_per_agency: 500,
-            seed: 12,
-            winning_number: WINNING,
-            winner_share: 0.02,
-            tricky_share: 0.02,
-            crlf: false,
-        },
-    )
-    .unwrap();
-    dir
+    gen_data(GenOptions {
+        agencies,
+        bets_per_agency: 500,
+        seed: 12,
+        winning_number: WINNING,
+        winner_share: 0.02,
+        tricky_share: 0.02,
+        crlf: false,
+    })
 }
 
 /// A hand-driven TLS connection.
@@ -338,9 +341,7 @@ fn alerting_server() -> String {
 /// with that message.
 #[test]
 fn a_plain_text_agency_is_told_the_central_speaks_tls() {
-    let pki = tempfile::tempdir().unwrap();
-    let ca = Ca::new(pki.path(), "ca");
-    let (cert, key) = ca.issue(pki.path(), "server", &["localhost"]);
+    let (_pki, _ca, (cert, key)) = central_pki();
     let work = tempfile::tempdir().unwrap();
     let data = data(1);
     let server = server(
@@ -549,10 +550,8 @@ fn a_self_signed_certificate_is_its_own_authority() {
 /// of a message naming another agency: replies keep request order.
 #[test]
 fn a_refusal_for_another_agency_keeps_reply_order() {
-    let pki = tempfile::tempdir().unwrap();
+    let (pki, ca, (cert, key)) = central_pki();
     let dir = pki.path();
-    let ca = Ca::new(dir, "ca");
-    let (cert, key) = ca.issue(dir, "server", &["localhost"]);
     let one = ca.issue(dir, "agency-1", &["agency-1"]);
     let work = tempfile::tempdir().unwrap();
     let server = server(
@@ -597,9 +596,7 @@ fn a_refusal_for_another_agency_keeps_reply_order() {
 /// of the address actually dialled, not of the setting's first entry.
 #[test]
 fn the_certificate_name_follows_the_address_dialled() {
-    let pki = tempfile::tempdir().unwrap();
-    let ca = Ca::new(pki.path(), "ca");
-    let (cert, key) = ca.issue(pki.path(), "server", &["localhost"]);
+    let (_pki, ca, (cert, key)) = central_pki();
     let work = tempfile::tempdir().unwrap();
     let data = data(1);
     let server = server(
@@ -643,10 +640,7 @@ fn the_certificate_name_follows_the_address_dialled() {
 /// central for one that does not speak TLS) and gets in once a slot frees.
 #[test]
 fn a_busy_tls_central_says_so_in_tls_and_the_agency_retries() {
-    let pki = tempfile::tempdir().unwrap();
-    let dir = pki.path();
-    let ca = Ca::new(dir, "ca");
-    let (cert, key) = ca.issue(dir, "server", &["localhost"]);
+    let (_pki, ca, (cert, key)) = central_pki();
     let work = tempfile::tempdir().unwrap();
     let data = data(1);
     let mut cmd = lottery();
@@ -690,10 +684,7 @@ fn a_busy_tls_central_says_so_in_tls_and_the_agency_retries() {
 /// handshaken: a flood of connections costs no CPU in handshakes.
 #[test]
 fn a_busy_tls_central_handshakes_only_a_few_refusals_at_once() {
-    let pki = tempfile::tempdir().unwrap();
-    let dir = pki.path();
-    let ca = Ca::new(dir, "ca");
-    let (cert, key) = ca.issue(dir, "server", &["localhost"]);
+    let (_pki, _ca, (cert, key)) = central_pki();
     let work = tempfile::tempdir().unwrap();
     let mut cmd = lottery();
     cmd.arg("server")
