@@ -112,14 +112,7 @@ fn malformed_data_line_stops_the_agency_naming_file_and_line() {
     let storage = work.path().join("bets.csv");
     let server = Server::start(&storage, 1, 7574);
     let data = work.path().join("agency-1.csv");
-    let mut text_in = String::new();
-    for i in 0..100 {
-        text_in.push_str(&format!(
-            "Ana,Pérez,{},1999-03-17,{}\r\n",
-            10_000_000 + i,
-            i
-        ));
-    }
+    let mut text_in = ana_bets(100, |i| i, "\r\n");
     text_in.push_str("Bob,Lee,12345,1999-02-30,6\r\n");
     std::fs::write(&data, text_in).unwrap();
     let agency = start_agency(1, &server.address(), &data, &work.path().join("w.txt"));
@@ -456,14 +449,7 @@ fn a_fatal_error_is_said_once_in_a_terminal() {
 fn in_a_terminal_log_lines_are_written_around_the_progress_bar() {
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("agency-1.csv");
-    let mut bets = String::new();
-    for i in 0..3_000 {
-        let number = if i == 0 { 7574 } else { i };
-        bets.push_str(&format!(
-            "Ana,Pérez,{},1999-03-17,{number}\n",
-            10_000_000 + i
-        ));
-    }
+    let bets = ana_bets(3_000, |i| if i == 0 { 7574 } else { i }, "\n");
     std::fs::write(&data, bets).unwrap();
     let server = Server::start(&work.path().join("bets.csv"), 1, 7574);
     let winners = work.path().join("winners.txt");

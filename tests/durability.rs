@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use lottery::tools::gen_data::{generate, GenOptions};
+use lottery::tools::gen_data::GenOptions;
 
 const WINNING: u16 = 7574;
 
@@ -193,20 +193,15 @@ fn no_stored_count_leaves_before_the_fdatasync_that_covers_it() {
         return;
     }
     const AGENCIES: u32 = 2;
-    let data = tempfile::tempdir().unwrap();
-    generate(
-        data.path(),
-        &GenOptions {
-            agencies: AGENCIES,
-            bets_per_agency: 2_000,
-            seed: 21,
-            winning_number: WINNING,
-            winner_share: 0.01,
-            tricky_share: 0.05,
-            crlf: false,
-        },
-    )
-    .unwrap();
+    let data = gen_data(GenOptions {
+        agencies: AGENCIES,
+        bets_per_agency: 2_000,
+        seed: 21,
+        winning_number: WINNING,
+        winner_share: 0.01,
+        tricky_share: 0.05,
+        crlf: false,
+    });
     let work = tempfile::tempdir().unwrap();
     let storage = work.path().join("bets.csv");
     let trace_path = work.path().join("server.trace");

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use lottery::tools::gen_data::{generate, GenOptions};
+use lottery::tools::gen_data::GenOptions;
 use nix::sys::signal::Signal;
 
 /// Runs a whole lottery over the files in `data` and checks everything a
@@ -96,21 +96,15 @@ fn run_lottery(data: &Path, agencies: u32, winning_number: u16) -> Vec<usize> {
 }
 
 fn generated(agencies: u32, bets_per_agency: u64, crlf: bool) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    generate(
-        dir.path(),
-        &GenOptions {
-            agencies,
-            bets_per_agency,
-            seed: 42 + u64::from(agencies),
-            winning_number: 7574,
-            winner_share: 0.01,
-            tricky_share: 0.02,
-            crlf,
-        },
-    )
-    .unwrap();
-    dir
+    gen_data(GenOptions {
+        agencies,
+        bets_per_agency,
+        seed: 42 + u64::from(agencies),
+        winning_number: 7574,
+        winner_share: 0.01,
+        tricky_share: 0.02,
+        crlf,
+    })
 }
 
 #[test]

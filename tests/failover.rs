@@ -4,33 +4,25 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use lottery::tools::gen_data::{generate, GenOptions};
+use lottery::tools::gen_data::GenOptions;
 use nix::sys::signal::Signal;
 
 const WINNING: u16 = 7574;
 
 fn data(bets: u64) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    generate(
-        dir.path(),
-        &GenOptions {
-            agencies: 1,
-            bets_per_agency: bets,
-            seed: 13,
-            winning_number: WINNING,
-            winner_share: 0.01,
-            tricky_share: 0.01,
-            crlf: false,
-        },
-    )
-    .unwrap();
-    dir
+    gen_data(GenOptions {
+        agencies: 1,
+        bets_per_agency: bets,
+        seed: 13,
+        winning_number: WINNING,
+        winner_share: 0.01,
+        tricky_share: 0.01,
+        crlf: false,
+    })
 }
 
 /// Waits for agency 1 to succeed, then checks that the bets file holds its
@@ -204,16 +196,9 @@ fn a_central_that_refuses_as_busy_is_left_for_the_next() {
         .env("SERVER_MAX_CONNECTIONS", "1");
     let busy = Server::spawn(cmd);
     // Take its one connection, and know it is taken: it answers a PING.
-    let mut held = TcpStream::connect(busy.address()).unwrap();
-    let ping = b"ACTION:PING\n";
-    held.write_all(&(ping.len() as u32).to_be_bytes()).unwrap();
-    held.write_all(ping).unwrap();
-    held.set_read_timeout(Some(STEP)).unwrap();
-    let mut header = [0u8; 4];
-    held.read_exact(&mut header).unwrap();
-    let mut pong = vec![0u8; u32::from_be_bytes(header) as usize];
-    held.read_exact(&mut pong).unwrap();
-    assert_eq!(pong, b"STATUS:SUCCESS|MESSAGE:pong\n");
+    let mut held = Raw::connect_within(&busy.address(), STEP);
+    held.send("ACTION:PING\n");
+    assert_eq!(held.reply(), "STATUS:SUCCESS|MESSAGE:pong\n");
 
     let storage = work.path().join("bets.csv");
     let server = Server::start(&storage, 1, WINNING);
@@ -339,21 +324,6 @@ fn a_bad_address_in_the_list_is_a_usage_error_naming_it() {
     );
 }
 
-/// Reads one frame's payload, or `None` once the peer closed.
-fn read_frame(stream: &mut TcpStream) -> Option<String> {
-    let mut header = [0u8; 4];
-    stream.read_exact(&mut header).ok()?;
-    let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
-    stream.read_exact(&mut payload).ok()?;
-    Some(String::from_utf8(payload).unwrap())
-}
-
-fn write_frame(stream: &mut TcpStream, payload: &str) {
-    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(payload.as_bytes());
-    stream.write_all(&frame).unwrap();
-}
-
 /// A batch refused with `STORAGE_FAILED` was not stored: the agency must
 /// resume from the central's count (a new connection, HELLO) and send it
 /// again, never announce that it finished right after it, which would let
@@ -383,10 +353,10 @@ fn an_agency_whose_last_batch_failed_to_store_resumes_before_it_announces_the_en
         let mut held = 0usize;
         let mut refused_once = false;
         for conn in listener.incoming() {
-            let mut conn = conn.unwrap();
+            let mut conn = Raw::new(conn.unwrap());
             let mut this = Vec::new();
             let mut done = false;
-            while let Some(payload) = read_frame(&mut conn) {
+            while let Some(payload) = conn.recv() {
                 let fields: std::collections::HashMap<&str, &str> = payload
                     .trim_end()
                     .split('|')
@@ -420,7 +390,7 @@ fn an_agency_whose_last_batch_failed_to_store_resumes_before_it_announces_the_en
                         "STATUS:SUCCESS|WINNERS:{winners}|STORED:{held}|DIGEST:{digest}|SEAL:{digest}\n"
                     )
                 };
-                write_frame(&mut conn, &reply);
+                conn.send(&reply);
             }
             said.push(this);
             if done {

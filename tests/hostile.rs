@@ -14,8 +14,9 @@ use std::net::{Shutdown, TcpStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::raw::frame;
 use common::*;
-use lottery::tools::gen_data::{generate, GenOptions};
+use lottery::tools::gen_data::GenOptions;
 use nix::sys::signal::Signal;
 
 const WINNING: u16 = 7574;
@@ -32,41 +33,8 @@ fn good2(doc: &str) -> String {
     bet2(doc, "1990-01-01", "7574")
 }
 
-/// A hand-driven connection.
-struct Raw {
-    stream: TcpStream,
-}
-
+/// What these tests ask of a hand-driven connection.
 impl Raw {
-    fn connect(address: &str) -> Raw {
-        let stream = TcpStream::connect(address).unwrap();
-        stream.set_read_timeout(Some(PATIENCE)).unwrap();
-        Raw { stream }
-    }
-
-    /// The local address, as the server's log lines name this peer.
-    fn peer(&self) -> String {
-        format!("peer: {}", self.stream.local_addr().unwrap())
-    }
-
-    fn send_bytes(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).unwrap();
-    }
-
-    fn send(&mut self, payload: &[u8]) {
-        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(payload);
-        self.send_bytes(&frame);
-    }
-
-    fn recv(&mut self) -> Option<String> {
-        let mut header = [0u8; 4];
-        self.stream.read_exact(&mut header).ok()?;
-        let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
-        self.stream.read_exact(&mut payload).ok()?;
-        Some(String::from_utf8(payload).unwrap())
-    }
-
     /// Sends and expects an error reply with `code`; returns the reply.
     fn expect_error(&mut self, payload: &[u8], code: &str) -> String {
         self.send(payload);
@@ -109,20 +77,15 @@ impl Scenario {
 
     /// With extra environment for the server and for the honest agency.
     fn start_with(server_env: &[(&str, String)], agency_env: &[(&str, String)]) -> Scenario {
-        let data = tempfile::tempdir().unwrap();
-        generate(
-            data.path(),
-            &GenOptions {
-                agencies: 1,
-                bets_per_agency: 3_000,
-                seed: 5,
-                winning_number: WINNING,
-                winner_share: 0.01,
-                tricky_share: 0.02,
-                crlf: false,
-            },
-        )
-        .unwrap();
+        let data = gen_data(GenOptions {
+            agencies: 1,
+            bets_per_agency: 3_000,
+            seed: 5,
+            winning_number: WINNING,
+            winner_share: 0.01,
+            tricky_share: 0.02,
+            crlf: false,
+        });
         let work = tempfile::tempdir().unwrap();
         let server = start_server(work.path(), server_env);
         let mut cmd = agency_command(
@@ -273,9 +236,7 @@ fn batch2(n: usize) -> Vec<u8> {
         ));
     }
     payload.push('\n');
-    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(payload.as_bytes());
-    frame
+    frame(payload.as_bytes())
 }
 
 #[test]
@@ -288,8 +249,7 @@ fn an_oversize_batch_is_refused_and_the_connection_serves_what_follows() {
     // past the first and stays in step for the second.
     let mut both = oversize.clone();
     let valid = format!("BATCH_SIZE:1|BET_1:{}\n", good2("20000001"));
-    both.extend_from_slice(&(valid.len() as u32).to_be_bytes());
-    both.extend_from_slice(valid.as_bytes());
+    both.extend_from_slice(&frame(valid.as_bytes()));
     raw.send_bytes(&both);
     let refusal = format!(
         "STATUS:ERROR|CODE:FRAME_TOO_LARGE|MESSAGE:frame of {} bytes exceeds the 8192-byte \
@@ -338,8 +298,7 @@ fn eof_inside_a_frame_is_logged() {
     let sc = Scenario::start();
     let mut raw = sc.connect();
     let payload = format!("BATCH_SIZE:1|BET_1:{}\n", good2("20000009"));
-    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(payload.as_bytes());
+    let frame = frame(payload.as_bytes());
     raw.send_bytes(&frame[..frame.len() / 2]);
     raw.stream.shutdown(Shutdown::Write).unwrap();
     raw.expect_closed();
@@ -773,20 +732,15 @@ fn idle_connection_is_closed_but_waiting_for_the_draw_is_not_idle() {
 #[test]
 fn ten_thousand_junk_connections_during_an_honest_run() {
     const AGENCIES: u32 = 5;
-    let data = tempfile::tempdir().unwrap();
-    generate(
-        data.path(),
-        &GenOptions {
-            agencies: AGENCIES,
-            bets_per_agency: 20_000,
-            seed: 6,
-            winning_number: WINNING,
-            winner_share: 0.005,
-            tricky_share: 0.01,
-            crlf: false,
-        },
-    )
-    .unwrap();
+    let data = gen_data(GenOptions {
+        agencies: AGENCIES,
+        bets_per_agency: 20_000,
+        seed: 6,
+        winning_number: WINNING,
+        winner_share: 0.005,
+        tricky_share: 0.01,
+        crlf: false,
+    });
     let work = tempfile::tempdir().unwrap();
     let storage = work.path().join("bets.csv");
     // A central facing floods gets a deep accept queue (the default of 5
@@ -1003,20 +957,15 @@ fn a_stranger_can_neither_finish_an_agency_nor_read_its_winners() {
     }
     // Nothing of it counted: both agencies upload all their bets (no
     // AGENCY_FINISHED) and get exactly their own winners.
-    let data = tempfile::tempdir().unwrap();
-    generate(
-        data.path(),
-        &GenOptions {
-            agencies: 2,
-            bets_per_agency: 500,
-            seed: 12,
-            winning_number: WINNING,
-            winner_share: 0.02,
-            tricky_share: 0.0,
-            crlf: false,
-        },
-    )
-    .unwrap();
+    let data = gen_data(GenOptions {
+        agencies: 2,
+        bets_per_agency: 500,
+        seed: 12,
+        winning_number: WINNING,
+        winner_share: 0.02,
+        tricky_share: 0.0,
+        crlf: false,
+    });
     let agencies: Vec<Proc> = (1..=2)
         .map(|id| {
             let mut cmd = agency_command(
@@ -1318,20 +1267,15 @@ fn strangers_from_a_few_addresses_cannot_shut_an_honest_agency_out() {
             strangers.push(connect_from(host, server.port));
         }
     }
-    let data = tempfile::tempdir().unwrap();
-    generate(
-        data.path(),
-        &GenOptions {
-            agencies: 1,
-            bets_per_agency: 500,
-            seed: 21,
-            winning_number: WINNING,
-            winner_share: 0.02,
-            tricky_share: 0.0,
-            crlf: false,
-        },
-    )
-    .unwrap();
+    let data = gen_data(GenOptions {
+        agencies: 1,
+        bets_per_agency: 500,
+        seed: 21,
+        winning_number: WINNING,
+        winner_share: 0.02,
+        tricky_share: 0.0,
+        crlf: false,
+    });
     let winners = dir.path().join("winners-1.txt");
     let mut cmd = agency_command(1, &server.address(), &data_file(data.path(), 1), &winners);
     cmd.env("CLI_SECRET_FILE", secrets.join("agency-1.secret"));

@@ -2,17 +2,20 @@
 //! doing: a store whose draw tally and close never complete must not hold
 //! `server::run` past its deadlines.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::{self, BoxFuture, FutureExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use common::raw::write_frame;
 use lottery::config::ServerConfig;
 use lottery::logging::ContractFormat;
 use lottery::model::Bets;
@@ -95,12 +98,6 @@ impl Lines {
     }
 }
 
-async fn send(stream: &mut TcpStream, payload: &str) {
-    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(payload.as_bytes());
-    stream.write_all(&frame).await.unwrap();
-}
-
 // Single-threaded, so the thread-local subscriber sees every task's events.
 #[tokio::test(flavor = "current_thread")]
 async fn hung_store_does_not_hold_shutdown() {
@@ -134,7 +131,7 @@ async fn hung_store_does_not_hold_shutdown() {
 
     // The only agency finishes: the draw starts, and its tally hangs.
     let mut waiting = TcpStream::connect(addr).await.unwrap();
-    send(&mut waiting, "ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    write_frame(&mut waiting, "ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
     lines
         .wait_for("action: agencia_finalizada | result: success | agency: 1")
         .await;

@@ -7,37 +7,14 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use common::{
-    agency_command, data_file, expected, lottery, read_winners, stored, Proc, Row, Server,
+    agency_command, data_file, expected, lottery, read_winners, stored, Proc, Raw, Row, Server,
     PATIENCE, STEP,
 };
-
-/// Writes one frame: the 4-byte big-endian length, then the payload.
-fn send(stream: &mut TcpStream, payload: &[u8]) {
-    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(payload);
-    stream.write_all(&frame).unwrap();
-}
-
-/// Reads one frame's payload; `None` once the peer has closed.
-fn recv(stream: &mut TcpStream) -> Option<String> {
-    let mut header = [0u8; 4];
-    stream.read_exact(&mut header).ok()?;
-    let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
-    stream.read_exact(&mut payload).ok()?;
-    Some(String::from_utf8(payload).unwrap())
-}
-
-fn connect(address: &str) -> TcpStream {
-    let stream = TcpStream::connect(address).unwrap();
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    stream
-}
 
 /// The size of the frames the reference agency sends at batch size 72 on
 /// the real data: 40 bytes over the contract's limit.
@@ -106,12 +83,12 @@ fn a_legacy_frame_is_refused_by_default_saying_which_setting_lets_it_in_and_the_
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path(), None);
     let (payload, _) = legacy_batch();
-    let mut stream = connect(&server.address());
-    send(&mut stream, payload.as_bytes());
+    let mut stream = Raw::connect(&server.address());
+    stream.send(payload.as_bytes());
     let advice = "frame of 8232 bytes exceeds the 8192-byte limit; to accept larger \
                   frames from legacy agencies, raise server.max_frame (SERVER_MAX_FRAME)";
     assert_eq!(
-        recv(&mut stream).as_deref(),
+        stream.recv().as_deref(),
         Some(format!("STATUS:ERROR|CODE:FRAME_TOO_LARGE|MESSAGE:{advice}\n").as_str())
     );
     let line = server.proc.wait_for("code: FRAME_TOO_LARGE");
@@ -123,11 +100,8 @@ fn a_legacy_frame_is_refused_by_default_saying_which_setting_lets_it_in_and_the_
     );
     // The connection goes on: the agency's announcement is served, and with
     // nothing stored, the draw gives it no winners.
-    send(&mut stream, b"ACTION:FINISH_BETTING|AGENCY_ID:1\n");
-    assert_eq!(
-        recv(&mut stream).as_deref(),
-        Some("STATUS:SUCCESS|WINNERS:\n")
-    );
+    stream.send(b"ACTION:FINISH_BETTING|AGENCY_ID:1\n");
+    assert_eq!(stream.recv().as_deref(), Some("STATUS:SUCCESS|WINNERS:\n"));
     let bets = std::fs::read_to_string(dir.path().join("bets.csv")).unwrap_or_default();
     assert_eq!(bets, "", "nothing of the refused batch is stored");
 }
@@ -137,21 +111,21 @@ fn a_legacy_frame_is_stored_exactly_when_max_frame_allows_it() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path(), Some(9000));
     let (payload, rows) = legacy_batch();
-    let mut stream = connect(&server.address());
-    send(&mut stream, payload.as_bytes());
-    let ack = recv(&mut stream).unwrap();
+    let mut stream = Raw::connect(&server.address());
+    stream.send(payload.as_bytes());
+    let ack = stream.recv().unwrap();
     assert!(
         ack.starts_with("STATUS:SUCCESS|MESSAGE:stored 72 bets"),
         "{ack}"
     );
-    send(&mut stream, b"ACTION:FINISH_BETTING|AGENCY_ID:1\n");
+    stream.send(b"ACTION:FINISH_BETTING|AGENCY_ID:1\n");
     let winners: Vec<&str> = rows
         .iter()
         .filter(|r| r[5] == "7574")
         .map(|r| r[3].as_str())
         .collect();
     assert_eq!(
-        recv(&mut stream).unwrap(),
+        stream.recv().unwrap(),
         format!("STATUS:SUCCESS|WINNERS:{}\n", winners.join(","))
     );
     assert_eq!(stored(&dir.path().join("bets.csv"))[&1], rows);
@@ -207,7 +181,7 @@ struct Seen {
     /// every `ACTION` it ignored (`HELLO`, `BETTING_FINISHED`, …).
     ignored: Vec<String>,
     /// Agencies waiting for the draw, with their connections.
-    waiting: Vec<(u32, TcpStream)>,
+    waiting: Vec<(u32, Raw)>,
 }
 
 /// A central that behaves as the design's reference central does, as the
@@ -230,8 +204,9 @@ fn fake_reference_central(agencies: u32) -> (String, Arc<Mutex<Seen>>) {
     (address, seen)
 }
 
-fn serve_reference(mut stream: TcpStream, agencies: u32, seen: &Mutex<Seen>) {
-    while let Some(payload) = recv(&mut stream) {
+fn serve_reference(stream: TcpStream, agencies: u32, seen: &Mutex<Seen>) {
+    let mut stream = Raw::new(stream);
+    while let Some(payload) = stream.recv() {
         let keys = pairs(&payload);
         let mut seen = seen.lock().unwrap();
         if let Some(size) = keys.get("BATCH_SIZE") {
@@ -258,10 +233,11 @@ fn serve_reference(mut stream: TcpStream, agencies: u32, seen: &Mutex<Seen>) {
                     .push(row);
             }
             let reply = format!("STATUS:SUCCESS|MESSAGE:Batch de {size} apuestas procesado\n");
-            send(&mut stream, reply.as_bytes());
+            stream.send(reply.as_bytes());
         } else if keys.get("ACTION").map(String::as_str) == Some("FINISH_BETTING") {
             let agency = keys["AGENCY_ID"].parse().unwrap();
-            seen.waiting.push((agency, stream.try_clone().unwrap()));
+            seen.waiting
+                .push((agency, Raw::new(stream.stream.try_clone().unwrap())));
             if seen.waiting.len() == agencies as usize {
                 let Seen { rows, waiting, .. } = &mut *seen;
                 for (agency, stream) in waiting.iter_mut() {
@@ -271,7 +247,7 @@ fn serve_reference(mut stream: TcpStream, agencies: u32, seen: &Mutex<Seen>) {
                         .map(|r| r[3].as_str())
                         .collect();
                     let reply = format!("STATUS:SUCCESS|WINNERS:{}\n", winners.join(","));
-                    send(stream, reply.as_bytes());
+                    stream.send(reply.as_bytes());
                 }
             }
         } else {
@@ -466,12 +442,13 @@ fn only_agencies_that_said_hello_are_told_the_central_is_still_waiting() {
         )
     };
     // Agency 2 speaks as the design's agencies do: no HELLO.
-    let mut legacy = connect(&server.address());
-    send(&mut legacy, one_bet(2, 22222222).as_bytes());
-    assert!(recv(&mut legacy)
+    let mut legacy = Raw::connect(&server.address());
+    legacy.send(one_bet(2, 22222222).as_bytes());
+    assert!(legacy
+        .recv()
         .unwrap()
         .starts_with("STATUS:SUCCESS|MESSAGE:stored 1 bets"));
-    send(&mut legacy, b"ACTION:FINISH_BETTING|AGENCY_ID:2\n");
+    legacy.send(b"ACTION:FINISH_BETTING|AGENCY_ID:2\n");
     // Agency 1 is ours, with a reply deadline shorter than the wait.
     write_data(dir.path(), 1, 20);
     let out = dir.path().join("winners-1.txt");
@@ -484,22 +461,17 @@ fn only_agencies_that_said_hello_are_told_the_central_is_still_waiting() {
         "{waiting}"
     );
     // Agency 3 finishes: the draw.
-    let mut last = connect(&server.address());
-    send(&mut last, one_bet(3, 33333333).as_bytes());
-    assert!(recv(&mut last)
+    let mut last = Raw::connect(&server.address());
+    last.send(one_bet(3, 33333333).as_bytes());
+    assert!(last
+        .recv()
         .unwrap()
         .starts_with("STATUS:SUCCESS|MESSAGE:stored 1 bets"));
-    send(&mut last, b"ACTION:BETTING_FINISHED|AGENCY_ID:3\n");
-    assert_eq!(
-        recv(&mut last).unwrap(),
-        "STATUS:SUCCESS|WINNERS:33333333\n"
-    );
+    last.send(b"ACTION:BETTING_FINISHED|AGENCY_ID:3\n");
+    assert_eq!(last.recv().unwrap(), "STATUS:SUCCESS|WINNERS:33333333\n");
     // Agency 2 waited as long as agency 1 and was sent nothing but its
     // winners, exactly as the contract says.
-    assert_eq!(
-        recv(&mut legacy).unwrap(),
-        "STATUS:SUCCESS|WINNERS:22222222\n"
-    );
+    assert_eq!(legacy.recv().unwrap(), "STATUS:SUCCESS|WINNERS:22222222\n");
     assert_eq!(
         ours.wait_exit(PATIENCE).code(),
         Some(0),

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
@@ -41,34 +39,15 @@ fn server_under(storage: &Path, soft: u64, hard: u64) -> Command {
     cmd
 }
 
-fn send(stream: &mut TcpStream, payload: &str) {
-    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(payload.as_bytes());
-    stream.write_all(&frame).unwrap();
-}
-
-/// Reads one reply frame: a 4-byte big-endian length, then the payload.
-fn recv(stream: &mut TcpStream) -> String {
-    let mut header = [0u8; 4];
-    stream
-        .read_exact(&mut header)
-        .unwrap_or_else(|e| panic!("no reply within {REPLY:?}: {e}"));
-    let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
-    stream.read_exact(&mut payload).unwrap();
-    String::from_utf8(payload).unwrap()
-}
-
-fn connect(server: &Server) -> TcpStream {
-    let stream = TcpStream::connect(server.address()).unwrap();
-    stream.set_read_timeout(Some(REPLY)).unwrap();
-    stream
+fn connect(server: &Server) -> Raw {
+    Raw::connect_within(&server.address(), REPLY)
 }
 
 /// A connection the central serves: it answers PING.
-fn served(server: &Server) -> TcpStream {
+fn served(server: &Server) -> Raw {
     let mut stream = connect(server);
-    send(&mut stream, "ACTION:PING\n");
-    assert_eq!(recv(&mut stream), "STATUS:SUCCESS|MESSAGE:pong\n");
+    stream.send("ACTION:PING\n");
+    assert_eq!(stream.reply(), "STATUS:SUCCESS|MESSAGE:pong\n");
     stream
 }
 
@@ -100,11 +79,11 @@ fn a_low_open_files_limit_lowers_max_connections_and_the_rest_get_server_busy() 
     );
 
     // The lowered limit's worth of connections is served...
-    let held: Vec<TcpStream> = (0..32).map(|_| served(&server)).collect();
+    let held: Vec<Raw> = (0..32).map(|_| served(&server)).collect();
     // ...and more than the process could still open are each told at once.
     for _ in 0..48 {
         let mut extra = connect(&server);
-        let reply = recv(&mut extra);
+        let reply = extra.reply();
         assert!(
             reply.starts_with("STATUS:ERROR|CODE:SERVER_BUSY|MESSAGE:") && reply.ends_with('\n'),
             "{reply}"
@@ -129,7 +108,7 @@ fn the_soft_open_files_limit_is_raised_to_the_hard_one() {
         server.proc.output()
     );
     // Far more connections than the soft limit would have allowed.
-    let held: Vec<TcpStream> = (0..100).map(|_| served(&server)).collect();
+    let held: Vec<Raw> = (0..100).map(|_| served(&server)).collect();
     drop(held);
     server.proc.signal(Signal::SIGTERM);
     let status = server.proc.wait_exit(Duration::from_secs(10));

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use lottery::tools::gen_data::{generate, GenOptions};
+use lottery::tools::gen_data::GenOptions;
 use nix::sys::signal::Signal;
 
 fn run(args: &[&str]) -> std::process::Output {
@@ -19,18 +19,13 @@ fn stdout(o: &std::process::Output) -> String {
 
 #[test]
 fn health_status_and_winners_follow_the_lottery() {
-    let data = tempfile::tempdir().unwrap();
-    generate(
-        data.path(),
-        &GenOptions {
-            agencies: 2,
-            bets_per_agency: 1_500,
-            seed: 9,
-            winner_share: 0.01,
-            ..GenOptions::default()
-        },
-    )
-    .unwrap();
+    let data = gen_data(GenOptions {
+        agencies: 2,
+        bets_per_agency: 1_500,
+        seed: 9,
+        winner_share: 0.01,
+        ..GenOptions::default()
+    });
     let work = tempfile::tempdir().unwrap();
     let storage = work.path().join("bets.csv");
     let record = work.path().join("bets.draw.toml");

@@ -9,7 +9,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use common::*;
-use lottery::tools::gen_data::{generate, GenOptions};
+use lottery::tools::gen_data::GenOptions;
 use nix::sys::signal::Signal;
 
 const WINNING: u16 = 7574;
@@ -17,21 +17,15 @@ const WINNING: u16 = 7574;
 /// Data for `agencies` agencies, with many winners (so that every agency
 /// has some) and names holding the protocol's own characters.
 fn data(agencies: u32, bets: u64, seed: u64) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    generate(
-        dir.path(),
-        &GenOptions {
-            agencies,
-            bets_per_agency: bets,
-            seed,
-            winning_number: WINNING,
-            winner_share: 0.02,
-            tricky_share: 0.2,
-            crlf: false,
-        },
-    )
-    .unwrap();
-    dir
+    gen_data(GenOptions {
+        agencies,
+        bets_per_agency: bets,
+        seed,
+        winning_number: WINNING,
+        winner_share: 0.02,
+        tricky_share: 0.2,
+        crlf: false,
+    })
 }
 
 /// One agency's seal line: (seal, bets, digest).
@@ -463,23 +457,6 @@ fn a_stale_round_stops_the_agency_and_new_round_keeps_the_old_one() {
     );
 }
 
-/// Reads one frame's payload from `stream`, or `None` at its end.
-fn read_frame(stream: &mut std::net::TcpStream) -> Option<String> {
-    use std::io::Read;
-    let mut header = [0u8; 4];
-    stream.read_exact(&mut header).ok()?;
-    let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
-    stream.read_exact(&mut payload).ok()?;
-    Some(String::from_utf8(payload).unwrap())
-}
-
-fn write_frame(stream: &mut std::net::TcpStream, payload: &str) {
-    use std::io::Write;
-    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(payload.as_bytes());
-    stream.write_all(&frame).unwrap();
-}
-
 #[test]
 fn winners_whose_receipt_is_not_the_file_are_not_reported() {
     // A central that stores every batch but then seals a receipt other than
@@ -490,9 +467,10 @@ fn winners_whose_receipt_is_not_the_file_are_not_reported() {
     let empty = lottery::receipt::Receipt::empty(1);
     let forged = lottery::receipt::Receipt::empty(2).digest;
     let central = std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        let mut stream = Raw::new(stream);
         let mut held = 0u64;
-        while let Some(payload) = read_frame(&mut stream) {
+        while let Some(payload) = stream.recv() {
             let reply = if payload.starts_with("ACTION:HELLO|") {
                 format!(
                     "STATUS:SUCCESS|MESSAGE:hi|STORED:0|DIGEST:{}\n",
@@ -507,7 +485,7 @@ fn winners_whose_receipt_is_not_the_file_are_not_reported() {
                     "STATUS:SUCCESS|WINNERS:12345678|STORED:{held}|DIGEST:{forged}|SEAL:{forged}\n"
                 )
             };
-            write_frame(&mut stream, &reply);
+            stream.send(&reply);
         }
         held
     });
@@ -600,12 +578,11 @@ fn a_consistent_forgery_is_caught_by_the_kept_seal_and_verify_seal() {
     std::fs::remove_file(work.path().join("bets.draw.toml")).unwrap();
     std::fs::remove_file(work.path().join("bets.rounds.toml")).unwrap();
     let server = Server::start(&storage, 2, WINNING);
-    let mut forger = std::net::TcpStream::connect(server.address()).unwrap();
-    forger.set_read_timeout(Some(PATIENCE)).unwrap();
-    write_frame(&mut forger, "ACTION:HELLO|AGENCY_ID:1\n");
-    let hello = read_frame(&mut forger).unwrap();
+    let mut forger = Raw::connect(&server.address());
+    forger.send("ACTION:HELLO|AGENCY_ID:1\n");
+    let hello = forger.recv().unwrap();
     assert!(hello.contains("STORED:200"), "{hello}");
-    write_frame(&mut forger, "ACTION:BETTING_FINISHED|AGENCY_ID:1\n");
+    forger.send("ACTION:BETTING_FINISHED|AGENCY_ID:1\n");
 
     let winners = work.path().join("winners-2-again.txt");
     let agency = start_agency(2, &server.address(), &data_file(data.path(), 2), &winners);

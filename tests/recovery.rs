@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use lottery::tools::gen_data::{generate, GenOptions};
+use lottery::tools::gen_data::GenOptions;
 use nix::sys::signal::Signal;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -21,21 +21,15 @@ use rand_chacha::ChaCha8Rng;
 const WINNING: u16 = 7574;
 
 fn data(agencies: u32, bets_per_agency: u64, seed: u64) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    generate(
-        dir.path(),
-        &GenOptions {
-            agencies,
-            bets_per_agency,
-            seed,
-            winning_number: WINNING,
-            winner_share: 0.005,
-            tricky_share: 0.01,
-            crlf: false,
-        },
-    )
-    .unwrap();
-    dir
+    gen_data(GenOptions {
+        agencies,
+        bets_per_agency,
+        seed,
+        winning_number: WINNING,
+        winner_share: 0.005,
+        tricky_share: 0.01,
+        crlf: false,
+    })
 }
 
 /// Waits for every agency to finish, then checks the bets file against the

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
@@ -11,20 +10,6 @@ use common::*;
 use nix::sys::signal::Signal;
 
 const BET: &str = r"NOMBRE:Ana\|APELLIDO:Perez\|DOCUMENTO:30904465\|NACIMIENTO:1999-03-17\|NUMERO:7574\|AGENCY_ID:1";
-
-fn send(stream: &mut TcpStream, payload: &str) {
-    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(payload.as_bytes());
-    stream.write_all(&frame).unwrap();
-}
-
-fn recv(stream: &mut TcpStream) -> Option<String> {
-    let mut header = [0u8; 4];
-    stream.read_exact(&mut header).ok()?;
-    let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
-    stream.read_exact(&mut payload).ok()?;
-    Some(String::from_utf8(payload).unwrap())
-}
 
 fn index_of(lines: &[String], needle: &str) -> usize {
     lines
@@ -40,17 +25,15 @@ fn server_sigterm_mid_upload_keeps_acknowledged_bets_and_exits_0() {
     let server = Server::start(&storage, 2, 7574);
 
     // Agency 1 is mid-upload: one batch acknowledged, connection open.
-    let mut uploading = TcpStream::connect(server.address()).unwrap();
-    uploading.set_read_timeout(Some(PATIENCE)).unwrap();
-    send(&mut uploading, &format!("BATCH_SIZE:1|BET_1:{BET}\n"));
+    let mut uploading = Raw::connect(&server.address());
+    uploading.send(format!("BATCH_SIZE:1|BET_1:{BET}\n"));
     assert_eq!(
-        recv(&mut uploading).unwrap(),
+        uploading.recv().unwrap(),
         "STATUS:SUCCESS|MESSAGE:stored 1 bets|STORED:1\n"
     );
     // Agency 2 finished and waits for a draw that will not come.
-    let mut waiting = TcpStream::connect(server.address()).unwrap();
-    waiting.set_read_timeout(Some(PATIENCE)).unwrap();
-    send(&mut waiting, "ACTION:BETTING_FINISHED|AGENCY_ID:2\n");
+    let mut waiting = Raw::connect(&server.address());
+    waiting.send("ACTION:BETTING_FINISHED|AGENCY_ID:2\n");
     server
         .proc
         .wait_for("action: agencia_finalizada | result: success | agency: 2");
@@ -60,8 +43,8 @@ fn server_sigterm_mid_upload_keeps_acknowledged_bets_and_exits_0() {
     assert!(status.success(), "exit status {status}");
 
     // Both connections were closed, without winners for the waiting one.
-    assert_eq!(recv(&mut uploading), None);
-    assert_eq!(recv(&mut waiting), None);
+    assert_eq!(uploading.recv(), None);
+    assert_eq!(waiting.recv(), None);
 
     let lines = server.proc.lines();
     let signal = index_of(&lines, "action: signal | result: success | signal: SIGTERM");
@@ -106,35 +89,25 @@ fn server_sigint_when_idle_exits_0() {
 fn agency_sigterm_mid_upload_exits_0() {
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("agency-1.csv");
-    let mut text = String::new();
-    for i in 0..1_000 {
-        text.push_str(&format!(
-            "Ana,Pérez,{},1999-03-17,{}\n",
-            10_000_000 + i,
-            i % 10_000
-        ));
-    }
-    std::fs::write(&data, text).unwrap();
+    std::fs::write(&data, ana_bets(1_000, |i| i % 10_000, "\n")).unwrap();
 
     // A stand-in central that acknowledges the first batch and then goes
     // quiet, holding the agency mid-upload.
     let central = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = central.local_addr().unwrap().to_string();
     let agency = start_agency(1, &address, &data, &work.path().join("winners.txt"));
-    let (mut conn, _) = central.accept().unwrap();
+    let (conn, _) = central.accept().unwrap();
     conn.set_read_timeout(Some(PATIENCE)).unwrap();
-    assert_eq!(recv(&mut conn).unwrap(), "ACTION:HELLO|AGENCY_ID:1\n");
-    send(&mut conn, "STATUS:SUCCESS|MESSAGE:welcome|STORED:0\n");
-    let first = recv(&mut conn).unwrap();
+    let mut conn = Raw::new(conn);
+    assert_eq!(conn.recv().unwrap(), "ACTION:HELLO|AGENCY_ID:1\n");
+    conn.send("STATUS:SUCCESS|MESSAGE:welcome|STORED:0\n");
+    let first = conn.recv().unwrap();
     assert!(
         first.starts_with("BATCH_SIZE:70|FIRST:0|BET_1:NOMBRE:Ana\\|APELLIDO:Pérez\\|"),
         "{first}"
     );
-    send(
-        &mut conn,
-        "STATUS:SUCCESS|MESSAGE:stored 70 bets|STORED:70\n",
-    );
-    let second = recv(&mut conn).unwrap();
+    conn.send("STATUS:SUCCESS|MESSAGE:stored 70 bets|STORED:70\n");
+    let second = conn.recv().unwrap();
     assert!(second.starts_with("BATCH_SIZE:70|FIRST:70|"), "{second}");
 
     agency.signal(Signal::SIGTERM);
@@ -142,7 +115,7 @@ fn agency_sigterm_mid_upload_exits_0() {
     assert!(status.success(), "exit status {status}");
     // Batches sent ahead (the agency keeps a window in flight) may still be
     // buffered; after them, the connection is closed.
-    while let Some(frame) = recv(&mut conn) {
+    while let Some(frame) = conn.recv() {
         assert!(frame.starts_with("BATCH_SIZE:70|FIRST:"), "{frame}");
     }
     let lines = agency.lines();
@@ -242,12 +215,11 @@ fn the_closing_lines_come_in_the_documented_order() {
         let work = tempfile::tempdir().unwrap();
         let server = Server::start(&work.path().join("bets.csv"), 2, 7574);
         let idle = TcpStream::connect(server.address()).unwrap();
-        let mut uploading = TcpStream::connect(server.address()).unwrap();
-        uploading.set_read_timeout(Some(PATIENCE)).unwrap();
-        send(&mut uploading, &format!("BATCH_SIZE:1|BET_1:{BET}\n"));
-        assert!(recv(&mut uploading).unwrap().starts_with("STATUS:SUCCESS"));
-        let mut waiting = TcpStream::connect(server.address()).unwrap();
-        send(&mut waiting, "ACTION:BETTING_FINISHED|AGENCY_ID:2\n");
+        let mut uploading = Raw::connect(&server.address());
+        uploading.send(format!("BATCH_SIZE:1|BET_1:{BET}\n"));
+        assert!(uploading.recv().unwrap().starts_with("STATUS:SUCCESS"));
+        let mut waiting = Raw::connect(&server.address());
+        waiting.send("ACTION:BETTING_FINISHED|AGENCY_ID:2\n");
         server
             .proc
             .wait_for("action: agencia_finalizada | result: success | agency: 2");

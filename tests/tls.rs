@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use lottery::tools::gen_data::{generate, GenOptions};
+use lottery::tools::gen_data::GenOptions;
 use nix::sys::signal::Signal;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
@@ -52,6 +52,15 @@ impl Ca {
             .unwrap();
         write_pair(dir, stem, &cert, &key)
     }
+}
+
+/// A folder holding an authority (`ca.pem`) and the certificate and key
+/// for `localhost` it issued the central (`server.pem`, `server.key`).
+fn central_pki() -> (tempfile::TempDir, Ca, (PathBuf, PathBuf)) {
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new(pki.path(), "ca");
+    let central = ca.issue(pki.path(), "server", &["localhost"]);
+    (pki, ca, central)
 }
 
 fn write_pair(
@@ -119,30 +128,23 @@ fn refused(agency: Proc) -> String {
 }
 
 fn data(agencies: u32) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    generate(
-        dir.path(),
-        &GenOptions {
-            agencies,
-            bets_per_agency: 500,
-            seed: 12,
-            winning_number: WINNING,
-            winner_share: 0.02,
-            tricky_share: 0.02,
-            crlf: false,
-        },
-    )
-    .unwrap();
-    dir
+    gen_data(GenOptions {
+        agencies,
+        bets_per_agency: 500,
+        seed: 12,
+        winning_number: WINNING,
+        winner_share: 0.02,
+        tricky_share: 0.02,
+        crlf: false,
+    })
 }
 
-/// A hand-driven TLS connection presenting `identity`.
-struct RawTls {
-    stream: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
-}
+/// A hand-driven TLS connection.
+type RawTls = Raw<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>;
 
 impl RawTls {
-    fn connect(address: &str, ca: &Path, identity: (&Path, &Path)) -> RawTls {
+    /// A connection to `address` presenting `identity`, trusting `ca`.
+    fn connect_tls(address: &str, ca: &Path, identity: (&Path, &Path)) -> RawTls {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(ca).unwrap() {
             roots.add(cert.unwrap()).unwrap();
@@ -163,28 +165,11 @@ impl RawTls {
             .unwrap();
         let tcp = TcpStream::connect(address).unwrap();
         tcp.set_read_timeout(Some(PATIENCE)).unwrap();
-        RawTls {
-            stream: rustls::StreamOwned::new(conn, tcp),
-        }
+        Raw::new(rustls::StreamOwned::new(conn, tcp))
     }
 
     fn peer(&self) -> String {
         format!("peer: {}", self.stream.sock.local_addr().unwrap())
-    }
-
-    fn send(&mut self, payload: &[u8]) {
-        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(payload);
-        self.stream.write_all(&frame).unwrap();
-        self.stream.flush().unwrap();
-    }
-
-    fn recv(&mut self) -> Option<String> {
-        let mut header = [0u8; 4];
-        self.stream.read_exact(&mut header).ok()?;
-        let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
-        self.stream.read_exact(&mut payload).ok()?;
-        Some(String::from_utf8(payload).unwrap())
     }
 }
 
@@ -256,7 +241,7 @@ fn mutual_tls_takes_the_agency_from_its_certificate() {
         "BATCH_SIZE:1|BET_1:NOMBRE:Eva\\|APELLIDO:Ruiz\\|DOCUMENTO:1\\|NACIMIENTO:1990-01-01\\|NUMERO:7574\\|AGENCY_ID:1\n",
         "ACTION:BETTING_FINISHED|AGENCY_ID:1\n",
     ] {
-        let mut raw = RawTls::connect(&address, &server_ca.pem, (&two.0, &two.1));
+        let mut raw = RawTls::connect_tls(&address, &server_ca.pem, (&two.0, &two.1));
         raw.send(payload.as_bytes());
         assert_eq!(
             raw.recv().as_deref(),
@@ -361,9 +346,7 @@ fn alerting_server() -> String {
 /// with that message.
 #[test]
 fn a_plain_text_agency_is_told_the_central_speaks_tls() {
-    let pki = tempfile::tempdir().unwrap();
-    let ca = Ca::new(pki.path(), "ca");
-    let (cert, key) = ca.issue(pki.path(), "server", &["localhost"]);
+    let (_pki, _ca, (cert, key)) = central_pki();
     let work = tempfile::tempdir().unwrap();
     let data = data(1);
     let server = server(
@@ -445,11 +428,9 @@ fn a_tls_agency_is_told_the_central_does_not_speak_tls() {
     let payload = "STATUS:ERROR|CODE:TLS_UNAVAILABLE|MESSAGE:this central does not speak TLS: \
                    clear agency.tls_ca (CLI_TLS_CA), or give the central server.tls_cert and \
                    server.tls_key\n";
-    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(payload.as_bytes());
     assert_eq!(
         String::from_utf8_lossy(&answer),
-        String::from_utf8_lossy(&frame)
+        String::from_utf8_lossy(&common::raw::frame(payload.as_bytes()))
     );
 }
 
@@ -574,10 +555,8 @@ fn a_self_signed_certificate_is_its_own_authority() {
 /// of a message naming another agency: replies keep request order.
 #[test]
 fn a_refusal_for_another_agency_keeps_reply_order() {
-    let pki = tempfile::tempdir().unwrap();
+    let (pki, ca, (cert, key)) = central_pki();
     let dir = pki.path();
-    let ca = Ca::new(dir, "ca");
-    let (cert, key) = ca.issue(dir, "server", &["localhost"]);
     let one = ca.issue(dir, "agency-1", &["agency-1"]);
     let work = tempfile::tempdir().unwrap();
     let server = server(
@@ -595,7 +574,7 @@ fn a_refusal_for_another_agency_keeps_reply_order() {
              NACIMIENTO:1990-01-01\\|NUMERO:7574\\|AGENCY_ID:{agency}\n"
         )
     };
-    let mut raw = RawTls::connect(&server.address(), &ca.pem, (&one.0, &one.1));
+    let mut raw = RawTls::connect_tls(&server.address(), &ca.pem, (&one.0, &one.1));
     raw.send(b"ACTION:HELLO|AGENCY_ID:1\n");
     raw.send(bet(1).as_bytes());
     raw.send(bet(2).as_bytes());
@@ -622,9 +601,7 @@ fn a_refusal_for_another_agency_keeps_reply_order() {
 /// of the address actually dialled, not of the setting's first entry.
 #[test]
 fn the_certificate_name_follows_the_address_dialled() {
-    let pki = tempfile::tempdir().unwrap();
-    let ca = Ca::new(pki.path(), "ca");
-    let (cert, key) = ca.issue(pki.path(), "server", &["localhost"]);
+    let (_pki, ca, (cert, key)) = central_pki();
     let work = tempfile::tempdir().unwrap();
     let data = data(1);
     let server = server(
@@ -668,10 +645,7 @@ fn the_certificate_name_follows_the_address_dialled() {
 /// central for one that does not speak TLS) and gets in once a slot frees.
 #[test]
 fn a_busy_tls_central_says_so_in_tls_and_the_agency_retries() {
-    let pki = tempfile::tempdir().unwrap();
-    let dir = pki.path();
-    let ca = Ca::new(dir, "ca");
-    let (cert, key) = ca.issue(dir, "server", &["localhost"]);
+    let (_pki, ca, (cert, key)) = central_pki();
     let work = tempfile::tempdir().unwrap();
     let data = data(1);
     let mut cmd = lottery();
@@ -715,10 +689,7 @@ fn a_busy_tls_central_says_so_in_tls_and_the_agency_retries() {
 /// handshaken: a flood of connections costs no CPU in handshakes.
 #[test]
 fn a_busy_tls_central_handshakes_only_a_few_refusals_at_once() {
-    let pki = tempfile::tempdir().unwrap();
-    let dir = pki.path();
-    let ca = Ca::new(dir, "ca");
-    let (cert, key) = ca.issue(dir, "server", &["localhost"]);
+    let (_pki, _ca, (cert, key)) = central_pki();
     let work = tempfile::tempdir().unwrap();
     let mut cmd = lottery();
     cmd.arg("server")

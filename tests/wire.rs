@@ -1,19 +1,20 @@
 //! The central spoken to in raw bytes, as the design's reference agency
 //! speaks: the exact frames the contract fixes, and what comes back.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use common::raw::{frame, read_frame, write_frame};
+use common::PATIENCE;
 use lottery::config::ServerConfig;
 use lottery::server;
-
-const PATIENCE: Duration = Duration::from_secs(30);
 
 struct TestServer {
     addr: SocketAddr,
@@ -88,25 +89,6 @@ impl TestServer {
     }
 }
 
-/// Writes one frame the way the reference agency builds it: header, payload.
-async fn send(stream: &mut TcpStream, payload: &[u8]) {
-    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(payload);
-    stream.write_all(&frame).await.unwrap();
-}
-
-async fn recv(stream: &mut TcpStream) -> String {
-    tokio::time::timeout(PATIENCE, async {
-        let mut header = [0u8; 4];
-        stream.read_exact(&mut header).await.unwrap();
-        let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
-        stream.read_exact(&mut payload).await.unwrap();
-        String::from_utf8(payload).unwrap()
-    })
-    .await
-    .expect("a reply")
-}
-
 const ANA: &str = r"NOMBRE:Ana\|APELLIDO:Perez\|DOCUMENTO:30904465\|NACIMIENTO:1999-03-17\|NUMERO:7574\|AGENCY_ID:3";
 /// A name holding the protocol's own `|`, `:` and `\`, and a comma.
 const TRICKY: &str = r"NOMBRE:Jo\\\|sé:\\\\x\|APELLIDO:Núñez, h\|DOCUMENTO:12\|NACIMIENTO:2000-02-29\|NUMERO:1\|AGENCY_ID:3";
@@ -116,24 +98,24 @@ async fn reference_agency_bytes() {
     let server = TestServer::start(3).await;
     let mut agency = server.connect().await;
 
-    send(
+    write_frame(
         &mut agency,
         format!("BATCH_SIZE:2|BET_1:{ANA}|BET_2:{TRICKY}\n").as_bytes(),
     )
     .await;
     assert_eq!(
-        recv(&mut agency).await,
+        read_frame(&mut agency).await,
         "STATUS:SUCCESS|MESSAGE:stored 2 bets|STORED:2\n"
     );
 
     // The reference agency's spelling of "finished".
-    send(&mut agency, b"ACTION:FINISH_BETTING|AGENCY_ID:3\n").await;
+    write_frame(&mut agency, b"ACTION:FINISH_BETTING|AGENCY_ID:3\n").await;
     // Agencies 1 and 2 finish (the design's spelling) with no bets.
     // Nobody hears anything until all three have finished.
     let mut others = Vec::new();
     for id in [1, 2] {
         let mut other = server.connect().await;
-        send(
+        write_frame(
             &mut other,
             format!("ACTION:BETTING_FINISHED|AGENCY_ID:{id}\n").as_bytes(),
         )
@@ -141,9 +123,12 @@ async fn reference_agency_bytes() {
         others.push(other);
     }
     for other in &mut others {
-        assert_eq!(recv(other).await, "STATUS:SUCCESS|WINNERS:\n");
+        assert_eq!(read_frame(other).await, "STATUS:SUCCESS|WINNERS:\n");
     }
-    assert_eq!(recv(&mut agency).await, "STATUS:SUCCESS|WINNERS:30904465\n");
+    assert_eq!(
+        read_frame(&mut agency).await,
+        "STATUS:SUCCESS|WINNERS:30904465\n"
+    );
 
     let stored = server.stop().await;
     assert_eq!(
@@ -157,24 +142,24 @@ async fn rejected_batch_stores_nothing_and_says_which_bet() {
     let server = TestServer::start(3).await;
     let mut agency = server.connect().await;
     let bad = ANA.replace("1999-03-17", "2023-02-30");
-    send(
+    write_frame(
         &mut agency,
         format!("BATCH_SIZE:2|BET_1:{ANA}|BET_2:{bad}\n").as_bytes(),
     )
     .await;
-    let reply = recv(&mut agency).await;
+    let reply = read_frame(&mut agency).await;
     assert!(
         reply.starts_with("STATUS:ERROR|CODE:INVALID_BET|MESSAGE:BET_2: NACIMIENTO \"2023-02-30\""),
         "{reply}"
     );
     // The connection still works.
-    send(
+    write_frame(
         &mut agency,
         format!("BATCH_SIZE:1|BET_1:{ANA}\n").as_bytes(),
     )
     .await;
     assert_eq!(
-        recv(&mut agency).await,
+        read_frame(&mut agency).await,
         "STATUS:SUCCESS|MESSAGE:stored 1 bets|STORED:1\n"
     );
     assert_eq!(
@@ -187,40 +172,40 @@ async fn rejected_batch_stores_nothing_and_says_which_bet() {
 async fn agency_id_is_fixed_per_connection_and_exclusive() {
     let server = TestServer::start(3).await;
     let mut first = server.connect().await;
-    send(&mut first, format!("BATCH_SIZE:1|BET_1:{ANA}\n").as_bytes()).await;
-    assert!(recv(&mut first).await.starts_with("STATUS:SUCCESS"));
+    write_frame(&mut first, format!("BATCH_SIZE:1|BET_1:{ANA}\n").as_bytes()).await;
+    assert!(read_frame(&mut first).await.starts_with("STATUS:SUCCESS"));
 
     let other = ANA.replace("AGENCY_ID:3", "AGENCY_ID:2");
-    send(
+    write_frame(
         &mut first,
         format!("BATCH_SIZE:1|BET_1:{other}\n").as_bytes(),
     )
     .await;
-    let reply = recv(&mut first).await;
+    let reply = read_frame(&mut first).await;
     assert!(
         reply.starts_with("STATUS:ERROR|CODE:WRONG_AGENCY|"),
         "{reply}"
     );
 
     let mut second = server.connect().await;
-    send(
+    write_frame(
         &mut second,
         format!("BATCH_SIZE:1|BET_1:{ANA}\n").as_bytes(),
     )
     .await;
-    let reply = recv(&mut second).await;
+    let reply = read_frame(&mut second).await;
     assert!(
         reply.starts_with("STATUS:ERROR|CODE:AGENCY_BUSY|"),
         "{reply}"
     );
 
     let unknown = ANA.replace("AGENCY_ID:3", "AGENCY_ID:9");
-    send(
+    write_frame(
         &mut second,
         format!("BATCH_SIZE:1|BET_1:{unknown}\n").as_bytes(),
     )
     .await;
-    let reply = recv(&mut second).await;
+    let reply = read_frame(&mut second).await;
     assert!(
         reply.starts_with("STATUS:ERROR|CODE:WRONG_AGENCY|"),
         "{reply}"
@@ -238,31 +223,30 @@ async fn frames_split_byte_by_byte_and_many_in_one_write() {
     let mut agency = server.connect().await;
     let one = ANA.replace("AGENCY_ID:3", "AGENCY_ID:1");
     let payload = format!("BATCH_SIZE:1|BET_1:{one}\n");
-    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(payload.as_bytes());
+    let frame = frame(payload.as_bytes());
     for b in &frame {
         agency.write_all(&[*b]).await.unwrap();
         agency.flush().await.unwrap();
     }
-    assert!(recv(&mut agency).await.starts_with("STATUS:SUCCESS"));
+    assert!(read_frame(&mut agency).await.starts_with("STATUS:SUCCESS"));
 
     // Three batches in one write: three acknowledgements, in order.
     let burst: Vec<u8> = frame.iter().chain(&frame).chain(&frame).copied().collect();
     agency.write_all(&burst).await.unwrap();
     for stored in 2..=4 {
         assert_eq!(
-            recv(&mut agency).await,
+            read_frame(&mut agency).await,
             format!("STATUS:SUCCESS|MESSAGE:stored 1 bets|STORED:{stored}\n")
         );
     }
-    send(&mut agency, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    write_frame(&mut agency, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
     assert_eq!(
-        recv(&mut agency).await,
+        read_frame(&mut agency).await,
         "STATUS:SUCCESS|WINNERS:30904465,30904465,30904465,30904465\n"
     );
     // After the draw, bets are closed.
-    send(&mut agency, payload.as_bytes()).await;
-    assert!(recv(&mut agency)
+    write_frame(&mut agency, payload.as_bytes()).await;
+    assert!(read_frame(&mut agency)
         .await
         .starts_with("STATUS:ERROR|CODE:AGENCY_FINISHED|"));
     assert_eq!(server.stop().await.lines().count(), 4);
@@ -274,7 +258,7 @@ async fn a_header_past_what_is_read_past_is_refused_before_the_payload() {
     let mut agency = server.connect().await;
     let len = (lottery::wire::MAX_SKIPPED_FRAME - 3) as u32;
     agency.write_all(&len.to_be_bytes()).await.unwrap();
-    let reply = recv(&mut agency).await;
+    let reply = read_frame(&mut agency).await;
     assert!(
         reply.starts_with("STATUS:ERROR|CODE:FRAME_TOO_LARGE|"),
         "{reply}"
@@ -305,14 +289,14 @@ async fn long_winner_lists_continue_over_frames() {
             ));
         }
         payload.push('\n');
-        send(&mut agency, payload.as_bytes()).await;
-        assert!(recv(&mut agency).await.starts_with("STATUS:SUCCESS"));
+        write_frame(&mut agency, payload.as_bytes()).await;
+        assert!(read_frame(&mut agency).await.starts_with("STATUS:SUCCESS"));
     }
-    send(&mut agency, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    write_frame(&mut agency, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
     let mut got = Vec::new();
     let mut frames = 0;
     loop {
-        let reply = recv(&mut agency).await;
+        let reply = read_frame(&mut agency).await;
         frames += 1;
         let list = reply
             .strip_prefix("STATUS:SUCCESS|WINNERS:")
@@ -374,41 +358,41 @@ fn batch(first: u64, docs: std::ops::Range<u32>) -> String {
 async fn hello_reports_stored_bets_and_resent_batches_are_not_stored_twice() {
     let server = TestServer::start(1).await;
     let mut agency = server.connect().await;
-    send(&mut agency, b"ACTION:HELLO|AGENCY_ID:1\n").await;
+    write_frame(&mut agency, b"ACTION:HELLO|AGENCY_ID:1\n").await;
     // The receipt of nothing stored: d_0 of agency 1 (docs/PROTOCOL.md).
     assert_eq!(
-        recv(&mut agency).await,
+        read_frame(&mut agency).await,
         "STATUS:SUCCESS|MESSAGE:agency 1: resume from bet 0|STORED:0\
          |DIGEST:a4f8a6c9efcdfd938efe4b6eb9df4586fa204c3388f43e13a5863024a1995cae\n"
     );
-    send(&mut agency, batch(0, 10..13).as_bytes()).await;
+    write_frame(&mut agency, batch(0, 10..13).as_bytes()).await;
     assert_eq!(
-        recv(&mut agency).await,
+        read_frame(&mut agency).await,
         "STATUS:SUCCESS|MESSAGE:stored 3 bets|STORED:3\n"
     );
     // The same batch again (its acknowledgement was lost): acknowledged, not stored.
-    send(&mut agency, batch(0, 10..13).as_bytes()).await;
+    write_frame(&mut agency, batch(0, 10..13).as_bytes()).await;
     assert_eq!(
-        recv(&mut agency).await,
+        read_frame(&mut agency).await,
         "STATUS:SUCCESS|MESSAGE:already stored 3 bets|STORED:3\n"
     );
     // Overlapping the stored bets: only the new tail is stored.
-    send(&mut agency, batch(1, 11..15).as_bytes()).await;
+    write_frame(&mut agency, batch(1, 11..15).as_bytes()).await;
     assert_eq!(
-        recv(&mut agency).await,
+        read_frame(&mut agency).await,
         "STATUS:SUCCESS|MESSAGE:stored 4 bets|STORED:5\n"
     );
     // A gap: refused, nothing stored.
-    send(&mut agency, batch(7, 17..18).as_bytes()).await;
-    let reply = recv(&mut agency).await;
+    write_frame(&mut agency, batch(7, 17..18).as_bytes()).await;
+    let reply = read_frame(&mut agency).await;
     assert!(reply.starts_with("STATUS:ERROR|CODE:OUT_OF_ORDER|MESSAGE:batch starts at bet 7 but agency 1 has 5 stored"), "{reply}");
     drop(agency);
 
     // A new connection (after a restart too) learns where to resume.
     let server = server.restart().await;
     let mut agency = server.connect().await;
-    send(&mut agency, b"ACTION:HELLO|AGENCY_ID:1\n").await;
-    let resume = recv(&mut agency).await;
+    write_frame(&mut agency, b"ACTION:HELLO|AGENCY_ID:1\n").await;
+    let resume = read_frame(&mut agency).await;
     assert!(
         resume.ends_with(&format!("{}\n", receipt_keys(10..15))),
         "{resume}"
@@ -426,10 +410,10 @@ async fn the_winners_of_a_hello_session_carry_its_receipt_and_the_seal() {
     let server = TestServer::start(1).await;
     let mut agency = server.connect().await;
     hello(&mut agency).await;
-    send(&mut agency, batch(0, 10..13).as_bytes()).await;
-    recv(&mut agency).await;
-    send(&mut agency, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
-    let winners = recv(&mut agency).await;
+    write_frame(&mut agency, batch(0, 10..13).as_bytes()).await;
+    read_frame(&mut agency).await;
+    write_frame(&mut agency, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    let winners = read_frame(&mut agency).await;
     let bets: Vec<lottery::model::Bet> = [("10", "7574"), ("11", "1"), ("12", "7574")]
         .iter()
         .map(|(d, n)| {
@@ -474,13 +458,12 @@ async fn pipelined_requests_are_answered_in_order_against_what_is_stored() {
     ];
     let mut burst = Vec::new();
     for payload in &requests {
-        burst.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        burst.extend_from_slice(payload.as_bytes());
+        burst.extend_from_slice(&frame(payload.as_bytes()));
     }
     agency.write_all(&burst).await.unwrap();
     let mut replies = Vec::new();
     for _ in &requests {
-        replies.push(recv(&mut agency).await);
+        replies.push(read_frame(&mut agency).await);
     }
     assert_eq!(
         replies[0],
@@ -527,8 +510,7 @@ async fn batches_in_flight_when_the_agency_hangs_up_are_counted() {
     let mut burst = Vec::new();
     for k in 0..20u32 {
         let payload = batch(u64::from(k) * 3, 100 + k * 3..103 + k * 3);
-        burst.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        burst.extend_from_slice(payload.as_bytes());
+        burst.extend_from_slice(&frame(payload.as_bytes()));
     }
     agency.write_all(&burst).await.unwrap();
     drop(agency); // gone, most likely before any acknowledgement
@@ -539,8 +521,8 @@ async fn batches_in_flight_when_the_agency_hangs_up_are_counted() {
     let resume = tokio::time::timeout(PATIENCE, async {
         loop {
             let mut again = server.connect().await;
-            send(&mut again, b"ACTION:HELLO|AGENCY_ID:1\n").await;
-            let reply = recv(&mut again).await;
+            write_frame(&mut again, b"ACTION:HELLO|AGENCY_ID:1\n").await;
+            let reply = read_frame(&mut again).await;
             if !reply.contains("AGENCY_BUSY") {
                 return reply;
             }
@@ -563,16 +545,16 @@ async fn batches_in_flight_when_the_agency_hangs_up_are_counted() {
 async fn a_restarted_server_answers_winners_from_the_draw_record() {
     let server = TestServer::start(2).await;
     let mut one = server.connect().await;
-    send(&mut one, batch(0, 10..14).as_bytes()).await;
-    assert!(recv(&mut one).await.starts_with("STATUS:SUCCESS"));
-    send(&mut one, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    write_frame(&mut one, batch(0, 10..14).as_bytes()).await;
+    assert!(read_frame(&mut one).await.starts_with("STATUS:SUCCESS"));
+    write_frame(&mut one, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
     // A second announcement on the same connection is refused.
-    send(&mut one, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    write_frame(&mut one, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
     let mut two = server.connect().await;
-    send(&mut two, b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n").await;
-    assert_eq!(recv(&mut two).await, "STATUS:SUCCESS|WINNERS:\n");
-    let first = recv(&mut one).await;
-    let second = recv(&mut one).await;
+    write_frame(&mut two, b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n").await;
+    assert_eq!(read_frame(&mut two).await, "STATUS:SUCCESS|WINNERS:\n");
+    let first = read_frame(&mut one).await;
+    let second = read_frame(&mut one).await;
     let mut replies = [first, second];
     replies.sort();
     assert!(
@@ -589,22 +571,25 @@ async fn a_restarted_server_answers_winners_from_the_draw_record() {
     // stand, and it never runs twice.
     let server = server.restart().await;
     let mut again = server.connect().await;
-    send(&mut again, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
-    assert_eq!(recv(&mut again).await, "STATUS:SUCCESS|WINNERS:10,12\n");
+    write_frame(&mut again, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    assert_eq!(
+        read_frame(&mut again).await,
+        "STATUS:SUCCESS|WINNERS:10,12\n"
+    );
     // Bets after the draw are refused; a resent batch that is already stored
     // is still acknowledged.
     let mut late = server.connect().await;
     let late_bet = bet(99, 7574).replace("AGENCY_ID:1", "AGENCY_ID:2");
-    send(
+    write_frame(
         &mut late,
         format!("BATCH_SIZE:1|BET_1:{late_bet}\n").as_bytes(),
     )
     .await;
-    assert!(recv(&mut late)
+    assert!(read_frame(&mut late)
         .await
         .starts_with("STATUS:ERROR|CODE:AGENCY_FINISHED|"));
-    send(&mut again, batch(0, 10..14).as_bytes()).await;
-    assert!(recv(&mut again)
+    write_frame(&mut again, batch(0, 10..14).as_bytes()).await;
+    assert!(read_frame(&mut again)
         .await
         .starts_with("STATUS:SUCCESS|MESSAGE:already stored 4 bets"));
     assert_eq!(
@@ -616,8 +601,8 @@ async fn a_restarted_server_answers_winners_from_the_draw_record() {
 
 /// HELLO for agency 1 on `stream`; returns the reply.
 async fn hello(stream: &mut TcpStream) -> String {
-    send(stream, b"ACTION:HELLO|AGENCY_ID:1\n").await;
-    recv(stream).await
+    write_frame(stream, b"ACTION:HELLO|AGENCY_ID:1\n").await;
+    read_frame(stream).await
 }
 
 /// Reads until the central closes the connection; panics if it does not.
@@ -643,9 +628,9 @@ async fn a_restarted_agency_takes_over_from_its_old_connection() {
     assert!(hello(&mut old)
         .await
         .ends_with(&format!("{}\n", receipt_keys(0..0))));
-    send(&mut old, batch(0, 10..13).as_bytes()).await;
-    assert!(recv(&mut old).await.ends_with("|STORED:3\n"));
-    send(&mut old, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    write_frame(&mut old, batch(0, 10..13).as_bytes()).await;
+    assert!(read_frame(&mut old).await.ends_with("|STORED:3\n"));
+    write_frame(&mut old, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
     // The agency restarts while the old connection still looks alive: the
     // new session wins, learns the final count, and the old one is closed.
     let mut new = server.connect().await;
@@ -660,9 +645,9 @@ async fn a_restarted_agency_takes_over_from_its_old_connection() {
     closed(&mut old).await;
     // The new session speaks for the agency: a batch resent from the old
     // session is recognised, nothing is stored twice.
-    send(&mut new, batch(0, 10..13).as_bytes()).await;
+    write_frame(&mut new, batch(0, 10..13).as_bytes()).await;
     assert_eq!(
-        recv(&mut new).await,
+        read_frame(&mut new).await,
         "STATUS:SUCCESS|MESSAGE:already stored 3 bets|STORED:3\n"
     );
     let stored = server.stop().await;
@@ -673,9 +658,9 @@ async fn a_restarted_agency_takes_over_from_its_old_connection() {
 async fn a_waiting_agency_that_hangs_up_frees_its_agency_at_once() {
     let server = TestServer::start(2).await;
     let mut waiting = server.connect().await;
-    send(&mut waiting, batch(0, 10..11).as_bytes()).await;
-    assert!(recv(&mut waiting).await.ends_with("|STORED:1\n"));
-    send(&mut waiting, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    write_frame(&mut waiting, batch(0, 10..11).as_bytes()).await;
+    assert!(read_frame(&mut waiting).await.ends_with("|STORED:1\n"));
+    write_frame(&mut waiting, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
     drop(waiting);
     // A client without HELLO (the reference agency) cannot take over; it
     // gets in as soon as the central sees the old socket close, long
@@ -683,8 +668,8 @@ async fn a_waiting_agency_that_hangs_up_frees_its_agency_at_once() {
     let reply = tokio::time::timeout(PATIENCE, async {
         loop {
             let mut again = server.connect().await;
-            send(&mut again, batch(1, 11..12).as_bytes()).await;
-            let reply = recv(&mut again).await;
+            write_frame(&mut again, batch(1, 11..12).as_bytes()).await;
+            let reply = read_frame(&mut again).await;
             if !reply.contains("AGENCY_BUSY") {
                 return reply;
             }
@@ -728,8 +713,8 @@ async fn a_client_that_never_reads_loses_its_slot() {
     let pong = tokio::time::timeout(PATIENCE, async {
         loop {
             let mut honest = server.connect().await;
-            send(&mut honest, b"ACTION:PING\n").await;
-            let reply = recv(&mut honest).await;
+            write_frame(&mut honest, b"ACTION:PING\n").await;
+            let reply = read_frame(&mut honest).await;
             if !reply.contains("SERVER_BUSY") {
                 return reply;
             }
@@ -747,8 +732,8 @@ async fn after_a_storage_failure_a_connection_stores_nothing_without_first() {
     let mut agency = server.connect().await;
     // The reference agency's batches: no FIRST.
     let plain = |docs: std::ops::Range<u32>| batch(0, docs).replacen("|FIRST:0", "", 1);
-    send(&mut agency, plain(10..11).as_bytes()).await;
-    assert!(recv(&mut agency).await.ends_with("|STORED:1\n"));
+    write_frame(&mut agency, plain(10..11).as_bytes()).await;
+    assert!(read_frame(&mut agency).await.ends_with("|STORED:1\n"));
     // Storage fails under three batches in flight...
     let aside = server.storage.with_extension("aside");
     std::fs::rename(&server.storage, &aside).unwrap();
@@ -756,12 +741,11 @@ async fn after_a_storage_failure_a_connection_stores_nothing_without_first() {
     let mut burst = Vec::new();
     for docs in [11..12, 12..13, 13..14] {
         let p = plain(docs);
-        burst.extend_from_slice(&(p.len() as u32).to_be_bytes());
-        burst.extend_from_slice(p.as_bytes());
+        burst.extend_from_slice(&frame(p.as_bytes()));
     }
     agency.write_all(&burst).await.unwrap();
     for _ in 0..3 {
-        let reply = recv(&mut agency).await;
+        let reply = read_frame(&mut agency).await;
         assert!(
             reply.starts_with("STATUS:ERROR|CODE:STORAGE_FAILED"),
             "{reply}"
@@ -771,12 +755,12 @@ async fn after_a_storage_failure_a_connection_stores_nothing_without_first() {
     // would land after the gap, so it is refused too.
     std::fs::remove_dir(&server.storage).unwrap();
     std::fs::rename(&aside, &server.storage).unwrap();
-    send(&mut agency, plain(14..15).as_bytes()).await;
-    let reply = recv(&mut agency).await;
+    write_frame(&mut agency, plain(14..15).as_bytes()).await;
+    let reply = read_frame(&mut agency).await;
     assert!(reply.starts_with("STATUS:ERROR|CODE:STORAGE_FAILED|MESSAGE:an earlier batch of this connection was not stored"), "{reply}");
     // A batch that says where it starts is placed against what is stored.
-    send(&mut agency, batch(1, 11..12).as_bytes()).await;
-    assert!(recv(&mut agency).await.ends_with("|STORED:2\n"));
+    write_frame(&mut agency, batch(1, 11..12).as_bytes()).await;
+    assert!(read_frame(&mut agency).await.ends_with("|STORED:2\n"));
     let stored = server.stop().await;
     let docs: Vec<&str> = stored
         .lines()
@@ -790,18 +774,18 @@ async fn a_draw_over_a_store_missing_acknowledged_bets_is_refused_and_retried() 
     let server = TestServer::start(2).await;
     let agency_two = |s: String| s.replace("AGENCY_ID:1", "AGENCY_ID:2");
     let (mut one, mut two) = (server.connect().await, server.connect().await);
-    send(&mut one, batch(0, 10..12).as_bytes()).await;
-    assert!(recv(&mut one).await.ends_with("|STORED:2\n"));
-    send(&mut two, agency_two(batch(0, 20..21)).as_bytes()).await;
-    assert!(recv(&mut two).await.ends_with("|STORED:1\n"));
+    write_frame(&mut one, batch(0, 10..12).as_bytes()).await;
+    assert!(read_frame(&mut one).await.ends_with("|STORED:2\n"));
+    write_frame(&mut two, agency_two(batch(0, 20..21)).as_bytes()).await;
+    assert!(read_frame(&mut two).await.ends_with("|STORED:1\n"));
     // The bets file is removed under the running central.
     let aside = server.storage.with_extension("aside");
     std::fs::rename(&server.storage, &aside).unwrap();
-    send(&mut one, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
-    send(&mut two, b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n").await;
+    write_frame(&mut one, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    write_frame(&mut two, b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n").await;
     // Both are told to try again later; nothing is recorded.
     for conn in [&mut one, &mut two] {
-        let reply = recv(conn).await;
+        let reply = read_frame(conn).await;
         assert!(
             reply.starts_with("STATUS:ERROR|CODE:STORAGE_FAILED|MESSAGE:the draw failed: the stored bets differ from what was acknowledged (agency 1: 0 in the store, 2 acknowledged, agency 2: 0 in the store, 1 acknowledged)"),
             "{reply}"
@@ -810,9 +794,9 @@ async fn a_draw_over_a_store_missing_acknowledged_bets_is_refused_and_retried() 
     assert!(!server.storage.with_extension("draw.toml").exists());
     // The operator puts the file back; the agencies announce again.
     std::fs::rename(&aside, &server.storage).unwrap();
-    send(&mut one, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
-    send(&mut two, b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n").await;
-    assert_eq!(recv(&mut one).await, "STATUS:SUCCESS|WINNERS:10\n");
-    assert_eq!(recv(&mut two).await, "STATUS:SUCCESS|WINNERS:20\n");
+    write_frame(&mut one, b"ACTION:BETTING_FINISHED|AGENCY_ID:1\n").await;
+    write_frame(&mut two, b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n").await;
+    assert_eq!(read_frame(&mut one).await, "STATUS:SUCCESS|WINNERS:10\n");
+    assert_eq!(read_frame(&mut two).await, "STATUS:SUCCESS|WINNERS:20\n");
     server.stop().await;
 }

@@ -5,6 +5,10 @@
 
 pub mod docker;
 pub mod pg;
+pub mod raw;
+
+#[allow(unused_imports)] // not every test file drives a connection by hand
+pub use raw::Raw;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -466,6 +470,22 @@ pub struct Expected {
 
 pub fn data_file(dir: &Path, agency: u32) -> PathBuf {
     dir.join(format!("agency-{agency}.csv"))
+}
+
+/// The agencies' data files `lottery gen-data` writes for `options`, in a
+/// temporary folder of their own (see [`data_file`]).
+pub fn gen_data(options: lottery::tools::gen_data::GenOptions) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    lottery::tools::gen_data::generate(dir.path(), &options).unwrap();
+    dir
+}
+
+/// `count` lines of an agency's data file, each a bet of Ana Pérez born
+/// 1999-03-17 with document `10000000 + i` on `number(i)`, ended by `eol`.
+pub fn ana_bets(count: u32, number: impl Fn(u32) -> u32, eol: &str) -> String {
+    (0..count)
+        .map(|i| format!("Ana,Pérez,{},1999-03-17,{}{eol}", 10_000_000 + i, number(i)))
+        .collect()
 }
 
 pub fn expected(dir: &Path, agencies: u32, winning_number: u16) -> Expected {
