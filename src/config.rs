@@ -1588,28 +1588,34 @@ mod tests {
     }
 
     #[test]
-    fn every_setting_has_help_and_a_line_in_config_toml_and_readme() {
+    fn every_setting_has_help_and_a_line_in_config_toml_and_the_docs() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let toml_path = root.join("config.toml");
         let c = Config::load(&toml_path, Role::Server, env(&[])).unwrap();
         assert_eq!(c, Config::default(), "config.toml holds the defaults");
         let toml_text = std::fs::read_to_string(toml_path).unwrap();
-        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let docs = std::fs::read_to_string(root.join("docs/CONFIGURATION.md")).unwrap();
         for s in SETTINGS {
             assert!(!s.help().is_empty(), "{}", s.key);
             assert!(
-                readme.contains(&format!("`{}`", s.key)),
-                "README: {}",
+                docs.contains(&format!("`{}`", s.key)),
+                "docs/CONFIGURATION.md: {}",
                 s.key
             );
             for role in ROLES {
                 if let Some(var) = s.env_var(role) {
                     assert!(toml_text.contains(var), "config.toml: {var}");
-                    assert!(readme.contains(&format!("`{var}`")), "README: {var}");
+                    assert!(
+                        docs.contains(&format!("`{var}`")),
+                        "docs/CONFIGURATION.md: {var}"
+                    );
                 }
             }
             if let Some(long) = s.flag() {
-                assert!(readme.contains(&format!("--{long}`")), "README: --{long}");
+                assert!(
+                    docs.contains(&format!("--{long}`")),
+                    "docs/CONFIGURATION.md: --{long}"
+                );
             }
         }
     }
@@ -1750,11 +1756,11 @@ mod tests {
         let toml = std::fs::read_to_string(root.join("config.toml")).unwrap();
         let line = toml.lines().find(|l| l.starts_with("draw_record")).unwrap();
         assert!(line.contains("(bets.csv -> bets.draw.toml)"), "{line}");
-        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-        let row = readme
+        let docs = std::fs::read_to_string(root.join("docs/CONFIGURATION.md")).unwrap();
+        let row = docs
             .lines()
             .find(|l| l.starts_with("| `server.draw_record`"));
-        assert!(row.unwrap().contains("(`bets.csv` → `bets.draw.toml`)"));
+        assert!(row.unwrap().contains("(`bets.csv` -> `bets.draw.toml`)"));
     }
 
     #[test]

@@ -217,14 +217,35 @@ struct GenDataArgs {
     crlf: bool,
 }
 
+/// The command line: the declared subcommands, the settings' flags, and the
+/// help of the flags whose setting's own help reads wrong on them.
+fn command() -> clap::Command {
+    // The setting describes `server.sync` itself; the flag turns it off.
+    let no_sync = "Acknowledge batches without syncing the bets file first (no `fdatasync`; \
+                   with a database, `synchronous_commit` off): only for measurements. \
+                   [server.sync = false, SERVER_SYNC]";
+    config::add_flags(Cli::command())
+        .mut_subcommand("server", |c| c.mut_arg("server.sync", |a| a.help(no_sync)))
+        .mut_subcommand("demo", |c| c.mut_arg("server.sync", |a| a.help(no_sync)))
+        // gen-data writes one file per agency; the draw's count is the server's.
+        .mut_subcommand("gen-data", |c| {
+            c.mut_arg("server.agencies", |a| {
+                a.help(
+                    "Number of files to write, agency-1.csv to agency-N.csv. \
+                     [server.agencies, SERVER_AGENCIES]",
+                )
+            })
+        })
+}
+
 fn main() -> ExitCode {
-    let matches = config::add_flags(Cli::command()).get_matches();
+    let matches = command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Command::Compose(args) = &cli.command {
         if args.centrals > 1 && !args.postgres {
             // Each central of the file layout owns its bets file: two would
             // each hold part of an agency's bets, and each run its own draw.
-            let mut cmd = config::add_flags(Cli::command());
+            let mut cmd = command();
             cmd.build();
             let compose = cmd.find_subcommand_mut("compose").expect("declared");
             compose

@@ -208,7 +208,7 @@ fn action_of(line: &str) -> &str {
 
 #[test]
 fn the_closing_lines_come_in_the_documented_order() {
-    // README's Shutdown section promises this order; a few runs, each with
+    // docs/ARCHITECTURE.md's Shutdown section promises this order; a few runs, each with
     // an idle, an uploading and a waiting connection, so a race between
     // the steps would show.
     for _ in 0..3 {
