@@ -237,6 +237,10 @@ fn no_stored_count_leaves_before_the_fdatasync_that_covers_it() {
                 &work.path().join(format!("winners-{id}.txt")),
             );
             cmd.env("CLI_BATCH_MAXAMOUNT", "20");
+            // A central slowed by the tracer on a loaded machine may take
+            // seconds to answer HELLO: the agency must not take it for a
+            // reference central, whose replies carry no STORED to check.
+            cmd.env("CLI_HELLO_TIMEOUT", "120");
             Proc::spawn(cmd)
         })
         .collect();
@@ -248,6 +252,12 @@ fn no_stored_count_leaves_before_the_fdatasync_that_covers_it() {
             i + 1,
             agency.output(),
             agency.stderr()
+        );
+        assert!(
+            !agency.output().contains("protocol: reference"),
+            "agency {} spoke the reference protocol:\n{}",
+            i + 1,
+            agency.output()
         );
     }
     // The central is strace's child: signal it, and strace ends with it
