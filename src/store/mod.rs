@@ -10,6 +10,7 @@
 //! the agency.
 
 pub mod file;
+pub mod options;
 pub mod postgres;
 pub mod target;
 
@@ -21,11 +22,11 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::config::ServerConfig;
 use crate::model::{AgencyId, Bets};
 use crate::receipt::{Digest, Receipt, Recomputed};
 
-pub use file::{Durability, StorageError};
+pub use file::StorageError;
+pub use options::{Durability, Options};
 pub use target::{PgTarget, Storage};
 
 /// The outcome of one submitted batch: resolves once its bets are stored
@@ -220,20 +221,16 @@ pub struct Opened {
     pub stored: BTreeMap<AgencyId, Receipt>,
 }
 
-/// Opens the store `config.storage` names, after checking (and, for the
+/// Opens the store `options.storage` names, after checking (and, for the
 /// file, repairing) what it holds.
 ///
 /// # Errors
 /// The store cannot be opened, or what it holds is damaged.
-pub async fn open(config: &ServerConfig) -> Result<Opened, StorageError> {
-    let durability = if config.sync {
-        Durability::Sync
-    } else {
-        Durability::NoSync
-    };
-    match &config.storage {
+pub async fn open(options: &Options) -> Result<Opened, StorageError> {
+    let durability = options.durability;
+    match &options.storage {
         Storage::File(bets) => {
-            let record = file_record(config);
+            let record = options.file_record();
             let (store, stored) = file::FileStore::open(bets, &record, durability).await?;
             Ok(Opened {
                 store: Arc::new(store),
@@ -241,9 +238,8 @@ pub async fn open(config: &ServerConfig) -> Result<Opened, StorageError> {
             })
         }
         Storage::Postgres(target) => {
-            let patience = Duration::from_secs(config.storage_connect_timeout);
             let (store, stored) =
-                postgres::PostgresStore::open(target, durability, patience).await?;
+                postgres::PostgresStore::open(target, durability, options.patience).await?;
             Ok(Opened {
                 store: Arc::new(store),
                 stored,
@@ -259,11 +255,8 @@ pub async fn open(config: &ServerConfig) -> Result<Opened, StorageError> {
 ///
 /// # Errors
 /// The bets cannot be read, or a row is damaged.
-pub async fn recompute(
-    config: &ServerConfig,
-    winning_number: u16,
-) -> Result<Recomputed, StorageError> {
-    match &config.storage {
+pub async fn recompute(options: &Options, winning_number: u16) -> Result<Recomputed, StorageError> {
+    match &options.storage {
         Storage::File(path) => {
             let path = path.clone();
             tokio::task::spawn_blocking(move || file::recompute(&path, winning_number))
@@ -277,7 +270,7 @@ pub async fn recompute(
     }
 }
 
-/// The receipts the store `config` names serves to agencies that resume,
+/// The receipts the store `options` names serves to agencies that resume,
 /// when it keeps them apart from its bets (a database's table `agencies`),
 /// with where they are kept, for messages; `None` for the bets file, whose
 /// receipts are computed from its bets each time it opens. Read only.
@@ -285,9 +278,9 @@ pub async fn recompute(
 /// # Errors
 /// The store cannot be read, or a kept receipt is damaged.
 pub async fn served(
-    config: &ServerConfig,
+    options: &Options,
 ) -> Result<Option<(&'static str, BTreeMap<AgencyId, Receipt>)>, StorageError> {
-    match &config.storage {
+    match &options.storage {
         Storage::File(_) => Ok(None),
         Storage::Postgres(target) => {
             let mut client = postgres::tool_connection(target).await?;
@@ -297,21 +290,14 @@ pub async fn served(
     }
 }
 
-/// The draw record's path of a bets file.
-fn file_record(config: &ServerConfig) -> std::path::PathBuf {
-    config
-        .draw_record_path()
-        .expect("a bets file has a draw record path")
-}
-
-/// The draw record `config` names, if there is one.
+/// The draw record `options` names, if there is one.
 ///
 /// # Errors
 /// A record exists but cannot be read.
-pub async fn load_draw(config: &ServerConfig) -> Result<Option<Draw>, StorageError> {
-    match &config.storage {
+pub async fn load_draw(options: &Options) -> Result<Option<Draw>, StorageError> {
+    match &options.storage {
         Storage::File(bets) => {
-            let (bets, record) = (bets.clone(), file_record(config));
+            let (bets, record) = (bets.clone(), options.file_record());
             // Checked against the ledger of sealed rounds, and read only.
             tokio::task::spawn_blocking(move || file::rounds::load_checked(&bets, &record, false))
                 .await
@@ -325,16 +311,20 @@ pub async fn load_draw(config: &ServerConfig) -> Result<Option<Draw>, StorageErr
     }
 }
 
-/// `lottery new-round`: keeps the drawn round's bets and record aside,
-/// named by round and seal, so the central starts the next round empty.
+/// `lottery new-round`: keeps the drawn round (of `agencies`, drawn on
+/// `winning`) aside, named by round and seal, so the central starts the
+/// next round empty.
 ///
 /// # Errors
 /// As [`file::rounds::new_round`].
-pub async fn new_round(config: &ServerConfig) -> Result<file::rounds::NewRound, StorageError> {
-    let (agencies, winning) = (config.agencies, config.winning_number);
-    match &config.storage {
+pub async fn new_round(
+    options: &Options,
+    agencies: u32,
+    winning: u16,
+) -> Result<file::rounds::NewRound, StorageError> {
+    match &options.storage {
         Storage::File(bets) => {
-            let (bets, record) = (bets.clone(), file_record(config));
+            let (bets, record) = (bets.clone(), options.file_record());
             tokio::task::spawn_blocking(move || {
                 file::rounds::new_round(&bets, &record, agencies, winning)
             })

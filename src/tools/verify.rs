@@ -37,7 +37,7 @@ pub async fn verify(config: &ServerConfig, published: Option<Digest>) -> anyhow:
         || "in the database's tables draw and draw_agencies".to_string(),
         |p| format!("at {}", p.display()),
     );
-    let draw = match store::load_draw(config).await {
+    let draw = match store::load_draw(&config.store_options()).await {
         Ok(Some(draw)) => draw,
         Ok(None) => {
             return Ok(Verified {
@@ -59,14 +59,14 @@ pub async fn verify(config: &ServerConfig, published: Option<Digest>) -> anyhow:
         }
         Err(e) => return Err(e.into()),
     };
-    let found = store::recompute(config, draw.winning_number).await?;
+    let found = store::recompute(&config.store_options(), draw.winning_number).await?;
     let mut differences = differences(
         draw.claimed(),
         &found,
         config.agencies,
         config.winning_number,
     );
-    if let Some((source, served)) = store::served(config).await? {
+    if let Some((source, served)) = store::served(&config.store_options()).await? {
         differences.extend(served_differences(source, &served, &found, config.agencies));
     }
     let sealed = seal(draw.winning_number, config.agencies, &found.receipts);
@@ -114,19 +114,27 @@ pub async fn verify(config: &ServerConfig, published: Option<Digest>) -> anyhow:
 /// The round is not drawn, its record does not match its bets, or a file
 /// cannot be renamed.
 pub async fn new_round(config: &ServerConfig) -> anyhow::Result<String> {
-    Ok(match store::new_round(config).await? {
-        NewRound::AlreadyEmpty { round } => {
-            format!("round {round} holds no bets and no draw: it is already a new round\n")
-        }
-        NewRound::Kept {
-            round,
-            seal,
-            bets,
-            record,
-        } => format!(
-            "round {round} (seal {seal}) kept as {bets} and {record}; the next start of the \
+    Ok(
+        match store::new_round(
+            &config.store_options(),
+            config.agencies,
+            config.winning_number,
+        )
+        .await?
+        {
+            NewRound::AlreadyEmpty { round } => {
+                format!("round {round} holds no bets and no draw: it is already a new round\n")
+            }
+            NewRound::Kept {
+                round,
+                seal,
+                bets,
+                record,
+            } => format!(
+                "round {round} (seal {seal}) kept as {bets} and {record}; the next start of the \
              central begins round {} with no bets\n",
-            round + 1
-        ),
-    })
+                round + 1
+            ),
+        },
+    )
 }

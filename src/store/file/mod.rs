@@ -27,7 +27,7 @@ pub use recover::{recover, Recovered};
 pub use row::{encode_rows, read_rows, StoredBet};
 pub use store::FileStore;
 pub use tally::{recompute, tally};
-pub use writer::{BetStore, Durability, Pending};
+pub use writer::{BetStore, Pending};
 
 /// A failure of the bets file.
 #[derive(Debug, thiserror::Error)]
