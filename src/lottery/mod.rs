@@ -830,7 +830,7 @@ mod tests {
                     let _pass = self.gate.acquire().await.unwrap();
                 }
                 if self.fail_record {
-                    return Err(StorageError::Closed);
+                    return Err(StorageError::Closed(crate::store::Backend::File));
                 }
                 self.inner.save_draw(draw).await
             }

@@ -9,6 +9,7 @@
 //! and an arm in [`open`], with nothing to change in the server, the wire or
 //! the agency.
 
+mod error;
 pub mod file;
 pub mod options;
 pub mod postgres;
@@ -25,7 +26,7 @@ use futures::future::BoxFuture;
 use crate::model::{AgencyId, Bets};
 use crate::receipt::{Digest, Receipt, Recomputed};
 
-pub use file::StorageError;
+pub use error::{Backend, RecordAt, StorageError};
 pub use options::{Durability, Options};
 pub use target::{PgTarget, Storage};
 
@@ -321,7 +322,7 @@ pub async fn new_round(
     options: &Options,
     agencies: u32,
     winning: u16,
-) -> Result<file::rounds::NewRound, StorageError> {
+) -> Result<NewRound, StorageError> {
     match &options.storage {
         Storage::File(bets) => {
             let (bets, record) = (bets.clone(), options.file_record());
@@ -421,4 +422,25 @@ impl Draw {
             winners: &self.winners,
         }
     }
+}
+
+/// What `lottery new-round` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NewRound {
+    /// The current round holds no bets and no draw: nothing to keep.
+    AlreadyEmpty {
+        /// The current round's number.
+        round: u32,
+    },
+    /// The sealed round's files were kept under these names.
+    Kept {
+        /// The round kept.
+        round: u32,
+        /// Its seal.
+        seal: Digest,
+        /// Where its bets went, for the operator (a path, or tables).
+        bets: String,
+        /// Where its draw record went.
+        record: String,
+    },
 }

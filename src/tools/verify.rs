@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use crate::config::ServerConfig;
 use crate::receipt::{differences, seal, served_differences, Digest};
-use crate::store::{self, file::rounds::NewRound};
+use crate::store::{self, NewRound};
 
 /// What `lottery verify` found.
 #[derive(Debug, Clone, PartialEq, Eq)]

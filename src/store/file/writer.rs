@@ -15,7 +15,7 @@ use tracing::{error, info};
 
 use super::StorageError;
 use crate::logging::{action, result};
-use crate::store::{Durability, Sequence};
+use crate::store::{Backend, Durability, Sequence};
 
 /// The step that puts a group's rows on stable storage before any of its
 /// batches is answered: [`File::sync_data`], or a stand-in in tests that
@@ -117,7 +117,7 @@ impl BetStore {
         self.tx
             .send(Some(append))
             .await
-            .map_err(|_| StorageError::Closed)?;
+            .map_err(|_| StorageError::Closed(Backend::File))?;
         Ok(Pending {
             answer,
             path: self.path.clone(),
@@ -165,7 +165,7 @@ impl std::future::Future for Pending {
                     path: self.path.to_path_buf(),
                     reason,
                 }),
-                Err(_) => Err(StorageError::Closed),
+                Err(_) => Err(StorageError::Closed(Backend::File)),
             })
     }
 }

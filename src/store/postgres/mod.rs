@@ -29,10 +29,9 @@ use tracing::{error, info, warn};
 use crate::logging::{action, result};
 use crate::model::{AgencyId, Bets};
 use crate::receipt::{self, Digest, Receipt, Recomputed, DIGEST_LEN};
-use crate::store::file::rounds::NewRound;
 use crate::store::{
-    Agency, AgencyTotals, Draw, Durability, PgTarget, Sequence, StorageError, Store, Stored, Tally,
-    Watched,
+    Agency, AgencyTotals, Backend, Draw, Durability, NewRound, PgTarget, RecordAt, Sequence,
+    StorageError, Store, Stored, Tally, Watched,
 };
 
 /// How long one attempt to connect may take before it counts as failed.
@@ -307,10 +306,10 @@ impl PostgresStore {
         self.requests
             .send(request(done))
             .await
-            .map_err(|_| StorageError::Closed)?;
+            .map_err(|_| StorageError::Closed(Backend::Database))?;
         answer
             .await
-            .map_err(|_| StorageError::Closed)?
+            .map_err(|_| StorageError::Closed(Backend::Database))?
             .map_err(|reason| self.error(reason))
     }
 
@@ -629,13 +628,13 @@ impl Store for PostgresStore {
                     done,
                 }))
                 .await
-                .map_err(|_| StorageError::Closed)?;
+                .map_err(|_| StorageError::Closed(Backend::Database))?;
             let target = where_(&self.target);
             Ok(async move {
                 match outcome.await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(reason)) => Err(StorageError::Database { target, reason }),
-                    Err(_) => Err(StorageError::Closed),
+                    Err(_) => Err(StorageError::Closed(Backend::Database)),
                 }
             }
             .boxed())
@@ -872,7 +871,7 @@ const ROUND_TABLES: [&str; 4] = ["bets", "agencies", "draw", "draw_agencies"];
 /// A draw record (or rounds) error: the tables named, for messages.
 fn record_error(target: &PgTarget, reason: String) -> StorageError {
     StorageError::Record {
-        path: format!("{} (tables draw, draw_agencies, rounds)", where_(target)).into(),
+        kept: RecordAt::Tables(where_(target)),
         reason,
     }
 }
