@@ -64,10 +64,6 @@ pub enum StorageError {
         /// What is wrong.
         reason: String,
     },
-    /// A method only a store shared by several centrals has was called on
-    /// one that is not ([`crate::store::Store::shared`]): a bug.
-    #[error("this store is not shared by several centrals")]
-    Unshared,
 }
 
 /// Which backend a [`StorageError::Closed`] comes from, for its message.

@@ -37,7 +37,8 @@ pub async fn verify(config: &ServerConfig, published: Option<Digest>) -> anyhow:
         || "in the database's tables draw and draw_agencies".to_string(),
         |p| format!("at {}", p.display()),
     );
-    let draw = match store::load_draw(&config.store_options()).await {
+    let mut reader = store::Reader::open(&config.store_options()).await?;
+    let draw = match reader.load_draw().await {
         Ok(Some(draw)) => draw,
         Ok(None) => {
             return Ok(Verified {
@@ -59,14 +60,14 @@ pub async fn verify(config: &ServerConfig, published: Option<Digest>) -> anyhow:
         }
         Err(e) => return Err(e.into()),
     };
-    let found = store::recompute(&config.store_options(), draw.winning_number).await?;
+    let found = reader.recompute(draw.winning_number).await?;
     let mut differences = differences(
         draw.claimed(),
         &found,
         config.agencies,
         config.winning_number,
     );
-    if let Some((source, served)) = store::served(&config.store_options()).await? {
+    if let Some((source, served)) = reader.served().await? {
         differences.extend(served_differences(source, &served, &found, config.agencies));
     }
     let sealed = seal(draw.winning_number, config.agencies, &found.receipts);
@@ -115,12 +116,10 @@ pub async fn verify(config: &ServerConfig, published: Option<Digest>) -> anyhow:
 /// cannot be renamed.
 pub async fn new_round(config: &ServerConfig) -> anyhow::Result<String> {
     Ok(
-        match store::new_round(
-            &config.store_options(),
-            config.agencies,
-            config.winning_number,
-        )
-        .await?
+        match store::Reader::open(&config.store_options())
+            .await?
+            .new_round(config.agencies, config.winning_number)
+            .await?
         {
             NewRound::AlreadyEmpty { round } => {
                 format!("round {round} holds no bets and no draw: it is already a new round\n")

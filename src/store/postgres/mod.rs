@@ -16,7 +16,7 @@ pub mod schema;
 mod writer;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -31,7 +31,7 @@ use crate::model::{AgencyId, Bets};
 use crate::receipt::{self, Digest, Receipt, Recomputed, DIGEST_LEN};
 use crate::store::{
     Agency, AgencyTotals, Backend, Draw, Durability, NewRound, PgTarget, RecordAt, Sequence,
-    StorageError, Store, Stored, Tally, Watched,
+    SharedStore, StorageError, Store, Stored, Tally, Watched,
 };
 
 /// How long one attempt to connect may take before it counts as failed.
@@ -689,10 +689,37 @@ impl Store for PostgresStore {
         .boxed()
     }
 
-    fn shared(&self) -> bool {
-        true
+    fn into_shared(self: Arc<Self>) -> Option<Arc<dyn SharedStore>> {
+        Some(self)
     }
 
+    fn served_from(&self) -> &'static str {
+        SERVED_FROM
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        async move {
+            let (done, closed) = oneshot::channel();
+            if self
+                .requests
+                .send(writer::Request::Close(done))
+                .await
+                .is_ok()
+            {
+                let _ = closed.await;
+            }
+            let task = self.task.lock().expect("not poisoned").take();
+            if let Some(task) = task {
+                if let Err(e) = task.await {
+                    error!(action = action::CLOSE_DATABASE, result = result::FAIL, error = %e);
+                }
+            }
+        }
+        .boxed()
+    }
+}
+
+impl SharedStore for PostgresStore {
     fn open_session(&self, agency: AgencyId) -> BoxFuture<'_, Result<Agency, StorageError>> {
         self.ask(move |done| writer::Request::Open(agency, done))
             .boxed()
@@ -775,38 +802,19 @@ impl Store for PostgresStore {
                     },
                 );
             }
-            let mut ids: Vec<AgencyId> = receipts.keys().copied().collect();
-            ids.extend(tally.per_agency.keys().copied());
-            ids.sort_unstable();
-            ids.dedup();
-            let differences: Vec<String> = ids
-                .into_iter()
-                .filter_map(|agency| {
-                    let stored = tally.per_agency.get(&agency).copied().unwrap_or(0);
-                    let acknowledged = receipts.get(&agency).map_or(0, |r| r.count);
-                    (stored != acknowledged).then(|| {
-                        format!(
-                            "agency {agency}: {stored} in the store, {acknowledged} acknowledged"
-                        )
-                    })
-                })
-                .collect();
-            if !differences.is_empty() {
-                return Err(self.error(format!(
+            let draw = Draw::from_tally(
+                winning_number,
+                agencies,
+                tally,
+                &receipts,
+                started.elapsed(),
+            )
+            .map_err(|differences| {
+                self.error(format!(
                     "the stored bets differ from what was acknowledged ({}); nothing was recorded",
                     differences.join(", ")
-                )));
-            }
-            receipts.retain(|&agency, _| (1..=agencies).contains(&agency));
-            let draw = Draw {
-                winning_number,
-                drawn_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                winners: tally.winners,
-                seal: receipt::seal(winning_number, agencies, &receipts),
-                receipts,
-                bets: tally.rows,
-                elapsed: started.elapsed(),
-            };
+                ))
+            })?;
             insert_draw(&tx, &draw).await.map_err(fail)?;
             // Delivered at the commit: every central's watcher wakes.
             tx.batch_execute(&format!("NOTIFY {DRAW_CHANNEL}"))
@@ -816,10 +824,6 @@ impl Store for PostgresStore {
             Ok((draw, true))
         }
         .boxed()
-    }
-
-    fn served_from(&self) -> &'static str {
-        SERVED_FROM
     }
 
     fn drawn(&self, agencies: u32) -> BoxFuture<'_, Watched> {
@@ -837,27 +841,6 @@ impl Store for PostgresStore {
                         );
                         tokio::time::sleep(DRAW_POLL).await;
                     }
-                }
-            }
-        }
-        .boxed()
-    }
-
-    fn close(&self) -> BoxFuture<'_, ()> {
-        async move {
-            let (done, closed) = oneshot::channel();
-            if self
-                .requests
-                .send(writer::Request::Close(done))
-                .await
-                .is_ok()
-            {
-                let _ = closed.await;
-            }
-            let task = self.task.lock().expect("not poisoned").take();
-            if let Some(task) = task {
-                if let Err(e) = task.await {
-                    error!(action = action::CLOSE_DATABASE, result = result::FAIL, error = %e);
                 }
             }
         }
@@ -1234,6 +1217,72 @@ pub async fn tool_connection(target: &PgTarget) -> Result<Client, StorageError> 
         )));
     }
     Ok(client)
+}
+
+/// A tool's connection to the database (`lottery verify`, `winners`,
+/// `new-round`): checked against this build's schema once, then asked
+/// everything the tool needs.
+pub struct Tool {
+    target: PgTarget,
+    client: Client,
+}
+
+impl std::fmt::Debug for Tool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tool")
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+impl Tool {
+    /// Connects to `target` as a tool: read only, nothing migrated.
+    ///
+    /// # Errors
+    /// As [`tool_connection`].
+    pub async fn open(target: &PgTarget) -> Result<Tool, StorageError> {
+        let client = tool_connection(target).await?;
+        Ok(Tool {
+            target: target.clone(),
+            client,
+        })
+    }
+
+    /// As [`load_draw`].
+    ///
+    /// # Errors
+    /// As [`load_draw`].
+    pub async fn load_draw(&mut self) -> Result<Option<Draw>, StorageError> {
+        load_draw(&self.target, &mut self.client).await
+    }
+
+    /// As [`recompute`].
+    ///
+    /// # Errors
+    /// As [`recompute`].
+    pub async fn recompute(&mut self, winning_number: u16) -> Result<Recomputed, StorageError> {
+        recompute(&self.target, &mut self.client, winning_number).await
+    }
+
+    /// As [`served`].
+    ///
+    /// # Errors
+    /// As [`served`].
+    pub async fn served(&mut self) -> Result<BTreeMap<AgencyId, Receipt>, StorageError> {
+        served(&self.target, &mut self.client).await
+    }
+
+    /// As [`new_round`].
+    ///
+    /// # Errors
+    /// As [`new_round`].
+    pub async fn new_round(
+        &mut self,
+        agencies: u32,
+        winning_number: u16,
+    ) -> Result<NewRound, StorageError> {
+        new_round(&self.target, &mut self.client, agencies, winning_number).await
+    }
 }
 
 /// `lottery new-round` on a database: the current round must be drawn and
