@@ -6,7 +6,8 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 
 use lottery::model::Bets;
-use lottery::store::file::{encode_rows, read_rows, tally, BetStore, Durability};
+use lottery::store::file::{encode_rows, read_rows, tally, BetStore};
+use lottery::store::Durability;
 use lottery::tools::gen_data::{self, GenOptions};
 
 fn bets(n: usize) -> Bets {

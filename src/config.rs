@@ -18,7 +18,8 @@ use serde::Deserialize;
 
 use crate::logging::{LogFormat, LogLevel};
 use crate::model::{AgencyId, MAX_NUMBER};
-use crate::store::Storage;
+use crate::store::options::{Durability, Options as StoreOptions};
+use crate::store::target::Storage;
 
 /// Most batches an agency may keep in flight (`agency.window`): the central
 /// reads no further from a connection that has this many unanswered.
@@ -978,6 +979,22 @@ impl ServerConfig {
         } else {
             self.draw_record.clone()
         })
+    }
+
+    /// What the store is handed to open: the target, its draw record,
+    /// whether acknowledgements wait for stable storage, and how long a
+    /// database may take to answer.
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            storage: self.storage.clone(),
+            record: self.draw_record_path(),
+            durability: if self.sync {
+                Durability::Sync
+            } else {
+                Durability::NoSync
+            },
+            patience: std::time::Duration::from_secs(self.storage_connect_timeout),
+        }
     }
 
     /// Where the draw record is, for messages and log lines.

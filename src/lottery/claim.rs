@@ -73,10 +73,9 @@ impl Claim {
     /// # Errors
     /// The shared store could not be reached.
     pub async fn open(&self) -> Result<(), LotteryError> {
-        let store = &self.lottery.shared.store;
-        if !store.shared() {
+        let Some(store) = &self.lottery.shared.shared_store else {
             return Ok(());
-        }
+        };
         let held = store
             .open_session(self.agency)
             .await
@@ -136,11 +135,10 @@ impl Claim {
     /// announcement is then forgotten, so that announcing again retries.
     pub async fn finish(&self) -> Result<(), LotteryError> {
         let agency = self.agency;
-        let store = &self.lottery.shared.store;
         // With a shared store the announcement is recorded there first, and
         // who finished is counted there: the others may have finished on
         // other centrals.
-        let everywhere = if store.shared() {
+        let everywhere = if let Some(store) = &self.lottery.shared.shared_store {
             let finished = store
                 .finish(agency, self.lottery.shared.agencies)
                 .await

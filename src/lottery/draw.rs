@@ -2,7 +2,7 @@
 //! once, on a task of its own, outside the state lock, so the central keeps
 //! answering PING, STATUS and HELLO while it reads the bets back.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,7 +11,7 @@ use tracing::{error, info};
 use super::{Drawn, Lottery, LotteryError};
 use crate::logging::{action, result};
 use crate::model::AgencyId;
-use crate::receipt::{seal, Receipt};
+use crate::receipt::Receipt;
 use crate::store::Draw;
 
 impl Lottery {
@@ -38,44 +38,15 @@ impl Lottery {
         }
     }
 
-    /// Refuses a tally that does not hold exactly the bets acknowledged to
-    /// each agency (a bets file deleted, replaced or cut under the running
-    /// central): drawing over it would record and announce a wrong outcome
-    /// for good.
-    fn check_acknowledged(&self, tallied: &BTreeMap<AgencyId, u64>) -> Result<(), LotteryError> {
-        let state = self.lock();
-        let mut agencies: BTreeSet<AgencyId> = tallied.keys().copied().collect();
-        agencies.extend(state.stored.keys().copied());
-        let differences: Vec<String> = agencies
-            .into_iter()
-            .filter_map(|agency| {
-                let stored = tallied.get(&agency).copied().unwrap_or(0);
-                let acknowledged = state.stored.get(&agency).map_or(0, |r| r.count);
-                (stored != acknowledged).then(|| {
-                    format!("agency {agency}: {stored} in the store, {acknowledged} acknowledged")
-                })
-            })
-            .collect();
-        if differences.is_empty() {
-            return Ok(());
-        }
-        Err(LotteryError::Draw(format!(
-            "the stored bets differ from what was acknowledged ({}); nothing was recorded: \
-             put the bets back and the agencies' retries will draw again",
-            differences.join(", ")
-        )))
-    }
-
     /// Draws (or, with a shared store, finds the draw another central
     /// recorded first: then `false`) and records it.
     async fn draw_and_record(&self) -> Result<(Arc<Draw>, bool), LotteryError> {
         let shared = &self.shared;
-        if shared.store.shared() {
+        if let Some(store) = &shared.shared_store {
             // The store draws exactly once for every central, checking the
             // tally against the receipts it holds (this central's counts
             // are only those of its own sessions).
-            let (draw, ran) = shared
-                .store
+            let (draw, ran) = store
                 .draw_once(shared.winning_number, shared.agencies)
                 .await
                 .map_err(|e| LotteryError::Draw(e.to_string()))?;
@@ -87,25 +58,26 @@ impl Lottery {
             .tally(shared.winning_number)
             .await
             .map_err(|e| LotteryError::Draw(e.to_string()))?;
-        self.check_acknowledged(&tally.per_agency)?;
-        // The receipts are those acknowledged to the agencies, whose counts
-        // the tally just matched; every configured agency is listed, one
-        // without bets with its empty receipt.
-        let receipts: BTreeMap<AgencyId, Receipt> = {
+        // The receipts acknowledged to the agencies: the tally must hold
+        // exactly their bets.
+        let acknowledged: BTreeMap<AgencyId, Receipt> = {
             let state = self.lock();
-            (1..=shared.agencies)
-                .map(|agency| (agency, state.receipt(agency)))
-                .collect()
+            state.stored.iter().map(|(&a, &r)| (a, r)).collect()
         };
-        let draw = Draw {
-            winning_number: shared.winning_number,
-            drawn_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            winners: tally.winners,
-            seal: seal(shared.winning_number, shared.agencies, &receipts),
-            receipts,
-            bets: tally.rows,
-            elapsed: started.elapsed(),
-        };
+        let draw = Draw::from_tally(
+            shared.winning_number,
+            shared.agencies,
+            tally,
+            &acknowledged,
+            started.elapsed(),
+        )
+        .map_err(|differences| {
+            LotteryError::Draw(format!(
+                "the stored bets differ from what was acknowledged ({}); nothing was recorded: \
+                 put the bets back and the agencies' retries will draw again",
+                differences.join(", ")
+            ))
+        })?;
         shared
             .store
             .save_draw(&draw)

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::receipt::Receipt;
-use crate::store::{Draw, Store, Watched};
+use crate::store::{Draw, SharedStore, Store, Watched};
 use crate::wire::{AgencyState, ErrorCode};
 
 pub use claim::Claim;
@@ -181,6 +181,10 @@ struct Shared {
     agencies: u32,
     winning_number: u16,
     store: Arc<dyn Store>,
+    /// The same store when other centrals share it: then what is kept
+    /// here is only a cache, and the store is the truth; `None` (the bets
+    /// file) and this process's state is the truth.
+    shared_store: Option<Arc<dyn SharedStore>>,
 }
 
 /// Handle to the lottery state, shared by every connection.
@@ -211,7 +215,8 @@ impl Lottery {
             },
             ..State::default()
         };
-        let watch_store = (store.shared() && draw.is_none()).then(|| store.clone());
+        let shared_store = store.clone().into_shared();
+        let watch_store = shared_store.clone().filter(|_| draw.is_none());
         let lottery = Lottery {
             shared: Arc::new(Shared {
                 state: Mutex::new(state),
@@ -222,6 +227,7 @@ impl Lottery {
                 agencies,
                 winning_number,
                 store,
+                shared_store,
             }),
         };
         if let Some(store) = watch_store {
@@ -464,10 +470,10 @@ impl Lottery {
     /// with a warning.
     pub async fn status_everywhere(&self) -> (u32, bool, Vec<AgencyState>) {
         let (agencies, drawn, local) = self.status();
-        if !self.shared.store.shared() {
+        let Some(store) = &self.shared.shared_store else {
             return (agencies, drawn, local);
-        }
-        let everywhere = match self.shared.store.agencies(agencies).await {
+        };
+        let everywhere = match store.agencies(agencies).await {
             Ok(everywhere) => everywhere,
             Err(e) => {
                 warn!(
@@ -830,7 +836,7 @@ mod tests {
                     let _pass = self.gate.acquire().await.unwrap();
                 }
                 if self.fail_record {
-                    return Err(StorageError::Closed);
+                    return Err(StorageError::Closed(crate::store::Backend::File));
                 }
                 self.inner.save_draw(draw).await
             }

@@ -165,12 +165,13 @@ pub async fn run(config: &ServerConfig, shutdown: CancellationToken) -> Result<(
         error,
     };
     let socket = reserve(config).map_err(bind_error)?;
+    let options = config.store_options();
     let opened = tokio::select! {
         biased;
         // Signalled while still opening: nothing was served, nothing to
         // close but what the store opened (dropped with the future).
         _ = shutdown.cancelled() => return Ok(()),
-        opened = store::open(config) => opened?,
+        opened = store::open(&options) => opened?,
     };
     let listener = match socket.listen(config.listen_backlog) {
         Ok(listener) => listener,
@@ -192,7 +193,7 @@ pub async fn run_on(
     config: &ServerConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let opened = store::open(config).await?;
+    let opened = store::open(&config.store_options()).await?;
     run_with_store(listener, config, opened, shutdown).await
 }
 

@@ -9,23 +9,26 @@
 //! and an arm in [`open`], with nothing to change in the server, the wire or
 //! the agency.
 
+mod error;
 pub mod file;
+pub mod options;
 pub mod postgres;
 pub mod target;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::config::ServerConfig;
 use crate::model::{AgencyId, Bets};
 use crate::receipt::{Digest, Receipt, Recomputed};
 
-pub use file::{Durability, StorageError};
+pub use error::{Backend, RecordAt, StorageError};
+pub use options::{Durability, Options};
 pub use target::{PgTarget, Storage};
 
 /// The outcome of one submitted batch: resolves once its bets are stored
@@ -105,27 +108,38 @@ pub trait Store: Send + Sync + fmt::Debug {
         crate::logging::action::CLOSE_BETS_FILE
     }
 
-    /// Whether other centrals share this store (a database): then what the
-    /// lottery keeps in memory is only a cache, and the methods below are
-    /// the truth. A store only this process uses (the bets file) says no,
-    /// and the lottery never calls them: its in-memory state is the truth
-    /// and nothing is added to its hot path.
-    fn shared(&self) -> bool {
-        false
+    /// This store as one that other centrals share (a database), or
+    /// `None` for one only this process uses (the bets file). Asked once,
+    /// when the lottery starts: with `None` its in-memory state is the
+    /// truth and nothing is added to its hot path; with a shared store what
+    /// it keeps in memory is only a cache, and [`SharedStore`] is the truth.
+    fn into_shared(self: Arc<Self>) -> Option<Arc<dyn SharedStore>> {
+        None
     }
 
-    /// A shared store: opens a new session of `agency` (a `HELLO`) on this
+    /// Where the receipts handed back by [`open`] (and served to agencies
+    /// that resume) are kept, for messages: a store that keeps them apart
+    /// from its bets (a database table) has them checked against its bets
+    /// when the round is drawn.
+    fn served_from(&self) -> &'static str {
+        "the receipts read when the store opened"
+    }
+}
+
+/// What only a store shared by several centrals does: the sessions, the
+/// finished agencies and the one draw, held for every central at once.
+/// [`Store::into_shared`] hands it over, so a store that is not shared has
+/// none of these methods at all.
+pub trait SharedStore: Store {
+    /// Opens a new session of `agency` (a `HELLO`) on this
     /// central, fencing every older session of it on any central (their
     /// later batches fail), and returns what the store holds for it.
     ///
     /// # Errors
     /// The store could not be reached.
-    fn open_session(&self, agency: AgencyId) -> BoxFuture<'_, Result<Agency, StorageError>> {
-        let _ = agency;
-        unshared()
-    }
+    fn open_session(&self, agency: AgencyId) -> BoxFuture<'_, Result<Agency, StorageError>>;
 
-    /// A shared store: records for good that `agency` finished, and returns
+    /// Records for good that `agency` finished, and returns
     /// how many of the lottery's agencies (`1..=agencies`) have finished,
     /// on every central. A row of an agency above them (left by a central
     /// configured for more) would otherwise complete the set early.
@@ -133,23 +147,17 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// # Errors
     /// The store could not be reached, or a newer session of the agency
     /// opened on another central.
-    fn finish(&self, agency: AgencyId, agencies: u32) -> BoxFuture<'_, Result<u32, StorageError>> {
-        let _ = (agency, agencies);
-        unshared()
-    }
+    fn finish(&self, agency: AgencyId, agencies: u32) -> BoxFuture<'_, Result<u32, StorageError>>;
 
-    /// A shared store: what every central stored for each of agencies
+    /// What every central stored for each of agencies
     /// `1..=agencies` that stored bets or finished (its count, and whether
     /// it finished): the operator's view of the whole lottery.
     ///
     /// # Errors
     /// The store could not be reached.
-    fn agencies(&self, agencies: u32) -> BoxFuture<'_, Result<AgencyTotals, StorageError>> {
-        let _ = agencies;
-        unshared()
-    }
+    fn agencies(&self, agencies: u32) -> BoxFuture<'_, Result<AgencyTotals, StorageError>>;
 
-    /// A shared store: the draw of `winning_number` over `agencies`, run by
+    /// The draw of `winning_number` over `agencies`, run by
     /// exactly one central: whichever calls first tallies, checks the
     /// tally against every agency's receipt and records the draw
     /// (returning it with `true`); every later call, on any central,
@@ -162,31 +170,16 @@ pub trait Store: Send + Sync + fmt::Debug {
         &self,
         winning_number: u16,
         agencies: u32,
-    ) -> BoxFuture<'_, Result<(Draw, bool), StorageError>> {
-        let _ = (winning_number, agencies);
-        unshared()
-    }
+    ) -> BoxFuture<'_, Result<(Draw, bool), StorageError>>;
 
-    /// A shared store: resolves with the draw once another central (or
+    /// Resolves with the draw once another central (or
     /// this one) recorded it, or once every one of agencies `1..=agencies`
     /// has finished with no draw recorded (the central drawing died before
-    /// its commit: this one should draw); never resolves on an unshared
-    /// store.
-    fn drawn(&self, agencies: u32) -> BoxFuture<'_, Watched> {
-        let _ = agencies;
-        Box::pin(futures::future::pending())
-    }
-
-    /// Where the receipts handed back by [`open`] (and served to agencies
-    /// that resume) are kept, for messages: a store that keeps them apart
-    /// from its bets (a database table) has them checked against its bets
-    /// when the round is drawn.
-    fn served_from(&self) -> &'static str {
-        "the receipts read when the store opened"
-    }
+    /// its commit: this one should draw).
+    fn drawn(&self, agencies: u32) -> BoxFuture<'_, Watched>;
 }
 
-/// What [`Store::drawn`] saw.
+/// What [`SharedStore::drawn`] saw.
 #[derive(Debug)]
 pub enum Watched {
     /// The draw, recorded.
@@ -204,12 +197,6 @@ pub struct Agency {
     pub finished: bool,
 }
 
-/// The answer of a shared-store method on a store that is not shared: the
-/// lottery asks only when [`Store::shared`] says yes.
-fn unshared<T: Send + 'static>() -> BoxFuture<'static, Result<T, StorageError>> {
-    Box::pin(async { Err(StorageError::Unshared) })
-}
-
 /// A store just opened, and what it already held.
 #[derive(Debug)]
 pub struct Opened {
@@ -220,20 +207,16 @@ pub struct Opened {
     pub stored: BTreeMap<AgencyId, Receipt>,
 }
 
-/// Opens the store `config.storage` names, after checking (and, for the
+/// Opens the store `options.storage` names, after checking (and, for the
 /// file, repairing) what it holds.
 ///
 /// # Errors
 /// The store cannot be opened, or what it holds is damaged.
-pub async fn open(config: &ServerConfig) -> Result<Opened, StorageError> {
-    let durability = if config.sync {
-        Durability::Sync
-    } else {
-        Durability::NoSync
-    };
-    match &config.storage {
+pub async fn open(options: &Options) -> Result<Opened, StorageError> {
+    let durability = options.durability;
+    match &options.storage {
         Storage::File(bets) => {
-            let record = file_record(config);
+            let record = options.file_record();
             let (store, stored) = file::FileStore::open(bets, &record, durability).await?;
             Ok(Opened {
                 store: Arc::new(store),
@@ -241,9 +224,8 @@ pub async fn open(config: &ServerConfig) -> Result<Opened, StorageError> {
             })
         }
         Storage::Postgres(target) => {
-            let patience = Duration::from_secs(config.storage_connect_timeout);
             let (store, stored) =
-                postgres::PostgresStore::open(target, durability, patience).await?;
+                postgres::PostgresStore::open(target, durability, options.patience).await?;
             Ok(Opened {
                 store: Arc::new(store),
                 stored,
@@ -252,98 +234,116 @@ pub async fn open(config: &ServerConfig) -> Result<Opened, StorageError> {
     }
 }
 
-/// Recomputes, from the stored bets alone and without changing anything
-/// (a torn last row is left alone and not counted), each agency's receipt
-/// and its winners for `winning_number`: what `lottery verify` compares
-/// with the draw record.
-///
-/// # Errors
-/// The bets cannot be read, or a row is damaged.
-pub async fn recompute(
-    config: &ServerConfig,
-    winning_number: u16,
-) -> Result<Recomputed, StorageError> {
-    match &config.storage {
-        Storage::File(path) => {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || file::recompute(&path, winning_number))
-                .await
-                .expect("reading the bets back does not panic")
-        }
-        Storage::Postgres(target) => {
-            let mut client = postgres::tool_connection(target).await?;
-            postgres::recompute(target, &mut client, winning_number).await
-        }
+/// The store as the tools open it (`lottery verify`, `winners`,
+/// `new-round`), never as a central does: nothing is created, migrated or
+/// repaired, and a database is reached once for everything a tool asks.
+#[derive(Debug)]
+pub enum Reader {
+    /// The bets file and its draw record.
+    File {
+        /// The bets file.
+        bets: PathBuf,
+        /// Its draw record.
+        record: PathBuf,
+    },
+    /// A database, connected.
+    Database(Box<postgres::Tool>),
+}
+
+impl Reader {
+    /// Opens the store `options` names for a tool.
+    ///
+    /// # Errors
+    /// The database cannot be reached, or its schema is not this build's.
+    pub async fn open(options: &Options) -> Result<Reader, StorageError> {
+        Ok(match &options.storage {
+            Storage::File(bets) => Reader::File {
+                bets: bets.clone(),
+                record: options.file_record(),
+            },
+            Storage::Postgres(target) => {
+                Reader::Database(Box::new(postgres::Tool::open(target).await?))
+            }
+        })
     }
-}
 
-/// The receipts the store `config` names serves to agencies that resume,
-/// when it keeps them apart from its bets (a database's table `agencies`),
-/// with where they are kept, for messages; `None` for the bets file, whose
-/// receipts are computed from its bets each time it opens. Read only.
-///
-/// # Errors
-/// The store cannot be read, or a kept receipt is damaged.
-pub async fn served(
-    config: &ServerConfig,
-) -> Result<Option<(&'static str, BTreeMap<AgencyId, Receipt>)>, StorageError> {
-    match &config.storage {
-        Storage::File(_) => Ok(None),
-        Storage::Postgres(target) => {
-            let mut client = postgres::tool_connection(target).await?;
-            let served = postgres::served(target, &mut client).await?;
-            Ok(Some((postgres::SERVED_FROM, served)))
-        }
-    }
-}
-
-/// The draw record's path of a bets file.
-fn file_record(config: &ServerConfig) -> std::path::PathBuf {
-    config
-        .draw_record_path()
-        .expect("a bets file has a draw record path")
-}
-
-/// The draw record `config` names, if there is one.
-///
-/// # Errors
-/// A record exists but cannot be read.
-pub async fn load_draw(config: &ServerConfig) -> Result<Option<Draw>, StorageError> {
-    match &config.storage {
-        Storage::File(bets) => {
-            let (bets, record) = (bets.clone(), file_record(config));
-            // Checked against the ledger of sealed rounds, and read only.
-            tokio::task::spawn_blocking(move || file::rounds::load_checked(&bets, &record, false))
+    /// The draw recorded, if there is one, checked against the ledger (or
+    /// table) of sealed rounds.
+    ///
+    /// # Errors
+    /// A record exists but cannot be read, or a sealed round's record is
+    /// missing or replaced.
+    pub async fn load_draw(&mut self) -> Result<Option<Draw>, StorageError> {
+        match self {
+            Reader::File { bets, record } => {
+                let (bets, record) = (bets.clone(), record.clone());
+                tokio::task::spawn_blocking(move || {
+                    file::rounds::load_checked(&bets, &record, false)
+                })
                 .await
                 .expect("reading the record does not panic")
-        }
-        Storage::Postgres(target) => {
-            let mut client = postgres::tool_connection(target).await?;
-            // Checked against the table of sealed rounds, and read only.
-            postgres::load_draw(target, &mut client).await
+            }
+            Reader::Database(tool) => tool.load_draw().await,
         }
     }
-}
 
-/// `lottery new-round`: keeps the drawn round's bets and record aside,
-/// named by round and seal, so the central starts the next round empty.
-///
-/// # Errors
-/// As [`file::rounds::new_round`].
-pub async fn new_round(config: &ServerConfig) -> Result<file::rounds::NewRound, StorageError> {
-    let (agencies, winning) = (config.agencies, config.winning_number);
-    match &config.storage {
-        Storage::File(bets) => {
-            let (bets, record) = (bets.clone(), file_record(config));
-            tokio::task::spawn_blocking(move || {
-                file::rounds::new_round(&bets, &record, agencies, winning)
-            })
-            .await
-            .expect("starting a round does not panic")
+    /// Recomputes, from the stored bets alone and without changing
+    /// anything (a torn last row is left alone and not counted), each
+    /// agency's receipt and its winners for `winning_number`: what
+    /// `lottery verify` compares with the draw record.
+    ///
+    /// # Errors
+    /// The bets cannot be read, or a row is damaged.
+    pub async fn recompute(&mut self, winning_number: u16) -> Result<Recomputed, StorageError> {
+        match self {
+            Reader::File { bets, .. } => {
+                let bets = bets.clone();
+                tokio::task::spawn_blocking(move || file::recompute(&bets, winning_number))
+                    .await
+                    .expect("reading the bets back does not panic")
+            }
+            Reader::Database(tool) => tool.recompute(winning_number).await,
         }
-        Storage::Postgres(target) => {
-            let mut client = postgres::tool_connection(target).await?;
-            postgres::new_round(target, &mut client, agencies, winning).await
+    }
+
+    /// The receipts the store serves to agencies that resume, when it
+    /// keeps them apart from its bets (a database's table `agencies`),
+    /// with where they are kept, for messages; `None` for the bets file,
+    /// whose receipts are computed from its bets each time it opens.
+    ///
+    /// # Errors
+    /// The store cannot be read, or a kept receipt is damaged.
+    pub async fn served(
+        &mut self,
+    ) -> Result<Option<(&'static str, BTreeMap<AgencyId, Receipt>)>, StorageError> {
+        match self {
+            Reader::File { .. } => Ok(None),
+            Reader::Database(tool) => Ok(Some((postgres::SERVED_FROM, tool.served().await?))),
+        }
+    }
+
+    /// `lottery new-round`, the one tool that writes (run with the central
+    /// stopped): keeps the drawn round (of `agencies`, drawn on `winning`)
+    /// aside, named by round and seal, so the central starts the next
+    /// round empty.
+    ///
+    /// # Errors
+    /// As [`file::rounds::new_round`].
+    pub async fn new_round(
+        &mut self,
+        agencies: u32,
+        winning: u16,
+    ) -> Result<NewRound, StorageError> {
+        match self {
+            Reader::File { bets, record } => {
+                let (bets, record) = (bets.clone(), record.clone());
+                tokio::task::spawn_blocking(move || {
+                    file::rounds::new_round(&bets, &record, agencies, winning)
+                })
+                .await
+                .expect("starting a round does not panic")
+            }
+            Reader::Database(tool) => tool.new_round(agencies, winning).await,
         }
     }
 }
@@ -373,7 +373,7 @@ impl Sequence {
 }
 
 /// Per agency, the bets stored and whether it finished, on every central
-/// (see [`Store::agencies`]).
+/// (see [`SharedStore::agencies`]).
 pub type AgencyTotals = BTreeMap<AgencyId, (u64, bool)>;
 
 /// What the draw needs from the stored bets.
@@ -409,6 +409,58 @@ pub struct Draw {
 }
 
 impl Draw {
+    /// The draw of `winning_number` over agencies `1..=agencies` from the
+    /// `tally` of the stored bets, sealed over the `acknowledged` receipts
+    /// (an agency without one has its empty receipt), drawn now and read
+    /// back in `elapsed`: the one rule both backends draw by.
+    ///
+    /// # Errors
+    /// The tally does not hold exactly the bets acknowledged to each agency
+    /// (a bets file cut or replaced under the central, rows edited in the
+    /// database): drawing over it would record and announce a wrong
+    /// outcome for good. Each difference, as `agency N: S in the store, A
+    /// acknowledged`, in the order of the agencies.
+    pub fn from_tally(
+        winning_number: u16,
+        agencies: u32,
+        tally: Tally,
+        acknowledged: &BTreeMap<AgencyId, Receipt>,
+        elapsed: Duration,
+    ) -> Result<Draw, Vec<String>> {
+        let mut ids: BTreeSet<AgencyId> = tally.per_agency.keys().copied().collect();
+        ids.extend(acknowledged.keys().copied());
+        let differences: Vec<String> = ids
+            .into_iter()
+            .filter_map(|agency| {
+                let stored = tally.per_agency.get(&agency).copied().unwrap_or(0);
+                let acknowledged = acknowledged.get(&agency).map_or(0, |r| r.count);
+                (stored != acknowledged).then(|| {
+                    format!("agency {agency}: {stored} in the store, {acknowledged} acknowledged")
+                })
+            })
+            .collect();
+        if !differences.is_empty() {
+            return Err(differences);
+        }
+        // Every configured agency is listed, one without bets with its
+        // empty receipt.
+        let receipts: BTreeMap<AgencyId, Receipt> = (1..=agencies)
+            .map(|agency| {
+                let receipt = acknowledged.get(&agency).copied();
+                (agency, receipt.unwrap_or_else(|| Receipt::empty(agency)))
+            })
+            .collect();
+        Ok(Draw {
+            winning_number,
+            drawn_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            winners: tally.winners,
+            seal: crate::receipt::seal(winning_number, agencies, &receipts),
+            receipts,
+            bets: tally.rows,
+            elapsed,
+        })
+    }
+
     /// The winners of one agency (empty when it has none).
     pub fn winners_of(&self, agency: AgencyId) -> &[String] {
         self.winners.get(&agency).map_or(&[], Vec::as_slice)
@@ -431,4 +483,25 @@ impl Draw {
             winners: &self.winners,
         }
     }
+}
+
+/// What `lottery new-round` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NewRound {
+    /// The current round holds no bets and no draw: nothing to keep.
+    AlreadyEmpty {
+        /// The current round's number.
+        round: u32,
+    },
+    /// The sealed round's files were kept under these names.
+    Kept {
+        /// The round kept.
+        round: u32,
+        /// Its seal.
+        seal: Digest,
+        /// Where its bets went, for the operator (a path, or tables).
+        bets: String,
+        /// Where its draw record went.
+        record: String,
+    },
 }

@@ -267,7 +267,10 @@ pub async fn winners(config: &ServerConfig, record: Option<&Path>) -> anyhow::Re
             format!("no draw record at {}", path.display()),
         ),
         None => (
-            store::load_draw(config).await?,
+            store::Reader::open(&config.store_options())
+                .await?
+                .load_draw()
+                .await?,
             match &config.storage {
                 Storage::File(_) => format!("no draw record at {}", config.draw_record_shown()),
                 // Shown without its password.

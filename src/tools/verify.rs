@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use crate::config::ServerConfig;
 use crate::receipt::{differences, seal, served_differences, Digest};
-use crate::store::{self, file::rounds::NewRound};
+use crate::store::{self, NewRound};
 
 /// What `lottery verify` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,7 +37,8 @@ pub async fn verify(config: &ServerConfig, published: Option<Digest>) -> anyhow:
         || "in the database's tables draw and draw_agencies".to_string(),
         |p| format!("at {}", p.display()),
     );
-    let draw = match store::load_draw(config).await {
+    let mut reader = store::Reader::open(&config.store_options()).await?;
+    let draw = match reader.load_draw().await {
         Ok(Some(draw)) => draw,
         Ok(None) => {
             return Ok(Verified {
@@ -59,14 +60,14 @@ pub async fn verify(config: &ServerConfig, published: Option<Digest>) -> anyhow:
         }
         Err(e) => return Err(e.into()),
     };
-    let found = store::recompute(config, draw.winning_number).await?;
+    let found = reader.recompute(draw.winning_number).await?;
     let mut differences = differences(
         draw.claimed(),
         &found,
         config.agencies,
         config.winning_number,
     );
-    if let Some((source, served)) = store::served(config).await? {
+    if let Some((source, served)) = reader.served().await? {
         differences.extend(served_differences(source, &served, &found, config.agencies));
     }
     let sealed = seal(draw.winning_number, config.agencies, &found.receipts);
@@ -114,19 +115,25 @@ pub async fn verify(config: &ServerConfig, published: Option<Digest>) -> anyhow:
 /// The round is not drawn, its record does not match its bets, or a file
 /// cannot be renamed.
 pub async fn new_round(config: &ServerConfig) -> anyhow::Result<String> {
-    Ok(match store::new_round(config).await? {
-        NewRound::AlreadyEmpty { round } => {
-            format!("round {round} holds no bets and no draw: it is already a new round\n")
-        }
-        NewRound::Kept {
-            round,
-            seal,
-            bets,
-            record,
-        } => format!(
-            "round {round} (seal {seal}) kept as {bets} and {record}; the next start of the \
+    Ok(
+        match store::Reader::open(&config.store_options())
+            .await?
+            .new_round(config.agencies, config.winning_number)
+            .await?
+        {
+            NewRound::AlreadyEmpty { round } => {
+                format!("round {round} holds no bets and no draw: it is already a new round\n")
+            }
+            NewRound::Kept {
+                round,
+                seal,
+                bets,
+                record,
+            } => format!(
+                "round {round} (seal {seal}) kept as {bets} and {record}; the next start of the \
              central begins round {} with no bets\n",
-            round + 1
-        ),
-    })
+                round + 1
+            ),
+        },
+    )
 }

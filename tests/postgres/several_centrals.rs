@@ -11,7 +11,7 @@ use super::*;
 /// `hello_on_a`: whether agency 1 had said HELLO on A too (a reference
 /// agency does not, and A then knows no session of it).
 fn a_lost_commit_counted_by_another_central_stays(test: &str, hello_on_a: bool) {
-    use lottery::store::Store;
+    use lottery::store::{SharedStore, Store};
     let Some((pg, url)) = cluster_with_db(test) else {
         return;
     };
@@ -71,7 +71,7 @@ fn a_lost_commit_of_an_agency_without_hello_counted_on_another_central_stays() {
 /// must find that its own transaction did not commit, and remove nothing.
 #[test]
 fn rows_another_central_stored_where_a_lost_commit_would_have_are_kept() {
-    use lottery::store::Store;
+    use lottery::store::{SharedStore, Store};
     let Some((pg, url)) = cluster_with_db("rows_another_central_stored_where_a_lost_commit") else {
         return;
     };
@@ -256,7 +256,7 @@ fn bets_another_central_stored_are_refused_never_removed() {
 
 #[test]
 fn an_agency_moving_to_another_central_resumes_there_and_fences_the_old_session() {
-    use lottery::store::{Sequence, Store};
+    use lottery::store::{Sequence, SharedStore, Store};
     let Some((pg, url)) = cluster_with_db("an_agency_moving_to_another_central") else {
         return;
     };
@@ -399,7 +399,7 @@ fn a_session_superseded_on_another_central_stores_nothing_more() {
 
 #[test]
 fn the_last_two_announcements_on_two_centrals_at_once_count_every_agency() {
-    use lottery::store::Store;
+    use lottery::store::{SharedStore, Store};
     let Some((pg, url)) = cluster_with_db("the_last_two_announcements") else {
         return;
     };
@@ -429,7 +429,7 @@ fn the_last_two_announcements_on_two_centrals_at_once_count_every_agency() {
 /// neither completes the set early nor keeps it from completing.
 #[test]
 fn only_the_configured_agencies_count_as_finished() {
-    use lottery::store::Store;
+    use lottery::store::{SharedStore, Store};
     let Some((pg, url)) = cluster_with_db("only_the_configured_agencies_count") else {
         return;
     };
@@ -564,7 +564,7 @@ fn every_agency_finished_and_no_draw_recorded_makes_a_central_draw() {
 /// refused, not recorded over fewer bets than were acknowledged.
 #[test]
 fn a_draw_over_fewer_bets_than_were_acknowledged_is_refused() {
-    use lottery::store::Store;
+    use lottery::store::{SharedStore, Store};
     let Some((pg, url)) = cluster_with_db("a_draw_over_fewer_bets_than_were_acknowledged") else {
         return;
     };
@@ -603,7 +603,7 @@ fn a_draw_over_fewer_bets_than_were_acknowledged_is_refused() {
 /// every call answers with it.
 #[test]
 fn the_draw_runs_once_whichever_centrals_ask_together_or_in_turn() {
-    use lottery::store::Store;
+    use lottery::store::{SharedStore, Store};
     let Some((pg, url)) = cluster_with_db("the_draw_runs_once_whichever_centrals_ask") else {
         return;
     };

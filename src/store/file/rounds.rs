@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use super::record::write_atomically;
 use super::{load_record, recompute, StorageError};
 use crate::receipt::{self, Digest};
-use crate::store::Draw;
+use crate::store::{Draw, NewRound, RecordAt};
 
 /// The ledger's file format.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -67,7 +67,7 @@ impl Ledger {
             }
         };
         toml::from_str(&text).map_err(|e| StorageError::Record {
-            path: path.to_path_buf(),
+            kept: RecordAt::File(path.to_path_buf()),
             reason: e.to_string(),
         })
     }
@@ -154,7 +154,7 @@ pub fn load_checked(
     let ledger_path = Ledger::path_for(bets);
     let mut ledger = Ledger::load(&ledger_path)?;
     let refuse = |reason: String| StorageError::Record {
-        path: record.to_path_buf(),
+        kept: RecordAt::File(record.to_path_buf()),
         reason,
     };
     let no_bets = std::fs::metadata(bets).map_or(true, |m| m.len() == 0);
@@ -202,27 +202,6 @@ pub fn load_checked(
     }
 }
 
-/// What `lottery new-round` did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NewRound {
-    /// The current round holds no bets and no draw: nothing to keep.
-    AlreadyEmpty {
-        /// The current round's number.
-        round: u32,
-    },
-    /// The sealed round's files were kept under these names.
-    Kept {
-        /// The round kept.
-        round: u32,
-        /// Its seal.
-        seal: Digest,
-        /// Where its bets went, for the operator (a path, or tables).
-        bets: String,
-        /// Where its draw record went.
-        record: String,
-    },
-}
-
 /// `path` with `.round-N-<seal8>` put before its extension
 /// (`bets.csv` -> `bets.round-1-a938d40f.csv`); a draw record's double
 /// extension is kept whole (`bets.draw.toml` -> `bets.round-1-….draw.toml`).
@@ -258,7 +237,7 @@ pub fn new_round(
     winning_number: u16,
 ) -> Result<NewRound, StorageError> {
     let refuse = |reason: String| StorageError::Record {
-        path: record.to_path_buf(),
+        kept: RecordAt::File(record.to_path_buf()),
         reason,
     };
     // Held until the files are renamed: no central may be writing them.

@@ -9,10 +9,11 @@ use futures::FutureExt;
 use tokio::task::JoinHandle;
 use tracing::{error, info};
 
-use super::{encode_rows, recover, save_record, tally, BetStore, Durability};
+use super::{encode_rows, recover, save_record, tally, BetStore};
 use crate::logging::{action, result};
 use crate::model::{AgencyId, Bets};
 use crate::receipt::{Receipt, Recomputed};
+use crate::store::Durability;
 use crate::store::{Draw, Sequence, StorageError, Store, Stored, Tally};
 
 /// The bets file (written by one writer thread) and the draw record.

@@ -15,7 +15,7 @@ use tracing::{error, info};
 
 use super::StorageError;
 use crate::logging::{action, result};
-use crate::store::Sequence;
+use crate::store::{Backend, Durability, Sequence};
 
 /// The step that puts a group's rows on stable storage before any of its
 /// batches is answered: [`File::sync_data`], or a stand-in in tests that
@@ -45,18 +45,6 @@ impl std::fmt::Debug for Append {
             .field("bytes", &self.rows.len())
             .finish()
     }
-}
-
-/// Whether an acknowledgement waits for the rows to reach stable storage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    /// `fdatasync` once per group of batches before any of them is
-    /// acknowledged: an acknowledged bet survives a crash of the machine.
-    Sync,
-    /// Acknowledge once the rows are in the operating system's page cache:
-    /// they survive a crash of the server process, not of the machine. For
-    /// measurements and throwaway runs.
-    NoSync,
 }
 
 impl BetStore {
@@ -129,7 +117,7 @@ impl BetStore {
         self.tx
             .send(Some(append))
             .await
-            .map_err(|_| StorageError::Closed)?;
+            .map_err(|_| StorageError::Closed(Backend::File))?;
         Ok(Pending {
             answer,
             path: self.path.clone(),
@@ -177,7 +165,7 @@ impl std::future::Future for Pending {
                     path: self.path.to_path_buf(),
                     reason,
                 }),
-                Err(_) => Err(StorageError::Closed),
+                Err(_) => Err(StorageError::Closed(Backend::File)),
             })
     }
 }

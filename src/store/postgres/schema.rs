@@ -108,19 +108,19 @@ pub struct Migrated {
 /// A statement failed (nothing of this start's steps is kept), or the
 /// database holds a newer schema than this build knows.
 pub async fn migrate(client: &mut Client) -> Result<Migrated, String> {
-    let tx = client.transaction().await.map_err(super::reason)?;
+    let tx = client.transaction().await.map_err(super::connect::reason)?;
     // Held until the transaction ends: a second central waits here, then
     // finds the steps applied.
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
-        .map_err(super::reason)?;
+        .map_err(super::connect::reason)?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY)")
         .await
-        .map_err(super::reason)?;
+        .map_err(super::connect::reason)?;
     let from: i32 = tx
         .query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])
         .await
-        .map_err(super::reason)?
+        .map_err(super::connect::reason)?
         .get(0);
     let from = usize::try_from(from).unwrap_or(0);
     if from > MIGRATIONS.len() {
@@ -133,13 +133,13 @@ pub async fn migrate(client: &mut Client) -> Result<Migrated, String> {
     for (i, step) in MIGRATIONS.iter().enumerate().skip(from) {
         tx.batch_execute(step)
             .await
-            .map_err(|e| format!("schema step {}: {}", i + 1, super::reason(e)))?;
+            .map_err(|e| format!("schema step {}: {}", i + 1, super::connect::reason(e)))?;
         let version = i32::try_from(i + 1).expect("few migrations");
         tx.execute("INSERT INTO schema_version VALUES ($1)", &[&version])
             .await
-            .map_err(super::reason)?;
+            .map_err(super::connect::reason)?;
     }
-    tx.commit().await.map_err(super::reason)?;
+    tx.commit().await.map_err(super::connect::reason)?;
     Ok(Migrated {
         from,
         to: MIGRATIONS.len(),
@@ -155,7 +155,7 @@ pub async fn version(client: &Client) -> Result<usize, String> {
     let exists: bool = client
         .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])
         .await
-        .map_err(super::reason)?
+        .map_err(super::connect::reason)?
         .get(0);
     if !exists {
         return Ok(0);
@@ -163,7 +163,7 @@ pub async fn version(client: &Client) -> Result<usize, String> {
     let version: i32 = client
         .query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])
         .await
-        .map_err(super::reason)?
+        .map_err(super::connect::reason)?
         .get(0);
     Ok(usize::try_from(version).unwrap_or(0))
 }

@@ -50,8 +50,8 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{Client, Statement};
 use tracing::{info, warn};
 
+use super::connect::{connect, reason, Session};
 use super::rows::{Rows, COPY, HEADER, TRAILER};
-use super::{connect, reason, Session};
 use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::receipt::Receipt;

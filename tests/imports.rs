@@ -1,0 +1,76 @@
+//! The imports run one way: the lower parts of the program never name the
+//! ones above them, so each can be read (and changed) without the rest.
+//! Read from the source itself, so a new file is held to it at once.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// Parts that must never name another, with why: (folder or file under
+/// `src/`, the path it must not name, the reason).
+const NEVER: &[(&str, &str, &str)] = &[
+    (
+        "store",
+        "crate::config",
+        "the store takes plain options (store::Options), never the settings",
+    ),
+    (
+        "store/postgres",
+        "store::file",
+        "a backend never borrows the other's types: the seam owns what both use",
+    ),
+];
+
+/// Every `.rs` file at or under `path`.
+fn sources(path: &Path) -> Vec<PathBuf> {
+    if path.is_file() {
+        return vec![path.to_path_buf()];
+    }
+    let mut found = Vec::new();
+    for entry in fs::read_dir(path).expect("the source folder can be read") {
+        let path = entry.expect("a directory entry").path();
+        if path.is_dir() {
+            found.extend(sources(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// The lines of `path` that name `forbidden`, outside comments.
+fn offending(path: &Path, forbidden: &str) -> Vec<String> {
+    let text = fs::read_to_string(path).expect("a source file can be read");
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| {
+            let code = line.split("//").next().unwrap_or("");
+            code.contains(forbidden)
+        })
+        .map(|(n, line)| format!("{}:{}: {}", path.display(), n + 1, line.trim()))
+        .collect()
+}
+
+#[test]
+fn the_lower_parts_never_import_the_upper_ones() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut broken = Vec::new();
+    for (part, forbidden, why) in NEVER {
+        // `store` is `src/store.rs` or the folder `src/store/`.
+        let files: Vec<PathBuf> = [src.join(part).with_extension("rs"), src.join(part)]
+            .iter()
+            .filter(|p| p.exists())
+            .flat_map(|p| sources(p))
+            .collect();
+        assert!(!files.is_empty(), "src/{part} holds no source");
+        for file in files {
+            for line in offending(&file, forbidden) {
+                broken.push(format!("{line}\n    ({why})"));
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "imports against the grain:\n{}",
+        broken.join("\n")
+    );
+}
