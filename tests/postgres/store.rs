@@ -324,7 +324,7 @@ fn centrals_starting_together_create_the_schema_once() {
 
 #[test]
 fn rows_of_a_commit_never_acknowledged_are_taken_back_out_before_the_next_batch() {
-    use lottery::store::{Store};
+    use lottery::store::Store;
     let Some((pg, _)) = cluster_with_db("rows_of_a_commit_never_acknowledged") else {
         return;
     };
