@@ -402,3 +402,40 @@ fn gen_data_s_agencies_help_speaks_of_the_files_it_writes() {
     );
     assert!(!help.contains("before the draw"), "{help}");
 }
+
+/// Every source file of `dir` (recursively), as text.
+fn sources(dir: &Path, out: &mut String) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push_str(&std::fs::read_to_string(&path).unwrap());
+        }
+    }
+}
+
+#[test]
+fn every_test_testing_md_names_exists() {
+    // Test names there are long snake_case words in backquotes.
+    let testing = read("docs/TESTING.md");
+    let mut code = String::new();
+    sources(&root().join("tests"), &mut code);
+    sources(&root().join("src"), &mut code);
+    let missing: Vec<&str> = testing
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|name| {
+            name.len() >= 25
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        })
+        .filter(|name| !code.contains(&format!("fn {name}(")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/TESTING.md names tests that do not exist (renamed or removed?): {missing:?}"
+    );
+}
