@@ -77,8 +77,12 @@ fn events(trace: &str, bets_file: &str) -> Vec<(String, Event)> {
     let mut open: HashMap<String, (String, String)> = HashMap::new();
     let mut out = Vec::new();
     for line in trace.lines() {
-        let mut parts = line.splitn(3, ' ');
-        let (Some(pid), Some(time), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+        // `PID TIME CALL…`, where strace pads the pid to a width of its own
+        // (`384   1796…` for a short pid): split on runs of spaces.
+        let Some((pid, after)) = line.trim_start().split_once(' ') else {
+            continue;
+        };
+        let Some((time, rest)) = after.trim_start().split_once(' ') else {
             continue;
         };
         let at = format!("{time} (thread {pid})");
