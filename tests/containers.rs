@@ -266,6 +266,29 @@ fn compose_yaml_runs_the_central_and_five_agencies_in_containers() {
     ] {
         assert!(log.contains(step), "no {step} in the central's log:\n{log}");
     }
+
+    // A second round, as docs/OPERATIONS.md shows it: the drawn round kept
+    // aside, then the same deployment up again, over the same files.
+    project.compose_ok(&[
+        "run",
+        "--rm",
+        "--no-deps",
+        "server",
+        "new-round",
+        "--config",
+        "/etc/lottery/config.toml",
+        "--storage",
+        BETS_FILE,
+    ]);
+    project.compose_ok(&["up", "-d"]);
+    agencies_exit_0_with_their_winners(&expect, RUN);
+    assert_eq!(bets_file("server", BETS_FILE), expect.rows);
+    assert_eq!(winners_table("server", DRAW_RECORD), expect.winners);
+    let (_, kept) = exec("server", &["ls", "/var/lib/lottery/data"]);
+    assert!(
+        kept.contains("bets.round-1-"),
+        "the first round kept aside: {kept}"
+    );
 }
 
 /// `lottery status`, `health`, `verify` and `winners` as an operator runs
