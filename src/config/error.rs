@@ -32,7 +32,7 @@ pub enum ConfigError {
         message: String,
     },
     /// A configured secret is too weak to stand guessing (see
-    /// [`secret_strength`]). The secret itself is never shown.
+    /// [`secret_strength`](super::secret_strength)). The secret itself is never shown.
     #[error("{key}: the secret of {who} is {why}")]
     WeakSecret {
         /// `server.secrets.N`.

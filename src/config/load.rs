@@ -33,7 +33,7 @@ impl Config {
     }
 
     /// [`Config::load`], then the declared flags found in `flags` (the
-    /// subcommand's matches of a command built with [`add_flags`]), then the
+    /// subcommand's matches of a command built with [`add_flags`](super::add_flags)), then the
     /// one check of the result.
     ///
     /// # Errors
