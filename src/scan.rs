@@ -1,9 +1,8 @@
 //! Positions of three given bytes, found eight at a time, for both hot
 //! parsers (a batch payload's `\`, `|`, `:` and the bets file's `,`, `"`,
 //! line end): not `memchr`, because there those bytes are a few bytes apart
-//! and its per-match cost lost, e.g. the draw's 1,000,000-row scan took
-//! 48.4 ms with `memchr` against 42.9 ms with this (criterion medians of
-//! five interleaved runs, 2026-12-02).
+//! and its cost per match loses (measured in docs/PERFORMANCE.md, "The byte
+//! scanner").
 
 const ONES: u64 = 0x0101_0101_0101_0101;
 const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;

@@ -45,7 +45,7 @@ fn help(args: &[&str]) -> (bool, String) {
 // ---------------------------------------------------------------------------
 // docs/CONFIGURATION.md
 
-const BEGIN: &str = "<!-- generated from the settings table in src/config.rs: begin -->";
+const BEGIN: &str = "<!-- generated from the settings table in src/config/settings.rs: begin -->";
 const END: &str = "<!-- generated: end -->";
 const REGENERATE: &str = "LOTTERY_WRITE_DOCS=1 cargo test --test docs configuration";
 
@@ -117,7 +117,7 @@ fn configuration_md_is_the_settings_table_as_the_code_declares_it() {
         .map(|(a, b)| format!("\n  committed: {a}\n  generated: {b}"))
         .unwrap_or_default();
     panic!(
-        "docs/CONFIGURATION.md differs from the settings table in src/config.rs{first}\n\
+        "docs/CONFIGURATION.md differs from the settings table in src/config/settings.rs{first}\n\
          regenerate it with: {REGENERATE}"
     );
 }
