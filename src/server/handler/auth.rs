@@ -8,7 +8,7 @@ use tracing::warn;
 
 use super::finish::still_waiting_ticks;
 use super::refusals::Refused;
-use super::{Frame, Handler, Next, Now};
+use super::{Handler, Incoming, Next, Now};
 use crate::logging::{action, result};
 use crate::lottery::LotteryError;
 use crate::model::AgencyId;
@@ -61,11 +61,12 @@ impl Handler {
     /// session, after) authentication: `Some` turns the message away and
     /// closes the connection. End of stream and framing errors pass: they
     /// end the connection on their own.
-    pub(super) fn gate(&self, frame: &Frame) -> Option<Gated> {
-        let Some(Ok(request)) = frame else {
-            return None;
+    pub(super) fn gate(&self, incoming: &Incoming) -> Option<Gated> {
+        let request = match incoming {
+            Incoming::Request(request) => Some(request),
+            Incoming::Invalid(_) => None,
+            Incoming::Broken(_) | Incoming::Closed => return None,
         };
-        let request = request.as_ref().ok();
         let hello = matches!(
             request,
             Some(Request::Hello { .. } | Request::OperatorHello { .. })

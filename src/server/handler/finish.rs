@@ -7,7 +7,7 @@ use futures::StreamExt;
 use tracing::info;
 
 use super::refusals::Refused;
-use super::{Handler, Next};
+use super::{Handler, Incoming, Next};
 use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::receipt::Sealed;
@@ -62,10 +62,10 @@ impl Handler {
                     );
                     self.send(&Reply::Waiting { message }).await?;
                 }
-                frame = self.framed.next(), if self.stashed.is_none() => match frame {
-                    None => return Ok(Next::Close),
-                    Some(Err(e)) => return Err(e),
-                    frame => self.stashed = Some(frame),
+                read = self.framed.next(), if self.stashed.is_none() => match read.into() {
+                    Incoming::Closed => return Ok(Next::Close),
+                    Incoming::Broken(e) => return Err(e),
+                    incoming => self.stashed = Some(incoming),
                 },
             }
         };

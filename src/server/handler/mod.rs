@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use self::auth::Access;
 use self::refusals::{too_large, Refused};
 use super::guard::Broken;
-use super::intake::Session;
+use super::intake::{Session, Settled};
 use super::strangers::Pass;
 use super::Settings;
 use crate::logging::{action, result};
@@ -86,14 +86,44 @@ pub(super) struct Handler {
     settings: Arc<Settings>,
     /// A frame read while the connection waited for the draw, handled
     /// once the winners are sent (replies keep request order).
-    stashed: Option<Frame>,
+    stashed: Option<Incoming>,
     /// When the connection was accepted, for its closing line.
     opened: Instant,
 }
 
-/// What the codec yields for one read: a request, a message error, or the
-/// end of the stream.
-type Frame = Option<Result<Result<Request, MessageError>, FrameError>>;
+/// One read of the connection, as the read loop handles it.
+enum Incoming {
+    /// A whole, valid request.
+    Request(Request),
+    /// A whole frame that holds no valid message: it is refused, and the
+    /// stream stays in step.
+    Invalid(MessageError),
+    /// The stream cannot go on (I/O, framing): the connection ends.
+    Broken(FrameError),
+    /// The peer closed the connection.
+    Closed,
+}
+
+impl From<Option<Result<Result<Request, MessageError>, FrameError>>> for Incoming {
+    fn from(read: Option<Result<Result<Request, MessageError>, FrameError>>) -> Incoming {
+        match read {
+            None => Incoming::Closed,
+            Some(Err(e)) => Incoming::Broken(e),
+            Some(Ok(Err(e))) => Incoming::Invalid(e),
+            Some(Ok(Ok(request))) => Incoming::Request(request),
+        }
+    }
+}
+
+/// What wakes the read loop between requests.
+enum Wake {
+    /// The server is shutting down.
+    Shutdown,
+    /// The store answered a batch in flight.
+    Settled(Settled),
+    /// The peer sent something (or closed).
+    Read(Incoming),
+}
 
 impl Handler {
     #[allow(clippy::too_many_arguments)]
@@ -216,8 +246,8 @@ impl Handler {
             // between requests. `Framed::next` is cancel-safe: a half-read
             // frame stays buffered, and is dropped unacknowledged if we hang
             // up; so is settling a batch, which stays queued until taken.
-            let frame = if let Some(frame) = self.stashed.take() {
-                Some(Ok(frame))
+            let wake = if let Some(incoming) = self.stashed.take() {
+                Wake::Read(incoming)
             } else {
                 let settled = async {
                     match self.session.as_mut() {
@@ -227,9 +257,9 @@ impl Handler {
                 };
                 tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => None,
-                settled = settled => Some(Err(settled)),
-                frame = self.framed.next(), if room => Some(Ok(frame)),
+                _ = self.shutdown.cancelled() => Wake::Shutdown,
+                settled = settled => Wake::Settled(settled),
+                read = self.framed.next(), if room => Wake::Read(read.into()),
                 _ = tokio::time::sleep_until(look_again.into()) => {
                     if Instant::now() < deadline || self.in_flight() > 0 {
                         continue;
@@ -239,31 +269,31 @@ impl Handler {
                 }
                 }
             };
-            let frame = match frame {
+            let incoming = match wake {
                 // Whatever was read is stored and answered.
-                None => return self.drain().await,
-                Some(Err(settled)) => {
+                Wake::Shutdown => return self.drain().await,
+                Wake::Settled(settled) => {
                     self.acknowledge(settled).await?;
                     continue;
                 }
-                Some(Ok(frame)) => frame,
+                Wake::Read(incoming) => incoming,
             };
             // Replies go out in request order: only batches are pipelined,
             // so anything else waits for the batches before it.
-            if !matches!(frame, Some(Ok(Ok(Request::Batch { .. })))) {
+            if !matches!(incoming, Incoming::Request(Request::Batch { .. })) {
                 self.drain().await?;
             }
-            if let Some(gated) = self.gate(&frame) {
+            if let Some(gated) = self.gate(&incoming) {
                 return self.turn_away(gated).await;
             }
             // Where authentication is off, a valid request is all an agency
             // can show.
-            if !self.settings.secrets.required() && matches!(frame, Some(Ok(Ok(_)))) {
+            if !self.settings.secrets.required() && matches!(incoming, Incoming::Request(_)) {
                 self.vouch();
             }
-            let next = match frame {
-                None => return Ok(()),
-                Some(Err(e @ FrameError::TooLarge { .. })) => {
+            let next = match incoming {
+                Incoming::Closed => return Ok(()),
+                Incoming::Broken(e @ FrameError::TooLarge { .. }) => {
                     // Too large to read past: the stream is unusable, but
                     // the peer (and the operator, in the log) can still be
                     // told why before we hang up.
@@ -273,7 +303,7 @@ impl Handler {
                     let _ = self.refuse(refused).await;
                     return Ok(());
                 }
-                Some(Ok(Err(e @ MessageError::FrameTooLarge { batch, agency, .. }))) => {
+                Incoming::Invalid(e @ MessageError::FrameTooLarge { batch, agency, .. }) => {
                     // Read past and dropped: the stream is in step, so the
                     // agency's next batches and its announcement are served.
                     let agency = self.session.as_ref().map(Session::agency).or(agency);
@@ -291,7 +321,7 @@ impl Handler {
                     self.refuse(refused).await?;
                     Next::Continue
                 }
-                Some(Err(e @ FrameError::TlsRecord)) => {
+                Incoming::Broken(e @ FrameError::TlsRecord) => {
                     // A TLS client on this plain-text central: its own TLS
                     // stack cannot read this, but a person with a raw
                     // client can, and our agency recognises a plain-text
@@ -300,8 +330,8 @@ impl Handler {
                     let _ = self.reply_error(ErrorCode::TlsUnavailable, message).await;
                     return Err(e);
                 }
-                Some(Err(e)) => return Err(e),
-                Some(Ok(Err(e))) => {
+                Incoming::Broken(e) => return Err(e),
+                Incoming::Invalid(e) => {
                     let refused = if e.is_batch() {
                         let count = self.framed.codec().refused_batch().unwrap_or(0);
                         Refused::batch(count, e.code(), e.to_string())
@@ -312,19 +342,19 @@ impl Handler {
                     Next::Continue
                 }
                 // Under mutual TLS, only the certificate's agency.
-                Some(Ok(Ok(request))) if self.certificate_refuses(&request).is_some() => {
+                Incoming::Request(request) if self.certificate_refuses(&request).is_some() => {
                     let reason = self.certificate_refuses(&request).unwrap_or_default();
                     self.wrong_certificate(reason).await?
                 }
-                Some(Ok(Ok(Request::Hello { agency, secret }))) => {
+                Incoming::Request(Request::Hello { agency, secret }) => {
                     self.handle_hello(agency, secret).await?
                 }
-                Some(Ok(Ok(Request::OperatorHello { secret }))) => {
+                Incoming::Request(Request::OperatorHello { secret }) => {
                     self.handle_operator_hello(secret).await?
                 }
                 // Probes and operator views: no personal data, no agency;
                 // past the gate, so an operator session or open access.
-                Some(Ok(Ok(Request::Ping))) => {
+                Incoming::Request(Request::Ping) => {
                     let pong = Reply::Success {
                         message: "pong".into(),
                         stored: None,
@@ -333,7 +363,7 @@ impl Handler {
                     self.send(&pong).await?;
                     Next::Continue
                 }
-                Some(Ok(Ok(Request::Status))) => {
+                Incoming::Request(Request::Status) => {
                     let (agencies, drawn, states) = self.lottery.status_everywhere().await;
                     for reply in status_replies(agencies, drawn, &states) {
                         self.feed(&reply).await?;
@@ -341,10 +371,10 @@ impl Handler {
                     self.flush().await?;
                     Next::Continue
                 }
-                Some(Ok(Ok(Request::Batch { first, bets }))) => {
+                Incoming::Request(Request::Batch { first, bets }) => {
                     self.handle_batch(first, bets).await?
                 }
-                Some(Ok(Ok(Request::Finished { agency, .. }))) => {
+                Incoming::Request(Request::Finished { agency, .. }) => {
                     self.handle_finished(agency).await?
                 }
             };
