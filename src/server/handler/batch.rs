@@ -30,37 +30,33 @@ impl Handler {
             self.drain().await?;
             return self.reject(count, ErrorCode::WrongAgency, reason).await;
         }
-        if let Err(e) = self.session_for(agency) {
-            self.drain().await?;
-            return self.reject(count, e.code(), e.to_string()).await;
-        }
-        let session = self.session.as_mut().expect("claimed above");
-        if session.is_broken() {
+        let broken = match self.session_for(agency) {
+            Ok(session) => session.is_broken(),
+            Err(e) => {
+                self.drain().await?;
+                return self.reject(count, e.code(), e.to_string()).await;
+            }
+        };
+        if broken {
             // A batch of this connection failed: every batch sent after it
             // fails too, so none is stored after a gap. Once they are all
             // answered, only a batch that says where it starts may begin a
             // new order, placed against what is really stored.
             self.drain().await?;
-            let session = self.session.as_mut().expect("claimed above");
             if first.is_none() {
                 let reason = "an earlier batch of this connection was not stored; \
                               reconnect and resume from the stored count"
                     .to_string();
                 return self.reject(count, ErrorCode::StorageFailed, reason).await;
             }
-            session.restart_sequence();
+            self.claimed().restart_sequence();
         }
-        let session = self.session.as_mut().expect("claimed above");
-        let mut placement = session.place(first, count);
+        let mut placement = self.claimed().place(first, count);
         if !matches!(placement, Placement::Store { .. }) {
             // Refusals and repeats are answered in order, and against what
             // is really stored: settle the batches in flight first.
             self.drain().await?;
-            placement = self
-                .session
-                .as_mut()
-                .expect("claimed above")
-                .place(first, count);
+            placement = self.claimed().place(first, count);
         }
         let skip = match placement {
             Placement::Store { skip } => skip,
@@ -81,8 +77,7 @@ impl Handler {
             }
             Placement::Refuse(e) => return self.reject(count, e.code(), e.to_string()).await,
         };
-        let session = self.session.as_mut().expect("claimed above");
-        if let Err(e) = session.submit(&bets, skip).await {
+        if let Err(e) = self.claimed().submit(&bets, skip).await {
             self.drain().await?;
             return self
                 .reject(count, ErrorCode::StorageFailed, e.to_string())

@@ -37,7 +37,7 @@ impl Handler {
         if let Err(e) = finished {
             return self.refuse_finish(agency, e.code(), e.to_string()).await;
         }
-        self.session.as_mut().expect("claimed above").announced = true;
+        self.claimed().announced = true;
         // Hold the agency here until the draw, or until shutdown or a newer
         // session. Keep reading meanwhile: a peer that closes (an agency
         // restarted) frees its agency at once; anything it sends is kept
@@ -74,7 +74,7 @@ impl Handler {
             Some(Ok(draw)) => draw,
             Some(Err(e)) => {
                 // The draw failed: the agency may announce again to retry.
-                self.session.as_mut().expect("claimed above").announced = false;
+                self.claimed().announced = false;
                 return self.refuse_finish(agency, e.code(), e.to_string()).await;
             }
         };

@@ -389,11 +389,23 @@ impl Handler {
     /// that names an agency; later messages must name the same one.
     fn session_for(&mut self, agency: AgencyId) -> Result<&mut Session, LotteryError> {
         self.check_agency(agency)?;
-        if self.session.is_none() {
-            let claim = self.lottery.claim(agency, &self.shutdown)?;
-            self.session = Some(Session::new(claim, self.store.clone()));
-        }
-        Ok(self.session.as_mut().expect("set above"))
+        let session = match self.session.take() {
+            Some(session) => session,
+            None => Session::new(
+                self.lottery.claim(agency, &self.shutdown)?,
+                self.store.clone(),
+            ),
+        };
+        Ok(self.session.insert(session))
+    }
+
+    /// The connection's session, for a message that has claimed it
+    /// ([`Handler::session_for`], [`Handler::open_session`]): from then on
+    /// only [`Handler::run`] takes it, once the conversation is over.
+    fn claimed(&mut self) -> &mut Session {
+        self.session
+            .as_mut()
+            .expect("invariant: claimed by this message's handler")
     }
 
     /// Refuses a message for another agency than the connection's.
