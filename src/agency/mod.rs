@@ -19,6 +19,7 @@
 //! central holds: resuming there is as safe as on the same central
 //! ([`Centrals`]).
 
+mod mismatches;
 mod reader;
 mod seal;
 mod session;

@@ -7,9 +7,10 @@ use std::path::Path;
 
 use tokio::sync::mpsc;
 
+use super::mismatches;
 use super::AgencyError;
 use crate::model::{AgencyId, BetRef, Today};
-use crate::receipt::{self, Receipt};
+use crate::receipt::Receipt;
 use crate::wire::BatchBuilder;
 
 /// A batch read from the data file, already encoded as its frame.
@@ -108,7 +109,7 @@ pub(super) fn read_batches(
     } = from;
     let mut file_receipt = Receipt::empty(agency);
     let check = |file_receipt: &Receipt| match held {
-        Some(held) => receipt::check_prefix(path, agency, held, file_receipt),
+        Some(held) => mismatches::check_prefix(path, agency, held, file_receipt),
         None => Ok(()),
     };
     let mismatch = |reason: String| {
@@ -214,7 +215,7 @@ pub(super) fn read_batches(
                 .flatten();
             let Some(bet) = bet else {
                 if held.is_some() {
-                    return mismatch(receipt::not_a_bet(path, agency, skip, line));
+                    return mismatch(mismatches::not_a_bet(path, agency, skip, line));
                 }
                 continue;
             };

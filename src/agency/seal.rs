@@ -9,7 +9,8 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::receipt::{self, Digest, Receipt};
+use super::mismatches;
+use crate::receipt::{Digest, Receipt};
 
 /// What the kept file holds.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -66,7 +67,7 @@ pub(super) fn compare_and_keep(
                 .map_err(|e| unreadable(format!("{e}")))?;
             if kept.bets == file.count && digest == file.digest {
                 let seal: Digest = kept.seal.parse().map_err(|e| unreadable(format!("{e}")))?;
-                receipt::check_kept_seal(path, seal, sealed).map_err(Refusal::Differs)?;
+                mismatches::check_kept_seal(path, seal, sealed).map_err(Refusal::Differs)?;
                 return Ok(Outcome::Same);
             }
             // Kept for other bets: a new data file is a new round.

@@ -16,13 +16,14 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::mismatches;
 use super::reader::{read_batches, Batch, Resume};
 use super::seal::{self, Outcome, Refusal};
 use super::{AgencyError, AgencyReport, Link};
 use crate::config::AgencyConfig;
 use crate::logging::{action, result};
 use crate::net::BoxedIo;
-use crate::receipt::{self, Digest, Receipt, Sealed};
+use crate::receipt::{Digest, Receipt, Sealed};
 use crate::wire::{
     AgencyCodec, Finish, FrameError, MessageError, RawFrame, Reply, Request, STILL_WAITING_EVERY,
 };
@@ -363,7 +364,7 @@ async fn check_winners(
             "the data file's receipt is missing: it was not read to its end".into(),
         )
     })?;
-    receipt::check_sealed(path, &file, &sealed).map_err(AgencyError::Receipt)?;
+    mismatches::check_sealed(path, &file, &sealed).map_err(AgencyError::Receipt)?;
     let outcome = {
         let (kept_in, seal) = (kept_in.to_path_buf(), sealed.seal);
         tokio::task::spawn_blocking(move || seal::compare_and_keep(&kept_in, &file, seal))

@@ -1,5 +1,5 @@
 //! The central: `listener.rs` accepts agencies and spawns one task per
-//! connection (`handler.rs`); handlers hand batches to the
+//! connection (`handler/`); handlers hand batches to the
 //! [`Store`] through their connection's session
 //! (`intake.rs`, which owns the agency's claim and the batches in flight)
 //! and meet at the lottery's shared state for the draw.
