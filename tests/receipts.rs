@@ -115,21 +115,7 @@ fn refused_start(work: &Path, agencies: u32, winning: u16) -> String {
         .env("SERVER_AGENCIES", agencies.to_string())
         .env("SERVER_STORAGE", work.join("bets.csv"))
         .env("SERVER_WINNING_NUMBER", winning.to_string());
-    let proc = Proc::spawn(cmd);
-    let status = proc.wait_exit(STEP);
-    assert_eq!(
-        status.code(),
-        Some(1),
-        "{}\n{}",
-        proc.output(),
-        proc.stderr()
-    );
-    assert!(
-        !proc.output().contains("action: listen"),
-        "{}",
-        proc.output()
-    );
-    proc.stderr()
+    common::refused_start(cmd)
 }
 
 /// Copies the files of a round into a fresh directory.

@@ -57,6 +57,26 @@ pub fn lottery() -> Command {
 /// `lottery`, run by `wrapper` (a program and its arguments, the lottery
 /// binary's path then its own arguments after them): `strace`, say. The
 /// environment is [`lottery`]'s.
+/// Runs `cmd` (a central) and expects it to refuse to serve: exit 1
+/// before it listens. Returns what it said on stderr.
+pub fn refused_start(cmd: Command) -> String {
+    let proc = Proc::spawn(cmd);
+    let status = proc.wait_exit(STEP);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "{}\n{}",
+        proc.output(),
+        proc.stderr()
+    );
+    assert!(
+        !proc.output().contains("action: listen"),
+        "{}",
+        proc.output()
+    );
+    proc.stderr()
+}
+
 /// The `lottery` binary under test: cargo's, or a copy named by
 /// `LOTTERY_TEST_BIN` (a test run as another user copies it where that user
 /// can reach it).

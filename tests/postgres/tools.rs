@@ -6,21 +6,7 @@ use super::*;
 /// Starts a central on the database at `url` and expects it to refuse to
 /// serve: exit 1 before listening. Returns its stderr.
 fn refused_start(url: &str, agencies: u32) -> String {
-    let proc = Proc::spawn(central_command(url, agencies));
-    let status = proc.wait_exit(STEP);
-    assert_eq!(
-        status.code(),
-        Some(1),
-        "{}\n{}",
-        proc.output(),
-        proc.stderr()
-    );
-    assert!(
-        !proc.output().contains("action: listen"),
-        "{}",
-        proc.output()
-    );
-    proc.stderr()
+    common::refused_start(central_command(url, agencies))
 }
 
 #[test]
