@@ -1,7 +1,7 @@
 //! The PostgreSQL backend: the bets are rows of the table `bets`, the
 //! counts per agency rows of `agencies`, the draw record rows of `draw` and
-//! `draw_agencies` (see [`schema`] for the tables, and README's "The
-//! PostgreSQL store").
+//! `draw_agencies` (see [`schema`] for the tables, and "The PostgreSQL
+//! store" in docs/OPERATIONS.md).
 //!
 //! - [`schema`]: the versioned migrations applied on start.
 //! - `connect`: one connection opened and prepared for its job, and the
