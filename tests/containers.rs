@@ -429,32 +429,46 @@ fn wait_for_more_rows(container: &str, more: u64, what: &str, agencies: u32) {
     );
 }
 
-#[test]
-fn three_centrals_on_postgres_in_containers_survive_a_kill_and_two_cuts() {
-    let test = "three_centrals_on_postgres_in_containers_survive_a_kill_and_two_cuts";
-    let Some(engine) = Engine::start_or_skip(test) else {
-        return;
-    };
-    // Small batches, one in flight: an upload long enough for three
-    // disruptions, one after the other.
+/// [`deployment`] for the PostgreSQL layout: `agencies` agencies of `bets`
+/// bets each, in small batches one in flight (an upload slow enough to be
+/// disrupted), and `lottery compose --postgres --centrals N` written to
+/// `out` with its secrets, under `umask 077`.
+fn postgres_deployment(
+    centrals: u32,
+    agencies: u32,
+    bets: u64,
+    out: &str,
+) -> (tempfile::TempDir, Expected) {
     let (dir, expect) = deployment(
-        6,
-        15000,
+        agencies,
+        bets,
         "batch_max_amount = 4\nwindow = 1\nreply_timeout = 5",
     );
+    let (centrals, agencies) = (centrals.to_string(), agencies.to_string());
     under_umask_077(
         dir.path(),
         &[
             "compose",
             "--postgres",
             "--centrals",
-            "3",
+            &centrals,
             "--agencies",
-            "6",
+            &agencies,
             "--out",
-            "compose.yaml",
+            out,
         ],
     );
+    (dir, expect)
+}
+
+#[test]
+fn three_centrals_on_postgres_in_containers_survive_a_kill_and_two_cuts() {
+    let test = "three_centrals_on_postgres_in_containers_survive_a_kill_and_two_cuts";
+    let Some(engine) = Engine::start_or_skip(test) else {
+        return;
+    };
+    // An upload long enough for three disruptions, one after the other.
+    let (dir, expect) = postgres_deployment(3, 6, 15000, "compose.yaml");
     let project = engine.project(dir.path(), "cut");
     project.compose_ok(&["up", "-d"]);
 
@@ -675,25 +689,8 @@ fn the_standby_container_promoted_after_the_primary_s_is_killed_loses_no_acknowl
     let Some(engine) = Engine::start_or_skip(test) else {
         return;
     };
-    let (dir, expect) = deployment(
-        3,
-        4000,
-        "batch_max_amount = 4\nwindow = 1\nreply_timeout = 5",
-    );
-    // The same secrets as the generated PostgreSQL layout.
-    under_umask_077(
-        dir.path(),
-        &[
-            "compose",
-            "--postgres",
-            "--centrals",
-            "1",
-            "--agencies",
-            "3",
-            "--out",
-            "unused.yaml",
-        ],
-    );
+    // The same secrets as the generated PostgreSQL layout, its file unused.
+    let (dir, expect) = postgres_deployment(1, 3, 4000, "unused.yaml");
     std::fs::write(dir.path().join("compose.yaml"), ha_compose()).unwrap();
     let project = engine.project(dir.path(), "ha");
     project.compose_ok(&["up", "-d"]);
