@@ -1,6 +1,7 @@
-//! The central stops within its grace period whatever the storage is
-//! doing: a store whose draw tally and close never complete must not hold
-//! `server::run` past its deadlines.
+//! The central whatever its storage is doing: a store whose draw tally and
+//! close never complete must not hold `server::run` past its deadlines, and
+//! a store that takes its time must not make a connection spin or blame
+//! its peer for the wait.
 
 mod common;
 
@@ -20,7 +21,9 @@ use lottery::config::ServerConfig;
 use lottery::logging::ContractFormat;
 use lottery::model::Bets;
 use lottery::server;
-use lottery::store::{Draw, Opened, Sequence, StorageError, Store, Stored, Tally};
+use lottery::store::{
+    Draw, Durability, Opened, Options, Sequence, Storage, StorageError, Store, Stored, Tally,
+};
 
 /// A store stuck in storage: the tally and the close never complete (as a
 /// writer thread stuck in a syscall would leave them).
@@ -155,4 +158,157 @@ async fn hung_store_does_not_hold_shutdown() {
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), waiting.read_to_end(&mut rest)).await;
     assert!(matches!(read, Ok(Ok(0))), "{read:?} {rest:?}");
+}
+
+/// The real bets file, whose acknowledgements wait until the test opens
+/// the gate: batches stay in flight as long as the test likes.
+#[derive(Debug)]
+struct Gated {
+    inner: Arc<dyn Store>,
+    gate: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Store for Gated {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn submit<'a>(
+        &'a self,
+        bets: &Bets,
+        skip: usize,
+        sequence: &Sequence,
+        receipt: lottery::receipt::Receipt,
+    ) -> BoxFuture<'a, Result<Stored, StorageError>> {
+        let queued = self.inner.submit(bets, skip, sequence, receipt);
+        let mut gate = self.gate.clone();
+        async move {
+            let stored = queued.await?;
+            Ok(async move {
+                let outcome = stored.await;
+                let _ = gate.wait_for(|open| *open).await;
+                outcome
+            }
+            .boxed())
+        }
+        .boxed()
+    }
+    fn tally(&self, winning_number: u16) -> BoxFuture<'_, Result<Tally, StorageError>> {
+        self.inner.tally(winning_number)
+    }
+    fn recompute(
+        &self,
+        winning_number: u16,
+    ) -> BoxFuture<'_, Result<lottery::receipt::Recomputed, StorageError>> {
+        self.inner.recompute(winning_number)
+    }
+    fn load_draw(&self) -> BoxFuture<'_, Result<Option<Draw>, StorageError>> {
+        self.inner.load_draw()
+    }
+    fn save_draw<'a>(&'a self, draw: &'a Draw) -> BoxFuture<'a, Result<(), StorageError>> {
+        self.inner.save_draw(draw)
+    }
+    fn close(&self) -> BoxFuture<'_, ()> {
+        self.inner.close()
+    }
+}
+
+/// CPU time this process has used, user and system.
+fn cpu_time() -> Duration {
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).unwrap();
+    let (user, system) = (usage.user_time(), usage.system_time());
+    let micros = |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1_000_000 + t.tv_usec() as u64;
+    Duration::from_micros(micros(user) + micros(system))
+}
+
+/// A peer stalled half-way through a frame while its earlier batch waits
+/// at a slow store: once the frame's deadline has passed the connection
+/// waits for the store, it does not spin on the clock (it used to, a core
+/// at 100 % until the batch settled), and the peer is then cut for its
+/// frame as it would have been without the store's wait.
+#[tokio::test(flavor = "current_thread")]
+async fn a_stalled_frame_beside_a_slow_store_does_not_spin() {
+    let lines = Lines::default();
+    let subscriber = tracing_subscriber::fmt()
+        .event_format(ContractFormat)
+        .with_writer({
+            let lines = lines.clone();
+            move || lines.clone()
+        })
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let dir = tempfile::tempdir().unwrap();
+    let bets = dir.path().join("bets.csv");
+    let opened = lottery::store::open(&Options {
+        storage: Storage::File(bets.clone()),
+        record: Some(dir.path().join("bets.draw.toml")),
+        durability: Durability::NoSync,
+        patience: Duration::from_secs(1),
+    })
+    .await
+    .unwrap();
+    let (open_gate, gate) = tokio::sync::watch::channel(false);
+    let opened = Opened {
+        store: Arc::new(Gated {
+            inner: opened.store,
+            gate,
+        }),
+        stored: opened.stored,
+    };
+    let config = ServerConfig {
+        port: 0,
+        agencies: 1,
+        frame_timeout: 1,
+        ..ServerConfig::default()
+    };
+    let listener = server::bind_addr("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let token = CancellationToken::new();
+    let running = tokio::spawn({
+        let token = token.clone();
+        async move { server::run_with_store(listener, &config, opened, token).await }
+    });
+
+    let bet = |doc: u32| {
+        format!(
+            r"BATCH_SIZE:1|BET_1:NOMBRE:Eva\|APELLIDO:Ruiz\|DOCUMENTO:{doc}\|NACIMIENTO:1990-01-01\|NUMERO:7574\|AGENCY_ID:1"
+        ) + "\n"
+    };
+    let mut peer = TcpStream::connect(addr).await.unwrap();
+    write_frame(&mut peer, bet(30_000_001)).await;
+    // Half of the next frame, and then nothing.
+    let next = common::raw::frame(bet(30_000_002).as_bytes());
+    tokio::io::AsyncWriteExt::write_all(&mut peer, &next[..10])
+        .await
+        .unwrap();
+
+    // The first batch is at the store, held there, past the frame's
+    // deadline (1 s): what the connection does meanwhile is the subject,
+    // so the test lets the time pass and counts the CPU it took.
+    let before = cpu_time();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let spent = cpu_time() - before;
+    assert!(
+        spent < Duration::from_millis(200),
+        "{spent:?} of CPU in 2.5 s of waiting for the store:\n{}",
+        lines.text()
+    );
+
+    // The store answers: the batch is acknowledged, then the stalled frame
+    // is refused, blamed on the peer as it should be.
+    open_gate.send(true).unwrap();
+    let stored = common::raw::read_frame(&mut peer).await;
+    assert!(stored.contains("STORED:1"), "{stored}");
+    let timeout = common::raw::read_frame(&mut peer).await;
+    assert!(
+        timeout.starts_with("STATUS:ERROR|CODE:TIMEOUT|MESSAGE:frame not completed in time (1s)"),
+        "{timeout}"
+    );
+    assert_eq!(std::fs::read_to_string(&bets).unwrap().lines().count(), 1);
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }

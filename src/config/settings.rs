@@ -147,8 +147,9 @@ settings! {
             flag "draw-record" on ["server", "verify", "new-round"];
         /// Most connections served at once; more are refused with `SERVER_BUSY`.
         max_connections: usize = 1024, env "SERVER_MAX_CONNECTIONS", min 1;
-        /// Seconds a peer has to complete a frame once it has started one (and
-        /// to complete the TLS handshake).
+        /// Seconds a peer has to complete a frame once it has started one
+        /// (counting only while the central is reading), and to complete the
+        /// TLS handshake; also each reply's write deadline.
         frame_timeout: u64 = 10, env "SERVER_FRAME_TIMEOUT", min 1;
         /// Seconds a connection may sit with no request before it is closed.
         /// Waiting for the draw does not count: then the central is the one

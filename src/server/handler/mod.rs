@@ -4,6 +4,7 @@
 
 mod auth;
 mod batch;
+mod clock;
 mod finish;
 mod refusals;
 
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use self::auth::Access;
+use self::clock::FrameClock;
 use self::refusals::{too_large, Refused};
 use super::guard::Broken;
 use super::intake::{Session, Settled};
@@ -226,22 +228,24 @@ impl Handler {
         let (frame_timeout, idle_timeout) =
             (self.settings.frame_timeout, self.settings.idle_timeout);
         let mut last_request = Instant::now();
+        let mut frame_clock = FrameClock::default();
         loop {
-            // A frame under way must be completed within the frame timeout;
-            // between frames the idle timeout runs. Look again at least
-            // every frame timeout, as a frame may start while we wait.
+            // A frame under way must be completed within the frame timeout
+            // (of our reading time); between frames the idle timeout runs.
+            // Look again at least every frame timeout, as a frame may start
+            // while we wait.
             let partial = self.framed.codec().partial_since();
-            let deadline = match partial {
-                Some(started) => started + frame_timeout,
-                None => last_request + idle_timeout,
-            };
+            let deadline = frame_clock
+                .deadline(partial, frame_timeout)
+                .unwrap_or(last_request + idle_timeout);
             let deadline = if self.vouched {
                 deadline
             } else {
                 deadline.min(self.auth_deadline())
             };
             let look_again = deadline.min(Instant::now() + frame_timeout);
-            let room = self.in_flight() < MAX_IN_FLIGHT;
+            let in_flight = self.in_flight();
+            let room = in_flight < MAX_IN_FLIGHT;
             // Race the read against shutdown, the store and the clock only
             // between requests. `Framed::next` is cancel-safe: a half-read
             // frame stays buffered, and is dropped unacknowledged if we hang
@@ -260,8 +264,11 @@ impl Handler {
                 _ = self.shutdown.cancelled() => Wake::Shutdown,
                 settled = settled => Wake::Settled(settled),
                 read = self.framed.next(), if room => Wake::Read(read.into()),
-                _ = tokio::time::sleep_until(look_again.into()) => {
-                    if Instant::now() < deadline || self.in_flight() > 0 {
+                // Not while batches are in flight: their answers wake us,
+                // and a connection is never cut with batches at the store
+                // (racing a deadline already past would spin meanwhile).
+                _ = tokio::time::sleep_until(look_again.into()), if in_flight == 0 => {
+                    if Instant::now() < deadline {
                         continue;
                     }
                     let unvouched = !self.vouched && Instant::now() >= self.auth_deadline();
@@ -273,7 +280,9 @@ impl Handler {
                 // Whatever was read is stored and answered.
                 Wake::Shutdown => return self.drain().await,
                 Wake::Settled(settled) => {
+                    let left = Instant::now();
                     self.acknowledge(settled).await?;
+                    frame_clock.away_since(left);
                     continue;
                 }
                 Wake::Read(incoming) => incoming,
