@@ -18,6 +18,8 @@
 //!   connection, meeting at the lottery's shared state for the one-time draw
 //!   (internal: agencies' claims and the draw live in `lottery`).
 //! - [`agency`]: an agency: streams its data file, waits for its winners.
+//! - [`close`]: the close of sales (who, when, why), shared by the wire,
+//!   the stores and the lottery.
 //! - [`receipt`]: receipts (a hash chain per agency) and the seal of a
 //!   round, shared by central, agency and `lottery verify`.
 //! - [`config`], [`logging`], [`shutdown`]: every setting declared once, the
@@ -46,6 +48,7 @@
 #![warn(missing_docs)]
 
 pub mod agency;
+pub mod close;
 pub mod config;
 pub mod logging;
 mod lottery;

@@ -47,6 +47,9 @@ pub mod action {
     pub const CONSULTA_GANADORES: &str = "consulta_ganadores";
     /// An agency announced it finished.
     pub const AGENCIA_FINALIZADA: &str = "agencia_finalizada";
+    /// Sales closed (the central), or an agency learned they closed before
+    /// its whole file was stored.
+    pub const CIERRE: &str = "cierre";
     /// The agency connects to the central.
     pub const CONNECT: &str = "connect";
     /// A connection ended with an error.

@@ -63,6 +63,9 @@ enum Command {
     Health(ProbeArgs),
     /// Show bets held per agency, who finished, and whether the draw is done.
     Status(ProbeArgs),
+    /// Close sales now: later batches are refused and the draw runs over
+    /// the bets stored (an operator's; exit 1 if refused).
+    Close(CloseArgs),
     /// Print the per-agency winners table of the recorded draw (the draw
     /// record, or the database's tables draw and draw_agencies).
     Winners(WinnersArgs),
@@ -122,6 +125,16 @@ struct ProbeArgs {
     /// Seconds to wait for the answer.
     #[arg(long, default_value_t = 3)]
     timeout: u64,
+}
+
+#[derive(Debug, Args)]
+struct CloseArgs {
+    #[command(flatten)]
+    probe: ProbeArgs,
+    /// Why sales close (required; logged by the central and kept with the
+    /// close, at most 200 bytes).
+    #[arg(long)]
+    reason: String,
 }
 
 #[derive(Debug, Args)]
@@ -461,6 +474,11 @@ async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Resu
             print!("{}", ops::render_status(&view));
             Ok(())
         }
+        Command::Close(args) => {
+            let answer = ops::close(&probe_target(&config, args.probe)?, &args.reason).await?;
+            println!("{answer}");
+            Ok(())
+        }
         Command::Winners(args) => {
             print!(
                 "{}",
@@ -548,13 +566,17 @@ async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Resu
 }
 
 /// The exit code of a failed command: 3 when the central does not hold
-/// exactly the agency's file (its winners are not valid), 2 when the
+/// exactly the agency's file (its winners are not valid), 4 when sales
+/// closed before the agency's whole file was stored (its winners are over
+/// what was), 2 when the
 /// storage URL lacks what the database asks for, else 1.
 fn exit_code(e: &anyhow::Error) -> u8 {
     use lottery::server::ServerError;
     use lottery::store::StorageError;
-    if let Some(AgencyError::Receipt(_)) = e.downcast_ref::<AgencyError>() {
-        return 3;
+    match e.downcast_ref::<AgencyError>() {
+        Some(AgencyError::Receipt(_)) => return 3,
+        Some(AgencyError::SalesClosed { .. }) => return 4,
+        _ => {}
     }
     // A storage URL that lacks what the database asks for is found only
     // once the database is asked: still the configuration's error.
@@ -564,6 +586,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 Some(ServerError::Storage(storage)) => Some(storage),
                 _ => None,
             });
+    if let Some(ServerError::CloseAtPast { .. }) = e.downcast_ref::<ServerError>() {
+        return 2;
+    }
     match storage {
         Some(StorageError::DatabaseConfig { .. }) => 2,
         _ => 1,

@@ -22,7 +22,8 @@ use lottery::logging::ContractFormat;
 use lottery::model::Bets;
 use lottery::server;
 use lottery::store::{
-    Draw, Durability, Opened, Options, Sequence, Storage, StorageError, Store, Stored, Tally,
+    ClosedRound, Draw, Durability, Opened, Options, Sequence, Storage, StorageError, Store, Stored,
+    Tally,
 };
 
 /// A store stuck in storage: the tally and the close never complete (as a
@@ -57,6 +58,15 @@ impl Store for Hung {
     }
     fn save_draw<'a>(&'a self, _draw: &'a Draw) -> BoxFuture<'a, Result<(), StorageError>> {
         future::pending().boxed()
+    }
+    fn close_sales<'a>(
+        &'a self,
+        _close: &'a ClosedRound,
+    ) -> BoxFuture<'a, Result<(ClosedRound, bool), StorageError>> {
+        future::pending().boxed()
+    }
+    fn load_close(&self) -> BoxFuture<'_, Result<Option<ClosedRound>, StorageError>> {
+        future::ready(Ok(None)).boxed()
     }
     fn close(&self) -> BoxFuture<'_, ()> {
         future::pending().boxed()
@@ -206,6 +216,15 @@ impl Store for Gated {
     }
     fn save_draw<'a>(&'a self, draw: &'a Draw) -> BoxFuture<'a, Result<(), StorageError>> {
         self.inner.save_draw(draw)
+    }
+    fn close_sales<'a>(
+        &'a self,
+        close: &'a ClosedRound,
+    ) -> BoxFuture<'a, Result<(ClosedRound, bool), StorageError>> {
+        self.inner.close_sales(close)
+    }
+    fn load_close(&self) -> BoxFuture<'_, Result<Option<ClosedRound>, StorageError>> {
+        self.inner.load_close()
     }
     fn close(&self) -> BoxFuture<'_, ()> {
         self.inner.close()

@@ -60,6 +60,9 @@ pub struct AgencyReport {
     pub winners: Vec<String>,
     /// Microseconds from sending each batch to its acknowledgement.
     pub ack_latencies_us: Vec<u32>,
+    /// Sales closed before the central stored the whole data file: the
+    /// winners are over the `bets` it stored, of this many in the file.
+    pub closed_short: Option<u64>,
 }
 
 /// Why an agency run failed.
@@ -135,6 +138,23 @@ pub enum AgencyError {
         path: PathBuf,
         /// Why.
         reason: String,
+    },
+    /// Sales closed before the central stored the whole data file: the
+    /// winners are over the bets stored (exit code 4).
+    #[error(
+        "sales closed before all of {} was stored: the draw counted {stored} of its {in_file} \
+         bets, and its {winners} winner(s) are over those {stored}",
+        .path.display()
+    )]
+    SalesClosed {
+        /// The data file.
+        path: PathBuf,
+        /// Bets the central stored, and drew over.
+        stored: u64,
+        /// Bets in the data file.
+        in_file: u64,
+        /// Winners among the stored bets.
+        winners: usize,
     },
     /// The central hung up.
     #[error("the central closed the connection while {0}")]
@@ -299,6 +319,7 @@ pub async fn run_with_progress(
         reconnects: 0,
         winners: Vec::new(),
         ack_latencies_us: Vec::new(),
+        closed_short: None,
     };
     let mut backoff = FIRST_BACKOFF;
     let mut last_progress = Instant::now();

@@ -25,7 +25,8 @@ use crate::logging::{action, result};
 use crate::net::BoxedIo;
 use crate::receipt::{Digest, Receipt, Sealed};
 use crate::wire::{
-    AgencyCodec, Finish, FrameError, MessageError, RawFrame, Reply, Request, STILL_WAITING_EVERY,
+    AgencyCodec, ErrorCode, Finish, FrameError, MessageError, RawFrame, Reply, Request,
+    STILL_WAITING_EVERY,
 };
 
 /// Bytes of frames buffered before a write is forced.
@@ -208,6 +209,8 @@ pub(super) async fn session(
     let mut in_flight: VecDeque<(Batch, Instant)> = VecDeque::with_capacity(window);
     let mut reader_done = false;
     let mut data_error = None;
+    // Sales closed under this upload: the rest of the file is not stored.
+    let mut closed = false;
     loop {
         // Fill the window with whatever the reader has ready; wait for it
         // only when nothing is in flight.
@@ -288,6 +291,31 @@ pub(super) async fn session(
                     );
                 }
             }
+            Reply::Error {
+                code: ErrorCode::BettingClosed,
+                message,
+            } => {
+                warn!(
+                    action = action::CIERRE,
+                    result = result::IN_PROGRESS,
+                    stored = report.bets,
+                    line = batch.first_line,
+                    message = message.as_str()
+                );
+                // The batches after it are refused too: read their answers,
+                // then ask for the winners over what was stored.
+                let during = "reading the answers after the close of sales";
+                for _ in in_flight.drain(..) {
+                    let Some(reply) = conn.reply(during, conn.deadlines.reply).await? else {
+                        return Ok(SessionEnd::Cancelled);
+                    };
+                    if !matches!(reply, Reply::Error { .. }) {
+                        return Err(AgencyError::UnexpectedReply(format!("{reply:?}")));
+                    }
+                }
+                closed = true;
+                break;
+            }
             Reply::Error { code, message } => {
                 return Err(AgencyError::Rejected {
                     path: path.to_path_buf(),
@@ -299,6 +327,8 @@ pub(super) async fn session(
             other => return Err(AgencyError::UnexpectedReply(format!("{other:?}"))),
         }
     }
+    // The reader stops once its batches are no longer taken.
+    drop(batches);
 
     let finished = Request::Finished {
         agency: config.id,
@@ -326,7 +356,12 @@ pub(super) async fn session(
             } => {
                 winners.extend(documents);
                 if !more {
-                    check_winners(path, &config.seal_path(), file_receipt, sealed).await?;
+                    if closed {
+                        report.closed_short =
+                            check_closed(config, path, report.bets, sealed).await?;
+                    } else {
+                        check_winners(path, &config.seal_path(), file_receipt, sealed).await?;
+                    }
                     break;
                 }
             }
@@ -395,6 +430,78 @@ async fn check_winners(
         seal_file = %kept_in.display()
     );
     Ok(())
+}
+
+/// The check of winners drawn after sales closed under this agency's
+/// upload: the receipt the central sealed (its `stored` bets) must be that
+/// of the first bets of the data file, which is read through again; the
+/// seal is kept and logged as [`check_winners`] does. Returns the bets in
+/// the file when the central stored fewer (the agency exits 4), `None` when
+/// every one was stored after all.
+async fn check_closed(
+    config: &AgencyConfig,
+    path: &Path,
+    stored: u64,
+    sealed: Option<Sealed>,
+) -> Result<Option<u64>, AgencyError> {
+    let skip = sealed.map_or(stored, |s| s.receipt.count);
+    let (tx, mut rx) = mpsc::channel(READ_AHEAD);
+    let (whole, file_receipt) = tokio::sync::oneshot::channel();
+    {
+        let (id, max, path) = (config.id, config.batch_max_amount, path.to_path_buf());
+        let from = Resume {
+            skip,
+            held: sealed.map(|s| s.receipt),
+            say_first: true,
+        };
+        tokio::task::spawn_blocking(move || read_batches(&path, id, max, from, &tx, whole));
+    }
+    while let Some(batch) = rx.recv().await {
+        batch?;
+    }
+    let file = file_receipt.await.map_err(|_| {
+        AgencyError::Receipt(
+            "the data file's receipt is missing: it was not read to its end".into(),
+        )
+    })?;
+    if let Some(sealed) = sealed {
+        let kept_in = config.seal_path();
+        let outcome = {
+            let (kept_in, seal) = (kept_in.clone(), sealed.seal);
+            tokio::task::spawn_blocking(move || {
+                seal::compare_and_keep(&kept_in, &sealed.receipt, seal)
+            })
+            .await
+            .expect("keeping the seal does not panic")
+        };
+        match outcome {
+            Ok(_) => {}
+            Err(Refusal::Differs(why)) => return Err(AgencyError::Receipt(why)),
+            Err(Refusal::Unreadable(path, reason)) => {
+                return Err(AgencyError::KeptSeal { path, reason })
+            }
+        }
+        info!(
+            action = action::SEAL,
+            result = result::SUCCESS,
+            seal = %sealed.seal,
+            bets = sealed.receipt.count,
+            digest = %sealed.receipt.digest,
+            seal_file = %kept_in.display()
+        );
+    }
+    if file.count <= skip {
+        return Ok(None);
+    }
+    warn!(
+        action = action::CIERRE,
+        result = result::SUCCESS,
+        stored = skip,
+        bets_in_file = file.count,
+        message = "sales closed before this agency's whole file was stored: its winners are \
+                   over the bets stored"
+    );
+    Ok(Some(file.count))
 }
 
 /// What the agency does while its batches are written.

@@ -145,6 +145,14 @@ settings! {
         /// its extension replaced (`bets.csv` -> `bets.draw.toml`).
         draw_record: PathBuf = PathBuf::new(), env "SERVER_DRAW_RECORD",
             flag "draw-record" on ["server", "verify", "new-round"];
+        /// When the central closes sales by itself: an RFC 3339 time
+        /// (`2026-12-07T18:00:00-03:00`); empty for never (the draw waits
+        /// for every agency, or for `lottery close`). Batches after it are
+        /// refused (`BETTING_CLOSED`) and the draw runs over the bets stored.
+        /// A time already past when a round that is neither closed nor
+        /// drawn starts is an error.
+        close_at: crate::close::CloseAt = crate::close::CloseAt::default(),
+            env "SERVER_CLOSE_AT", flag "close-at" on ["server"];
         /// Most connections served at once; more are refused with `SERVER_BUSY`.
         max_connections: usize = 1024, env "SERVER_MAX_CONNECTIONS", min 1;
         /// Seconds a peer has to complete a frame once it has started one

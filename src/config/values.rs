@@ -66,6 +66,20 @@ impl Value for PathBuf {
     const QUOTED: bool = true;
 }
 
+impl Value for crate::close::CloseAt {
+    const HINT: &'static str = "TIME";
+    fn parse(raw: &str) -> Result<Self, String> {
+        raw.parse()
+    }
+    fn show(&self) -> String {
+        crate::close::CloseAt::show(self)
+    }
+    #[cfg(test)]
+    const SAMPLES: [&'static str; 2] = ["2030-01-01T18:00:00Z", "2030-01-02T18:00:00Z"];
+    #[cfg(test)]
+    const QUOTED: bool = true;
+}
+
 impl Value for Storage {
     const HINT: &'static str = "PATH|URL";
     fn parse(raw: &str) -> Result<Self, String> {

@@ -55,7 +55,9 @@ impl Claim {
         let drawn = self.lottery.draw().is_some();
         let state = self.lottery.lock();
         let stored = state.receipt(self.agency);
-        let open = if drawn || state.finished.contains(&self.agency) {
+        let open = if let Some(closed) = &state.closed {
+            Err(LotteryError::SalesClosed(closed.close.clone()))
+        } else if drawn || state.finished.contains(&self.agency) {
             Err(LotteryError::Finished(self.agency))
         } else {
             Ok(())
@@ -161,8 +163,11 @@ impl Claim {
                     agencies = self.lottery.shared.agencies
                 );
             }
-            let all = finished == self.lottery.shared.agencies;
-            let start = all && !state.drawing && self.lottery.draw().is_none();
+            // Once sales are closed, any announcement may (re)start the
+            // draw; while a close is being kept, none: the close's draw
+            // follows.
+            let all = finished == self.lottery.shared.agencies || state.closed.is_some();
+            let start = all && !state.drawing && !state.closing && self.lottery.draw().is_none();
             state.drawing |= start;
             start
         };

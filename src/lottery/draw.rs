@@ -53,6 +53,16 @@ impl Lottery {
             return Ok((Arc::new(draw), ran));
         }
         let started = Instant::now();
+        let closed = self.lock().closed.clone();
+        if let Some(closed) = closed {
+            let draw = self.draw_closed(closed, started).await?;
+            shared
+                .store
+                .save_draw(&draw)
+                .await
+                .map_err(|e| LotteryError::Draw(format!("writing the draw record: {e}")))?;
+            return Ok((Arc::new(draw), true));
+        }
         let tally = shared
             .store
             .tally(shared.winning_number)
@@ -84,6 +94,69 @@ impl Lottery {
             .await
             .map_err(|e| LotteryError::Draw(format!("writing the draw record: {e}")))?;
         Ok((Arc::new(draw), true))
+    }
+}
+
+impl Lottery {
+    /// The draw of a round whose sales closed: over exactly the bets the
+    /// store held at the close (it refuses every batch after it), read
+    /// back with their receipts. Batches stored before the close may still
+    /// be on their way to being acknowledged, so what was acknowledged may
+    /// be less than what is stored, never more, and never other bets.
+    async fn draw_closed(
+        &self,
+        closed: crate::store::ClosedRound,
+        started: Instant,
+    ) -> Result<Draw, LotteryError> {
+        let shared = &self.shared;
+        let found = shared
+            .store
+            .recompute(shared.winning_number)
+            .await
+            .map_err(|e| LotteryError::Draw(e.to_string()))?;
+        let acknowledged: BTreeMap<AgencyId, Receipt> = {
+            let state = self.lock();
+            state.stored.iter().map(|(&a, &r)| (a, r)).collect()
+        };
+        let lost: Vec<String> = acknowledged
+            .iter()
+            .filter_map(|(&agency, acked)| {
+                let stored = found
+                    .receipts
+                    .get(&agency)
+                    .copied()
+                    .unwrap_or_else(|| Receipt::empty(agency));
+                let lost = stored.count < acked.count
+                    || (stored.count == acked.count && stored.digest != acked.digest);
+                lost.then(|| {
+                    format!(
+                        "agency {agency}: {} in the store, {} acknowledged",
+                        stored.count, acked.count
+                    )
+                })
+            })
+            .collect();
+        if !lost.is_empty() {
+            return Err(LotteryError::Draw(format!(
+                "the stored bets lack bets that were acknowledged ({}); nothing was recorded:                  put the bets back and the agencies' retries will draw again",
+                lost.join(", ")
+            )));
+        }
+        let tally = crate::store::Tally {
+            rows: found.receipts.values().map(|r| r.count).sum(),
+            per_agency: found.receipts.iter().map(|(&a, r)| (a, r.count)).collect(),
+            winners: found.winners,
+        };
+        let mut draw = Draw::from_tally(
+            shared.winning_number,
+            shared.agencies,
+            tally,
+            &found.receipts,
+            started.elapsed(),
+        )
+        .map_err(|differences| LotteryError::Draw(differences.join(", ")))?;
+        draw.closed = Some(closed);
+        Ok(draw)
     }
 }
 

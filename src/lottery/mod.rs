@@ -9,6 +9,7 @@
 //! when dropped, however the connection ends.
 
 mod claim;
+mod close;
 mod draw;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -22,10 +23,11 @@ use tokio_util::task::TaskTracker;
 
 use tracing::{info, warn};
 
+use crate::close::SalesClose;
 use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::receipt::Receipt;
-use crate::store::{Draw, SharedStore, Store, Watched};
+use crate::store::{ClosedRound, Draw, SharedStore, Store, Watched};
 use crate::wire::{AgencyState, ErrorCode};
 
 pub use claim::Claim;
@@ -70,6 +72,12 @@ pub enum LotteryError {
     /// where the agency stands.
     #[error("{0}")]
     Store(String),
+    /// Sales are closed: no more bets.
+    #[error("{0}: no more bets are taken this round")]
+    SalesClosed(SalesClose),
+    /// A close of sales refused: closed already, or the round drawn.
+    #[error("{0}")]
+    CloseRefused(String),
     /// A batch starts past the agency's stored bets: some would be missing.
     #[error(
         "batch starts at bet {first} but agency {agency} has {stored} stored; resume from {stored}"
@@ -95,6 +103,9 @@ impl LotteryError {
             LotteryError::Finished(_) => ErrorCode::AgencyFinished,
             LotteryError::Draw(_) | LotteryError::Store(_) => ErrorCode::StorageFailed,
             LotteryError::OutOfOrder { .. } => ErrorCode::OutOfOrder,
+            LotteryError::SalesClosed(_) | LotteryError::CloseRefused(_) => {
+                ErrorCode::BettingClosed
+            }
         }
     }
 }
@@ -115,6 +126,11 @@ struct State {
     /// With a shared store: the most agencies it last said had finished,
     /// on every central (this central's `finished` holds only its own).
     counted: u32,
+    /// Sales are closed: the draw runs over what was stored, whoever
+    /// finished.
+    closed: Option<ClosedRound>,
+    /// A close is being kept by the store; no draw starts meanwhile.
+    closing: bool,
 }
 
 impl State {
@@ -250,7 +266,7 @@ impl Lottery {
                     let lottery = Lottery { shared };
                     match watched {
                         Watched::Recorded(draw) => {
-                            lottery.publish_recorded(draw);
+                            lottery.publish_recorded(*draw);
                             return;
                         }
                         Watched::AllFinished if !tried => {
@@ -443,6 +459,11 @@ impl Lottery {
         }
         self.shared.tasks.close();
         self.shared.tasks.wait().await;
+    }
+
+    /// The close of sales, once sales are closed.
+    pub fn closed(&self) -> Option<SalesClose> {
+        self.lock().closed.as_ref().map(|c| c.close.clone())
     }
 
     /// The configured agency count, whether the draw is done, and each
@@ -844,6 +865,17 @@ mod tests {
         }
         fn close(&self) -> BoxFuture<'_, ()> {
             self.inner.close()
+        }
+        fn close_sales<'a>(
+            &'a self,
+            close: &'a crate::store::ClosedRound,
+        ) -> BoxFuture<'a, Result<(crate::store::ClosedRound, bool), StorageError>> {
+            self.inner.close_sales(close)
+        }
+        fn load_close(
+            &self,
+        ) -> BoxFuture<'_, Result<Option<crate::store::ClosedRound>, StorageError>> {
+            self.inner.load_close()
         }
     }
 

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::close::ClosedBy;
 use crate::config::{ConfigError, Secrets, ServerConfig};
 use crate::logging::{action, result};
 use crate::lottery::Lottery;
@@ -75,6 +76,18 @@ pub enum ServerError {
         record: String,
         /// Every difference found.
         differences: Vec<String>,
+    },
+    /// `server.close_at` is already past, and the round is neither
+    /// closed nor drawn: a configuration error.
+    #[error(
+        "server.close_at (SERVER_CLOSE_AT, --close-at) is {close_at}, already past (now {now}): \
+         set a time to come, or leave it empty and close with `lottery close`"
+    )]
+    CloseAtPast {
+        /// The setting.
+        close_at: String,
+        /// The clock at start.
+        now: String,
     },
 }
 
@@ -267,6 +280,24 @@ pub async fn run_with_store(
                        `lottery new-round` (it keeps this round's files, named by round and seal)"
         );
     }
+    let closed = match store.load_close().await {
+        Ok(closed) => closed,
+        Err(e) => {
+            close_store(store.as_ref()).await;
+            return Err(e.into());
+        }
+    };
+    if let (Some(at), None, None) = (config.close_at.0, &closed, &draw) {
+        let now = chrono::Utc::now();
+        if at <= now {
+            close_store(store.as_ref()).await;
+            return Err(ServerError::CloseAtPast {
+                close_at: config.close_at.show(),
+                now: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            });
+        }
+    }
+    let drawn = draw.is_some();
     let lottery = Lottery::new(
         config.agencies,
         config.winning_number,
@@ -274,6 +305,22 @@ pub async fn run_with_store(
         opened.stored,
         draw,
     );
+    if let Some(closed) = closed {
+        if !drawn {
+            // Closed before a restart, not drawn yet: the draw runs now.
+            warn!(
+                action = action::CIERRE,
+                result = result::SUCCESS,
+                state = "closed_before_start",
+                by = %closed.close.by,
+                at = closed.close.at.as_str(),
+                reason = closed.close.reason.as_str(),
+                message = "sales were closed before this start and the round is not drawn: \
+                           drawing now over the bets stored"
+            );
+        }
+        lottery.closed_by_store(closed);
+    }
     let tracker = TaskTracker::new();
     // Connections hang off their own token, cancelled only once the
     // listener is closed: no connection is told to stop while new ones could
@@ -315,6 +362,14 @@ pub async fn run_with_store(
                 .report_waiting(crate::lottery::DRAW_WAITING_EVERY, done)
                 .await
         }
+    });
+    // Sales close by themselves at `server.close_at`, if set and not
+    // closed yet.
+    let close_timer = config.close_at.0.map(|at| {
+        let lottery = lottery.clone();
+        let done = reports_done.clone();
+        let shown = config.close_at.show();
+        tokio::spawn(async move { close_at(lottery, at, shown, done).await })
     });
     let accept_loop = listener::Listener {
         listener,
@@ -364,6 +419,9 @@ pub async fn run_with_store(
     // Aborted, not awaited: its look at a hung database must not hold
     // shutdown.
     draw_waiting.abort();
+    if let Some(timer) = close_timer {
+        timer.abort();
+    }
     // A draw under way is recorded and published before the store closes,
     // within what is left of the grace period; one abandoned after it left
     // either its whole record or none (the record is written atomically),
@@ -382,6 +440,48 @@ pub async fn run_with_store(
     // and closes.
     close_store(store.as_ref()).await;
     Ok(())
+}
+
+/// Closes sales at `at` (`server.close_at`, `shown` as set), unless they
+/// are closed or drawn by then, or `done` fires first. A close the store
+/// could not keep is tried again every second.
+async fn close_at(
+    lottery: Lottery,
+    at: chrono::DateTime<chrono::Utc>,
+    shown: String,
+    done: CancellationToken,
+) {
+    loop {
+        // Tokio's clock is monotonic; the setting is wall-clock time: wake
+        // at the time it names, looking again if woken early.
+        let wait = (at - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        if wait.is_zero() {
+            break;
+        }
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+    loop {
+        if lottery.closed().is_some() || lottery.draw().is_some() {
+            return;
+        }
+        let reason = format!("server.close_at = {shown}");
+        match lottery
+            .close_sales(ClosedBy::CloseAt, reason, "server.close_at")
+            .await
+        {
+            // Closed (or closed first by another central, or drawn).
+            Ok(_) | Err(crate::lottery::LotteryError::CloseRefused(_)) => return,
+            // Logged by the lottery; tried again.
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// Closes the store, giving up after [`STORE_CLOSE_DEADLINE`] so that

@@ -55,6 +55,9 @@ pub enum StorageError {
     /// The writer has stopped (the server is shutting down).
     #[error("{0} is closed")]
     Closed(Backend),
+    /// Sales closed before the batch was stored: nothing of it was kept.
+    #[error("{0}: the batch was not stored, and no more bets are taken this round")]
+    SalesClosed(crate::close::SalesClose),
     /// The draw record (or the rounds ledger) says something the store
     /// cannot accept: a sealed round's record missing or replaced.
     #[error("draw record {kept}: {reason}")]

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
+use crate::close::SalesClose;
 use crate::model::{AgencyId, Bets};
 use crate::receipt::{Digest, Receipt, Recomputed};
 
@@ -101,6 +102,27 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Stores what was submitted before, flushes and closes; later
     /// submissions fail with [`StorageError::Closed`].
     fn close(&self) -> BoxFuture<'_, ()>;
+
+    /// Closes sales for good, at one point in the order of the batches:
+    /// every batch stored before it is in the draw, every batch after it
+    /// is refused with [`StorageError::SalesClosed`] and not stored, and
+    /// none is both. The close is kept before this returns, so a store
+    /// opened later hands it back ([`Store::load_close`]). Returns the
+    /// close in force and whether it is `close`: sales closed already
+    /// (from another central, or by an earlier call) keep the first one.
+    ///
+    /// # Errors
+    /// The close could not be kept; sales are then still open.
+    fn close_sales<'a>(
+        &'a self,
+        close: &'a ClosedRound,
+    ) -> BoxFuture<'a, Result<(ClosedRound, bool), StorageError>>;
+
+    /// The close of sales kept, if sales were closed.
+    ///
+    /// # Errors
+    /// A close is kept but cannot be read.
+    fn load_close(&self) -> BoxFuture<'_, Result<Option<ClosedRound>, StorageError>>;
 
     /// The log action that says this store was closed (or could not be):
     /// `close_bets_file`, or `close_database` for a database.
@@ -183,7 +205,7 @@ pub trait SharedStore: Store {
 #[derive(Debug)]
 pub enum Watched {
     /// The draw, recorded.
-    Recorded(Draw),
+    Recorded(Box<Draw>),
     /// Every agency finished, and no draw is recorded.
     AllFinished,
 }
@@ -387,9 +409,23 @@ pub struct Tally {
     pub winners: HashMap<AgencyId, Vec<String>>,
 }
 
+/// A round drawn after a close of sales, not because every agency
+/// finished: the close, and which agencies had finished by then (the
+/// others were closed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedRound {
+    /// The close.
+    pub close: SalesClose,
+    /// The agencies that had announced they finished when the close was
+    /// asked for.
+    pub finished: BTreeSet<AgencyId>,
+}
+
 /// The outcome of the draw, as recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Draw {
+    /// Set when sales were closed before every agency finished.
+    pub closed: Option<ClosedRound>,
     /// The winning number.
     pub winning_number: u16,
     /// When the draw ran (RFC 3339, UTC).
@@ -451,6 +487,7 @@ impl Draw {
             })
             .collect();
         Ok(Draw {
+            closed: None,
             winning_number,
             drawn_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             winners: tally.winners,

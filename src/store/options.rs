@@ -20,6 +20,18 @@ pub enum Durability {
     NoSync,
 }
 
+impl Options {
+    /// Where a bets file's close of sales is kept: beside it, its
+    /// extension replaced (`bets.csv` -> `bets.close.toml`); `None` for a
+    /// database, which keeps it in a table.
+    pub fn file_close(&self) -> Option<PathBuf> {
+        match &self.storage {
+            Storage::File(bets) => Some(bets.with_extension("close.toml")),
+            Storage::Postgres(_) => None,
+        }
+    }
+}
+
 /// Where the store is and how to open it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {

@@ -91,6 +91,15 @@ pub async fn agency(
         }
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
+    if let Some(in_file) = report.closed_short {
+        return Err(agency::AgencyError::SalesClosed {
+            path: a.data_path(),
+            stored: report.bets,
+            in_file,
+            winners: report.winners.len(),
+        }
+        .into());
+    }
     Ok(())
 }
 

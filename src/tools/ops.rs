@@ -11,6 +11,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
+use crate::close::SalesClose;
 use crate::config::{AgencyConfig, ServerConfig};
 use crate::net::{self, BoxedIo, ClientTls};
 use crate::store::file::load_record;
@@ -161,6 +162,8 @@ pub struct StatusView {
     pub drawn: bool,
     /// Agencies that hold bets or have finished.
     pub states: Vec<AgencyState>,
+    /// The close of sales, once they are closed.
+    pub close: Option<SalesClose>,
 }
 
 /// Asks the central for its status (all frames of it).
@@ -188,6 +191,7 @@ pub async fn status(target: &Target) -> anyhow::Result<StatusView> {
             agencies: 0,
             drawn: false,
             states: Vec::new(),
+            close: None,
         };
         loop {
             match next_reply(&mut framed).await? {
@@ -195,10 +199,12 @@ pub async fn status(target: &Target) -> anyhow::Result<StatusView> {
                     agencies,
                     drawn,
                     states,
+                    close,
                     more,
                 } => {
                     view.agencies = agencies;
                     view.drawn = drawn;
+                    view.close = close;
                     view.states.extend(states);
                     if !more {
                         return Ok(view);
@@ -214,6 +220,50 @@ pub async fn status(target: &Target) -> anyhow::Result<StatusView> {
                 ),
                 other => return Err(unexpected("STATUS", other)),
             }
+        }
+    };
+    tokio::time::timeout(target.timeout, exchange)
+        .await
+        .map_err(|_| no_answer(target))?
+}
+
+/// Closes sales now (`CLOSE`, in an operator session when the target has
+/// the operator's secret), for `reason`; returns the central's answer.
+///
+/// # Errors
+/// The central is unreachable or slow, or refuses: sales closed already,
+/// the round drawn, no operator session where secrets are required.
+pub async fn close(target: &Target, reason: &str) -> anyhow::Result<String> {
+    let exchange = async {
+        let mut framed = connect(target).await?;
+        if let Some(secret) = &target.operator_secret {
+            let hello = Request::OperatorHello {
+                secret: Some(secret.clone()),
+            };
+            framed.send(&hello).await?;
+            match next_reply(&mut framed).await? {
+                Reply::Success { .. } => {}
+                Reply::Error { code, message } => {
+                    anyhow::bail!("the central refused the operator secret: {code}: {message}")
+                }
+                other => return Err(unexpected("HELLO", other)),
+            }
+        }
+        let request = Request::Close {
+            reason: reason.to_string(),
+        };
+        framed.send(&request).await?;
+        match next_reply(&mut framed).await? {
+            Reply::Success { message, .. } => Ok(message),
+            Reply::Error {
+                code: ErrorCode::Unauthenticated,
+                message,
+            } => anyhow::bail!(
+                "the central requires the operator's secret to close sales ({message}): \
+                 `operator = \"…\"` in the file SERVER_SECRETS_FILE names \
+                 (server.secrets_file), as on the central"
+            ),
+            other => Err(unexpected("CLOSE", other)),
         }
     };
     tokio::time::timeout(target.timeout, exchange)
@@ -239,6 +289,9 @@ pub fn render_status(view: &StatusView) -> String {
     }
     let finished = view.states.iter().filter(|s| s.finished).count();
     let _ = writeln!(out, "{:>6}  {total:>10}", "total");
+    if let Some(close) = &view.close {
+        let _ = writeln!(out, "{close}");
+    }
     let _ = writeln!(
         out,
         "{finished} of {} agencies finished; draw {}",

@@ -42,6 +42,10 @@ keyed_enum! {
         TlsRequired = "TLS_REQUIRED",
         /// The client started a TLS handshake and the central does not speak TLS.
         TlsUnavailable = "TLS_UNAVAILABLE",
+        /// Sales are closed (by an operator or at `server.close_at`):
+        /// nothing of the batch was stored; or a close was refused, the
+        /// sales being closed already or the round drawn.
+        BettingClosed = "BETTING_CLOSED",
     }
 }
 
@@ -160,7 +164,7 @@ mod tests {
         for code in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_wire(code.as_str()), Some(code));
         }
-        assert_eq!(ErrorCode::COUNT, 15);
+        assert_eq!(ErrorCode::COUNT, 16);
         assert_eq!(ErrorCode::from_wire("NOPE"), None);
     }
 }

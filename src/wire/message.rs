@@ -9,7 +9,8 @@ use bytes::{BufMut, BytesMut};
 use super::batch::{parse_batch, write_batch};
 use super::error::{bad_value, MessageError};
 use super::escape::{body_of, escape_into, escaped_len, pairs_of, unescape};
-use super::{action, key, status, ErrorCode, MAX_PAYLOAD_LEN};
+use super::{action, key, status, ErrorCode, MAX_PAYLOAD_LEN, MAX_REASON_LEN};
+use crate::close::{ClosedBy, SalesClose};
 use crate::model::{AgencyId, Bets};
 use crate::receipt::{Digest, Receipt, Sealed};
 
@@ -36,11 +37,17 @@ pub enum Request {
         /// The agency's secret, when the central requires one.
         secret: Option<String>,
     },
-    /// Opens a read-only operator session (`PING` and `STATUS` only), so
+    /// Opens an operator session (`PING`, `STATUS` and `CLOSE` only), so
     /// that operator tools never speak for an agency.
     OperatorHello {
         /// The operator's secret.
         secret: Option<String>,
+    },
+    /// Closes sales now (an operator's): the draw then runs over what was
+    /// stored.
+    Close {
+        /// Why, in the operator's words (logged and kept with the close).
+        reason: String,
     },
     /// The agency has sent all its bets and waits for its winners.
     Finished {
@@ -101,6 +108,8 @@ pub enum Reply {
         drawn: bool,
         /// Per agency with bets or an announcement: bets held, finished.
         states: Vec<AgencyState>,
+        /// The close of sales, once they are closed.
+        close: Option<SalesClose>,
         /// Another `Status` frame follows.
         more: bool,
     },
@@ -196,6 +205,13 @@ impl WireMessage for Request {
                 if a == action::STATUS {
                     return Ok(Request::Status);
                 }
+                if a == action::CLOSE {
+                    let reason = pairs
+                        .find(key::REASON)
+                        .ok_or(MessageError::MissingKey(key::REASON))?;
+                    let reason = unescape(reason, "REASON")?.into_owned();
+                    return Ok(Request::Close { reason });
+                }
                 let finished = [Finish::BettingFinished, Finish::FinishBetting]
                     .into_iter()
                     .find(|f| a == f.action());
@@ -252,6 +268,16 @@ impl WireMessage for Request {
                     action::STATUS
                 };
                 dst.put_slice(name.as_bytes());
+                dst.put_u8(b'\n');
+            }
+            Request::Close { reason } => {
+                dst.put_slice(key::ACTION.as_bytes());
+                dst.put_u8(b':');
+                dst.put_slice(action::CLOSE.as_bytes());
+                dst.put_u8(b'|');
+                dst.put_slice(key::REASON.as_bytes());
+                dst.put_u8(b':');
+                escape_into(dst, reason);
                 dst.put_u8(b'\n');
             }
             Request::OperatorHello { secret } => {
@@ -333,10 +359,24 @@ impl WireMessage for Reply {
                             })
                         })
                         .collect::<Result<_, _>>()?;
+                    let close = match pairs.find(key::CLOSED_BY) {
+                        None => None,
+                        Some(by) => Some(SalesClose {
+                            by: ClosedBy::from_name(by).ok_or_else(|| {
+                                bad_value(
+                                    key::CLOSED_BY,
+                                    format!("{by:?} is not operator or close_at"),
+                                )
+                            })?,
+                            at: text(key::CLOSED_AT)?,
+                            reason: text(key::CLOSE_REASON)?,
+                        }),
+                    };
                     return Ok(Reply::Status {
                         agencies,
                         drawn: pairs.find(key::DRAWN) == Some("1"),
                         states,
+                        close,
                         more: pairs.find(key::MORE) == Some("1"),
                     });
                 }
@@ -460,6 +500,7 @@ impl WireMessage for Reply {
                 agencies,
                 drawn,
                 states,
+                close,
                 more,
             } => {
                 put_pair(dst, key::STATUS, status::SUCCESS, true);
@@ -470,6 +511,11 @@ impl WireMessage for Reply {
                     false,
                 );
                 put_pair(dst, key::DRAWN, if *drawn { "1" } else { "0" }, false);
+                if let Some(close) = close {
+                    put_pair(dst, key::CLOSED_BY, close.by.as_str(), false);
+                    put_pair(dst, key::CLOSED_AT, &close.at, false);
+                    put_pair(dst, key::CLOSE_REASON, &close.reason, false);
+                }
                 put_list(dst, key::AGENCY_STATE, states, *more, AgencyState::write);
             }
             Reply::Waiting { message } => {
@@ -541,11 +587,18 @@ pub fn winners_replies(documents: &[String], sealed: Option<Sealed>) -> Vec<Repl
     replies
 }
 
-/// Splits a status into `Status` replies that each fit in one frame.
-pub fn status_replies(agencies: u32, drawn: bool, states: &[AgencyState]) -> Vec<Reply> {
+/// Splits a status into `Status` replies that each fit in one frame, the
+/// close of sales (if any) on each.
+pub fn status_replies(
+    agencies: u32,
+    drawn: bool,
+    states: &[AgencyState],
+    close: Option<&SalesClose>,
+) -> Vec<Reply> {
     // Each entry takes at most 10 + 1 + 20 + 5 + 1 bytes; leave room for the
-    // fixed keys.
-    const PER_FRAME: usize = (MAX_PAYLOAD_LEN - 128) / 37;
+    // fixed keys and the close (its reason at most `MAX_REASON_LEN` bytes,
+    // twice that escaped).
+    const PER_FRAME: usize = (MAX_PAYLOAD_LEN - 128 - 100 - 2 * MAX_REASON_LEN) / 37;
     let mut chunks: Vec<&[AgencyState]> = states.chunks(PER_FRAME).collect();
     if chunks.is_empty() {
         chunks.push(&[]);
@@ -558,6 +611,7 @@ pub fn status_replies(agencies: u32, drawn: bool, states: &[AgencyState]) -> Vec
             agencies,
             drawn,
             states: chunk.to_vec(),
+            close: close.cloned(),
             more: i < last,
         })
         .collect()
@@ -704,6 +758,11 @@ mod tests {
                         finished: false,
                     },
                 ],
+                close: Some(SalesClose {
+                    by: ClosedBy::Operator,
+                    at: "2026-12-07T18:00:00.000Z".into(),
+                    reason: "agency 4's machine is gone | for good".into(),
+                }),
                 more: false,
             },
         ];

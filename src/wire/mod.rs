@@ -34,6 +34,9 @@ pub const MAX_PAYLOAD_LEN: usize = MAX_FRAME_LEN - HEADER_LEN;
 /// longest fields fit well within it): that connection ends.
 pub const MAX_SKIPPED_FRAME: usize = 1 << 20;
 
+/// Longest reason a close of sales may give, in bytes.
+pub const MAX_REASON_LEN: usize = 200;
+
 /// How often the central tells an agency that opened with `HELLO`, and is
 /// waiting for an answer that depends on others (the draw, or a takeover of
 /// its older connection), that it is still waiting (`STATUS:WAITING`). The
@@ -86,6 +89,15 @@ pub mod key {
     pub const AGENCY_STATE: &str = "AGENCY_STATE";
     /// `1` once the draw is done, in a status reply.
     pub const DRAWN: &str = "DRAWN";
+    /// Why sales are closed, in `CLOSE`.
+    pub const REASON: &str = "REASON";
+    /// Who closed sales (`operator` or `close_at`), in a status reply once
+    /// they are closed.
+    pub const CLOSED_BY: &str = "CLOSED_BY";
+    /// When sales closed (RFC 3339), in a status reply once they are closed.
+    pub const CLOSED_AT: &str = "CLOSED_AT";
+    /// Why sales closed, in a status reply once they are closed.
+    pub const CLOSE_REASON: &str = "CLOSE_REASON";
 }
 
 /// Action names carried in `ACTION:`.
@@ -102,6 +114,8 @@ pub mod action {
     pub const PING: &str = "PING";
     /// Operator view: bets held per agency, who finished, whether drawn.
     pub const STATUS: &str = "STATUS";
+    /// Operator's: close sales now.
+    pub const CLOSE: &str = "CLOSE";
 }
 
 /// Values of the `STATUS` key.

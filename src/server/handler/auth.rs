@@ -73,7 +73,9 @@ impl Handler {
         );
         match (self.access, request) {
             (Access::Full, _) => None,
-            (Access::Operator, Some(Request::Ping | Request::Status)) => None,
+            (Access::Operator, Some(Request::Ping | Request::Status | Request::Close { .. })) => {
+                None
+            }
             (Access::Operator, _) => Some(Gated::OperatorOnly),
             (Access::Anonymous, _) if hello => None,
             (Access::Anonymous, _) => Some(Gated::Anonymous),
@@ -94,7 +96,7 @@ impl Handler {
                 (ErrorCode::Unauthenticated, reason.to_string())
             }
             Gated::OperatorOnly => {
-                let reason = "an operator session may send only PING and STATUS".to_string();
+                let reason = "an operator session may send only PING, STATUS and CLOSE".to_string();
                 let refused = Refused::connection(None, ErrorCode::Unauthenticated, reason);
                 return self.refuse(refused).await;
             }
@@ -168,7 +170,7 @@ impl Handler {
             self.vouch();
         }
         let reply = Reply::Success {
-            message: "operator session: PING and STATUS".into(),
+            message: "operator session: PING, STATUS and CLOSE".into(),
             stored: None,
             digest: None,
         };
@@ -182,7 +184,10 @@ impl Handler {
         let agency = match request {
             Request::Hello { agency, .. } | Request::Finished { agency, .. } => *agency,
             Request::Batch { bets, .. } => bets.get(0)?.agency,
-            Request::Ping | Request::Status | Request::OperatorHello { .. } => return None,
+            Request::Ping
+            | Request::Status
+            | Request::Close { .. }
+            | Request::OperatorHello { .. } => return None,
         };
         self.identity.refuses(agency)
     }

@@ -8,6 +8,7 @@ use super::{Handler, Next};
 use crate::logging::{action, result};
 use crate::model::Bets;
 use crate::server::intake::{Placement, Session, Settled};
+use crate::store::StorageError;
 use crate::wire::{ErrorCode, FrameError, Reply};
 
 impl Handler {
@@ -43,6 +44,11 @@ impl Handler {
             // answered, only a batch that says where it starts may begin a
             // new order, placed against what is really stored.
             self.drain().await?;
+            if let (_, Err(e @ crate::lottery::LotteryError::SalesClosed(_))) =
+                self.claimed().claim().intake()
+            {
+                return self.reject(count, e.code(), e.to_string()).await;
+            }
             if first.is_none() {
                 let reason = "an earlier batch of this connection was not stored; \
                               reconnect and resume from the stored count"
@@ -103,7 +109,11 @@ impl Handler {
         let total = match settled.outcome {
             Ok(total) => total,
             Err(e) => {
-                let refused = Refused::batch(count, ErrorCode::StorageFailed, e.to_string());
+                let code = match e {
+                    StorageError::SalesClosed(_) => ErrorCode::BettingClosed,
+                    _ => ErrorCode::StorageFailed,
+                };
+                let refused = Refused::batch(count, code, e.to_string());
                 self.log_refused(&refused);
                 let reply = Reply::Error {
                     code: refused.code,

@@ -5,6 +5,7 @@
 mod auth;
 mod batch;
 mod clock;
+mod close;
 mod finish;
 mod refusals;
 
@@ -374,12 +375,14 @@ impl Handler {
                 }
                 Incoming::Request(Request::Status) => {
                     let (agencies, drawn, states) = self.lottery.status_everywhere().await;
-                    for reply in status_replies(agencies, drawn, &states) {
+                    let close = self.lottery.closed();
+                    for reply in status_replies(agencies, drawn, &states, close.as_ref()) {
                         self.feed(&reply).await?;
                     }
                     self.flush().await?;
                     Next::Continue
                 }
+                Incoming::Request(Request::Close { reason }) => self.handle_close(reason).await?,
                 Incoming::Request(Request::Batch { first, bets }) => {
                     self.handle_batch(first, bets).await?
                 }

@@ -19,7 +19,7 @@ mod store;
 pub mod tally;
 pub mod writer;
 
-pub use record::{load_record, save_record};
+pub use record::{load_close, load_record, save_close, save_record};
 pub use recover::{recover, Recovered};
 pub use row::{encode_rows, read_rows, StoredBet};
 pub use store::FileStore;

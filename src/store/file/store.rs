@@ -14,7 +14,7 @@ use crate::logging::{action, result};
 use crate::model::{AgencyId, Bets};
 use crate::receipt::{Receipt, Recomputed};
 use crate::store::Durability;
-use crate::store::{Draw, Sequence, StorageError, Store, Stored, Tally};
+use crate::store::{ClosedRound, Draw, Sequence, StorageError, Store, Stored, Tally};
 
 /// The bets file (written by one writer thread) and the draw record.
 #[derive(Debug)]
@@ -23,6 +23,8 @@ pub struct FileStore {
     /// The writer thread; taken by [`Store::close`].
     thread: Mutex<Option<JoinHandle<()>>>,
     record: PathBuf,
+    /// Where the close of sales is kept (see [`super::save_close`]).
+    close: PathBuf,
     /// Held while the store is open (see [`super::lock`]).
     _lock: super::lock::FileLock,
 }
@@ -58,11 +60,17 @@ impl FileStore {
             agencies = recovered.receipts.len(),
             truncated_bytes = recovered.truncated_bytes
         );
-        let (writer, thread) = BetStore::start(bets, durability);
+        let close = bets.with_extension("close.toml");
+        let closed = super::load_close(&close).map_err(|source| StorageError::Io {
+            path: close.clone(),
+            source,
+        })?;
+        let (writer, thread) = BetStore::start_closed(bets, durability, closed);
         let store = FileStore {
             writer,
             thread: Mutex::new(Some(thread)),
             record: record.to_path_buf(),
+            close,
             _lock: lock,
         };
         Ok((store, recovered.receipts))
@@ -141,6 +149,34 @@ impl Store for FileStore {
             })
             .await
             .expect("writing the record does not panic")
+        }
+        .boxed()
+    }
+
+    fn close_sales<'a>(
+        &'a self,
+        close: &'a ClosedRound,
+    ) -> BoxFuture<'a, Result<(ClosedRound, bool), StorageError>> {
+        async move {
+            // The writer orders it among the batches and keeps it.
+            let kept = self
+                .writer
+                .close_sales(close.clone(), self.close.clone())
+                .await?;
+            let this = kept.close == close.close;
+            Ok((kept, this))
+        }
+        .boxed()
+    }
+
+    fn load_close(&self) -> BoxFuture<'_, Result<Option<ClosedRound>, StorageError>> {
+        let path = self.close.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                super::load_close(&path).map_err(|source| StorageError::Io { path, source })
+            })
+            .await
+            .expect("reading the close does not panic")
         }
         .boxed()
     }

@@ -14,8 +14,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info};
 
 use super::StorageError;
+use crate::close::SalesClose;
 use crate::logging::{action, result};
-use crate::store::{Backend, Durability, Sequence};
+use crate::store::{Backend, ClosedRound, Durability, Sequence};
 
 /// The step that puts a group's rows on stable storage before any of its
 /// batches is answered: [`File::sync_data`], or a stand-in in tests that
@@ -28,14 +29,39 @@ const QUEUE_DEPTH: usize = 1024;
 struct Append {
     rows: Vec<u8>,
     sequence: Sequence,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), Refusal>>,
+}
+
+/// Why the writer did not store a batch.
+#[derive(Debug)]
+enum Refusal {
+    /// Writing or syncing failed, or an earlier batch of its sequence did.
+    Failed(String),
+    /// Sales closed before the writer came to it.
+    SalesClosed(SalesClose),
+}
+
+/// What the writer is asked, in the order asked.
+#[derive(Debug)]
+enum Job {
+    /// Store a batch.
+    Append(Append),
+    /// Close sales after every batch queued before: keep `close` at the
+    /// path given, then refuse every later batch.
+    CloseSales {
+        close: ClosedRound,
+        keep_at: PathBuf,
+        done: oneshot::Sender<Result<ClosedRound, String>>,
+    },
+    /// Flush and close the file, and end.
+    Shutdown,
 }
 
 /// A cheap, cloneable handle to the bets file's writer.
 #[derive(Debug, Clone)]
 pub struct BetStore {
-    /// Batches to append; `None` asks the writer to close the file.
-    tx: mpsc::Sender<Option<Append>>,
+    /// What the writer is asked, in order.
+    tx: mpsc::Sender<Job>,
     path: Arc<Path>,
 }
 
@@ -56,11 +82,21 @@ impl BetStore {
     /// the server. The returned handle resolves once every [`BetStore`]
     /// clone is dropped and the file is flushed and closed.
     pub fn start(path: &Path, durability: Durability) -> (BetStore, tokio::task::JoinHandle<()>) {
+        Self::start_closed(path, durability, None)
+    }
+
+    /// As [`BetStore::start`], on a round whose sales `closed` already (a
+    /// restart after a close): every batch is refused.
+    pub fn start_closed(
+        path: &Path,
+        durability: Durability,
+        closed: Option<ClosedRound>,
+    ) -> (BetStore, tokio::task::JoinHandle<()>) {
         let sync: Option<SyncStep> = match durability {
             Durability::Sync => Some(Box::new(File::sync_data)),
             Durability::NoSync => None,
         };
-        Self::start_with(path, sync)
+        Self::start_with(path, sync, closed)
     }
 
     /// As [`BetStore::start`] with [`Durability::Sync`], syncing each group
@@ -70,16 +106,21 @@ impl BetStore {
         path: &Path,
         sync: impl FnMut(&File) -> io::Result<()> + Send + 'static,
     ) -> (BetStore, tokio::task::JoinHandle<()>) {
-        Self::start_with(path, Some(Box::new(sync)))
+        Self::start_with(path, Some(Box::new(sync)), None)
     }
 
-    fn start_with(path: &Path, sync: Option<SyncStep>) -> (BetStore, tokio::task::JoinHandle<()>) {
+    fn start_with(
+        path: &Path,
+        sync: Option<SyncStep>,
+        closed: Option<ClosedRound>,
+    ) -> (BetStore, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer = Writer {
             path: path.to_path_buf(),
             file: None,
             sync,
             poisoned: None,
+            closed,
         };
         let task = crate::task::spawn_blocking_named("bets writer", move || write_loop(writer, rx));
         (
@@ -115,7 +156,7 @@ impl BetStore {
             done,
         };
         self.tx
-            .send(Some(append))
+            .send(Job::Append(append))
             .await
             .map_err(|_| StorageError::Closed(Backend::File))?;
         Ok(Pending {
@@ -139,14 +180,49 @@ impl BetStore {
     /// [`StorageError::Closed`].
     pub async fn close(&self) {
         // Already closed is fine: the writer is gone either way.
-        let _ = self.tx.send(None).await;
+        let _ = self.tx.send(Job::Shutdown).await;
+    }
+
+    /// Closes sales once every batch submitted before is stored (or
+    /// refused): the writer keeps `close` at `keep_at` (atomically, synced)
+    /// and from then on refuses every batch with
+    /// [`StorageError::SalesClosed`]. A batch is therefore either stored
+    /// before the close or refused after it, never both. Returns the close
+    /// in force: `close`, or the earlier one if sales were closed already.
+    ///
+    /// # Errors
+    /// The close could not be kept (nothing changed), or the writer has
+    /// stopped.
+    pub async fn close_sales(
+        &self,
+        close: ClosedRound,
+        keep_at: PathBuf,
+    ) -> Result<ClosedRound, StorageError> {
+        let (done, answer) = oneshot::channel();
+        let job = Job::CloseSales {
+            close,
+            keep_at: keep_at.clone(),
+            done,
+        };
+        self.tx
+            .send(job)
+            .await
+            .map_err(|_| StorageError::Closed(Backend::File))?;
+        match answer.await {
+            Ok(Ok(close)) => Ok(close),
+            Ok(Err(reason)) => Err(StorageError::Write {
+                path: keep_at,
+                reason,
+            }),
+            Err(_) => Err(StorageError::Closed(Backend::File)),
+        }
     }
 }
 
 /// A submitted batch: resolves once its rows are stored (or not).
 #[derive(Debug)]
 pub struct Pending {
-    answer: oneshot::Receiver<Result<(), String>>,
+    answer: oneshot::Receiver<Result<(), Refusal>>,
     path: Arc<Path>,
 }
 
@@ -161,10 +237,11 @@ impl std::future::Future for Pending {
             .poll(cx)
             .map(|answer| match answer {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(reason)) => Err(StorageError::Write {
+                Ok(Err(Refusal::Failed(reason))) => Err(StorageError::Write {
                     path: self.path.to_path_buf(),
                     reason,
                 }),
+                Ok(Err(Refusal::SalesClosed(close))) => Err(StorageError::SalesClosed(close)),
                 Err(_) => Err(StorageError::Closed(Backend::File)),
             })
     }
@@ -173,35 +250,65 @@ impl std::future::Future for Pending {
 /// Most batches written together: one `writev` takes at most 1024 buffers.
 const MAX_GROUP: usize = 512;
 
-fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Option<Append>>) {
+fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Job>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     let mut closing = false;
     // Group commit: every batch waiting when the writer comes round shares
-    // one write and one sync. Under load the groups grow by themselves.
-    while let Some(Some(first)) = rx.blocking_recv() {
-        group.push(first);
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(Some(append)) => group.push(append),
-                Ok(None) => {
-                    closing = true;
-                    break;
+    // one write and one sync. Under load the groups grow by themselves. A
+    // close of sales ends the group: the batches before it are stored and
+    // answered first, and only then is the close kept.
+    let mut next = rx.blocking_recv();
+    loop {
+        let mut close_sales = None;
+        match next.take() {
+            None | Some(Job::Shutdown) => break,
+            Some(Job::CloseSales {
+                close,
+                keep_at,
+                done,
+            }) => close_sales = Some((close, keep_at, done)),
+            Some(Job::Append(first)) => {
+                group.push(first);
+                while group.len() < MAX_GROUP {
+                    match rx.try_recv() {
+                        Ok(Job::Append(append)) => group.push(append),
+                        Ok(Job::Shutdown) => {
+                            closing = true;
+                            break;
+                        }
+                        Ok(Job::CloseSales {
+                            close,
+                            keep_at,
+                            done,
+                        }) => {
+                            close_sales = Some((close, keep_at, done));
+                            break;
+                        }
+                        Err(_) => break,
+                    }
                 }
-                Err(_) => break,
             }
         }
-        let outcomes = writer.write_group(&group);
-        for (append, outcome) in group.drain(..).zip(outcomes) {
-            if let Err(reason) = &outcome {
-                append.sequence.mark_broken();
-                error!(action = action::STORE, result = result::FAIL, path = %writer.path.display(), reason = reason.as_str());
+        if !group.is_empty() {
+            let outcomes = writer.write_group(&group);
+            for (append, outcome) in group.drain(..).zip(outcomes) {
+                if let Err(refusal) = &outcome {
+                    append.sequence.mark_broken();
+                    if let Refusal::Failed(reason) = refusal {
+                        error!(action = action::STORE, result = result::FAIL, path = %writer.path.display(), reason = reason.as_str());
+                    }
+                }
+                // A connection that went away no longer needs its answer.
+                let _ = append.done.send(outcome);
             }
-            // A connection that went away no longer needs its answer.
-            let _ = append.done.send(outcome);
+        }
+        if let Some((close, keep_at, done)) = close_sales {
+            let _ = done.send(writer.close_sales(close, &keep_at));
         }
         if closing {
             break;
         }
+        next = rx.blocking_recv();
     }
     // Whatever is still queued was submitted after the close: dropping it
     // answers it `Closed`.
@@ -236,13 +343,26 @@ struct Writer {
     /// are then unknown, and only a restart (which recovers from the file)
     /// may accept bets again.
     poisoned: Option<String>,
+    /// Sales are closed: every batch is refused.
+    closed: Option<ClosedRound>,
 }
 
 impl Writer {
     /// Appends the group's batches with one `writev`, then syncs once.
     /// Batches of a broken [`Sequence`] are failed without being written.
-    fn write_group(&mut self, group: &[Append]) -> Vec<Result<(), String>> {
-        let all = |reason: &str| group.iter().map(|_| Err(reason.to_string())).collect();
+    fn write_group(&mut self, group: &[Append]) -> Vec<Result<(), Refusal>> {
+        if let Some(close) = &self.closed {
+            return group
+                .iter()
+                .map(|_| Err(Refusal::SalesClosed(close.close.clone())))
+                .collect();
+        }
+        let all = |reason: &str| {
+            group
+                .iter()
+                .map(|_| Err(Refusal::Failed(reason.to_string())))
+                .collect()
+        };
         if let Some(reason) = &self.poisoned {
             return all(reason);
         }
@@ -250,11 +370,13 @@ impl Writer {
             Ok(f) => f,
             Err(reason) => return all(&reason),
         };
-        let mut outcomes: Vec<Result<(), String>> = group
+        let mut outcomes: Vec<Result<(), Refusal>> = group
             .iter()
             .map(|a| {
                 if a.sequence.is_broken() {
-                    Err("an earlier batch of this connection was not stored".to_string())
+                    Err(Refusal::Failed(
+                        "an earlier batch of this connection was not stored".to_string(),
+                    ))
                 } else {
                     Ok(())
                 }
@@ -273,7 +395,7 @@ impl Writer {
             Ok(written) => *len += written,
             Err((reason, poison)) => {
                 for o in outcomes.iter_mut().filter(|o| o.is_ok()) {
-                    *o = Err(reason.clone());
+                    *o = Err(Refusal::Failed(reason.clone()));
                 }
                 if poison.is_some() {
                     self.poisoned = poison;
@@ -320,6 +442,19 @@ impl Writer {
         }
         let (file, _, len) = slot.as_mut().expect("opened above");
         Ok((file, len))
+    }
+
+    /// Closes sales: every batch before is answered already; keeps
+    /// `close` at `keep_at` for good, and refuses every batch from now on.
+    /// Sales closed already: the earlier close, unchanged.
+    fn close_sales(&mut self, close: ClosedRound, keep_at: &Path) -> Result<ClosedRound, String> {
+        if let Some(earlier) = &self.closed {
+            return Ok(earlier.clone());
+        }
+        super::record::save_close(&close, keep_at)
+            .map_err(|e| format!("cannot keep the close of sales: {e}"))?;
+        self.closed = Some(close.clone());
+        Ok(close)
     }
 
     fn close(self) -> io::Result<()> {

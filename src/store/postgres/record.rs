@@ -130,6 +130,7 @@ pub(super) async fn load_draw_in(
     };
     let seal = digest_of(&seal.ok_or_else(before_receipts)?).ok_or_else(before_receipts)?;
     let mut draw = Draw {
+        closed: None,
         winning_number: u16::try_from(winning_number)
             .ok()
             .filter(|n| *n <= 9999)

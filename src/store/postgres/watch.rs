@@ -54,7 +54,7 @@ impl PostgresStore {
                     .await
                     .map_err(|e| e.to_string())?
                 {
-                    return Ok(Watched::Recorded(draw));
+                    return Ok(Watched::Recorded(Box::new(draw)));
                 }
             } else {
                 let finished: i64 = client
