@@ -496,6 +496,7 @@ async fn check_closed(
     warn!(
         action = action::CIERRE,
         result = result::SUCCESS,
+        acknowledged = stored,
         stored = skip,
         bets_in_file = file.count,
         message = "sales closed before this agency's whole file was stored: its winners are \

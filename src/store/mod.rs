@@ -328,6 +328,25 @@ impl Reader {
         }
     }
 
+    /// The close of sales kept for the current round, if sales were
+    /// closed: what a closed round's draw record must say of its close.
+    ///
+    /// # Errors
+    /// A close is kept but cannot be read.
+    pub async fn load_close(&mut self) -> Result<Option<ClosedRound>, StorageError> {
+        match self {
+            Reader::File { bets, .. } => {
+                let path = bets.with_extension("close.toml");
+                tokio::task::spawn_blocking(move || {
+                    file::load_close(&path).map_err(|source| StorageError::Io { path, source })
+                })
+                .await
+                .expect("reading the close does not panic")
+            }
+            Reader::Database(tool) => tool.load_close().await,
+        }
+    }
+
     /// The receipts the store serves to agencies that resume, when it
     /// keeps them apart from its bets (a database's table `agencies`),
     /// with where they are kept, for messages; `None` for the bets file,

@@ -70,6 +70,11 @@ pub async fn verify(config: &ServerConfig, published: Option<Digest>) -> anyhow:
     if let Some((source, served)) = reader.served().await? {
         differences.extend(served_differences(source, &served, &found, config.agencies));
     }
+    differences.extend(close_differences(
+        &draw,
+        reader.load_close().await?.as_ref(),
+        config.agencies,
+    ));
     let sealed = seal(draw.winning_number, config.agencies, &found.receipts);
     if let Some(published) = published.filter(|p| *p != sealed) {
         differences.push(format!(
@@ -83,10 +88,32 @@ pub async fn verify(config: &ServerConfig, published: Option<Digest>) -> anyhow:
             "the draw record {record} matches the stored bets {}",
             config.storage
         );
-        let _ = writeln!(report, "{:>6}  {:>10}  digest", "agency", "bets");
-        for agency in 1..=config.agencies {
-            let r = draw.receipt_of(agency);
-            let _ = writeln!(report, "{agency:>6}  {:>10}  {}", r.count, r.digest);
+        if let Some(closed) = &draw.closed {
+            let _ = writeln!(report, "{}; drawn at {}", closed.close, draw.drawn_at);
+            let _ = writeln!(
+                report,
+                "{:>6}  {:>10}  {:<8}  digest",
+                "agency", "bets", "state"
+            );
+            for agency in 1..=config.agencies {
+                let r = draw.receipt_of(agency);
+                let state = if closed.finished.contains(&agency) {
+                    "finished"
+                } else {
+                    "closed"
+                };
+                let _ = writeln!(
+                    report,
+                    "{agency:>6}  {:>10}  {state:<8}  {}",
+                    r.count, r.digest
+                );
+            }
+        } else {
+            let _ = writeln!(report, "{:>6}  {:>10}  digest", "agency", "bets");
+            for agency in 1..=config.agencies {
+                let r = draw.receipt_of(agency);
+                let _ = writeln!(report, "{agency:>6}  {:>10}  {}", r.count, r.digest);
+            }
         }
         let _ = writeln!(
             report,
@@ -106,6 +133,69 @@ pub async fn verify(config: &ServerConfig, published: Option<Digest>) -> anyhow:
         differences,
         undrawn: false,
     })
+}
+
+/// What a draw record says of the close of sales, against the close the
+/// store kept (`kept`) and the configured `agencies`: a round drawn after a
+/// close names it, as kept, drawn after it, its finished agencies among the
+/// configured ones; a round drawn because every agency finished has no
+/// close kept.
+fn close_differences(
+    draw: &store::Draw,
+    kept: Option<&store::ClosedRound>,
+    agencies: u32,
+) -> Vec<String> {
+    let mut found = Vec::new();
+    match (&draw.closed, kept) {
+        (None, None) => {}
+        (None, Some(kept)) => found.push(format!(
+            "close: {}, but the record says every agency finished",
+            kept.close
+        )),
+        // The close is kept in the record alone once a round is set aside
+        // or restored without it.
+        (Some(_), None) => {}
+        (Some(recorded), Some(kept)) => {
+            if recorded.close != kept.close {
+                found.push(format!(
+                    "close: the record says {}, the store kept {}",
+                    recorded.close, kept.close
+                ));
+            }
+            if recorded.finished != kept.finished {
+                let list = |s: &std::collections::BTreeSet<u32>| {
+                    s.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+                };
+                found.push(format!(
+                    "close: the record says agencies [{}] had finished, the store kept [{}]",
+                    list(&recorded.finished),
+                    list(&kept.finished)
+                ));
+            }
+        }
+    }
+    if let Some(closed) = &draw.closed {
+        let times = (
+            crate::close::parse_time(&closed.close.at),
+            crate::close::parse_time(&draw.drawn_at),
+        );
+        match times {
+            // The draw's time is kept to the second.
+            (Ok(at), Ok(drawn)) if drawn.timestamp() < at.timestamp() => found.push(format!(
+                "close: drawn at {}, before sales closed at {}",
+                draw.drawn_at, closed.close.at
+            )),
+            (Err(e), _) => found.push(format!("close: its time is unreadable: {e}")),
+            _ => {}
+        }
+        if let Some(outside) = closed.finished.iter().find(|a| **a == 0 || **a > agencies) {
+            found.push(format!(
+                "close: agency {outside} is recorded as finished but is not one of the \
+                 configured agencies 1..={agencies}"
+            ));
+        }
+    }
+    found
 }
 
 /// `lottery new-round`: keeps the drawn round's bets file and record aside

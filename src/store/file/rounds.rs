@@ -310,6 +310,11 @@ pub fn new_round(
     };
     rename(bets, &kept_bets)?;
     rename(record, &kept_record)?;
+    // A closed round's close goes with it (its record says it too).
+    let close = bets.with_extension("close.toml");
+    if close.exists() {
+        rename(&close, &kept_name(&close, round, &draw.seal))?;
+    }
     if let Some(last) = ledger.rounds.last_mut() {
         last.kept_bets = Some(kept_bets.display().to_string());
         last.kept_record = Some(kept_record.display().to_string());

@@ -87,6 +87,14 @@ impl Tool {
         recompute(&self.target, &mut self.client, winning_number).await
     }
 
+    /// The close of sales kept, if any.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub async fn load_close(&mut self) -> Result<Option<crate::store::ClosedRound>, StorageError> {
+        Ok(None)
+    }
+
     /// As [`served`].
     ///
     /// # Errors
