@@ -89,7 +89,7 @@ impl Lottery {
                 agencies = self.shared.agencies
             );
         }
-        self.closed_by_store(kept.clone());
+        self.closed_by_store(kept.clone(), false);
         if this {
             Ok(kept.close)
         } else {
@@ -100,9 +100,23 @@ impl Lottery {
     /// Takes a close the store kept (by this central, by another, or before
     /// a restart): from now on batches are refused, and the draw runs at
     /// once unless it is done or running.
-    pub fn closed_by_store(&self, kept: ClosedRound) {
+    ///
+    /// `elsewhere`: the store's watch saw it, and unless this central is
+    /// closing it itself, another central closed (said once, in the log).
+    pub fn closed_by_store(&self, kept: ClosedRound, elsewhere: bool) {
         let start = {
             let mut state = self.lock();
+            if elsewhere && state.closed.is_none() && !state.closing {
+                // Learned from the store: closed on another central.
+                info!(
+                    action = action::CIERRE,
+                    result = result::SUCCESS,
+                    state = "closed_elsewhere",
+                    by = %kept.close.by,
+                    at = kept.close.at.as_str(),
+                    reason = kept.close.reason.as_str()
+                );
+            }
             state.closing = false;
             if state.closed.is_none() {
                 state.closed = Some(kept);

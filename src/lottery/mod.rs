@@ -276,6 +276,9 @@ impl Lottery {
                             }
                         }
                         Watched::AllFinished => {}
+                        // Closed on any central: refused here too, and
+                        // drawn (once, by whichever central comes first).
+                        Watched::Closed(closed) => lottery.closed_by_store(closed, true),
                     }
                     drop(lottery);
                     // Not drawn here (one is running on this central, or it

@@ -319,7 +319,7 @@ pub async fn run_with_store(
                            drawing now over the bets stored"
             );
         }
-        lottery.closed_by_store(closed);
+        lottery.closed_by_store(closed, false);
     }
     let tracker = TaskTracker::new();
     // Connections hang off their own token, cancelled only once the

@@ -195,9 +195,9 @@ pub trait SharedStore: Store {
     ) -> BoxFuture<'_, Result<(Draw, bool), StorageError>>;
 
     /// Resolves with the draw once another central (or
-    /// this one) recorded it, or once every one of agencies `1..=agencies`
-    /// has finished with no draw recorded (the central drawing died before
-    /// its commit: this one should draw).
+    /// this one) recorded it, or once sales are closed or every one of
+    /// agencies `1..=agencies` has finished with no draw recorded (the
+    /// central drawing died before its commit: this one should draw).
     fn drawn(&self, agencies: u32) -> BoxFuture<'_, Watched>;
 }
 
@@ -208,6 +208,8 @@ pub enum Watched {
     Recorded(Box<Draw>),
     /// Every agency finished, and no draw is recorded.
     AllFinished,
+    /// Sales were closed (on any central), and no draw is recorded.
+    Closed(ClosedRound),
 }
 
 /// What a shared store holds for one agency when a session of it opens.

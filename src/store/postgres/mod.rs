@@ -20,6 +20,7 @@
 //! counts each agency resumes from. The draw's tally and the draw record use
 //! a connection of their own, opened when needed.
 
+mod close;
 mod connect;
 mod record;
 mod recover;
@@ -225,7 +226,12 @@ impl Store for PostgresStore {
             Ok(async move {
                 match outcome.await {
                     Ok(Ok(())) => Ok(()),
-                    Ok(Err(reason)) => Err(StorageError::Database { target, reason }),
+                    Ok(Err(writer::Refused::SalesClosed(close))) => {
+                        Err(StorageError::SalesClosed(close))
+                    }
+                    Ok(Err(writer::Refused::Failed(reason))) => {
+                        Err(StorageError::Database { target, reason })
+                    }
                     Err(_) => Err(StorageError::Closed(Backend::Database)),
                 }
             }
@@ -287,13 +293,21 @@ impl Store for PostgresStore {
 
     fn close_sales<'a>(
         &'a self,
-        _close: &'a crate::store::ClosedRound,
+        close: &'a crate::store::ClosedRound,
     ) -> BoxFuture<'a, Result<(crate::store::ClosedRound, bool), StorageError>> {
-        async move { Err(self.error("closing sales is not done on a database yet".into())) }.boxed()
+        async move {
+            let mut client = self.side_connection().await?;
+            close::close_sales(&self.target, &mut client, &close.close, writer::FINISH_LOCK).await
+        }
+        .boxed()
     }
 
     fn load_close(&self) -> BoxFuture<'_, Result<Option<crate::store::ClosedRound>, StorageError>> {
-        async move { Ok(None) }.boxed()
+        async move {
+            let client = self.side_connection().await?;
+            close::load_close(&self.target, &client).await
+        }
+        .boxed()
     }
 
     fn served_from(&self) -> &'static str {
@@ -375,6 +389,9 @@ impl SharedStore for PostgresStore {
                 tx.commit().await.map_err(fail)?;
                 return Ok((draw, false));
             }
+            // After a close, over what was stored before it (every group
+            // after it stored nothing), whoever finished.
+            let closed = close::load_close(&self.target, &tx).await?;
             let tally = tally_in(&tx, winning_number).await.map_err(fail)?;
             // The receipts acknowledged, by whichever central: the tally
             // must hold exactly their bets.
@@ -405,7 +422,7 @@ impl SharedStore for PostgresStore {
                     },
                 );
             }
-            let draw = Draw::from_tally(
+            let mut draw = Draw::from_tally(
                 winning_number,
                 agencies,
                 tally,
@@ -418,6 +435,10 @@ impl SharedStore for PostgresStore {
                     differences.join(", ")
                 ))
             })?;
+            draw.closed = closed.map(|mut c| {
+                c.finished.retain(|a| *a <= agencies);
+                c
+            });
             insert_draw(&tx, &draw).await.map_err(fail)?;
             // Delivered at the commit: every central's watcher wakes.
             tx.batch_execute(&format!("NOTIFY {DRAW_CHANNEL}"))

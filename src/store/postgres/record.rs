@@ -21,13 +21,18 @@ pub(super) async fn insert_draw(
     draw: &Draw,
 ) -> Result<(), tokio_postgres::Error> {
     // The single row's key refuses a second draw.
+    let close = draw.closed.as_ref().map(|c| &c.close);
     tx.execute(
-        "INSERT INTO draw (winning_number, drawn_at, bets, seal) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO draw (winning_number, drawn_at, bets, seal, closed_by, closed_at, \
+         close_reason) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         &[
             &i32::from(draw.winning_number),
             &draw.drawn_at,
             &(draw.bets as i64),
             &draw.seal.0.as_slice(),
+            &close.map(|c| c.by.as_str()),
+            &close.map(|c| c.at.as_str()),
+            &close.map(|c| c.reason.as_str()),
         ],
     )
     .await?;
@@ -41,7 +46,8 @@ pub(super) async fn insert_draw(
     agencies.dedup();
     let insert = tx
         .prepare(
-            "INSERT INTO draw_agencies (agency, bets, digest, winners) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO draw_agencies (agency, bets, digest, winners, finished) \
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .await?;
     for agency in agencies {
@@ -53,6 +59,7 @@ pub(super) async fn insert_draw(
                 &(receipt.count as i64),
                 &receipt.digest.0.as_slice(),
                 &draw.winners_of(agency),
+                &draw.closed.as_ref().map(|c| c.finished.contains(&agency)),
             ],
         )
         .await?;
@@ -104,7 +111,11 @@ pub(super) async fn load_draw_in(
     };
     let refuse = |reason: String| record_error(target, reason);
     let head = tx
-        .query_opt("SELECT winning_number, drawn_at, bets, seal FROM draw", &[])
+        .query_opt(
+            "SELECT winning_number, drawn_at, bets, seal, closed_by, closed_at, close_reason \
+             FROM draw",
+            &[],
+        )
         .await
         .map_err(fail)?;
     let round = sealed_round(tx).await.map_err(fail)?;
@@ -121,6 +132,16 @@ pub(super) async fn load_draw_in(
     };
     let (winning_number, drawn_at, bets, seal): (i32, String, i64, Option<Vec<u8>>) =
         (head.get(0), head.get(1), head.get(2), head.get(3));
+    let by: Option<String> = head.get(4);
+    let close = match by {
+        None => None,
+        Some(by) => Some(crate::close::SalesClose {
+            by: crate::close::ClosedBy::from_name(&by)
+                .ok_or_else(|| refuse(format!("closed_by {by:?} is not operator or close_at")))?,
+            at: head.get::<_, Option<String>>(5).unwrap_or_default(),
+            reason: head.get::<_, Option<String>>(6).unwrap_or_default(),
+        }),
+    };
     let before_receipts = || {
         refuse(
             "recorded before receipts (schema version 1): it has no seal and digests, so it \
@@ -130,7 +151,10 @@ pub(super) async fn load_draw_in(
     };
     let seal = digest_of(&seal.ok_or_else(before_receipts)?).ok_or_else(before_receipts)?;
     let mut draw = Draw {
-        closed: None,
+        closed: close.map(|close| crate::store::ClosedRound {
+            close,
+            finished: Default::default(),
+        }),
         winning_number: u16::try_from(winning_number)
             .ok()
             .filter(|n| *n <= 9999)
@@ -144,7 +168,7 @@ pub(super) async fn load_draw_in(
     };
     for row in tx
         .query(
-            "SELECT agency, bets, digest, winners FROM draw_agencies",
+            "SELECT agency, bets, digest, winners, finished FROM draw_agencies",
             &[],
         )
         .await
@@ -153,6 +177,10 @@ pub(super) async fn load_draw_in(
         let (agency, count, digest, winners): (i32, i64, Option<&[u8]>, Vec<String>) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
         let agency = agency as AgencyId;
+        let finished: Option<bool> = row.get(4);
+        if let (Some(closed), Some(true)) = (draw.closed.as_mut(), finished) {
+            closed.finished.insert(agency);
+        }
         let digest = digest.and_then(digest_of).ok_or_else(before_receipts)?;
         draw.receipts.insert(
             agency,

@@ -14,7 +14,7 @@ use super::recover::{chain_rows, recompute, served, BETS_IN_ORDER};
 use super::schema;
 
 /// The tables that hold one round: kept together by `lottery new-round`.
-const ROUND_TABLES: [&str; 4] = ["bets", "agencies", "draw", "draw_agencies"];
+const ROUND_TABLES: [&str; 5] = ["bets", "agencies", "draw", "draw_agencies", "sales"];
 
 /// A connection for the operator's tools (`lottery verify`, `lottery
 /// new-round`): one attempt, and a schema this build knows at its latest
@@ -92,7 +92,7 @@ impl Tool {
     /// # Errors
     /// The database failed.
     pub async fn load_close(&mut self) -> Result<Option<crate::store::ClosedRound>, StorageError> {
-        Ok(None)
+        super::close::load_close(&self.target, &self.client).await
     }
 
     /// As [`served`].
@@ -257,6 +257,10 @@ pub async fn new_round(
             .map_err(fail)?;
     }
     tx.batch_execute(&format!("TRUNCATE {}", ROUND_TABLES.join(", ")))
+        .await
+        .map_err(fail)?;
+    // The next round's sales are open: the one row every group reads.
+    tx.batch_execute("INSERT INTO sales (id) VALUES (true)")
         .await
         .map_err(fail)?;
     tx.execute(

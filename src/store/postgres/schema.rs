@@ -91,6 +91,26 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE bets DROP CONSTRAINT bets_pkey;
     DROP INDEX bets_number;
     ",
+    // 4: the close of sales (issue #23). One row, always there: every
+    // group of batches reads it FOR SHARE in its transaction and stores
+    // nothing once it says closed, and a close updates it, which waits for
+    // the groups reading it; so each batch commits before the close or
+    // sees it. finished: the agencies that had finished at the close.
+    "
+    CREATE TABLE sales (
+        id        boolean PRIMARY KEY DEFAULT true CHECK (id),
+        closed_by text,
+        closed_at text,
+        reason    text,
+        finished  integer[]
+    );
+    INSERT INTO sales (id) VALUES (true);
+    -- A round drawn after a close records it, and per agency whether it had
+    -- finished (NULL in a round drawn because every agency finished).
+    ALTER TABLE draw ADD COLUMN closed_by text, ADD COLUMN closed_at text,
+        ADD COLUMN close_reason text;
+    ALTER TABLE draw_agencies ADD COLUMN finished boolean;
+    ",
 ];
 
 /// What [`migrate`] found and did.

@@ -56,6 +56,11 @@ impl PostgresStore {
                 {
                     return Ok(Watched::Recorded(Box::new(draw)));
                 }
+            } else if let Some(closed) = super::close::load_close(&self.target, &client)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                return Ok(Watched::Closed(closed));
             } else {
                 let finished: i64 = client
                     .query_one(FINISHED_COUNT, &[&(agencies as i32)])

@@ -52,6 +52,7 @@ use tracing::{info, warn};
 
 use super::connect::{connect, reason, Session};
 use super::rows::{Rows, COPY, HEADER, TRAILER};
+use crate::close::SalesClose;
 use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::receipt::Receipt;
@@ -59,7 +60,7 @@ use crate::store::{Agency, PgTarget, Sequence};
 
 /// The advisory lock an announcement's transaction holds ("finish" in
 /// ASCII).
-const FINISH_LOCK: i64 = 0x0000_6669_6e69_7368;
+pub(super) const FINISH_LOCK: i64 = 0x0000_6669_6e69_7368;
 
 /// How many batches may wait for the writer before senders wait too.
 pub const QUEUE_DEPTH: usize = 1024;
@@ -90,7 +91,37 @@ pub struct Append {
     /// The agency's receipt once these bets are stored.
     pub receipt: Receipt,
     pub sequence: Sequence,
-    pub done: oneshot::Sender<Result<(), String>>,
+    pub done: oneshot::Sender<Result<(), Refused>>,
+}
+
+/// Why a batch was not stored.
+#[derive(Debug, Clone)]
+pub enum Refused {
+    /// A failure, or a fence, said in words.
+    Failed(String),
+    /// Sales closed before the batch's group read `sales`.
+    SalesClosed(SalesClose),
+}
+
+impl From<String> for Refused {
+    fn from(why: String) -> Refused {
+        Refused::Failed(why)
+    }
+}
+
+impl From<&str> for Refused {
+    fn from(why: &str) -> Refused {
+        Refused::Failed(why.to_string())
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Failed(why) => f.write_str(why),
+            Refused::SalesClosed(close) => write!(f, "{close}"),
+        }
+    }
 }
 
 /// What the writer is asked to do.
@@ -113,7 +144,7 @@ pub enum Request {
 struct Pending {
     agency: AgencyId,
     sequence: Sequence,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), Refused>>,
 }
 
 /// What a group leaves in an agency's row of `agencies`, and what it
@@ -180,7 +211,7 @@ fn signal(slot: &mut Option<oneshot::Sender<bool>>, value: bool) {
 enum Outcome {
     /// Committed, but for the agencies in `refused` (and why), whose
     /// batches were left out.
-    Stored { refused: HashMap<AgencyId, String> },
+    Stored { refused: HashMap<AgencyId, Refused> },
     /// Rolled back because the group before it failed: nothing stored.
     Behind,
     /// The transaction failed. `doubt`: its `COMMIT` was sent, so it may
@@ -209,6 +240,7 @@ struct Conn {
     copy: Statement,
     create: Statement,
     lock: Statement,
+    sales: Statement,
     upsert: Statement,
 }
 
@@ -230,10 +262,11 @@ const UPSERT_AGENCIES: &str = "INSERT INTO agencies (agency, stored, digest) \
 
 impl Conn {
     async fn prepare(client: Client) -> Result<Conn, String> {
-        let (copy, create, lock, upsert) = futures::try_join!(
+        let (copy, create, lock, sales, upsert) = futures::try_join!(
             client.prepare(COPY),
             client.prepare(CREATE_AGENCIES),
             client.prepare(LOCK_AGENCIES),
+            client.prepare(super::close::SALES),
             client.prepare(UPSERT_AGENCIES)
         )
         .map_err(reason)?;
@@ -242,6 +275,7 @@ impl Conn {
             copy,
             create,
             lock,
+            sales,
             upsert,
         })
     }
@@ -418,7 +452,7 @@ impl Writer {
             let closed = || "the database store is closed".to_string();
             match request {
                 Request::Append(a) => {
-                    let _ = a.done.send(Err(closed()));
+                    let _ = a.done.send(Err(closed().into()));
                 }
                 Request::Close(done) => {
                     let _ = done.send(());
@@ -496,11 +530,11 @@ impl Writer {
             // The receipt must describe exactly the rows committed with it.
             if a.receipt.count as i64 != after {
                 a.sequence.mark_broken();
-                let _ = a.done.send(Err(format!(
+                let _ = a.done.send(Err(Refused::Failed(format!(
                     "agency {agency}: the batch's receipt counts {} bets, the table would hold \
                      {after}",
                     a.receipt.count
-                )));
+                ))));
                 continue;
             }
             if !receipts.contains_key(&agency) {
@@ -547,7 +581,7 @@ impl Writer {
                 );
                 for p in pending {
                     p.sequence.mark_broken();
-                    let _ = p.done.send(Err(why.clone()));
+                    let _ = p.done.send(Err(why.clone().into()));
                 }
                 // Nothing of this group was written. The plan goes back to
                 // what is acknowledged: now, or once the groups in flight
@@ -581,7 +615,7 @@ impl Writer {
         );
         for a in waiting.drain(..) {
             a.sequence.mark_broken();
-            let _ = a.done.send(Err(why.to_string()));
+            let _ = a.done.send(Err(why.into()));
         }
     }
 
@@ -612,12 +646,17 @@ impl Writer {
                     }
                 }
                 for (&agency, why) in &refused {
+                    if let Refused::SalesClosed(_) = why {
+                        let acked = self.acked.get(&agency).map_or(0, |r| r.count as i64);
+                        self.planned.insert(agency, acked);
+                        continue;
+                    }
                     warn!(
                         action = action::STORE,
                         result = result::FAIL,
                         storage = %self.target,
                         agency,
-                        error = why.as_str()
+                        error = %why
                     );
                     // Later groups planned on top of the refused batches
                     // are refused as well; plan from the table's count.
@@ -630,10 +669,11 @@ impl Writer {
                             let _ = p.done.send(Ok(()));
                         }
                         Some(why) => {
-                            let why = if p.sequence.is_broken() {
-                                BEHIND_A_FAILED_BATCH.to_string()
-                            } else {
-                                why.clone()
+                            let why = match why {
+                                // Every batch after the close is told so.
+                                Refused::SalesClosed(_) => why.clone(),
+                                _ if p.sequence.is_broken() => BEHIND_A_FAILED_BATCH.into(),
+                                _ => why.clone(),
                             };
                             p.sequence.mark_broken();
                             let _ = p.done.send(Err(why));
@@ -665,7 +705,7 @@ impl Writer {
             // Before answering: a later batch of the same connection,
             // already queued, must not be stored.
             p.sequence.mark_broken();
-            let _ = p.done.send(Err(why.clone()));
+            let _ = p.done.send(Err(why.clone().into()));
         }
     }
 
@@ -903,7 +943,7 @@ async fn copy(conn: &Conn, chunks: &[(AgencyId, Bytes)]) -> Result<(), String> {
 async fn update_agencies(
     conn: &Conn,
     updates: &[Update],
-) -> Result<(HashMap<AgencyId, String>, Doubt), String> {
+) -> Result<(HashMap<AgencyId, Refused>, Doubt), String> {
     let mut agencies: Vec<i32> = updates.iter().map(|u| u.agency as i32).collect();
     agencies.sort_unstable();
     // An agency whose row this writer has not seen committed gets it
@@ -911,15 +951,21 @@ async fn update_agencies(
     // order): otherwise a row inserted by a transaction not yet committed
     // (the group before, or another central's) would be there to lock for
     // no one, and its agency would read as none stored.
+    // Then `sales`, read under a share lock held to the commit, in the same
+    // round trip: a close waits for this group, or this group sees it.
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&agencies];
-    let held = if updates.iter().all(|u| u.row_exists) {
-        conn.client.query(&conn.lock, &params).await
+    let (held, sales) = if updates.iter().all(|u| u.row_exists) {
+        futures::try_join!(
+            conn.client.query(&conn.lock, &params),
+            conn.client.query_one(&conn.sales, &[])
+        )
     } else {
         futures::try_join!(
             conn.client.execute(&conn.create, &params),
-            conn.client.query(&conn.lock, &params)
+            conn.client.query(&conn.lock, &params),
+            conn.client.query_one(&conn.sales, &[])
         )
-        .map(|(_, held)| held)
+        .map(|(_, held, sales)| (held, sales))
     }
     .map_err(reason)?;
     let xid: i64 = held
@@ -931,21 +977,32 @@ async fn update_agencies(
         .map(|r| (r.get(0), (r.get(1), r.get(2))))
         .collect();
     let mut refused = HashMap::new();
+    if let Some(close) = super::close::close_of(&sales)? {
+        // Sales closed: nothing of the group is stored.
+        for u in updates {
+            refused.insert(u.agency, Refused::SalesClosed(close.clone()));
+        }
+        let doubt = Doubt {
+            xid,
+            agencies: HashMap::new(),
+        };
+        return Ok((refused, doubt));
+    }
     let mut changed: Vec<&Update> = Vec::new();
     for u in updates {
         let agency = u.agency;
         let (table, epoch) = held.get(&(agency as i32)).copied().unwrap_or((0, 0));
         if u.epoch.is_some_and(|mine| mine != epoch) {
-            refused.insert(agency, superseded(agency));
+            refused.insert(agency, superseded(agency).into());
         } else if table != u.expected {
             refused.insert(
                 agency,
-                format!(
+                Refused::Failed(format!(
                     "agency {agency}: the table holds {table} of its bets, this central \
                      acknowledged {}; another central on this database stored them \
                      (say HELLO again to resume from the table): nothing was stored",
                     u.expected
-                ),
+                )),
             );
         } else {
             changed.push(u);
