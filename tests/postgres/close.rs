@@ -117,7 +117,7 @@ fn a_close_on_one_of_three_centrals_draws_once_over_exactly_what_was_acknowledge
             "agency {agency}: its winners"
         );
     }
-    let close_row = pg.query("lottery", "SELECT closed_by, reason FROM draw");
+    let close_row = pg.query("lottery", "SELECT closed_by, close_reason FROM draw");
     assert_eq!(
         close_row,
         vec![vec![
@@ -191,5 +191,4 @@ fn a_central_started_after_a_close_draws() {
         ]
     );
     stop(&again);
-    let _ = pg;
 }
