@@ -1414,19 +1414,31 @@ fn operators_see_status_without_taking_over_an_agency() {
         let health = tool(&["health"], with_secret);
         assert!(health.status.success(), "{health:?}");
     }
-    // An operator session may only look.
+    // An operator session may only look, and close sales.
     let mut op = Raw::connect(&server.address());
     op.send(format!("ACTION:HELLO|ROLE:OPERATOR|SECRET:{SECRET_OPERATOR}\n").as_bytes());
     assert_eq!(
         op.recv().unwrap(),
-        "STATUS:SUCCESS|MESSAGE:operator session: PING and STATUS\n"
+        "STATUS:SUCCESS|MESSAGE:operator session: PING, STATUS and CLOSE\n"
     );
     op.send(b"ACTION:PING\n");
     assert_eq!(op.recv().unwrap(), "STATUS:SUCCESS|MESSAGE:pong\n");
     let reply = op.expect_error(b"ACTION:BETTING_FINISHED|AGENCY_ID:2\n", "UNAUTHENTICATED");
-    assert!(reply.contains("only PING and STATUS"), "{reply}");
+    assert!(reply.contains("only PING, STATUS and CLOSE"), "{reply}");
     op.expect_closed();
     agency.expect_open("20000003");
+    // Closing sales is the operator's: not without its secret.
+    let refused = tool(&["close", "--reason", "end of day"], false);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("requires the operator's secret to close sales"),
+        "{err}"
+    );
+    // Nor from an agency's session: refused, and the connection closed.
+    let reply = agency.expect_error(b"ACTION:CLOSE|REASON:mine\n", "UNAUTHENTICATED");
+    assert!(reply.contains("CLOSE is an operator's"), "{reply}");
+    agency.expect_closed();
     server.proc.signal(Signal::SIGTERM);
     assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
     let stored = stored(&dir.path().join("bets.csv"));
