@@ -313,6 +313,39 @@ fn an_agency_whose_file_was_all_stored_exits_0_and_the_record_says_who_finished(
     assert!(record.contains("[close]\nby = \"operator\""), "{record}");
     assert!(record.contains("state = \"finished\""), "{record}");
     assert!(record.contains("state = \"closed\""), "{record}");
+    let verify = || {
+        lottery()
+            .args(["verify"])
+            .env("SERVER_STORAGE", work.path().join("bets.csv"))
+            .env("SERVER_AGENCIES", "2")
+            .output()
+            .unwrap()
+    };
+    let agrees = verify();
+    assert!(agrees.status.success(), "{agrees:?}");
+    let report = stdout(&agrees);
+    assert!(
+        report.contains("by operator (agency 2 gone)")
+            && report.contains("  finished  ")
+            && report.contains("  closed  "),
+        "{report}"
+    );
+    // A record whose close was edited is caught.
+    std::fs::write(
+        work.path().join("bets.draw.toml"),
+        record.replace(
+            "reason = \"agency 2 gone\"",
+            "reason = \"every agency finished\"",
+        ),
+    )
+    .unwrap();
+    let differs = verify();
+    assert_eq!(differs.status.code(), Some(1), "{differs:?}");
+    assert!(
+        stdout(&differs).contains("differs: close: the record says sales closed at "),
+        "{}",
+        stdout(&differs)
+    );
 }
 
 #[test]
