@@ -470,6 +470,32 @@ fn a_central_started_after_the_close_draws_and_one_started_after_the_draw_serves
     let two = start_agency(2, &server.address(), &data2, &work.path().join("w2.txt"));
     assert_eq!(ended(&two, 2, 20).stored, 0);
     assert!(!server.proc.output().contains("action: sorteo"));
+    server.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(server.proc.wait_exit(STEP).code(), Some(0));
+    // A new round keeps the close aside with the round: its sales are open.
+    let kept = lottery()
+        .args(["new-round"])
+        .env("SERVER_STORAGE", &bets)
+        .env("SERVER_AGENCIES", "2")
+        .output()
+        .unwrap();
+    assert!(kept.status.success(), "{kept:?}");
+    assert!(!work.path().join("bets.close.toml").exists());
+    let kept_close = std::fs::read_dir(work.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("bets.round-1-") && name.ends_with(".close.toml")
+        })
+        .count();
+    assert_eq!(kept_close, 1);
+    let server = Server::start(&bets, 1, 7574);
+    // The same file in a new round: its kept seal is the old round's.
+    std::fs::remove_file(work.path().join("agency-1.csv.seal")).unwrap();
+    let one = start_agency(1, &server.address(), &data, &work.path().join("w1.txt"));
+    assert_eq!(one.wait_exit(STEP).code(), Some(0), "{}", one.output());
+    assert!(!server.proc.output().contains("action: cierre"));
 }
 
 #[test]

@@ -211,8 +211,11 @@ pub fn kept_name(path: &Path, round: u32, seal: &Digest) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tag = format!(".round-{round}-{}", seal.short());
-    let cut = if name.ends_with(".draw.toml") {
-        name.len() - ".draw.toml".len()
+    let cut = if let Some(kind) = [".draw.toml", ".close.toml"]
+        .into_iter()
+        .find(|k| name.ends_with(k))
+    {
+        name.len() - kind.len()
     } else {
         name.rfind('.').filter(|&i| i > 0).unwrap_or(name.len())
     };
@@ -294,7 +297,13 @@ pub fn new_round(
         kept_name(bets, round, &draw.seal),
         kept_name(record, round, &draw.seal),
     );
-    for taken in [&kept_bets, &kept_record] {
+    // A closed round's close goes with it (its record says it too).
+    let close = bets.with_extension("close.toml");
+    let kept_close = close.exists().then(|| kept_name(&close, round, &draw.seal));
+    for taken in [Some(&kept_bets), Some(&kept_record), kept_close.as_ref()]
+        .into_iter()
+        .flatten()
+    {
         if taken.exists() {
             return Err(refuse(format!(
                 "cannot keep round {round} as {}: that file exists",
@@ -310,10 +319,8 @@ pub fn new_round(
     };
     rename(bets, &kept_bets)?;
     rename(record, &kept_record)?;
-    // A closed round's close goes with it (its record says it too).
-    let close = bets.with_extension("close.toml");
-    if close.exists() {
-        rename(&close, &kept_name(&close, round, &draw.seal))?;
+    if let Some(kept_close) = &kept_close {
+        rename(&close, kept_close)?;
     }
     if let Some(last) = ledger.rounds.last_mut() {
         last.kept_bets = Some(kept_bets.display().to_string());
@@ -342,6 +349,10 @@ mod tests {
         assert_eq!(
             name("/d/bets.draw.toml"),
             "/d/bets.round-2-a938d40f.draw.toml"
+        );
+        assert_eq!(
+            name("/d/bets.close.toml"),
+            "/d/bets.round-2-a938d40f.close.toml"
         );
         assert_eq!(name("/d/outcome.toml"), "/d/outcome.round-2-a938d40f.toml");
         assert_eq!(name("/d/bets"), "/d/bets.round-2-a938d40f");
