@@ -44,6 +44,7 @@ pub async fn serve(
         winning_number = s.winning_number,
         sync = s.sync,
         draw_record = %s.draw_record_shown(),
+        close_at = %s.close_at.0.map_or_else(|| "none".to_string(), |_| s.close_at.show()),
         config_file = %file
     );
     server::run(s, shutdown).await?;
