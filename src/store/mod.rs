@@ -349,6 +349,23 @@ impl Reader {
         }
     }
 
+    /// Each agency's bets stored when sales closed, where the store
+    /// counted them at the close (a database, in its close's transaction);
+    /// `None` for the bets file (whose writer refuses every batch after the
+    /// close: its bets are what was stored before it) or while sales are
+    /// open.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub async fn stored_at_close(
+        &mut self,
+    ) -> Result<Option<BTreeMap<AgencyId, u64>>, StorageError> {
+        match self {
+            Reader::File { .. } => Ok(None),
+            Reader::Database(tool) => tool.stored_at_close().await,
+        }
+    }
+
     /// The receipts the store serves to agencies that resume, when it
     /// keeps them apart from its bets (a database's table `agencies`),
     /// with where they are kept, for messages; `None` for the bets file,

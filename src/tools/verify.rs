@@ -75,6 +75,20 @@ pub async fn verify(config: &ServerConfig, published: Option<Digest>) -> anyhow:
         reader.load_close().await?.as_ref(),
         config.agencies,
     ));
+    if let (Some(_), Some(at_close)) = (&draw.closed, reader.stored_at_close().await?) {
+        for agency in 1..=config.agencies {
+            let (then, drawn) = (
+                at_close.get(&agency).copied().unwrap_or(0),
+                draw.receipt_of(agency).count,
+            );
+            if then != drawn {
+                differences.push(format!(
+                    "close: agency {agency} had {then} bets stored when sales closed, the draw \
+                     counted {drawn}"
+                ));
+            }
+        }
+    }
     let sealed = seal(draw.winning_number, config.agencies, &found.receipts);
     if let Some(published) = published.filter(|p| *p != sealed) {
         differences.push(format!(

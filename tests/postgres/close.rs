@@ -117,6 +117,29 @@ fn a_close_on_one_of_three_centrals_draws_once_over_exactly_what_was_acknowledge
             "agency {agency}: its winners"
         );
     }
+    // What the close's transaction counted is what was drawn: nothing was
+    // stored after it.
+    let at_close = pg.query("lottery", "SELECT counted, stored FROM sales");
+    let list = |v: &Option<String>| -> Vec<usize> {
+        v.clone()
+            .unwrap()
+            .trim_matches(|c| c == '{' || c == '}')
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(|x| x.parse().unwrap())
+            .collect()
+    };
+    let counted: BTreeMap<u32, usize> = list(&at_close[0][0])
+        .into_iter()
+        .map(|a| a as u32)
+        .zip(list(&at_close[0][1]))
+        .collect();
+    let nonzero: BTreeMap<u32, usize> = acknowledged
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(a, n)| (*a, *n))
+        .collect();
+    assert_eq!(counted, nonzero, "stored when sales closed");
     let close_row = pg.query("lottery", "SELECT closed_by, close_reason FROM draw");
     assert_eq!(
         close_row,
@@ -173,7 +196,7 @@ fn a_central_started_after_a_close_draws() {
     pg.query(
         "lottery",
         "UPDATE sales SET closed_by = 'operator', closed_at = '2026-12-07T12:00:00.000Z', \
-         reason = 'night', finished = '{1}'",
+         reason = 'night', finished = '{1}', counted = '{1}', stored = '{20}'",
     );
     let again = central(&url, 2);
     again.proc.wait_for("action: sorteo | result: success");

@@ -62,6 +62,18 @@ pub(super) async fn close_sales(
         .map_err(fail)?;
     let outcome = match taken {
         Some(row) => {
+            // Every group that read the row before is committed now (the
+            // update waited for it), and none after it stores anything:
+            // these are the counts the draw must find.
+            tx.batch_execute(
+                "UPDATE sales SET \
+                 counted = (SELECT coalesce(array_agg(agency ORDER BY agency), '{}') \
+                            FROM agencies WHERE stored > 0), \
+                 stored = (SELECT coalesce(array_agg(stored ORDER BY agency), '{}') \
+                           FROM agencies WHERE stored > 0)",
+            )
+            .await
+            .map_err(fail)?;
             let finished: Vec<i32> = row.get(0);
             (
                 ClosedRound {
@@ -86,6 +98,36 @@ pub(super) async fn close_sales(
         .map_err(fail)?;
     tx.commit().await.map_err(fail)?;
     Ok(outcome)
+}
+
+/// Each agency's bets stored when sales closed (agencies with bets only),
+/// as the close's transaction counted them; `None` while sales are open.
+///
+/// # Errors
+/// The database failed.
+pub(super) async fn stored_at_close(
+    target: &PgTarget,
+    client: &impl GenericClient,
+) -> Result<Option<std::collections::BTreeMap<u32, u64>>, StorageError> {
+    let row = client
+        .query_opt(
+            "SELECT counted, stored FROM sales WHERE closed_by IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(|e| StorageError::Database {
+            target: where_(target),
+            reason: reason(e),
+        })?;
+    Ok(row.map(|row| {
+        let agencies: Vec<i32> = row.get::<_, Option<Vec<i32>>>(0).unwrap_or_default();
+        let counts: Vec<i64> = row.get::<_, Option<Vec<i64>>>(1).unwrap_or_default();
+        agencies
+            .into_iter()
+            .zip(counts)
+            .map(|(a, n)| (a as u32, n as u64))
+            .collect()
+    }))
 }
 
 /// The close of sales kept, if sales are closed.

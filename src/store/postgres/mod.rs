@@ -393,6 +393,31 @@ impl SharedStore for PostgresStore {
             // after it stored nothing), whoever finished.
             let closed = close::load_close(&self.target, &tx).await?;
             let tally = tally_in(&tx, winning_number).await.map_err(fail)?;
+            if let Some(at_close) = close::stored_at_close(&self.target, &tx).await? {
+                let mut ids: Vec<AgencyId> = at_close.keys().copied().collect();
+                ids.extend(tally.per_agency.keys());
+                ids.sort_unstable();
+                ids.dedup();
+                let after: Vec<String> = ids
+                    .into_iter()
+                    .filter_map(|a| {
+                        let (then, now) = (
+                            at_close.get(&a).copied().unwrap_or(0),
+                            tally.per_agency.get(&a).copied().unwrap_or(0),
+                        );
+                        (then != now).then(|| {
+                            format!("agency {a}: {now} in the store, {then} when sales closed")
+                        })
+                    })
+                    .collect();
+                if !after.is_empty() {
+                    return Err(self.error(format!(
+                        "the stored bets are not those stored when sales closed ({}); nothing \
+                         was recorded",
+                        after.join(", ")
+                    )));
+                }
+            }
             // The receipts acknowledged, by whichever central: the tally
             // must hold exactly their bets.
             let mut receipts: BTreeMap<AgencyId, Receipt> = (1..=agencies)

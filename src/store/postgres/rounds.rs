@@ -95,6 +95,16 @@ impl Tool {
         super::close::load_close(&self.target, &self.client).await
     }
 
+    /// Each agency's bets stored when sales closed, if they closed.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub async fn stored_at_close(
+        &mut self,
+    ) -> Result<Option<BTreeMap<AgencyId, u64>>, StorageError> {
+        super::close::stored_at_close(&self.target, &self.client).await
+    }
+
     /// As [`served`].
     ///
     /// # Errors

@@ -95,14 +95,18 @@ pub const MIGRATIONS: &[&str] = &[
     // group of batches reads it FOR SHARE in its transaction and stores
     // nothing once it says closed, and a close updates it, which waits for
     // the groups reading it; so each batch commits before the close or
-    // sees it. finished: the agencies that had finished at the close.
+    // sees it. finished: the agencies that had finished at the close;
+    // counted, stored: each agency's bets stored at the close (what the draw
+    // must count, and `lottery verify` checks it did).
     "
     CREATE TABLE sales (
         id        boolean PRIMARY KEY DEFAULT true CHECK (id),
         closed_by text,
         closed_at text,
         reason    text,
-        finished  integer[]
+        finished  integer[],
+        counted   integer[],
+        stored    bigint[]
     );
     INSERT INTO sales (id) VALUES (true);
     -- A round drawn after a close records it, and per agency whether it had
