@@ -78,6 +78,7 @@ impl Lottery {
             }
         };
         if this {
+            self.lock().close_logged = true;
             info!(
                 action = action::CIERRE,
                 result = result::SUCCESS,
@@ -88,6 +89,11 @@ impl Lottery {
                 finished = kept.finished.len(),
                 agencies = self.shared.agencies
             );
+        }
+        if !this {
+            // Another central closed first (its clock, or its operator).
+            let mut state = self.lock();
+            log_closed_elsewhere(&mut state, &kept);
         }
         self.closed_by_store(kept.clone(), false);
         if this {
@@ -106,16 +112,13 @@ impl Lottery {
     pub fn closed_by_store(&self, kept: ClosedRound, elsewhere: bool) {
         let start = {
             let mut state = self.lock();
-            if elsewhere && state.closed.is_none() && !state.closing {
-                // Learned from the store: closed on another central.
-                info!(
-                    action = action::CIERRE,
-                    result = result::SUCCESS,
-                    state = "closed_elsewhere",
-                    by = %kept.close.by,
-                    at = kept.close.at.as_str(),
-                    reason = kept.close.reason.as_str()
-                );
+            if !elsewhere {
+                // Its caller says it (this central's close, or a start).
+                state.close_logged = true;
+            } else if !state.closing {
+                // Learned from the store: closed on another central (while
+                // this one closes, its own close says which).
+                log_closed_elsewhere(&mut state, &kept);
             }
             state.closing = false;
             if state.closed.is_none() {
@@ -138,6 +141,21 @@ impl Lottery {
             let _ = lottery.run_draw(NO_AGENCY).await;
         });
     }
+}
+
+/// Says, once, that another central closed sales.
+fn log_closed_elsewhere(state: &mut super::State, kept: &ClosedRound) {
+    if std::mem::replace(&mut state.close_logged, true) {
+        return;
+    }
+    info!(
+        action = action::CIERRE,
+        result = result::SUCCESS,
+        state = "closed_elsewhere",
+        by = %kept.close.by,
+        at = kept.close.at.as_str(),
+        reason = kept.close.reason.as_str()
+    );
 }
 
 /// The refusal of a second close.

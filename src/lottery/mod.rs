@@ -131,6 +131,8 @@ struct State {
     closed: Option<ClosedRound>,
     /// A close is being kept by the store; no draw starts meanwhile.
     closing: bool,
+    /// The close is in the log already (`cierre`), said once.
+    close_logged: bool,
 }
 
 impl State {

@@ -215,3 +215,71 @@ fn a_central_started_after_a_close_draws() {
     );
     stop(&again);
 }
+
+#[test]
+fn close_at_on_three_centrals_is_taken_once() {
+    let Some((pg, url)) = cluster_with_db("close_at_on_three_centrals") else {
+        return;
+    };
+    let agencies = 3;
+    let data = generated(agencies, 150_000);
+    let work = tempfile::tempdir().unwrap();
+    let at = (chrono::Utc::now() + chrono::Duration::seconds(3))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let centrals: Vec<Server> = (0..3)
+        .map(|_| {
+            let mut cmd = central_command(&url, agencies);
+            cmd.env("SERVER_CLOSE_AT", &at);
+            Server::spawn(cmd)
+        })
+        .collect();
+    let procs: Vec<Proc> = (1..=agencies)
+        .map(|a| {
+            start_agency(
+                a,
+                &centrals[a as usize - 1].address(),
+                &data_file(data.path(), a),
+                &work.path().join(format!("w{a}.txt")),
+            )
+        })
+        .collect();
+    let mut short = 0;
+    for agency in &procs {
+        let code = agency.wait_exit(upload_limit(150_000)).code();
+        assert!(matches!(code, Some(0 | 4)), "{code:?}\n{}", agency.stderr());
+        short += usize::from(code == Some(4));
+    }
+    assert!(short > 0, "close_at came after every upload");
+    let logs: Vec<String> = centrals.iter().map(stop).collect();
+    let took: Vec<&String> = logs
+        .iter()
+        .filter(|l| {
+            l.contains("action: cierre | result: success | by: close_at | from: server.close_at")
+        })
+        .collect();
+    assert_eq!(took.len(), 1, "one central took the close");
+    for (i, log) in logs.iter().enumerate() {
+        let line = log
+            .lines()
+            .find(|l| l.contains("action: cierre | result: success"))
+            .unwrap_or_else(|| panic!("central {i} logged no cierre"));
+        assert!(
+            line.contains("| by: close_at | from: server.close_at")
+                || line.contains("| state: closed_elsewhere | by: close_at"),
+            "central {i}: {line}"
+        );
+    }
+    let sorteos: usize = logs
+        .iter()
+        .map(|l| l.matches("action: sorteo | result: success").count())
+        .sum();
+    assert_eq!(sorteos, 1);
+    let close = pg.query("lottery", "SELECT closed_by, close_reason FROM draw");
+    assert_eq!(
+        close,
+        vec![vec![
+            Some("close_at".to_string()),
+            Some(format!("server.close_at = {at}"))
+        ]]
+    );
+}
