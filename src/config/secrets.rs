@@ -124,7 +124,7 @@ impl ServerConfig {
 pub struct Secrets {
     /// Per agency; empty when authentication is off.
     pub agencies: BTreeMap<AgencyId, String>,
-    /// Opens a read-only operator session (`PING`, `STATUS`), so that
+    /// Opens an operator session (`PING`, `STATUS`, `CLOSE`), so that
     /// `lottery status` never has to speak as an agency.
     pub operator: Option<String>,
 }

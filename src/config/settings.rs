@@ -177,9 +177,10 @@ settings! {
         /// exits within this plus 3 s of the signal.
         shutdown_grace: u64 = 5, env "SERVER_SHUTDOWN_GRACE", min 1, max 6;
         /// Per-agency secrets, agency id to secret, and `operator` for the
-        /// read-only operator session. When any agency has one (here or in
-        /// `secrets_file`), every configured agency must, and every
-        /// connection must open with `HELLO` and its secret.
+        /// operator session (`lottery status`, `lottery close`). When any
+        /// agency has one (here or in `secrets_file`), every configured
+        /// agency must, and every connection must open with `HELLO` and its
+        /// secret.
         secrets: BTreeMap<String, String> = BTreeMap::new();
         /// A TOML file of the same `id = "secret"` pairs, kept out of the main
         /// configuration; empty for none.

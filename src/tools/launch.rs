@@ -121,7 +121,7 @@ pub fn new_secret() -> String {
 pub struct RunSecrets {
     /// Per agency.
     pub agencies: BTreeMap<AgencyId, String>,
-    /// For a read-only operator session.
+    /// For an operator session.
     pub operator: String,
 }
 

@@ -29,7 +29,7 @@ pub struct Target {
     pub tls: Option<AgencyConfig>,
     /// How long the whole exchange may take.
     pub timeout: Duration,
-    /// Opens a read-only operator session first, when the central requires
+    /// Opens an operator session first, when the central requires
     /// secrets: `operator` in the central's secrets (`server.secrets_file`).
     pub operator_secret: Option<String>,
 }

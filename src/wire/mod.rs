@@ -108,7 +108,7 @@ pub mod action {
     pub const FINISH_BETTING: &str = "FINISH_BETTING";
     /// Opens a resumable session: the central answers with `STORED`.
     pub const HELLO: &str = "HELLO";
-    /// `ROLE` of a `HELLO` that opens a read-only operator session.
+    /// `ROLE` of a `HELLO` that opens an operator session.
     pub const OPERATOR: &str = "OPERATOR";
     /// Liveness check: the central answers `MESSAGE:pong`.
     pub const PING: &str = "PING";

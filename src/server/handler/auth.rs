@@ -18,8 +18,8 @@ use crate::server::strangers::Pass;
 use crate::wire::{ErrorCode, FrameError, Reply, Request};
 
 /// What a connection may send. Before it authenticates (when the central
-/// requires secrets), only `HELLO`; an operator session, only `PING` and
-/// `STATUS`; a connection that speaks for an agency (or any connection
+/// requires secrets), only `HELLO`; an operator session, only `PING`,
+/// `STATUS` and `CLOSE`; a connection that speaks for an agency (or any connection
 /// when secrets are off), everything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Access {
@@ -32,7 +32,8 @@ pub(super) enum Access {
 pub(super) enum Gated {
     /// Not authenticated yet, and not a `HELLO`.
     Anonymous,
-    /// An operator session sent something other than `PING` or `STATUS`.
+    /// An operator session sent something other than `PING`, `STATUS` or
+    /// `CLOSE`.
     OperatorOnly,
 }
 
@@ -146,7 +147,7 @@ impl Handler {
         Ok(Next::Close)
     }
 
-    /// Opens a read-only operator session (`PING`, `STATUS`): operator
+    /// Opens an operator session (`PING`, `STATUS`, `CLOSE`): operator
     /// tools need not, and must not, speak for an agency, whose `HELLO`
     /// would take its session over.
     pub(super) async fn handle_operator_hello(
