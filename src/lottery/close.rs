@@ -10,9 +10,11 @@ use crate::store::ClosedRound;
 
 impl Lottery {
     /// Closes sales now, `by` an operator (connected `from` that address)
-    /// or the central's `close_at`, for `reason`: the store orders the close after every batch it took and
-    /// before every later one (refused `BETTING_CLOSED`) and keeps it; then
-    /// the draw starts, on a task of its own, over the bets stored.
+    /// or the central's `close_at`, for `reason`: the store orders the
+    /// close after every batch it took and before every later one (refused
+    /// `BETTING_CLOSED`) and keeps it; then the draw starts, on a task of
+    /// its own, over the bets stored. Once asked, the close runs to its end
+    /// on a task of its own, whatever becomes of the caller.
     ///
     /// # Errors
     /// Sales are closed already (here or on another central sharing the
@@ -54,6 +56,21 @@ impl Lottery {
             close: SalesClose::now(by, reason),
             finished,
         };
+        let lottery = self.clone();
+        let from = from.to_string();
+        let keeping = tokio::spawn(async move { lottery.keep_close(round, &from).await });
+        keeping.await.unwrap_or_else(|e| {
+            Err(LotteryError::Store(format!(
+                "the close of sales stopped: {e}"
+            )))
+        })
+    }
+
+    /// The rest of [`Lottery::close_sales`], once `closing` is set: has the
+    /// store keep `round`, then takes it (and starts the draw), or clears
+    /// `closing` if the store could not.
+    async fn keep_close(&self, round: ClosedRound, from: &str) -> Result<SalesClose, LotteryError> {
+        let by = round.close.by;
         let kept = self.shared.store.close_sales(&round).await;
         let (kept, this) = match kept {
             Ok(kept) => kept,
@@ -130,6 +147,18 @@ impl Lottery {
         };
         if start {
             self.spawn_draw();
+        }
+    }
+
+    /// Takes the close a draw recorded by another central was drawn
+    /// after, should this central not know of it yet (the draw can come
+    /// before the watch sees the close): batches are refused
+    /// `BETTING_CLOSED` here too.
+    pub(super) fn adopt_close(&self, closed: &ClosedRound) {
+        let mut state = self.lock();
+        if state.closed.is_none() {
+            log_closed_elsewhere(&mut state, closed);
+            state.closed = Some(closed.clone());
         }
     }
 

@@ -178,6 +178,9 @@ impl Running {
         match self.lottery.draw_and_record().await {
             Ok((draw, false)) => {
                 // Another central ran it: it logged the draw, once.
+                if let Some(closed) = &draw.closed {
+                    self.lottery.adopt_close(closed);
+                }
                 log_drawn_elsewhere(&draw);
                 self.lottery.shared.drawn.send_replace(Drawn::Done(draw));
                 self.lottery.lock().drawing = false;

@@ -224,13 +224,19 @@ impl Lottery {
     ) -> Lottery {
         let state = State {
             stored: stored.into_iter().collect(),
-            // A draw runs only once every configured agency has finished:
-            // a round drawn before a restart still has all of them done.
-            finished: if draw.is_some() {
-                (1..=agencies).collect()
-            } else {
-                BTreeSet::new()
+            // A draw runs only once every configured agency has finished
+            // (or sales closed, which its record says, with who had): a
+            // round drawn before a restart still has all of them done.
+            finished: match &draw {
+                Some(Draw {
+                    closed: Some(closed),
+                    ..
+                }) => closed.finished.clone(),
+                Some(_) => (1..=agencies).collect(),
+                None => BTreeSet::new(),
             },
+            closed: draw.as_ref().and_then(|d| d.closed.clone()),
+            close_logged: draw.as_ref().is_some_and(|d| d.closed.is_some()),
             ..State::default()
         };
         let shared_store = store.clone().into_shared();
@@ -325,6 +331,9 @@ impl Lottery {
             true
         });
         if published {
+            if let Some(closed) = &draw.closed {
+                self.adopt_close(closed);
+            }
             draw::log_drawn_elsewhere(&draw);
         }
     }

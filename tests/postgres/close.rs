@@ -148,6 +148,23 @@ fn a_close_on_one_of_three_centrals_draws_once_over_exactly_what_was_acknowledge
             Some("the storm cut agency 2".to_string())
         ]]
     );
+    // Each agency run again on its central (each learned of the close, from
+    // the database's close or its draw) is told the same.
+    for a in 1..=agencies {
+        let again = start_agency(
+            a,
+            &centrals[a as usize - 1].address(),
+            &data_file(data.path(), a),
+            &work.path().join(format!("again{a}.txt")),
+        );
+        let code = again.wait_exit(upload_limit(per_agency)).code();
+        let want = if acknowledged[&a] < per_agency as usize {
+            4
+        } else {
+            0
+        };
+        assert_eq!(code, Some(want), "agency {a} again:\n{}", again.stderr());
+    }
     // A second close, on another central: refused.
     let again = lottery()
         .args([
