@@ -18,6 +18,16 @@ const NEVER: &[(&str, &str, &str)] = &[
         "store::file",
         "a backend never borrows the other's types: the seam owns what both use",
     ),
+    (
+        "lottery",
+        "crate::wire",
+        "the lottery's rules know no wire codes: the handler maps their refusals",
+    ),
+    (
+        "tls",
+        "crate::config",
+        "TLS takes paths and names, never a component's settings",
+    ),
 ];
 
 /// Every `.rs` file at or under `path`.
