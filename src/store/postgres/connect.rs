@@ -68,7 +68,7 @@ pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What every connection sets up before its first statement.
 #[derive(Debug, Clone, Copy)]
-pub struct Session {
+pub struct ConnectionSettings {
     /// Whether a commit waits for its WAL to reach stable storage.
     pub(super) durability: Durability,
 }
@@ -152,7 +152,10 @@ pub(super) fn worth_retrying(e: &tokio_postgres::Error) -> bool {
 }
 
 /// Opens one connection to `target` and prepares it for `session`.
-pub(crate) async fn connect(target: &PgTarget, session: Session) -> Result<Client, ConnectError> {
+pub(crate) async fn connect(
+    target: &PgTarget,
+    settings: ConnectionSettings,
+) -> Result<Client, ConnectError> {
     let config = client_config(target);
     let failed = |e: tokio_postgres::Error| match configuration_error(&e) {
         Some(reason) => ConnectError {
@@ -181,7 +184,7 @@ pub(crate) async fn connect(target: &PgTarget, session: Session) -> Result<Clien
     });
     // Whatever the database's default: a batch is acknowledged only once
     // its commit is on disk (unless durability was turned off on purpose).
-    let commit = match session.durability {
+    let commit = match settings.durability {
         Durability::Sync => "on",
         Durability::NoSync => "off",
     };
@@ -215,14 +218,14 @@ pub(super) enum Unreached {
 
 pub(super) async fn reach(
     target: &PgTarget,
-    session: Session,
+    settings: ConnectionSettings,
     patience: Duration,
 ) -> Result<Client, Unreached> {
     let deadline = Instant::now() + patience;
     let mut backoff = FIRST_BACKOFF;
     let mut attempt = 1u32;
     loop {
-        match connect(target, session).await {
+        match connect(target, settings).await {
             Ok(client) => {
                 info!(
                     action = action::DATABASE_CONNECT,

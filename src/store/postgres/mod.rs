@@ -29,7 +29,7 @@ pub mod schema;
 mod watch;
 mod writer;
 
-pub use connect::Session;
+pub use connect::ConnectionSettings;
 pub use record::load_draw;
 pub use recover::{recompute, served, SERVED_FROM};
 pub use rounds::{new_round, tool_connection, Tool};
@@ -62,7 +62,7 @@ use crate::store::{
 #[derive(Debug)]
 pub struct PostgresStore {
     target: PgTarget,
-    session: Session,
+    settings: ConnectionSettings,
     /// Batches to the writer task.
     requests: mpsc::Sender<writer::Request>,
     /// The writer task; taken by [`Store::close`].
@@ -93,12 +93,12 @@ impl PostgresStore {
         durability: Durability,
         patience: Duration,
     ) -> Result<(PostgresStore, BTreeMap<AgencyId, Receipt>), StorageError> {
-        let session = Session { durability };
+        let settings = ConnectionSettings { durability };
         let fail = |reason: String| StorageError::Database {
             target: where_(target),
             reason,
         };
-        let mut client = reach(target, session, patience)
+        let mut client = reach(target, settings, patience)
             .await
             .map_err(|e| match e {
                 Unreached::Configuration(reason) => StorageError::DatabaseConfig {
@@ -126,10 +126,10 @@ impl PostgresStore {
         );
         let next: HashMap<AgencyId, Receipt> = stored.iter().map(|(&a, &r)| (a, r)).collect();
         let (requests, rx) = mpsc::channel(writer::QUEUE_DEPTH);
-        let task = tokio::spawn(writer::run(target.clone(), session, client, next, rx));
+        let task = tokio::spawn(writer::run(target.clone(), settings, client, next, rx));
         let store = PostgresStore {
             target: target.clone(),
-            session,
+            settings,
             requests,
             task: Mutex::new(Some(task)),
         };
@@ -163,7 +163,7 @@ impl PostgresStore {
 
     /// A connection of its own for a read or the draw record.
     async fn side_connection(&self) -> Result<Client, StorageError> {
-        connect(&self.target, self.session)
+        connect(&self.target, self.settings)
             .await
             .map_err(|e| self.error(e.reason))
     }

@@ -8,7 +8,7 @@ use crate::model::AgencyId;
 use crate::receipt::{self, Receipt, Recomputed};
 use crate::store::{Draw, Durability, NewRound, PgTarget, StorageError};
 
-use super::connect::{connect, reason, where_, Session};
+use super::connect::{connect, reason, where_, ConnectionSettings};
 use super::record::{load_draw, load_draw_in, record_error};
 use super::recover::{chain_rows, recompute, served, BETS_IN_ORDER};
 use super::schema;
@@ -27,10 +27,12 @@ pub async fn tool_connection(target: &PgTarget) -> Result<Client, StorageError> 
         target: where_(target),
         reason,
     };
-    let session = Session {
+    let settings = ConnectionSettings {
         durability: Durability::Sync,
     };
-    let client = connect(target, session).await.map_err(|e| fail(e.reason))?;
+    let client = connect(target, settings)
+        .await
+        .map_err(|e| fail(e.reason))?;
     let version = schema::version(&client).await.map_err(fail)?;
     if version != schema::MIGRATIONS.len() {
         return Err(fail(format!(

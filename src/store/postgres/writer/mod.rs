@@ -55,7 +55,7 @@ mod sessions;
 use doubt::Doubt;
 use group::{relay, store_group, Baton, Conn, Finished, Outcome, Plan, Update};
 
-use super::connect::{connect, Session};
+use super::connect::{connect, ConnectionSettings};
 use super::rows::Rows;
 use crate::logging::{action, result};
 use crate::model::AgencyId;
@@ -128,7 +128,7 @@ struct InFlight {
 /// The writer's state.
 struct Writer {
     target: PgTarget,
-    session: Session,
+    settings: ConnectionSettings,
     /// Connections not in use by a group.
     idle: Vec<Conn>,
     /// A connection broke since the last one was opened: the next is
@@ -165,7 +165,7 @@ struct Writer {
 /// Runs the writer until it is asked to close or every sender is gone.
 pub async fn run(
     target: PgTarget,
-    session: Session,
+    settings: ConnectionSettings,
     client: Client,
     stored: HashMap<AgencyId, Receipt>,
     mut requests: mpsc::Receiver<Request>,
@@ -174,7 +174,7 @@ pub async fn run(
     let idle: Vec<Conn> = Conn::prepare(client).await.into_iter().collect();
     let mut writer = Writer {
         target,
-        session,
+        settings,
         idle,
         lost: false,
         planned: HashMap::new(),
@@ -310,7 +310,7 @@ impl Writer {
                 return Ok(conn);
             }
         }
-        let client = Conn::prepare(connect(&self.target, self.session).await?).await?;
+        let client = Conn::prepare(connect(&self.target, self.settings).await?).await?;
         if std::mem::take(&mut self.lost) {
             info!(
                 action = action::DATABASE_CONNECT,
