@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
 use tracing::{error, info, warn};
 
+use super::error::describe;
 use crate::logging::{action, result};
 use crate::store::{Durability, PgTarget};
 
@@ -73,26 +74,11 @@ pub struct ConnectionSettings {
     pub(super) durability: Durability,
 }
 
-/// A failed statement or connection, as text an operator can act on: the
-/// server's own message when it sent one.
-pub(crate) fn reason(e: tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        return format!("{}: {}", db.severity(), db.message());
-    }
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// A connection that could not be opened.
-#[derive(Debug)]
-pub(crate) struct ConnectError {
-    /// Why, as [`reason`] words it.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct ConnectError {
+    /// Why, as [`describe`] words it.
     pub reason: String,
     /// Whether trying again can help: the server was not reached, or said
     /// it cannot take connections yet (starting up, shutting down, full).
@@ -128,12 +114,6 @@ pub(super) fn configuration_error(e: &tokio_postgres::Error) -> Option<String> {
     ))
 }
 
-impl From<ConnectError> for String {
-    fn from(e: ConnectError) -> String {
-        e.reason
-    }
-}
-
 /// Whether a failed connection attempt is worth repeating (see
 /// [`ConnectError::retry`]).
 pub(super) fn worth_retrying(e: &tokio_postgres::Error) -> bool {
@@ -166,7 +146,7 @@ pub(crate) async fn connect(
         None => ConnectError {
             retry: worth_retrying(&e),
             configuration: false,
-            reason: reason(e),
+            reason: describe(&e),
         },
     };
     let (client, connection) = config.connect(NoTls).await.map_err(failed)?;
@@ -177,7 +157,7 @@ pub(crate) async fn connect(
                 action = action::DATABASE_CONNECT,
                 result = result::FAIL,
                 storage = shown.as_str(),
-                error = reason(e).as_str(),
+                error = describe(&e).as_str(),
                 state = "lost"
             );
         }

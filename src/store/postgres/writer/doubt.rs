@@ -10,7 +10,7 @@ use super::Writer;
 use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::receipt::Receipt;
-use crate::store::postgres::connect::reason;
+use crate::store::postgres::PgError;
 
 /// A group whose `COMMIT` was sent but never answered: what identifies its
 /// rows, so that only they are ever taken back out.
@@ -28,7 +28,7 @@ pub(super) struct Doubt {
 impl Writer {
     /// Clears up a commit whose answer was lost, if one is pending (see
     /// `doubt`), on a working connection.
-    pub(super) async fn settle_doubt(&mut self) -> Result<(), String> {
+    pub(super) async fn settle_doubt(&mut self) -> Result<(), PgError> {
         if self.doubt.is_none() {
             return Ok(());
         }
@@ -61,8 +61,8 @@ async fn forget_unacknowledged(
     client: &mut Client,
     acked: &HashMap<AgencyId, Receipt>,
     doubt: &Doubt,
-) -> Result<u64, String> {
-    let tx = client.transaction().await.map_err(reason)?;
+) -> Result<u64, PgError> {
+    let tx = client.transaction().await.map_err(PgError::from)?;
     // Only the agencies in doubt: the others' groups, on any central, go on.
     let mut doubtful: Vec<i32> = doubt.agencies.keys().map(|&a| a as i32).collect();
     doubtful.sort_unstable();
@@ -75,23 +75,24 @@ async fn forget_unacknowledged(
             &[&doubtful],
         )
         .await
-        .map_err(reason)?;
+        .map_err(PgError::from)?;
     let status: Option<String> = tx
         .query_one("SELECT pg_xact_status($1::int8::text::xid8)", &[&doubt.xid])
         .await
-        .map_err(reason)?
+        .map_err(PgError::from)?
         .get(0);
     match status.as_deref() {
         Some("committed") => {}
         // Nothing of it was stored: whatever the table holds beyond what
         // this central acknowledged, another central stored.
-        Some("aborted") => return tx.commit().await.map(|()| 0).map_err(reason),
+        Some("aborted") => return tx.commit().await.map(|()| 0).map_err(PgError::from),
         other => {
             return Err(format!(
                 "cannot tell whether transaction {} committed (the database says {})",
                 doubt.xid,
                 other.unwrap_or("nothing")
-            ))
+            )
+            .into())
         }
     }
     let mut removed = 0;
@@ -121,15 +122,15 @@ async fn forget_unacknowledged(
                     &[&agency, &count],
                 )
                 .await
-                .map_err(reason)?;
+                .map_err(PgError::from)?;
             tx.execute(
                 "UPDATE agencies SET stored = $2, digest = $3 WHERE agency = $1",
                 &[&agency, &count, &digest],
             )
             .await
-            .map_err(reason)?;
+            .map_err(PgError::from)?;
         }
     }
-    tx.commit().await.map_err(reason)?;
+    tx.commit().await.map_err(PgError::from)?;
     Ok(removed)
 }

@@ -3,6 +3,7 @@
 //! commit).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::SinkExt;
@@ -12,8 +13,8 @@ use tokio_postgres::{Client, Statement};
 use super::doubt::Doubt;
 use crate::model::AgencyId;
 use crate::receipt::Receipt;
-use crate::store::postgres::connect::reason;
 use crate::store::postgres::rows::{COPY, HEADER, TRAILER};
+use crate::store::postgres::PgError;
 
 /// What a group leaves in an agency's row of `agencies`, and what it
 /// expects there before.
@@ -79,13 +80,15 @@ pub(super) fn signal(slot: &mut Option<oneshot::Sender<bool>>, value: bool) {
 pub(super) enum Outcome {
     /// Committed, but for the agencies in `refused` (and why), whose
     /// batches were left out.
-    Stored { refused: HashMap<AgencyId, String> },
+    Stored {
+        refused: HashMap<AgencyId, Arc<PgError>>,
+    },
     /// Rolled back because the group before it failed: nothing stored.
     Behind,
     /// The transaction failed. `doubt`: its `COMMIT` was sent, so it may
     /// have committed, its answer lost; `None` when it failed before, and
     /// so stored nothing.
-    Failed { why: String, doubt: Option<Doubt> },
+    Failed { why: PgError, doubt: Option<Doubt> },
 }
 
 /// A connection of the writer, with the statements a group runs prepared
@@ -116,14 +119,14 @@ pub(super) const UPSERT_AGENCIES: &str = "INSERT INTO agencies (agency, stored, 
     ON CONFLICT (agency) DO UPDATE SET stored = excluded.stored, digest = excluded.digest";
 
 impl Conn {
-    pub(super) async fn prepare(client: Client) -> Result<Conn, String> {
+    pub(super) async fn prepare(client: Client) -> Result<Conn, PgError> {
         let (copy, create, lock, upsert) = futures::try_join!(
             client.prepare(COPY),
             client.prepare(CREATE_AGENCIES),
             client.prepare(LOCK_AGENCIES),
             client.prepare(UPSERT_AGENCIES)
         )
-        .map_err(reason)?;
+        .map_err(PgError::from)?;
         Ok(Conn {
             client,
             copy,
@@ -161,7 +164,7 @@ pub(super) async fn store_group(
     let mut reusable = true;
     // Set once the `COMMIT` is sent: before, a failure stored nothing.
     let mut sent: Option<Doubt> = None;
-    let stored: Result<Outcome, String> = async {
+    let stored: Result<Outcome, PgError> = async {
         let doubt = loop {
             copy(&conn, &chunks).await?;
             if let Some(locked) = after_locked.take() {
@@ -176,9 +179,9 @@ pub(super) async fn store_group(
             }
             // Some agencies' rows are not what this central expects: leave
             // their batches out, and store the others' all the same.
-            refused.extend(left_out);
+            refused.extend(left_out.into_iter().map(|(a, why)| (a, Arc::new(why))));
             if !roll_back(&conn).await {
-                return Err("the transaction could not be rolled back".to_string());
+                return Err(PgError::NotDone("the transaction could not be rolled back"));
             }
             updates.retain(|u| !refused.contains_key(&u.agency));
             chunks.retain(|(agency, _)| !refused.contains_key(agency));
@@ -200,7 +203,10 @@ pub(super) async fn store_group(
             }
         }
         sent = Some(doubt);
-        conn.client.batch_execute("COMMIT").await.map_err(reason)?;
+        conn.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(PgError::from)?;
         signal(&mut relay.committed, true);
         Ok(Outcome::Stored { refused })
     }
@@ -230,24 +236,24 @@ pub(super) async fn roll_back(conn: &Conn) -> bool {
 
 /// Opens the group's transaction and copies its rows. `BEGIN` and the
 /// `COPY` go out together: one round trip fewer.
-pub(super) async fn copy(conn: &Conn, chunks: &[(AgencyId, Bytes)]) -> Result<(), String> {
+pub(super) async fn copy(conn: &Conn, chunks: &[(AgencyId, Bytes)]) -> Result<(), PgError> {
     let (begun, sink) = futures::join!(
         conn.client.batch_execute("BEGIN"),
         conn.client.copy_in::<_, Bytes>(&conn.copy)
     );
-    begun.map_err(reason)?;
-    let sink = sink.map_err(reason)?;
+    begun.map_err(PgError::from)?;
+    let sink = sink.map_err(PgError::from)?;
     futures::pin_mut!(sink);
     sink.feed(Bytes::from_static(HEADER))
         .await
-        .map_err(reason)?;
+        .map_err(PgError::from)?;
     for (_, rows) in chunks {
-        sink.feed(rows.clone()).await.map_err(reason)?;
+        sink.feed(rows.clone()).await.map_err(PgError::from)?;
     }
     sink.feed(Bytes::from_static(TRAILER))
         .await
-        .map_err(reason)?;
-    sink.as_mut().finish().await.map_err(reason)?;
+        .map_err(PgError::from)?;
+    sink.as_mut().finish().await.map_err(PgError::from)?;
     Ok(())
 }
 
@@ -264,7 +270,7 @@ pub(super) async fn copy(conn: &Conn, chunks: &[(AgencyId, Bytes)]) -> Result<()
 pub(super) async fn update_agencies(
     conn: &Conn,
     updates: &[Update],
-) -> Result<(HashMap<AgencyId, String>, Doubt), String> {
+) -> Result<(HashMap<AgencyId, PgError>, Doubt), PgError> {
     let mut agencies: Vec<i32> = updates.iter().map(|u| u.agency as i32).collect();
     agencies.sort_unstable();
     // An agency whose row this writer has not seen committed gets it
@@ -282,10 +288,10 @@ pub(super) async fn update_agencies(
         )
         .map(|(_, held)| held)
     }
-    .map_err(reason)?;
+    .map_err(PgError::from)?;
     let xid: i64 = held
         .first()
-        .ok_or("agencies: the group's rows are missing")?
+        .ok_or_else(|| PgError::Invalid("agencies: the group's rows are missing".into()))?
         .get(3);
     let held: HashMap<i32, (i64, i64)> = held
         .into_iter()
@@ -297,16 +303,16 @@ pub(super) async fn update_agencies(
         let agency = u.agency;
         let (table, epoch) = held.get(&(agency as i32)).copied().unwrap_or((0, 0));
         if u.epoch.is_some_and(|mine| mine != epoch) {
-            refused.insert(agency, superseded(agency));
+            refused.insert(agency, PgError::Superseded(agency));
         } else if table != u.expected {
             refused.insert(
                 agency,
-                format!(
+                PgError::Invalid(format!(
                     "agency {agency}: the table holds {table} of its bets, this central \
                      acknowledged {}; another central on this database stored them \
                      (say HELLO again to resume from the table): nothing was stored",
                     u.expected
-                ),
+                )),
             );
         } else {
             changed.push(u);
@@ -331,14 +337,6 @@ pub(super) async fn update_agencies(
     conn.client
         .execute(&conn.upsert, &[&agencies, &counts, &digests])
         .await
-        .map_err(reason)?;
+        .map_err(PgError::from)?;
     Ok((refused, doubt))
-}
-
-/// Why a fenced session's write is refused.
-pub(super) fn superseded(agency: AgencyId) -> String {
-    format!(
-        "agency {agency}: superseded by a newer session of the agency on another central \
-         (its epoch in table agencies moved on): nothing was stored"
-    )
 }

@@ -42,6 +42,7 @@
 //! of the agency opened on any central (its HELLO was answered with them).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -57,6 +58,7 @@ use group::{relay, store_group, Baton, Conn, Finished, Outcome, Plan, Update};
 
 use super::connect::{connect, ConnectionSettings};
 use super::rows::Rows;
+use super::PgError;
 use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::receipt::Receipt;
@@ -84,6 +86,10 @@ const BEHIND_A_FAILED_BATCH: &str = "an earlier batch of this connection was not
 const BEHIND_A_FAILED_GROUP: &str =
     "not stored: an earlier transaction of this central failed (see the line before)";
 
+/// How the writer answers a batch: the same failure may answer every
+/// batch of a group, hence shared.
+pub type Answer = Result<(), Arc<PgError>>;
+
 /// One batch for the writer.
 pub struct Append {
     /// Its bets, as rows still to be numbered.
@@ -91,7 +97,7 @@ pub struct Append {
     /// The agency's receipt once these bets are stored.
     pub receipt: Receipt,
     pub sequence: Sequence,
-    pub done: oneshot::Sender<Result<(), String>>,
+    pub done: oneshot::Sender<Answer>,
 }
 
 /// What the writer is asked to do.
@@ -101,11 +107,11 @@ pub enum Request {
     /// (fencing older sessions on every central), and answer what the
     /// table holds for it. Through the writer so that it is ordered with
     /// the commits: the counts it reads are final.
-    Open(AgencyId, oneshot::Sender<Result<Agency, String>>),
+    Open(AgencyId, oneshot::Sender<Result<Agency, PgError>>),
     /// The agency finished: record it (fenced by the session's epoch), and
     /// answer how many of agencies `1..=n` (the second field) have
     /// finished, on every central.
-    Finish(AgencyId, u32, oneshot::Sender<Result<u32, String>>),
+    Finish(AgencyId, u32, oneshot::Sender<Result<u32, PgError>>),
     /// Store what was sent before, close the connections, then answer.
     Close(oneshot::Sender<()>),
 }
@@ -114,7 +120,7 @@ pub enum Request {
 struct Pending {
     agency: AgencyId,
     sequence: Sequence,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Answer>,
 }
 
 /// A group in flight.
@@ -279,10 +285,10 @@ impl Writer {
     fn close(&mut self, requests: &mut mpsc::Receiver<Request>) {
         requests.close();
         while let Ok(request) = requests.try_recv() {
-            let closed = || "the database store is closed".to_string();
+            let closed = || PgError::NotDone("the database store is closed");
             match request {
                 Request::Append(a) => {
-                    let _ = a.done.send(Err(closed()));
+                    let _ = a.done.send(Err(Arc::new(closed())));
                 }
                 Request::Close(done) => {
                     let _ = done.send(());
@@ -304,7 +310,7 @@ impl Writer {
     }
 
     /// A connection for a group or a statement: an idle one, or a new one.
-    async fn connection(&mut self) -> Result<Conn, String> {
+    async fn connection(&mut self) -> Result<Conn, PgError> {
         while let Some(conn) = self.idle.pop() {
             if !conn.client.is_closed() {
                 return Ok(conn);
@@ -323,7 +329,7 @@ impl Writer {
     }
 
     /// Gives a connection back after a statement: kept if it worked.
-    fn give_back<T>(&mut self, client: Conn, outcome: &Result<T, String>) {
+    fn give_back<T>(&mut self, client: Conn, outcome: &Result<T, PgError>) {
         if outcome.is_ok() {
             self.idle.push(client);
         } else {
@@ -337,7 +343,7 @@ impl Writer {
         if let Err(why) = self.settle_doubt().await {
             // Nothing can be written before the doubt is cleared: fail
             // what waits, and try again with the next batches.
-            self.fail_waiting(waiting, &why);
+            self.fail_waiting(waiting, Arc::new(why));
             return;
         }
         let mut pending = Vec::new();
@@ -351,7 +357,9 @@ impl Writer {
             }
             let a = waiting.pop_front().expect("looked at above");
             if a.sequence.is_broken() {
-                let _ = a.done.send(Err(BEHIND_A_FAILED_BATCH.into()));
+                let _ = a
+                    .done
+                    .send(Err(Arc::new(PgError::NotDone(BEHIND_A_FAILED_BATCH))));
                 continue;
             }
             let agency = a.rows.agency();
@@ -360,11 +368,11 @@ impl Writer {
             // The receipt must describe exactly the rows committed with it.
             if a.receipt.count as i64 != after {
                 a.sequence.mark_broken();
-                let _ = a.done.send(Err(format!(
+                let _ = a.done.send(Err(Arc::new(PgError::Invalid(format!(
                     "agency {agency}: the batch's receipt counts {} bets, the table would hold \
                      {after}",
                     a.receipt.count
-                )));
+                )))));
                 continue;
             }
             if !receipts.contains_key(&agency) {
@@ -407,8 +415,9 @@ impl Writer {
                     result = result::FAIL,
                     storage = %self.target,
                     batches = pending.len(),
-                    error = why.as_str()
+                    error = %why
                 );
+                let why = Arc::new(why);
                 for p in pending {
                     p.sequence.mark_broken();
                     let _ = p.done.send(Err(why.clone()));
@@ -435,17 +444,17 @@ impl Writer {
     }
 
     /// Fails every batch waiting with `why`.
-    fn fail_waiting(&mut self, waiting: &mut VecDeque<Append>, why: &str) {
+    fn fail_waiting(&mut self, waiting: &mut VecDeque<Append>, why: Arc<PgError>) {
         warn!(
             action = action::STORE,
             result = result::FAIL,
             storage = %self.target,
             batches = waiting.len(),
-            error = why
+            error = %why
         );
         for a in waiting.drain(..) {
             a.sequence.mark_broken();
-            let _ = a.done.send(Err(why.to_string()));
+            let _ = a.done.send(Err(why.clone()));
         }
     }
 
@@ -459,7 +468,7 @@ impl Writer {
         let finished = finished.unwrap_or_else(|e| Finished {
             client: None,
             outcome: Outcome::Failed {
-                why: format!("the writer's task failed: {e}"),
+                why: PgError::Invalid(format!("the writer's task failed: {e}")),
                 doubt: None,
             },
         });
@@ -481,7 +490,7 @@ impl Writer {
                         result = result::FAIL,
                         storage = %self.target,
                         agency,
-                        error = why.as_str()
+                        error = %why
                     );
                     // Later groups planned on top of the refused batches
                     // are refused as well; plan from the table's count.
@@ -495,7 +504,7 @@ impl Writer {
                         }
                         Some(why) => {
                             let why = if p.sequence.is_broken() {
-                                BEHIND_A_FAILED_BATCH.to_string()
+                                Arc::new(PgError::NotDone(BEHIND_A_FAILED_BATCH))
                             } else {
                                 why.clone()
                             };
@@ -506,14 +515,14 @@ impl Writer {
                 }
                 return;
             }
-            Outcome::Behind => BEHIND_A_FAILED_GROUP.to_string(),
+            Outcome::Behind => Arc::new(PgError::NotDone(BEHIND_A_FAILED_GROUP)),
             Outcome::Failed { why, doubt } => {
                 warn!(
                     action = action::STORE,
                     result = result::FAIL,
                     storage = %self.target,
                     batches = group.pending.len(),
-                    error = why.as_str()
+                    error = %why
                 );
                 // Cleared up before the next group (see `settle_doubt`).
                 // Groups behind this one roll back without sending their
@@ -521,7 +530,7 @@ impl Writer {
                 if self.doubt.is_none() {
                     self.doubt = doubt;
                 }
-                why
+                Arc::new(why)
             }
         };
         self.failing = true;

@@ -4,11 +4,10 @@
 
 use tokio_postgres::Client;
 
-use super::group::superseded;
 use super::Writer;
 use crate::model::AgencyId;
 use crate::receipt::Receipt;
-use crate::store::postgres::connect::reason;
+use crate::store::postgres::PgError;
 use crate::store::Agency;
 
 /// The advisory lock an announcement's transaction holds ("finish" in
@@ -17,7 +16,7 @@ const FINISH_LOCK: i64 = 0x0000_6669_6e69_7368;
 
 impl Writer {
     /// See [`Request::Open`].
-    pub(super) async fn open(&mut self, agency: AgencyId) -> Result<Agency, String> {
+    pub(super) async fn open(&mut self, agency: AgencyId) -> Result<Agency, PgError> {
         self.settle_doubt().await?;
         let client = self.connection().await.inspect_err(|_| self.lost = true)?;
         let row = client
@@ -29,7 +28,7 @@ impl Writer {
                 &[&(agency as i32)],
             )
             .await
-            .map_err(reason);
+            .map_err(PgError::from);
         self.give_back(client, &row);
         let row = row?;
         let (stored, digest, epoch, finished): (i64, Option<&[u8]>, i64, bool) =
@@ -56,13 +55,13 @@ impl Writer {
     }
 
     /// See [`Request::Finish`].
-    pub(super) async fn finish(&mut self, agency: AgencyId, agencies: u32) -> Result<u32, String> {
+    pub(super) async fn finish(&mut self, agency: AgencyId, agencies: u32) -> Result<u32, PgError> {
         let epoch = self.epochs.get(&agency).copied();
         let mut client = self.connection().await.inspect_err(|_| self.lost = true)?;
         let finished = announce(&mut client.client, agency, epoch, agencies).await;
         // A refusal (superseded) leaves the connection as good as before.
         match &finished {
-            Err(why) if *why != superseded(agency) => self.lost = true,
+            Err(why) if !matches!(why, PgError::Superseded(_)) => self.lost = true,
             _ => self.idle.push(client),
         }
         finished
@@ -76,15 +75,15 @@ async fn announce(
     agency: AgencyId,
     epoch: Option<i64>,
     agencies: u32,
-) -> Result<u32, String> {
-    let tx = client.transaction().await.map_err(reason)?;
+) -> Result<u32, PgError> {
+    let tx = client.transaction().await.map_err(PgError::from)?;
     // Announcements on different centrals take turns: two last ones at
     // once would each count the other's as not yet committed, and neither
     // would draw. Each statement after the lock sees every announcement
     // committed before it.
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&FINISH_LOCK])
         .await
-        .map_err(reason)?;
+        .map_err(PgError::from)?;
     let marked = tx
         .execute(
             "INSERT INTO agencies AS a (agency, finished) VALUES ($1, true) \
@@ -93,9 +92,9 @@ async fn announce(
             &[&(agency as i32), &epoch],
         )
         .await
-        .map_err(reason)?;
+        .map_err(PgError::from)?;
     if marked == 0 {
-        return Err(superseded(agency));
+        return Err(PgError::Superseded(agency));
     }
     let count: i64 = tx
         .query_one(
@@ -103,8 +102,8 @@ async fn announce(
             &[&(agencies as i32)],
         )
         .await
-        .map_err(reason)?
+        .map_err(PgError::from)?
         .get(0);
-    tx.commit().await.map_err(reason)?;
+    tx.commit().await.map_err(PgError::from)?;
     Ok(count as u32)
 }
