@@ -13,7 +13,8 @@
 //! The figures are compared with `benches/instructions.toml`: the run fails
 //! when the central's instructions per bet (SHA-256 aside) grew by more than
 //! the tolerance there. `LOTTERY_WRITE_BASELINE=1` writes the new figures
-//! instead. Needs `valgrind` (Debian's package).
+//! instead. `LOTTERY_KEEP_CALLGRIND=DIR` keeps the two callgrind files
+//! there, for `callgrind_annotate`. Needs `valgrind` (Debian's package).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -139,6 +140,12 @@ fn run(bets: u64) -> Counted {
     server.signal(nix::sys::signal::Signal::SIGTERM);
     let status = server.wait_exit(Duration::from_secs(120));
     assert!(status.success(), "{}\n{}", server.output(), server.stderr());
+    if let Some(keep) = std::env::var_os("LOTTERY_KEEP_CALLGRIND") {
+        // For `callgrind_annotate`, to see where the instructions went.
+        let kept = Path::new(&keep).join(format!("callgrind.{bets}.out"));
+        std::fs::copy(&out, &kept).expect("the callgrind file can be kept");
+        eprintln!("kept {}", kept.display());
+    }
     count(&out)
 }
 
