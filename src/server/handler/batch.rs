@@ -35,7 +35,7 @@ impl Handler {
             Ok(session) => session.is_broken(),
             Err(e) => {
                 self.drain().await?;
-                return self.reject(count, e.code(), e.to_string()).await;
+                return self.reject(count, ErrorCode::from(&e), e.to_string()).await;
             }
         };
         if broken {
@@ -47,7 +47,7 @@ impl Handler {
             if let (_, Err(e @ crate::lottery::LotteryError::SalesClosed(_))) =
                 self.claimed().claim().intake()
             {
-                return self.reject(count, e.code(), e.to_string()).await;
+                return self.reject(count, ErrorCode::from(&e), e.to_string()).await;
             }
             if first.is_none() {
                 let reason = "an earlier batch of this connection was not stored; \
@@ -81,7 +81,9 @@ impl Handler {
                 self.send(&reply).await?;
                 return Ok(Next::Continue);
             }
-            Placement::Refuse(e) => return self.reject(count, e.code(), e.to_string()).await,
+            Placement::Refuse(e) => {
+                return self.reject(count, ErrorCode::from(&e), e.to_string()).await
+            }
         };
         if let Err(e) = self.claimed().submit(&bets, skip).await {
             self.drain().await?;

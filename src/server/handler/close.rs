@@ -6,7 +6,7 @@ use super::refusals::Refused;
 use super::{Handler, Next};
 use crate::close::ClosedBy;
 use crate::logging::action;
-use crate::net::Identity;
+use crate::tls::Identity;
 use crate::wire::{ErrorCode, FrameError, Reply, MAX_REASON_LEN};
 
 impl Handler {
@@ -59,10 +59,10 @@ impl Handler {
                     action = action::CIERRE,
                     result = crate::logging::result::FAIL,
                     peer = %self.peer,
-                    code = %e.code(),
+                    code = %ErrorCode::from(&e),
                     reason = %e
                 );
-                self.reply_error(e.code(), e.to_string()).await?;
+                self.reply_error(ErrorCode::from(&e), e.to_string()).await?;
             }
         }
         Ok(Next::Continue)

@@ -3,8 +3,7 @@
 
 use tokio_postgres::{Client, GenericClient};
 
-use super::connect::{reason, where_};
-use super::DRAW_CHANNEL;
+use super::{database, PgError, DRAW_CHANNEL};
 use crate::close::{ClosedBy, SalesClose};
 use crate::store::{ClosedRound, PgTarget, StorageError};
 
@@ -40,10 +39,7 @@ pub(super) async fn close_sales(
     close: &SalesClose,
     finish_lock: i64,
 ) -> Result<(ClosedRound, bool), StorageError> {
-    let fail = |e| StorageError::Database {
-        target: where_(target),
-        reason: reason(e),
-    };
+    let fail = |e: tokio_postgres::Error| database(target, e);
     let tx = client.transaction().await.map_err(fail)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&finish_lock])
         .await
@@ -84,12 +80,14 @@ pub(super) async fn close_sales(
             )
         }
         None => {
-            let kept = load_close(target, &tx)
-                .await?
-                .ok_or_else(|| StorageError::Database {
-                    target: where_(target),
-                    reason: "sales: the table's row is missing (schema step 4 inserts it)".into(),
-                })?;
+            let kept = load_close(target, &tx).await?.ok_or_else(|| {
+                database(
+                    target,
+                    PgError::Invalid(
+                        "sales: the table's row is missing (schema step 4 inserts it)".into(),
+                    ),
+                )
+            })?;
             (kept, false)
         }
     };
@@ -115,10 +113,7 @@ pub(super) async fn stored_at_close(
             &[],
         )
         .await
-        .map_err(|e| StorageError::Database {
-            target: where_(target),
-            reason: reason(e),
-        })?;
+        .map_err(|e| database(target, e))?;
     Ok(row.map(|row| {
         let agencies: Vec<i32> = row.get::<_, Option<Vec<i32>>>(0).unwrap_or_default();
         let counts: Vec<i64> = row.get::<_, Option<Vec<i64>>>(1).unwrap_or_default();
@@ -138,17 +133,14 @@ pub(super) async fn load_close(
     target: &PgTarget,
     client: &impl GenericClient,
 ) -> Result<Option<ClosedRound>, StorageError> {
-    let fail = |reason: String| StorageError::Database {
-        target: where_(target),
-        reason,
-    };
+    let fail = |reason: String| database(target, PgError::Invalid(reason));
     let row = client
         .query_opt(
             "SELECT closed_by, closed_at, reason, finished FROM sales WHERE closed_by IS NOT NULL",
             &[],
         )
         .await
-        .map_err(|e| fail(reason(e)))?;
+        .map_err(|e| database(target, e))?;
     let Some(row) = row else {
         return Ok(None);
     };
