@@ -16,8 +16,10 @@ use super::PgError;
 use super::{PostgresStore, DRAW_CHANNEL, FINISHED_COUNT};
 
 /// How often a central looks for a draw recorded elsewhere, should a
-/// notification be missed (a listening connection lost and reopened).
-pub(super) const DRAW_POLL: Duration = Duration::from_secs(2);
+/// notification be missed (a listening connection lost and reopened):
+/// well within the second in which every central must honour a close
+/// another one took.
+pub(super) const DRAW_POLL: Duration = Duration::from_millis(500);
 
 impl PostgresStore {
     /// Listens on [`DRAW_CHANNEL`] and looks at `draw` on each notification
