@@ -101,6 +101,11 @@ pub mod action {
     pub const VERIFY: &str = "verify";
     /// A new round was started: the previous one's files kept aside.
     pub const NEW_ROUND: &str = "new_round";
+    /// The admin listener (metrics, status page, probes) is listening, or
+    /// is open to its network without the operator's secret (WARN).
+    pub const ADMIN: &str = "admin";
+    /// The admin listener was closed.
+    pub const CLOSE_ADMIN: &str = "close_admin";
     /// The bets file was flushed and closed.
     pub const CLOSE_BETS_FILE: &str = "close_bets_file";
     /// The central reached its database (or is retrying, or gave up).

@@ -3,6 +3,7 @@
 //! stored rows and winners.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod admin;
 pub mod docker;
 pub mod pg;
 pub mod raw;

@@ -15,7 +15,7 @@ use tracing::{error, info};
 
 use super::StorageError;
 use crate::logging::{action, result};
-use crate::store::{Backend, Durability, Sequence};
+use crate::store::{Backend, Durability, Sequence, StoreMetrics};
 
 /// The step that puts a group's rows on stable storage before any of its
 /// batches is answered: [`File::sync_data`], or a stand-in in tests that
@@ -37,6 +37,8 @@ pub struct BetStore {
     /// Batches to append; `None` asks the writer to close the file.
     tx: mpsc::Sender<Option<Append>>,
     path: Arc<Path>,
+    /// The writer's commit measurements.
+    metrics: StoreMetrics,
 }
 
 impl std::fmt::Debug for Append {
@@ -75,17 +77,20 @@ impl BetStore {
 
     fn start_with(path: &Path, sync: Option<SyncStep>) -> (BetStore, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let metrics = StoreMetrics::default();
         let writer = Writer {
             path: path.to_path_buf(),
             file: None,
             sync,
             poisoned: None,
+            metrics: metrics.clone(),
         };
         let task = crate::task::spawn_blocking_named("bets writer", move || write_loop(writer, rx));
         (
             BetStore {
                 tx,
                 path: Arc::from(path),
+                metrics,
             },
             task,
         )
@@ -94,6 +99,11 @@ impl BetStore {
     /// The bets file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The writer's commit measurements.
+    pub fn metrics(&self) -> StoreMetrics {
+        self.metrics.clone()
     }
 
     /// Hands pre-encoded CSV rows to the writer as one unit, after the
@@ -190,7 +200,13 @@ fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Option<Append>>) {
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let outcomes = writer.write_group(&group);
+        writer
+            .metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        writer.metrics.group_batches.observe(group.len() as f64);
         for (append, outcome) in group.drain(..).zip(outcomes) {
             if let Err(reason) = &outcome {
                 append.sequence.mark_broken();
@@ -236,6 +252,8 @@ struct Writer {
     /// are then unknown, and only a restart (which recovers from the file)
     /// may accept bets again.
     poisoned: Option<String>,
+    /// Each group's commit time and size.
+    metrics: StoreMetrics,
 }
 
 impl Writer {

@@ -55,7 +55,7 @@ use super::rows::{Rows, COPY, HEADER, TRAILER};
 use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::receipt::Receipt;
-use crate::store::{Agency, PgTarget, Sequence};
+use crate::store::{Agency, PgTarget, Sequence, StoreMetrics, WriterMetrics};
 
 /// The advisory lock an announcement's transaction holds ("finish" in
 /// ASCII).
@@ -256,6 +256,8 @@ struct Finished {
 /// A group in flight.
 struct InFlight {
     task: JoinHandle<Finished>,
+    /// When its transaction started, for the commit time.
+    started: std::time::Instant,
     pending: Vec<Pending>,
     /// Per agency, the receipt once the group is stored.
     receipts: HashMap<AgencyId, Receipt>,
@@ -296,6 +298,18 @@ struct Writer {
     /// A group failed: no new group starts until those in flight are
     /// answered (they all fail behind it).
     failing: bool,
+    /// Each group's commit time and size.
+    metrics: StoreMetrics,
+    /// Groups in flight and reconnections.
+    writer_metrics: WriterMetrics,
+}
+
+/// What the writer measures, handed in by the store that starts it.
+pub struct Measured {
+    /// Every store's measurements.
+    pub store: StoreMetrics,
+    /// The database writer's own.
+    pub writer: WriterMetrics,
 }
 
 /// Runs the writer until it is asked to close or every sender is gone.
@@ -305,6 +319,7 @@ pub async fn run(
     client: Client,
     stored: HashMap<AgencyId, Receipt>,
     mut requests: mpsc::Receiver<Request>,
+    measured: Measured,
 ) {
     // Prepared on first use (see `Writer::connection`) when this fails.
     let idle: Vec<Conn> = Conn::prepare(client).await.into_iter().collect();
@@ -321,6 +336,8 @@ pub async fn run(
         in_flight: VecDeque::new(),
         baton: None,
         failing: false,
+        metrics: measured.store,
+        writer_metrics: measured.writer,
     };
     writer.reset_plan();
     let mut waiting: VecDeque<Append> = VecDeque::new();
@@ -345,6 +362,10 @@ pub async fn run(
                     .in_flight
                     .pop_front()
                     .expect("the front group finished");
+                writer
+                    .writer_metrics
+                    .groups_in_flight
+                    .set(writer.in_flight.len() as i64);
                 writer.answer(group, finished);
             }
             Event::Request(None) => senders_gone = true,
@@ -448,6 +469,7 @@ impl Writer {
         }
         let client = Conn::prepare(connect(&self.target, self.session).await?).await?;
         if std::mem::take(&mut self.lost) {
+            self.writer_metrics.retries.inc();
             info!(
                 action = action::DATABASE_CONNECT,
                 result = result::SUCCESS,
@@ -565,9 +587,13 @@ impl Writer {
         let task = tokio::spawn(store_group(client, Plan { chunks, updates }, after, relay));
         self.in_flight.push_back(InFlight {
             task,
+            started: std::time::Instant::now(),
             pending,
             receipts,
         });
+        self.writer_metrics
+            .groups_in_flight
+            .set(self.in_flight.len() as i64);
     }
 
     /// Fails every batch waiting with `why`.
@@ -587,6 +613,12 @@ impl Writer {
 
     /// Answers a group's batches from how its transaction ended.
     fn answer(&mut self, group: InFlight, finished: Result<Finished, tokio::task::JoinError>) {
+        self.metrics
+            .commit_seconds
+            .observe(group.started.elapsed().as_secs_f64());
+        self.metrics
+            .group_batches
+            .observe(group.pending.len() as f64);
         // A task that panicked leaves no doubt to settle: should its
         // commit have happened, the table holds more than this central
         // acknowledged, and its agencies' batches are refused until a HELLO
