@@ -159,3 +159,71 @@ pub fn round(mut cmd: Command, data: &Path, mut look: impl FnMut(Stage, &str)) -
     drop(agency3);
     server
 }
+
+/// What the run in [`round`] must have counted once drawn, on any store.
+pub fn check_after(text: &str) {
+    let batches = 2 * BETS.div_ceil(PER_BATCH) + 1;
+    assert_eq!(
+        metric(text, "lottery_bets_stored_total"),
+        (2 * BETS + 1) as f64
+    );
+    assert_eq!(
+        metric(text, "lottery_batches_total{outcome=\"stored\"}"),
+        batches as f64
+    );
+    assert_eq!(
+        metric(text, "lottery_batches_total{outcome=\"refused\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(text, "lottery_batches_total{outcome=\"already_stored\"}"),
+        0.0
+    );
+    assert_eq!(
+        metric(text, "lottery_bets_refused_total{code=\"INVALID_BET\"}"),
+        2.0
+    );
+    // Every stored batch was acknowledged once, and committed in exactly
+    // one group.
+    assert_eq!(
+        metric(text, "lottery_ack_latency_seconds_count"),
+        batches as f64
+    );
+    assert_eq!(
+        metric(text, "lottery_storage_group_batches_sum"),
+        batches as f64
+    );
+    assert!(metric(text, "lottery_storage_commit_seconds_count") >= 1.0);
+    assert_eq!(metric(text, "lottery_agencies"), 3.0);
+    assert_eq!(metric(text, "lottery_agencies_finished"), 3.0);
+    assert_eq!(metric(text, "lottery_draw_state{state=\"done\"}"), 1.0);
+    assert_eq!(metric(text, "lottery_draw_state{state=\"waiting\"}"), 0.0);
+    assert!(metric(text, "lottery_draw_timestamp_seconds") > 1.7e9);
+    assert_eq!(metric(text, "lottery_auth_failures_total"), 0.0);
+    assert_eq!(metric(text, "lottery_auth_lockouts_total"), 0.0);
+}
+
+/// Before anything is stored, and with agency 3 finished and waiting.
+pub fn check_before_and_during(stage: Stage, text: &str) {
+    match stage {
+        Stage::Before => {
+            assert_eq!(metric(text, "lottery_bets_stored_total"), 0.0);
+            assert_eq!(metric(text, "lottery_connections_open"), 0.0);
+            assert_eq!(metric(text, "lottery_draw_state{state=\"waiting\"}"), 1.0);
+            assert_eq!(metric(text, "lottery_draw_timestamp_seconds"), 0.0);
+        }
+        Stage::During => {
+            assert_eq!(metric(text, "lottery_bets_stored_total"), 1.0);
+            assert_eq!(
+                metric(text, "lottery_batches_total{outcome=\"refused\"}"),
+                1.0
+            );
+            assert_eq!(metric(text, "lottery_connections_open"), 1.0);
+            assert_eq!(metric(text, "lottery_sessions{state=\"finished\"}"), 1.0);
+            assert_eq!(metric(text, "lottery_sessions{state=\"uploading\"}"), 0.0);
+            assert_eq!(metric(text, "lottery_agencies_finished"), 1.0);
+            assert_eq!(metric(text, "lottery_draw_state{state=\"waiting\"}"), 1.0);
+        }
+        Stage::After => check_after(text),
+    }
+}

@@ -8,6 +8,7 @@
 //! `several_centrals`, `failover`, `tools`); the helpers they share are
 //! here.
 
+mod admin;
 #[path = "../common/mod.rs"]
 mod common;
 mod failover;

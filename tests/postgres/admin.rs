@@ -1,0 +1,33 @@
+//! `/metrics` of a central on the database, counted against a run exactly
+//! (the bets file's version is in `tests/admin.rs`), with the database
+//! writer's own metrics.
+
+use super::*;
+use common::admin::{admin_address, check_before_and_during, get, metric, round, BETS};
+
+#[test]
+fn metrics_count_a_real_run_on_the_database_exactly() {
+    let Some((_pg, url)) = cluster_with_db("metrics_count_a_real_run_on_the_database") else {
+        return;
+    };
+    let data = gen_data(GenOptions {
+        agencies: 2,
+        bets_per_agency: BETS,
+        seed: 22,
+        winning_number: WINNING,
+        winner_share: 0.02,
+        tricky_share: 0.05,
+        crlf: false,
+    });
+    let server = round(central_command(&url, 3), data.path(), |stage, admin| {
+        let response = get(admin, "/metrics", None);
+        assert_eq!(response.status, 200, "{}", response.body);
+        check_before_and_during(stage, &response.body);
+    });
+    let text = get(&admin_address(&server), "/metrics", None).body;
+    assert_eq!(metric(&text, "lottery_database_groups_in_flight"), 0.0);
+    assert_eq!(metric(&text, "lottery_database_retries_total"), 0.0);
+    let page = get(&admin_address(&server), "/", None).body;
+    assert!(page.contains("database: <code id=\"storage\">"), "{page}");
+    stop(&server);
+}
