@@ -61,7 +61,8 @@ fn html(body: String) -> Response {
 /// Polls `/live` with the page's own credentials (the browser resends them)
 /// and swaps it in; on an error the page stays as it was.
 const SCRIPT: &str = "setInterval(async()=>{try{const r=await fetch('/live',{cache:'no-store'});\
-if(r.ok){document.getElementById('live').innerHTML=await r.text();}}catch(e){}},1000);";
+if(r.ok){document.getElementById('live').innerHTML=await r.text();\
+document.body.dataset.live='polling';}}catch(e){}},1000);";
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}\
 table{border-collapse:collapse;margin:.5em 0 1.5em}\
