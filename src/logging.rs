@@ -298,8 +298,24 @@ pub fn init(level: LogLevel, format: LogFormat) {
     };
     let registry = tracing_subscriber::registry().with(stdout);
     #[cfg(feature = "console")]
-    let registry = registry.with(console_subscriber::spawn());
+    let registry = registry.with(console_layer());
     let _ = registry.try_init();
+}
+
+/// The tokio-console layer, serving the console on `TOKIO_CONSOLE_BIND`
+/// (`HOST:PORT`, by default `127.0.0.1:6669`), or on the Unix socket
+/// `LOTTERY_CONSOLE_SOCKET` names (no port to pick or to collide on: the
+/// tests use it).
+#[cfg(feature = "console")]
+fn console_layer<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let builder = console_subscriber::ConsoleLayer::builder().with_default_env();
+    match std::env::var_os("LOTTERY_CONSOLE_SOCKET") {
+        Some(path) => builder.server_addr(std::path::PathBuf::from(path)).spawn(),
+        None => builder.spawn(),
+    }
 }
 
 /// Renders events as JSON lines: `timestamp`, `level`, then the event's
