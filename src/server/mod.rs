@@ -336,11 +336,12 @@ async fn serve(
         admin.ready(admin::Live {
             lottery: lottery.clone(),
             metrics: settings.metrics.clone(),
-            storage: store.describe(),
-            storage_kind: if store.clone().into_shared().is_some() {
-                "database"
-            } else {
-                "file"
+            store: match store.clone().into_shared() {
+                Some(shared) => admin::StoreView::Database {
+                    url: store.describe(),
+                    store: shared,
+                },
+                None => admin::StoreView::File(store.describe()),
             },
         });
     }

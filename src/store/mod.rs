@@ -190,6 +190,11 @@ pub trait SharedStore: Store {
     /// What the database writer measures: its groups in flight and its
     /// retries.
     fn writer_metrics(&self) -> WriterMetrics;
+
+    /// The server (`IP:PORT`) the writer's last new connection reached:
+    /// with several hosts, the primary; `None` before any, or over a Unix
+    /// socket.
+    fn primary(&self) -> Option<String>;
 }
 
 /// What [`SharedStore::drawn`] saw.

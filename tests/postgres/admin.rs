@@ -29,5 +29,11 @@ fn metrics_count_a_real_run_on_the_database_exactly() {
     assert_eq!(metric(&text, "lottery_database_retries_total"), 0.0);
     let page = get(&admin_address(&server), "/", None).body;
     assert!(page.contains("database: <code id=\"storage\">"), "{page}");
+    // The server the writer reached: the one cluster's loopback address.
+    assert!(
+        page.contains("primary: <code id=\"primary\">127.0.0.1:"),
+        "{page}"
+    );
+    assert!(!page.contains("password"), "{page}");
     stop(&server);
 }

@@ -29,6 +29,7 @@ use tracing::{error, info, warn};
 
 use crate::logging::{action, result};
 use crate::lottery::Lottery;
+use crate::store::SharedStore;
 
 pub use metrics::Metrics;
 
@@ -39,10 +40,22 @@ pub struct Live {
     pub lottery: Lottery,
     /// The counters.
     pub metrics: Arc<Metrics>,
-    /// Where the bets are, as log lines say it (no password).
-    pub storage: String,
-    /// `file` or `database`.
-    pub storage_kind: &'static str,
+    /// Where the bets are.
+    pub store: StoreView,
+}
+
+/// The store, as the status page shows it.
+#[derive(Debug)]
+pub enum StoreView {
+    /// The bets file, at this path.
+    File(String),
+    /// A database, shared with any other centrals.
+    Database {
+        /// Its URL, without the password.
+        url: String,
+        /// The store, asked which server its writer reached.
+        store: Arc<dyn SharedStore>,
+    },
 }
 
 /// Shared by every request.

@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 
-use super::{Live, Shared};
+use super::{Live, Shared, StoreView};
 
 /// Seconds between refreshes of the page when JavaScript is off.
 const REFRESH_SECS: u32 = 3;
@@ -135,13 +135,26 @@ async fn live_part(live: &Live) -> String {
             seen = a.last_seen.map_or_else(|| "&ndash;".to_string(), shown),
         );
     }
-    let _ = write!(
-        out,
-        "</tbody></table></section><section><h2>Store</h2><p>{}: <code id=\"storage\">{}</code>\
-         </p></section>",
-        live.storage_kind,
-        escape(&live.storage)
-    );
+    out.push_str("</tbody></table></section><section><h2>Store</h2><p>");
+    match &live.store {
+        StoreView::File(path) => {
+            let _ = write!(
+                out,
+                "file: <code id=\"storage\">{}</code></p>",
+                escape(path)
+            );
+        }
+        StoreView::Database { url, store } => {
+            let _ = write!(
+                out,
+                "database: <code id=\"storage\">{}</code> &middot; primary: \
+                 <code id=\"primary\">{}</code></p>",
+                escape(url),
+                escape(store.primary().as_deref().unwrap_or("unknown"))
+            );
+        }
+    }
+    out.push_str("</section>");
     out
 }
 

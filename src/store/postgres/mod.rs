@@ -69,6 +69,8 @@ pub struct PostgresStore {
     metrics: StoreMetrics,
     /// The writer's groups in flight and retries.
     writer_metrics: WriterMetrics,
+    /// The server the writer's last new connection reached.
+    primary: Arc<Mutex<Option<String>>>,
     /// The writer task; taken by [`Store::close`].
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -132,9 +134,11 @@ impl PostgresStore {
         let (requests, rx) = mpsc::channel(writer::QUEUE_DEPTH);
         let metrics = StoreMetrics::default();
         let writer_metrics = WriterMetrics::default();
+        let primary = Arc::new(Mutex::new(None));
         let measured = writer::Measured {
             store: metrics.clone(),
             writer: writer_metrics.clone(),
+            primary: primary.clone(),
         };
         let task = crate::task::spawn_named(
             "database writer",
@@ -146,6 +150,7 @@ impl PostgresStore {
             requests,
             metrics,
             writer_metrics,
+            primary,
             task: Mutex::new(Some(task)),
         };
         Ok((store, stored))
@@ -333,6 +338,13 @@ impl Store for PostgresStore {
 impl SharedStore for PostgresStore {
     fn writer_metrics(&self) -> WriterMetrics {
         self.writer_metrics.clone()
+    }
+
+    fn primary(&self) -> Option<String> {
+        self.primary
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn open_session(&self, agency: AgencyId) -> BoxFuture<'_, Result<Agency, StorageError>> {

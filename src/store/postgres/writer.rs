@@ -42,6 +42,7 @@
 //! of the agency opened on any central (its HELLO was answered with them).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::SinkExt;
@@ -206,6 +207,9 @@ struct Doubt {
 /// once, so a group's statements each take one round trip.
 struct Conn {
     client: Client,
+    /// The server's address as it answered (`IP:PORT`; `None` over a Unix
+    /// socket): with several hosts, the primary this connection reached.
+    server: Option<String>,
     copy: Statement,
     create: Statement,
     lock: Statement,
@@ -228,9 +232,14 @@ const UPSERT_AGENCIES: &str = "INSERT INTO agencies (agency, stored, digest) \
     SELECT * FROM unnest($1::int4[], $2::int8[], $3::bytea[]) \
     ON CONFLICT (agency) DO UPDATE SET stored = excluded.stored, digest = excluded.digest";
 
+/// The address the server answered on: which host of several is the one
+/// written to.
+const SERVER_ADDRESS: &str = "SELECT host(inet_server_addr()) || ':' || inet_server_port()";
+
 impl Conn {
     async fn prepare(client: Client) -> Result<Conn, String> {
-        let (copy, create, lock, upsert) = futures::try_join!(
+        let (server, copy, create, lock, upsert) = futures::try_join!(
+            client.query_one(SERVER_ADDRESS, &[]),
             client.prepare(COPY),
             client.prepare(CREATE_AGENCIES),
             client.prepare(LOCK_AGENCIES),
@@ -239,6 +248,7 @@ impl Conn {
         .map_err(reason)?;
         Ok(Conn {
             client,
+            server: server.get(0),
             copy,
             create,
             lock,
@@ -302,6 +312,8 @@ struct Writer {
     metrics: StoreMetrics,
     /// Groups in flight and reconnections.
     writer_metrics: WriterMetrics,
+    /// The server its last new connection reached.
+    primary: Arc<Mutex<Option<String>>>,
 }
 
 /// What the writer measures, handed in by the store that starts it.
@@ -310,6 +322,8 @@ pub struct Measured {
     pub store: StoreMetrics,
     /// The database writer's own.
     pub writer: WriterMetrics,
+    /// The server its last new connection reached (see [`Conn`]).
+    pub primary: Arc<Mutex<Option<String>>>,
 }
 
 /// Runs the writer until it is asked to close or every sender is gone.
@@ -338,7 +352,11 @@ pub async fn run(
         failing: false,
         metrics: measured.store,
         writer_metrics: measured.writer,
+        primary: measured.primary,
     };
+    if let Some(conn) = writer.idle.first() {
+        writer.reached(conn);
+    }
     writer.reset_plan();
     let mut waiting: VecDeque<Append> = VecDeque::new();
     // A request that must wait for every batch before it to be answered.
@@ -468,6 +486,7 @@ impl Writer {
             }
         }
         let client = Conn::prepare(connect(&self.target, self.session).await?).await?;
+        self.reached(&client);
         if std::mem::take(&mut self.lost) {
             self.writer_metrics.retries.inc();
             info!(
@@ -478,6 +497,11 @@ impl Writer {
             );
         }
         Ok(client)
+    }
+
+    /// Notes the server a new connection reached.
+    fn reached(&self, conn: &Conn) {
+        *self.primary.lock().unwrap_or_else(|p| p.into_inner()) = conn.server.clone();
     }
 
     /// Gives a connection back after a statement: kept if it worked.
