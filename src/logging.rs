@@ -133,19 +133,24 @@ pub mod action {
 /// show; `source()` still links the cause for code that walks the chain.
 /// Printing the chain as anyhow's `{:#}` does would then repeat each cause
 /// (`No such file or directory (os error 2): No such file or directory (os
-/// error 2)`). This is the one place that walks a chain: it adds a cause
-/// only when the text so far does not already end with it, which also keeps
-/// a library error that follows the other convention (a bare message, the
-/// cause only in `source()`) whole.
+/// error 2)`). This is the one place that walks a chain: it adds a cause's
+/// first line only while the text so far does not already say it, and
+/// stops at the first cause it already said, whose own causes that text
+/// then holds too (a PostgreSQL failure says the server's words once, not
+/// again as the driver's bare `db error` and its multi-line detail). A
+/// library error that follows the other convention (a bare message, the
+/// cause only in `source()`) is still shown whole.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
         let said = c.to_string();
-        if !text.ends_with(&said) {
-            text.push_str(": ");
-            text.push_str(&said);
+        let said = said.lines().next().unwrap_or_default();
+        if text.contains(said) {
+            break;
         }
+        text.push_str(": ");
+        text.push_str(said);
         cause = c.source();
     }
     text
@@ -635,6 +640,25 @@ mod tests {
         );
         let e = anyhow::Error::new(Bare { source: missing() });
         assert_eq!(error_chain(e.as_ref()), "bare message: entity not found");
+        // A complete message over a driver's bare one over the server's
+        // multi-line words (a PostgreSQL failure): said once, one line.
+        #[derive(Debug, thiserror::Error)]
+        #[error("ERROR: relation \"bets\" does not exist\nHINT: run the migrations")]
+        struct Server;
+        #[derive(Debug, thiserror::Error)]
+        #[error("db error")]
+        struct Driver(#[source] Server);
+        #[derive(Debug, thiserror::Error)]
+        #[error("ERROR: relation \"bets\" does not exist")]
+        struct Pg(#[source] Driver);
+        #[derive(Debug, thiserror::Error)]
+        #[error("database db:5432/lottery: {0}")]
+        struct Store(#[source] Pg);
+        let e = anyhow::Error::new(Store(Pg(Driver(Server)))).context("starting the central");
+        assert_eq!(
+            error_chain(e.as_ref()),
+            "starting the central: database db:5432/lottery: ERROR: relation \"bets\" does not exist"
+        );
     }
 
     #[test]

@@ -439,3 +439,56 @@ fn every_test_testing_md_names_exists() {
         "docs/TESTING.md names tests that do not exist (renamed or removed?): {missing:?}"
     );
 }
+
+/// Every source path the README and docs/ name in backticks (`src/tls/`,
+/// `store/file/row.rs`, `tests/postgres/`) is a file or folder of the
+/// project: a moved or split file cannot leave the map behind. Paths are
+/// looked for from the top, and under `src/` and `tests/`; a path is one
+/// that starts at the top or at a part of `src/` (a name relative to the
+/// line's folder, like `row.rs` after `src/store/file/`, is not checked).
+#[test]
+fn every_source_path_the_docs_name_exists() {
+    const ROOTS: &[&str] = &[
+        "src/", "tests/", "benches/", "docs/", "agency/", "config/", "lottery/", "model/",
+        "server/", "store/", "tls/", "tools/", "wire/",
+    ];
+    let mut docs = vec!["README.md".to_string()];
+    for entry in std::fs::read_dir(root().join("docs")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name.ends_with(".md") {
+            docs.push(format!("docs/{name}"));
+        }
+    }
+    let mut missing = Vec::new();
+    let mut checked = 0;
+    for doc in &docs {
+        let text = read(doc);
+        for (i, quoted) in text.split('`').enumerate() {
+            // Odd pieces are inside backticks.
+            let looks_like_path = i % 2 == 1
+                && quoted.contains('/')
+                && (quoted.ends_with(".rs") || quoted.ends_with('/'))
+                && quoted
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-./".contains(c))
+                && !quoted.contains("..")
+                && ROOTS.iter().any(|r| quoted.starts_with(r));
+            if !looks_like_path {
+                continue;
+            }
+            checked += 1;
+            let found = ["", "src/", "tests/"]
+                .iter()
+                .any(|base| root().join(format!("{base}{quoted}")).exists());
+            if !found {
+                missing.push(format!("{doc}: `{quoted}`"));
+            }
+        }
+    }
+    assert!(checked > 20, "the docs name {checked} source paths");
+    assert!(
+        missing.is_empty(),
+        "the docs name paths that do not exist (moved or split?):\n{}",
+        missing.join("\n")
+    );
+}

@@ -35,7 +35,7 @@ use tracing::{info, warn};
 use crate::config::AgencyConfig;
 use crate::logging::{action, result};
 use crate::model::AgencyId;
-use crate::net::{self, BoxedIo, ClientTls, TlsError};
+use crate::tls::{self, BoxedIo, ClientTls, TlsError};
 use crate::wire::{ErrorCode, FrameError};
 
 use session::{session, Protocol, SessionEnd};
@@ -84,7 +84,7 @@ pub enum AgencyError {
         reason: String,
     },
     /// The central cannot be reached (retried).
-    #[error("cannot connect to {address}: {source}; {}", crate::net::unreachable_hint(.source))]
+    #[error("cannot connect to {address}: {source}; {}", unreachable_hint(.source))]
     Connect {
         /// The configured address.
         address: String,
@@ -175,7 +175,7 @@ pub enum AgencyError {
     #[error("unexpected reply from the central: {0}")]
     UnexpectedReply(String),
     /// A TLS record arrived where a frame header should be.
-    #[error("{}", net::central_speaks_tls())]
+    #[error("{}", tls::central_speaks_tls())]
     SpeaksTls,
     /// The socket or framing failed.
     #[error(transparent)]
@@ -242,7 +242,7 @@ impl AgencyError {
             | AgencyError::ResumableAfterAll
             | AgencyError::HelloUnanswered { .. } => true,
             // A TLS refusal (a wrong certificate) says what to change.
-            AgencyError::Frame(FrameError::Io(e)) => !net::is_refusal(e),
+            AgencyError::Frame(FrameError::Io(e)) => !tls::is_refusal(e),
             AgencyError::Frame(FrameError::Truncated(_)) => true,
             AgencyError::Rejected { code, .. } | AgencyError::Refused { code, .. } => matches!(
                 code,
@@ -461,7 +461,7 @@ impl Centrals {
             .server_address
             .as_slice()
             .iter()
-            .map(|address| Ok((address.clone(), ClientTls::for_agency(config, address)?)))
+            .map(|address| Ok((address.clone(), client_tls(config, address)?)))
             .collect::<Result<Vec<_>, TlsError>>()?;
         Ok(Centrals {
             list,
@@ -535,5 +535,40 @@ impl Link<'_> {
                     reason,
                 }),
         }
+    }
+}
+
+/// TLS as the agency's settings ask for it, to dial `address` (the
+/// certificate's name follows the address actually dialled): `None` when
+/// `agency.tls_ca` is not set. Also the operator tools' way to dial.
+///
+/// # Errors
+/// A file cannot be read, or the server name is not valid.
+pub(crate) fn client_tls(
+    config: &AgencyConfig,
+    address: &str,
+) -> Result<Option<ClientTls>, TlsError> {
+    if config.tls_ca.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let identity = (!config.tls_cert.as_os_str().is_empty())
+        .then_some((config.tls_cert.as_path(), config.tls_key.as_path()));
+    ClientTls::new(&config.tls_ca, &config.tls_name(address), identity).map(Some)
+}
+
+/// What to check when the central cannot be reached, by how connecting
+/// failed: the agency's and the operator tools' messages end with it, so a
+/// bare "Connection refused" never leaves an operator guessing.
+pub(crate) fn unreachable_hint(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::ConnectionRefused => {
+            "nothing listens there: is the central running, and on this port? (its `listen` \
+             log line shows its address)"
+        }
+        ErrorKind::TimedOut | ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => {
+            "no answer from that host: is the address right, and the host reachable?"
+        }
+        _ => "is the address right?",
     }
 }

@@ -22,8 +22,8 @@ use super::seal::{self, Outcome, Refusal};
 use super::{AgencyError, AgencyReport, Link};
 use crate::config::AgencyConfig;
 use crate::logging::{action, result};
-use crate::net::BoxedIo;
 use crate::receipt::{Digest, Receipt, Sealed};
+use crate::tls::BoxedIo;
 use crate::wire::{
     AgencyCodec, Finish, FrameError, MessageError, RawFrame, Reply, Request, STILL_WAITING_EVERY,
 };

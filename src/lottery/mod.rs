@@ -26,7 +26,6 @@ use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::receipt::Receipt;
 use crate::store::{Draw, SharedStore, Store, Watched};
-use crate::wire::{AgencyState, ErrorCode};
 
 pub use claim::Claim;
 
@@ -84,19 +83,16 @@ pub enum LotteryError {
     },
 }
 
-impl LotteryError {
-    /// The wire error code for this refusal.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            LotteryError::UnknownAgency(..) | LotteryError::OtherAgency { .. } => {
-                ErrorCode::WrongAgency
-            }
-            LotteryError::Busy(_) | LotteryError::TakeoverTimedOut { .. } => ErrorCode::AgencyBusy,
-            LotteryError::Finished(_) => ErrorCode::AgencyFinished,
-            LotteryError::Draw(_) | LotteryError::Store(_) => ErrorCode::StorageFailed,
-            LotteryError::OutOfOrder { .. } => ErrorCode::OutOfOrder,
-        }
-    }
+/// Where one agency stands, as `status` shows it: the rules' own view, which
+/// the handler puts on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    /// The agency.
+    pub agency: AgencyId,
+    /// Bets the central holds for it.
+    pub held: u64,
+    /// It announced that it finished.
+    pub finished: bool,
 }
 
 /// The mutable part, behind the mutex.
@@ -499,14 +495,14 @@ impl Lottery {
 
     /// The configured agency count, whether the draw is done, and each
     /// agency that holds bets or has finished, in agency order.
-    pub fn status(&self) -> (u32, bool, Vec<AgencyState>) {
+    pub fn status(&self) -> (u32, bool, Vec<Standing>) {
         let drawn = self.draw().is_some();
         let state = self.lock();
         let mut ids: BTreeSet<AgencyId> = state.stored.keys().copied().collect();
         ids.extend(state.finished.iter().copied());
         let states = ids
             .into_iter()
-            .map(|agency| AgencyState {
+            .map(|agency| Standing {
                 agency,
                 held: state.stored.get(&agency).map_or(0, |r| r.count),
                 finished: state.finished.contains(&agency),
@@ -520,7 +516,7 @@ impl Lottery {
     /// (this central's own counts may be ahead of it by batches not yet
     /// committed). Should the store not answer, this central's own view,
     /// with a warning.
-    pub async fn status_everywhere(&self) -> (u32, bool, Vec<AgencyState>) {
+    pub async fn status_everywhere(&self) -> (u32, bool, Vec<Standing>) {
         let (agencies, drawn, local) = self.status();
         let Some(store) = &self.shared.shared_store else {
             return (agencies, drawn, local);
@@ -537,10 +533,10 @@ impl Lottery {
                 return (agencies, drawn, local);
             }
         };
-        let mut merged: BTreeMap<AgencyId, AgencyState> =
+        let mut merged: BTreeMap<AgencyId, Standing> =
             local.into_iter().map(|s| (s.agency, s)).collect();
         for (agency, (held, finished)) in everywhere {
-            let state = merged.entry(agency).or_insert(AgencyState {
+            let state = merged.entry(agency).or_insert(Standing {
                 agency,
                 held: 0,
                 finished: false,
@@ -1001,7 +997,7 @@ mod tests {
                 waited: Duration::from_millis(50)
             }
         );
-        assert_eq!(err.code(), ErrorCode::AgencyBusy);
+        assert!(matches!(err, LotteryError::TakeoverTimedOut { .. }));
         drop(stuck);
     }
 
@@ -1022,7 +1018,7 @@ mod tests {
         one.finish().await.unwrap();
         let waiter = waiter(&lottery);
         let err = two.finish().await.unwrap_err();
-        assert_eq!(err.code(), ErrorCode::StorageFailed);
+        assert!(matches!(err, LotteryError::Draw(_)), "{err}");
         let text = err.to_string();
         assert!(
             text.contains("agency 1: 0 in the store, 2 acknowledged")
@@ -1102,7 +1098,7 @@ mod tests {
         one.finish().await.unwrap();
         let waiter = waiter(&lottery);
         let err = two.finish().await.unwrap_err();
-        assert_eq!(err.code(), ErrorCode::StorageFailed);
+        assert!(matches!(err, LotteryError::Draw(_)), "{err}");
         // The agency waiting is told to retry, not left waiting for ever.
         assert!(waiter.await.unwrap().unwrap().is_err());
         // Announcing again draws.

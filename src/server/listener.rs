@@ -22,8 +22,8 @@ use super::Settings;
 use crate::config::{ConfigError, ServerConfig};
 use crate::logging::{action, result};
 use crate::lottery::Lottery;
-use crate::net::{self, BoxedIo, Identity};
 use crate::store::Store;
+use crate::tls::{self, BoxedIo, Identity};
 use crate::wire::{ErrorCode, FrameError, Reply, ServerCodec};
 
 /// The guard's clock (tokio's, so tests can pause it).
@@ -312,9 +312,9 @@ async fn refuse_busy(socket: TcpStream, settings: Arc<Settings>) {
         let io: BoxedIo = match &settings.tls {
             None => Box::new(socket),
             Some(tls) => match tls.accept(socket).await {
-                Ok(net::Accepted::Tls(stream, _)) => stream,
-                Ok(net::Accepted::PlainText(socket)) => Box::new(socket),
-                Ok(net::Accepted::Closed) | Err(_) => return,
+                Ok(tls::Accepted::Tls(stream, _)) => stream,
+                Ok(tls::Accepted::PlainText(socket)) => Box::new(socket),
+                Ok(tls::Accepted::Closed) | Err(_) => return,
             },
         };
         let mut framed = Framed::new(io, ServerCodec::new());
@@ -390,9 +390,9 @@ impl Accepted {
                     outcome = handshake => outcome,
                 };
                 match outcome {
-                    Ok(Ok(net::Accepted::Tls(stream, identity))) => (stream, identity),
-                    Ok(Ok(net::Accepted::Closed)) => return,
-                    Ok(Ok(net::Accepted::PlainText(socket))) => {
+                    Ok(Ok(tls::Accepted::Tls(stream, identity))) => (stream, identity),
+                    Ok(Ok(tls::Accepted::Closed)) => return,
+                    Ok(Ok(tls::Accepted::PlainText(socket))) => {
                         warn!(
                             action = action::CONNECTION,
                             result = result::FAIL,
@@ -452,7 +452,7 @@ async fn refuse_plain_text(socket: TcpStream, limit: Duration) {
     let mut framed = Framed::new(socket, ServerCodec::new());
     let reply = Reply::Error {
         code: ErrorCode::TlsRequired,
-        message: net::tls_required_message(),
+        message: tls::tls_required_message(),
     };
     let answered = async {
         framed.send(&reply).await?;

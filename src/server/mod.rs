@@ -30,9 +30,9 @@ use crate::config::{ConfigError, Secrets, ServerConfig};
 use crate::logging::{action, result};
 use crate::lottery::Lottery;
 use crate::model::AgencyId;
-use crate::net::{ServerTls, TlsError};
 use crate::receipt::{differences, served_differences, Receipt};
 use crate::store::{self, Draw, Opened, StorageError, Store};
+use crate::tls::{ServerTls, TlsError};
 
 use admin::Admin;
 

@@ -36,12 +36,13 @@ pub enum StorageError {
     },
     /// The database could not be reached, or failed a statement; `target`
     /// names its hosts and database, never a password.
-    #[error("database {target}: {reason}")]
+    #[error("database {target}: {source}")]
     Database {
         /// `host:port,…/dbname`.
         target: String,
-        /// What failed.
-        reason: String,
+        /// What failed: the backend's own typed error (the PostgreSQL
+        /// store's `PgError`, which links the driver's).
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The storage URL lacks what the database asks for (a password): a
     /// configuration error (exit code 2), not retried.

@@ -12,9 +12,9 @@ use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
 use crate::config::{AgencyConfig, ServerConfig};
-use crate::net::{self, BoxedIo, ClientTls};
 use crate::store::file::load_record;
 use crate::store::{self, Draw, Storage};
+use crate::tls::{self, BoxedIo};
 use crate::wire::{AgencyCodec, FrameError};
 use crate::wire::{AgencyState, ErrorCode, Reply, Request};
 
@@ -58,7 +58,7 @@ async fn connect(target: &Target) -> anyhow::Result<Framed<BoxedIo, AgencyCodec>
         anyhow::anyhow!(
             "cannot connect to the central at {}: {e}; {}; {ADDRESS_FROM}",
             target.address,
-            crate::net::unreachable_hint(&e)
+            crate::agency::unreachable_hint(&e)
         )
     })?;
     stream.set_nodelay(true)?;
@@ -66,7 +66,7 @@ async fn connect(target: &Target) -> anyhow::Result<Framed<BoxedIo, AgencyCodec>
         None => Box::new(stream),
         Some(agency) => {
             // The certificate's name follows the address actually probed.
-            let tls = ClientTls::for_agency(agency, &target.address)?.expect("tls_ca is set");
+            let tls = crate::agency::client_tls(agency, &target.address)?.expect("tls_ca is set");
             tls.connect(stream).await?
         }
     };
@@ -79,7 +79,7 @@ async fn next_reply(framed: &mut Framed<BoxedIo, AgencyCodec>) -> anyhow::Result
     match framed.next().await {
         Some(Ok(Ok(reply))) => Ok(reply),
         Some(Ok(Err(e))) => anyhow::bail!("unreadable reply: {e}"),
-        Some(Err(FrameError::TlsRecord)) => anyhow::bail!(net::central_speaks_tls()),
+        Some(Err(FrameError::TlsRecord)) => anyhow::bail!(tls::central_speaks_tls()),
         Some(Err(e)) => Err(e.into()),
         None => anyhow::bail!("the central closed the connection"),
     }

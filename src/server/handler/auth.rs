@@ -270,7 +270,7 @@ impl Handler {
         }
         self.vouch();
         if let Err(e) = self.open_session(agency).await {
-            let refused = Refused::connection(Some(agency), e.code(), e.to_string());
+            let refused = Refused::connection(Some(agency), ErrorCode::from(&e), e.to_string());
             self.refuse(refused).await?;
             return Ok(Next::Continue);
         }

@@ -34,7 +34,7 @@ impl Handler {
             Ok(session) => session.is_broken(),
             Err(e) => {
                 self.drain().await?;
-                return self.reject(count, e.code(), e.to_string()).await;
+                return self.reject(count, ErrorCode::from(&e), e.to_string()).await;
             }
         };
         if broken {
@@ -76,7 +76,9 @@ impl Handler {
                 self.send(&reply).await?;
                 return Ok(Next::Continue);
             }
-            Placement::Refuse(e) => return self.reject(count, e.code(), e.to_string()).await,
+            Placement::Refuse(e) => {
+                return self.reject(count, ErrorCode::from(&e), e.to_string()).await
+            }
         };
         if let Err(e) = self.claimed().submit(&bets, skip).await {
             self.drain().await?;

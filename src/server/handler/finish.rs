@@ -18,7 +18,11 @@ impl Handler {
         let shutdown = self.shutdown.clone();
         let session = match self.session_for(agency) {
             Ok(session) => session,
-            Err(e) => return self.refuse_finish(agency, e.code(), e.to_string()).await,
+            Err(e) => {
+                return self
+                    .refuse_finish(agency, ErrorCode::from(&e), e.to_string())
+                    .await
+            }
         };
         if session.announced {
             let reason =
@@ -35,7 +39,9 @@ impl Handler {
             _ = shutdown.cancelled() => return Ok(Next::Close),
         };
         if let Err(e) = finished {
-            return self.refuse_finish(agency, e.code(), e.to_string()).await;
+            return self
+                .refuse_finish(agency, ErrorCode::from(&e), e.to_string())
+                .await;
         }
         self.claimed().announced = true;
         // Hold the agency here until the draw, or until shutdown or a newer
@@ -75,7 +81,9 @@ impl Handler {
             Some(Err(e)) => {
                 // The draw failed: the agency may announce again to retry.
                 self.claimed().announced = false;
-                return self.refuse_finish(agency, e.code(), e.to_string()).await;
+                return self
+                    .refuse_finish(agency, ErrorCode::from(&e), e.to_string())
+                    .await;
             }
         };
         let winners = draw.winners_of(agency);

@@ -27,10 +27,10 @@ use super::Settings;
 use crate::logging::{action, result};
 use crate::lottery::{Lottery, LotteryError};
 use crate::model::AgencyId;
-use crate::net::{BoxedIo, Identity};
 use crate::store::Store;
+use crate::tls::{BoxedIo, Identity};
 use crate::wire::{
-    status_replies, ErrorCode, FrameError, MessageError, Reply, Request, ServerCodec,
+    status_replies, AgencyState, ErrorCode, FrameError, MessageError, Reply, Request, ServerCodec,
 };
 
 /// The guard's clock (tokio's, so tests can pause it).
@@ -335,7 +335,7 @@ impl Handler {
                     // stack cannot read this, but a person with a raw
                     // client can, and our agency recognises a plain-text
                     // answer to its handshake.
-                    let message = crate::net::tls_unavailable_message();
+                    let message = crate::tls::tls_unavailable_message();
                     let _ = self.reply_error(ErrorCode::TlsUnavailable, message).await;
                     return Err(e);
                 }
@@ -373,7 +373,8 @@ impl Handler {
                     Next::Continue
                 }
                 Incoming::Request(Request::Status) => {
-                    let (agencies, drawn, states) = self.lottery.status_everywhere().await;
+                    let (agencies, drawn, standings) = self.lottery.status_everywhere().await;
+                    let states: Vec<AgencyState> = standings.into_iter().map(Into::into).collect();
                     for reply in status_replies(agencies, drawn, &states) {
                         self.feed(&reply).await?;
                     }

@@ -4,9 +4,10 @@ use tracing::{info, warn};
 
 use super::Handler;
 use crate::logging::{action, result};
+use crate::lottery::{LotteryError, Standing};
 use crate::model::AgencyId;
 use crate::server::guard::Broken;
-use crate::wire::{ErrorCode, FrameError};
+use crate::wire::{AgencyState, ErrorCode, FrameError};
 
 impl Handler {
     /// Ends a connection that sat idle, that started a frame and did not
@@ -135,4 +136,31 @@ pub(super) fn too_large(e: &dyn std::fmt::Display) -> String {
         "{e}; to accept larger frames from legacy agencies, raise server.max_frame \
          (SERVER_MAX_FRAME)"
     )
+}
+
+/// The wire's code for each of the lottery's refusals: the rules say what
+/// went wrong, the handler says it in the protocol's words.
+impl From<&LotteryError> for ErrorCode {
+    fn from(e: &LotteryError) -> ErrorCode {
+        match e {
+            LotteryError::UnknownAgency(..) | LotteryError::OtherAgency { .. } => {
+                ErrorCode::WrongAgency
+            }
+            LotteryError::Busy(_) | LotteryError::TakeoverTimedOut { .. } => ErrorCode::AgencyBusy,
+            LotteryError::Finished(_) => ErrorCode::AgencyFinished,
+            LotteryError::Draw(_) | LotteryError::Store(_) => ErrorCode::StorageFailed,
+            LotteryError::OutOfOrder { .. } => ErrorCode::OutOfOrder,
+        }
+    }
+}
+
+/// An agency's standing, as STATUS carries it.
+impl From<Standing> for AgencyState {
+    fn from(s: Standing) -> AgencyState {
+        AgencyState {
+            agency: s.agency,
+            held: s.held,
+            finished: s.finished,
+        }
+    }
 }

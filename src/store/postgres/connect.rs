@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
 use tracing::{error, info, warn};
 
+use super::error::describe;
 use crate::logging::{action, result};
 use crate::store::{Durability, PgTarget};
 
@@ -68,31 +69,16 @@ pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What every connection sets up before its first statement.
 #[derive(Debug, Clone, Copy)]
-pub struct Session {
+pub struct ConnectionSettings {
     /// Whether a commit waits for its WAL to reach stable storage.
     pub(super) durability: Durability,
 }
 
-/// A failed statement or connection, as text an operator can act on: the
-/// server's own message when it sent one.
-pub(crate) fn reason(e: tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        return format!("{}: {}", db.severity(), db.message());
-    }
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// A connection that could not be opened.
-#[derive(Debug)]
-pub(crate) struct ConnectError {
-    /// Why, as [`reason`] words it.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct ConnectError {
+    /// Why, as [`describe`] words it.
     pub reason: String,
     /// Whether trying again can help: the server was not reached, or said
     /// it cannot take connections yet (starting up, shutting down, full).
@@ -128,12 +114,6 @@ pub(super) fn configuration_error(e: &tokio_postgres::Error) -> Option<String> {
     ))
 }
 
-impl From<ConnectError> for String {
-    fn from(e: ConnectError) -> String {
-        e.reason
-    }
-}
-
 /// Whether a failed connection attempt is worth repeating (see
 /// [`ConnectError::retry`]).
 pub(super) fn worth_retrying(e: &tokio_postgres::Error) -> bool {
@@ -152,7 +132,10 @@ pub(super) fn worth_retrying(e: &tokio_postgres::Error) -> bool {
 }
 
 /// Opens one connection to `target` and prepares it for `session`.
-pub(crate) async fn connect(target: &PgTarget, session: Session) -> Result<Client, ConnectError> {
+pub(crate) async fn connect(
+    target: &PgTarget,
+    settings: ConnectionSettings,
+) -> Result<Client, ConnectError> {
     let config = client_config(target);
     let failed = |e: tokio_postgres::Error| match configuration_error(&e) {
         Some(reason) => ConnectError {
@@ -163,7 +146,7 @@ pub(crate) async fn connect(target: &PgTarget, session: Session) -> Result<Clien
         None => ConnectError {
             retry: worth_retrying(&e),
             configuration: false,
-            reason: reason(e),
+            reason: describe(&e),
         },
     };
     let (client, connection) = config.connect(NoTls).await.map_err(failed)?;
@@ -174,14 +157,14 @@ pub(crate) async fn connect(target: &PgTarget, session: Session) -> Result<Clien
                 action = action::DATABASE_CONNECT,
                 result = result::FAIL,
                 storage = shown.as_str(),
-                error = reason(e).as_str(),
+                error = describe(&e).as_str(),
                 state = "lost"
             );
         }
     });
     // Whatever the database's default: a batch is acknowledged only once
     // its commit is on disk (unless durability was turned off on purpose).
-    let commit = match session.durability {
+    let commit = match settings.durability {
         Durability::Sync => "on",
         Durability::NoSync => "off",
     };
@@ -215,14 +198,14 @@ pub(super) enum Unreached {
 
 pub(super) async fn reach(
     target: &PgTarget,
-    session: Session,
+    settings: ConnectionSettings,
     patience: Duration,
 ) -> Result<Client, Unreached> {
     let deadline = Instant::now() + patience;
     let mut backoff = FIRST_BACKOFF;
     let mut attempt = 1u32;
     loop {
-        match connect(target, session).await {
+        match connect(target, settings).await {
             Ok(client) => {
                 info!(
                     action = action::DATABASE_CONNECT,

@@ -21,6 +21,7 @@
 //! a connection of their own, opened when needed.
 
 mod connect;
+mod error;
 mod record;
 mod recover;
 mod rounds;
@@ -29,12 +30,13 @@ pub mod schema;
 mod watch;
 mod writer;
 
-pub use connect::Session;
+pub use connect::{ConnectError, ConnectionSettings};
+pub use error::PgError;
 pub use record::load_draw;
 pub use recover::{recompute, served, SERVED_FROM};
 pub use rounds::{new_round, tool_connection, Tool};
 
-use connect::{connect, reach, reason, where_, Unreached};
+use connect::{connect, reach, where_, Unreached};
 use record::{insert_draw, load_draw_in};
 use recover::{read_receipts, tally_in};
 use watch::DRAW_POLL;
@@ -62,7 +64,7 @@ use crate::store::{
 #[derive(Debug)]
 pub struct PostgresStore {
     target: PgTarget,
-    session: Session,
+    settings: ConnectionSettings,
     /// Batches to the writer task.
     requests: mpsc::Sender<writer::Request>,
     /// The writer's commit measurements.
@@ -99,19 +101,16 @@ impl PostgresStore {
         durability: Durability,
         patience: Duration,
     ) -> Result<(PostgresStore, BTreeMap<AgencyId, Receipt>), StorageError> {
-        let session = Session { durability };
-        let fail = |reason: String| StorageError::Database {
-            target: where_(target),
-            reason,
-        };
-        let mut client = reach(target, session, patience)
+        let settings = ConnectionSettings { durability };
+        let fail = |e: PgError| database(target, e);
+        let mut client = reach(target, settings, patience)
             .await
             .map_err(|e| match e {
                 Unreached::Configuration(reason) => StorageError::DatabaseConfig {
                     target: where_(target),
                     reason,
                 },
-                Unreached::Failed(reason) => fail(reason),
+                Unreached::Failed(reason) => fail(PgError::Unreached(reason)),
             })?;
         let migrated = schema::migrate(&mut client).await.map_err(fail)?;
         info!(
@@ -142,11 +141,11 @@ impl PostgresStore {
         };
         let task = crate::task::spawn_named(
             "database writer",
-            writer::run(target.clone(), session, client, next, rx, measured),
+            writer::run(target.clone(), settings, client, next, rx, measured),
         );
         let store = PostgresStore {
             target: target.clone(),
-            session,
+            settings,
             requests,
             metrics,
             writer_metrics,
@@ -161,7 +160,7 @@ impl PostgresStore {
     /// ordered with its commits.
     async fn ask<T>(
         &self,
-        request: impl FnOnce(oneshot::Sender<Result<T, String>>) -> writer::Request,
+        request: impl FnOnce(oneshot::Sender<Result<T, PgError>>) -> writer::Request,
     ) -> Result<T, StorageError> {
         let (done, answer) = oneshot::channel();
         self.requests
@@ -174,18 +173,24 @@ impl PostgresStore {
             .map_err(|reason| self.error(reason))
     }
 
-    fn error(&self, reason: String) -> StorageError {
-        StorageError::Database {
-            target: where_(&self.target),
-            reason,
-        }
+    fn error(&self, e: impl Into<PgError>) -> StorageError {
+        database(&self.target, e)
     }
 
     /// A connection of its own for a read or the draw record.
     async fn side_connection(&self) -> Result<Client, StorageError> {
-        connect(&self.target, self.session)
+        connect(&self.target, self.settings)
             .await
             .map_err(|e| self.error(e.reason))
+    }
+}
+
+/// A failure of the store at `target`, as the seam reports it: the
+/// database named (never its password), the typed error as its source.
+pub(super) fn database(target: &PgTarget, e: impl Into<PgError>) -> StorageError {
+    StorageError::Database {
+        target: where_(target),
+        source: Box::new(e.into()),
     }
 }
 
@@ -249,7 +254,10 @@ impl Store for PostgresStore {
             Ok(async move {
                 match outcome.await {
                     Ok(Ok(())) => Ok(()),
-                    Ok(Err(reason)) => Err(StorageError::Database { target, reason }),
+                    Ok(Err(why)) => Err(StorageError::Database {
+                        target,
+                        source: Box::new(why),
+                    }),
                     Err(_) => Err(StorageError::Closed(Backend::Database)),
                 }
             }
@@ -261,7 +269,7 @@ impl Store for PostgresStore {
     fn tally(&self, winning_number: u16) -> BoxFuture<'_, Result<Tally, StorageError>> {
         async move {
             let mut client = self.side_connection().await?;
-            let fail = |e| self.error(reason(e));
+            let fail = |e: tokio_postgres::Error| self.error(e);
             // One snapshot for the counts and the winners.
             let tx = client
                 .build_transaction()
@@ -296,7 +304,7 @@ impl Store for PostgresStore {
     fn save_draw<'a>(&'a self, draw: &'a Draw) -> BoxFuture<'a, Result<(), StorageError>> {
         async move {
             let mut client = self.side_connection().await?;
-            let fail = |e| self.error(reason(e));
+            let fail = |e: tokio_postgres::Error| self.error(e);
             let tx = client.transaction().await.map_err(fail)?;
             insert_draw(&tx, draw).await.map_err(fail)?;
             tx.commit().await.map_err(fail)?;
@@ -367,7 +375,7 @@ impl SharedStore for PostgresStore {
                     &[&(agencies as i32)],
                 )
                 .await
-                .map_err(|e| self.error(reason(e)))?;
+                .map_err(|e| self.error(e))?;
             Ok(rows
                 .iter()
                 .map(|r| {
@@ -387,7 +395,7 @@ impl SharedStore for PostgresStore {
     ) -> BoxFuture<'_, Result<(Draw, bool), StorageError>> {
         async move {
             let mut client = self.side_connection().await?;
-            let fail = |e| self.error(reason(e));
+            let fail = |e: tokio_postgres::Error| self.error(e);
             let started = Instant::now();
             let tx = client.transaction().await.map_err(fail)?;
             // Held until this transaction ends: a central that comes second
@@ -463,7 +471,7 @@ impl SharedStore for PostgresStore {
                             action = action::DATABASE_CONNECT,
                             result = result::FAIL,
                             storage = %self.target,
-                            error = why.as_str(),
+                            error = %why,
                             state = "draw_watch_lost"
                         );
                         tokio::time::sleep(DRAW_POLL).await;

@@ -10,7 +10,8 @@ use crate::model::AgencyId;
 use crate::receipt::Receipt;
 use crate::store::{Draw, PgTarget, RecordAt, StorageError};
 
-use super::connect::{reason, where_};
+use super::connect::where_;
+use super::database;
 use super::digest_of;
 use super::recover::snapshot;
 
@@ -98,10 +99,7 @@ pub(super) async fn load_draw_in(
     target: &PgTarget,
     tx: &Transaction<'_>,
 ) -> Result<Option<Draw>, StorageError> {
-    let fail = |e| StorageError::Database {
-        target: where_(target),
-        reason: reason(e),
-    };
+    let fail = |e: tokio_postgres::Error| database(target, e);
     let refuse = |reason: String| record_error(target, reason);
     let head = tx
         .query_opt("SELECT winning_number, drawn_at, bets, seal FROM draw", &[])
@@ -186,10 +184,7 @@ pub async fn load_draw(
     target: &PgTarget,
     client: &mut Client,
 ) -> Result<Option<Draw>, StorageError> {
-    let fail = |e| StorageError::Database {
-        target: where_(target),
-        reason: reason(e),
-    };
+    let fail = |e: tokio_postgres::Error| database(target, e);
     let tx = snapshot(client).await.map_err(fail)?;
     let draw = load_draw_in(target, &tx).await?;
     tx.commit().await.map_err(fail)?;

@@ -10,8 +10,8 @@ use crate::model::AgencyId;
 use crate::receipt::{Receipt, Recomputed};
 use crate::store::{PgTarget, StorageError, Tally};
 
-use super::connect::{reason, where_};
 use super::digest_of;
+use super::{database, PgError};
 
 /// The draw's tally in `tx`: counts per agency and the winners, in stored
 /// order.
@@ -58,14 +58,14 @@ pub(super) async fn chain_rows(
     tx: &Transaction<'_>,
     sql: &str,
     winning: Option<u16>,
-) -> Result<Recomputed, String> {
+) -> Result<Recomputed, PgError> {
     let rows = tx
         .query_raw(sql, std::iter::empty::<i32>())
         .await
-        .map_err(reason)?;
+        .map_err(PgError::from)?;
     futures::pin_mut!(rows);
     let mut found = Recomputed::default();
-    while let Some(row) = rows.try_next().await.map_err(reason)? {
+    while let Some(row) = rows.try_next().await.map_err(PgError::from)? {
         let (agency, seq): (i32, i64) = (row.get(0), row.get(1));
         let texts: [&str; 4] = [row.get(2), row.get(3), row.get(4), row.get(5)];
         let number: i32 = row.get(6);
@@ -74,7 +74,8 @@ pub(super) async fn chain_rows(
         let Some(number) = u16::try_from(number).ok().filter(|n| *n <= 9999) else {
             return Err(format!(
                 "bets row (agency {agency}, seq {seq}): number {number} is not within 0..=9999"
-            ));
+            )
+            .into());
         };
         let agency = agency as AgencyId;
         found
@@ -101,18 +102,15 @@ pub(super) async fn read_receipts(
     target: &PgTarget,
     client: &mut Client,
 ) -> Result<(BTreeMap<AgencyId, Receipt>, usize), StorageError> {
-    let fail = |reason: String| StorageError::Database {
-        target: where_(target),
-        reason,
-    };
-    let tx = client.transaction().await.map_err(|e| fail(reason(e)))?;
+    let fail = |e: PgError| database(target, e);
+    let tx = client.transaction().await.map_err(|e| fail(e.into()))?;
     let rows = tx
         .query(
             "SELECT agency, stored, digest FROM agencies WHERE stored > 0 FOR UPDATE",
             &[],
         )
         .await
-        .map_err(|e| fail(reason(e)))?;
+        .map_err(|e| fail(e.into()))?;
     let mut receipts = BTreeMap::new();
     let mut missing = Vec::new();
     for row in rows {
@@ -122,9 +120,9 @@ pub(super) async fn read_receipts(
             None => missing.push((agency as AgencyId, count as u64)),
             Some(bytes) => {
                 let digest = digest_of(bytes).ok_or_else(|| {
-                    fail(format!(
+                    fail(PgError::Invalid(format!(
                         "agencies: agency {agency}'s digest is not 32 bytes"
-                    ))
+                    )))
                 })?;
                 receipts.insert(
                     agency as AgencyId,
@@ -154,22 +152,22 @@ pub(super) async fn read_receipts(
                 .copied()
                 .unwrap_or_else(|| Receipt::empty(agency));
             if receipt.count != count {
-                return Err(fail(format!(
+                return Err(fail(PgError::Invalid(format!(
                     "agencies says agency {agency} stored {count} bets, but bets holds {} of \
                      them",
                     receipt.count
-                )));
+                ))));
             }
             tx.execute(
                 "UPDATE agencies SET digest = $2 WHERE agency = $1",
                 &[&(agency as i32), &receipt.digest.0.as_slice()],
             )
             .await
-            .map_err(|e| fail(reason(e)))?;
+            .map_err(|e| fail(e.into()))?;
             receipts.insert(agency, receipt);
         }
     }
-    tx.commit().await.map_err(|e| fail(reason(e)))?;
+    tx.commit().await.map_err(|e| fail(e.into()))?;
     Ok((receipts, missing.len()))
 }
 
@@ -187,15 +185,12 @@ pub async fn served(
     target: &PgTarget,
     client: &mut Client,
 ) -> Result<BTreeMap<AgencyId, Receipt>, StorageError> {
-    let fail = |reason: String| StorageError::Database {
-        target: where_(target),
-        reason,
-    };
-    let tx = snapshot(client).await.map_err(|e| fail(reason(e)))?;
+    let fail = |e: PgError| database(target, e);
+    let tx = snapshot(client).await.map_err(|e| fail(e.into()))?;
     let rows = tx
         .query("SELECT agency, stored, digest FROM agencies", &[])
         .await
-        .map_err(|e| fail(reason(e)))?;
+        .map_err(|e| fail(e.into()))?;
     let mut served = BTreeMap::new();
     for row in rows {
         let (agency, count, digest): (i32, i64, Option<&[u8]>) =
@@ -205,9 +200,9 @@ pub async fn served(
             Receipt::empty(agency)
         } else {
             let digest = digest.and_then(digest_of).ok_or_else(|| {
-                fail(format!(
+                fail(PgError::Invalid(format!(
                     "agencies: agency {agency}'s digest is not 32 bytes"
-                ))
+                )))
             })?;
             Receipt {
                 count: count as u64,
@@ -216,7 +211,7 @@ pub async fn served(
         };
         served.insert(agency, receipt);
     }
-    tx.commit().await.map_err(|e| fail(reason(e)))?;
+    tx.commit().await.map_err(|e| fail(e.into()))?;
     Ok(served)
 }
 
@@ -232,15 +227,12 @@ pub async fn recompute(
     client: &mut Client,
     winning_number: u16,
 ) -> Result<Recomputed, StorageError> {
-    let fail = |reason: String| StorageError::Database {
-        target: where_(target),
-        reason,
-    };
-    let tx = snapshot(client).await.map_err(|e| fail(reason(e)))?;
+    let fail = |e: PgError| database(target, e);
+    let tx = snapshot(client).await.map_err(|e| fail(e.into()))?;
     let found = chain_rows(&tx, BETS_IN_ORDER, Some(winning_number))
         .await
         .map_err(fail)?;
-    tx.commit().await.map_err(|e| fail(reason(e)))?;
+    tx.commit().await.map_err(|e| fail(e.into()))?;
     Ok(found)
 }
 

@@ -8,10 +8,11 @@ use crate::model::AgencyId;
 use crate::receipt::{self, Receipt, Recomputed};
 use crate::store::{Draw, Durability, NewRound, PgTarget, StorageError};
 
-use super::connect::{connect, reason, where_, Session};
+use super::connect::{connect, ConnectionSettings};
 use super::record::{load_draw, load_draw_in, record_error};
 use super::recover::{chain_rows, recompute, served, BETS_IN_ORDER};
 use super::schema;
+use super::{database, PgError};
 
 /// The tables that hold one round: kept together by `lottery new-round`.
 const ROUND_TABLES: [&str; 4] = ["bets", "agencies", "draw", "draw_agencies"];
@@ -23,21 +24,20 @@ const ROUND_TABLES: [&str; 4] = ["bets", "agencies", "draw", "draw_agencies"];
 /// # Errors
 /// The database cannot be reached, or its schema is not the latest.
 pub async fn tool_connection(target: &PgTarget) -> Result<Client, StorageError> {
-    let fail = |reason: String| StorageError::Database {
-        target: where_(target),
-        reason,
-    };
-    let session = Session {
+    let fail = |e: PgError| database(target, e);
+    let settings = ConnectionSettings {
         durability: Durability::Sync,
     };
-    let client = connect(target, session).await.map_err(|e| fail(e.reason))?;
+    let client = connect(target, settings)
+        .await
+        .map_err(|e| fail(e.into()))?;
     let version = schema::version(&client).await.map_err(fail)?;
     if version != schema::MIGRATIONS.len() {
-        return Err(fail(format!(
+        return Err(fail(PgError::Invalid(format!(
             "the schema is version {version}, this build's is {}: start the central on it once \
              (it migrates the schema), or run a matching lottery",
             schema::MIGRATIONS.len()
-        )));
+        ))));
     }
     Ok(client)
 }
@@ -124,36 +124,43 @@ pub async fn new_round(
     agencies: u32,
     winning_number: u16,
 ) -> Result<NewRound, StorageError> {
-    let fail = |e| StorageError::Database {
-        target: where_(target),
-        reason: reason(e),
-    };
+    let fail = |e: tokio_postgres::Error| database(target, e);
     let refuse = |reason: String| record_error(target, reason);
     // A central keeps its writer's connections open while it runs (they
     // carry this build's application_name, or the URL's): one still
     // connected is still serving this round. One that lost every
     // connection (the database restarted, nothing written since) is not
-    // seen: stopping the centrals first is still the operator's part.
-    let running = client
-        .query(
-            "SELECT coalesce(host(client_addr), 'local socket') FROM pg_stat_activity \
-             WHERE datname = current_database() AND pid <> pg_backend_pid() \
-             AND application_name = current_setting('application_name')",
-            &[],
-        )
-        .await
-        .map_err(fail)?;
+    // seen: stopping the centrals first is still the operator's part. The
+    // server ends the backends of a central that just exited a moment
+    // after it: they are given up to `STOPPING` to go before they count.
+    const STOPPING: std::time::Duration = std::time::Duration::from_secs(3);
+    let looked_until = std::time::Instant::now() + STOPPING;
+    let running = loop {
+        let running = client
+            .query(
+                "SELECT coalesce(host(client_addr), 'local socket') FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                 AND application_name = current_setting('application_name')",
+                &[],
+            )
+            .await
+            .map_err(fail)?;
+        if running.is_empty() || std::time::Instant::now() >= looked_until {
+            break running;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     if !running.is_empty() {
         let from: BTreeSet<String> = running.iter().map(|r| r.get(0)).collect();
-        return Err(StorageError::Database {
-            target: where_(target),
-            reason: format!(
+        return Err(database(
+            target,
+            format!(
                 "{} connection(s) of a running central (from {}) are open on this database: a new \
              round starts with every central stopped: stop them, then run new-round again",
                 running.len(),
                 from.into_iter().collect::<Vec<_>>().join(", ")
             ),
-        });
+        ));
     }
     let tx = client
         .build_transaction()
@@ -193,10 +200,7 @@ pub async fn new_round(
     };
     let found = chain_rows(&tx, BETS_IN_ORDER, Some(draw.winning_number))
         .await
-        .map_err(|reason| StorageError::Database {
-            target: where_(target),
-            reason,
-        })?;
+        .map_err(|why| database(target, why))?;
     let differences = receipt::differences(draw.claimed(), &found, agencies, winning_number);
     if !differences.is_empty() {
         return Err(refuse(format!(

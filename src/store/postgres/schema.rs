@@ -7,6 +7,8 @@
 
 use tokio_postgres::Client;
 
+use super::PgError;
+
 /// The advisory lock taken while migrating (an arbitrary constant: "lottery"
 /// in ASCII), so that concurrent starts queue instead of racing.
 const MIGRATION_LOCK: i64 = 0x006c_6f74_7465_7279;
@@ -107,20 +109,20 @@ pub struct Migrated {
 /// # Errors
 /// A statement failed (nothing of this start's steps is kept), or the
 /// database holds a newer schema than this build knows.
-pub async fn migrate(client: &mut Client) -> Result<Migrated, String> {
-    let tx = client.transaction().await.map_err(super::connect::reason)?;
+pub async fn migrate(client: &mut Client) -> Result<Migrated, PgError> {
+    let tx = client.transaction().await.map_err(PgError::from)?;
     // Held until the transaction ends: a second central waits here, then
     // finds the steps applied.
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
-        .map_err(super::connect::reason)?;
+        .map_err(PgError::from)?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY)")
         .await
-        .map_err(super::connect::reason)?;
+        .map_err(PgError::from)?;
     let from: i32 = tx
         .query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])
         .await
-        .map_err(super::connect::reason)?
+        .map_err(PgError::from)?
         .get(0);
     let from = usize::try_from(from).unwrap_or(0);
     if from > MIGRATIONS.len() {
@@ -128,18 +130,22 @@ pub async fn migrate(client: &mut Client) -> Result<Migrated, String> {
             "the database's schema is version {from}, newer than this build's {}: \
              run a newer lottery",
             MIGRATIONS.len()
-        ));
+        )
+        .into());
     }
     for (i, step) in MIGRATIONS.iter().enumerate().skip(from) {
         tx.batch_execute(step)
             .await
-            .map_err(|e| format!("schema step {}: {}", i + 1, super::connect::reason(e)))?;
+            .map_err(|source| PgError::Schema {
+                step: i + 1,
+                source,
+            })?;
         let version = i32::try_from(i + 1).expect("few migrations");
         tx.execute("INSERT INTO schema_version VALUES ($1)", &[&version])
             .await
-            .map_err(super::connect::reason)?;
+            .map_err(PgError::from)?;
     }
-    tx.commit().await.map_err(super::connect::reason)?;
+    tx.commit().await.map_err(PgError::from)?;
     Ok(Migrated {
         from,
         to: MIGRATIONS.len(),
@@ -151,11 +157,11 @@ pub async fn migrate(client: &mut Client) -> Result<Migrated, String> {
 ///
 /// # Errors
 /// A statement failed.
-pub async fn version(client: &Client) -> Result<usize, String> {
+pub async fn version(client: &Client) -> Result<usize, PgError> {
     let exists: bool = client
         .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])
         .await
-        .map_err(super::connect::reason)?
+        .map_err(PgError::from)?
         .get(0);
     if !exists {
         return Ok(0);
@@ -163,7 +169,7 @@ pub async fn version(client: &Client) -> Result<usize, String> {
     let version: i32 = client
         .query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])
         .await
-        .map_err(super::connect::reason)?
+        .map_err(PgError::from)?
         .get(0);
     Ok(usize::try_from(version).unwrap_or(0))
 }

@@ -10,8 +10,9 @@ use tokio_postgres::NoTls;
 
 use crate::store::Watched;
 
-use super::connect::{client_config, reason};
+use super::connect::client_config;
 use super::record::load_draw;
+use super::PgError;
 use super::{PostgresStore, DRAW_CHANNEL, FINISHED_COUNT};
 
 /// How often a central looks for a draw recorded elsewhere, should a
@@ -23,9 +24,9 @@ impl PostgresStore {
     /// and every [`DRAW_POLL`]; returns the draw once it is recorded, or
     /// [`Watched::AllFinished`] once every one of `agencies` has finished
     /// and still no draw is recorded.
-    pub(super) async fn watch_draw(&self, agencies: u32) -> Result<Watched, String> {
+    pub(super) async fn watch_draw(&self, agencies: u32) -> Result<Watched, PgError> {
         let config = client_config(&self.target);
-        let (client, mut connection) = config.connect(NoTls).await.map_err(reason)?;
+        let (client, mut connection) = config.connect(NoTls).await.map_err(PgError::from)?;
         let (tx, mut notified) = mpsc::unbounded_channel();
         // The connection must be polled for its notifications to arrive.
         let driver = tokio::spawn(async move {
@@ -40,13 +41,13 @@ impl PostgresStore {
         client
             .batch_execute(&format!("LISTEN {DRAW_CHANNEL}"))
             .await
-            .map_err(reason)?;
+            .map_err(PgError::from)?;
         loop {
             // Listening before looking: a draw recorded in between is seen.
             let recorded: bool = client
                 .query_one("SELECT EXISTS (SELECT 1 FROM draw)", &[])
                 .await
-                .map_err(reason)?
+                .map_err(PgError::from)?
                 .get(0);
             if recorded {
                 let mut reader = self.side_connection().await.map_err(|e| e.to_string())?;
@@ -60,7 +61,7 @@ impl PostgresStore {
                 let finished: i64 = client
                     .query_one(FINISHED_COUNT, &[&(agencies as i32)])
                     .await
-                    .map_err(reason)?
+                    .map_err(PgError::from)?
                     .get(0);
                 if finished == i64::from(agencies) {
                     return Ok(Watched::AllFinished);
@@ -69,7 +70,7 @@ impl PostgresStore {
             tokio::select! {
                 woken = notified.recv() => {
                     if woken.is_none() {
-                        return Err("the listening connection closed".into());
+                        return Err(PgError::NotDone("the listening connection closed"));
                     }
                 }
                 () = tokio::time::sleep(DRAW_POLL) => {}
