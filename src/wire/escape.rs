@@ -133,12 +133,21 @@ impl<'a> Pairs<'a> {
 /// that give a payload its structure, at both of a batch's levels (the
 /// batch's pairs, and each bet's own).
 pub(super) fn find_specials(bytes: &[u8]) -> Vec<u32> {
-    // Room for a position per byte, written by index; a payload fits in a
-    // frame, so positions fit in a u32.
-    let mut out = vec![0; bytes.len()];
-    let n = scan::positions_of(bytes, *b"\\|:", &mut out);
-    out.truncate(n);
-    out
+    thread_local! {
+        // Room for a position per byte, written by index (a payload fits
+        // in a frame, so positions fit in a u32): kept from one payload to
+        // the next, so that it is zeroed once, not four bytes per payload
+        // byte on every batch (callgrind counted that as a tenth of the
+        // central's instructions outside SHA-256; docs/PERFORMANCE.md).
+        static ROOM: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    ROOM.with_borrow_mut(|room| {
+        if room.len() < bytes.len() {
+            room.resize(bytes.len(), 0);
+        }
+        let n = scan::positions_of(bytes, *b"\\|:", room);
+        room[..n].to_vec()
+    })
 }
 
 /// Splits a payload body (without its final `\n`) into raw, still escaped,
