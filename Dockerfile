@@ -43,7 +43,15 @@ RUN mkdir -p src benches \
  && rm -rf src benches
 COPY src src
 COPY benches benches
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked
+# `--build-arg CONSOLE=1` builds the tokio-console build instead (the
+# `console` feature with tokio's unstable flag; every crate is rebuilt).
+ARG CONSOLE=
+RUN touch src/main.rs src/lib.rs \
+ && if [ -n "$CONSOLE" ]; then \
+      RUSTFLAGS="--cfg tokio_unstable" cargo build --release --locked --features console; \
+    else \
+      cargo build --release --locked; \
+    fi
 
 FROM runtime-base AS runtime
 COPY --from=build /src/target/release/lottery /usr/local/bin/lottery

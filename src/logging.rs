@@ -104,6 +104,11 @@ pub mod action {
     pub const VERIFY: &str = "verify";
     /// A new round was started: the previous one's files kept aside.
     pub const NEW_ROUND: &str = "new_round";
+    /// The admin listener (metrics, status page, probes) is listening, or
+    /// is open to its network without the operator's secret (WARN).
+    pub const ADMIN: &str = "admin";
+    /// The admin listener was closed.
+    pub const CLOSE_ADMIN: &str = "close_admin";
     /// The bets file was flushed and closed.
     pub const CLOSE_BETS_FILE: &str = "close_bets_file";
     /// The central reached its database (or is retrying, or gave up).
@@ -301,8 +306,24 @@ pub fn init(level: LogLevel, format: LogFormat) {
     };
     let registry = tracing_subscriber::registry().with(stdout);
     #[cfg(feature = "console")]
-    let registry = registry.with(console_subscriber::spawn());
+    let registry = registry.with(console_layer());
     let _ = registry.try_init();
+}
+
+/// The tokio-console layer, serving the console on `TOKIO_CONSOLE_BIND`
+/// (`HOST:PORT`, by default `127.0.0.1:6669`), or on the Unix socket
+/// `LOTTERY_CONSOLE_SOCKET` names (no port to pick or to collide on: the
+/// tests use it).
+#[cfg(feature = "console")]
+fn console_layer<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let builder = console_subscriber::ConsoleLayer::builder().with_default_env();
+    match std::env::var_os("LOTTERY_CONSOLE_SOCKET") {
+        Some(path) => builder.server_addr(std::path::PathBuf::from(path)).spawn(),
+        None => builder.spawn(),
+    }
 }
 
 /// Renders events as JSON lines: `timestamp`, `level`, then the event's

@@ -104,6 +104,10 @@ struct BenchArgs {
     /// central (i - 1) mod K.
     #[arg(long, default_value_t = 1, requires = "storage")]
     centrals: u32,
+    /// Run each central with its admin listener on (loopback, a free
+    /// port), and scrape its /metrics every second during the load.
+    #[arg(long)]
+    admin: bool,
 
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -518,6 +522,7 @@ async fn run(command: Command, config: Config, file: ConfigFile) -> anyhow::Resu
                 work_dir: args.work_dir,
                 storage: args.storage,
                 centrals: args.centrals,
+                admin: args.admin,
             };
             anyhow::ensure!(opts.centrals >= 1, "--centrals must be at least 1");
             print!("{}", bench::run(opts, token).await?.render());

@@ -262,6 +262,31 @@ fn gen_data_writes_the_requested_files() {
 }
 
 #[test]
+fn bench_with_admin_scrapes_each_central_s_metrics_during_the_load() {
+    let work = tempfile::tempdir().unwrap();
+    let out = run(lottery()
+        .args([
+            "bench",
+            "--agencies",
+            "2",
+            "--bets-per-agency",
+            "2000",
+            "--admin",
+        ])
+        .arg("--work-dir")
+        .arg(work.path()));
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    let scrapes: u64 = t
+        .lines()
+        .find_map(|l| l.strip_prefix("admin listener on: "))
+        .and_then(|rest| rest.strip_suffix(" scrapes of /metrics answered"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no admin line: {t}"));
+    assert!(scrapes >= 1, "{t}");
+}
+
+#[test]
 fn bench_runs_the_load_and_reports_it() {
     let work = tempfile::tempdir().unwrap();
     let out = run(lottery()

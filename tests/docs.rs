@@ -185,7 +185,10 @@ fn every_command_in_the_quick_start_parses_and_its_flags_exist() {
             text.contains(&format!("Usage: lottery {}", args[0])),
             "{text}"
         );
-        for flag in args.iter().filter(|a| a.starts_with("--")) {
+        for flag in args
+            .iter()
+            .filter(|a| a.starts_with("--") && *a != "--help")
+        {
             assert!(
                 text.contains(&format!("{flag} ")),
                 "`lottery {}`: no {flag} in its help:\n{text}",
@@ -242,7 +245,7 @@ fn the_readme_stays_a_readme() {
     // The first screen and a map; the reference lives in docs/.
     let size = read("README.md").len();
     assert!(
-        size <= 16_000,
+        size <= 15_500,
         "README.md is {size} bytes: move reference text to docs/"
     );
 }

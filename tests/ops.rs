@@ -231,6 +231,12 @@ fn a_generated_compose_file_has_everything_for_n_agencies() {
         .map(|v| v.as_str().unwrap())
         .collect();
     assert!(env.contains(&"SERVER_AGENCIES=7"), "{env:?}");
+    // The admin listener, published on the host's loopback only.
+    assert!(
+        env.contains(&"SERVER_ADMIN_ADDRESS=0.0.0.0:9180"),
+        "{env:?}"
+    );
+    assert_eq!(server["ports"][0], "127.0.0.1::9180");
     let test: Vec<&str> = server["healthcheck"]["test"]
         .as_sequence()
         .unwrap()
@@ -500,12 +506,14 @@ fn a_postgres_compose_file_spreads_agencies_over_centrals_sharing_one_database()
             central["depends_on"]["postgres"]["condition"],
             "service_healthy"
         );
+        assert_eq!(central["ports"][0], "127.0.0.1::9180");
         let env = strings(&central["environment"]);
         for want in [
             "SERVER_STORAGE=postgres://lottery@postgres:5432/lottery",
             "SERVER_AGENCIES=5",
             "SERVER_PORT=12345",
             "SERVER_SECRETS_FILE=/run/secrets/central",
+            "SERVER_ADMIN_ADDRESS=0.0.0.0:9180",
         ] {
             assert!(env.contains(&want), "{name}: {env:?}");
         }

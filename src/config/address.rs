@@ -5,6 +5,51 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
+/// `server.admin_address`: where the admin listener (metrics, the status
+/// page, health probes) listens, or nowhere (empty, the default). An IP
+/// address and a port, never a host name: the operator chooses the
+/// interface it is reachable on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct AdminAddress(pub Option<SocketAddr>);
+
+impl AdminAddress {
+    /// Reads `IP:PORT`, or nothing (blank) for off.
+    ///
+    /// # Errors
+    /// Not blank and not `IP:PORT`.
+    pub fn parse(raw: &str) -> Result<AdminAddress, String> {
+        let raw = raw.trim();
+        if raw.is_empty() {
+            return Ok(AdminAddress(None));
+        }
+        raw.parse::<SocketAddr>()
+            .map(|a| AdminAddress(Some(a)))
+            .map_err(|_| {
+                format!(
+                    "`{raw}` is not IP:PORT (for example 127.0.0.1:9100, or 0.0.0.0:9100 in a \
+                 container); leave it empty to keep the admin listener off"
+                )
+            })
+    }
+}
+
+impl TryFrom<String> for AdminAddress {
+    type Error = String;
+    fn try_from(raw: String) -> Result<Self, String> {
+        AdminAddress::parse(&raw)
+    }
+}
+
+impl fmt::Display for AdminAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(address) => write!(f, "{address}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// `agency.server_address`: the centrals an agency may use, in the order it
 /// tries them. Parsed once, where settings are read, so the agency only
 /// ever sees well-formed `host:port` entries, and never an empty list.

@@ -19,7 +19,7 @@ mod settings;
 mod testing;
 mod values;
 
-pub use address::ServerAddresses;
+pub use address::{AdminAddress, ServerAddresses};
 pub use error::ConfigError;
 pub use load::{parse_value, ConfigFile};
 pub use secrets::{secret_strength, Secrets, MIN_SECRET_BITS, MIN_SECRET_DISTINCT, OPERATOR_KEY};

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::address::ServerAddresses;
+use super::address::{AdminAddress, ServerAddresses};
 use super::values::Value;
 use super::{ConfigError, Role};
 use crate::logging::{LogFormat, LogLevel};
@@ -201,6 +201,14 @@ settings! {
         /// set (with `tls_cert`) to require a client certificate from every
         /// connection and take the agency from it (a DNS name `agency-N`).
         tls_client_ca: PathBuf = PathBuf::new(), env "SERVER_TLS_CLIENT_CA";
+        /// Where the admin listener serves `/metrics` (Prometheus), the
+        /// status page `/`, and `/healthz` and `/readyz`, as `IP:PORT`; empty
+        /// keeps it off. A port of its own, never the agencies': bind it to
+        /// loopback or a private network. Its pages ask for the operator's
+        /// secret (`operator` in the secrets) when one is configured; the
+        /// probes never do.
+        admin_address: AdminAddress = AdminAddress::default(), env "SERVER_ADMIN_ADDRESS",
+            flag "admin-address" on ["server"];
     }
 
     /// `[agency]`: one agency.

@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
-use super::address::ServerAddresses;
+use super::address::{AdminAddress, ServerAddresses};
 use crate::logging::{LogFormat, LogLevel};
 use crate::store::target::Storage;
 
@@ -105,6 +105,20 @@ impl Value for ServerAddresses {
     }
     #[cfg(test)]
     const SAMPLES: [&'static str; 2] = ["h:1", "a:1,b:2"];
+    #[cfg(test)]
+    const QUOTED: bool = true;
+}
+
+impl Value for AdminAddress {
+    const HINT: &'static str = "IP:PORT";
+    fn parse(raw: &str) -> Result<Self, String> {
+        AdminAddress::parse(raw)
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+    #[cfg(test)]
+    const SAMPLES: [&'static str; 2] = ["127.0.0.1:9100", "0.0.0.0:1"];
     #[cfg(test)]
     const QUOTED: bool = true;
 }

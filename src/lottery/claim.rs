@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use tracing::info;
 
@@ -119,6 +120,7 @@ impl Claim {
     /// each one's receipt follows the last); returns the total.
     pub fn add_stored(&self, after: Receipt) -> u64 {
         let mut state = self.lottery.lock();
+        state.last_seen.insert(self.agency, SystemTime::now());
         let stored = state.stored.entry(self.agency).or_insert(after);
         debug_assert!(after.count >= stored.count, "receipts only grow");
         *stored = after;
@@ -151,6 +153,7 @@ impl Claim {
         };
         let run_draw = {
             let mut state = self.lottery.lock();
+            state.last_seen.insert(agency, SystemTime::now());
             let new = state.finished.insert(agency);
             let finished = everywhere.unwrap_or(state.finished.len() as u32);
             state.counted = state.counted.max(finished);
@@ -180,7 +183,11 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.lottery.lock().connected.remove(&self.agency);
+        {
+            let mut state = self.lottery.lock();
+            state.connected.remove(&self.agency);
+            state.last_seen.insert(self.agency, SystemTime::now());
+        }
         self.lottery.shared.released.notify_waiters();
     }
 }

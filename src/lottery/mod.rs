@@ -15,7 +15,7 @@ mod draw;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -126,6 +126,9 @@ struct State {
     closing: bool,
     /// The close is in the log already (`cierre`), said once.
     close_logged: bool,
+    /// When each agency's connection last did something here (claimed,
+    /// stored a batch, finished, went away): for the operator's status page.
+    last_seen: HashMap<AgencyId, SystemTime>,
 }
 
 impl State {
@@ -161,6 +164,54 @@ enum Drawn {
     Failed(String),
     /// Done and recorded.
     Done(Arc<Draw>),
+}
+
+/// Where the draw stands, for the operator's views.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrawPhase {
+    /// Not every agency has finished.
+    Waiting,
+    /// Every agency finished; the draw is being run.
+    Running,
+    /// The last attempt failed; the next announcement retries.
+    Failed,
+    /// Done and recorded.
+    Done,
+}
+
+impl DrawPhase {
+    /// Every phase, in order.
+    pub const ALL: [DrawPhase; 4] = [
+        DrawPhase::Waiting,
+        DrawPhase::Running,
+        DrawPhase::Failed,
+        DrawPhase::Done,
+    ];
+
+    /// Its name in the views (a metric's label, the status page).
+    pub fn name(self) -> &'static str {
+        match self {
+            DrawPhase::Waiting => "waiting",
+            DrawPhase::Running => "running",
+            DrawPhase::Failed => "failed",
+            DrawPhase::Done => "done",
+        }
+    }
+}
+
+/// One agency as the operator's views show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgencyView {
+    /// The agency.
+    pub agency: AgencyId,
+    /// Bets stored for it (as this central counted them).
+    pub stored: u64,
+    /// It announced that it finished here.
+    pub finished: bool,
+    /// A connection of it is open here now.
+    pub connected: bool,
+    /// When a connection of it last did something here.
+    pub last_seen: Option<SystemTime>,
 }
 
 /// The connection holding a claim, as a newer session sees it.
@@ -365,6 +416,7 @@ impl Lottery {
             superseded: superseded.clone(),
         };
         state.connected.insert(agency, holder);
+        state.last_seen.insert(agency, SystemTime::now());
         Ok(Claim::new(self.clone(), agency, superseded))
     }
 
@@ -525,6 +577,33 @@ impl Lottery {
             state.finished |= finished || drawn;
         }
         (agencies, drawn, merged.into_values().collect())
+    }
+
+    /// Where the draw stands now.
+    pub fn phase(&self) -> DrawPhase {
+        let drawing = self.lock().drawing;
+        match &*self.shared.drawn.borrow() {
+            Drawn::Done(_) => DrawPhase::Done,
+            _ if drawing => DrawPhase::Running,
+            Drawn::Failed(_) => DrawPhase::Failed,
+            Drawn::NotYet => DrawPhase::Waiting,
+        }
+    }
+
+    /// Every configured agency as this central sees it, in agency order:
+    /// bets stored, finished, connected here, and when it was last seen
+    /// here. No bettor's data: counts and times only.
+    pub fn agencies_view(&self) -> Vec<AgencyView> {
+        let state = self.lock();
+        (1..=self.shared.agencies)
+            .map(|agency| AgencyView {
+                agency,
+                stored: state.stored.get(&agency).map_or(0, |r| r.count),
+                finished: state.finished.contains(&agency),
+                connected: state.connected.contains_key(&agency),
+                last_seen: state.last_seen.get(&agency).copied(),
+            })
+            .collect()
     }
 
     /// How many agencies are known to have finished: those that announced

@@ -121,6 +121,8 @@ pub struct Strike {
     pub report: Option<Report>,
     /// This strike throttled every address, for so long: worth a line.
     pub all_throttled: Option<Duration>,
+    /// This strike started a lockout (of its address, or of every one).
+    pub locked_out: bool,
 }
 
 /// What a stranger's connection ended on, beyond a refused message.
@@ -293,18 +295,21 @@ impl Guard {
             let by_total = !own && total.locked_for(now).is_some();
             let throttled = own || by_total;
             let mut all_throttled = None;
+            let mut locked_out = false;
             if throttled {
                 peer.pending.throttled += 1;
             } else {
                 peer.pending.wrong_secret += 1;
-                peer.strike(STRIKES, now);
+                locked_out = peer.strike(STRIKES, now).is_some();
                 all_throttled = total.strike(TOTAL_STRIKES, now);
+                locked_out |= all_throttled.is_some();
             }
             Strike {
                 throttled,
                 by_total,
                 report: peer.report_if_due(ip, now),
                 all_throttled,
+                locked_out,
             }
         })
     }

@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::FutureExt;
 
@@ -31,16 +32,22 @@ struct InFlight {
     /// The new bets, kept for their DEBUG lines only when DEBUG is on.
     logged: Option<Bets>,
     stored: Stored,
+    /// When the batch was handed to the store.
+    submitted: Instant,
 }
 
 /// The outcome of the oldest batch in flight, once settled.
 pub(super) struct Settled {
     /// Bets in the batch, as sent.
     pub count: usize,
+    /// Bets of it not stored before (a resent batch may overlap).
+    pub new: u64,
     /// The agency's new stored total, or why the batch was not stored.
     pub outcome: Result<u64, StorageError>,
     /// The batch's new bets, when DEBUG is on.
     pub logged: Option<Bets>,
+    /// When it was submitted to the store.
+    pub submitted: Instant,
 }
 
 /// Where a batch stands against the bets the central holds.
@@ -148,6 +155,7 @@ impl Session {
     /// # Errors
     /// The store is closed.
     pub async fn submit(&mut self, bets: &Bets, skip: usize) -> Result<(), StorageError> {
+        let submitted = Instant::now();
         // The receipt chains on from the last batch in flight (or what is
         // stored): batches of one agency are stored in the order submitted.
         // Hashed here, on the connection's own task, like the rows.
@@ -168,6 +176,7 @@ impl Session {
             after,
             logged,
             stored,
+            submitted,
         });
         Ok(())
     }
@@ -200,8 +209,10 @@ impl Session {
         });
         Settled {
             count: batch.count,
+            new: batch.new,
             outcome,
             logged: batch.logged,
+            submitted: batch.submitted,
         }
     }
 

@@ -236,8 +236,10 @@ impl Listener {
                     };
                     let hard_stop = self.hard_stop.clone();
                     let guard = self.settings.guard.clone();
+                    let open = Open::new(&self.settings.metrics.connections_open);
                     let task = self.tracker.track_future(
                         async move {
+                            let _open = open;
                             tokio::select! {
                                 biased;
                                 _ = hard_stop.cancelled() => {}
@@ -464,4 +466,20 @@ async fn refuse_plain_text(socket: TcpStream, limit: Duration) {
         Ok::<_, FrameError>(())
     };
     let _ = tokio::time::timeout(limit, answered).await;
+}
+
+/// Counts a connection open until dropped, however its task ends.
+struct Open(prometheus_client::metrics::gauge::Gauge);
+
+impl Open {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Open {
+        gauge.inc();
+        Open(gauge.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }

@@ -9,6 +9,7 @@
 //! the batches it has already read (so whatever was acknowledged is stored)
 //! and closes; then the store flushes and closes.
 
+pub mod admin;
 mod guard;
 mod handler;
 mod intake;
@@ -33,6 +34,8 @@ use crate::model::AgencyId;
 use crate::receipt::{differences, served_differences, Receipt};
 use crate::store::{self, Draw, Opened, StorageError, Store};
 use crate::tls::{ServerTls, TlsError};
+
+use admin::Admin;
 
 use listener::reserve;
 pub use listener::{bind, bind_addr, fit_open_files, MIN_CONNECTIONS, RESERVED_FILES};
@@ -62,6 +65,18 @@ pub enum ServerError {
     /// The TLS certificate or key cannot be used.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The admin listener's address cannot be bound.
+    #[error(
+        "cannot listen on server.admin_address {address}: {error}; choose another \
+         (SERVER_ADMIN_ADDRESS, --admin-address), or leave it empty to keep the admin \
+         listener off"
+    )]
+    Admin {
+        /// `server.admin_address`.
+        address: std::net::SocketAddr,
+        /// Why.
+        error: std::io::Error,
+    },
     /// The draw record of a finished round, or the receipts kept for
     /// agencies that resume, do not match the stored bets (or the
     /// configuration): the central refuses to serve them.
@@ -125,6 +140,9 @@ struct Settings {
     max_frame: usize,
     /// TLS, when on (with client certificates, when required).
     tls: Option<ServerTls>,
+    /// What `/metrics` shows; counted whether or not the admin listener is
+    /// on (atomics, once per batch).
+    metrics: Arc<admin::Metrics>,
 }
 
 /// Compares a finished round's record with the stored bets (their
@@ -178,6 +196,11 @@ pub async fn run(config: &ServerConfig, shutdown: CancellationToken) -> Result<(
         error,
     };
     let socket = reserve(config).map_err(bind_error)?;
+    // Up before the store opens: its probes tell "opening" from "dead".
+    let admin = match config.admin_address.0 {
+        Some(_) => start_admin(config, &config.load_secrets()?)?,
+        None => None,
+    };
     let options = config.store_options();
     let opened = tokio::select! {
         biased;
@@ -193,7 +216,18 @@ pub async fn run(config: &ServerConfig, shutdown: CancellationToken) -> Result<(
             return Err(bind_error(error));
         }
     };
-    run_with_store(listener, config, opened, shutdown).await
+    serve(listener, config, opened, shutdown, admin).await
+}
+
+/// Starts the admin listener when `server.admin_address` names one.
+fn start_admin(config: &ServerConfig, secrets: &Secrets) -> Result<Option<Admin>, ServerError> {
+    let Some(address) = config.admin_address.0 else {
+        return Ok(None);
+    };
+    let secrets_configured = secrets.required() || secrets.operator.is_some();
+    Admin::start(address, secrets.operator.clone(), secrets_configured)
+        .map(Some)
+        .map_err(|error| ServerError::Admin { address, error })
 }
 
 /// [`run`] on a port the caller bound already (the demo and the tests bind
@@ -222,13 +256,35 @@ pub async fn run_with_store(
     opened: Opened,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
+    serve(listener, config, opened, shutdown, None).await
+}
+
+/// [`run_with_store`], with the admin listener when [`run`] started it
+/// already (otherwise started here, when configured).
+async fn serve(
+    listener: TcpListener,
+    config: &ServerConfig,
+    opened: Opened,
+    shutdown: CancellationToken,
+    admin: Option<Admin>,
+) -> Result<(), ServerError> {
     let store = opened.store;
-    let settings = match load_settings(config) {
+    let settings = match load_settings(config, &store) {
         Ok(settings) => Arc::new(settings),
         Err(e) => {
             close_store(store.as_ref()).await;
             return Err(e);
         }
+    };
+    let admin = match admin {
+        Some(admin) => Some(admin),
+        None => match start_admin(config, &settings.secrets) {
+            Ok(admin) => admin,
+            Err(e) => {
+                close_store(store.as_ref()).await;
+                return Err(e);
+            }
+        },
     };
     announce_authentication(config, &settings.secrets);
     let draw = match store.load_draw().await {
@@ -321,6 +377,22 @@ pub async fn run_with_store(
         }
         lottery.closed_by_store(closed, false);
     }
+    // Ready before the `listen` line: a probe that follows the log never
+    // sees a central that says it listens yet answers not ready.
+    if let Some(admin) = &admin {
+        admin.ready(admin::Live {
+            lottery: lottery.clone(),
+            metrics: settings.metrics.clone(),
+            store: match store.clone().into_shared() {
+                Some(shared) => admin::StoreView::Database {
+                    url: store.describe(),
+                    store: shared,
+                },
+                None => admin::StoreView::File(store.describe()),
+            },
+        });
+    }
+
     let tracker = TaskTracker::new();
     // Connections hang off their own token, cancelled only once the
     // listener is closed: no connection is told to stop while new ones could
@@ -394,6 +466,9 @@ pub async fn run_with_store(
         );
     }
     info!(action = action::CLOSE_LISTENER, result = result::SUCCESS);
+    if let Some(admin) = &admin {
+        admin.stopping();
+    }
     connections.cancel();
 
     tracker.close();
@@ -439,6 +514,9 @@ pub async fn run_with_store(
     // Every handler is gone: the store takes what they submitted, flushes
     // and closes.
     close_store(store.as_ref()).await;
+    if let Some(admin) = admin {
+        admin.close().await;
+    }
     Ok(())
 }
 
@@ -535,8 +613,15 @@ fn announce_authentication(config: &ServerConfig, secrets: &Secrets) {
 }
 
 /// Timeouts, secrets and TLS, from the configuration.
-fn load_settings(config: &ServerConfig) -> Result<Settings, ServerError> {
+fn load_settings(config: &ServerConfig, store: &Arc<dyn Store>) -> Result<Settings, ServerError> {
+    let shared = store.clone().into_shared();
     Ok(Settings {
+        metrics: Arc::new(admin::Metrics::new(
+            store.as_ref(),
+            shared
+                .as_ref()
+                .map(|s| s.as_ref() as &dyn store::SharedStore),
+        )),
         frame_timeout: config.frame_deadline(),
         idle_timeout: config.idle_deadline(),
         auth_timeout: config.auth_deadline(),

@@ -11,6 +11,7 @@
 
 mod error;
 pub mod file;
+pub mod metrics;
 pub mod options;
 pub mod postgres;
 pub mod target;
@@ -29,6 +30,7 @@ use crate::model::{AgencyId, Bets};
 use crate::receipt::{Digest, Receipt, Recomputed};
 
 pub use error::{Backend, RecordAt, StorageError};
+pub use metrics::{StoreMetrics, WriterMetrics};
 pub use options::{Durability, Options};
 pub use target::{PgTarget, Storage};
 
@@ -146,6 +148,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn served_from(&self) -> &'static str {
         "the receipts read when the store opened"
     }
+
+    /// What the store measures about its commits (handles to its own
+    /// counters; a store that measures nothing hands back fresh ones that
+    /// stay at zero).
+    fn metrics(&self) -> StoreMetrics {
+        StoreMetrics::default()
+    }
 }
 
 /// What only a store shared by several centrals does: the sessions, the
@@ -199,6 +208,15 @@ pub trait SharedStore: Store {
     /// agencies `1..=agencies` has finished with no draw recorded (the
     /// central drawing died before its commit: this one should draw).
     fn drawn(&self, agencies: u32) -> BoxFuture<'_, Watched>;
+
+    /// What the database writer measures: its groups in flight and its
+    /// retries.
+    fn writer_metrics(&self) -> WriterMetrics;
+
+    /// The server (`IP:PORT`) the writer's last new connection reached:
+    /// with several hosts, the primary; `None` before any, or over a Unix
+    /// socket.
+    fn primary(&self) -> Option<String>;
 }
 
 /// What [`SharedStore::drawn`] saw.
@@ -483,6 +501,13 @@ pub struct Draw {
 }
 
 impl Draw {
+    /// [`Draw::drawn_at`] in seconds since the Unix epoch, when it parses.
+    pub fn drawn_at_unix(&self) -> Option<f64> {
+        chrono::DateTime::parse_from_rfc3339(&self.drawn_at)
+            .ok()
+            .map(|at| at.timestamp() as f64)
+    }
+
     /// The draw of `winning_number` over agencies `1..=agencies` from the
     /// `tally` of the stored bets, sealed over the `acknowledged` receipts
     /// (an agency without one has its empty receipt), drawn now and read

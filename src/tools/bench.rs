@@ -41,6 +41,9 @@ pub struct BenchOptions {
     /// Centrals sharing `storage` (1 without it), agency `i` on central
     /// `(i - 1) mod centrals`.
     pub centrals: u32,
+    /// Run each central with its admin listener on, and scrape its
+    /// `/metrics` every second during the load.
+    pub admin: bool,
 }
 
 /// What was measured.
@@ -72,6 +75,8 @@ pub struct BenchReport {
     /// the run, but never expected in a healthy one: with no reconnect
     /// beside them, they came from a client that is not this bench's.
     pub refused: Vec<String>,
+    /// Scrapes of `/metrics` answered during the load (with `admin`).
+    pub scrapes: u64,
 }
 
 impl BenchReport {
@@ -85,7 +90,7 @@ impl BenchReport {
              draw: {} ms\n\
              server peak RSS: {:.1} MiB\n\
              CPU: central {:.2} s, agencies {:.2} s ({:.2} µs per bet in all)\n\
-             reconnects: {}, refused connections (retried): {}\n{}",
+             reconnects: {}, refused connections (retried): {}\n{}{}",
             o.agencies,
             o.bets_per_agency,
             o.window,
@@ -116,6 +121,14 @@ impl BenchReport {
                 .iter()
                 .map(|line| format!("refused: {line}\n"))
                 .collect::<String>(),
+            if o.admin {
+                format!(
+                    "admin listener on: {} scrapes of /metrics answered\n",
+                    self.scrapes
+                )
+            } else {
+                String::new()
+            },
         )
     }
 }
@@ -194,7 +207,11 @@ fn start_server(
     opts: &BenchOptions,
     secrets: &RunSecrets,
     draws: std::sync::mpsc::Sender<serde_json::Value>,
-) -> anyhow::Result<(ServerProcess, std::net::SocketAddr)> {
+) -> anyhow::Result<(
+    ServerProcess,
+    std::net::SocketAddr,
+    Option<std::net::SocketAddr>,
+)> {
     let secrets_file = dir.join("secrets.toml");
     std::fs::write(&secrets_file, secrets.to_toml())
         .with_context(|| format!("writing {}", secrets_file.display()))?;
@@ -239,6 +256,9 @@ fn start_server(
     if opts.no_sync {
         cmd.arg("--no-sync");
     }
+    if opts.admin {
+        cmd.env("SERVER_ADMIN_ADDRESS", "127.0.0.1:0");
+    }
     let mut child = cmd.spawn().context("starting the server")?;
     let stdout = child.stdout.take().expect("piped");
     let fails = Arc::new(Mutex::new(Fails::default()));
@@ -260,7 +280,7 @@ fn start_server(
                     } else {
                         fails.failed.push(line);
                     }
-                } else if event["action"] == action::LISTEN {
+                } else if event["action"] == action::LISTEN || event["action"] == action::ADMIN {
                     // Keep only what the report needs; per-batch events are many.
                     let _ = tx.send(event);
                 } else if event["action"] == action::SORTEO {
@@ -274,13 +294,68 @@ fn start_server(
         fails,
         milestones,
     };
+    let admin = if opts.admin {
+        let event = milestone(&server.milestones, action::ADMIN)?;
+        Some(
+            event["address"]
+                .as_str()
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                .context("no address in the admin event")?,
+        )
+    } else {
+        None
+    };
     let listen = milestone(&server.milestones, action::LISTEN)?;
     let port = listen["address"]
         .as_str()
         .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
         .context("no address in the listen event")?
         .port();
-    Ok((server, std::net::SocketAddr::from(([127, 0, 0, 1], port))))
+    Ok((
+        server,
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        admin,
+    ))
+}
+
+/// Scrapes `/metrics` at each of `admins` every second until aborted,
+/// as Prometheus would (but more often), counting the answers in `scrapes`.
+async fn scrape(
+    admins: Vec<std::net::SocketAddr>,
+    operator: String,
+    scrapes: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.tick().await;
+    loop {
+        every.tick().await;
+        scrape_once(&admins, &operator, &scrapes).await;
+    }
+}
+
+/// One scrape of each of `admins`.
+async fn scrape_once(
+    admins: &[std::net::SocketAddr],
+    operator: &str,
+    scrapes: &std::sync::atomic::AtomicU64,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for admin in admins {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await else {
+            continue;
+        };
+        let request = format!(
+            "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {operator}\r\n\
+             Connection: close\r\n\r\n"
+        );
+        let mut answer = Vec::new();
+        if stream.write_all(request.as_bytes()).await.is_ok()
+            && stream.read_to_end(&mut answer).await.is_ok()
+            && answer.starts_with(b"HTTP/1.1 200")
+        {
+            scrapes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -345,10 +420,12 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
     let (draws_tx, draws) = std::sync::mpsc::channel();
     let mut servers = Vec::new();
     let mut addresses = Vec::new();
+    let mut admins = Vec::new();
     for _ in 0..opts.centrals.max(1) {
-        let (server, address) = start_server(dir.path(), &opts, &secrets, draws_tx.clone())?;
+        let (server, address, admin) = start_server(dir.path(), &opts, &secrets, draws_tx.clone())?;
         servers.push(server);
         addresses.push(address);
+        admins.extend(admin);
     }
     let server_cpu = |servers: &[ServerProcess]| -> Duration {
         servers
@@ -368,6 +445,11 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
         seal_file: dir.seal_file(),
         ..AgencyConfig::default()
     };
+    let scrapes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Once before the load (so a run of any length scrapes each central),
+    // then every second during it.
+    scrape_once(&admins, &secrets.operator, &scrapes).await;
+    let scraper = tokio::spawn(scrape(admins, secrets.operator.clone(), scrapes.clone()));
     let fleet = Fleet::start(opts.agencies, &template, &addresses, &data, &secrets, &root);
     let progress = fleet.progress();
     let ticker = tokio::spawn(async move {
@@ -386,6 +468,7 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
     });
     let joined = fleet.join().await;
     ticker.abort();
+    scraper.abort();
     let Some(reports) = joined? else {
         bail!("interrupted");
     };
@@ -434,5 +517,6 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
         agencies_cpu,
         reconnects: reports.iter().map(|r| r.reconnects).sum(),
         refused,
+        scrapes: scrapes.load(std::sync::atomic::Ordering::Relaxed),
     })
 }

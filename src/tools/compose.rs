@@ -45,6 +45,12 @@ pub const POSTGRES_STORAGE: &str = "postgres://lottery@postgres:5432/lottery";
 /// The port every central listens on, inside its container.
 const PORT: u16 = 12345;
 
+/// The port of every central's admin listener (metrics, status page,
+/// probes), inside its container; published on the host's loopback only,
+/// on a port Docker picks (`docker compose port server 9180` names it), so
+/// that projects side by side never collide on it.
+pub const ADMIN_PORT: u16 = 9180;
+
 /// The compose file for `agencies` agencies.
 ///
 /// The configuration and the data files are mounted, so changing either
@@ -70,6 +76,9 @@ pub fn render(agencies: u32) -> String {
 # file lives on the volume `bets`; each agency keeps its round's seal on the volume `seals`.
 # Every agency authenticates with its own secret: `lottery compose` (make secrets)
 # writes them into ./secrets, which git ignores; compose refuses to start without them.
+# The central's admin listener (/metrics, the status page /, /healthz, /readyz) is
+# published on this host's loopback only, on a port `docker compose port server {ADMIN_PORT}`
+# names; its pages ask for the operator's secret (./secrets/{OPERATOR_FILE}).
 
 services:
   server:
@@ -84,6 +93,9 @@ services:
       - SERVER_STORAGE=/var/lib/lottery/data/bets.csv
       - SERVER_LISTEN_BACKLOG=128
       - SERVER_SECRETS_FILE=/run/secrets/central
+      - SERVER_ADMIN_ADDRESS=0.0.0.0:{ADMIN_PORT}
+    ports:
+      - \"127.0.0.1::{ADMIN_PORT}\"
     secrets:
       - central
     volumes:
@@ -181,6 +193,9 @@ pub fn render_postgres(agencies: u32, centrals: u32) -> String {
 # data writes them) and config.toml is mounted, so changing either needs no image rebuild.
 # Every agency authenticates with its own secret, and the database with a password:
 # `lottery compose` writes them into ./secrets, which git ignores.
+# Each central's admin listener (/metrics, the status page /, /healthz, /readyz) is
+# published on this host's loopback only, on a port `docker compose port central-K {ADMIN_PORT}`
+# names; its pages ask for the operator's secret (./secrets/{OPERATOR_FILE}).
 # The database password is in no YAML: PostgreSQL reads it from its secret file
 # (POSTGRES_PASSWORD_FILE), and each central's entrypoint reads the same file and adds
 # it to SERVER_STORAGE as the URL's password parameter just before starting the central
@@ -231,6 +246,9 @@ services:
       - SERVER_STORAGE={POSTGRES_STORAGE}
       - SERVER_LISTEN_BACKLOG=128
       - SERVER_SECRETS_FILE=/run/secrets/central
+      - SERVER_ADMIN_ADDRESS=0.0.0.0:{ADMIN_PORT}
+    ports:
+      - \"127.0.0.1::{ADMIN_PORT}\"
     secrets:
       - central
       - postgres

@@ -3,6 +3,7 @@
 //! stored rows and winners.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod admin;
 pub mod docker;
 pub mod pg;
 pub mod raw;
@@ -94,6 +95,20 @@ pub fn lottery_under(wrapper: &[&str]) -> Command {
         }
         None => Command::new(bin),
     };
+    clean_env(&mut cmd);
+    cmd
+}
+
+/// Another build of `lottery` (the tokio-console one, say), run at `bin`
+/// with [`lottery`]'s environment.
+pub fn lottery_at(bin: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    clean_env(&mut cmd);
+    cmd
+}
+
+/// The environment every `lottery` a test runs gets.
+fn clean_env(cmd: &mut Command) {
     // Never pick up a config.toml from the working tree: an empty file
     // (defaults) that exists, so the config line reads `config_file:
     // /dev/null` and no warning says a named file is missing.
@@ -113,7 +128,6 @@ pub fn lottery_under(wrapper: &[&str]) -> Command {
     ] {
         cmd.env_remove(var);
     }
-    cmd
 }
 
 impl Proc {

@@ -8,6 +8,7 @@
 //! `several_centrals`, `failover`, `tools`); the helpers they share are
 //! here.
 
+mod admin;
 mod close;
 #[path = "../common/mod.rs"]
 mod common;

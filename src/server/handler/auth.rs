@@ -113,6 +113,10 @@ impl Handler {
     pub(super) async fn wrong_secret(&mut self, reason: String) -> Result<Next, FrameError> {
         let ip = self.peer.ip();
         let strike = self.settings.guard.wrong_secret(ip, Now::now());
+        self.settings.metrics.auth_failures.inc();
+        if strike.locked_out {
+            self.settings.metrics.auth_lockouts.inc();
+        }
         if let Some(report) = strike.report {
             report.log();
         }

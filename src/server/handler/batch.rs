@@ -67,6 +67,7 @@ impl Handler {
         let skip = match placement {
             Placement::Store { skip } => skip,
             Placement::AlreadyStored { stored } => {
+                self.settings.metrics.batches_already_stored.inc();
                 info!(
                     action = action::APUESTA_RECIBIDA,
                     result = result::SUCCESS,
@@ -124,6 +125,12 @@ impl Handler {
                 return self.feed(&reply).await;
             }
         };
+        let metrics = &self.settings.metrics;
+        metrics.bets_stored.inc_by(settled.new);
+        metrics.batches_stored.inc();
+        metrics
+            .ack_latency
+            .observe(settled.submitted.elapsed().as_secs_f64());
         info!(
             action = action::APUESTA_RECIBIDA,
             result = result::SUCCESS,

@@ -57,6 +57,11 @@ impl Handler {
     /// stranger's refused connection (a broken frame) only when
     /// [`Handler::in_full`] says so.
     pub(super) fn log_refused(&self, r: &Refused) {
+        if r.action == action::APUESTA_RECIBIDA {
+            self.settings
+                .metrics
+                .refused(r.cantidad.unwrap_or(0), r.code);
+        }
         if r.action == action::CONNECTION && !self.in_full(Broken::Frame) {
             return;
         }

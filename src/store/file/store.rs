@@ -82,6 +82,10 @@ impl Store for FileStore {
         self.writer.path().display().to_string()
     }
 
+    fn metrics(&self) -> crate::store::StoreMetrics {
+        self.writer.metrics()
+    }
+
     fn submit<'a>(
         &'a self,
         bets: &Bets,

@@ -16,7 +16,7 @@ use tracing::{error, info};
 use super::StorageError;
 use crate::close::SalesClose;
 use crate::logging::{action, result};
-use crate::store::{Backend, ClosedRound, Durability, Sequence};
+use crate::store::{Backend, ClosedRound, Durability, Sequence, StoreMetrics};
 
 /// The step that puts a group's rows on stable storage before any of its
 /// batches is answered: [`File::sync_data`], or a stand-in in tests that
@@ -63,6 +63,8 @@ pub struct BetStore {
     /// What the writer is asked, in order.
     tx: mpsc::Sender<Job>,
     path: Arc<Path>,
+    /// The writer's commit measurements.
+    metrics: StoreMetrics,
 }
 
 impl std::fmt::Debug for Append {
@@ -115,18 +117,21 @@ impl BetStore {
         closed: Option<ClosedRound>,
     ) -> (BetStore, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let metrics = StoreMetrics::default();
         let writer = Writer {
             path: path.to_path_buf(),
             file: None,
             sync,
             poisoned: None,
             closed,
+            metrics: metrics.clone(),
         };
         let task = crate::task::spawn_blocking_named("bets writer", move || write_loop(writer, rx));
         (
             BetStore {
                 tx,
                 path: Arc::from(path),
+                metrics,
             },
             task,
         )
@@ -135,6 +140,11 @@ impl BetStore {
     /// The bets file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The writer's commit measurements.
+    pub fn metrics(&self) -> StoreMetrics {
+        self.metrics.clone()
     }
 
     /// Hands pre-encoded CSV rows to the writer as one unit, after the
@@ -290,7 +300,13 @@ fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Job>) {
             }
         }
         if !group.is_empty() {
+            let started = std::time::Instant::now();
             let outcomes = writer.write_group(&group);
+            writer
+                .metrics
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            writer.metrics.group_batches.observe(group.len() as f64);
             for (append, outcome) in group.drain(..).zip(outcomes) {
                 if let Err(refusal) = &outcome {
                     append.sequence.mark_broken();
@@ -345,6 +361,8 @@ struct Writer {
     poisoned: Option<String>,
     /// Sales are closed: every batch is refused.
     closed: Option<ClosedRound>,
+    /// Each group's commit time and size.
+    metrics: StoreMetrics,
 }
 
 impl Writer {

@@ -58,7 +58,7 @@ use crate::model::{AgencyId, Bets};
 use crate::receipt::{Digest, Receipt, Recomputed, DIGEST_LEN};
 use crate::store::{
     Agency, AgencyTotals, Backend, Draw, Durability, PgTarget, Sequence, SharedStore, StorageError,
-    Store, Stored, Tally, Watched,
+    Store, StoreMetrics, Stored, Tally, Watched, WriterMetrics,
 };
 
 /// The database behind the storage seam.
@@ -68,6 +68,12 @@ pub struct PostgresStore {
     settings: ConnectionSettings,
     /// Batches to the writer task.
     requests: mpsc::Sender<writer::Request>,
+    /// The writer's commit measurements.
+    metrics: StoreMetrics,
+    /// The writer's groups in flight and retries.
+    writer_metrics: WriterMetrics,
+    /// The server the writer's last new connection reached.
+    primary: Arc<Mutex<Option<String>>>,
     /// The writer task; taken by [`Store::close`].
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -126,11 +132,25 @@ impl PostgresStore {
         );
         let next: HashMap<AgencyId, Receipt> = stored.iter().map(|(&a, &r)| (a, r)).collect();
         let (requests, rx) = mpsc::channel(writer::QUEUE_DEPTH);
-        let task = tokio::spawn(writer::run(target.clone(), settings, client, next, rx));
+        let metrics = StoreMetrics::default();
+        let writer_metrics = WriterMetrics::default();
+        let primary = Arc::new(Mutex::new(None));
+        let measured = writer::Measured {
+            store: metrics.clone(),
+            writer: writer_metrics.clone(),
+            primary: primary.clone(),
+        };
+        let task = crate::task::spawn_named(
+            "database writer",
+            writer::run(target.clone(), settings, client, next, rx, measured),
+        );
         let store = PostgresStore {
             target: target.clone(),
             settings,
             requests,
+            metrics,
+            writer_metrics,
+            primary,
             task: Mutex::new(Some(task)),
         };
         Ok((store, stored))
@@ -192,6 +212,10 @@ const DRAW_CHANNEL: &str = "lottery_draw";
 impl Store for PostgresStore {
     fn describe(&self) -> String {
         self.target.to_string()
+    }
+
+    fn metrics(&self) -> StoreMetrics {
+        self.metrics.clone()
     }
 
     fn close_action(&self) -> &'static str {
@@ -345,6 +369,17 @@ impl Store for PostgresStore {
 }
 
 impl SharedStore for PostgresStore {
+    fn writer_metrics(&self) -> WriterMetrics {
+        self.writer_metrics.clone()
+    }
+
+    fn primary(&self) -> Option<String> {
+        self.primary
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn open_session(&self, agency: AgencyId) -> BoxFuture<'_, Result<Agency, StorageError>> {
         self.ask(move |done| writer::Request::Open(agency, done))
             .boxed()

@@ -95,6 +95,9 @@ pub(super) enum Outcome {
 /// once, so a group's statements each take one round trip.
 pub(super) struct Conn {
     pub(super) client: Client,
+    /// The server's address as it answered (`IP:PORT`; `None` over a Unix
+    /// socket): with several hosts, the primary this connection reached.
+    pub(super) server: Option<String>,
     pub(super) copy: Statement,
     pub(super) create: Statement,
     pub(super) lock: Statement,
@@ -119,9 +122,14 @@ pub(super) const UPSERT_AGENCIES: &str = "INSERT INTO agencies (agency, stored, 
     SELECT * FROM unnest($1::int4[], $2::int8[], $3::bytea[]) \
     ON CONFLICT (agency) DO UPDATE SET stored = excluded.stored, digest = excluded.digest";
 
+/// The address the server answered on: which host of several is the one
+/// written to.
+const SERVER_ADDRESS: &str = "SELECT host(inet_server_addr()) || ':' || inet_server_port()";
+
 impl Conn {
     pub(super) async fn prepare(client: Client) -> Result<Conn, PgError> {
-        let (copy, create, lock, sales, upsert) = futures::try_join!(
+        let (server, copy, create, lock, sales, upsert) = futures::try_join!(
+            client.query_one(SERVER_ADDRESS, &[]),
             client.prepare(COPY),
             client.prepare(CREATE_AGENCIES),
             client.prepare(LOCK_AGENCIES),
@@ -131,6 +139,7 @@ impl Conn {
         .map_err(PgError::from)?;
         Ok(Conn {
             client,
+            server: server.get(0),
             copy,
             create,
             lock,

@@ -42,7 +42,7 @@
 //! of the agency opened on any central (its HELLO was answered with them).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -64,7 +64,7 @@ use super::PgError;
 use crate::logging::{action, result};
 use crate::model::AgencyId;
 use crate::receipt::Receipt;
-use crate::store::{Agency, PgTarget, Sequence};
+use crate::store::{Agency, PgTarget, Sequence, StoreMetrics, WriterMetrics};
 
 /// How many batches may wait for the writer before senders wait too.
 pub const QUEUE_DEPTH: usize = 1024;
@@ -128,6 +128,8 @@ struct Pending {
 /// A group in flight.
 struct InFlight {
     task: JoinHandle<Finished>,
+    /// When its transaction started, for the commit time.
+    started: std::time::Instant,
     pending: Vec<Pending>,
     /// Per agency, the receipt once the group is stored.
     receipts: HashMap<AgencyId, Receipt>,
@@ -168,6 +170,22 @@ struct Writer {
     /// A group failed: no new group starts until those in flight are
     /// answered (they all fail behind it).
     failing: bool,
+    /// Each group's commit time and size.
+    metrics: StoreMetrics,
+    /// Groups in flight and reconnections.
+    writer_metrics: WriterMetrics,
+    /// The server its last new connection reached.
+    primary: Arc<Mutex<Option<String>>>,
+}
+
+/// What the writer measures, handed in by the store that starts it.
+pub struct Measured {
+    /// Every store's measurements.
+    pub store: StoreMetrics,
+    /// The database writer's own.
+    pub writer: WriterMetrics,
+    /// The server its last new connection reached (see [`Conn`]).
+    pub primary: Arc<Mutex<Option<String>>>,
 }
 
 /// Runs the writer until it is asked to close or every sender is gone.
@@ -177,6 +195,7 @@ pub async fn run(
     client: Client,
     stored: HashMap<AgencyId, Receipt>,
     mut requests: mpsc::Receiver<Request>,
+    measured: Measured,
 ) {
     // Prepared on first use (see `Writer::connection`) when this fails.
     let idle: Vec<Conn> = Conn::prepare(client).await.into_iter().collect();
@@ -193,7 +212,13 @@ pub async fn run(
         in_flight: VecDeque::new(),
         baton: None,
         failing: false,
+        metrics: measured.store,
+        writer_metrics: measured.writer,
+        primary: measured.primary,
     };
+    if let Some(conn) = writer.idle.first() {
+        writer.reached(conn);
+    }
     writer.reset_plan();
     let mut waiting: VecDeque<Append> = VecDeque::new();
     // A request that must wait for every batch before it to be answered.
@@ -208,7 +233,7 @@ pub async fn run(
                     Some(group) => (&mut group.task).await,
                     None => std::future::pending().await,
                 }
-            } => Event::Finished(finished),
+            } => Event::Finished(Box::new(finished)),
             request = requests.recv(), if accepting => Event::Request(request),
         };
         match event {
@@ -217,7 +242,11 @@ pub async fn run(
                     .in_flight
                     .pop_front()
                     .expect("the front group finished");
-                writer.answer(group, finished);
+                writer
+                    .writer_metrics
+                    .groups_in_flight
+                    .set(writer.in_flight.len() as i64);
+                writer.answer(group, *finished);
             }
             Event::Request(None) => senders_gone = true,
             Event::Request(Some(Request::Append(a))) => waiting.push_back(a),
@@ -268,7 +297,9 @@ pub async fn run(
 
 /// What woke the writer.
 enum Event {
-    Finished(Result<Finished, tokio::task::JoinError>),
+    /// Boxed: a group's result holds its connection, many times the size
+    /// of a request.
+    Finished(Box<Result<Finished, tokio::task::JoinError>>),
     Request(Option<Request>),
 }
 
@@ -319,7 +350,9 @@ impl Writer {
             }
         }
         let client = Conn::prepare(connect(&self.target, self.settings).await?).await?;
+        self.reached(&client);
         if std::mem::take(&mut self.lost) {
+            self.writer_metrics.retries.inc();
             info!(
                 action = action::DATABASE_CONNECT,
                 result = result::SUCCESS,
@@ -328,6 +361,11 @@ impl Writer {
             );
         }
         Ok(client)
+    }
+
+    /// Notes the server a new connection reached.
+    fn reached(&self, conn: &Conn) {
+        *self.primary.lock().unwrap_or_else(|p| p.into_inner()) = conn.server.clone();
     }
 
     /// Gives a connection back after a statement: kept if it worked.
@@ -440,9 +478,13 @@ impl Writer {
         let task = tokio::spawn(store_group(client, Plan { chunks, updates }, after, relay));
         self.in_flight.push_back(InFlight {
             task,
+            started: std::time::Instant::now(),
             pending,
             receipts,
         });
+        self.writer_metrics
+            .groups_in_flight
+            .set(self.in_flight.len() as i64);
     }
 
     /// Fails every batch waiting with `why`.
@@ -462,6 +504,12 @@ impl Writer {
 
     /// Answers a group's batches from how its transaction ended.
     fn answer(&mut self, group: InFlight, finished: Result<Finished, tokio::task::JoinError>) {
+        self.metrics
+            .commit_seconds
+            .observe(group.started.elapsed().as_secs_f64());
+        self.metrics
+            .group_batches
+            .observe(group.pending.len() as f64);
         // A task that panicked leaves no doubt to settle: should its
         // commit have happened, the table holds more than this central
         // acknowledged, and its agencies' batches are refused until a HELLO
