@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
 use tracing::{error, info, warn};
 
-use super::error::describe;
+use super::error::{describe, ConnectError};
 use crate::logging::{action, result};
 use crate::store::{Durability, PgTarget};
 
@@ -72,22 +72,6 @@ pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub struct ConnectionSettings {
     /// Whether a commit waits for its WAL to reach stable storage.
     pub(super) durability: Durability,
-}
-
-/// A connection that could not be opened.
-#[derive(Debug, thiserror::Error)]
-#[error("{reason}")]
-pub struct ConnectError {
-    /// Why, as [`describe`] words it.
-    pub reason: String,
-    /// Whether trying again can help: the server was not reached, or said
-    /// it cannot take connections yet (starting up, shutting down, full).
-    /// A refused login (a wrong password, a missing database or role) will
-    /// be refused again: the operator has to act.
-    pub retry: bool,
-    /// The URL lacks what the database asks for (a password): a mistake in
-    /// the configuration, not in the database.
-    pub configuration: bool,
 }
 
 /// Why a connection was refused before the server was asked anything more:

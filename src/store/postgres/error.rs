@@ -5,8 +5,6 @@
 
 use crate::model::AgencyId;
 
-use super::connect::ConnectError;
-
 /// A failure inside the PostgreSQL store.
 ///
 /// Its `Display` is the whole message, one line, as the project's errors
@@ -29,7 +27,7 @@ pub enum PgError {
     /// The database could not be reached for the whole patience given, or
     /// refused the connection.
     #[error("{0}")]
-    Unreached(String),
+    Unreachable(String),
     /// A connection could not be opened.
     #[error(transparent)]
     Connect(#[from] ConnectError),
@@ -77,4 +75,20 @@ pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// A connection that could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct ConnectError {
+    /// Why, as [`describe`] words it.
+    pub reason: String,
+    /// Whether trying again can help: the server was not reached, or said
+    /// it cannot take connections yet (starting up, shutting down, full).
+    /// A refused login (a wrong password, a missing database or role) will
+    /// be refused again: the operator has to act.
+    pub retry: bool,
+    /// The URL lacks what the database asks for (a password): a mistake in
+    /// the configuration, not in the database.
+    pub configuration: bool,
 }

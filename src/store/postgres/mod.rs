@@ -31,7 +31,8 @@ pub mod schema;
 mod watch;
 mod writer;
 
-pub use connect::{ConnectError, ConnectionSettings};
+pub use connect::ConnectionSettings;
+pub use error::ConnectError;
 pub use error::PgError;
 pub use record::load_draw;
 pub use recover::{recompute, served, SERVED_FROM};
@@ -111,7 +112,7 @@ impl PostgresStore {
                     target: where_(target),
                     reason,
                 },
-                Unreached::Failed(reason) => fail(PgError::Unreached(reason)),
+                Unreached::Failed(reason) => fail(PgError::Unreachable(reason)),
             })?;
         let migrated = schema::migrate(&mut client).await.map_err(fail)?;
         info!(
