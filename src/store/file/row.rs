@@ -32,14 +32,25 @@ pub fn encode_rows<'a>(bets: impl IntoIterator<Item = BetRef<'a>>, dst: &mut Vec
     }
 }
 
+/// A field as CSV: as it is, or quoted when it must be. The plain case is
+/// kept small enough to be inlined into [`encode_rows`]'s loop (out of line,
+/// its call cost the central about 45 instructions a bet; see
+/// docs/PERFORMANCE.md); quoting, rare, is out of line.
+#[inline(always)]
 fn push_field(dst: &mut Vec<u8>, field: &[u8]) {
-    if !field
+    if field
         .iter()
         .any(|&c| matches!(c, b',' | b'"' | b'\r' | b'\n'))
     {
+        push_quoted(dst, field);
+    } else {
         dst.extend_from_slice(field);
-        return;
     }
+}
+
+#[cold]
+#[inline(never)]
+fn push_quoted(dst: &mut Vec<u8>, field: &[u8]) {
     dst.push(b'"');
     for part in field.split_inclusive(|&c| c == b'"') {
         dst.extend_from_slice(part);
