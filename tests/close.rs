@@ -305,6 +305,24 @@ fn an_agency_whose_file_was_all_stored_exits_0_and_the_record_says_who_finished(
     );
     let end = ended(&two, 2, 2_000);
     assert_eq!((end.code, end.stored), (4, 0));
+    // Its announcement asked for its winners and finished nothing: the
+    // live view says what the record says.
+    let status = run(&["status", "--address", &address]);
+    assert!(status.status.success(), "{status:?}");
+    let view = stdout(&status);
+    assert!(
+        view.contains("     2           0  closed")
+            && view.contains("1 of 2 agencies finished; draw done"),
+        "{view}"
+    );
+    assert!(
+        !server
+            .proc
+            .output()
+            .contains("action: agencia_finalizada | result: success | agency: 2"),
+        "{}",
+        server.proc.output()
+    );
     let stored = BTreeMap::from([(1, 2_000), (2, 0)]);
     check_round(work.path(), data.path(), 2, &stored, &[1], |a| {
         Some(read_winners(&work.path().join(format!("w{a}.txt"))))

@@ -41,7 +41,7 @@ fn health_status_and_winners_follow_the_lottery() {
     assert!(status.status.success());
     assert_eq!(
         stdout(&status),
-        "agency   bets held  state\n     1           0  waiting\n     2           0  waiting\n total           0\n0 of 2 agencies finished; draw pending\n"
+        "agency   bets held  state\n     1           0  waiting\n     2           0  waiting\n total           0\nsales open\n0 of 2 agencies finished; draw pending\n"
     );
     let none = run(&["winners", "--record", record.to_str().unwrap()]);
     assert_eq!(none.status.code(), Some(1));

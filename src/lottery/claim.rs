@@ -139,6 +139,29 @@ impl Claim {
     /// announcement is then forgotten, so that announcing again retries.
     pub async fn finish(&self) -> Result<(), LotteryError> {
         let agency = self.agency;
+        // After the close, an agency that had not finished stays closed:
+        // its announcement asks for the draw (its winners), and finishes
+        // nothing, here or in a shared store, as the draw record says.
+        let closed_out = {
+            let mut state = self.lottery.lock();
+            state.last_seen.insert(agency, SystemTime::now());
+            if state
+                .closed
+                .as_ref()
+                .is_some_and(|c| !c.finished.contains(&agency))
+            {
+                let start = !state.drawing && !state.closing && self.lottery.draw().is_none();
+                state.drawing |= start;
+                Some(start)
+            } else {
+                None
+            }
+        };
+        match closed_out {
+            Some(true) => return self.lottery.run_draw(agency).await,
+            Some(false) => return Ok(()),
+            None => {}
+        }
         // With a shared store the announcement is recorded there first, and
         // who finished is counted there: the others may have finished on
         // other centrals.

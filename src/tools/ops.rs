@@ -282,6 +282,8 @@ pub fn render_status(view: &StatusView) -> String {
         total += held;
         let label = match state {
             Some(s) if s.finished => "finished",
+            // Sales closed before it finished: its bets held are all it has.
+            _ if view.close.is_some() => "closed",
             Some(s) if s.held > 0 => "uploading",
             _ => "waiting",
         };
@@ -289,8 +291,14 @@ pub fn render_status(view: &StatusView) -> String {
     }
     let finished = view.states.iter().filter(|s| s.finished).count();
     let _ = writeln!(out, "{:>6}  {total:>10}", "total");
-    if let Some(close) = &view.close {
-        let _ = writeln!(out, "{close}");
+    match &view.close {
+        Some(close) => {
+            let _ = writeln!(out, "{close}");
+        }
+        None if !view.drawn => {
+            let _ = writeln!(out, "sales open");
+        }
+        None => {}
     }
     let _ = writeln!(
         out,

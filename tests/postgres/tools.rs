@@ -343,7 +343,7 @@ fn status_on_any_central_shows_the_agencies_of_every_central() {
     assert_eq!(
         status,
         "agency   bets held  state\n     1         700  finished\n     2           0  waiting\n     \
-         3           0  waiting\n total         700\n1 of 3 agencies finished; draw pending\n"
+         3           0  waiting\n total         700\nsales open\n1 of 3 agencies finished; draw pending\n"
     );
     drop(one);
     let _ = (stop(&a), stop(&b));

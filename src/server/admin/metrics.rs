@@ -39,7 +39,8 @@ pub struct Metrics {
     pub connections_open: Gauge,
     /// From a batch read to its acknowledgement queued.
     pub ack_latency: Histogram,
-    /// Wrong or missing secrets.
+    /// Wrong secrets (a connection that names none is summarised in the log,
+    /// as `unauthenticated`, not counted here).
     pub auth_failures: Counter,
     /// Lockouts those started (an address, or every address, throttled).
     pub auth_lockouts: Counter,
@@ -152,11 +153,7 @@ impl Metrics {
             draw_time.clone(),
         );
         let auth_failures = Counter::default();
-        registry.register(
-            "auth_failures",
-            "Wrong or missing secrets",
-            auth_failures.clone(),
-        );
+        registry.register("auth_failures", "Wrong secrets", auth_failures.clone());
         let auth_lockouts = Counter::default();
         registry.register(
             "auth_lockouts",
