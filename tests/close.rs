@@ -509,11 +509,21 @@ fn a_central_started_after_the_close_draws_and_one_started_after_the_draw_serves
         .count();
     assert_eq!(kept_close, 1);
     let server = Server::start(&bets, 1, 7574);
-    // The same file in a new round: its kept seal is the old round's.
-    std::fs::remove_file(work.path().join("agency-1.csv.seal")).unwrap();
+    // The same file in a new round: its kept seal is the old round's, and
+    // the central held none of its bets when it began, so this round's
+    // seal replaces it (no false exit 3).
+    let old_seal = std::fs::read_to_string(work.path().join("agency-1.csv.seal")).unwrap();
     let one = start_agency(1, &server.address(), &data, &work.path().join("w1.txt"));
     assert_eq!(one.wait_exit(STEP).code(), Some(0), "{}", one.output());
     assert!(!server.proc.output().contains("action: cierre"));
+    assert!(
+        one.output()
+            .contains("action: seal_file | result: success | state: new_round"),
+        "{}",
+        one.output()
+    );
+    let new_seal = std::fs::read_to_string(work.path().join("agency-1.csv.seal")).unwrap();
+    assert_ne!(new_seal, old_seal);
 }
 
 #[test]

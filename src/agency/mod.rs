@@ -63,6 +63,9 @@ pub struct AgencyReport {
     /// Sales closed before the central stored the whole data file: the
     /// winners are over the `bets` it stored, of this many in the file.
     pub closed_short: Option<u64>,
+    /// The bets the central held for this agency when this run first asked
+    /// (`HELLO`): 0 when the round began anew for it.
+    pub held_at_start: Option<u64>,
 }
 
 /// Why an agency run failed.
@@ -320,6 +323,7 @@ pub async fn run_with_progress(
         winners: Vec::new(),
         ack_latencies_us: Vec::new(),
         closed_short: None,
+        held_at_start: None,
     };
     let mut backoff = FIRST_BACKOFF;
     let mut last_progress = Instant::now();

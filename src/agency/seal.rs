@@ -31,6 +31,10 @@ pub(super) enum Outcome {
     /// None was kept for these bets (none at all, or one for another data
     /// file): this one is kept now.
     Kept,
+    /// The one kept for these bets was an earlier round's: the central held
+    /// none of them when this run began, so this run uploaded them all
+    /// anew, into a new round. This one replaces it.
+    NewRound,
     /// This one could not be written (a read-only folder, say): a later
     /// run cannot compare (the reason).
     NotKept(String),
@@ -48,7 +52,11 @@ pub(super) enum Refusal {
 
 /// Compares `sealed`, the seal this run's winners came with for the bets
 /// whose receipt is `file`, with the one kept at `path`, and keeps it when
-/// none was kept for these bets.
+/// none was kept for these bets. `uploaded_anew`: the central held none of
+/// these bets when this run began (the round began anew for this agency, as
+/// after `lottery new-round`), so a different kept seal is an earlier
+/// round's, not this one's: a central that had this agency's bets and
+/// sealed them again differently is what the kept seal catches.
 ///
 /// # Errors
 /// The kept seal for these bets differs, or the kept file is damaged.
@@ -56,6 +64,7 @@ pub(super) fn compare_and_keep(
     path: &Path,
     file: &Receipt,
     sealed: Digest,
+    uploaded_anew: bool,
 ) -> Result<Outcome, Refusal> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
@@ -67,8 +76,16 @@ pub(super) fn compare_and_keep(
                 .map_err(|e| unreadable(format!("{e}")))?;
             if kept.bets == file.count && digest == file.digest {
                 let seal: Digest = kept.seal.parse().map_err(|e| unreadable(format!("{e}")))?;
-                mismatches::check_kept_seal(path, seal, sealed).map_err(Refusal::Differs)?;
-                return Ok(Outcome::Same);
+                match mismatches::check_kept_seal(path, seal, sealed) {
+                    Ok(()) => return Ok(Outcome::Same),
+                    Err(why) if !uploaded_anew => return Err(Refusal::Differs(why)),
+                    Err(_) => {
+                        return Ok(match keep(path, file, sealed) {
+                            Ok(()) => Outcome::NewRound,
+                            Err(e) => Outcome::NotKept(e.to_string()),
+                        })
+                    }
+                }
             }
             // Kept for other bets: a new data file is a new round.
         }
@@ -124,9 +141,15 @@ mod tests {
         let path = dir.path().join("agency-1.csv.seal");
         let (first, other) = (Receipt::empty(1).digest, Receipt::empty(2).digest);
         let bets = receipt(3);
-        assert_eq!(compare_and_keep(&path, &bets, first), Ok(Outcome::Kept));
-        assert_eq!(compare_and_keep(&path, &bets, first), Ok(Outcome::Same));
-        match compare_and_keep(&path, &bets, other) {
+        assert_eq!(
+            compare_and_keep(&path, &bets, first, false),
+            Ok(Outcome::Kept)
+        );
+        assert_eq!(
+            compare_and_keep(&path, &bets, first, false),
+            Ok(Outcome::Same)
+        );
+        match compare_and_keep(&path, &bets, other, false) {
             Err(Refusal::Differs(why)) => assert!(
                 why.starts_with(&format!(
                     "the central sealed this round as {other}, but this agency was given {first}"
@@ -139,13 +162,27 @@ mod tests {
         assert!(std::fs::read_to_string(&path)
             .unwrap()
             .contains(&first.to_string()));
+        // The same bets uploaded anew (the central held none of them when
+        // the run began): a new round, whose seal replaces the kept one.
+        assert_eq!(
+            compare_and_keep(&path, &bets, other, true),
+            Ok(Outcome::NewRound)
+        );
+        assert_eq!(
+            compare_and_keep(&path, &bets, other, false),
+            Ok(Outcome::Same)
+        );
+        assert_eq!(
+            compare_and_keep(&path, &bets, first, true),
+            Ok(Outcome::NewRound)
+        );
         // Other bets (a new data file): a new round, kept anew.
         assert_eq!(
-            compare_and_keep(&path, &receipt(4), other),
+            compare_and_keep(&path, &receipt(4), other, false),
             Ok(Outcome::Kept)
         );
         assert_eq!(
-            compare_and_keep(&path, &receipt(4), other),
+            compare_and_keep(&path, &receipt(4), other, false),
             Ok(Outcome::Same)
         );
     }
@@ -157,13 +194,13 @@ mod tests {
         std::fs::write(&path, "seal = 3\n").unwrap();
         let seal = Receipt::empty(1).digest;
         assert!(matches!(
-            compare_and_keep(&path, &receipt(1), seal),
+            compare_and_keep(&path, &receipt(1), seal, false),
             Err(Refusal::Unreadable(p, _)) if p == path
         ));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "seal = 3\n");
         let nowhere = dir.path().join("missing-folder").join("agency-1.csv.seal");
         assert!(matches!(
-            compare_and_keep(&nowhere, &receipt(1), seal),
+            compare_and_keep(&nowhere, &receipt(1), seal, false),
             Ok(Outcome::NotKept(_))
         ));
     }

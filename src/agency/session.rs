@@ -183,6 +183,9 @@ pub(super) async fn session(
         Protocol::Reference => (report.bets, None),
     };
     report.bets = stored;
+    if protocol == Protocol::Resumable {
+        report.held_at_start.get_or_insert(stored);
+    }
     publish(stored);
 
     // The reader starts from the first bet the central does not hold. It
@@ -356,11 +359,13 @@ pub(super) async fn session(
             } => {
                 winners.extend(documents);
                 if !more {
+                    let anew = report.held_at_start == Some(0);
                     if closed {
                         report.closed_short =
-                            check_closed(config, path, report.bets, sealed).await?;
+                            check_closed(config, path, report.bets, sealed, anew).await?;
                     } else {
-                        check_winners(path, &config.seal_path(), file_receipt, sealed).await?;
+                        check_winners(path, &config.seal_path(), file_receipt, sealed, anew)
+                            .await?;
                     }
                     break;
                 }
@@ -380,6 +385,18 @@ fn held_receipt(stored: Option<u64>, digest: Option<Digest>) -> (u64, Option<Rec
     (count, digest.map(|digest| Receipt { count, digest }))
 }
 
+/// Says that the kept seal was an earlier round's and is replaced.
+fn new_round_seal(kept_in: &Path) {
+    info!(
+        action = action::SEAL_FILE,
+        result = result::SUCCESS,
+        state = "new_round",
+        path = %kept_in.display(),
+        message = "the central held none of this file's bets when this run began: a new round, \
+                   whose seal replaces the earlier round's"
+    );
+}
+
 /// Checks the receipt the winners came with against the whole data file's
 /// (the reader's, complete once every batch was answered), and the seal
 /// against the one kept at `kept_in` from an earlier run over the same
@@ -390,6 +407,7 @@ async fn check_winners(
     kept_in: &Path,
     file_receipt: tokio::sync::oneshot::Receiver<Receipt>,
     sealed: Option<Sealed>,
+    uploaded_anew: bool,
 ) -> Result<(), AgencyError> {
     let Some(sealed) = sealed else {
         return Ok(()); // a central that seals nothing
@@ -402,9 +420,11 @@ async fn check_winners(
     mismatches::check_sealed(path, &file, &sealed).map_err(AgencyError::Receipt)?;
     let outcome = {
         let (kept_in, seal) = (kept_in.to_path_buf(), sealed.seal);
-        tokio::task::spawn_blocking(move || seal::compare_and_keep(&kept_in, &file, seal))
-            .await
-            .expect("keeping the seal does not panic")
+        tokio::task::spawn_blocking(move || {
+            seal::compare_and_keep(&kept_in, &file, seal, uploaded_anew)
+        })
+        .await
+        .expect("keeping the seal does not panic")
     };
     match outcome {
         Ok(Outcome::NotKept(reason)) => warn!(
@@ -416,6 +436,7 @@ async fn check_winners(
                        one: set agency.seal_file (CLI_SEAL_FILE) to a writable place"
         ),
         Ok(Outcome::Same | Outcome::Kept) => {}
+        Ok(Outcome::NewRound) => new_round_seal(kept_in),
         Err(Refusal::Differs(why)) => return Err(AgencyError::Receipt(why)),
         Err(Refusal::Unreadable(path, reason)) => {
             return Err(AgencyError::KeptSeal { path, reason })
@@ -443,6 +464,7 @@ async fn check_closed(
     path: &Path,
     stored: u64,
     sealed: Option<Sealed>,
+    uploaded_anew: bool,
 ) -> Result<Option<u64>, AgencyError> {
     let skip = sealed.map_or(stored, |s| s.receipt.count);
     let (tx, mut rx) = mpsc::channel(READ_AHEAD);
@@ -469,12 +491,13 @@ async fn check_closed(
         let outcome = {
             let (kept_in, seal) = (kept_in.clone(), sealed.seal);
             tokio::task::spawn_blocking(move || {
-                seal::compare_and_keep(&kept_in, &sealed.receipt, seal)
+                seal::compare_and_keep(&kept_in, &sealed.receipt, seal, uploaded_anew)
             })
             .await
             .expect("keeping the seal does not panic")
         };
         match outcome {
+            Ok(Outcome::NewRound) => new_round_seal(&kept_in),
             Ok(_) => {}
             Err(Refusal::Differs(why)) => return Err(AgencyError::Receipt(why)),
             Err(Refusal::Unreadable(path, reason)) => {
