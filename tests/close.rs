@@ -498,6 +498,11 @@ fn a_central_started_after_the_close_draws_and_one_started_after_the_draw_serves
         .output()
         .unwrap();
     assert!(kept.status.success(), "{kept:?}");
+    // It says where the close went, and so does the ledger of rounds.
+    let said = String::from_utf8_lossy(&kept.stdout);
+    assert!(said.contains(", its close of sales as "), "{said}");
+    let ledger = std::fs::read_to_string(work.path().join("bets.rounds.toml")).unwrap();
+    assert!(ledger.contains("kept_close = "), "{ledger}");
     assert!(!work.path().join("bets.close.toml").exists());
     let kept_close = std::fs::read_dir(work.path())
         .unwrap()

@@ -603,5 +603,8 @@ pub enum NewRound {
         bets: String,
         /// Where its draw record went.
         record: String,
+        /// Where its close of sales went, when it is kept apart from the
+        /// record (the bets file's `bets.close.toml`).
+        close: Option<String>,
     },
 }

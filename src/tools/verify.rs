@@ -233,9 +233,11 @@ pub async fn new_round(config: &ServerConfig) -> anyhow::Result<String> {
                 seal,
                 bets,
                 record,
+                close,
             } => format!(
-                "round {round} (seal {seal}) kept as {bets} and {record}; the next start of the \
-             central begins round {} with no bets\n",
+                "round {round} (seal {seal}) kept as {bets} and {record}{}; the next start of \
+                 the central begins round {} with no bets\n",
+                close.map_or(String::new(), |c| format!(", its close of sales as {c}")),
                 round + 1
             ),
         },

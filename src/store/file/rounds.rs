@@ -43,6 +43,9 @@ pub struct Round {
     /// Where its draw record was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kept_record: Option<String>,
+    /// Where its close of sales was kept, when sales were closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_close: Option<String>,
 }
 
 impl Ledger {
@@ -115,6 +118,7 @@ impl Ledger {
             bets: draw.bets,
             kept_bets: None,
             kept_record: None,
+            kept_close: None,
         });
         self.save(path)
     }
@@ -325,6 +329,7 @@ pub fn new_round(
     if let Some(last) = ledger.rounds.last_mut() {
         last.kept_bets = Some(kept_bets.display().to_string());
         last.kept_record = Some(kept_record.display().to_string());
+        last.kept_close = kept_close.as_ref().map(|c| c.display().to_string());
     }
     ledger.save(&ledger_path)?;
     Ok(NewRound::Kept {
@@ -332,6 +337,7 @@ pub fn new_round(
         seal: draw.seal,
         bets: kept_bets.display().to_string(),
         record: kept_record.display().to_string(),
+        close: kept_close.map(|c| c.display().to_string()),
     })
 }
 

@@ -289,5 +289,7 @@ pub async fn new_round(
         seal: draw.seal,
         bets: format!("table bets_{suffix} (receipts in agencies_{suffix})"),
         record: format!("tables draw_{suffix} and draw_agencies_{suffix}"),
+        // A close is part of the draw's row: kept with the record.
+        close: None,
     })
 }
