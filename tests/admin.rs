@@ -156,3 +156,36 @@ fn an_admin_address_that_is_not_ip_and_port_is_a_configuration_error() {
     assert!(stderr.contains("--admin-address"), "{stderr}");
     assert!(stderr.contains("is not IP:PORT"), "{stderr}");
 }
+
+/// The status page says whether sales are open, and once closed, who
+/// closed them, when and why (the reason escaped as HTML).
+#[test]
+fn the_status_page_shows_the_close_of_sales() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = central(dir.path());
+    cmd.env("SERVER_AGENCIES", "2")
+        .env("SERVER_ADMIN_ADDRESS", "127.0.0.1:0");
+    let server = Server::spawn(cmd);
+    let admin = admin_address(&server);
+    let page = get(&admin, "/", None);
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains("sales: <span id=\"sales\">open</span>"),
+        "{}",
+        page.body
+    );
+    let close = lottery()
+        .args(["close", "--address", &server.address()])
+        .args(["--reason", "agency 2 <gone>"])
+        .output()
+        .unwrap();
+    assert!(close.status.success(), "{close:?}");
+    let page = get(&admin, "/", None).body;
+    assert!(
+        page.contains("sales: <span id=\"sales\">closed at ")
+            && page.contains(" by operator (agency 2 &lt;gone&gt;)</span>"),
+        "{page}"
+    );
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+}

@@ -114,6 +114,15 @@ async fn live_part(live: &Live) -> String {
             );
         }
     }
+    // Sales: open, or who closed them, when and why.
+    let _ = write!(
+        out,
+        "<p>sales: <span id=\"sales\">{}</span></p>",
+        lottery.closed().map_or_else(
+            || "open".to_string(),
+            |close| escape(close.to_string().trim_start_matches("sales "))
+        )
+    );
     out.push_str(
         "</section><section><h2>Agencies</h2><table id=\"agencies\"><thead><tr>\
          <th>agency</th><th>bets stored</th><th>finished</th><th>connected</th>\
