@@ -418,10 +418,23 @@ async fn check_winners(
         )
     })?;
     mismatches::check_sealed(path, &file, &sealed).map_err(AgencyError::Receipt)?;
+    keep_seal(kept_in, file, sealed.seal, uploaded_anew).await
+}
+
+/// Compares the round's `seal` with the one kept at `kept_in` for the bets
+/// of `receipt` (keeping it when none was, or when the run uploaded them
+/// anew into a new round), says what became of the kept file, and logs the
+/// seal, which every agency of the round can publish and compare.
+async fn keep_seal(
+    kept_in: &Path,
+    receipt: Receipt,
+    seal: Digest,
+    uploaded_anew: bool,
+) -> Result<(), AgencyError> {
     let outcome = {
-        let (kept_in, seal) = (kept_in.to_path_buf(), sealed.seal);
+        let kept_in = kept_in.to_path_buf();
         tokio::task::spawn_blocking(move || {
-            seal::compare_and_keep(&kept_in, &file, seal, uploaded_anew)
+            seal::compare_and_keep(&kept_in, &receipt, seal, uploaded_anew)
         })
         .await
         .expect("keeping the seal does not panic")
@@ -445,9 +458,9 @@ async fn check_winners(
     info!(
         action = action::SEAL,
         result = result::SUCCESS,
-        seal = %sealed.seal,
-        bets = file.count,
-        digest = %file.digest,
+        seal = %seal,
+        bets = receipt.count,
+        digest = %receipt.digest,
         seal_file = %kept_in.display()
     );
     Ok(())
@@ -487,31 +500,13 @@ async fn check_closed(
         )
     })?;
     if let Some(sealed) = sealed {
-        let kept_in = config.seal_path();
-        let outcome = {
-            let (kept_in, seal) = (kept_in.clone(), sealed.seal);
-            tokio::task::spawn_blocking(move || {
-                seal::compare_and_keep(&kept_in, &sealed.receipt, seal, uploaded_anew)
-            })
-            .await
-            .expect("keeping the seal does not panic")
-        };
-        match outcome {
-            Ok(Outcome::NewRound) => new_round_seal(&kept_in),
-            Ok(_) => {}
-            Err(Refusal::Differs(why)) => return Err(AgencyError::Receipt(why)),
-            Err(Refusal::Unreadable(path, reason)) => {
-                return Err(AgencyError::KeptSeal { path, reason })
-            }
-        }
-        info!(
-            action = action::SEAL,
-            result = result::SUCCESS,
-            seal = %sealed.seal,
-            bets = sealed.receipt.count,
-            digest = %sealed.receipt.digest,
-            seal_file = %kept_in.display()
-        );
+        keep_seal(
+            &config.seal_path(),
+            sealed.receipt,
+            sealed.seal,
+            uploaded_anew,
+        )
+        .await?;
     }
     if file.count <= skip {
         return Ok(None);

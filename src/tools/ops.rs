@@ -54,6 +54,27 @@ impl Target {
 const ADDRESS_FROM: &str =
     "the address is --address, else the first of agency.server_address (CLI_SERVER_ADDRESS)";
 
+/// A connection to the central, opened as the operator's session when
+/// `target` has the operator's secret (as `status` and `close` need it
+/// where secrets are configured).
+async fn operator_session(target: &Target) -> anyhow::Result<Framed<BoxedIo, AgencyCodec>> {
+    let mut framed = connect(target).await?;
+    if let Some(secret) = &target.operator_secret {
+        let hello = Request::OperatorHello {
+            secret: Some(secret.clone()),
+        };
+        framed.send(&hello).await?;
+        match next_reply(&mut framed).await? {
+            Reply::Success { .. } => {}
+            Reply::Error { code, message } => {
+                anyhow::bail!("the central refused the operator secret: {code}: {message}")
+            }
+            other => return Err(unexpected("HELLO", other)),
+        }
+    }
+    Ok(framed)
+}
+
 async fn connect(target: &Target) -> anyhow::Result<Framed<BoxedIo, AgencyCodec>> {
     let stream = TcpStream::connect(&target.address).await.map_err(|e| {
         anyhow::anyhow!(
@@ -172,20 +193,7 @@ pub struct StatusView {
 /// The central is unreachable, slow, or answers something else.
 pub async fn status(target: &Target) -> anyhow::Result<StatusView> {
     let exchange = async {
-        let mut framed = connect(target).await?;
-        if let Some(secret) = &target.operator_secret {
-            let hello = Request::OperatorHello {
-                secret: Some(secret.clone()),
-            };
-            framed.send(&hello).await?;
-            match next_reply(&mut framed).await? {
-                Reply::Success { .. } => {}
-                Reply::Error { code, message } => {
-                    anyhow::bail!("the central refused the operator secret: {code}: {message}")
-                }
-                other => return Err(unexpected("HELLO", other)),
-            }
-        }
+        let mut framed = operator_session(target).await?;
         framed.send(&Request::Status).await?;
         let mut view = StatusView {
             agencies: 0,
@@ -235,20 +243,7 @@ pub async fn status(target: &Target) -> anyhow::Result<StatusView> {
 /// the round drawn, no operator session where secrets are required.
 pub async fn close(target: &Target, reason: &str) -> anyhow::Result<String> {
     let exchange = async {
-        let mut framed = connect(target).await?;
-        if let Some(secret) = &target.operator_secret {
-            let hello = Request::OperatorHello {
-                secret: Some(secret.clone()),
-            };
-            framed.send(&hello).await?;
-            match next_reply(&mut framed).await? {
-                Reply::Success { .. } => {}
-                Reply::Error { code, message } => {
-                    anyhow::bail!("the central refused the operator secret: {code}: {message}")
-                }
-                other => return Err(unexpected("HELLO", other)),
-            }
-        }
+        let mut framed = operator_session(target).await?;
         let request = Request::Close {
             reason: reason.to_string(),
         };
