@@ -163,7 +163,7 @@ impl Session {
             Some(last) => last.after,
             None => self.claim().intake().0,
         };
-        let after = before.after(bets.iter().skip(skip));
+        let after = before.after(bets.iter_bytes().skip(skip));
         let stored = self.store.submit(bets, skip, &self.sequence, after).await?;
         let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| {
             let mut new = Bets::new();

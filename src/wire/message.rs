@@ -6,7 +6,7 @@ use std::borrow::Cow;
 
 use bytes::{BufMut, BytesMut};
 
-use super::batch::{parse_batch, write_batch};
+use super::batch::{parse_batch, read_written_batch, write_batch};
 use super::error::{bad_value, MessageError};
 use super::escape::{body_of, escape_into, escaped_len, pairs_of, unescape};
 use super::{action, key, status, ErrorCode, MAX_PAYLOAD_LEN, MAX_REASON_LEN};
@@ -184,16 +184,12 @@ pub trait WireMessage: Sized {
 impl WireMessage for Request {
     fn parse(payload: &[u8]) -> Result<Self, MessageError> {
         let body = body_of(payload)?;
+        if let Some((first, bets)) = read_written_batch(body) {
+            return Ok(Request::Batch { first, bets });
+        }
         let pairs = pairs_of(body, "payload")?;
         if let Some(size) = pairs.find(key::BATCH_SIZE) {
-            let first = pairs
-                .find(key::FIRST)
-                .map(|v| {
-                    v.parse::<u64>()
-                        .map_err(|_| bad_value(key::FIRST, format!("{v:?} is not a position")))
-                })
-                .transpose()?;
-            let bets = parse_batch(size, &pairs)?;
+            let (first, bets) = parse_batch(size, &pairs)?;
             return Ok(Request::Batch { first, bets });
         }
         match pairs.find(key::ACTION) {

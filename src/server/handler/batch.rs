@@ -21,12 +21,12 @@ impl Handler {
     ) -> Result<Next, FrameError> {
         let count = bets.len();
         // Every bet of the batch must speak for one agency: the connection's.
-        let agency = bets.get(0).expect("a batch holds at least one bet").agency;
-        if let Some((i, other)) = bets.iter().enumerate().find(|(_, b)| b.agency != agency) {
+        let mut agencies = bets.agencies().enumerate();
+        let (_, agency) = agencies.next().expect("a batch holds at least one bet");
+        if let Some((i, other)) = agencies.find(|&(_, a)| a != agency) {
             let reason = format!(
-                "BET_{}: AGENCY_ID {} differs from BET_1's {agency}",
+                "BET_{}: AGENCY_ID {other} differs from BET_1's {agency}",
                 i + 1,
-                other.agency
             );
             self.drain().await?;
             return self.reject(count, ErrorCode::WrongAgency, reason).await;

@@ -9,7 +9,7 @@ use std::io::{self, Read, Seek};
 use std::path::Path;
 
 use super::StorageError;
-use crate::model::{AgencyId, BetRef, MAX_DOCUMENT_LEN, MAX_NAME_CHARS, MAX_NUMBER};
+use crate::model::{AgencyId, BetBytes, MAX_DOCUMENT_LEN, MAX_NAME_CHARS, MAX_NUMBER};
 use crate::scan;
 
 /// Encodes bets as CSV rows of the bets file, quoting only the fields that
@@ -18,29 +18,37 @@ use crate::scan;
 /// Written by hand rather than through the `csv` writer: this runs for every
 /// stored bet on the central's hot path, and nearly every field is plain
 /// text copied as is. Any CSV reader reads it back, [`read_rows`] included.
-pub fn encode_rows<'a>(bets: impl IntoIterator<Item = BetRef<'a>>, dst: &mut Vec<u8>) {
+pub fn encode_rows<'a, B: Into<BetBytes<'a>>>(
+    bets: impl IntoIterator<Item = B>,
+    dst: &mut Vec<u8>,
+) {
     let mut digits = itoa::Buffer::new();
     for b in bets {
-        dst.extend_from_slice(digits.format(b.agency).as_bytes());
-        for field in [b.first_name, b.last_name, b.document, b.birthdate] {
+        let b = b.into();
+        dst.extend_from_slice(digits.format(b.agency()).as_bytes());
+        for field in b.texts() {
             dst.push(b',');
-            push_field(dst, field.as_bytes());
+            push_field(dst, field);
         }
         dst.push(b',');
-        dst.extend_from_slice(digits.format(b.number).as_bytes());
+        dst.extend_from_slice(digits.format(b.number()).as_bytes());
         dst.push(b'\n');
     }
 }
 
-/// A field as CSV: as it is, or quoted when it must be. The plain case is
+/// A field as CSV: as it is, or quoted when it must be. The bytes that call
+/// for quotes are all below `-`, which documents, dates and most names never
+/// hold: one test of eight bytes at a time rules them out, and only a field
+/// with a byte that low (a space, say) is looked at byte by byte. The plain case is
 /// kept small enough to be inlined into [`encode_rows`]'s loop (out of line,
 /// its call cost the central about 45 instructions a bet; see
 /// docs/PERFORMANCE.md); quoting, rare, is out of line.
 #[inline(always)]
 fn push_field(dst: &mut Vec<u8>, field: &[u8]) {
-    if field
-        .iter()
-        .any(|&c| matches!(c, b',' | b'"' | b'\r' | b'\n'))
+    if scan::any_below(field, b',' + 1)
+        && field
+            .iter()
+            .any(|&c| matches!(c, b',' | b'"' | b'\r' | b'\n'))
     {
         push_quoted(dst, field);
     } else {

@@ -98,7 +98,7 @@ impl Store for FileStore {
         // connections are built in parallel, and the writer thread only
         // writes.
         let mut rows = Vec::with_capacity(bets.len().saturating_sub(skip) * 64);
-        encode_rows(bets.iter().skip(skip), &mut rows);
+        encode_rows(bets.iter_bytes().skip(skip), &mut rows);
         let sequence = sequence.clone();
         async move {
             let pending = self.writer.submit(rows, &sequence).await?;
