@@ -111,7 +111,7 @@ pub(super) struct Conn {
 pub(super) const CREATE_AGENCIES: &str = "INSERT INTO agencies (agency) \
     SELECT a FROM unnest($1::int4[]) AS a ORDER BY a ON CONFLICT (agency) DO NOTHING";
 
-/// Locks the group's agencies' rows (see [`update_agencies`]), and names
+/// Locks the group's agencies' rows (see [`check_agencies`]), and names
 /// the group's transaction (see [`Doubt`]).
 pub(super) const LOCK_AGENCIES: &str =
     "SELECT agency, stored, epoch, pg_current_xact_id()::text::int8 \
@@ -185,7 +185,7 @@ pub(super) async fn store_group(
                     return Ok(Outcome::Behind);
                 }
             }
-            let (left_out, doubt) = update_agencies(&conn, &updates).await?;
+            let (left_out, doubt) = check_agencies(&conn, &updates).await?;
             if left_out.is_empty() {
                 break doubt;
             }
@@ -207,6 +207,7 @@ pub(super) async fn store_group(
                 return Ok(Outcome::Stored { refused });
             }
         };
+        // The rows are locked: the next group may queue behind them.
         signal(&mut relay.locked, true);
         if let Some(committed) = after_committed {
             if !committed.await.unwrap_or(false) {
@@ -214,11 +215,18 @@ pub(super) async fn store_group(
                 return Ok(Outcome::Behind);
             }
         }
+        // The new counts and the `COMMIT` go out together: one round trip
+        // fewer between the group before committing and this one. Should
+        // the update fail, the transaction is aborted and the server
+        // answers the `COMMIT` with a rollback; the update's error is what
+        // is told. From here on a lost answer is a doubt.
         sent = Some(doubt);
-        conn.client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(PgError::from)?;
+        let (moved, committed) = futures::join!(
+            move_counts(&conn, &updates),
+            conn.client.batch_execute("COMMIT")
+        );
+        moved?;
+        committed.map_err(PgError::from)?;
         signal(&mut relay.committed, true);
         Ok(Outcome::Stored { refused })
     }
@@ -271,15 +279,15 @@ pub(super) async fn copy(conn: &Conn, chunks: &[(AgencyId, Bytes)]) -> Result<()
 
 /// Locks the group's agencies' rows of `agencies` and checks that each
 /// still holds what this central expects (see the module's
-/// documentation); moves the counts and digests of those that do, and
-/// returns the others, with why, and what identifies the group's rows
-/// should its `COMMIT` go unanswered.
+/// documentation); returns those that do not, with why, and what
+/// identifies the group's rows should its `COMMIT` go unanswered. When
+/// none is refused, [`move_counts`] then moves them all, with the commit.
 ///
 /// The rows are locked with `SELECT … FOR UPDATE`, in order of agency (so
 /// two centrals never wait for each other in a cycle), which under `READ
 /// COMMITTED` waits for a transaction holding one (the group before, or
 /// another central's) and then reads the row as it committed.
-pub(super) async fn update_agencies(
+pub(super) async fn check_agencies(
     conn: &Conn,
     updates: &[Update],
 ) -> Result<(HashMap<AgencyId, PgError>, Doubt), PgError> {
@@ -357,15 +365,18 @@ pub(super) async fn update_agencies(
             })
             .collect(),
     };
-    if !refused.is_empty() {
-        return Ok((refused, doubt));
-    }
-    let agencies: Vec<i32> = changed.iter().map(|u| u.agency as i32).collect();
-    let counts: Vec<i64> = changed.iter().map(|u| u.receipt.count as i64).collect();
-    let digests: Vec<&[u8]> = changed.iter().map(|u| &u.receipt.digest.0[..]).collect();
+    Ok((refused, doubt))
+}
+
+/// Moves the group's agencies' counts and digests, every one of them found
+/// as this central expects by [`check_agencies`] (their rows locked since).
+pub(super) async fn move_counts(conn: &Conn, updates: &[Update]) -> Result<(), PgError> {
+    let agencies: Vec<i32> = updates.iter().map(|u| u.agency as i32).collect();
+    let counts: Vec<i64> = updates.iter().map(|u| u.receipt.count as i64).collect();
+    let digests: Vec<&[u8]> = updates.iter().map(|u| &u.receipt.digest.0[..]).collect();
     conn.client
         .execute(&conn.upsert, &[&agencies, &counts, &digests])
         .await
         .map_err(PgError::from)?;
-    Ok((refused, doubt))
+    Ok(())
 }
