@@ -21,6 +21,7 @@
 
 mod mismatches;
 mod reader;
+mod records;
 mod seal;
 mod session;
 

@@ -2,12 +2,13 @@
 //! frames: each line checked as a bet and encoded straight into its frame.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use tokio::sync::mpsc;
 
 use super::mismatches;
+use super::records::Records;
 use super::AgencyError;
 use crate::model::{AgencyId, BetRef, Today};
 use crate::receipt::Receipt;
@@ -36,38 +37,6 @@ fn fail(tx: &mpsc::Sender<Result<Batch, AgencyError>>, batch: Batch, error: Agen
         return;
     }
     let _ = tx.blocking_send(Err(error));
-}
-
-/// The fields of one data file record, without allocating for the usual
-/// five (more are an error, reported by their count).
-#[derive(Default)]
-struct Fields<'a> {
-    first: [&'a str; 5],
-    len: usize,
-}
-
-impl<'a> Fields<'a> {
-    /// Field `i`, or `""` past the end.
-    fn get(&self, i: usize) -> &'a str {
-        self.first
-            .get(i)
-            .filter(|_| i < self.len)
-            .copied()
-            .unwrap_or("")
-    }
-}
-
-impl<'a> FromIterator<&'a str> for Fields<'a> {
-    fn from_iter<I: IntoIterator<Item = &'a str>>(iter: I) -> Self {
-        let mut fields = Fields::default();
-        for f in iter {
-            if let Some(slot) = fields.first.get_mut(fields.len) {
-                *slot = f;
-            }
-            fields.len += 1;
-        }
-        fields
-    }
 }
 
 /// Where the reader starts, and what it checks before it sends anything.
@@ -130,15 +99,7 @@ pub(super) fn read_batches(
             return;
         }
     };
-    // Records end at `\n`, and a `\r` before it is dropped by hand below: the
-    // csv crate's own CRLF handling reports line numbers one short after
-    // every CRLF, and errors must name the right line.
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .terminator(csv::Terminator::Any(b'\n'))
-        .from_reader(BufReader::with_capacity(1 << 16, file));
-    let mut record = csv::ByteRecord::new();
+    let mut records = Records::new(file);
     let log_bets = tracing::enabled!(tracing::Level::DEBUG);
     let new_batch = |first: u64, first_line: u64| {
         (
@@ -158,6 +119,9 @@ pub(super) fn read_batches(
         batch
     };
     let mut current = new_batch(skip, 0);
+    // The batch being built, finished, for a bad line's `fail`.
+    let take =
+        |current: &mut (BatchBuilder, Batch)| finish(std::mem::replace(current, new_batch(0, 0)));
     let mut today = Today::now();
     let mut position = 0u64;
     let data_error = |line: u64, reason: String| AgencyError::Data {
@@ -165,41 +129,25 @@ pub(super) fn read_batches(
         line,
         reason,
     };
-    loop {
-        let line = reader.position().line();
-        match reader.read_byte_record(&mut record) {
-            Ok(false) => break,
-            Ok(true) => {}
-            Err(e) => {
-                let line = e.position().map_or(line, |p| p.line());
-                return fail(tx, finish(current), data_error(line, e.to_string()));
-            }
-        }
-        let line = record.position().map_or(line, |p| p.line());
-        // The record's text is checked once, whole (with the SIMD checker),
-        // and each field is then a slice of it that must start and end on
-        // character boundaries.
-        let Ok(text) = simdutf8::basic::from_utf8(record.as_slice()) else {
+    let read = records.for_each(|record| {
+        let line = record.line;
+        let Some(fields) = record.fields else {
             let reason = "not valid UTF-8".to_string();
-            return fail(tx, finish(current), data_error(line, reason));
+            fail(tx, take(&mut current), data_error(line, reason));
+            return ControlFlow::Break(());
         };
-        let field = |i: usize| record.range(i).and_then(|r| text.get(r));
-        let Some(fields) = (0..record.len()).map(field).collect::<Option<Fields<'_>>>() else {
-            let reason = "not valid UTF-8".to_string();
-            return fail(tx, finish(current), data_error(line, reason));
-        };
-        let last = record.len().saturating_sub(1);
+        let last = fields.len().saturating_sub(1);
         let last_field = fields.get(last);
         let last_field = last_field.strip_suffix('\r').unwrap_or(last_field);
-        if record.len() == 1 && last_field.is_empty() {
-            continue; // a blank CRLF line
+        if fields.len() == 1 && last_field.is_empty() {
+            return ControlFlow::Continue(()); // a blank CRLF line
         }
         position += 1;
         if position <= skip {
             // The central already holds this bet: not sent, but counted in
             // the receipt the central's must equal. A line that is not a
             // valid bet cannot be one the central holds.
-            let bet = (record.len() == 5)
+            let bet = (fields.len() == 5)
                 .then(|| {
                     BetRef::check(
                         agency,
@@ -215,24 +163,27 @@ pub(super) fn read_batches(
                 .flatten();
             let Some(bet) = bet else {
                 if held.is_some() {
-                    return mismatch(mismatches::not_a_bet(path, agency, skip, line));
+                    mismatch(mismatches::not_a_bet(path, agency, skip, line));
+                    return ControlFlow::Break(());
                 }
-                continue;
+                return ControlFlow::Continue(());
             };
             file_receipt.push_bet(&bet);
             if position == skip {
                 if let Err(reason) = check(&file_receipt) {
-                    return mismatch(reason);
+                    mismatch(reason);
+                    return ControlFlow::Break(());
                 }
             }
-            continue;
+            return ControlFlow::Continue(());
         }
-        if record.len() != 5 {
+        if fields.len() != 5 {
             let reason = format!(
                 "expected 5 fields (first_name,last_name,document,birthdate,number), found {}",
-                record.len()
+                fields.len()
             );
-            return fail(tx, finish(current), data_error(line, reason));
+            fail(tx, take(&mut current), data_error(line, reason));
+            return ControlFlow::Break(());
         }
         let bet = match BetRef::check(
             agency,
@@ -244,21 +195,31 @@ pub(super) fn read_batches(
             today,
         ) {
             Ok(bet) => bet,
-            Err(e) => return fail(tx, finish(current), data_error(line, e.to_string())),
+            Err(e) => {
+                fail(tx, take(&mut current), data_error(line, e.to_string()));
+                return ControlFlow::Break(());
+            }
         };
         file_receipt.push_bet(&bet);
-        // Encoded straight into the frame: no copy of the bet in between.
+        // Encoded straight into the frame: no copy of the bet in between. A
+        // line without `\` or `|` has nothing to escape.
+        let plain = fields.plain();
+        let push = |builder: &mut BatchBuilder| match plain {
+            true => builder.push_plain(bet),
+            false => builder.push(bet),
+        };
         let full = current.0.count() == max;
-        if full || !current.0.push(bet) {
+        if full || !push(&mut current.0) {
             let next = new_batch(position - 1, line);
             let batch = finish(std::mem::replace(&mut current, next));
             if batch.count > 0 && tx.blocking_send(Ok(batch)).is_err() {
-                return;
+                return ControlFlow::Break(());
             }
             today = Today::now();
-            if !current.0.push(bet) {
+            if !push(&mut current.0) {
                 let reason = "the bet is too large to fit in one frame".to_string();
-                return fail(tx, finish(current), data_error(line, reason));
+                fail(tx, take(&mut current), data_error(line, reason));
+                return ControlFlow::Break(());
             }
         }
         if current.0.count() == 1 {
@@ -266,6 +227,15 @@ pub(super) fn read_batches(
         }
         if let Some(logged) = &mut current.1.logged {
             logged.push((bet.document.to_string(), bet.number));
+        }
+        ControlFlow::Continue(())
+    });
+    match read {
+        Ok(ControlFlow::Continue(())) => {}
+        Ok(ControlFlow::Break(())) => return,
+        Err(e) => {
+            let line = records.record_line();
+            return fail(tx, finish(current), data_error(line, e.to_string()));
         }
     }
     if position < skip {
