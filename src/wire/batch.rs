@@ -514,7 +514,7 @@ impl BatchBuilder {
     /// text fields holds `\`, `|` or a newline (an agency's data line
     /// without them): its fields are copied as they are, without a second
     /// look for bytes to escape. The bytes are the same as `push` writes.
-    pub fn push_plain(&mut self, bet: BetRef<'_>) -> bool {
+    pub(crate) fn push_plain(&mut self, bet: BetRef<'_>) -> bool {
         debug_assert!(
             [bet.first_name, bet.last_name, bet.document, bet.birthdate]
                 .iter()
