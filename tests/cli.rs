@@ -312,6 +312,14 @@ fn bench_runs_the_load_and_reports_it() {
     assert!(t.contains("server peak RSS: "), "{t}");
     assert!(t.contains("CPU: central "), "{t}");
     assert!(t.contains(" µs per bet in all)"), "{t}");
+    // The same CPU per bet, split into the processes' own code and the
+    // kernel's work for them: four figures, each a number of µs.
+    let split = t
+        .lines()
+        .find_map(|l| l.strip_prefix("CPU per bet: central "))
+        .unwrap_or_else(|| panic!("no CPU split line: {t}"));
+    let figures: Vec<f64> = split.split(' ').filter_map(|w| w.parse().ok()).collect();
+    assert_eq!(figures.len(), 4, "{t}");
     // The draw's time comes from the server's own `sorteo` line.
     let draw = t
         .lines()

@@ -63,10 +63,10 @@ pub struct BenchReport {
     pub draw: Duration,
     /// The largest peak resident memory of a central, in KiB.
     pub server_peak_rss_kib: u64,
-    /// CPU time (user and system) the centrals used during the run.
-    pub server_cpu: Duration,
+    /// CPU time the centrals used during the run.
+    pub server_cpu: Cpu,
     /// CPU time the agencies (this process) used during the run.
-    pub agencies_cpu: Duration,
+    pub agencies_cpu: Cpu,
     /// Sessions the agencies needed beyond one each. A healthy run needs
     /// none: every one is a connection that ended early and was retried.
     pub reconnects: u64,
@@ -83,6 +83,7 @@ impl BenchReport {
     /// Renders the report.
     pub fn render(&self) -> String {
         let o = &self.options;
+        let per_bet = |cpu: Duration| cpu.as_secs_f64() * 1e6 / self.bets.max(1) as f64;
         format!(
             "{} agencies x {} bets, window {}, {}{}\n\
              {} bets in {:.2} s: {:.0} bets/s\n\
@@ -90,6 +91,7 @@ impl BenchReport {
              draw: {} ms\n\
              server peak RSS: {:.1} MiB\n\
              CPU: central {:.2} s, agencies {:.2} s ({:.2} µs per bet in all)\n\
+             CPU per bet: central {:.2} µs user + {:.2} system, agencies {:.2} user + {:.2} system\n\
              reconnects: {}, refused connections (retried): {}\n{}{}",
             o.agencies,
             o.bets_per_agency,
@@ -112,9 +114,13 @@ impl BenchReport {
             self.p99.as_secs_f64() * 1e3,
             self.draw.as_millis(),
             self.server_peak_rss_kib as f64 / 1024.0,
-            self.server_cpu.as_secs_f64(),
-            self.agencies_cpu.as_secs_f64(),
-            (self.server_cpu + self.agencies_cpu).as_secs_f64() * 1e6 / self.bets.max(1) as f64,
+            self.server_cpu.total().as_secs_f64(),
+            self.agencies_cpu.total().as_secs_f64(),
+            per_bet(self.server_cpu.total() + self.agencies_cpu.total()),
+            per_bet(self.server_cpu.user),
+            per_bet(self.server_cpu.system),
+            per_bet(self.agencies_cpu.user),
+            per_bet(self.agencies_cpu.system),
             self.reconnects,
             self.refused.len(),
             self.refused
@@ -369,22 +375,73 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time (user and system) process `pid` has used so far, from
-/// `/proc/<pid>/stat` (in the kernel's fixed 100 Hz user ticks).
-fn cpu_time(pid: &str) -> Duration {
-    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+/// CPU time a process used, split as the kernel counts it: in its own code
+/// (user) and in the kernel on its behalf (system: system calls, page
+/// faults). The split says whether a cost is ours to cut or the syscalls'.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cpu {
+    /// Time in the process's own code.
+    pub user: Duration,
+    /// Time in the kernel on its behalf.
+    pub system: Duration,
+}
+
+impl Cpu {
+    /// User and system together.
+    pub fn total(self) -> Duration {
+        self.user + self.system
+    }
+
+    /// What was used since `before` (zero for a part that went backwards,
+    /// as for a process that was replaced).
+    fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            user: self.user.saturating_sub(before.user),
+            system: self.system.saturating_sub(before.system),
+        }
+    }
+}
+
+impl std::ops::Add for Cpu {
+    type Output = Cpu;
+    fn add(self, other: Cpu) -> Cpu {
+        Cpu {
+            user: self.user + other.user,
+            system: self.system + other.system,
+        }
+    }
+}
+
+impl std::iter::Sum for Cpu {
+    fn sum<I: Iterator<Item = Cpu>>(iter: I) -> Cpu {
+        iter.fold(Cpu::default(), std::ops::Add::add)
+    }
+}
+
+/// CPU time process `pid` (or `self`) has used so far, from
+/// `/proc/PID/stat`; zero for a process that is gone.
+fn cpu_time(pid: &str) -> Cpu {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| {
-            // Fields after the command name, which is in parentheses and
-            // may hold spaces: utime and stime are the 12th and 13th.
-            let rest = s.rsplit_once(") ")?.1;
-            let mut fields = rest.split(' ').skip(11);
-            let user: u64 = fields.next()?.parse().ok()?;
-            let system: u64 = fields.next()?.parse().ok()?;
-            Some(user + system)
-        })
-        .unwrap_or(0);
-    Duration::from_millis(ticks * 10)
+        .and_then(|s| parse_cpu(&s))
+        .unwrap_or_default()
+}
+
+/// utime and stime of a `/proc/PID/stat` line, in clock ticks of 10 ms
+/// (Linux's `USER_HZ`, 100 on every architecture it exposes to user space).
+fn parse_cpu(stat: &str) -> Option<Cpu> {
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces and parentheses itself: utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(") ")?.1;
+    let mut fields = rest.split(' ').skip(11);
+    let mut ticks = || -> Option<Duration> {
+        let t: u64 = fields.next()?.parse().ok()?;
+        Some(Duration::from_millis(t * 10))
+    };
+    Some(Cpu {
+        user: ticks()?,
+        system: ticks()?,
+    })
 }
 
 fn percentile(sorted: &[u32], p: f64) -> Duration {
@@ -427,7 +484,7 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
         addresses.push(address);
         admins.extend(admin);
     }
-    let server_cpu = |servers: &[ServerProcess]| -> Duration {
+    let server_cpu = |servers: &[ServerProcess]| -> Cpu {
         servers
             .iter()
             .map(|s| cpu_time(&s.child.id().to_string()))
@@ -479,8 +536,8 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
         .map(|s| peak_rss_kib(s.child.id()))
         .max()
         .unwrap_or(0);
-    let server_cpu = server_cpu(&servers).saturating_sub(server_cpu_before);
-    let agencies_cpu = cpu_time("self").saturating_sub(own_cpu_before);
+    let server_cpu = server_cpu(&servers).since(server_cpu_before);
+    let agencies_cpu = cpu_time("self").since(own_cpu_before);
     // The draw's event may still be on its way through the pipe. With
     // several centrals, one of them draws.
     let drawn = milestone(&draws, action::SORTEO)?;
@@ -519,4 +576,45 @@ pub async fn run(opts: BenchOptions, shutdown: CancellationToken) -> anyhow::Res
         refused,
         scrapes: scrapes.load(std::sync::atomic::Ordering::Relaxed),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_is_read_past_a_command_name_with_spaces_and_parentheses() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt
+        // majflt cmajflt utime stime cutime cstime ...
+        let stat = "4242 (tokio (rt) worker) S 1 4242 4242 0 -1 4194560 900 0 0 0 \
+                    1234 56 7 8 20 0 3 0 100 0 0";
+        assert_eq!(
+            parse_cpu(stat),
+            Some(Cpu {
+                user: Duration::from_millis(12_340),
+                system: Duration::from_millis(560),
+            })
+        );
+        assert_eq!(parse_cpu("4242 (cut short) S 1 2"), None);
+    }
+
+    #[test]
+    fn cpu_since_an_earlier_reading_never_goes_below_zero() {
+        let later = Cpu {
+            user: Duration::from_millis(300),
+            system: Duration::from_millis(100),
+        };
+        let earlier = Cpu {
+            user: Duration::from_millis(100),
+            system: Duration::from_millis(200),
+        };
+        assert_eq!(
+            later.since(earlier),
+            Cpu {
+                user: Duration::from_millis(200),
+                system: Duration::ZERO,
+            }
+        );
+        assert_eq!((later + earlier).total(), Duration::from_millis(700));
+    }
 }
