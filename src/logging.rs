@@ -250,25 +250,100 @@ pub fn draw_around(bar: Option<indicatif::ProgressBar>) {
         .unwrap_or_else(std::sync::PoisonError::into_inner) = bar;
 }
 
+/// Log lines not yet on stdout, oldest first. Every line goes through here,
+/// so lines reach stdout in the order they were written, whichever thread
+/// wrote them and whenever they are flushed.
+static PENDING: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+/// Held lines are written once they reach this many bytes, even on a busy
+/// worker that has not parked: about a hundred contract lines.
+const PENDING_LIMIT: usize = 16 * 1024;
+
+thread_local! {
+    /// Set on a runtime worker of [`flush_when_idle`]'s runtime once it has
+    /// parked: it writes out what it logged before it parks again, so its
+    /// lines may wait until then.
+    static FLUSHES_ON_PARK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Lets the runtime's workers hold their log lines until they run out of
+/// work (they park), or until [`PENDING_LIMIT`] bytes wait, and then write
+/// them to stdout with one system call.
+///
+/// A central logs a line for every batch (`apuesta_recibida`), from the
+/// worker that handled it. Written at once, that is a `write` to stdout per
+/// batch, and a wake-up of whatever reads the other end of the pipe (the
+/// container's log collector): about 5 % of the central's CPU under load
+/// (see docs/PERFORMANCE.md, "Log lines"). A worker parks whenever it has
+/// nothing to run, which on an idle or lightly loaded central is right
+/// after it handled the batch, so a line still reaches stdout at once
+/// there; under load it waits for the next park or for the lines behind it.
+///
+/// Only for a program that writes nothing else to stdout (the server): a
+/// `println!` on a worker would otherwise overtake lines logged before it.
+/// Other threads (the main thread, the bets writer, blocking tasks) still
+/// write at once, after every held line.
+pub fn flush_when_idle(builder: &mut tokio::runtime::Builder) -> &mut tokio::runtime::Builder {
+    builder
+        .on_thread_unpark(|| FLUSHES_ON_PARK.set(true))
+        .on_thread_park(flush)
+}
+
+/// Writes every held log line to stdout. Called when a worker parks, and
+/// once more as the program ends (see [`FlushOnDrop`]).
+pub fn flush() {
+    let mut pending = PENDING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    write_out(&mut pending);
+}
+
+/// Writes the held lines out, and empties the buffer whatever the outcome:
+/// a line stdout refused is not retried forever.
+fn write_out(pending: &mut Vec<u8>) {
+    use std::io::Write;
+    if pending.is_empty() {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(pending).and_then(|()| out.flush());
+    pending.clear();
+}
+
+/// Flushes the held log lines when dropped: kept in `main`, so that every
+/// way out of it (a return, a panic unwinding through it) writes them.
+#[derive(Debug)]
+pub struct FlushOnDrop;
+
+impl Drop for FlushOnDrop {
+    fn drop(&mut self) {
+        flush();
+    }
+}
+
 /// Stdout for log lines, written around a progress bar when one is drawn.
 struct LogOut;
 
 impl std::io::Write for LogOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        // Each event arrives as one whole line; it must reach the terminal
-        // while the bar is lifted, so it is flushed there.
-        let put = || {
-            let mut out = std::io::stdout().lock();
-            out.write_all(buf)?;
-            out.flush()
-        };
         let bar = BAR
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
+        // Each event arrives as one whole line.
+        let put = |hold: bool| {
+            let mut pending = PENDING
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            pending.extend_from_slice(buf);
+            if !hold || pending.len() >= PENDING_LIMIT {
+                write_out(&mut pending);
+            }
+        };
         match bar {
-            Some(bar) => bar.suspend(put)?,
-            None => put()?,
+            // It must reach the terminal while the bar is lifted.
+            Some(bar) => bar.suspend(|| put(false)),
+            None => put(FLUSHES_ON_PARK.get()),
         }
         Ok(buf.len())
     }

@@ -294,6 +294,8 @@ fn main() -> ExitCode {
         _ => config.log.level,
     };
     logging::init(level, config.log.format);
+    // Whichever way `main` ends, the log lines still held are written.
+    let _flush = logging::FlushOnDrop;
     warn_if_named_file_missing(&matches, &file);
     if matches!(cli.command, Command::Server) {
         // Before anything is opened: connections over what the open-files
@@ -317,10 +319,14 @@ fn main() -> ExitCode {
         }
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if matches!(cli.command, Command::Server) {
+        // The server writes nothing to stdout but its log, and logs a line
+        // a batch: its workers write their lines when they run out of work.
+        logging::flush_when_idle(&mut runtime);
+    }
+    let runtime = match runtime.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("lottery: cannot start the runtime: {e}");

@@ -72,6 +72,52 @@ fn server_sigterm_mid_upload_keeps_acknowledged_bets_and_exits_0() {
     );
 }
 
+/// The server's workers hold their log lines until they run out of work
+/// (`logging::flush_when_idle`): an idle central's line must still reach
+/// stdout at once, and every held line by the time it exits, in order.
+#[test]
+fn server_batch_lines_reach_stdout_while_idle_and_all_of_them_by_exit() {
+    let work = tempfile::tempdir().unwrap();
+    let server = Server::start(&work.path().join("bets.csv"), 2, 7574);
+    let mut agency = Raw::connect(&server.address());
+    agency.send(format!("BATCH_SIZE:1|BET_1:{BET}\n"));
+    assert_eq!(
+        agency.recv().unwrap(),
+        "STATUS:SUCCESS|MESSAGE:stored 1 bets|STORED:1\n"
+    );
+    // Nothing else to do: the line is out while the connection stays open.
+    server
+        .proc
+        .wait_for("action: apuesta_recibida | result: success | cantidad: 1");
+
+    // A burst, so that lines are held while the workers are busy.
+    const BURST: usize = 300;
+    for _ in 0..BURST {
+        agency.send(format!("BATCH_SIZE:1|BET_1:{BET}\n"));
+    }
+    for n in 2..=BURST + 1 {
+        assert_eq!(
+            agency.recv().unwrap(),
+            format!("STATUS:SUCCESS|MESSAGE:stored 1 bets|STORED:{n}\n")
+        );
+    }
+    server.proc.signal(Signal::SIGTERM);
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).success());
+    let lines = server.proc.lines();
+    let batches: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("action: apuesta_recibida | result: success"))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(batches.len(), BURST + 1, "{}", lines.join("\n"));
+    // Every batch line before the signal's, the shutdown line last.
+    let signal = index_of(&lines, "action: signal | result: success | signal: SIGTERM");
+    assert!(batches.iter().all(|&i| i < signal));
+    let done = index_of(&lines, "action: shutdown | result: success");
+    assert_eq!(done, lines.len() - 1);
+}
+
 #[test]
 fn server_sigint_when_idle_exits_0() {
     let work = tempfile::tempdir().unwrap();
