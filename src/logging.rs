@@ -273,8 +273,9 @@ thread_local! {
 /// A central logs a line for every batch (`apuesta_recibida`), from the
 /// worker that handled it. Written at once, that is a `write` to stdout per
 /// batch, and a wake-up of whatever reads the other end of the pipe (the
-/// container's log collector): about 5 % of the central's CPU under load
-/// (see docs/PERFORMANCE.md, "Log lines"). A worker parks whenever it has
+/// container's log collector): 5 % of the central's samples in a profile
+/// under load (docs/PERFORMANCE.md, "Log lines held until a worker runs out
+/// of work"). A worker parks whenever it has
 /// nothing to run, which on an idle or lightly loaded central is right
 /// after it handled the batch, so a line still reaches stdout at once
 /// there; under load it waits for the next park or for the lines behind it.
