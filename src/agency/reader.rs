@@ -30,9 +30,106 @@ pub(super) struct Batch {
     pub logged: Option<Vec<(String, u16)>>,
 }
 
+/// What the reader hands the session: a batch, or why it stopped.
+pub(super) type Read = Result<Batch, AgencyError>;
+
+/// Batches waiting for the session, at most: the reader works ahead of the
+/// connection by this much.
+const READ_AHEAD: usize = 8;
+
+/// The reader's end of the channel to the session, with the session's end.
+pub(super) fn handoff() -> (Handoff, mpsc::Receiver<Read>) {
+    let (tx, rx) = mpsc::channel(READ_AHEAD);
+    (Handoff::new(tx), rx)
+}
+
+/// The reader's end of the channel to the session: hands batches over a
+/// few at a time.
+///
+/// The reader is much faster than the connection, so it spends most of an
+/// upload waiting for room in the channel. Handed over one at a time, each
+/// batch the session took woke the reader's thread to make one more, which
+/// then slept again: two `futex` calls and two context switches a batch
+/// (docs/PERFORMANCE.md, "Where the system calls go"). Here the reader
+/// keeps its finished batches until it has a group, then waits for room
+/// for the whole group at once: it is woken once a group, and the session
+/// still has the rest of the channel to send meanwhile.
+///
+/// Order is kept: an error goes after every batch read before it, and
+/// whatever is still held is handed over before the end of the file's
+/// receipt ([`Handoff::flush`]) and, failing that, when this is dropped.
+#[derive(Debug)]
+pub(super) struct Handoff {
+    tx: mpsc::Sender<Read>,
+    /// Finished batches not handed over yet, oldest first.
+    held: std::cell::RefCell<Vec<Batch>>,
+    /// How many make a group: half the channel, so that the session keeps
+    /// the other half while the reader makes the next group.
+    group: usize,
+}
+
+/// The session is gone: nothing more is read for it.
+#[derive(Debug)]
+pub(super) struct Gone;
+
+impl Handoff {
+    pub(super) fn new(tx: mpsc::Sender<Read>) -> Handoff {
+        let group = (tx.max_capacity() / 2).max(1);
+        Handoff {
+            tx,
+            held: std::cell::RefCell::new(Vec::with_capacity(group)),
+            group,
+        }
+    }
+
+    /// Hands over `read`: a batch joins the group (the group goes once
+    /// full); an error goes at once, after every batch held.
+    fn blocking_send(&self, read: Read) -> Result<(), Gone> {
+        match read {
+            Ok(batch) => {
+                let full = {
+                    let mut held = self.held.borrow_mut();
+                    held.push(batch);
+                    held.len() >= self.group
+                };
+                if full {
+                    self.flush()?;
+                }
+                Ok(())
+            }
+            Err(error) => {
+                self.flush()?;
+                self.tx.blocking_send(Err(error)).map_err(|_| Gone)
+            }
+        }
+    }
+
+    /// Hands over every batch held, waiting for room for all of them.
+    fn flush(&self) -> Result<(), Gone> {
+        let mut held = self.held.borrow_mut();
+        if held.is_empty() {
+            return Ok(());
+        }
+        // On the reader's own thread, outside the runtime: the wait for
+        // room blocks it, as `blocking_send` does.
+        let permits =
+            futures::executor::block_on(self.tx.reserve_many(held.len())).map_err(|_| Gone)?;
+        for (permit, batch) in permits.zip(held.drain(..)) {
+            permit.send(Ok(batch));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
+
 /// Sends the bets read before a bad line (they are good, and a later run
 /// resumes after them), then the error.
-fn fail(tx: &mpsc::Sender<Result<Batch, AgencyError>>, batch: Batch, error: AgencyError) {
+fn fail(tx: &Handoff, batch: Batch, error: AgencyError) {
     if batch.count > 0 && tx.blocking_send(Ok(batch)).is_err() {
         return;
     }
@@ -68,7 +165,7 @@ pub(super) fn read_batches(
     agency: AgencyId,
     max: usize,
     from: Resume,
-    tx: &mpsc::Sender<Result<Batch, AgencyError>>,
+    tx: &Handoff,
     whole: tokio::sync::oneshot::Sender<Receipt>,
 ) {
     let Resume {
@@ -247,6 +344,10 @@ pub(super) fn read_batches(
     if current.0.count() > 0 && tx.blocking_send(Ok(finish(current))).is_err() {
         return;
     }
+    // Every batch is the session's before the file's receipt is.
+    if tx.flush().is_err() {
+        return;
+    }
     let _ = whole.send(file_receipt);
 }
 
@@ -261,6 +362,7 @@ mod tests {
         let path = dir.path().join("agency-1.csv");
         std::fs::write(&path, text).unwrap();
         let (tx, mut rx) = mpsc::channel(1024);
+        let tx = Handoff::new(tx);
         let (whole, _) = tokio::sync::oneshot::channel();
         let from = Resume {
             skip: 0,
@@ -317,6 +419,80 @@ mod tests {
             batches.len() > 500 / 70 + 1,
             "frame size cut some batches early"
         );
+    }
+
+    /// `lines` good bets, one a line.
+    fn good_lines(lines: u64) -> String {
+        (0..lines)
+            .map(|i| format!("Ana,Pérez,{},1999-03-17,{}\n", 10_000_000 + i, i % 10_000))
+            .collect()
+    }
+
+    #[test]
+    fn every_batch_is_handed_over_in_order_before_the_file_s_receipt() {
+        // 23 batches of one bet: not a whole number of groups of 2.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agency-1.csv");
+        std::fs::write(&path, good_lines(23)).unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        let tx = Handoff::new(tx);
+        let (whole, receipt) = tokio::sync::oneshot::channel();
+        let from = Resume {
+            skip: 0,
+            held: None,
+            say_first: true,
+        };
+        std::thread::scope(|s| {
+            // The reader hands the handoff back rather than drop it: what
+            // it still held at the end would not be handed over by a drop.
+            let reader = s.spawn(move || {
+                read_batches(&path, 1, 1, from, &tx, whole);
+                tx
+            });
+            let mut firsts = Vec::new();
+            // Taken one at a time, so the reader keeps waiting for room.
+            while firsts.len() < 20 {
+                firsts.push(rx.blocking_recv().unwrap().unwrap().first);
+            }
+            let receipt = receipt.blocking_recv().expect("the file's receipt");
+            assert_eq!(receipt.count, 23);
+            // The receipt came after every batch.
+            while let Ok(batch) = rx.try_recv() {
+                firsts.push(batch.unwrap().first);
+            }
+            assert_eq!(firsts, (0..23).collect::<Vec<u64>>());
+            drop(reader.join().unwrap());
+        });
+    }
+
+    #[test]
+    fn a_bad_line_s_error_comes_after_every_batch_before_it() {
+        let mut text = good_lines(9);
+        text.push_str("Bob,Lee,2,1999-02-30,6\n");
+        let (tx, mut rx) = mpsc::channel(4);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agency-1.csv");
+        std::fs::write(&path, text).unwrap();
+        let from = Resume {
+            skip: 0,
+            held: None,
+            say_first: true,
+        };
+        let reader = std::thread::spawn(move || {
+            let (whole, _) = tokio::sync::oneshot::channel();
+            read_batches(&path, 1, 2, from, &Handoff::new(tx), whole);
+        });
+        let mut firsts = Vec::new();
+        let error = loop {
+            match rx.blocking_recv().expect("an error at the end") {
+                Ok(batch) => firsts.push((batch.first, batch.count)),
+                Err(e) => break e,
+            }
+        };
+        reader.join().unwrap();
+        assert_eq!(firsts, [(0, 2), (2, 2), (4, 2), (6, 2), (8, 1)]);
+        assert!(error.to_string().contains("line 10: NACIMIENTO"), "{error}");
+        assert!(rx.blocking_recv().is_none());
     }
 
     #[test]

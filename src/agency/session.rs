@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::mismatches;
-use super::reader::{read_batches, Batch, Resume};
+use super::reader::{self, read_batches, Batch, Resume};
 use super::seal::{self, Outcome, Refusal};
 use super::{AgencyError, AgencyReport, Link};
 use crate::config::AgencyConfig;
@@ -31,8 +31,6 @@ use crate::wire::{
 
 /// Bytes of frames buffered before a write is forced.
 const WRITE_BUFFER: usize = 128 * 1024;
-/// Batches read ahead of the one being sent.
-const READ_AHEAD: usize = 4;
 
 /// Which protocol a connection speaks. The run chooses it before each
 /// connection: [`Protocol::Resumable`] until a central leaves `HELLO`
@@ -192,7 +190,7 @@ pub(super) async fn session(
     // stops when `batches` is dropped, whichever way this function ends.
     // It also checks the central's receipt against the file before it
     // reads on (see `read_batches`), and hands over the whole file's.
-    let (tx, mut batches) = mpsc::channel(READ_AHEAD);
+    let (tx, mut batches) = reader::handoff();
     let (whole, file_receipt) = tokio::sync::oneshot::channel();
     {
         let (id, max, path) = (config.id, config.batch_max_amount, path.to_path_buf());
@@ -480,7 +478,7 @@ async fn check_closed(
     uploaded_anew: bool,
 ) -> Result<Option<u64>, AgencyError> {
     let skip = sealed.map_or(stored, |s| s.receipt.count);
-    let (tx, mut rx) = mpsc::channel(READ_AHEAD);
+    let (tx, mut rx) = reader::handoff();
     let (whole, file_receipt) = tokio::sync::oneshot::channel();
     {
         let (id, max, path) = (config.id, config.batch_max_amount, path.to_path_buf());
