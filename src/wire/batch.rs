@@ -131,13 +131,7 @@ pub(super) fn parse_batch(
     size: &str,
     pairs: &Pairs<'_>,
 ) -> Result<(Option<u64>, Bets), MessageError> {
-    let first = pairs
-        .find(key::FIRST)
-        .map(|v| {
-            v.parse::<u64>()
-                .map_err(|_| bad_value(key::FIRST, format!("{v:?} is not a position")))
-        })
-        .transpose()?;
+    let first = pairs.find_number(key::FIRST, "a position")?;
     let size: usize = super::unescape(size, "BATCH_SIZE")?
         .parse()
         .map_err(|_| bad_value(key::BATCH_SIZE, "not a whole number"))?;

@@ -119,6 +119,17 @@ impl<'a> Pairs<'a> {
         self.list.iter().find(|p| p.key == key).map(|p| p.value)
     }
 
+    /// The whole number of the first pair with this key, if there is one;
+    /// a value that is not one is refused as not `what` (`"a position"`).
+    pub(super) fn find_number(&self, key: &str, what: &str) -> Result<Option<u64>, MessageError> {
+        self.find(key)
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| super::error::bad_value(key, format!("{v:?} is not {what}")))
+            })
+            .transpose()
+    }
+
     /// Positions, within `pair`'s value, of the value's special bytes: a
     /// batch's bets are parsed from the same pass that split the batch.
     pub(super) fn specials_of(&self, pair: &Pair<'_>) -> impl Iterator<Item = usize> + '_ {

@@ -376,13 +376,7 @@ impl WireMessage for Reply {
                         more: pairs.find(key::MORE) == Some("1"),
                     });
                 }
-                let stored = pairs
-                    .find(key::STORED)
-                    .map(|v| {
-                        v.parse::<u64>()
-                            .map_err(|_| bad_value(key::STORED, format!("{v:?} is not a count")))
-                    })
-                    .transpose()?;
+                let stored = pairs.find_number(key::STORED, "a count")?;
                 let digest_of = |k: &'static str| {
                     pairs
                         .find(k)
