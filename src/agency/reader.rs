@@ -84,7 +84,7 @@ impl Handoff {
 
     /// Hands over `read`: a batch joins the group (the group goes once
     /// full); an error goes at once, after every batch held.
-    fn blocking_send(&self, read: Read) -> Result<(), Gone> {
+    fn hand_over(&self, read: Read) -> Result<(), Gone> {
         match read {
             Ok(batch) => {
                 let full = {
@@ -130,10 +130,10 @@ impl Drop for Handoff {
 /// Sends the bets read before a bad line (they are good, and a later run
 /// resumes after them), then the error.
 fn fail(tx: &Handoff, batch: Batch, error: AgencyError) {
-    if batch.count > 0 && tx.blocking_send(Ok(batch)).is_err() {
+    if batch.count > 0 && tx.hand_over(Ok(batch)).is_err() {
         return;
     }
-    let _ = tx.blocking_send(Err(error));
+    let _ = tx.hand_over(Err(error));
 }
 
 /// Where the reader starts, and what it checks before it sends anything.
@@ -179,7 +179,7 @@ pub(super) fn read_batches(
         None => Ok(()),
     };
     let mismatch = |reason: String| {
-        let _ = tx.blocking_send(Err(AgencyError::Receipt(reason)));
+        let _ = tx.hand_over(Err(AgencyError::Receipt(reason)));
     };
     if skip == 0 {
         if let Err(reason) = check(&file_receipt) {
@@ -189,7 +189,7 @@ pub(super) fn read_batches(
     let file = match File::open(path) {
         Ok(f) => f,
         Err(source) => {
-            let _ = tx.blocking_send(Err(AgencyError::OpenData {
+            let _ = tx.hand_over(Err(AgencyError::OpenData {
                 path: path.to_path_buf(),
                 source,
             }));
@@ -309,7 +309,7 @@ pub(super) fn read_batches(
         if full || !push(&mut current.0) {
             let next = new_batch(position - 1, line);
             let batch = finish(std::mem::replace(&mut current, next));
-            if batch.count > 0 && tx.blocking_send(Ok(batch)).is_err() {
+            if batch.count > 0 && tx.hand_over(Ok(batch)).is_err() {
                 return ControlFlow::Break(());
             }
             today = Today::now();
@@ -341,7 +341,7 @@ pub(super) fn read_batches(
             return mismatch(reason);
         }
     }
-    if current.0.count() > 0 && tx.blocking_send(Ok(finish(current))).is_err() {
+    if current.0.count() > 0 && tx.hand_over(Ok(finish(current))).is_err() {
         return;
     }
     // Every batch is the session's before the file's receipt is.
