@@ -23,17 +23,18 @@ use crate::model::{AgencyId, BetRef};
 /// The `WHERE` keeps every row (`random()` is in `[0, 1)`); it is there
 /// because it is volatile, which makes PostgreSQL insert the rows one by
 /// one instead of through COPY's multi-insert buffer. That buffer gives
-/// each row it holds (up to 1,000 in binary format) a slot of its own, and
-/// each slot registers the table's one tuple descriptor with the
-/// statement's resource owner, a hash table probed linearly: the same key
-/// every time, so each registration and each release walks past all the
-/// others. One COPY per group of batches makes that cost quadratic in the
-/// group, every group: a third of the server's CPU (profiled on
+/// each row it holds (up to 1,000) a slot of its own, and each slot
+/// registers the table's one tuple descriptor with the statement's
+/// resource owner: past 64 entries a hash table probed linearly, and the
+/// same key every time, so each registration and each release walks past
+/// all the others. One COPY per group of batches makes that cost quadratic
+/// in the group, every group: a third of the server's CPU (profiled on
 /// PostgreSQL 15, `MakeTupleTableSlot` → `ResourceOwnerRememberTupleDesc`
-/// and back). Row by row, the server spent 31 % less CPU per bet and one
-/// central stored 30 % more bets a second; the write-ahead log grows by
-/// about 60 % (a record per row instead of per page), which a standby
-/// receives too. docs/PERFORMANCE.md, "The PostgreSQL store", has the runs.
+/// and back). Row by row, the server spent a third less CPU per bet and
+/// one central stored a third more bets a second; the write-ahead log
+/// grows by about 60 % (a record per row instead of per page), which a
+/// standby receives too. docs/PERFORMANCE.md, "PostgreSQL rows one by
+/// one", has the runs.
 pub const COPY: &str =
     "COPY bets (agency, seq, first_name, last_name, document, birthdate, number) \
                         FROM STDIN (FORMAT binary) WHERE random() >= 0";
