@@ -448,3 +448,42 @@ fn a_new_agency_s_batches_in_groups_one_behind_the_other_are_all_stored() {
         ]]
     );
 }
+
+#[test]
+fn a_batch_whose_rows_the_database_does_not_all_keep_is_refused_and_none_of_it_stays() {
+    use lottery::store::Store;
+    let Some((pg, url)) = cluster_with_db("a_batch_whose_rows_the_database_does_not_all_keep")
+    else {
+        return;
+    };
+    let rt = runtime();
+    let store = rt.block_on(open_store(&url));
+    let first = batch(1, 0..3);
+    let acked = after(None, 1, &first);
+    rt.block_on(store_batch(&store, &first, acked)).unwrap();
+    // Someone's trigger on the table quietly drops a row: COPY then
+    // stores fewer rows than it was sent, and says so in its count.
+    pg.query(
+        "lottery",
+        "CREATE FUNCTION drop_document_4() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.document = '4' THEN RETURN NULL; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER drop_document_4 BEFORE INSERT ON bets \
+         FOR EACH ROW EXECUTE FUNCTION drop_document_4()",
+    );
+    let second = batch(1, 3..6);
+    let refused = rt
+        .block_on(store_batch(&store, &second, after(Some(acked), 1, &second)))
+        .expect_err("a batch the database kept only part of was acknowledged");
+    assert!(
+        refused
+            .to_string()
+            .contains("the database stored 2 of the 3 rows sent"),
+        "{refused}"
+    );
+    rt.block_on(store.close());
+    assert_eq!(
+        agency_one(&pg),
+        vec![vec![Some(numbered(0..3)), Some("3".into())]],
+        "nothing of the refused batch stays"
+    );
+}

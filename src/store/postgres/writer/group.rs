@@ -32,6 +32,13 @@ pub(super) struct Update {
     pub(super) row_exists: bool,
 }
 
+impl Update {
+    /// The agency's rows the group stores.
+    fn rows(&self) -> u64 {
+        self.receipt.count - self.expected as u64
+    }
+}
+
 /// A group as its transaction writes it.
 pub(super) struct Plan {
     /// Each batch's rows, numbered, in order.
@@ -178,7 +185,8 @@ pub(super) async fn store_group(
     let mut sent: Option<Doubt> = None;
     let stored: Result<Outcome, PgError> = async {
         let doubt = loop {
-            copy(&conn, &chunks).await?;
+            let rows = updates.iter().map(Update::rows).sum();
+            copy(&conn, &chunks, rows).await?;
             if let Some(locked) = after_locked.take() {
                 if !locked.await.unwrap_or(false) {
                     reusable = roll_back(&conn).await;
@@ -254,9 +262,17 @@ pub(super) async fn roll_back(conn: &Conn) -> bool {
     conn.client.batch_execute("ROLLBACK").await.is_ok()
 }
 
-/// Opens the group's transaction and copies its rows. `BEGIN` and the
-/// `COPY` go out together: one round trip fewer.
-pub(super) async fn copy(conn: &Conn, chunks: &[(AgencyId, Bytes)]) -> Result<(), PgError> {
+/// Opens the group's transaction and copies its rows, `rows` of them.
+/// `BEGIN` and the `COPY` go out together: one round trip fewer.
+///
+/// The server's count of the rows it stored must be `rows`: a trigger or
+/// rule on `bets` that drops a row would otherwise have the group
+/// acknowledged without it.
+pub(super) async fn copy(
+    conn: &Conn,
+    chunks: &[(AgencyId, Bytes)],
+    rows: u64,
+) -> Result<(), PgError> {
     let (begun, sink) = futures::join!(
         conn.client.batch_execute("BEGIN"),
         conn.client.copy_in::<_, Bytes>(&conn.copy)
@@ -273,7 +289,13 @@ pub(super) async fn copy(conn: &Conn, chunks: &[(AgencyId, Bytes)]) -> Result<()
     sink.feed(Bytes::from_static(TRAILER))
         .await
         .map_err(PgError::from)?;
-    sink.as_mut().finish().await.map_err(PgError::from)?;
+    let stored = sink.as_mut().finish().await.map_err(PgError::from)?;
+    if stored != rows {
+        return Err(PgError::Invalid(format!(
+            "the database stored {stored} of the {rows} rows sent \
+             (a trigger or rule on table bets?): nothing of them was kept"
+        )));
+    }
     Ok(())
 }
 
