@@ -25,16 +25,22 @@ use crate::model::{AgencyId, BetRef};
 /// one instead of through COPY's multi-insert buffer. That buffer gives
 /// each row it holds (up to 1,000) a slot of its own, and each slot
 /// registers the table's one tuple descriptor with the statement's
-/// resource owner: past 64 entries a hash table probed linearly, and the
-/// same key every time, so each registration and each release walks past
-/// all the others. One COPY per group of batches makes that cost quadratic
-/// in the group, every group: a third of the server's CPU (profiled on
-/// PostgreSQL 15, `MakeTupleTableSlot` → `ResourceOwnerRememberTupleDesc`
-/// and back). Row by row, the server spent a third less CPU per bet and
-/// one central stored a third more bets a second; the write-ahead log
-/// grows by about 60 % (a record per row instead of per page), which a
-/// standby receives too. docs/PERFORMANCE.md, "PostgreSQL rows one by
-/// one", has the runs.
+/// resource owner: in PostgreSQL 15, past 64 entries, a hash table probed
+/// linearly, and the same key every time, so each registration and each
+/// release walks past all the others. One COPY per group of batches makes
+/// that cost quadratic in the group, every group: a third of the server's
+/// CPU (profiled, `MakeTupleTableSlot` → `ResourceOwnerRememberTupleDesc`
+/// and back). Row by row, with one central the server spent a third less
+/// CPU a bet and the central stored a third more bets a second (with
+/// three centrals, whose groups are smaller, 15 % and 12 %); the
+/// write-ahead log grows by about 60 % (a record per row instead of per
+/// page), which a standby receives too. docs/PERFORMANCE.md, "PostgreSQL
+/// rows one by one", has the runs.
+///
+/// That a volatile `WHERE` means one row at a time is how PostgreSQL's
+/// COPY is written, not something its documentation promises: if a
+/// version changes it, the rows are still stored (the writer checks
+/// COPY's count, see `writer::group::copy`), only the gain is lost.
 pub const COPY: &str =
     "COPY bets (agency, seq, first_name, last_name, document, birthdate, number) \
                         FROM STDIN (FORMAT binary) WHERE random() >= 0";

@@ -6,7 +6,8 @@
 //! every batch that is waiting as one group (while another group is in
 //! flight, once [`NEXT_GROUP_ROWS`] rows wait): it numbers the group's rows
 //! after those planned before it and starts the group's transaction on a
-//! connection of its own: `COPY … FROM STDIN (FORMAT binary)`, then the
+//! connection of its own: `COPY … FROM STDIN (FORMAT binary) WHERE …` (see
+//! [`super::rows::COPY`] for why the `WHERE`), then the
 //! agencies' new counts with the commit, answering every batch of the
 //! group once the commit returns (group commit, as the bets file's writer
 //! groups its `fdatasync`; `synchronous_commit` is on).
