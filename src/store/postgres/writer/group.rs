@@ -265,9 +265,9 @@ pub(super) async fn roll_back(conn: &Conn) -> bool {
 /// Opens the group's transaction and copies its rows, `rows` of them.
 /// `BEGIN` and the `COPY` go out together: one round trip fewer.
 ///
-/// The server's count of the rows it stored must be `rows`: a trigger or
-/// rule on `bets` that drops a row would otherwise have the group
-/// acknowledged without it.
+/// The server's count of the rows it stored must be `rows`: a trigger on
+/// `bets` that drops a row would otherwise have the group acknowledged
+/// without it (COPY runs triggers, not rules).
 pub(super) async fn copy(
     conn: &Conn,
     chunks: &[(AgencyId, Bytes)],
@@ -293,7 +293,7 @@ pub(super) async fn copy(
     if stored != rows {
         return Err(PgError::Invalid(format!(
             "the database stored {stored} of the {rows} rows sent \
-             (a trigger or rule on table bets?): nothing of them was kept"
+             (a trigger on table bets?): nothing of them was kept"
         )));
     }
     Ok(())
