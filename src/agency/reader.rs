@@ -443,8 +443,9 @@ mod tests {
             say_first: true,
         };
         std::thread::scope(|s| {
-            // The reader hands the handoff back rather than drop it: what
-            // it still held at the end would not be handed over by a drop.
+            // The reader hands the handoff back instead of dropping it, so
+            // that its drop cannot hand over what it still held at the end:
+            // only the flush before the file's receipt may.
             let reader = s.spawn(move || {
                 read_batches(&path, 1, 1, from, &tx, whole);
                 tx
