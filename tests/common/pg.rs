@@ -406,7 +406,7 @@ impl PgCluster {
     }
 
     /// Runs `sql` until its first value is `want`, up to [`READY`].
-    fn poll(&self, sql: &str, want: &str) {
+    pub fn poll(&self, sql: &str, want: &str) {
         let deadline = std::time::Instant::now() + READY;
         loop {
             let rows = self.query("postgres", sql);
@@ -528,6 +528,11 @@ impl CommitRelay {
             .recv_timeout(limit)
             .unwrap_or_else(|_| panic!("no COMMIT passed the relay within {limit:?}"))
     }
+
+    /// What the relay has lost so far, without waiting.
+    pub fn lost_yet(&self) -> Option<Lose> {
+        self.done.try_recv().ok()
+    }
 }
 
 /// Client to database: everything, but an armed relay's `COMMIT` is
@@ -571,8 +576,16 @@ fn forward_client(
     let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
-/// Database to client: everything, until the answer of a COMMIT whose
-/// answer is to be lost arrives: dropped, with the connection.
+/// `COMMIT`'s answer as the server sends it once it committed: a command
+/// complete message (`C`, its length, the tag ended by a NUL).
+const COMMIT_ANSWER: &[u8] = b"C\0\0\0\x0bCOMMIT\0";
+
+/// Database to client: everything, until the `COMMIT` whose answer is to
+/// be lost has gone out: from then on nothing more reaches the client, as
+/// when the network is cut just after the `COMMIT`. Told as lost once the
+/// database's answer to it comes: the answers to what went before it may
+/// come first, and are not taken for it (the client sends its last
+/// statements and the `COMMIT` together).
 fn forward_server(
     mut from: std::net::TcpStream,
     mut to: std::net::TcpStream,
@@ -581,11 +594,20 @@ fn forward_server(
 ) {
     use std::io::Read;
     let mut buf = [0u8; 16 * 1024];
+    // What the database answered since the `COMMIT` went out, searched
+    // whole: the answer may come in two reads.
+    let mut held = Vec::new();
     while let Ok(n @ 1..) = from.read(&mut buf) {
         if swallow.load(std::sync::atomic::Ordering::SeqCst) {
-            // The database answered the COMMIT: it committed.
-            let _ = done.send(Lose::Answer);
-            break;
+            held.extend_from_slice(&buf[..n]);
+            if held
+                .windows(COMMIT_ANSWER.len())
+                .any(|w| w == COMMIT_ANSWER)
+            {
+                let _ = done.send(Lose::Answer);
+                break;
+            }
+            continue;
         }
         if to.write_all(&buf[..n]).is_err() {
             break;

@@ -322,6 +322,91 @@ fn centrals_starting_together_create_the_schema_once() {
     );
 }
 
+/// The relay's word that a `COMMIT`'s answer was lost means the database
+/// committed. The writer sends the new counts and the `COMMIT` together,
+/// so an answer to what went before the `COMMIT` can come back after it:
+/// taking that for the `COMMIT`'s answer had the relay cut the connection
+/// before the `COMMIT` reached the database, or tell of it before it
+/// happened. Here the `COMMIT` waits for a lock the test holds, so what
+/// the relay says before it is let go can be seen.
+#[test]
+fn the_relay_tells_of_a_lost_answer_only_once_the_database_has_committed() {
+    let Some((pg, url)) = cluster_with_db("the_relay_tells_of_a_lost_answer") else {
+        return;
+    };
+    // A deferred trigger: each transaction that inserted into `t` takes
+    // advisory lock 7 as it commits.
+    pg.query(
+        "lottery",
+        "CREATE TABLE t (x integer); \
+         CREATE FUNCTION take_lock_7() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_advisory_xact_lock(7); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON t \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION take_lock_7()",
+    );
+    let relay = CommitRelay::start(&pg);
+    let rt = runtime();
+    let connect = |url: String| async move {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+    };
+    let holder = rt.block_on(async {
+        let holder = connect(url.clone()).await;
+        holder
+            .batch_execute("SELECT pg_advisory_lock(7)")
+            .await
+            .unwrap();
+        holder
+    });
+    relay.arm(Lose::Answer);
+    let through_relay = relay.url("lottery");
+    let client = std::thread::spawn(move || {
+        runtime().block_on(async {
+            let client = connect(through_relay).await;
+            client
+                .batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+                .await
+                .unwrap();
+            // A query answered at once, and the `COMMIT` behind it.
+            let (before, commit) = futures::join!(
+                client.simple_query("SELECT 1"),
+                client.batch_execute("COMMIT")
+            );
+            (before.is_ok(), commit.is_ok())
+        })
+    });
+    pg.poll(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE query = 'COMMIT' AND wait_event_type = 'Lock'",
+        "1",
+    );
+    assert_eq!(
+        relay.lost_yet(),
+        None,
+        "the COMMIT is waiting for its lock: nothing is committed yet"
+    );
+    rt.block_on(async {
+        holder
+            .batch_execute("SELECT pg_advisory_unlock(7)")
+            .await
+            .unwrap()
+    });
+    assert_eq!(relay.wait_lost(STEP), Lose::Answer);
+    assert_eq!(
+        pg.query("lottery", "SELECT count(*) FROM t"),
+        vec![vec![Some("1".to_string())]],
+        "told of a lost answer, the COMMIT has happened"
+    );
+    let (_, committed) = client.join().unwrap();
+    assert!(
+        !committed,
+        "the client never hears that its COMMIT happened"
+    );
+}
+
 #[test]
 fn rows_of_a_commit_never_acknowledged_are_taken_back_out_before_the_next_batch() {
     use lottery::store::Store;
