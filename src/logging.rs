@@ -267,7 +267,7 @@ thread_local! {
 }
 
 /// Lets the runtime's workers hold their log lines until they run out of
-/// work (they park), or until [`PENDING_LIMIT`] bytes wait, and then write
+/// work (they park), or until `PENDING_LIMIT` bytes wait, and then write
 /// them to stdout with one system call.
 ///
 /// A central logs a line for every batch (`apuesta_recibida`), from the

@@ -313,7 +313,7 @@ struct Slot {
 /// convenient form for everything else.
 ///
 /// The central's batch reader copies the batch's whole text in once and
-/// points into it ([`Bets::over`], [`Bets::push_spans`]): one copy of
+/// points into it (`Bets::over`, `Bets::push_spans`): one copy of
 /// 8 KiB costs less than four small copies a bet.
 #[derive(Clone, Default)]
 pub struct Bets {

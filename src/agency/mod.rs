@@ -17,7 +17,7 @@
 //! agency stays on the one that answers and, when its connection fails,
 //! moves on to the next in the list, where `HELLO` tells it what *that*
 //! central holds: resuming there is as safe as on the same central
-//! ([`Centrals`]).
+//! (`Centrals`).
 
 mod mismatches;
 mod reader;

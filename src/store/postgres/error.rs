@@ -81,7 +81,7 @@ pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
 #[derive(Debug, thiserror::Error)]
 #[error("{reason}")]
 pub struct ConnectError {
-    /// Why, as [`describe`] words it.
+    /// Why, as this module's `describe` words it.
     pub reason: String,
     /// Whether trying again can help: the server was not reached, or said
     /// it cannot take connections yet (starting up, shutting down, full).

@@ -204,7 +204,7 @@ pub(super) async fn load_draw_in(
     Ok(Some(draw))
 }
 
-/// The draw record, checked against `rounds` (see [`load_draw_in`]), read
+/// The draw record, checked against `rounds` (see `load_draw_in`), read
 /// in one snapshot without changing anything.
 ///
 /// # Errors
