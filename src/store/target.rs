@@ -47,6 +47,18 @@ impl FromStr for Storage {
         if config.get_hosts().is_empty() {
             return Err("a PostgreSQL URL must name a host".into());
         }
+        // Nothing here speaks TLS to the database (`NoTls`): a URL that
+        // requires it could never connect, and would be retried until the
+        // patience ran out with the driver's words for why. Said at start.
+        use tokio_postgres::config::SslMode;
+        if !matches!(config.get_ssl_mode(), SslMode::Disable | SslMode::Prefer) {
+            return Err(
+                "sslmode=require asks for TLS to the database, which this program \
+                 does not speak: leave sslmode out (or set it to disable) and keep the \
+                 database on a trusted network, or reach it through a tunnel"
+                    .into(),
+            );
+        }
         Ok(Storage::Postgres(Box::new(PgTarget {
             url: raw.to_string(),
             config,
@@ -239,6 +251,18 @@ mod tests {
             hide_passwords("2 | storage = \"postgresql://u:pw@h/d?x\" | ^^^ postgres://v:pw2@g"),
             "2 | storage = \"postgresql://u:***@h/d?x\" | ^^^ postgres://v:***@g"
         );
+    }
+
+    #[test]
+    fn a_url_that_asks_for_tls_is_refused_as_nothing_here_speaks_it() {
+        let err = "postgres://u@h/db?sslmode=require"
+            .parse::<Storage>()
+            .unwrap_err();
+        assert!(err.starts_with("sslmode=require asks for TLS"), "{err}");
+        for mode in ["disable", "prefer"] {
+            let url = format!("postgres://u@h/db?sslmode={mode}");
+            assert!(url.parse::<Storage>().is_ok(), "{url}");
+        }
     }
 
     #[test]

@@ -490,6 +490,24 @@ fn a_bad_storage_url_is_a_configuration_error_that_hides_the_password() {
     assert!(!format!("{}{stderr}", central.output()).contains("hunter2"));
 }
 
+/// Nothing here speaks TLS to the database: a URL that requires it is
+/// refused at start, not tried until the patience runs out.
+#[test]
+fn a_storage_url_that_requires_tls_is_a_configuration_error() {
+    let cmd = central_command("postgres://lottery:hunter2@db/bets?sslmode=require", 1);
+    let central = Proc::spawn(cmd);
+    let status = central.wait_exit(STEP);
+    let stderr = central.stderr();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "invalid SERVER_STORAGE = \"postgres://lottery:***@db/bets?sslmode=require\": \
+             sslmode=require asks for TLS to the database"
+        ),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn a_bad_storage_url_in_the_config_file_is_quoted_without_the_password() {
     let dir = tempfile::tempdir().unwrap();
