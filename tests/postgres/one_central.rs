@@ -471,40 +471,40 @@ fn a_developer_who_is_not_root_gets_a_cluster_of_their_own() {
     stop(&central);
 }
 
+/// A central started on storage URL `url`, which must end at once as a
+/// configuration error (exit 2): everything it printed.
+fn refused_at_start(url: &str) -> String {
+    let central = Proc::spawn(central_command(url, 1));
+    let status = central.wait_exit(STEP);
+    let printed = format!("{}{}", central.output(), central.stderr());
+    assert_eq!(status.code(), Some(2), "{printed}");
+    printed
+}
+
 #[test]
 fn a_bad_storage_url_is_a_configuration_error_that_hides_the_password() {
-    let cmd = central_command(
-        "postgres://lottery:hunter2@db/bets?target_session_attrs=sometimes",
-        1,
-    );
-    let central = Proc::spawn(cmd);
-    let status = central.wait_exit(STEP);
-    let stderr = central.stderr();
-    assert_eq!(status.code(), Some(2), "{stderr}");
+    let printed =
+        refused_at_start("postgres://lottery:hunter2@db/bets?target_session_attrs=sometimes");
     assert!(
-        stderr.contains(
+        printed.contains(
             "invalid SERVER_STORAGE = \"postgres://lottery:***@db/bets?target_session_attrs=sometimes\": not a PostgreSQL URL: "
         ),
-        "{stderr}"
+        "{printed}"
     );
-    assert!(!format!("{}{stderr}", central.output()).contains("hunter2"));
+    assert!(!printed.contains("hunter2"));
 }
 
 /// Nothing here speaks TLS to the database: a URL that requires it is
 /// refused at start, not tried until the patience runs out.
 #[test]
 fn a_storage_url_that_requires_tls_is_a_configuration_error() {
-    let cmd = central_command("postgres://lottery:hunter2@db/bets?sslmode=require", 1);
-    let central = Proc::spawn(cmd);
-    let status = central.wait_exit(STEP);
-    let stderr = central.stderr();
-    assert_eq!(status.code(), Some(2), "{stderr}");
+    let printed = refused_at_start("postgres://lottery:hunter2@db/bets?sslmode=require");
     assert!(
-        stderr.contains(
+        printed.contains(
             "invalid SERVER_STORAGE = \"postgres://lottery:***@db/bets?sslmode=require\": \
              sslmode=require asks for TLS to the database"
         ),
-        "{stderr}"
+        "{printed}"
     );
 }
 
