@@ -447,6 +447,17 @@ impl Drop for PgCluster {
     }
 }
 
+/// A client of the database at `url`, its connection driven by a task of
+/// the runtime this is called in (a session the test holds itself: a lock,
+/// a transaction left open).
+pub async fn client(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
 /// What a [`CommitRelay`], once armed, loses of the next `COMMIT` that
 /// passes through it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -369,10 +369,7 @@ fn a_database_that_holds_a_commit_past_shutdown_is_named_in_the_closing_line() {
     // Another session holds agency 1's row: the central's next commit
     // waits for it, as it would on a hung database.
     let rt = runtime();
-    let (client, connection) = rt
-        .block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls))
-        .unwrap();
-    rt.spawn(connection);
+    let client = rt.block_on(common::pg::client(&url));
     rt.block_on(client.batch_execute("BEGIN; SELECT * FROM agencies WHERE agency = 1 FOR UPDATE"))
         .unwrap();
     agency.send(batch(30_000_002));

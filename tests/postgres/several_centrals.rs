@@ -140,10 +140,7 @@ fn an_agency_without_hello_whose_batch_died_on_one_central_keeps_what_another_ac
     // Someone holds agency 1's row: A's next batch waits for it.
     let rt = runtime();
     let holder = rt.block_on(async {
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
+        let client = common::pg::client(&url).await;
         client
             .batch_execute("BEGIN; SELECT 1 FROM agencies WHERE agency = 1 FOR UPDATE")
             .await

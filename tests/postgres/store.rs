@@ -346,15 +346,8 @@ fn the_relay_tells_of_a_lost_answer_only_once_the_database_has_committed() {
     );
     let relay = CommitRelay::start(&pg);
     let rt = runtime();
-    let connect = |url: String| async move {
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        client
-    };
     let holder = rt.block_on(async {
-        let holder = connect(url.clone()).await;
+        let holder = common::pg::client(&url).await;
         holder
             .batch_execute("SELECT pg_advisory_lock(7)")
             .await
@@ -365,7 +358,7 @@ fn the_relay_tells_of_a_lost_answer_only_once_the_database_has_committed() {
     let through_relay = relay.url("lottery");
     let client = std::thread::spawn(move || {
         runtime().block_on(async {
-            let client = connect(through_relay).await;
+            let client = common::pg::client(&through_relay).await;
             client
                 .batch_execute("BEGIN; INSERT INTO t VALUES (1)")
                 .await
